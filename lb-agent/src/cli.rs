@@ -1,0 +1,82 @@
+//! The command line of `lb-agent` (DESIGN.md, "CLI").
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version, about = "xdplb: XDP load balancer agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native (driver) mode, else generic (skb) mode.
+    Auto,
+    Native,
+    Skb,
+    /// No fast path: only L7 services are served.
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the fast path, fill its maps from the config, and keep them in
+    /// sync until SIGINT/SIGTERM (SIGHUP reloads the config).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Interface to attach to (overrides agent.interface).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Overrides dataplane.xdp_mode.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpModeArg>,
+        /// bpffs to pin maps under (overrides agent.bpffs).
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
+    },
+    /// Validate a config file: exit 0, or exit 1 listing every error (file:line:column: key: why).
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Backend side: decapsulate tunnelled packets addressed to this host.
+    Decap {
+        #[command(subcommand)]
+        action: DecapAction,
+    },
+    /// Remove the balancer's fast path and everything pinned for it on an interface.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecapAction {
+    /// Attach the decapsulator (pinned: it stays after this command exits).
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Outer destination addresses to accept; default: every non-loopback address
+        /// of this host (in this network namespace).
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
+    },
+    /// Detach the decapsulator and remove its pins.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}

@@ -1,0 +1,287 @@
+//! Loading the embedded eBPF object with capacities from the config, attaching its
+//! XDP programs, and the bpffs pin layout: `<bpffs>/xdplb/<netns inode>/<iface>/<role>/`,
+//! so hosts in different network namespaces can share one bpffs.
+
+use std::{
+    ffi::CString,
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::maps;
+
+/// The balancer and decap programs (`lb-ebpf`'s main object), built by build.rs.
+pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+/// The benchmark floors and the `test_run` wrapper (`lb-ebpf/src/floors.rs`); used by the
+/// benchmark and the test bed, never attached by the agent.
+pub static FLOORS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floors"));
+
+/// Name of the balancer program in [`LB_OBJECT`].
+pub const LB_PROGRAM: &str = "xdp_lb";
+/// Name of the backend-side decapsulation program in [`LB_OBJECT`].
+pub const DECAP_PROGRAM: &str = "xdp_decap";
+
+/// `statfs` magic of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("capacities too large: {max_services} services x ring_size {ring_size} exceeds the 2^32 slots a BPF array can hold")]
+    RingsTooLarge { max_services: u32, ring_size: u32 },
+    #[error("loading the eBPF object failed (is this root, with BPF enabled in the kernel?): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no program {name}")]
+    NoProgram { name: &'static str },
+    #[error("loading program {name} into the kernel failed (verifier log follows): {source}")]
+    ProgramLoad {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("no interface {iface} in this network namespace")]
+    NoInterface { iface: String },
+    #[error("attaching {name} to {iface} in {mode} mode failed: {source}")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{path} is not a bpffs (mount one with `mount -t bpf bpf {path}`): pins there would not be BPF objects")]
+    NotBpffs { path: PathBuf },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Map capacities, from `[dataplane]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub ring_size: u32,
+    pub flow_table_size: u32,
+}
+
+impl Capacities {
+    /// Smallest maps, for hosts that only decapsulate: the balancer's tables are unused.
+    pub const DECAP_ONLY: Capacities = Capacities {
+        max_services: 1,
+        max_backends: 1,
+        ring_size: 1,
+        flow_table_size: 1,
+    };
+}
+
+/// Load [`LB_OBJECT`] with the given capacities. Programs are not loaded yet.
+pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
+    let ring_slots = caps.max_services.checked_mul(caps.ring_size).ok_or(LoaderError::RingsTooLarge {
+        max_services: caps.max_services,
+        ring_size: caps.ring_size,
+    })?;
+    EbpfLoader::new()
+        .map_max_entries(maps::VIPS, caps.max_services)
+        .map_max_entries(maps::SERVICE_STATS, caps.max_services)
+        .map_max_entries(maps::RINGS, ring_slots)
+        .map_max_entries(maps::BACKENDS, caps.max_backends)
+        .map_max_entries(maps::BACKEND_STATS, caps.max_backends)
+        .map_max_entries(maps::FLOWS, caps.flow_table_size)
+        .load(LB_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))
+}
+
+/// Load (verify) the XDP program `name` of `ebpf` and return it.
+pub fn load_program<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Xdp, LoaderError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::NoProgram { name })?
+        .try_into()
+        .map_err(|source| LoaderError::ProgramLoad { name, source })?;
+    program
+        .load()
+        .map_err(|source| LoaderError::ProgramLoad { name, source })?;
+    Ok(program)
+}
+
+/// How to attach, from `--xdp-mode` / `dataplane.xdp_mode` (`off` never gets here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic (skb) mode.
+    Auto,
+    Native,
+    Skb,
+}
+
+fn mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "native",
+        XdpMode::Skb => "skb",
+        XdpMode::Hardware => "offload",
+        XdpMode::Default => "default",
+    }
+}
+
+/// Attach a loaded program to `iface`; returns the link and the mode that worked.
+pub fn attach(
+    program: &mut Xdp,
+    name: &'static str,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(XdpLinkId, &'static str), LoaderError> {
+    if_index(iface)?;
+    let tries: &[XdpMode] = match mode {
+        AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+        AttachMode::Native => &[XdpMode::Driver],
+        AttachMode::Skb => &[XdpMode::Skb],
+    };
+    let mut last = None;
+    for &m in tries {
+        match program.attach(iface, m) {
+            Ok(id) => return Ok((id, mode_name(m))),
+            Err(source) => {
+                tracing::warn!(iface, mode = mode_name(m), error = %source, "XDP attach failed");
+                last = Some((m, source));
+            }
+        }
+    }
+    let (m, source) = last.expect("at least one mode is tried");
+    Err(LoaderError::Attach {
+        name,
+        iface: iface.to_owned(),
+        mode: mode_name(m),
+        source,
+    })
+}
+
+/// The interface index of `iface` in the current network namespace.
+pub fn if_index(iface: &str) -> Result<u32, LoaderError> {
+    let c = CString::new(iface).map_err(|_| LoaderError::NoInterface {
+        iface: iface.to_owned(),
+    })?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(LoaderError::NoInterface {
+            iface: iface.to_owned(),
+        });
+    }
+    Ok(index)
+}
+
+/// What a pin directory is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Balancer,
+    Decap,
+}
+
+impl Role {
+    fn dir(self) -> &'static str {
+        match self {
+            Role::Balancer => "lb",
+            Role::Decap => "decap",
+        }
+    }
+}
+
+/// `<bpffs>/xdplb/<netns inode>/<iface>/<role>`, after checking `bpffs` is a bpffs.
+pub fn pin_dir(bpffs: &Path, iface: &str, role: Role) -> Result<PathBuf, LoaderError> {
+    check_bpffs(bpffs)?;
+    let netns = std::fs::metadata("/proc/self/ns/net").map_err(|source| LoaderError::Io {
+        what: "reading the network namespace of",
+        path: "/proc/self/ns/net".into(),
+        source,
+    })?;
+    Ok(bpffs
+        .join("xdplb")
+        .join(netns.ino().to_string())
+        .join(iface)
+        .join(role.dir()))
+}
+
+/// Fail clearly when `path` is not a mounted bpffs.
+pub fn check_bpffs(path: &Path) -> Result<(), LoaderError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoaderError::NotBpffs {
+        path: path.to_owned(),
+    })?;
+    // SAFETY: statfs fills the zeroed struct; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(LoaderError::Io {
+            what: "checking the bpffs at",
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 on x86_64 but not everywhere")]
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(LoaderError::NotBpffs {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Create `dir` (and parents) inside the bpffs.
+pub fn create_pin_dir(dir: &Path) -> Result<(), LoaderError> {
+    std::fs::create_dir_all(dir).map_err(|source| LoaderError::Io {
+        what: "creating pin directory",
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Remove everything pinned under `dir` (files are pins; removing the last reference to a
+/// link detaches it) and the directory itself, plus its now-empty parents up to `xdplb/`.
+pub fn remove_pin_dir(dir: &Path) -> Result<bool, LoaderError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(LoaderError::Io {
+                what: "reading pin directory",
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    for entry in entries {
+        let path = entry
+            .map_err(|source| LoaderError::Io {
+                what: "reading pin directory",
+                path: dir.to_owned(),
+                source,
+            })?
+            .path();
+        std::fs::remove_file(&path).map_err(|source| LoaderError::Io {
+            what: "removing pin",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    std::fs::remove_dir(dir).map_err(|source| LoaderError::Io {
+        what: "removing pin directory",
+        path: dir.to_owned(),
+        source,
+    })?;
+    // Tidy empty parents (<iface>, <netns>, xdplb); stop at the first that is not empty.
+    let mut parent = dir.parent();
+    for _ in 0..3 {
+        match parent {
+            Some(p) if std::fs::remove_dir(p).is_ok() => parent = p.parent(),
+            _ => break,
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,108 @@
+//! Typed handles on the balancer's maps, taken from a freshly loaded object (and
+//! optionally pinned) or opened from their pins. The agent never spells a map name:
+//! they come from `lb_common::maps`.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    pin::PinError,
+};
+use lb_common::{
+    maps as names,
+    types::{Backend, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("the eBPF object has no map {name}")]
+    Missing { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning map {name} under {dir}: {source}")]
+    Pin {
+        name: &'static str,
+        dir: String,
+        #[source]
+        source: PinError,
+    },
+}
+
+/// Every map of the balancer the agent reads or writes.
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipMeta>,
+    pub rings: Array<MapData, u32>,
+    pub backends: Array<MapData, Backend>,
+    /// The LRU flow table (aya opens LRU hashes as `HashMap`).
+    pub flows: HashMap<MapData, FlowKey, FlowEntry>,
+    pub config: Array<MapData, GlobalConfig>,
+    pub service_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Where maps come from.
+enum Source<'a> {
+    Object(&'a mut Ebpf, Option<&'a Path>),
+    Pins(&'a Path),
+}
+
+fn take(source: &mut Source<'_>, name: &'static str) -> Result<Map, MapsError> {
+    match source {
+        Source::Object(ebpf, pin_dir) => {
+            let map = ebpf.take_map(name).ok_or(MapsError::Missing { name })?;
+            if let Some(dir) = pin_dir {
+                map.pin(dir.join(name)).map_err(|source| MapsError::Pin {
+                    name,
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(map)
+        }
+        Source::Pins(dir) => {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| MapsError::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Map { name, source })
+        }
+    }
+}
+
+macro_rules! typed {
+    ($source:expr, $name:expr) => {{
+        let name: &'static str = $name;
+        take($source, name)?
+            .try_into()
+            .map_err(|source| MapsError::Map { name, source })?
+    }};
+}
+
+impl Maps {
+    fn from_source(mut source: Source<'_>) -> Result<Self, MapsError> {
+        let s = &mut source;
+        Ok(Maps {
+            vips: typed!(s, names::VIPS),
+            rings: typed!(s, names::RINGS),
+            backends: typed!(s, names::BACKENDS),
+            flows: typed!(s, names::FLOWS),
+            config: typed!(s, names::CONFIG),
+            service_stats: typed!(s, names::SERVICE_STATS),
+            backend_stats: typed!(s, names::BACKEND_STATS),
+            counters: typed!(s, names::COUNTERS),
+        })
+    }
+
+    /// Take the maps out of a loaded object, pinning each under `pin_dir` if given.
+    pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self, MapsError> {
+        Self::from_source(Source::Object(ebpf, pin_dir))
+    }
+
+    /// Open the maps pinned under `dir` by a running agent (read counters, adopt state).
+    pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        Self::from_source(Source::Pins(dir))
+    }
+}

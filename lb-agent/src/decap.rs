@@ -1,0 +1,152 @@
+//! The backend side (`lb-agent decap attach|detach`): an XDP program that removes the
+//! outer IPv4 header of IPIP packets addressed to this host and hands the inner packet
+//! to the local stack, where the VIP is configured on `lo`. The kernels this runs on may
+//! have no `ipip` module, so the decapsulation is ours.
+//!
+//! The program's link and its maps are pinned under
+//! `<bpffs>/xdplb/<netns>/<iface>/decap/`, so it stays attached after the command exits;
+//! `detach` removes the pins, which detaches it.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{maps::HashMap, programs::links::FdLink};
+use lb_common::{maps as names, types::DecapKey};
+
+use crate::{
+    cli::XdpModeArg,
+    dataplane::{
+        loader::{self, AttachMode, Capacities, DECAP_PROGRAM, Role},
+        sync::addr_words,
+    },
+};
+
+const LINK_PIN: &str = "link";
+
+/// Every address of this host (this network namespace) but loopback ones.
+pub fn local_addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
+    let mut out = BTreeSet::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr of the family it names.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            let addr = match family {
+                libc::AF_INET => {
+                    // SAFETY: AF_INET means sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: AF_INET6 means sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => None,
+            };
+            if let Some(a) = addr.filter(|a| !a.is_loopback()) {
+                out.insert(a);
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
+pub(crate) fn attach_mode(mode: XdpModeArg) -> anyhow::Result<AttachMode> {
+    Ok(match mode {
+        XdpModeArg::Auto => AttachMode::Auto,
+        XdpModeArg::Native => AttachMode::Native,
+        XdpModeArg::Skb => AttachMode::Skb,
+        XdpModeArg::Off => bail!("--xdp-mode off makes no sense for the decapsulator"),
+    })
+}
+
+/// `lb-agent decap attach`.
+pub fn attach(iface: &str, bpffs: &Path, addresses: &[IpAddr], mode: XdpModeArg) -> anyhow::Result<()> {
+    let mode = attach_mode(mode)?;
+    let dir = loader::pin_dir(bpffs, iface, Role::Decap)?;
+    let addresses: BTreeSet<IpAddr> = if addresses.is_empty() {
+        local_addresses()?.into_iter().filter(IpAddr::is_ipv4).collect()
+    } else {
+        addresses.iter().copied().collect()
+    };
+    if addresses.is_empty() {
+        bail!("no IPv4 address to accept tunnels for: this host has none but loopback; pass --address");
+    }
+    if let Some(v6) = addresses.iter().find(|a| a.is_ipv6()) {
+        bail!("{v6}: IPv6 tunnels are not supported yet (IPv4-in-IPv4 only)");
+    }
+    if loader::remove_pin_dir(&dir)? {
+        tracing::info!(dir = %dir.display(), "replaced the decapsulator attached before");
+    }
+
+    let mut ebpf = loader::load(&Capacities::DECAP_ONLY)?;
+    let mut dsts: HashMap<_, DecapKey, u32> = ebpf
+        .take_map(names::DECAP_DSTS)
+        .context("the eBPF object has no decap map")?
+        .try_into()?;
+    for a in &addresses {
+        let (addr, family) = addr_words(*a);
+        dsts.insert(
+            DecapKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            },
+            1,
+            0,
+        )
+        .with_context(|| format!("adding {a} to the decap map"))?;
+    }
+    let counters = ebpf.take_map(names::COUNTERS).context("the eBPF object has no counters map")?;
+    let program = loader::load_program(&mut ebpf, DECAP_PROGRAM)?;
+    let (link_id, mode_used) = loader::attach(program, DECAP_PROGRAM, iface, mode)?;
+    let link: FdLink = program
+        .take_link(link_id)?
+        .try_into()
+        .context("the kernel attached XDP through netlink, which cannot be pinned (needs bpf_link, Linux 5.9+)")?;
+
+    loader::create_pin_dir(&dir)?;
+    let pin = || -> anyhow::Result<()> {
+        dsts.pin(dir.join(names::DECAP_DSTS))?;
+        counters.pin(dir.join(names::COUNTERS))?;
+        link.pin(dir.join(LINK_PIN))?;
+        Ok(())
+    };
+    if let Err(e) = pin() {
+        let _ = loader::remove_pin_dir(&dir);
+        return Err(e.context(format!("pinning under {}", dir.display())));
+    }
+    let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    println!(
+        "decap attached to {iface} ({mode_used} mode) for {}; pinned under {}",
+        list.join(", "),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `lb-agent decap detach`.
+pub fn detach(iface: &str, bpffs: &Path) -> anyhow::Result<()> {
+    let dir = loader::pin_dir(bpffs, iface, Role::Decap)?;
+    if loader::remove_pin_dir(&dir)? {
+        println!("decap detached from {iface}");
+    } else {
+        println!("no decapsulator pinned for {iface} under {}", bpffs.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! xdplb's agent: loads the XDP fast path, fills its maps from the desired state,
+//! and (in later steps) runs health checks, the REST API, metrics and the L7 proxy.
+//! The binary (`main.rs`) is a thin shell over these modules.
+
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod decap;
+pub mod run;

@@ -1,0 +1,68 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use lb_agent::{
+    cli::{Cli, Command, DecapAction},
+    config::Config,
+    decap, run,
+};
+use tracing_subscriber::{EnvFilter, fmt};
+
+fn init_logging() {
+    // aya-log and other `log` users get through to tracing.
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_env("XDPLB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::CheckConfig { config } => {
+            return match Config::load(&config) {
+                Ok(c) => {
+                    println!(
+                        "{}: OK ({} service{})",
+                        config.display(),
+                        c.services.len(),
+                        if c.services.len() == 1 { "" } else { "s" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run {
+            config,
+            iface,
+            xdp_mode,
+            bpffs,
+        } => run::run(run::RunArgs {
+            config,
+            iface,
+            xdp_mode,
+            bpffs,
+        }),
+        Command::Decap { action } => match action {
+            DecapAction::Attach {
+                iface,
+                bpffs,
+                addresses,
+                xdp_mode,
+            } => decap::attach(&iface, &bpffs, &addresses, xdp_mode),
+            DecapAction::Detach { iface, bpffs } => decap::detach(&iface, &bpffs),
+        },
+        Command::Detach { iface, bpffs } => run::detach(&iface, &bpffs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

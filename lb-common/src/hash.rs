@@ -1,0 +1,129 @@
+//! The flow hash and ring indexing: pure functions shared by the XDP program and the
+//! agent. The agent's tests use them as the oracle for which backend the program picks.
+//!
+//! The hash is MurmurHash3's 32-bit block mix and finaliser over fixed-length input,
+//! written without loops so the verifier sees straight-line code. Inputs are the raw
+//! network-order words of the packet, so kernel and user space hash the same integers.
+
+use crate::types::FlowKey;
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+/// A fixed seed, so every LB node of a cluster picks the same backend for a flow
+/// (they share rings through identical configuration).
+pub const SEED: u32 = 0x5844_504c; // "XDPL"
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32, len: u32) -> u32 {
+    h ^= len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Hash of a client flow: source address, both ports and the protocol. The
+/// destination is left out: each service has its own ring.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, key.src[0]);
+    h = mix(h, key.src[1]);
+    h = mix(h, key.src[2]);
+    h = mix(h, key.src[3]);
+    h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
+    h = mix(h, key.proto as u32);
+    fmix(h, 24)
+}
+
+/// Hash of the client address only, for source-IP affinity (`scheduler = "source-ip"`).
+#[inline(always)]
+pub const fn source_hash(src: &[u32; 4]) -> u32 {
+    let mut h = SEED;
+    h = mix(h, src[0]);
+    h = mix(h, src[1]);
+    h = mix(h, src[2]);
+    h = mix(h, src[3]);
+    fmix(h, 16)
+}
+
+/// The slot of a service's ring a hash falls into, or `None` for an empty ring.
+#[inline(always)]
+pub const fn ring_slot(hash: u32, ring_size: u32) -> Option<u32> {
+    // checked_rem keeps the division-by-zero branch away from the verifier.
+    hash.checked_rem(ring_size)
+}
+
+/// Index into the flat rings array of slot `slot` of service `service_id`.
+#[inline(always)]
+pub const fn ring_index(service_id: u32, ring_size: u32, slot: u32) -> u32 {
+    service_id.wrapping_mul(ring_size).wrapping_add(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: u32, sport: u16) -> FlowKey {
+        FlowKey {
+            src: [src, 0, 0, 0],
+            dst: [0x0164_12c6, 0, 0, 0],
+            sport,
+            dport: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn deterministic_and_sensitive_to_every_field() {
+        let base = key(0x0a00_0001, 1000);
+        assert_eq!(flow_hash(&base), flow_hash(&base));
+        let mut other = base;
+        other.sport = 1001;
+        assert_ne!(flow_hash(&base), flow_hash(&other));
+        other = base;
+        other.src[3] = 1;
+        assert_ne!(flow_hash(&base), flow_hash(&other));
+        other = base;
+        other.proto = 17;
+        assert_ne!(flow_hash(&base), flow_hash(&other));
+        // The destination is not part of the hash (rings are per service).
+        other = base;
+        other.dst[0] = 1;
+        assert_eq!(flow_hash(&base), flow_hash(&other));
+    }
+
+    #[test]
+    fn spreads_evenly_over_a_prime_ring() {
+        const RING: u32 = 65537;
+        const BUCKETS: usize = 16;
+        let mut counts = [0u32; BUCKETS];
+        let n = 160_000u32;
+        for i in 0..n {
+            let k = key(0xc612_0000 | (i >> 8), (i & 0xff) as u16 + 30000);
+            let slot = ring_slot(flow_hash(&k), RING).unwrap();
+            counts[(slot as usize * BUCKETS) / RING as usize] += 1;
+        }
+        let expect = n / BUCKETS as u32;
+        for c in counts {
+            assert!(c.abs_diff(expect) < expect / 20, "bucket {c} vs {expect}");
+        }
+    }
+
+    #[test]
+    fn empty_ring_has_no_slot() {
+        assert_eq!(ring_slot(5, 0), None);
+        assert_eq!(ring_slot(65538, 65537), Some(1));
+        assert_eq!(ring_index(2, 7, 3), 17);
+    }
+}

@@ -1,0 +1,51 @@
+//! Map names and default capacities.
+//!
+//! The eBPF side declares each map with `#[map(name = "...")]`, which only takes a
+//! literal, so it spells the same string; a test checks the loaded object's map names
+//! equal [`ALL`]. The agent only ever uses these constants. Names stay under the
+//! kernel's 15-character limit for object names.
+
+/// `HashMap<VipKey, VipMeta>`: the virtual IPs this node balances.
+pub const VIPS: &str = "XDPLB_VIPS";
+/// `Array<u32>` of `max_services * ring_size` backend ids: service `s` owns the slots
+/// `s * ring_size .. (s + 1) * ring_size`; each slot holds a backend id.
+pub const RINGS: &str = "XDPLB_RINGS";
+/// `Array<Backend>` indexed by backend id.
+pub const BACKENDS: &str = "XDPLB_BACKENDS";
+/// `LruHashMap<FlowKey, FlowEntry>`: the backend each established flow was given.
+pub const FLOWS: &str = "XDPLB_FLOWS";
+/// `Array<GlobalConfig>` with one entry.
+pub const CONFIG: &str = "XDPLB_CONFIG";
+/// `PerCpuArray<TrafficCounters>` indexed by service id.
+pub const SERVICE_STATS: &str = "XDPLB_SVC_STATS";
+/// `PerCpuArray<TrafficCounters>` indexed by backend id.
+pub const BACKEND_STATS: &str = "XDPLB_BE_STATS";
+/// `PerCpuArray<u64>` indexed by [`crate::stats::Counter`].
+pub const COUNTERS: &str = "XDPLB_COUNTERS";
+/// `HashMap<DecapKey, u32>`: outer destination addresses the decap program accepts.
+pub const DECAP_DSTS: &str = "XDPLB_DECAP_DST";
+
+/// Every map of the `lb-ebpf` object, for the loader and the name test.
+pub const ALL: &[&str] = &[
+    VIPS,
+    RINGS,
+    BACKENDS,
+    FLOWS,
+    CONFIG,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    COUNTERS,
+    DECAP_DSTS,
+];
+
+/// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader
+/// overrides the compiled-in sizes with `set_max_entries`.
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+/// Default capacity of [`BACKENDS`] and [`BACKEND_STATS`].
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// Default Maglev ring size (a prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default capacity of [`FLOWS`].
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_000_000;
+/// Capacity of [`DECAP_DSTS`].
+pub const MAX_DECAP_DSTS: u32 = 256;

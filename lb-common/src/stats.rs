@@ -1,0 +1,132 @@
+//! Indices of the global per-CPU counter array ([`crate::maps::COUNTERS`]).
+//!
+//! [`Counter`]s occupy `0 .. Counter::COUNT`, [`DropReason`]s follow them. Each has a
+//! stable label, used as the Prometheus label value (`xdplb_drops_total{reason}`).
+
+/// What happened to a packet that was not dropped.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet the balancer program saw.
+    Rx = 0,
+    /// Encapsulated and sent back out of the receiving interface (XDP_TX).
+    Tx,
+    /// Encapsulated and redirected to another interface (XDP_REDIRECT).
+    Redirect,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the kernel.
+    PassNotIp,
+    /// IP, but not TCP/UDP to a configured VIP: passed.
+    PassNotVip,
+    /// An IP fragment: passed (the kernel reassembles).
+    PassFragment,
+    /// An IPv4 header with options: passed.
+    PassIpOptions,
+    /// Shorter than its headers claim: passed (the kernel counts and drops it).
+    PassTruncated,
+    /// For an L7 VIP: passed to the agent's proxy.
+    PassL7,
+    /// The next hop towards the backend has no resolved neighbour yet: passed unchanged.
+    PassNoNeighbour,
+    /// No tunnel source address of the packet's family is configured: passed unchanged.
+    PassNoSource,
+    /// A flow-table hit whose backend is no longer active: re-hashed onto the ring.
+    FlowRehash,
+    /// A new flow: a backend was picked from the ring and recorded.
+    FlowNew,
+    /// A new flow could not be recorded in the flow table.
+    FlowInsertFailed,
+    /// Fib lookup gave no next hop for another reason (forwarding disabled on the
+    /// interface, a local destination, ...): passed unchanged.
+    PassFibFailed,
+    /// Decap program: tunnelled packet decapsulated and handed to the stack.
+    Decap,
+}
+
+impl Counter {
+    pub const COUNT: u32 = Counter::Decap as u32 + 1;
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::Rx,
+        Counter::Tx,
+        Counter::Redirect,
+        Counter::PassNotIp,
+        Counter::PassNotVip,
+        Counter::PassFragment,
+        Counter::PassIpOptions,
+        Counter::PassTruncated,
+        Counter::PassL7,
+        Counter::PassNoNeighbour,
+        Counter::PassNoSource,
+        Counter::FlowRehash,
+        Counter::FlowNew,
+        Counter::FlowInsertFailed,
+        Counter::PassFibFailed,
+        Counter::Decap,
+    ];
+
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Counter::Rx => "rx",
+            Counter::Tx => "tx",
+            Counter::Redirect => "redirect",
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotVip => "pass_not_vip",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassIpOptions => "pass_ip_options",
+            Counter::PassTruncated => "pass_truncated",
+            Counter::PassL7 => "pass_l7",
+            Counter::PassNoNeighbour => "pass_no_neighbour",
+            Counter::PassNoSource => "pass_no_source",
+            Counter::FlowRehash => "flow_rehash",
+            Counter::FlowNew => "flow_new",
+            Counter::FlowInsertFailed => "flow_insert_failed",
+            Counter::PassFibFailed => "pass_fib_failed",
+            Counter::Decap => "decap",
+        }
+    }
+}
+
+/// Why a packet was dropped.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The service has no backend to send to (empty ring).
+    NoBackend = 0,
+    /// The packet could not be grown for the tunnel header.
+    EncapFailed,
+    /// The route to the backend is unreachable, blackholed or prohibited.
+    NoRoute,
+    /// The encapsulated packet would exceed the MTU towards the backend.
+    TooBig,
+}
+
+impl DropReason {
+    pub const COUNT: u32 = DropReason::TooBig as u32 + 1;
+    pub const ALL: [DropReason; DropReason::COUNT as usize] = [
+        DropReason::NoBackend,
+        DropReason::EncapFailed,
+        DropReason::NoRoute,
+        DropReason::TooBig,
+    ];
+
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        Counter::COUNT + self as u32
+    }
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::NoBackend => "no_backend",
+            DropReason::EncapFailed => "encap_failed",
+            DropReason::NoRoute => "no_route",
+            DropReason::TooBig => "too_big",
+        }
+    }
+}
+
+/// Entries of [`crate::maps::COUNTERS`].
+pub const COUNTERS_LEN: u32 = Counter::COUNT + DropReason::COUNT;

@@ -1,0 +1,158 @@
+//! Key and value layouts of the maps, shared by kernel and user space.
+//!
+//! Rules (see DESIGN.md): `#[repr(C)]`, explicit padding, no `bool`/`Option`/data
+//! enums (u8/u32 codes instead), and a size assert per type. Addresses are always
+//! 16 bytes with a family byte, so IPv6 needs no new layout: an IPv4 address sits in
+//! word 0 and words 1..4 are zero. Fields marked "network order" hold the bytes as
+//! they are on the wire (a `u32` read straight from the packet); the agent converts in
+//! one place, `lb-agent/src/dataplane/sync.rs`.
+
+/// Address family codes used in keys and values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the fast path balances.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`crate::maps::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// Network order; IPv4 in word 0, other words zero.
+    pub addr: [u32; 4],
+    /// Network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// The VIP's packets go up to the kernel (an L7 service served by the agent's proxy).
+pub const VIP_F_L7: u32 = 1 << 0;
+/// Hash only the client's address, not its port (`scheduler = "source-ip"`).
+pub const VIP_F_SOURCE_HASH: u32 = 1 << 1;
+
+/// Value of [`crate::maps::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index of the service: its ring is `RINGS[service_id * ring_size ..][.. ring_size]`,
+    /// its counters `SERVICE_STATS[service_id]`.
+    pub service_id: u32,
+    /// Slots of this service's ring (a prime); 0 means "no ring yet": packets are dropped
+    /// and counted as `no_backend`.
+    pub ring_size: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// The backend may receive packets of flows already pinned to it. Set for every
+/// backend in a ring, and for draining backends (no new flows, existing ones stay).
+/// A flow whose backend lost this bit is re-hashed onto the ring.
+pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
+
+/// Value of [`crate::maps::BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Network order; IPv4 in word 0, other words zero. The tunnel's outer destination.
+    pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// The service this backend id currently belongs to. A flow entry is honoured only
+    /// while this equals the VIP's service id, so a reused id never carries a flow over
+    /// to another service.
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// Key of [`crate::maps::FLOWS`]: the 5-tuple of a client flow as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client address, network order.
+    pub src: [u32; 4],
+    /// VIP address, network order.
+    pub dst: [u32; 4],
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`crate::maps::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// Index into [`crate::maps::BACKENDS`].
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 8);
+
+/// Encapsulation codes of [`GlobalConfig::encap`].
+pub const ENCAP_IPIP: u32 = 0;
+pub const ENCAP_GUE: u32 = 1;
+
+/// The one entry of [`crate::maps::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    /// Outer source address of IPv4 tunnels, network order; 0 = not configured
+    /// (IPv4 VIP packets are then passed up and counted as `pass_no_source`).
+    pub source_v4: u32,
+    /// Outer source address of IPv6 tunnels, network order.
+    pub source_v6: [u32; 4],
+    /// `ENCAP_*`.
+    pub encap: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 28);
+
+/// Value of the per-service and per-backend counter arrays (per CPU; the agent sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    /// Bytes of the packets as received (before encapsulation).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 16);
+
+/// Key of [`crate::maps::DECAP_DSTS`]: a local address tunnelled packets may be sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DecapKey {
+    /// Network order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<DecapKey>() == 20);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made only of integers, with all padding explicit,
+    // so any bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for DecapKey {}
+}

@@ -1,0 +1,161 @@
+//! Floor programs for `cargo xtask bench xdp`: what the balancer is measured against,
+//! built in the same run with the same compiler. Not used by the agent.
+//! - `floor_pass`: XDP_PASS and nothing else.
+//! - `floor_tx`: parse Ethernet/IPv4/ports, swap MACs, XDP_TX.
+//! - `floor_ipip`: parse, one hash lookup (VIP address -> backend address), IPIP
+//!   encapsulation, XDP_TX.
+//! - `bench_wrap`: the harness for `test_run` with `repeat`: the kernel does not reset
+//!   the packet between repeats, so this undoes the previous iteration's IPIP
+//!   encapsulation (restoring the original Ethernet header from `BENCH_ETH`), optionally
+//!   gives every iteration a new source port (new-flow benchmark), and tail-calls the
+//!   program under test in `BENCH_PROGS[0]`. Its own cost is measured with `floor_pass`
+//!   as the target and subtracted.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    helpers::generated::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    programs::XdpContext,
+};
+use lb_ebpf::{
+    encap::outer_ipv4,
+    parsing::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, Ports, parse_ipv4, parse_l2, ptr_at},
+};
+
+/// floor_ipip's one lookup: VIP address (network order) -> backend address.
+#[map(name = "FLOOR_BACKENDS")]
+static FLOOR_BACKENDS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+#[map(name = "BENCH_PROGS")]
+static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `[0]`: the original 14-byte Ethernet header of the benchmark packet, padded.
+#[map(name = "BENCH_ETH")]
+static BENCH_ETH: Array<[u8; 16]> = Array::with_max_entries(1, 0);
+
+/// `[0]`: 1 = give every iteration a new source port.
+#[map(name = "BENCH_MODE")]
+static BENCH_MODE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "BENCH_SPORT")]
+static BENCH_SPORT: PerCpuArray<u16> = PerCpuArray::with_max_entries(1, 0);
+
+/// Outer source of floor_ipip's tunnel.
+const FLOOR_SOURCE: u32 = u32::from_ne_bytes([198, 18, 1, 10]);
+
+#[xdp]
+pub fn floor_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[xdp]
+pub fn floor_tx(ctx: XdpContext) -> u32 {
+    match try_floor_tx(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_floor_tx(ctx: &XdpContext) -> Result<u32, u32> {
+    let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto != ETH_P_IP {
+        return Err(XDP_PASS);
+    }
+    parse_ipv4(ctx, l2.l3_off).map_err(|_| XDP_PASS)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        let e = *eth;
+        (*eth).dst = e.src;
+        (*eth).src = e.dst;
+    }
+    Ok(XDP_TX)
+}
+
+#[xdp]
+pub fn floor_ipip(ctx: XdpContext) -> u32 {
+    match try_floor_ipip(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_floor_ipip(ctx: &XdpContext) -> Result<u32, u32> {
+    let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto != ETH_P_IP {
+        return Err(XDP_PASS);
+    }
+    let pkt = parse_ipv4(ctx, l2.l3_off).map_err(|_| XDP_PASS)?;
+    // SAFETY: preallocated hash map, read-only here.
+    let backend = *unsafe { FLOOR_BACKENDS.get(&pkt.key.dst[0]) }.ok_or(XDP_PASS)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { *eth };
+    let outer = outer_ipv4(FLOOR_SOURCE, backend, pkt.tot_len, pkt.tos);
+    let grow = (ETH_HLEN + IPV4_HLEN) as i32 - pkt.l3_off as i32;
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(XDP_ABORTED);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_ABORTED)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *eth = EthHdr {
+            dst: e.src,
+            src: e.dst,
+            proto: ETH_P_IP,
+        };
+        *ip = outer;
+    }
+    Ok(XDP_TX)
+}
+
+#[xdp]
+pub fn bench_wrap(ctx: XdpContext) -> u32 {
+    match try_wrap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_wrap(ctx: &XdpContext) -> Result<u32, u32> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*ip).protocol } == IPPROTO_IPIP {
+        // SAFETY: ctx.ctx is the program's xdp_md.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_HLEN as i32) } != 0 {
+            return Err(XDP_ABORTED);
+        }
+    }
+    // Restore the original Ethernet header (every program under test rewrites it).
+    let orig = BENCH_ETH.get(0).ok_or(XDP_ABORTED)?;
+    let eth = ptr_at::<[u8; ETH_HLEN]>(ctx, 0).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at; orig is at least ETH_HLEN bytes.
+    unsafe { *eth = *(orig.as_ptr() as *const [u8; ETH_HLEN]) };
+    if BENCH_MODE.get(0).is_some_and(|m| *m == 1) {
+        let counter = BENCH_SPORT.get_ptr_mut(0).ok_or(XDP_ABORTED)?;
+        let ports = ptr_at::<Ports>(ctx, ETH_HLEN + IPV4_HLEN).ok_or(XDP_ABORTED)?;
+        // SAFETY: per-CPU slot and bounds-checked packet pointer.
+        unsafe {
+            *counter = (*counter).wrapping_add(1);
+            (*ports).source = *counter;
+        }
+    }
+    // SAFETY: tail call with the program's own context; returns only on failure.
+    unsafe { BENCH_PROGS.tail_call(ctx, 0) };
+    Err(XDP_ABORTED)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

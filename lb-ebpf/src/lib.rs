@@ -1,0 +1,18 @@
+//! Building blocks of the xdplb XDP programs; the entry points are in `main.rs`
+//! (`xdp_lb`, `xdp_decap`) and `floors.rs` (benchmark floors).
+//!
+//! One concern per module, as in Katran's `lib/bpf`:
+//! - [`maps`]: every map the programs share with the agent.
+//! - [`parsing`]: bounds-checked header access and the Ethernet/VLAN/IPv4/L4 parser.
+//! - [`hashing`]: backend choice: flow table, then the service's Maglev ring.
+//! - [`csum`]: the IPv4 header checksum.
+//! - [`encap`]: IPv4-in-IPv4 encapsulation and decapsulation, and next-hop lookup.
+//! - [`stats`]: per-CPU counter updates.
+#![no_std]
+
+pub mod csum;
+pub mod encap;
+pub mod hashing;
+pub mod maps;
+pub mod parsing;
+pub mod stats;

@@ -1,0 +1,130 @@
+//! Entry points of the xdplb object embedded in `lb-agent`:
+//! - `xdp_lb`: the balancer, attached to the LB node's interface.
+//! - `xdp_decap`: the backend side, removing the tunnel header of packets sent to it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::generated::bpf_redirect,
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{
+    stats::Counter,
+    types::{DecapKey, FAMILY_V4, VIP_F_L7, VipKey},
+};
+use lb_ebpf::{
+    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4},
+    hashing::choose_backend,
+    maps::{CONFIG, DECAP_DSTS, VIPS},
+    parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
+    stats::{count, count_drop, count_forwarded},
+};
+
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    count(Counter::Rx);
+    match try_lb(&ctx) {
+        Ok(action) => action,
+        Err(Exit::Pass(counter)) => {
+            count(counter);
+            XDP_PASS
+        }
+        Err(Exit::Drop(reason)) => {
+            count_drop(reason);
+            XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
+    let l2 = parse_l2(ctx).map_err(Exit::Pass)?;
+    if l2.proto != ETH_P_IP {
+        return Err(Exit::Pass(Counter::PassNotIp));
+    }
+    let pkt = parse_ipv4(ctx, l2.l3_off).map_err(Exit::Pass)?;
+    let vip_key = VipKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        family: FAMILY_V4,
+    };
+    // SAFETY: VIPS is preallocated; values are written whole by the agent.
+    let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
+    if vip.flags & VIP_F_L7 != 0 {
+        return Err(Exit::Pass(Counter::PassL7));
+    }
+    let source = CONFIG.get(0).map_or(0, |c| c.source_v4);
+    if source == 0 {
+        return Err(Exit::Pass(Counter::PassNoSource));
+    }
+    let choice = choose_backend(&pkt.key, &vip).map_err(Exit::Drop)?;
+    let backend_addr = choice.backend.addr[0];
+    let outer_len = pkt.tot_len + IPV4_HLEN as u16;
+    let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;
+    count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
+    let outer = outer_ipv4(source, backend_addr, pkt.tot_len, pkt.tos);
+    encap_ipv4(ctx, pkt.l3_off, &outer, &hop).map_err(Exit::Drop)?;
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        count(Counter::Tx);
+        Ok(XDP_TX)
+    } else {
+        count(Counter::Redirect);
+        // SAFETY: plain helper call; the kernel validates the ifindex.
+        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+    }
+}
+
+#[xdp]
+pub fn xdp_decap(ctx: XdpContext) -> u32 {
+    match try_decap(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// Decapsulate IPIP packets whose outer destination is one of this host's tunnel
+/// addresses (`DECAP_DSTS`); everything else passes untouched.
+#[inline(always)]
+fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
+    let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto != ETH_P_IP {
+        return Err(XDP_PASS);
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { *ip };
+    // Only plain 20-byte, unfragmented IPIP headers: anything else is the kernel's.
+    if ip.version_ihl != 0x45 || ip.protocol != IPPROTO_IPIP || ip.frag_off & 0x3fffu16.to_be() != 0
+    {
+        return Err(XDP_PASS);
+    }
+    let key = DecapKey {
+        addr: [ip.daddr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    // SAFETY: DECAP_DSTS is preallocated; the value is not read.
+    if unsafe { DECAP_DSTS.get(&key) }.is_none() {
+        return Err(XDP_PASS);
+    }
+    let inner = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*inner).version_ihl } >> 4 != 4 {
+        return Err(XDP_PASS);
+    }
+    decap_ipv4(ctx, l2.l3_off).map_err(|()| XDP_ABORTED)?;
+    count(Counter::Decap);
+    Ok(XDP_PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,52 @@
+//! The maps of the `lb-ebpf` object. Each static carries the name of its
+//! `lb_common::maps` constant (the `#[map]` attribute takes only a literal); the
+//! agent's loader test checks the two agree. Sizes here are placeholders the loader
+//! replaces with `set_max_entries` from the config.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+        MAX_DECAP_DSTS,
+    },
+    stats::COUNTERS_LEN,
+    types::{Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta},
+};
+
+/// `BPF_F_NO_COMMON_LRU`: each CPU keeps its own LRU list, so new flows on one CPU
+/// never contend for a global lock (Katran uses per-CPU LRUs for the same reason),
+/// while lookups still see every CPU's entries.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+#[map(name = "XDPLB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "XDPLB_RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_RING_SIZE, 0);
+
+#[map(name = "XDPLB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "XDPLB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "XDPLB_CONFIG")]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "XDPLB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "XDPLB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "XDPLB_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+#[map(name = "XDPLB_DECAP_DST")]
+pub static DECAP_DSTS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_DSTS, 0);
