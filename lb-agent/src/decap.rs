@@ -7,11 +7,7 @@
 //! `<bpffs>/xdplb/<netns>/<iface>/decap/`, so it stays attached after the command exits;
 //! `detach` removes the pins, which detaches it.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    path::Path,
-};
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
 use aya::{maps::HashMap, programs::links::FdLink};
@@ -76,16 +72,26 @@ pub(crate) fn attach_mode(mode: XdpModeArg) -> anyhow::Result<AttachMode> {
 }
 
 /// `lb-agent decap attach`.
-pub fn attach(iface: &str, bpffs: &Path, addresses: &[IpAddr], mode: XdpModeArg) -> anyhow::Result<()> {
+pub fn attach(
+    iface: &str,
+    bpffs: &Path,
+    addresses: &[IpAddr],
+    mode: XdpModeArg,
+) -> anyhow::Result<()> {
     let mode = attach_mode(mode)?;
     let dir = loader::pin_dir(bpffs, iface, Role::Decap)?;
     let addresses: BTreeSet<IpAddr> = if addresses.is_empty() {
-        local_addresses()?.into_iter().filter(IpAddr::is_ipv4).collect()
+        local_addresses()?
+            .into_iter()
+            .filter(IpAddr::is_ipv4)
+            .collect()
     } else {
         addresses.iter().copied().collect()
     };
     if addresses.is_empty() {
-        bail!("no IPv4 address to accept tunnels for: this host has none but loopback; pass --address");
+        bail!(
+            "no IPv4 address to accept tunnels for: this host has none but loopback; pass --address"
+        );
     }
     if let Some(v6) = addresses.iter().find(|a| a.is_ipv6()) {
         bail!("{v6}: IPv6 tunnels are not supported yet (IPv4-in-IPv4 only)");
@@ -112,7 +118,9 @@ pub fn attach(iface: &str, bpffs: &Path, addresses: &[IpAddr], mode: XdpModeArg)
         )
         .with_context(|| format!("adding {a} to the decap map"))?;
     }
-    let counters = ebpf.take_map(names::COUNTERS).context("the eBPF object has no counters map")?;
+    let counters = ebpf
+        .take_map(names::COUNTERS)
+        .context("the eBPF object has no counters map")?;
     let program = loader::load_program(&mut ebpf, DECAP_PROGRAM)?;
     let (link_id, mode_used) = loader::attach(program, DECAP_PROGRAM, iface, mode)?;
     let link: FdLink = program
@@ -146,7 +154,10 @@ pub fn detach(iface: &str, bpffs: &Path) -> anyhow::Result<()> {
     if loader::remove_pin_dir(&dir)? {
         println!("decap detached from {iface}");
     } else {
-        println!("no decapsulator pinned for {iface} under {}", bpffs.display());
+        println!(
+            "no decapsulator pinned for {iface} under {}",
+            bpffs.display()
+        );
     }
     Ok(())
 }

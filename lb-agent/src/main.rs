@@ -9,10 +9,12 @@ use lb_agent::{
 use tracing_subscriber::{EnvFilter, fmt};
 
 fn init_logging() {
-    // aya-log and other `log` users get through to tracing.
-    let _ = tracing_log::LogTracer::init();
+    // `init` also installs tracing-log's LogTracer, so aya's `log` records get through.
     let filter = EnvFilter::try_from_env("XDPLB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {

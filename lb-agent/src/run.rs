@@ -73,7 +73,8 @@ impl FastPath {
         }
         let mut ebpf = loader::load(&caps)?;
         loader::create_pin_dir(&pin_dir)?;
-        let mut maps = Maps::take(&mut ebpf, Some(&pin_dir)).context("taking the balancer's maps")?;
+        let mut maps =
+            Maps::take(&mut ebpf, Some(&pin_dir)).context("taking the balancer's maps")?;
         let mut reconciler = Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends);
         let desired = DesiredState::from_config(config);
         let applied = reconciler.apply(&mut maps, &desired)?;
@@ -101,7 +102,9 @@ impl FastPath {
     }
 
     fn reload(&mut self, config: &Config) -> anyhow::Result<()> {
-        let applied = self.reconciler.apply(&mut self.maps, &DesiredState::from_config(config))?;
+        let applied = self
+            .reconciler
+            .apply(&mut self.maps, &DesiredState::from_config(config))?;
         for s in &applied {
             tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "service written");
         }
@@ -123,7 +126,12 @@ impl FastPath {
                     .iter()
                     .filter(|(_, v)| *v > 0)
                     .map(|(k, v)| format!("{}={v}", k.label()))
-                    .chain(c.drops.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("drop_{}={v}", k.label())))
+                    .chain(
+                        c.drops
+                            .iter()
+                            .filter(|(_, v)| *v > 0)
+                            .map(|(k, v)| format!("drop_{}={v}", k.label())),
+                    )
                     .collect();
                 tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
             }
@@ -169,7 +177,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| config.agent.interface.clone())
         .context("no interface: set agent.interface in the config or pass --iface")?;
-    let bpffs = args.bpffs.clone().unwrap_or_else(|| config.agent.bpffs.clone());
+    let bpffs = args
+        .bpffs
+        .clone()
+        .unwrap_or_else(|| config.agent.bpffs.clone());
     let mode = effective_mode(&config, args.xdp_mode);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -187,7 +198,12 @@ async fn serve(
     mode: XdpModeArg,
 ) -> anyhow::Result<()> {
     let mut fast_path = if mode == XdpModeArg::Off {
-        let l4: Vec<&str> = config.services.iter().filter(|s| s.mode == Mode::L4).map(|s| s.name.as_str()).collect();
+        let l4: Vec<&str> = config
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::L4)
+            .map(|s| s.name.as_str())
+            .collect();
         tracing::warn!(not_served = ?l4, "XDP is off: L4 services are not served");
         None
     } else {

@@ -4,6 +4,7 @@
 use core::mem::{size_of, transmute};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
@@ -11,13 +12,14 @@ use aya_ebpf::{
     },
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
-    EbpfContext as _,
 };
 use lb_common::stats::{Counter, DropReason};
 
 use crate::{
     csum,
-    parsing::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at},
+    parsing::{
+        ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
+    },
 };
 
 const AF_INET: u8 = 2;
@@ -57,14 +59,7 @@ pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
@@ -105,7 +100,12 @@ pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16, tos: u8) -> Ipv4Hdr {
 /// The inner packet (from `l3_off` on) is not touched: replies go straight from the
 /// backend to the client.
 #[inline(always)]
-pub fn encap_ipv4(ctx: &XdpContext, l3_off: usize, outer: &Ipv4Hdr, hop: &NextHop) -> Result<(), DropReason> {
+pub fn encap_ipv4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    outer: &Ipv4Hdr,
+    hop: &NextHop,
+) -> Result<(), DropReason> {
     let grow = (ETH_HLEN + IPV4_HLEN) as i32 - l3_off as i32;
     // SAFETY: ctx.ctx is the program's xdp_md.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
@@ -125,16 +125,19 @@ pub fn encap_ipv4(ctx: &XdpContext, l3_off: usize, outer: &Ipv4Hdr, hop: &NextHo
     Ok(())
 }
 
+/// The frame could not be shrunk or re-read after decapsulation.
+pub struct DecapFailed;
+
 /// Remove the outer IPv4 header at `l3_off` (20 bytes, checked by the caller), moving
 /// the Ethernet header (and its VLAN tag, if any) forward so the inner packet follows it.
 #[inline(always)]
-pub fn decap_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<(), ()> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
+pub fn decap_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<(), DecapFailed> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DecapFailed)?;
     // SAFETY: bounds checked by ptr_at.
     let mut eth_copy = unsafe { *eth };
     eth_copy.proto = ETH_P_IP;
     let vlan_copy = if l3_off == ETH_HLEN + VLAN_HLEN {
-        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(DecapFailed)?;
         // SAFETY: bounds checked by ptr_at.
         let mut v = unsafe { *vlan };
         v.proto = ETH_P_IP;
@@ -147,13 +150,13 @@ pub fn decap_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<(), ()> {
     };
     // SAFETY: ctx.ctx is the program's xdp_md.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_HLEN as i32) } != 0 {
-        return Err(());
+        return Err(DecapFailed);
     }
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DecapFailed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *eth = eth_copy };
     if let Some(v) = vlan_copy {
-        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(DecapFailed)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe { *vlan = v };
     }

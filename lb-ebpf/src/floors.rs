@@ -22,7 +22,10 @@ use aya_ebpf::{
 };
 use lb_ebpf::{
     encap::outer_ipv4,
-    parsing::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, Ports, parse_ipv4, parse_l2, ptr_at},
+    parsing::{
+        ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, Ports, parse_ipv4, parse_l2,
+        ptr_at,
+    },
 };
 
 /// floor_ipip's one lookup: VIP address (network order) -> backend address.
@@ -90,7 +93,7 @@ fn try_floor_ipip(ctx: &XdpContext) -> Result<u32, u32> {
     }
     let pkt = parse_ipv4(ctx, l2.l3_off).map_err(|_| XDP_PASS)?;
     // SAFETY: preallocated hash map, read-only here.
-    let backend = *unsafe { FLOOR_BACKENDS.get(&pkt.key.dst[0]) }.ok_or(XDP_PASS)?;
+    let backend = *unsafe { FLOOR_BACKENDS.get(pkt.key.dst[0]) }.ok_or(XDP_PASS)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     let e = unsafe { *eth };

@@ -63,7 +63,7 @@ pub fn choose_backend(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason
     };
     // A full table evicts its least recently used flow; a failed insert only means the
     // next packet of the flow hashes again, to the same slot while the ring is unchanged.
-    if FLOWS.insert(key, &entry, 0).is_err() {
+    if FLOWS.insert(key, entry, 0).is_err() {
         count(Counter::FlowInsertFailed);
     }
     Ok(Choice {

@@ -52,7 +52,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
         family: FAMILY_V4,
     };
     // SAFETY: VIPS is preallocated; values are written whole by the agent.
-    let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
+    let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
@@ -106,7 +106,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
         _pad: [0; 3],
     };
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
-    if unsafe { DECAP_DSTS.get(&key) }.is_none() {
+    if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);
     }
     let inner = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
@@ -114,7 +114,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     if unsafe { (*inner).version_ihl } >> 4 != 4 {
         return Err(XDP_PASS);
     }
-    decap_ipv4(ctx, l2.l3_off).map_err(|()| XDP_ABORTED)?;
+    decap_ipv4(ctx, l2.l3_off).map_err(|_| XDP_ABORTED)?;
     count(Counter::Decap);
     Ok(XDP_PASS)
 }

@@ -13,7 +13,9 @@ use lb_common::{
         MAX_DECAP_DSTS,
     },
     stats::COUNTERS_LEN,
-    types::{Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta},
+    types::{
+        Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    },
 };
 
 /// `BPF_F_NO_COMMON_LRU`: each CPU keeps its own LRU list, so new flows on one CPU

@@ -143,8 +143,7 @@ pub fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<Ipv4Flow, Counter> 
         return Err(Counter::PassIpOptions);
     }
     let tot_len = u16::from_be(ip.tot_len);
-    if (tot_len as usize) < IPV4_HLEN || l3_off + tot_len as usize > ctx.data_end() - ctx.data()
-    {
+    if (tot_len as usize) < IPV4_HLEN || l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
         return Err(Counter::PassTruncated);
     }
     if ip.frag_off & IP_MF_OFFSET != 0 {

@@ -45,14 +45,16 @@ impl InterfaceForwarding {
                 path: p.clone(),
                 source,
             })?;
-            tracing::info!(iface, "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)");
+            tracing::info!(
+                iface,
+                "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)"
+            );
         }
         Ok(InterfaceForwarding {
             iface: iface.to_owned(),
             previous,
         })
     }
-
 }
 
 impl Drop for InterfaceForwarding {

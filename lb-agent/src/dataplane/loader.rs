@@ -32,7 +32,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    #[error("capacities too large: {max_services} services x ring_size {ring_size} exceeds the 2^32 slots a BPF array can hold")]
+    #[error(
+        "capacities too large: {max_services} services x ring_size {ring_size} exceeds the 2^32 slots a BPF array can hold"
+    )]
     RingsTooLarge { max_services: u32, ring_size: u32 },
     #[error("loading the eBPF object failed (is this root, with BPF enabled in the kernel?): {0}")]
     Load(#[source] Box<aya::EbpfError>),
@@ -42,7 +44,7 @@ pub enum LoaderError {
     ProgramLoad {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("no interface {iface} in this network namespace")]
     NoInterface { iface: String },
@@ -52,9 +54,11 @@ pub enum LoaderError {
         iface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
-    #[error("{path} is not a bpffs (mount one with `mount -t bpf bpf {path}`): pins there would not be BPF objects")]
+    #[error(
+        "{path} is not a bpffs (mount one with `mount -t bpf bpf {path}`): pins there would not be BPF objects"
+    )]
     NotBpffs { path: PathBuf },
     #[error("{what} {path}: {source}")]
     Io {
@@ -86,10 +90,13 @@ impl Capacities {
 
 /// Load [`LB_OBJECT`] with the given capacities. Programs are not loaded yet.
 pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
-    let ring_slots = caps.max_services.checked_mul(caps.ring_size).ok_or(LoaderError::RingsTooLarge {
-        max_services: caps.max_services,
-        ring_size: caps.ring_size,
-    })?;
+    let ring_slots =
+        caps.max_services
+            .checked_mul(caps.ring_size)
+            .ok_or(LoaderError::RingsTooLarge {
+                max_services: caps.max_services,
+                ring_size: caps.ring_size,
+            })?;
     EbpfLoader::new()
         .map_max_entries(maps::VIPS, caps.max_services)
         .map_max_entries(maps::SERVICE_STATS, caps.max_services)
@@ -102,15 +109,22 @@ pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
 }
 
 /// Load (verify) the XDP program `name` of `ebpf` and return it.
-pub fn load_program<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Xdp, LoaderError> {
+pub fn load_program<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut Xdp, LoaderError> {
     let program: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or(LoaderError::NoProgram { name })?
         .try_into()
-        .map_err(|source| LoaderError::ProgramLoad { name, source })?;
-    program
-        .load()
-        .map_err(|source| LoaderError::ProgramLoad { name, source })?;
+        .map_err(|source| LoaderError::ProgramLoad {
+            name,
+            source: Box::new(source),
+        })?;
+    program.load().map_err(|source| LoaderError::ProgramLoad {
+        name,
+        source: Box::new(source),
+    })?;
     Ok(program)
 }
 
@@ -160,7 +174,7 @@ pub fn attach(
         name,
         iface: iface.to_owned(),
         mode: mode_name(m),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -212,9 +226,10 @@ pub fn pin_dir(bpffs: &Path, iface: &str, role: Role) -> Result<PathBuf, LoaderE
 
 /// Fail clearly when `path` is not a mounted bpffs.
 pub fn check_bpffs(path: &Path) -> Result<(), LoaderError> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoaderError::NotBpffs {
-        path: path.to_owned(),
-    })?;
+    let c =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoaderError::NotBpffs {
+            path: path.to_owned(),
+        })?;
     // SAFETY: statfs fills the zeroed struct; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -224,7 +239,7 @@ pub fn check_bpffs(path: &Path) -> Result<(), LoaderError> {
             source: io::Error::last_os_error(),
         });
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 on x86_64 but not everywhere")]
+    // f_type's integer type differs between architectures.
     if st.f_type as i64 != BPF_FS_MAGIC {
         return Err(LoaderError::NotBpffs {
             path: path.to_owned(),

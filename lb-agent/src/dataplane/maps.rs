@@ -66,7 +66,8 @@ fn take(source: &mut Source<'_>, name: &'static str) -> Result<Map, MapsError> {
             Ok(map)
         }
         Source::Pins(dir) => {
-            let data = MapData::from_pin(dir.join(name)).map_err(|source| MapsError::Map { name, source })?;
+            let data = MapData::from_pin(dir.join(name))
+                .map_err(|source| MapsError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| MapsError::Map { name, source })
         }
     }

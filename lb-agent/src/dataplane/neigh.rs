@@ -67,7 +67,10 @@ pub fn next_hop(dst: IpAddr) -> Result<NextHop, NeighError> {
     };
     let routes: serde_json::Value = serde_json::from_str(&stdout).map_err(|_| parse_err())?;
     let route = routes.get(0).ok_or_else(parse_err)?;
-    let dev = route.get("dev").and_then(|v| v.as_str()).ok_or_else(parse_err)?;
+    let dev = route
+        .get("dev")
+        .and_then(|v| v.as_str())
+        .ok_or_else(parse_err)?;
     let address = match route.get("gateway").and_then(|v| v.as_str()) {
         Some(gw) => gw.parse().map_err(|_| parse_err())?,
         None => dst,
@@ -89,7 +92,10 @@ fn has_entry(hop: &NextHop) -> Result<bool, NeighError> {
             let states = e.get("state").and_then(|s| s.as_array());
             let flags = e.get("flags").and_then(|s| s.as_array());
             let has = |list: Option<&Vec<serde_json::Value>>, what: &[&str]| {
-                list.is_some_and(|l| l.iter().any(|v| v.as_str().is_some_and(|s| what.contains(&s))))
+                list.is_some_and(|l| {
+                    l.iter()
+                        .any(|v| v.as_str().is_some_and(|s| what.contains(&s)))
+                })
             };
             has(states, &["PERMANENT", "NOARP"]) || has(flags, &["managed"])
         })
@@ -126,7 +132,15 @@ impl NextHopKeeper {
                 Ok(true) => {}
                 Ok(false) => {
                     let a = hop.address.to_string();
-                    match ip(&["neigh", "replace", &a, "dev", &hop.dev, "managed", "extern_learn"]) {
+                    match ip(&[
+                        "neigh",
+                        "replace",
+                        &a,
+                        "dev",
+                        &hop.dev,
+                        "managed",
+                        "extern_learn",
+                    ]) {
                         Ok(_) => {
                             tracing::info!(next_hop = %hop.address, dev = %hop.dev, "keeping next hop resolved (managed neighbour)");
                             self.added.insert(hop.clone());

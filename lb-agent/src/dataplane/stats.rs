@@ -1,7 +1,7 @@
 //! Reading the per-CPU counters: the global counters and drop reasons, and the
 //! per-service and per-backend traffic. Each per-CPU value is summed over CPUs.
 
-use aya::maps::{MapError, PerCpuArray, MapData};
+use aya::maps::{MapData, MapError, PerCpuArray};
 use lb_common::{
     stats::{Counter, DropReason},
     types::TrafficCounters,
@@ -18,10 +18,16 @@ pub struct Counters {
 
 impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
-        self.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
+        self.counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| *v)
     }
     pub fn drop_count(&self, r: DropReason) -> u64 {
-        self.drops.iter().find(|(k, _)| *k == r).map_or(0, |(_, v)| *v)
+        self.drops
+            .iter()
+            .find(|(k, _)| *k == r)
+            .map_or(0, |(_, v)| *v)
     }
 }
 
@@ -41,11 +47,17 @@ pub fn counters(maps: &Maps) -> Result<Counters, MapError> {
     Ok(out)
 }
 
-fn traffic(map: &PerCpuArray<MapData, TrafficCounters>, index: u32) -> Result<TrafficCounters, MapError> {
-    Ok(map.get(&index, 0)?.iter().fold(TrafficCounters::default(), |acc, v| TrafficCounters {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-    }))
+fn traffic(
+    map: &PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+) -> Result<TrafficCounters, MapError> {
+    Ok(map
+        .get(&index, 0)?
+        .iter()
+        .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+        }))
 }
 
 /// Packets and bytes forwarded for a service.

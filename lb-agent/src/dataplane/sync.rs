@@ -213,7 +213,11 @@ impl Reconciler {
 
     /// Backend id of `(service, address, port)` as last written.
     pub fn backend_id(&self, service: &str, address: IpAddr, port: u16) -> Option<u32> {
-        self.services.get(service)?.backends.get(&(address, port)).copied()
+        self.services
+            .get(service)?
+            .backends
+            .get(&(address, port))
+            .copied()
     }
 
     /// Service id of `service` as last written.
@@ -222,9 +226,15 @@ impl Reconciler {
     }
 
     /// Write the differences between `desired` and the maps.
-    pub fn apply(&mut self, maps: &mut Maps, desired: &DesiredState) -> Result<Vec<AppliedService>, SyncError> {
+    pub fn apply(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<Vec<AppliedService>, SyncError> {
         let config = GlobalConfig {
-            source_v4: desired.source_v4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            source_v4: desired
+                .source_v4
+                .map_or(0, |a| u32::from_ne_bytes(a.octets())),
             source_v6: desired.source_v6.map_or([0; 4], |a| addr_words(a.into()).0),
             encap: desired.encap,
             _pad: 0,
@@ -232,7 +242,10 @@ impl Reconciler {
         if self.config != Some(config) {
             maps.config
                 .set(0, config, 0)
-                .map_err(|source| SyncError::Write { what: "global config", source })?;
+                .map_err(|source| SyncError::Write {
+                    what: "global config",
+                    source,
+                })?;
             self.config = Some(config);
         }
 
@@ -249,13 +262,15 @@ impl Reconciler {
                     let id = self.service_ids.alloc().ok_or(SyncError::ServicesFull {
                         max: self.service_ids.max,
                     })?;
-                    self.services.entry(svc.name.clone()).or_insert(WrittenService {
-                        id,
-                        key,
-                        meta: VipMeta::default(),
-                        ring: Vec::new(),
-                        backends: BTreeMap::new(),
-                    })
+                    self.services
+                        .entry(svc.name.clone())
+                        .or_insert(WrittenService {
+                            id,
+                            key,
+                            meta: VipMeta::default(),
+                            ring: Vec::new(),
+                            backends: BTreeMap::new(),
+                        })
                 }
             };
 
@@ -310,7 +325,10 @@ impl Reconciler {
                     let index = written.id * self.ring_size + slot as u32;
                     maps.rings
                         .set(index, id, 0)
-                        .map_err(|source| SyncError::Write { what: "ring slot", source })?;
+                        .map_err(|source| SyncError::Write {
+                            what: "ring slot",
+                            source,
+                        })?;
                     slots_changed += 1;
                 }
             }
@@ -318,15 +336,27 @@ impl Reconciler {
             // 3. The VIP entry (ring_size 0 = no ring: packets are dropped as no_backend).
             let meta = VipMeta {
                 service_id: written.id,
-                ring_size: if new_ring.is_empty() { 0 } else { self.ring_size },
-                flags: if svc.l7 { VIP_F_L7 } else { 0 } | if svc.source_hash { VIP_F_SOURCE_HASH } else { 0 },
+                ring_size: if new_ring.is_empty() {
+                    0
+                } else {
+                    self.ring_size
+                },
+                flags: if svc.l7 { VIP_F_L7 } else { 0 }
+                    | if svc.source_hash {
+                        VIP_F_SOURCE_HASH
+                    } else {
+                        0
+                    },
                 _pad: 0,
             };
             let key_changed = written.key != key;
             if key_changed || written.meta != meta {
                 maps.vips
                     .insert(key, meta, 0)
-                    .map_err(|source| SyncError::Write { what: "VIP", source })?;
+                    .map_err(|source| SyncError::Write {
+                        what: "VIP",
+                        source,
+                    })?;
             }
             if key_changed {
                 remove_vip(maps, &written.key)?;
@@ -396,7 +426,10 @@ fn write_backend(
     if written.get(&id) != Some(&entry) {
         maps.backends
             .set(id, entry, 0)
-            .map_err(|source| SyncError::Write { what: "backend", source })?;
+            .map_err(|source| SyncError::Write {
+                what: "backend",
+                source,
+            })?;
         written.insert(id, entry);
     }
     Ok(())
@@ -405,7 +438,10 @@ fn write_backend(
 fn remove_vip(maps: &mut Maps, key: &VipKey) -> Result<(), SyncError> {
     match maps.vips.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(SyncError::Write { what: "VIP removal", source }),
+        Err(source) => Err(SyncError::Write {
+            what: "VIP removal",
+            source,
+        }),
     }
 }
 
@@ -431,7 +467,10 @@ mod tests {
     #[test]
     fn id_pool_reuses_lowest_free() {
         let mut p = IdPool::new(3);
-        assert_eq!((p.alloc(), p.alloc(), p.alloc(), p.alloc()), (Some(0), Some(1), Some(2), None));
+        assert_eq!(
+            (p.alloc(), p.alloc(), p.alloc(), p.alloc()),
+            (Some(0), Some(1), Some(2), None)
+        );
         p.release(1);
         p.release(0);
         assert_eq!(p.alloc(), Some(0));

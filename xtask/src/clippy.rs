@@ -1,0 +1,40 @@
+//! `cargo xtask clippy`: clippy with `-D warnings` for both targets (DESIGN.md, "Lints"): the
+//! workspace for the host, and lb-ebpf for bpfel-unknown-none with the pinned nightly.
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, toolchain::EBPF_TOOLCHAIN};
+
+/// Runs both clippy passes, the second even when the first fails, and fails if either does
+/// (the prerequisites must be there: see `setup::ensure_ready`).
+pub fn clippy() -> Result<()> {
+    let host = cmd::run(cmd::cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy for the host");
+    let bpf = cmd::run(cmd::cargo().arg(format!("+{EBPF_TOOLCHAIN}")).args([
+        "clippy",
+        "-p",
+        "lb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy for bpfel-unknown-none (lb-ebpf)");
+    match (host, bpf) {
+        (Err(_), Err(_)) => {
+            bail!("clippy failed both for the host and for bpfel-unknown-none (lb-ebpf)")
+        }
+        (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}

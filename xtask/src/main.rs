@@ -1,0 +1,97 @@
+//! `cargo xtask`: the project's tasks (DESIGN.md, "Workspace"): setup, test, clippy, demo, bench.
+
+mod apt;
+mod bpf_linker;
+mod clippy;
+mod cmd;
+mod kernel;
+mod release;
+mod setup;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "xdplb's project tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Check and install everything a fresh machine needs: the pinned nightly with rust-src,
+    /// bpf-linker on that nightly's LLVM, Debian packages, and the kernel side (idempotent).
+    Setup {
+        /// Rebuild bpf-linker even when the installed one looks right.
+        #[arg(long)]
+        reinstall_bpf_linker: bool,
+    },
+    /// What CI runs: fmt check, clippy (host and bpfel), release build, `cargo test`, `vagrant validate`.
+    Test {
+        /// Leave out a step (repeatable); CI runs them all.
+        #[arg(long, value_enum)]
+        skip: Vec<test::Step>,
+        /// Extra arguments for `cargo test` (test name filters; a further `--` reaches the test binaries).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Clippy with `-D warnings`: the workspace for the host, and lb-ebpf for bpfel-unknown-none.
+    Clippy,
+    /// Build in release mode and run `xdplb-demo` (needs root), e.g. `cargo xtask demo --xdp-mode native`.
+    Demo {
+        /// Arguments for `xdplb-demo`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`.
+    Bench {
+        /// The benchmark to run (`xdp`, ...: `xdplb-bench --help` lists them).
+        what: String,
+        /// Further arguments for `xdplb-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs the task; on failure prints the error and its causes (without the backtrace anyhow
+/// would add under `RUST_BACKTRACE`), and exits with status 1.
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\nxtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup {
+            reinstall_bpf_linker,
+        } => setup::setup(reinstall_bpf_linker),
+        Task::Test {
+            skip,
+            cargo_test_args,
+        } => test::test(&skip, &cargo_test_args),
+        Task::Clippy => {
+            setup::ensure_ready()?;
+            clippy::clippy()
+        }
+        Task::Demo { args } => release::demo(&args),
+        Task::Bench { what, args } => release::bench(&what, &args),
+    }
+}

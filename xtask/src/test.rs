@@ -1,0 +1,92 @@
+//! `cargo xtask test`, what CI runs: formatting, clippy for both targets, the release build,
+//! `cargo test` with the agent's path for the integration tests, and `vagrant validate`.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Context as _, Result};
+use clap::ValueEnum;
+
+use crate::{clippy, cmd, release, setup};
+
+/// The steps, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Step {
+    /// `cargo fmt --all -- --check`.
+    Fmt,
+    /// Clippy for the host and for bpfel-unknown-none (`cargo xtask clippy`).
+    Clippy,
+    /// `cargo build --release -p lb-agent --bins`.
+    Build,
+    /// `cargo test --release --workspace --exclude lb-ebpf`, with `XDPLB_AGENT_BIN` set. lb-ebpf's
+    /// `#![no_main]` programs cannot link as host test binaries; the tests crate runs them
+    /// through `test_run` instead (DESIGN.md, "Tests in three tiers").
+    CargoTest,
+    /// `vagrant validate` in vagrant/.
+    Vagrant,
+}
+
+impl Step {
+    fn title(self) -> &'static str {
+        match self {
+            Self::Fmt => "cargo fmt --check",
+            Self::Clippy => "clippy",
+            Self::Build => "release build",
+            Self::CargoTest => "cargo test",
+            Self::Vagrant => "vagrant validate",
+        }
+    }
+
+    fn run(self, cargo_test_args: &[String]) -> Result<()> {
+        match self {
+            Self::Fmt => cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"])),
+            Self::Clippy => clippy::clippy(),
+            Self::Build => release::build(&["lb-agent"]),
+            Self::CargoTest => cmd::run(
+                cmd::cargo()
+                    .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
+                    .args(cargo_test_args)
+                    .env(release::AGENT_BIN_ENV, release::agent_bin()),
+            ),
+            Self::Vagrant => vagrant_validate(),
+        }
+    }
+}
+
+/// Runs every step not in `skip`, in order, stopping at the first failure, which the error
+/// names. `cargo_test_args` go to `cargo test` after its own arguments.
+pub fn test(skip: &[Step], cargo_test_args: &[String]) -> Result<()> {
+    setup::ensure_ready()?;
+    let start = Instant::now();
+    for &step in Step::value_variants() {
+        if skip.contains(&step) {
+            println!("\n==> xtask test: {}: skipped (--skip)", step.title());
+            continue;
+        }
+        println!("\n==> xtask test: {}", step.title());
+        step.run(cargo_test_args)
+            .with_context(|| format!("xtask test: step `{}` failed", step.title()))?;
+    }
+    println!(
+        "\nxtask test: every step{} passed in {:.0}s",
+        if skip.is_empty() { "" } else { " not skipped" },
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `vagrant validate` in vagrant/; skipped, with a note, where vagrant could not be installed.
+fn vagrant_validate() -> Result<()> {
+    if cmd::find_in_path("vagrant").is_none() {
+        println!(
+            "note: skipping `vagrant validate`: vagrant is not installed, and `cargo xtask setup` \
+             found no installable package for it here"
+        );
+        return Ok(());
+    }
+    cmd::run(
+        Command::new("vagrant")
+            .arg("validate")
+            .current_dir(cmd::workspace_root().join("vagrant"))
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1"),
+    )
+}
