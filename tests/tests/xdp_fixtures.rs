@@ -12,11 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::HashMap,
-    programs::Xdp,
-};
+use aya::{Ebpf, TestRun, TestRunOptions, maps::HashMap, programs::Xdp};
 use lb_agent::{
     config::Protocol,
     dataplane::{
@@ -87,7 +83,12 @@ fn backend(addr: Ipv4Addr, port: u16) -> DesiredBackend {
     }
 }
 
-fn service(name: &str, vip: SocketAddrV4, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
+fn service(
+    name: &str,
+    vip: SocketAddrV4,
+    protocol: Protocol,
+    backends: Vec<DesiredBackend>,
+) -> DesiredService {
     DesiredService {
         name: name.into(),
         vip: vip.into(),
@@ -102,7 +103,12 @@ fn desired() -> DesiredState {
     let web = BACKENDS.iter().map(|&b| backend(b, 80)).collect();
     let mut l7 = service("l7", VIP_L7, Protocol::Tcp, vec![backend(BACKENDS[0], 80)]);
     l7.l7 = true;
-    let mut sticky = service("sticky", VIP_STICKY, Protocol::Tcp, BACKENDS.iter().map(|&b| backend(b, 443)).collect());
+    let mut sticky = service(
+        "sticky",
+        VIP_STICKY,
+        Protocol::Tcp,
+        BACKENDS.iter().map(|&b| backend(b, 443)).collect(),
+    );
     sticky.source_hash = true;
     DesiredState {
         source_v4: Some(LB_ADDR),
@@ -110,9 +116,24 @@ fn desired() -> DesiredState {
         encap: 0,
         services: vec![
             service("web", VIP_WEB, Protocol::Tcp, web),
-            service("dns", VIP_DNS, Protocol::Udp, vec![backend(FAR_BACKEND, 53)]),
-            service("noneigh", VIP_NONEIGH, Protocol::Tcp, vec![backend(UNRESOLVED, 80)]),
-            service("unreach", VIP_UNREACH, Protocol::Tcp, vec![backend(UNREACHABLE, 80)]),
+            service(
+                "dns",
+                VIP_DNS,
+                Protocol::Udp,
+                vec![backend(FAR_BACKEND, 53)],
+            ),
+            service(
+                "noneigh",
+                VIP_NONEIGH,
+                Protocol::Tcp,
+                vec![backend(UNRESOLVED, 80)],
+            ),
+            service(
+                "unreach",
+                VIP_UNREACH,
+                Protocol::Tcp,
+                vec![backend(UNREACHABLE, 80)],
+            ),
             l7,
             service("empty", VIP_EMPTY, Protocol::Tcp, vec![]),
             sticky,
@@ -147,7 +168,14 @@ fn mac_of(iface: &str) -> anyhow::Result<[u8; 6]> {
         libc::close(fd);
         ensure!(rc == 0, "SIOCGIFHWADDR {iface}: {err}");
         let data = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok([data[0] as u8, data[1] as u8, data[2] as u8, data[3] as u8, data[4] as u8, data[5] as u8])
+        Ok([
+            data[0] as u8,
+            data[1] as u8,
+            data[2] as u8,
+            data[3] as u8,
+            data[4] as u8,
+            data[5] as u8,
+        ])
     }
 }
 
@@ -175,8 +203,26 @@ fn net_fixture(ns: &str) -> anyhow::Result<()> {
         exec(ns, &c)?;
     }
     let neigh = |addr: Ipv4Addr, mac: [u8; 6], dev: &str| {
-        let m = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        exec(ns, &["ip", "neigh", "replace", &addr.to_string(), "lladdr", &m, "dev", dev, "nud", "permanent"])
+        let m = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        exec(
+            ns,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &m,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ],
+        )
     };
     for (b, m) in BACKENDS.iter().zip(BACKEND_MACS) {
         neigh(*b, m, "lb0")?;
@@ -238,11 +284,26 @@ impl Fixture {
 
 /// Oracle: slot from lb_common's hash, backend id from the ring the agent wrote, address
 /// from the backend id the reconciler gave.
-fn predicted(fx: &Fixture, service: &str, key: &FlowKey, source_affinity: bool, candidates: &[Ipv4Addr], port: u16) -> Ipv4Addr {
+fn predicted(
+    fx: &Fixture,
+    service: &str,
+    key: &FlowKey,
+    source_affinity: bool,
+    candidates: &[Ipv4Addr],
+    port: u16,
+) -> Ipv4Addr {
     let id = fx.reconciler.service_id(service).expect("service id");
-    let hash = if source_affinity { source_hash(&key.src) } else { flow_hash(key) };
+    let hash = if source_affinity {
+        source_hash(&key.src)
+    } else {
+        flow_hash(key)
+    };
     let slot = ring_slot(hash, RING).expect("ring");
-    let backend_id = fx.maps.rings.get(&ring_index(id, RING, slot), 0).expect("ring slot");
+    let backend_id = fx
+        .maps
+        .rings
+        .get(&ring_index(id, RING, slot), 0)
+        .expect("ring slot");
     *candidates
         .iter()
         .find(|&&c| fx.reconciler.backend_id(service, c.into(), port) == Some(backend_id))
@@ -284,24 +345,63 @@ fn syn(src: SocketAddrV4, dst: SocketAddrV4) -> PacketBuilder {
 
 /// Check an encapsulated frame: Ethernet to the next hop, outer IPv4 header fields and
 /// checksum, inner packet byte for byte.
-fn check_encapsulated(fx: &Fixture, input: &[u8], output: &[u8], backend: Ipv4Addr, next_hop_mac: [u8; 6], src_mac: [u8; 6]) -> anyhow::Result<()> {
+fn check_encapsulated(
+    fx: &Fixture,
+    input: &[u8],
+    output: &[u8],
+    backend: Ipv4Addr,
+    next_hop_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> anyhow::Result<()> {
     let in_frame = Frame::parse(input)?;
     let inner_in = in_frame.payload.clone();
     let out = Frame::parse(output)?;
     ensure!(out.vlan.is_none(), "outer frame must be untagged");
-    ensure!(out.dst_mac == next_hop_mac, "eth dst {:02x?}, want next hop {:02x?}", out.dst_mac, next_hop_mac);
-    ensure!(out.src_mac == src_mac, "eth src {:02x?}, want {:02x?}", out.src_mac, src_mac);
+    ensure!(
+        out.dst_mac == next_hop_mac,
+        "eth dst {:02x?}, want next hop {:02x?}",
+        out.dst_mac,
+        next_hop_mac
+    );
+    ensure!(
+        out.src_mac == src_mac,
+        "eth src {:02x?}, want {:02x?}",
+        out.src_mac,
+        src_mac
+    );
     let outer = out.ipv4()?;
     ensure!(outer.header_len == 20, "outer header has options");
     ensure!(outer.src == LB_ADDR, "outer src {}", outer.src);
-    ensure!(outer.dst == backend, "outer dst {}, want {backend}", outer.dst);
-    ensure!(outer.protocol == IPPROTO_IPIP, "outer protocol {}", outer.protocol);
+    ensure!(
+        outer.dst == backend,
+        "outer dst {}, want {backend}",
+        outer.dst
+    );
+    ensure!(
+        outer.protocol == IPPROTO_IPIP,
+        "outer protocol {}",
+        outer.protocol
+    );
     ensure!(outer.ttl == 64, "outer TTL {}", outer.ttl);
-    ensure!(outer.header_checksum_ok(), "outer header checksum wrong: {:#06x}", outer.checksum);
+    ensure!(
+        outer.header_checksum_ok(),
+        "outer header checksum wrong: {:#06x}",
+        outer.checksum
+    );
     let inner_len = usize::from(u16::from_be_bytes([inner_in[2], inner_in[3]]));
-    ensure!(usize::from(outer.tot_len) == inner_len + 20, "outer tot_len {} for inner {inner_len}", outer.tot_len);
-    ensure!(outer.payload == inner_in[..inner_len], "inner packet changed");
-    ensure!(outer.tos == inner_in[1], "outer TOS not copied from the inner packet");
+    ensure!(
+        usize::from(outer.tot_len) == inner_len + 20,
+        "outer tot_len {} for inner {inner_len}",
+        outer.tot_len
+    );
+    ensure!(
+        outer.payload == inner_in[..inner_len],
+        "inner packet changed"
+    );
+    ensure!(
+        outer.tos == inner_in[1],
+        "outer TOS not copied from the inner packet"
+    );
     let _ = fx;
     Ok(())
 }
@@ -324,35 +424,152 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
         let client = SocketAddrV4::new(CLIENT, 40000);
         let web = |sport| syn(SocketAddrV4::new(CLIENT, sport), VIP_WEB);
         let cases = vec![
-            Case { name: "non-VIP address", frame: syn(client, SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 10), 80)).build(), verdict: XDP_PASS, counter: Some(Counter::PassNotVip), drop: None },
-            Case { name: "VIP, other port", frame: syn(client, SocketAddrV4::new(*VIP_WEB.ip(), 81)).build(), verdict: XDP_PASS, counter: Some(Counter::PassNotVip), drop: None },
-            Case { name: "VIP, other protocol (UDP to a TCP VIP)", frame: PacketBuilder::udp(client, VIP_WEB).build(), verdict: XDP_PASS, counter: Some(Counter::PassNotVip), drop: None },
-            Case { name: "ICMP to the VIP", frame: PacketBuilder::raw(CLIENT, *VIP_WEB.ip(), 1).payload(&[8, 0, 0, 0, 0, 0, 0, 0]).build(), verdict: XDP_PASS, counter: Some(Counter::PassNotVip), drop: None },
-            Case { name: "first fragment (MF)", frame: web(40001).fragment(false, true, 0).build(), verdict: XDP_PASS, counter: Some(Counter::PassFragment), drop: None },
-            Case { name: "later fragment (offset)", frame: PacketBuilder::new(CLIENT, *VIP_WEB.ip(), L4::Raw { protocol: PROTO_TCP }).payload(&[0; 24]).fragment(false, false, 3).build(), verdict: XDP_PASS, counter: Some(Counter::PassFragment), drop: None },
-            Case { name: "IPv4 options", frame: web(40002).options(&[1, 1, 1, 1]).build(), verdict: XDP_PASS, counter: Some(Counter::PassIpOptions), drop: None },
-            Case { name: "tot_len beyond the frame", frame: web(40003).tot_len(200).build(), verdict: XDP_PASS, counter: Some(Counter::PassTruncated), drop: None },
-            Case { name: "ARP", frame: { let mut f = web(40004).build(); f[12] = 0x08; f[13] = 0x06; f }, verdict: XDP_PASS, counter: Some(Counter::PassNotIp), drop: None },
-            Case { name: "L7 VIP goes to the kernel", frame: syn(client, VIP_L7).build(), verdict: XDP_PASS, counter: Some(Counter::PassL7), drop: None },
-            Case { name: "service without backends", frame: syn(client, VIP_EMPTY).build(), verdict: XDP_DROP, counter: None, drop: Some(DropReason::NoBackend) },
-            Case { name: "next hop not resolved yet", frame: syn(client, VIP_NONEIGH).build(), verdict: XDP_PASS, counter: Some(Counter::PassNoNeighbour), drop: None },
-            Case { name: "backend behind an unreachable route", frame: syn(client, VIP_UNREACH).build(), verdict: XDP_DROP, counter: None, drop: Some(DropReason::NoRoute) },
+            Case {
+                name: "non-VIP address",
+                frame: syn(client, SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 10), 80)).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNotVip),
+                drop: None,
+            },
+            Case {
+                name: "VIP, other port",
+                frame: syn(client, SocketAddrV4::new(*VIP_WEB.ip(), 81)).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNotVip),
+                drop: None,
+            },
+            Case {
+                name: "VIP, other protocol (UDP to a TCP VIP)",
+                frame: PacketBuilder::udp(client, VIP_WEB).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNotVip),
+                drop: None,
+            },
+            Case {
+                name: "ICMP to the VIP",
+                frame: PacketBuilder::raw(CLIENT, *VIP_WEB.ip(), 1)
+                    .payload(&[8, 0, 0, 0, 0, 0, 0, 0])
+                    .build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNotVip),
+                drop: None,
+            },
+            Case {
+                name: "first fragment (MF)",
+                frame: web(40001).fragment(false, true, 0).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassFragment),
+                drop: None,
+            },
+            Case {
+                name: "later fragment (offset)",
+                frame: PacketBuilder::new(
+                    CLIENT,
+                    *VIP_WEB.ip(),
+                    L4::Raw {
+                        protocol: PROTO_TCP,
+                    },
+                )
+                .payload(&[0; 24])
+                .fragment(false, false, 3)
+                .build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassFragment),
+                drop: None,
+            },
+            Case {
+                name: "IPv4 options",
+                frame: web(40002).options(&[1, 1, 1, 1]).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassIpOptions),
+                drop: None,
+            },
+            Case {
+                name: "tot_len beyond the frame",
+                frame: web(40003).tot_len(200).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassTruncated),
+                drop: None,
+            },
+            Case {
+                name: "ARP",
+                frame: {
+                    let mut f = web(40004).build();
+                    f[12] = 0x08;
+                    f[13] = 0x06;
+                    f
+                },
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNotIp),
+                drop: None,
+            },
+            Case {
+                name: "L7 VIP goes to the kernel",
+                frame: syn(client, VIP_L7).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassL7),
+                drop: None,
+            },
+            Case {
+                name: "service without backends",
+                frame: syn(client, VIP_EMPTY).build(),
+                verdict: XDP_DROP,
+                counter: None,
+                drop: Some(DropReason::NoBackend),
+            },
+            Case {
+                name: "next hop not resolved yet",
+                frame: syn(client, VIP_NONEIGH).build(),
+                verdict: XDP_PASS,
+                counter: Some(Counter::PassNoNeighbour),
+                drop: None,
+            },
+            Case {
+                name: "backend behind an unreachable route",
+                frame: syn(client, VIP_UNREACH).build(),
+                verdict: XDP_DROP,
+                counter: None,
+                drop: Some(DropReason::NoRoute),
+            },
         ];
         for case in cases {
             let before = fx.counters();
             let (verdict, out) = fx.run(LB_PROGRAM, &case.frame)?;
             let after = fx.counters();
-            ensure!(verdict == case.verdict, "{}: verdict {verdict}, want {}", case.name, case.verdict);
+            ensure!(
+                verdict == case.verdict,
+                "{}: verdict {verdict}, want {}",
+                case.name,
+                case.verdict
+            );
             if verdict == XDP_PASS {
-                ensure!(out == case.frame, "{}: a passed packet must be untouched", case.name);
+                ensure!(
+                    out == case.frame,
+                    "{}: a passed packet must be untouched",
+                    case.name
+                );
             }
             if let Some(c) = case.counter {
-                ensure!(after.get(c) == before.get(c) + 1, "{}: counter {} did not count it", case.name, c.label());
+                ensure!(
+                    after.get(c) == before.get(c) + 1,
+                    "{}: counter {} did not count it",
+                    case.name,
+                    c.label()
+                );
             }
             if let Some(r) = case.drop {
-                ensure!(after.drop_count(r) == before.drop_count(r) + 1, "{}: drop reason {} did not count it", case.name, r.label());
+                ensure!(
+                    after.drop_count(r) == before.drop_count(r) + 1,
+                    "{}: drop reason {} did not count it",
+                    case.name,
+                    r.label()
+                );
             }
-            ensure!(after.get(Counter::Rx) == before.get(Counter::Rx) + 1, "{}: rx not counted", case.name);
+            ensure!(
+                after.get(Counter::Rx) == before.get(Counter::Rx) + 1,
+                "{}: rx not counted",
+                case.name
+            );
         }
         Ok(())
     })
@@ -367,17 +584,40 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         let mut seen = [0u32; 3];
         for i in 0..300u16 {
             let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2 + (i % 7) as u8), 30000 + i);
-            let frame = syn(src, VIP_WEB).tos(0x28).payload(b"GET / HTTP/1.1\r\n\r\n").build();
+            let frame = syn(src, VIP_WEB)
+                .tos(0x28)
+                .payload(b"GET / HTTP/1.1\r\n\r\n")
+                .build();
             let before = fx.counters();
             let (verdict, out) = fx.run(LB_PROGRAM, &frame)?;
-            ensure!(verdict == XDP_TX, "flow {i}: verdict {verdict}, want XDP_TX");
-            let want = predicted(fx, "web", &flow_key(src, VIP_WEB, PROTO_TCP), false, &BACKENDS, 80);
-            let idx = BACKENDS.iter().position(|&b| b == want).expect("a web backend");
+            ensure!(
+                verdict == XDP_TX,
+                "flow {i}: verdict {verdict}, want XDP_TX"
+            );
+            let want = predicted(
+                fx,
+                "web",
+                &flow_key(src, VIP_WEB, PROTO_TCP),
+                false,
+                &BACKENDS,
+                80,
+            );
+            let idx = BACKENDS
+                .iter()
+                .position(|&b| b == want)
+                .expect("a web backend");
             seen[idx] += 1;
-            check_encapsulated(fx, &frame, &out, want, BACKEND_MACS[idx], fx.lb_mac).with_context(|| format!("flow {i}"))?;
+            check_encapsulated(fx, &frame, &out, want, BACKEND_MACS[idx], fx.lb_mac)
+                .with_context(|| format!("flow {i}"))?;
             let after = fx.counters();
-            ensure!(after.get(Counter::Tx) == before.get(Counter::Tx) + 1, "tx counted");
-            ensure!(after.get(Counter::FlowNew) == before.get(Counter::FlowNew) + 1, "new flow counted");
+            ensure!(
+                after.get(Counter::Tx) == before.get(Counter::Tx) + 1,
+                "tx counted"
+            );
+            ensure!(
+                after.get(Counter::FlowNew) == before.get(Counter::FlowNew) + 1,
+                "new flow counted"
+            );
         }
         // Every backend got flows, each near a third (300 flows: 100 +- 4 sigma).
         for (b, n) in BACKENDS.iter().zip(seen) {
@@ -385,10 +625,19 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         }
         // Per-service and per-backend counters: every packet above was for "web".
         let web_id = fx.reconciler.service_id("web").expect("web");
-        ensure!(stats::service_traffic(&fx.maps, web_id)?.packets == 300, "service packets");
+        ensure!(
+            stats::service_traffic(&fx.maps, web_id)?.packets == 300,
+            "service packets"
+        );
         let per_backend: u64 = BACKENDS
             .iter()
-            .map(|&b| stats::backend_traffic(&fx.maps, fx.reconciler.backend_id("web", b.into(), 80).expect("id")).map(|t| t.packets))
+            .map(|&b| {
+                stats::backend_traffic(
+                    &fx.maps,
+                    fx.reconciler.backend_id("web", b.into(), 80).expect("id"),
+                )
+                .map(|t| t.packets)
+            })
             .sum::<Result<u64, _>>()?;
         ensure!(per_backend == 300, "backend packets sum to {per_backend}");
 
@@ -397,27 +646,53 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         let frame = syn(src, VIP_WEB).vlan(42).build();
         let (verdict, out) = fx.run(LB_PROGRAM, &frame)?;
         ensure!(verdict == XDP_TX, "VLAN: verdict {verdict}");
-        let want = predicted(fx, "web", &flow_key(src, VIP_WEB, PROTO_TCP), false, &BACKENDS, 80);
-        let idx = BACKENDS.iter().position(|&b| b == want).expect("a web backend");
+        let want = predicted(
+            fx,
+            "web",
+            &flow_key(src, VIP_WEB, PROTO_TCP),
+            false,
+            &BACKENDS,
+            80,
+        );
+        let idx = BACKENDS
+            .iter()
+            .position(|&b| b == want)
+            .expect("a web backend");
         check_encapsulated(fx, &frame, &out, want, BACKEND_MACS[idx], fx.lb_mac).context("VLAN")?;
 
         // UDP VIP whose backend is behind the other interface: XDP_REDIRECT there.
-        let frame = PacketBuilder::udp(SocketAddrV4::new(CLIENT, 5353), VIP_DNS).payload(&[0; 12]).build();
+        let frame = PacketBuilder::udp(SocketAddrV4::new(CLIENT, 5353), VIP_DNS)
+            .payload(&[0; 12])
+            .build();
         let (verdict, out) = fx.run(LB_PROGRAM, &frame)?;
-        ensure!(verdict == XDP_REDIRECT, "UDP to far backend: verdict {verdict}, want XDP_REDIRECT");
-        check_encapsulated(fx, &frame, &out, FAR_BACKEND, FAR_MAC, mac_of("far0")?).context("redirect")?;
+        ensure!(
+            verdict == XDP_REDIRECT,
+            "UDP to far backend: verdict {verdict}, want XDP_REDIRECT"
+        );
+        check_encapsulated(fx, &frame, &out, FAR_BACKEND, FAR_MAC, mac_of("far0")?)
+            .context("redirect")?;
         let _ = fx.far_ifindex;
 
         // Source-IP affinity: every port of one client lands on the same backend.
         let first = {
             let src = SocketAddrV4::new(CLIENT, 1000);
-            predicted(fx, "sticky", &flow_key(src, VIP_STICKY, PROTO_TCP), true, &BACKENDS, 443)
+            predicted(
+                fx,
+                "sticky",
+                &flow_key(src, VIP_STICKY, PROTO_TCP),
+                true,
+                &BACKENDS,
+                443,
+            )
         };
         for port in 1000..1050 {
             let src = SocketAddrV4::new(CLIENT, port);
             let (verdict, out) = fx.run(LB_PROGRAM, &syn(src, VIP_STICKY).build())?;
             ensure!(verdict == XDP_TX, "affinity: verdict {verdict}");
-            ensure!(Frame::parse(&out)?.ipv4()?.dst == first, "affinity: port {port} moved");
+            ensure!(
+                Frame::parse(&out)?.ipv4()?.dst == first,
+                "affinity: port {port} moved"
+            );
         }
 
         // No tunnel source configured: passed up, counted.
@@ -427,8 +702,14 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         let before = fx.counters();
         let frame = syn(SocketAddrV4::new(CLIENT, 46000), VIP_WEB).build();
         let (verdict, out) = fx.run(LB_PROGRAM, &frame)?;
-        ensure!(verdict == XDP_PASS && out == frame, "no source: must pass untouched");
-        ensure!(fx.counters().get(Counter::PassNoSource) == before.get(Counter::PassNoSource) + 1, "pass_no_source");
+        ensure!(
+            verdict == XDP_PASS && out == frame,
+            "no source: must pass untouched"
+        );
+        ensure!(
+            fx.counters().get(Counter::PassNoSource) == before.get(Counter::PassNoSource) + 1,
+            "pass_no_source"
+        );
         Ok(())
     })
 }
@@ -441,22 +722,31 @@ fn truncated_at_every_byte_goes_to_the_kernel() -> anyhow::Result<()> {
     with_fixture("truncated_at_every_byte_goes_to_the_kernel", |fx| {
         let tcp = syn(SocketAddrV4::new(CLIENT, 41000), VIP_WEB).build();
         let udp = PacketBuilder::udp(SocketAddrV4::new(CLIENT, 41001), VIP_DNS).build();
-        let tagged = syn(SocketAddrV4::new(CLIENT, 41002), VIP_WEB).vlan(7).build();
+        let tagged = syn(SocketAddrV4::new(CLIENT, 41002), VIP_WEB)
+            .vlan(7)
+            .build();
         for (what, full) in [("tcp", tcp), ("udp", udp), ("vlan+tcp", tagged)] {
             // The kernel's test_run needs at least an Ethernet header.
             for len in 14..full.len() {
                 let cut = &full[..len];
                 let before = fx.counters();
                 let (verdict, out) = fx.run(LB_PROGRAM, cut)?;
-                ensure!(verdict == XDP_PASS, "{what} cut at {len}: verdict {verdict}");
+                ensure!(
+                    verdict == XDP_PASS,
+                    "{what} cut at {len}: verdict {verdict}"
+                );
                 ensure!(out == cut, "{what} cut at {len}: changed");
                 ensure!(
-                    fx.counters().get(Counter::PassTruncated) == before.get(Counter::PassTruncated) + 1,
+                    fx.counters().get(Counter::PassTruncated)
+                        == before.get(Counter::PassTruncated) + 1,
                     "{what} cut at {len}: not counted as truncated"
                 );
             }
             let (verdict, _) = fx.run(LB_PROGRAM, &full)?;
-            ensure!(verdict == XDP_TX || verdict == XDP_REDIRECT, "{what} whole: verdict {verdict}");
+            ensure!(
+                verdict == XDP_TX || verdict == XDP_REDIRECT,
+                "{what} whole: verdict {verdict}"
+            );
         }
         Ok(())
     })
@@ -467,59 +757,92 @@ fn established_flows_keep_their_backend_until_it_leaves() -> anyhow::Result<()> 
     if !netns::require_privileges("established_flows_keep_their_backend_until_it_leaves") {
         return Ok(());
     }
-    with_fixture("established_flows_keep_their_backend_until_it_leaves", |fx| {
-        // Open 60 flows and remember where each went.
-        let flows: Vec<SocketAddrV4> = (0..60).map(|i| SocketAddrV4::new(CLIENT, 50000 + i)).collect();
-        let mut first = Vec::new();
-        for &src in &flows {
-            let (v, out) = fx.run(LB_PROGRAM, &syn(src, VIP_WEB).build())?;
-            ensure!(v == XDP_TX, "open: {v}");
-            first.push(Frame::parse(&out)?.ipv4()?.dst);
-        }
-        // Change the backend set: a fourth backend joins, one changes weight. The ring
-        // changes, established flows must not.
-        let mut d = desired();
-        d.services[0].backends.push(backend(JOINER, 80));
-        d.services[0].backends[1].weight = 300;
-        fx.reconciler.apply(&mut fx.maps, &d)?;
-        let mut moved_if_new = 0;
-        for (i, &src) in flows.iter().enumerate() {
-            let ack = PacketBuilder::tcp(src, VIP_WEB).flags(tcp_flags::ACK).build();
-            let (v, out) = fx.run(LB_PROGRAM, &ack)?;
-            let dst = if v == XDP_TX { Frame::parse(&out)?.ipv4()?.dst } else { Ipv4Addr::UNSPECIFIED };
-            ensure!(dst == first[i], "flow {i} moved from {} to {dst} after a ring change", first[i]);
-            let fresh = predicted(fx, "web", &flow_key(src, VIP_WEB, PROTO_TCP), false, &[BACKENDS[0], BACKENDS[1], BACKENDS[2], JOINER], 80);
-            if fresh != first[i] {
-                moved_if_new += 1;
+    with_fixture(
+        "established_flows_keep_their_backend_until_it_leaves",
+        |fx| {
+            // Open 60 flows and remember where each went.
+            let flows: Vec<SocketAddrV4> = (0..60)
+                .map(|i| SocketAddrV4::new(CLIENT, 50000 + i))
+                .collect();
+            let mut first = Vec::new();
+            for &src in &flows {
+                let (v, out) = fx.run(LB_PROGRAM, &syn(src, VIP_WEB).build())?;
+                ensure!(v == XDP_TX, "open: {v}");
+                first.push(Frame::parse(&out)?.ipv4()?.dst);
             }
-        }
-        ensure!(moved_if_new > 0, "the ring change should have moved some slots, else this test proves nothing");
+            // Change the backend set: a fourth backend joins, one changes weight. The ring
+            // changes, established flows must not.
+            let mut d = desired();
+            d.services[0].backends.push(backend(JOINER, 80));
+            d.services[0].backends[1].weight = 300;
+            fx.reconciler.apply(&mut fx.maps, &d)?;
+            let mut moved_if_new = 0;
+            for (i, &src) in flows.iter().enumerate() {
+                let ack = PacketBuilder::tcp(src, VIP_WEB)
+                    .flags(tcp_flags::ACK)
+                    .build();
+                let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+                let dst = if v == XDP_TX {
+                    Frame::parse(&out)?.ipv4()?.dst
+                } else {
+                    Ipv4Addr::UNSPECIFIED
+                };
+                ensure!(
+                    dst == first[i],
+                    "flow {i} moved from {} to {dst} after a ring change",
+                    first[i]
+                );
+                let fresh = predicted(
+                    fx,
+                    "web",
+                    &flow_key(src, VIP_WEB, PROTO_TCP),
+                    false,
+                    &[BACKENDS[0], BACKENDS[1], BACKENDS[2], JOINER],
+                    80,
+                );
+                if fresh != first[i] {
+                    moved_if_new += 1;
+                }
+            }
+            ensure!(
+                moved_if_new > 0,
+                "the ring change should have moved some slots, else this test proves nothing"
+            );
 
-        // Remove backend .11: its flows are re-hashed onto live backends, the others stay.
-        let mut d2 = d.clone();
-        d2.services[0].backends.retain(|b| b.address != IpAddr::V4(BACKENDS[0]));
-        fx.reconciler.apply(&mut fx.maps, &d2)?;
-        let before = fx.counters();
-        let mut rehashed = 0;
-        for (i, &src) in flows.iter().enumerate() {
-            let ack = PacketBuilder::tcp(src, VIP_WEB).flags(tcp_flags::ACK).build();
-            let (v, out) = fx.run(LB_PROGRAM, &ack)?;
-            ensure!(v == XDP_TX, "after removal: verdict {v}");
-            let dst = Frame::parse(&out)?.ipv4()?.dst;
-            ensure!(dst != BACKENDS[0], "flow {i} still sent to the removed backend");
-            if first[i] == BACKENDS[0] {
-                rehashed += 1;
-            } else {
-                ensure!(dst == first[i], "flow {i} on a live backend moved");
+            // Remove backend .11: its flows are re-hashed onto live backends, the others stay.
+            let mut d2 = d.clone();
+            d2.services[0]
+                .backends
+                .retain(|b| b.address != IpAddr::V4(BACKENDS[0]));
+            fx.reconciler.apply(&mut fx.maps, &d2)?;
+            let before = fx.counters();
+            let mut rehashed = 0;
+            for (i, &src) in flows.iter().enumerate() {
+                let ack = PacketBuilder::tcp(src, VIP_WEB)
+                    .flags(tcp_flags::ACK)
+                    .build();
+                let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+                ensure!(v == XDP_TX, "after removal: verdict {v}");
+                let dst = Frame::parse(&out)?.ipv4()?.dst;
+                ensure!(
+                    dst != BACKENDS[0],
+                    "flow {i} still sent to the removed backend"
+                );
+                if first[i] == BACKENDS[0] {
+                    rehashed += 1;
+                } else {
+                    ensure!(dst == first[i], "flow {i} on a live backend moved");
+                }
             }
-        }
-        ensure!(rehashed > 0, "some flows were on the removed backend");
-        ensure!(
-            fx.counters().get(Counter::FlowRehash) == before.get(Counter::FlowRehash) + rehashed,
-            "each flow of the removed backend re-hashed exactly once"
-        );
-        Ok(())
-    })
+            ensure!(rehashed > 0, "some flows were on the removed backend");
+            ensure!(
+                fx.counters().get(Counter::FlowRehash)
+                    == before.get(Counter::FlowRehash) + rehashed,
+                "each flow of the removed backend re-hashed exactly once"
+            );
+            Ok(())
+        },
+    )
 }
 
 #[test]
@@ -528,10 +851,21 @@ fn decap_fixture_table() -> anyhow::Result<()> {
         return Ok(());
     }
     with_fixture("decap_fixture_table", |fx| {
-        let mut dsts: HashMap<_, DecapKey, u32> = HashMap::try_from(fx.ebpf.map_mut(names::DECAP_DSTS).context("decap map")?)?;
+        let mut dsts: HashMap<_, DecapKey, u32> =
+            HashMap::try_from(fx.ebpf.map_mut(names::DECAP_DSTS).context("decap map")?)?;
         let (addr, family) = addr_words(IpAddr::V4(BACKENDS[0]));
-        dsts.insert(DecapKey { addr, family, _pad: [0; 3] }, 1, 0)?;
-        let inner = syn(SocketAddrV4::new(CLIENT, 42000), VIP_WEB).payload(b"hello").build_ipv4();
+        dsts.insert(
+            DecapKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            },
+            1,
+            0,
+        )?;
+        let inner = syn(SocketAddrV4::new(CLIENT, 42000), VIP_WEB)
+            .payload(b"hello")
+            .build_ipv4();
         let tunnelled = |dst: Ipv4Addr, vlan: Option<u16>| {
             let mut b = PacketBuilder::raw(LB_ADDR, dst, IPPROTO_IPIP).payload(&inner);
             if let Some(v) = vlan {
@@ -547,19 +881,37 @@ fn decap_fixture_table() -> anyhow::Result<()> {
             ensure!(v == XDP_PASS, "decap verdict {v}");
             let f_in = Frame::parse(&frame)?;
             let f_out = Frame::parse(&out)?;
-            ensure!(f_out.dst_mac == f_in.dst_mac && f_out.src_mac == f_in.src_mac, "MACs kept");
+            ensure!(
+                f_out.dst_mac == f_in.dst_mac && f_out.src_mac == f_in.src_mac,
+                "MACs kept"
+            );
             ensure!(f_out.vlan == vlan, "VLAN tag kept");
             ensure!(f_out.ethertype == 0x0800, "EtherType IPv4");
-            ensure!(f_out.payload[..inner.len()] == inner[..], "inner packet delivered unchanged");
-            ensure!(fx.counters().get(Counter::Decap) == before.get(Counter::Decap) + 1, "decap counted");
+            ensure!(
+                f_out.payload[..inner.len()] == inner[..],
+                "inner packet delivered unchanged"
+            );
+            ensure!(
+                fx.counters().get(Counter::Decap) == before.get(Counter::Decap) + 1,
+                "decap counted"
+            );
         }
         // Not to us, not IPIP, or not IPv4 inside: untouched.
         let other = tunnelled(BACKENDS[1], None);
         let plain = syn(SocketAddrV4::new(CLIENT, 42001), VIP_WEB).build();
-        let not_v4_inside = PacketBuilder::raw(LB_ADDR, BACKENDS[0], IPPROTO_IPIP).payload(&[0x60; 40]).build();
-        for (what, frame) in [("other host", other), ("plain TCP", plain), ("IPv6 inside", not_v4_inside)] {
+        let not_v4_inside = PacketBuilder::raw(LB_ADDR, BACKENDS[0], IPPROTO_IPIP)
+            .payload(&[0x60; 40])
+            .build();
+        for (what, frame) in [
+            ("other host", other),
+            ("plain TCP", plain),
+            ("IPv6 inside", not_v4_inside),
+        ] {
             let (v, out) = fx.run(DECAP_PROGRAM, &frame)?;
-            ensure!(v == XDP_PASS && out == frame, "{what}: must pass untouched (verdict {v})");
+            ensure!(
+                v == XDP_PASS && out == frame,
+                "{what}: must pass untouched (verdict {v})"
+            );
         }
         ensure!(XDP_ABORTED != XDP_PASS);
         Ok(())
@@ -576,7 +928,10 @@ fn loaded_map_names_are_lb_common_names() -> anyhow::Result<()> {
     loaded.sort_unstable();
     let mut want: Vec<&str> = names::ALL.to_vec();
     want.sort_unstable();
-    ensure!(loaded == want, "object maps {loaded:?} != lb_common::maps::ALL {want:?}");
+    ensure!(
+        loaded == want,
+        "object maps {loaded:?} != lb_common::maps::ALL {want:?}"
+    );
     Ok(())
 }
 

@@ -1,0 +1,1037 @@
+//! `xdplb-bench` (run by `cargo xtask bench WHAT`): benchmarks of the fast path.
+//!
+//! ```text
+//! xdplb-bench xdp [--repeat N] [--runs K]
+//! ```
+//!
+//! # `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
+//!
+//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow and a non-VIP
+//! packet, beside floor programs built in the same run by the same compiler
+//! (`lb-ebpf/src/floors.rs`): XDP_PASS; parse + swap MACs + XDP_TX; parse + one hash
+//! lookup + IPIP encapsulation + XDP_TX. Ratios are to the last floor. It is a
+//! measurement, not a test: nothing is asserted about speed.
+//!
+//! Method (DESIGN.md, "Toolchain"): with `repeat = N` the kernel runs the program N
+//! times on the same buffer without resetting it, so an encapsulating program would see
+//! its own output from the second iteration on. Every program P therefore runs behind
+//! the wrapper `bench_wrap` (floors object), which strips the previous iteration's outer
+//! IPIP header, restores the original Ethernet header, optionally writes a new TCP
+//! source port (new flow every iteration), and tail-calls P from the program array
+//! `BENCH_PROGS`. For each P:
+//! - raw = T(wrapper -> P), the kernel's own ns per iteration of a `test_run` with
+//!   `repeat = N` (default 1,000,000); median of K runs (default 7);
+//! - net = raw(P) - raw(wrapper -> `floor_pass`): P's own cost;
+//! - direct = T(P) without the wrapper, for programs whose cost does not depend on
+//!   what the previous iteration left (XDP_PASS, the MAC swap, `xdp_lb` on a non-VIP
+//!   packet);
+//! - wall = wall-clock time of the whole `test_run` syscall / N (fractions of a ns).
+//!
+//! Runs of the different programs are interleaved (run 1 of every program, then run 2,
+//! ...), so slow drift of the machine spreads over all of them. After every run the
+//! verdict and output frame of the last iteration are checked (XDP_TX and a correct
+//! IPIP packet to the backend the hash oracle predicts, or XDP_PASS and an untouched
+//! frame), and so are `xdp_lb`'s counters (every iteration counted; no new flow on
+//! the established path): a benchmark of a broken path is worthless, so a failed
+//! check aborts.
+//!
+//! Everything runs on one thread inside a fresh network namespace that gives
+//! `bpf_fib_lookup` a route and static neighbours for the backends (forwarding on for
+//! the ingress interface), pinned to the CPU it starts on: XDP `test_run` accepts no
+//! `BPF_F_TEST_RUN_ON_CPU` (and aya 0.14's `TestRunAttrs` has no CPU field), but it
+//! runs on the calling CPU, so pinning the thread pins the measurement. The namespace
+//! guard removes everything on exit.
+//!
+//! Flow tables: the flow table is per-CPU LRU (`BPF_F_NO_COMMON_LRU`), so one CPU sees
+//! `size / possible CPUs` entries. The wrapper's source port wraps every 65,536
+//! iterations; with a production-sized table (2^20) the same ports come back while still
+//! cached, so after the first 65,536 iterations a "SYN" row is a flow-table hit. The
+//! table therefore shows the SYN case twice: with 2^20 entries (share of real new flows
+//! printed), and with a table of 32,768 entries per CPU, fewer than the ports in one
+//! cycle, where every iteration is a miss, a ring lookup and an LRU insert that evicts
+//! (as in production once the table is full). The share of new flows is counted by
+//! `xdp_lb`'s own `flow_new` counter.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, TestRun as _, TestRunOptions,
+    maps::{Array, HashMap, MapData, ProgramArray},
+    programs::{ProgramFd, Xdp},
+};
+use lb_agent::{
+    config::Protocol,
+    dataplane::{
+        forwarding::InterfaceForwarding,
+        loader::{self, Capacities, FLOORS_OBJECT, LB_PROGRAM},
+        maps::Maps,
+        stats::{self, Counters},
+        sync::{DesiredBackend, DesiredService, DesiredState, Reconciler, addr_words},
+    },
+};
+use lb_common::{
+    hash::{flow_hash, ring_index, ring_slot},
+    stats::Counter,
+    types::{FAMILY_V4, FlowKey, PROTO_TCP},
+};
+use xdplb_tests::{
+    netns::{self, NetnsGuard, exec, in_netns},
+    packet::{
+        ETH_HLEN, Frame, IPPROTO_IPIP, IPV4_HLEN, Ipv4Packet, PacketBuilder, TcpSegment, tcp_flags,
+    },
+};
+
+const USAGE: &str = "usage: xdplb-bench <BENCHMARK> [ARGS]
+
+benchmarks:
+  xdp [--repeat N] [--runs K]   ns/packet of xdp_lb beside floor programs, through BPF_PROG_TEST_RUN
+                                (N iterations per run, default 1000000; median of K runs, default 7)";
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const DEFAULT_REPEAT: u32 = 1_000_000;
+const DEFAULT_RUNS: usize = 7;
+const MAX_REPEAT: u32 = 100_000_000;
+const MAX_RUNS: usize = 51;
+
+/// Reference figures measured on these machines with the wrapper method (ns/packet).
+const REFERENCE: &str = "reference (these machines, wrapper method): XDP_PASS 9, IPIP floor 35, Katran SYN 90, Katran established 78";
+
+/// Maglev ring size: the production default.
+const RING: u32 = 65537;
+const MAX_SERVICES: u32 = 4;
+const MAX_BACKENDS: u32 = 16;
+/// Production-sized flow table.
+const FLOW_TABLE_BIG: u32 = 1 << 20;
+/// Entries per CPU of the all-miss table: fewer than the 65,536 ports of one cycle.
+const FLOWS_PER_CPU_SMALL: u32 = 1 << 15;
+
+const LB_IFACE: &str = "lb0";
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const BACKENDS: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(198, 18, 1, 11),
+    Ipv4Addr::new(198, 18, 1, 12),
+    Ipv4Addr::new(198, 18, 1, 13),
+    Ipv4Addr::new(198, 18, 1, 14),
+];
+const BACKEND_MACS: [[u8; 6]; 4] = [
+    [0x02, 0xbe, 0, 0, 0, 0x11],
+    [0x02, 0xbe, 0, 0, 0, 0x12],
+    [0x02, 0xbe, 0, 0, 0, 0x13],
+    [0x02, 0xbe, 0, 0, 0, 0x14],
+];
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
+/// Not a VIP: the LB's own address (say, SSH to the LB host).
+const NON_VIP: SocketAddrV4 = SocketAddrV4::new(LB_ADDR, 22);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+
+#[derive(Debug)]
+struct XdpArgs {
+    repeat: u32,
+    runs: usize,
+}
+
+fn parse_xdp_args(args: &[String]) -> anyhow::Result<Option<XdpArgs>> {
+    let mut out = XdpArgs {
+        repeat: DEFAULT_REPEAT,
+        runs: DEFAULT_RUNS,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--repeat" => out.repeat = value()?.replace('_', "").parse().context("--repeat")?,
+            "--runs" => out.runs = value()?.parse().context("--runs")?,
+            _ => bail!("unknown argument {a:?} for `xdp`"),
+        }
+    }
+    ensure!(
+        (1_000..=MAX_REPEAT).contains(&out.repeat),
+        "--repeat must be between 1000 and {MAX_REPEAT}"
+    );
+    ensure!(
+        (1..=MAX_RUNS).contains(&out.runs),
+        "--runs must be between 1 and {MAX_RUNS}"
+    );
+    Ok(Some(out))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(what) = args.first() else {
+        eprintln!("error: name a benchmark\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match what.as_str() {
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        "xdp" => match parse_xdp_args(&args[1..]) {
+            Ok(Some(a)) => privileged().and_then(|()| bench_xdp(&a)),
+            Ok(None) => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        other => {
+            eprintln!("error: unknown benchmark {other:?}; available: xdp\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fails with a clear message unless this process may load BPF programs and build a
+/// namespace.
+fn privileged() -> anyhow::Result<()> {
+    let missing = netns::missing_privileges();
+    ensure!(
+        missing.is_empty(),
+        "the benchmark loads BPF programs into a network namespace it builds and needs root; missing: {}",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Test bed: one namespace, one veth, static neighbours for the backends.
+
+fn net_fixture(ns: &str) -> anyhow::Result<()> {
+    for c in [
+        "ip link set lo up",
+        "ip link add lb0 type veth peer name lb0p",
+        "ip addr add 198.18.1.10/24 dev lb0",
+        "ip link set lb0 up",
+        "ip link set lb0p up",
+    ] {
+        exec(ns, &c.split(' ').collect::<Vec<_>>())?;
+    }
+    for (b, m) in BACKENDS.iter().zip(BACKEND_MACS) {
+        let mac = m
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        exec(
+            ns,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &b.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                LB_IFACE,
+                "nud",
+                "permanent",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The MAC address of `iface` in the calling thread's network namespace.
+fn mac_of(iface: &str) -> anyhow::Result<[u8; 6]> {
+    // SAFETY: plain socket/ioctl/close on a zeroed ifreq with a NUL-terminated name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        ensure!(rc == 0, "SIOCGIFHWADDR {iface}: {err}");
+        let d = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok([
+            d[0] as u8, d[1] as u8, d[2] as u8, d[3] as u8, d[4] as u8, d[5] as u8,
+        ])
+    }
+}
+
+/// Pins the calling thread to the CPU it runs on; returns that CPU.
+fn pin_to_current_cpu() -> anyhow::Result<usize> {
+    // SAFETY: sched_getcpu has no preconditions; the cpu_set_t is zeroed, then one bit
+    // set with CPU_SET, and passed with its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        ensure!(
+            rc == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(cpu as usize)
+    }
+}
+
+/// Number of possible CPUs (the kernel sizes per-CPU LRU lists by it).
+fn possible_cpus() -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("reading /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>()? - a.parse::<u32>()? + 1,
+            None => {
+                part.parse::<u32>()?;
+                1
+            }
+        };
+    }
+    ensure!(n > 0, "no possible CPUs in {text:?}");
+    Ok(n)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Programs.
+
+fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Xdp> {
+    let prog = ebpf
+        .program(name)
+        .with_context(|| format!("no program {name}"))?;
+    Ok(prog.try_into()?)
+}
+
+/// `xdp_lb` with its maps filled for one TCP service with four backends.
+struct Lb {
+    ebpf: Ebpf,
+    maps: Maps,
+    reconciler: Reconciler,
+}
+
+impl Lb {
+    fn load(flow_table_size: u32) -> anyhow::Result<Self> {
+        let caps = Capacities {
+            max_services: MAX_SERVICES,
+            max_backends: MAX_BACKENDS,
+            ring_size: RING,
+            flow_table_size,
+        };
+        let mut ebpf = loader::load(&caps)?;
+        let mut maps = Maps::take(&mut ebpf, None)?;
+        let mut reconciler = Reconciler::new(RING, MAX_SERVICES, MAX_BACKENDS);
+        let desired = DesiredState {
+            source_v4: Some(LB_ADDR),
+            source_v6: None,
+            encap: 0,
+            services: vec![DesiredService {
+                name: "web".into(),
+                vip: VIP.into(),
+                protocol: Protocol::Tcp,
+                l7: false,
+                source_hash: false,
+                backends: BACKENDS
+                    .iter()
+                    .map(|&b| DesiredBackend {
+                        address: b.into(),
+                        port: VIP.port(),
+                        weight: 100,
+                        active: true,
+                    })
+                    .collect(),
+            }],
+        };
+        reconciler
+            .apply(&mut maps, &desired)
+            .context("filling the balancer's maps")?;
+        loader::load_program(&mut ebpf, LB_PROGRAM)?;
+        Ok(Lb {
+            ebpf,
+            maps,
+            reconciler,
+        })
+    }
+
+    fn program(&self) -> anyhow::Result<&Xdp> {
+        xdp(&self.ebpf, LB_PROGRAM)
+    }
+
+    fn counters(&self) -> anyhow::Result<Counters> {
+        Ok(stats::counters(&self.maps)?)
+    }
+
+    /// Oracle: the backend (index into [`BACKENDS`]) the ring gives `key`, from
+    /// `lb_common::hash` and the ring the reconciler wrote.
+    fn predicted(&self, key: &FlowKey) -> anyhow::Result<usize> {
+        let id = self.reconciler.service_id("web").context("service id")?;
+        let slot = ring_slot(flow_hash(key), RING).context("empty ring")?;
+        let backend_id = self.maps.rings.get(&ring_index(id, RING, slot), 0)?;
+        BACKENDS
+            .iter()
+            .position(|&b| {
+                self.reconciler.backend_id("web", b.into(), VIP.port()) == Some(backend_id)
+            })
+            .with_context(|| {
+                format!("ring slot {slot} holds backend id {backend_id}, not one of the service's")
+            })
+    }
+}
+
+/// The floors object: floor programs, the wrapper and its maps.
+struct Floors {
+    ebpf: Ebpf,
+    progs: ProgramArray<MapData>,
+    eth: Array<MapData, [u8; 16]>,
+    mode: Array<MapData, u32>,
+}
+
+const FLOOR_PASS: &str = "floor_pass";
+const FLOOR_TX: &str = "floor_tx";
+const FLOOR_IPIP: &str = "floor_ipip";
+const WRAPPER: &str = "bench_wrap";
+
+impl Floors {
+    fn load() -> anyhow::Result<Self> {
+        let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
+        for name in [FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, WRAPPER] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        {
+            let map = ebpf
+                .map_mut("FLOOR_BACKENDS")
+                .context("no map FLOOR_BACKENDS")?;
+            let mut backends: HashMap<_, u32, u32> = HashMap::try_from(map)?;
+            backends.insert(
+                u32::from_ne_bytes(VIP.ip().octets()),
+                u32::from_ne_bytes(BACKENDS[0].octets()),
+                0,
+            )?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("no map {name}"))
+        };
+        let progs = ProgramArray::try_from(take("BENCH_PROGS")?)?;
+        let eth = Array::try_from(take("BENCH_ETH")?)?;
+        let mode = Array::try_from(take("BENCH_MODE")?)?;
+        Ok(Floors {
+            ebpf,
+            progs,
+            eth,
+            mode,
+        })
+    }
+
+    /// Points the wrapper at `target` for `frame` in `mode` (1 = new source port every
+    /// iteration).
+    fn arm(&mut self, target: &ProgramFd, frame: &[u8], mode: u32) -> anyhow::Result<()> {
+        self.progs
+            .set(0, target, 0)
+            .context("BENCH_PROGS[0] = program under test (a tail call across objects)")?;
+        let mut eth = [0u8; 16];
+        eth[..ETH_HLEN].copy_from_slice(&frame[..ETH_HLEN]);
+        self.eth.set(0, eth, 0)?;
+        self.mode.set(0, mode, 0)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running.
+
+/// One `test_run`.
+struct Sample {
+    /// The kernel's ns per iteration (integer, truncated).
+    kernel_ns: u64,
+    /// Wall-clock time of the syscall / repeat.
+    wall_ns: f64,
+    verdict: u32,
+    out: Vec<u8>,
+}
+
+fn test_run(prog: &Xdp, frame: &[u8], ctx: &[u8; 24], repeat: u32) -> anyhow::Result<Sample> {
+    let mut out = vec![0u8; frame.len() + 128];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        repeat,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let res = prog.test_run(opts).context("test_run")?;
+    let wall = start.elapsed();
+    out.truncate(res.data_size_out as usize);
+    Ok(Sample {
+        kernel_ns: res.duration.as_nanos() as u64,
+        wall_ns: wall.as_nanos() as f64 / f64::from(repeat),
+        verdict: res.return_value,
+        out,
+    })
+}
+
+/// Which program a row measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Floor(&'static str),
+    /// Index into the loaded balancers.
+    Lb(usize),
+}
+
+/// What the packet is for `xdp_lb`, and what must come out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Case {
+    FloorPass,
+    FloorTx,
+    FloorIpip,
+    /// Every iteration gets a new source port from the wrapper.
+    LbNewFlow,
+    /// The flow is put in the table first.
+    LbEstablished,
+    LbNonVip,
+}
+
+struct Row {
+    label: &'static str,
+    target: Target,
+    case: Case,
+    /// Also measured without the wrapper.
+    direct: bool,
+    raw: Vec<Sample>,
+    direct_samples: Vec<Sample>,
+    /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
+    new_flows: u64,
+    iterations: u64,
+}
+
+impl Row {
+    fn new(label: &'static str, target: Target, case: Case, direct: bool) -> Self {
+        Row {
+            label,
+            target,
+            case,
+            direct,
+            raw: Vec::new(),
+            direct_samples: Vec::new(),
+            new_flows: 0,
+            iterations: 0,
+        }
+    }
+}
+
+/// The input frame of `case` in run `run` (each run of a SYN row starts from a client
+/// address no earlier run used, so its first ports are new to the flow table).
+fn frame_for(case: Case, run: usize) -> Vec<u8> {
+    match case {
+        Case::LbNewFlow => {
+            let src = Ipv4Addr::new(198, 18, 0, 10 + (run % 200) as u8);
+            PacketBuilder::tcp(SocketAddrV4::new(src, 1), VIP)
+                .flags(tcp_flags::SYN)
+                .build()
+        }
+        Case::LbNonVip => PacketBuilder::tcp(CLIENT, NON_VIP)
+            .flags(tcp_flags::SYN)
+            .build(),
+        Case::FloorPass | Case::FloorTx | Case::FloorIpip | Case::LbEstablished => {
+            PacketBuilder::tcp(CLIENT, VIP).build()
+        }
+    }
+}
+
+fn flow_key(ip: &Ipv4Packet, tcp: &TcpSegment) -> FlowKey {
+    FlowKey {
+        src: addr_words(IpAddr::V4(ip.src)).0,
+        dst: addr_words(IpAddr::V4(ip.dst)).0,
+        sport: tcp.sport.to_be(),
+        dport: tcp.dport.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+/// Checks an IPIP frame to `backend` with the given Ethernet addresses whose inner
+/// packet is `input`'s (bar the TCP source port when `new_port`); returns the inner packet.
+fn check_ipip(
+    input: &[u8],
+    output: &[u8],
+    backend: Ipv4Addr,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    new_port: bool,
+) -> anyhow::Result<Ipv4Packet> {
+    let inner_in = Frame::parse(input)?.payload;
+    let out = Frame::parse(output)?;
+    ensure!(out.vlan.is_none(), "outer frame is tagged");
+    ensure!(
+        out.dst_mac == dst_mac,
+        "eth dst {:02x?}, want {dst_mac:02x?}",
+        out.dst_mac
+    );
+    ensure!(
+        out.src_mac == src_mac,
+        "eth src {:02x?}, want {src_mac:02x?}",
+        out.src_mac
+    );
+    let outer = out.ipv4()?;
+    ensure!(outer.header_len == IPV4_HLEN, "outer header has options");
+    ensure!(
+        outer.src == LB_ADDR,
+        "outer src {}, want {LB_ADDR}",
+        outer.src
+    );
+    ensure!(
+        outer.dst == backend,
+        "outer dst {}, want {backend}",
+        outer.dst
+    );
+    ensure!(
+        outer.protocol == IPPROTO_IPIP,
+        "outer protocol {}, want IPIP",
+        outer.protocol
+    );
+    ensure!(outer.header_checksum_ok(), "outer header checksum wrong");
+    ensure!(
+        usize::from(outer.tot_len) == inner_in.len() + IPV4_HLEN,
+        "outer tot_len {} for inner {}",
+        outer.tot_len,
+        inner_in.len()
+    );
+    ensure!(outer.tos == inner_in[1], "outer TOS not copied");
+    let mut want = inner_in.clone();
+    if new_port {
+        want[IPV4_HLEN..IPV4_HLEN + 2].copy_from_slice(&outer.payload[IPV4_HLEN..IPV4_HLEN + 2]);
+    }
+    ensure!(outer.payload == want, "inner packet changed");
+    outer.inner_ipv4()
+}
+
+fn swapped_macs(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&frame[6..12]);
+    f[6..12].copy_from_slice(&frame[..6]);
+    f
+}
+
+struct Bench {
+    floors: Floors,
+    lbs: Vec<Lb>,
+    ctx: [u8; 24],
+    lb_mac: [u8; 6],
+    _forwarding: InterfaceForwarding,
+}
+
+impl Bench {
+    fn program(&self, target: Target) -> anyhow::Result<&Xdp> {
+        match target {
+            Target::Floor(name) => xdp(&self.floors.ebpf, name),
+            Target::Lb(i) => self.lbs[i].program(),
+        }
+    }
+
+    /// Verdict and last output of one run of `row`, and for the balancer its counters
+    /// over the run; returns the number of new flows it counted.
+    fn check(
+        &self,
+        row: &Row,
+        frame: &[u8],
+        sample: &Sample,
+        wrapped: bool,
+        repeat: u32,
+        before: Option<&Counters>,
+    ) -> anyhow::Result<u64> {
+        let verdict_name = |v| match v {
+            XDP_PASS => "XDP_PASS".to_owned(),
+            XDP_TX => "XDP_TX".to_owned(),
+            v => format!("verdict {v}"),
+        };
+        let want = match row.case {
+            Case::FloorPass | Case::LbNonVip => XDP_PASS,
+            _ => XDP_TX,
+        };
+        ensure!(
+            sample.verdict == want,
+            "last iteration returned {}, want {}",
+            verdict_name(sample.verdict),
+            verdict_name(want)
+        );
+        match row.case {
+            Case::FloorPass | Case::LbNonVip => {
+                ensure!(sample.out == frame, "a passed frame came out changed")
+            }
+            Case::FloorTx => {
+                // Without the wrapper the MACs are swapped back and forth.
+                let want = if wrapped || repeat % 2 == 1 {
+                    swapped_macs(frame)
+                } else {
+                    frame.to_vec()
+                };
+                ensure!(sample.out == want, "MACs not swapped as expected");
+            }
+            Case::FloorIpip => {
+                let f = Frame::parse(frame)?;
+                check_ipip(frame, &sample.out, BACKENDS[0], f.src_mac, f.dst_mac, false)?;
+            }
+            Case::LbNewFlow | Case::LbEstablished => {
+                let Target::Lb(i) = row.target else {
+                    bail!("balancer case on a floor")
+                };
+                let lb = &self.lbs[i];
+                // The backend is predicted from the inner packet as it came out.
+                let out_inner = Frame::parse(&sample.out)?.ipv4()?.inner_ipv4()?;
+                let key = flow_key(&out_inner, &out_inner.tcp()?);
+                let idx = lb.predicted(&key)?;
+                let inner = check_ipip(
+                    frame,
+                    &sample.out,
+                    BACKENDS[idx],
+                    BACKEND_MACS[idx],
+                    self.lb_mac,
+                    row.case == Case::LbNewFlow,
+                )?;
+                ensure!(inner == out_inner, "inner packet decoded twice differently");
+                let entry = lb
+                    .maps
+                    .flows
+                    .get(&key, 0)
+                    .context("the flow is not in the flow table after the run")?;
+                ensure!(
+                    lb.reconciler
+                        .backend_id("web", BACKENDS[idx].into(), VIP.port())
+                        == Some(entry.backend_id),
+                    "flow table entry points at backend id {}, the packet went to {}",
+                    entry.backend_id,
+                    BACKENDS[idx]
+                );
+            }
+        }
+        let (Target::Lb(i), Some(before)) = (row.target, before) else {
+            return Ok(0);
+        };
+        let after = self.lbs[i].counters()?;
+        let delta = |c: Counter| after.get(c) - before.get(c);
+        let n = u64::from(repeat);
+        ensure!(
+            delta(Counter::Rx) == n,
+            "rx counted {} of {n} iterations",
+            delta(Counter::Rx)
+        );
+        match row.case {
+            Case::LbNonVip => ensure!(
+                delta(Counter::PassNotVip) == n,
+                "pass_not_vip counted {} of {n}",
+                delta(Counter::PassNotVip)
+            ),
+            _ => ensure!(
+                delta(Counter::Tx) == n,
+                "tx counted {} of {n}",
+                delta(Counter::Tx)
+            ),
+        }
+        if row.case == Case::LbEstablished {
+            ensure!(
+                delta(Counter::FlowNew) == 0 && delta(Counter::FlowRehash) == 0,
+                "the established flow was not in the flow table ({} new, {} rehashed)",
+                delta(Counter::FlowNew),
+                delta(Counter::FlowRehash)
+            );
+        }
+        Ok(delta(Counter::FlowNew))
+    }
+
+    /// One run of `row` through the wrapper (and directly, if the row has that).
+    fn run_row(
+        &mut self,
+        row: &mut Row,
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let frame = frame_for(row.case, run);
+        let target_fd = self.program(row.target)?.fd()?.try_clone()?;
+        let mode = u32::from(row.case == Case::LbNewFlow);
+        self.floors.arm(&target_fd, &frame, mode)?;
+        if row.case == Case::LbEstablished {
+            let prime = test_run(self.program(row.target)?, &frame, &self.ctx, 1)
+                .context("priming the established flow")?;
+            ensure!(
+                prime.verdict == XDP_TX,
+                "priming the established flow: verdict {}",
+                prime.verdict
+            );
+        }
+        let counters = |b: &Self| match row.target {
+            Target::Lb(i) => b.lbs[i].counters().map(Some),
+            Target::Floor(_) => Ok(None),
+        };
+        let before = counters(self)?;
+        let sample = test_run(xdp(&self.floors.ebpf, WRAPPER)?, &frame, &self.ctx, repeat)?;
+        let new = self
+            .check(row, &frame, &sample, true, repeat, before.as_ref())
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += new;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
+        }
+        if row.direct {
+            let before = counters(self)?;
+            let sample = test_run(self.program(row.target)?, &frame, &self.ctx, repeat)?;
+            self.check(row, &frame, &sample, false, repeat, before.as_ref())
+                .with_context(|| {
+                    format!("{}: direct run {run} produced a wrong result", row.label)
+                })?;
+            if record {
+                row.direct_samples.push(sample);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn median_u64(v: &[u64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2] as f64
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) as f64 / 2.0
+    }
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn kernel_median(samples: &[Sample]) -> f64 {
+    median_u64(&samples.iter().map(|s| s.kernel_ns).collect::<Vec<_>>())
+}
+
+fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
+    let cpus = possible_cpus()?;
+    let small_table = FLOWS_PER_CPU_SMALL * cpus;
+    let mut guard = NetnsGuard::new()?;
+    let ns = guard.create("bench")?;
+    net_fixture(&ns)?;
+    let repeat = args.repeat;
+    let runs = args.runs;
+    let result = in_netns(&ns, move || {
+        let cpu = pin_to_current_cpu()?;
+        let ifindex = loader::if_index(LB_IFACE)?;
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let mut ctx = [0u8; 24];
+        let len = frame_for(Case::LbEstablished, 0).len() as u32;
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut bench = Bench {
+            floors: Floors::load()?,
+            lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
+            ctx,
+            lb_mac: mac_of(LB_IFACE)?,
+            _forwarding: InterfaceForwarding::enable(LB_IFACE)?,
+        };
+        let mut rows = vec![
+            Row::new(
+                "floor: XDP_PASS",
+                Target::Floor(FLOOR_PASS),
+                Case::FloorPass,
+                true,
+            ),
+            Row::new(
+                "floor: parse+swap MACs+XDP_TX",
+                Target::Floor(FLOOR_TX),
+                Case::FloorTx,
+                true,
+            ),
+            Row::new(
+                "floor: parse+lookup+IPIP+TX",
+                Target::Floor(FLOOR_IPIP),
+                Case::FloorIpip,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: new-flow SYN",
+                Target::Lb(1),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: SYN, 2^20 table",
+                Target::Lb(0),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: established flow",
+                Target::Lb(0),
+                Case::LbEstablished,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: non-VIP packet",
+                Target::Lb(0),
+                Case::LbNonVip,
+                true,
+            ),
+        ];
+        // Every frame has the same length (the ctx's data_end): check it.
+        for row in &rows {
+            ensure!(
+                frame_for(row.case, 0).len() as u32 == len,
+                "{}: frame length differs",
+                row.label
+            );
+        }
+        // Warm-up round (also fills the small flow table, so its runs evict): checked,
+        // not recorded.
+        for row in &mut rows {
+            let warm = if row.target == Target::Lb(1) {
+                200_000
+            } else {
+                (repeat / 10).max(1_000)
+            };
+            bench
+                .run_row(row, 199, warm, false)
+                .with_context(|| format!("warm-up of {}", row.label))?;
+        }
+        for run in 0..runs {
+            for row in &mut rows {
+                bench.run_row(row, run, repeat, true)?;
+            }
+        }
+        Ok((cpu, rows))
+    });
+    drop(guard);
+    let (cpu, rows) = result?;
+    report(&rows, args, cpu, cpus, small_table);
+    Ok(())
+}
+
+fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32) {
+    let base = kernel_median(&rows[0].raw);
+    let floor = rows
+        .iter()
+        .find(|r| r.case == Case::FloorIpip)
+        .map_or(f64::NAN, |r| kernel_median(&r.raw) - base);
+    println!(
+        "xdplb-bench xdp: ns per packet through BPF_PROG_TEST_RUN; kernel {}, {}, thread pinned to CPU {cpu} ({cpus} possible CPUs)",
+        kernel_release(),
+        cpu_model()
+    );
+    println!(
+        "{} runs x {} iterations per program, runs interleaved; figures are medians of the kernel's ns/iteration\n",
+        args.runs, args.repeat
+    );
+    println!(
+        "{:<32} {:>8} {:>6} {:>8} {:>7} {:>8} {:>10}  new flows",
+        "program", "ns (net)", "raw", "raw wall", "direct", "ratio*", "raw range"
+    );
+    for r in rows {
+        let raw = kernel_median(&r.raw);
+        let wall = median_f64(&r.raw.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
+        let net = raw - base;
+        let direct = if r.direct_samples.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.0}", kernel_median(&r.direct_samples))
+        };
+        let lo = r.raw.iter().map(|s| s.kernel_ns).min().unwrap_or(0);
+        let hi = r.raw.iter().map(|s| s.kernel_ns).max().unwrap_or(0);
+        let flows = match r.case {
+            Case::LbNewFlow | Case::LbEstablished => {
+                format!(
+                    "{:.1}%",
+                    100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
+                )
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<32} {:>8.0} {:>6.0} {:>8.1} {:>7} {:>8.2} {:>10}  {}",
+            r.label,
+            net,
+            raw,
+            wall,
+            direct,
+            net / floor,
+            format!("{lo}-{hi}"),
+            flows
+        );
+    }
+    println!("{REFERENCE}");
+    println!(
+        "\n* ratio = net / net of \"floor: parse+lookup+IPIP+TX\".\n\
+         net = raw - raw of \"floor: XDP_PASS\" (the wrapper's own cost: un-encapsulate, restore\n\
+         \x20 the Ethernet header, new source port for SYN rows, tail call). raw = wrapper -> program with\n\
+         \x20 repeat = N (the kernel does not reset the packet between iterations; the wrapper undoes\n\
+         \x20 the previous iteration). direct = the program alone with repeat = N, only where its\n\
+         \x20 cost does not depend on the previous iteration. raw wall = wall clock of the test_run\n\
+         \x20 syscall / N. raw range = fastest-slowest run. Kernel figures are whole ns (truncated).\n\
+         Every run's last iteration was checked: verdict, output frame (IPIP to the backend the hash\n\
+         \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
+         new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
+         \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
+         \x20 \"new-flow SYN\": flow table of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
+         \x20 one port cycle, so every SYN misses, takes a ring slot and evicts (a full table in\n\
+         \x20 production). \"SYN, 2^20 table\": the production size ({} per CPU) keeps a whole port\n\
+         \x20 cycle, so after the first 65536 iterations of a run the reused ports hit the table.",
+        FLOW_TABLE_BIG / cpus
+    );
+}
