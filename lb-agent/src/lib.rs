@@ -6,4 +6,6 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod run;
+pub mod state;
