@@ -450,7 +450,8 @@ const RING_SIZE_MIN: u32 = 13;
 const RING_SIZE_MAX: u32 = 16_777_213;
 const MAX_SERVICES_LIMIT: u32 = 4096;
 const MAX_NAME_LEN: usize = 64;
-const MAX_WEIGHT: u32 = 1_000_000;
+/// Largest backend weight accepted.
+pub const MAX_WEIGHT: u32 = 1_000_000;
 const MAX_TIER: u8 = 7;
 const MIN_INTERVAL_MS: u64 = 50;
 const MAX_RISE_FALL: u32 = 100;
@@ -482,7 +483,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// An error with neither file nor position: a key path and a reason.
-    fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn at_key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: String::new(),
             line: None,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod decap;
 pub mod health;

@@ -1,20 +1,24 @@
-//! `lb-agent run`: load the fast path, fill its maps from the config, keep next hops
-//! resolved, reload on SIGHUP, and detach cleanly on SIGINT/SIGTERM.
+//! `lb-agent run`: load the fast path, hand the maps to the one reconciler behind
+//! [`Control`], start health checks, keep next hops resolved, reload on SIGHUP, and
+//! detach cleanly on SIGINT/SIGTERM.
 
 use std::{
-    collections::BTreeSet,
-    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::Ebpf;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+};
 
 use crate::{
     cli::XdpModeArg,
-    config::{Config, Mode, XdpMode},
+    config::{Config, Mode, ServiceConfig, XdpMode},
+    control::{Control, NoFastPath, ServiceTraffic, Sink, Snapshot, Traffic},
     dataplane::{
         forwarding::InterfaceForwarding,
         loader::{self, Capacities, LB_PROGRAM, Role},
@@ -24,6 +28,7 @@ use crate::{
         sync::{DesiredState, Reconciler},
     },
     decap::attach_mode,
+    health::HealthChecker,
 };
 
 /// How often next hops are re-checked (routes may change under us).
@@ -36,30 +41,76 @@ pub struct RunArgs {
     pub bpffs: Option<PathBuf>,
 }
 
-/// The attached fast path and everything that writes to it.
-struct FastPath {
-    /// Holds the program and its link: dropping it detaches.
-    _ebpf: Ebpf,
+/// The balancer's maps and their one writer.
+struct MapsSink {
     maps: Maps,
     reconciler: Reconciler,
+}
+
+impl Sink for MapsSink {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
+        for s in self.reconciler.apply(&mut self.maps, desired)? {
+            if s.slots_changed > 0 {
+                tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "ring written");
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot> {
+        let c = stats::counters(&self.maps).ok()?;
+        let mut snap = Snapshot {
+            counters: c.counters.iter().map(|(k, v)| (k.label(), *v)).collect(),
+            drops: c.drops.iter().map(|(k, v)| (k.label(), *v)).collect(),
+            ..Default::default()
+        };
+        for svc in services.iter().filter(|s| s.mode == Mode::L4) {
+            let Some(id) = self.reconciler.service_id(&svc.name) else {
+                continue;
+            };
+            let t = stats::service_traffic(&self.maps, id).ok()?;
+            let mut st = ServiceTraffic {
+                packets: t.packets,
+                bytes: t.bytes,
+                backends: Default::default(),
+            };
+            for b in &svc.backends {
+                if let Some(bid) = self.reconciler.backend_id(&svc.name, b.address, b.port) {
+                    let t = stats::backend_traffic(&self.maps, bid).ok()?;
+                    st.backends.insert(
+                        format!("{}:{}", b.address, b.port),
+                        Traffic {
+                            packets: t.packets,
+                            bytes: t.bytes,
+                        },
+                    );
+                }
+            }
+            snap.services.insert(svc.name.clone(), st);
+        }
+        Some(snap)
+    }
+}
+
+/// The attached program and what must be undone when it goes.
+struct FastPath {
+    /// Holds the program and its link: dropping it detaches.
+    ebpf: Ebpf,
     next_hops: NextHopKeeper,
     /// Restores the interface's forwarding setting when dropped.
-    _forwarding: InterfaceForwarding,
+    forwarding: InterfaceForwarding,
     pin_dir: PathBuf,
     iface: String,
 }
 
-fn l4_backends(config: &Config) -> BTreeSet<IpAddr> {
-    config
-        .services
-        .iter()
-        .filter(|s| s.mode == Mode::L4)
-        .flat_map(|s| s.backends.iter().map(|b| b.address))
-        .collect()
-}
-
 impl FastPath {
-    fn start(config: &Config, iface: &str, mode: XdpModeArg, bpffs: &Path) -> anyhow::Result<Self> {
+    /// Load the object and take its maps; the program is attached by [`FastPath::attach`]
+    /// once the maps are filled, so it never runs on half-filled maps.
+    fn load(
+        config: &Config,
+        iface: &str,
+        bpffs: &Path,
+    ) -> anyhow::Result<(Ebpf, MapsSink, PathBuf)> {
         let dp = &config.dataplane;
         let caps = Capacities {
             max_services: dp.max_services,
@@ -73,86 +124,62 @@ impl FastPath {
         }
         let mut ebpf = loader::load(&caps)?;
         loader::create_pin_dir(&pin_dir)?;
-        let mut maps =
-            Maps::take(&mut ebpf, Some(&pin_dir)).context("taking the balancer's maps")?;
-        let mut reconciler = Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends);
-        let desired = DesiredState::from_config(config);
-        let applied = reconciler.apply(&mut maps, &desired)?;
-        for s in &applied {
-            tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "service written");
-        }
-        let mut next_hops = NextHopKeeper::default();
-        for (addr, e) in next_hops.ensure(&l4_backends(config)) {
-            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
-        }
+        let maps = Maps::take(&mut ebpf, Some(&pin_dir)).context("taking the balancer's maps")?;
+        let reconciler = Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends);
+        Ok((ebpf, MapsSink { maps, reconciler }, pin_dir))
+    }
+
+    fn attach(
+        mut ebpf: Ebpf,
+        iface: &str,
+        mode: XdpModeArg,
+        pin_dir: PathBuf,
+    ) -> anyhow::Result<Self> {
         let forwarding = InterfaceForwarding::enable(iface)?;
-        // Attach last, so the program never runs on half-filled maps.
         let program = loader::load_program(&mut ebpf, LB_PROGRAM)?;
         let (_link, mode_used) = loader::attach(program, LB_PROGRAM, iface, attach_mode(mode)?)?;
         tracing::info!(iface, mode = mode_used, pins = %pin_dir.display(), "fast path attached");
         Ok(FastPath {
-            _ebpf: ebpf,
-            maps,
-            reconciler,
-            next_hops,
-            _forwarding: forwarding,
+            ebpf,
+            next_hops: NextHopKeeper::default(),
+            forwarding,
             pin_dir,
             iface: iface.to_owned(),
         })
     }
 
-    fn reload(&mut self, config: &Config) -> anyhow::Result<()> {
-        let applied = self
-            .reconciler
-            .apply(&mut self.maps, &DesiredState::from_config(config))?;
-        for s in &applied {
-            tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "service written");
-        }
-        self.refresh_next_hops(config);
-        Ok(())
-    }
-
-    fn refresh_next_hops(&mut self, config: &Config) {
-        for (addr, e) in self.next_hops.ensure(&l4_backends(config)) {
-            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved");
+    fn refresh_next_hops(&mut self, control: &Control) {
+        for (addr, e) in self.next_hops.ensure(&control.l4_backends()) {
+            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
         }
     }
 
-    fn log_counters(&self) {
-        match stats::counters(&self.maps) {
-            Ok(c) => {
-                let nonzero: Vec<String> = c
-                    .counters
-                    .iter()
-                    .filter(|(_, v)| *v > 0)
-                    .map(|(k, v)| format!("{}={v}", k.label()))
-                    .chain(
-                        c.drops
-                            .iter()
-                            .filter(|(_, v)| *v > 0)
-                            .map(|(k, v)| format!("drop_{}={v}", k.label())),
-                    )
-                    .collect();
-                tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
-            }
-            Err(e) => tracing::warn!(error = %e, "reading counters"),
+    fn stop(mut self, snapshot: Option<Snapshot>) {
+        if let Some(s) = snapshot {
+            let nonzero: Vec<String> = s
+                .counters
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .chain(
+                    s.drops
+                        .iter()
+                        .filter(|(_, v)| **v > 0)
+                        .map(|(k, v)| format!("drop_{k}={v}")),
+                )
+                .collect();
+            tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
         }
-    }
-
-    fn stop(mut self) {
-        self.log_counters();
         self.next_hops.clear();
         let FastPath {
-            _ebpf,
-            maps,
+            ebpf,
             pin_dir,
             iface,
-            _forwarding,
+            forwarding,
             ..
         } = self;
-        drop(maps);
-        drop(_ebpf);
-        drop(_forwarding);
+        drop(ebpf);
+        drop(forwarding);
         match loader::remove_pin_dir(&pin_dir) {
             Ok(_) => tracing::info!(%iface, "fast path detached, pins removed"),
             Err(e) => tracing::warn!(error = %e, "removing pins"),
@@ -172,32 +199,20 @@ fn effective_mode(config: &Config, arg: Option<XdpModeArg>) -> XdpModeArg {
 /// `lb-agent run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let iface = args
-        .iface
-        .clone()
-        .or_else(|| config.agent.interface.clone())
-        .context("no interface: set agent.interface in the config or pass --iface")?;
-    let bpffs = args
-        .bpffs
-        .clone()
-        .unwrap_or_else(|| config.agent.bpffs.clone());
     let mode = effective_mode(&config, args.xdp_mode);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, config, iface, bpffs, mode))
+    runtime.block_on(serve(args, config, mode))
 }
 
-async fn serve(
-    args: RunArgs,
-    mut config: Config,
-    iface: String,
-    bpffs: PathBuf,
-    mode: XdpModeArg,
-) -> anyhow::Result<()> {
-    let mut fast_path = if mode == XdpModeArg::Off {
+async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Result<()> {
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let health = HealthChecker::new(events_tx, Arc::new(|_| {}));
+
+    let (control, mut fast_path) = if mode == XdpModeArg::Off {
         let l4: Vec<&str> = config
             .services
             .iter()
@@ -205,11 +220,25 @@ async fn serve(
             .map(|s| s.name.as_str())
             .collect();
         tracing::warn!(not_served = ?l4, "XDP is off: L4 services are not served");
-        None
+        (Control::new(config, health, Box::new(NoFastPath))?, None)
     } else {
-        Some(FastPath::start(&config, &iface, mode, &bpffs)?)
+        let iface = args
+            .iface
+            .clone()
+            .or_else(|| config.agent.interface.clone())
+            .context("no interface: set agent.interface in the config or pass --iface")?;
+        let bpffs = args
+            .bpffs
+            .clone()
+            .unwrap_or_else(|| config.agent.bpffs.clone());
+        let (ebpf, sink, pin_dir) = FastPath::load(&config, &iface, &bpffs)?;
+        let control = Control::new(config, health, Box::new(sink))?;
+        let mut fp = FastPath::attach(ebpf, &iface, mode, pin_dir)?;
+        fp.refresh_next_hops(&control);
+        (control, Some(fp))
     };
-    tracing::info!(services = config.services.len(), "agent ready");
+    tracing::info!(services = control.config().services.len(), "agent ready");
+    let control = Arc::new(Mutex::new(control));
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -221,29 +250,41 @@ async fn serve(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
-                match Config::load(&args.config) {
-                    Ok(new) => {
+                let mut c = control.lock().await;
+                match c.reload(&args.config) {
+                    Ok(()) => {
+                        tracing::info!(services = c.config().services.len(), "config reloaded");
                         if let Some(fp) = fast_path.as_mut() {
-                            if let Err(e) = fp.reload(&new) {
-                                tracing::error!(error = %format!("{e:#}"), "reload failed to apply; maps may be partly updated");
-                                continue;
-                            }
+                            fp.refresh_next_hops(&c);
                         }
-                        tracing::info!(services = new.services.len(), "config reloaded");
-                        config = new;
                     }
-                    Err(errors) => tracing::error!(%errors, "config reload rejected; keeping the running config"),
+                    Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
+                }
+            }
+            Some(t) = events.recv() => {
+                let mut c = control.lock().await;
+                // Coalesce a burst of transitions into one recompute.
+                let mut n = 1;
+                while events.try_recv().is_ok() {
+                    n += 1;
+                }
+                if let Err(e) = c.recompute() {
+                    tracing::error!(error = %e, transitions = n, "applying health changes");
+                } else {
+                    tracing::info!(service = %t.key.service, backend = %t.key.address, up = t.up, transitions = n, "health change applied");
                 }
             }
             _ = refresh.tick() => {
                 if let Some(fp) = fast_path.as_mut() {
-                    fp.refresh_next_hops(&config);
+                    fp.refresh_next_hops(&*control.lock().await);
                 }
             }
         }
     }
+    let mut c = control.lock().await;
+    c.shutdown();
     if let Some(fp) = fast_path {
-        fp.stop();
+        fp.stop(c.snapshot());
     }
     Ok(())
 }

@@ -1,0 +1,523 @@
+//! The control plane's single owner of desired state.
+//!
+//! Inputs: the config file (the base), the operators' changes made through the API (an
+//! overlay persisted under `state_dir`), and the health checker. Every change, from
+//! whichever input, goes through [`Control::recompute`], which derives the desired
+//! state with [`crate::state`] and hands it to the one reconciler, which writes only
+//! the differences into the maps.
+//!
+//! The overlay holds services created or replaced through the API, services deleted
+//! through it, and per-backend overrides (drain/disabled/weight). It is applied on top
+//! of the config file at start and at every reload, and written atomically (write to a
+//! temporary file, fsync, rename, fsync the directory) before a change is acknowledged.
+//! A state file that cannot be read is reported and the agent refuses to start rather
+//! than silently replacing it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{BackendConfig, Config, ConfigError, Mode, ServiceConfig, validate_service},
+    dataplane::sync::DesiredState,
+    health::{HealthChecker, Status, Target, TargetKey},
+    state::{BackendOverride, LastServing, ServiceView, desired_service, retain_services},
+};
+
+/// Name of the persisted overlay under `state_dir`.
+pub const STATE_FILE: &str = "state.json";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("invalid: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<ConfigError>),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
+}
+
+/// What the API changed, persisted as `state.json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overlay {
+    pub version: u32,
+    /// Services created or replaced through the API, by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// Config-file services deleted through the API.
+    #[serde(default)]
+    pub deleted: BTreeSet<String>,
+    /// Backend overrides: service -> backend address -> override.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BTreeMap<IpAddr, BackendOverride>>,
+}
+
+impl Overlay {
+    /// Read the overlay; a missing file is an empty overlay, anything unreadable an error.
+    pub fn load(state_dir: &Path) -> Result<Self, ControlError> {
+        let path = state_dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Overlay {
+                    version: STATE_VERSION,
+                    ..Default::default()
+                });
+            }
+            Err(e) => {
+                return Err(ControlError::State {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        };
+        let overlay: Overlay = serde_json::from_str(&text).map_err(|e| ControlError::State {
+            path: path.clone(),
+            message: format!("corrupt ({e}); fix or remove it, it was not replaced"),
+        })?;
+        if overlay.version != STATE_VERSION {
+            return Err(ControlError::State {
+                path,
+                message: format!("version {} is not {STATE_VERSION}", overlay.version),
+            });
+        }
+        Ok(overlay)
+    }
+
+    /// Write atomically: temporary file, fsync, rename over the old one, fsync the dir.
+    pub fn save(&self, state_dir: &Path) -> Result<(), ControlError> {
+        let path = state_dir.join(STATE_FILE);
+        let err = |e: std::io::Error| ControlError::State {
+            path: path.clone(),
+            message: format!("cannot persist: {e}"),
+        };
+        fs::create_dir_all(state_dir).map_err(err)?;
+        let tmp = state_dir.join(format!(".{STATE_FILE}.tmp"));
+        let mut f = fs::File::create(&tmp).map_err(err)?;
+        let text = serde_json::to_vec_pretty(self).expect("overlay serialises");
+        f.write_all(&text).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(err)?;
+        fs::File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// The config's services with this overlay applied, in config order then new ones.
+    pub fn apply(&self, base: &[ServiceConfig]) -> Vec<ServiceConfig> {
+        let mut out: Vec<ServiceConfig> = base
+            .iter()
+            .filter(|s| !self.deleted.contains(&s.name))
+            .map(|s| self.services.get(&s.name).unwrap_or(s).clone())
+            .collect();
+        for (name, s) in &self.services {
+            if !base.iter().any(|b| &b.name == name) {
+                out.push(s.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Traffic counters of the fast path, by service and backend.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Global counters and drop reasons, by label.
+    pub counters: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub services: BTreeMap<String, ServiceTraffic>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServiceTraffic {
+    pub packets: u64,
+    pub bytes: u64,
+    /// By "address:port".
+    pub backends: BTreeMap<String, Traffic>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Where the reconciled state goes: the fast path, or nowhere (`--xdp-mode off`).
+pub trait Sink: Send {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()>;
+    /// The fast path's counters, if there is a fast path.
+    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot>;
+}
+
+/// No fast path: nothing to write (L7 services are served by the proxy).
+pub struct NoFastPath;
+
+impl Sink for NoFastPath {
+    fn apply(&mut self, _desired: &DesiredState) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn snapshot(&self, _services: &[ServiceConfig]) -> Option<Snapshot> {
+        None
+    }
+}
+
+/// The single owner of desired state.
+pub struct Control {
+    base: Config,
+    overlay: Overlay,
+    /// base + overlay: what is being served.
+    config: Config,
+    state_dir: PathBuf,
+    health: HealthChecker,
+    last: LastServing,
+    views: Vec<ServiceView>,
+    sink: Box<dyn Sink>,
+}
+
+impl Control {
+    /// Load the overlay from `base.agent.state_dir`, start health checks and write the
+    /// first desired state.
+    pub fn new(
+        base: Config,
+        health: HealthChecker,
+        sink: Box<dyn Sink>,
+    ) -> Result<Self, ControlError> {
+        let state_dir = base.agent.state_dir.clone();
+        let overlay = Overlay::load(&state_dir)?;
+        let mut config = base.clone();
+        config.services = overlay.apply(&base.services);
+        let mut c = Control {
+            base,
+            overlay,
+            config,
+            state_dir,
+            health,
+            last: LastServing::default(),
+            views: Vec::new(),
+            sink,
+        };
+        let errors = c.config.validate();
+        if !errors.is_empty() {
+            return Err(ControlError::State {
+                path: c.state_dir.join(STATE_FILE),
+                message: format!(
+                    "with the config it gives an invalid state: {}",
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
+        }
+        c.sync_health();
+        c.recompute()?;
+        Ok(c)
+    }
+
+    /// The effective config (file + API changes).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn views(&self) -> &[ServiceView] {
+        &self.views
+    }
+
+    pub fn view(&self, name: &str) -> Option<&ServiceView> {
+        self.views.iter().find(|v| v.name == name)
+    }
+
+    /// Fast-path counters (None without a fast path).
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        self.sink.snapshot(&self.config.services)
+    }
+
+    pub fn health_status(&self) -> Vec<(TargetKey, Status)> {
+        self.health.status()
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.config.services.iter().find(|s| s.name == name)
+    }
+
+    pub fn overrides(&self, service: &str) -> Option<&BTreeMap<IpAddr, BackendOverride>> {
+        self.overlay.backends.get(service)
+    }
+
+    fn sync_health(&mut self) {
+        let targets = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends.iter().map(move |b| Target {
+                    key: TargetKey {
+                        service: s.name.clone(),
+                        address: b.address,
+                        port: b.port,
+                    },
+                    config: s.health.clone(),
+                })
+            })
+            .collect();
+        self.health.set_targets(targets);
+    }
+
+    /// Derive the desired state from config, overlay and health, and write it.
+    pub fn recompute(&mut self) -> Result<(), ControlError> {
+        let empty = BTreeMap::new();
+        let mut services = Vec::with_capacity(self.config.services.len());
+        let mut views = Vec::with_capacity(self.config.services.len());
+        for svc in &self.config.services {
+            let overrides = self.overlay.backends.get(&svc.name).unwrap_or(&empty);
+            let health = &self.health;
+            let healthy = |address: IpAddr, port: u16| {
+                health
+                    .is_up(&TargetKey {
+                        service: svc.name.clone(),
+                        address,
+                        port,
+                    })
+                    .unwrap_or(true)
+            };
+            let (d, v) = desired_service(svc, overrides, &healthy, &mut self.last);
+            services.push(d);
+            views.push(v);
+        }
+        retain_services(
+            &mut self.last,
+            &self
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
+        );
+        let mut desired = DesiredState::from_config(&self.config);
+        desired.services = services;
+        self.sink.apply(&desired).map_err(ControlError::Apply)?;
+        self.views = views;
+        Ok(())
+    }
+
+    /// Accept a candidate overlay: validate the config it gives, write it, persist it.
+    /// A rejected candidate changes nothing.
+    fn commit(&mut self, overlay: Overlay) -> Result<(), ControlError> {
+        let mut config = self.base.clone();
+        config.services = overlay.apply(&self.base.services);
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(ControlError::Invalid(errors));
+        }
+        overlay.save(&self.state_dir)?;
+        let previous = std::mem::replace(&mut self.config, config);
+        self.overlay = overlay;
+        self.sync_health();
+        if let Err(e) = self.recompute() {
+            tracing::error!(error = %e, "writing the accepted change to the maps failed; it is persisted and will be retried");
+            let _ = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn check_service(
+        &self,
+        svc: &ServiceConfig,
+        replacing: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let others: Vec<ServiceConfig> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| Some(s.name.as_str()) != replacing)
+            .cloned()
+            .collect();
+        let errors = validate_service(svc, &others, &self.config.dataplane);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ControlError::Invalid(errors))
+        }
+    }
+
+    pub fn create_service(&mut self, svc: ServiceConfig) -> Result<(), ControlError> {
+        if self.service(&svc.name).is_some() {
+            return Err(ControlError::Conflict(format!(
+                "service {} exists already",
+                svc.name
+            )));
+        }
+        self.check_service(&svc, None)?;
+        let mut o = self.overlay.clone();
+        o.deleted.remove(&svc.name);
+        o.backends.remove(&svc.name);
+        o.services.insert(svc.name.clone(), svc);
+        self.commit(o)
+    }
+
+    pub fn replace_service(&mut self, name: &str, svc: ServiceConfig) -> Result<(), ControlError> {
+        if svc.name != name {
+            return Err(ControlError::Invalid(vec![ConfigError::at_key(
+                "name",
+                format!("the body names {} but the path names {name}", svc.name),
+            )]));
+        }
+        if self.service(name).is_none() {
+            return Err(ControlError::NotFound(format!("service {name}")));
+        }
+        self.check_service(&svc, Some(name))?;
+        let mut o = self.overlay.clone();
+        if let Some(ov) = o.backends.get_mut(name) {
+            ov.retain(|a, _| svc.backends.iter().any(|b| b.address == *a));
+        }
+        o.services.insert(name.to_owned(), svc);
+        self.commit(o)
+    }
+
+    pub fn delete_service(&mut self, name: &str) -> Result<(), ControlError> {
+        if self.service(name).is_none() {
+            return Err(ControlError::NotFound(format!("service {name}")));
+        }
+        let mut o = self.overlay.clone();
+        o.services.remove(name);
+        o.backends.remove(name);
+        if self.base.services.iter().any(|s| s.name == name) {
+            o.deleted.insert(name.to_owned());
+        }
+        self.commit(o)
+    }
+
+    fn modified_service(&self, name: &str) -> Result<ServiceConfig, ControlError> {
+        self.service(name)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("service {name}")))
+    }
+
+    pub fn add_backend(&mut self, name: &str, backend: BackendConfig) -> Result<(), ControlError> {
+        let mut svc = self.modified_service(name)?;
+        if svc
+            .backends
+            .iter()
+            .any(|b| b.address == backend.address && b.port == backend.port)
+        {
+            return Err(ControlError::Conflict(format!(
+                "backend {}:{} exists already in {name}",
+                backend.address, backend.port
+            )));
+        }
+        svc.backends.push(backend);
+        self.check_service(&svc, Some(name))?;
+        let mut o = self.overlay.clone();
+        o.services.insert(name.to_owned(), svc);
+        self.commit(o)
+    }
+
+    pub fn remove_backend(&mut self, name: &str, address: IpAddr) -> Result<(), ControlError> {
+        let mut svc = self.modified_service(name)?;
+        let before = svc.backends.len();
+        svc.backends.retain(|b| b.address != address);
+        if svc.backends.len() == before {
+            return Err(ControlError::NotFound(format!(
+                "backend {address} in {name}"
+            )));
+        }
+        let mut o = self.overlay.clone();
+        if let Some(ov) = o.backends.get_mut(name) {
+            ov.remove(&address);
+        }
+        o.services.insert(name.to_owned(), svc);
+        self.commit(o)
+    }
+
+    /// Set a backend's state and/or weight (PATCH).
+    pub fn patch_backend(
+        &mut self,
+        name: &str,
+        address: IpAddr,
+        patch: BackendOverride,
+    ) -> Result<(), ControlError> {
+        let svc = self.modified_service(name)?;
+        if !svc.backends.iter().any(|b| b.address == address) {
+            return Err(ControlError::NotFound(format!(
+                "backend {address} in {name}"
+            )));
+        }
+        if patch.state.is_none() && patch.weight.is_none() {
+            return Err(ControlError::Invalid(vec![ConfigError::at_key(
+                "body",
+                "give \"weight\" and/or \"state\"",
+            )]));
+        }
+        if let Some(w) = patch.weight
+            && w > crate::config::MAX_WEIGHT
+        {
+            return Err(ControlError::Invalid(vec![ConfigError::at_key(
+                "weight",
+                format!("{w} is above the maximum {}", crate::config::MAX_WEIGHT),
+            )]));
+        }
+        let mut o = self.overlay.clone();
+        let entry = o
+            .backends
+            .entry(name.to_owned())
+            .or_default()
+            .entry(address)
+            .or_default();
+        if patch.state.is_some() {
+            entry.state = patch.state;
+        }
+        if patch.weight.is_some() {
+            entry.weight = patch.weight;
+        }
+        self.commit(o)
+    }
+
+    /// Re-read the config file; an invalid one is rejected and the running state kept.
+    pub fn reload(&mut self, path: &Path) -> Result<(), ControlError> {
+        let base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
+        let mut config = base.clone();
+        config.services = self.overlay.apply(&base.services);
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(ControlError::Invalid(errors));
+        }
+        self.base = base;
+        self.config = config;
+        self.sync_health();
+        self.recompute()
+    }
+
+    /// L4 backend addresses, for next-hop resolution.
+    pub fn l4_backends(&self) -> BTreeSet<IpAddr> {
+        self.config
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::L4)
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect()
+    }
+
+    pub fn shutdown(&mut self) {
+        self.health.shutdown();
+    }
+}
+
+/// How long the API waits for the control lock before answering 503.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
