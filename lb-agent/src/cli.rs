@@ -1,6 +1,9 @@
 //! The command line of `lb-agent` (DESIGN.md, "CLI").
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -37,6 +40,12 @@ pub enum Command {
         /// bpffs to pin maps under (overrides agent.bpffs).
         #[arg(long)]
         bpffs: Option<PathBuf>,
+        /// Address of the REST API (overrides agent.api_listen).
+        #[arg(long)]
+        api: Option<SocketAddr>,
+        /// Where API changes are persisted (overrides agent.state_dir).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Validate a config file: exit 0, or exit 1 listing every error (file:line:column: key: why).
     CheckConfig {
@@ -47,6 +56,15 @@ pub enum Command {
     Decap {
         #[command(subcommand)]
         action: DecapAction,
+    },
+    /// Talk to a running agent's REST API.
+    Ctl {
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        api: String,
+        #[arg(long, env = "XDPLB_TOKEN")]
+        token: Option<String>,
+        #[command(subcommand)]
+        cmd: crate::ctl::CtlCommand,
     },
     /// Remove the balancer's fast path and everything pinned for it on an interface.
     Detach {

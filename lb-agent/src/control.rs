@@ -490,8 +490,38 @@ impl Control {
     }
 
     /// Re-read the config file; an invalid one is rejected and the running state kept.
+    /// `[agent]` settings and the dataplane's capacities and mode need a restart: the
+    /// running values are kept (and a warning says so when the file changed them).
     pub fn reload(&mut self, path: &Path) -> Result<(), ControlError> {
-        let base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
+        let mut base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
+        let (old_dp, new_dp) = (&self.base.dataplane, &base.dataplane);
+        let restart_only = (
+            old_dp.ring_size,
+            old_dp.flow_table_size,
+            old_dp.max_services,
+            old_dp.max_backends,
+            old_dp.xdp_mode,
+        ) != (
+            new_dp.ring_size,
+            new_dp.flow_table_size,
+            new_dp.max_services,
+            new_dp.max_backends,
+            new_dp.xdp_mode,
+        );
+        if base.agent.interface.is_none() {
+            base.agent.interface.clone_from(&self.base.agent.interface);
+        }
+        if restart_only || base.agent != self.base.agent {
+            tracing::warn!(
+                "[agent] settings and dataplane capacities/xdp_mode changed: they take effect at the next start"
+            );
+        }
+        base.agent = self.base.agent.clone();
+        base.dataplane.ring_size = self.base.dataplane.ring_size;
+        base.dataplane.flow_table_size = self.base.dataplane.flow_table_size;
+        base.dataplane.max_services = self.base.dataplane.max_services;
+        base.dataplane.max_backends = self.base.dataplane.max_backends;
+        base.dataplane.xdp_mode = self.base.dataplane.xdp_mode;
         let mut config = base.clone();
         config.services = self.overlay.apply(&base.services);
         let errors = config.validate();

@@ -2,11 +2,14 @@
 //! and (in later steps) runs health checks, the REST API, metrics and the L7 proxy.
 //! The binary (`main.rs`) is a thin shell over these modules.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod dataplane;
 pub mod decap;
 pub mod health;
+pub mod metrics;
 pub mod run;
 pub mod state;

@@ -4,7 +4,7 @@ use clap::Parser as _;
 use lb_agent::{
     cli::{Cli, Command, DecapAction},
     config::Config,
-    decap, run,
+    ctl, decap, run,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -43,11 +43,15 @@ fn main() -> ExitCode {
             iface,
             xdp_mode,
             bpffs,
+            api,
+            state_dir,
         } => run::run(run::RunArgs {
             config,
             iface,
             xdp_mode,
             bpffs,
+            api,
+            state_dir,
         }),
         Command::Decap { action } => match action {
             DecapAction::Attach {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             DecapAction::Detach { iface, bpffs } => decap::detach(&iface, &bpffs),
         },
         Command::Detach { iface, bpffs } => run::detach(&iface, &bpffs),
+        Command::Ctl { api, token, cmd } => ctl::run(&api, token.as_deref(), cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

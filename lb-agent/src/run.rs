@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, ApiState},
     cli::XdpModeArg,
     config::{Config, Mode, ServiceConfig, XdpMode},
     control::{Control, NoFastPath, ServiceTraffic, Sink, Snapshot, Traffic},
@@ -29,6 +30,7 @@ use crate::{
     },
     decap::attach_mode,
     health::HealthChecker,
+    metrics::Metrics,
 };
 
 /// How often next hops are re-checked (routes may change under us).
@@ -39,6 +41,31 @@ pub struct RunArgs {
     pub iface: Option<String>,
     pub xdp_mode: Option<XdpModeArg>,
     pub bpffs: Option<PathBuf>,
+    pub api: Option<std::net::SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The config file with the command line's overrides, validated again.
+fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(api) = args.api {
+        config.agent.api_listen = api;
+    }
+    if let Some(dir) = &args.state_dir {
+        config.agent.state_dir.clone_from(dir);
+    }
+    if let Some(iface) = &args.iface {
+        config.agent.interface = Some(iface.clone());
+    }
+    let errors = config.validate();
+    if !errors.is_empty() {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!(
+            "with the command-line overrides the config is invalid:\n{}",
+            list.join("\n")
+        );
+    }
+    Ok(config)
 }
 
 /// The balancer's maps and their one writer.
@@ -78,7 +105,7 @@ impl Sink for MapsSink {
                 if let Some(bid) = self.reconciler.backend_id(&svc.name, b.address, b.port) {
                     let t = stats::backend_traffic(&self.maps, bid).ok()?;
                     st.backends.insert(
-                        format!("{}:{}", b.address, b.port),
+                        std::net::SocketAddr::new(b.address, b.port).to_string(),
                         Traffic {
                             packets: t.packets,
                             bytes: t.bytes,
@@ -198,7 +225,7 @@ fn effective_mode(config: &Config, arg: Option<XdpModeArg>) -> XdpModeArg {
 
 /// `lb-agent run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = load_config(&args)?;
     let mode = effective_mode(&config, args.xdp_mode);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -209,8 +236,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Result<()> {
+    let token = read_token(&config)?;
+    let api_listen = config.agent.api_listen;
+    let metrics = Arc::new(Metrics::new());
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let health = HealthChecker::new(events_tx, Arc::new(|_| {}));
+    let health = HealthChecker::new(events_tx, metrics.health_observer());
 
     let (control, mut fast_path) = if mode == XdpModeArg::Off {
         let l4: Vec<&str> = config
@@ -237,8 +267,26 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         fp.refresh_next_hops(&control);
         (control, Some(fp))
     };
-    tracing::info!(services = control.config().services.len(), "agent ready");
+    let services = control.config().services.len();
     let control = Arc::new(Mutex::new(control));
+    let listener = tokio::net::TcpListener::bind(api_listen)
+        .await
+        .with_context(|| format!("binding the REST API to {api_listen}"))?;
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = api::router(ApiState {
+        control: control.clone(),
+        token,
+        metrics,
+        config_path: args.config.clone(),
+    });
+    let api_task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = api_stopped.await;
+            })
+            .await
+    });
+    tracing::info!(services, api = %api_listen, "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -281,12 +329,35 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             }
         }
     }
+    let _ = api_stop.send(());
+    match tokio::time::timeout(Duration::from_secs(5), api_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "REST API server"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "REST API task"),
+        Err(_) => tracing::warn!("REST API did not finish within 5 s"),
+    }
     let mut c = control.lock().await;
     c.shutdown();
     if let Some(fp) = fast_path {
         fp.stop(c.snapshot());
     }
     Ok(())
+}
+
+/// The API's bearer token from `agent.api_token_file`, if one is configured.
+fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(path) = &config.agent.api_token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading agent.api_token_file {}", path.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "agent.api_token_file {} is empty",
+        path.display()
+    );
+    Ok(Some(token.to_owned()))
 }
 
 /// `lb-agent detach`: remove the balancer's pins for `iface` (a running agent detaches

@@ -6,7 +6,7 @@
 //! `interval_ms` (±10 %, and the first check after a random part of an interval, so
 //! checks of many backends do not synchronise), each check bounded by `timeout_ms`.
 //!
-//! Verdicts follow the rise/fall state machine of [`state`]: a new target starts up
+//! Verdicts follow the rise/fall state machine of `state.rs`: a new target starts up
 //! (an agent restart never takes a serving backend out before it has evidence),
 //! goes down after `fall` consecutive failures and comes back after `rise`
 //! consecutive successes. Every change is logged with its reason and the check's

@@ -1,0 +1,608 @@
+//! The API through `router(state).oneshot(request)`, over a real [`Control`] with no
+//! fast path (or a fake one for the counters), persisting into a temporary state dir.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode, header},
+};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use super::{ApiState, router};
+use crate::{
+    config::{Config, ServiceConfig},
+    control::{
+        Control, ControlError, NoFastPath, STATE_FILE, ServiceTraffic, Sink, Snapshot, Traffic,
+    },
+    dataplane::sync::DesiredState,
+    health::HealthChecker,
+    metrics::Metrics,
+};
+
+const TOKEN: &str = "t0ken-with-some-length";
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+fn config_text(state_dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[agent]\nstate_dir = \"{}\"\n\
+         [dataplane]\nsource_ipv4 = \"198.18.1.10\"\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n\
+         backend = [{{ address = \"198.18.2.11\" }}, {{ address = \"198.18.2.12\", tier = 1 }}]\n{extra}",
+        state_dir.display()
+    )
+}
+
+/// A sink with fixed counters, standing in for the fast path.
+struct FakeFastPath;
+
+impl Sink for FakeFastPath {
+    fn apply(&mut self, _desired: &DesiredState) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot> {
+        let mut s = Snapshot::default();
+        s.counters.insert("rx", 5);
+        s.drops.insert("no_backend", 1);
+        for svc in services {
+            let mut t = ServiceTraffic {
+                packets: 4,
+                bytes: 400,
+                ..Default::default()
+            };
+            t.backends.insert(
+                format!("{}:{}", svc.backends[0].address, svc.backends[0].port),
+                Traffic {
+                    packets: 4,
+                    bytes: 400,
+                },
+            );
+            s.services.insert(svc.name.clone(), t);
+        }
+        Some(s)
+    }
+}
+
+struct Fixture {
+    state: ApiState,
+    dir: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn new_control(text: &str, sink: Box<dyn Sink>) -> Result<Control, ControlError> {
+    let config = Config::parse(text, "test").expect("test config");
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    Control::new(config, HealthChecker::new(tx, Arc::new(|_| {})), sink)
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with(None, Box::new(NoFastPath))
+    }
+
+    fn with(token: Option<&str>, sink: Box<dyn Sink>) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "xdplb-api-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let text = config_text(&dir, "");
+        let config_path = dir.join("lb.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let control = new_control(&text, sink).expect("control");
+        Self {
+            state: ApiState {
+                control: Arc::new(tokio::sync::Mutex::new(control)),
+                token: token.map(str::to_owned),
+                metrics: Arc::new(Metrics::new()),
+                config_path,
+            },
+            dir,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let (status, _, body) = self.send_raw(method, uri, body, token).await;
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{method} {uri}: not JSON ({e}): {body}"))
+        };
+        (status, value)
+    }
+
+    async fn send_raw(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_owned())),
+            None => req.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = router(self.state.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            headers,
+            String::from_utf8(bytes.to_vec()).expect("utf-8"),
+        )
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+        self.send(method, uri, body, None).await
+    }
+
+    async fn names(&self) -> Vec<String> {
+        let (status, v) = self.call("GET", "/api/v1/services", None).await;
+        assert_eq!(status, StatusCode::OK);
+        v["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .map(|s| s["name"].as_str().expect("name").to_owned())
+            .collect()
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+}
+
+fn error_of(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
+}
+
+fn backend<'a>(svc: &'a Value, address: &str) -> &'a Value {
+    svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("no backend {address} in {svc}"))
+}
+
+const SHOP: &str =
+    r#"{"name": "shop", "vip": "198.18.100.2:443", "backend": [{"address": "198.18.2.21"}]}"#;
+
+#[tokio::test]
+async fn list_and_get_show_config_and_live_view() {
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/services", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let web = &v["services"][0];
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["vip"], "198.18.100.1:80");
+    assert_eq!(web["protocol"], "tcp");
+    assert_eq!(web["mode"], "l4");
+    assert_eq!(web["scheduler"], "maglev");
+    assert_eq!(web["health"]["kind"], "none");
+    assert_eq!(web["active_tier"], 0);
+    assert_eq!(web["fail_open"], false);
+    assert!(
+        web.get("backend").is_none(),
+        "the live list replaces the config's"
+    );
+    let b = backend(web, "198.18.2.11");
+    assert_eq!(
+        (&b["port"], &b["weight"], &b["tier"], &b["state"]),
+        (&json!(80), &json!(100), &json!(0), &json!("enabled"))
+    );
+    assert_eq!(
+        (&b["healthy"], &b["serving"], &b["active"]),
+        (&json!(true), &json!(true), &json!(true))
+    );
+    assert_eq!(b["health"]["up"], true);
+    assert_eq!(b["health"]["last_reason"], "checks disabled");
+    let b2 = backend(web, "198.18.2.12");
+    assert_eq!((&b2["tier"], &b2["serving"]), (&json!(1), &json!(false)));
+
+    let (status, one) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&one, web);
+    let (status, v) = f.call("GET", "/api/v1/services/nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&v).contains("nope"));
+}
+
+#[tokio::test]
+async fn create_then_get_and_duplicate_conflicts() {
+    let f = Fixture::new();
+    let (status, headers, body) = f
+        .send_raw("POST", "/api/v1/services", Some(SHOP), None)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(headers[header::LOCATION], "/api/v1/services/shop");
+    let created: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        backend(&created, "198.18.2.21")["port"],
+        443,
+        "port defaults to the VIP's"
+    );
+    let (status, got) = f.call("GET", "/api/v1/services/shop", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, created);
+    assert_eq!(f.names().await, ["web", "shop"]);
+
+    let (status, v) = f.call("POST", "/api/v1/services", Some(SHOP)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(error_of(&v).contains("exists already"), "{v}");
+}
+
+#[tokio::test]
+async fn invalid_creations_are_rejected_and_change_nothing() {
+    let f = Fixture::new();
+    let cases = [
+        (r#"{"name": "a", "vip": "198.18.100.9"}"#, "vip"),
+        (
+            r#"{"name": "a", "vip": "198.18.100.9:80", "wieght": 1}"#,
+            "wieght",
+        ),
+        (
+            r#"{"name": "a", "vip": "198.18.100.9:80", "backend": [{"address": "198.18.2.1", "weight": 1000001}]}"#,
+            "backend[0].weight",
+        ),
+        (
+            r#"{"name": "a", "vip": "198.18.100.9:80", "backend": [{"address": "198.18.2.1", "weight": "heavy"}]}"#,
+            "backend[0].weight",
+        ),
+        (r#"{"name": "a", "vip": "198.18.100.1:80"}"#, "vip"),
+        (r#"{"name": "a b", "vip": "198.18.100.9:80"}"#, "name"),
+        (r#"{"name": "a", "#, "invalid JSON body"),
+        ("", "needs a JSON body"),
+    ];
+    for (body, key) in cases {
+        let (status, v) = f.call("POST", "/api/v1/services", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(error_of(&v).contains(key), "{body}: {v} should name {key}");
+    }
+    assert_eq!(f.names().await, ["web"]);
+    assert!(!f.state_file().exists(), "nothing persisted");
+}
+
+#[tokio::test]
+async fn put_replaces_and_checks_the_name() {
+    let f = Fixture::new();
+    let body = r#"{"name": "web", "vip": "198.18.100.1:80", "backend": [{"address": "198.18.2.13", "weight": 7}]}"#;
+    let (status, v) = f.call("PUT", "/api/v1/services/web", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["backends"].as_array().expect("backends").len(), 1);
+    assert_eq!(backend(&v, "198.18.2.13")["weight"], 7);
+
+    let (status, v) = f.call("PUT", "/api/v1/services/web", Some(SHOP)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&v).contains("name"), "{v}");
+    let (status, _) = f.call("PUT", "/api/v1/services/shop", Some(SHOP)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, v) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_eq!(
+        backend(&v, "198.18.2.13")["weight"],
+        7,
+        "the rejected PUTs changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn delete_then_gone() {
+    let f = Fixture::new();
+    let (status, v) = f.call("DELETE", "/api/v1/services/web", None).await;
+    assert_eq!((status, v), (StatusCode::NO_CONTENT, Value::Null));
+    let (status, _) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, v) = f.call("DELETE", "/api/v1/services/web", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&v).contains("service web not found"), "{v}");
+    assert!(f.names().await.is_empty());
+}
+
+#[tokio::test]
+async fn backends_add_patch_remove() {
+    let f = Fixture::new();
+    let uri = "/api/v1/services/web/backends";
+    let (status, b) = f
+        .call("POST", uri, Some(r#"{"address": "198.18.2.13"}"#))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+    assert_eq!(
+        (&b["address"], &b["port"], &b["weight"], &b["tier"]),
+        (&json!("198.18.2.13"), &json!(80), &json!(100), &json!(0))
+    );
+    assert_eq!(b["serving"], true);
+    let (status, v) = f
+        .call(
+            "POST",
+            uri,
+            Some(r#"{"address": "198.18.2.13", "port": 80}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = f
+        .call(
+            "POST",
+            uri,
+            Some(r#"{"address": "198.18.2.14", "port": 81}"#),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "l4 port must equal the VIP's: {v}"
+    );
+    let (status, v) = f
+        .call(
+            "POST",
+            uri,
+            Some(r#"{"address": "198.18.2.14", "prot": 80}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&v).contains("prot"), "{v}");
+    let (status, _) = f
+        .call(
+            "POST",
+            "/api/v1/services/nope/backends",
+            Some(r#"{"address": "198.18.2.14"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let one = "/api/v1/services/web/backends/198.18.2.11";
+    let (status, b) = f.call("PATCH", one, Some(r#"{"state": "drain"}"#)).await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(
+        (&b["state"], &b["serving"], &b["active"]),
+        (&json!("drain"), &json!(false), &json!(true))
+    );
+    let (_, svc) = f.call("GET", "/api/v1/services/web", None).await;
+    let seen = backend(&svc, "198.18.2.11");
+    assert_eq!(
+        (&seen["state"], &seen["serving"], &seen["active"]),
+        (&json!("drain"), &json!(false), &json!(true))
+    );
+    let (status, b) = f
+        .call("PATCH", one, Some(r#"{"weight": 3, "state": "enabled"}"#))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&b["state"], &b["weight"], &b["serving"]),
+        (&json!("enabled"), &json!(3), &json!(true))
+    );
+
+    for (body, status, needle) in [
+        ("{}", StatusCode::BAD_REQUEST, "weight"),
+        (r#"{"state": "off"}"#, StatusCode::BAD_REQUEST, "state"),
+        (r#"{"weight": 1000001}"#, StatusCode::BAD_REQUEST, "maximum"),
+        (r#"{"wait": 1}"#, StatusCode::BAD_REQUEST, "wait"),
+    ] {
+        let (got, v) = f.call("PATCH", one, Some(body)).await;
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(error_of(&v).contains(needle), "{body}: {v}");
+    }
+    let (status, v) = f
+        .call(
+            "PATCH",
+            "/api/v1/services/web/backends/198.18.2.99",
+            Some(r#"{"state": "drain"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    let (status, v) = f
+        .call(
+            "PATCH",
+            "/api/v1/services/web/backends/not-an-ip",
+            Some(r#"{"state": "drain"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&v).contains("not-an-ip"), "{v}");
+
+    let (status, _) = f.call("DELETE", one, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = f.call("DELETE", one, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, svc) = f.call("GET", "/api/v1/services/web", None).await;
+    let addresses: Vec<&str> = svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["address"].as_str().expect("address"))
+        .collect();
+    assert_eq!(addresses, ["198.18.2.12", "198.18.2.13"]);
+}
+
+#[tokio::test]
+async fn ipv6_backend_addresses_in_the_path() {
+    let f = Fixture::new();
+    let body = r#"{"name": "v6", "vip": "[fd00:18::1]:80", "mode": "l7", "backend": [{"address": "fd00:18::11", "port": 8080}]}"#;
+    let (status, v) = f.call("POST", "/api/v1/services", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    for path in ["fd00:18::11", "[fd00:18::11]"] {
+        let (status, b) = f
+            .call(
+                "PATCH",
+                &format!("/api/v1/services/v6/backends/{path}"),
+                Some(r#"{"weight": 9}"#),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{path}: {b}");
+        assert_eq!(b["port"], 8080);
+    }
+}
+
+#[tokio::test]
+async fn token_guards_the_api_but_not_healthz_or_metrics() {
+    let f = Fixture::with(Some(TOKEN), Box::new(NoFastPath));
+    let (status, headers, body) = f.send_raw("GET", "/api/v1/services", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+    assert!(body.contains("bearer token"), "{body}");
+    let (status, _) = f.send("GET", "/api/v1/services", None, Some("wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = f
+        .send(
+            "GET",
+            "/api/v1/services",
+            None,
+            Some(&TOKEN[..TOKEN.len() - 1]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = f
+        .send("DELETE", "/api/v1/services/web", None, Some("wrong"))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        f.state.control.lock().await.config().services.len(),
+        1,
+        "nothing deleted"
+    );
+    let (status, _) = f.send("GET", "/api/v1/services", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, v) = f.send("GET", "/healthz", None, None).await;
+    assert_eq!((status, v), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, headers, body) = f.send_raw("GET", "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], crate::metrics::CONTENT_TYPE);
+    assert!(body.contains("xdplb_backend_up{"), "{body}");
+    assert!(body.ends_with("# EOF\n"));
+}
+
+#[tokio::test]
+async fn stats_show_only_what_exists() {
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/stats", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v, json!({"fast_path": false}));
+
+    let f = Fixture::with(None, Box::new(FakeFastPath));
+    let (status, v) = f.call("GET", "/api/v1/stats", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["fast_path"], true);
+    assert_eq!(v["counters"]["rx"], 5);
+    assert_eq!(v["drops"]["no_backend"], 1);
+    assert_eq!(v["services"]["web"]["packets"], 4);
+    assert_eq!(
+        v["services"]["web"]["backends"]["198.18.2.11:80"]["bytes"],
+        400
+    );
+}
+
+#[tokio::test]
+async fn reload_rereads_the_config_file() {
+    let f = Fixture::new();
+    let path = f.state.config_path.clone();
+    let extra = "[[service]]\nname = \"dns\"\nvip = \"198.18.100.3:53\"\nprotocol = \"udp\"\n";
+    std::fs::write(&path, config_text(&f.dir, extra)).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["services"], 2);
+    assert_eq!(f.names().await, ["web", "dns"]);
+
+    std::fs::write(&path, config_text(&f.dir, "[[service]]\nname = \"bad\"\n")).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&v).contains("vip"), "{v}");
+    assert_eq!(f.names().await, ["web", "dns"], "kept the running config");
+}
+
+#[tokio::test]
+async fn changes_survive_a_restart_and_a_corrupt_state_refuses_to_start() {
+    let f = Fixture::new();
+    let (status, _) = f.call("POST", "/api/v1/services", Some(SHOP)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = f
+        .call(
+            "PATCH",
+            "/api/v1/services/web/backends/198.18.2.11",
+            Some(r#"{"state": "disabled"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let text = config_text(&f.dir, "");
+    let again = new_control(&text, Box::new(NoFastPath)).expect("restart");
+    let names: Vec<&str> = again
+        .config()
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["web", "shop"]);
+    let web = again.view("web").expect("web");
+    assert_eq!(web.backends[0].state, crate::state::AdminState::Disabled);
+    assert!(!web.backends[0].active);
+
+    std::fs::write(f.state_file(), "{ not json").expect("corrupt");
+    match new_control(&text, Box::new(NoFastPath)) {
+        Err(ControlError::State { message, .. }) => {
+            assert!(message.contains("corrupt"), "{message}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a corrupt state file must stop the agent"),
+    }
+    assert_eq!(
+        std::fs::read_to_string(f.state_file()).expect("read"),
+        "{ not json",
+        "not replaced"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/nothing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&v).contains("/api/v1/nothing"));
+    let (status, v) = f.call("PATCH", "/api/v1/services", Some("{}")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(error_of(&v).contains("PATCH"));
+}
+
+#[tokio::test]
+async fn a_held_lock_answers_503() {
+    let f = Fixture::new();
+    let _held = f.state.control.lock().await;
+    let (status, v) = f.call("GET", "/api/v1/services", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error_of(&v).contains("busy"));
+}

@@ -1,0 +1,384 @@
+//! Prometheus metrics (DESIGN.md "Metrics", prefix `xdplb_`), served at `GET /metrics`.
+//!
+//! Fast-path counters and the per-service views live in the maps and in
+//! [`Control`]; they are read at scrape time into a fresh registry, so a deleted
+//! service or backend disappears from the next scrape instead of lingering. Only the
+//! health-check latency histogram lives for the agent's lifetime (it is fed by the
+//! health checker through [`Metrics::health_observer`]).
+//!
+//! Series:
+//! - `xdplb_packets_total{service,backend}`, `xdplb_bytes_total{service,backend}`:
+//!   traffic the fast path sent to each backend (`backend` = `address:port`).
+//! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason.
+//! - `xdplb_fastpath_packets_total{result}`: the fast path's other global counters
+//!   (`rx`, `tx`, `pass_not_vip`, `flow_new`, ...).
+//! - `xdplb_fastpath_enabled`: 1 when an XDP fast path is attached (the traffic series
+//!   above exist only then).
+//! - `xdplb_backend_up{service,backend}`: the health checker's verdict (1 up, 0 down).
+//! - `xdplb_backend_serving{service,backend}`: 1 when the backend takes new flows.
+//! - `xdplb_backend_weight{service,backend}`: effective weight (config or override).
+//! - `xdplb_service_fail_open{service}`: 1 when no backend is eligible and the last
+//!   serving set keeps serving.
+//! - `xdplb_health_check_seconds`: histogram of health-check durations.
+//!
+//! The text is OpenMetrics (what `prometheus-client` writes; Prometheus scrapes it),
+//! served as [`CONTENT_TYPE`].
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::control::Control;
+
+/// Content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Histogram buckets for health checks, in seconds: 0.1 ms to 5 s.
+const HEALTH_CHECK_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The agent's metrics; see the [module docs](self).
+#[derive(Debug)]
+pub struct Metrics {
+    health_check_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            health_check_seconds: Histogram::new(HEALTH_CHECK_BUCKETS),
+        }
+    }
+
+    /// For `HealthChecker::new`'s `observe` argument: records
+    /// `xdplb_health_check_seconds`.
+    #[must_use]
+    pub fn health_observer(self: &Arc<Self>) -> Arc<dyn Fn(Duration) + Send + Sync> {
+        let this = Arc::clone(self);
+        Arc::new(move |d: Duration| this.health_check_seconds.observe(d.as_secs_f64()))
+    }
+
+    /// Prometheus (OpenMetrics) text of everything, reading the fast path's counters
+    /// and the services' views now.
+    #[must_use]
+    pub fn render(&self, control: &Control) -> String {
+        let mut registry = Registry::with_prefix("xdplb");
+
+        let up = Family::<BackendLabels, Gauge>::default();
+        let serving = Family::<BackendLabels, Gauge>::default();
+        let weight = Family::<BackendLabels, Gauge>::default();
+        let fail_open = Family::<ServiceLabels, Gauge>::default();
+        for view in control.views() {
+            fail_open
+                .get_or_create(&ServiceLabels {
+                    service: view.name.clone(),
+                })
+                .set(i64::from(view.fail_open));
+            for b in &view.backends {
+                let labels = BackendLabels {
+                    service: view.name.clone(),
+                    backend: backend_label(b.address, b.port),
+                };
+                up.get_or_create(&labels).set(i64::from(b.healthy));
+                serving.get_or_create(&labels).set(i64::from(b.serving));
+                weight.get_or_create(&labels).set(i64::from(b.weight));
+            }
+        }
+
+        let snapshot = control.snapshot();
+        let enabled = Gauge::<i64>::default();
+        enabled.set(i64::from(snapshot.is_some()));
+        registry.register(
+            "fastpath_enabled",
+            "1 when the XDP fast path is attached and its counters are read",
+            enabled,
+        );
+        if let Some(snapshot) = snapshot {
+            let packets = Family::<BackendLabels, Counter>::default();
+            let bytes = Family::<BackendLabels, Counter>::default();
+            for (service, traffic) in &snapshot.services {
+                for (backend, t) in &traffic.backends {
+                    let labels = BackendLabels {
+                        service: service.clone(),
+                        backend: backend.clone(),
+                    };
+                    packets.get_or_create(&labels).inc_by(t.packets);
+                    bytes.get_or_create(&labels).inc_by(t.bytes);
+                }
+            }
+            let drops = Family::<ReasonLabels, Counter>::default();
+            for (reason, v) in &snapshot.drops {
+                drops
+                    .get_or_create(&ReasonLabels {
+                        reason: (*reason).to_owned(),
+                    })
+                    .inc_by(*v);
+            }
+            let fastpath = Family::<ResultLabels, Counter>::default();
+            for (result, v) in &snapshot.counters {
+                fastpath
+                    .get_or_create(&ResultLabels {
+                        result: (*result).to_owned(),
+                    })
+                    .inc_by(*v);
+            }
+            registry.register(
+                "packets",
+                "Packets the fast path sent to a backend",
+                packets,
+            );
+            registry.register("bytes", "Bytes the fast path sent to a backend", bytes);
+            registry.register("drops", "Packets the fast path dropped, by reason", drops);
+            registry.register(
+                "fastpath_packets",
+                "Packets the fast path handled, by what it did with them",
+                fastpath,
+            );
+        }
+
+        registry.register(
+            "backend_up",
+            "Health check verdict of a backend (1 up, 0 down)",
+            up,
+        );
+        registry.register(
+            "backend_serving",
+            "1 when the backend takes new flows",
+            serving,
+        );
+        registry.register(
+            "backend_weight",
+            "Effective weight of a backend (configured or overridden through the API)",
+            weight,
+        );
+        registry.register(
+            "service_fail_open",
+            "1 when no backend of the service is eligible and the last serving set keeps serving",
+            fail_open,
+        );
+        registry.register(
+            "health_check_seconds",
+            "Duration of health checks, successful or not",
+            self.health_check_seconds.clone(),
+        );
+
+        let mut out = String::new();
+        encode(&mut out, &registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The `backend` label: `address:port`, IPv6 in brackets (as the snapshot spells it).
+fn backend_label(address: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(address, port).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        config::{Config, ServiceConfig},
+        control::{ServiceTraffic, Sink, Snapshot, Traffic},
+        dataplane::sync::DesiredState,
+        health::HealthChecker,
+    };
+
+    /// A sink that pretends to be a fast path with fixed counters.
+    struct FakeFastPath;
+
+    impl Sink for FakeFastPath {
+        fn apply(&mut self, _desired: &DesiredState) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot> {
+            let mut snapshot = Snapshot::default();
+            snapshot.counters.insert("rx", 10);
+            snapshot.counters.insert("tx", 7);
+            snapshot.drops.insert("no_backend", 3);
+            for s in services {
+                let mut traffic = ServiceTraffic::default();
+                for b in &s.backends {
+                    traffic.packets += 7;
+                    traffic.bytes += 700;
+                    traffic.backends.insert(
+                        backend_label(b.address, b.port),
+                        Traffic {
+                            packets: 7,
+                            bytes: 700,
+                        },
+                    );
+                }
+                snapshot.services.insert(s.name.clone(), traffic);
+            }
+            Some(snapshot)
+        }
+    }
+
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn control(sink: Box<dyn Sink>, tag: &str) -> (Control, TempDir) {
+        let dir = TempDir(
+            std::env::temp_dir().join(format!("xdplb-metrics-test-{}-{tag}", std::process::id())),
+        );
+        let toml = format!(
+            "[agent]\nstate_dir = \"{}\"\n[dataplane]\nsource_ipv4 = \"198.18.1.10\"\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n\
+             backend = [{{ address = \"198.18.2.11\" }}, {{ address = \"198.18.2.12\", tier = 1 }}]\n",
+            dir.0.display()
+        );
+        let config = Config::parse(&toml, "test").expect("config");
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let health = HealthChecker::new(tx, Arc::new(|_| {}));
+        (Control::new(config, health, sink).expect("control"), dir)
+    }
+
+    /// Checks the text is well-formed OpenMetrics: every sample line is
+    /// `name{labels} value` of a declared family, and it ends with `# EOF`.
+    /// Returns the samples.
+    fn parse(text: &str) -> BTreeMap<String, f64> {
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let mut families = Vec::new();
+        let mut samples = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                match parts.next() {
+                    Some("TYPE") => {
+                        let name = parts.next().expect("TYPE name");
+                        let kind = parts.next().expect("TYPE kind");
+                        assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                        families.push(name.to_owned());
+                    }
+                    Some("HELP") => assert!(parts.next().is_some(), "{line}"),
+                    Some("EOF") => {}
+                    _ => panic!("unexpected comment line {line:?}"),
+                }
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("value in {line:?}"));
+            let name = series.split('{').next().expect("name");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    let inner = labels
+                        .strip_prefix('{')
+                        .and_then(|l| l.strip_suffix('}'))
+                        .unwrap_or_else(|| panic!("labels in {line:?}"));
+                    for pair in inner.split(',') {
+                        let (k, v) = pair.split_once('=').expect("label=value");
+                        assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                        assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                    }
+                }
+            }
+            assert!(
+                families.iter().any(|f| name.starts_with(f.as_str())),
+                "sample {name} before its # TYPE"
+            );
+            samples.insert(series.to_owned(), value);
+        }
+        samples
+    }
+
+    #[tokio::test]
+    async fn renders_views_counters_and_histogram() {
+        let (control, _dir) = control(Box::new(FakeFastPath), "fake");
+        let metrics = Arc::new(Metrics::new());
+        let observe = metrics.health_observer();
+        observe(Duration::from_micros(300));
+        observe(Duration::from_millis(30));
+        let text = metrics.render(&control);
+        let samples = parse(&text);
+        let get = |s: &str| {
+            *samples
+                .get(s)
+                .unwrap_or_else(|| panic!("no sample {s} in\n{text}"))
+        };
+        let b1 = r#"{service="web",backend="198.18.2.11:80"}"#;
+        let b2 = r#"{service="web",backend="198.18.2.12:80"}"#;
+        assert_eq!(get(&format!("xdplb_packets_total{b1}")), 7.0);
+        assert_eq!(get(&format!("xdplb_bytes_total{b2}")), 700.0);
+        assert_eq!(get(r#"xdplb_drops_total{reason="no_backend"}"#), 3.0);
+        assert_eq!(get(r#"xdplb_fastpath_packets_total{result="rx"}"#), 10.0);
+        assert_eq!(get("xdplb_fastpath_enabled"), 1.0);
+        assert_eq!(get(&format!("xdplb_backend_up{b1}")), 1.0);
+        assert_eq!(get(&format!("xdplb_backend_serving{b1}")), 1.0);
+        assert_eq!(
+            get(&format!("xdplb_backend_serving{b2}")),
+            0.0,
+            "tier 1 idles"
+        );
+        assert_eq!(get(&format!("xdplb_backend_weight{b2}")), 100.0);
+        assert_eq!(get(r#"xdplb_service_fail_open{service="web"}"#), 0.0);
+        assert_eq!(get("xdplb_health_check_seconds_count"), 2.0);
+        assert_eq!(
+            get(r#"xdplb_health_check_seconds_bucket{le="0.0005"}"#),
+            1.0
+        );
+        assert_eq!(get(r#"xdplb_health_check_seconds_bucket{le="0.05"}"#), 2.0);
+        assert!(text.contains("# TYPE xdplb_health_check_seconds histogram"));
+        for absent in ["xdplb_http_", "xdplb_cache_"] {
+            assert!(!text.contains(absent), "{absent} must not exist yet");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_fast_path_no_traffic_series() {
+        let (control, _dir) = control(Box::new(crate::control::NoFastPath), "none");
+        let text = Metrics::new().render(&control);
+        let samples = parse(&text);
+        assert_eq!(samples["xdplb_fastpath_enabled"], 0.0);
+        assert!(!text.contains("xdplb_packets_total"), "{text}");
+        assert!(!text.contains("xdplb_drops_total"), "{text}");
+        assert!(text.contains(r#"xdplb_backend_up{service="web",backend="198.18.2.11:80"} 1"#));
+        assert_eq!(samples["xdplb_health_check_seconds_count"], 0.0);
+    }
+}
