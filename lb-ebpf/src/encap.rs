@@ -50,8 +50,7 @@ pub struct NextHop {
 /// 6.18); the agent enables it on the interface it attaches to.
 #[inline(always)]
 pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result<NextHop, Exit> {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut p = zeroed_fib_params();
     p.family = AF_INET;
     p.l4_protocol = IPPROTO_IPIP;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -73,6 +72,25 @@ pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Exit::Drop(DropReason::TooBig)),
         _ => Err(Exit::Pass(Counter::PassFibFailed)),
     }
+}
+
+const FIB_WORDS: usize = size_of::<FibParams>() / 4;
+const _: () = assert!(size_of::<FibParams>() == FIB_WORDS * 4);
+
+/// An all-zero `bpf_fib_lookup`, cleared with word stores: `mem::zeroed()` compiles to
+/// a call to a byte-by-byte `memset` (~390 instructions, ~34 ns per packet measured by
+/// `cargo xtask bench xdp`); volatile stores keep LLVM from turning them back into one.
+#[inline(always)]
+fn zeroed_fib_params() -> FibParams {
+    let mut p = core::mem::MaybeUninit::<FibParams>::uninit();
+    let words = p.as_mut_ptr().cast::<u32>();
+    for i in 0..FIB_WORDS {
+        // SAFETY: i < FIB_WORDS, so every store is inside the struct, which is 4-aligned.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (plain integers
+    // and unions of them).
+    unsafe { p.assume_init() }
 }
 
 /// The outer IPv4 header, checksum filled in.

@@ -21,7 +21,8 @@
 //! `BENCH_PROGS`. For each P:
 //! - raw = T(wrapper -> P), the kernel's own ns per iteration of a `test_run` with
 //!   `repeat = N` (default 1,000,000); median of K runs (default 7);
-//! - net = raw(P) - raw(wrapper -> `floor_pass`): P's own cost;
+//! - net = raw(P) - raw(wrapper -> `floor_pass`): P's own cost (for the new-flow rows
+//!   the baseline is `floor_pass` with the wrapper writing a new port too);
 //! - direct = T(P) without the wrapper, for programs whose cost does not depend on
 //!   what the previous iteration left (XDP_PASS, the MAC swap, `xdp_lb` on a non-VIP
 //!   packet);
@@ -531,6 +532,9 @@ enum Target {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Case {
     FloorPass,
+    /// XDP_PASS with the wrapper's new source port every iteration: the baseline of
+    /// the new-flow rows.
+    FloorPassNewPort,
     FloorTx,
     FloorIpip,
     /// Every iteration gets a new source port from the wrapper.
@@ -538,6 +542,13 @@ enum Case {
     /// The flow is put in the table first.
     LbEstablished,
     LbNonVip,
+}
+
+impl Case {
+    /// The wrapper writes a new TCP source port every iteration (`BENCH_MODE` 1).
+    fn new_port(self) -> bool {
+        matches!(self, Case::FloorPassNewPort | Case::LbNewFlow)
+    }
 }
 
 struct Row {
@@ -572,7 +583,7 @@ impl Row {
 /// address no earlier run used, so its first ports are new to the flow table).
 fn frame_for(case: Case, run: usize) -> Vec<u8> {
     match case {
-        Case::LbNewFlow => {
+        Case::LbNewFlow | Case::FloorPassNewPort => {
             let src = Ipv4Addr::new(198, 18, 0, 10 + (run % 200) as u8);
             PacketBuilder::tcp(SocketAddrV4::new(src, 1), VIP)
                 .flags(tcp_flags::SYN)
@@ -695,7 +706,7 @@ impl Bench {
             v => format!("verdict {v}"),
         };
         let want = match row.case {
-            Case::FloorPass | Case::LbNonVip => XDP_PASS,
+            Case::FloorPass | Case::FloorPassNewPort | Case::LbNonVip => XDP_PASS,
             _ => XDP_TX,
         };
         ensure!(
@@ -707,6 +718,19 @@ impl Bench {
         match row.case {
             Case::FloorPass | Case::LbNonVip => {
                 ensure!(sample.out == frame, "a passed frame came out changed")
+            }
+            Case::FloorPassNewPort => {
+                let sport = ETH_HLEN + IPV4_HLEN;
+                ensure!(
+                    sample.out.len() == frame.len(),
+                    "a passed frame changed its length"
+                );
+                let mut want = frame.to_vec();
+                want[sport..sport + 2].copy_from_slice(&sample.out[sport..sport + 2]);
+                ensure!(
+                    sample.out == want,
+                    "a passed frame changed beyond its source port"
+                );
             }
             Case::FloorTx => {
                 // Without the wrapper the MACs are swapped back and forth.
@@ -798,7 +822,7 @@ impl Bench {
     ) -> anyhow::Result<()> {
         let frame = frame_for(row.case, run);
         let target_fd = self.program(row.target)?.fd()?.try_clone()?;
-        let mode = u32::from(row.case == Case::LbNewFlow);
+        let mode = u32::from(row.case.new_port());
         self.floors.arm(&target_fd, &frame, mode)?;
         if row.case == Case::LbEstablished {
             let prime = test_run(self.program(row.target)?, &frame, &self.ctx, 1)
@@ -895,6 +919,12 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
                 true,
             ),
             Row::new(
+                "floor: XDP_PASS, new port/iter",
+                Target::Floor(FLOOR_PASS),
+                Case::FloorPassNewPort,
+                false,
+            ),
+            Row::new(
                 "floor: parse+swap MACs+XDP_TX",
                 Target::Floor(FLOOR_TX),
                 Case::FloorTx,
@@ -951,25 +981,83 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
                 .run_row(row, 199, warm, false)
                 .with_context(|| format!("warm-up of {}", row.label))?;
         }
+        let start = cpu_times();
         for run in 0..runs {
             for row in &mut rows {
                 bench.run_row(row, run, repeat, true)?;
             }
         }
-        Ok((cpu, rows))
+        let load = Load::between(&start, &cpu_times(), cpu);
+        Ok((cpu, rows, load))
     });
     drop(guard);
-    let (cpu, rows) = result?;
-    report(&rows, args, cpu, cpus, small_table);
+    let (cpu, rows, load) = result?;
+    report(&rows, args, cpu, cpus, small_table, &load);
     Ok(())
 }
 
-fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32) {
-    let base = kernel_median(&rows[0].raw);
-    let floor = rows
-        .iter()
-        .find(|r| r.case == Case::FloorIpip)
-        .map_or(f64::NAN, |r| kernel_median(&r.raw) - base);
+/// Per-CPU `(busy, total, steal)` jiffies from `/proc/stat` (empty if unreadable).
+fn cpu_times() -> Vec<(u64, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            // user nice system idle iowait irq softirq steal
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            let total: u64 = f.iter().sum();
+            let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+            (total - idle, total, f.get(7).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// How busy the machine was while the runs were measured.
+struct Load {
+    /// Busy share of the other CPUs (their work shares caches, and on a VM perhaps
+    /// the core, with the measuring CPU).
+    others_busy: f64,
+    /// Share of the measuring CPU's time the hypervisor gave to someone else.
+    steal: f64,
+}
+
+impl Load {
+    fn between(a: &[(u64, u64, u64)], b: &[(u64, u64, u64)], cpu: usize) -> Self {
+        let (mut busy, mut total) = (0, 0);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if i != cpu {
+                busy += y.0 - x.0;
+                total += y.1 - x.1;
+            }
+        }
+        let steal = match (a.get(cpu), b.get(cpu)) {
+            (Some(x), Some(y)) if y.1 > x.1 => (y.2 - x.2) as f64 / (y.1 - x.1) as f64,
+            _ => 0.0,
+        };
+        Load {
+            others_busy: if total == 0 {
+                0.0
+            } else {
+                busy as f64 / total as f64
+            },
+            steal,
+        }
+    }
+}
+
+fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32, load: &Load) {
+    let median_of = |case: Case| {
+        rows.iter()
+            .find(|r| r.case == case)
+            .map_or(f64::NAN, |r| kernel_median(&r.raw))
+    };
+    let base = median_of(Case::FloorPass);
+    let base_new_port = median_of(Case::FloorPassNewPort);
+    let floor = median_of(Case::FloorIpip) - base;
     println!(
         "xdplb-bench xdp: ns per packet through BPF_PROG_TEST_RUN; kernel {}, {}, thread pinned to CPU {cpu} ({cpus} possible CPUs)",
         kernel_release(),
@@ -986,7 +1074,12 @@ fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32)
     for r in rows {
         let raw = kernel_median(&r.raw);
         let wall = median_f64(&r.raw.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
-        let net = raw - base;
+        let net = raw
+            - if r.case.new_port() {
+                base_new_port
+            } else {
+                base
+            };
         let direct = if r.direct_samples.is_empty() {
             "-".to_owned()
         } else {
@@ -1017,9 +1110,21 @@ fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32)
     }
     println!("{REFERENCE}");
     println!(
+        "\nwhile measuring: other CPUs {:.0}% busy, steal on CPU {cpu} {:.1}%{}",
+        100.0 * load.others_busy,
+        100.0 * load.steal,
+        if load.others_busy > 0.2 || load.steal > 0.02 {
+            " (other work shares caches and, on a VM, perhaps the core: figures are inflated; \
+             compare ratios, or rerun on an idle machine)"
+        } else {
+            ""
+        }
+    );
+    println!(
         "\n* ratio = net / net of \"floor: parse+lookup+IPIP+TX\".\n\
          net = raw - raw of \"floor: XDP_PASS\" (the wrapper's own cost: un-encapsulate, restore\n\
-         \x20 the Ethernet header, new source port for SYN rows, tail call). raw = wrapper -> program with\n\
+         \x20 the Ethernet header, tail call); for SYN rows raw - raw of \"XDP_PASS, new port/iter\"\n\
+         \x20 (the wrapper also writes a new source port). raw = wrapper -> program with\n\
          \x20 repeat = N (the kernel does not reset the packet between iterations; the wrapper undoes\n\
          \x20 the previous iteration). direct = the program alone with repeat = N, only where its\n\
          \x20 cost does not depend on the previous iteration. raw wall = wall clock of the test_run\n\
