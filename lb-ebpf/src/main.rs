@@ -60,7 +60,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
-    let choice = choose_backend(&pkt.key, &vip).map_err(Exit::Drop)?;
+    let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn).map_err(Exit::Drop)?;
     let backend_addr = choice.backend.addr[0];
     let outer_len = pkt.tot_len + IPV4_HLEN as u16;
     let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;

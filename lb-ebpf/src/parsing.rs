@@ -69,6 +69,8 @@ pub struct Ports {
 }
 
 const TCP_MIN_HLEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const UDP_HLEN: usize = 8;
 /// More-fragments bit and offset mask of `frag_off`, in network order.
 const IP_MF_OFFSET: u16 = 0x3fffu16.to_be();
@@ -123,6 +125,8 @@ pub struct Ipv4Flow {
     /// IPv4 total length, host order.
     pub tot_len: u16,
     pub tos: u8,
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    pub tcp_syn: bool,
 }
 
 /// Parse the IPv4 header at `l3_off` and the ports after it. The error is the counter
@@ -161,6 +165,15 @@ pub fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<Ipv4Flow, Counter> 
     let ports = ptr_at::<Ports>(ctx, l4_off).ok_or(Counter::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { *ports };
+    let tcp_syn = if ip.protocol == PROTO_TCP {
+        // Data offset byte and flags byte (offset 12, 13 of the TCP header).
+        let off_flags = ptr_at::<[u8; 2]>(ctx, l4_off + 12).ok_or(Counter::PassTruncated)?;
+        // SAFETY: bounds checked by ptr_at.
+        let flags = unsafe { (*off_flags)[1] };
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    } else {
+        false
+    };
     Ok(Ipv4Flow {
         l3_off,
         key: FlowKey {
@@ -174,5 +187,6 @@ pub fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<Ipv4Flow, Counter> 
         },
         tot_len,
         tos: ip.tos,
+        tcp_syn,
     })
 }

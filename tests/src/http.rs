@@ -7,6 +7,10 @@
 //! - [`get`] makes one request with `Connection: close` from the calling thread's
 //!   namespace; [`run_load`] makes N of them from a namespace over a few threads, with
 //!   an overall deadline, and reports successes, failures and which backend answered.
+//! - For control-plane tests: [`HttpServer::start_keep_alive`] (a thread per connection,
+//!   many requests per connection) with [`connect_keep_alive`] and [`get_keep_alive`];
+//!   [`request`] (any method, headers and body, for REST APIs); [`get_from`] (a fixed
+//!   client port, to reuse a 5-tuple on purpose).
 
 use std::{
     collections::BTreeMap,
@@ -118,6 +122,172 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+impl HttpServer {
+    /// Like [`HttpServer::start`], but each connection gets its own thread and may carry
+    /// many requests (HTTP/1.1 keep-alive): the server answers with `Connection:
+    /// keep-alive` until the client sends `Connection: close` or closes, or the
+    /// connection idles for [`IO_TIMEOUT`]. At most [`KEEP_ALIVE_MAX_CONNECTIONS`] are
+    /// served at once (further ones are closed at once and counted as errors); stopping
+    /// the server ends them within about 50 ms.
+    pub fn start_keep_alive(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<Self> {
+        let listener = netns::in_netns(ns, move || {
+            let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .with_context(|| format!("starting keep-alive HTTP server {name} in {ns}"))?;
+        let counters = Arc::new(Counters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (counters, stop, name) = (counters.clone(), stop.clone(), name.to_owned());
+            thread::Builder::new()
+                .name(format!("http-ka-{name}"))
+                .spawn(move || serve_keep_alive(&listener, &name, &counters, &stop))?
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+            counters,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Connections a keep-alive server serves at once.
+pub const KEEP_ALIVE_MAX_CONNECTIONS: usize = 64;
+
+/// The accept loop of [`HttpServer::start_keep_alive`]: a thread per connection.
+fn serve_keep_alive(
+    listener: &TcpListener,
+    name: &str,
+    counters: &Arc<Counters>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        conns.retain(|c| !c.is_finished());
+        match listener.accept() {
+            Ok((stream, _)) if conns.len() >= KEEP_ALIVE_MAX_CONNECTIONS => {
+                drop(stream);
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((stream, _)) => {
+                let (n, c, st) = (name.to_owned(), counters.clone(), stop.clone());
+                let spawned = thread::Builder::new()
+                    .name(format!("http-ka-{name}-conn"))
+                    .spawn(move || {
+                        if handle_keep_alive(stream, &n, &c, &st).is_err() {
+                            c.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                match spawned {
+                    Ok(c) => conns.push(c),
+                    Err(_) => {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e).context("accept"),
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    for c in conns {
+        let _ = c.join();
+    }
+    result
+}
+
+/// Serves requests on one connection until the client closes or asks to, it idles
+/// for [`IO_TIMEOUT`], or the server stops.
+fn handle_keep_alive(
+    mut stream: TcpStream,
+    name: &str,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    stream.set_nonblocking(false)?;
+    // Short reads, so a stop is noticed; idleness is bounded separately.
+    stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let mut idle_since = Instant::now();
+    loop {
+        // One complete head in the buffer?
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let mut lines = head.lines();
+            let mut parts = lines.next().unwrap_or_default().split_whitespace();
+            let (method, path) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let close = lines.any(|l| {
+                l.split_once(':').is_some_and(|(n, v)| {
+                    n.trim().eq_ignore_ascii_case("connection")
+                        && v.trim().eq_ignore_ascii_case("close")
+                })
+            });
+            let (status, body) = match (method, path) {
+                ("GET", "/healthz") => {
+                    counters.health.fetch_add(1, Ordering::Relaxed);
+                    ("200 OK", "ok\n".to_owned())
+                }
+                ("GET", _) => {
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    ("200 OK", format!("{name}\n"))
+                }
+                _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
+            };
+            let connection = if close { "close" } else { "keep-alive" };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
+                 Connection: {connection}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes())?;
+            if close {
+                let _ = stream.shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            idle_since = Instant::now();
+            continue;
+        }
+        ensure!(buf.len() < MAX_MESSAGE, "request head too long");
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        ensure!(
+            idle_since.elapsed() < IO_TIMEOUT,
+            "connection idle for {IO_TIMEOUT:?}"
+        );
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                ensure!(buf.is_empty(), "connection closed within a request head");
+                return Ok(());
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("read"),
+        }
     }
 }
 
@@ -248,6 +418,273 @@ pub fn get(target: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<
             "response longer than {MAX_MESSAGE} bytes"
         );
     }
+    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+}
+
+/// One request with any method, extra header fields and body to `target`, with
+/// `Connection: close`, each step bounded by `timeout`; the whole answer is read
+/// (a `Transfer-Encoding: chunked` body is decoded). For REST APIs. Runs in the calling
+/// thread's namespace (call it inside [`netns::in_netns`]).
+pub fn request(
+    target: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("connect {target}"))?;
+    let local = stream.local_addr()?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xdplb-tests\r\nConnection: close\r\n"
+    );
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    stream
+        .write_all(req.as_bytes())
+        .with_context(|| format!("send {method} {path} from {local}"))?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .with_context(|| format!("read on {local}"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        ensure!(
+            raw.len() <= 16 * MAX_MESSAGE,
+            "response longer than {} bytes",
+            16 * MAX_MESSAGE
+        );
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no complete head in {} bytes", raw.len()))?;
+    let chunked = String::from_utf8_lossy(&raw[..split]).lines().any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if chunked {
+        let mut decoded = raw[..split + 4].to_vec();
+        decoded.extend(dechunk(&raw[split + 4..])?);
+        let mut r = parse_response(&decoded, local)?;
+        r.headers.retain(|(n, _)| n != "transfer-encoding");
+        return Ok(r);
+    }
+    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+}
+
+/// Like [`get`], but from the given local IPv4 address and port (bound with
+/// `SO_REUSEADDR`), so a test can reuse a connection's 5-tuple on purpose. Runs in the
+/// calling thread's namespace (call it inside [`netns::in_netns`]).
+pub fn get_from(
+    local: SocketAddr,
+    target: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    let mut stream = connect_from(local, target, timeout)
+        .with_context(|| format!("connect {target} from {local}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xdplb-tests\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("send from {local}"))?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .with_context(|| format!("read on {local}"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        ensure!(
+            raw.len() <= MAX_MESSAGE,
+            "response longer than {MAX_MESSAGE} bytes"
+        );
+    }
+    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+}
+
+/// A TCP connection from `local` to `target` (IPv4), the connect bounded by `timeout`.
+fn connect_from(
+    local: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let (SocketAddr::V4(local), SocketAddr::V4(target)) = (local, target) else {
+        bail!("get_from supports IPv4 only");
+    };
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let last = || std::io::Error::last_os_error();
+    // SAFETY: plain socket calls on a descriptor we own; every pointer passed points to
+    // a live value of the size given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "socket: {}", last());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let one: libc::c_int = 1;
+        ensure!(
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0,
+            "SO_REUSEADDR: {}",
+            last()
+        );
+        // A blocking connect gives up after SO_SNDTIMEO.
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        ensure!(
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) == 0,
+            "SO_SNDTIMEO: {}",
+            last()
+        );
+        let l = sockaddr(local);
+        ensure!(
+            libc::bind(raw, (&raw const l).cast(), len) == 0,
+            "bind {local}: {}",
+            last()
+        );
+        let t = sockaddr(target);
+        ensure!(
+            libc::connect(raw, (&raw const t).cast(), len) == 0,
+            "connect: {}",
+            last()
+        );
+        Ok(TcpStream::from(fd))
+    }
+}
+
+/// Decodes a `Transfer-Encoding: chunked` body (extensions and trailers ignored).
+fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("chunk size line not terminated"))?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("chunk size {size_text:?}"))?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        ensure!(body.len() >= size + 2, "chunk of {size} bytes cut short");
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+/// Opens a connection to `target` from namespace `ns` for [`get_keep_alive`]; the
+/// socket belongs to `ns` but can be used from any thread. Reads and writes are
+/// bounded by `timeout`.
+pub fn connect_keep_alive(
+    ns: &str,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    netns::in_netns(ns, move || {
+        let stream = TcpStream::connect_timeout(&target, timeout)
+            .with_context(|| format!("connect {target}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
+    })
+}
+
+/// One `GET path` on an open connection, keeping it open (`Connection: keep-alive`);
+/// reads exactly one response, whose body length must be given by `Content-Length`.
+pub fn get_keep_alive(stream: &mut TcpStream, path: &str) -> anyhow::Result<Response> {
+    let local = stream.local_addr()?;
+    let peer = stream.peer_addr()?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {peer}\r\nUser-Agent: xdplb-tests\r\nConnection: keep-alive\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("send from {local}"))?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut byte = [0u8; 1];
+    // The head, a byte at a time so nothing of a later response is consumed.
+    while !raw.ends_with(b"\r\n\r\n") {
+        ensure!(raw.len() < MAX_MESSAGE, "response head too long");
+        let n = stream
+            .read(&mut byte)
+            .with_context(|| format!("read on {local}"))?;
+        ensure!(
+            n > 0,
+            "connection {local} closed before the response head ended"
+        );
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .ok_or_else(|| anyhow!("keep-alive response without content-length"))?
+        .parse()
+        .context("content-length")?;
+    ensure!(len <= MAX_MESSAGE, "response body of {len} bytes");
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        let want = (len - body.len()).min(chunk.len());
+        let n = stream
+            .read(&mut chunk[..want])
+            .with_context(|| format!("read on {local}"))?;
+        ensure!(n > 0, "connection {local} closed within the response body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    raw.extend(body);
     parse_response(&raw, local).with_context(|| format!("response on {local}"))
 }
 
@@ -416,6 +853,51 @@ mod tests {
             parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nbe2\n", local).is_err()
         );
         assert!(parse_response(b"garbage", local).is_err());
+    }
+
+    #[test]
+    fn keep_alive_server_and_clients_work_on_loopback() {
+        // The caller's namespace, loopback only: no privileges needed.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (c, s) = (counters.clone(), stop.clone());
+            thread::spawn(move || serve_keep_alive(&listener, "be8", &c, &s))
+        };
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let local = conn.local_addr().unwrap();
+        for _ in 0..3 {
+            let r = get_keep_alive(&mut conn, "/").unwrap();
+            assert_eq!((r.status, r.backend(), r.local), (200, "be8", local));
+            assert_eq!(r.header("connection"), Some("keep-alive"));
+        }
+        // Other connections are served while that one stays open.
+        assert_eq!(get(addr, "/healthz", IO_TIMEOUT).unwrap().body, "ok\n");
+        let r = request(addr, "POST", "/x", &[("X-A", "1")], Some("{}"), IO_TIMEOUT).unwrap();
+        assert_eq!(r.status, 405);
+        let from = SocketAddr::from(([127, 0, 0, 1], 0));
+        assert_eq!(
+            get_from(from, addr, "/", IO_TIMEOUT).unwrap().backend(),
+            "be8"
+        );
+        assert_eq!(get_keep_alive(&mut conn, "/").unwrap().backend(), "be8");
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap().unwrap();
+        assert_eq!(counters.requests.load(Ordering::Relaxed), 5);
+        assert_eq!(counters.health.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn chunked_bodies_decode() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        assert!(dechunk(b"5\r\nab").is_err());
     }
 
     #[test]
