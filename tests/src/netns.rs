@@ -689,6 +689,28 @@ where
     Ok(handle)
 }
 
+/// The MAC address of `iface` in the calling thread's network namespace (sysfs would
+/// show the namespace of its mount, not the thread's).
+pub fn mac_of(iface: &str) -> anyhow::Result<[u8; 6]> {
+    // SAFETY: plain socket/ioctl/close on a zeroed ifreq with a NUL-terminated name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        ensure!(rc == 0, "SIOCGIFHWADDR {iface}: {err}");
+        let d = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok([
+            d[0] as u8, d[1] as u8, d[2] as u8, d[3] as u8, d[4] as u8, d[5] as u8,
+        ])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use lb_common::{
     types::{DecapKey, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP},
 };
 use xdplb_tests::{
-    netns::{self, NetnsGuard, exec, in_netns},
+    netns::{self, NetnsGuard, exec, in_netns, mac_of},
     packet::{Frame, IPPROTO_IPIP, L4, PacketBuilder, tcp_flags},
 };
 
@@ -150,33 +150,6 @@ struct Fixture {
     far_ifindex: u32,
     lb_mac: [u8; 6],
     _forwarding: InterfaceForwarding,
-}
-
-/// The MAC address of `iface` in the calling thread's network namespace (sysfs would
-/// show the mount's namespace, not the thread's).
-fn mac_of(iface: &str) -> anyhow::Result<[u8; 6]> {
-    // SAFETY: plain socket/ioctl/close on a zeroed ifreq with a NUL-terminated name.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        ensure!(rc == 0, "SIOCGIFHWADDR {iface}: {err}");
-        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
-        Ok([
-            data[0] as u8,
-            data[1] as u8,
-            data[2] as u8,
-            data[3] as u8,
-            data[4] as u8,
-            data[5] as u8,
-        ])
-    }
 }
 
 /// Build the routing fixture in `ns`: `lb0` (198.18.1.0/24, static neighbours for the
