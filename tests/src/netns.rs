@@ -711,6 +711,37 @@ pub fn mac_of(iface: &str) -> anyhow::Result<[u8; 6]> {
     }
 }
 
+/// Adds a permanent neighbour entry `addr -> mac` on `dev` inside namespace `ns`, so
+/// `bpf_fib_lookup` answers with that MAC without any ARP traffic.
+pub fn static_neighbour(
+    ns: &str,
+    addr: std::net::IpAddr,
+    mac: [u8; 6],
+    dev: &str,
+) -> anyhow::Result<()> {
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    exec(
+        ns,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use lb_common::{
     types::{DecapKey, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP},
 };
 use xdplb_tests::{
-    netns::{self, NetnsGuard, exec, in_netns, mac_of},
+    netns::{self, NetnsGuard, exec, in_netns, mac_of, static_neighbour},
     packet::{Frame, IPPROTO_IPIP, L4, PacketBuilder, tcp_flags},
 };
 
@@ -175,28 +175,8 @@ fn net_fixture(ns: &str) -> anyhow::Result<()> {
     for c in cmds {
         exec(ns, &c)?;
     }
-    let neigh = |addr: Ipv4Addr, mac: [u8; 6], dev: &str| {
-        let m = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        exec(
-            ns,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &addr.to_string(),
-                "lladdr",
-                &m,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        )
-    };
+    let neigh =
+        |addr: Ipv4Addr, mac: [u8; 6], dev: &str| static_neighbour(ns, addr.into(), mac, dev);
     for (b, m) in BACKENDS.iter().zip(BACKEND_MACS) {
         neigh(*b, m, "lb0")?;
     }

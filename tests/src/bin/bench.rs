@@ -81,7 +81,7 @@ use lb_common::{
     types::{FAMILY_V4, FlowKey, PROTO_TCP},
 };
 use xdplb_tests::{
-    netns::{self, NetnsGuard, exec, in_netns, mac_of},
+    netns::{self, NetnsGuard, exec, in_netns, mac_of, static_neighbour},
     packet::{
         ETH_HLEN, Frame, IPPROTO_IPIP, IPV4_HLEN, Ipv4Packet, PacketBuilder, TcpSegment, tcp_flags,
     },
@@ -235,26 +235,7 @@ fn net_fixture(ns: &str) -> anyhow::Result<()> {
         exec(ns, &c.split(' ').collect::<Vec<_>>())?;
     }
     for (b, m) in BACKENDS.iter().zip(BACKEND_MACS) {
-        let mac = m
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        exec(
-            ns,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &b.to_string(),
-                "lladdr",
-                &mac,
-                "dev",
-                LB_IFACE,
-                "nud",
-                "permanent",
-            ],
-        )?;
+        static_neighbour(ns, (*b).into(), m, LB_IFACE)?;
     }
     Ok(())
 }
