@@ -309,8 +309,7 @@ impl Control {
                 .map(|s| s.name.clone())
                 .collect(),
         );
-        let mut desired = DesiredState::from_config(&self.config);
-        desired.services = services;
+        let desired = DesiredState::new(&self.config.dataplane, services);
         self.sink.apply(&desired).map_err(ControlError::Apply)?;
         self.views = views;
         Ok(())

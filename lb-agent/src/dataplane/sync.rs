@@ -24,7 +24,7 @@ use super::{
     maps::Maps,
     ring::{self, RingMember},
 };
-use crate::config::{Config, Encap, Mode, Protocol, Scheduler};
+use crate::config::{DataplaneConfig, Encap, Protocol};
 
 /// A service as the fast path should see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,36 +60,17 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
-    /// The desired state the config alone asks for: every backend active, at its weight.
-    pub fn from_config(config: &Config) -> Self {
+    /// The global settings of `dataplane` with the given services (as derived by
+    /// `crate::state` from config, overrides and health).
+    pub fn new(dataplane: &DataplaneConfig, services: Vec<DesiredService>) -> Self {
         DesiredState {
-            source_v4: config.dataplane.source_ipv4,
-            source_v6: config.dataplane.source_ipv6,
-            encap: match config.dataplane.encap {
+            source_v4: dataplane.source_ipv4,
+            source_v6: dataplane.source_ipv6,
+            encap: match dataplane.encap {
                 Encap::Ipip => ENCAP_IPIP,
                 Encap::Gue => ENCAP_GUE,
             },
-            services: config
-                .services
-                .iter()
-                .map(|s| DesiredService {
-                    name: s.name.clone(),
-                    vip: s.vip,
-                    protocol: s.protocol,
-                    l7: s.mode == Mode::L7,
-                    source_hash: s.scheduler == Scheduler::SourceIp,
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| DesiredBackend {
-                            address: b.address,
-                            port: b.port,
-                            weight: b.weight,
-                            active: true,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            services,
         }
     }
 }
