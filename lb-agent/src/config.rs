@@ -264,6 +264,149 @@ pub struct StickyConfig {
 pub struct CacheConfig {
     /// Memory budget of the HTTP cache.
     pub max_bytes: u64,
+    /// Largest response body stored (capped at `max_bytes`); larger ones pass through uncached.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+}
+
+impl CacheConfig {
+    /// The largest body stored: `max_object_bytes`, at most the whole budget.
+    #[must_use]
+    pub fn object_limit(&self) -> u64 {
+        self.max_object_bytes.min(self.max_bytes)
+    }
+}
+
+fn default_max_object_bytes() -> u64 {
+    DEFAULT_MAX_OBJECT_BYTES
+}
+
+/// A service's `on_all_down`: what the fast path does when no backend of any tier
+/// is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllDown {
+    /// Keep serving with the last known set (the health checker may be the one cut off).
+    #[default]
+    FailOpen,
+    /// Serve nobody: the fast path drops the service's new flows (counted as `no_backend`).
+    Drop,
+}
+
+/// What the `hash` scheduler (l7) hashes: `hash_on = "client" | "header:NAME" | "cookie:NAME"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum HashOn {
+    /// The client's address.
+    #[default]
+    Client,
+    /// A request header (lower-case name); requests without it hash on the client.
+    Header(String),
+    /// A request cookie; requests without it hash on the client.
+    Cookie(String),
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Client => f.write_str("client"),
+            Self::Header(h) => write!(f, "header:{h}"),
+            Self::Cookie(c) => write!(f, "cookie:{c}"),
+        }
+    }
+}
+
+impl std::str::FromStr for HashOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "client" {
+            return Ok(Self::Client);
+        }
+        if let Some(h) = s.strip_prefix("header:") {
+            if h.is_empty() || !h.bytes().all(is_tchar) {
+                return Err(format!("\"{h}\" is not a valid header name"));
+            }
+            return Ok(Self::Header(h.to_ascii_lowercase()));
+        }
+        if let Some(c) = s.strip_prefix("cookie:") {
+            if !is_cookie_name(c) {
+                return Err(format!("\"{c}\" is not a valid cookie name"));
+            }
+            return Ok(Self::Cookie(c.to_owned()));
+        }
+        Err(format!(
+            "unknown value \"{s}\", expected \"client\", \"header:NAME\" or \"cookie:NAME\""
+        ))
+    }
+}
+
+impl Serialize for HashOn {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HashOn {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(de)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A service's `tls = { cert, key }` (l7 only): PEM files; ALPN offers h2 and http/1.1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1), PEM.
+    pub key: PathBuf,
+}
+
+/// A service's `http = { ... }` (l7 only): timeouts, limits, retries and passive health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Time to open a connection to a backend.
+    pub connect_timeout_ms: u64,
+    /// Time a client has to send a request's whole header (slowloris limit: 408).
+    pub header_timeout_ms: u64,
+    /// Time a kept-alive client connection may stay idle between requests.
+    pub idle_timeout_ms: u64,
+    /// Time a backend has to answer with a response header (504 after it).
+    pub response_timeout_ms: u64,
+    /// Largest request header block, bytes (431 above it).
+    pub max_header_bytes: u32,
+    /// Most request header fields (431 above it).
+    pub max_headers: u32,
+    /// Largest request body, bytes (413 above it).
+    pub max_body_bytes: u64,
+    /// Extra attempts of an idempotent request on another backend after a connect
+    /// failure or a reset before any response byte.
+    pub retries: u32,
+    /// Consecutive connect errors or 5xx answers that eject a backend (0: never).
+    pub eject_after: u32,
+    /// First ejection time; each further ejection doubles it, up to `eject_max_ms`.
+    pub eject_base_ms: u64,
+    /// Longest ejection.
+    pub eject_max_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1000,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            response_timeout_ms: 30_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 64 * 1024 * 1024,
+            retries: 2,
+            eject_after: 5,
+            eject_base_ms: 1000,
+            eject_max_ms: 30_000,
+        }
+    }
 }
 
 /// One `[[service]]`.
@@ -295,6 +438,18 @@ pub struct ServiceConfig {
     /// Response cache (l7 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// Seconds over which a backend that is added or comes back ramps up to its full
+    /// weight (0: at once).
+    pub slow_start_s: u64,
+    /// What happens when every backend of every tier is down.
+    pub on_all_down: AllDown,
+    /// What the `hash` scheduler hashes (l7).
+    pub hash_on: HashOn,
+    /// TLS on the VIP (l7 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Timeouts, limits, retries and passive health of the HTTP proxy (l7).
+    pub http: HttpConfig,
 }
 
 /// The accepted input form of a [`ServiceConfig`], with the defaults not yet applied.
@@ -314,6 +469,15 @@ struct ServiceSpec {
     backends: Vec<BackendSpec>,
     sticky: Option<StickyConfig>,
     cache: Option<CacheConfig>,
+    #[serde(default)]
+    slow_start_s: u64,
+    #[serde(default)]
+    on_all_down: AllDown,
+    #[serde(default)]
+    hash_on: HashOn,
+    tls: Option<TlsConfig>,
+    #[serde(default)]
+    http: HttpConfig,
 }
 
 /// A backend within a [`ServiceSpec`]: `port` may be omitted.
@@ -350,6 +514,11 @@ impl From<ServiceSpec> for ServiceConfig {
                 .collect(),
             sticky: spec.sticky,
             cache: spec.cache,
+            slow_start_s: spec.slow_start_s,
+            on_all_down: spec.on_all_down,
+            hash_on: spec.hash_on,
+            tls: spec.tls,
+            http: spec.http,
         }
     }
 }
@@ -426,6 +595,7 @@ named!(Scheduler {
     Hash => "hash",
 });
 named!(HealthKind { None => "none", Tcp => "tcp", Http => "http" });
+named!(AllDown { FailOpen => "fail-open", Drop => "drop" });
 
 // ---------------------------------------------------------------------------
 // Defaults and limits
@@ -445,6 +615,9 @@ const DEFAULT_TIMEOUT_MS: u64 = 500;
 const DEFAULT_RISE: u32 = 2;
 const DEFAULT_FALL: u32 = 2;
 const DEFAULT_WEIGHT: u32 = 100;
+const DEFAULT_MAX_OBJECT_BYTES: u64 = 8 * 1024 * 1024;
+/// Longest slow start accepted (one day).
+const MAX_SLOW_START_S: u64 = 86_400;
 
 const RING_SIZE_MIN: u32 = 13;
 const RING_SIZE_MAX: u32 = 16_777_213;
@@ -952,6 +1125,12 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
             if svc.cache.is_some() {
                 report.field("cache", "caching is only for mode = \"l7\"");
             }
+            if svc.tls.is_some() {
+                report.field("tls", "TLS termination is only for mode = \"l7\"");
+            }
+            if svc.http != HttpConfig::default() {
+                report.field("http", "http settings are only for mode = \"l7\"");
+            }
             if svc.vip.is_ipv4() && dp.xdp_mode != XdpMode::Off && dp.source_ipv4.is_none() {
                 report.field(
                     "vip",
@@ -1119,8 +1298,74 @@ fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
             report.field("sticky.ttl_s", "must be at least 1");
         }
     }
-    if svc.cache.as_ref().is_some_and(|c| c.max_bytes == 0) {
-        report.field("cache.max_bytes", "must be at least 1");
+    if let Some(cache) = &svc.cache {
+        if cache.max_bytes == 0 {
+            report.field("cache.max_bytes", "must be at least 1");
+        }
+        if cache.max_object_bytes == 0 {
+            report.field("cache.max_object_bytes", "must be at least 1");
+        }
+    }
+    if let Some(tls) = &svc.tls {
+        for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if let Err(e) = fs::metadata(path) {
+                report.field(key, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+    }
+    let h = &svc.http;
+    for (key, v) in [
+        ("http.connect_timeout_ms", h.connect_timeout_ms),
+        ("http.header_timeout_ms", h.header_timeout_ms),
+        ("http.idle_timeout_ms", h.idle_timeout_ms),
+        ("http.response_timeout_ms", h.response_timeout_ms),
+        ("http.eject_base_ms", h.eject_base_ms),
+    ] {
+        if v == 0 {
+            report.field(key, "must be at least 1");
+        }
+    }
+    if h.max_header_bytes < 1024 {
+        report.field(
+            "http.max_header_bytes",
+            format!("must be at least 1024, found {}", h.max_header_bytes),
+        );
+    }
+    if h.max_headers == 0 {
+        report.field("http.max_headers", "must be at least 1");
+    }
+    if h.retries > 10 {
+        report.field(
+            "http.retries",
+            format!("must be at most 10, found {}", h.retries),
+        );
+    }
+    if h.eject_max_ms < h.eject_base_ms {
+        report.field(
+            "http.eject_max_ms",
+            format!(
+                "must be at least http.eject_base_ms ({}), found {}",
+                h.eject_base_ms, h.eject_max_ms
+            ),
+        );
+    }
+    if svc.hash_on != HashOn::Client && svc.scheduler != Scheduler::Hash {
+        report.field(
+            "hash_on",
+            format!(
+                "hash_on is used only by scheduler = \"hash\" (this service uses \"{}\")",
+                svc.scheduler
+            ),
+        );
+    }
+    if svc.slow_start_s > MAX_SLOW_START_S {
+        report.field(
+            "slow_start_s",
+            format!(
+                "must be at most {MAX_SLOW_START_S} (one day), found {}",
+                svc.slow_start_s
+            ),
+        );
     }
 }
 
@@ -1178,6 +1423,11 @@ fn non_unicast(ip: IpAddr) -> Option<&'static str> {
 
 /// RFC 6265 `cookie-name` = RFC 2616 `token`: one or more printable ASCII characters
 /// other than separators.
+/// An RFC 9110 token character (header field names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn is_cookie_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -1242,6 +1492,11 @@ const SERVICE_KEYS: &[&str] = &[
     "backend",
     "sticky",
     "cache",
+    "slow_start_s",
+    "on_all_down",
+    "hash_on",
+    "tls",
+    "http",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
@@ -1255,7 +1510,21 @@ const HEALTH_KEYS: &[&str] = &[
 ];
 const BACKEND_KEYS: &[&str] = &["address", "port", "weight", "tier"];
 const STICKY_KEYS: &[&str] = &["cookie", "ttl_s"];
-const CACHE_KEYS: &[&str] = &["max_bytes"];
+const CACHE_KEYS: &[&str] = &["max_bytes", "max_object_bytes"];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const HTTP_KEYS: &[&str] = &[
+    "connect_timeout_ms",
+    "header_timeout_ms",
+    "idle_timeout_ms",
+    "response_timeout_ms",
+    "max_header_bytes",
+    "max_headers",
+    "max_body_bytes",
+    "retries",
+    "eject_after",
+    "eject_base_ms",
+    "eject_max_ms",
+];
 
 const VIP_FORMAT: &str = "an address:port such as \"198.18.100.1:80\" or \"[fd00:18::1]:80\"";
 
@@ -1648,6 +1917,15 @@ impl<'s> Walker<'s> {
             .unwrap_or_default();
         let sticky = self.optional(&t, "sticky", Self::sticky);
         let cache = self.optional(&t, "cache", Self::cache);
+        let slow_start_s = self.optional(&t, "slow_start_s", Self::uint).unwrap_or(0);
+        let on_all_down = self
+            .optional(&t, "on_all_down", Self::choice)
+            .unwrap_or_default();
+        let hash_on = self
+            .optional(&t, "hash_on", Self::hash_on)
+            .unwrap_or_default();
+        let tls = self.optional(&t, "tls", Self::tls);
+        let http = self.optional(&t, "http", Self::http).unwrap_or_default();
 
         let (Some(name), Some(vip), true) = (name, vip, identity_ok) else {
             return None;
@@ -1663,6 +1941,11 @@ impl<'s> Walker<'s> {
                 backends,
                 sticky,
                 cache,
+                slow_start_s,
+                on_all_down,
+                hash_on,
+                tls,
+                http,
             },
             backend_ids,
         ))
@@ -1737,8 +2020,74 @@ impl<'s> Walker<'s> {
 
     fn cache(&mut self, path: &str, value: &Value<'_>) -> Option<CacheConfig> {
         let t = self.table(path, value, CACHE_KEYS)?;
+        let max_bytes = self.required(&t, "max_bytes", Self::uint);
+        let max_object_bytes = self
+            .optional(&t, "max_object_bytes", Self::uint)
+            .unwrap_or(DEFAULT_MAX_OBJECT_BYTES);
         Some(CacheConfig {
-            max_bytes: self.required(&t, "max_bytes", Self::uint)?,
+            max_bytes: max_bytes?,
+            max_object_bytes,
+        })
+    }
+
+    fn hash_on(&mut self, path: &str, value: &Value<'_>) -> Option<HashOn> {
+        let s = self.str(path, value)?;
+        match s.parse() {
+            Ok(h) => Some(h),
+            Err(message) => {
+                self.error(&value.span(), path, message);
+                None
+            }
+        }
+    }
+
+    fn tls(&mut self, path: &str, value: &Value<'_>) -> Option<TlsConfig> {
+        let t = self.table(path, value, TLS_KEYS)?;
+        let cert = self.required(&t, "cert", Self::path_buf);
+        let key = self.required(&t, "key", Self::path_buf);
+        Some(TlsConfig {
+            cert: cert?,
+            key: key?,
+        })
+    }
+
+    fn http(&mut self, path: &str, value: &Value<'_>) -> Option<HttpConfig> {
+        let t = self.table(path, value, HTTP_KEYS)?;
+        let d = HttpConfig::default();
+        Some(HttpConfig {
+            connect_timeout_ms: self
+                .optional(&t, "connect_timeout_ms", Self::uint)
+                .unwrap_or(d.connect_timeout_ms),
+            header_timeout_ms: self
+                .optional(&t, "header_timeout_ms", Self::uint)
+                .unwrap_or(d.header_timeout_ms),
+            idle_timeout_ms: self
+                .optional(&t, "idle_timeout_ms", Self::uint)
+                .unwrap_or(d.idle_timeout_ms),
+            response_timeout_ms: self
+                .optional(&t, "response_timeout_ms", Self::uint)
+                .unwrap_or(d.response_timeout_ms),
+            max_header_bytes: self
+                .optional(&t, "max_header_bytes", Self::uint)
+                .unwrap_or(d.max_header_bytes),
+            max_headers: self
+                .optional(&t, "max_headers", Self::uint)
+                .unwrap_or(d.max_headers),
+            max_body_bytes: self
+                .optional(&t, "max_body_bytes", Self::uint)
+                .unwrap_or(d.max_body_bytes),
+            retries: self
+                .optional(&t, "retries", Self::uint)
+                .unwrap_or(d.retries),
+            eject_after: self
+                .optional(&t, "eject_after", Self::uint)
+                .unwrap_or(d.eject_after),
+            eject_base_ms: self
+                .optional(&t, "eject_base_ms", Self::uint)
+                .unwrap_or(d.eject_base_ms),
+            eject_max_ms: self
+                .optional(&t, "eject_max_ms", Self::uint)
+                .unwrap_or(d.eject_max_ms),
         })
     }
 }
@@ -1919,6 +2268,11 @@ cache = { max_bytes = 268435456 }
             backends: vec![backend("198.18.2.11", 80, 100, 0)],
             sticky: None,
             cache: None,
+            slow_start_s: 0,
+            on_all_down: AllDown::FailOpen,
+            hash_on: HashOn::Client,
+            tls: None,
+            http: HttpConfig::default(),
         }
     }
 
@@ -1993,6 +2347,11 @@ cache = { max_bytes = 268435456 }
                     ],
                     sticky: None,
                     cache: None,
+                    slow_start_s: 0,
+                    on_all_down: AllDown::FailOpen,
+                    hash_on: HashOn::Client,
+                    tls: None,
+                    http: HttpConfig::default(),
                 },
                 ServiceConfig {
                     name: "shop".to_owned(),
@@ -2008,7 +2367,13 @@ cache = { max_bytes = 268435456 }
                     }),
                     cache: Some(CacheConfig {
                         max_bytes: 268_435_456,
+                        max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
                     }),
+                    slow_start_s: 0,
+                    on_all_down: AllDown::FailOpen,
+                    hash_on: HashOn::Client,
+                    tls: None,
+                    http: HttpConfig::default(),
                 },
             ],
         };
@@ -2770,7 +3135,10 @@ sticky = { cookie = "bad cookie", ttl_s = 0 }
             cookie: "S".to_owned(),
             ttl_s: 60,
         });
-        svc.cache = Some(CacheConfig { max_bytes: 1 << 20 });
+        svc.cache = Some(CacheConfig {
+            max_bytes: 1 << 20,
+            max_object_bytes: 1 << 16,
+        });
         svc.backends.push(backend("fd00:18::11", 8080, 0, 3));
         let json = serde_json::to_string(&svc).expect("serialize");
         assert!(json.contains("\"backend\":["), "{json}");

@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod dataplane;
 pub mod decap;
 pub mod health;
+pub mod l7;
 pub mod metrics;
 pub mod run;
 pub mod state;

@@ -172,7 +172,9 @@ pub fn retain_services(last: &mut LastServing, names: &BTreeSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, HealthConfig, Protocol, Scheduler};
+    use crate::config::{
+        AllDown, BackendConfig, HashOn, HealthConfig, HttpConfig, Protocol, Scheduler,
+    };
 
     fn svc(backends: &[(&str, u8, u32)]) -> ServiceConfig {
         ServiceConfig {
@@ -193,6 +195,11 @@ mod tests {
                 .collect(),
             sticky: None,
             cache: None,
+            slow_start_s: 0,
+            on_all_down: AllDown::FailOpen,
+            hash_on: HashOn::Client,
+            tls: None,
+            http: HttpConfig::default(),
         }
     }
 

@@ -1,0 +1,5 @@
+//! The L7 path: an HTTP reverse proxy for services with `mode = "l7"` (and for hosts
+//! where XDP cannot attach).
+//!
+//! - [`body`]: the boxed body type shared by the modules below.
+pub mod body;
