@@ -26,8 +26,10 @@ pub enum XdpModeArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the fast path, fill its maps from the config, and keep them in
-    /// sync until SIGINT/SIGTERM (SIGHUP reloads the config).
+    /// Load and attach the fast path (or adopt the one a previous agent left running),
+    /// fill its maps from the config, and keep them in sync until SIGINT/SIGTERM
+    /// (SIGHUP reloads the config). At exit the fast path keeps forwarding, pinned
+    /// for the next agent, unless --detach-on-exit.
     Run {
         #[arg(long)]
         config: PathBuf,
@@ -46,6 +48,9 @@ pub enum Command {
         /// Where API changes are persisted (overrides agent.state_dir).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Remove the fast path at exit instead of leaving it running for the next agent.
+        #[arg(long)]
+        detach_on_exit: bool,
     },
     /// Validate a config file: exit 0, or exit 1 listing every error (file:line:column: key: why).
     CheckConfig {

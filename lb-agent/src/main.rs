@@ -45,6 +45,7 @@ fn main() -> ExitCode {
             bpffs,
             api,
             state_dir,
+            detach_on_exit,
         } => run::run(run::RunArgs {
             config,
             iface,
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
             bpffs,
             api,
             state_dir,
+            detach_on_exit,
         }),
         Command::Decap { action } => match action {
             DecapAction::Attach {

@@ -9,7 +9,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Mutex,
@@ -21,7 +27,7 @@ use crate::{
     config::{Config, Mode, ServiceConfig, XdpMode},
     control::{Control, NoFastPath, ServiceTraffic, Sink, Snapshot, Traffic},
     dataplane::{
-        forwarding::InterfaceForwarding,
+        forwarding,
         loader::{self, Capacities, LB_PROGRAM, Role},
         maps::Maps,
         neigh::NextHopKeeper,
@@ -43,6 +49,8 @@ pub struct RunArgs {
     pub bpffs: Option<PathBuf>,
     pub api: Option<std::net::SocketAddr>,
     pub state_dir: Option<PathBuf>,
+    /// Remove the fast path when the agent stops, instead of leaving it running.
+    pub detach_on_exit: bool,
 }
 
 /// The config file with the command line's overrides, validated again.
@@ -68,15 +76,36 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Name of the pinned XDP link in the balancer's pin directory.
+const LINK_PIN: &str = "link";
+
 /// The balancer's maps and their one writer.
 struct MapsSink {
     maps: Maps,
-    reconciler: Reconciler,
+    capacities: Capacities,
+    /// None until the first apply when maps left by a previous agent are to be adopted
+    /// (recognising its services needs the first desired state).
+    reconciler: Option<Reconciler>,
 }
 
 impl Sink for MapsSink {
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
-        for s in self.reconciler.apply(&mut self.maps, desired)? {
+        let caps = self.capacities;
+        let reconciler = match &mut self.reconciler {
+            Some(r) => r,
+            None => {
+                let r = Reconciler::adopt(
+                    &self.maps,
+                    caps.ring_size,
+                    caps.max_services,
+                    caps.max_backends,
+                    desired,
+                )
+                .context("reading back the maps of the running fast path")?;
+                self.reconciler.insert(r)
+            }
+        };
+        for s in reconciler.apply(&mut self.maps, desired)? {
             if s.slots_changed > 0 {
                 tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "ring written");
             }
@@ -91,8 +120,9 @@ impl Sink for MapsSink {
             drops: c.drops.iter().map(|(k, v)| (k.label(), *v)).collect(),
             ..Default::default()
         };
+        let reconciler = self.reconciler.as_ref()?;
         for svc in services.iter().filter(|s| s.mode == Mode::L4) {
-            let Some(id) = self.reconciler.service_id(&svc.name) else {
+            let Some(id) = reconciler.service_id(&svc.name) else {
                 continue;
             };
             let t = stats::service_traffic(&self.maps, id).ok()?;
@@ -102,7 +132,7 @@ impl Sink for MapsSink {
                 backends: Default::default(),
             };
             for b in &svc.backends {
-                if let Some(bid) = self.reconciler.backend_id(&svc.name, b.address, b.port) {
+                if let Some(bid) = reconciler.backend_id(&svc.name, b.address, b.port) {
                     let t = stats::backend_traffic(&self.maps, bid).ok()?;
                     st.backends.insert(
                         std::net::SocketAddr::new(b.address, b.port).to_string(),
@@ -119,25 +149,36 @@ impl Sink for MapsSink {
     }
 }
 
-/// The attached program and what must be undone when it goes.
+/// The attached program. It is pinned (maps and link) under `pin_dir`, so it keeps
+/// forwarding when the agent stops; the next agent adopts it.
 struct FastPath {
-    /// Holds the program and its link: dropping it detaches.
-    ebpf: Ebpf,
+    /// The program as loaded by this agent (the link is pinned, so dropping this does
+    /// not detach).
+    _ebpf: Ebpf,
     next_hops: NextHopKeeper,
-    /// Restores the interface's forwarding setting when dropped.
-    forwarding: InterfaceForwarding,
     pin_dir: PathBuf,
     iface: String,
 }
 
+/// How [`FastPath::load`] found the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Takeover {
+    /// Nothing running: attach anew.
+    Fresh,
+    /// A fast path pinned by a previous agent, with the same capacities: reuse its maps
+    /// and swap the new program into its link.
+    Adopt,
+}
+
 impl FastPath {
-    /// Load the object and take its maps; the program is attached by [`FastPath::attach`]
-    /// once the maps are filled, so it never runs on half-filled maps.
+    /// Load the object with its maps pinned (reusing those of a running fast path when
+    /// there is one with the same capacities). The program is attached by
+    /// [`FastPath::attach`] once the maps are filled, so it never runs on half-filled maps.
     fn load(
         config: &Config,
         iface: &str,
         bpffs: &Path,
-    ) -> anyhow::Result<(Ebpf, MapsSink, PathBuf)> {
+    ) -> anyhow::Result<(Ebpf, MapsSink, PathBuf, Takeover)> {
         let dp = &config.dataplane;
         let caps = Capacities {
             max_services: dp.max_services,
@@ -146,14 +187,29 @@ impl FastPath {
             flow_table_size: dp.flow_table_size,
         };
         let pin_dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
-        if loader::remove_pin_dir(&pin_dir)? {
+        let running = pin_dir.join(LINK_PIN).exists();
+        let takeover = match (running, loader::pinned_capacities(&pin_dir)) {
+            (true, Some(pinned)) if pinned == caps => Takeover::Adopt,
+            (true, pinned) => {
+                tracing::warn!(?pinned, wanted = ?caps, "the running fast path has other map capacities: replacing it (established flows are re-hashed)");
+                Takeover::Fresh
+            }
+            (false, _) => Takeover::Fresh,
+        };
+        if takeover == Takeover::Fresh && loader::remove_pin_dir(&pin_dir)? {
             tracing::warn!(dir = %pin_dir.display(), "removed pins a previous agent left behind");
         }
-        let mut ebpf = loader::load(&caps)?;
         loader::create_pin_dir(&pin_dir)?;
-        let maps = Maps::take(&mut ebpf, Some(&pin_dir)).context("taking the balancer's maps")?;
-        let reconciler = Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends);
-        Ok((ebpf, MapsSink { maps, reconciler }, pin_dir))
+        let mut ebpf = loader::load_pinned(&caps, &pin_dir)?;
+        let maps = Maps::take(&mut ebpf, None).context("taking the balancer's maps")?;
+        let reconciler = (takeover == Takeover::Fresh)
+            .then(|| Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends));
+        let sink = MapsSink {
+            maps,
+            capacities: caps,
+            reconciler,
+        };
+        Ok((ebpf, sink, pin_dir, takeover))
     }
 
     fn attach(
@@ -161,15 +217,38 @@ impl FastPath {
         iface: &str,
         mode: XdpModeArg,
         pin_dir: PathBuf,
+        takeover: Takeover,
     ) -> anyhow::Result<Self> {
-        let forwarding = InterfaceForwarding::enable(iface)?;
+        forwarding::enable(iface)?;
         let program = loader::load_program(&mut ebpf, LB_PROGRAM)?;
-        let (_link, mode_used) = loader::attach(program, LB_PROGRAM, iface, attach_mode(mode)?)?;
-        tracing::info!(iface, mode = mode_used, pins = %pin_dir.display(), "fast path attached");
+        let link_pin = pin_dir.join(LINK_PIN);
+        match takeover {
+            Takeover::Adopt => {
+                let pinned = PinnedLink::from_pin(&link_pin)
+                    .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .context("the pinned link is not an XDP link")?;
+                program
+                    .attach_to_link(link)
+                    .context("swapping the new program into the running fast path's link")?;
+                tracing::info!(iface, pins = %pin_dir.display(), "adopted the running fast path: maps kept, program swapped in place");
+            }
+            Takeover::Fresh => {
+                let (id, mode_used) =
+                    loader::attach(program, LB_PROGRAM, iface, attach_mode(mode)?)?;
+                let link: FdLink = program.take_link(id)?.try_into().context(
+                    "the kernel attached XDP through netlink, which cannot be pinned \
+                     (needs bpf_link, Linux 5.9+)",
+                )?;
+                // The pin holds the link: it stays attached after this process ends.
+                link.pin(&link_pin)
+                    .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
+                tracing::info!(iface, mode = mode_used, pins = %pin_dir.display(), "fast path attached");
+            }
+        }
         Ok(FastPath {
-            ebpf,
+            _ebpf: ebpf,
             next_hops: NextHopKeeper::default(),
-            forwarding,
             pin_dir,
             iface: iface.to_owned(),
         })
@@ -181,7 +260,10 @@ impl FastPath {
         }
     }
 
-    fn stop(mut self, snapshot: Option<Snapshot>) {
+    /// The agent is stopping: log the counters and leave the fast path running (its
+    /// next hops and the interface's forwarding setting with it), or remove it all
+    /// when `detach`.
+    fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
         if let Some(s) = snapshot {
             let nonzero: Vec<String> = s
                 .counters
@@ -197,21 +279,26 @@ impl FastPath {
                 .collect();
             tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
         }
-        self.next_hops.clear();
-        let FastPath {
-            ebpf,
-            pin_dir,
-            iface,
-            forwarding,
-            ..
-        } = self;
-        drop(ebpf);
-        drop(forwarding);
-        match loader::remove_pin_dir(&pin_dir) {
-            Ok(_) => tracing::info!(%iface, "fast path detached, pins removed"),
-            Err(e) => tracing::warn!(error = %e, "removing pins"),
+        if detach_too {
+            self.next_hops.clear();
+            drop(self._ebpf);
+            if let Err(e) = remove_fast_path(&self.pin_dir, &self.iface) {
+                tracing::warn!(error = %e, "removing the fast path");
+            } else {
+                tracing::info!(iface = %self.iface, "fast path detached, pins removed");
+            }
+        } else {
+            tracing::info!(iface = %self.iface, pins = %self.pin_dir.display(), "fast path left running for the next agent; `lb-agent detach --iface {}` removes it", self.iface);
         }
     }
+}
+
+/// Unpin everything (the link goes with its last pin: detached) and put the
+/// interface's forwarding setting back.
+fn remove_fast_path(pin_dir: &Path, iface: &str) -> anyhow::Result<bool> {
+    let removed = loader::remove_pin_dir(pin_dir)?;
+    forwarding::restore(iface)?;
+    Ok(removed)
 }
 
 fn effective_mode(config: &Config, arg: Option<XdpModeArg>) -> XdpModeArg {
@@ -261,9 +348,9 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             .bpffs
             .clone()
             .unwrap_or_else(|| config.agent.bpffs.clone());
-        let (ebpf, sink, pin_dir) = FastPath::load(&config, &iface, &bpffs)?;
+        let (ebpf, sink, pin_dir, takeover) = FastPath::load(&config, &iface, &bpffs)?;
         let control = Control::new(config, health, Box::new(sink))?;
-        let mut fp = FastPath::attach(ebpf, &iface, mode, pin_dir)?;
+        let mut fp = FastPath::attach(ebpf, &iface, mode, pin_dir, takeover)?;
         fp.refresh_next_hops(&control);
         (control, Some(fp))
     };
@@ -339,7 +426,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
     let mut c = control.lock().await;
     c.shutdown();
     if let Some(fp) = fast_path {
-        fp.stop(c.snapshot());
+        fp.stop(c.snapshot(), args.detach_on_exit);
     }
     Ok(())
 }
@@ -364,7 +451,7 @@ fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
 /// itself when it stops).
 pub fn detach(iface: &str, bpffs: &Path) -> anyhow::Result<()> {
     let dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
-    if loader::remove_pin_dir(&dir)? {
+    if remove_fast_path(&dir, iface)? {
         println!("removed the fast path pinned for {iface}");
     } else {
         println!("nothing pinned for {iface} under {}", bpffs.display());

@@ -137,6 +137,8 @@ pub struct Topology {
     agent: Option<ChildGuard>,
     agent_log: PathBuf,
     decap_attached: Vec<String>,
+    /// An agent was started (its fast path may outlive it).
+    agent_started: bool,
     peer_xdp: Option<Ebpf>,
     /// The client.
     pub client: Host,
@@ -259,6 +261,7 @@ impl Topology {
             agent: None,
             agent_log,
             decap_attached: Vec::new(),
+            agent_started: false,
             peer_xdp,
             client,
             lb,
@@ -369,6 +372,8 @@ impl Topology {
         }
         args.extend(opts.extra_args.iter().cloned());
         let mut child = netns::spawn(&self.lb.ns, &args, Some(&self.agent_log))?;
+        // From here on there may be a fast path to remove at teardown.
+        self.agent_started = true;
         let deadline = Instant::now() + opts.ready_timeout;
         loop {
             if self.agent_log().contains(AGENT_READY) {
@@ -473,6 +478,14 @@ impl Drop for Topology {
         if let Ok(bin) = agent_binary() {
             let bin = bin.to_string_lossy().into_owned();
             let bpffs = self.bpffs.to_string_lossy().into_owned();
+            // The agent leaves its fast path running when it stops (hitless restart):
+            // remove it, and the interface setting it recorded, the way an operator would.
+            if self.agent_started {
+                let args = [bin.as_str(), "detach", "--iface", "eth0", "--bpffs", &bpffs];
+                if let Err(e) = netns::exec(&self.lb.ns, &args) {
+                    eprintln!("warning (ignored while tearing down): {e:#}");
+                }
+            }
             for ns in self.decap_attached.drain(..) {
                 let args = [
                     bin.as_str(),

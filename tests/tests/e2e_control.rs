@@ -10,6 +10,9 @@
 //! - (c) [`drain_keeps_a_long_lived_connection`]: a keep-alive connection pinned to a
 //!   backend keeps working after that backend is drained through the API, while new
 //!   connections go elsewhere.
+//! - (d) [`agent_restart_under_traffic_loses_nothing`]: SIGTERM leaves the fast path
+//!   forwarding, a new agent adopts it; no connection fails, a keep-alive connection
+//!   keeps its backend, no ring slot is rewritten.
 //! - (e) [`api_changes_survive_a_restart`]: a drain and a weight set through the API
 //!   survive an agent restart, in the API and in the traffic.
 //! - [`a_reused_client_port_follows_the_ring`]: a new connection (SYN) on a client port
@@ -1300,6 +1303,180 @@ fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
         "after the drain, new connections on reused client ports went to {pinned}: {:?}",
         count_outcomes(&reused)
     );
+    Ok(())
+}
+
+// --- (d) -------------------------------------------------------------------------------
+
+/// (d) Restart the agent under traffic: SIGTERM leaves the pinned fast path forwarding,
+/// the new agent adopts its maps and swaps its program into the pinned link. Not one
+/// connection fails, a keep-alive connection keeps its backend throughout, and the
+/// adoption rewrites no ring slot.
+#[test]
+fn agent_restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
+    const TEST: &str = "agent_restart_under_traffic_loses_nothing";
+    if !netns::require_privileges(TEST) {
+        return Ok(());
+    }
+    agent_binary()?;
+    let mut topo = Topology::build_with(&TopologyOptions::default())?;
+    let servers = topo
+        .backends
+        .iter()
+        .map(|b| {
+            HttpServer::start_keep_alive(&b.ns, SocketAddr::from(([0, 0, 0, 0], VIP_PORT)), &b.role)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    topo.attach_decap()?;
+    let config = control_config([0, 0, 0]);
+    topo.start_agent(&config, &AgentOptions::default())?;
+    let mut bed = L4Bed { servers, topo };
+
+    let mut conn = http::connect_keep_alive(&bed.topo.client.ns, vip_socket(), REQUEST_TIMEOUT)?;
+    let first = http::get_keep_alive(&mut conn, "/")?;
+    ensure!(first.status == 200, "first request: {first:?}");
+    let pinned = first.backend().to_owned();
+
+    let load = Load::start(
+        &bed.topo.client.ns,
+        3,
+        Duration::from_millis(6000),
+        Duration::from_millis(15),
+    )?;
+    let mut long_lived = Vec::new();
+    let (mut stopped, mut gap_end) = (None, None);
+    let mut first_log = String::new();
+    for i in 0..50 {
+        if i == 10 {
+            let status = bed
+                .topo
+                .stop_agent()?
+                .context("the agent was not running")?;
+            ensure!(
+                status.success(),
+                "the agent exited with {status} on SIGTERM"
+            );
+            stopped = Some(Instant::now());
+            first_log = bed.topo.agent_log();
+        }
+        if i == 20 {
+            // One second without an agent; now a new one takes over.
+            gap_end = Some(Instant::now());
+            bed.topo.start_agent(&config, &AgentOptions::default())?;
+        }
+        let start = Instant::now();
+        let r = http::get_keep_alive(&mut conn, "/");
+        long_lived.push(r.map(|r| (r.status, r.backend().to_owned())));
+        thread::sleep(Duration::from_millis(100).saturating_sub(start.elapsed()));
+    }
+    let samples = load.finish()?;
+    let (stopped, gap_end) = (
+        stopped.context("never stopped")?,
+        gap_end.context("never restarted")?,
+    );
+    // The log file is written anew by each agent.
+    let log = bed.topo.agent_log();
+    let second = log.strip_prefix(first_log.as_str()).unwrap_or(&log);
+
+    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.ok()).collect();
+    let in_gap = between(&samples, stopped, gap_end);
+    eprintln!(
+        "(d) FIGURES: {} connections, {} failed; {} made while no agent ran ({}); \
+         keep-alive connection {}/{} answered by {pinned}; per backend {:?}",
+        samples.len(),
+        failed.len(),
+        in_gap.len(),
+        ms(gap_end - stopped),
+        long_lived
+            .iter()
+            .filter(|r| matches!(r, Ok((200, b)) if *b == pinned))
+            .count(),
+        long_lived.len(),
+        tally(&samples),
+    );
+    ensure!(
+        first_log.contains("fast path left running"),
+        "the stopping agent did not leave the fast path running; its log:\n{first_log}"
+    );
+    ensure!(
+        second.contains("adopted the running fast path"),
+        "the new agent did not adopt the fast path; its log:\n{second}"
+    );
+    ensure!(
+        !second.contains("ring written"),
+        "adopting rewrote ring slots; the log:\n{second}"
+    );
+    ensure!(
+        failed.is_empty(),
+        "{} of {} connections failed across the restart, first: {:?}",
+        failed.len(),
+        samples.len(),
+        failed.first()
+    );
+    ensure!(
+        in_gap.iter().filter(|s| s.ok()).count() >= 20,
+        "too few connections while no agent ran to show anything: {}",
+        in_gap.len()
+    );
+    let moved: Vec<_> = long_lived
+        .iter()
+        .filter(|r| !matches!(r, Ok((200, b)) if *b == pinned))
+        .collect();
+    ensure!(
+        moved.is_empty(),
+        "the keep-alive connection lost its backend {pinned}: {moved:?}"
+    );
+    // The adopted agent still steers: a drain through its API takes effect.
+    let api = Api::required(&bed.topo)?;
+    let be = BACKEND_ADDRS[0];
+    api.patch_backend(SERVICE, be, r#"{"state":"drain"}"#)?;
+    let report = http::run_load(
+        &bed.topo.client.ns,
+        vip_socket(),
+        60,
+        2,
+        Duration::from_secs(20),
+    )?;
+    ensure!(report.all_ok(), "after the restart: {report:?}");
+    ensure!(
+        !report.per_backend.contains_key("be1"),
+        "the adopted agent's drain of be1 had no effect: {:?}",
+        report.per_backend
+    );
+
+    // `lb-agent detach` removes what the agents left: pins, link, forwarding setting.
+    bed.topo.stop_agent()?;
+    let lb_ns = bed.topo.lb.ns.clone();
+    let forwarding = |ns: &str| {
+        netns::exec(ns, &["cat", "/proc/sys/net/ipv4/conf/eth0/forwarding"])
+            .map(|s| s.trim().to_owned())
+    };
+    ensure!(
+        forwarding(&lb_ns)? == "1",
+        "the fast path needs forwarding on eth0 while it runs"
+    );
+    let bin = agent_binary()?.to_string_lossy().into_owned();
+    let bpffs = bed.topo.bpffs().to_string_lossy().into_owned();
+    netns::exec(
+        &lb_ns,
+        &[bin.as_str(), "detach", "--iface", "eth0", "--bpffs", &bpffs],
+    )?;
+    let pin_dir = first_log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pins="))
+        .context("the agent did not log where it pinned")?;
+    ensure!(
+        !std::path::Path::new(pin_dir).exists(),
+        "pins left in {pin_dir} after detach"
+    );
+    ensure!(
+        forwarding(&lb_ns)? == "0",
+        "detach did not put eth0's forwarding setting back"
+    );
+    let after = netns::in_netns(&bed.topo.client.ns, || {
+        Ok(http::get(vip_socket(), "/", REQUEST_TIMEOUT).is_ok())
+    })?;
+    ensure!(!after, "the VIP still answers after detach");
     Ok(())
 }
 

@@ -4,10 +4,22 @@
 //! forwarding is enabled on the interface the packet came in on, whatever lookup flags
 //! are used (measured on Linux 6.18). The agent therefore enables
 //! `net.ipv4.conf.<iface>.forwarding` on the interface it attaches to, and only there
-//! (the host's other interfaces and the global switch are left alone), and puts the
-//! previous value back when it stops.
+//! (the host's other interfaces and the global switch are left alone).
+//!
+//! The fast path outlives the agent (hitless restart), so the setting must too: the
+//! value found before the first agent touched it is recorded in
+//! `/run/xdplb/forwarding/<netns inode>-<iface>` (tmpfs: gone at reboot, like the
+//! pins), kept by restarted agents, and put back only when the fast path is removed
+//! (`lb-agent detach`, or an agent run that detaches).
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// Where the original values are recorded.
+const RECORD_DIR: &str = "/run/xdplb/forwarding";
 
 #[derive(Debug, thiserror::Error)]
 #[error("{action} {path}: {source}")]
@@ -18,52 +30,113 @@ pub struct ForwardingError {
     source: io::Error,
 }
 
-fn path(iface: &str) -> PathBuf {
+fn sysctl(iface: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
 }
 
-/// Forwarding switched on for one interface; dropping it puts the previous value back.
+fn record(iface: &str) -> Result<PathBuf, ForwardingError> {
+    let ns = Path::new("/proc/self/ns/net");
+    let ino = std::fs::metadata(ns)
+        .map_err(|source| ForwardingError {
+            action: "reading",
+            path: ns.to_owned(),
+            source,
+        })?
+        .ino();
+    Ok(Path::new(RECORD_DIR).join(format!("{ino}-{iface}")))
+}
+
+fn read(path: &Path) -> Result<String, ForwardingError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| ForwardingError {
+            action: "reading",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn write(path: &Path, value: &str, action: &'static str) -> Result<(), ForwardingError> {
+    std::fs::write(path, value).map_err(|source| ForwardingError {
+        action,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Enable IPv4 forwarding on `iface`. The first call records the value it found; later
+/// calls (a restarted agent) keep that record.
+pub fn enable(iface: &str) -> Result<(), ForwardingError> {
+    let p = sysctl(iface);
+    let current = read(&p)?;
+    let rec = record(iface)?;
+    if !rec.exists() {
+        std::fs::create_dir_all(RECORD_DIR).map_err(|source| ForwardingError {
+            action: "creating",
+            path: RECORD_DIR.into(),
+            source,
+        })?;
+        write(&rec, &current, "recording the forwarding setting in")?;
+    }
+    if current != "1" {
+        write(&p, "1", "enabling forwarding in")?;
+        tracing::info!(
+            iface,
+            "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)"
+        );
+    }
+    Ok(())
+}
+
+/// Put back the value recorded by [`enable`] (if any) and forget it. Returns whether
+/// there was a record.
+pub fn restore(iface: &str) -> Result<bool, ForwardingError> {
+    let rec = record(iface)?;
+    let original = match std::fs::read_to_string(&rec) {
+        Ok(v) => v.trim().to_owned(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(ForwardingError {
+                action: "reading",
+                path: rec,
+                source,
+            });
+        }
+    };
+    let p = sysctl(iface);
+    // The interface may be gone (and its setting with it).
+    if p.exists() && read(&p)? != original {
+        write(&p, &original, "restoring forwarding in")?;
+    }
+    std::fs::remove_file(&rec).map_err(|source| ForwardingError {
+        action: "removing",
+        path: rec,
+        source,
+    })?;
+    Ok(true)
+}
+
+/// Forwarding enabled for the life of a value (benchmarks and tests that attach
+/// without an agent): dropping it puts the recorded setting back.
 #[derive(Debug)]
 pub struct InterfaceForwarding {
     iface: String,
-    previous: String,
 }
 
 impl InterfaceForwarding {
-    /// Enable IPv4 forwarding on `iface`, remembering the previous setting.
+    /// [`enable`] now, [`restore`] on drop.
     pub fn enable(iface: &str) -> Result<Self, ForwardingError> {
-        let p = path(iface);
-        let previous = std::fs::read_to_string(&p).map_err(|source| ForwardingError {
-            action: "reading",
-            path: p.clone(),
-            source,
-        })?;
-        let previous = previous.trim().to_owned();
-        if previous != "1" {
-            std::fs::write(&p, "1").map_err(|source| ForwardingError {
-                action: "enabling forwarding in",
-                path: p.clone(),
-                source,
-            })?;
-            tracing::info!(
-                iface,
-                "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)"
-            );
-        }
-        Ok(InterfaceForwarding {
+        enable(iface)?;
+        Ok(Self {
             iface: iface.to_owned(),
-            previous,
         })
     }
 }
 
 impl Drop for InterfaceForwarding {
     fn drop(&mut self) {
-        if self.previous != "1" {
-            let p = path(&self.iface);
-            if let Err(e) = std::fs::write(&p, &self.previous) {
-                tracing::warn!(iface = %self.iface, error = %e, "restoring the interface's forwarding setting");
-            }
+        if let Err(e) = restore(&self.iface) {
+            tracing::warn!(iface = %self.iface, error = %e, "restoring the interface's forwarding setting");
         }
     }
 }

@@ -90,6 +90,35 @@ impl Capacities {
 
 /// Load [`LB_OBJECT`] with the given capacities. Programs are not loaded yet.
 pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
+    load_with(caps, None)
+}
+
+/// Load [`LB_OBJECT`] with its maps pinned under `pin_dir` (one file per map, named as
+/// in `lb_common::maps`): a map already pinned there is reused, with its contents, and
+/// the others are created and pinned. This is how a restarted agent takes over the
+/// maps of the fast path that kept running while it was away.
+pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderError> {
+    load_with(caps, Some(pin_dir))
+}
+
+/// The capacities of the maps pinned under `pin_dir`, or None when not all of them
+/// are there.
+pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
+    let max = |name: &str| -> Option<u32> {
+        let data = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
+        data.info().ok().map(|i| i.max_entries())
+    };
+    let max_services = max(maps::VIPS)?;
+    let rings = max(maps::RINGS)?;
+    Some(Capacities {
+        max_services,
+        max_backends: max(maps::BACKENDS)?,
+        ring_size: rings.checked_div(max_services)?,
+        flow_table_size: max(maps::FLOWS)?,
+    })
+}
+
+fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderError> {
     let ring_slots =
         caps.max_services
             .checked_mul(caps.ring_size)
@@ -97,13 +126,20 @@ pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
                 max_services: caps.max_services,
                 ring_size: caps.ring_size,
             })?;
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(maps::VIPS, caps.max_services)
         .map_max_entries(maps::SERVICE_STATS, caps.max_services)
         .map_max_entries(maps::RINGS, ring_slots)
         .map_max_entries(maps::BACKENDS, caps.max_backends)
         .map_max_entries(maps::BACKEND_STATS, caps.max_backends)
-        .map_max_entries(maps::FLOWS, caps.flow_table_size)
+        .map_max_entries(maps::FLOWS, caps.flow_table_size);
+    if let Some(dir) = pin_dir {
+        for &name in maps::ALL {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader
         .load(LB_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))
 }

@@ -140,6 +140,18 @@ impl IdPool {
             self.next - 1
         })
     }
+    /// Mark `id` as taken (adopting ids written by a previous agent).
+    fn reserve(&mut self, id: u32) {
+        if id >= self.max {
+            return;
+        }
+        while self.next <= id {
+            self.free.insert(self.next);
+            self.next += 1;
+        }
+        self.free.remove(&id);
+    }
+
     fn release(&mut self, id: u32) {
         self.free.insert(id);
     }
@@ -190,6 +202,105 @@ impl Reconciler {
             service_ids: IdPool::new(max_services),
             backend_ids: IdPool::new(max_backends),
         }
+    }
+
+    /// Take over the maps a previous agent filled (hitless restart): read back what is
+    /// written (global config, VIPs, their rings and backends) as if this reconciler
+    /// had written it, so that the next [`Reconciler::apply`] writes only differences.
+    /// Services are recognised by their VIP key among `desired`; a backend entry by
+    /// its address among the desired service's backends. Whatever is not recognised
+    /// is kept under a placeholder name, and so removed by the next apply.
+    pub fn adopt(
+        maps: &Maps,
+        ring_size: u32,
+        max_services: u32,
+        max_backends: u32,
+        desired: &DesiredState,
+    ) -> Result<Self, SyncError> {
+        let read_err = |what: &'static str| move |source| SyncError::Write { what, source };
+        let mut r = Reconciler::new(ring_size, max_services, max_backends);
+        r.config = Some(
+            maps.config
+                .get(&0, 0)
+                .map_err(read_err("reading global config"))?,
+        );
+
+        // Every backend entry ever written (family 0 = never used).
+        let mut entries: BTreeMap<u32, Backend> = BTreeMap::new();
+        for id in 0..max_backends {
+            let e = maps
+                .backends
+                .get(&id, 0)
+                .map_err(read_err("reading backend"))?;
+            if e.family != 0 {
+                entries.insert(id, e);
+            }
+        }
+        let vips: Vec<(VipKey, VipMeta)> = maps
+            .vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(read_err("reading VIPs"))?;
+        for (key, meta) in vips {
+            let svc = desired
+                .services
+                .iter()
+                .find(|s| vip_key(s.vip, s.protocol) == key);
+            let name = svc.map_or_else(
+                || format!("\0adopted service {}", meta.service_id),
+                |s| s.name.clone(),
+            );
+            let mut ring = Vec::new();
+            if meta.ring_size == ring_size && ring_size > 0 {
+                ring.reserve(ring_size as usize);
+                let base = meta.service_id * ring_size;
+                for slot in 0..ring_size {
+                    ring.push(
+                        maps.rings
+                            .get(&(base + slot), 0)
+                            .map_err(read_err("reading ring"))?,
+                    );
+                }
+            }
+            let mut backends: BTreeMap<BackendKey, u32> = BTreeMap::new();
+            for (&id, e) in entries
+                .iter()
+                .filter(|(_, e)| e.service_id == meta.service_id)
+            {
+                let address = entry_address(e);
+                let port = svc
+                    .and_then(|s| s.backends.iter().find(|b| b.address == address))
+                    .map_or(key_port(&key), |b| b.port);
+                // Two entries for one backend (an old, inactive one left behind):
+                // keep the active one; the other stays free.
+                let keep = match backends.get(&(address, port)) {
+                    Some(&other) => {
+                        e.flags & BACKEND_F_ACTIVE != 0
+                            && entries[&other].flags & BACKEND_F_ACTIVE == 0
+                    }
+                    None => true,
+                };
+                if keep {
+                    backends.insert((address, port), id);
+                }
+            }
+            r.service_ids.reserve(meta.service_id);
+            for &id in backends.values() {
+                r.backend_ids.reserve(id);
+                r.backend_entries.insert(id, entries[&id]);
+            }
+            r.services.insert(
+                name,
+                WrittenService {
+                    id: meta.service_id,
+                    key,
+                    meta,
+                    ring,
+                    backends,
+                },
+            );
+        }
+        Ok(r)
     }
 
     /// Backend id of `(service, address, port)` as last written.
@@ -391,6 +502,24 @@ impl Reconciler {
         }
         Ok(applied)
     }
+}
+
+/// The address of a backend entry (inverse of [`addr_words`]).
+fn entry_address(e: &Backend) -> IpAddr {
+    if e.family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (i, w) in e.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(e.addr[0].to_ne_bytes())
+    }
+}
+
+/// The host-order port of a VIP key.
+fn key_port(key: &VipKey) -> u16 {
+    u16::from_be(key.port)
 }
 
 /// The written entry of `id` with its active bit cleared.
