@@ -28,7 +28,7 @@ use crate::{
     config::{BackendConfig, Config, ConfigError, Mode, ServiceConfig, validate_service},
     dataplane::sync::DesiredState,
     health::{HealthChecker, Status, Target, TargetKey},
-    state::{BackendOverride, LastServing, ServiceView, desired_service, retain_services},
+    state::{BackendOverride, Memory, ServiceView, desired_service, retain_services},
 };
 
 /// Name of the persisted overlay under `state_dir`.
@@ -184,7 +184,7 @@ pub struct Control {
     config: Config,
     state_dir: PathBuf,
     health: HealthChecker,
-    last: LastServing,
+    last: Memory,
     views: Vec<ServiceView>,
     sink: Box<dyn Sink>,
 }
@@ -207,7 +207,7 @@ impl Control {
             config,
             state_dir,
             health,
-            last: LastServing::default(),
+            last: Memory::default(),
             views: Vec::new(),
             sink,
         };
@@ -237,6 +237,12 @@ impl Control {
 
     pub fn views(&self) -> &[ServiceView] {
         &self.views
+    }
+
+    /// A backend is slow-starting: [`Control::recompute`] should run again soon to
+    /// raise its weight.
+    pub fn ramping(&self) -> bool {
+        self.last.ramping()
     }
 
     pub fn view(&self, name: &str) -> Option<&ServiceView> {
@@ -281,6 +287,7 @@ impl Control {
 
     /// Derive the desired state from config, overlay and health, and write it.
     pub fn recompute(&mut self) -> Result<(), ControlError> {
+        let now = std::time::Instant::now();
         let empty = BTreeMap::new();
         let mut services = Vec::with_capacity(self.config.services.len());
         let mut views = Vec::with_capacity(self.config.services.len());
@@ -296,7 +303,7 @@ impl Control {
                     })
                     .unwrap_or(true)
             };
-            let (d, v) = desired_service(svc, overrides, &healthy, &mut self.last);
+            let (d, v) = desired_service(svc, overrides, &healthy, &mut self.last, now);
             services.push(d);
             views.push(v);
         }

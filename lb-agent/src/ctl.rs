@@ -332,6 +332,8 @@ fn backends_table(out: &mut dyn Write, svc: &Value) -> anyhow::Result<()> {
         text(&svc["active_tier"]),
         if svc["fail_open"].as_bool() == Some(true) {
             ", FAIL-OPEN"
+        } else if svc["all_down"].as_bool() == Some(true) {
+            ", ALL DOWN: dropping"
         } else {
             ""
         }

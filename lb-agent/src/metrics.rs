@@ -17,6 +17,9 @@
 //! - `xdplb_backend_up{service,backend}`: the health checker's verdict (1 up, 0 down).
 //! - `xdplb_backend_serving{service,backend}`: 1 when the backend takes new flows.
 //! - `xdplb_backend_weight{service,backend}`: effective weight (config or override).
+//! - `xdplb_backend_ring_weight{service,backend}`: the weight in the ring now (0 when not
+//!   serving; below `backend_weight` while slow start ramps it).
+//! - `xdplb_service_all_down{service}`: 1 when no backend of any tier is eligible.
 //! - `xdplb_service_fail_open{service}`: 1 when no backend is eligible and the last
 //!   serving set keeps serving.
 //! - `xdplb_health_check_seconds`: histogram of health-check durations.
@@ -101,7 +104,14 @@ impl Metrics {
         let serving = Family::<BackendLabels, Gauge>::default();
         let weight = Family::<BackendLabels, Gauge>::default();
         let fail_open = Family::<ServiceLabels, Gauge>::default();
+        let all_down = Family::<ServiceLabels, Gauge>::default();
+        let ring_weight = Family::<BackendLabels, Gauge>::default();
         for view in control.views() {
+            all_down
+                .get_or_create(&ServiceLabels {
+                    service: view.name.clone(),
+                })
+                .set(i64::from(view.all_down));
             fail_open
                 .get_or_create(&ServiceLabels {
                     service: view.name.clone(),
@@ -115,6 +125,9 @@ impl Metrics {
                 up.get_or_create(&labels).set(i64::from(b.healthy));
                 serving.get_or_create(&labels).set(i64::from(b.serving));
                 weight.get_or_create(&labels).set(i64::from(b.weight));
+                ring_weight
+                    .get_or_create(&labels)
+                    .set(i64::from(b.effective_weight));
             }
         }
 
@@ -183,6 +196,16 @@ impl Metrics {
             "backend_weight",
             "Effective weight of a backend (configured or overridden through the API)",
             weight,
+        );
+        registry.register(
+            "backend_ring_weight",
+            "Weight of a backend in the ring now: 0 when not serving, lower than backend_weight while slow start ramps it",
+            ring_weight,
+        );
+        registry.register(
+            "service_all_down",
+            "1 when no backend of any tier of the service is eligible (it fails open, or drops with on_all_down = \"drop\")",
+            all_down,
         );
         registry.register(
             "service_fail_open",

@@ -39,6 +39,9 @@ use crate::{
     metrics::Metrics,
 };
 
+/// How often slow-starting backends get their weights raised.
+const SLOW_START_STEP: Duration = Duration::from_millis(500);
+
 /// How often next hops are re-checked (routes may change under us).
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
 
@@ -380,6 +383,8 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
     refresh.tick().await;
+    let mut ramp = tokio::time::interval(SLOW_START_STEP);
+    ramp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -407,6 +412,14 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
                     tracing::error!(error = %e, transitions = n, "applying health changes");
                 } else {
                     tracing::info!(service = %t.key.service, backend = %t.key.address, up = t.up, transitions = n, "health change applied");
+                }
+            }
+            _ = ramp.tick() => {
+                let mut c = control.lock().await;
+                if c.ramping() {
+                    if let Err(e) = c.recompute() {
+                        tracing::error!(error = %e, "raising slow-start weights");
+                    }
                 }
             }
             _ = refresh.tick() => {

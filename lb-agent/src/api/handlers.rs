@@ -67,6 +67,7 @@ fn service_json(control: &Control, svc: &ServiceConfig, health: &HealthIndex) ->
         json!(view.and_then(|v| v.active_tier)),
     );
     obj.insert("fail_open".into(), json!(view.is_some_and(|v| v.fail_open)));
+    obj.insert("all_down".into(), json!(view.is_some_and(|v| v.all_down)));
     obj.insert("backends".into(), Value::Array(backends));
     v
 }
