@@ -1306,6 +1306,139 @@ fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
     Ok(())
 }
 
+// --- slow start and on_all_down = "drop" ----------------------------------------------
+
+/// A backend that comes back ramps up over `slow_start_s` (seen in the API and in the
+/// traffic it gets); with `on_all_down = "drop"` a service whose backends are all down
+/// serves nobody (not its last set), says so, and serves again when one returns.
+#[test]
+fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
+    const TEST: &str = "slow_start_ramps_and_all_down_drops";
+    if !netns::require_privileges(TEST) {
+        return Ok(());
+    }
+    let mut config = control_config([0, 0, 0]);
+    config.services[0].extra.extend([
+        "slow_start_s = 3".to_owned(),
+        "on_all_down = \"drop\"".to_owned(),
+    ]);
+    let mut bed = start_bed(config)?;
+    let api = Api::required(&bed.topo)?;
+    let be2 = BACKEND_ADDRS[1];
+    let be2_ns = bed.topo.backends[1].ns.clone();
+    let start_server = |ns: &str, name: &str| {
+        HttpServer::start(ns, SocketAddr::from(([0, 0, 0, 0], VIP_PORT)), name)
+    };
+
+    bed.servers.remove(1).stop()?;
+    api.wait_health(be2, false, down_window())?;
+    bed.servers.insert(1, start_server(&be2_ns, "be2")?);
+    api.wait_health(be2, true, up_window())?;
+    let back = Instant::now();
+    // The ramp in the API, and the traffic be2 gets early vs late in it.
+    let mut ramp = Vec::new();
+    let mut early = None;
+    while back.elapsed() < Duration::from_millis(4000) {
+        let b = api.backend(SERVICE, be2)?;
+        let w = b
+            .get("effective_weight")
+            .as_f64()
+            .context("effective_weight")?;
+        ramp.push((back.elapsed().as_millis(), w));
+        if early.is_none() {
+            early = Some(http::run_load(
+                &bed.topo.client.ns,
+                vip_socket(),
+                90,
+                3,
+                Duration::from_secs(10),
+            )?);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let late = http::run_load(
+        &bed.topo.client.ns,
+        vip_socket(),
+        90,
+        3,
+        Duration::from_secs(10),
+    )?;
+    let early = early.context("no early load")?;
+    let share = |r: &http::LoadReport| r.per_backend.get("be2").copied().unwrap_or(0);
+    eprintln!(
+        "slow start FIGURES: be2 ring weight (ms after it was up, weight) {ramp:?}; \
+         be2 took {}/90 connections at the start of its ramp, {}/90 after it",
+        share(&early),
+        share(&late)
+    );
+    ensure!(
+        early.all_ok() && late.all_ok(),
+        "requests failed: {early:?} {late:?}"
+    );
+    let first = ramp.first().context("no sample")?.1;
+    ensure!(
+        first < 60.0,
+        "be2 came back at weight {first}, not ramping from 10"
+    );
+    ensure!(
+        ramp.windows(2).all(|w| w[1].1 >= w[0].1),
+        "the ramp went down: {ramp:?}"
+    );
+    ensure!(
+        ramp.last().map(|r| r.1) == Some(100.0),
+        "be2 never reached its weight: {ramp:?}"
+    );
+    ensure!(
+        share(&early) < share(&late),
+        "be2 took as much early in its ramp ({}) as after it ({})",
+        share(&early),
+        share(&late)
+    );
+
+    // Every backend down: drop, not fail open.
+    for s in bed.servers.drain(..) {
+        s.stop()?;
+    }
+    for &a in &BACKEND_ADDRS {
+        api.wait_health(a, false, down_window())?;
+    }
+    let svc = api.service(SERVICE)?;
+    ensure!(
+        svc.get("all_down").as_bool() == Some(true)
+            && svc.get("fail_open").as_bool() == Some(false),
+        "all down with on_all_down = drop: {svc:?}"
+    );
+    let (_, metrics) = api.call("GET", "/metrics", None)?;
+    ensure!(
+        metrics.contains(&format!(
+            "xdplb_service_all_down{{service=\"{SERVICE}\"}} 1"
+        )),
+        "xdplb_service_all_down is not 1:\n{metrics}"
+    );
+    let dropped = netns::in_netns(&bed.topo.client.ns, || {
+        Ok(http::get(vip_socket(), "/", Duration::from_millis(500)).is_err())
+    })?;
+    ensure!(
+        dropped,
+        "the VIP answered with every backend down and on_all_down = drop"
+    );
+    let be1_ns = bed.topo.backends[0].ns.clone();
+    bed.servers.push(start_server(&be1_ns, "be1")?);
+    api.wait_health(BACKEND_ADDRS[0], true, up_window())?;
+    let r = http::run_load(
+        &bed.topo.client.ns,
+        vip_socket(),
+        20,
+        2,
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        r.all_ok() && r.per_backend.get("be1") == Some(&20),
+        "after be1 returned: {r:?}"
+    );
+    Ok(())
+}
+
 // --- (d) -------------------------------------------------------------------------------
 
 /// (d) Restart the agent under traffic: SIGTERM leaves the pinned fast path forwarding,
