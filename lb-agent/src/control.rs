@@ -187,6 +187,16 @@ pub struct Control {
     last: Memory,
     views: Vec<ServiceView>,
     sink: Box<dyn Sink>,
+    /// Where the L7 services' desired state is published (the L7 manager watches it).
+    l7: tokio::sync::watch::Sender<Vec<L7Desired>>,
+}
+
+/// An l7 service as the proxy should run it: its config and the backends that take
+/// new requests, with their weights now (slow start included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct L7Desired {
+    pub config: ServiceConfig,
+    pub serving: Vec<(std::net::SocketAddr, u32)>,
 }
 
 impl Control {
@@ -210,6 +220,7 @@ impl Control {
             last: Memory::default(),
             views: Vec::new(),
             sink,
+            l7: tokio::sync::watch::Sender::new(Vec::new()),
         };
         let errors = c.config.validate();
         if !errors.is_empty() {
@@ -319,7 +330,48 @@ impl Control {
         let desired = DesiredState::new(&self.config.dataplane, services);
         self.sink.apply(&desired).map_err(ControlError::Apply)?;
         self.views = views;
+        self.publish_l7();
         Ok(())
+    }
+
+    /// The L7 services' desired state, republished at every recompute that changes it.
+    pub fn watch_l7(&self) -> tokio::sync::watch::Receiver<Vec<L7Desired>> {
+        self.l7.subscribe()
+    }
+
+    fn publish_l7(&self) {
+        let l7: Vec<L7Desired> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.mode == crate::config::Mode::L7)
+            .map(|s| L7Desired {
+                config: s.clone(),
+                serving: self
+                    .view(&s.name)
+                    .map(|v| {
+                        v.backends
+                            .iter()
+                            .filter(|b| b.serving && b.effective_weight > 0)
+                            .map(|b| {
+                                (
+                                    std::net::SocketAddr::new(b.address, b.port),
+                                    b.effective_weight,
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        self.l7.send_if_modified(|cur| {
+            if *cur == l7 {
+                false
+            } else {
+                *cur = l7;
+                true
+            }
+        });
     }
 
     /// Accept a candidate overlay: validate the config it gives, write it, persist it.

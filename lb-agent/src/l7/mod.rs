@@ -2,4 +2,6 @@
 //! where XDP cannot attach).
 //!
 //! - [`body`]: the boxed body type shared by the modules below.
+//! - [`vip`]: L7 VIPs made local addresses (added to `lo` when needed).
 pub mod body;
+pub mod vip;
