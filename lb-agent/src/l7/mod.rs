@@ -2,4 +2,6 @@
 //! where XDP cannot attach).
 //!
 //! - [`body`]: the boxed body type shared by the modules below.
+//! - [`cache`]: the RFC 9111 shared HTTP cache (moka store, collapsing, revalidation).
 pub mod body;
+pub mod cache;
