@@ -10,10 +10,13 @@
 //! - [`capture`]: packet counting with `AF_PACKET` sockets, and ping.
 //! - [`packet`]: Ethernet/IPv4/TCP/UDP builder and decoder with checksums.
 //! - [`scenario`]: the L4 end-to-end run and its observations.
+//! - [`load`]: continuous client traffic under control-plane changes, and times from the
+//!   agent's log.
 
 pub mod capture;
 pub mod config;
 pub mod http;
+pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

@@ -28,14 +28,15 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    thread::{self, JoinHandle},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     http::{self, HttpServer},
+    load::{Load, REQUEST_TIMEOUT, Sample, between, logged_at, tally, wait_for_log},
     netns,
     scenario::{self, BedOptions, L4Bed},
     topology::{
@@ -64,8 +65,6 @@ const RISE: u32 = 2;
 const HEALTH: &str = r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150, rise = 2, fall = 2 }"#;
 /// Where the agent's API listens, inside the LB namespace.
 const API_LISTEN: &str = "127.0.0.1:9090";
-/// Bound on each client request (connect, send, receive).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `fall × interval` (with the checker's +10 % jitter) + 1 s.
 fn down_window() -> Duration {
@@ -101,94 +100,7 @@ fn start_bed(config: LbConfig) -> anyhow::Result<L4Bed> {
     })
 }
 
-// --- continuous client traffic -------------------------------------------------------
-
-/// One client request of a [`Load`].
-#[derive(Clone, Debug)]
-struct Sample {
-    start: Instant,
-    end: Instant,
-    /// The backend that answered, or the error.
-    outcome: Result<String, String>,
-    /// The client's port (known for answered requests).
-    port: Option<u16>,
-}
-
-impl Sample {
-    fn ok(&self) -> bool {
-        self.outcome.is_ok()
-    }
-
-    fn backend(&self) -> Option<&str> {
-        self.outcome.as_deref().ok()
-    }
-}
-
-/// Short `Connection: close` GETs to the VIP from the client, on `threads` threads, each
-/// request bounded by [`REQUEST_TIMEOUT`], a `pause` between two requests of a thread,
-/// for `duration` (and at most 4000 requests per thread).
-struct Load {
-    workers: Vec<JoinHandle<anyhow::Result<Vec<Sample>>>>,
-}
-
-impl Load {
-    fn start(
-        ns: &str,
-        threads: usize,
-        duration: Duration,
-        pause: Duration,
-    ) -> anyhow::Result<Self> {
-        let end = Instant::now() + duration;
-        let target = vip_socket();
-        let workers = (0..threads)
-            .map(|i| {
-                netns::spawn_in_netns(ns, &format!("load-{i}"), move || {
-                    let mut samples = Vec::new();
-                    while Instant::now() < end && samples.len() < 4000 {
-                        let start = Instant::now();
-                        let (outcome, port) = match http::get(target, "/", REQUEST_TIMEOUT) {
-                            Ok(r) if r.status == 200 => {
-                                (Ok(r.backend().to_owned()), Some(r.local.port()))
-                            }
-                            Ok(r) => (
-                                Err(format!("status {} from {}", r.status, r.backend())),
-                                Some(r.local.port()),
-                            ),
-                            Err(e) => (Err(format!("{e:#}")), None),
-                        };
-                        samples.push(Sample {
-                            start,
-                            end: Instant::now(),
-                            outcome,
-                            port,
-                        });
-                        thread::sleep(pause);
-                    }
-                    Ok(samples)
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self { workers })
-    }
-
-    /// Waits for the end; the samples in order of their start.
-    fn finish(self) -> anyhow::Result<Vec<Sample>> {
-        let mut all = Vec::new();
-        for w in self.workers {
-            all.extend(w.join().map_err(|_| anyhow!("load thread panicked"))??);
-        }
-        all.sort_by_key(|s| s.start);
-        Ok(all)
-    }
-}
-
-/// Samples started in `[from, to)`.
-fn between(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
-    samples
-        .iter()
-        .filter(|s| s.start >= from && s.start < to)
-        .collect()
-}
+// --- continuous client traffic (`Load` is `xdplb_tests::load`'s) -------------------------
 
 /// Whether `s` came from a client port that an earlier request answered by `backend` used.
 fn reuses_port_of(samples: &[Sample], s: &Sample, backend: &str) -> bool {
@@ -196,16 +108,6 @@ fn reuses_port_of(samples: &[Sample], s: &Sample, backend: &str) -> bool {
         && samples
             .iter()
             .any(|e| e.start < s.start && e.port == s.port && e.backend() == Some(backend))
-}
-
-/// Answers per backend, and failures (under `"FAILED"`).
-fn tally<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> BTreeMap<String, usize> {
-    let mut t = BTreeMap::new();
-    for s in samples {
-        *t.entry(s.backend().unwrap_or("FAILED").to_owned())
-            .or_default() += 1;
-    }
-    t
 }
 
 fn ms(d: Duration) -> String {
@@ -242,70 +144,7 @@ fn timeline(samples: &[Sample], t0: Instant, slot: Duration) -> String {
         .join("\n")
 }
 
-// --- the agent's log -----------------------------------------------------------------
-
-/// Wall-clock time of `instant` (measured against now), as seconds since the epoch.
-fn wall_of(instant: Instant) -> f64 {
-    let (now, now_wall) = (Instant::now(), SystemTime::now());
-    let now_wall = now_wall
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    now_wall - now.saturating_duration_since(instant).as_secs_f64()
-        + instant.saturating_duration_since(now).as_secs_f64()
-}
-
-/// The time of a log line (`2026-11-21T06:01:02.123456Z ...`, UTC) as seconds since the
-/// epoch.
-fn log_time(line: &str) -> Option<f64> {
-    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = stamp.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.split(':');
-    let (h, mi) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let s: f64 = t.next()?.parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60) as f64 + s)
-}
-
-/// The first log line after byte `from` that contains every one of `needles`.
-fn find_log_line(log: &str, from: usize, needles: &[&str]) -> Option<String> {
-    log.get(from..)?
-        .lines()
-        .find(|l| needles.iter().all(|n| l.contains(n)))
-        .map(str::to_owned)
-}
-
-/// Polls the agent's log (from byte `from`) for a line with every one of `needles`.
-fn wait_for_log(
-    topo: &Topology,
-    from: usize,
-    needles: &[&str],
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = find_log_line(&topo.agent_log(), from, needles) {
-            return Ok(l);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not log a line with {needles:?} within {timeout:?}; its log (tail):\n{}",
-                topo.agent_log_tail(30)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
+// --- the agent's log (the parsing is `xdplb_tests::load`'s) -----------------------------
 
 /// The agent's health and ring lines, with their time relative to `t0`.
 fn agent_events(topo: &Topology, t0: Instant) -> String {
@@ -331,11 +170,6 @@ fn agent_events(topo: &Topology, t0: Instant) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Where the line was logged relative to `t0`, in milliseconds (if it has a time).
-fn logged_at(line: &str, t0: Instant) -> Option<f64> {
-    Some((log_time(line)? - wall_of(t0)) * 1000.0)
 }
 
 // --- a minimal JSON reader (the tests crate has no JSON dependency) --------------------
@@ -1702,14 +1536,6 @@ fn api_changes_survive_a_restart() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[test]
-fn log_times_parse() {
-    // 2026-11-21T06:01:02.5Z = 1_795_240_862.5 s since the epoch.
-    let t = log_time("2026-11-21T06:01:02.500000Z  WARN backend down").unwrap();
-    assert!((t - 1_795_240_862.5).abs() < 1e-6, "{t}");
-    assert_eq!(log_time("no time here"), None);
 }
 
 #[test]

@@ -55,7 +55,7 @@ enum Task {
     },
     /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`.
     Bench {
-        /// The benchmark to run (`xdp`, ...: `xdplb-bench --help` lists them).
+        /// The benchmark to run (`xdp`, `failover`: `xdplb-bench --help` lists them).
         what: String,
         /// Further arguments for `xdplb-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

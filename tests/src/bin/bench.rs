@@ -1,8 +1,14 @@
-//! `xdplb-bench` (run by `cargo xtask bench WHAT`): benchmarks of the fast path.
+//! `xdplb-bench` (run by `cargo xtask bench WHAT`): benchmarks of the fast path and of
+//! failover.
 //!
 //! ```text
 //! xdplb-bench xdp [--repeat N] [--runs K]
+//! xdplb-bench failover [--runs N]
 //! ```
+//!
+//! `failover` (module [`failover`]): for a few health-check settings, a backend dies
+//! under client traffic through the real agent in the namespace test bed; prints the
+//! time to the agent's reaction and to the last failed connection, and how many failed.
 //!
 //! # `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
 //!
@@ -80,6 +86,9 @@ use lb_common::{
     stats::Counter,
     types::{FAMILY_V4, FlowKey, PROTO_TCP},
 };
+#[path = "bench/failover.rs"]
+mod failover;
+
 use xdplb_tests::{
     netns::{self, NetnsGuard, exec, in_netns, mac_of, static_neighbour},
     packet::{
@@ -91,7 +100,10 @@ const USAGE: &str = "usage: xdplb-bench <BENCHMARK> [ARGS]
 
 benchmarks:
   xdp [--repeat N] [--runs K]   ns/packet of xdp_lb beside floor programs, through BPF_PROG_TEST_RUN
-                                (N iterations per run, default 1000000; median of K runs, default 7)";
+                                (N iterations per run, default 1000000; median of K runs, default 7)
+  failover [--runs N]           a backend dies under traffic, for a few health settings: time to the
+                                agent's reaction and to the last failed connection, connections failed
+                                (N runs per setting, default 2; median and min)";
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -179,28 +191,37 @@ fn main() -> ExitCode {
         eprintln!("error: name a benchmark\n{USAGE}");
         return ExitCode::from(2);
     };
-    let result = match what.as_str() {
+    match what.as_str() {
         "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "xdp" => run_benchmark(parse_xdp_args(&args[1..]), bench_xdp),
+        "failover" => run_benchmark(failover::parse_args(&args[1..]), failover::run),
+        other => {
+            eprintln!("error: unknown benchmark {other:?}; available: xdp, failover\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs a benchmark whose arguments parsed to `parsed` (`None`: help was asked for).
+fn run_benchmark<A>(
+    parsed: anyhow::Result<Option<A>>,
+    bench: impl FnOnce(&A) -> anyhow::Result<()>,
+) -> ExitCode {
+    let args = match parsed {
+        Ok(Some(a)) => a,
+        Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        "xdp" => match parse_xdp_args(&args[1..]) {
-            Ok(Some(a)) => privileged().and_then(|()| bench_xdp(&a)),
-            Ok(None) => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        other => {
-            eprintln!("error: unknown benchmark {other:?}; available: xdp\n{USAGE}");
+        Err(e) => {
+            eprintln!("error: {e:#}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
-    match result {
+    match privileged().and_then(|()| bench(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -215,7 +236,7 @@ fn privileged() -> anyhow::Result<()> {
     let missing = netns::missing_privileges();
     ensure!(
         missing.is_empty(),
-        "the benchmark loads BPF programs into a network namespace it builds and needs root; missing: {}",
+        "the benchmark loads BPF programs into network namespaces it builds and needs root; missing: {}",
         missing.join(", ")
     );
     Ok(())
