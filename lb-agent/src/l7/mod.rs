@@ -1,5 +1,26 @@
 //! The L7 path: an HTTP reverse proxy for services with `mode = "l7"` (and for hosts
 //! where XDP cannot attach).
 //!
+//! - [`service`]: [`service::L7Service`], one running service as the agent drives it
+//!   (start, backends, purge, shutdown) and [`service::L7Error`].
+//! - [`server`]: the accept loop, TLS handshakes, HTTP/1.1 and HTTP/2 serving, header
+//!   and idle timeouts, graceful shutdown.
+//! - [`proxy`]: the per-request handler: limits, backend choice (sticky, pool),
+//!   forwarding and retries, upgrades, cache, access log.
+//! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `Via`.
+//! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1.
+//! - [`stats`]: [`stats::HttpStats`], the L7 Prometheus series and per-service totals.
 //! - [`body`]: the boxed body type shared by the modules below.
+pub mod balancer;
 pub mod body;
+pub mod cache;
+pub mod headers;
+pub mod proxy;
+pub mod server;
+pub mod service;
+pub mod stats;
+pub mod sticky;
+pub mod tls;
+
+#[cfg(test)]
+mod tests;
