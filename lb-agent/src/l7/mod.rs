@@ -10,6 +10,10 @@
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `Via`.
 //! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1.
 //! - [`stats`]: [`stats::HttpStats`], the L7 Prometheus series and per-service totals.
+//! - [`balancer`]: a service's backend pool: weighted round robin, least request,
+//!   power of two choices and consistent hashing, with leases and passive health.
+//! - [`cache`]: the RFC 9111 shared HTTP cache (moka store, collapsing, revalidation).
+//! - [`sticky`]: signed sticky-session cookies and their key.
 //! - [`body`]: the boxed body type shared by the modules below.
 pub mod balancer;
 pub mod body;
