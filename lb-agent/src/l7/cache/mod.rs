@@ -1,0 +1,806 @@
+//! The shared HTTP cache of the reverse proxy (RFC 9111, with RFC 5861's
+//! `stale-while-revalidate` / `stale-if-error` and RFC 9211's `Cache-Status`).
+//!
+//! [`Cache::handle`] answers a request from the store or through an [`Upstream`]:
+//!
+//! - GET and HEAD are looked up (key: lower-case host + path and query, then the
+//!   variant selected by `Vary`, §4.1); other methods pass through, and unsafe ones
+//!   that succeed invalidate the target URI and same-host `Location` /
+//!   `Content-Location` (§4.4). Requests with `Range` pass through (no range support).
+//! - A fresh response is served with its `Age` (§4.2); a client's own
+//!   `If-None-Match` / `If-Modified-Since` is answered with 304 from the store (§4.3.2).
+//! - A stale one (or one that must be validated) is validated with the stored `ETag` /
+//!   `Last-Modified` (§4.3.1); a 304 refreshes the stored header fields (§3.2, §4.3.4),
+//!   a full response replaces them. Within `stale-while-revalidate` the stale response
+//!   is served at once and refreshed in the background; within `stale-if-error` it is
+//!   served when the upstream fails or answers 500/502/503/504.
+//! - Concurrent misses of one URI are collapsed into one upstream request: the first
+//!   leads, its body is streamed to its client and collected for the store at once
+//!   (a tee), the others wait (at most [`COLLAPSE_WAIT`]) and are served the stored
+//!   result, or go upstream themselves if nothing usable was stored.
+//!
+//! The rules live in [`policy`] (pure functions), the bounded memory store in [`store`].
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::CacheConfig;
+use crate::l7::body::{Body, BoxError, boxed, empty, full};
+
+pub mod policy;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use policy::{CacheControl, Reuse};
+use store::{Key, Lookup, Store, Stored};
+
+/// How long a collapsed request waits for the leader before going upstream itself.
+pub const COLLAPSE_WAIT: Duration = Duration::from_secs(30);
+
+/// The cache's name in `Cache-Status`.
+pub const CACHE_NAME: &str = "xdplb";
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// What the upstream call failed with (connect failure, timeout, reset, no backend).
+#[derive(Debug)]
+pub struct UpstreamError(pub String);
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// How the proxy reaches the backends; the cache calls it for misses, revalidations
+/// and background refreshes. Cloned into spawned tasks.
+pub trait Upstream: Clone + Send + Sync + 'static {
+    /// Send `req` to a backend.
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+}
+
+/// How a request was answered (the `result` label of `xdplb_cache_requests_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// A fresh stored response.
+    Hit,
+    /// Fetched from the upstream (nothing usable stored, or validation returned a new one).
+    Miss,
+    /// A stale stored response (`stale-while-revalidate`, `stale-if-error`, `max-stale`).
+    Stale,
+    /// A stored response validated by the upstream with 304.
+    Revalidated,
+    /// Not handled by the cache (method, range).
+    Bypass,
+    /// Served what a concurrent request for the same URI fetched.
+    Collapsed,
+}
+
+impl CacheResult {
+    /// The metric label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::Revalidated => "revalidated",
+            Self::Bypass => "bypass",
+            Self::Collapsed => "collapsed",
+        }
+    }
+}
+
+/// This cache's `Cache-Status` list member (RFC 9211 §2).
+#[derive(Clone, Debug, Default)]
+struct Status {
+    hit: bool,
+    fwd: Option<&'static str>,
+    fwd_status: Option<u16>,
+    stored: bool,
+    collapsed: bool,
+    ttl: Option<i64>,
+    detail: Option<&'static str>,
+}
+
+impl Status {
+    fn forwarded(fwd: &'static str) -> Self {
+        Self {
+            fwd: Some(fwd),
+            ..Self::default()
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::from(CACHE_NAME);
+        if self.hit {
+            s.push_str("; hit");
+        }
+        if let Some(fwd) = self.fwd {
+            let _ = write!(s, "; fwd={fwd}");
+        }
+        if let Some(code) = self.fwd_status {
+            let _ = write!(s, "; fwd-status={code}");
+        }
+        if self.stored {
+            s.push_str("; stored");
+        }
+        if self.collapsed {
+            s.push_str("; collapsed");
+        }
+        if let Some(ttl) = self.ttl {
+            let _ = write!(s, "; ttl={ttl}");
+        }
+        if let Some(detail) = self.detail {
+            let _ = write!(s, "; detail={detail}");
+        }
+        s
+    }
+}
+
+/// A response on its way out, with what the cache did.
+struct Served {
+    resp: Response<Body>,
+    result: CacheResult,
+    status: Status,
+}
+
+/// What one GET/HEAD request brings to the cache.
+struct Ctx {
+    key: Key,
+    head: bool,
+    req_cc: CacheControl,
+    req_headers: HeaderMap,
+    started: SystemTime,
+}
+
+/// The shared HTTP cache. Cheap to clone (one shared store).
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    object_limit: u64,
+    /// URIs with an upstream request under way that others may wait for.
+    flights: Mutex<HashMap<Key, watch::Receiver<()>>>,
+}
+
+impl Inner {
+    fn flights(&self) -> MutexGuard<'_, HashMap<Key, watch::Receiver<()>>> {
+        self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The lead of a collapsed fetch: dropping it wakes the waiters.
+struct Flight {
+    inner: Arc<Inner>,
+    key: Key,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Only the leader inserts the key and only its drop removes it; the sender
+        // drops after this, which wakes the waiters.
+        self.inner.flights().remove(&self.key);
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (entries, bytes) = self.usage();
+        f.debug_struct("Cache")
+            .field("entries", &entries)
+            .field("bytes", &bytes)
+            .field("object_limit", &self.inner.object_limit)
+            .finish()
+    }
+}
+
+impl Cache {
+    /// A cache of at most `cfg.max_bytes`, storing bodies up to `cfg.object_limit()`.
+    #[must_use]
+    pub fn new(cfg: &CacheConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store: Store::new(cfg.max_bytes),
+                object_limit: cfg.object_limit(),
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Answer `req` from the cache or through `upstream`. The response carries a
+    /// `Cache-Status` header (RFC 9211, cache name "xdplb") and the `CacheResult` in
+    /// its extensions (`resp.extensions().get::<CacheResult>()`).
+    pub async fn handle<U: Upstream>(&self, req: Request<Body>, upstream: U) -> Response<Body> {
+        let Served {
+            mut resp,
+            result,
+            status,
+        } = self.serve(req, upstream).await;
+        let mut value: Vec<String> = resp
+            .headers()
+            .get_all(&CACHE_STATUS)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        value.push(status.render());
+        if let Ok(v) = HeaderValue::from_str(&value.join(", ")) {
+            resp.headers_mut().insert(CACHE_STATUS, v);
+        }
+        resp.extensions_mut().insert(result);
+        resp
+    }
+
+    /// Remove stored responses: every entry when `path` is None, else those whose
+    /// path (without query) equals `path`, or starts with it when `prefix`. Returns how many.
+    pub fn purge(&self, path: Option<&str>, prefix: bool) -> u64 {
+        self.inner.store.purge(path, prefix)
+    }
+
+    /// (entries, bytes) currently stored.
+    #[must_use]
+    pub fn usage(&self) -> (u64, u64) {
+        self.inner.store.usage()
+    }
+
+    /// Run the store's pending maintenance (so [`usage`](Self::usage) is up to date).
+    pub async fn run_pending_tasks(&self) {
+        self.inner.store.run_pending_tasks().await;
+    }
+
+    async fn serve<U: Upstream>(&self, req: Request<Body>, upstream: U) -> Served {
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            return self.bypass(req, &upstream, "method", None).await;
+        }
+        if req.headers().contains_key(header::RANGE) {
+            return self.bypass(req, &upstream, "bypass", Some("range")).await;
+        }
+        let ctx = Ctx {
+            key: key_of(&req),
+            head: method == Method::HEAD,
+            req_cc: CacheControl::parse_request(req.headers()),
+            req_headers: req.headers().clone(),
+            started: SystemTime::now(),
+        };
+        let now = SystemTime::now();
+        let (mut found, fwd) = match self.inner.store.lookup(&ctx.key, &ctx.req_headers).await {
+            Lookup::UriMiss => (None, "uri-miss"),
+            Lookup::VaryMiss => (None, "vary-miss"),
+            Lookup::Found(stored) => {
+                let age = stored.age(now);
+                match policy::reuse(&ctx.req_cc, &stored.cc, stored.lifetime, age) {
+                    Reuse::Fresh => {
+                        let status = Status {
+                            hit: true,
+                            ..Status::default()
+                        };
+                        return from_store(&ctx, &stored, now, CacheResult::Hit, status);
+                    }
+                    reuse @ (Reuse::StaleWhileRevalidate | Reuse::MaxStale) => {
+                        let detail = if reuse == Reuse::MaxStale {
+                            "max-stale"
+                        } else {
+                            self.spawn_refresh(&ctx, &req, upstream, Arc::clone(&stored));
+                            "stale-while-revalidate"
+                        };
+                        let status = Status {
+                            hit: true,
+                            detail: Some(detail),
+                            ..Status::default()
+                        };
+                        return from_store(&ctx, &stored, now, CacheResult::Stale, status);
+                    }
+                    Reuse::Validate => {
+                        // fresh, but the request's directives want it validated
+                        let fresh = stored.lifetime > age && !stored.cc.no_cache;
+                        let fwd = if fresh { "request" } else { "stale" };
+                        (Some(stored), fwd)
+                    }
+                }
+            }
+        };
+        if ctx.req_cc.only_if_cached {
+            // RFC 9111 §5.2.1.7
+            let mut status = Status::forwarded(fwd);
+            status.detail = Some("only-if-cached");
+            return Served {
+                resp: error_response(StatusCode::GATEWAY_TIMEOUT),
+                result: CacheResult::Miss,
+                status,
+            };
+        }
+        if ctx.head {
+            // A HEAD miss goes upstream as HEAD and is not stored.
+            return self.forward(&ctx, req, &upstream, found, fwd, None).await;
+        }
+        let waiting = match self.lead(&ctx.key) {
+            Ok(flight) => {
+                return self
+                    .forward(&ctx, req, &upstream, found, fwd, Some(flight))
+                    .await;
+            }
+            Err(rx) => rx,
+        };
+        let mut rx = waiting;
+        let _ = tokio::time::timeout(COLLAPSE_WAIT, rx.changed()).await;
+        let now = SystemTime::now();
+        if let Lookup::Found(stored) = self.inner.store.lookup(&ctx.key, &ctx.req_headers).await {
+            let reuse = policy::reuse(&ctx.req_cc, &stored.cc, stored.lifetime, stored.age(now));
+            if stored.response_time >= ctx.started || reuse == Reuse::Fresh {
+                let status = Status {
+                    collapsed: true,
+                    ..Status::forwarded(fwd)
+                };
+                return from_store(&ctx, &stored, now, CacheResult::Collapsed, status);
+            }
+            found = Some(stored);
+        }
+        // The leader's response was not storable (or it took too long): go ourselves.
+        self.forward(&ctx, req, &upstream, found, fwd, None).await
+    }
+
+    /// Become the one fetching `key`, or get a receiver that wakes when the one
+    /// already fetching it is done.
+    fn lead(&self, key: &Key) -> Result<Flight, watch::Receiver<()>> {
+        let mut flights = self.inner.flights();
+        if let Some(rx) = flights.get(key) {
+            return Err(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        flights.insert(key.clone(), rx);
+        Ok(Flight {
+            inner: Arc::clone(&self.inner),
+            key: key.clone(),
+            _done: tx,
+        })
+    }
+
+    /// Refresh `stale` in the background unless a fetch of its URI is under way.
+    fn spawn_refresh<U: Upstream>(
+        &self,
+        ctx: &Ctx,
+        req: &Request<Body>,
+        upstream: U,
+        stale: Arc<Stored>,
+    ) {
+        let Ok(flight) = self.lead(&ctx.key) else {
+            return;
+        };
+        let mut refresh = Request::new(empty());
+        *refresh.method_mut() = Method::GET;
+        *refresh.uri_mut() = req.uri().clone();
+        *refresh.version_mut() = req.version();
+        *refresh.headers_mut() = req.headers().clone();
+        let ctx = Ctx {
+            key: ctx.key.clone(),
+            head: false,
+            req_cc: CacheControl::default(),
+            req_headers: ctx.req_headers.clone(),
+            started: SystemTime::now(),
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let served = this
+                .forward(&ctx, refresh, &upstream, Some(stale), "stale", Some(flight))
+                .await;
+            tracing::debug!(key = %ctx.key, status = served.status.render(), "cache: background refresh");
+            if served.status.stored {
+                // Drive the tee so that the new response reaches the store.
+                let mut body = served.resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Pass a request through without the cache; unsafe methods that succeed
+    /// invalidate the URIs they affect (RFC 9111 §4.4).
+    async fn bypass<U: Upstream>(
+        &self,
+        req: Request<Body>,
+        upstream: &U,
+        fwd: &'static str,
+        detail: Option<&'static str>,
+    ) -> Served {
+        let unsafe_method = !matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let key = key_of(&req);
+        let mut status = Status {
+            detail,
+            ..Status::forwarded(fwd)
+        };
+        let resp = match upstream.send(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                status.detail = Some("upstream-error");
+                return Served {
+                    resp: upstream_error(&e),
+                    result: CacheResult::Bypass,
+                    status,
+                };
+            }
+        };
+        status.fwd_status = Some(resp.status().as_u16());
+        if unsafe_method && (resp.status().is_success() || resp.status().is_redirection()) {
+            self.inner.store.invalidate(&key).await;
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(path) = resp
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| policy::same_host_path(v, &key.host))
+                {
+                    self.inner.store.invalidate(&Key::new(&key.host, &path)).await;
+                }
+            }
+        }
+        Served {
+            resp,
+            result: CacheResult::Bypass,
+            status,
+        }
+    }
+
+    /// Serve a stored response because the upstream failed, if `stale-if-error` allows.
+    fn stale_on_error(
+        ctx: &Ctx,
+        stored: Option<&Arc<Stored>>,
+        fwd: &'static str,
+        code: Option<StatusCode>,
+        now: SystemTime,
+    ) -> Option<Served> {
+        let stored = stored?;
+        if !policy::stale_if_error_ok(&ctx.req_cc, &stored.cc, stored.lifetime, stored.age(now)) {
+            return None;
+        }
+        let status = Status {
+            fwd_status: code.map(|c| c.as_u16()),
+            detail: Some("stale-if-error"),
+            ..Status::forwarded(fwd)
+        };
+        Some(from_store(ctx, stored, now, CacheResult::Stale, status))
+    }
+
+    /// Send a GET/HEAD upstream: validating `stale` when it has validators, serving it
+    /// on errors within `stale-if-error`, storing what may be stored. `flight`, if
+    /// any, is released once the response is stored or known not to be.
+    async fn forward<U: Upstream>(
+        &self,
+        ctx: &Ctx,
+        mut req: Request<Body>,
+        upstream: &U,
+        stale: Option<Arc<Stored>>,
+        fwd: &'static str,
+        flight: Option<Flight>,
+    ) -> Served {
+        let validating = !ctx.head && {
+            // The cache wants a full response it can store, and answers the client's
+            // own condition itself.
+            policy::strip_conditionals(req.headers_mut());
+            stale
+                .as_ref()
+                .is_some_and(|s| policy::add_validators(req.headers_mut(), &s.headers))
+        };
+        let mut status = Status::forwarded(fwd);
+        let request_time = SystemTime::now();
+        let sent = upstream.send(req).await;
+        let response_time = SystemTime::now();
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(served) =
+                    Self::stale_on_error(ctx, stale.as_ref(), fwd, None, response_time)
+                {
+                    return served;
+                }
+                tracing::debug!(key = %ctx.key, "cache: upstream failed: {e}");
+                status.detail = Some("upstream-error");
+                return Served {
+                    resp: upstream_error(&e),
+                    result: CacheResult::Miss,
+                    status,
+                };
+            }
+        };
+        let code = resp.status();
+        status.fwd_status = Some(code.as_u16());
+        if matches!(code.as_u16(), 500 | 502 | 503 | 504) {
+            if let Some(served) =
+                Self::stale_on_error(ctx, stale.as_ref(), fwd, Some(code), response_time)
+            {
+                return served;
+            }
+        }
+        let (parts, body) = resp.into_parts();
+        if let (true, StatusCode::NOT_MODIFIED, Some(old)) = (validating, code, stale.as_ref()) {
+            // §4.3.4: freshen the stored response with the 304's header fields.
+            let merged = policy::merge_304(&old.headers, &parts.headers);
+            let fresh = Arc::new(Stored::new(
+                old.status,
+                merged,
+                old.body.clone(),
+                &ctx.req_headers,
+                request_time,
+                response_time,
+            ));
+            if !ctx.req_cc.no_store {
+                self.inner.store.put(ctx.key.clone(), Arc::clone(&fresh)).await;
+            }
+            drop(flight);
+            return from_store(ctx, &fresh, response_time, CacheResult::Revalidated, status);
+        }
+        let method = if ctx.head { Method::HEAD } else { Method::GET };
+        let resp_cc = CacheControl::parse(&parts.headers);
+        let storable = policy::storable(
+            &method,
+            &ctx.req_headers,
+            &ctx.req_cc,
+            code,
+            &parts.headers,
+            &resp_cc,
+        )
+        .and_then(|()| {
+            let length = content_length(&parts.headers).or_else(|| {
+                let hint = http_body::Body::size_hint(&body);
+                hint.exact()
+            });
+            match length {
+                Some(len) if len > self.inner.object_limit => Err("too-large"),
+                _ => Ok(()),
+            }
+        });
+        let client_304 = !ctx.head
+            && code.is_success()
+            && policy::not_modified(&ctx.req_headers, &parts.headers);
+        if let Err(why) = storable {
+            tracing::debug!(key = %ctx.key, "cache: not stored: {why}");
+            drop(flight);
+            let resp = if client_304 {
+                not_modified_response(&parts.headers)
+            } else {
+                Response::from_parts(parts, body)
+            };
+            return Served {
+                resp,
+                result: CacheResult::Miss,
+                status,
+            };
+        }
+        status.stored = true;
+        let (tx, rx) = oneshot::channel();
+        let tee = Tee {
+            inner: body,
+            chunks: Some(Vec::new()),
+            size: 0,
+            limit: self.inner.object_limit,
+            tx: Some(tx),
+            done: false,
+        };
+        let store = self.inner.store.clone();
+        let key = ctx.key.clone();
+        let req_headers = ctx.req_headers.clone();
+        let headers = parts.headers.clone();
+        tokio::spawn(async move {
+            let _flight = flight;
+            if let Ok(body) = rx.await {
+                let stored = Stored::new(
+                    code,
+                    headers,
+                    body,
+                    &req_headers,
+                    request_time,
+                    response_time,
+                );
+                store.put(key, Arc::new(stored)).await;
+            }
+        });
+        let resp = if client_304 {
+            // The client has it: answer 304 and let the body flow into the store.
+            let head = not_modified_response(&parts.headers);
+            let mut body = boxed(tee);
+            tokio::spawn(async move {
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            });
+            head
+        } else {
+            Response::from_parts(parts, boxed(tee))
+        };
+        Served {
+            resp,
+            result: CacheResult::Miss,
+            status,
+        }
+    }
+}
+
+/// Serve a stored response (with its current `Age`), or 304 when the client's own
+/// conditional matches it.
+fn from_store(
+    ctx: &Ctx,
+    stored: &Stored,
+    now: SystemTime,
+    result: CacheResult,
+    mut status: Status,
+) -> Served {
+    let mut resp = if stored.status.is_success()
+        && policy::not_modified(&ctx.req_headers, &stored.headers)
+    {
+        not_modified_response(&stored.headers)
+    } else {
+        let mut resp = Response::new(if ctx.head {
+            empty()
+        } else {
+            full(stored.body.clone())
+        });
+        *resp.status_mut() = stored.status;
+        *resp.headers_mut() = stored.headers.clone();
+        resp
+    };
+    let age = stored.age(now).as_secs().min(policy::DELTA_MAX);
+    resp.headers_mut().insert(header::AGE, age.into());
+    status.ttl = Some(stored.ttl(now));
+    Served {
+        resp,
+        result,
+        status,
+    }
+}
+
+/// A 304 for a response with `headers` (RFC 9110 §15.4.5).
+fn not_modified_response(headers: &HeaderMap) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    *resp.headers_mut() = policy::not_modified_headers(headers);
+    resp
+}
+
+/// A short text response of the cache's own.
+fn error_response(code: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{code}\n")));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// 504 when the upstream error was a timeout, else 502.
+fn upstream_error(e: &UpstreamError) -> Response<Body> {
+    if e.0.to_ascii_lowercase().contains("timeout") {
+        error_response(StatusCode::GATEWAY_TIMEOUT)
+    } else {
+        error_response(StatusCode::BAD_GATEWAY)
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The store key of a request: host from the URI's authority (absolute form, HTTP/2)
+/// or the `Host` header, lower-cased, without user info; then the path and query.
+fn key_of<B>(req: &Request<B>) -> Key {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or(host).trim();
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    Key::new(host, pq)
+}
+
+/// A body that passes the upstream body through and collects its data for the store,
+/// up to `limit` bytes; the whole body goes to `tx` when it ends, nothing when it fails,
+/// is dropped early or outgrows the limit.
+struct Tee {
+    inner: Body,
+    chunks: Option<Vec<Bytes>>,
+    size: u64,
+    limit: u64,
+    tx: Option<oneshot::Sender<Bytes>>,
+    done: bool,
+}
+
+impl Tee {
+    fn give_up(&mut self) {
+        self.chunks = None;
+        self.tx = None;
+    }
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(chunks)) = (frame.data_ref(), this.chunks.as_mut()) {
+                    this.size += data.len() as u64;
+                    if this.size > this.limit {
+                        tracing::debug!("cache: body over the object limit, not stored");
+                        this.give_up();
+                    } else {
+                        chunks.push(data.clone());
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.give_up();
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                if let (Some(chunks), Some(tx)) = (this.chunks.take(), this.tx.take()) {
+                    let body = if chunks.len() == 1 {
+                        chunks.into_iter().next().unwrap_or_default()
+                    } else {
+                        let mut all = BytesMut::with_capacity(usize::try_from(this.size).unwrap_or(0));
+                        for c in chunks {
+                            all.extend_from_slice(&c);
+                        }
+                        all.freeze()
+                    };
+                    let _ = tx.send(body);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Report the end only once seen, so the tee is polled to completion.
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,296 @@
+//! The memory store of the HTTP cache: a [`moka::future::Cache`] from [`Key`] (host and
+//! path-and-query) to the stored variants of that URI (RFC 9111 §4.1: one per distinct
+//! set of values of the request headers the response's `Vary` names).
+//!
+//! Every entry weighs the bytes of its key, header fields and bodies (plus a small
+//! fixed overhead), and the cache's capacity is `max_bytes`, so moka's TinyLFU
+//! admission and LRU eviction keep the memory bounded. Updating one variant replaces
+//! the entry (a read-modify-write that a concurrent update of another variant of the
+//! same URI may win; the loser is simply not stored).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode};
+use moka::future::Cache as Moka;
+
+use super::policy::{self, CacheControl};
+
+/// At most this many variants of one URI are kept (the oldest goes first).
+const MAX_VARIANTS: usize = 8;
+
+/// Bytes counted per stored response besides its fields and body.
+const OVERHEAD: usize = 160;
+
+/// What a response is stored under: the lower-case host (with port, if given) and the
+/// path and query.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Key {
+    /// Lower-case host[:port].
+    pub host: Box<str>,
+    /// Path and query, as requested.
+    pub path_and_query: Box<str>,
+}
+
+impl Key {
+    /// A key from host and path-and-query.
+    #[must_use]
+    pub fn new(host: &str, path_and_query: &str) -> Self {
+        Self {
+            host: host.to_ascii_lowercase().into(),
+            path_and_query: path_and_query.into(),
+        }
+    }
+
+    /// The path without the query.
+    #[must_use]
+    pub fn path(&self) -> &str {
+        self.path_and_query
+            .split_once('?')
+            .map_or(&*self.path_and_query, |(p, _)| p)
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.host, self.path_and_query)
+    }
+}
+
+/// One stored response.
+#[derive(Debug)]
+pub struct Stored {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its end-to-end header fields (with `Date` and `Content-Length`).
+    pub headers: HeaderMap,
+    /// Its whole body.
+    pub body: Bytes,
+    /// When the response was received (RFC 9111 §4.2.3 `response_time`).
+    pub response_time: SystemTime,
+    /// `corrected_initial_age`.
+    pub initial_age: Duration,
+    /// Freshness lifetime (0 when none).
+    pub lifetime: Duration,
+    /// Its `Cache-Control`.
+    pub cc: CacheControl,
+    /// The request header fields its `Vary` names, with the values they had.
+    pub vary: Vec<(HeaderName, Option<String>)>,
+}
+
+impl Stored {
+    /// Build a stored response: `headers` are the end-to-end fields (hop-by-hop ones are
+    /// dropped here), `req_headers` the request's, for `Vary`. Adds `Date` when absent
+    /// (RFC 9110 §6.6.1) and sets `Content-Length` to the body's.
+    #[must_use]
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        req_headers: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Self {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            headers.remove(name);
+        }
+        if !headers.contains_key(http::header::DATE) {
+            if let Ok(v) = httpdate::fmt_http_date(response_time).parse() {
+                headers.insert(http::header::DATE, v);
+            }
+        }
+        headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+        let cc = CacheControl::parse(&headers);
+        let lifetime = policy::freshness_lifetime(status, &headers, &cc).unwrap_or_default();
+        let initial_age = policy::corrected_initial_age(&headers, request_time, response_time);
+        let vary = match policy::Vary::parse(&headers) {
+            policy::Vary::Fields(names) => names
+                .into_iter()
+                .map(|n| {
+                    let v = policy::vary_value(req_headers, &n);
+                    (n, v)
+                })
+                .collect(),
+            policy::Vary::Star => Vec::new(),
+        };
+        Self {
+            status,
+            headers,
+            body,
+            response_time,
+            initial_age,
+            lifetime,
+            cc,
+            vary,
+        }
+    }
+
+    /// The current age (§4.2.3).
+    #[must_use]
+    pub fn age(&self, now: SystemTime) -> Duration {
+        policy::current_age(self.initial_age, self.response_time, now)
+    }
+
+    /// Remaining freshness in whole seconds, negative when stale (RFC 9211 `ttl`).
+    #[must_use]
+    pub fn ttl(&self, now: SystemTime) -> i64 {
+        let age = self.age(now);
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        if self.lifetime >= age {
+            secs(self.lifetime - age)
+        } else {
+            -secs(age - self.lifetime).max(1)
+        }
+    }
+
+    /// Does this variant match a request's header fields (§4.1)?
+    #[must_use]
+    pub fn matches(&self, req_headers: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, value)| policy::vary_value(req_headers, name) == *value)
+    }
+
+    /// Bytes this response is counted for.
+    #[must_use]
+    pub fn weight(&self) -> usize {
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let vary: usize = self
+            .vary
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.as_ref().map_or(0, String::len))
+            .sum();
+        OVERHEAD + fields + vary + self.body.len()
+    }
+
+    fn same_variant(&self, other: &Self) -> bool {
+        self.vary == other.vary
+    }
+}
+
+/// All stored variants of one URI.
+#[derive(Debug, Default)]
+pub struct Variants(pub Vec<Arc<Stored>>);
+
+/// What a lookup found.
+pub enum Lookup {
+    /// Nothing stored for the URI.
+    UriMiss,
+    /// Responses stored for the URI, none for this request's header fields.
+    VaryMiss,
+    /// The matching variant.
+    Found(Arc<Stored>),
+}
+
+/// The size-bounded store.
+#[derive(Clone)]
+pub struct Store {
+    moka: Moka<Key, Arc<Variants>>,
+}
+
+impl Store {
+    /// A store of at most `max_bytes` (by [`Stored::weight`]).
+    #[must_use]
+    pub fn new(max_bytes: u64) -> Self {
+        let moka = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &Key, v: &Arc<Variants>| {
+                let w = k.host.len()
+                    + k.path_and_query.len()
+                    + v.0.iter().map(|s| s.weight()).sum::<usize>();
+                u32::try_from(w).unwrap_or(u32::MAX)
+            })
+            .support_invalidation_closures()
+            .build();
+        Self { moka }
+    }
+
+    /// The variant stored for `key` that matches `req_headers`.
+    pub async fn lookup(&self, key: &Key, req_headers: &HeaderMap) -> Lookup {
+        let Some(variants) = self.moka.get(key).await else {
+            return Lookup::UriMiss;
+        };
+        variants
+            .0
+            .iter()
+            .find(|s| s.matches(req_headers))
+            .map_or(Lookup::VaryMiss, |s| Lookup::Found(Arc::clone(s)))
+    }
+
+    /// Store `stored` under `key`, replacing the variant with the same `Vary` values
+    /// (and variants selected by other header names: the URI's `Vary` changed).
+    pub async fn put(&self, key: Key, stored: Arc<Stored>) {
+        let names: Vec<&HeaderName> = stored.vary.iter().map(|(n, _)| n).collect();
+        let mut variants: Vec<Arc<Stored>> = match self.moka.get(&key).await {
+            Some(old) => old
+                .0
+                .iter()
+                .filter(|s| {
+                    !s.same_variant(&stored)
+                        && s.vary.iter().map(|(n, _)| n).collect::<Vec<_>>() == names
+                })
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        if variants.len() >= MAX_VARIANTS {
+            variants.drain(..=variants.len() - MAX_VARIANTS);
+        }
+        variants.push(stored);
+        self.moka.insert(key, Arc::new(Variants(variants))).await;
+    }
+
+    /// Drop everything stored for `key`.
+    pub async fn invalidate(&self, key: &Key) {
+        self.moka.invalidate(key).await;
+    }
+
+    /// Drop every entry when `path` is `None`, else those whose path (without query)
+    /// equals `path`, or starts with it when `prefix`. Returns how many.
+    pub fn purge(&self, path: Option<&str>, prefix: bool) -> u64 {
+        let Some(path) = path else {
+            let n = self.moka.iter().count() as u64;
+            self.moka.invalidate_all();
+            return n;
+        };
+        let owned = path.to_owned();
+        let matches = move |k: &Key| {
+            if prefix {
+                k.path().starts_with(&owned)
+            } else {
+                k.path() == owned
+            }
+        };
+        let n = self.moka.iter().filter(|(k, _)| matches(k)).count() as u64;
+        if n > 0 {
+            if let Err(e) = self.moka.invalidate_entries_if(move |k, _| matches(k)) {
+                tracing::warn!("cache purge: {e}");
+            }
+        }
+        n
+    }
+
+    /// (entries, bytes) currently stored (moka's counts, updated by its maintenance).
+    #[must_use]
+    pub fn usage(&self) -> (u64, u64) {
+        (self.moka.entry_count(), self.moka.weighted_size())
+    }
+
+    /// Run moka's pending maintenance (evictions, counts) now.
+    pub async fn run_pending_tasks(&self) {
+        self.moka.run_pending_tasks().await;
+    }
+}

@@ -1,0 +1,807 @@
+//! Integration tests of the cache: a real hyper HTTP/1.1 backend on 127.0.0.1 that
+//! counts hits per path and answers as configured per path, an [`Upstream`] that
+//! opens a hyper client connection to it per request, and `Cache::handle` called
+//! directly. Expiry uses real (short) sleeps: `max-age=1` and ~1.1 s waits.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::{Cache, CacheResult, Upstream, UpstreamError};
+use crate::config::CacheConfig;
+use crate::l7::body::{Body, BoxError, boxed, empty, full};
+
+const HOST: &str = "test.local";
+
+/// How the backend answers one path.
+#[derive(Clone)]
+struct Route {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+    delay: Duration,
+    /// Answer `If-None-Match` with this tag by 304.
+    etag: Option<String>,
+    /// Send the body in chunks without `Content-Length`.
+    chunked: bool,
+    /// Status for non-GET/HEAD requests.
+    unsafe_status: u16,
+}
+
+impl Route {
+    fn ok(cache_control: &str, body: &str) -> Self {
+        let mut headers = vec![("content-type", "text/plain".to_owned())];
+        if !cache_control.is_empty() {
+            headers.push(("cache-control", cache_control.to_owned()));
+        }
+        Self {
+            status: 200,
+            headers,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            delay: Duration::ZERO,
+            etag: None,
+            chunked: false,
+            unsafe_status: 200,
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn etag(mut self, tag: &str) -> Self {
+        self.etag = Some(tag.to_owned());
+        self
+    }
+}
+
+#[derive(Default)]
+struct State {
+    routes: Mutex<HashMap<String, Route>>,
+    hits: Mutex<HashMap<String, u64>>,
+    seen: Mutex<Vec<(Method, String, HeaderMap)>>,
+}
+
+/// The test backend: a hyper server on 127.0.0.1:0.
+struct Backend {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State::default());
+        let st = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                while conns.try_join_next().is_some() {}
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = Arc::clone(&st);
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| answer(req, Arc::clone(&st)));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    fn route(&self, path: &str, route: Route) {
+        self.state
+            .routes
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), route);
+    }
+
+    fn hits(&self, path: &str) -> u64 {
+        self.state.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// Method and headers of the last request for `path`.
+    fn last(&self, path: &str) -> (Method, HeaderMap) {
+        let seen = self.state.seen.lock().unwrap();
+        let (m, _, h) = seen
+            .iter()
+            .rev()
+            .find(|(_, p, _)| p == path)
+            .expect("a request for the path");
+        (m.clone(), h.clone())
+    }
+
+    /// Close the port and every connection.
+    fn stop(&self) {
+        self.task.abort();
+    }
+
+    fn upstream(&self) -> TestUpstream {
+        TestUpstream { addr: self.addr }
+    }
+}
+
+async fn answer(req: Request<Incoming>, st: Arc<State>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let n = {
+        let mut hits = st.hits.lock().unwrap();
+        let n = hits.entry(path.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    st.seen
+        .lock()
+        .unwrap()
+        .push((req.method().clone(), path.clone(), req.headers().clone()));
+    let route = st.routes.lock().unwrap().get(&path).cloned();
+    let Some(route) = route else {
+        let mut r = Response::new(full("no route"));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return Ok(r);
+    };
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    let mut b = Response::builder().header("x-hit", n);
+    for (k, v) in &route.headers {
+        b = b.header(*k, v);
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD);
+    if let Some(tag) = &route.etag {
+        b = b.header(header::ETAG, tag);
+        let inm = req.headers().get(header::IF_NONE_MATCH);
+        if safe && inm.is_some_and(|v| v.as_bytes() == tag.as_bytes()) {
+            return Ok(b.status(304).body(empty()).unwrap());
+        }
+    }
+    let status = if safe { route.status } else { route.unsafe_status };
+    let body = if route.chunked {
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = route
+            .body
+            .chunks(1000)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        boxed(StreamBody::new(futures_util::stream::iter(chunks)))
+    } else {
+        full(route.body.clone())
+    };
+    Ok(b.status(status).body(body).unwrap())
+}
+
+/// A fresh hyper HTTP/1.1 connection per request to the backend.
+#[derive(Clone)]
+struct TestUpstream {
+    addr: SocketAddr,
+}
+
+impl Upstream for TestUpstream {
+    fn send(&self, req: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+        let addr = self.addr;
+        Box::pin(async move {
+            let err = |what: &str, e: &dyn std::fmt::Display| UpstreamError(format!("{what}: {e}"));
+            let stream = TcpStream::connect(addr).await.map_err(|e| err("connect", &e))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| err("handshake", &e))?;
+            tokio::spawn(conn);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| err("request", &e))?;
+            Ok(resp.map(boxed))
+        })
+    }
+}
+
+/// An upstream that always fails with the given text.
+#[derive(Clone)]
+struct FailingUpstream(&'static str);
+
+impl Upstream for FailingUpstream {
+    fn send(&self, _req: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+        let e = self.0;
+        Box::pin(async move { Err(UpstreamError(e.to_owned())) })
+    }
+}
+
+fn cache() -> Cache {
+    Cache::new(&CacheConfig {
+        max_bytes: 16 << 20,
+        max_object_bytes: 1 << 20,
+    })
+}
+
+fn req(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, HOST);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(empty()).unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    req(Method::GET, path, &[])
+}
+
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    result: CacheResult,
+    body: Bytes,
+}
+
+impl Got {
+    fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn call(cache: &Cache, up: &impl Upstream, req: Request<Body>) -> Got {
+    let resp = cache.handle(req, up.clone()).await;
+    let result = *resp
+        .extensions()
+        .get::<CacheResult>()
+        .expect("CacheResult extension");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        result,
+        body,
+    }
+}
+
+/// Let the store task of a just-finished miss insert the response.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+}
+
+async fn stale_wait() {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+#[test]
+fn result_labels() {
+    let all = [
+        (CacheResult::Hit, "hit"),
+        (CacheResult::Miss, "miss"),
+        (CacheResult::Stale, "stale"),
+        (CacheResult::Revalidated, "revalidated"),
+        (CacheResult::Bypass, "bypass"),
+        (CacheResult::Collapsed, "collapsed"),
+    ];
+    for (r, s) in all {
+        assert_eq!(r.as_str(), s);
+    }
+}
+
+#[tokio::test]
+async fn miss_then_hit_with_age_and_cache_status() {
+    let be = Backend::start().await;
+    be.route("/a", Route::ok("max-age=60", "hello").header("age", "10"));
+    let (c, up) = (cache(), be.upstream());
+
+    let g = call(&c, &up, get("/a")).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Miss));
+    assert_eq!(g.cache_status(), "xdplb; fwd=uri-miss; fwd-status=200; stored");
+    assert_eq!(g.body, "hello");
+    settle().await;
+
+    let g = call(&c, &up, get("/a")).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Hit));
+    assert_eq!(g.body, "hello");
+    // the upstream's Age (10) plus the time it spent here
+    let age: u64 = g.header("age").parse().unwrap();
+    assert!((10..=11).contains(&age), "age {age}");
+    assert_eq!(g.cache_status(), "xdplb; hit; ttl=49");
+    assert_eq!(g.header("x-hit"), "1");
+    assert_eq!(be.hits("/a"), 1);
+    assert_eq!(c.usage().0, 1);
+}
+
+#[tokio::test]
+async fn absolute_form_and_host_header_share_a_key() {
+    let be = Backend::start().await;
+    be.route("/abs", Route::ok("max-age=60", "x"));
+    let (c, up) = (cache(), be.upstream());
+    // HTTP/2-style: authority in the URI (host upper-case), no Host header
+    let r = Request::builder()
+        .uri("http://TEST.local/abs?q=1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(call(&c, &up, r).await.result, CacheResult::Miss);
+    settle().await;
+    assert_eq!(call(&c, &up, get("/abs?q=1")).await.result, CacheResult::Hit);
+    // another query is another resource
+    assert_eq!(call(&c, &up, get("/abs?q=2")).await.result, CacheResult::Miss);
+}
+
+#[tokio::test]
+async fn head_from_stored_get_and_head_miss_not_stored() {
+    let be = Backend::start().await;
+    be.route("/h", Route::ok("max-age=60", "body!"));
+    let (c, up) = (cache(), be.upstream());
+
+    let g = call(&c, &up, req(Method::HEAD, "/h", &[])).await;
+    assert_eq!(g.result, CacheResult::Miss);
+    assert!(g.body.is_empty());
+    assert_eq!(be.last("/h").0, Method::HEAD);
+    settle().await;
+    // the HEAD response was not stored
+    let g = call(&c, &up, get("/h")).await;
+    assert_eq!(g.result, CacheResult::Miss);
+    settle().await;
+
+    let g = call(&c, &up, req(Method::HEAD, "/h", &[])).await;
+    assert_eq!(g.result, CacheResult::Hit);
+    assert!(g.body.is_empty());
+    assert_eq!(g.header("content-length"), "5");
+    assert_eq!(be.hits("/h"), 2);
+}
+
+#[tokio::test]
+async fn unsafe_methods_bypass_and_invalidate() {
+    let be = Backend::start().await;
+    for p in ["/a", "/b", "/c", "/other"] {
+        be.route(p, Route::ok("max-age=60", p));
+    }
+    let mut post = Route::ok("max-age=60", "/a");
+    post.unsafe_status = 201;
+    be.route(
+        "/a",
+        post.header("location", "/b")
+            .header("content-location", "http://test.local/c"),
+    );
+    let mut failing = Route::ok("max-age=60", "/other");
+    failing.unsafe_status = 400;
+    be.route("/other", failing.header("location", "/b"));
+    let (c, up) = (cache(), be.upstream());
+    for p in ["/a", "/b", "/c", "/other"] {
+        call(&c, &up, get(p)).await;
+    }
+    settle().await;
+
+    // a failed PUT invalidates nothing
+    let g = call(&c, &up, req(Method::PUT, "/other", &[])).await;
+    assert_eq!((g.status.as_u16(), g.result), (400, CacheResult::Bypass));
+    for p in ["/a", "/b", "/c", "/other"] {
+        assert_eq!(call(&c, &up, get(p)).await.result, CacheResult::Hit, "{p}");
+    }
+
+    let g = call(&c, &up, req(Method::POST, "/a", &[])).await;
+    assert_eq!((g.status.as_u16(), g.result), (201, CacheResult::Bypass));
+    assert_eq!(g.cache_status(), "xdplb; fwd=method; fwd-status=201");
+    assert_eq!(be.last("/a").0, Method::POST);
+    for p in ["/a", "/b", "/c"] {
+        assert_eq!(call(&c, &up, get(p)).await.result, CacheResult::Miss, "{p}");
+    }
+    assert_eq!(call(&c, &up, get("/other")).await.result, CacheResult::Hit);
+
+    // OPTIONS (safe) bypasses without invalidating
+    settle().await;
+    let g = call(&c, &up, req(Method::OPTIONS, "/b", &[])).await;
+    assert_eq!(g.result, CacheResult::Bypass);
+    assert_eq!(call(&c, &up, get("/b")).await.result, CacheResult::Hit);
+}
+
+#[tokio::test]
+async fn storability_rules() {
+    let be = Backend::start().await;
+    let last_modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
+    let cases: Vec<(&str, Route, &[(&str, &str)], bool)> = vec![
+        ("/plain", Route::ok("max-age=60", "x"), &[], true),
+        ("/no-store", Route::ok("max-age=60, no-store", "x"), &[], false),
+        ("/req-no-store", Route::ok("max-age=60", "x"), &[("cache-control", "no-store")], false),
+        ("/private", Route::ok("private, max-age=60", "x"), &[], false),
+        ("/cookie", Route::ok("max-age=60", "x").header("set-cookie", "a=b"), &[], false),
+        ("/vary-star", Route::ok("max-age=60", "x").header("vary", "*"), &[], false),
+        ("/nothing", Route::ok("", "x"), &[], false),
+        ("/auth", Route::ok("max-age=60", "x"), &[("authorization", "Bearer t")], false),
+        ("/auth-public", Route::ok("public, max-age=60", "x"), &[("authorization", "Bearer t")], true),
+        ("/auth-smaxage", Route::ok("s-maxage=60", "x"), &[("authorization", "Bearer t")], true),
+        ("/heuristic", Route::ok("", "x").header("last-modified", last_modified.clone()), &[], true),
+        ("/s-maxage", Route::ok("max-age=0, s-maxage=60", "x"), &[], true),
+        ("/expires", Route::ok("", "x").header("expires", httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60))), &[], true),
+        ("/bad-max-age", Route::ok("max-age=soon", "x"), &[], false),
+    ];
+    let (c, up) = (cache(), be.upstream());
+    for (path, route, headers, _) in &cases {
+        be.route(path, route.clone());
+        call(&c, &up, req(Method::GET, path, headers)).await;
+    }
+    settle().await;
+    for (path, _, headers, stored) in &cases {
+        let g = call(&c, &up, req(Method::GET, path, headers)).await;
+        let want = if *stored { CacheResult::Hit } else { CacheResult::Miss };
+        assert_eq!(g.result, want, "{path}: {}", g.cache_status());
+        assert_eq!(be.hits(path), if *stored { 1 } else { 2 }, "{path}");
+    }
+    // 1 hour since Last-Modified: 6 minutes of heuristic freshness
+    let g = call(&c, &up, get("/heuristic")).await;
+    assert!(g.cache_status().contains("ttl=35") || g.cache_status().contains("ttl=36"), "{}", g.cache_status());
+}
+
+#[tokio::test]
+async fn partial_content_is_not_stored_and_range_bypasses() {
+    let be = Backend::start().await;
+    let mut r = Route::ok("max-age=60", "part");
+    r.status = 206;
+    be.route("/r", r);
+    let (c, up) = (cache(), be.upstream());
+    let g = call(&c, &up, req(Method::GET, "/r", &[("range", "bytes=0-3")])).await;
+    assert_eq!((g.status.as_u16(), g.result), (206, CacheResult::Bypass));
+    assert!(g.cache_status().contains("fwd=bypass"));
+    call(&c, &up, get("/r")).await;
+    settle().await;
+    assert_eq!(call(&c, &up, get("/r")).await.result, CacheResult::Miss);
+}
+
+#[tokio::test]
+async fn vary_selects_variants() {
+    let be = Backend::start().await;
+    be.route("/v", Route::ok("max-age=60", "v").header("vary", "Accept-Language"));
+    let (c, up) = (cache(), be.upstream());
+    let en = || req(Method::GET, "/v", &[("accept-language", "en")]);
+    let fr = || req(Method::GET, "/v", &[("accept-language", "fr")]);
+    assert_eq!(call(&c, &up, en()).await.result, CacheResult::Miss);
+    settle().await;
+    assert_eq!(call(&c, &up, en()).await.result, CacheResult::Hit);
+    let g = call(&c, &up, fr()).await;
+    assert_eq!(g.result, CacheResult::Miss);
+    assert!(g.cache_status().contains("fwd=vary-miss"), "{}", g.cache_status());
+    settle().await;
+    assert_eq!(call(&c, &up, fr()).await.result, CacheResult::Hit);
+    assert_eq!(call(&c, &up, en()).await.result, CacheResult::Hit);
+    // absent header is its own variant
+    assert_eq!(call(&c, &up, get("/v")).await.result, CacheResult::Miss);
+    assert_eq!(be.hits("/v"), 3);
+}
+
+#[tokio::test]
+async fn stale_is_revalidated_with_304_and_headers_merged() {
+    let be = Backend::start().await;
+    be.route("/r", Route::ok("max-age=1", "original").etag("\"v1\"").header("x-version", "1"));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/r")).await;
+    stale_wait().await;
+    // the origin now says: still v1, fresh for 60 s, with a new header value
+    be.route("/r", Route::ok("max-age=60", "ignored").etag("\"v1\"").header("x-version", "2"));
+    let g = call(&c, &up, get("/r")).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Revalidated));
+    assert!(g.cache_status().starts_with("xdplb; fwd=stale; fwd-status=304"), "{}", g.cache_status());
+    assert_eq!(g.body, "original");
+    assert_eq!(g.header("x-version"), "2");
+    assert_eq!(g.header("content-length"), "8");
+    assert_eq!(be.last("/r").1.get("if-none-match").unwrap(), "\"v1\"");
+    let g = call(&c, &up, get("/r")).await;
+    assert_eq!(g.result, CacheResult::Hit);
+    assert_eq!(g.header("x-version"), "2");
+    assert_eq!(be.hits("/r"), 2);
+}
+
+#[tokio::test]
+async fn stale_is_replaced_by_a_new_200_and_last_modified_is_sent() {
+    let be = Backend::start().await;
+    let lm = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(100));
+    be.route("/r", Route::ok("max-age=1", "old").header("last-modified", lm.clone()));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/r")).await;
+    stale_wait().await;
+    be.route("/r", Route::ok("max-age=60", "new"));
+    let g = call(&c, &up, get("/r")).await;
+    assert_eq!((g.result, &g.body[..]), (CacheResult::Miss, &b"new"[..]));
+    assert!(g.cache_status().contains("fwd=stale; fwd-status=200; stored"));
+    assert_eq!(be.last("/r").1.get("if-modified-since").unwrap(), lm.as_str());
+    settle().await;
+    let g = call(&c, &up, get("/r")).await;
+    assert_eq!((g.result, &g.body[..]), (CacheResult::Hit, &b"new"[..]));
+}
+
+#[tokio::test]
+async fn client_conditionals_answered_from_the_cache() {
+    let be = Backend::start().await;
+    be.route("/e", Route::ok("max-age=60", "etagged").etag("\"t\""));
+    let (c, up) = (cache(), be.upstream());
+    let cond = || req(Method::GET, "/e", &[("if-none-match", "\"t\"")]);
+    // miss: the cache asks for the full response (stores it) and answers 304 itself
+    let g = call(&c, &up, cond()).await;
+    assert_eq!((g.status, g.result), (StatusCode::NOT_MODIFIED, CacheResult::Miss));
+    assert!(g.body.is_empty());
+    assert!(be.last("/e").1.get("if-none-match").is_none());
+    settle().await;
+    let g = call(&c, &up, cond()).await;
+    assert_eq!((g.status, g.result), (StatusCode::NOT_MODIFIED, CacheResult::Hit));
+    assert_eq!(g.header("etag"), "\"t\"");
+    let g = call(&c, &up, req(Method::GET, "/e", &[("if-none-match", "\"other\"")])).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Hit));
+    assert_eq!(g.body, "etagged");
+    assert_eq!(be.hits("/e"), 1);
+}
+
+#[tokio::test]
+async fn no_cache_response_and_request_directives_force_validation() {
+    let be = Backend::start().await;
+    be.route("/nc", Route::ok("no-cache, max-age=60", "nc").etag("\"a\""));
+    be.route("/f", Route::ok("max-age=60", "f").etag("\"b\""));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/nc")).await;
+    call(&c, &up, get("/f")).await;
+    settle().await;
+
+    let g = call(&c, &up, get("/nc")).await;
+    assert_eq!(g.result, CacheResult::Revalidated);
+    assert!(g.cache_status().contains("fwd=stale; fwd-status=304"), "{}", g.cache_status());
+    assert_eq!(be.hits("/nc"), 2);
+
+    for directive in [("cache-control", "no-cache"), ("cache-control", "max-age=0"), ("pragma", "no-cache")] {
+        let g = call(&c, &up, req(Method::GET, "/f", &[directive])).await;
+        assert_eq!(g.result, CacheResult::Revalidated, "{directive:?}");
+        assert!(g.cache_status().contains("fwd=request; fwd-status=304"), "{}", g.cache_status());
+        assert_eq!(g.body, "f");
+    }
+    assert_eq!(be.hits("/f"), 4);
+    assert_eq!(call(&c, &up, get("/f")).await.result, CacheResult::Hit);
+}
+
+#[tokio::test]
+async fn collapses_concurrent_misses() {
+    let be = Backend::start().await;
+    let mut slow = Route::ok("max-age=60", &"s".repeat(10_000));
+    slow.delay = Duration::from_millis(200);
+    slow.chunked = true;
+    be.route("/slow", slow);
+    let (c, up) = (cache(), be.upstream());
+    let mut tasks = JoinSet::new();
+    for _ in 0..20 {
+        let (c, up) = (c.clone(), up.clone());
+        tasks.spawn(async move { call(&c, &up, get("/slow")).await });
+    }
+    let mut results = HashMap::new();
+    while let Some(g) = tasks.join_next().await {
+        let g = g.unwrap();
+        assert_eq!(g.status, StatusCode::OK);
+        assert_eq!(g.body.len(), 10_000);
+        if g.result == CacheResult::Collapsed {
+            assert!(g.cache_status().contains("; collapsed"), "{}", g.cache_status());
+        }
+        *results.entry(g.result).or_insert(0) += 1;
+    }
+    assert_eq!(be.hits("/slow"), 1);
+    assert_eq!(results.get(&CacheResult::Miss), Some(&1));
+    assert_eq!(results.get(&CacheResult::Collapsed), Some(&19));
+}
+
+#[tokio::test]
+async fn collapsed_waiters_go_upstream_when_not_storable() {
+    let be = Backend::start().await;
+    let mut slow = Route::ok("no-store", "private stuff");
+    slow.delay = Duration::from_millis(100);
+    be.route("/ns", slow);
+    let (c, up) = (cache(), be.upstream());
+    let mut tasks = JoinSet::new();
+    for _ in 0..5 {
+        let (c, up) = (c.clone(), up.clone());
+        tasks.spawn(async move { call(&c, &up, get("/ns")).await });
+    }
+    while let Some(g) = tasks.join_next().await {
+        let g = g.unwrap();
+        assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Miss));
+        assert_eq!(g.body, "private stuff");
+    }
+    assert_eq!(be.hits("/ns"), 5);
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let be = Backend::start().await;
+    let mut r = Route::ok("max-age=1, stale-while-revalidate=30", "v1");
+    be.route("/swr", r.clone());
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/swr")).await;
+    stale_wait().await;
+    r.body = Bytes::from_static(b"v2");
+    r.delay = Duration::from_millis(200);
+    be.route("/swr", r);
+
+    let t0 = Instant::now();
+    let g = call(&c, &up, get("/swr")).await;
+    assert!(t0.elapsed() < Duration::from_millis(150), "served at once");
+    assert_eq!((g.result, &g.body[..]), (CacheResult::Stale, &b"v1"[..]));
+    assert!(g.cache_status().contains("hit; ttl=-"), "{}", g.cache_status());
+    assert!(g.cache_status().contains("detail=stale-while-revalidate"));
+    // a second stale request during the refresh does not start another
+    let g = call(&c, &up, get("/swr")).await;
+    assert_eq!(g.result, CacheResult::Stale);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(be.hits("/swr"), 2);
+    let g = call(&c, &up, get("/swr")).await;
+    assert_eq!((g.result, &g.body[..]), (CacheResult::Hit, &b"v2"[..]));
+}
+
+#[tokio::test]
+async fn stale_if_error_when_backend_is_down() {
+    let be = Backend::start().await;
+    be.route("/sie", Route::ok("max-age=1, stale-if-error=60", "still here"));
+    be.route("/plain", Route::ok("max-age=1", "gone"));
+    be.route("/mr", Route::ok("max-age=1, must-revalidate, stale-if-error=60", "strict"));
+    let (c, up) = (cache(), be.upstream());
+    for p in ["/sie", "/plain", "/mr"] {
+        call(&c, &up, get(p)).await;
+    }
+    be.stop();
+    stale_wait().await;
+
+    let g = call(&c, &up, get("/sie")).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Stale));
+    assert_eq!(g.body, "still here");
+    assert!(g.cache_status().contains("fwd=stale; ttl=-"), "{}", g.cache_status());
+    assert!(g.cache_status().contains("detail=stale-if-error"));
+    assert!(g.header("age").parse::<u64>().unwrap() >= 1);
+
+    let g = call(&c, &up, get("/plain")).await;
+    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Miss));
+    let g = call(&c, &up, get("/mr")).await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY, "must-revalidate forbids stale-if-error");
+
+    // the request directive works too
+    let g = call(&c, &up, req(Method::GET, "/plain", &[("cache-control", "stale-if-error=60")])).await;
+    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Stale));
+}
+
+#[tokio::test]
+async fn stale_if_error_on_5xx_and_must_revalidate_passes_it_through() {
+    let be = Backend::start().await;
+    be.route("/sie", Route::ok("max-age=1, stale-if-error=60", "good"));
+    be.route("/mr", Route::ok("max-age=1, must-revalidate, stale-while-revalidate=60", "good"));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/sie")).await;
+    call(&c, &up, get("/mr")).await;
+    stale_wait().await;
+    for p in ["/sie", "/mr"] {
+        let mut broken = Route::ok("", "broken");
+        broken.status = 503;
+        be.route(p, broken);
+    }
+    let g = call(&c, &up, get("/sie")).await;
+    assert_eq!((g.status, g.result, &g.body[..]), (StatusCode::OK, CacheResult::Stale, &b"good"[..]));
+    assert!(g.cache_status().contains("fwd-status=503"));
+    let g = call(&c, &up, get("/mr")).await;
+    assert_eq!((g.status, g.result), (StatusCode::SERVICE_UNAVAILABLE, CacheResult::Miss));
+}
+
+#[tokio::test]
+async fn upstream_errors_become_502_or_504() {
+    let c = cache();
+    let g = call(&c, &FailingUpstream("connect: connection refused"), get("/x")).await;
+    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Miss));
+    assert!(g.cache_status().contains("detail=upstream-error"));
+    let g = call(&c, &FailingUpstream("upstream timeout"), get("/x")).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+    let g = call(&c, &FailingUpstream("reset"), req(Method::POST, "/x", &[])).await;
+    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Bypass));
+    let g = call(&c, &FailingUpstream("reset"), req(Method::GET, "/x", &[("cache-control", "only-if-cached")])).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn large_bodies_stream_in_full_but_are_not_stored() {
+    let be = Backend::start().await;
+    be.route("/big", Route::ok("max-age=60", &"b".repeat(5000)));
+    let mut chunked = Route::ok("max-age=60", &"c".repeat(5000));
+    chunked.chunked = true;
+    be.route("/big-chunked", chunked);
+    be.route("/small", Route::ok("max-age=60", &"s".repeat(500)));
+    let c = Cache::new(&CacheConfig {
+        max_bytes: 1 << 20,
+        max_object_bytes: 1000,
+    });
+    let up = be.upstream();
+    for p in ["/big", "/big-chunked", "/small"] {
+        let g = call(&c, &up, get(p)).await;
+        assert_eq!(g.result, CacheResult::Miss);
+        assert_eq!(g.body.len(), if p == "/small" { 500 } else { 5000 });
+    }
+    settle().await;
+    assert_eq!(call(&c, &up, get("/big")).await.result, CacheResult::Miss);
+    let g = call(&c, &up, get("/big-chunked")).await;
+    assert_eq!((g.result, g.body.len()), (CacheResult::Miss, 5000));
+    assert_eq!(call(&c, &up, get("/small")).await.result, CacheResult::Hit);
+}
+
+#[tokio::test]
+async fn memory_stays_within_max_bytes() {
+    let be = Backend::start().await;
+    be.route("/obj", Route::ok("max-age=60", &"m".repeat(4000)));
+    let max_bytes = 64 * 1024;
+    let c = Cache::new(&CacheConfig {
+        max_bytes,
+        max_object_bytes: 8 * 1024,
+    });
+    let up = be.upstream();
+    for i in 0..100 {
+        call(&c, &up, get(&format!("/obj?i={i}"))).await;
+        settle_fast().await;
+        c.run_pending_tasks().await;
+        assert!(c.usage().1 <= max_bytes, "{:?}", c.usage());
+    }
+    settle().await;
+    c.run_pending_tasks().await;
+    let (entries, bytes) = c.usage();
+    assert!(bytes <= max_bytes && bytes > 0, "{bytes}");
+    assert!(entries > 0 && entries < 17, "{entries}");
+}
+
+async fn settle_fast() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn purge_by_path_prefix_and_all() {
+    let be = Backend::start().await;
+    for p in ["/p/a", "/p/b", "/q"] {
+        be.route(p, Route::ok("max-age=60", p));
+    }
+    let (c, up) = (cache(), be.upstream());
+    for p in ["/p/a?x=1", "/p/a?x=2", "/p/b", "/q"] {
+        call(&c, &up, get(p)).await;
+    }
+    settle().await;
+    assert_eq!(c.usage().0, 4);
+    assert_eq!(c.purge(Some("/p/a"), false), 2);
+    assert_eq!(call(&c, &up, get("/p/a?x=1")).await.result, CacheResult::Miss);
+    assert_eq!(call(&c, &up, get("/p/b")).await.result, CacheResult::Hit);
+    settle().await;
+    c.run_pending_tasks().await;
+    assert_eq!(c.purge(Some("/p/"), true), 2);
+    assert_eq!(call(&c, &up, get("/p/b")).await.result, CacheResult::Miss);
+    assert_eq!(call(&c, &up, get("/q")).await.result, CacheResult::Hit);
+    settle().await;
+    c.run_pending_tasks().await;
+    assert_eq!(c.purge(None, false), 2);
+    c.run_pending_tasks().await;
+    assert_eq!(c.usage(), (0, 0));
+    assert_eq!(call(&c, &up, get("/q")).await.result, CacheResult::Miss);
+}
+
+#[tokio::test]
+async fn upstream_cache_status_is_kept_first() {
+    let be = Backend::start().await;
+    be.route("/cs", Route::ok("max-age=60", "x").header("cache-status", "origin-cache; hit"));
+    let (c, up) = (cache(), be.upstream());
+    let g = call(&c, &up, get("/cs")).await;
+    assert_eq!(g.cache_status(), "origin-cache; hit, xdplb; fwd=uri-miss; fwd-status=200; stored");
+}
