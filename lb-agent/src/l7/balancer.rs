@@ -286,7 +286,11 @@ impl Pool {
     pub fn update(&self, serving: &[(SocketAddr, u32)]) {
         let mut guard = self.set.write().unwrap_or_else(PoisonError::into_inner);
         let old = Arc::clone(&guard);
-        let old_rr = old.rr.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let old_rr = old
+            .rr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
 
         let mut members = Vec::with_capacity(serving.len());
         let mut index = HashMap::with_capacity(serving.len());
@@ -515,7 +519,10 @@ impl Pool {
     fn key_hash(&self, key: &PickKey<'_>) -> u64 {
         let value = match &self.hash_on {
             HashOn::Client => None,
-            HashOn::Header(name) => key.headers.get(name.as_str()).map(http::HeaderValue::as_bytes),
+            HashOn::Header(name) => key
+                .headers
+                .get(name.as_str())
+                .map(http::HeaderValue::as_bytes),
             HashOn::Cookie(name) => cookie_value(key.headers, name).map(str::as_bytes),
         };
         match value {

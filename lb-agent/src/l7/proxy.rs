@@ -80,7 +80,6 @@ pub(crate) struct Sticky {
 }
 
 /// Everything the handler of one service needs; shared by its connections.
-#[derive(Debug)]
 pub(crate) struct Proxy {
     pub(crate) name: String,
     pub(crate) http: HttpConfig,
@@ -95,6 +94,17 @@ pub(crate) struct Proxy {
     pub(crate) tunnels: Arc<Tracker>,
     /// Set when the grace period is over: connections and tunnels end.
     pub(crate) hard_stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("name", &self.name)
+            .field("tls", &self.tls)
+            .field("cache", &self.cache.is_some())
+            .field("sticky", &self.sticky.as_ref().map(|s| &s.cookie))
+            .finish_non_exhaustive()
+    }
 }
 
 /// The pooled HTTP/1.1 client towards a service's backends.

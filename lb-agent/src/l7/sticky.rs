@@ -428,7 +428,10 @@ mod tests {
         let pos = alphabet.iter().position(|&c| c == last).unwrap();
         let mut tweaked = v.clone().into_bytes();
         tweaked[42] = alphabet[pos ^ 1];
-        assert_eq!(k.verify(std::str::from_utf8(&tweaked).unwrap(), at(NOW)), None);
+        assert_eq!(
+            k.verify(std::str::from_utf8(&tweaked).unwrap(), at(NOW)),
+            None
+        );
     }
 
     #[test]
@@ -446,9 +449,7 @@ mod tests {
         let k = key();
         for a in ["198.18.1.11:8080", "10.0.0.1:80", "[2001:db8::1]:443"] {
             let a: SocketAddr = a.parse().unwrap();
-            let raw = URL_SAFE_NO_PAD
-                .decode(k.issue(a, TTL, at(NOW)))
-                .unwrap();
+            let raw = URL_SAFE_NO_PAD.decode(k.issue(a, TTL, at(NOW))).unwrap();
             let ip = match a.ip() {
                 std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
                 std::net::IpAddr::V6(v6) => v6.octets().to_vec(),

@@ -81,7 +81,10 @@ fn idx(a: SocketAddr) -> usize {
 }
 
 fn state(p: &Pool, a: SocketAddr, now: Instant) -> BackendState {
-    p.snapshot_at(now).into_iter().find(|s| s.addr == a).unwrap()
+    p.snapshot_at(now)
+        .into_iter()
+        .find(|s| s.addr == a)
+        .unwrap()
 }
 
 #[test]
@@ -412,7 +415,9 @@ fn hash_is_stable_and_order_independent() {
         assert_eq!(x, hash_pick_of(&b, &h, client(i)));
     }
     // Pinned values: a change of hash or table would move every client.
-    let pinned: Vec<usize> = (0..8).map(|i| idx(hash_pick_of(&a, &h, client(i)))).collect();
+    let pinned: Vec<usize> = (0..8)
+        .map(|i| idx(hash_pick_of(&a, &h, client(i))))
+        .collect();
     eprintln!("pinned hash picks: {pinned:?}");
     // IPv4-mapped IPv6 hashes as IPv4.
     for i in 0..100 {
@@ -526,8 +531,7 @@ fn hash_fallback_is_deterministic_and_spread() {
     let p = pool(Scheduler::Hash, &[1; 10]);
     let h = HeaderMap::new();
     let t0 = Instant::now();
-    let mut fallbacks: HashMap<SocketAddr, std::collections::HashSet<SocketAddr>> =
-        HashMap::new();
+    let mut fallbacks: HashMap<SocketAddr, std::collections::HashSet<SocketAddr>> = HashMap::new();
     let mut by_key = Vec::new();
     for c in 0..3000 {
         let primary = hash_pick_of(&p, &h, client(c));
@@ -567,9 +571,14 @@ fn lease_by_token_finds_serving_backends() {
     assert!(p.lease_by_token(&key, key.backend_token(addr(9))).is_none());
     // Another key: computed afresh, still right.
     let other = StickyKey::from_bytes([10; 32]);
-    let l = p.lease_by_token(&other, other.backend_token(addr(2))).unwrap();
+    let l = p
+        .lease_by_token(&other, other.backend_token(addr(2)))
+        .unwrap();
     assert_eq!(l.addr(), addr(2));
-    assert!(p.lease_by_token(&other, key.backend_token(addr(2))).is_none());
+    assert!(
+        p.lease_by_token(&other, key.backend_token(addr(2)))
+            .is_none()
+    );
     // Ejected or removed: none.
     for _ in 0..3 {
         p.report_at(addr(2), Outcome::Status5xx, t0);

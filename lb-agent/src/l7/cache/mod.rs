@@ -71,10 +71,8 @@ impl std::error::Error for UpstreamError {}
 /// and background refreshes. Cloned into spawned tasks.
 pub trait Upstream: Clone + Send + Sync + 'static {
     /// Send `req` to a backend.
-    fn send(
-        &self,
-        req: Request<Body>,
-    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    fn send(&self, req: Request<Body>)
+    -> BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
 }
 
 /// How a request was answered (the `result` label of `xdplb_cache_requests_total`).
@@ -187,7 +185,9 @@ struct Inner {
 
 impl Inner {
     fn flights(&self) -> MutexGuard<'_, HashMap<Key, watch::Receiver<()>>> {
-        self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -457,7 +457,10 @@ impl Cache {
                     .get(&name)
                     .and_then(|v| policy::same_host_path(v, &key.host))
                 {
-                    self.inner.store.invalidate(&Key::new(&key.host, &path)).await;
+                    self.inner
+                        .store
+                        .invalidate(&Key::new(&key.host, &path))
+                        .await;
                 }
             }
         }
@@ -551,7 +554,10 @@ impl Cache {
                 response_time,
             ));
             if !ctx.req_cc.no_store {
-                self.inner.store.put(ctx.key.clone(), Arc::clone(&fresh)).await;
+                self.inner
+                    .store
+                    .put(ctx.key.clone(), Arc::clone(&fresh))
+                    .await;
             }
             drop(flight);
             return from_store(ctx, &fresh, response_time, CacheResult::Revalidated, status);
@@ -653,20 +659,19 @@ fn from_store(
     result: CacheResult,
     mut status: Status,
 ) -> Served {
-    let mut resp = if stored.status.is_success()
-        && policy::not_modified(&ctx.req_headers, &stored.headers)
-    {
-        not_modified_response(&stored.headers)
-    } else {
-        let mut resp = Response::new(if ctx.head {
-            empty()
+    let mut resp =
+        if stored.status.is_success() && policy::not_modified(&ctx.req_headers, &stored.headers) {
+            not_modified_response(&stored.headers)
         } else {
-            full(stored.body.clone())
-        });
-        *resp.status_mut() = stored.status;
-        *resp.headers_mut() = stored.headers.clone();
-        resp
-    };
+            let mut resp = Response::new(if ctx.head {
+                empty()
+            } else {
+                full(stored.body.clone())
+            });
+            *resp.status_mut() = stored.status;
+            *resp.headers_mut() = stored.headers.clone();
+            resp
+        };
     let age = stored.age(now).as_secs().min(policy::DELTA_MAX);
     resp.headers_mut().insert(header::AGE, age.into());
     status.ttl = Some(stored.ttl(now));
@@ -722,7 +727,11 @@ fn key_of<B>(req: &Request<B>) -> Key {
         .uri()
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or_default();
     let host = host.rsplit('@').next().unwrap_or(host).trim();
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
@@ -782,7 +791,8 @@ impl http_body::Body for Tee {
                     let body = if chunks.len() == 1 {
                         chunks.into_iter().next().unwrap_or_default()
                     } else {
-                        let mut all = BytesMut::with_capacity(usize::try_from(this.size).unwrap_or(0));
+                        let mut all =
+                            BytesMut::with_capacity(usize::try_from(this.size).unwrap_or(0));
                         for c in chunks {
                             all.extend_from_slice(&c);
                         }

@@ -167,7 +167,11 @@ impl CacheControl {
                 .get_all(header::PRAGMA)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
-                .any(|v| split_list(v).iter().any(|d| d.eq_ignore_ascii_case("no-cache")))
+                .any(|v| {
+                    split_list(v)
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case("no-cache"))
+                })
         {
             cc.no_cache = true;
         }
@@ -414,12 +418,7 @@ pub enum Reuse {
 /// `proxy-revalidate` (§5.2.2.10) unless the response explicitly allows
 /// `stale-while-revalidate`.
 #[must_use]
-pub fn reuse(
-    req: &CacheControl,
-    resp: &CacheControl,
-    lifetime: Duration,
-    age: Duration,
-) -> Reuse {
+pub fn reuse(req: &CacheControl, resp: &CacheControl, lifetime: Duration, age: Duration) -> Reuse {
     if resp.no_cache || req.no_cache {
         return Reuse::Validate;
     }
@@ -617,7 +616,10 @@ pub fn same_host_path(value: &HeaderValue, host: &str) -> Option<String> {
     if !authority.as_str().eq_ignore_ascii_case(host) {
         return None;
     }
-    Some(uri.path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()))
+    Some(
+        uri.path_and_query()
+            .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+    )
 }
 
 #[cfg(test)]
@@ -653,7 +655,9 @@ mod tests {
 
     #[test]
     fn parses_directives() {
-        let c = cc(r#"Public, MAX-AGE=60, s-maxage="120", no-cache="set-cookie", stale-while-revalidate=5, stale-if-error=7, x-ext="a,b", must-revalidate"#);
+        let c = cc(
+            r#"Public, MAX-AGE=60, s-maxage="120", no-cache="set-cookie", stale-while-revalidate=5, stale-if-error=7, x-ext="a,b", must-revalidate"#,
+        );
         assert!(c.public && c.no_cache && c.must_revalidate);
         assert_eq!(c.max_age, Some(60));
         assert_eq!(c.s_maxage, Some(120));
@@ -678,7 +682,10 @@ mod tests {
         assert_eq!(cc("max-age=").max_age, Some(0));
         assert_eq!(cc("max-age=-5").max_age, Some(0));
         assert_eq!(cc("s-maxage=1.5").s_maxage, Some(0));
-        assert_eq!(cc("max-age=99999999999999999999999").max_age, Some(DELTA_MAX));
+        assert_eq!(
+            cc("max-age=99999999999999999999999").max_age,
+            Some(DELTA_MAX)
+        );
         assert_eq!(cc("stale-while-revalidate=x").stale_while_revalidate, None);
         assert_eq!(cc("max-stale=x").max_stale, None);
         assert_eq!(cc("max-stale").max_stale, Some(None));
@@ -703,7 +710,11 @@ mod tests {
         );
     }
 
-    fn store_ok(req: &[(&str, &str)], status: u16, resp: &[(&str, &str)]) -> Result<(), &'static str> {
+    fn store_ok(
+        req: &[(&str, &str)],
+        status: u16,
+        resp: &[(&str, &str)],
+    ) -> Result<(), &'static str> {
         let (rq, rs) = (hm(req), hm(resp));
         storable(
             &Method::GET,
@@ -718,30 +729,73 @@ mod tests {
     #[test]
     fn storability() {
         let d = date(0);
-        assert_eq!(store_ok(&[], 200, &[("cache-control", "max-age=60")]), Ok(()));
-        assert_eq!(store_ok(&[], 200, &[]), Err("no-freshness"));
-        assert_eq!(store_ok(&[], 206, &[("cache-control", "max-age=60")]), Err("status"));
-        assert_eq!(store_ok(&[], 299, &[("cache-control", "max-age=60")]), Err("status"));
         assert_eq!(
-            store_ok(&[("cache-control", "no-store")], 200, &[("cache-control", "max-age=60")]),
+            store_ok(&[], 200, &[("cache-control", "max-age=60")]),
+            Ok(())
+        );
+        assert_eq!(store_ok(&[], 200, &[]), Err("no-freshness"));
+        assert_eq!(
+            store_ok(&[], 206, &[("cache-control", "max-age=60")]),
+            Err("status")
+        );
+        assert_eq!(
+            store_ok(&[], 299, &[("cache-control", "max-age=60")]),
+            Err("status")
+        );
+        assert_eq!(
+            store_ok(
+                &[("cache-control", "no-store")],
+                200,
+                &[("cache-control", "max-age=60")]
+            ),
             Err("no-store")
         );
-        assert_eq!(store_ok(&[], 200, &[("cache-control", "max-age=60, no-store")]), Err("no-store"));
-        assert_eq!(store_ok(&[], 200, &[("cache-control", "private, max-age=60")]), Err("private"));
         assert_eq!(
-            store_ok(&[], 200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
+            store_ok(&[], 200, &[("cache-control", "max-age=60, no-store")]),
+            Err("no-store")
+        );
+        assert_eq!(
+            store_ok(&[], 200, &[("cache-control", "private, max-age=60")]),
+            Err("private")
+        );
+        assert_eq!(
+            store_ok(
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]
+            ),
             Err("set-cookie")
         );
         assert_eq!(
-            store_ok(&[], 200, &[("cache-control", "max-age=60"), ("vary", "accept, *")]),
+            store_ok(
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept, *")]
+            ),
             Err("vary-star")
         );
         // Authorization: only with public, s-maxage or must-revalidate.
         let auth = [("authorization", "Bearer x")];
-        assert_eq!(store_ok(&auth, 200, &[("cache-control", "max-age=60")]), Err("authorization"));
-        assert_eq!(store_ok(&auth, 200, &[("cache-control", "public, max-age=60")]), Ok(()));
-        assert_eq!(store_ok(&auth, 200, &[("cache-control", "s-maxage=60")]), Ok(()));
-        assert_eq!(store_ok(&auth, 200, &[("cache-control", "max-age=60, must-revalidate")]), Ok(()));
+        assert_eq!(
+            store_ok(&auth, 200, &[("cache-control", "max-age=60")]),
+            Err("authorization")
+        );
+        assert_eq!(
+            store_ok(&auth, 200, &[("cache-control", "public, max-age=60")]),
+            Ok(())
+        );
+        assert_eq!(
+            store_ok(&auth, 200, &[("cache-control", "s-maxage=60")]),
+            Ok(())
+        );
+        assert_eq!(
+            store_ok(
+                &auth,
+                200,
+                &[("cache-control", "max-age=60, must-revalidate")]
+            ),
+            Ok(())
+        );
         // Heuristic: cacheable status (or public) and Last-Modified.
         assert_eq!(
             store_ok(&[], 200, &[("date", &d), ("last-modified", &date(0))]),
@@ -752,26 +806,58 @@ mod tests {
             Err("no-freshness")
         );
         assert_eq!(
-            store_ok(&[], 302, &[("date", &d), ("last-modified", &date(0)), ("cache-control", "public")]),
+            store_ok(
+                &[],
+                302,
+                &[
+                    ("date", &d),
+                    ("last-modified", &date(0)),
+                    ("cache-control", "public")
+                ]
+            ),
             Ok(())
         );
-        assert_eq!(store_ok(&[], 302, &[("cache-control", "max-age=5")]), Ok(()));
+        assert_eq!(
+            store_ok(&[], 302, &[("cache-control", "max-age=5")]),
+            Ok(())
+        );
         // Expires in the past without a validator is pointless; with one it is kept.
         assert_eq!(store_ok(&[], 200, &[("expires", "0")]), Err("expired"));
-        assert_eq!(store_ok(&[], 200, &[("expires", "0"), ("etag", "\"a\"")]), Ok(()));
+        assert_eq!(
+            store_ok(&[], 200, &[("expires", "0"), ("etag", "\"a\"")]),
+            Ok(())
+        );
         // no-cache with a validator: storable, always validated.
-        assert_eq!(store_ok(&[], 200, &[("cache-control", "no-cache"), ("etag", "\"a\"")]), Ok(()));
+        assert_eq!(
+            store_ok(
+                &[],
+                200,
+                &[("cache-control", "no-cache"), ("etag", "\"a\"")]
+            ),
+            Ok(())
+        );
         // not GET
         let rs = hm(&[("cache-control", "max-age=60")]);
         assert_eq!(
-            storable(&Method::HEAD, &HeaderMap::new(), &CacheControl::default(), StatusCode::OK, &rs, &CacheControl::parse(&rs)),
+            storable(
+                &Method::HEAD,
+                &HeaderMap::new(),
+                &CacheControl::default(),
+                StatusCode::OK,
+                &rs,
+                &CacheControl::parse(&rs)
+            ),
             Err("method")
         );
     }
 
     fn lifetime(status: u16, resp: &[(&str, &str)]) -> Option<Duration> {
         let h = hm(resp);
-        freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &CacheControl::parse(&h))
+        freshness_lifetime(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            &CacheControl::parse(&h),
+        )
     }
 
     #[test]
@@ -782,27 +868,71 @@ mod tests {
             ("date", &date(0)),
         ];
         assert_eq!(lifetime(200, &all), Some(secs(120)));
-        assert_eq!(lifetime(200, &[("cache-control", "max-age=60"), ("expires", &date(1000)), ("date", &date(0))]), Some(secs(60)));
-        assert_eq!(lifetime(200, &[("expires", &date(1000)), ("date", &date(0))]), Some(secs(1000)));
-        assert_eq!(lifetime(200, &[("expires", &date(0)), ("date", &date(1000))]), Some(secs(0)));
-        assert_eq!(lifetime(200, &[("expires", "garbage"), ("date", &date(0))]), Some(secs(0)));
-        assert_eq!(lifetime(200, &[("cache-control", "max-age=bogus")]), Some(secs(0)));
+        assert_eq!(
+            lifetime(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("expires", &date(1000)),
+                    ("date", &date(0))
+                ]
+            ),
+            Some(secs(60))
+        );
+        assert_eq!(
+            lifetime(200, &[("expires", &date(1000)), ("date", &date(0))]),
+            Some(secs(1000))
+        );
+        assert_eq!(
+            lifetime(200, &[("expires", &date(0)), ("date", &date(1000))]),
+            Some(secs(0))
+        );
+        assert_eq!(
+            lifetime(200, &[("expires", "garbage"), ("date", &date(0))]),
+            Some(secs(0))
+        );
+        assert_eq!(
+            lifetime(200, &[("cache-control", "max-age=bogus")]),
+            Some(secs(0))
+        );
     }
 
     #[test]
     fn heuristic_freshness() {
         // 10% of Date - Last-Modified
-        assert_eq!(lifetime(200, &[("date", &date(10_000)), ("last-modified", &date(0))]), Some(secs(1000)));
-        // capped at 24 h
-        assert_eq!(lifetime(404, &[("date", &date(10_000_000)), ("last-modified", &date(0))]), Some(HEURISTIC_MAX));
-        // not for 302 unless public
-        assert_eq!(lifetime(302, &[("date", &date(10_000)), ("last-modified", &date(0))]), None);
         assert_eq!(
-            lifetime(302, &[("date", &date(10_000)), ("last-modified", &date(0)), ("cache-control", "public")]),
+            lifetime(200, &[("date", &date(10_000)), ("last-modified", &date(0))]),
+            Some(secs(1000))
+        );
+        // capped at 24 h
+        assert_eq!(
+            lifetime(
+                404,
+                &[("date", &date(10_000_000)), ("last-modified", &date(0))]
+            ),
+            Some(HEURISTIC_MAX)
+        );
+        // not for 302 unless public
+        assert_eq!(
+            lifetime(302, &[("date", &date(10_000)), ("last-modified", &date(0))]),
+            None
+        );
+        assert_eq!(
+            lifetime(
+                302,
+                &[
+                    ("date", &date(10_000)),
+                    ("last-modified", &date(0)),
+                    ("cache-control", "public")
+                ]
+            ),
             Some(secs(1000))
         );
         // Last-Modified in the future: zero
-        assert_eq!(lifetime(200, &[("date", &date(0)), ("last-modified", &date(50))]), Some(secs(0)));
+        assert_eq!(
+            lifetime(200, &[("date", &date(0)), ("last-modified", &date(50))]),
+            Some(secs(0))
+        );
         assert_eq!(lifetime(200, &[("date", &date(0))]), None);
     }
 
@@ -831,7 +961,8 @@ mod tests {
     #[test]
     fn reuse_decisions() {
         let none = CacheControl::default();
-        let r = |req: &str, resp: &str, l: u64, a: u64| reuse(&cc(req), &cc(resp), secs(l), secs(a));
+        let r =
+            |req: &str, resp: &str, l: u64, a: u64| reuse(&cc(req), &cc(resp), secs(l), secs(a));
         assert_eq!(r("", "max-age=60", 60, 10), Reuse::Fresh);
         assert_eq!(r("", "max-age=60", 60, 60), Reuse::Validate);
         assert_eq!(r("", "no-cache", 60, 0), Reuse::Validate);
@@ -841,12 +972,27 @@ mod tests {
         assert_eq!(r("max-age=15", "", 60, 10), Reuse::Fresh);
         assert_eq!(r("min-fresh=55", "", 60, 10), Reuse::Validate);
         assert_eq!(r("min-fresh=5", "", 60, 10), Reuse::Fresh);
-        assert_eq!(r("", "stale-while-revalidate=30", 60, 80), Reuse::StaleWhileRevalidate);
+        assert_eq!(
+            r("", "stale-while-revalidate=30", 60, 80),
+            Reuse::StaleWhileRevalidate
+        );
         assert_eq!(r("", "stale-while-revalidate=30", 60, 100), Reuse::Validate);
-        assert_eq!(r("", "stale-while-revalidate=30, must-revalidate", 60, 80), Reuse::Validate);
-        assert_eq!(r("", "stale-while-revalidate=30, proxy-revalidate", 60, 80), Reuse::Validate);
-        assert_eq!(r("", "stale-while-revalidate=30, no-cache", 60, 80), Reuse::Validate);
-        assert_eq!(r("", "s-maxage=60, stale-while-revalidate=30", 60, 80), Reuse::StaleWhileRevalidate);
+        assert_eq!(
+            r("", "stale-while-revalidate=30, must-revalidate", 60, 80),
+            Reuse::Validate
+        );
+        assert_eq!(
+            r("", "stale-while-revalidate=30, proxy-revalidate", 60, 80),
+            Reuse::Validate
+        );
+        assert_eq!(
+            r("", "stale-while-revalidate=30, no-cache", 60, 80),
+            Reuse::Validate
+        );
+        assert_eq!(
+            r("", "s-maxage=60, stale-while-revalidate=30", 60, 80),
+            Reuse::StaleWhileRevalidate
+        );
         assert_eq!(r("max-stale", "", 60, 1000), Reuse::MaxStale);
         assert_eq!(r("max-stale=10", "", 60, 65), Reuse::MaxStale);
         assert_eq!(r("max-stale=10", "", 60, 75), Reuse::Validate);
@@ -857,7 +1003,9 @@ mod tests {
 
     #[test]
     fn stale_if_error_window() {
-        let s = |req: &str, resp: &str, l: u64, a: u64| stale_if_error_ok(&cc(req), &cc(resp), secs(l), secs(a));
+        let s = |req: &str, resp: &str, l: u64, a: u64| {
+            stale_if_error_ok(&cc(req), &cc(resp), secs(l), secs(a))
+        };
         assert!(s("", "stale-if-error=60", 10, 50));
         assert!(!s("", "stale-if-error=60", 10, 80));
         assert!(s("stale-if-error=100", "stale-if-error=60", 10, 80));
@@ -874,29 +1022,60 @@ mod tests {
     fn vary_parsing_and_values() {
         assert_eq!(Vary::parse(&hm(&[])), Vary::Fields(vec![]));
         assert_eq!(
-            Vary::parse(&hm(&[("vary", "Accept-Encoding, accept-language"), ("vary", "accept-encoding")])),
+            Vary::parse(&hm(&[
+                ("vary", "Accept-Encoding, accept-language"),
+                ("vary", "accept-encoding")
+            ])),
             Vary::Fields(vec![header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE])
         );
         assert_eq!(Vary::parse(&hm(&[("vary", "a, *")])), Vary::Star);
-        let a = hm(&[("accept-encoding", "gzip ,  br"), ("accept-encoding", "zstd")]);
+        let a = hm(&[
+            ("accept-encoding", "gzip ,  br"),
+            ("accept-encoding", "zstd"),
+        ]);
         let b = hm(&[("accept-encoding", "gzip, br, zstd")]);
-        assert_eq!(vary_value(&a, &header::ACCEPT_ENCODING), vary_value(&b, &header::ACCEPT_ENCODING));
-        assert_ne!(vary_value(&hm(&[("accept-encoding", "gzip")]), &header::ACCEPT_ENCODING), vary_value(&b, &header::ACCEPT_ENCODING));
+        assert_eq!(
+            vary_value(&a, &header::ACCEPT_ENCODING),
+            vary_value(&b, &header::ACCEPT_ENCODING)
+        );
+        assert_ne!(
+            vary_value(
+                &hm(&[("accept-encoding", "gzip")]),
+                &header::ACCEPT_ENCODING
+            ),
+            vary_value(&b, &header::ACCEPT_ENCODING)
+        );
         assert_eq!(vary_value(&b, &header::ACCEPT_LANGUAGE), None);
-        assert_eq!(vary_value(&hm(&[("accept-language", "")]), &header::ACCEPT_LANGUAGE), Some(String::new()));
+        assert_eq!(
+            vary_value(&hm(&[("accept-language", "")]), &header::ACCEPT_LANGUAGE),
+            Some(String::new())
+        );
     }
 
     #[test]
     fn validators_and_conditionals() {
         let stored = hm(&[("etag", "\"v1\""), ("last-modified", &date(0))]);
-        let mut req = hm(&[("if-none-match", "\"client\""), ("if-modified-since", &date(5)), ("accept", "*/*")]);
+        let mut req = hm(&[
+            ("if-none-match", "\"client\""),
+            ("if-modified-since", &date(5)),
+            ("accept", "*/*"),
+        ]);
         strip_conditionals(&mut req);
-        assert!(!req.contains_key(header::IF_NONE_MATCH) && !req.contains_key(header::IF_MODIFIED_SINCE));
+        assert!(
+            !req.contains_key(header::IF_NONE_MATCH)
+                && !req.contains_key(header::IF_MODIFIED_SINCE)
+        );
         assert!(add_validators(&mut req, &stored));
         assert_eq!(req.get(header::IF_NONE_MATCH).unwrap(), "\"v1\"");
-        assert_eq!(req.get(header::IF_MODIFIED_SINCE).unwrap(), date(0).as_str());
+        assert_eq!(
+            req.get(header::IF_MODIFIED_SINCE).unwrap(),
+            date(0).as_str()
+        );
         let mut req = HeaderMap::new();
-        assert!(!add_validators(&mut req, &hm(&[("last-modified", "nonsense")])));
+        assert!(!add_validators(
+            &mut req,
+            &hm(&[("last-modified", "nonsense")])
+        ));
         assert!(req.is_empty());
         assert!(has_validator(&stored));
         assert!(!has_validator(&hm(&[("last-modified", "nonsense")])));
@@ -905,16 +1084,35 @@ mod tests {
     #[test]
     fn client_conditionals() {
         let resp = hm(&[("etag", "W/\"v1\""), ("last-modified", &date(100))]);
-        assert!(not_modified(&hm(&[("if-none-match", "\"v0\", \"v1\"")]), &resp));
+        assert!(not_modified(
+            &hm(&[("if-none-match", "\"v0\", \"v1\"")]),
+            &resp
+        ));
         assert!(not_modified(&hm(&[("if-none-match", "*")]), &resp));
         assert!(!not_modified(&hm(&[("if-none-match", "\"v2\"")]), &resp));
         // If-None-Match takes precedence over If-Modified-Since
-        assert!(!not_modified(&hm(&[("if-none-match", "\"v2\""), ("if-modified-since", &date(200))]), &resp));
-        assert!(not_modified(&hm(&[("if-modified-since", &date(100))]), &resp));
-        assert!(!not_modified(&hm(&[("if-modified-since", &date(50))]), &resp));
+        assert!(!not_modified(
+            &hm(&[
+                ("if-none-match", "\"v2\""),
+                ("if-modified-since", &date(200))
+            ]),
+            &resp
+        ));
+        assert!(not_modified(
+            &hm(&[("if-modified-since", &date(100))]),
+            &resp
+        ));
+        assert!(!not_modified(
+            &hm(&[("if-modified-since", &date(50))]),
+            &resp
+        ));
         assert!(!not_modified(&hm(&[("if-modified-since", "bad")]), &resp));
         assert!(!not_modified(&HeaderMap::new(), &resp));
-        let nm = not_modified_headers(&hm(&[("etag", "\"a\""), ("content-type", "text/plain"), ("cache-control", "max-age=1")]));
+        let nm = not_modified_headers(&hm(&[
+            ("etag", "\"a\""),
+            ("content-type", "text/plain"),
+            ("cache-control", "max-age=1"),
+        ]));
         assert!(nm.contains_key(header::ETAG) && nm.contains_key(header::CACHE_CONTROL));
         assert!(!nm.contains_key(header::CONTENT_TYPE));
     }
@@ -952,12 +1150,24 @@ mod tests {
     #[test]
     fn invalidation_uris() {
         let v = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(same_host_path(&v("/a/b?c=1"), "ex.com"), Some("/a/b?c=1".into()));
-        assert_eq!(same_host_path(&v("http://EX.com/x"), "ex.com"), Some("/x".into()));
-        assert_eq!(same_host_path(&v("https://ex.com:8443/x"), "ex.com:8443"), Some("/x".into()));
+        assert_eq!(
+            same_host_path(&v("/a/b?c=1"), "ex.com"),
+            Some("/a/b?c=1".into())
+        );
+        assert_eq!(
+            same_host_path(&v("http://EX.com/x"), "ex.com"),
+            Some("/x".into())
+        );
+        assert_eq!(
+            same_host_path(&v("https://ex.com:8443/x"), "ex.com:8443"),
+            Some("/x".into())
+        );
         assert_eq!(same_host_path(&v("http://other.com/x"), "ex.com"), None);
         assert_eq!(same_host_path(&v("//ex.com/x"), "ex.com"), None);
         assert_eq!(same_host_path(&v("relative/x"), "ex.com"), None);
-        assert_eq!(same_host_path(&v("http://ex.com"), "ex.com"), Some("/".into()));
+        assert_eq!(
+            same_host_path(&v("http://ex.com"), "ex.com"),
+            Some("/".into())
+        );
     }
 }

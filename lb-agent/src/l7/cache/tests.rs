@@ -115,7 +115,13 @@ impl Backend {
     }
 
     fn hits(&self, path: &str) -> u64 {
-        self.state.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Method and headers of the last request for `path`.
@@ -172,7 +178,11 @@ async fn answer(req: Request<Incoming>, st: Arc<State>) -> Result<Response<Body>
             return Ok(b.status(304).body(empty()).unwrap());
         }
     }
-    let status = if safe { route.status } else { route.unsafe_status };
+    let status = if safe {
+        route.status
+    } else {
+        route.unsafe_status
+    };
     let body = if route.chunked {
         let chunks: Vec<Result<Frame<Bytes>, BoxError>> = route
             .body
@@ -193,11 +203,16 @@ struct TestUpstream {
 }
 
 impl Upstream for TestUpstream {
-    fn send(&self, req: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
         let addr = self.addr;
         Box::pin(async move {
             let err = |what: &str, e: &dyn std::fmt::Display| UpstreamError(format!("{what}: {e}"));
-            let stream = TcpStream::connect(addr).await.map_err(|e| err("connect", &e))?;
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| err("connect", &e))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| err("handshake", &e))?;
@@ -216,7 +231,10 @@ impl Upstream for TestUpstream {
 struct FailingUpstream(&'static str);
 
 impl Upstream for FailingUpstream {
-    fn send(&self, _req: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+    fn send(
+        &self,
+        _req: Request<Body>,
+    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
         let e = self.0;
         Box::pin(async move { Err(UpstreamError(e.to_owned())) })
     }
@@ -315,7 +333,10 @@ async fn miss_then_hit_with_age_and_cache_status() {
 
     let g = call(&c, &up, get("/a")).await;
     assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Miss));
-    assert_eq!(g.cache_status(), "xdplb; fwd=uri-miss; fwd-status=200; stored");
+    assert_eq!(
+        g.cache_status(),
+        "xdplb; fwd=uri-miss; fwd-status=200; stored"
+    );
     assert_eq!(g.body, "hello");
     settle().await;
 
@@ -343,9 +364,15 @@ async fn absolute_form_and_host_header_share_a_key() {
         .unwrap();
     assert_eq!(call(&c, &up, r).await.result, CacheResult::Miss);
     settle().await;
-    assert_eq!(call(&c, &up, get("/abs?q=1")).await.result, CacheResult::Hit);
+    assert_eq!(
+        call(&c, &up, get("/abs?q=1")).await.result,
+        CacheResult::Hit
+    );
     // another query is another resource
-    assert_eq!(call(&c, &up, get("/abs?q=2")).await.result, CacheResult::Miss);
+    assert_eq!(
+        call(&c, &up, get("/abs?q=2")).await.result,
+        CacheResult::Miss
+    );
 }
 
 #[tokio::test]
@@ -422,18 +449,76 @@ async fn storability_rules() {
     let last_modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
     let cases: Vec<(&str, Route, &[(&str, &str)], bool)> = vec![
         ("/plain", Route::ok("max-age=60", "x"), &[], true),
-        ("/no-store", Route::ok("max-age=60, no-store", "x"), &[], false),
-        ("/req-no-store", Route::ok("max-age=60", "x"), &[("cache-control", "no-store")], false),
-        ("/private", Route::ok("private, max-age=60", "x"), &[], false),
-        ("/cookie", Route::ok("max-age=60", "x").header("set-cookie", "a=b"), &[], false),
-        ("/vary-star", Route::ok("max-age=60", "x").header("vary", "*"), &[], false),
+        (
+            "/no-store",
+            Route::ok("max-age=60, no-store", "x"),
+            &[],
+            false,
+        ),
+        (
+            "/req-no-store",
+            Route::ok("max-age=60", "x"),
+            &[("cache-control", "no-store")],
+            false,
+        ),
+        (
+            "/private",
+            Route::ok("private, max-age=60", "x"),
+            &[],
+            false,
+        ),
+        (
+            "/cookie",
+            Route::ok("max-age=60", "x").header("set-cookie", "a=b"),
+            &[],
+            false,
+        ),
+        (
+            "/vary-star",
+            Route::ok("max-age=60", "x").header("vary", "*"),
+            &[],
+            false,
+        ),
         ("/nothing", Route::ok("", "x"), &[], false),
-        ("/auth", Route::ok("max-age=60", "x"), &[("authorization", "Bearer t")], false),
-        ("/auth-public", Route::ok("public, max-age=60", "x"), &[("authorization", "Bearer t")], true),
-        ("/auth-smaxage", Route::ok("s-maxage=60", "x"), &[("authorization", "Bearer t")], true),
-        ("/heuristic", Route::ok("", "x").header("last-modified", last_modified.clone()), &[], true),
-        ("/s-maxage", Route::ok("max-age=0, s-maxage=60", "x"), &[], true),
-        ("/expires", Route::ok("", "x").header("expires", httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60))), &[], true),
+        (
+            "/auth",
+            Route::ok("max-age=60", "x"),
+            &[("authorization", "Bearer t")],
+            false,
+        ),
+        (
+            "/auth-public",
+            Route::ok("public, max-age=60", "x"),
+            &[("authorization", "Bearer t")],
+            true,
+        ),
+        (
+            "/auth-smaxage",
+            Route::ok("s-maxage=60", "x"),
+            &[("authorization", "Bearer t")],
+            true,
+        ),
+        (
+            "/heuristic",
+            Route::ok("", "x").header("last-modified", last_modified.clone()),
+            &[],
+            true,
+        ),
+        (
+            "/s-maxage",
+            Route::ok("max-age=0, s-maxage=60", "x"),
+            &[],
+            true,
+        ),
+        (
+            "/expires",
+            Route::ok("", "x").header(
+                "expires",
+                httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60)),
+            ),
+            &[],
+            true,
+        ),
         ("/bad-max-age", Route::ok("max-age=soon", "x"), &[], false),
     ];
     let (c, up) = (cache(), be.upstream());
@@ -444,13 +529,21 @@ async fn storability_rules() {
     settle().await;
     for (path, _, headers, stored) in &cases {
         let g = call(&c, &up, req(Method::GET, path, headers)).await;
-        let want = if *stored { CacheResult::Hit } else { CacheResult::Miss };
+        let want = if *stored {
+            CacheResult::Hit
+        } else {
+            CacheResult::Miss
+        };
         assert_eq!(g.result, want, "{path}: {}", g.cache_status());
         assert_eq!(be.hits(path), if *stored { 1 } else { 2 }, "{path}");
     }
     // 1 hour since Last-Modified: 6 minutes of heuristic freshness
     let g = call(&c, &up, get("/heuristic")).await;
-    assert!(g.cache_status().contains("ttl=35") || g.cache_status().contains("ttl=36"), "{}", g.cache_status());
+    assert!(
+        g.cache_status().contains("ttl=35") || g.cache_status().contains("ttl=36"),
+        "{}",
+        g.cache_status()
+    );
 }
 
 #[tokio::test]
@@ -471,7 +564,10 @@ async fn partial_content_is_not_stored_and_range_bypasses() {
 #[tokio::test]
 async fn vary_selects_variants() {
     let be = Backend::start().await;
-    be.route("/v", Route::ok("max-age=60", "v").header("vary", "Accept-Language"));
+    be.route(
+        "/v",
+        Route::ok("max-age=60", "v").header("vary", "Accept-Language"),
+    );
     let (c, up) = (cache(), be.upstream());
     let en = || req(Method::GET, "/v", &[("accept-language", "en")]);
     let fr = || req(Method::GET, "/v", &[("accept-language", "fr")]);
@@ -480,7 +576,11 @@ async fn vary_selects_variants() {
     assert_eq!(call(&c, &up, en()).await.result, CacheResult::Hit);
     let g = call(&c, &up, fr()).await;
     assert_eq!(g.result, CacheResult::Miss);
-    assert!(g.cache_status().contains("fwd=vary-miss"), "{}", g.cache_status());
+    assert!(
+        g.cache_status().contains("fwd=vary-miss"),
+        "{}",
+        g.cache_status()
+    );
     settle().await;
     assert_eq!(call(&c, &up, fr()).await.result, CacheResult::Hit);
     assert_eq!(call(&c, &up, en()).await.result, CacheResult::Hit);
@@ -492,15 +592,33 @@ async fn vary_selects_variants() {
 #[tokio::test]
 async fn stale_is_revalidated_with_304_and_headers_merged() {
     let be = Backend::start().await;
-    be.route("/r", Route::ok("max-age=1", "original").etag("\"v1\"").header("x-version", "1"));
+    be.route(
+        "/r",
+        Route::ok("max-age=1", "original")
+            .etag("\"v1\"")
+            .header("x-version", "1"),
+    );
     let (c, up) = (cache(), be.upstream());
     call(&c, &up, get("/r")).await;
     stale_wait().await;
     // the origin now says: still v1, fresh for 60 s, with a new header value
-    be.route("/r", Route::ok("max-age=60", "ignored").etag("\"v1\"").header("x-version", "2"));
+    be.route(
+        "/r",
+        Route::ok("max-age=60", "ignored")
+            .etag("\"v1\"")
+            .header("x-version", "2"),
+    );
     let g = call(&c, &up, get("/r")).await;
-    assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Revalidated));
-    assert!(g.cache_status().starts_with("xdplb; fwd=stale; fwd-status=304"), "{}", g.cache_status());
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::OK, CacheResult::Revalidated)
+    );
+    assert!(
+        g.cache_status()
+            .starts_with("xdplb; fwd=stale; fwd-status=304"),
+        "{}",
+        g.cache_status()
+    );
     assert_eq!(g.body, "original");
     assert_eq!(g.header("x-version"), "2");
     assert_eq!(g.header("content-length"), "8");
@@ -515,15 +633,24 @@ async fn stale_is_revalidated_with_304_and_headers_merged() {
 async fn stale_is_replaced_by_a_new_200_and_last_modified_is_sent() {
     let be = Backend::start().await;
     let lm = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(100));
-    be.route("/r", Route::ok("max-age=1", "old").header("last-modified", lm.clone()));
+    be.route(
+        "/r",
+        Route::ok("max-age=1", "old").header("last-modified", lm.clone()),
+    );
     let (c, up) = (cache(), be.upstream());
     call(&c, &up, get("/r")).await;
     stale_wait().await;
     be.route("/r", Route::ok("max-age=60", "new"));
     let g = call(&c, &up, get("/r")).await;
     assert_eq!((g.result, &g.body[..]), (CacheResult::Miss, &b"new"[..]));
-    assert!(g.cache_status().contains("fwd=stale; fwd-status=200; stored"));
-    assert_eq!(be.last("/r").1.get("if-modified-since").unwrap(), lm.as_str());
+    assert!(
+        g.cache_status()
+            .contains("fwd=stale; fwd-status=200; stored")
+    );
+    assert_eq!(
+        be.last("/r").1.get("if-modified-since").unwrap(),
+        lm.as_str()
+    );
     settle().await;
     let g = call(&c, &up, get("/r")).await;
     assert_eq!((g.result, &g.body[..]), (CacheResult::Hit, &b"new"[..]));
@@ -537,14 +664,25 @@ async fn client_conditionals_answered_from_the_cache() {
     let cond = || req(Method::GET, "/e", &[("if-none-match", "\"t\"")]);
     // miss: the cache asks for the full response (stores it) and answers 304 itself
     let g = call(&c, &up, cond()).await;
-    assert_eq!((g.status, g.result), (StatusCode::NOT_MODIFIED, CacheResult::Miss));
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::NOT_MODIFIED, CacheResult::Miss)
+    );
     assert!(g.body.is_empty());
     assert!(be.last("/e").1.get("if-none-match").is_none());
     settle().await;
     let g = call(&c, &up, cond()).await;
-    assert_eq!((g.status, g.result), (StatusCode::NOT_MODIFIED, CacheResult::Hit));
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::NOT_MODIFIED, CacheResult::Hit)
+    );
     assert_eq!(g.header("etag"), "\"t\"");
-    let g = call(&c, &up, req(Method::GET, "/e", &[("if-none-match", "\"other\"")])).await;
+    let g = call(
+        &c,
+        &up,
+        req(Method::GET, "/e", &[("if-none-match", "\"other\"")]),
+    )
+    .await;
     assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Hit));
     assert_eq!(g.body, "etagged");
     assert_eq!(be.hits("/e"), 1);
@@ -562,13 +700,25 @@ async fn no_cache_response_and_request_directives_force_validation() {
 
     let g = call(&c, &up, get("/nc")).await;
     assert_eq!(g.result, CacheResult::Revalidated);
-    assert!(g.cache_status().contains("fwd=stale; fwd-status=304"), "{}", g.cache_status());
+    assert!(
+        g.cache_status().contains("fwd=stale; fwd-status=304"),
+        "{}",
+        g.cache_status()
+    );
     assert_eq!(be.hits("/nc"), 2);
 
-    for directive in [("cache-control", "no-cache"), ("cache-control", "max-age=0"), ("pragma", "no-cache")] {
+    for directive in [
+        ("cache-control", "no-cache"),
+        ("cache-control", "max-age=0"),
+        ("pragma", "no-cache"),
+    ] {
         let g = call(&c, &up, req(Method::GET, "/f", &[directive])).await;
         assert_eq!(g.result, CacheResult::Revalidated, "{directive:?}");
-        assert!(g.cache_status().contains("fwd=request; fwd-status=304"), "{}", g.cache_status());
+        assert!(
+            g.cache_status().contains("fwd=request; fwd-status=304"),
+            "{}",
+            g.cache_status()
+        );
         assert_eq!(g.body, "f");
     }
     assert_eq!(be.hits("/f"), 4);
@@ -594,7 +744,11 @@ async fn collapses_concurrent_misses() {
         assert_eq!(g.status, StatusCode::OK);
         assert_eq!(g.body.len(), 10_000);
         if g.result == CacheResult::Collapsed {
-            assert!(g.cache_status().contains("; collapsed"), "{}", g.cache_status());
+            assert!(
+                g.cache_status().contains("; collapsed"),
+                "{}",
+                g.cache_status()
+            );
         }
         *results.entry(g.result).or_insert(0) += 1;
     }
@@ -639,7 +793,11 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let g = call(&c, &up, get("/swr")).await;
     assert!(t0.elapsed() < Duration::from_millis(150), "served at once");
     assert_eq!((g.result, &g.body[..]), (CacheResult::Stale, &b"v1"[..]));
-    assert!(g.cache_status().contains("hit; ttl=-"), "{}", g.cache_status());
+    assert!(
+        g.cache_status().contains("hit; ttl=-"),
+        "{}",
+        g.cache_status()
+    );
     assert!(g.cache_status().contains("detail=stale-while-revalidate"));
     // a second stale request during the refresh does not start another
     let g = call(&c, &up, get("/swr")).await;
@@ -653,9 +811,15 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
 #[tokio::test]
 async fn stale_if_error_when_backend_is_down() {
     let be = Backend::start().await;
-    be.route("/sie", Route::ok("max-age=1, stale-if-error=60", "still here"));
+    be.route(
+        "/sie",
+        Route::ok("max-age=1, stale-if-error=60", "still here"),
+    );
     be.route("/plain", Route::ok("max-age=1", "gone"));
-    be.route("/mr", Route::ok("max-age=1, must-revalidate, stale-if-error=60", "strict"));
+    be.route(
+        "/mr",
+        Route::ok("max-age=1, must-revalidate, stale-if-error=60", "strict"),
+    );
     let (c, up) = (cache(), be.upstream());
     for p in ["/sie", "/plain", "/mr"] {
         call(&c, &up, get(p)).await;
@@ -666,17 +830,37 @@ async fn stale_if_error_when_backend_is_down() {
     let g = call(&c, &up, get("/sie")).await;
     assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Stale));
     assert_eq!(g.body, "still here");
-    assert!(g.cache_status().contains("fwd=stale; ttl=-"), "{}", g.cache_status());
+    assert!(
+        g.cache_status().contains("fwd=stale; ttl=-"),
+        "{}",
+        g.cache_status()
+    );
     assert!(g.cache_status().contains("detail=stale-if-error"));
     assert!(g.header("age").parse::<u64>().unwrap() >= 1);
 
     let g = call(&c, &up, get("/plain")).await;
-    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Miss));
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::BAD_GATEWAY, CacheResult::Miss)
+    );
     let g = call(&c, &up, get("/mr")).await;
-    assert_eq!(g.status, StatusCode::BAD_GATEWAY, "must-revalidate forbids stale-if-error");
+    assert_eq!(
+        g.status,
+        StatusCode::BAD_GATEWAY,
+        "must-revalidate forbids stale-if-error"
+    );
 
     // the request directive works too
-    let g = call(&c, &up, req(Method::GET, "/plain", &[("cache-control", "stale-if-error=60")])).await;
+    let g = call(
+        &c,
+        &up,
+        req(
+            Method::GET,
+            "/plain",
+            &[("cache-control", "stale-if-error=60")],
+        ),
+    )
+    .await;
     assert_eq!((g.status, g.result), (StatusCode::OK, CacheResult::Stale));
 }
 
@@ -684,7 +868,13 @@ async fn stale_if_error_when_backend_is_down() {
 async fn stale_if_error_on_5xx_and_must_revalidate_passes_it_through() {
     let be = Backend::start().await;
     be.route("/sie", Route::ok("max-age=1, stale-if-error=60", "good"));
-    be.route("/mr", Route::ok("max-age=1, must-revalidate, stale-while-revalidate=60", "good"));
+    be.route(
+        "/mr",
+        Route::ok(
+            "max-age=1, must-revalidate, stale-while-revalidate=60",
+            "good",
+        ),
+    );
     let (c, up) = (cache(), be.upstream());
     call(&c, &up, get("/sie")).await;
     call(&c, &up, get("/mr")).await;
@@ -695,23 +885,45 @@ async fn stale_if_error_on_5xx_and_must_revalidate_passes_it_through() {
         be.route(p, broken);
     }
     let g = call(&c, &up, get("/sie")).await;
-    assert_eq!((g.status, g.result, &g.body[..]), (StatusCode::OK, CacheResult::Stale, &b"good"[..]));
+    assert_eq!(
+        (g.status, g.result, &g.body[..]),
+        (StatusCode::OK, CacheResult::Stale, &b"good"[..])
+    );
     assert!(g.cache_status().contains("fwd-status=503"));
     let g = call(&c, &up, get("/mr")).await;
-    assert_eq!((g.status, g.result), (StatusCode::SERVICE_UNAVAILABLE, CacheResult::Miss));
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::SERVICE_UNAVAILABLE, CacheResult::Miss)
+    );
 }
 
 #[tokio::test]
 async fn upstream_errors_become_502_or_504() {
     let c = cache();
-    let g = call(&c, &FailingUpstream("connect: connection refused"), get("/x")).await;
-    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Miss));
+    let g = call(
+        &c,
+        &FailingUpstream("connect: connection refused"),
+        get("/x"),
+    )
+    .await;
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::BAD_GATEWAY, CacheResult::Miss)
+    );
     assert!(g.cache_status().contains("detail=upstream-error"));
     let g = call(&c, &FailingUpstream("upstream timeout"), get("/x")).await;
     assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
     let g = call(&c, &FailingUpstream("reset"), req(Method::POST, "/x", &[])).await;
-    assert_eq!((g.status, g.result), (StatusCode::BAD_GATEWAY, CacheResult::Bypass));
-    let g = call(&c, &FailingUpstream("reset"), req(Method::GET, "/x", &[("cache-control", "only-if-cached")])).await;
+    assert_eq!(
+        (g.status, g.result),
+        (StatusCode::BAD_GATEWAY, CacheResult::Bypass)
+    );
+    let g = call(
+        &c,
+        &FailingUpstream("reset"),
+        req(Method::GET, "/x", &[("cache-control", "only-if-cached")]),
+    )
+    .await;
     assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
 }
 
@@ -782,7 +994,10 @@ async fn purge_by_path_prefix_and_all() {
     settle().await;
     assert_eq!(c.usage().0, 4);
     assert_eq!(c.purge(Some("/p/a"), false), 2);
-    assert_eq!(call(&c, &up, get("/p/a?x=1")).await.result, CacheResult::Miss);
+    assert_eq!(
+        call(&c, &up, get("/p/a?x=1")).await.result,
+        CacheResult::Miss
+    );
     assert_eq!(call(&c, &up, get("/p/b")).await.result, CacheResult::Hit);
     settle().await;
     c.run_pending_tasks().await;
@@ -800,8 +1015,14 @@ async fn purge_by_path_prefix_and_all() {
 #[tokio::test]
 async fn upstream_cache_status_is_kept_first() {
     let be = Backend::start().await;
-    be.route("/cs", Route::ok("max-age=60", "x").header("cache-status", "origin-cache; hit"));
+    be.route(
+        "/cs",
+        Route::ok("max-age=60", "x").header("cache-status", "origin-cache; hit"),
+    );
     let (c, up) = (cache(), be.upstream());
     let g = call(&c, &up, get("/cs")).await;
-    assert_eq!(g.cache_status(), "origin-cache; hit, xdplb; fwd=uri-miss; fwd-status=200; stored");
+    assert_eq!(
+        g.cache_status(),
+        "origin-cache; hit, xdplb; fwd=uri-miss; fwd-status=200; stored"
+    );
 }
