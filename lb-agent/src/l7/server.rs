@@ -26,9 +26,10 @@
 //!    cap the idle timeout), and on expiry hyper closes the connection without writing
 //!    anything (`hyper::Error` "read header from client timeout"; no 408).
 //! 4. Limits: hyper refuses an HTTP/1 head with more than `max_headers` fields or
-//!    larger than `max(max_header_bytes, 8192)` bytes with its own `431`; HTTP/2
-//!    header lists above `max_header_bytes` are refused by h2; [`proxy::handle`]
-//!    checks both limits exactly for every request.
+//!    larger than `max(max_header_bytes, 8192)` bytes with its own `431`; h2 refuses
+//!    header lists above `max_header_bytes + 32 * max_headers` (its own size measure
+//!    adds 32 bytes per field); [`proxy::handle`] checks both limits exactly for
+//!    every request, HTTP/1 and HTTP/2.
 //!
 //! Shutdown ([`Server::shutdown`]): the listener closes at once (new connections are
 //! refused), every connection is told to finish (HTTP/1: close after the current
@@ -374,7 +375,12 @@ fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(idle)
         .keep_alive_timeout(header)
-        .max_header_list_size(http.max_header_bytes);
+        // h2 counts 32 bytes of overhead per field: leave the exact limit (and the
+        // 431 naming it) to the proxy's check.
+        .max_header_list_size(
+            http.max_header_bytes
+                .saturating_add(http.max_headers.saturating_mul(32)),
+        );
     b
 }
 

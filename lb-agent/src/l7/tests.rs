@@ -469,11 +469,15 @@ async fn tls_with_alpn_h2_and_http1() {
     let (tls, cert) = tls_files("tls");
     let mut c = cfg();
     c.tls = Some(tls);
+    c.sticky = Some(StickyConfig {
+        cookie: "S".to_owned(),
+        ttl_s: 60,
+    });
     let svc = start(&c, &[b.addr]).await;
 
     let io = tls_connect(svc.local_addr(), &cert, b"h2").await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) =
+    let (mut h2, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .expect("h2");
@@ -481,7 +485,7 @@ async fn tls_with_alpn_h2_and_http1() {
     let req = Request::get("https://secure.example/")
         .body(Full::<Bytes>::default())
         .expect("req");
-    let resp = send.send_request(req).await.expect("response");
+    let resp = h2.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_2);
     let seen = b.last();
@@ -490,21 +494,16 @@ async fn tls_with_alpn_h2_and_http1() {
 
     let io = tls_connect(svc.local_addr(), &cert, b"http/1.1").await;
     assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .expect("h1");
     tokio::spawn(conn);
-    let got = send_h1_tls(&mut send).await;
-    assert_eq!(got, StatusCode::OK);
+    let got = send(&mut sender, get_req("/")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let cookie = got.headers["set-cookie"].to_str().expect("ascii");
+    assert!(cookie.contains("Secure"), "{cookie}");
     assert_eq!(b.last()["x-forwarded-proto"], "https");
     assert_eq!(b.last()["via"], "1.1 xdplb");
-}
-
-async fn send_h1_tls(send: &mut H1) -> StatusCode {
-    send.send_request(get_req("/"))
-        .await
-        .expect("response")
-        .status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,6 +590,43 @@ async fn idempotent_requests_are_retried_past_a_dead_backend() {
     assert!(statuses.contains(&200), "{statuses:?}");
     let failed = statuses.iter().filter(|s| **s == 502).count() as u64;
     assert_eq!(stats.requests("t", "", 502), failed);
+}
+
+/// A backend that accepts, reads the request and closes without answering.
+async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            drop(stream);
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_before_the_response_is_retried_elsewhere() {
+    let b = backend().await;
+    let (resetter, resets) = resetting_backend().await;
+    let mut c = cfg();
+    c.http.eject_after = 0;
+    let svc = start(&c, &[b.addr, resetter]).await;
+    for _ in 0..4 {
+        let got = get(svc.local_addr(), "/").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, b.addr.to_string());
+    }
+    assert!(resets.load(Ordering::SeqCst) >= 1, "the resetter was tried");
+    // With retries off, a GET that lands on it fails with 502.
+    c.http.retries = 0;
+    let svc = start(&c, &[resetter]).await;
+    let got = get(svc.local_addr(), "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
