@@ -411,7 +411,7 @@ mod tests {
             v[..42].to_owned(),
             format!("{v}A"),
             format!("{v}="),
-            v.replace(|c: char| c == '-' || c == '_', "+"),
+            v.replace(['-', '_'], "+"),
             "é".repeat(21) + "a",
             "=".repeat(43),
             "!".repeat(43),
