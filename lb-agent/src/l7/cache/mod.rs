@@ -545,24 +545,56 @@ impl Cache {
         if let (true, StatusCode::NOT_MODIFIED, Some(old)) = (validating, code, stale.as_ref()) {
             // §4.3.4: freshen the stored response with the 304's header fields.
             let merged = policy::merge_304(&old.headers, &parts.headers);
-            let fresh = Arc::new(Stored::new(
-                old.status,
-                merged,
-                old.body.clone(),
+            let stored_headers = {
+                // A cookie in the 304 is for this client only.
+                let mut h = merged.clone();
+                h.remove(header::SET_COOKIE);
+                h
+            };
+            let build = |headers| {
+                Stored::new(
+                    old.status,
+                    headers,
+                    old.body.clone(),
+                    &ctx.req_headers,
+                    request_time,
+                    response_time,
+                )
+            };
+            let for_store = Arc::new(build(stored_headers));
+            let still_storable = policy::storable(
+                &Method::GET,
                 &ctx.req_headers,
-                request_time,
-                response_time,
-            ));
-            if !ctx.req_cc.no_store {
-                self.inner
-                    .store
-                    .put(ctx.key.clone(), Arc::clone(&fresh))
-                    .await;
+                &ctx.req_cc,
+                for_store.status,
+                &for_store.headers,
+                &for_store.cc,
+            );
+            match still_storable {
+                Ok(()) => {
+                    self.inner
+                        .store
+                        .put(ctx.key.clone(), Arc::clone(&for_store))
+                        .await;
+                }
+                Err(why) => {
+                    tracing::debug!(key = %ctx.key, "cache: dropped after 304: {why}");
+                    if !ctx.req_cc.no_store {
+                        self.inner.store.invalidate(&ctx.key).await;
+                    }
+                }
             }
             drop(flight);
+            let fresh = if merged.contains_key(header::SET_COOKIE) {
+                Arc::new(build(merged))
+            } else {
+                for_store
+            };
             return from_store(ctx, &fresh, response_time, CacheResult::Revalidated, status);
         }
         let method = if ctx.head { Method::HEAD } else { Method::GET };
+        let length =
+            content_length(&parts.headers).or_else(|| http_body::Body::size_hint(&body).exact());
         let resp_cc = CacheControl::parse(&parts.headers);
         let storable = policy::storable(
             &method,
@@ -572,15 +604,9 @@ impl Cache {
             &parts.headers,
             &resp_cc,
         )
-        .and_then(|()| {
-            let length = content_length(&parts.headers).or_else(|| {
-                let hint = http_body::Body::size_hint(&body);
-                hint.exact()
-            });
-            match length {
-                Some(len) if len > self.inner.object_limit => Err("too-large"),
-                _ => Ok(()),
-            }
+        .and_then(|()| match length {
+            Some(len) if len > self.inner.object_limit => Err("too-large"),
+            _ => Ok(()),
         });
         let client_304 = !ctx.head
             && code.is_success()
@@ -601,14 +627,7 @@ impl Cache {
         }
         status.stored = true;
         let (tx, rx) = oneshot::channel();
-        let tee = Tee {
-            inner: body,
-            chunks: Some(Vec::new()),
-            size: 0,
-            limit: self.inner.object_limit,
-            tx: Some(tx),
-            done: false,
-        };
+        let tee = Tee::new(body, length, self.inner.object_limit, tx);
         let store = self.inner.store.clone();
         let key = ctx.key.clone();
         let req_headers = ctx.req_headers.clone();
@@ -740,20 +759,56 @@ fn key_of<B>(req: &Request<B>) -> Key {
 
 /// A body that passes the upstream body through and collects its data for the store,
 /// up to `limit` bytes; the whole body goes to `tx` when it ends, nothing when it fails,
-/// is dropped early or outgrows the limit.
+/// is dropped early or outgrows the limit. The end is the end of the stream, or the
+/// last of `expected` bytes (hyper stops polling a body once its `Content-Length` is
+/// written), or the inner body reporting its end.
 struct Tee {
     inner: Body,
     chunks: Option<Vec<Bytes>>,
     size: u64,
+    expected: Option<u64>,
     limit: u64,
     tx: Option<oneshot::Sender<Bytes>>,
     done: bool,
 }
 
 impl Tee {
+    fn new(inner: Body, expected: Option<u64>, limit: u64, tx: oneshot::Sender<Bytes>) -> Self {
+        let mut tee = Self {
+            inner,
+            chunks: Some(Vec::new()),
+            size: 0,
+            expected,
+            limit,
+            tx: Some(tx),
+            done: false,
+        };
+        if expected == Some(0) || http_body::Body::is_end_stream(&tee.inner) {
+            tee.finish();
+        }
+        tee
+    }
+
     fn give_up(&mut self) {
         self.chunks = None;
         self.tx = None;
+    }
+
+    /// The body is complete: hand what was collected to the store.
+    fn finish(&mut self) {
+        self.done = true;
+        if let (Some(chunks), Some(tx)) = (self.chunks.take(), self.tx.take()) {
+            let body = if chunks.len() == 1 {
+                chunks.into_iter().next().unwrap_or_default()
+            } else {
+                let mut all = BytesMut::with_capacity(usize::try_from(self.size).unwrap_or(0));
+                for c in chunks {
+                    all.extend_from_slice(&c);
+                }
+                all.freeze()
+            };
+            let _ = tx.send(body);
+        }
     }
 }
 
@@ -766,16 +821,24 @@ impl http_body::Body for Tee {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(chunks)) = (frame.data_ref(), this.chunks.as_mut()) {
+                if let Some(data) = frame.data_ref() {
                     this.size += data.len() as u64;
-                    if this.size > this.limit {
-                        tracing::debug!("cache: body over the object limit, not stored");
-                        this.give_up();
-                    } else {
-                        chunks.push(data.clone());
+                    if let Some(chunks) = this.chunks.as_mut() {
+                        if this.size > this.limit {
+                            tracing::debug!("cache: body over the object limit, not stored");
+                            this.give_up();
+                        } else {
+                            chunks.push(data.clone());
+                        }
+                    }
+                    if this.expected == Some(this.size) || this.inner.is_end_stream() {
+                        this.finish();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -786,31 +849,21 @@ impl http_body::Body for Tee {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                this.done = true;
-                if let (Some(chunks), Some(tx)) = (this.chunks.take(), this.tx.take()) {
-                    let body = if chunks.len() == 1 {
-                        chunks.into_iter().next().unwrap_or_default()
-                    } else {
-                        let mut all =
-                            BytesMut::with_capacity(usize::try_from(this.size).unwrap_or(0));
-                        for c in chunks {
-                            all.extend_from_slice(&c);
-                        }
-                        all.freeze()
-                    };
-                    let _ = tx.send(body);
-                }
+                this.finish();
                 Poll::Ready(None)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // Report the end only once seen, so the tee is polled to completion.
+        // Report the end only once seen, so the tee sees all of the body.
         self.done
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.done {
+            return SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }

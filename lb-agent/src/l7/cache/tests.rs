@@ -349,6 +349,7 @@ async fn miss_then_hit_with_age_and_cache_status() {
     assert_eq!(g.cache_status(), "xdplb; hit; ttl=49");
     assert_eq!(g.header("x-hit"), "1");
     assert_eq!(be.hits("/a"), 1);
+    c.run_pending_tasks().await;
     assert_eq!(c.usage().0, 1);
 }
 
@@ -447,7 +448,14 @@ async fn unsafe_methods_bypass_and_invalidate() {
 async fn storability_rules() {
     let be = Backend::start().await;
     let last_modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
-    let cases: Vec<(&str, Route, &[(&str, &str)], bool)> = vec![
+    /// Path, backend answer, request headers, whether the response is stored.
+    type Case = (
+        &'static str,
+        Route,
+        &'static [(&'static str, &'static str)],
+        bool,
+    );
+    let cases: Vec<Case> = vec![
         ("/plain", Route::ok("max-age=60", "x"), &[], true),
         (
             "/no-store",
@@ -992,6 +1000,7 @@ async fn purge_by_path_prefix_and_all() {
         call(&c, &up, get(p)).await;
     }
     settle().await;
+    c.run_pending_tasks().await;
     assert_eq!(c.usage().0, 4);
     assert_eq!(c.purge(Some("/p/a"), false), 2);
     assert_eq!(
@@ -1025,4 +1034,99 @@ async fn upstream_cache_status_is_kept_first() {
         g.cache_status(),
         "origin-cache; hit, xdplb; fwd=uri-miss; fwd-status=200; stored"
     );
+}
+
+/// A hyper server in front of the cache (as the proxy will be): the cache's bodies are
+/// driven by hyper, which stops polling a body once its `Content-Length` is written.
+async fn front(cache: Cache, up: TestUpstream) -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (cache, up) = (cache.clone(), up.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (cache, up) = (cache.clone(), up.clone());
+                    async move { Ok::<_, Infallible>(cache.handle(req.map(boxed), up).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    TestUpstream { addr }
+}
+
+#[tokio::test]
+async fn stores_what_a_hyper_server_sends() {
+    let be = Backend::start().await;
+    be.route("/len", Route::ok("max-age=60", "with content-length"));
+    let mut chunked = Route::ok("max-age=60", &"c".repeat(2500));
+    chunked.chunked = true;
+    be.route("/chunked", chunked);
+    let mut no_content = Route::ok("max-age=60", "");
+    no_content.status = 204;
+    be.route("/204", no_content);
+    be.route("/empty", Route::ok("max-age=60", ""));
+    let client = front(cache(), be.upstream()).await;
+    let fetch = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let resp = client.send(get(path)).await.expect("front answers");
+            let cs = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, cs, body)
+        }
+    };
+    for path in ["/len", "/chunked", "/204", "/empty"] {
+        let (status, cs, first) = fetch(path).await;
+        assert!(cs.contains("fwd=uri-miss"), "{path}: {cs}");
+        settle().await;
+        let (status2, cs, second) = fetch(path).await;
+        assert!(cs.starts_with("xdplb; hit"), "{path}: {cs}");
+        assert_eq!((status, &first), (status2, &second), "{path}");
+        assert_eq!(be.hits(path), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn cookie_of_a_304_goes_to_its_client_only() {
+    let be = Backend::start().await;
+    be.route("/k", Route::ok("max-age=1", "k").etag("\"k\""));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/k")).await;
+    stale_wait().await;
+    be.route(
+        "/k",
+        Route::ok("max-age=60", "k")
+            .etag("\"k\"")
+            .header("set-cookie", "session=1"),
+    );
+    let g = call(&c, &up, get("/k")).await;
+    assert_eq!(g.result, CacheResult::Revalidated);
+    assert_eq!(g.header("set-cookie"), "session=1");
+    let g = call(&c, &up, get("/k")).await;
+    assert_eq!(g.result, CacheResult::Hit);
+    assert!(g.headers.get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn a_304_that_makes_the_response_private_drops_it() {
+    let be = Backend::start().await;
+    be.route("/p", Route::ok("max-age=1", "p").etag("\"p\""));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/p")).await;
+    stale_wait().await;
+    be.route("/p", Route::ok("private, max-age=60", "p").etag("\"p\""));
+    let g = call(&c, &up, get("/p")).await;
+    assert_eq!(
+        (g.result, &g.body[..]),
+        (CacheResult::Revalidated, &b"p"[..])
+    );
+    assert_eq!(call(&c, &up, get("/p")).await.result, CacheResult::Miss);
 }
