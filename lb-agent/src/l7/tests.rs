@@ -957,7 +957,7 @@ async fn sticky_cookie_pins_and_moves_when_the_backend_goes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the merged l7-cache WIP never serves a hit yet (its own miss_then_hit test fails too)"]
+
 async fn cached_response_is_served_as_a_hit() {
     let b = backend().await;
     let mut c = cfg();
