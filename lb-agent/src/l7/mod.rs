@@ -1,14 +1,34 @@
 //! The L7 path: an HTTP reverse proxy for services with `mode = "l7"` (and for hosts
 //! where XDP cannot attach).
 //!
+//! - [`service`]: [`service::L7Service`], one running service as the agent drives it
+//!   (start, backends, purge, shutdown) and [`service::L7Error`].
+//! - [`server`]: the accept loop, TLS handshakes, HTTP/1.1 and HTTP/2 serving, header
+//!   and idle timeouts, graceful shutdown.
+//! - [`proxy`]: the per-request handler: limits, backend choice (sticky, pool),
+//!   forwarding and retries, upgrades, cache, access log.
+//! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `Via`.
+//! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1.
+//! - [`stats`]: [`stats::HttpStats`], the L7 Prometheus series and per-service totals.
 //! - [`balancer`]: a service's backend pool: weighted round robin, least request,
 //!   power of two choices and consistent hashing, with leases and passive health.
-//! - [`body`]: the boxed body type shared by the modules below.
 //! - [`cache`]: the RFC 9111 shared HTTP cache (moka store, collapsing, revalidation).
 //! - [`sticky`]: signed sticky-session cookies and their key.
+//! - [`body`]: the boxed body type shared by the modules below.
 //! - [`vip`]: L7 VIPs made local addresses (added to `lo` when needed).
+//! - [`manager`]: runs the services the control plane publishes.
 pub mod balancer;
 pub mod body;
 pub mod cache;
+pub mod headers;
+pub mod manager;
+pub mod proxy;
+pub mod server;
+pub mod service;
+pub mod stats;
 pub mod sticky;
+pub mod tls;
 pub mod vip;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,859 @@
+//! The per-request handler of the L7 proxy, in phases modelled on Pingora's
+//! `ProxyHttp` (request filter, upstream peer, upstream request filter, response
+//! filter, logging):
+//!
+//! 1. **Request filter** ([`check_limits`]): more than `max_headers` fields or more
+//!    than `max_header_bytes` of fields (name + value + 4 per field) give `431`; a
+//!    `Content-Length` above `max_body_bytes` gives `413` at once; a streamed body is
+//!    cut when it passes `max_body_bytes` ([`LimitedBody`]), which gives `413` when
+//!    the response has not started.
+//! 2. **Upstream request** ([`prepare`]): hop-by-hop fields removed and
+//!    `X-Forwarded-For/-Proto/-Host` and `Via` added ([`headers`]); the URI becomes
+//!    origin-form and `Host` is kept (for h2 clients set from `:authority`); backends
+//!    are spoken to in HTTP/1.1 only.
+//! 3. **Cache** (when the service has one): every request except upgrades goes
+//!    through [`Cache::handle`], with the [`Forwarder`] below as its [`Upstream`]: the
+//!    cache sits between the client and backend selection. Without a cache the
+//!    forwarder is called directly.
+//! 4. **Upstream peer** ([`Forwarder::forward`]): the sticky cookie's backend when the
+//!    cookie verifies and that backend still serves, else `Pool::pick`. No backend:
+//!    `503` naming the service.
+//! 5. **Forward and retry**: through one pooled hyper client per service (keep-alive,
+//!    `TCP_NODELAY`, `connect_timeout_ms`); the response head must come within
+//!    `response_timeout_ms` (`504`). Idempotent methods (GET, HEAD, OPTIONS, PUT,
+//!    DELETE, TRACE) without a body are retried on a *different* backend after a
+//!    connect error or a reset before any response, at most `retries` times. Every
+//!    attempt's [`Outcome`] goes to the pool: `ConnectError`, `Reset`, `Timeout`;
+//!    `Status5xx` for 502, 503 and 504 (a backend or its own upstream failing; a 500
+//!    is taken as the application's answer to one request, not a sign of ill health);
+//!    `Success` otherwise. A request cut for its size is not reported.
+//! 6. **Upgrades** (`Connection: upgrade` + `Upgrade`, HTTP/1.1): forwarded with
+//!    those fields; on `101` both sides' connections are taken over and bytes copied
+//!    both ways until either side closes (or the service stops).
+//! 7. **Response filter**: hop-by-hop fields removed, `Via` added, the body streamed
+//!    through unbuffered; the backend's [`Lease`] is held until the body ends. With
+//!    sticky sessions, a `Set-Cookie` (Secure on TLS) is added whenever the backend
+//!    that answered is not the one the request's cookie named.
+//! 8. **Logging**: when the response body ends (or the client goes), one
+//!    `xdplb::access` event (service, client, method, path, status, backend, cache,
+//!    duration_ms, bytes) and the [`HttpStats`] series.
+//!
+//! Error statuses of ours: `413` body too large, `431` header too large, `502`
+//! backend failed (connect, reset, bad response), `503` no backend, `504` backend
+//! answered too late. Their bodies are `text/plain` and name the service.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, SET_COOKIE};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::config::HttpConfig;
+use crate::l7::balancer::{Lease, Outcome, PickKey, Pool};
+use crate::l7::body::{self, Body, BoxError};
+use crate::l7::cache::{Cache, CacheResult, Upstream, UpstreamError};
+use crate::l7::headers::{self, Forwarded, Upgrading};
+use crate::l7::server::{ConnInfo, InFlight, Tracker, stopped};
+use crate::l7::stats::HttpStats;
+use crate::l7::sticky::{self, StickyKey};
+
+/// Sticky sessions of a service.
+#[derive(Debug)]
+pub(crate) struct Sticky {
+    pub(crate) key: StickyKey,
+    pub(crate) cookie: String,
+    pub(crate) ttl: Duration,
+}
+
+/// Everything the handler of one service needs; shared by its connections.
+pub(crate) struct Proxy {
+    pub(crate) name: String,
+    pub(crate) http: HttpConfig,
+    /// The VIP speaks TLS (`X-Forwarded-Proto`, Secure cookies).
+    pub(crate) tls: bool,
+    pub(crate) pool: Pool,
+    pub(crate) cache: Option<Cache>,
+    pub(crate) sticky: Option<Sticky>,
+    pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) stats: HttpStats,
+    /// Live upgraded tunnels.
+    pub(crate) tunnels: Arc<Tracker>,
+    /// Set when the grace period is over: connections and tunnels end.
+    pub(crate) hard_stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("name", &self.name)
+            .field("tls", &self.tls)
+            .field("cache", &self.cache.is_some())
+            .field("sticky", &self.sticky.as_ref().map(|s| &s.cookie))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pooled HTTP/1.1 client towards a service's backends.
+pub(crate) fn backend_client(http: &HttpConfig) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(http.connect_timeout_ms)));
+    connector.enforce_http(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Why a request got an error status of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("no backend available")]
+    NoBackend,
+    #[error("cannot connect to backend {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("backend {addr} failed: {reason}")]
+    Backend { addr: SocketAddr, reason: String },
+    #[error("backend {addr} sent no response header within {ms} ms")]
+    Timeout { addr: SocketAddr, ms: u64 },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request header larger than {limit} {unit}")]
+    HeaderTooLarge { limit: u64, unit: &'static str },
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Backend { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// The response sent to the client.
+    fn response(&self, service: &str) -> Response<Body> {
+        let status = self.status();
+        let text = match self {
+            Self::NoBackend => format!("503 no backend available for service \"{service}\"\n"),
+            other => format!("{} {other} (service \"{service}\")\n", status.as_u16()),
+        };
+        let mut resp = Response::new(body::full(text));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(
+            self,
+            Self::BodyTooLarge { .. } | Self::HeaderTooLarge { .. }
+        ) {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------
+
+/// A request body cut at a size limit: past it, an error, and `exceeded` is set.
+struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl http_body::Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => f,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            let n = data.len() as u64;
+            if n > self.remaining {
+                self.exceeded.store(true, Ordering::SeqCst);
+                let limit = self.limit;
+                return Poll::Ready(Some(Err(ProxyError::BodyTooLarge { limit }
+                    .to_string()
+                    .into())));
+            }
+            self.remaining -= n;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A backend's response body, holding the backend's lease until it ends.
+struct LeaseBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl http_body::Body for LeaseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = r {
+            self.lease = None;
+        }
+        r.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the access log and the metrics record at the end of a request.
+struct Finish {
+    stats: HttpStats,
+    service: String,
+    client: SocketAddr,
+    method: Method,
+    path: String,
+    status: u16,
+    backend: Option<SocketAddr>,
+    cache: Option<&'static str>,
+    start: Instant,
+    bytes: u64,
+    _in_flight: InFlight,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        self.stats.observe_duration(&self.service, elapsed);
+        info!(
+            target: "xdplb::access",
+            service = %self.service,
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            backend = %self.backend.map(|b| b.to_string()).unwrap_or_default(),
+            cache = self.cache.unwrap_or(""),
+            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            bytes = self.bytes,
+        );
+    }
+}
+
+/// The response body sent to the client: counts bytes and logs when it ends.
+struct TrackedBody {
+    inner: Body,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(f)) = (frame.data_ref(), self.finish.as_mut()) {
+                    f.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish = None;
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.finish = None,
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handler
+// ---------------------------------------------------------------------------
+
+/// Handle one client request (see the [module docs](self)).
+pub(crate) async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+    in_flight: InFlight,
+) -> Response<Body> {
+    let start = Instant::now();
+    let mut finish = Finish {
+        stats: proxy.stats.clone(),
+        service: proxy.name.clone(),
+        client: conn.client,
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        backend: None,
+        cache: None,
+        start,
+        bytes: 0,
+        _in_flight: in_flight,
+    };
+    let resp = respond(&proxy, &conn, req, &mut finish).await;
+    finish.status = resp.status().as_u16();
+    let backend = finish.backend.map(|b| b.to_string());
+    proxy
+        .stats
+        .record_response(&proxy.name, backend.as_deref(), finish.status);
+    if let Some(result) = finish.cache {
+        proxy.stats.record_cache(&proxy.name, result);
+    }
+    let (parts, inner) = resp.into_parts();
+    let tracked = TrackedBody {
+        finish: (!inner.is_end_stream()).then_some(finish),
+        inner,
+    };
+    // An empty body is never polled: `finish` (dropped above when empty) logs now.
+    Response::from_parts(parts, tracked.boxed())
+}
+
+/// Request filter: header and body size limits.
+fn check_limits(http: &HttpConfig, headers: &HeaderMap) -> Result<(), ProxyError> {
+    if headers.len() > usize::try_from(http.max_headers).unwrap_or(usize::MAX) {
+        return Err(ProxyError::HeaderTooLarge {
+            limit: u64::from(http.max_headers),
+            unit: "fields",
+        });
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes as u64 > u64::from(http.max_header_bytes) {
+        return Err(ProxyError::HeaderTooLarge {
+            limit: u64::from(http.max_header_bytes),
+            unit: "bytes",
+        });
+    }
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if length.is_some_and(|n| n > http.max_body_bytes) {
+        return Err(ProxyError::BodyTooLarge {
+            limit: http.max_body_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Upstream request filter: the request as backends (and the cache) see it.
+fn prepare(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    upgrading: Upgrading,
+    exceeded: &Arc<AtomicBool>,
+) -> Request<Body> {
+    let (mut parts, incoming) = req.into_parts();
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, upgrading);
+    h.remove(EXPECT); // hyper answered any 100-continue on our side
+    headers::add_forwarded(
+        h,
+        &Forwarded {
+            client: conn.client.ip(),
+            tls: conn.tls,
+            host: host.as_deref(),
+        },
+    );
+    headers::append_via(h, parts.version);
+    if let Some(v) = host.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert(HOST, v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    let body = if incoming.is_end_stream() {
+        body::empty()
+    } else {
+        LimitedBody {
+            inner: incoming,
+            remaining: proxy.http.max_body_bytes,
+            limit: proxy.http.max_body_bytes,
+            exceeded: Arc::clone(exceeded),
+        }
+        .boxed()
+    };
+    Request::from_parts(parts, body)
+}
+
+async fn respond(
+    proxy: &Arc<Proxy>,
+    conn: &Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    finish: &mut Finish,
+) -> Response<Body> {
+    if let Err(e) = check_limits(&proxy.http, req.headers()) {
+        debug!(service = %proxy.name, client = %conn.client, error = %e, "request refused");
+        return e.response(&proxy.name);
+    }
+    let upgrade = headers::is_upgrade_request(req.version(), req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let sticky_token = proxy.sticky.as_ref().and_then(|s| {
+        sticky::cookie_value(req.headers(), &s.cookie)
+            .and_then(|v| s.key.verify(v, SystemTime::now()))
+    });
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let upgrading = if upgrade {
+        Upgrading::Yes
+    } else {
+        Upgrading::No
+    };
+    let req = prepare(proxy, conn, req, upgrading, &exceeded);
+    let forwarder = Forwarder {
+        proxy: Arc::clone(proxy),
+        client: conn.client.ip(),
+        sticky_token,
+        exceeded,
+        record: Arc::default(),
+    };
+
+    let mut resp = match (client_upgrade, &proxy.cache) {
+        (Some(client_upgrade), _) => match forwarder.forward(req).await {
+            Ok((resp, lease)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                tunnel(proxy, conn, client_upgrade, resp, lease)
+            }
+            Ok((resp, lease)) => backend_response(resp, lease),
+            Err(e) => e.response(&proxy.name),
+        },
+        (None, Some(cache)) => {
+            let resp = cache.handle(req, forwarder.clone()).await;
+            let result = resp.extensions().get::<CacheResult>().copied();
+            finish.cache = result.map(CacheResult::as_str);
+            let served_stale = matches!(result, Some(CacheResult::Stale | CacheResult::Hit));
+            // The cache answers an upstream failure with its own 502/504: give ours
+            // (503, 413, ...) unless it served something stored.
+            match forwarder.error() {
+                Some(e) if !served_stale && resp.status().is_server_error() => {
+                    let mut ours = e.response(&proxy.name);
+                    if let Some(r) = result {
+                        ours.extensions_mut().insert(r);
+                    }
+                    if let Some(cs) = resp.headers().get("cache-status") {
+                        ours.headers_mut().insert("cache-status", cs.clone());
+                    }
+                    ours
+                }
+                _ => resp,
+            }
+        }
+        (None, None) => match forwarder.forward(req).await {
+            Ok((resp, lease)) => backend_response(resp, lease),
+            Err(e) => e.response(&proxy.name),
+        },
+    };
+
+    let backend = forwarder.backend();
+    finish.backend = backend;
+    if let (Some(s), Some(addr)) = (&proxy.sticky, backend) {
+        if sticky_token != Some(s.key.backend_token(addr)) {
+            let value = s.key.issue(addr, s.ttl, SystemTime::now());
+            resp.headers_mut().append(
+                SET_COOKIE,
+                sticky::set_cookie(&s.cookie, &value, s.ttl, proxy.tls),
+            );
+        }
+    }
+    resp
+}
+
+/// Response filter: a backend's response as the client gets it.
+fn backend_response(resp: Response<Incoming>, lease: Lease) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, Upgrading::No);
+    headers::append_via(&mut parts.headers, parts.version);
+    parts.version = Version::HTTP_11;
+    let body = LeaseBody {
+        inner: incoming,
+        lease: Some(lease),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// A `101` from the backend: answer the client with it and join the two connections.
+fn tunnel(
+    proxy: &Arc<Proxy>,
+    conn: &ConnInfo,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+    lease: Lease,
+) -> Response<Body> {
+    let backend_upgrade = hyper::upgrade::on(&mut resp);
+    conn.activity.set_tunnel();
+    let token = proxy.tunnels.token();
+    let mut hard = proxy.hard_stop.subscribe();
+    let service = proxy.name.clone();
+    let client = conn.client;
+    tokio::spawn(async move {
+        let _token = token;
+        let _lease = lease;
+        let (c, b) = tokio::join!(client_upgrade, backend_upgrade);
+        let (c, b) = match (c, b) {
+            (Ok(c), Ok(b)) => (c, b),
+            (c, b) => {
+                debug!(%service, %client, client_err = ?c.err(), backend_err = ?b.err(), "upgrade failed");
+                return;
+            }
+        };
+        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut c, &mut b) => match r {
+                Ok((up, down)) => debug!(%service, %client, up, down, "tunnel closed"),
+                Err(e) => debug!(%service, %client, error = %e, "tunnel failed"),
+            },
+            () = stopped(&mut hard) => debug!(%service, %client, "tunnel closed by shutdown"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, Upgrading::Yes);
+    headers::append_via(&mut parts.headers, parts.version);
+    Response::from_parts(parts, body::empty())
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding
+// ---------------------------------------------------------------------------
+
+/// What the forwarder did, for the handler after the cache.
+#[derive(Debug, Default)]
+struct Record {
+    backend: Option<SocketAddr>,
+    error: Option<ProxyError>,
+}
+
+/// Backend selection, forwarding and retries for one client request; the cache's
+/// [`Upstream`].
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    proxy: Arc<Proxy>,
+    client: IpAddr,
+    sticky_token: Option<[u8; 8]>,
+    exceeded: Arc<AtomicBool>,
+    record: Arc<Mutex<Record>>,
+}
+
+/// Methods that RFC 9110 §9.2.2 calls idempotent.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The pool's name for a backend's answer.
+fn status_outcome(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        502..=504 => Outcome::Status5xx,
+        _ => Outcome::Success,
+    }
+}
+
+/// Whether a client error means the backend closed or reset the connection before
+/// answering.
+fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The innermost message of an error chain, for logs and error bodies.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+impl Forwarder {
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The backend whose response was returned.
+    fn backend(&self) -> Option<SocketAddr> {
+        self.record().backend
+    }
+
+    /// The error of the last failed forward.
+    fn error(&self) -> Option<ProxyError> {
+        self.record().error.clone()
+    }
+
+    fn choose(&self, headers: &HeaderMap, first: bool, exclude: &[SocketAddr]) -> Option<Lease> {
+        let pool = &self.proxy.pool;
+        if let (true, Some(s), Some(token)) = (first, &self.proxy.sticky, self.sticky_token) {
+            if let Some(lease) = pool.lease_by_token(&s.key, token) {
+                return Some(lease);
+            }
+        }
+        let key = PickKey {
+            client: self.client,
+            headers,
+        };
+        pool.pick(&key, exclude)
+    }
+
+    /// Send `req` (origin-form URI) to a backend, retrying as the module docs say.
+    pub(crate) async fn forward(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let r = self.try_forward(req).await;
+        let mut rec = self.record();
+        match &r {
+            Ok((_, lease)) => {
+                rec.backend = Some(lease.addr());
+                rec.error = None;
+            }
+            Err(e) => rec.error = Some(e.clone()),
+        }
+        r
+    }
+
+    async fn try_forward(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let proxy = &self.proxy;
+        let (parts, body) = req.into_parts();
+        let retryable = is_idempotent(&parts.method) && body.is_end_stream();
+        let attempts = if retryable {
+            proxy.http.retries.saturating_add(1)
+        } else {
+            1
+        };
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let timeout = Duration::from_millis(proxy.http.response_timeout_ms);
+        let mut body = Some(body);
+        let mut exclude = Vec::new();
+        let mut last = ProxyError::NoBackend;
+        for attempt in 0..attempts {
+            let Some(lease) = self.choose(&parts.headers, attempt == 0, &exclude) else {
+                return Err(last);
+            };
+            let addr = lease.addr();
+            let uri =
+                Uri::try_from(format!("http://{addr}{path}")).map_err(|e| ProxyError::Backend {
+                    addr,
+                    reason: format!("cannot build the request URI: {e}"),
+                })?;
+            let mut breq = Request::new(body.take().unwrap_or_else(body::empty));
+            *breq.method_mut() = parts.method.clone();
+            *breq.uri_mut() = uri;
+            *breq.version_mut() = Version::HTTP_11;
+            *breq.headers_mut() = parts.headers.clone();
+            match tokio::time::timeout(timeout, proxy.client.request(breq)).await {
+                Err(_) => {
+                    proxy.pool.report(addr, Outcome::Timeout);
+                    return Err(ProxyError::Timeout {
+                        addr,
+                        ms: proxy.http.response_timeout_ms,
+                    });
+                }
+                Ok(Ok(resp)) => {
+                    proxy.pool.report(addr, status_outcome(resp.status()));
+                    return Ok((resp, lease));
+                }
+                Ok(Err(e)) => {
+                    if self.exceeded.load(Ordering::SeqCst) {
+                        return Err(ProxyError::BodyTooLarge {
+                            limit: proxy.http.max_body_bytes,
+                        });
+                    }
+                    let reason = root_cause(&e);
+                    let (outcome, err, retry) = if e.is_connect() {
+                        let err = ProxyError::Connect { addr, reason };
+                        (Outcome::ConnectError, err, true)
+                    } else {
+                        let reset = is_reset(&e);
+                        (Outcome::Reset, ProxyError::Backend { addr, reason }, reset)
+                    };
+                    proxy.pool.report(addr, outcome);
+                    debug!(service = %proxy.name, backend = %addr, attempt, error = %err, "attempt failed");
+                    if !(retry && retryable) {
+                        return Err(err);
+                    }
+                    exclude.push(addr);
+                    last = err;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+impl Upstream for Forwarder {
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            match this.forward(req).await {
+                Ok((resp, lease)) => Ok(backend_response(resp, lease)),
+                Err(e) => Err(UpstreamError(e.to_string())),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn limits() {
+        let http = HttpConfig {
+            max_headers: 2,
+            max_header_bytes: 30,
+            max_body_bytes: 10,
+            ..HttpConfig::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("1"));
+        assert_eq!(check_limits(&http, &h), Ok(()));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("11"));
+        assert_eq!(
+            check_limits(&http, &h).map_err(|e| e.status()),
+            Err(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        h.insert("b", HeaderValue::from_static("1"));
+        assert_eq!(
+            check_limits(&http, &h).map_err(|e| e.status()),
+            Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "a",
+            HeaderValue::from_static("0123456789012345678901234567890"),
+        );
+        assert_eq!(
+            check_limits(&http, &h).map_err(|e| e.status()),
+            Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn outcomes_and_methods() {
+        assert_eq!(status_outcome(StatusCode::OK), Outcome::Success);
+        assert_eq!(
+            status_outcome(StatusCode::INTERNAL_SERVER_ERROR),
+            Outcome::Success
+        );
+        assert_eq!(status_outcome(StatusCode::BAD_GATEWAY), Outcome::Status5xx);
+        assert_eq!(
+            status_outcome(StatusCode::GATEWAY_TIMEOUT),
+            Outcome::Status5xx
+        );
+        assert!(is_idempotent(&Method::PUT));
+        assert!(!is_idempotent(&Method::POST));
+        assert!(!is_idempotent(&Method::PATCH));
+    }
+
+    #[test]
+    fn error_bodies_name_the_service() {
+        let r = ProxyError::NoBackend.response("web");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

@@ -1,0 +1,198 @@
+//! One L7 service as the agent's manager drives it: [`L7Service::start`] binds the
+//! VIP and serves; [`L7Service::update_backends`] feeds it the serving set (health,
+//! drain and weights decided by the control plane); [`L7Service::shutdown`] stops it
+//! gracefully.
+//!
+//! A started service has no backend until the first `update_backends`: until then
+//! it answers `503`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Mode, ServiceConfig};
+use crate::l7::balancer::{BackendState, Pool};
+use crate::l7::cache::Cache;
+use crate::l7::proxy::{self, Proxy, Sticky};
+use crate::l7::server::{Server, Tracker};
+use crate::l7::stats::HttpStats;
+use crate::l7::sticky::{StickyError, StickyKey};
+use crate::l7::tls::{self, TlsError};
+
+/// Backlog of the VIP's listening socket.
+const BACKLOG: u32 = 1024;
+
+/// Why an L7 service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    /// The service is not `mode = "l7"`.
+    #[error("service \"{service}\": not an l7 service")]
+    NotL7 {
+        /// Service name.
+        service: String,
+    },
+    /// The VIP could not be bound.
+    #[error("service \"{service}\": cannot listen on {addr}: {source}")]
+    Bind {
+        /// Service name.
+        service: String,
+        /// The VIP.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key could not be loaded.
+    #[error("service \"{service}\": {source}")]
+    Tls {
+        /// Service name.
+        service: String,
+        /// What was wrong.
+        source: TlsError,
+    },
+    /// The sticky-cookie key could not be loaded or created.
+    #[error("service \"{service}\": sticky key under {}: {source}", state_dir.display())]
+    Sticky {
+        /// Service name.
+        service: String,
+        /// The agent's state directory.
+        state_dir: PathBuf,
+        /// What was wrong.
+        source: StickyError,
+    },
+}
+
+/// A running L7 service (see the [module docs](self)).
+#[derive(Debug)]
+pub struct L7Service {
+    proxy: Arc<Proxy>,
+    local_addr: SocketAddr,
+    server: Server,
+}
+
+/// Bind `addr` with `SO_REUSEADDR`.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+impl L7Service {
+    /// Bind the VIP (`SO_REUSEADDR`), load TLS, open the sticky key under `state_dir`
+    /// when sticky sessions are on, create the pool and the cache, and start serving.
+    pub async fn start(
+        cfg: &ServiceConfig,
+        state_dir: &Path,
+        stats: HttpStats,
+    ) -> Result<Self, L7Error> {
+        let service = cfg.name.clone();
+        if cfg.mode != Mode::L7 {
+            return Err(L7Error::NotL7 { service });
+        }
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()
+            .map_err(|source| L7Error::Tls {
+                service: service.clone(),
+                source,
+            })?;
+        let sticky = match &cfg.sticky {
+            None => None,
+            Some(s) => Some(Sticky {
+                key: StickyKey::load_or_create(state_dir).map_err(|source| L7Error::Sticky {
+                    service: service.clone(),
+                    state_dir: state_dir.to_owned(),
+                    source,
+                })?,
+                cookie: s.cookie.clone(),
+                ttl: Duration::from_secs(s.ttl_s),
+            }),
+        };
+        let listener = bind(cfg.vip).map_err(|source| L7Error::Bind {
+            service: service.clone(),
+            addr: cfg.vip,
+            source,
+        })?;
+        let local_addr = listener.local_addr().map_err(|source| L7Error::Bind {
+            service: service.clone(),
+            addr: cfg.vip,
+            source,
+        })?;
+        let (hard_stop, _) = watch::channel(false);
+        let proxy = Arc::new(Proxy {
+            name: service,
+            http: cfg.http.clone(),
+            tls: tls.is_some(),
+            pool: Pool::new(cfg.scheduler, cfg.hash_on.clone(), &cfg.http),
+            cache: cfg.cache.as_ref().map(Cache::new),
+            sticky,
+            client: proxy::backend_client(&cfg.http),
+            stats,
+            tunnels: Arc::new(Tracker::default()),
+            hard_stop,
+        });
+        let server = Server::spawn(listener, Arc::clone(&proxy), tls.map(TlsAcceptor::from));
+        tracing::info!(service = %proxy.name, addr = %local_addr, tls = proxy.tls, "L7 service listening");
+        Ok(Self {
+            proxy,
+            local_addr,
+            server,
+        })
+    }
+
+    /// The service's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.proxy.name
+    }
+
+    /// Replace the serving set: `(address, effective weight)` of every backend that
+    /// takes new requests.
+    pub fn update_backends(&self, serving: &[(SocketAddr, u32)]) {
+        self.proxy.pool.update(serving);
+    }
+
+    /// The bound address (the VIP; its port when the VIP asked for port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Drop cached responses: all (`None`), one path, or a path prefix. `None` when
+    /// the service has no cache.
+    #[must_use]
+    pub fn purge_cache(&self, path: Option<&str>, prefix: bool) -> Option<u64> {
+        self.proxy.cache.as_ref().map(|c| c.purge(path, prefix))
+    }
+
+    /// `(bytes used, entries)` of the cache, as the cache reports them; `None` without one.
+    #[must_use]
+    pub fn cache_usage(&self) -> Option<(u64, u64)> {
+        self.proxy.cache.as_ref().map(Cache::usage)
+    }
+
+    /// The pool's view of each backend.
+    #[must_use]
+    pub fn pool_snapshot(&self) -> Vec<BackendState> {
+        self.proxy.pool.snapshot()
+    }
+
+    /// Stop accepting and finish in-flight requests within `grace`; then close what
+    /// remains.
+    pub async fn shutdown(self, grace: Duration) {
+        self.server.shutdown(grace).await;
+        tracing::info!(service = %self.proxy.name, "L7 service stopped");
+    }
+}

@@ -1,0 +1,1005 @@
+//! End-to-end tests of the L7 proxy: real sockets on 127.0.0.1 (ports from :0), real
+//! hyper backends started here, real clients (hyper's client connections, raw
+//! `TcpStream`s for protocol edge cases, tokio-rustls with an rcgen certificate).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::{CacheConfig, ServiceConfig, StickyConfig, TlsConfig};
+use crate::l7::body::{self, Body};
+use crate::l7::service::L7Service;
+use crate::l7::stats::HttpStats;
+
+const LONG: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------
+
+/// A hyper HTTP/1.1 backend that records what it sees.
+struct Backend {
+    addr: SocketAddr,
+    /// TCP connections accepted.
+    conns: Arc<AtomicUsize>,
+    /// Request headers, in arrival order.
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    fn hits(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+
+    fn last(&self) -> HeaderMap {
+        self.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a request")
+    }
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Routes: `/slow?ms=N`, `/echo` (collects, then answers with the body),
+/// `/echo-stream` (answers with the request body as it comes: chunked), `/stream`
+/// (one chunk, 1.5 s pause, another), `/ws` (101, then echoes bytes), `/headers`
+/// (hop-by-hop fields in the response), anything else: the backend's address.
+async fn backend_route(
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    seen.lock().expect("lock").push(req.headers().clone());
+    let name = addr.to_string();
+    let resp = match req.uri().path() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms"))).await;
+            Response::new(body::full(name))
+        }
+        "/echo" => {
+            let Ok(collected) = req.into_body().collect().await else {
+                return Ok(Response::new(body::full("body error")));
+            };
+            Response::new(body::full(collected.to_bytes()))
+        }
+        "/echo-stream" => Response::new(body::boxed(req.into_body())),
+        "/stream" => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"first;")).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = tx.send(Bytes::from_static(b"second")).await;
+            });
+            let frames = futures_util::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx)
+                    .map(|d| d.map(|d| Ok::<_, Infallible>(http_body::Frame::data(d))))
+            });
+            Response::new(body::boxed(http_body_util::StreamBody::new(frames)))
+        }
+        "/ws" => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(body::empty())
+                .expect("101")
+        }
+        "/headers" => Response::builder()
+            .header("connection", "x-drop")
+            .header("x-drop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("x-kept", "1")
+            .body(body::full(name))
+            .expect("response"),
+        "/cached" => Response::builder()
+            .header("cache-control", "public, max-age=60")
+            .body(body::full(name))
+            .expect("response"),
+        "/status" => Response::builder()
+            .status(u16::try_from(query_u64(&req, "code")).unwrap_or(500))
+            .body(body::full(name))
+            .expect("response"),
+        _ => Response::new(body::full(name)),
+    };
+    Ok(resp)
+}
+
+async fn backend() -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (c, s) = (Arc::clone(&conns), Arc::clone(&seen));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| backend_route(addr, Arc::clone(&s), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Backend {
+        addr,
+        conns,
+        seen,
+        task,
+    }
+}
+
+/// An address nobody listens on.
+async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}
+
+// ---------------------------------------------------------------------------
+// The proxy
+// ---------------------------------------------------------------------------
+
+fn cfg() -> ServiceConfig {
+    serde_json::from_str(r#"{"name": "t", "vip": "127.0.0.1:0", "mode": "l7"}"#).expect("cfg")
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "xdplb-l7-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+async fn start(cfg: &ServiceConfig, backends: &[SocketAddr]) -> L7Service {
+    start_with(cfg, backends, HttpStats::new()).await
+}
+
+async fn start_with(cfg: &ServiceConfig, backends: &[SocketAddr], stats: HttpStats) -> L7Service {
+    let svc = L7Service::start(cfg, &temp_dir("state"), stats)
+        .await
+        .expect("start");
+    let serving: Vec<(SocketAddr, u32)> = backends.iter().map(|a| (*a, 100)).collect();
+    svc.update_backends(&serving);
+    svc
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1(addr: SocketAddr) -> H1 {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
+}
+
+fn get_req(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "web.example")
+        .body(Full::default())
+        .expect("request")
+}
+
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+async fn send(conn: &mut H1, req: Request<Full<Bytes>>) -> Got {
+    conn.ready().await.expect("ready");
+    let resp = tokio::time::timeout(LONG, conn.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Got {
+    send(&mut h1(addr).await, get_req(path)).await
+}
+
+/// Write `request`, read until the proxy closes (requests say `Connection: close`).
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LONG, s.read_to_end(&mut out))
+        .await
+        .expect("closed in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Read one response with a `Content-Length` body from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(LONG, s.read(&mut chunk))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed mid-response: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_on_both_sides() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let mut conn = h1(svc.local_addr()).await;
+    for _ in 0..5 {
+        let got = send(&mut conn, get_req("/")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, b.addr.to_string());
+    }
+    // Five requests on one client connection, and one pooled backend connection.
+    assert_eq!(b.hits(), 5);
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_request_and_response_bodies() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let out = raw(
+        svc.local_addr(),
+        b"POST /echo-stream HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked"), "{out}");
+    let body = out.split_once("\r\n\r\n").expect("head").1;
+    let decoded: String = body
+        .split("\r\n")
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(decoded, "hello world", "{body:?}");
+    // The backend got a chunked body too (no length known in advance).
+    assert_eq!(b.last()["transfer-encoding"], "chunked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_stream_without_buffering() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let mut conn = h1(svc.local_addr()).await;
+    let t0 = Instant::now();
+    let resp = conn
+        .send_request(get_req("/stream"))
+        .await
+        .expect("response");
+    let mut body = resp.into_body();
+    let first = body
+        .frame()
+        .await
+        .expect("a frame")
+        .expect("ok")
+        .into_data()
+        .expect("data");
+    let first_at = t0.elapsed();
+    assert_eq!(first, "first;");
+    let rest = body.collect().await.expect("rest").to_bytes();
+    let total = t0.elapsed();
+    assert_eq!(rest, "second");
+    assert!(
+        first_at < Duration::from_millis(1000),
+        "first bytes after {first_at:?}"
+    );
+    assert!(total >= Duration::from_millis(1400), "done after {total:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let mut s = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: k\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let head = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    let seen = b.last();
+    assert_eq!(seen["upgrade"], "websocket");
+    assert_eq!(seen["connection"], "upgrade");
+    assert_eq!(seen["sec-websocket-key"], "k");
+    for msg in [&b"ping"[..], b"second message", &[0u8, 255, 1, 2][..]] {
+        s.write_all(msg).await.expect("write");
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(LONG, s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let stream = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get("http://h2.example/headers")
+            .body(Full::<Bytes>::default())
+            .expect("req");
+        let resp = send.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.headers()["via"], "1.1 xdplb");
+        assert!(!resp.headers().contains_key("x-drop"));
+    }
+    let seen = b.last();
+    assert_eq!(seen["host"], "h2.example");
+    assert_eq!(seen["via"], "2 xdplb");
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1);
+}
+
+fn tls_files(tag: &str) -> (TlsConfig, rustls_pki_types::CertificateDer<'static>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let d = temp_dir(tag);
+    let tls = TlsConfig {
+        cert: d.join("cert.pem"),
+        key: d.join("key.pem"),
+    };
+    std::fs::write(&tls.cert, ck.cert.pem()).expect("write");
+    std::fs::write(&tls.key, ck.key_pair.serialize_pem()).expect("write");
+    (tls, ck.cert.der().clone())
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    cert: &rustls_pki_types::CertificateDer<'static>,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    connector
+        .connect(name, stream)
+        .await
+        .expect("TLS handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_alpn_h2_and_http1() {
+    let b = backend().await;
+    let (tls, cert) = tls_files("tls");
+    let mut c = cfg();
+    c.tls = Some(tls);
+    c.sticky = Some(StickyConfig {
+        cookie: "S".to_owned(),
+        ttl_s: 60,
+    });
+    let svc = start(&c, &[b.addr]).await;
+
+    let io = tls_connect(svc.local_addr(), &cert, b"h2").await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let req = Request::get("https://secure.example/")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    let resp = h2.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let seen = b.last();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(seen["host"], "secure.example");
+
+    let io = tls_connect(svc.local_addr(), &cert, b"http/1.1").await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let got = send(&mut sender, get_req("/")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let cookie = got.headers["set-cookie"].to_str().expect("ascii");
+    assert!(cookie.contains("Secure"), "{cookie}");
+    assert_eq!(b.last()["x-forwarded-proto"], "https");
+    assert_eq!(b.last()["via"], "1.1 xdplb");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_removed_and_forwarding_fields_added() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let req = Request::get("/headers?x=1")
+        .header("host", "web.example")
+        .header("connection", "x-custom, keep-alive")
+        .header("x-custom", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic eA==")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("via", "1.0 other")
+        .header("x-end", "kept")
+        .body(Full::default())
+        .expect("req");
+    let got = send(&mut h1(svc.local_addr()).await, req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = b.last();
+    for gone in ["x-custom", "keep-alive", "proxy-authorization", "te"] {
+        assert!(
+            !seen.contains_key(gone),
+            "{gone} reached the backend: {seen:?}"
+        );
+    }
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "web.example");
+    assert_eq!(seen["via"], "1.0 other, 1.1 xdplb");
+    assert_eq!(seen["host"], "web.example");
+    assert_eq!(seen["x-end"], "kept");
+    // Response side.
+    for gone in ["x-drop", "keep-alive", "proxy-authenticate"] {
+        assert!(!got.headers.contains_key(gone), "{gone} reached the client");
+    }
+    assert_eq!(got.headers["x-kept"], "1");
+    assert_eq!(got.headers["via"], "1.1 xdplb");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_splits_between_two_backends() {
+    let (b1, b2) = (backend().await, backend().await);
+    let svc = start(&cfg(), &[b1.addr, b2.addr]).await;
+    let mut conn = h1(svc.local_addr()).await;
+    for _ in 0..10 {
+        assert_eq!(send(&mut conn, get_req("/")).await.status, StatusCode::OK);
+    }
+    assert_eq!((b1.hits(), b2.hits()), (5, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_past_a_dead_backend() {
+    let b = backend().await;
+    let dead = dead_addr().await;
+    let stats = HttpStats::new();
+    let svc = start_with(&cfg(), &[b.addr, dead], stats.clone()).await;
+    let mut conn = h1(svc.local_addr()).await;
+    for _ in 0..6 {
+        let got = send(&mut conn, get_req("/")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, b.addr.to_string());
+    }
+    assert_eq!(b.hits(), 6);
+    // A POST with a body is not retried: it fails when it lands on the dead backend.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let req = Request::post("/echo")
+            .header("host", "x")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .expect("req");
+        let got = send(&mut h1(svc.local_addr()).await, req).await;
+        if got.status == StatusCode::OK {
+            assert_eq!(got.body, "payload");
+        }
+        statuses.push(got.status.as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| [200, 502].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let failed = statuses.iter().filter(|s| **s == 502).count() as u64;
+    assert_eq!(stats.requests("t", "", 502), failed);
+}
+
+/// A backend that accepts, reads the request and closes without answering.
+async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            drop(stream);
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_before_the_response_is_retried_elsewhere() {
+    let b = backend().await;
+    let (resetter, resets) = resetting_backend().await;
+    let mut c = cfg();
+    c.http.eject_after = 0;
+    let svc = start(&c, &[b.addr, resetter]).await;
+    for _ in 0..4 {
+        let got = get(svc.local_addr(), "/").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, b.addr.to_string());
+    }
+    assert!(resets.load(Ordering::SeqCst) >= 1, "the resetter was tried");
+    // With retries off, a GET that lands on it fails with 502.
+    c.http.retries = 0;
+    let svc = start(&c, &[resetter]).await;
+    let got = get(svc.local_addr(), "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_is_503_naming_the_service() {
+    let svc = start(&cfg(), &[]).await;
+    let got = get(svc.local_addr(), "/").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    let text = String::from_utf8_lossy(&got.body);
+    assert!(text.contains("\"t\""), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backend_is_504() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.response_timeout_ms = 300;
+    let svc = start(&c, &[b.addr]).await;
+    let t0 = Instant::now();
+    let got = get(svc.local_addr(), "/slow?ms=3000").await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(b.hits(), 1, "a timed-out request is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_too_large_is_413() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.max_body_bytes = 1000;
+    let svc = start(&c, &[b.addr]).await;
+    // Declared length: refused before any byte of the body, without a backend.
+    let out = raw(
+        svc.local_addr(),
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2000\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert_eq!(b.hits(), 0);
+    // Chunked: cut when it passes the limit.
+    let chunk = format!("320\r\n{}\r\n", "a".repeat(800));
+    let req = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let out = raw(svc.local_addr(), req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    // Within the limit, fine.
+    let req = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{chunk}0\r\n\r\n"
+    );
+    let out = raw(svc.local_addr(), req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_limits_are_431() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.max_headers = 20;
+    c.http.max_header_bytes = 2048;
+    let svc = start(&c, &[b.addr]).await;
+    // Too many fields: hyper's parser refuses the head.
+    let mut req = String::from("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for i in 0..30 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let out = raw(svc.local_addr(), req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    // Over max_header_bytes but within hyper's 8 KiB buffer: the proxy's check.
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {}\r\n\r\n",
+        "b".repeat(3000)
+    );
+    let out = raw(svc.local_addr(), req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(out.contains("2048 bytes"), "{out}");
+    // Past hyper's buffer: hyper's 431.
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let out = raw(svc.local_addr(), req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_gets_408_at_the_header_timeout() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.header_timeout_ms = 500;
+    let svc = start(&c, &[b.addr]).await;
+    let mut s = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    let t0 = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Still trickling: does not extend the deadline.
+    s.write_all(b"x-b: 2\r\n").await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(LONG, s.read_to_end(&mut out))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let took = t0.elapsed();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_silently() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.idle_timeout_ms = 600;
+    c.http.header_timeout_ms = 5000;
+    let svc = start(&c, &[b.addr]).await;
+    let mut s = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LONG, s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let took = t0.elapsed();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let addr = svc.local_addr();
+    let slow = tokio::spawn(async move { get(addr, "/slow?ms=1000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    let shut = tokio::spawn(svc.shutdown(Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    let got = slow.await.expect("join");
+    assert_eq!(got.status, StatusCode::OK);
+    shut.await.expect("join");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(2500), "shutdown took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_bounds_shutdown() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let addr = svc.local_addr();
+    let slow = tokio::spawn(async move {
+        let mut conn = h1(addr).await;
+        conn.send_request(get_req("/slow?ms=5000")).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    svc.shutdown(Duration::from_millis(300)).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(1500), "shutdown took {took:?}");
+    assert!(
+        slow.await.expect("join").is_err(),
+        "cut by the end of the grace period"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move() {
+    let b = backend().await;
+    let stats = HttpStats::new();
+    let svc = start_with(&cfg(), &[b.addr], stats.clone()).await;
+    for _ in 0..3 {
+        assert_eq!(get(svc.local_addr(), "/").await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        get(svc.local_addr(), "/status?code=503").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let backend = b.addr.to_string();
+    assert_eq!(stats.requests("t", &backend, 200), 3);
+    assert_eq!(stats.requests("t", &backend, 503), 1);
+    assert_eq!(stats.service_totals("t").requests, 4);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("xdplb");
+    stats.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains("xdplb_http_request_seconds_count{service=\"t\"} 4"),
+        "{text}"
+    );
+}
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn access_log_has_one_line_per_request() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests hit the access-log callsite concurrently with no subscriber of
+    // their own; make sure the interest cached for it counts this thread's.
+    tracing::callsite::rebuild_interest_cache();
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    assert_eq!(
+        get(svc.local_addr(), "/hello?q=secret").await.status,
+        StatusCode::OK
+    );
+    let none = start(&cfg(), &[]).await;
+    assert_eq!(
+        get(none.local_addr(), "/x").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("xdplb::access"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let ok = lines[0];
+    for needle in [
+        "service=t",
+        "client=127.0.0.1",
+        "method=GET",
+        "path=/hello",
+        "status=200",
+        &format!("backend={}", b.addr),
+        "bytes=",
+        "duration_ms=",
+    ] {
+        assert!(ok.contains(needle), "{needle} missing: {ok}");
+    }
+    assert!(
+        !ok.contains("secret"),
+        "the query string is not logged: {ok}"
+    );
+    assert!(lines[1].contains("status=503"), "{}", lines[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_cookie_pins_and_moves_when_the_backend_goes() {
+    let (b1, b2) = (backend().await, backend().await);
+    let mut c = cfg();
+    c.sticky = Some(StickyConfig {
+        cookie: "LBSTICKY".to_owned(),
+        ttl_s: 60,
+    });
+    let svc = start(&c, &[b1.addr, b2.addr]).await;
+    let addr = svc.local_addr();
+    let first = get(addr, "/").await;
+    let set = first.headers["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(set.starts_with("LBSTICKY="), "{set}");
+    assert!(!set.contains("Secure"), "no Secure without TLS: {set}");
+    let cookie = set.split(';').next().expect("pair").to_owned();
+    let pinned = first.body.clone();
+    let with_cookie = |cookie: String| {
+        Request::get("/")
+            .header("host", "x")
+            .header("cookie", format!("other=1; {cookie}"))
+            .body(Full::<Bytes>::default())
+            .expect("req")
+    };
+    let mut conn = h1(addr).await;
+    for _ in 0..6 {
+        let got = send(&mut conn, with_cookie(cookie.clone())).await;
+        assert_eq!(got.body, pinned, "pinned");
+        assert!(!got.headers.contains_key("set-cookie"));
+    }
+    // The pinned backend leaves the serving set: the request goes to the other one,
+    // with a new cookie.
+    let (gone, other) = if pinned == b1.addr.to_string() {
+        (b1.addr, b2.addr)
+    } else {
+        (b2.addr, b1.addr)
+    };
+    svc.update_backends(&[(other, 100)]);
+    let got = send(&mut conn, with_cookie(cookie.clone())).await;
+    assert_eq!(got.body, other.to_string());
+    let new = got.headers["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_ne!(new.split(';').next(), Some(cookie.as_str()));
+    assert_ne!(gone, other);
+    // A forged cookie is ignored and replaced.
+    let got = send(&mut conn, with_cookie("LBSTICKY=forged".to_owned())).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.headers.contains_key("set-cookie"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+
+async fn cached_response_is_served_as_a_hit() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.cache = Some(CacheConfig {
+        max_bytes: 1 << 20,
+        max_object_bytes: 1 << 16,
+    });
+    let stats = HttpStats::new();
+    let svc = start_with(&c, &[b.addr], stats.clone()).await;
+    let first = get(svc.local_addr(), "/cached").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let cs = |g: &Got| {
+        g.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(cs(&first).contains("fwd="), "{}", cs(&first));
+    let mut second = get(svc.local_addr(), "/cached").await;
+    for _ in 0..20 {
+        // The store may take the entry in a moment after the first body ends.
+        if cs(&second).contains("hit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        second = get(svc.local_addr(), "/cached").await;
+    }
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.body, b.addr.to_string());
+    assert!(cs(&second).contains("hit"), "{}", cs(&second));
+    assert_eq!(stats.cache_requests("t", "hit"), 1);
+    assert!(stats.service_totals("t").cache_hits >= 1);
+    // Hits are counted without a backend.
+    assert_eq!(stats.requests("t", "", 200), 1);
+    // Purge: the next request goes to the backend again.
+    assert_eq!(svc.purge_cache(None, false), Some(1));
+    let hits = b.hits();
+    let third = get(svc.local_addr(), "/cached").await;
+    assert!(!cs(&third).contains("hit"), "{}", cs(&third));
+    assert_eq!(b.hits(), hits + 1);
+    // A service without a cache has nothing to purge.
+    let plain = start(&cfg(), &[b.addr]).await;
+    assert_eq!(plain.purge_cache(None, false), None);
+}
