@@ -480,6 +480,7 @@ mod tests {
                         token,
                         metrics: Arc::new(Metrics::new()),
                         config_path,
+                        l7: crate::l7::manager::L7Registry::default(),
                     };
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                         .await

@@ -35,7 +35,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::control::Control;
+use crate::{control::Control, l7::stats::HttpStats};
 
 /// Content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -70,6 +70,8 @@ struct ResultLabels {
 #[derive(Debug)]
 pub struct Metrics {
     health_check_seconds: Histogram,
+    /// The L7 proxy's series (`xdplb_http_*`, `xdplb_cache_*`), fed by its services.
+    pub http: HttpStats,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,7 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             health_check_seconds: Histogram::new(HEALTH_CHECK_BUCKETS),
+            http: HttpStats::new(),
         }
     }
 
@@ -212,6 +215,7 @@ impl Metrics {
             "1 when no backend of the service is eligible and the last serving set keeps serving",
             fail_open,
         );
+        self.http.register(&mut registry);
         registry.register(
             "health_check_seconds",
             "Duration of health checks, successful or not",

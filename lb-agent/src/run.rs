@@ -36,8 +36,12 @@ use crate::{
     },
     decap::attach_mode,
     health::HealthChecker,
+    l7::manager::{L7Manager, L7Registry},
     metrics::Metrics,
 };
+
+/// How often L7 services that failed to start are tried again.
+const L7_RETRY: Duration = Duration::from_secs(5);
 
 /// How often slow-starting backends get their weights raised.
 const SLOW_START_STEP: Duration = Duration::from_millis(500);
@@ -358,7 +362,34 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         (control, Some(fp))
     };
     let services = control.config().services.len();
+    let state_dir = control.config().agent.state_dir.clone();
+    let mut l7_desired = control.watch_l7();
     let control = Arc::new(Mutex::new(control));
+
+    // The L7 proxy: one task applies every published change of the l7 services.
+    let l7 = L7Registry::default();
+    let (l7_stop, mut l7_stopped) = tokio::sync::watch::channel(false);
+    let mut manager = L7Manager::new(state_dir, metrics.http.clone(), l7.clone());
+    let first = l7_desired.borrow_and_update().clone();
+    manager.sync(&first).await;
+    let l7_task = tokio::spawn(async move {
+        let mut retry = tokio::time::interval(L7_RETRY);
+        retry.tick().await;
+        loop {
+            tokio::select! {
+                changed = l7_desired.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = retry.tick(), if manager.has_failures() => {}
+                _ = l7_stopped.changed() => break,
+            }
+            let desired = l7_desired.borrow_and_update().clone();
+            manager.sync(&desired).await;
+        }
+        manager.shutdown().await;
+    });
     let listener = tokio::net::TcpListener::bind(api_listen)
         .await
         .with_context(|| format!("binding the REST API to {api_listen}"))?;
@@ -368,6 +399,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         token,
         metrics,
         config_path: args.config.clone(),
+        l7,
     });
     let api_task = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -435,6 +467,10 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "REST API server"),
         Ok(Err(e)) => tracing::warn!(error = %e, "REST API task"),
         Err(_) => tracing::warn!("REST API did not finish within 5 s"),
+    }
+    let _ = l7_stop.send(true);
+    if let Err(e) = l7_task.await {
+        tracing::warn!(error = %e, "L7 task");
     }
     let mut c = control.lock().await;
     c.shutdown();

@@ -2,8 +2,9 @@
 //!
 //! - [`HttpServer`] listens inside a namespace (on all addresses, so both a backend's
 //!   LAN address and a VIP on its `lo` reach it), answers `GET /healthz` with `ok` and
-//!   any other `GET` with a body naming the backend (`be1\n`, also in `X-Backend`), and
-//!   counts what it served. One connection at a time, each bounded by timeouts.
+//!   any other `GET` with a body naming the backend (`be1\n`, also in `X-Backend`;
+//!   paths under `/cached/` with `Cache-Control: public, max-age=60,
+//!   stale-if-error=300`), and counts what it served. One connection at a time, each bounded by timeouts.
 //! - [`get`] makes one request with `Connection: close` from the calling thread's
 //!   namespace; [`run_load`] makes N of them from a namespace over a few threads, with
 //!   an overall deadline, and reports successes, failures and which backend answered.
@@ -254,8 +255,9 @@ fn handle_keep_alive(
             let connection = if close { "close" } else { "keep-alive" };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
-                 Connection: {connection}\r\n\r\n{body}",
-                body.len()
+                 {}Connection: {connection}\r\n\r\n{body}",
+                body.len(),
+                cache_headers(path)
             );
             stream.write_all(response.as_bytes())?;
             if close {
@@ -339,12 +341,23 @@ fn handle(mut stream: TcpStream, name: &str, counters: &Counters) -> anyhow::Res
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
+         {}Connection: close\r\n\r\n{body}",
+        body.len(),
+        cache_headers(path)
     );
     stream.write_all(response.as_bytes())?;
     let _ = stream.shutdown(Shutdown::Write);
     Ok(())
+}
+
+/// Caching headers of an answer: paths under `/cached/` may be stored for a minute by
+/// a shared cache and served stale for five minutes when the backends fail.
+fn cache_headers(path: &str) -> &'static str {
+    if path.starts_with("/cached/") {
+        "Cache-Control: public, max-age=60, stale-if-error=300\r\n"
+    } else {
+        ""
+    }
 }
 
 /// Reads up to the end of the request head (`\r\n\r\n`).

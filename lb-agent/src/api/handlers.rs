@@ -243,7 +243,7 @@ pub async fn remove_backend(
 /// when there is not (`"fast_path": false`).
 pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
     let control = state.lock().await?;
-    let body = match control.snapshot() {
+    let mut body = match control.snapshot() {
         Some(snapshot) => {
             let mut v = serde_json::to_value(&snapshot).expect("a snapshot serialises");
             v["fast_path"] = json!(true);
@@ -251,7 +251,103 @@ pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
         }
         None => json!({ "fast_path": false }),
     };
+    // The L7 services: requests, cache hits, and each backend's state in the pool.
+    let mut l7 = serde_json::Map::new();
+    for svc in control
+        .config()
+        .services
+        .iter()
+        .filter(|s| s.mode == crate::config::Mode::L7)
+    {
+        let totals = state.metrics.http.service_totals(&svc.name);
+        let running = state.l7.get(&svc.name);
+        let backends: Vec<Value> = running
+            .as_ref()
+            .map(|r| {
+                r.pool_snapshot()
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "backend": b.addr.to_string(),
+                            "weight": b.weight,
+                            "in_flight": b.in_flight,
+                            "ejected": b.ejected,
+                            "consecutive_failures": b.consecutive_failures,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cache = running.as_ref().and_then(|r| r.cache_usage());
+        l7.insert(
+            svc.name.clone(),
+            json!({
+                "serving": running.is_some(),
+                "http_requests": totals.requests,
+                "cache_hits": totals.cache_hits,
+                "cache": cache.map(|(entries, bytes)| json!({"entries": entries, "bytes": bytes})),
+                "backends": backends,
+            }),
+        );
+    }
+    if !l7.is_empty() {
+        body["l7"] = Value::Object(l7);
+    }
     Ok(Json(body))
+}
+
+/// `POST /api/v1/services/{name}/cache/purge` with an optional body
+/// `{"path": "/p", "prefix": true}`: drop the service's cached responses (all of them
+/// without a path).
+pub async fn purge_cache(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: PurgeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PurgeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let control = state.lock().await?;
+    let svc = control
+        .service(&name)
+        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))?;
+    if svc.cache.is_none() {
+        return Err(ApiError::conflict(format!(
+            "service {name} has no cache (set cache = {{ max_bytes = ... }})"
+        )));
+    }
+    if let Some(p) = &req.path {
+        if !p.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "path must start with '/', found {p:?}"
+            )));
+        }
+    }
+    drop(control);
+    let running = state
+        .l7
+        .get(&name)
+        .ok_or_else(|| ApiError::conflict(format!("service {name} is not running")))?;
+    let purged = running
+        .purge_cache(req.path.as_deref(), req.prefix)
+        .unwrap_or(0);
+    tracing::info!(service = %name, path = ?req.path, prefix = req.prefix, purged, "cache purged through the API");
+    Ok(Json(json!({ "purged": purged })))
+}
+
+/// Body of [`purge_cache`].
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Only responses for this path (without query); all when absent.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Every path starting with `path`.
+    #[serde(default)]
+    pub prefix: bool,
 }
 
 pub async fn reload(State(state): State<ApiState>) -> ApiResult<Json<Value>> {

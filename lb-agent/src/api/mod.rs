@@ -47,7 +47,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use error::{ApiError, ApiJson};
 
-use crate::{control::Control, metrics::Metrics};
+use crate::{control::Control, l7::manager::L7Registry, metrics::Metrics};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -59,6 +59,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The config file `POST /api/v1/reload` re-reads.
     pub config_path: PathBuf,
+    /// The running L7 services (cache purge, pool state).
+    pub l7: L7Registry,
 }
 
 impl ApiState {
@@ -88,6 +90,7 @@ pub fn router(state: ApiState) -> Router {
             "/services/{name}/backends/{address}",
             patch(handlers::patch_backend).delete(handlers::remove_backend),
         )
+        .route("/services/{name}/cache/purge", post(handlers::purge_cache))
         .route("/stats", get(handlers::stats))
         .route("/reload", post(handlers::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

@@ -112,6 +112,7 @@ impl Fixture {
                 token: token.map(str::to_owned),
                 metrics: Arc::new(Metrics::new()),
                 config_path,
+                l7: crate::l7::manager::L7Registry::default(),
             },
             dir,
         }

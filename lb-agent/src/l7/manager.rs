@@ -90,8 +90,10 @@ impl L7Manager {
 
     /// Make the running services match `desired`.
     pub async fn sync(&mut self, desired: &[L7Desired]) {
-        let wanted: BTreeMap<&str, &L7Desired> =
-            desired.iter().map(|d| (d.config.name.as_str(), d)).collect();
+        let wanted: BTreeMap<&str, &L7Desired> = desired
+            .iter()
+            .map(|d| (d.config.name.as_str(), d))
+            .collect();
         // Stop what is gone or changed.
         let stale: Vec<String> = self
             .running
@@ -110,8 +112,11 @@ impl L7Manager {
                 stop(svc).await;
             }
         }
-        self.failed
-            .retain(|name, cfg| wanted.get(name.as_str()).is_some_and(|d| settings(&d.config) == *cfg));
+        self.failed.retain(|name, cfg| {
+            wanted
+                .get(name.as_str())
+                .is_some_and(|d| settings(&d.config) == *cfg)
+        });
         // Start what is missing.
         for d in desired {
             let name = &d.config.name;
@@ -130,7 +135,11 @@ impl L7Manager {
                     self.registry.insert(name.clone(), Arc::new(svc));
                 }
                 Err(e) => {
-                    if self.failed.insert(name.clone(), settings(&d.config)).is_none() {
+                    if self
+                        .failed
+                        .insert(name.clone(), settings(&d.config))
+                        .is_none()
+                    {
                         tracing::error!(service = %name, error = %e, "the L7 service is not served");
                     }
                 }
