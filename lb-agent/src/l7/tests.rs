@@ -957,7 +957,6 @@ async fn sticky_cookie_pins_and_moves_when_the_backend_goes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn cached_response_is_served_as_a_hit() {
     let b = backend().await;
     let mut c = cfg();
@@ -1002,4 +1001,80 @@ async fn cached_response_is_served_as_a_hit() {
     // A service without a cache has nothing to purge.
     let plain = start(&cfg(), &[b.addr]).await;
     assert_eq!(plain.purge_cache(None, false), None);
+}
+
+/// Not a test: prints sequential keep-alive latency direct and through the proxy
+/// (`cargo test --release -p lb-agent l7::tests::measure -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a test: speed is measured, not asserted"]
+async fn measure_keep_alive_latency() {
+    const N: u32 = 5000;
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    for (what, addr) in [("direct", b.addr), ("proxied", svc.local_addr())] {
+        let mut conn = h1(addr).await;
+        for _ in 0..200 {
+            send(&mut conn, get_req("/")).await;
+        }
+        let t0 = Instant::now();
+        for _ in 0..N {
+            send(&mut conn, get_req("/")).await;
+        }
+        let per = t0.elapsed() / N;
+        println!("{what}: {N} sequential GETs on one connection, {per:?} per request");
+    }
+    for conns in [1usize, 8, 32] {
+        let addr = svc.local_addr();
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..conns)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut conn = h1(addr).await;
+                    for _ in 0..(20_000 / conns) {
+                        send(&mut conn, get_req("/")).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("join");
+        }
+        let rps = 20_000.0 / t0.elapsed().as_secs_f64();
+        println!("proxied: {conns} connections, {rps:.0} requests/s");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_errors_name_the_service_and_what_failed() {
+    let first = start(&cfg(), &[]).await;
+    let mut c = cfg();
+    c.vip = first.local_addr();
+    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+        .await
+        .expect_err("port in use")
+        .to_string();
+    assert!(
+        e.contains("service \"t\"") && e.contains(&first.local_addr().to_string()),
+        "{e}"
+    );
+    let mut c = cfg();
+    c.tls = Some(TlsConfig {
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+    });
+    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+        .await
+        .expect_err("no cert")
+        .to_string();
+    assert!(
+        e.contains("service \"t\"") && e.contains("/nonexistent/cert.pem"),
+        "{e}"
+    );
+    let mut c = cfg();
+    c.mode = crate::config::Mode::L4;
+    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+        .await
+        .expect_err("l4")
+        .to_string();
+    assert!(e.contains("not an l7 service"), "{e}");
 }
