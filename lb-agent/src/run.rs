@@ -331,20 +331,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Result<()> {
     let token = read_token(&config)?;
-    let api_listen = config.agent.api_listen;
     let metrics = Arc::new(Metrics::new());
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let health = HealthChecker::new(events_tx, metrics.health_observer());
-
-    let (control, mut fast_path) = if mode == XdpModeArg::Off {
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let health = || HealthChecker::new(events_tx.clone(), metrics.health_observer());
+    let without_fast_path = |config: Config, why: &str| -> anyhow::Result<Control> {
         let l4: Vec<&str> = config
             .services
             .iter()
             .filter(|s| s.mode == Mode::L4)
             .map(|s| s.name.as_str())
             .collect();
-        tracing::warn!(not_served = ?l4, "XDP is off: L4 services are not served");
-        (Control::new(config, health, Box::new(NoFastPath))?, None)
+        tracing::warn!(not_served = ?l4, "{why}: L4 services are not served; L7 services are");
+        Ok(Control::new(config, health(), Box::new(NoFastPath))?)
+    };
+
+    let (control, fast_path) = if mode == XdpModeArg::Off {
+        (without_fast_path(config, "XDP is off")?, None)
     } else {
         let iface = args
             .iface
@@ -355,12 +357,48 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             .bpffs
             .clone()
             .unwrap_or_else(|| config.agent.bpffs.clone());
-        let (ebpf, sink, pin_dir, takeover) = FastPath::load(&config, &iface, &bpffs)?;
-        let control = Control::new(config, health, Box::new(sink))?;
-        let mut fp = FastPath::attach(ebpf, &iface, mode, pin_dir, takeover)?;
-        fp.refresh_next_hops(&control);
-        (control, Some(fp))
+        let (ebpf, sink, pin_dir, takeover) = match FastPath::load(&config, &iface, &bpffs) {
+            Ok(loaded) => loaded,
+            Err(e) if mode == XdpModeArg::Auto => {
+                tracing::error!(error = %format!("{e:#}"), iface, "the XDP program cannot be loaded");
+                let control = without_fast_path(config, "running without the fast path")?;
+                return serve_with(args, control, None, metrics, events, token).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
+        match FastPath::attach(ebpf, &iface, mode, pin_dir, takeover) {
+            Ok(mut fp) => {
+                fp.refresh_next_hops(&control);
+                (control, Some(fp))
+            }
+            // With --xdp-mode auto, a host where XDP cannot attach still serves L7.
+            Err(e) if mode == XdpModeArg::Auto => {
+                tracing::error!(error = %format!("{e:#}"), iface, "XDP cannot attach");
+                control.shutdown();
+                drop(control);
+                (
+                    without_fast_path(config, "running without the fast path")?,
+                    None,
+                )
+            }
+            Err(e) => return Err(e),
+        }
     };
+    serve_with(args, control, fast_path, metrics, events, token).await
+}
+
+/// The agent's main loop once the fast path is up (or known to be absent): API, L7
+/// proxy, health events, reloads, signals.
+async fn serve_with(
+    args: RunArgs,
+    control: Control,
+    mut fast_path: Option<FastPath>,
+    metrics: Arc<Metrics>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<crate::health::Transition>,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let api_listen = control.config().agent.api_listen;
     let services = control.config().services.len();
     let state_dir = control.config().agent.state_dir.clone();
     let mut l7_desired = control.watch_l7();
