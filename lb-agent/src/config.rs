@@ -2286,6 +2286,57 @@ cache = { max_bytes = 268435456 }
     // --- whole documents -------------------------------------------------------
 
     #[test]
+    fn l7_and_control_keys_are_checked() {
+        let text = l7(concat!(
+            "hash_on = \"header:x user\"\n",
+            "tls = { cert = \"/nonexistent.pem\", key = \"/nonexistent.key\" }\n",
+            "http = { retries = 99, eject_max_ms = 5, max_header_bytes = 10 }\n",
+            "on_all_down = \"dorp\"\n",
+            "slow_start_s = 100000\n",
+        ));
+        let errs = errors(&text);
+        assert_eq!(
+            places(&errs),
+            [
+                (5, "service[0].hash_on"),
+                (6, "service[0].tls.cert"),
+                (6, "service[0].tls.key"),
+                (7, "service[0].http.retries"),
+                (7, "service[0].http.eject_max_ms"),
+                (7, "service[0].http.max_header_bytes"),
+                (8, "service[0].on_all_down"),
+                (9, "service[0].slow_start_s"),
+            ],
+            "{errs:?}"
+        );
+        assert!(errs[6].message.contains("did you mean \"drop\""));
+        // hash_on needs the hash scheduler; tls and http only in l7.
+        let errs = errors(&l7("hash_on = \"cookie:s\""));
+        assert_eq!(places(&errs), [(5, "service[0].hash_on")], "{errs:?}");
+        let errs = errors(&l4("http = { retries = 1 }"));
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "service[0].http" && e.message.contains("only for mode")),
+            "{errs:?}"
+        );
+        // Good values parse.
+        let cfg = parse_ok(&l7(concat!(
+            "scheduler = \"hash\"\nhash_on = \"Cookie:session\"\n",
+            "on_all_down = \"drop\"\nslow_start_s = 30\n",
+            "http = { retries = 0, eject_after = 0 }\n",
+        )));
+        let svc = &cfg.services[0];
+        assert_eq!(svc.hash_on, HashOn::Cookie("session".into()));
+        assert_eq!(svc.on_all_down, AllDown::Drop);
+        assert_eq!(svc.slow_start_s, 30);
+        assert_eq!((svc.http.retries, svc.http.eject_after), (0, 0));
+        assert_eq!(
+            svc.http.connect_timeout_ms,
+            HttpConfig::default().connect_timeout_ms
+        );
+    }
+
+    #[test]
     fn design_example_rejects_only_the_l7_extras_in_its_l4_service() {
         let errors = errors(DESIGN_EXAMPLE);
         assert_eq!(
