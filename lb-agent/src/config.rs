@@ -2321,7 +2321,7 @@ cache = { max_bytes = 268435456 }
         );
         // Good values parse.
         let cfg = parse_ok(&l7(concat!(
-            "scheduler = \"hash\"\nhash_on = \"Cookie:session\"\n",
+            "scheduler = \"hash\"\nhash_on = \"cookie:session\"\n",
             "on_all_down = \"drop\"\nslow_start_s = 30\n",
             "http = { retries = 0, eject_after = 0 }\n",
         )));
