@@ -185,6 +185,8 @@ struct Backend {
     body: Bytes,
     /// `/nocache` and `/cached` requests answered.
     served: AtomicU64,
+    /// Connections accepted.
+    accepted: AtomicU64,
 }
 
 impl Backend {
@@ -194,7 +196,8 @@ impl Backend {
             "/cached" => (200, "public, max-age=3600", self.body.clone()),
             "/count" => {
                 let n = self.served.load(Ordering::Relaxed);
-                return reply(200, "no-store", Bytes::from(format!("{n}\n")));
+                let c = self.accepted.load(Ordering::Relaxed);
+                return reply(200, "no-store", Bytes::from(format!("{n} {c}\n")));
             }
             "/" | "/healthz" => (200, "no-store", Bytes::from_static(b"ok\n")),
             _ => (404, "no-store", Bytes::from_static(b"not found\n")),
@@ -230,6 +233,7 @@ pub fn run_backend(args: &BackendArgs) -> anyhow::Result<()> {
     let backend = Arc::new(Backend {
         body: body_of(&args.name),
         served: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
     });
     let port = args.port;
     rt.block_on(async move {
@@ -239,6 +243,7 @@ pub fn run_backend(args: &BackendArgs) -> anyhow::Result<()> {
         loop {
             let (stream, _) = listener.accept().await.context("accept")?;
             let _ = stream.set_nodelay(true);
+            backend.accepted.fetch_add(1, Ordering::Relaxed);
             let backend = Arc::clone(&backend);
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
@@ -540,7 +545,7 @@ fn haproxy_cfg(ports: &Ports) -> String {
         "# xdplb-bench l7
 global
     nbthread 2
-    maxconn 20000
+    maxconn 4000
 
 defaults
     mode http
@@ -834,6 +839,9 @@ struct Row {
     wrk: WrkResult,
     /// Requests be1 and be2 received during the measured run.
     backend_requests: [u64; 2],
+    /// Connections be1 and be2 accepted during the measured run (new ones: a proxy that
+    /// reuses its keep-alive connections opens few).
+    backend_connections: u64,
     /// CPU seconds the proxy's processes used during the measured run.
     cpu_s: Option<f64>,
     /// Problems that make the row doubtful.
@@ -975,14 +983,23 @@ impl Bed {
         Ok(())
     }
 
-    /// Requests be1 and be2 have answered on `/nocache` and `/cached`.
-    fn backend_counts(&self) -> anyhow::Result<[u64; 2]> {
-        let mut out = [0; 2];
+    /// Requests be1 and be2 have answered on `/nocache` and `/cached`, and connections
+    /// they accepted (each `/count` request is one more).
+    fn backend_counts(&self) -> anyhow::Result<[(u64, u64); 2]> {
+        let mut out = [(0, 0); 2];
         for (n, port) in out.iter_mut().zip(self.ports.backends) {
             let r = http::get((LOCALHOST, port).into(), "/count", Duration::from_secs(2))
                 .with_context(|| format!("reading the request count of 127.0.0.1:{port}"))?;
             ensure!(r.status == 200, "GET /count: {r:?}");
-            *n = r.body.trim().parse().context("GET /count")?;
+            let (requests, connections) = r
+                .body
+                .trim()
+                .split_once(' ')
+                .with_context(|| format!("GET /count: {:?}", r.body))?;
+            *n = (
+                requests.parse().context("GET /count")?,
+                connections.parse().context("GET /count")?,
+            );
         }
         Ok(out)
     }
@@ -1125,7 +1142,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let cpu_s = cpu_before.map(|b| cpu_seconds(bed.proc(target).pid()) - b);
             let after = bed.backend_counts()?;
             bed.all_alive()?;
-            let backend_requests = [after[0] - before[0], after[1] - before[1]];
+            let backend_requests = [after[0].0 - before[0].0, after[1].0 - before[1].0];
+            // Less the one `/count` connection per backend of the `before` reading.
+            let backend_connections =
+                (after[0].1 - before[0].1 - 1) + (after[1].1 - before[1].1 - 1);
             flags.extend(result.errors());
             if case == Case::CacheHits && target != Target::Direct {
                 let forwarded = backend_requests[0] + backend_requests[1];
@@ -1150,6 +1170,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 target,
                 wrk: result,
                 backend_requests,
+                backend_connections,
                 cpu_s,
                 flags,
             });
@@ -1230,9 +1251,10 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
         "vs nginx",
         "proxy CPU/req",
         "backend reqs be1+be2",
+        "new be conns",
         "errors / flags",
     ];
-    let table: Vec<[String; 10]> = rows
+    let table: Vec<[String; 11]> = rows
         .iter()
         .map(|r| {
             let flagged = if r.flags.is_empty() { "" } else { " !" };
@@ -1248,6 +1270,7 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
                     format!("{:.1} us", cpu * 1e6 / r.wrk.requests.max(1) as f64)
                 }),
                 format!("{}+{}", r.backend_requests[0], r.backend_requests[1]),
+                r.backend_connections.to_string(),
                 if r.flags.is_empty() {
                     "-".to_owned()
                 } else {
@@ -1257,7 +1280,7 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
         })
         .collect();
     let right = [
-        false, false, true, true, true, true, true, true, true, false,
+        false, false, true, true, true, true, true, true, true, true, false,
     ];
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
@@ -1323,7 +1346,8 @@ Columns: vs xdplb / vs nginx = this row's req/s / that proxy's req/s in the same
   proxy CPU/req = user+system CPU time of the proxy's processes (all threads; nginx's workers)
   during the measured run / requests wrk completed. backend reqs = requests be1 and be2
   counted during the measured run (no cache: about all, split by round robin; cache hits:
-  none). Each cache row was preceded by a request whose header showed a hit.
+  none). new be conns = connections the backends accepted during it (wrk's own for direct;
+  a proxy that keeps its backend connections alive opens none or few). Each cache row was preceded by a request whose header showed a hit.
   ! = a row with errors or flags (non-2xx/3xx responses, socket errors, no cache hit, more
   than 1% of cache-hit requests forwarded): its figures are doubtful.
 {} wrk runs took {:.0} s in all.",
