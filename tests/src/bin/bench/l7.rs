@@ -1347,7 +1347,8 @@ Columns: vs xdplb / vs nginx = this row's req/s / that proxy's req/s in the same
   during the measured run / requests wrk completed. backend reqs = requests be1 and be2
   counted during the measured run (no cache: about all, split by round robin; cache hits:
   none). new be conns = connections the backends accepted during it (wrk's own for direct;
-  a proxy that keeps its backend connections alive opens none or few). Each cache row was preceded by a request whose header showed a hit.
+  a proxy that keeps its backend connections alive opens none or few). Each cache row was
+  preceded by a request whose header showed a hit.
   ! = a row with errors or flags (non-2xx/3xx responses, socket errors, no cache hit, more
   than 1% of cache-hit requests forwarded): its figures are doubtful.
 {} wrk runs took {:.0} s in all.",
