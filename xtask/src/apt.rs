@@ -1,7 +1,10 @@
 //! Debian packages the tests and the demo use: checked with dpkg-query, installed with apt-get.
+//! Also the packages only `cargo xtask bench l7` needs ([`ensure_bench_l7`]), which
+//! `cargo xtask setup` and CI do not install.
 
 use std::{
     fs,
+    path::Path,
     process::{Command, Stdio},
 };
 
@@ -38,15 +41,22 @@ pub fn has_dpkg() -> bool {
 
 /// The packages of [`PACKAGES`] that dpkg does not report installed (one dpkg-query call).
 pub fn missing() -> Result<Vec<&'static str>> {
+    missing_of(&names().collect::<Vec<_>>())
+}
+
+/// The packages of `packages` that dpkg does not report installed (one dpkg-query call).
+fn missing_of(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // dpkg-query exits 1 when some package is unknown, but still lists the known ones.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(names())
+        .args(packages)
         .stdin(Stdio::null())
         .output()
         .context("running dpkg-query")?;
     let listed = String::from_utf8_lossy(&out.stdout);
-    Ok(names()
+    Ok(packages
+        .iter()
+        .copied()
         .filter(|package| {
             !listed.lines().any(|line| {
                 line.split_once(' ').is_some_and(|(name, status)| {
@@ -147,6 +157,147 @@ fn write_unavailable(packages: &[&str]) {
     };
     if let Err(err) = result {
         println!("note: could not update {}: {err}", file.display());
+    }
+}
+
+/// The packages `cargo xtask bench l7` runs, with the program each provides: not in
+/// [`PACKAGES`], so neither `cargo xtask setup` nor CI installs them.
+pub const BENCH_L7_PACKAGES: &[(&str, &str)] =
+    &[("haproxy", "haproxy"), ("nginx", "nginx"), ("wrk", "wrk")];
+
+/// Daemons of [`BENCH_L7_PACKAGES`] that Debian's maintainer scripts may start as system
+/// services on install, with the pid file their default configuration writes.
+const BENCH_L7_SERVICES: &[(&str, &str)] =
+    &[("nginx", "/run/nginx.pid"), ("haproxy", "/run/haproxy.pid")];
+
+/// Debian's hook that tells maintainer scripts whether they may start services.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Installs haproxy, nginx and wrk with apt-get when missing (idempotent), for
+/// `cargo xtask bench l7` only. No service is left running: while apt-get runs, a
+/// `policy-rc.d` that forbids starting services is put in place unless one exists, and
+/// a daemon of a package installed here that runs anyway (from its pid file under
+/// `/run`) is stopped. The benchmark starts its own instances with its own configs.
+pub fn ensure_bench_l7() -> Result<()> {
+    let packages: Vec<&'static str> = BENCH_L7_PACKAGES.iter().map(|(p, _)| *p).collect();
+    if !has_dpkg() {
+        let missing: Vec<_> = BENCH_L7_PACKAGES
+            .iter()
+            .filter(|(_, program)| find_program(program).is_none())
+            .map(|(_, program)| *program)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "bench l7 needs {}: no dpkg here, so xtask cannot install them; install them by hand",
+                missing.join(" ")
+            );
+        }
+        println!("bench l7: no dpkg here, but haproxy, nginx and wrk are on PATH");
+        return Ok(());
+    }
+    let missing = missing_of(&packages)?;
+    if missing.is_empty() {
+        println!("bench l7: already installed: {}", versions(&packages));
+        return Ok(());
+    }
+    println!(
+        "bench l7: installing with apt-get (not needed by `cargo xtask setup` or CI): {}",
+        missing.join(" ")
+    );
+    {
+        let _no_services = NoServiceStarts::new()?;
+        install(&missing, true)?;
+    }
+    for (package, pid_file) in BENCH_L7_SERVICES {
+        if missing.contains(package) {
+            stop_service(package, Path::new(pid_file));
+        }
+    }
+    let still = missing_of(&packages)?;
+    if !still.is_empty() {
+        bail!(
+            "apt-get install succeeded, yet dpkg does not list {} as installed",
+            still.join(" ")
+        );
+    }
+    println!("bench l7: installed: {}", versions(&missing));
+    Ok(())
+}
+
+/// `name version, ...` of installed `packages`, from dpkg-query.
+fn versions(packages: &[&str]) -> String {
+    cmd::output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Package} ${Version}, "])
+            .args(packages),
+    )
+    .map_or_else(
+        |_| packages.join(" "),
+        |out| out.trim_end_matches([',', ' ']).to_owned(),
+    )
+}
+
+/// `program` on PATH, or in /usr/sbin (where nginx and haproxy live, not on every PATH).
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    cmd::find_in_path(program).or_else(|| {
+        let path = Path::new("/usr/sbin").join(program);
+        cmd::is_executable(&path).then_some(path)
+    })
+}
+
+/// Stops the system instance of `daemon` that its package's install started, if one runs:
+/// the pid from `pid_file` gets SIGTERM (`nginx -s stop` does the same). Best effort.
+fn stop_service(daemon: &str, pid_file: &Path) {
+    let Some(pid) = fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    // The pid file may be stale: only a live process running `daemon` is stopped.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != daemon {
+        return;
+    }
+    println!("bench l7: the install started the system {daemon} (pid {pid}): stopping it");
+    if let Err(err) = cmd::run(Command::new("kill").args(["-TERM", &pid.to_string()])) {
+        println!("note: could not stop {daemon} (pid {pid}): {err:#}");
+    }
+}
+
+/// While alive, a `policy-rc.d` that denies every service start (exit 101), so that
+/// installing nginx and haproxy starts no system service; only created when there is
+/// none (Docker images ship one), and removed again on drop.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn new() -> Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self { created: false });
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(
+            path,
+            "#!/bin/sh\n# Put here by `cargo xtask bench l7` while apt-get runs: start no services.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        if let Err(err) = fs::remove_file(POLICY_RC_D) {
+            println!("note: could not remove {POLICY_RC_D}: {err}");
+        }
     }
 }
 

@@ -53,9 +53,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`.
+    /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`;
+    /// `bench l7` first installs haproxy, nginx and wrk from Debian if they are missing.
     Bench {
-        /// The benchmark to run (`xdp`, `failover`: `xdplb-bench --help` lists them).
+        /// The benchmark to run (`xdp`, `failover`, `l7`: `xdplb-bench --help` lists them).
         what: String,
         /// Further arguments for `xdplb-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

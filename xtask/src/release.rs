@@ -5,7 +5,7 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, setup};
+use crate::{apt, cmd, setup};
 
 /// The variable through which the integration tests, the demo and the benchmarks find lb-agent.
 pub const AGENT_BIN_ENV: &str = "XDPLB_AGENT_BIN";
@@ -48,9 +48,13 @@ pub fn demo(args: &[String]) -> Result<()> {
     run_with_agent("xdplb-demo", args)
 }
 
-/// `cargo xtask bench WHAT`: build, then run `xdplb-bench WHAT ARGS`.
+/// `cargo xtask bench WHAT`: build, then run `xdplb-bench WHAT ARGS`. For `l7`, first
+/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]).
 pub fn bench(what: &str, args: &[String]) -> Result<()> {
     setup::ensure_ready()?;
+    if what == "l7" {
+        apt::ensure_bench_l7().context("installing what `bench l7` compares with")?;
+    }
     build(DEMO_PACKAGES).context("building the agent and the benchmarks")?;
     let args: Vec<String> = std::iter::once(what.to_owned())
         .chain(args.iter().cloned())

@@ -1,14 +1,21 @@
-//! `xdplb-bench` (run by `cargo xtask bench WHAT`): benchmarks of the fast path and of
-//! failover.
+//! `xdplb-bench` (run by `cargo xtask bench WHAT`): benchmarks of the fast path, of
+//! failover and of the L7 proxy.
 //!
 //! ```text
 //! xdplb-bench xdp [--repeat N] [--runs K]
 //! xdplb-bench failover [--runs N]
+//! xdplb-bench l7 [--duration S] [--connections N] [--threads T] [--warmup S]
 //! ```
 //!
 //! `failover` (module [`failover`]): for a few health-check settings, a backend dies
 //! under client traffic through the real agent in the namespace test bed; prints the
 //! time to the agent's reaction and to the last failed connection, and how many failed.
+//!
+//! `l7` (module [`l7`]): requests/s and p50/p99 latency (wrk) of the agent's HTTP
+//! reverse proxy, HAProxy and nginx on loopback in front of the same two backends,
+//! without and with cache hits, and wrk straight at a backend; one table with ratios.
+//! Needs haproxy, nginx and wrk (`cargo xtask bench l7` installs them from Debian), not
+//! root. `xdplb-bench l7-backend --port P [--name N]` is its backend (internal).
 //!
 //! # `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
 //!
@@ -88,6 +95,8 @@ use lb_common::{
 };
 #[path = "bench/failover.rs"]
 mod failover;
+#[path = "bench/l7.rs"]
+mod l7;
 
 use xdplb_tests::{
     netns::{self, NetnsGuard, exec, in_netns, mac_of, static_neighbour},
@@ -103,7 +112,16 @@ benchmarks:
                                 (N iterations per run, default 1000000; median of K runs, default 7)
   failover [--runs N]           a backend dies under traffic, for a few health settings: time to the
                                 agent's reaction and to the last failed connection, connections failed
-                                (N runs per setting, default 2; median and min)";
+                                (N runs per setting, default 2; median and min)
+  l7 [--duration S] [--connections N] [--threads T] [--warmup S]
+                                req/s and p50/p99 latency (wrk) of xdplb's L7 proxy, HAProxy and nginx
+                                on loopback in front of the same two backends, without and with cache
+                                hits, beside wrk straight at a backend; one table with ratios (defaults:
+                                5 s measured after 1 s warm-up, 32 connections, 2 threads). Needs
+                                haproxy, nginx and wrk: `cargo xtask bench l7` installs them from Debian.
+                                Not root.
+  l7-backend --port P [--name N]
+                                (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P";
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -196,18 +214,22 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        "xdp" => run_benchmark(parse_xdp_args(&args[1..]), bench_xdp),
-        "failover" => run_benchmark(failover::parse_args(&args[1..]), failover::run),
+        "xdp" => run_benchmark(parse_xdp_args(&args[1..]), true, bench_xdp),
+        "failover" => run_benchmark(failover::parse_args(&args[1..]), true, failover::run),
+        "l7" => run_benchmark(l7::parse_args(&args[1..]), false, l7::run),
+        "l7-backend" => run_benchmark(l7::parse_backend_args(&args[1..]), false, l7::run_backend),
         other => {
-            eprintln!("error: unknown benchmark {other:?}; available: xdp, failover\n{USAGE}");
+            eprintln!("error: unknown benchmark {other:?}; available: xdp, failover, l7\n{USAGE}");
             ExitCode::from(2)
         }
     }
 }
 
-/// Runs a benchmark whose arguments parsed to `parsed` (`None`: help was asked for).
+/// Runs a benchmark whose arguments parsed to `parsed` (`None`: help was asked for);
+/// `needs_root`: it builds namespaces and loads BPF programs.
 fn run_benchmark<A>(
     parsed: anyhow::Result<Option<A>>,
+    needs_root: bool,
     bench: impl FnOnce(&A) -> anyhow::Result<()>,
 ) -> ExitCode {
     let args = match parsed {
@@ -221,7 +243,8 @@ fn run_benchmark<A>(
             return ExitCode::from(2);
         }
     };
-    match privileged().and_then(|()| bench(&args)) {
+    let ready = if needs_root { privileged() } else { Ok(()) };
+    match ready.and_then(|()| bench(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,0 +1,1455 @@
+//! `l7`: requests/s and latency of the agent's HTTP reverse proxy beside HAProxy and
+//! nginx, on loopback, in front of the same two backends, without and with cache hits.
+//!
+//! One run starts, all on 127.0.0.1 with ports the kernel picked:
+//! - two backends: this binary re-executed as `xdplb-bench l7-backend --port P --name N`
+//!   ([`run_backend`]), a hyper 1 HTTP/1.1 server with keep-alive on one tokio thread
+//!   answering `GET /nocache` (a [`BODY_LEN`]-byte body, `Cache-Control: no-store`) and
+//!   `GET /cached` (the same body, `Cache-Control: public, max-age=3600`), and counting
+//!   those requests (`GET /count`);
+//! - lb-agent (`$XDPLB_AGENT_BIN`) with `--xdp-mode off`: two L7 services, `plain`
+//!   without a cache and `cached` with `cache = { max_bytes = 67108864 }`, round robin
+//!   over the two backends; `XDPLB_LOG=info,xdplb::access=off` (no access log);
+//! - HAProxy: `mode http`, `balance roundrobin`, `http-reuse always`,
+//!   `option http-keep-alive`, `nbthread 2`, no log; a second frontend/backend pair with
+//!   HAProxy's own `cache` (`http-request cache-use`, `http-response cache-store`);
+//! - nginx: `upstream` with `keepalive 64`, `proxy_http_version 1.1`,
+//!   `proxy_set_header Connection ""`, `worker_processes 2`, `access_log off`; a second
+//!   server with `proxy_cache` (`proxy_cache_path` in the run's temporary directory).
+//!
+//! Each proxy thus has one port without a cache and one with a cache. Then, for each
+//! case and target (the proxies, and "direct": wrk straight at be1, the floor), wrk runs
+//! for the warm-up (discarded; it also fills the caches), the cache case checks through
+//! one request that the proxy answers from its cache (xdplb `Cache-Status: xdplb; hit`,
+//! nginx `X-Cache-Status: HIT`, HAProxy `X-Cache-Status: HIT` set from `res.cache_hit`),
+//! and a measured run follows: `wrk -tT -cC -dDs --latency`. Every row also shows how
+//! many requests each backend received during the measured run (their own counters):
+//! every request without a cache, none with cache hits, and the round-robin split; and
+//! the proxy's CPU time per request (utime + stime of its processes, from `/proc`).
+//!
+//! One table is printed at the end. Everything runs on the same machine (wrk, proxies
+//! and backends share the CPUs), so the figures are relative: compare the rows of one
+//! run. Every process started is stopped at the end, also on error ([`Proc`]), and the
+//! temporary directory is removed. The default run takes about a minute.
+
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    fs,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use xdplb_tests::{http, topology::agent_binary};
+
+const DEFAULT_DURATION_S: u64 = 5;
+const DEFAULT_WARMUP_S: u64 = 1;
+const DEFAULT_CONNECTIONS: u32 = 32;
+const DEFAULT_THREADS: u32 = 2;
+
+/// Bytes of the backends' `/nocache` and `/cached` bodies.
+pub const BODY_LEN: usize = 600;
+/// `cache = { max_bytes }` of the agent, and the other proxies' cache sizes.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// How long a proxy or backend may take to answer after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Extra time wrk gets beyond its duration before it is killed.
+const WRK_GRACE: Duration = Duration::from_secs(15);
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// The agent's log line once it serves.
+const AGENT_READY: &str = "agent ready";
+/// The agent's log filter: info (so `agent ready` shows), without the access log.
+const AGENT_LOG_FILTER: &str = "info,xdplb::access=off";
+
+/// Arguments of `l7`.
+#[derive(Debug)]
+pub struct Args {
+    duration_s: u64,
+    warmup_s: u64,
+    connections: u32,
+    threads: u32,
+}
+
+/// Parses `l7`'s arguments; `None` for `--help`.
+pub fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
+    let mut out = Args {
+        duration_s: DEFAULT_DURATION_S,
+        warmup_s: DEFAULT_WARMUP_S,
+        connections: DEFAULT_CONNECTIONS,
+        threads: DEFAULT_THREADS,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (a.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "--duration" => out.duration_s = value()?.parse().context("--duration")?,
+            "--warmup" => out.warmup_s = value()?.parse().context("--warmup")?,
+            "--connections" => out.connections = value()?.parse().context("--connections")?,
+            "--threads" => out.threads = value()?.parse().context("--threads")?,
+            _ => bail!("unknown argument {a:?} for `l7`"),
+        }
+    }
+    ensure!(
+        (1..=60).contains(&out.duration_s),
+        "--duration must be between 1 and 60 (seconds)"
+    );
+    ensure!(
+        out.warmup_s <= 10,
+        "--warmup must be between 0 and 10 (seconds)"
+    );
+    ensure!(
+        (1..=16).contains(&out.threads),
+        "--threads must be between 1 and 16"
+    );
+    ensure!(
+        (out.threads..=1000).contains(&out.connections),
+        "--connections must be between --threads ({}) and 1000",
+        out.threads
+    );
+    Ok(Some(out))
+}
+
+// ---------------------------------------------------------------------------------------
+// The backend: `xdplb-bench l7-backend --port P --name N`.
+
+/// Arguments of the internal `l7-backend`.
+#[derive(Debug)]
+pub struct BackendArgs {
+    port: u16,
+    name: String,
+}
+
+/// Parses `l7-backend`'s arguments; `None` for `--help`.
+pub fn parse_backend_args(args: &[String]) -> anyhow::Result<Option<BackendArgs>> {
+    let (mut port, mut name) = (None, "backend".to_owned());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (a.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "--port" => port = Some(value()?.parse().context("--port")?),
+            "--name" => name = value()?,
+            _ => bail!("unknown argument {a:?} for `l7-backend`"),
+        }
+    }
+    Ok(Some(BackendArgs {
+        port: port.context("l7-backend needs --port")?,
+        name,
+    }))
+}
+
+/// The body of `/nocache` and `/cached`: the backend's name on the first line, padded
+/// to [`BODY_LEN`] bytes.
+fn body_of(name: &str) -> Bytes {
+    let mut body = format!("{name}\n");
+    while body.len() < BODY_LEN - 1 {
+        body.push(char::from(b'a' + (body.len() % 26) as u8));
+    }
+    body.push('\n');
+    Bytes::from(body)
+}
+
+struct Backend {
+    body: Bytes,
+    /// `/nocache` and `/cached` requests answered.
+    served: AtomicU64,
+    /// Connections accepted.
+    accepted: AtomicU64,
+}
+
+impl Backend {
+    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, cache_control, body) = match req.uri().path() {
+            "/nocache" => (200, "no-store", self.body.clone()),
+            "/cached" => (200, "public, max-age=3600", self.body.clone()),
+            "/count" => {
+                let n = self.served.load(Ordering::Relaxed);
+                let c = self.accepted.load(Ordering::Relaxed);
+                return reply(200, "no-store", Bytes::from(format!("{n} {c}\n")));
+            }
+            "/" | "/healthz" => (200, "no-store", Bytes::from_static(b"ok\n")),
+            _ => (404, "no-store", Bytes::from_static(b"not found\n")),
+        };
+        if status == 200 && body.len() == BODY_LEN {
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
+        reply(status, cache_control, body)
+    }
+}
+
+fn reply(status: u16, cache_control: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static(cache_control),
+    );
+    resp
+}
+
+/// Serves until killed: HTTP/1.1 with keep-alive on one tokio thread.
+pub fn run_backend(args: &BackendArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let backend = Arc::new(Backend {
+        body: body_of(&args.name),
+        served: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+    });
+    let port = args.port;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((LOCALHOST, port))
+            .await
+            .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+        loop {
+            let (stream, _) = listener.accept().await.context("accept")?;
+            let _ = stream.set_nodelay(true);
+            backend.accepted.fetch_add(1, Ordering::Relaxed);
+            let backend = Arc::clone(&backend);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let resp = backend.answer(&req);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                // Errors are clients that went away: nothing to do.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes.
+
+/// A process this benchmark started, in its own process group, with its output in a
+/// log file. Dropping it stops the group (SIGTERM, then SIGKILL after 3 s), and the
+/// kernel sends it SIGTERM if this process dies first (`PR_SET_PDEATHSIG`).
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: the closure only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for error messages.
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Fails, with the end of its log, if the process has exited.
+    fn alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); the end of its log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    fn signal_group(&self, sig: libc::c_int) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill has no memory-safety preconditions; -pid is the group this
+            // child leads (process_group(0)).
+            unsafe { libc::kill(-pid, sig) };
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            // Its workers, if any, may still run.
+            self.signal_group(libc::SIGKILL);
+            return;
+        }
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                // nginx's master waits for its workers, so the group is empty by now;
+                // SIGKILL to an empty group is harmless.
+                self.signal_group(libc::SIGKILL);
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: {} ignored SIGTERM for 3 s: killing it", self.name);
+        self.signal_group(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// The run's temporary directory, removed on drop (declare it before the processes that
+/// use it, so it is dropped after them).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("xdplb-bench-l7.{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            eprintln!("warning: removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1 (bound at once, then released).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind((LOCALHOST, 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("picking free ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// `program` on PATH or in /usr/sbin (nginx and haproxy live there).
+fn find_program(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// First line of `program args` (stdout, else stderr), for the notes.
+fn version_of(program: &Path, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            [o.stdout, o.stderr].into_iter().find_map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .map(|l| l.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Waits until `GET path` on `addr` answers 200, or fails after [`START_TIMEOUT`].
+fn wait_for_http(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        proc.alive()?;
+        let last = match http::get(addr, path, Duration::from_secs(1)) {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => format!("status {}", r.status),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "{}: GET {path} on {addr} did not answer 200 within {START_TIMEOUT:?} (last: {last}); the end of its log:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CPU time (utime + stime, seconds) of process `pid` with all its threads, and of its
+/// child processes (nginx's workers).
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = |pid: &str| -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command (which may hold spaces) in parentheses.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // rest[0] is field 3 (state): utime is field 14, stime field 15.
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        get(11) + get(12)
+    };
+    let mut total = ticks(&pid.to_string());
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace() {
+                total += ticks(child);
+            }
+        }
+    }
+    total as f64 / hz
+}
+
+// ---------------------------------------------------------------------------------------
+// Configs.
+
+/// Ports of one run.
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    backends: [u16; 2],
+    api: u16,
+    xdplb: [u16; 2],
+    haproxy: [u16; 2],
+    nginx: [u16; 2],
+}
+
+impl Ports {
+    fn pick() -> anyhow::Result<Self> {
+        let p = free_ports(9)?;
+        Ok(Self {
+            backends: [p[0], p[1]],
+            api: p[2],
+            xdplb: [p[3], p[4]],
+            haproxy: [p[5], p[6]],
+            nginx: [p[7], p[8]],
+        })
+    }
+}
+
+fn agent_toml(ports: &Ports, state_dir: &Path) -> String {
+    let backends = format!(
+        "[{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]",
+        ports.backends[0], ports.backends[1]
+    );
+    format!(
+        r#"# xdplb-bench l7: the agent as an L7 proxy only (--xdp-mode off)
+[agent]
+api_listen = "127.0.0.1:{api}"
+state_dir = "{state}"
+
+[dataplane]
+xdp_mode = "off"
+
+[[service]]
+name = "plain"
+vip = "127.0.0.1:{plain}"
+mode = "l7"
+scheduler = "round-robin"
+backend = {backends}
+
+[[service]]
+name = "cached"
+vip = "127.0.0.1:{cached}"
+mode = "l7"
+scheduler = "round-robin"
+backend = {backends}
+cache = {{ max_bytes = {CACHE_BYTES} }}
+"#,
+        api = ports.api,
+        state = state_dir.display(),
+        plain = ports.xdplb[0],
+        cached = ports.xdplb[1],
+    )
+}
+
+fn haproxy_cfg(ports: &Ports) -> String {
+    let servers = format!(
+        "    server be1 127.0.0.1:{}\n    server be2 127.0.0.1:{}\n",
+        ports.backends[0], ports.backends[1]
+    );
+    format!(
+        "# xdplb-bench l7
+global
+    nbthread 2
+    maxconn 4000
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+
+cache bench
+    total-max-size {cache_mb}
+    max-age 3600
+
+frontend plain
+    bind 127.0.0.1:{plain}
+    default_backend servers
+
+frontend cached
+    bind 127.0.0.1:{cached}
+    default_backend servers_cached
+
+backend servers
+    balance roundrobin
+{servers}
+backend servers_cached
+    balance roundrobin
+    http-request cache-use bench
+    http-response cache-store bench
+    http-after-response set-header X-Cache-Status HIT if {{ res.cache_hit }}
+{servers}",
+        cache_mb = CACHE_BYTES / (1024 * 1024),
+        plain = ports.haproxy[0],
+        cached = ports.haproxy[1],
+    )
+}
+
+fn nginx_conf(ports: &Ports, dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"# xdplb-bench l7
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/nginx.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path {d}/nginx-client-body;
+    proxy_temp_path {d}/nginx-proxy-temp;
+    fastcgi_temp_path {d}/nginx-fastcgi-temp;
+    uwsgi_temp_path {d}/nginx-uwsgi-temp;
+    scgi_temp_path {d}/nginx-scgi-temp;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+
+    upstream backends {{
+        server 127.0.0.1:{be1};
+        server 127.0.0.1:{be2};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+
+    proxy_cache_path {d}/nginx-cache levels=1:2 keys_zone=bench:10m max_size={cache_bytes} inactive=60m use_temp_path=off;
+
+    server {{
+        listen 127.0.0.1:{plain};
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+
+    server {{
+        listen 127.0.0.1:{cached};
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache bench;
+            add_header X-Cache-Status $upstream_cache_status;
+        }}
+    }}
+}}
+"#,
+        be1 = ports.backends[0],
+        be2 = ports.backends[1],
+        cache_bytes = CACHE_BYTES,
+        plain = ports.nginx[0],
+        cached = ports.nginx[1],
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// wrk.
+
+/// What one wrk run reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct WrkResult {
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    non_2xx_3xx: u64,
+    /// connect, read, write, timeout.
+    socket_errors: [u64; 4],
+}
+
+impl WrkResult {
+    fn errors(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.non_2xx_3xx > 0 {
+            out.push(format!("{} non-2xx/3xx", self.non_2xx_3xx));
+        }
+        for (n, what) in self
+            .socket_errors
+            .iter()
+            .zip(["connect", "read", "write", "timeout"])
+        {
+            if *n > 0 {
+                out.push(format!("{n} {what}"));
+            }
+        }
+        out
+    }
+}
+
+/// A latency of wrk's (`812.00us`, `1.23ms`, `2.01s`, `1.50m`) in microseconds.
+fn parse_latency(v: &str) -> anyhow::Result<f64> {
+    let v = v.trim();
+    let (number, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60e6)
+    } else if let Some(n) = v.strip_suffix('h') {
+        (n, 3600e6)
+    } else {
+        bail!("latency {v:?} has no unit")
+    };
+    Ok(number
+        .trim()
+        .parse::<f64>()
+        .with_context(|| format!("latency {v:?}"))?
+        * scale)
+}
+
+/// Parses `wrk --latency`'s report.
+fn parse_wrk(out: &str) -> anyhow::Result<WrkResult> {
+    let mut r = WrkResult::default();
+    let (mut rps, mut p50, mut p99) = (None, None, None);
+    let mut in_distribution = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if t.starts_with("Latency Distribution") {
+            in_distribution = true;
+            continue;
+        }
+        if in_distribution {
+            match t.split_once(char::is_whitespace) {
+                Some(("50%", v)) => p50 = Some(parse_latency(v)?),
+                Some(("99%", v)) => p99 = Some(parse_latency(v)?),
+                Some((pct, _)) if pct.ends_with('%') => {}
+                _ => in_distribution = false,
+            }
+        }
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            rps = Some(v.trim().parse::<f64>().context("Requests/sec")?);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx_3xx = v.trim().parse().context("Non-2xx or 3xx responses")?;
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            for part in v.split(',') {
+                let mut words = part.split_whitespace();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    bail!("socket errors {v:?}");
+                };
+                let i = match what {
+                    "connect" => 0,
+                    "read" => 1,
+                    "write" => 2,
+                    "timeout" => 3,
+                    _ => bail!("socket errors {v:?}"),
+                };
+                r.socket_errors[i] = n.parse().with_context(|| format!("socket errors {v:?}"))?;
+            }
+        } else if let Some((n, _)) = t.split_once(" requests in ") {
+            r.requests = n.trim().parse().context("requests in")?;
+        }
+    }
+    r.requests_per_s = rps.context("no Requests/sec line")?;
+    r.p50_us = p50.context("no 50% latency line")?;
+    r.p99_us = p99.context("no 99% latency line")?;
+    Ok(r)
+}
+
+/// `wrk -tT -cC -dDs [--latency] url`, bounded by its duration + [`WRK_GRACE`].
+fn wrk(
+    wrk: &Path,
+    args: &Args,
+    duration_s: u64,
+    url: &str,
+    log: &Path,
+) -> anyhow::Result<WrkResult> {
+    let mut cmd = Command::new(wrk);
+    cmd.args([
+        format!("-t{}", args.threads),
+        format!("-c{}", args.connections),
+        format!("-d{duration_s}s"),
+        "--latency".to_owned(),
+        url.to_owned(),
+    ]);
+    let mut proc = Proc::spawn("wrk", &mut cmd, log)?;
+    let deadline = Instant::now() + Duration::from_secs(duration_s) + WRK_GRACE;
+    let status = loop {
+        if let Some(status) = proc.child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "wrk on {url} did not end within {:?}",
+                Duration::from_secs(duration_s) + WRK_GRACE
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let out = proc.log_text();
+    ensure!(status.success(), "wrk on {url} failed ({status}):\n{out}");
+    parse_wrk(&out).with_context(|| format!("reading wrk's report on {url}:\n{out}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The run.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Case {
+    NoCache,
+    CacheHits,
+}
+
+impl Case {
+    fn label(self) -> &'static str {
+        match self {
+            Case::NoCache => "no cache",
+            Case::CacheHits => "cache hits",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Case::NoCache => "/nocache",
+            Case::CacheHits => "/cached",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Xdplb,
+    Haproxy,
+    Nginx,
+}
+
+impl Target {
+    fn label(self, case: Case) -> &'static str {
+        match (self, case) {
+            (Target::Direct, _) => "direct (be1)",
+            (Target::Xdplb, _) => "xdplb",
+            (Target::Haproxy, Case::NoCache) => "haproxy",
+            (Target::Haproxy, Case::CacheHits) => "haproxy (bonus)",
+            (Target::Nginx, _) => "nginx",
+        }
+    }
+}
+
+/// One measured row.
+struct Row {
+    case: Case,
+    target: Target,
+    wrk: WrkResult,
+    /// Requests be1 and be2 received during the measured run.
+    backend_requests: [u64; 2],
+    /// Connections be1 and be2 accepted during the measured run (new ones: a proxy that
+    /// reuses its keep-alive connections opens few).
+    backend_connections: u64,
+    /// CPU seconds the proxy's processes used during the measured run.
+    cpu_s: Option<f64>,
+    /// Problems that make the row doubtful.
+    flags: Vec<String>,
+}
+
+/// Everything started for a run. Field order is drop order: the processes stop before
+/// the directory they use is removed.
+struct Bed {
+    backends: Vec<Proc>,
+    agent: Proc,
+    haproxy: Proc,
+    nginx: Proc,
+    ports: Ports,
+    dir: TempDir,
+}
+
+impl Bed {
+    fn start(tools: &Tools) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let ports = Ports::pick()?;
+        let me = std::env::current_exe().context("locating this binary")?;
+        let mut backends = Vec::new();
+        for (i, port) in ports.backends.iter().enumerate() {
+            let name = format!("be{}", i + 1);
+            let mut cmd = Command::new(&me);
+            cmd.args(["l7-backend", "--port", &port.to_string(), "--name", &name]);
+            backends.push(Proc::spawn(
+                &name,
+                &mut cmd,
+                &dir.path(&format!("{name}.log")),
+            )?);
+        }
+        for (b, port) in backends.iter_mut().zip(ports.backends) {
+            wait_for_http(b, (LOCALHOST, port).into(), "/nocache")?;
+        }
+
+        let state_dir = dir.path("agent-state");
+        fs::create_dir_all(&state_dir)?;
+        let agent_config = dir.path("agent.toml");
+        fs::write(&agent_config, agent_toml(&ports, &state_dir))?;
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&agent_config)
+            .args(["--xdp-mode", "off", "--api"])
+            .arg(format!("127.0.0.1:{}", ports.api))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env("XDPLB_LOG", AGENT_LOG_FILTER)
+            .env_remove("RUST_LOG");
+        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path("agent.log"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !agent.log_text().contains(AGENT_READY) {
+            agent.alive()?;
+            ensure!(
+                Instant::now() < deadline,
+                "lb-agent did not log `{AGENT_READY}` within {START_TIMEOUT:?}; its log:\n{}",
+                agent.log_tail()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+
+        let haproxy_config = dir.path("haproxy.cfg");
+        fs::write(&haproxy_config, haproxy_cfg(&ports))?;
+        let check = Command::new(&tools.haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(&haproxy_config)
+            .output()
+            .context("haproxy -c")?;
+        ensure!(
+            check.status.success(),
+            "haproxy rejects the bench config: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let mut cmd = Command::new(&tools.haproxy);
+        cmd.arg("-db").arg("-f").arg(&haproxy_config);
+        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path("haproxy.log"))?;
+
+        let nginx_config = dir.path("nginx.conf");
+        fs::write(&nginx_config, nginx_conf(&ports, &dir.0))?;
+        let mut cmd = Command::new(&tools.nginx);
+        cmd.arg("-c")
+            .arg(&nginx_config)
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-e")
+            .arg(dir.path("nginx.log"));
+        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path("nginx.out"))?;
+
+        let mut bed = Bed {
+            backends,
+            agent,
+            haproxy,
+            nginx,
+            ports,
+            dir,
+        };
+        for target in [Target::Xdplb, Target::Haproxy, Target::Nginx] {
+            for case in [Case::NoCache, Case::CacheHits] {
+                let addr = bed.addr(target, case);
+                wait_for_http(bed.proc(target), addr, case.path())?;
+            }
+        }
+        bed.check_round_robin()?;
+        Ok(bed)
+    }
+
+    fn addr(&self, target: Target, case: Case) -> SocketAddr {
+        let i = usize::from(case == Case::CacheHits);
+        let port = match target {
+            Target::Direct => self.ports.backends[0],
+            Target::Xdplb => self.ports.xdplb[i],
+            Target::Haproxy => self.ports.haproxy[i],
+            Target::Nginx => self.ports.nginx[i],
+        };
+        (LOCALHOST, port).into()
+    }
+
+    fn proc(&mut self, target: Target) -> &mut Proc {
+        match target {
+            Target::Direct => &mut self.backends[0],
+            Target::Xdplb => &mut self.agent,
+            Target::Haproxy => &mut self.haproxy,
+            Target::Nginx => &mut self.nginx,
+        }
+    }
+
+    fn all_alive(&mut self) -> anyhow::Result<()> {
+        for p in
+            self.backends
+                .iter_mut()
+                .chain([&mut self.agent, &mut self.haproxy, &mut self.nginx])
+        {
+            p.alive()?;
+        }
+        Ok(())
+    }
+
+    /// Requests be1 and be2 have answered on `/nocache` and `/cached`, and connections
+    /// they accepted (each `/count` request is one more).
+    fn backend_counts(&self) -> anyhow::Result<[(u64, u64); 2]> {
+        let mut out = [(0, 0); 2];
+        for (n, port) in out.iter_mut().zip(self.ports.backends) {
+            let r = http::get((LOCALHOST, port).into(), "/count", Duration::from_secs(2))
+                .with_context(|| format!("reading the request count of 127.0.0.1:{port}"))?;
+            ensure!(r.status == 200, "GET /count: {r:?}");
+            let (requests, connections) = r
+                .body
+                .trim()
+                .split_once(' ')
+                .with_context(|| format!("GET /count: {:?}", r.body))?;
+            *n = (
+                requests.parse().context("GET /count")?,
+                connections.parse().context("GET /count")?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every proxy sends requests to both backends.
+    fn check_round_robin(&self) -> anyhow::Result<()> {
+        for target in [Target::Xdplb, Target::Haproxy, Target::Nginx] {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..6 {
+                let r = http::get(
+                    self.addr(target, Case::NoCache),
+                    "/nocache",
+                    Duration::from_secs(2),
+                )?;
+                ensure!(
+                    r.status == 200 && r.body.len() == BODY_LEN,
+                    "{}: GET /nocache: {r:?}",
+                    target.label(Case::NoCache)
+                );
+                seen.insert(r.backend().to_owned());
+            }
+            ensure!(
+                seen.len() == 2,
+                "{}: only {seen:?} answered 6 requests",
+                target.label(Case::NoCache)
+            );
+        }
+        Ok(())
+    }
+
+    /// One GET of `/cached` through `target`: whether its cache answered (the header
+    /// each proxy sets for a hit), with the header's value for messages.
+    fn cache_hit(&self, target: Target) -> anyhow::Result<(bool, String)> {
+        let r = http::get(
+            self.addr(target, Case::CacheHits),
+            "/cached",
+            Duration::from_secs(2),
+        )?;
+        ensure!(
+            r.status == 200 && r.body.len() == BODY_LEN,
+            "{}: GET /cached: {r:?}",
+            target.label(Case::CacheHits)
+        );
+        Ok(match target {
+            Target::Direct => (false, String::new()),
+            Target::Xdplb => {
+                let v = r.header("cache-status").unwrap_or("(none)").to_owned();
+                (v.contains("; hit"), format!("Cache-Status: {v}"))
+            }
+            Target::Haproxy | Target::Nginx => {
+                let v = r.header("x-cache-status").unwrap_or("(none)").to_owned();
+                (v == "HIT", format!("X-Cache-Status: {v}"))
+            }
+        })
+    }
+}
+
+/// The programs the run needs.
+struct Tools {
+    agent: PathBuf,
+    haproxy: PathBuf,
+    nginx: PathBuf,
+    wrk: PathBuf,
+}
+
+impl Tools {
+    fn find() -> anyhow::Result<Self> {
+        let agent = agent_binary()?;
+        let found: Vec<Option<PathBuf>> = ["haproxy", "nginx", "wrk"]
+            .iter()
+            .map(|p| find_program(p))
+            .collect();
+        let missing: Vec<&str> = ["haproxy", "nginx", "wrk"]
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "missing {}: `cargo xtask bench l7` installs them from Debian \
+             (or `apt-get install --no-install-recommends haproxy nginx wrk`)",
+            missing.join(", ")
+        );
+        let mut found = found.into_iter().flatten();
+        let mut next = || found.next().expect("checked above");
+        Ok(Self {
+            agent,
+            haproxy: next(),
+            nginx: next(),
+            wrk: next(),
+        })
+    }
+}
+
+/// Runs every case against every target and prints the table.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tools = Tools::find()?;
+    let mut bed = Bed::start(&tools)?;
+    let targets = [
+        Target::Direct,
+        Target::Xdplb,
+        Target::Haproxy,
+        Target::Nginx,
+    ];
+    eprintln!(
+        "l7: 2 cases x {} targets, {} s warm-up + {} s measured each (wrk -t{} -c{}); backends on 127.0.0.1:{}/{}",
+        targets.len(),
+        args.warmup_s,
+        args.duration_s,
+        args.threads,
+        args.connections,
+        bed.ports.backends[0],
+        bed.ports.backends[1]
+    );
+    let wrk_log = bed.dir.path("wrk.out");
+    let mut rows = Vec::new();
+    for case in [Case::NoCache, Case::CacheHits] {
+        for target in targets {
+            let addr = bed.addr(target, case);
+            let url = format!("http://{addr}{}", case.path());
+            let label = format!("{} / {}", case.label(), target.label(case));
+            if args.warmup_s > 0 {
+                wrk(&tools.wrk, args, args.warmup_s, &url, &wrk_log)
+                    .with_context(|| format!("{label}: warm-up"))?;
+            }
+            let mut flags = Vec::new();
+            if case == Case::CacheHits && target != Target::Direct {
+                let (hit, shown) = bed.cache_hit(target)?;
+                if !hit {
+                    flags.push(format!("not a cache hit ({shown})"));
+                }
+            }
+            let before = bed.backend_counts()?;
+            let cpu_before =
+                (target != Target::Direct).then(|| cpu_seconds(bed.proc(target).pid()));
+            let result = wrk(&tools.wrk, args, args.duration_s, &url, &wrk_log)
+                .with_context(|| label.clone())?;
+            let cpu_s = cpu_before.map(|b| cpu_seconds(bed.proc(target).pid()) - b);
+            let after = bed.backend_counts()?;
+            bed.all_alive()?;
+            let backend_requests = [after[0].0 - before[0].0, after[1].0 - before[1].0];
+            // Less the one `/count` connection per backend of the `before` reading.
+            let backend_connections =
+                (after[0].1 - before[0].1 - 1) + (after[1].1 - before[1].1 - 1);
+            flags.extend(result.errors());
+            if case == Case::CacheHits && target != Target::Direct {
+                let forwarded = backend_requests[0] + backend_requests[1];
+                // A few misses are expected at most (an entry expiring, a race at start).
+                if forwarded * 100 > result.requests.max(1) {
+                    flags.push(format!("{forwarded} requests reached the backends"));
+                }
+            }
+            eprintln!(
+                "  {label:<28} {:>9.0} req/s  p50 {:>9}  p99 {:>9}{}",
+                result.requests_per_s,
+                fmt_latency(result.p50_us),
+                fmt_latency(result.p99_us),
+                if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!("  [{}]", flags.join("; "))
+                }
+            );
+            rows.push(Row {
+                case,
+                target,
+                wrk: result,
+                backend_requests,
+                backend_connections,
+                cpu_s,
+                flags,
+            });
+        }
+    }
+    let notes = Notes::gather(&tools);
+    drop(bed);
+    report(args, &rows, &notes, started.elapsed());
+    Ok(())
+}
+
+fn fmt_latency(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} us")
+    } else if us < 1e6 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+struct Notes {
+    cpus: usize,
+    cpu_model: String,
+    kernel: String,
+    agent: String,
+    haproxy: String,
+    nginx: String,
+    wrk: String,
+}
+
+impl Notes {
+    fn gather(tools: &Tools) -> Self {
+        let cpu_model = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("model name")
+                        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                })
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        Self {
+            cpus: thread::available_parallelism().map_or(0, usize::from),
+            cpu_model,
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned()),
+            agent: version_of(&tools.agent, &["--version"]),
+            haproxy: version_of(&tools.haproxy, &["-v"]),
+            nginx: version_of(&tools.nginx, &["-v"]),
+            wrk: version_of(&tools.wrk, &["-v"]),
+        }
+    }
+}
+
+fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
+    println!(
+        "xdplb-bench l7: HTTP/1.1 reverse proxies on loopback in front of the same two backends, \
+         wrk -t{} -c{} -d{}s --latency after a {} s warm-up\n",
+        args.threads, args.connections, args.duration_s, args.warmup_s
+    );
+    let rps_of = |case: Case, target: Target| {
+        rows.iter()
+            .find(|r| r.case == case && r.target == target)
+            .map(|r| r.wrk.requests_per_s)
+    };
+    let ratio = |v: f64, base: Option<f64>| match base {
+        Some(b) if b > 0.0 => format!("{:.2}", v / b),
+        _ => "-".to_owned(),
+    };
+    let header = [
+        "case",
+        "proxy",
+        "req/s",
+        "p50",
+        "p99",
+        "vs xdplb",
+        "vs nginx",
+        "proxy CPU/req",
+        "backend reqs be1+be2",
+        "new be conns",
+        "errors / flags",
+    ];
+    let table: Vec<[String; 11]> = rows
+        .iter()
+        .map(|r| {
+            let flagged = if r.flags.is_empty() { "" } else { " !" };
+            [
+                r.case.label().to_owned(),
+                format!("{}{flagged}", r.target.label(r.case)),
+                format!("{:.0}", r.wrk.requests_per_s),
+                fmt_latency(r.wrk.p50_us),
+                fmt_latency(r.wrk.p99_us),
+                ratio(r.wrk.requests_per_s, rps_of(r.case, Target::Xdplb)),
+                ratio(r.wrk.requests_per_s, rps_of(r.case, Target::Nginx)),
+                r.cpu_s.map_or("-".to_owned(), |cpu| {
+                    format!("{:.1} us", cpu * 1e6 / r.wrk.requests.max(1) as f64)
+                }),
+                format!("{}+{}", r.backend_requests[0], r.backend_requests[1]),
+                r.backend_connections.to_string(),
+                if r.flags.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.flags.join("; ")
+                },
+            ]
+        })
+        .collect();
+    let right = [
+        false, false, true, true, true, true, true, true, true, true, false,
+    ];
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .zip(right)
+            .map(|((c, w), r)| {
+                if r {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(&header));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-")
+    );
+    for r in &table {
+        println!("{}", line(&r.each_ref().map(String::as_str)));
+    }
+    let mut n = String::new();
+    let _ = write!(
+        n,
+        "\nMachine: {} CPUs ({}), kernel {}. wrk, the proxy under test and both backends share these
+  CPUs, so the figures are relative: compare rows of one run, not with other machines.
+Versions: {}; {}; {}; {}.
+Settings (each proxy: one port without a cache, one with; round robin over be1 and be2, keep-alive
+  to the backends, no access log):
+- backends: this binary (`xdplb-bench l7-backend`), hyper 1 HTTP/1.1 on one tokio thread each;
+  /nocache and /cached return the same {BODY_LEN}-byte body with Cache-Control no-store and
+  public, max-age=3600. direct = wrk straight at be1 (the floor; one backend, one thread).
+- xdplb: lb-agent run --xdp-mode off, services `plain` (no cache) and `cached`
+  (cache = {{ max_bytes = {CACHE_BYTES} }}), scheduler round-robin, default [service.http]
+  settings; XDPLB_LOG={AGENT_LOG_FILTER} (the agent logs each request at info through
+  tracing; the agent reads XDPLB_LOG, not RUST_LOG). Tokio's default runtime: one worker per CPU.
+- haproxy: mode http, nbthread 2, balance roundrobin, http-reuse always, option http-keep-alive,
+  no log; cache row (bonus): `cache` section of {} MB, http-request cache-use /
+  http-response cache-store, X-Cache-Status set from res.cache_hit.
+- nginx: worker_processes 2, upstream keepalive 64, proxy_http_version 1.1,
+  proxy_set_header Connection \"\", access_log off; cache row: proxy_cache (proxy_cache_path
+  in a temporary directory), add_header X-Cache-Status $upstream_cache_status.
+Columns: vs xdplb / vs nginx = this row's req/s / that proxy's req/s in the same case.
+  proxy CPU/req = user+system CPU time of the proxy's processes (all threads; nginx's workers)
+  during the measured run / requests wrk completed. backend reqs = requests be1 and be2
+  counted during the measured run (no cache: about all, split by round robin; cache hits:
+  none). new be conns = connections the backends accepted during it (wrk's own for direct;
+  a proxy that keeps its backend connections alive opens none or few). Each cache row was
+  preceded by a request whose header showed a hit.
+  ! = a row with errors or flags (non-2xx/3xx responses, socket errors, no cache hit, more
+  than 1% of cache-hit requests forwarded): its figures are doubtful.
+{} wrk runs took {:.0} s in all.",
+        notes.cpus,
+        notes.cpu_model,
+        notes.kernel,
+        notes.agent,
+        notes.haproxy,
+        notes.nginx,
+        notes.wrk,
+        CACHE_BYTES / (1024 * 1024),
+        rows.len(),
+        took.as_secs_f64()
+    );
+    println!("{n}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_OUT: &str = "Running 5s test @ http://127.0.0.1:8080/nocache
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   612.50us  301.22us  12.01ms   91.02%
+    Req/Sec    25.31k     1.20k   28.00k    70.00%
+  Latency Distribution
+     50%  560.00us
+     75%  700.12us
+     90%    0.88ms
+     99%    1.75ms
+  251843 requests in 5.00s, 189.60MB read
+  Socket errors: connect 0, read 2, write 0, timeout 7
+  Non-2xx or 3xx responses: 3
+Requests/sec:  50357.41
+Transfer/sec:     37.91MB
+";
+
+    #[test]
+    fn parses_wrk_reports() {
+        let r = parse_wrk(WRK_OUT).unwrap();
+        assert_eq!(r.requests_per_s, 50357.41);
+        assert_eq!(r.p50_us, 560.0);
+        assert_eq!(r.p99_us, 1750.0);
+        assert_eq!(r.requests, 251_843);
+        assert_eq!(r.non_2xx_3xx, 3);
+        assert_eq!(r.socket_errors, [0, 2, 0, 7]);
+        assert_eq!(r.errors(), ["3 non-2xx/3xx", "2 read", "7 timeout"]);
+        let clean = WRK_OUT
+            .lines()
+            .filter(|l| !l.contains("errors") && !l.contains("Non-2xx"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(parse_wrk(&clean).unwrap().errors().is_empty());
+        assert!(parse_wrk("Requests/sec: 1\n").is_err());
+    }
+
+    #[test]
+    fn latency_units() {
+        assert_eq!(parse_latency("812.00us").unwrap(), 812.0);
+        assert_eq!(parse_latency("1.5ms").unwrap(), 1500.0);
+        assert_eq!(parse_latency("2.00s").unwrap(), 2e6);
+        assert_eq!(parse_latency("1.00m").unwrap(), 60e6);
+        assert!(parse_latency("12").is_err());
+        assert_eq!(fmt_latency(560.0), "560 us");
+        assert_eq!(fmt_latency(1750.0), "1.75 ms");
+    }
+
+    #[test]
+    fn args_and_configs() {
+        let a = |v: &[&str]| parse_args(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let d = a(&[]).unwrap().unwrap();
+        assert_eq!((d.duration_s, d.connections, d.threads), (5, 32, 2));
+        let s = a(&["--duration=2", "--connections", "8", "--warmup", "0"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.duration_s, s.connections, s.warmup_s), (2, 8, 0));
+        assert!(a(&["--help"]).unwrap().is_none());
+        assert!(a(&["--duration", "0"]).is_err());
+        assert!(a(&["--connections", "1"]).is_err());
+        assert!(a(&["--bogus"]).is_err());
+
+        assert_eq!(body_of("be1").len(), BODY_LEN);
+        assert!(body_of("be2").starts_with(b"be2\n"));
+        let ports = Ports {
+            backends: [1001, 1002],
+            api: 1003,
+            xdplb: [1004, 1005],
+            haproxy: [1006, 1007],
+            nginx: [1008, 1009],
+        };
+        let toml = agent_toml(&ports, Path::new("/tmp/s"));
+        let config = lb_agent::config::Config::parse(&toml, "bench.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(config.services.len(), 2);
+        assert!(config.services[0].cache.is_none());
+        assert_eq!(
+            config.services[1].cache.as_ref().map(|c| c.max_bytes),
+            Some(CACHE_BYTES)
+        );
+        assert!(haproxy_cfg(&ports).contains("server be2 127.0.0.1:1002"));
+        assert!(nginx_conf(&ports, Path::new("/tmp/d")).contains("listen 127.0.0.1:1009;"));
+    }
+}
