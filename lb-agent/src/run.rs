@@ -198,7 +198,7 @@ impl FastPath {
         let takeover = match (running, loader::pinned_capacities(&pin_dir)) {
             (true, Some(pinned)) if pinned == caps => Takeover::Adopt,
             (true, pinned) => {
-                tracing::warn!(?pinned, wanted = ?caps, "the running fast path has other map capacities: replacing it (established flows are re-hashed)");
+                tracing::warn!(?pinned, wanted = ?caps, "the running fast path's maps have other capacities or layouts: replacing it (established flows are re-hashed)");
                 Takeover::Fresh
             }
             (false, _) => Takeover::Fresh,

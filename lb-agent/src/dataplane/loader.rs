@@ -101,9 +101,42 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
     load_with(caps, Some(pin_dir))
 }
 
+/// Key and value sizes of every map, as this agent's object declares them.
+fn layouts() -> [(&'static str, usize, usize); 9] {
+    use core::mem::size_of;
+    use lb_common::types::{
+        Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+    };
+    [
+        (maps::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
+        (maps::RINGS, 4, 4),
+        (maps::BACKENDS, 4, size_of::<Backend>()),
+        (maps::FLOWS, size_of::<FlowKey>(), size_of::<FlowEntry>()),
+        (maps::CONFIG, 4, size_of::<GlobalConfig>()),
+        (maps::SERVICE_STATS, 4, size_of::<TrafficCounters>()),
+        (maps::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
+        (maps::COUNTERS, 4, 8),
+        (maps::DECAP_DSTS, size_of::<DecapKey>(), 4),
+    ]
+}
+
 /// The capacities of the maps pinned under `pin_dir`, or None when not all of them
-/// are there.
+/// are there or one has another key or value layout than this agent's (an agent of
+/// another version pinned them: they cannot be reused).
 pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
+    for (name, key, value) in layouts() {
+        let data = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
+        let info = data.info().ok()?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            tracing::warn!(
+                map = name,
+                pinned = ?(info.key_size(), info.value_size()),
+                expected = ?(key, value),
+                "a pinned map has another layout than this agent's"
+            );
+            return None;
+        }
+    }
     let max = |name: &str| -> Option<u32> {
         let data = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
         data.info().ok().map(|i| i.max_entries())
