@@ -398,37 +398,7 @@ fn report(args: &Args, results: &[Vec<Outcome>], took: Duration) {
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(&header));
-    println!(
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in &rows {
-        println!("{}", line(&r.each_ref().map(String::as_str)));
-    }
+    super::print_table(&header, &rows, &[false; 5]);
 
     let all: Vec<&Outcome> = results.iter().flatten().collect();
     let beyond: Vec<String> = SETTINGS

@@ -1282,45 +1282,7 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
     let right = [
         false, false, true, true, true, true, true, true, true, true, false,
     ];
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            table
-                .iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .zip(right)
-            .map(|((c, w), r)| {
-                if r {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(&header));
-    println!(
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in &table {
-        println!("{}", line(&r.each_ref().map(String::as_str)));
-    }
+    super::print_table(&header, &table, &right);
     let mut n = String::new();
     let _ = write!(
         n,
