@@ -211,28 +211,47 @@ struct XdpArgs {
     runs: usize,
 }
 
+/// The `--flag value` / `--flag=value` pairs of `args`, every flag taking a value;
+/// `None` when `-h`/`--help` is among them. A flag not in `known` is an error naming
+/// the argument and the subcommand `cmd`.
+fn flag_values(
+    args: &[String],
+    cmd: &str,
+    known: &[&'static str],
+) -> anyhow::Result<Option<Vec<(&'static str, String)>>> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (a.as_str(), None),
+        };
+        if matches!(flag, "-h" | "--help") {
+            return Ok(None);
+        }
+        let Some(&flag) = known.iter().find(|k| **k == flag) else {
+            bail!("unknown argument {a:?} for `{cmd}`");
+        };
+        let value = inline
+            .or_else(|| it.next().cloned())
+            .with_context(|| format!("{flag} needs a value"))?;
+        out.push((flag, value));
+    }
+    Ok(Some(out))
+}
+
 fn parse_xdp_args(args: &[String]) -> anyhow::Result<Option<XdpArgs>> {
     let mut out = XdpArgs {
         repeat: DEFAULT_REPEAT,
         runs: DEFAULT_RUNS,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (a.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--repeat" => out.repeat = value()?.replace('_', "").parse().context("--repeat")?,
-            "--runs" => out.runs = value()?.parse().context("--runs")?,
-            _ => bail!("unknown argument {a:?} for `xdp`"),
+    let Some(flags) = flag_values(args, "xdp", &["--repeat", "--runs"])? else {
+        return Ok(None);
+    };
+    for (flag, value) in flags {
+        match flag {
+            "--repeat" => out.repeat = value.replace('_', "").parse().context("--repeat")?,
+            _ => out.runs = value.parse().context("--runs")?,
         }
     }
     ensure!(

@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     load::{self, Load, Sample},
@@ -66,22 +66,11 @@ pub struct Args {
 /// Parses `failover`'s arguments; `None` for `--help`.
 pub fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
     let mut out = Args { runs: DEFAULT_RUNS };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_owned())),
-            None => (a.as_str(), None),
-        };
-        match flag {
-            "-h" | "--help" => return Ok(None),
-            "--runs" => {
-                let v = inline
-                    .or_else(|| it.next().cloned())
-                    .context("--runs needs a value")?;
-                out.runs = v.parse().context("--runs")?;
-            }
-            _ => bail!("unknown argument {a:?} for `failover`"),
-        }
+    let Some(flags) = super::flag_values(args, "failover", &["--runs"])? else {
+        return Ok(None);
+    };
+    for (_, value) in flags {
+        out.runs = value.parse().context("--runs")?;
     }
     ensure!(
         (1..=MAX_RUNS).contains(&out.runs),

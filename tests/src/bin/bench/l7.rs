@@ -91,25 +91,16 @@ pub fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         connections: DEFAULT_CONNECTIONS,
         threads: DEFAULT_THREADS,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_owned())),
-            None => (a.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value"))
-        };
+    let known = ["--duration", "--warmup", "--connections", "--threads"];
+    let Some(flags) = super::flag_values(args, "l7", &known)? else {
+        return Ok(None);
+    };
+    for (flag, value) in flags {
         match flag {
-            "-h" | "--help" => return Ok(None),
-            "--duration" => out.duration_s = value()?.parse().context("--duration")?,
-            "--warmup" => out.warmup_s = value()?.parse().context("--warmup")?,
-            "--connections" => out.connections = value()?.parse().context("--connections")?,
-            "--threads" => out.threads = value()?.parse().context("--threads")?,
-            _ => bail!("unknown argument {a:?} for `l7`"),
+            "--duration" => out.duration_s = value.parse().context("--duration")?,
+            "--warmup" => out.warmup_s = value.parse().context("--warmup")?,
+            "--connections" => out.connections = value.parse().context("--connections")?,
+            _ => out.threads = value.parse().context("--threads")?,
         }
     }
     ensure!(
@@ -145,23 +136,13 @@ pub struct BackendArgs {
 /// Parses `l7-backend`'s arguments; `None` for `--help`.
 pub fn parse_backend_args(args: &[String]) -> anyhow::Result<Option<BackendArgs>> {
     let (mut port, mut name) = (None, "backend".to_owned());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_owned())),
-            None => (a.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value"))
-        };
+    let Some(flags) = super::flag_values(args, "l7-backend", &["--port", "--name"])? else {
+        return Ok(None);
+    };
+    for (flag, value) in flags {
         match flag {
-            "-h" | "--help" => return Ok(None),
-            "--port" => port = Some(value()?.parse().context("--port")?),
-            "--name" => name = value()?,
-            _ => bail!("unknown argument {a:?} for `l7-backend`"),
+            "--port" => port = Some(value.parse().context("--port")?),
+            _ => name = value,
         }
     }
     Ok(Some(BackendArgs {
