@@ -3,9 +3,18 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// The nightly the eBPF objects are built with; `cargo xtask setup` installs it with
-/// rust-src, and bpf-linker against its LLVM (DESIGN.md, Toolchain).
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// The `[toolchain]` table of lb-ebpf/rust-toolchain.toml: the nightly the eBPF objects are
+/// built with, named there and nowhere else (`cargo xtask setup` installs it with its
+/// components, and bpf-linker against its LLVM; DESIGN.md, Toolchain).
+#[derive(serde::Deserialize)]
+struct ToolchainFile {
+    toolchain: Pinned,
+}
+
+#[derive(serde::Deserialize)]
+struct Pinned {
+    channel: String,
+}
 
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
@@ -20,6 +29,12 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("lb-ebpf manifest has no parent"))?;
+    let toolchain_file = root_dir.join("rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={toolchain_file}");
+    let text = std::fs::read_to_string(&toolchain_file)
+        .with_context(|| format!("reading {toolchain_file}"))?;
+    let pinned: ToolchainFile =
+        toml::from_str(&text).with_context(|| format!("parsing {toolchain_file}"))?;
     println!("cargo:rerun-if-changed=../lb-common/src");
     // aya-build turns every stderr line of the nested cargo into a cargo:warning;
     // keep that to real diagnostics.
@@ -31,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        Toolchain::Custom(EBPF_TOOLCHAIN),
+        Toolchain::Custom(&pinned.toolchain.channel),
     )
     .context("building the eBPF programs (run `cargo xtask setup` if the toolchain or bpf-linker is missing)")
 }

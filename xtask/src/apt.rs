@@ -20,10 +20,15 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),
     ("vagrant", "vagrant"),
+    // A provider: without one `vagrant validate` stops at "No usable default provider could
+    // be found". With `--no-install-recommends` it brings libvirt's client library and ruby
+    // gems, not libvirtd or a hypervisor; the provider blocks of the Vagrantfile are then
+    // checked too. A plugin has no program of its own: without dpkg, `vagrant` stands for it.
+    ("vagrant-libvirt", "vagrant"),
 ];
 
-/// Packages whose absence only skips a step: `vagrant` serves `vagrant validate` alone.
-const OPTIONAL: &[&str] = &["vagrant"];
+/// Packages whose absence only skips a step: these serve `vagrant validate` alone.
+const OPTIONAL: &[&str] = &["vagrant", "vagrant-libvirt"];
 
 /// Records the optional packages apt had no candidate for, so that later runs do not
 /// `apt-get update` again for them; `cargo xtask setup` retries them all the same.

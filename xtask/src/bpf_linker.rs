@@ -1,4 +1,4 @@
-//! bpf-linker, built against the LLVM of [`EBPF_TOOLCHAIN`] (DESIGN.md, "Toolchain"): finding it,
+//! bpf-linker, built against the LLVM of the pinned eBPF toolchain ([`toolchain::ebpf`]) (DESIGN.md, "Toolchain"): finding it,
 //! telling which LLVM it uses, and installing it with `LLVM_PREFIX` pointing at rustc's libLLVM.
 
 use std::{
@@ -131,7 +131,7 @@ fn llvm_in_ldd(ldd: &str) -> Option<(u32, String)> {
 /// The LLVM prefix bpf-linker is built against: `~/.cache/xdplb/llvm-prefix-<toolchain>`. It must
 /// outlive the build (the binary's RUNPATH points into it), so it is not under `target/`.
 fn llvm_prefix() -> Result<PathBuf> {
-    Ok(cmd::cache_dir()?.join(format!("llvm-prefix-{}", toolchain::EBPF_TOOLCHAIN)))
+    Ok(cmd::cache_dir()?.join(format!("llvm-prefix-{}", toolchain::ebpf())))
 }
 
 /// The `libLLVM.so.<ver>-rust-<rustc ver>` file in `dir` (the toolchain's `lib`).
@@ -164,7 +164,7 @@ fn symlink(target: &Path, link: &Path) -> Result<()> {
 /// Builds bpf-linker against the nightly's own libLLVM (LLVM major `llvm_major`), installs it in
 /// cargo's bin directory and returns the installed binary, checked.
 pub fn install(llvm_major: u32) -> Result<Linker> {
-    let sysroot_lib = toolchain::sysroot(toolchain::EBPF_TOOLCHAIN)?.join("lib");
+    let sysroot_lib = toolchain::sysroot(toolchain::ebpf())?.join("lib");
     let libllvm = find_libllvm(&sysroot_lib)?;
     let prefix = llvm_prefix()?;
     let prefix_lib = prefix.join("lib");

@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, toolchain::EBPF_TOOLCHAIN};
+use crate::{cmd, toolchain};
 
 /// Runs both clippy passes, the second even when the first fails, and fails if either does
 /// (the prerequisites must be there: see `setup::ensure_ready`).
@@ -20,7 +20,7 @@ pub fn clippy() -> Result<()> {
         "warnings",
     ]))
     .context("clippy for the host");
-    let bpf = cmd::run(cmd::cargo().arg(format!("+{EBPF_TOOLCHAIN}")).args([
+    let bpf = cmd::run(cmd::cargo().arg(format!("+{}", toolchain::ebpf())).args([
         "clippy",
         "-p",
         "lb-ebpf",

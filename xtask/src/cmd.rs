@@ -57,9 +57,7 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 /// The first executable file called `name` in `PATH`.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|path| is_executable(path))
+    which::which(name).ok()
 }
 
 /// Whether `path` is a file with an execute bit set.

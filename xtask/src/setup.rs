@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     apt, bpf_linker,
     kernel::{self, Finding},
-    toolchain::{self, EBPF_COMPONENTS, EBPF_TOOLCHAIN, HOST_COMPONENTS},
+    toolchain::{self, HOST_COMPONENTS},
 };
 
 /// Which kind of run this is.
@@ -175,14 +175,12 @@ fn host_components(report: &mut Report) -> Result<()> {
 }
 
 fn ebpf_toolchain(report: &mut Report) -> Result<()> {
-    let what = format!("toolchain {EBPF_TOOLCHAIN}");
-    let why = if toolchain::is_installed(EBPF_TOOLCHAIN)? {
-        let missing = toolchain::missing_components(Some(EBPF_TOOLCHAIN), EBPF_COMPONENTS)?;
+    let (pinned, components) = (toolchain::ebpf(), toolchain::ebpf_components());
+    let what = format!("toolchain {pinned}");
+    let why = if toolchain::is_installed(pinned)? {
+        let missing = toolchain::missing_components(Some(pinned), &components)?;
         if missing.is_empty() {
-            report.ok(
-                &what,
-                &format!("installed, with {}", EBPF_COMPONENTS.join(", ")),
-            );
+            report.ok(&what, &format!("installed, with {}", components.join(", ")));
             return Ok(());
         }
         format!("components {}", missing.join(", "))
@@ -191,10 +189,10 @@ fn ebpf_toolchain(report: &mut Report) -> Result<()> {
     };
     report.installing(&what, &why);
     toolchain::install_ebpf_toolchain()?;
-    let missing = toolchain::missing_components(Some(EBPF_TOOLCHAIN), EBPF_COMPONENTS)?;
+    let missing = toolchain::missing_components(Some(pinned), &components)?;
     if !missing.is_empty() {
         bail!(
-            "{EBPF_TOOLCHAIN} still lacks {} after installing",
+            "{pinned} still lacks {} after installing",
             missing.join(", ")
         );
     }
@@ -203,23 +201,24 @@ fn ebpf_toolchain(report: &mut Report) -> Result<()> {
 
 fn bpf_linker(report: &mut Report, mode: Mode) -> Result<()> {
     const WHAT: &str = "bpf-linker";
-    let want = toolchain::llvm_major(EBPF_TOOLCHAIN)?;
+    let pinned = toolchain::ebpf();
+    let want = toolchain::llvm_major(pinned)?;
     let why = match bpf_linker::check()? {
         bpf_linker::State::Runs(linker)
             if linker.llvm.as_ref().is_some_and(|llvm| llvm.major == want) =>
         {
             if !mode.reinstall_bpf_linker() {
-                report.ok(WHAT, &format!("{linker}, as {EBPF_TOOLCHAIN}"));
+                report.ok(WHAT, &format!("{linker}, as {pinned}"));
                 warn_if_not_on_path(report, &linker);
                 return Ok(());
             }
             format!("{linker}; reinstall asked for")
         }
         bpf_linker::State::Runs(linker) if linker.llvm.is_some() => {
-            format!("{linker}, but {EBPF_TOOLCHAIN} uses LLVM {want}")
+            format!("{linker}, but {pinned} uses LLVM {want}")
         }
         bpf_linker::State::Runs(linker) => {
-            format!("{linker}: cannot tell whether it uses LLVM {want} like {EBPF_TOOLCHAIN}")
+            format!("{linker}: cannot tell whether it uses LLVM {want} like {pinned}")
         }
         bpf_linker::State::Broken(path, err) => format!("{} does not run: {err}", path.display()),
         bpf_linker::State::Missing => "not installed".to_owned(),

@@ -1,18 +1,47 @@
 //! Rust toolchains: the pinned nightly that builds (and lints) the eBPF crate, and the
 //! components the host toolchain needs for `cargo fmt` and `cargo clippy`.
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command, sync::LazyLock};
 
 use anyhow::{Context as _, Result};
+use serde::Deserialize;
 
 use crate::cmd;
 
-/// The nightly that builds lb-ebpf; bpf-linker is built against its LLVM (DESIGN.md, "Toolchain").
-/// lb-agent's build.rs names the same toolchain.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// `lb-ebpf/rust-toolchain.toml`, the one place the eBPF toolchain is named (lb-agent's
+/// build.rs reads the same file).
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../lb-ebpf/rust-toolchain.toml");
 
-/// Components of [`EBPF_TOOLCHAIN`]: rust-src for `-Z build-std=core`, clippy for the bpfel lint.
-pub const EBPF_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+/// The `[toolchain]` table of a rust-toolchain.toml.
+#[derive(Debug, Deserialize)]
+struct ToolchainFile {
+    toolchain: Pinned,
+}
+
+/// The pinned eBPF toolchain: its channel and the components it needs.
+#[derive(Debug, Deserialize)]
+pub struct Pinned {
+    /// The nightly that builds lb-ebpf; bpf-linker is built against its LLVM.
+    pub channel: String,
+    /// rust-src for `-Z build-std=core`, clippy for the bpfel lint.
+    pub components: Vec<String>,
+}
+
+static EBPF: LazyLock<Pinned> = LazyLock::new(|| {
+    toml::from_str::<ToolchainFile>(EBPF_TOOLCHAIN_FILE)
+        .expect("lb-ebpf/rust-toolchain.toml has a [toolchain] table with channel and components")
+        .toolchain
+});
+
+/// The toolchain name lb-ebpf builds with (`nightly-YYYY-MM-DD`).
+pub fn ebpf() -> &'static str {
+    &EBPF.channel
+}
+
+/// The components [`ebpf`] needs.
+pub fn ebpf_components() -> Vec<&'static str> {
+    EBPF.components.iter().map(String::as_str).collect()
+}
 
 /// Components of the host toolchain (the one `cargo xtask` runs under).
 pub const HOST_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
@@ -71,30 +100,25 @@ fn is_component(entry: &str, name: &str) -> bool {
             .is_some_and(|target| target.contains("-unknown-") || target.contains("-apple-"))
 }
 
-/// Installs [`EBPF_TOOLCHAIN`] with [`EBPF_COMPONENTS`], or adds the components it lacks.
+/// Installs the [`ebpf`] toolchain with its components, or adds the components it lacks.
 pub fn install_ebpf_toolchain() -> Result<()> {
-    if is_installed(EBPF_TOOLCHAIN)? {
-        let missing = missing_components(Some(EBPF_TOOLCHAIN), EBPF_COMPONENTS)?;
+    let toolchain = ebpf();
+    if is_installed(toolchain)? {
+        let missing = missing_components(Some(toolchain), &ebpf_components())?;
         cmd::run(
             Command::new("rustup")
-                .args(["component", "add", "--toolchain", EBPF_TOOLCHAIN])
+                .args(["component", "add", "--toolchain", toolchain])
                 .args(&missing),
         )
     } else {
         let mut install = Command::new("rustup");
-        install.args([
-            "toolchain",
-            "install",
-            EBPF_TOOLCHAIN,
-            "--profile",
-            "minimal",
-        ]);
-        for component in EBPF_COMPONENTS {
+        install.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+        for component in &EBPF.components {
             install.args(["--component", component]);
         }
         cmd::run(&mut install)
     }
-    .with_context(|| format!("installing the {EBPF_TOOLCHAIN} toolchain"))
+    .with_context(|| format!("installing the {toolchain} toolchain"))
 }
 
 /// Adds `components` to the active (host) toolchain.
@@ -137,6 +161,12 @@ pub fn sysroot(toolchain: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_toolchain_file_parses() {
+        assert!(ebpf().starts_with("nightly-"), "{}", ebpf());
+        assert!(ebpf_components().contains(&"rust-src"));
+    }
 
     #[test]
     fn llvm_major_from_rustc_vv() {
