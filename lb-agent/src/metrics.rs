@@ -240,8 +240,10 @@ mod tests {
     use super::*;
     use crate::{
         config::{Config, ServiceConfig},
-        control::{ServiceTraffic, Sink, Snapshot, Traffic},
-        dataplane::sync::DesiredState,
+        dataplane::{
+            desired::{DesiredState, Sink},
+            stats::{ServiceTraffic, Snapshot, Traffic},
+        },
         health::HealthChecker,
     };
 
@@ -399,7 +401,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_fast_path_no_traffic_series() {
-        let (control, _dir) = control(Box::new(crate::control::NoFastPath), "none");
+        let (control, _dir) = control(Box::new(crate::dataplane::desired::NoFastPath), "none");
         let text = Metrics::new().render(&control);
         let samples = parse(&text);
         assert_eq!(samples["xdplb_fastpath_enabled"], 0.0);

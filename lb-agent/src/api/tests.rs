@@ -20,10 +20,11 @@ use tower::ServiceExt as _;
 use super::{ApiState, router};
 use crate::{
     config::{Config, ServiceConfig},
-    control::{
-        Control, ControlError, NoFastPath, STATE_FILE, ServiceTraffic, Sink, Snapshot, Traffic,
+    control::{Control, ControlError, STATE_FILE},
+    dataplane::{
+        desired::{DesiredState, NoFastPath, Sink},
+        stats::{ServiceTraffic, Snapshot, Traffic},
     },
-    dataplane::sync::DesiredState,
     health::HealthChecker,
     metrics::Metrics,
 };
