@@ -293,6 +293,9 @@ pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
     if !l7.is_empty() {
         body["l7"] = Value::Object(l7);
     }
+    // Whether the last accepted change is in the maps (a failed write is retried).
+    body["dataplane"] =
+        serde_json::to_value(control.dataplane_status()).expect("a sync status serialises");
     Ok(Json(body))
 }
 

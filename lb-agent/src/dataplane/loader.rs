@@ -399,3 +399,32 @@ pub fn remove_pin_dir(dir: &Path) -> Result<bool, LoaderError> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacities_come_from_the_dataplane_config_and_go_back() {
+        let dp = DataplaneConfig {
+            ring_size: 13,
+            flow_table_size: 1000,
+            max_services: 3,
+            max_backends: 9,
+            ..DataplaneConfig::default()
+        };
+        let caps = Capacities::from(&dp);
+        assert_eq!(
+            caps,
+            Capacities {
+                max_services: 3,
+                max_backends: 9,
+                ring_size: 13,
+                flow_table_size: 1000,
+            }
+        );
+        let mut other = DataplaneConfig::default();
+        caps.keep_in(&mut other);
+        assert_eq!(other, dp);
+    }
+}

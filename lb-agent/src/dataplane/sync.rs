@@ -690,6 +690,25 @@ mod tests {
     }
 
     #[test]
+    fn read_errors_name_the_map_and_key() {
+        let e = read_err(names::BACKENDS, MapKey::Index(7))(MapError::KeyNotFound);
+        assert!(
+            matches!(e, SyncError::Read { map, key: MapKey::Index(7), .. } if map == names::BACKENDS)
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("reading map "), "{text}");
+        assert!(
+            text.contains(names::BACKENDS) && text.contains("key 7"),
+            "{text}"
+        );
+        let text = read_err(names::VIPS, MapKey::All)(MapError::KeyNotFound).to_string();
+        assert!(
+            text.contains(names::VIPS) && text.contains("iterating its keys"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn id_pool_reuses_lowest_free() {
         let mut p = IdPool::new(3);
         assert_eq!(
