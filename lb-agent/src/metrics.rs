@@ -17,7 +17,8 @@
 //! - `xdplb_dataplane_sync_pending`: 1 while an accepted desired state is not (fully)
 //!   written to the fast path's maps: the write failed and is retried with backoff.
 //! - `xdplb_dataplane_sync_failures_total`: failed writes of the desired state to the
-//!   maps since the agent started.
+//!   maps since the agent started. These two exist with a fast path (or once a write
+//!   has failed).
 //! - `xdplb_backend_up{service,backend}`: the health checker's verdict (1 up, 0 down).
 //! - `xdplb_backend_serving{service,backend}`: 1 when the backend takes new flows.
 //! - `xdplb_backend_weight{service,backend}`: effective weight (config or override).
@@ -146,21 +147,24 @@ impl Metrics {
             "1 when the XDP fast path is attached and its counters are read",
             enabled,
         );
+        // Shown where there is a fast path, or once a write to it has failed.
         let sync = control.dataplane_status();
-        let pending = Gauge::<i64>::default();
-        pending.set(i64::from(sync.pending));
-        registry.register(
-            "dataplane_sync_pending",
-            "1 while an accepted desired state is not fully written to the fast path's maps (the write is retried with backoff)",
-            pending,
-        );
-        let failures = Counter::<u64>::default();
-        failures.inc_by(sync.failures_total);
-        registry.register(
-            "dataplane_sync_failures",
-            "Failed writes of the desired state to the fast path's maps",
-            failures,
-        );
+        if snapshot.is_some() || sync.failures_total > 0 {
+            let pending = Gauge::<i64>::default();
+            pending.set(i64::from(sync.pending));
+            registry.register(
+                "dataplane_sync_pending",
+                "1 while an accepted desired state is not fully written to the fast path's maps (the write is retried with backoff)",
+                pending,
+            );
+            let failures = Counter::<u64>::default();
+            failures.inc_by(sync.failures_total);
+            registry.register(
+                "dataplane_sync_failures",
+                "Failed writes of the desired state to the fast path's maps",
+                failures,
+            );
+        }
         if let Some(snapshot) = snapshot {
             let packets = Family::<BackendLabels, Counter>::default();
             let bytes = Family::<BackendLabels, Counter>::default();
@@ -397,6 +401,8 @@ mod tests {
         assert_eq!(get(r#"xdplb_drops_total{reason="no_backend"}"#), 3.0);
         assert_eq!(get(r#"xdplb_fastpath_packets_total{result="rx"}"#), 10.0);
         assert_eq!(get("xdplb_fastpath_enabled"), 1.0);
+        assert_eq!(get("xdplb_dataplane_sync_pending"), 0.0);
+        assert_eq!(get("xdplb_dataplane_sync_failures_total"), 0.0);
         assert_eq!(get(&format!("xdplb_backend_up{b1}")), 1.0);
         assert_eq!(get(&format!("xdplb_backend_serving{b1}")), 1.0);
         assert_eq!(
@@ -614,6 +620,7 @@ mod tests {
         assert_eq!(samples["xdplb_fastpath_enabled"], 0.0);
         assert!(!text.contains("xdplb_packets_total"), "{text}");
         assert!(!text.contains("xdplb_drops_total"), "{text}");
+        assert!(!text.contains("xdplb_dataplane_sync"), "{text}");
         assert!(text.contains(r#"xdplb_backend_up{service="web",backend="198.18.2.11:80"} 1"#));
         assert_eq!(samples["xdplb_health_check_seconds_count"], 0.0);
     }

@@ -520,6 +520,7 @@ async fn stats_show_only_what_exists() {
     let (status, v) = f.call("GET", "/api/v1/stats", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["fast_path"], true);
+    assert_eq!(v["dataplane"]["pending"], false);
     assert_eq!(v["counters"]["rx"], 5);
     assert_eq!(v["drops"]["no_backend"], 1);
     assert_eq!(v["services"]["web"]["packets"], 4);
