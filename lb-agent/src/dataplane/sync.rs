@@ -6,7 +6,7 @@
 //! only the differences, in an order that never exposes a ring slot pointing to
 //! nothing:
 //! 1. the global config;
-//! 2. per service ([`WrittenService`]): backend entries (marked active), the ring slots
+//! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
 //!    that change (each an in-place write of a valid backend id), then the VIP entry;
 //! 3. services no longer desired: their VIP entries are removed;
 //! 4. only at the end, the entries of backends that left a ring are marked inactive,
