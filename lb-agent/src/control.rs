@@ -19,14 +19,19 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{BackendConfig, Config, ConfigError, Mode, ServiceConfig, validate_service},
-    dataplane::sync::DesiredState,
+    dataplane::{
+        desired::{DesiredState, Sink},
+        loader::Capacities,
+        retry::{SyncStatus, WriteRetry},
+        stats::Snapshot,
+    },
     health::{HealthChecker, Status, Target, TargetKey},
     state::{BackendOverride, Memory, ServiceView, desired_service, retain_services},
 };
@@ -134,48 +139,6 @@ impl Overlay {
     }
 }
 
-/// Traffic counters of the fast path, by service and backend.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Snapshot {
-    /// Global counters and drop reasons, by label.
-    pub counters: BTreeMap<&'static str, u64>,
-    pub drops: BTreeMap<&'static str, u64>,
-    pub services: BTreeMap<String, ServiceTraffic>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ServiceTraffic {
-    pub packets: u64,
-    pub bytes: u64,
-    /// By "address:port".
-    pub backends: BTreeMap<String, Traffic>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Traffic {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// Where the reconciled state goes: the fast path, or nowhere (`--xdp-mode off`).
-pub trait Sink: Send {
-    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()>;
-    /// The fast path's counters, if there is a fast path.
-    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot>;
-}
-
-/// No fast path: nothing to write (L7 services are served by the proxy).
-pub struct NoFastPath;
-
-impl Sink for NoFastPath {
-    fn apply(&mut self, _desired: &DesiredState) -> anyhow::Result<()> {
-        Ok(())
-    }
-    fn snapshot(&self, _services: &[ServiceConfig]) -> Option<Snapshot> {
-        None
-    }
-}
-
 /// The single owner of desired state.
 pub struct Control {
     base: Config,
@@ -187,6 +150,10 @@ pub struct Control {
     last: Memory,
     views: Vec<ServiceView>,
     sink: Box<dyn Sink>,
+    /// Whether the last desired state is in the sink, and when to retry if not.
+    writes: WriteRetry,
+    /// When the next retry of a failed write is due (the agent's loop sleeps on it).
+    retry_at: tokio::sync::watch::Sender<Option<Instant>>,
     /// Where the L7 services' desired state is published (the L7 manager watches it).
     l7: tokio::sync::watch::Sender<Vec<L7Desired>>,
 }
@@ -220,6 +187,8 @@ impl Control {
             last: Memory::default(),
             views: Vec::new(),
             sink,
+            writes: WriteRetry::default(),
+            retry_at: tokio::sync::watch::Sender::new(None),
             l7: tokio::sync::watch::Sender::new(Vec::new()),
         };
         let errors = c.config.validate();
@@ -296,7 +265,10 @@ impl Control {
         self.health.set_targets(targets);
     }
 
-    /// Derive the desired state from config, overlay and health, and write it.
+    /// Derive the desired state from config, overlay and health, and write it. The
+    /// views and the L7 services follow the desired state at once; when the write to
+    /// the fast path fails, it is retried with backoff ([`Control::retry_writes_at`])
+    /// and shown as pending ([`Control::dataplane_status`]) until a write succeeds.
     pub fn recompute(&mut self) -> Result<(), ControlError> {
         let now = std::time::Instant::now();
         let empty = BTreeMap::new();
@@ -328,10 +300,57 @@ impl Control {
                 .collect(),
         );
         let desired = DesiredState::new(&self.config.dataplane, services);
-        self.sink.apply(&desired).map_err(ControlError::Apply)?;
         self.views = views;
         self.publish_l7();
-        Ok(())
+        self.write(&desired)
+    }
+
+    /// Hand `desired` to the sink, recording a failure for retry or the end of one.
+    fn write(&mut self, desired: &DesiredState) -> Result<(), ControlError> {
+        let result = self.sink.apply(desired);
+        match &result {
+            Ok(()) => {
+                if let Some(attempts) = self.writes.succeeded() {
+                    tracing::info!(
+                        failed_attempts = attempts,
+                        "the fast path caught up: the desired state is written"
+                    );
+                }
+            }
+            Err(e) => {
+                let now = Instant::now();
+                let next = self.writes.failed(e, now);
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    attempts = self.writes.status(now).attempts,
+                    retry_in_ms = next.saturating_duration_since(now).as_millis(),
+                    "writing the desired state to the fast path failed; retrying with backoff until it succeeds"
+                );
+            }
+        }
+        let next = self.writes.next_attempt();
+        self.retry_at.send_if_modified(|cur| {
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+        result.map_err(ControlError::Apply)
+    }
+
+    /// Write the desired state again if a failed write is due at `now`. None when
+    /// nothing was due, else the outcome of the attempt.
+    pub fn retry_writes_at(&mut self, now: Instant) -> Option<Result<(), ControlError>> {
+        self.writes.due(now).then(|| self.recompute())
+    }
+
+    /// When the next retry of a failed write is due (None: the maps are in sync).
+    pub fn watch_retry(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+        self.retry_at.subscribe()
+    }
+
+    /// Whether the last desired state is in the fast path (`"dataplane"` in the stats).
+    pub fn dataplane_status(&self) -> SyncStatus {
+        self.writes.status(Instant::now())
     }
 
     /// The L7 services' desired state, republished at every recompute that changes it.
@@ -384,15 +403,17 @@ impl Control {
             return Err(ControlError::Invalid(errors));
         }
         overlay.save(&self.state_dir)?;
-        let previous = std::mem::replace(&mut self.config, config);
+        self.config = config;
         self.overlay = overlay;
         self.sync_health();
-        if let Err(e) = self.recompute() {
-            tracing::error!(error = %e, "writing the accepted change to the maps failed; it is persisted and will be retried");
-            let _ = previous;
-            return Err(e);
-        }
-        Ok(())
+        // A failed write is retried (see `recompute`); the caller learns of it.
+        self.recompute().map_err(|e| match e {
+            ControlError::Apply(e) => ControlError::Apply(e.context(
+                "the change is accepted and saved, but writing it to the fast path failed; \
+                 it is retried until it succeeds (GET /api/v1/stats shows \"dataplane\")",
+            )),
+            e => e,
+        })
     }
 
     fn check_service(
@@ -552,20 +573,9 @@ impl Control {
     /// running values are kept (and a warning says so when the file changed them).
     pub fn reload(&mut self, path: &Path) -> Result<(), ControlError> {
         let mut base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
-        let (old_dp, new_dp) = (&self.base.dataplane, &base.dataplane);
-        let restart_only = (
-            old_dp.ring_size,
-            old_dp.flow_table_size,
-            old_dp.max_services,
-            old_dp.max_backends,
-            old_dp.xdp_mode,
-        ) != (
-            new_dp.ring_size,
-            new_dp.flow_table_size,
-            new_dp.max_services,
-            new_dp.max_backends,
-            new_dp.xdp_mode,
-        );
+        let running = Capacities::from(&self.base.dataplane);
+        let restart_only = running != Capacities::from(&base.dataplane)
+            || self.base.dataplane.xdp_mode != base.dataplane.xdp_mode;
         if base.agent.interface.is_none() {
             base.agent.interface.clone_from(&self.base.agent.interface);
         }
@@ -575,10 +585,7 @@ impl Control {
             );
         }
         base.agent = self.base.agent.clone();
-        base.dataplane.ring_size = self.base.dataplane.ring_size;
-        base.dataplane.flow_table_size = self.base.dataplane.flow_table_size;
-        base.dataplane.max_services = self.base.dataplane.max_services;
-        base.dataplane.max_backends = self.base.dataplane.max_backends;
+        running.keep_in(&mut base.dataplane);
         base.dataplane.xdp_mode = self.base.dataplane.xdp_mode;
         let mut config = base.clone();
         config.services = self.overlay.apply(&base.services);

@@ -431,7 +431,8 @@ mod tests {
     use crate::{
         api::{ApiState, router},
         config::Config,
-        control::{Control, NoFastPath},
+        control::Control,
+        dataplane::desired::NoFastPath,
         health::HealthChecker,
         metrics::Metrics,
     };

@@ -4,7 +4,9 @@ use clap::Parser as _;
 use lb_agent::{
     cli::{Cli, Command, DecapAction},
     config::Config,
-    ctl, decap, run,
+    ctl,
+    dataplane::fast_path,
+    decap, run,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
             } => decap::attach(&iface, &bpffs, &addresses, xdp_mode),
             DecapAction::Detach { iface, bpffs } => decap::detach(&iface, &bpffs),
         },
-        Command::Detach { iface, bpffs } => run::detach(&iface, &bpffs),
+        Command::Detach { iface, bpffs } => fast_path::detach(&iface, &bpffs),
         Command::Ctl { api, token, cmd } => ctl::run(&api, token.as_deref(), cmd),
     };
     match result {

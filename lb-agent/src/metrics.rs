@@ -14,6 +14,11 @@
 //!   (`rx`, `tx`, `pass_not_vip`, `flow_new`, ...).
 //! - `xdplb_fastpath_enabled`: 1 when an XDP fast path is attached (the traffic series
 //!   above exist only then).
+//! - `xdplb_dataplane_sync_pending`: 1 while an accepted desired state is not (fully)
+//!   written to the fast path's maps: the write failed and is retried with backoff.
+//! - `xdplb_dataplane_sync_failures_total`: failed writes of the desired state to the
+//!   maps since the agent started. These two exist with a fast path (or once a write
+//!   has failed).
 //! - `xdplb_backend_up{service,backend}`: the health checker's verdict (1 up, 0 down).
 //! - `xdplb_backend_serving{service,backend}`: 1 when the backend takes new flows.
 //! - `xdplb_backend_weight{service,backend}`: effective weight (config or override).
@@ -142,6 +147,24 @@ impl Metrics {
             "1 when the XDP fast path is attached and its counters are read",
             enabled,
         );
+        // Shown where there is a fast path, or once a write to it has failed.
+        let sync = control.dataplane_status();
+        if snapshot.is_some() || sync.failures_total > 0 {
+            let pending = Gauge::<i64>::default();
+            pending.set(i64::from(sync.pending));
+            registry.register(
+                "dataplane_sync_pending",
+                "1 while an accepted desired state is not fully written to the fast path's maps (the write is retried with backoff)",
+                pending,
+            );
+            let failures = Counter::<u64>::default();
+            failures.inc_by(sync.failures_total);
+            registry.register(
+                "dataplane_sync_failures",
+                "Failed writes of the desired state to the fast path's maps",
+                failures,
+            );
+        }
         if let Some(snapshot) = snapshot {
             let packets = Family::<BackendLabels, Counter>::default();
             let bytes = Family::<BackendLabels, Counter>::default();
@@ -240,8 +263,10 @@ mod tests {
     use super::*;
     use crate::{
         config::{Config, ServiceConfig},
-        control::{ServiceTraffic, Sink, Snapshot, Traffic},
-        dataplane::sync::DesiredState,
+        dataplane::{
+            desired::{DesiredState, Sink},
+            stats::{ServiceTraffic, Snapshot, Traffic},
+        },
         health::HealthChecker,
     };
 
@@ -376,6 +401,8 @@ mod tests {
         assert_eq!(get(r#"xdplb_drops_total{reason="no_backend"}"#), 3.0);
         assert_eq!(get(r#"xdplb_fastpath_packets_total{result="rx"}"#), 10.0);
         assert_eq!(get("xdplb_fastpath_enabled"), 1.0);
+        assert_eq!(get("xdplb_dataplane_sync_pending"), 0.0);
+        assert_eq!(get("xdplb_dataplane_sync_failures_total"), 0.0);
         assert_eq!(get(&format!("xdplb_backend_up{b1}")), 1.0);
         assert_eq!(get(&format!("xdplb_backend_serving{b1}")), 1.0);
         assert_eq!(
@@ -397,14 +424,203 @@ mod tests {
         }
     }
 
+    /// A fast path whose map writes fail while `failing` is above 0 (each failure
+    /// counts it down), keeping the last desired state it was given.
+    struct FlakySink {
+        failing: Arc<std::sync::atomic::AtomicU32>,
+        written: Arc<std::sync::Mutex<Option<DesiredState>>>,
+    }
+
+    impl Sink for FlakySink {
+        fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
+            use std::sync::atomic::Ordering;
+            if self
+                .failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                anyhow::bail!("injected map write failure");
+            }
+            *self.written.lock().expect("lock") = Some(desired.clone());
+            Ok(())
+        }
+        fn snapshot(&self, _services: &[ServiceConfig]) -> Option<Snapshot> {
+            Some(Snapshot::default())
+        }
+    }
+
+    /// A change accepted while the maps refuse writes: the API says so, the write is
+    /// retried with growing delays, and the API and metrics show it pending until the
+    /// fourth attempt succeeds and the maps hold the change.
+    #[tokio::test]
+    async fn failed_map_writes_are_retried_and_shown_until_they_succeed() {
+        use axum::{body::Body, http::Request};
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+
+        use crate::{
+            api::{ApiState, router},
+            control::ControlError,
+        };
+
+        let failing = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let written = Arc::new(std::sync::Mutex::new(None));
+        let sink = FlakySink {
+            failing: failing.clone(),
+            written: written.clone(),
+        };
+        let (control, _dir) = control(Box::new(sink), "flaky");
+        let state = ApiState {
+            control: Arc::new(tokio::sync::Mutex::new(control)),
+            token: None,
+            metrics: Arc::new(Metrics::new()),
+            config_path: std::path::PathBuf::from("/nonexistent"),
+            l7: crate::l7::manager::L7Registry::default(),
+        };
+        let call = |method: &'static str, uri: &'static str, body: Option<&'static str>| {
+            let state = state.clone();
+            async move {
+                let req = Request::builder().method(method).uri(uri);
+                let req = match body {
+                    Some(b) => req
+                        .header("content-type", "application/json")
+                        .body(Body::from(b)),
+                    None => req.body(Body::empty()),
+                }
+                .expect("request");
+                let resp = router(state).oneshot(req).await.expect("infallible");
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+            }
+        };
+        let dataplane = || async {
+            let (status, body) = call("GET", "/api/v1/stats", None).await;
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            v["dataplane"].clone()
+        };
+        let sync_metrics = || async {
+            let (status, text) = call("GET", "/metrics", None).await;
+            assert_eq!(status, 200);
+            let samples = parse(&text);
+            (
+                samples["xdplb_dataplane_sync_pending"],
+                samples["xdplb_dataplane_sync_failures_total"],
+            )
+        };
+        let written_weight = || {
+            written
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .expect("written")
+                .services[0]
+                .backends[0]
+                .weight
+        };
+        assert_eq!(written_weight(), 100);
+        assert_eq!(dataplane().await["pending"], false);
+        assert_eq!(sync_metrics().await, (0.0, 0.0));
+
+        // Three writes fail: the change is accepted and saved, the request says so.
+        failing.store(3, std::sync::atomic::Ordering::SeqCst);
+        let (status, body) = call(
+            "PATCH",
+            "/api/v1/services/web/backends/198.18.2.11",
+            Some(r#"{"weight": 50}"#),
+        )
+        .await;
+        assert_eq!(status, 500, "{body}");
+        assert!(body.contains("accepted and saved"), "{body}");
+        assert!(body.contains("injected map write failure"), "{body}");
+        assert_eq!(written_weight(), 100, "the maps do not have it yet");
+        let (_, svc) = call("GET", "/api/v1/services/web", None).await;
+        assert!(
+            svc.contains(r#""weight":50"#),
+            "the API shows the accepted change: {svc}"
+        );
+
+        let d = dataplane().await;
+        assert_eq!(d["pending"], true, "{d}");
+        assert_eq!(d["attempts"], 1, "{d}");
+        assert_eq!(d["failures_total"], 1, "{d}");
+        assert!(
+            d["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("injected map write failure")),
+            "{d}"
+        );
+        assert!(
+            d["next_retry_ms"].as_u64().is_some_and(|ms| ms <= 100),
+            "{d}"
+        );
+        assert_eq!(sync_metrics().await, (1.0, 1.0));
+
+        // The retries: not before they are due, each failure waits longer.
+        let mut retry_at = state.control.lock().await.watch_retry();
+        let mut due = retry_at.borrow_and_update().expect("a retry is scheduled");
+        for attempt in 2..=3 {
+            let mut c = state.control.lock().await;
+            assert!(
+                c.retry_writes_at(due - Duration::from_millis(1)).is_none(),
+                "not due yet"
+            );
+            assert!(matches!(
+                c.retry_writes_at(due),
+                Some(Err(ControlError::Apply(_)))
+            ));
+            let status = c.dataplane_status();
+            assert_eq!(
+                (status.attempts, status.failures_total),
+                (attempt, attempt.into())
+            );
+            drop(c);
+            assert!(retry_at.has_changed().expect("sender alive"));
+            let next = retry_at.borrow_and_update().expect("still scheduled");
+            assert!(next > due, "attempt {attempt}: the next retry comes later");
+            due = next;
+            assert_eq!(written_weight(), 100);
+        }
+        assert_eq!(dataplane().await["attempts"], 3);
+        assert_eq!(sync_metrics().await, (1.0, 3.0));
+
+        // The fourth attempt succeeds: the maps have the change, nothing is pending.
+        assert!(matches!(
+            state.control.lock().await.retry_writes_at(due),
+            Some(Ok(()))
+        ));
+        assert_eq!(written_weight(), 50);
+        assert_eq!(*retry_at.borrow_and_update(), None);
+        assert!(
+            state
+                .control
+                .lock()
+                .await
+                .retry_writes_at(due + Duration::from_secs(60))
+                .is_none(),
+            "nothing left to retry"
+        );
+        let d = dataplane().await;
+        assert_eq!(
+            d,
+            serde_json::json!({
+                "pending": false, "attempts": 0, "last_error": null,
+                "pending_ms": null, "next_retry_ms": null, "failures_total": 3,
+            })
+        );
+        assert_eq!(sync_metrics().await, (0.0, 3.0));
+    }
+
     #[tokio::test]
     async fn without_a_fast_path_no_traffic_series() {
-        let (control, _dir) = control(Box::new(crate::control::NoFastPath), "none");
+        let (control, _dir) = control(Box::new(crate::dataplane::desired::NoFastPath), "none");
         let text = Metrics::new().render(&control);
         let samples = parse(&text);
         assert_eq!(samples["xdplb_fastpath_enabled"], 0.0);
         assert!(!text.contains("xdplb_packets_total"), "{text}");
         assert!(!text.contains("xdplb_drops_total"), "{text}");
+        assert!(!text.contains("xdplb_dataplane_sync"), "{text}");
         assert!(text.contains(r#"xdplb_backend_up{service="web",backend="198.18.2.11:80"} 1"#));
         assert_eq!(samples["xdplb_health_check_seconds_count"], 0.0);
     }

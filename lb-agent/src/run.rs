@@ -1,21 +1,16 @@
-//! `lb-agent run`: load the fast path, hand the maps to the one reconciler behind
-//! [`Control`], start health checks, keep next hops resolved, reload on SIGHUP, and
-//! detach cleanly on SIGINT/SIGTERM.
+//! `lb-agent run`: the wiring of the process. Config and command line, the async
+//! runtime, the fast path ([`crate::dataplane::fast_path`]) handed to the one owner of
+//! desired state ([`Control`]), and the tasks and signals: REST API, L7 proxy, health
+//! events, slow-start ramps, retries of failed map writes, next-hop refreshes, reload
+//! on SIGHUP, stop on SIGINT/SIGTERM.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use aya::{
-    Ebpf,
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-    },
-};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Mutex,
@@ -24,16 +19,9 @@ use tokio::{
 use crate::{
     api::{self, ApiState},
     cli::XdpModeArg,
-    config::{Config, Mode, ServiceConfig, XdpMode},
-    control::{Control, NoFastPath, ServiceTraffic, Sink, Snapshot, Traffic},
-    dataplane::{
-        forwarding,
-        loader::{self, Capacities, LB_PROGRAM, Role},
-        maps::Maps,
-        neigh::NextHopKeeper,
-        stats,
-        sync::{DesiredState, Reconciler},
-    },
+    config::{Config, Mode, XdpMode},
+    control::Control,
+    dataplane::{desired::NoFastPath, fast_path::FastPath, loader::Capacities},
     decap::attach_mode,
     health::HealthChecker,
     l7::manager::{L7Manager, L7Registry},
@@ -81,231 +69,6 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         );
     }
     Ok(config)
-}
-
-/// Name of the pinned XDP link in the balancer's pin directory.
-const LINK_PIN: &str = "link";
-
-/// The balancer's maps and their one writer.
-struct MapsSink {
-    maps: Maps,
-    capacities: Capacities,
-    /// None until the first apply when maps left by a previous agent are to be adopted
-    /// (recognising its services needs the first desired state).
-    reconciler: Option<Reconciler>,
-}
-
-impl Sink for MapsSink {
-    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
-        let caps = self.capacities;
-        let reconciler = match &mut self.reconciler {
-            Some(r) => r,
-            None => {
-                let r = Reconciler::adopt(
-                    &self.maps,
-                    caps.ring_size,
-                    caps.max_services,
-                    caps.max_backends,
-                    desired,
-                )
-                .context("reading back the maps of the running fast path")?;
-                self.reconciler.insert(r)
-            }
-        };
-        for s in reconciler.apply(&mut self.maps, desired)? {
-            if s.slots_changed > 0 {
-                tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "ring written");
-            }
-        }
-        Ok(())
-    }
-
-    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot> {
-        let c = stats::counters(&self.maps).ok()?;
-        let mut snap = Snapshot {
-            counters: c.counters.iter().map(|(k, v)| (k.label(), *v)).collect(),
-            drops: c.drops.iter().map(|(k, v)| (k.label(), *v)).collect(),
-            ..Default::default()
-        };
-        let reconciler = self.reconciler.as_ref()?;
-        for svc in services.iter().filter(|s| s.mode == Mode::L4) {
-            let Some(id) = reconciler.service_id(&svc.name) else {
-                continue;
-            };
-            let t = stats::service_traffic(&self.maps, id).ok()?;
-            let mut st = ServiceTraffic {
-                packets: t.packets,
-                bytes: t.bytes,
-                backends: Default::default(),
-            };
-            for b in &svc.backends {
-                if let Some(bid) = reconciler.backend_id(&svc.name, b.address, b.port) {
-                    let t = stats::backend_traffic(&self.maps, bid).ok()?;
-                    st.backends.insert(
-                        std::net::SocketAddr::new(b.address, b.port).to_string(),
-                        Traffic {
-                            packets: t.packets,
-                            bytes: t.bytes,
-                        },
-                    );
-                }
-            }
-            snap.services.insert(svc.name.clone(), st);
-        }
-        Some(snap)
-    }
-}
-
-/// The attached program. It is pinned (maps and link) under `pin_dir`, so it keeps
-/// forwarding when the agent stops; the next agent adopts it.
-struct FastPath {
-    /// The program as loaded by this agent (the link is pinned, so dropping this does
-    /// not detach).
-    _ebpf: Ebpf,
-    next_hops: NextHopKeeper,
-    pin_dir: PathBuf,
-    iface: String,
-}
-
-/// How [`FastPath::load`] found the pin directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Takeover {
-    /// Nothing running: attach anew.
-    Fresh,
-    /// A fast path pinned by a previous agent, with the same capacities: reuse its maps
-    /// and swap the new program into its link.
-    Adopt,
-}
-
-impl FastPath {
-    /// Load the object with its maps pinned (reusing those of a running fast path when
-    /// there is one with the same capacities). The program is attached by
-    /// [`FastPath::attach`] once the maps are filled, so it never runs on half-filled maps.
-    fn load(
-        config: &Config,
-        iface: &str,
-        bpffs: &Path,
-    ) -> anyhow::Result<(Ebpf, MapsSink, PathBuf, Takeover)> {
-        let dp = &config.dataplane;
-        let caps = Capacities {
-            max_services: dp.max_services,
-            max_backends: dp.max_backends,
-            ring_size: dp.ring_size,
-            flow_table_size: dp.flow_table_size,
-        };
-        let pin_dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
-        let running = pin_dir.join(LINK_PIN).exists();
-        let takeover = match (running, loader::pinned_capacities(&pin_dir)) {
-            (true, Some(pinned)) if pinned == caps => Takeover::Adopt,
-            (true, pinned) => {
-                tracing::warn!(?pinned, wanted = ?caps, "the running fast path's maps have other capacities or layouts: replacing it (established flows are re-hashed)");
-                Takeover::Fresh
-            }
-            (false, _) => Takeover::Fresh,
-        };
-        if takeover == Takeover::Fresh && loader::remove_pin_dir(&pin_dir)? {
-            tracing::warn!(dir = %pin_dir.display(), "removed pins a previous agent left behind");
-        }
-        loader::create_pin_dir(&pin_dir)?;
-        let mut ebpf = loader::load_pinned(&caps, &pin_dir)?;
-        let maps = Maps::take(&mut ebpf, None).context("taking the balancer's maps")?;
-        let reconciler = (takeover == Takeover::Fresh)
-            .then(|| Reconciler::new(dp.ring_size, dp.max_services, dp.max_backends));
-        let sink = MapsSink {
-            maps,
-            capacities: caps,
-            reconciler,
-        };
-        Ok((ebpf, sink, pin_dir, takeover))
-    }
-
-    fn attach(
-        mut ebpf: Ebpf,
-        iface: &str,
-        mode: XdpModeArg,
-        pin_dir: PathBuf,
-        takeover: Takeover,
-    ) -> anyhow::Result<Self> {
-        forwarding::enable(iface)?;
-        let program = loader::load_program(&mut ebpf, LB_PROGRAM)?;
-        let link_pin = pin_dir.join(LINK_PIN);
-        match takeover {
-            Takeover::Adopt => {
-                let pinned = PinnedLink::from_pin(&link_pin)
-                    .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .context("the pinned link is not an XDP link")?;
-                program
-                    .attach_to_link(link)
-                    .context("swapping the new program into the running fast path's link")?;
-                tracing::info!(iface, pins = %pin_dir.display(), "adopted the running fast path: maps kept, program swapped in place");
-            }
-            Takeover::Fresh => {
-                let (id, mode_used) =
-                    loader::attach(program, LB_PROGRAM, iface, attach_mode(mode)?)?;
-                let link: FdLink = program.take_link(id)?.try_into().context(
-                    "the kernel attached XDP through netlink, which cannot be pinned \
-                     (needs bpf_link, Linux 5.9+)",
-                )?;
-                // The pin holds the link: it stays attached after this process ends.
-                link.pin(&link_pin)
-                    .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
-                tracing::info!(iface, mode = mode_used, pins = %pin_dir.display(), "fast path attached");
-            }
-        }
-        Ok(FastPath {
-            _ebpf: ebpf,
-            next_hops: NextHopKeeper::default(),
-            pin_dir,
-            iface: iface.to_owned(),
-        })
-    }
-
-    fn refresh_next_hops(&mut self, control: &Control) {
-        for (addr, e) in self.next_hops.ensure(&control.l4_backends()) {
-            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
-        }
-    }
-
-    /// The agent is stopping: log the counters and leave the fast path running (its
-    /// next hops and the interface's forwarding setting with it), or remove it all
-    /// when `detach`.
-    fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
-        if let Some(s) = snapshot {
-            let nonzero: Vec<String> = s
-                .counters
-                .iter()
-                .filter(|(_, v)| **v > 0)
-                .map(|(k, v)| format!("{k}={v}"))
-                .chain(
-                    s.drops
-                        .iter()
-                        .filter(|(_, v)| **v > 0)
-                        .map(|(k, v)| format!("drop_{k}={v}")),
-                )
-                .collect();
-            tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
-        }
-        if detach_too {
-            self.next_hops.clear();
-            drop(self._ebpf);
-            if let Err(e) = remove_fast_path(&self.pin_dir, &self.iface) {
-                tracing::warn!(error = %e, "removing the fast path");
-            } else {
-                tracing::info!(iface = %self.iface, "fast path detached, pins removed");
-            }
-        } else {
-            tracing::info!(iface = %self.iface, pins = %self.pin_dir.display(), "fast path left running for the next agent; `lb-agent detach --iface {}` removes it", self.iface);
-        }
-    }
-}
-
-/// Unpin everything (the link goes with its last pin: detached) and put the
-/// interface's forwarding setting back.
-fn remove_fast_path(pin_dir: &Path, iface: &str) -> anyhow::Result<bool> {
-    let removed = loader::remove_pin_dir(pin_dir)?;
-    forwarding::restore(iface)?;
-    Ok(removed)
 }
 
 fn effective_mode(config: &Config, arg: Option<XdpModeArg>) -> XdpModeArg {
@@ -357,7 +120,8 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             .bpffs
             .clone()
             .unwrap_or_else(|| config.agent.bpffs.clone());
-        let (ebpf, sink, pin_dir, takeover) = match FastPath::load(&config, &iface, &bpffs) {
+        let caps = Capacities::from(&config.dataplane);
+        let (loaded, sink) = match FastPath::load(caps, &iface, &bpffs) {
             Ok(loaded) => loaded,
             Err(e) if mode == XdpModeArg::Auto => {
                 tracing::error!(error = %format!("{e:#}"), iface, "the XDP program cannot be loaded");
@@ -367,9 +131,9 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             Err(e) => return Err(e),
         };
         let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
-        match FastPath::attach(ebpf, &iface, mode, pin_dir, takeover) {
+        match attach_mode(mode).and_then(|mode| loaded.attach(mode)) {
             Ok(mut fp) => {
-                fp.refresh_next_hops(&control);
+                fp.refresh_next_hops(&control.l4_backends());
                 (control, Some(fp))
             }
             // With --xdp-mode auto, a host where XDP cannot attach still serves L7.
@@ -402,6 +166,7 @@ async fn serve_with(
     let services = control.config().services.len();
     let state_dir = control.config().agent.state_dir.clone();
     let mut l7_desired = control.watch_l7();
+    let mut retry_at = control.watch_retry();
     let control = Arc::new(Mutex::new(control));
 
     // The L7 proxy: one task applies every published change of the l7 services.
@@ -456,6 +221,7 @@ async fn serve_with(
     let mut ramp = tokio::time::interval(SLOW_START_STEP);
     ramp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let retry_due = *retry_at.borrow_and_update();
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
@@ -465,7 +231,7 @@ async fn serve_with(
                     Ok(()) => {
                         tracing::info!(services = c.config().services.len(), "config reloaded");
                         if let Some(fp) = fast_path.as_mut() {
-                            fp.refresh_next_hops(&c);
+                            fp.refresh_next_hops(&c.l4_backends());
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
@@ -492,9 +258,15 @@ async fn serve_with(
                     }
                 }
             }
+            // A failed map write is due for another try (Control logs the outcome).
+            () = sleep_until(retry_due) => {
+                let _ = control.lock().await.retry_writes_at(Instant::now());
+            }
+            // The retry deadline moved: sleep on the new one.
+            Ok(()) = retry_at.changed() => {}
             _ = refresh.tick() => {
                 if let Some(fp) = fast_path.as_mut() {
-                    fp.refresh_next_hops(&*control.lock().await);
+                    fp.refresh_next_hops(&control.lock().await.l4_backends());
                 }
             }
         }
@@ -534,14 +306,10 @@ fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
     Ok(Some(token.to_owned()))
 }
 
-/// `lb-agent detach`: remove the balancer's pins for `iface` (a running agent detaches
-/// itself when it stops).
-pub fn detach(iface: &str, bpffs: &Path) -> anyhow::Result<()> {
-    let dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
-    if remove_fast_path(&dir, iface)? {
-        println!("removed the fast path pinned for {iface}");
-    } else {
-        println!("nothing pinned for {iface} under {}", bpffs.display());
+/// Sleep until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
-    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The one desired-state model: what the config asks for, what operators changed
 //! through the API (backend drain/disable/weight), and what the health checker knows,
-//! combined into the [`DesiredState`](crate::dataplane::sync::DesiredState) the reconciler writes, and into the per-service
+//! combined into the [`DesiredState`](crate::dataplane::desired::DesiredState) the reconciler writes, and into the per-service
 //! views the API and metrics show.
 //!
 //! Rules, per service:
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{AllDown, Mode, ServiceConfig},
-    dataplane::sync::{DesiredBackend, DesiredService},
+    dataplane::desired::{DesiredBackend, DesiredService},
 };
 
 /// What an operator set for a backend (`PATCH .../backends/{address}`).

@@ -16,11 +16,12 @@ use aya::{Ebpf, TestRun, TestRunOptions, maps::HashMap, programs::Xdp};
 use lb_agent::{
     config::Protocol,
     dataplane::{
+        desired::{DesiredBackend, DesiredService, DesiredState},
         forwarding::InterfaceForwarding,
         loader::{self, Capacities, DECAP_PROGRAM, LB_PROGRAM},
         maps::Maps,
         stats,
-        sync::{DesiredBackend, DesiredService, DesiredState, Reconciler, addr_words},
+        sync::{Reconciler, addr_words},
     },
 };
 use lb_common::{
@@ -196,7 +197,7 @@ impl Fixture {
         };
         let mut ebpf = loader::load(&caps)?;
         let mut maps = Maps::take(&mut ebpf, None)?;
-        let mut reconciler = Reconciler::new(RING, 8, 32);
+        let mut reconciler = Reconciler::new(&caps);
         reconciler.apply(&mut maps, &desired())?;
         loader::load_program(&mut ebpf, LB_PROGRAM)?;
         loader::load_program(&mut ebpf, DECAP_PROGRAM)?;

@@ -293,6 +293,12 @@ pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
     if !l7.is_empty() {
         body["l7"] = Value::Object(l7);
     }
+    // Whether the last accepted change is in the fast path's maps (a failed write is
+    // retried): shown where there is a fast path, or once a write has failed.
+    let sync = control.dataplane_status();
+    if body["fast_path"] == true || sync.failures_total > 0 {
+        body["dataplane"] = serde_json::to_value(sync).expect("a sync status serialises");
+    }
     Ok(Json(body))
 }
 

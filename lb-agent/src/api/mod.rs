@@ -11,7 +11,7 @@
 //! | `POST /api/v1/services/{name}/backends` | add `{"address", "port"?, "weight"?, "tier"?}` → 201 + backend |
 //! | `PATCH /api/v1/services/{name}/backends/{address}` | `{"weight": N}` and/or `{"state": "drain"\|"enabled"\|"disabled"}` → backend |
 //! | `DELETE /api/v1/services/{name}/backends/{address}` | → 204 |
-//! | `GET /api/v1/stats` | fast-path traffic per service and backend, global counters, drops |
+//! | `GET /api/v1/stats` | fast-path traffic per service and backend, global counters, drops; `dataplane`: a map write pending retry |
 //! | `POST /api/v1/reload` | re-read the config file |
 //! | `GET /healthz` | liveness, `{"status": "ok"}` |
 //! | `GET /metrics` | Prometheus (OpenMetrics) text |

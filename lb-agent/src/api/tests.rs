@@ -20,10 +20,11 @@ use tower::ServiceExt as _;
 use super::{ApiState, router};
 use crate::{
     config::{Config, ServiceConfig},
-    control::{
-        Control, ControlError, NoFastPath, STATE_FILE, ServiceTraffic, Sink, Snapshot, Traffic,
+    control::{Control, ControlError, STATE_FILE},
+    dataplane::{
+        desired::{DesiredState, NoFastPath, Sink},
+        stats::{ServiceTraffic, Snapshot, Traffic},
     },
-    dataplane::sync::DesiredState,
     health::HealthChecker,
     metrics::Metrics,
 };
@@ -519,6 +520,7 @@ async fn stats_show_only_what_exists() {
     let (status, v) = f.call("GET", "/api/v1/stats", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["fast_path"], true);
+    assert_eq!(v["dataplane"]["pending"], false);
     assert_eq!(v["counters"]["rx"], 5);
     assert_eq!(v["drops"]["no_backend"], 1);
     assert_eq!(v["services"]["web"]["packets"], 4);

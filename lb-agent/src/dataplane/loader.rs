@@ -15,6 +15,8 @@ use aya::{
 };
 use lb_common::maps;
 
+use crate::config::DataplaneConfig;
+
 /// The balancer and decap programs (`lb-ebpf`'s main object), built by build.rs.
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 /// The benchmark floors and the `test_run` wrapper (`lb-ebpf/src/floors.rs`); used by the
@@ -69,7 +71,9 @@ pub enum LoaderError {
     },
 }
 
-/// Map capacities, from `[dataplane]`.
+/// Map capacities. The agent takes them from `[dataplane]` through the one conversion
+/// `Capacities::from(&DataplaneConfig)`; they take effect when the maps are created,
+/// so a reload keeps the running ones ([`Capacities::keep_in`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub max_services: u32,
@@ -78,7 +82,33 @@ pub struct Capacities {
     pub flow_table_size: u32,
 }
 
+impl From<&DataplaneConfig> for Capacities {
+    fn from(dp: &DataplaneConfig) -> Self {
+        Capacities {
+            max_services: dp.max_services,
+            max_backends: dp.max_backends,
+            ring_size: dp.ring_size,
+            flow_table_size: dp.flow_table_size,
+        }
+    }
+}
+
 impl Capacities {
+    /// Put these capacities back into `dp` (the inverse of the `From` conversion): a
+    /// reloaded config keeps the capacities the maps were created with.
+    pub fn keep_in(self, dp: &mut DataplaneConfig) {
+        let Capacities {
+            max_services,
+            max_backends,
+            ring_size,
+            flow_table_size,
+        } = self;
+        dp.max_services = max_services;
+        dp.max_backends = max_backends;
+        dp.ring_size = ring_size;
+        dp.flow_table_size = flow_table_size;
+    }
+
     /// Smallest maps, for hosts that only decapsulate: the balancer's tables are unused.
     pub const DECAP_ONLY: Capacities = Capacities {
         max_services: 1,
@@ -368,4 +398,33 @@ pub fn remove_pin_dir(dir: &Path) -> Result<bool, LoaderError> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacities_come_from_the_dataplane_config_and_go_back() {
+        let dp = DataplaneConfig {
+            ring_size: 13,
+            flow_table_size: 1000,
+            max_services: 3,
+            max_backends: 9,
+            ..DataplaneConfig::default()
+        };
+        let caps = Capacities::from(&dp);
+        assert_eq!(
+            caps,
+            Capacities {
+                max_services: 3,
+                max_backends: 9,
+                ring_size: 13,
+                flow_table_size: 1000,
+            }
+        );
+        let mut other = DataplaneConfig::default();
+        caps.keep_in(&mut other);
+        assert_eq!(other, dp);
+    }
 }

@@ -1,12 +1,19 @@
-//! The fast path as the agent sees it: load and attach ([`loader`]), the typed maps
-//! ([`maps`]), the Maglev ring builder ([`ring`]), desired state -> map writes
-//! ([`sync`]), next-hop resolution ([`neigh`]), the interface's forwarding switch
-//! ([`forwarding`]) and counters ([`stats`]).
+//! The fast path as the agent sees it. Data flows downhill through it:
+//! the desired state and the [`desired::Sink`] it is handed to ([`desired`]), failed
+//! writes retried with backoff ([`retry`]), the one writer that turns it into map
+//! writes ([`sync`]), the typed maps ([`maps`]) and the Maglev ring builder ([`ring`]).
+//! The balancer's lifecycle on an interface (load, adopt, attach, stop, detach) is
+//! [`fast_path`], built on [`loader`] (object, capacities, pins), next-hop resolution
+//! ([`neigh`]), the interface's forwarding switch ([`forwarding`]) and counters
+//! ([`stats`]).
 
+pub mod desired;
+pub mod fast_path;
 pub mod forwarding;
 pub mod loader;
 pub mod maps;
 pub mod neigh;
+pub mod retry;
 pub mod ring;
 pub mod stats;
 pub mod sync;

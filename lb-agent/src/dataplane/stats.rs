@@ -1,13 +1,40 @@
 //! Reading the per-CPU counters: the global counters and drop reasons, and the
 //! per-service and per-backend traffic. Each per-CPU value is summed over CPUs.
+//! [`Snapshot`] is all of it as the API and metrics show it.
+
+use std::collections::BTreeMap;
 
 use aya::maps::{MapData, MapError, PerCpuArray};
 use lb_common::{
     stats::{Counter, DropReason},
     types::TrafficCounters,
 };
+use serde::Serialize;
 
 use super::maps::Maps;
+
+/// Traffic counters of the fast path, by service and backend.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Global counters and drop reasons, by label.
+    pub counters: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub services: BTreeMap<String, ServiceTraffic>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServiceTraffic {
+    pub packets: u64,
+    pub bytes: u64,
+    /// By "address:port".
+    pub backends: BTreeMap<String, Traffic>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// Global counters, by label.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

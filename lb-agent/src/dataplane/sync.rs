@@ -1,79 +1,46 @@
 //! Desired state -> BPF maps. The one place that converts addresses and ports to the
 //! network-order layouts of `lb_common::types`, and the one writer of the balancer's
-//! maps.
+//! maps. The desired state itself is defined in [`super::desired`].
 //!
 //! [`Reconciler::apply`] diffs the desired state against what it wrote last and writes
 //! only the differences, in an order that never exposes a ring slot pointing to
-//! nothing: backend entries first (marked active), then the ring slots that change
-//! (each an in-place write of a valid backend id), then the VIP entry, and only at
-//! the end the entries of removed backends are marked inactive, which sends their
-//! pinned flows back through the ring.
+//! nothing:
+//! 1. the global config;
+//! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
+//!    that change (each an in-place write of a valid backend id), then the VIP entry;
+//! 3. services no longer desired: their VIP entries are removed;
+//! 4. only at the end, the entries of backends that left a ring are marked inactive,
+//!    which sends their pinned flows back through the ring, and removed backends'
+//!    ids are freed.
+//!
+//! An apply that fails part-way (a map write refused) leaves the reconciler's record
+//! consistent with what is in the maps, so the caller can apply again (the same or a
+//! newer desired state) and the maps converge: ids given to new backends are kept at
+//! once, a record (ring, VIP entry) is updated only after its write succeeded, and
+//! backends to retire stay queued until their entries are written.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    fmt,
     net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::MapError;
-use lb_common::types::{
-    BACKEND_F_ACTIVE, Backend, ENCAP_GUE, ENCAP_IPIP, FAMILY_V4, FAMILY_V6, GlobalConfig,
-    PROTO_TCP, PROTO_UDP, VIP_F_L7, VIP_F_SOURCE_HASH, VipKey, VipMeta,
+use lb_common::{
+    maps as names,
+    types::{
+        BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
+        VIP_F_L7, VIP_F_SOURCE_HASH, VipKey, VipMeta,
+    },
 };
 
 use super::{
+    desired::{DesiredService, DesiredState},
+    loader::Capacities,
     maps::Maps,
     ring::{self, RingMember},
 };
-use crate::config::{DataplaneConfig, Encap, Protocol};
-
-/// A service as the fast path should see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredService {
-    pub name: String,
-    pub vip: SocketAddr,
-    pub protocol: Protocol,
-    /// Passed to the kernel (the L7 proxy serves it).
-    pub l7: bool,
-    /// Hash the client address only (source-IP affinity).
-    pub source_hash: bool,
-    pub backends: Vec<DesiredBackend>,
-}
-
-/// A backend as the fast path should see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredBackend {
-    pub address: IpAddr,
-    pub port: u16,
-    /// Ring weight: its share of new flows. 0 = no new flows.
-    pub weight: u32,
-    /// Flows already pinned to it may continue (set while in the ring or draining).
-    pub active: bool,
-}
-
-/// Everything the reconciler writes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredState {
-    pub source_v4: Option<std::net::Ipv4Addr>,
-    pub source_v6: Option<std::net::Ipv6Addr>,
-    pub encap: u32,
-    pub services: Vec<DesiredService>,
-}
-
-impl DesiredState {
-    /// The global settings of `dataplane` with the given services (as derived by
-    /// `crate::state` from config, overrides and health).
-    pub fn new(dataplane: &DataplaneConfig, services: Vec<DesiredService>) -> Self {
-        DesiredState {
-            source_v4: dataplane.source_ipv4,
-            source_v6: dataplane.source_ipv6,
-            encap: match dataplane.encap {
-                Encap::Ipip => ENCAP_IPIP,
-                Encap::Gue => ENCAP_GUE,
-            },
-            services,
-        }
-    }
-}
+use crate::config::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -87,6 +54,41 @@ pub enum SyncError {
         #[source]
         source: MapError,
     },
+    #[error("reading map {map} ({key}): {source}")]
+    Read {
+        map: &'static str,
+        key: MapKey,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Which entry of a map a failed read was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKey {
+    /// The entry at this index (arrays).
+    Index(u32),
+    /// Walking all keys (hash maps).
+    All,
+}
+
+impl fmt::Display for MapKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapKey::Index(i) => write!(f, "key {i}"),
+            MapKey::All => f.write_str("iterating its keys"),
+        }
+    }
+}
+
+/// The error of a failed read of `map` at `key`.
+fn read_err(map: &'static str, key: MapKey) -> impl FnOnce(MapError) -> SyncError {
+    move |source| SyncError::Read { map, key, source }
+}
+
+/// The error of a failed write of `what`.
+fn write_err(what: &'static str) -> impl FnOnce(MapError) -> SyncError {
+    move |source| SyncError::Write { what, source }
 }
 
 /// Address in the map layout: network order, IPv4 in word 0.
@@ -159,15 +161,217 @@ impl IdPool {
 
 type BackendKey = (IpAddr, u16);
 
+/// The backend map as written: the entries, their id allocator, and the ids of
+/// removed backends waiting for step 4 to be written inactive and freed.
+#[derive(Debug)]
+struct BackendTable {
+    ids: IdPool,
+    written: BTreeMap<u32, Backend>,
+    retiring: BTreeSet<u32>,
+}
+
+impl BackendTable {
+    fn new(max: u32) -> Self {
+        BackendTable {
+            ids: IdPool::new(max),
+            written: BTreeMap::new(),
+            retiring: BTreeSet::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Result<u32, SyncError> {
+        self.ids
+            .alloc()
+            .ok_or(SyncError::BackendsFull { max: self.ids.max })
+    }
+
+    /// Write `entry` at `id` unless it is there already.
+    fn write(&mut self, maps: &mut Maps, id: u32, entry: Backend) -> Result<(), SyncError> {
+        if self.written.get(&id) != Some(&entry) {
+            maps.backends
+                .set(id, entry, 0)
+                .map_err(write_err("backend"))?;
+            self.written.insert(id, entry);
+        }
+        Ok(())
+    }
+
+    /// `id` left its service: write it inactive and free it in step 4.
+    fn retire(&mut self, id: u32) {
+        self.retiring.insert(id);
+    }
+
+    /// Step 4 for removed backends: entries written inactive, ids freed.
+    fn retire_queued(&mut self, maps: &mut Maps) -> Result<(), SyncError> {
+        while let Some(&id) = self.retiring.first() {
+            if let Some(&entry) = self.written.get(&id) {
+                self.write(maps, id, Backend { flags: 0, ..entry })?;
+                self.written.remove(&id);
+            }
+            self.retiring.remove(&id);
+            self.ids.release(id);
+        }
+        Ok(())
+    }
+}
+
 /// What the reconciler last wrote for a service.
 #[derive(Debug)]
 struct WrittenService {
     id: u32,
     key: VipKey,
-    meta: VipMeta,
+    /// The VIP entry as written under `key` (None: not written yet).
+    meta: Option<VipMeta>,
     /// The ring as written (empty = none).
     ring: Vec<u32>,
     backends: BTreeMap<BackendKey, u32>,
+}
+
+/// A backend that takes new flows: (ring key "address:port", backend id, weight).
+type Member = (String, u32, u32);
+
+impl WrittenService {
+    fn new(id: u32, key: VipKey) -> Self {
+        WrittenService {
+            id,
+            key,
+            meta: None,
+            ring: Vec::new(),
+            backends: BTreeMap::new(),
+        }
+    }
+
+    /// Step 2, first half: backend entries. New backends get ids (recorded at once, so
+    /// an apply retried after a failure reuses them) and active entries are written
+    /// now. Entries of backends that are no longer active are queued in `deactivate`,
+    /// and removed backends are retired: both are written in step 4, once no ring
+    /// points at them. Returns the ring's members.
+    fn write_backends(
+        &mut self,
+        maps: &mut Maps,
+        table: &mut BackendTable,
+        svc: &DesiredService,
+        deactivate: &mut Vec<(u32, Backend)>,
+    ) -> Result<Vec<Member>, SyncError> {
+        let mut members = Vec::new();
+        for b in &svc.backends {
+            let bkey = (b.address, b.port);
+            let id = match self.backends.get(&bkey) {
+                Some(&id) => id,
+                None => {
+                    let id = table.alloc()?;
+                    self.backends.insert(bkey, id);
+                    id
+                }
+            };
+            let (addr, family) = addr_words(b.address);
+            let entry = Backend {
+                addr,
+                family,
+                flags: if b.active { BACKEND_F_ACTIVE } else { 0 },
+                _pad: [0; 2],
+                service_id: self.id,
+            };
+            if b.active {
+                table.write(maps, id, entry)?;
+            } else {
+                deactivate.push((id, entry));
+            }
+            if b.active && b.weight > 0 {
+                members.push((format!("{}:{}", b.address, b.port), id, b.weight));
+            }
+        }
+        self.backends.retain(|&(address, port), &mut id| {
+            let desired = svc
+                .backends
+                .iter()
+                .any(|b| b.address == address && b.port == port);
+            if !desired {
+                table.retire(id);
+            }
+            desired
+        });
+        Ok(members)
+    }
+
+    /// Step 2, second half: the ring, as in-place writes of the slots that change.
+    /// Returns how many slots were written.
+    fn write_ring(
+        &mut self,
+        maps: &mut Maps,
+        ring_size: u32,
+        members: &[Member],
+    ) -> Result<u32, SyncError> {
+        let members: Vec<RingMember<'_>> = members
+            .iter()
+            .map(|(key, id, weight)| RingMember {
+                id: *id,
+                key,
+                weight: *weight,
+            })
+            .collect();
+        let new_ring = ring::build(&members, ring_size).unwrap_or_default();
+        let mut slots_changed = 0;
+        for (slot, &id) in (0u32..).zip(&new_ring) {
+            if self.ring.get(slot as usize) != Some(&id) {
+                maps.rings
+                    .set(self.id * ring_size + slot, id, 0)
+                    .map_err(write_err("ring slot"))?;
+                slots_changed += 1;
+            }
+        }
+        self.ring = new_ring;
+        Ok(slots_changed)
+    }
+
+    /// Step 2, last: the VIP entry (ring_size 0 = no ring: packets are dropped as
+    /// no_backend), moved to `key` when the service's VIP changed.
+    fn write_vip(
+        &mut self,
+        maps: &mut Maps,
+        key: VipKey,
+        svc: &DesiredService,
+        ring_size: u32,
+    ) -> Result<(), SyncError> {
+        let meta = VipMeta {
+            service_id: self.id,
+            ring_size: if self.ring.is_empty() { 0 } else { ring_size },
+            flags: if svc.l7 { VIP_F_L7 } else { 0 }
+                | if svc.source_hash {
+                    VIP_F_SOURCE_HASH
+                } else {
+                    0
+                },
+            _pad: 0,
+        };
+        let key_changed = self.key != key;
+        if key_changed || self.meta != Some(meta) {
+            maps.vips.insert(key, meta, 0).map_err(write_err("VIP"))?;
+        }
+        if key_changed {
+            remove_vip(maps, &self.key)?;
+            self.key = key;
+        }
+        self.meta = Some(meta);
+        Ok(())
+    }
+
+    fn applied(&self, name: &str, slots_changed: u32) -> AppliedService {
+        let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
+        for &id in &self.ring {
+            *shares.entry(id).or_default() += 1;
+        }
+        AppliedService {
+            name: name.to_owned(),
+            service_id: self.id,
+            backends: self
+                .backends
+                .iter()
+                .map(|(&(a, p), &id)| (a, p, id, shares.get(&id).copied().unwrap_or(0)))
+                .collect(),
+            slots_changed,
+        }
+    }
 }
 
 /// Per-service result of an apply, for logs and the API.
@@ -187,20 +391,20 @@ pub struct Reconciler {
     ring_size: u32,
     config: Option<GlobalConfig>,
     services: BTreeMap<String, WrittenService>,
-    backend_entries: BTreeMap<u32, Backend>,
     service_ids: IdPool,
-    backend_ids: IdPool,
+    backends: BackendTable,
 }
 
 impl Reconciler {
-    pub fn new(ring_size: u32, max_services: u32, max_backends: u32) -> Self {
+    /// A reconciler for empty maps of these capacities (`flow_table_size` is not its
+    /// concern).
+    pub fn new(caps: &Capacities) -> Self {
         Reconciler {
-            ring_size,
+            ring_size: caps.ring_size,
             config: None,
             services: BTreeMap::new(),
-            backend_entries: BTreeMap::new(),
-            service_ids: IdPool::new(max_services),
-            backend_ids: IdPool::new(max_backends),
+            service_ids: IdPool::new(caps.max_services),
+            backends: BackendTable::new(caps.max_backends),
         }
     }
 
@@ -212,95 +416,93 @@ impl Reconciler {
     /// is kept under a placeholder name, and so removed by the next apply.
     pub fn adopt(
         maps: &Maps,
-        ring_size: u32,
-        max_services: u32,
-        max_backends: u32,
+        caps: &Capacities,
         desired: &DesiredState,
     ) -> Result<Self, SyncError> {
-        let read_err = |what: &'static str| move |source| SyncError::Write { what, source };
-        let mut r = Reconciler::new(ring_size, max_services, max_backends);
+        let mut r = Reconciler::new(caps);
         r.config = Some(
             maps.config
                 .get(&0, 0)
-                .map_err(read_err("reading global config"))?,
+                .map_err(read_err(names::CONFIG, MapKey::Index(0)))?,
         );
-
-        // Every backend entry ever written (family 0 = never used).
-        let mut entries: BTreeMap<u32, Backend> = BTreeMap::new();
-        for id in 0..max_backends {
-            let e = maps
-                .backends
-                .get(&id, 0)
-                .map_err(read_err("reading backend"))?;
-            if e.family != 0 {
-                entries.insert(id, e);
-            }
-        }
+        let entries = read_backend_entries(maps, caps.max_backends)?;
         let vips: Vec<(VipKey, VipMeta)> = maps
             .vips
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(read_err("reading VIPs"))?;
+            .map_err(read_err(names::VIPS, MapKey::All))?;
         for (key, meta) in vips {
-            let svc = desired
-                .services
-                .iter()
-                .find(|s| vip_key(s.vip, s.protocol) == key);
-            let name = svc.map_or_else(
-                || format!("\0adopted service {}", meta.service_id),
-                |s| s.name.clone(),
-            );
-            let mut ring = Vec::new();
-            if meta.ring_size == ring_size && ring_size > 0 {
-                ring.reserve(ring_size as usize);
-                let base = meta.service_id * ring_size;
-                for slot in 0..ring_size {
-                    ring.push(
-                        maps.rings
-                            .get(&(base + slot), 0)
-                            .map_err(read_err("reading ring"))?,
-                    );
-                }
-            }
-            let mut backends: BTreeMap<BackendKey, u32> = BTreeMap::new();
-            for (&id, e) in entries
-                .iter()
-                .filter(|(_, e)| e.service_id == meta.service_id)
-            {
-                let address = entry_address(e);
-                let port = svc
-                    .and_then(|s| s.backends.iter().find(|b| b.address == address))
-                    .map_or(key_port(&key), |b| b.port);
-                // Two entries for one backend (an old, inactive one left behind):
-                // keep the active one; the other stays free.
-                let keep = match backends.get(&(address, port)) {
-                    Some(&other) => {
-                        e.flags & BACKEND_F_ACTIVE != 0
-                            && entries[&other].flags & BACKEND_F_ACTIVE == 0
-                    }
-                    None => true,
-                };
-                if keep {
-                    backends.insert((address, port), id);
-                }
-            }
-            r.service_ids.reserve(meta.service_id);
-            for &id in backends.values() {
-                r.backend_ids.reserve(id);
-                r.backend_entries.insert(id, entries[&id]);
-            }
-            r.services.insert(
-                name,
-                WrittenService {
-                    id: meta.service_id,
-                    key,
-                    meta,
-                    ring,
-                    backends,
-                },
-            );
+            r.adopt_service(maps, key, meta, &entries, desired)?;
         }
         Ok(r)
+    }
+
+    /// Record the service of the VIP entry `key -> meta` with its ring and backends.
+    fn adopt_service(
+        &mut self,
+        maps: &Maps,
+        key: VipKey,
+        meta: VipMeta,
+        entries: &BTreeMap<u32, Backend>,
+        desired: &DesiredState,
+    ) -> Result<(), SyncError> {
+        let svc = desired
+            .services
+            .iter()
+            .find(|s| vip_key(s.vip, s.protocol) == key);
+        let name = svc.map_or_else(
+            || format!("\0adopted service {}", meta.service_id),
+            |s| s.name.clone(),
+        );
+        let mut ring = Vec::new();
+        if meta.ring_size == self.ring_size && self.ring_size > 0 {
+            ring.reserve(self.ring_size as usize);
+            let base = meta.service_id * self.ring_size;
+            for slot in base..base + self.ring_size {
+                ring.push(
+                    maps.rings
+                        .get(&slot, 0)
+                        .map_err(read_err(names::RINGS, MapKey::Index(slot)))?,
+                );
+            }
+        }
+        let mut backends: BTreeMap<BackendKey, u32> = BTreeMap::new();
+        for (&id, e) in entries
+            .iter()
+            .filter(|(_, e)| e.service_id == meta.service_id)
+        {
+            let address = entry_address(e);
+            let port = svc
+                .and_then(|s| s.backends.iter().find(|b| b.address == address))
+                .map_or(key_port(&key), |b| b.port);
+            // Two entries for one backend (an old, inactive one left behind):
+            // keep the active one; the other stays free.
+            let keep = match backends.get(&(address, port)) {
+                Some(&other) => {
+                    e.flags & BACKEND_F_ACTIVE != 0 && entries[&other].flags & BACKEND_F_ACTIVE == 0
+                }
+                None => true,
+            };
+            if keep {
+                backends.insert((address, port), id);
+            }
+        }
+        self.service_ids.reserve(meta.service_id);
+        for &id in backends.values() {
+            self.backends.ids.reserve(id);
+            self.backends.written.insert(id, entries[&id]);
+        }
+        self.services.insert(
+            name,
+            WrittenService {
+                id: meta.service_id,
+                key,
+                meta: Some(meta),
+                ring,
+                backends,
+            },
+        );
+        Ok(())
     }
 
     /// Backend id of `(service, address, port)` as last written.
@@ -317,12 +519,31 @@ impl Reconciler {
         self.services.get(service).map(|s| s.id)
     }
 
-    /// Write the differences between `desired` and the maps.
+    /// Write the differences between `desired` and the maps, in the order of the
+    /// [module docs](self).
     pub fn apply(
         &mut self,
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<Vec<AppliedService>, SyncError> {
+        self.write_global_config(maps, desired)?;
+        // Entries of backends that stay but are no longer active, written in step 4.
+        let mut deactivate = Vec::new();
+        let mut applied = Vec::with_capacity(desired.services.len());
+        for svc in &desired.services {
+            applied.push(self.apply_service(maps, svc, &mut deactivate)?);
+        }
+        self.remove_services(maps, desired)?;
+        self.deactivate_backends(maps, deactivate)?;
+        Ok(applied)
+    }
+
+    /// Step 1: the global config.
+    fn write_global_config(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<(), SyncError> {
         let config = GlobalConfig {
             source_v4: desired
                 .source_v4
@@ -334,148 +555,42 @@ impl Reconciler {
         if self.config != Some(config) {
             maps.config
                 .set(0, config, 0)
-                .map_err(|source| SyncError::Write {
-                    what: "global config",
-                    source,
-                })?;
+                .map_err(write_err("global config"))?;
             self.config = Some(config);
         }
+        Ok(())
+    }
 
-        let mut applied = Vec::with_capacity(desired.services.len());
-        let mut still_used: BTreeSet<u32> = BTreeSet::new();
-        // Entries to write inactive once no ring points at them.
-        let mut deactivate: Vec<(u32, Backend)> = Vec::new();
-
-        for svc in &desired.services {
-            let key = vip_key(svc.vip, svc.protocol);
-            let written = match self.services.get_mut(&svc.name) {
-                Some(w) => w,
-                None => {
-                    let id = self.service_ids.alloc().ok_or(SyncError::ServicesFull {
-                        max: self.service_ids.max,
-                    })?;
-                    self.services
-                        .entry(svc.name.clone())
-                        .or_insert(WrittenService {
-                            id,
-                            key,
-                            meta: VipMeta::default(),
-                            ring: Vec::new(),
-                            backends: BTreeMap::new(),
-                        })
-                }
-            };
-
-            // 1. Backend entries: allocate ids, write new/changed active entries now.
-            let mut members = Vec::new();
-            let mut ids = BTreeMap::new();
-            for b in &svc.backends {
-                let bkey = (b.address, b.port);
-                let id = match written.backends.get(&bkey) {
-                    Some(&id) => id,
-                    None => self.backend_ids.alloc().ok_or(SyncError::BackendsFull {
-                        max: self.backend_ids.max,
-                    })?,
-                };
-                ids.insert(bkey, id);
-                let (addr, family) = addr_words(b.address);
-                let entry = Backend {
-                    addr,
-                    family,
-                    flags: if b.active { BACKEND_F_ACTIVE } else { 0 },
-                    _pad: [0; 2],
-                    service_id: written.id,
-                };
-                if b.active {
-                    write_backend(maps, &mut self.backend_entries, id, entry)?;
-                } else {
-                    deactivate.push((id, entry));
-                }
-                if b.active && b.weight > 0 {
-                    members.push((format!("{}:{}", b.address, b.port), id, b.weight));
-                }
+    /// Step 2: one service's backends, ring and VIP entry.
+    fn apply_service(
+        &mut self,
+        maps: &mut Maps,
+        svc: &DesiredService,
+        deactivate: &mut Vec<(u32, Backend)>,
+    ) -> Result<AppliedService, SyncError> {
+        let key = vip_key(svc.vip, svc.protocol);
+        let written = match self.services.entry(svc.name.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let id = self.service_ids.alloc().ok_or(SyncError::ServicesFull {
+                    max: self.service_ids.max,
+                })?;
+                e.insert(WrittenService::new(id, key))
             }
-            for (bkey, &id) in &written.backends {
-                if !ids.contains_key(bkey) {
-                    deactivate.extend(inactive(&self.backend_entries, id));
-                }
-            }
+        };
+        let members = written.write_backends(maps, &mut self.backends, svc, deactivate)?;
+        let slots_changed = written.write_ring(maps, self.ring_size, &members)?;
+        written.write_vip(maps, key, svc, self.ring_size)?;
+        Ok(written.applied(&svc.name, slots_changed))
+    }
 
-            // 2. The ring: in-place writes of the slots that change.
-            let ring_members: Vec<RingMember<'_>> = members
-                .iter()
-                .map(|(k, id, w)| RingMember {
-                    id: *id,
-                    key: k,
-                    weight: *w,
-                })
-                .collect();
-            let new_ring = ring::build(&ring_members, self.ring_size).unwrap_or_default();
-            let mut slots_changed = 0;
-            for (slot, &id) in new_ring.iter().enumerate() {
-                if written.ring.get(slot) != Some(&id) {
-                    let index = written.id * self.ring_size + slot as u32;
-                    maps.rings
-                        .set(index, id, 0)
-                        .map_err(|source| SyncError::Write {
-                            what: "ring slot",
-                            source,
-                        })?;
-                    slots_changed += 1;
-                }
-            }
-
-            // 3. The VIP entry (ring_size 0 = no ring: packets are dropped as no_backend).
-            let meta = VipMeta {
-                service_id: written.id,
-                ring_size: if new_ring.is_empty() {
-                    0
-                } else {
-                    self.ring_size
-                },
-                flags: if svc.l7 { VIP_F_L7 } else { 0 }
-                    | if svc.source_hash {
-                        VIP_F_SOURCE_HASH
-                    } else {
-                        0
-                    },
-                _pad: 0,
-            };
-            let key_changed = written.key != key;
-            if key_changed || written.meta != meta {
-                maps.vips
-                    .insert(key, meta, 0)
-                    .map_err(|source| SyncError::Write {
-                        what: "VIP",
-                        source,
-                    })?;
-            }
-            if key_changed {
-                remove_vip(maps, &written.key)?;
-                written.key = key;
-            }
-            written.meta = meta;
-
-            let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
-            for &id in &new_ring {
-                *shares.entry(id).or_default() += 1;
-            }
-            written.ring = new_ring;
-            written.backends = ids;
-            still_used.extend(written.backends.values().copied());
-            applied.push(AppliedService {
-                name: svc.name.clone(),
-                service_id: written.id,
-                backends: written
-                    .backends
-                    .iter()
-                    .map(|(&(a, p), &id)| (a, p, id, shares.get(&id).copied().unwrap_or(0)))
-                    .collect(),
-                slots_changed,
-            });
-        }
-
-        // Services no longer desired: remove the VIP first, then their backends.
+    /// Step 3: services no longer desired. The VIP entry goes first (nothing reaches
+    /// the ring any more), then the backends are retired and the service id freed.
+    fn remove_services(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<(), SyncError> {
         let gone: Vec<String> = self
             .services
             .keys()
@@ -483,25 +598,48 @@ impl Reconciler {
             .cloned()
             .collect();
         for name in gone {
+            let key = self.services[&name].key;
+            remove_vip(maps, &key)?;
             if let Some(w) = self.services.remove(&name) {
-                remove_vip(maps, &w.key)?;
                 for &id in w.backends.values() {
-                    deactivate.extend(inactive(&self.backend_entries, id));
+                    self.backends.retire(id);
                 }
                 self.service_ids.release(w.id);
             }
         }
-
-        // 4. Now nothing new points at them: mark inactive, free removed ids.
-        for (id, entry) in deactivate {
-            write_backend(maps, &mut self.backend_entries, id, entry)?;
-            if !still_used.contains(&id) {
-                self.backend_entries.remove(&id);
-                self.backend_ids.release(id);
-            }
-        }
-        Ok(applied)
+        Ok(())
     }
+
+    /// Step 4: now that no ring points at them, mark entries inactive (their pinned
+    /// flows go back through the ring) and free the ids of removed backends.
+    fn deactivate_backends(
+        &mut self,
+        maps: &mut Maps,
+        deactivate: Vec<(u32, Backend)>,
+    ) -> Result<(), SyncError> {
+        for (id, entry) in deactivate {
+            self.backends.write(maps, id, entry)?;
+        }
+        self.backends.retire_queued(maps)
+    }
+}
+
+/// Every backend entry ever written (family 0 = never used), by id.
+fn read_backend_entries(
+    maps: &Maps,
+    max_backends: u32,
+) -> Result<BTreeMap<u32, Backend>, SyncError> {
+    let mut entries = BTreeMap::new();
+    for id in 0..max_backends {
+        let e = maps
+            .backends
+            .get(&id, 0)
+            .map_err(read_err(names::BACKENDS, MapKey::Index(id)))?;
+        if e.family != 0 {
+            entries.insert(id, e);
+        }
+    }
+    Ok(entries)
 }
 
 /// The address of a backend entry (inverse of [`addr_words`]).
@@ -520,29 +658,6 @@ fn entry_address(e: &Backend) -> IpAddr {
 /// The host-order port of a VIP key.
 fn key_port(key: &VipKey) -> u16 {
     u16::from_be(key.port)
-}
-
-/// The written entry of `id` with its active bit cleared.
-fn inactive(written: &BTreeMap<u32, Backend>, id: u32) -> Option<(u32, Backend)> {
-    written.get(&id).map(|&e| (id, Backend { flags: 0, ..e }))
-}
-
-fn write_backend(
-    maps: &mut Maps,
-    written: &mut BTreeMap<u32, Backend>,
-    id: u32,
-    entry: Backend,
-) -> Result<(), SyncError> {
-    if written.get(&id) != Some(&entry) {
-        maps.backends
-            .set(id, entry, 0)
-            .map_err(|source| SyncError::Write {
-                what: "backend",
-                source,
-            })?;
-        written.insert(id, entry);
-    }
-    Ok(())
 }
 
 fn remove_vip(maps: &mut Maps, key: &VipKey) -> Result<(), SyncError> {
@@ -572,6 +687,25 @@ mod tests {
         let k = vip_key("198.18.100.1:80".parse().unwrap(), Protocol::Tcp);
         assert_eq!(k.port.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, PROTO_TCP);
+    }
+
+    #[test]
+    fn read_errors_name_the_map_and_key() {
+        let e = read_err(names::BACKENDS, MapKey::Index(7))(MapError::KeyNotFound);
+        assert!(
+            matches!(e, SyncError::Read { map, key: MapKey::Index(7), .. } if map == names::BACKENDS)
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("reading map "), "{text}");
+        assert!(
+            text.contains(names::BACKENDS) && text.contains("key 7"),
+            "{text}"
+        );
+        let text = read_err(names::VIPS, MapKey::All)(MapError::KeyNotFound).to_string();
+        assert!(
+            text.contains(names::VIPS) && text.contains("iterating its keys"),
+            "{text}"
+        );
     }
 
     #[test]

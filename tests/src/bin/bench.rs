@@ -81,11 +81,12 @@ use aya::{
 use lb_agent::{
     config::Protocol,
     dataplane::{
+        desired::{DesiredBackend, DesiredService, DesiredState},
         forwarding::InterfaceForwarding,
         loader::{self, Capacities, FLOORS_OBJECT, LB_PROGRAM},
         maps::Maps,
         stats::{self, Counters},
-        sync::{DesiredBackend, DesiredService, DesiredState, Reconciler, addr_words},
+        sync::{Reconciler, addr_words},
     },
 };
 use lb_common::{
@@ -431,7 +432,7 @@ impl Lb {
         };
         let mut ebpf = loader::load(&caps)?;
         let mut maps = Maps::take(&mut ebpf, None)?;
-        let mut reconciler = Reconciler::new(RING, MAX_SERVICES, MAX_BACKENDS);
+        let mut reconciler = Reconciler::new(&caps);
         let desired = DesiredState {
             source_v4: Some(LB_ADDR),
             source_v6: None,

@@ -1,0 +1,86 @@
+//! The desired state of the fast path and the one door it goes through: [`Sink`].
+//!
+//! Data flows downhill: config and API changes, with health, become a [`DesiredState`]
+//! (derived by `crate::state`, owned by `crate::control::Control`), which is handed to
+//! a [`Sink`]: the fast path's maps ([`super::fast_path::MapsSink`], whose
+//! [`super::sync::Reconciler`] writes only the differences) or nothing at all
+//! ([`NoFastPath`], `--xdp-mode off`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use lb_common::types::{ENCAP_GUE, ENCAP_IPIP};
+
+use super::stats::Snapshot;
+use crate::config::{DataplaneConfig, Encap, Protocol, ServiceConfig};
+
+/// A service as the fast path should see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    /// Passed to the kernel (the L7 proxy serves it).
+    pub l7: bool,
+    /// Hash the client address only (source-IP affinity).
+    pub source_hash: bool,
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// A backend as the fast path should see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: IpAddr,
+    pub port: u16,
+    /// Ring weight: its share of new flows. 0 = no new flows.
+    pub weight: u32,
+    /// Flows already pinned to it may continue (set while in the ring or draining).
+    pub active: bool,
+}
+
+/// Everything the reconciler writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    pub encap: u32,
+    pub services: Vec<DesiredService>,
+}
+
+impl DesiredState {
+    /// The global settings of `dataplane` with the given services (as derived by
+    /// `crate::state` from config, overrides and health).
+    pub fn new(dataplane: &DataplaneConfig, services: Vec<DesiredService>) -> Self {
+        DesiredState {
+            source_v4: dataplane.source_ipv4,
+            source_v6: dataplane.source_ipv6,
+            encap: match dataplane.encap {
+                Encap::Ipip => ENCAP_IPIP,
+                Encap::Gue => ENCAP_GUE,
+            },
+            services,
+        }
+    }
+}
+
+/// Where the desired state goes: the fast path, or nowhere (`--xdp-mode off`).
+///
+/// `apply` may fail part-way (a map write refused by the kernel); the caller keeps the
+/// desired state and calls `apply` again later (see [`super::retry::WriteRetry`]), so
+/// an implementation must make a repeated `apply` of the same or a newer state correct.
+pub trait Sink: Send {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()>;
+    /// The fast path's counters, if there is a fast path.
+    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot>;
+}
+
+/// No fast path: nothing to write (L7 services are served by the proxy).
+pub struct NoFastPath;
+
+impl Sink for NoFastPath {
+    fn apply(&mut self, _desired: &DesiredState) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn snapshot(&self, _services: &[ServiceConfig]) -> Option<Snapshot> {
+        None
+    }
+}

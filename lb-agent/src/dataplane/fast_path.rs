@@ -1,0 +1,274 @@
+//! The balancer's lifecycle on one interface: load the object with its maps pinned
+//! (adopting the maps of a fast path a previous agent left running), fill the maps
+//! through [`MapsSink`], attach (or swap the new program into the running link), keep
+//! the backends' next hops resolved, and at the end either leave it all running for
+//! the next agent (hitless restart) or detach and unpin it.
+//!
+//! The order is: [`FastPath::load`] gives a [`Loaded`] object and the [`MapsSink`] the
+//! control plane writes the first desired state through; only then
+//! [`Loaded::attach`] attaches the program, so it never runs on half-filled maps.
+//!
+//! Pins: `<bpffs>/xdplb/<netns>/<iface>/lb/`, one file per map plus [`LINK_PIN`].
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+
+use super::{
+    desired::{DesiredState, Sink},
+    forwarding,
+    loader::{self, AttachMode, Capacities, LB_PROGRAM, Role},
+    maps::Maps,
+    neigh::NextHopKeeper,
+    stats::{self, ServiceTraffic, Snapshot, Traffic},
+    sync::Reconciler,
+};
+use crate::config::{Mode, ServiceConfig};
+
+/// Name of the pinned XDP link in the balancer's pin directory.
+pub const LINK_PIN: &str = "link";
+
+/// The balancer's maps and their one writer.
+pub struct MapsSink {
+    maps: Maps,
+    capacities: Capacities,
+    /// None until the first apply when maps left by a previous agent are to be adopted
+    /// (recognising its services needs the first desired state).
+    reconciler: Option<Reconciler>,
+}
+
+impl Sink for MapsSink {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
+        let reconciler = match &mut self.reconciler {
+            Some(r) => r,
+            None => {
+                let r = Reconciler::adopt(&self.maps, &self.capacities, desired)
+                    .context("reading back the maps of the running fast path")?;
+                self.reconciler.insert(r)
+            }
+        };
+        for s in reconciler.apply(&mut self.maps, desired)? {
+            if s.slots_changed > 0 {
+                tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "ring written");
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot> {
+        let c = stats::counters(&self.maps).ok()?;
+        let mut snap = Snapshot {
+            counters: c.counters.iter().map(|(k, v)| (k.label(), *v)).collect(),
+            drops: c.drops.iter().map(|(k, v)| (k.label(), *v)).collect(),
+            ..Default::default()
+        };
+        let reconciler = self.reconciler.as_ref()?;
+        for svc in services.iter().filter(|s| s.mode == Mode::L4) {
+            let Some(id) = reconciler.service_id(&svc.name) else {
+                continue;
+            };
+            let t = stats::service_traffic(&self.maps, id).ok()?;
+            let mut st = ServiceTraffic {
+                packets: t.packets,
+                bytes: t.bytes,
+                backends: Default::default(),
+            };
+            for b in &svc.backends {
+                if let Some(bid) = reconciler.backend_id(&svc.name, b.address, b.port) {
+                    let t = stats::backend_traffic(&self.maps, bid).ok()?;
+                    st.backends.insert(
+                        SocketAddr::new(b.address, b.port).to_string(),
+                        Traffic {
+                            packets: t.packets,
+                            bytes: t.bytes,
+                        },
+                    );
+                }
+            }
+            snap.services.insert(svc.name.clone(), st);
+        }
+        Some(snap)
+    }
+}
+
+/// How [`FastPath::load`] found the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// Nothing running: attach anew.
+    Fresh,
+    /// A fast path pinned by a previous agent, with the same capacities: reuse its maps
+    /// and swap the new program into its link.
+    Adopt,
+}
+
+/// The object loaded with its maps pinned, not attached yet.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    takeover: Takeover,
+    iface: String,
+}
+
+/// The attached program. It is pinned (maps and link) under its pin directory, so it
+/// keeps forwarding when the agent stops; the next agent adopts it.
+pub struct FastPath {
+    /// The program as loaded by this agent (the link is pinned, so dropping this does
+    /// not detach).
+    ebpf: Ebpf,
+    next_hops: NextHopKeeper,
+    pin_dir: PathBuf,
+    iface: String,
+}
+
+impl FastPath {
+    /// Load the object for `iface` with its maps pinned under `bpffs`, reusing those of
+    /// a running fast path when there is one with the same capacities (otherwise that
+    /// one is replaced, and established flows are re-hashed).
+    pub fn load(caps: Capacities, iface: &str, bpffs: &Path) -> anyhow::Result<(Loaded, MapsSink)> {
+        let pin_dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
+        let running = pin_dir.join(LINK_PIN).exists();
+        let takeover = match (running, loader::pinned_capacities(&pin_dir)) {
+            (true, Some(pinned)) if pinned == caps => Takeover::Adopt,
+            (true, pinned) => {
+                tracing::warn!(?pinned, wanted = ?caps, "the running fast path's maps have other capacities or layouts: replacing it (established flows are re-hashed)");
+                Takeover::Fresh
+            }
+            (false, _) => Takeover::Fresh,
+        };
+        if takeover == Takeover::Fresh && loader::remove_pin_dir(&pin_dir)? {
+            tracing::warn!(dir = %pin_dir.display(), "removed pins a previous agent left behind");
+        }
+        loader::create_pin_dir(&pin_dir)?;
+        let mut ebpf = loader::load_pinned(&caps, &pin_dir)?;
+        let maps = Maps::take(&mut ebpf, None).context("taking the balancer's maps")?;
+        let sink = MapsSink {
+            maps,
+            capacities: caps,
+            reconciler: (takeover == Takeover::Fresh).then(|| Reconciler::new(&caps)),
+        };
+        let loaded = Loaded {
+            ebpf,
+            pin_dir,
+            takeover,
+            iface: iface.to_owned(),
+        };
+        Ok((loaded, sink))
+    }
+
+    /// Resolve the next hops of these backends (the thin call into [`NextHopKeeper`]);
+    /// failures are logged, their packets go up to the kernel until they resolve.
+    pub fn refresh_next_hops(&mut self, backends: &BTreeSet<IpAddr>) {
+        for (addr, e) in self.next_hops.ensure(backends) {
+            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
+        }
+    }
+
+    /// The agent is stopping: log the counters and leave the fast path running (its
+    /// next hops and the interface's forwarding setting with it), or remove it all
+    /// when `detach_too`.
+    pub fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
+        if let Some(s) = snapshot {
+            let nonzero: Vec<String> = s
+                .counters
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .chain(
+                    s.drops
+                        .iter()
+                        .filter(|(_, v)| **v > 0)
+                        .map(|(k, v)| format!("drop_{k}={v}")),
+                )
+                .collect();
+            tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
+        }
+        if detach_too {
+            self.next_hops.clear();
+            drop(self.ebpf);
+            if let Err(e) = remove_fast_path(&self.pin_dir, &self.iface) {
+                tracing::warn!(error = %e, "removing the fast path");
+            } else {
+                tracing::info!(iface = %self.iface, "fast path detached, pins removed");
+            }
+        } else {
+            tracing::info!(iface = %self.iface, pins = %self.pin_dir.display(), "fast path left running for the next agent; `lb-agent detach --iface {}` removes it", self.iface);
+        }
+    }
+}
+
+impl Loaded {
+    /// Attach the program (call once the maps hold the first desired state): swap it
+    /// into the running fast path's link when adopting, else attach it anew in `mode`
+    /// and pin the link. Forwarding is enabled on the interface first.
+    pub fn attach(self, mode: AttachMode) -> anyhow::Result<FastPath> {
+        let Loaded {
+            mut ebpf,
+            pin_dir,
+            takeover,
+            iface,
+        } = self;
+        forwarding::enable(&iface)?;
+        let program = loader::load_program(&mut ebpf, LB_PROGRAM)?;
+        let link_pin = pin_dir.join(LINK_PIN);
+        match takeover {
+            Takeover::Adopt => {
+                let pinned = PinnedLink::from_pin(&link_pin)
+                    .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .context("the pinned link is not an XDP link")?;
+                program
+                    .attach_to_link(link)
+                    .context("swapping the new program into the running fast path's link")?;
+                tracing::info!(iface, pins = %pin_dir.display(), "adopted the running fast path: maps kept, program swapped in place");
+            }
+            Takeover::Fresh => {
+                let (id, mode_used) = loader::attach(program, LB_PROGRAM, &iface, mode)?;
+                let link: FdLink = program.take_link(id)?.try_into().context(
+                    "the kernel attached XDP through netlink, which cannot be pinned \
+                     (needs bpf_link, Linux 5.9+)",
+                )?;
+                // The pin holds the link: it stays attached after this process ends.
+                link.pin(&link_pin)
+                    .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
+                tracing::info!(iface, mode = mode_used, pins = %pin_dir.display(), "fast path attached");
+            }
+        }
+        Ok(FastPath {
+            ebpf,
+            next_hops: NextHopKeeper::default(),
+            pin_dir,
+            iface,
+        })
+    }
+}
+
+/// Unpin everything (the link goes with its last pin: detached) and put the
+/// interface's forwarding setting back.
+fn remove_fast_path(pin_dir: &Path, iface: &str) -> anyhow::Result<bool> {
+    let removed = loader::remove_pin_dir(pin_dir)?;
+    forwarding::restore(iface)?;
+    Ok(removed)
+}
+
+/// `lb-agent detach`: remove the balancer's pins for `iface` (a running agent detaches
+/// itself when it stops with `--detach-on-exit`).
+pub fn detach(iface: &str, bpffs: &Path) -> anyhow::Result<()> {
+    let dir = loader::pin_dir(bpffs, iface, Role::Balancer)?;
+    if remove_fast_path(&dir, iface)? {
+        println!("removed the fast path pinned for {iface}");
+    } else {
+        println!("nothing pinned for {iface} under {}", bpffs.display());
+    }
+    Ok(())
+}
