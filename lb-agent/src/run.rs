@@ -46,9 +46,6 @@ const L7_RETRY: Duration = Duration::from_secs(5);
 /// How often slow-starting backends get their weights raised.
 const SLOW_START_STEP: Duration = Duration::from_millis(500);
 
-/// How often next hops are re-checked (routes may change under us).
-const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
-
 pub struct RunArgs {
     pub config: PathBuf,
     pub iface: Option<String>,
@@ -162,7 +159,9 @@ struct FastPath {
     /// The program as loaded by this agent (the link is pinned, so dropping this does
     /// not detach).
     _ebpf: Ebpf,
-    next_hops: NextHopKeeper,
+    /// Keeps the L4 backends' next hops resolved (None until started, or when netlink
+    /// failed).
+    next_hops: Option<NextHopKeeper>,
     pin_dir: PathBuf,
     iface: String,
 }
@@ -255,22 +254,27 @@ impl FastPath {
         }
         Ok(FastPath {
             _ebpf: ebpf,
-            next_hops: NextHopKeeper::default(),
+            next_hops: None,
             pin_dir,
             iface: iface.to_owned(),
         })
     }
 
-    fn refresh_next_hops(&mut self, control: &Control) {
-        for (addr, e) in self.next_hops.ensure(&control.l4_backends()) {
-            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
+    /// Start keeping the next hops of the L4 backends `control` publishes resolved; the
+    /// keeper follows every later change by itself (netlink notifications, no polling).
+    fn keep_next_hops(&mut self, control: &Control) {
+        match NextHopKeeper::spawn(control.watch_l4_backends()) {
+            Ok(k) => self.next_hops = Some(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep next hops resolved; packets to unresolved next hops go up to the kernel");
+            }
         }
     }
 
     /// The agent is stopping: log the counters and leave the fast path running (its
     /// next hops and the interface's forwarding setting with it), or remove it all
     /// when `detach`.
-    fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
+    async fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
         if let Some(s) = snapshot {
             let nonzero: Vec<String> = s
                 .counters
@@ -287,7 +291,9 @@ impl FastPath {
             tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
         }
         if detach_too {
-            self.next_hops.clear();
+            if let Some(k) = self.next_hops.take() {
+                k.clear().await;
+            }
             drop(self._ebpf);
             if let Err(e) = remove_fast_path(&self.pin_dir, &self.iface) {
                 tracing::warn!(error = %e, "removing the fast path");
@@ -295,6 +301,9 @@ impl FastPath {
                 tracing::info!(iface = %self.iface, "fast path detached, pins removed");
             }
         } else {
+            if let Some(k) = self.next_hops.take() {
+                k.stop().await;
+            }
             tracing::info!(iface = %self.iface, pins = %self.pin_dir.display(), "fast path left running for the next agent; `lb-agent detach --iface {}` removes it", self.iface);
         }
     }
@@ -369,7 +378,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
         match FastPath::attach(ebpf, &iface, mode, pin_dir, takeover) {
             Ok(mut fp) => {
-                fp.refresh_next_hops(&control);
+                fp.keep_next_hops(&control);
                 (control, Some(fp))
             }
             // With --xdp-mode auto, a host where XDP cannot attach still serves L7.
@@ -393,7 +402,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
 async fn serve_with(
     args: RunArgs,
     control: Control,
-    mut fast_path: Option<FastPath>,
+    fast_path: Option<FastPath>,
     metrics: Arc<Metrics>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<crate::health::Transition>,
     token: Option<String>,
@@ -451,8 +460,6 @@ async fn serve_with(
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
-    refresh.tick().await;
     let mut ramp = tokio::time::interval(SLOW_START_STEP);
     ramp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -464,9 +471,6 @@ async fn serve_with(
                 match c.reload(&args.config) {
                     Ok(()) => {
                         tracing::info!(services = c.config().services.len(), "config reloaded");
-                        if let Some(fp) = fast_path.as_mut() {
-                            fp.refresh_next_hops(&c);
-                        }
                     }
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
                 }
@@ -492,11 +496,6 @@ async fn serve_with(
                     }
                 }
             }
-            _ = refresh.tick() => {
-                if let Some(fp) = fast_path.as_mut() {
-                    fp.refresh_next_hops(&*control.lock().await);
-                }
-            }
         }
     }
     let _ = api_stop.send(());
@@ -510,10 +509,13 @@ async fn serve_with(
     if let Err(e) = l7_task.await {
         tracing::warn!(error = %e, "L7 task");
     }
-    let mut c = control.lock().await;
-    c.shutdown();
+    let snapshot = {
+        let mut c = control.lock().await;
+        c.shutdown();
+        c.snapshot()
+    };
     if let Some(fp) = fast_path {
-        fp.stop(c.snapshot(), args.detach_on_exit);
+        fp.stop(snapshot, args.detach_on_exit).await;
     }
     Ok(())
 }
