@@ -260,10 +260,14 @@ impl FastPath {
         })
     }
 
-    /// Start keeping the next hops of the L4 backends `control` publishes resolved; the
-    /// keeper follows every later change by itself (netlink notifications, no polling).
-    fn keep_next_hops(&mut self, control: &Control) {
-        match NextHopKeeper::spawn(control.watch_l4_backends()) {
+    /// Start keeping the next hops of the L4 backends `backends` publishes resolved
+    /// ([`Control::watch_l4_backends`]); the keeper follows every later change by itself
+    /// (netlink notifications, no polling).
+    fn keep_next_hops(
+        &mut self,
+        backends: tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::IpAddr>>,
+    ) {
+        match NextHopKeeper::spawn(backends) {
             Ok(k) => self.next_hops = Some(k),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot keep next hops resolved; packets to unresolved next hops go up to the kernel");
@@ -378,7 +382,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
         match FastPath::attach(ebpf, &iface, mode, pin_dir, takeover) {
             Ok(mut fp) => {
-                fp.keep_next_hops(&control);
+                fp.keep_next_hops(control.watch_l4_backends());
                 (control, Some(fp))
             }
             // With --xdp-mode auto, a host where XDP cannot attach still serves L7.
