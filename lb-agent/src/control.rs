@@ -156,6 +156,8 @@ pub struct Control {
     retry_at: tokio::sync::watch::Sender<Option<Instant>>,
     /// Where the L7 services' desired state is published (the L7 manager watches it).
     l7: tokio::sync::watch::Sender<Vec<L7Desired>>,
+    /// Where the L4 backends' addresses are published (the next-hop keeper watches it).
+    l4_backends: tokio::sync::watch::Sender<BTreeSet<IpAddr>>,
 }
 
 /// An l7 service as the proxy should run it: its config and the backends that take
@@ -190,6 +192,7 @@ impl Control {
             writes: WriteRetry::default(),
             retry_at: tokio::sync::watch::Sender::new(None),
             l7: tokio::sync::watch::Sender::new(Vec::new()),
+            l4_backends: tokio::sync::watch::Sender::new(BTreeSet::new()),
         };
         let errors = c.config.validate();
         if !errors.is_empty() {
@@ -302,6 +305,12 @@ impl Control {
         let desired = DesiredState::new(&self.config.dataplane, services);
         self.views = views;
         self.publish_l7();
+        let l4 = self.l4_backends();
+        self.l4_backends.send_if_modified(|old| {
+            let changed = *old != l4;
+            *old = l4;
+            changed
+        });
         self.write(&desired)
     }
 
@@ -356,6 +365,12 @@ impl Control {
     /// The L7 services' desired state, republished at every recompute that changes it.
     pub fn watch_l7(&self) -> tokio::sync::watch::Receiver<Vec<L7Desired>> {
         self.l7.subscribe()
+    }
+
+    /// The L4 backends' addresses ([`Control::l4_backends`]), republished at every
+    /// recompute that changes them.
+    pub fn watch_l4_backends(&self) -> tokio::sync::watch::Receiver<BTreeSet<IpAddr>> {
+        self.l4_backends.subscribe()
     }
 
     fn publish_l7(&self) {

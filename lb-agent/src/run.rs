@@ -1,7 +1,7 @@
 //! `lb-agent run`: the wiring of the process. Config and command line, the async
 //! runtime, the fast path ([`crate::dataplane::fast_path`]) handed to the one owner of
 //! desired state ([`Control`]), and the tasks and signals: REST API, L7 proxy, health
-//! events, slow-start ramps, retries of failed map writes, next-hop refreshes, reload
+//! events, slow-start ramps, retries of failed map writes, reload
 //! on SIGHUP, stop on SIGINT/SIGTERM.
 
 use std::{
@@ -33,9 +33,6 @@ const L7_RETRY: Duration = Duration::from_secs(5);
 
 /// How often slow-starting backends get their weights raised.
 const SLOW_START_STEP: Duration = Duration::from_millis(500);
-
-/// How often next hops are re-checked (routes may change under us).
-const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
 
 pub struct RunArgs {
     pub config: PathBuf,
@@ -133,7 +130,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
         let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
         match attach_mode(mode).and_then(|mode| loaded.attach(mode)) {
             Ok(mut fp) => {
-                fp.refresh_next_hops(&control.l4_backends());
+                fp.keep_next_hops(control.watch_l4_backends());
                 (control, Some(fp))
             }
             // With --xdp-mode auto, a host where XDP cannot attach still serves L7.
@@ -157,7 +154,7 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
 async fn serve_with(
     args: RunArgs,
     control: Control,
-    mut fast_path: Option<FastPath>,
+    fast_path: Option<FastPath>,
     metrics: Arc<Metrics>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<crate::health::Transition>,
     token: Option<String>,
@@ -216,8 +213,6 @@ async fn serve_with(
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
-    refresh.tick().await;
     let mut ramp = tokio::time::interval(SLOW_START_STEP);
     ramp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -230,9 +225,6 @@ async fn serve_with(
                 match c.reload(&args.config) {
                     Ok(()) => {
                         tracing::info!(services = c.config().services.len(), "config reloaded");
-                        if let Some(fp) = fast_path.as_mut() {
-                            fp.refresh_next_hops(&c.l4_backends());
-                        }
                     }
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
                 }
@@ -264,11 +256,6 @@ async fn serve_with(
             }
             // The retry deadline moved: sleep on the new one.
             Ok(()) = retry_at.changed() => {}
-            _ = refresh.tick() => {
-                if let Some(fp) = fast_path.as_mut() {
-                    fp.refresh_next_hops(&control.lock().await.l4_backends());
-                }
-            }
         }
     }
     let _ = api_stop.send(());
@@ -282,10 +269,13 @@ async fn serve_with(
     if let Err(e) = l7_task.await {
         tracing::warn!(error = %e, "L7 task");
     }
-    let mut c = control.lock().await;
-    c.shutdown();
+    let snapshot = {
+        let mut c = control.lock().await;
+        c.shutdown();
+        c.snapshot()
+    };
     if let Some(fp) = fast_path {
-        fp.stop(c.snapshot(), args.detach_on_exit);
+        fp.stop(snapshot, args.detach_on_exit).await;
     }
     Ok(())
 }

@@ -126,7 +126,9 @@ pub struct FastPath {
     /// The program as loaded by this agent (the link is pinned, so dropping this does
     /// not detach).
     ebpf: Ebpf,
-    next_hops: NextHopKeeper,
+    /// Keeps the L4 backends' next hops resolved (None until started, or when netlink
+    /// failed).
+    next_hops: Option<NextHopKeeper>,
     pin_dir: PathBuf,
     iface: String,
 }
@@ -166,18 +168,22 @@ impl FastPath {
         Ok((loaded, sink))
     }
 
-    /// Resolve the next hops of these backends (the thin call into [`NextHopKeeper`]);
-    /// failures are logged, their packets go up to the kernel until they resolve.
-    pub fn refresh_next_hops(&mut self, backends: &BTreeSet<IpAddr>) {
-        for (addr, e) in self.next_hops.ensure(backends) {
-            tracing::warn!(backend = %addr, error = %e, "cannot keep the next hop resolved; its packets go up to the kernel until it resolves");
+    /// Start keeping the next hops of the L4 backends `backends` publishes resolved
+    /// ([`crate::control::Control::watch_l4_backends`]); the keeper follows every later
+    /// change by itself (netlink notifications, no polling).
+    pub fn keep_next_hops(&mut self, backends: tokio::sync::watch::Receiver<BTreeSet<IpAddr>>) {
+        match NextHopKeeper::spawn(backends) {
+            Ok(k) => self.next_hops = Some(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep next hops resolved; packets to unresolved next hops go up to the kernel");
+            }
         }
     }
 
     /// The agent is stopping: log the counters and leave the fast path running (its
     /// next hops and the interface's forwarding setting with it), or remove it all
     /// when `detach_too`.
-    pub fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
+    pub async fn stop(mut self, snapshot: Option<Snapshot>, detach_too: bool) {
         if let Some(s) = snapshot {
             let nonzero: Vec<String> = s
                 .counters
@@ -194,7 +200,9 @@ impl FastPath {
             tracing::info!(iface = %self.iface, counters = %nonzero.join(" "), "fast path counters");
         }
         if detach_too {
-            self.next_hops.clear();
+            if let Some(k) = self.next_hops.take() {
+                k.clear().await;
+            }
             drop(self.ebpf);
             if let Err(e) = remove_fast_path(&self.pin_dir, &self.iface) {
                 tracing::warn!(error = %e, "removing the fast path");
@@ -202,6 +210,9 @@ impl FastPath {
                 tracing::info!(iface = %self.iface, "fast path detached, pins removed");
             }
         } else {
+            if let Some(k) = self.next_hops.take() {
+                k.stop().await;
+            }
             tracing::info!(iface = %self.iface, pins = %self.pin_dir.display(), "fast path left running for the next agent; `lb-agent detach --iface {}` removes it", self.iface);
         }
     }
@@ -246,7 +257,7 @@ impl Loaded {
         }
         Ok(FastPath {
             ebpf,
-            next_hops: NextHopKeeper::default(),
+            next_hops: None,
             pin_dir,
             iface,
         })

@@ -123,7 +123,7 @@ impl L7Manager {
             if self.running.contains_key(name) {
                 continue;
             }
-            if let Err(e) = self.vips.ensure(d.config.vip.ip()) {
+            if let Err(e) = self.vips.ensure(d.config.vip.ip()).await {
                 tracing::error!(service = %name, error = %e, "the L7 service is not served");
                 self.failed.insert(name.clone(), settings(&d.config));
                 continue;
@@ -152,7 +152,7 @@ impl L7Manager {
             }
         }
         let keep: BTreeSet<IpAddr> = desired.iter().map(|d| d.config.vip.ip()).collect();
-        self.vips.retain(&keep);
+        self.vips.retain(&keep).await;
     }
 
     /// Whether some service failed to start (the caller may retry later).
@@ -170,7 +170,7 @@ impl L7Manager {
             }
         }
         self.running.clear();
-        self.vips.clear();
+        self.vips.clear().await;
     }
 }
 
