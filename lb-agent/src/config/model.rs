@@ -578,7 +578,7 @@ impl<'de> Deserialize<'de> for ServiceConfig {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
         /// The keys of a `[[service]]`, as the derive knows them.
         static FIELDS: LazyLock<&'static [&'static str]> =
-            LazyLock::new(|| struct_fields(|probe| ServiceConfig::deserialize(probe)));
+            LazyLock::new(|| struct_fields(ServiceConfig::deserialize));
 
         struct ServiceVisitor;
         impl<'de> Visitor<'de> for ServiceVisitor {

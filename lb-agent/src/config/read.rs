@@ -255,7 +255,10 @@ impl ValueDe<'_, '_, '_> {
     /// "expected `expected`, found a boolean".
     fn wrong_type(&self, expected: &str) -> Error {
         let found = self.get().type_str();
-        Error::Invalid(format!("expected {expected}, found {} {found}", article(found)))
+        Error::Invalid(format!(
+            "expected {expected}, found {} {found}",
+            article(found)
+        ))
     }
 
     fn integer(&self, min: i128, max: i128) -> Result<i128, Error> {
@@ -521,7 +524,10 @@ struct Entries<'a, 's, 'i> {
 impl<'de> MapAccess<'de> for Entries<'_, '_, '_> {
     type Error = Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         let Some((name, value, path)) = self.entries.next() else {
             return Ok(None);
         };

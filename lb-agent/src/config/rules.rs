@@ -767,4 +767,3 @@ pub(super) fn is_prime(n: u32) -> bool {
 pub(super) fn next_prime(n: u32) -> Option<u32> {
     (n..=u32::MAX).find(|&c| is_prime(c))
 }
-

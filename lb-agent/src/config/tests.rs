@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use super::model::DEFAULT_MAX_OBJECT_BYTES;
-use super::read::position;
+use super::read::{self, position};
 use super::rules::{is_prime, next_prime};
 use super::*;
 
@@ -411,9 +411,7 @@ sticky = { cookie = "bad cookie", ttl_s = 0 }
 
     let shown = ConfigErrors(errors).to_string();
     assert_eq!(shown.lines().count(), 12);
-    assert!(
-        shown.starts_with("test.toml:2:1: agent.api_listen: 0.0.0.0:9090 is not a loopback")
-    );
+    assert!(shown.starts_with("test.toml:2:1: agent.api_listen: 0.0.0.0:9090 is not a loopback"));
 }
 
 #[test]
@@ -841,9 +839,7 @@ fn a_service_may_start_without_backends() {
 #[test]
 fn backend_rules() {
     assert_single(
-        &l4(
-            "backend = [{ address = \"198.18.2.11\" }, { address = \"198.18.2.11\", port = 80 }]",
-        ),
+        &l4("backend = [{ address = \"198.18.2.11\" }, { address = \"198.18.2.11\", port = 80 }]"),
         "service[0].backend[1].address",
         "duplicate backend 198.18.2.11:80: already listed as backend[0]",
     );
@@ -1134,7 +1130,9 @@ fn enum_names_match_serde() {
             }
         )+};
     }
-    check!(XdpMode, Encap, Protocol, Mode, Scheduler, HealthKind, AllDown);
+    check!(
+        XdpMode, Encap, Protocol, Mode, Scheduler, HealthKind, AllDown
+    );
 }
 
 #[test]
@@ -1174,18 +1172,16 @@ fn display_formats() {
 
 #[test]
 fn load_names_the_file() {
-    let dir = std::env::temp_dir().join(format!("lb-agent-config-test-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("mkdir");
-    let path = dir.join("lb.toml");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("lb.toml");
     fs::write(&path, "[dataplane]\nring_size = 12\n").expect("write");
     let ConfigErrors(errors) = Config::load(&path).expect_err("invalid");
     assert_eq!(errors[0].file, path.display().to_string());
     assert_eq!(errors[0].line, Some(2));
     fs::write(&path, l4("")).expect("write");
     assert_eq!(Config::load(&path).expect("valid").services[0].name, "web");
-    fs::remove_dir_all(&dir).expect("cleanup");
 
-    let missing = dir.join("missing.toml");
+    let missing = dir.path().join("missing.toml");
     let ConfigErrors(errors) = Config::load(&missing).expect_err("missing");
     assert_eq!(errors.len(), 1);
     assert!(
@@ -1201,4 +1197,173 @@ fn positions_count_characters() {
     assert_eq!(position("ab\ncd", 4), (2, 2));
     assert_eq!(position("é = 1\nx", 2), (1, 2));
     assert_eq!(position("a\n", 99), (2, 1));
+}
+
+// --- the model is the single source of keys -----------------------------------------
+
+/// A model grown by one key the way a later step adds one: a field with its default
+/// (here `dataplane.gue_port`) and a rule. The reader is not edited: it learns the
+/// key, its type and its default from the struct.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grown {
+    #[serde(default)]
+    dataplane: GrownDataplane,
+    #[serde(default, rename = "service")]
+    services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GrownDataplane {
+    encap: Encap,
+    /// The new key.
+    gue_port: u16,
+}
+
+impl Default for GrownDataplane {
+    fn default() -> Self {
+        Self {
+            encap: Encap::default(),
+            gue_port: 6080,
+        }
+    }
+}
+
+/// The new key's rule.
+fn grown_rules(grown: &Grown) -> Vec<ConfigError> {
+    let dp = &grown.dataplane;
+    if dp.encap == Encap::Gue && dp.gue_port < 1024 {
+        vec![ConfigError::at_key(
+            "dataplane.gue_port",
+            format!("{} is below 1024", dp.gue_port),
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Reads `text` as a [`Grown`] the way [`Config::parse`] reads a [`Config`].
+fn read_grown(text: &str) -> Result<Grown, Vec<ConfigError>> {
+    let root = toml::de::DeTable::parse(text).expect("TOML");
+    let read = read::read::<Grown>(&root, text, "grown.toml");
+    let mut errors = read.errors.clone();
+    if let Some(grown) = &read.value {
+        for mut error in grown_rules(grown) {
+            read.place(&mut error);
+            errors.push(error);
+        }
+    }
+    match read.value {
+        Some(grown) if errors.is_empty() => Ok(grown),
+        _ => Err(errors),
+    }
+}
+
+#[test]
+fn a_key_added_to_the_model_is_read_defaulted_and_checked() {
+    // Defaulted when left out, read when given.
+    assert_eq!(read_grown("").expect("empty").dataplane.gue_port, 6080);
+    let grown = read_grown("[dataplane]\nencap = \"gue\"\ngue_port = 7000\n").expect("valid");
+    assert_eq!(grown.dataplane.gue_port, 7000);
+    assert_eq!(grown.dataplane.encap, Encap::Gue);
+
+    let single = |text: &str| -> ConfigError {
+        let errors = read_grown(text).expect_err("invalid");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors.into_iter().next().expect("one")
+    };
+    // A wrong type or range, at the value.
+    let error = single("[dataplane]\ngue_port = \"x\"\n");
+    assert_eq!(
+        error.to_string(),
+        "grown.toml:2:12: dataplane.gue_port: expected an integer, found a string"
+    );
+    let error = single("[dataplane]\ngue_port = 70000\n");
+    assert_eq!(error.key, "dataplane.gue_port");
+    assert!(
+        error.message.contains("between 0 and 65535, found 70000"),
+        "{error}"
+    );
+    // Known to the unknown-key check, with a suggestion.
+    let error = single("[dataplane]\ngue_prot = 7000\n");
+    assert_eq!(error.key, "dataplane.gue_prot");
+    assert!(error.message.contains("did you mean `gue_port`"), "{error}");
+    let error = single("[dataplane]\nfoo = 1\n");
+    assert!(
+        error.message.ends_with("expected one of: encap, gue_port"),
+        "{error}"
+    );
+    // Its rule's error is placed at the key ...
+    let error = single("[dataplane]\nencap = \"gue\"\n\ngue_port = 80\n");
+    assert_eq!(
+        (error.key.as_str(), error.line, error.column),
+        ("dataplane.gue_port", Some(4), Some(1))
+    );
+    // ... and the rest of the model is read as ever, errors and all.
+    let errors = read_grown(
+        "[dataplane]\ngue_port = -1\n[[service]]\nname = \"a\"\nvip = \"198.18.100.1\"\n",
+    )
+    .expect_err("invalid");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "{errors:?}");
+    assert!(keys.contains(&"dataplane.gue_port") && keys.contains(&"service[0].vip"));
+}
+
+#[test]
+fn a_backend_port_is_given_or_the_vips() {
+    assert_single(
+        &l7("backend = [{ address = \"198.18.2.11\", port = 0 }]"),
+        "service[0].backend[0].port",
+        "leave port out to take the VIP's port",
+    );
+    // The API reads a backend on its own, then fills in the VIP's port.
+    let read = |json: &str| serde_json::from_str::<BackendConfig>(json);
+    let b = read(r#"{"address": "198.18.2.11"}"#).expect("no port");
+    assert_eq!(
+        b.with_default_port(443),
+        backend("198.18.2.11", 443, 100, 0)
+    );
+    let b = read(r#"{"address": "198.18.2.11", "port": 8080, "tier": 2}"#).expect("port");
+    assert_eq!(
+        b.with_default_port(443),
+        backend("198.18.2.11", 8080, 100, 2)
+    );
+    assert!(read(r#"{"address": "198.18.2.11", "port": 0}"#).is_err());
+    assert!(read(r#"{"address": "198.18.2.11", "wieght": 1}"#).is_err());
+}
+
+#[test]
+fn an_unreadable_mode_keeps_its_service_out_of_the_rules() {
+    // Read with the default mode (l4), the l7 keys would be errors too.
+    assert_single(
+        &format!(
+            "{DP}[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\nmode = \"l8\"\n\
+             sticky = {{ cookie = \"S\", ttl_s = 60 }}\n"
+        ),
+        "service[0].mode",
+        "expected one of: l4, l7",
+    );
+}
+
+#[test]
+fn the_known_keys_are_the_models() {
+    // The unknown-key check lists a service's fields as serde knows them.
+    let error = assert_single(&l4("foo = 1"), "service[0].foo", "expected one of: ");
+    assert!(
+        error.message.ends_with(
+            "name, vip, protocol, mode, scheduler, health, backend, sticky, cache, \
+             slow_start_s, on_all_down, hash_on, tls, http"
+        ),
+        "{error}"
+    );
+    let error = assert_single(
+        &l7("cache = { max_bytes = 1, foo = 1 }"),
+        "service[0].cache.foo",
+        "",
+    );
+    assert!(
+        error.message.ends_with("max_bytes, max_object_bytes"),
+        "{error}"
+    );
 }
