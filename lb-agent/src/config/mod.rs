@@ -17,6 +17,12 @@
 //!
 //! The REST API accepts a service as JSON exactly like a `[[service]]` table (same
 //! field names, same defaults), and a backend like an entry of its `backend` list.
+//!
+//! From the former single `config.rs`: the model and its defaults are in `model.rs`
+//! (`ServiceSpec`/`BackendSpec` are gone: `ServiceConfig`'s own `Deserialize` fills in
+//! the scheduler and backend ports); the hand `Walker`, the `*_KEYS` lists,
+//! `suggest` and `position` gave way to the generic reader in `read.rs`; the limits
+//! (`MAX_WEIGHT` ...) and `check_*` functions are in `rules.rs`; the tests in `tests.rs`.
 
 mod model;
 mod read;

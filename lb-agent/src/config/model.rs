@@ -422,6 +422,11 @@ impl Default for HttpConfig {
 /// Deserializes with the same defaults as the TOML file: `protocol = "tcp"`,
 /// `mode = "l4"`, the scheduler of the mode, `health = { kind = "none" }`, and a
 /// backend's `port` equal to the VIP's.
+///
+/// Deserialize it through serde (`serde_json::from_str`, `toml::from_str`, or
+/// `<ServiceConfig as Deserialize>::deserialize`): the inherent
+/// `ServiceConfig::deserialize` that `remote = "Self"` generates is the bare derive,
+/// without those two defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 // `remote = "Self"`: the derives become inherent functions that the trait impls below
 // call, so that deserializing can fill in the defaults that depend on other keys.

@@ -174,21 +174,17 @@ impl Ctx<'_> {
             value,
             path: path.clone(),
         };
-        let error = match seed.deserialize(de) {
+        match seed.deserialize(de) {
             Ok(v) => return Ok(v),
             Err(Error::Reported) => return Err(Error::Reported),
-            Err(e) => e,
-        };
-        match error {
-            Error::Invalid(message) => self.report(&value.span(), &path, message),
-            Error::Missing(key) => {
+            Err(Error::Invalid(message)) => self.report(&value.span(), &path, message),
+            Err(Error::Missing(key)) => {
                 let key = join(&path, key);
                 // Absent because an earlier attempt left it out: already reported.
                 if !self.left_out.contains(&key) {
                     self.report(&value.span(), &key, "required key is missing".to_owned());
                 }
             }
-            Error::Reported => unreachable!("returned above"),
         }
         self.found.borrow_mut().leave_out.get_or_insert(leave_out);
         Err(Error::Reported)
