@@ -1,111 +1,108 @@
 //! A builder for the agent's TOML config (DESIGN.md, "Config"), so tests can vary
 //! services, backends, weights and tiers without string templates of their own.
 //!
-//! Only keys that are set are written: omitted ones take the agent's documented
-//! defaults, which is itself part of what the tests exercise.
+//! The builder holds only the keys a test sets, as TOML values made by serde from
+//! typed values, and the `toml` crate writes the file: omitted keys take the agent's
+//! documented defaults, which is itself part of what the tests exercise. No key list
+//! lives here: the helpers (`weight`, `mode`, `sizes` ...) are shorthands, and `set`
+//! (or `extra`) takes any key of the agent's model. [`LbConfig::model`] reads the
+//! result back into the agent's own model ([`lb_agent::config::Config`]), defaults
+//! filled in by the agent's code.
 
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use serde::Serialize;
+use toml::{Table, Value};
+
+/// A TOML value made by serde from `value`.
+///
+/// # Panics
+///
+/// `value` has no TOML form (a unit, a map with non-string keys): a bug in the test.
+fn toml_value(value: impl Serialize) -> Value {
+    Value::try_from(value).expect("a value with a TOML form")
+}
+
+/// The keys of `text`, a TOML snippet such as `cache = { max_bytes = 1024 }`.
+///
+/// # Panics
+///
+/// `text` is not valid TOML: a bug in the test.
+fn snippet(text: &str) -> Table {
+    text.parse()
+        .unwrap_or_else(|e| panic!("not a TOML key = value line: {text:?}: {e}"))
+}
 
 /// One `[[service]]` backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
-    /// Backend address.
-    pub address: IpAddr,
-    /// `port`; omitted means the VIP's port.
-    pub port: Option<u16>,
-    /// `weight`; omitted means 100.
-    pub weight: Option<u32>,
-    /// `tier`; omitted means 0.
-    pub tier: Option<u32>,
+    keys: Table,
 }
 
 impl BackendConfig {
     /// A backend with every optional key omitted.
     pub fn new(address: impl Into<IpAddr>) -> Self {
-        Self {
-            address: address.into(),
-            port: None,
-            weight: None,
-            tier: None,
-        }
+        Self { keys: Table::new() }.set("address", address.into())
+    }
+
+    /// Sets any key of a backend.
+    #[must_use]
+    pub fn set(mut self, key: &str, value: impl Serialize) -> Self {
+        self.keys.insert(key.to_owned(), toml_value(value));
+        self
     }
 
     /// Sets `weight`.
     #[must_use]
-    pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = Some(weight);
-        self
+    pub fn weight(self, weight: u32) -> Self {
+        self.set("weight", weight)
     }
 
     /// Sets `port`.
     #[must_use]
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = Some(port);
-        self
+    pub fn port(self, port: u16) -> Self {
+        self.set("port", port)
     }
 
     /// Sets `tier`.
     #[must_use]
-    pub fn tier(mut self, tier: u32) -> Self {
-        self.tier = Some(tier);
-        self
-    }
-
-    fn to_inline_table(&self) -> String {
-        let mut s = format!("{{ address = \"{}\"", self.address);
-        if let Some(p) = self.port {
-            let _ = write!(s, ", port = {p}");
-        }
-        if let Some(w) = self.weight {
-            let _ = write!(s, ", weight = {w}");
-        }
-        if let Some(t) = self.tier {
-            let _ = write!(s, ", tier = {t}");
-        }
-        s.push_str(" }");
-        s
+    pub fn tier(self, tier: u32) -> Self {
+        self.set("tier", tier)
     }
 }
 
 /// One `[[service]]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
-    /// `name`.
-    pub name: String,
-    /// `vip` (address and port).
-    pub vip: SocketAddr,
-    /// `protocol` (`tcp` | `udp`); omitted means tcp.
-    pub protocol: Option<String>,
-    /// `mode` (`l4` | `l7`); omitted means l4.
-    pub mode: Option<String>,
-    /// `scheduler`; omitted means the mode's default.
-    pub scheduler: Option<String>,
-    /// `health` as an inline TOML table, e.g. `{ kind = "tcp", interval_ms = 200 }`.
-    pub health: Option<String>,
-    /// The backends.
-    pub backends: Vec<BackendConfig>,
-    /// Further `key = value` lines written verbatim into the table (for keys this
-    /// builder does not know yet).
-    pub extra: Vec<String>,
+    keys: Table,
+    backends: Vec<BackendConfig>,
 }
 
 impl ServiceConfig {
     /// A service with no backends and every optional key omitted.
     pub fn new(name: &str, vip: SocketAddr) -> Self {
         Self {
-            name: name.to_owned(),
-            vip,
-            protocol: None,
-            mode: None,
-            scheduler: None,
-            health: None,
+            keys: Table::new(),
             backends: Vec::new(),
-            extra: Vec::new(),
         }
+        .set("name", name)
+        .set("vip", vip)
+    }
+
+    /// `name`.
+    pub fn name(&self) -> &str {
+        self.keys
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Sets any key of a service.
+    #[must_use]
+    pub fn set(mut self, key: &str, value: impl Serialize) -> Self {
+        self.keys.insert(key.to_owned(), toml_value(value));
+        self
     }
 
     /// Adds a backend.
@@ -117,55 +114,51 @@ impl ServiceConfig {
 
     /// Sets `protocol`.
     #[must_use]
-    pub fn protocol(mut self, protocol: &str) -> Self {
-        self.protocol = Some(protocol.to_owned());
-        self
+    pub fn protocol(self, protocol: &str) -> Self {
+        self.set("protocol", protocol)
     }
 
     /// Sets `mode`.
     #[must_use]
-    pub fn mode(mut self, mode: &str) -> Self {
-        self.mode = Some(mode.to_owned());
-        self
+    pub fn mode(self, mode: &str) -> Self {
+        self.set("mode", mode)
     }
 
     /// Sets `scheduler`.
     #[must_use]
-    pub fn scheduler(mut self, scheduler: &str) -> Self {
-        self.scheduler = Some(scheduler.to_owned());
-        self
+    pub fn scheduler(self, scheduler: &str) -> Self {
+        self.set("scheduler", scheduler)
     }
 
-    /// Sets `health` (an inline TOML table).
+    /// Sets `health` (an inline TOML table, e.g. `{ kind = "tcp", interval_ms = 200 }`).
     #[must_use]
-    pub fn health(mut self, health: &str) -> Self {
-        self.health = Some(health.to_owned());
-        self
+    pub fn health(self, health: &str) -> Self {
+        self.extra(&format!("health = {health}"))
     }
 
-    /// Adds a verbatim `key = value` line.
+    /// Sets the keys of a TOML `key = value` line (e.g. `cache = { max_bytes = 1024 }`).
     #[must_use]
     pub fn extra(mut self, line: &str) -> Self {
-        self.extra.push(line.to_owned());
+        self.keys.extend(snippet(line));
         self
+    }
+
+    fn table(&self) -> Table {
+        let mut t = self.keys.clone();
+        let backends = self.backends.iter().map(|b| Value::Table(b.keys.clone()));
+        let backends = backends.collect();
+        t.insert("backend".to_owned(), Value::Array(backends));
+        t
     }
 }
 
 /// The whole agent config.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LbConfig {
     /// `[agent] interface`.
     pub interface: String,
-    /// `[agent] api_listen`, if set.
-    pub api_listen: Option<String>,
-    /// `[dataplane] xdp_mode`, if set (the CLI's `--xdp-mode` overrides it).
-    pub xdp_mode: Option<String>,
-    /// `[dataplane] source_ipv4`.
-    pub source_ipv4: Option<Ipv4Addr>,
-    /// `[dataplane] ring_size`.
-    pub ring_size: Option<u32>,
-    /// `[dataplane] flow_table_size`.
-    pub flow_table_size: Option<u32>,
+    agent: Table,
+    dataplane: Table,
     /// The services.
     pub services: Vec<ServiceConfig>,
 }
@@ -175,11 +168,8 @@ impl LbConfig {
     pub fn new(interface: &str) -> Self {
         Self {
             interface: interface.to_owned(),
-            api_listen: None,
-            xdp_mode: None,
-            source_ipv4: None,
-            ring_size: None,
-            flow_table_size: None,
+            agent: Table::new(),
+            dataplane: Table::new(),
             services: Vec::new(),
         }
     }
@@ -191,101 +181,93 @@ impl LbConfig {
         self
     }
 
+    /// Sets any key of `[agent]`.
+    #[must_use]
+    pub fn agent(mut self, key: &str, value: impl Serialize) -> Self {
+        self.agent.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets any key of `[dataplane]`.
+    #[must_use]
+    pub fn dataplane(mut self, key: &str, value: impl Serialize) -> Self {
+        self.dataplane.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets `api_listen`.
+    #[must_use]
+    pub fn api_listen(self, addr: &str) -> Self {
+        self.agent("api_listen", addr)
+    }
+
+    /// Sets `xdp_mode` (the CLI's `--xdp-mode` overrides it).
+    #[must_use]
+    pub fn xdp_mode(self, mode: &str) -> Self {
+        self.dataplane("xdp_mode", mode)
+    }
+
     /// Sets `source_ipv4`.
     #[must_use]
-    pub fn source_ipv4(mut self, addr: Ipv4Addr) -> Self {
-        self.source_ipv4 = Some(addr);
-        self
+    pub fn source_ipv4(self, addr: Ipv4Addr) -> Self {
+        self.dataplane("source_ipv4", addr)
     }
 
     /// Sets `ring_size` and `flow_table_size`.
     #[must_use]
-    pub fn sizes(mut self, ring_size: u32, flow_table_size: u32) -> Self {
-        self.ring_size = Some(ring_size);
-        self.flow_table_size = Some(flow_table_size);
-        self
+    pub fn sizes(self, ring_size: u32, flow_table_size: u32) -> Self {
+        self.dataplane("ring_size", ring_size)
+            .dataplane("flow_table_size", flow_table_size)
     }
 
     /// The service called `name`, to change it in place.
     pub fn service_mut(&mut self, name: &str) -> Option<&mut ServiceConfig> {
-        self.services.iter_mut().find(|s| s.name == name)
+        self.services.iter_mut().find(|s| s.name() == name)
+    }
+
+    /// The document, with `state_dir` in `[agent]` when given.
+    fn document(&self, state_dir: Option<&Path>) -> Table {
+        let mut agent = self.agent.clone();
+        agent.insert("interface".to_owned(), toml_value(&self.interface));
+        if let Some(dir) = state_dir {
+            agent.insert("state_dir".to_owned(), toml_value(dir));
+        }
+        let mut doc = Table::new();
+        doc.insert("agent".to_owned(), Value::Table(agent));
+        doc.insert("dataplane".to_owned(), Value::Table(self.dataplane.clone()));
+        let services = self.services.iter().map(|s| Value::Table(s.table()));
+        doc.insert("service".to_owned(), Value::Array(services.collect()));
+        doc
     }
 
     /// Renders the TOML, with `state_dir` in `[agent]`.
+    ///
+    /// # Panics
+    ///
+    /// A key was set to a value TOML cannot write: a bug in the test.
     pub fn to_toml(&self, state_dir: &Path) -> String {
-        let mut s = String::from("[agent]\n");
-        let _ = writeln!(s, "interface = {}", quote(&self.interface));
-        let _ = writeln!(s, "state_dir = {}", quote(&state_dir.to_string_lossy()));
-        if let Some(api) = &self.api_listen {
-            let _ = writeln!(s, "api_listen = {}", quote(api));
-        }
-        s.push_str("\n[dataplane]\n");
-        if let Some(m) = &self.xdp_mode {
-            let _ = writeln!(s, "xdp_mode = {}", quote(m));
-        }
-        if let Some(a) = self.source_ipv4 {
-            let _ = writeln!(s, "source_ipv4 = \"{a}\"");
-        }
-        if let Some(r) = self.ring_size {
-            let _ = writeln!(s, "ring_size = {r}");
-        }
-        if let Some(f) = self.flow_table_size {
-            let _ = writeln!(s, "flow_table_size = {f}");
-        }
-        for svc in &self.services {
-            s.push_str("\n[[service]]\n");
-            let _ = writeln!(s, "name = {}", quote(&svc.name));
-            let _ = writeln!(s, "vip = \"{}\"", svc.vip);
-            for (key, value) in [
-                ("protocol", &svc.protocol),
-                ("mode", &svc.mode),
-                ("scheduler", &svc.scheduler),
-            ] {
-                if let Some(v) = value {
-                    let _ = writeln!(s, "{key} = {}", quote(v));
-                }
-            }
-            if let Some(h) = &svc.health {
-                let _ = writeln!(s, "health = {h}");
-            }
-            for line in &svc.extra {
-                let _ = writeln!(s, "{line}");
-            }
-            s.push_str("backend = [\n");
-            for b in &svc.backends {
-                let _ = writeln!(s, "  {},", b.to_inline_table());
-            }
-            s.push_str("]\n");
-        }
-        s
+        toml::to_string(&self.document(Some(state_dir))).expect("a TOML document")
     }
-}
 
-/// A TOML basic string.
-fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => q.push_str("\\\""),
-            '\\' => q.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(q, "\\u{:04x}", c as u32);
-            }
-            c => q.push(c),
-        }
+    /// The agent's model of this config, with the agent's defaults filled in (not
+    /// checked against the agent's rules: see `lb_agent::config::Config::parse`).
+    ///
+    /// # Errors
+    ///
+    /// A key the agent does not know, or a value of the wrong type.
+    pub fn model(&self) -> Result<lb_agent::config::Config, toml::de::Error> {
+        Value::Table(self.document(None)).try_into()
     }
-    q.push('"');
-    q
 }
 
 #[cfg(test)]
 mod tests {
+    use lb_agent::config::{Config, Mode, Scheduler};
+
     use super::*;
 
-    #[test]
-    fn renders_the_step1_config() {
-        let cfg = LbConfig::new("eth0")
+    fn step1() -> LbConfig {
+        LbConfig::new("eth0")
             .source_ipv4(Ipv4Addr::new(198, 18, 1, 10))
             .sizes(65537, 65536)
             .service(
@@ -297,26 +279,72 @@ mod tests {
                             .tier(1)
                             .port(8080),
                     ),
-            );
-        let toml = cfg.to_toml(Path::new("/tmp/x \"y\"/state"));
-        let expected = r#"[agent]
-interface = "eth0"
-state_dir = "/tmp/x \"y\"/state"
+            )
+    }
 
-[dataplane]
-source_ipv4 = "198.18.1.10"
-ring_size = 65537
-flow_table_size = 65536
+    #[test]
+    fn renders_the_step1_config() {
+        let state_dir = Path::new("/tmp/x \"y\"/state");
+        let text = step1().to_toml(state_dir);
+        // The agent's model reads it (its rules would refuse port 8080 in l4, which is
+        // not the point here), and what the test set is what the agent has.
+        let cfg: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(cfg.agent.interface.as_deref(), Some("eth0"));
+        assert_eq!(cfg.agent.state_dir, state_dir);
+        assert_eq!(
+            cfg.dataplane.source_ipv4,
+            Some(Ipv4Addr::new(198, 18, 1, 10))
+        );
+        assert_eq!(
+            (cfg.dataplane.ring_size, cfg.dataplane.flow_table_size),
+            (65537, 65536)
+        );
+        let [svc] = &cfg.services[..] else {
+            panic!("one service: {cfg:?}")
+        };
+        assert_eq!(
+            (svc.name.as_str(), svc.vip.to_string()),
+            ("web", "198.18.100.1:80".to_owned())
+        );
+        let backends: Vec<(String, u16, u32, u8)> = svc
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.port, b.weight, b.tier))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                ("198.18.1.11".to_owned(), 80, 100, 0),
+                ("198.18.1.12".to_owned(), 8080, 50, 1)
+            ]
+        );
+        // Only the keys set are written; the rest are the agent's defaults.
+        for omitted in [
+            "protocol",
+            "mode",
+            "scheduler",
+            "health",
+            "xdp_mode",
+            "api_listen",
+        ] {
+            assert!(!text.contains(omitted), "{omitted} in\n{text}");
+        }
+        assert_eq!(text.matches("weight").count(), 1, "{text}");
+        let mut model = step1().model().expect("model");
+        model.agent.state_dir = state_dir.to_owned();
+        assert_eq!(model, cfg);
+    }
 
-[[service]]
-name = "web"
-vip = "198.18.100.1:80"
-backend = [
-  { address = "198.18.1.11" },
-  { address = "198.18.1.12", port = 8080, weight = 50, tier = 1 },
-]
-"#;
-        assert_eq!(toml, expected);
+    #[test]
+    fn the_suites_default_config_is_valid_for_the_agent() {
+        let mut cfg = crate::topology::Topology::default_config().api_listen("127.0.0.1:9090");
+        let web = cfg.service_mut("web").expect("web");
+        *web = web
+            .clone()
+            .health(r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150 }"#);
+        let text = cfg.to_toml(Path::new("/s"));
+        let parsed = Config::parse(&text, "bed.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(parsed.services[0].backends.len(), 3);
     }
 
     #[test]
@@ -325,5 +353,39 @@ backend = [
         let toml = LbConfig::new("eth0").service(svc).to_toml(Path::new("/s"));
         assert!(toml.contains("vip = \"[fd00:18::100]:443\""), "{toml}");
         assert!(toml.contains("protocol = \"udp\""), "{toml}");
+    }
+
+    #[test]
+    fn any_key_of_the_model_can_be_set() {
+        let svc = ServiceConfig::new("shop", "198.18.100.2:80".parse().unwrap())
+            .mode("l7")
+            .health(r#"{ kind = "http", interval_ms = 200, timeout_ms = 150 }"#)
+            .extra(r#"sticky = { cookie = "S", ttl_s = 600 }"#)
+            .set("slow_start_s", 30)
+            .backend(BackendConfig::new(Ipv4Addr::new(198, 18, 1, 11)).set("tier", 2));
+        let cfg = LbConfig::new("eth0")
+            .xdp_mode("off")
+            .api_listen("127.0.0.1:19090")
+            .service(svc);
+        let model = cfg.model().expect("model");
+        let shop = &model.services[0];
+        assert_eq!(
+            (shop.mode, shop.scheduler),
+            (Mode::L7, Scheduler::RoundRobin)
+        );
+        assert_eq!(shop.health.interval_ms, 200);
+        assert_eq!(shop.sticky.as_ref().map(|s| s.ttl_s), Some(600));
+        assert_eq!(shop.slow_start_s, 30);
+        assert_eq!((shop.backends[0].port, shop.backends[0].tier), (80, 2));
+        assert_eq!(model.agent.api_listen, "127.0.0.1:19090".parse().unwrap());
+        Config::parse(&cfg.to_toml(Path::new("/s")), "shop.toml").expect("valid");
+        // A key the agent does not know is the agent's error, not a silent no-op.
+        let typo = LbConfig::new("eth0").dataplane("ring_sise", 13);
+        assert!(
+            typo.model()
+                .expect_err("unknown")
+                .to_string()
+                .contains("ring_sise")
+        );
     }
 }

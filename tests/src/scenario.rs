@@ -236,10 +236,14 @@ pub fn share_bounds(n: usize, p: f64) -> (f64, f64) {
 }
 
 /// Each backend's expected share of `service` in `config`, by role (`be1`..): the
-/// backends of the lowest tier share by weight (default 100); other tiers get 0.
+/// backends of the lowest tier share by weight (the agent's default where unset);
+/// other tiers get 0.
 /// Backends that are not one of the topology's get their address as name.
 pub fn expected_shares(config: &LbConfig, service: &str) -> BTreeMap<String, f64> {
-    let Some(svc) = config.services.iter().find(|s| s.name == service) else {
+    let model = config
+        .model()
+        .unwrap_or_else(|e| panic!("the agent cannot read the test's config: {e}"));
+    let Some(svc) = model.services.iter().find(|s| s.name == service) else {
         return BTreeMap::new();
     };
     let role = |a: IpAddr| {
@@ -248,15 +252,10 @@ pub fn expected_shares(config: &LbConfig, service: &str) -> BTreeMap<String, f64
             .position(|&b| IpAddr::V4(b) == a)
             .map_or_else(|| a.to_string(), |i| format!("be{}", i + 1))
     };
-    let top = svc
-        .backends
-        .iter()
-        .map(|b| b.tier.unwrap_or(0))
-        .min()
-        .unwrap_or(0);
-    let weight = |b: &crate::config::BackendConfig| {
-        if b.tier.unwrap_or(0) == top {
-            f64::from(b.weight.unwrap_or(100))
+    let top = svc.backends.iter().map(|b| b.tier).min().unwrap_or(0);
+    let weight = |b: &lb_agent::config::BackendConfig| {
+        if b.tier == top {
+            f64::from(b.weight)
         } else {
             0.0
         }

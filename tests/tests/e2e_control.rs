@@ -85,12 +85,11 @@ fn control_config(tiers: [u32; 3]) -> LbConfig {
             s.backend(if t == 0 { b } else { b.tier(t) })
         },
     );
-    let mut cfg = LbConfig::new("eth0")
+    LbConfig::new("eth0")
         .source_ipv4(LB_ADDR)
         .sizes(65537, 65536)
-        .service(svc);
-    cfg.api_listen = Some(API_LISTEN.to_owned());
-    cfg
+        .service(svc)
+        .api_listen(API_LISTEN)
 }
 
 fn start_bed(config: LbConfig) -> anyhow::Result<L4Bed> {
@@ -1152,10 +1151,11 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut config = control_config([0, 0, 0]);
-    config.services[0].extra.extend([
-        "slow_start_s = 3".to_owned(),
-        "on_all_down = \"drop\"".to_owned(),
-    ]);
+    let svc = &mut config.services[0];
+    *svc = svc
+        .clone()
+        .set("slow_start_s", 3)
+        .set("on_all_down", "drop");
     let mut bed = start_bed(config)?;
     let api = Api::required(&bed.topo)?;
     let be2 = BACKEND_ADDRS[1];

@@ -47,9 +47,7 @@ fn config() -> LbConfig {
             .extra("cache = { max_bytes = 1048576 }"),
         |s, &a| s.backend(BackendConfig::new(a)),
     );
-    let mut cfg = Topology::default_config().service(shop);
-    cfg.api_listen = Some(API.to_owned());
-    cfg
+    Topology::default_config().service(shop).api_listen(API)
 }
 
 fn get(ns: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Response> {

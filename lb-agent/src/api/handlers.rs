@@ -162,25 +162,10 @@ pub async fn delete_service(
 }
 
 /// `POST .../backends`: a `backend` entry of `[[service]]`, with the same defaults.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewBackend {
-    pub address: IpAddr,
-    /// Default: the VIP's port.
-    pub port: Option<u16>,
-    /// Default: 100.
-    pub weight: Option<u32>,
-    /// Default: 0.
-    pub tier: Option<u8>,
-}
-
-/// The default weight of a backend (as in the config file).
-const DEFAULT_WEIGHT: u32 = 100;
-
 pub async fn add_backend(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    ApiJson(new): ApiJson<NewBackend>,
+    ApiJson(backend): ApiJson<BackendConfig>,
 ) -> ApiResult {
     let mut control = state.lock().await?;
     let vip_port = control
@@ -188,12 +173,7 @@ pub async fn add_backend(
         .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))?
         .vip
         .port();
-    let backend = BackendConfig {
-        address: new.address,
-        port: new.port.unwrap_or(vip_port),
-        weight: new.weight.unwrap_or(DEFAULT_WEIGHT),
-        tier: new.tier.unwrap_or(0),
-    };
+    let backend = backend.with_default_port(vip_port);
     let (address, port) = (backend.address, backend.port);
     control.add_backend(&name, backend)?;
     tracing::info!(service = %name, backend = %address, port, "backend added through the API");

@@ -1,0 +1,769 @@
+//! The rules a configuration must follow beyond the types of its values: ranges,
+//! names, addresses, and the rules between keys (mode and scheduler, VIP clashes,
+//! capacities). They run on the model, so they apply alike to a file
+//! ([`super::Config::parse`]), a model changed in code ([`super::Config::validate`])
+//! and a service given through the API ([`validate_service`]). Errors carry key
+//! paths; the reader places them in the file.
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+
+use super::ConfigError;
+use super::model::{
+    AgentConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig, HttpConfig,
+    Mode, Protocol, Scheduler, ServiceConfig, XdpMode,
+};
+
+/// Longest slow start accepted (one day).
+const MAX_SLOW_START_S: u64 = 86_400;
+const RING_SIZE_MIN: u32 = 13;
+const RING_SIZE_MAX: u32 = 16_777_213;
+const MAX_SERVICES_LIMIT: u32 = 4096;
+const MAX_NAME_LEN: usize = 64;
+/// Largest backend weight accepted.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+const MAX_TIER: u8 = 7;
+const MIN_INTERVAL_MS: u64 = 50;
+const MAX_RISE_FALL: u32 = 100;
+/// `IFNAMSIZ` - 1.
+const MAX_IFNAME_LEN: usize = 15;
+
+/// The keys of a service that the other rules stand on (names and VIPs must be
+/// unique, the mode decides what else is allowed): a service whose value for one of
+/// them could not be read is left out of the rules rather than checked with a default.
+const SERVICE_IDENTITY: &[&str] = &["name", "vip", "protocol", "mode", "scheduler"];
+
+/// Where a model service (and each of its backends) came from in the file: entries
+/// that could not be read are left out of the model, so indices can differ.
+pub(super) struct ServiceIds {
+    pub(super) index: usize,
+    pub(super) backends: Vec<usize>,
+}
+
+/// The part of a model read from a file that the rules can check, and where its
+/// entries are in the file.
+///
+/// `file_index(array)` gives the file index of each element read into the model from
+/// the array at that key path; `read_errors` are the errors found while reading. A
+/// service is left out when a key of [`SERVICE_IDENTITY`] could not be read; a
+/// backend, when anything in it could not be (its address, port and weight are what
+/// the backend rules compare).
+pub(super) fn checkable(
+    cfg: &Config,
+    read_errors: &[ConfigError],
+    file_index: impl Fn(&str) -> Vec<usize>,
+) -> (Config, Vec<ServiceIds>) {
+    let failed = |key: &str| {
+        read_errors.iter().any(|e| {
+            e.key
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    };
+    let mut checked = Config {
+        services: Vec::new(),
+        ..cfg.clone()
+    };
+    let mut ids = Vec::new();
+    for (svc, index) in cfg.services.iter().zip(file_index("service")) {
+        let prefix = format!("service[{index}]");
+        if SERVICE_IDENTITY
+            .iter()
+            .any(|key| failed(&format!("{prefix}.{key}")))
+        {
+            continue;
+        }
+        let mut svc = svc.clone();
+        let mut backends = Vec::new();
+        svc.backends = std::mem::take(&mut svc.backends)
+            .into_iter()
+            .zip(file_index(&format!("{prefix}.backend")))
+            .filter(|(_, i)| !failed(&format!("{prefix}.backend[{i}]")))
+            .map(|(b, i)| {
+                backends.push(i);
+                b
+            })
+            .collect();
+        checked.services.push(svc);
+        ids.push(ServiceIds { index, backends });
+    }
+    (checked, ids)
+}
+
+/// Every rule over a model built in code: key paths with the model's indices.
+pub(super) fn validate_config(cfg: &Config) -> Vec<ConfigError> {
+    let ids: Vec<ServiceIds> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .map(|(index, svc)| ServiceIds {
+            index,
+            backends: (0..svc.backends.len()).collect(),
+        })
+        .collect();
+    validate_model(cfg, &ids)
+}
+
+/// Validate one service on its own (REST API) and against the others (name/VIP
+/// clashes, capacities); key paths like `backend[2].weight`, line None.
+///
+/// `others` are the services it must coexist with: when replacing a service, leave
+/// the one being replaced out.
+#[must_use]
+pub fn validate_service(
+    svc: &ServiceConfig,
+    others: &[ServiceConfig],
+    dp: &DataplaneConfig,
+) -> Vec<ConfigError> {
+    let keys = Keys {
+        prefix: String::new(),
+        backends: None,
+    };
+    let mut errors = check_service(svc, others, dp, &keys);
+    if (1..=MAX_SERVICES_LIMIT).contains(&dp.max_services)
+        && others.len() >= dp.max_services as usize
+    {
+        errors.push(ConfigError::at_key(
+            "name",
+            format!(
+                "{} services exist already, the most dataplane.max_services = {} allows",
+                others.len(),
+                dp.max_services
+            ),
+        ));
+    }
+    let others_backends: usize = others.iter().map(|o| o.backends.len()).sum();
+    let total = others_backends + svc.backends.len();
+    if dp.max_backends >= 1 && total > dp.max_backends as usize {
+        errors.push(ConfigError::at_key(
+            "backend",
+            format!(
+                "{} backends here and {others_backends} in other services make {total}, \
+                 more than dataplane.max_backends = {}",
+                svc.backends.len(),
+                dp.max_backends
+            ),
+        ));
+    }
+    errors
+}
+
+/// Everything that can be checked on the model; `ids` maps model services to the
+/// indices used in key paths.
+pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigError> {
+    let mut errors = check_agent(&cfg.agent);
+    errors.extend(check_dataplane(&cfg.dataplane));
+    for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
+        let keys = Keys {
+            prefix: format!("service[{}].", id.index),
+            backends: Some(&id.backends),
+        };
+        errors.extend(check_service(
+            svc,
+            &cfg.services[..i],
+            &cfg.dataplane,
+            &keys,
+        ));
+    }
+    errors.extend(check_capacity(cfg, ids));
+    errors
+}
+
+/// Builds key paths for a service's errors: relative (API) or `service[N].` (file).
+struct Keys<'a> {
+    prefix: String,
+    /// File index of each model backend; `None` when they are the same.
+    backends: Option<&'a [usize]>,
+}
+
+impl Keys<'_> {
+    fn field(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn backend_id(&self, i: usize) -> usize {
+        self.backends.map_or(i, |ids| ids[i])
+    }
+
+    fn backend(&self, i: usize, field: &str) -> String {
+        format!("{}backend[{}].{field}", self.prefix, self.backend_id(i))
+    }
+}
+
+fn check_agent(agent: &AgentConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if let Some(interface) = &agent.interface {
+        if let Some(why) = interface_name_problem(interface) {
+            errors.push(ConfigError::at_key("agent.interface", why));
+        }
+    }
+    let listen = agent.api_listen.ip().to_canonical();
+    if !listen.is_loopback() && agent.api_token_file.is_none() {
+        errors.push(ConfigError::at_key(
+            "agent.api_listen",
+            format!(
+                "{} is not a loopback address: set agent.api_token_file so the API \
+                 is not open to anyone who can reach it",
+                agent.api_listen
+            ),
+        ));
+    }
+    if agent
+        .api_token_file
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        errors.push(ConfigError::at_key(
+            "agent.api_token_file",
+            "must not be empty",
+        ));
+    }
+    for (key, path) in [
+        ("agent.state_dir", &agent.state_dir),
+        ("agent.bpffs", &agent.bpffs),
+    ] {
+        if path.as_os_str().is_empty() {
+            errors.push(ConfigError::at_key(key, "must not be empty"));
+        }
+    }
+    errors
+}
+
+fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut push = |key: &str, message: String| errors.push(ConfigError::at_key(key, message));
+    if !(RING_SIZE_MIN..=RING_SIZE_MAX).contains(&dp.ring_size) {
+        push(
+            "dataplane.ring_size",
+            format!(
+                "{} is out of range: the Maglev table size must be a prime between \
+                 {RING_SIZE_MIN} and {RING_SIZE_MAX} (default {DEFAULT_RING_SIZE})",
+                dp.ring_size
+            ),
+        );
+    } else if !is_prime(dp.ring_size) {
+        let hint = next_prime(dp.ring_size)
+            .filter(|p| *p <= RING_SIZE_MAX)
+            .map(|p| format!(", for example {p}"))
+            .unwrap_or_default();
+        push(
+            "dataplane.ring_size",
+            format!(
+                "{} is not a prime: the Maglev table size must be prime{hint}",
+                dp.ring_size
+            ),
+        );
+    }
+    if dp.flow_table_size == 0 {
+        push("dataplane.flow_table_size", "must be at least 1".to_owned());
+    }
+    if !(1..=MAX_SERVICES_LIMIT).contains(&dp.max_services) {
+        push(
+            "dataplane.max_services",
+            format!(
+                "{} is out of range: must be between 1 and {MAX_SERVICES_LIMIT}",
+                dp.max_services
+            ),
+        );
+    }
+    if dp.max_backends == 0 {
+        push("dataplane.max_backends", "must be at least 1".to_owned());
+    }
+    if let Some(ip) = dp.source_ipv4 {
+        if let Some(kind) = non_unicast(IpAddr::V4(ip)) {
+            push(
+                "dataplane.source_ipv4",
+                format!("{ip} is {kind} address; the tunnel source must be a unicast address"),
+            );
+        }
+    }
+    if let Some(ip) = dp.source_ipv6 {
+        if let Some(kind) = non_unicast(IpAddr::V6(ip)) {
+            push(
+                "dataplane.source_ipv6",
+                format!("{ip} is {kind} address; the tunnel source must be a unicast address"),
+            );
+        }
+    }
+    errors
+}
+
+/// Service and backend counts against the map capacities, reported once at the
+/// first entry over the limit.
+fn check_capacity(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let dp = &cfg.dataplane;
+    let max_services = dp.max_services as usize;
+    if (1..=MAX_SERVICES_LIMIT).contains(&dp.max_services) && cfg.services.len() > max_services {
+        errors.push(ConfigError::at_key(
+            format!("service[{}]", ids[max_services].index),
+            format!(
+                "{} services are configured, more than dataplane.max_services = {}",
+                cfg.services.len(),
+                dp.max_services
+            ),
+        ));
+    }
+    let total: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    let max_backends = dp.max_backends as usize;
+    if max_backends >= 1 && total > max_backends {
+        let mut seen = 0;
+        for (svc, id) in cfg.services.iter().zip(ids) {
+            if seen + svc.backends.len() > max_backends {
+                errors.push(ConfigError::at_key(
+                    format!(
+                        "service[{}].backend[{}]",
+                        id.index,
+                        id.backends[max_backends - seen]
+                    ),
+                    format!(
+                        "{total} backends are configured in all, more than \
+                         dataplane.max_backends = {max_backends}; this is the first one over"
+                    ),
+                ));
+                break;
+            }
+            seen += svc.backends.len();
+        }
+    }
+    errors
+}
+
+/// Collects the errors of one service, with key paths from [`Keys`].
+struct Report<'k, 'a> {
+    keys: &'k Keys<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl Report<'_, '_> {
+    fn field(&mut self, name: &str, message: impl Into<String>) {
+        let key = self.keys.field(name);
+        self.errors.push(ConfigError::at_key(key, message));
+    }
+
+    fn backend(&mut self, i: usize, field: &str, message: impl Into<String>) {
+        let key = self.keys.backend(i, field);
+        self.errors.push(ConfigError::at_key(key, message));
+    }
+}
+
+fn check_service(
+    svc: &ServiceConfig,
+    others: &[ServiceConfig],
+    dp: &DataplaneConfig,
+    keys: &Keys<'_>,
+) -> Vec<ConfigError> {
+    let mut report = Report {
+        keys,
+        errors: Vec::new(),
+    };
+    check_identity(svc, others, &mut report);
+    check_mode(svc, dp, &mut report);
+    check_backends(svc, &mut report);
+    check_health(&svc.health, &mut report);
+    check_l7_extras(svc, &mut report);
+    report.errors
+}
+
+/// Name and VIP, alone and against the other services.
+fn check_identity(svc: &ServiceConfig, others: &[ServiceConfig], report: &mut Report<'_, '_>) {
+    if let Some(why) = service_name_problem(&svc.name) {
+        report.field("name", why);
+    } else if others.iter().any(|o| o.name == svc.name) {
+        report.field(
+            "name",
+            format!(
+                "service name \"{}\" is already used by another service",
+                svc.name
+            ),
+        );
+    }
+    let vip = svc.vip;
+    if vip.port() == 0 {
+        report.field("vip", format!("{vip}: the VIP port must not be 0"));
+    }
+    if let Some(kind) = non_unicast(vip.ip()) {
+        report.field(
+            "vip",
+            format!(
+                "{} is {kind} address; a VIP must be a unicast address",
+                vip.ip()
+            ),
+        );
+    }
+    let clash = others.iter().find(|o| {
+        o.vip.ip() == vip.ip() && o.vip.port() == vip.port() && o.protocol == svc.protocol
+    });
+    if let Some(other) = clash {
+        report.field(
+            "vip",
+            format!(
+                "VIP {vip}/{} is already used by service \"{}\"",
+                svc.protocol, other.name
+            ),
+        );
+    }
+}
+
+/// What the mode allows: scheduler, address family, protocol, l7-only features, and
+/// the dataplane settings an l4 service relies on.
+fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_, '_>) {
+    if !svc.scheduler.allowed_in(svc.mode) {
+        let allowed: Vec<&str> = Scheduler::ALL
+            .iter()
+            .filter(|s| s.allowed_in(svc.mode))
+            .map(|s| s.as_str())
+            .collect();
+        report.field(
+            "scheduler",
+            format!(
+                "scheduler \"{}\" is not available with mode = \"{}\"; use one of: {}",
+                svc.scheduler,
+                svc.mode,
+                allowed.join(", ")
+            ),
+        );
+    }
+    match svc.mode {
+        Mode::L4 => {
+            if svc.vip.is_ipv6() {
+                report.field("vip", "IPv6 L4 services are not supported yet");
+            }
+            if svc.sticky.is_some() {
+                report.field("sticky", "sticky sessions are only for mode = \"l7\"");
+            }
+            if svc.cache.is_some() {
+                report.field("cache", "caching is only for mode = \"l7\"");
+            }
+            if svc.tls.is_some() {
+                report.field("tls", "TLS termination is only for mode = \"l7\"");
+            }
+            if svc.http != HttpConfig::default() {
+                report.field("http", "http settings are only for mode = \"l7\"");
+            }
+            if svc.vip.is_ipv4() && dp.xdp_mode != XdpMode::Off && dp.source_ipv4.is_none() {
+                report.field(
+                    "vip",
+                    "an l4 IPv4 service needs dataplane.source_ipv4 (the outer source address \
+                     of tunnelled packets) unless dataplane.xdp_mode = \"off\"",
+                );
+            }
+        }
+        Mode::L7 => {
+            if svc.protocol != Protocol::Tcp {
+                report.field(
+                    "protocol",
+                    format!(
+                        "protocol \"{}\" cannot be used with mode = \"l7\": the HTTP proxy \
+                         needs protocol = \"tcp\"",
+                        svc.protocol
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_backends(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
+    let vip_port = svc.vip.port();
+    let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
+    for (i, b) in svc.backends.iter().enumerate() {
+        if let Some(kind) = non_unicast(b.address) {
+            report.backend(
+                i,
+                "address",
+                format!(
+                    "{} is {kind} address; a backend needs a unicast address",
+                    b.address
+                ),
+            );
+        }
+        if let Some(&first) = seen.get(&(b.address, b.port)) {
+            let first = report.keys.backend_id(first);
+            report.backend(
+                i,
+                "address",
+                format!(
+                    "duplicate backend {}: already listed as backend[{first}]",
+                    SocketAddr::new(b.address, b.port)
+                ),
+            );
+        } else {
+            seen.insert((b.address, b.port), i);
+        }
+        if b.weight > MAX_WEIGHT {
+            report.backend(
+                i,
+                "weight",
+                format!(
+                    "{} is out of range: must be between 0 (drain) and {MAX_WEIGHT}",
+                    b.weight
+                ),
+            );
+        }
+        if b.tier > MAX_TIER {
+            report.backend(
+                i,
+                "tier",
+                format!(
+                    "{} is out of range: must be between 0 and {MAX_TIER}",
+                    b.tier
+                ),
+            );
+        }
+        if svc.mode == Mode::L4 {
+            if b.port != vip_port {
+                report.backend(
+                    i,
+                    "port",
+                    format!(
+                        "port {} differs from the VIP port {vip_port}: l4 mode (DSR over IPIP) \
+                         does not rewrite ports, so a backend must listen on the VIP port (or \
+                         use mode = \"l7\")",
+                        b.port
+                    ),
+                );
+            }
+            if b.address.is_ipv6() {
+                report.backend(
+                    i,
+                    "address",
+                    "IPv6 L4 services are not supported yet: an l4 backend must be IPv4",
+                );
+            }
+        }
+    }
+}
+
+fn check_health(h: &HealthConfig, report: &mut Report<'_, '_>) {
+    if h.interval_ms < MIN_INTERVAL_MS {
+        report.field(
+            "health.interval_ms",
+            format!(
+                "{} is too small: must be at least {MIN_INTERVAL_MS}",
+                h.interval_ms
+            ),
+        );
+    }
+    if h.timeout_ms == 0 {
+        report.field("health.timeout_ms", "must be at least 1");
+    } else if h.timeout_ms > h.interval_ms {
+        report.field(
+            "health.timeout_ms",
+            format!(
+                "{} is longer than health.interval_ms = {}: the timeout must not exceed the \
+                 interval",
+                h.timeout_ms, h.interval_ms
+            ),
+        );
+    }
+    for (key, value) in [("health.rise", h.rise), ("health.fall", h.fall)] {
+        if !(1..=MAX_RISE_FALL).contains(&value) {
+            report.field(
+                key,
+                format!("{value} is out of range: must be between 1 and {MAX_RISE_FALL}"),
+            );
+        }
+    }
+    if !h.path.starts_with('/') {
+        report.field("health.path", format!("\"{}\" must start with '/'", h.path));
+    }
+    if h.host
+        .as_deref()
+        .is_some_and(|host| host.is_empty() || host.contains(char::is_whitespace))
+    {
+        report.field(
+            "health.host",
+            "must be a non-empty host name without spaces",
+        );
+    }
+    let (lo, hi) = h.expect_status;
+    if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) {
+        report.field(
+            "health.expect_status",
+            format!("[{lo}, {hi}]: HTTP status codes must be between 100 and 599"),
+        );
+    } else if lo > hi {
+        report.field(
+            "health.expect_status",
+            format!("[{lo}, {hi}]: the first code must not be greater than the second"),
+        );
+    }
+}
+
+/// The values of `sticky` and `cache` (their presence in l4 mode is [`check_mode`]'s).
+fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
+    if let Some(sticky) = &svc.sticky {
+        if !is_cookie_name(&sticky.cookie) {
+            report.field(
+                "sticky.cookie",
+                format!(
+                    "\"{}\" is not a valid cookie name (RFC 6265 token: printable ASCII \
+                     without spaces or ()<>@,;:\\\"/[]?={{}})",
+                    sticky.cookie
+                ),
+            );
+        }
+        if sticky.ttl_s == 0 {
+            report.field("sticky.ttl_s", "must be at least 1");
+        }
+    }
+    if let Some(cache) = &svc.cache {
+        if cache.max_bytes == 0 {
+            report.field("cache.max_bytes", "must be at least 1");
+        }
+        if cache.max_object_bytes == 0 {
+            report.field("cache.max_object_bytes", "must be at least 1");
+        }
+    }
+    if let Some(tls) = &svc.tls {
+        for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if let Err(e) = fs::metadata(path) {
+                report.field(key, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+    }
+    let h = &svc.http;
+    for (key, v) in [
+        ("http.connect_timeout_ms", h.connect_timeout_ms),
+        ("http.header_timeout_ms", h.header_timeout_ms),
+        ("http.idle_timeout_ms", h.idle_timeout_ms),
+        ("http.response_timeout_ms", h.response_timeout_ms),
+        ("http.eject_base_ms", h.eject_base_ms),
+    ] {
+        if v == 0 {
+            report.field(key, "must be at least 1");
+        }
+    }
+    if h.max_header_bytes < 1024 {
+        report.field(
+            "http.max_header_bytes",
+            format!("must be at least 1024, found {}", h.max_header_bytes),
+        );
+    }
+    if h.max_headers == 0 {
+        report.field("http.max_headers", "must be at least 1");
+    }
+    if h.retries > 10 {
+        report.field(
+            "http.retries",
+            format!("must be at most 10, found {}", h.retries),
+        );
+    }
+    if h.eject_max_ms < h.eject_base_ms {
+        report.field(
+            "http.eject_max_ms",
+            format!(
+                "must be at least http.eject_base_ms ({}), found {}",
+                h.eject_base_ms, h.eject_max_ms
+            ),
+        );
+    }
+    if svc.hash_on != HashOn::Client && svc.scheduler != Scheduler::Hash {
+        report.field(
+            "hash_on",
+            format!(
+                "hash_on is used only by scheduler = \"hash\" (this service uses \"{}\")",
+                svc.scheduler
+            ),
+        );
+    }
+    if svc.slow_start_s > MAX_SLOW_START_S {
+        report.field(
+            "slow_start_s",
+            format!(
+                "must be at most {MAX_SLOW_START_S} (one day), found {}",
+                svc.slow_start_s
+            ),
+        );
+    }
+}
+
+fn service_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("a service name must not be empty".to_owned())
+    } else if name.chars().count() > MAX_NAME_LEN {
+        Some(format!(
+            "service name is {} characters long, the most allowed is {MAX_NAME_LEN}",
+            name.chars().count()
+        ))
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        Some(format!(
+            "service name \"{name}\" may only contain letters, digits, '_', '.' and '-'"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Linux accepts an interface name of 1 to 15 bytes without '/', ':' or white space.
+fn interface_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("must not be empty (leave it out to take --iface)".to_owned())
+    } else if name.len() > MAX_IFNAME_LEN {
+        Some(format!(
+            "\"{name}\" is longer than {MAX_IFNAME_LEN} bytes, the limit for interface names"
+        ))
+    } else if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        Some(format!("\"{name}\" is not a valid interface name"))
+    } else {
+        None
+    }
+}
+
+/// `Some("a multicast")` and the like when `ip` cannot be a unicast endpoint.
+fn non_unicast(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified")
+    } else if ip.is_multicast() {
+        Some("a multicast")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast")
+    } else {
+        None
+    }
+}
+
+/// An RFC 9110 token character (header field names).
+pub(super) fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 6265 `cookie-name` = RFC 2616 `token`: one or more printable ASCII characters
+/// other than separators.
+pub(super) fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+pub(super) fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+pub(super) fn next_prime(n: u32) -> Option<u32> {
+    (n..=u32::MAX).find(|&c| is_prime(c))
+}
