@@ -140,6 +140,7 @@ impl Default for DataplaneConfig {
 
 /// Transport protocol of a VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// TCP.
@@ -151,6 +152,7 @@ pub enum Protocol {
 
 /// Where a service is balanced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// In the XDP fast path, DSR over a tunnel.
@@ -162,6 +164,7 @@ pub enum Mode {
 
 /// Backend selection algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// l4: Maglev consistent hashing of the 5-tuple.
@@ -180,6 +183,7 @@ pub enum Scheduler {
 
 /// Health check type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum HealthKind {
     /// No checks: backends are always up.
@@ -193,6 +197,7 @@ pub enum HealthKind {
 
 /// A service's `health = { ... }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Check type.
@@ -234,11 +239,14 @@ impl Default for HealthConfig {
 /// Standalone deserialization requires `port`; within a service it defaults to the
 /// VIP's port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Backend address.
+    #[schema(value_type = String, example = "198.18.2.11")]
     pub address: IpAddr,
     /// Backend port; in l4 mode it must equal the VIP's port.
+    #[schema(required = false)]
     pub port: u16,
     /// Relative weight, 0 (drained) to 1 000 000.
     #[serde(default = "default_weight")]
@@ -250,6 +258,7 @@ pub struct BackendConfig {
 
 /// A service's `sticky = { ... }` (l7 only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StickyConfig {
     /// Name of the cookie that pins a client to a backend.
@@ -260,6 +269,7 @@ pub struct StickyConfig {
 
 /// A service's `cache = { ... }` (l7 only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Memory budget of the HTTP cache.
@@ -284,6 +294,7 @@ fn default_max_object_bytes() -> u64 {
 /// A service's `on_all_down`: what the fast path does when no backend of any tier
 /// is eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllDown {
     /// Keep serving with the last known set (the health checker may be the one cut off).
@@ -354,16 +365,20 @@ impl<'de> Deserialize<'de> for HashOn {
 
 /// A service's `tls = { cert, key }` (l7 only): PEM files; ALPN offers h2 and http/1.1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain, PEM.
+    #[schema(value_type = String)]
     pub cert: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1), PEM.
+    #[schema(value_type = String)]
     pub key: PathBuf,
 }
 
 /// A service's `http = { ... }` (l7 only): timeouts, limits, retries and passive health.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Time to open a connection to a backend.
@@ -415,22 +430,30 @@ impl Default for HttpConfig {
 /// `mode = "l4"`, the scheduler of the mode, `health = { kind = "none" }`, and a
 /// backend's `port` equal to the VIP's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema)]
 #[serde(from = "ServiceSpec")]
 pub struct ServiceConfig {
     /// Unique name: `[A-Za-z0-9_.-]`, 1 to 64 characters.
     pub name: String,
     /// Virtual address and port clients connect to.
+    #[schema(value_type = String, example = "198.18.100.1:80")]
     pub vip: SocketAddr,
     /// Transport protocol.
+    #[schema(required = false)]
     pub protocol: Protocol,
     /// l4 (XDP) or l7 (HTTP proxy).
+    #[schema(required = false)]
     pub mode: Mode,
     /// Backend selection.
+    #[schema(required = false)]
     pub scheduler: Scheduler,
     /// Health checking of the backends.
+    #[schema(required = false)]
     pub health: HealthConfig,
     /// Backends, TOML key `backend`.
     #[serde(rename = "backend")]
+    #[schema(required = false)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
     /// Sticky sessions (l7 only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -440,15 +463,19 @@ pub struct ServiceConfig {
     pub cache: Option<CacheConfig>,
     /// Seconds over which a backend that is added or comes back ramps up to its full
     /// weight (0: at once).
+    #[schema(required = false)]
     pub slow_start_s: u64,
     /// What happens when every backend of every tier is down.
+    #[schema(required = false)]
     pub on_all_down: AllDown,
     /// What the `hash` scheduler hashes (l7).
+    #[schema(value_type = String, required = false, example = "header:x-user")]
     pub hash_on: HashOn,
     /// TLS on the VIP (l7 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
     /// Timeouts, limits, retries and passive health of the HTTP proxy (l7).
+    #[schema(required = false)]
     pub http: HttpConfig,
 }
 
