@@ -139,8 +139,9 @@ impl Default for DataplaneConfig {
 }
 
 /// Transport protocol of a VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// TCP.
@@ -151,8 +152,9 @@ pub enum Protocol {
 }
 
 /// Where a service is balanced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// In the XDP fast path, DSR over a tunnel.
@@ -163,8 +165,7 @@ pub enum Mode {
 }
 
 /// Backend selection algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// l4: Maglev consistent hashing of the 5-tuple.
@@ -182,8 +183,9 @@ pub enum Scheduler {
 }
 
 /// Health check type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum HealthKind {
     /// No checks: backends are always up.
@@ -196,8 +198,7 @@ pub enum HealthKind {
 }
 
 /// A service's `health = { ... }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Check type.
@@ -238,8 +239,7 @@ impl Default for HealthConfig {
 ///
 /// Standalone deserialization requires `port`; within a service it defaults to the
 /// VIP's port.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Backend address.
@@ -257,8 +257,7 @@ pub struct BackendConfig {
 }
 
 /// A service's `sticky = { ... }` (l7 only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StickyConfig {
     /// Name of the cookie that pins a client to a backend.
@@ -268,8 +267,7 @@ pub struct StickyConfig {
 }
 
 /// A service's `cache = { ... }` (l7 only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Memory budget of the HTTP cache.
@@ -293,8 +291,9 @@ fn default_max_object_bytes() -> u64 {
 
 /// A service's `on_all_down`: what the fast path does when no backend of any tier
 /// is eligible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllDown {
     /// Keep serving with the last known set (the health checker may be the one cut off).
@@ -364,8 +363,7 @@ impl<'de> Deserialize<'de> for HashOn {
 }
 
 /// A service's `tls = { cert, key }` (l7 only): PEM files; ALPN offers h2 and http/1.1.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain, PEM.
@@ -377,8 +375,7 @@ pub struct TlsConfig {
 }
 
 /// A service's `http = { ... }` (l7 only): timeouts, limits, retries and passive health.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Time to open a connection to a backend.
@@ -429,8 +426,7 @@ impl Default for HttpConfig {
 /// Deserializes with the same defaults as the TOML file: `protocol = "tcp"`,
 /// `mode = "l4"`, the scheduler of the mode, `health = { kind = "none" }`, and a
 /// backend's `port` equal to the VIP's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(from = "ServiceSpec")]
 pub struct ServiceConfig {
     /// Unique name: `[A-Za-z0-9_.-]`, 1 to 64 characters.

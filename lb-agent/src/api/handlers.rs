@@ -41,7 +41,9 @@ fn health_index(control: &Control) -> HealthIndex {
 }
 
 fn backend_of(service: &str, b: &BackendView, health: &HealthIndex) -> Backend {
-    let status = health.get(&(service.to_owned(), b.address, b.port)).cloned();
+    let status = health
+        .get(&(service.to_owned(), b.address, b.port))
+        .cloned();
     Backend::live(b, status)
 }
 

@@ -101,6 +101,9 @@ impl ApiState {
             Errors are `{\"error\": \"...\"}`; a rejected change changes nothing.",
         license(name = "Apache-2.0 OR MIT"),
     ),
+    // Reached only through the `all_or_none` schemas of flattened fields, which utoipa
+    // does not follow.
+    components(schemas(types::BackendLive, types::HealthStatus, types::FastPathStats)),
     modifiers(&BearerToken),
     security(("bearer" = [])),
     tags(
@@ -120,7 +123,10 @@ impl Modify for BearerToken {
         openapi
             .components
             .get_or_insert_with(Default::default)
-            .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
     }
 }
 

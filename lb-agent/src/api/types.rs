@@ -14,7 +14,13 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{
+    ToSchema,
+    openapi::{
+        Ref,
+        schema::{AnyOfBuilder, ObjectBuilder, Schema},
+    },
+};
 
 pub use crate::{config::ServiceConfig, health::Status as HealthStatus, state::AdminState};
 use crate::{control, l7::balancer::BackendState, state::BackendView};
@@ -57,6 +63,7 @@ pub struct Backend {
     pub weight: u32,
     /// The live state; absent (no field at all) before the service was computed.
     #[serde(flatten)]
+    #[schema(schema_with = live_or_none)]
     pub live: Option<BackendLive>,
 }
 
@@ -113,6 +120,25 @@ impl Backend {
     }
 }
 
+/// The schema of a flattened `Option<T>`: all of `T`'s fields, or none of them
+/// (utoipa's own rendering, "null or T", would demand `T`'s fields inside an object).
+fn all_or_none<T: ToSchema>(none: &str) -> Schema {
+    Schema::AnyOf(
+        AnyOfBuilder::new()
+            .item(Ref::from_schema_name(T::name()))
+            .item(ObjectBuilder::new().description(Some(none)))
+            .build(),
+    )
+}
+
+fn live_or_none() -> Schema {
+    all_or_none::<BackendLive>("no live fields: the service has not been computed yet")
+}
+
+fn traffic_or_none() -> Schema {
+    all_or_none::<FastPathStats>("no counters: there is no fast path")
+}
+
 /// `PATCH /api/v1/services/{name}/backends/{address}`: at least one of the two.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +158,7 @@ pub struct Stats {
     pub fast_path: bool,
     /// The fast path's counters (`counters`, `drops`, `services`); absent without one.
     #[serde(flatten)]
+    #[schema(schema_with = traffic_or_none)]
     pub traffic: Option<FastPathStats>,
     /// The L7 services by name; absent when there are none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

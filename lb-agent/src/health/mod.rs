@@ -92,6 +92,7 @@ pub struct Transition {
 
 /// Health of one target, for the API (`health` of a backend, see `api::types`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = HealthStatus)]
 pub struct Status {
     /// Current verdict.
     pub up: bool,
