@@ -113,7 +113,7 @@ const ADDRESS: &str = "the backend's address, without port (IPv6 with or without
 #[utoipa::path(get, path = "/services", tag = "services",
     summary = "Every service, with its backends, their health and weights",
     responses(
-        (status = 200, body = ServiceList),
+        (status = 200, description = "every service", body = ServiceList),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 503, description = "the control plane is busy", body = ErrorBody),
     ))]
@@ -133,7 +133,7 @@ pub async fn list_services(State(state): State<ApiState>) -> ApiResult<Json<Serv
     summary = "One service",
     params(("name" = String, Path, description = NAME)),
     responses(
-        (status = 200, body = Service),
+        (status = 200, description = "the service", body = Service),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 503, description = "the control plane is busy", body = ErrorBody),
@@ -179,7 +179,7 @@ pub async fn create_service(
     params(("name" = String, Path, description = NAME)),
     request_body = ServiceConfig,
     responses(
-        (status = 200, body = Service),
+        (status = 200, description = "the service as replaced", body = Service),
         (status = 400, description = "invalid service or body, or another name", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
@@ -335,7 +335,7 @@ pub async fn remove_backend(
 #[utoipa::path(get, path = "/stats", tag = "stats",
     summary = "Fast-path traffic per service and backend, counters, drops; L7 requests and cache",
     responses(
-        (status = 200, body = Stats),
+        (status = 200, description = "the counters", body = Stats),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 503, description = "the control plane is busy", body = ErrorBody),
     ))]
@@ -382,7 +382,7 @@ pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Stats>> {
     params(("name" = String, Path, description = NAME)),
     request_body(content = Option<PurgeRequest>, description = "optional: without a body, everything"),
     responses(
-        (status = 200, body = PurgeResponse),
+        (status = 200, description = "how many cached responses were dropped", body = PurgeResponse),
         (status = 400, description = "invalid body or path", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
@@ -431,7 +431,7 @@ pub async fn purge_cache(
 #[utoipa::path(post, path = "/reload", tag = "agent",
     summary = "Re-read the config file (API changes stay on top of it)",
     responses(
-        (status = 200, body = ReloadResponse),
+        (status = 200, description = "the reloaded config is in force", body = ReloadResponse),
         (status = 400, description = "the file is invalid: nothing changed", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 500, description = "the maps could not be written", body = ErrorBody),
@@ -463,7 +463,7 @@ pub async fn openapi_json() -> Response {
 
 #[utoipa::path(get, path = "/healthz", tag = "agent", security(()),
     summary = "Liveness of the agent (no token needed)",
-    responses((status = 200, body = Healthz)))]
+    responses((status = 200, description = "the agent is alive", body = Healthz)))]
 pub async fn healthz() -> Json<Healthz> {
     Json(Healthz {
         status: "ok".to_owned(),

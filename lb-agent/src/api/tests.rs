@@ -678,6 +678,12 @@ async fn openapi_document_lists_exactly_the_routes_the_router_has() {
         );
     }
     assert!(documented.contains(&("get".to_owned(), "/api/v1/openapi.json".to_owned())));
+    assert!(
+        spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+            .get(crate::metrics::CONTENT_TYPE)
+            .is_some(),
+        "/metrics is documented with another content type than it has"
+    );
     // Every documented operation is routed: called without a body on a fresh agent, it
     // answers with one of its documented statuses, never the "no such route" or
     // "method not allowed" fallbacks.
