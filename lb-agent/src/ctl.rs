@@ -6,13 +6,19 @@
 //! ```
 //!
 //! Prints human-readable tables; a failed request prints the API's `{"error"}` message
-//! (through the returned error) so the command exits non-zero.
+//! (through the returned error) so the command exits non-zero. Requests and answers
+//! are the API's own [`types`](crate::api::types).
 
-use std::{io::Write, net::IpAddr, time::Duration};
+use std::{fmt::Display, io::Write, net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::api::types::{
+    AdminState, Backend, BackendPatch, ErrorBody, Healthz, ReloadResponse, Service, ServiceList,
+    Stats,
+};
 
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -57,51 +63,55 @@ pub fn run_to(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let client = Client::new(api, token);
+    let state = |state| BackendPatch {
+        state: Some(state),
+        weight: None,
+    };
     match cmd {
         CtlCommand::Status => {
-            client.call("GET", "/healthz", None)?;
-            let services = client.call("GET", "/api/v1/services", None)?;
-            status(out, client.base(), &services)?;
+            client.get::<Healthz>("/healthz")?;
+            let services: ServiceList = client.get("/api/v1/services")?;
+            status(out, client.base(), &services.services)?;
         }
         CtlCommand::Services => {
-            let services = client.call("GET", "/api/v1/services", None)?;
-            services_table(out, &services)?;
+            let services: ServiceList = client.get("/api/v1/services")?;
+            services_table(out, &services.services)?;
         }
         CtlCommand::Backends { service } => {
-            let svc = client.call("GET", &format!("/api/v1/services/{service}"), None)?;
+            let svc: Service = client.get(&format!("/api/v1/services/{service}"))?;
             backends_table(out, &svc)?;
         }
         CtlCommand::Drain { service, address } => {
-            let b = client.patch(&service, address, json!({ "state": "drain" }))?;
-            backend_line(out, &service, &b)?;
+            let b = client.patch(&service, address, state(AdminState::Drain))?;
+            backend_line(out, &service, b.as_ref())?;
         }
         CtlCommand::Enable { service, address } => {
-            let b = client.patch(&service, address, json!({ "state": "enabled" }))?;
-            backend_line(out, &service, &b)?;
+            let b = client.patch(&service, address, state(AdminState::Enabled))?;
+            backend_line(out, &service, b.as_ref())?;
         }
         CtlCommand::Disable { service, address } => {
-            let b = client.patch(&service, address, json!({ "state": "disabled" }))?;
-            backend_line(out, &service, &b)?;
+            let b = client.patch(&service, address, state(AdminState::Disabled))?;
+            backend_line(out, &service, b.as_ref())?;
         }
         CtlCommand::Weight {
             service,
             address,
             weight,
         } => {
-            let b = client.patch(&service, address, json!({ "weight": weight }))?;
-            backend_line(out, &service, &b)?;
+            let patch = BackendPatch {
+                weight: Some(weight),
+                state: None,
+            };
+            let b = client.patch(&service, address, patch)?;
+            backend_line(out, &service, b.as_ref())?;
         }
         CtlCommand::Stats => {
-            let stats = client.call("GET", "/api/v1/stats", None)?;
+            let stats: Stats = client.get("/api/v1/stats")?;
             stats_tables(out, &stats)?;
         }
         CtlCommand::Reload => {
-            let r = client.call("POST", "/api/v1/reload", None)?;
-            writeln!(
-                out,
-                "reloaded: {} service(s)",
-                r["services"].as_u64().unwrap_or(0)
-            )?;
+            let r: ReloadResponse = client.call("POST", "/api/v1/reload", None::<&()>)?;
+            writeln!(out, "reloaded: {} service(s)", r.services)?;
         }
     }
     Ok(())
@@ -130,8 +140,13 @@ impl Client {
         &self.base
     }
 
-    /// One request; the JSON answer (Null for an empty one), or the API's error.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    /// One request; the answer read as `T`, or the API's error.
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
         if let Some(auth) = &self.auth {
@@ -141,7 +156,7 @@ impl Client {
             Some(body) => self.agent.run(
                 request
                     .header("Content-Type", "application/json")
-                    .body(serde_json::to_vec(&body)?)?,
+                    .body(serde_json::to_vec(body)?)?,
             ),
             None => self.agent.run(request.body(())?),
         };
@@ -151,26 +166,30 @@ impl Client {
             .body_mut()
             .read_to_string()
             .with_context(|| format!("reading the answer to {method} {url}"))?;
-        let value: Option<Value> = serde_json::from_str(&text).ok();
         if !status.is_success() {
-            let message = value
-                .as_ref()
-                .and_then(|v| v["error"].as_str())
-                .map_or_else(|| text.trim().to_owned(), str::to_owned);
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map_or_else(|_| text.trim().to_owned(), |e| e.error);
             bail!("{method} {path}: {status}: {message}");
         }
-        match value {
-            Some(v) => Ok(v),
-            None if text.trim().is_empty() => Ok(Value::Null),
-            None => bail!("{method} {url}: the answer is not JSON: {text:.200}"),
-        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("{method} {url}: unexpected answer: {text:.200}"))
     }
 
-    fn patch(&self, service: &str, address: IpAddr, body: Value) -> anyhow::Result<Value> {
+    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call("GET", path, None::<&()>)
+    }
+
+    /// The backend's live view after the change (None when its service has none yet).
+    fn patch(
+        &self,
+        service: &str,
+        address: IpAddr,
+        body: BackendPatch,
+    ) -> anyhow::Result<Option<Backend>> {
         self.call(
             "PATCH",
             &format!("/api/v1/services/{service}/backends/{address}"),
-            Some(body),
+            Some(&body),
         )
     }
 }
@@ -218,79 +237,83 @@ impl Table {
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    }
+/// A value, or "-" when there is none.
+fn text(v: Option<impl Display>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn yes_no(v: &Value) -> String {
-    match v.as_bool() {
+fn yes_no(v: Option<bool>) -> String {
+    match v {
         Some(true) => "yes".to_owned(),
         Some(false) => "no".to_owned(),
         None => "-".to_owned(),
     }
 }
 
-fn address_port(b: &Value) -> String {
-    let port = text(&b["port"]);
-    match b["address"].as_str() {
-        Some(a) if a.contains(':') => format!("[{a}]:{port}"),
-        Some(a) => format!("{a}:{port}"),
-        None => "-".to_owned(),
+fn state_name(state: AdminState) -> &'static str {
+    match state {
+        AdminState::Enabled => "enabled",
+        AdminState::Drain => "drain",
+        AdminState::Disabled => "disabled",
     }
 }
 
-fn services_of(v: &Value) -> &[Value] {
-    v["services"].as_array().map_or(&[], Vec::as_slice)
+fn address_port(b: &Backend) -> String {
+    if b.address.is_ipv6() {
+        format!("[{}]:{}", b.address, b.port)
+    } else {
+        format!("{}:{}", b.address, b.port)
+    }
 }
 
-fn backends_of(svc: &Value) -> &[Value] {
-    svc["backends"].as_array().map_or(&[], Vec::as_slice)
-}
-
-fn count(backends: &[Value], key: &str) -> usize {
+/// How many backends have a live `flag` set.
+fn count(backends: &[Backend], flag: fn(&crate::api::types::BackendLive) -> bool) -> usize {
     backends
         .iter()
-        .filter(|b| b[key].as_bool() == Some(true))
+        .filter(|b| b.live.as_ref().is_some_and(flag))
         .count()
 }
 
-fn status(out: &mut dyn Write, api: &str, services: &Value) -> anyhow::Result<()> {
-    let services = services_of(services);
-    let backends: usize = services.iter().map(|s| backends_of(s).len()).sum();
+fn healthy(backends: &[Backend]) -> usize {
+    count(backends, |l| l.healthy)
+}
+
+fn serving(backends: &[Backend]) -> usize {
+    count(backends, |l| l.serving)
+}
+
+fn status(out: &mut dyn Write, api: &str, services: &[Service]) -> anyhow::Result<()> {
+    let backends: usize = services.iter().map(|s| s.backends.len()).sum();
     writeln!(
         out,
         "agent {api}: ok, {} service(s), {backends} backend(s)",
         services.len()
     )?;
     for s in services {
-        let b = backends_of(s);
+        let b = &s.backends;
         let mut notes = Vec::new();
-        if s["fail_open"].as_bool() == Some(true) {
+        if s.fail_open {
             notes.push("FAIL-OPEN: no backend eligible, the last set keeps serving".to_owned());
-        } else if count(b, "serving") == 0 {
+        } else if serving(b) == 0 {
             notes.push("NOT SERVING: no backend takes new flows".to_owned());
         }
         writeln!(
             out,
             "  {} {} {}: tier {}, {}/{} healthy, {} serving{}",
-            text(&s["name"]),
-            text(&s["mode"]),
-            text(&s["vip"]),
-            text(&s["active_tier"]),
-            count(b, "healthy"),
+            s.config.name,
+            s.config.mode,
+            s.config.vip,
+            text(s.active_tier),
+            healthy(b),
             b.len(),
-            count(b, "serving"),
+            serving(b),
             notes.iter().map(|n| format!("; {n}")).collect::<String>(),
         )?;
     }
     Ok(())
 }
 
-fn services_table(out: &mut dyn Write, services: &Value) -> anyhow::Result<()> {
+fn services_table(out: &mut dyn Write, services: &[Service]) -> anyhow::Result<()> {
     let mut t = Table::new(&[
         "NAME",
         "VIP",
@@ -303,36 +326,36 @@ fn services_table(out: &mut dyn Write, services: &Value) -> anyhow::Result<()> {
         "HEALTHY",
         "SERVING",
     ]);
-    for s in services_of(services) {
-        let b = backends_of(s);
+    for s in services {
+        let b = &s.backends;
         t.row(vec![
-            text(&s["name"]),
-            text(&s["vip"]),
-            text(&s["protocol"]),
-            text(&s["mode"]),
-            text(&s["scheduler"]),
-            text(&s["active_tier"]),
-            yes_no(&s["fail_open"]),
+            s.config.name.clone(),
+            s.config.vip.to_string(),
+            s.config.protocol.to_string(),
+            s.config.mode.to_string(),
+            s.config.scheduler.to_string(),
+            text(s.active_tier),
+            yes_no(Some(s.fail_open)),
             b.len().to_string(),
-            count(b, "healthy").to_string(),
-            count(b, "serving").to_string(),
+            healthy(b).to_string(),
+            serving(b).to_string(),
         ]);
     }
     t.print(out)?;
     Ok(())
 }
 
-fn backends_table(out: &mut dyn Write, svc: &Value) -> anyhow::Result<()> {
+fn backends_table(out: &mut dyn Write, svc: &Service) -> anyhow::Result<()> {
     writeln!(
         out,
         "service {} ({} {}): active tier {}{}",
-        text(&svc["name"]),
-        text(&svc["mode"]),
-        text(&svc["vip"]),
-        text(&svc["active_tier"]),
-        if svc["fail_open"].as_bool() == Some(true) {
+        svc.config.name,
+        svc.config.mode,
+        svc.config.vip,
+        text(svc.active_tier),
+        if svc.fail_open {
             ", FAIL-OPEN"
-        } else if svc["all_down"].as_bool() == Some(true) {
+        } else if svc.all_down {
             ", ALL DOWN: dropping"
         } else {
             ""
@@ -348,17 +371,18 @@ fn backends_table(out: &mut dyn Write, svc: &Value) -> anyhow::Result<()> {
         "ACTIVE",
         "LAST CHECK",
     ]);
-    for b in backends_of(svc) {
+    for b in &svc.backends {
+        let live = b.live.as_ref();
         t.row(vec![
             address_port(b),
-            text(&b["tier"]),
-            text(&b["weight"]),
-            text(&b["state"]),
-            yes_no(&b["healthy"]),
-            yes_no(&b["serving"]),
-            yes_no(&b["active"]),
-            b["health"]["last_reason"]
-                .as_str()
+            b.tier.to_string(),
+            b.weight.to_string(),
+            text(live.map(|l| state_name(l.state))),
+            yes_no(live.map(|l| l.healthy)),
+            yes_no(live.map(|l| l.serving)),
+            yes_no(live.map(|l| l.active)),
+            live.and_then(|l| l.health.as_ref())
+                .map(|h| h.last_reason.as_str())
                 .filter(|r| !r.is_empty())
                 .unwrap_or("-")
                 .to_owned(),
@@ -368,55 +392,54 @@ fn backends_table(out: &mut dyn Write, svc: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn backend_line(out: &mut dyn Write, service: &str, b: &Value) -> anyhow::Result<()> {
+/// One backend after a change; "-" for what is unknown (no backend view at all, or
+/// no live fields yet).
+fn backend_line(out: &mut dyn Write, service: &str, b: Option<&Backend>) -> anyhow::Result<()> {
+    let live = b.and_then(|b| b.live.as_ref());
     writeln!(
         out,
         "{service} {}: state {}, weight {}, healthy {}, serving {}, active {}",
-        address_port(b),
-        text(&b["state"]),
-        text(&b["weight"]),
-        yes_no(&b["healthy"]),
-        yes_no(&b["serving"]),
-        yes_no(&b["active"]),
+        b.map_or_else(|| "-".to_owned(), address_port),
+        text(live.map(|l| state_name(l.state))),
+        text(b.map(|b| b.weight)),
+        yes_no(live.map(|l| l.healthy)),
+        yes_no(live.map(|l| l.serving)),
+        yes_no(live.map(|l| l.active)),
     )?;
     Ok(())
 }
 
-fn stats_tables(out: &mut dyn Write, stats: &Value) -> anyhow::Result<()> {
-    if stats["fast_path"].as_bool() != Some(true) {
+fn stats_tables(out: &mut dyn Write, stats: &Stats) -> anyhow::Result<()> {
+    let Some(traffic) = stats.traffic.as_ref().filter(|_| stats.fast_path) else {
         writeln!(out, "no fast path (xdp mode off): no L4 traffic counters")?;
         return Ok(());
-    }
+    };
     let mut t = Table::new(&["SERVICE", "BACKEND", "PACKETS", "BYTES"]);
-    if let Some(services) = stats["services"].as_object() {
-        for (name, s) in services {
+    for (name, s) in &traffic.services {
+        t.row(vec![
+            name.clone(),
+            "(all)".to_owned(),
+            s.packets.to_string(),
+            s.bytes.to_string(),
+        ]);
+        for (backend, b) in &s.backends {
             t.row(vec![
                 name.clone(),
-                "(all)".to_owned(),
-                text(&s["packets"]),
-                text(&s["bytes"]),
+                backend.clone(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
             ]);
-            if let Some(backends) = s["backends"].as_object() {
-                for (backend, b) in backends {
-                    t.row(vec![
-                        name.clone(),
-                        backend.clone(),
-                        text(&b["packets"]),
-                        text(&b["bytes"]),
-                    ]);
-                }
-            }
         }
     }
     t.print(out)?;
-    for (key, title) in [("counters", "COUNTER"), ("drops", "DROP REASON")] {
-        let Some(map) = stats[key].as_object() else {
-            continue;
-        };
+    for (map, title) in [
+        (&traffic.counters, "COUNTER"),
+        (&traffic.drops, "DROP REASON"),
+    ] {
         writeln!(out)?;
         let mut t = Table::new(&[title, "PACKETS"]);
         for (label, v) in map {
-            t.row(vec![label.clone(), text(v)]);
+            t.row(vec![label.clone(), v.to_string()]);
         }
         t.print(out)?;
     }
@@ -440,27 +463,25 @@ mod tests {
     /// An agent's API on 127.0.0.1, served from a runtime on its own thread.
     struct Server {
         addr: SocketAddr,
-        dir: std::path::PathBuf,
+        /// The agent's state dir and config file; removed on drop.
+        _dir: tempfile::TempDir,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
     impl Server {
         fn start(token: Option<&str>) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "xdplb-ctl-test-{}-{}",
-                std::process::id(),
-                token.is_some()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("mkdir");
+            let dir = tempfile::Builder::new()
+                .prefix("xdplb-ctl-test-")
+                .tempdir()
+                .expect("temporary dir");
             let toml = format!(
                 "[agent]\nstate_dir = \"{}\"\n[dataplane]\nsource_ipv4 = \"198.18.1.10\"\n\
                  [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n\
                  backend = [{{ address = \"198.18.2.11\" }}, {{ address = \"198.18.2.12\", tier = 1 }}]\n",
-                dir.display()
+                dir.path().display()
             );
-            let config_path = dir.join("lb.toml");
+            let config_path = dir.path().join("lb.toml");
             std::fs::write(&config_path, &toml).expect("write config");
             let token = token.map(str::to_owned);
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -500,7 +521,7 @@ mod tests {
             let addr = addr_rx.recv().expect("server address");
             Self {
                 addr,
-                dir,
+                _dir: dir,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }
@@ -525,7 +546,6 @@ mod tests {
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 
@@ -649,5 +669,45 @@ mod tests {
         )
         .expect_err("nothing listens");
         assert!(format!("{err:#}").contains("/healthz"), "{err:#}");
+    }
+
+    #[test]
+    fn stats_tables_show_the_fast_path_counters() {
+        let stats: Stats = serde_json::from_str(
+            r#"{"fast_path":true,"counters":{"rx":5,"tx":4},"drops":{"no_backend":1},
+                "services":{"web":{"packets":4,"bytes":400,
+                "backends":{"198.18.2.11:80":{"packets":4,"bytes":400}}}}}"#,
+        )
+        .expect("stats");
+        let mut out = Vec::new();
+        stats_tables(&mut out, &stats).expect("print");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "SERVICE  BACKEND         PACKETS  BYTES\n\
+             web      (all)           4        400\n\
+             web      198.18.2.11:80  4        400\n\
+             \n\
+             COUNTER  PACKETS\n\
+             rx       5\n\
+             tx       4\n\
+             \n\
+             DROP REASON  PACKETS\n\
+             no_backend   1\n"
+        );
+    }
+
+    #[test]
+    fn a_backend_without_a_view_prints_dashes() {
+        let mut out = Vec::new();
+        backend_line(&mut out, "web", None).expect("print");
+        let b: Backend =
+            serde_json::from_str(r#"{"address":"fd00:18::11","port":80,"tier":0,"weight":7}"#)
+                .expect("backend");
+        backend_line(&mut out, "web", Some(&b)).expect("print");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "web -: state -, weight -, healthy -, serving -, active -\n\
+             web [fd00:18::11]:80: state -, weight 7, healthy -, serving -, active -\n"
+        );
     }
 }

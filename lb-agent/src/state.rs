@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// What an operator set for a backend (`PATCH .../backends/{address}`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AdminState {
     /// Serves according to health and weight.

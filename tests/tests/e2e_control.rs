@@ -33,6 +33,8 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use lb_agent::api::types::{AdminState, Backend, BackendLive, Service};
+use serde::de::DeserializeOwned;
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     http::{self, HttpServer},
@@ -171,200 +173,6 @@ fn agent_events(topo: &Topology, t0: Instant) -> String {
         .join("\n")
 }
 
-// --- a minimal JSON reader (the tests crate has no JSON dependency) --------------------
-
-#[derive(Clone, Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(text: &str) -> anyhow::Result<Self> {
-        let mut p = JsonParser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        ensure!(p.i == p.s.len(), "trailing characters at {}", p.i);
-        Ok(v)
-    }
-
-    fn get(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(fields) => fields
-                .iter()
-                .find(|(k, _)| k == key)
-                .map_or(&Json::Null, |(_, v)| v),
-            _ => &Json::Null,
-        }
-    }
-
-    fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn as_bool(&self) -> Option<bool> {
-        match self {
-            Json::Bool(b) => Some(*b),
-            _ => None,
-        }
-    }
-
-    fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    fn as_array(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            _ => &[],
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, lit: &str) -> bool {
-        if self.s[self.i..].starts_with(lit.as_bytes()) {
-            self.i += lit.len();
-            true
-        } else {
-            false
-        }
-    }
-
-    fn value(&mut self) -> anyhow::Result<Json> {
-        self.ws();
-        let c = *self
-            .s
-            .get(self.i)
-            .ok_or_else(|| anyhow!("unexpected end"))?;
-        match c {
-            b'{' => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                self.ws();
-                if self.eat("}") {
-                    return Ok(Json::Obj(fields));
-                }
-                loop {
-                    self.ws();
-                    let Json::Str(k) = self.value()? else {
-                        bail!("object key is not a string at {}", self.i);
-                    };
-                    self.ws();
-                    ensure!(self.eat(":"), "':' expected at {}", self.i);
-                    fields.push((k, self.value()?));
-                    self.ws();
-                    if self.eat("}") {
-                        return Ok(Json::Obj(fields));
-                    }
-                    ensure!(self.eat(","), "',' expected at {}", self.i);
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.eat("]") {
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value()?);
-                    self.ws();
-                    if self.eat("]") {
-                        return Ok(Json::Arr(items));
-                    }
-                    ensure!(self.eat(","), "',' expected at {}", self.i);
-                }
-            }
-            b'"' => {
-                self.i += 1;
-                let mut out = String::new();
-                loop {
-                    let c = *self
-                        .s
-                        .get(self.i)
-                        .ok_or_else(|| anyhow!("unterminated string"))?;
-                    self.i += 1;
-                    match c {
-                        b'"' => return Ok(Json::Str(out)),
-                        b'\\' => {
-                            let e = *self.s.get(self.i).ok_or_else(|| anyhow!("bad escape"))?;
-                            self.i += 1;
-                            match e {
-                                b'n' => out.push('\n'),
-                                b't' => out.push('\t'),
-                                b'r' => out.push('\r'),
-                                b'b' => out.push('\u{8}'),
-                                b'f' => out.push('\u{c}'),
-                                b'u' => {
-                                    let hex = std::str::from_utf8(
-                                        self.s.get(self.i..self.i + 4).unwrap_or_default(),
-                                    )?;
-                                    let code = u32::from_str_radix(hex, 16)?;
-                                    out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
-                                    self.i += 4;
-                                }
-                                other => out.push(char::from(other)),
-                            }
-                        }
-                        _ => {
-                            // Copy a whole UTF-8 sequence.
-                            let start = self.i - 1;
-                            let mut end = self.i;
-                            while self.s.get(end).is_some_and(|b| (b & 0xC0) == 0x80) {
-                                end += 1;
-                            }
-                            out.push_str(std::str::from_utf8(&self.s[start..end])?);
-                            self.i = end;
-                        }
-                    }
-                }
-            }
-            b't' if self.eat("true") => Ok(Json::Bool(true)),
-            b'f' if self.eat("false") => Ok(Json::Bool(false)),
-            b'n' if self.eat("null") => Ok(Json::Null),
-            _ => {
-                let start = self.i;
-                while self
-                    .s
-                    .get(self.i)
-                    .is_some_and(|b| b"+-0123456789.eE".contains(b))
-                {
-                    self.i += 1;
-                }
-                let text = std::str::from_utf8(&self.s[start..self.i])?;
-                Ok(Json::Num(text.parse().with_context(|| {
-                    format!("bad JSON value at {start}: {text:?}")
-                })?))
-            }
-        }
-    }
-}
-
 // --- the REST API, from inside the LB namespace ----------------------------------------
 
 /// The agent's API, reached from a thread in the LB namespace.
@@ -447,31 +255,42 @@ impl Api {
         .with_context(|| format!("{method} {path} on the API"))
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Json> {
+    /// A successful answer, read as the API's type `T`.
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<T> {
         let (status, text) = self.call(method, path, body)?;
         ensure!(
             (200..300).contains(&status),
             "{method} {path}: status {status}: {text}"
         );
-        Json::parse(&text).with_context(|| format!("{method} {path}: body {text:?}"))
+        serde_json::from_str(&text).with_context(|| format!("{method} {path}: body {text:?}"))
     }
 
-    fn service(&self, name: &str) -> anyhow::Result<Json> {
+    fn service(&self, name: &str) -> anyhow::Result<Service> {
         self.json("GET", &format!("/api/v1/services/{name}"), None)
     }
 
     /// The service's view of backend `addr`.
-    fn backend(&self, service: &str, addr: Ipv4Addr) -> anyhow::Result<Json> {
+    fn backend(&self, service: &str, addr: Ipv4Addr) -> anyhow::Result<Backend> {
         let svc = self.service(service)?;
-        svc.get("backends")
-            .as_array()
+        svc.backends
             .iter()
-            .find(|b| b.get("address").as_str() == Some(&addr.to_string()))
+            .find(|b| b.address == addr)
             .cloned()
             .ok_or_else(|| anyhow!("no backend {addr} in {svc:?}"))
     }
 
-    fn patch_backend(&self, service: &str, addr: Ipv4Addr, body: &str) -> anyhow::Result<Json> {
+    /// The backend's view after the change (null when its service has none).
+    fn patch_backend(
+        &self,
+        service: &str,
+        addr: Ipv4Addr,
+        body: &str,
+    ) -> anyhow::Result<Option<Backend>> {
         self.json(
             "PATCH",
             &format!("/api/v1/services/{service}/backends/{addr}"),
@@ -497,9 +316,10 @@ impl Api {
     /// `(healthy, serving)` of backend `addr`, and its `xdplb_backend_up`.
     fn health_of(&self, addr: Ipv4Addr) -> anyhow::Result<(bool, bool, f64)> {
         let b = self.backend(SERVICE, addr)?;
+        let live = live(&b)?;
         Ok((
-            b.get("healthy").as_bool().context("backend.healthy")?,
-            b.get("serving").as_bool().context("backend.serving")?,
+            live.healthy,
+            live.serving,
             self.backend_metric("xdplb_backend_up", addr)?,
         ))
     }
@@ -521,6 +341,14 @@ impl Api {
             thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A backend's live fields (healthy, serving, ...), which the API shows once the agent
+/// has computed its service.
+fn live(b: &Backend) -> anyhow::Result<&BackendLive> {
+    b.live
+        .as_ref()
+        .with_context(|| format!("no live fields in {b:?}"))
 }
 
 // --- (a) -------------------------------------------------------------------------------
@@ -721,10 +549,7 @@ fn tier0_outage_fails_over_to_tier1_and_back() -> anyhow::Result<()> {
     let api = Api::optional(&bed.topo, TEST);
     if let Some(api) = &api {
         let svc = api.service(SERVICE)?;
-        ensure!(
-            svc.get("active_tier").as_f64() == Some(0.0),
-            "active_tier at start: {svc:?}"
-        );
+        ensure!(svc.active_tier == Some(0), "active_tier at start: {svc:?}");
     }
     let tier0_ns: Vec<String> = bed.topo.backends[..2]
         .iter()
@@ -750,7 +575,7 @@ fn tier0_outage_fails_over_to_tier1_and_back() -> anyhow::Result<()> {
         }
         let svc = api.service(SERVICE)?;
         ensure!(
-            svc.get("active_tier").as_f64() == Some(1.0),
+            svc.active_tier == Some(1),
             "active_tier during the outage: {svc:?}"
         );
     }
@@ -772,7 +597,7 @@ fn tier0_outage_fails_over_to_tier1_and_back() -> anyhow::Result<()> {
         }
         let svc = api.service(SERVICE)?;
         ensure!(
-            svc.get("active_tier").as_f64() == Some(0.0),
+            svc.active_tier == Some(0),
             "active_tier after tier 0 returned: {svc:?}"
         );
     }
@@ -1048,7 +873,8 @@ fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
             let b = api.patch_backend(SERVICE, b_addr, r#"{"state":"drain"}"#)?;
             drained_at = Some(Instant::now());
             ensure!(
-                b.get("state").as_str() == Some("drain"),
+                b.as_ref().and_then(|b| b.live.as_ref()).map(|l| l.state)
+                    == Some(AdminState::Drain),
                 "PATCH answer: {b:?}"
             );
         }
@@ -1094,9 +920,9 @@ fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
     ensure!(
-        view.get("state").as_str() == Some("drain")
-            && view.get("serving").as_bool() == Some(false)
-            && view.get("active").as_bool() == Some(true),
+        view.live
+            .as_ref()
+            .is_some_and(|l| l.state == AdminState::Drain && !l.serving && l.active),
         "API view of the drained backend: {view:?}"
     );
     ensure!(
@@ -1174,10 +1000,7 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
     let mut early = None;
     while back.elapsed() < Duration::from_millis(4000) {
         let b = api.backend(SERVICE, be2)?;
-        let w = b
-            .get("effective_weight")
-            .as_f64()
-            .context("effective_weight")?;
+        let w = live(&b)?.effective_weight;
         ramp.push((back.elapsed().as_millis(), w));
         if early.is_none() {
             early = Some(http::run_load(
@@ -1211,7 +1034,7 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
     );
     let first = ramp.first().context("no sample")?.1;
     ensure!(
-        first < 60.0,
+        first < 60,
         "be2 came back at weight {first}, not ramping from 10"
     );
     ensure!(
@@ -1219,7 +1042,7 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
         "the ramp went down: {ramp:?}"
     );
     ensure!(
-        ramp.last().map(|r| r.1) == Some(100.0),
+        ramp.last().map(|r| r.1) == Some(100),
         "be2 never reached its weight: {ramp:?}"
     );
     ensure!(
@@ -1238,8 +1061,7 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
     }
     let svc = api.service(SERVICE)?;
     ensure!(
-        svc.get("all_down").as_bool() == Some(true)
-            && svc.get("fail_open").as_bool() == Some(false),
+        svc.all_down && !svc.fail_open,
         "all down with on_all_down = drop: {svc:?}"
     );
     let (_, metrics) = api.call("GET", "/metrics", None)?;
@@ -1467,11 +1289,13 @@ fn api_changes_survive_a_restart() -> anyhow::Result<()> {
         let b1 = api.backend(SERVICE, be1)?;
         let b2 = api.backend(SERVICE, be2)?;
         ensure!(
-            b1.get("state").as_str() == Some("drain") && b1.get("serving").as_bool() == Some(false),
+            b1.live
+                .as_ref()
+                .is_some_and(|l| l.state == AdminState::Drain && !l.serving),
             "{when}: be1 should be drained: {b1:?}"
         );
         ensure!(
-            b2.get("weight").as_f64() == Some(300.0) && b2.get("serving").as_bool() == Some(true),
+            b2.weight == 300 && b2.live.as_ref().is_some_and(|l| l.serving),
             "{when}: be2 should serve with weight 300: {b2:?}"
         );
         ensure!(
@@ -1536,20 +1360,4 @@ fn api_changes_survive_a_restart() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[test]
-fn json_reader_reads_the_api_shapes() {
-    let v = Json::parse(
-        r#"{"name":"web","active_tier":0,"fail_open":false,"backends":[{"address":"198.18.1.11","weight":100,"state":"drain","healthy":true,"health":null,"x":"a\"\u00e9"}]}"#,
-    )
-    .unwrap();
-    assert_eq!(v.get("name").as_str(), Some("web"));
-    assert_eq!(v.get("active_tier").as_f64(), Some(0.0));
-    let b = &v.get("backends").as_array()[0];
-    assert_eq!(b.get("state").as_str(), Some("drain"));
-    assert_eq!(b.get("healthy").as_bool(), Some(true));
-    assert_eq!(b.get("health"), &Json::Null);
-    assert_eq!(b.get("x").as_str(), Some("a\"é"));
-    assert!(Json::parse("{\"a\":}").is_err());
 }

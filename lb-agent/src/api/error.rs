@@ -73,7 +73,9 @@ impl From<ControlError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(serde_json::json!({ "error": self.message }));
+        let body = Json(super::types::ErrorBody {
+            error: self.message,
+        });
         if self.status == StatusCode::UNAUTHORIZED {
             (self.status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
         } else {

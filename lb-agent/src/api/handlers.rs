@@ -1,5 +1,7 @@
 //! The API's handlers: parse the request, lock the [`Control`], call it, and show the
-//! result (see the [module docs](super) for the routes and shapes).
+//! result as one of the [`types`](super::types) (see the [module docs](super) for the
+//! routes). Each handler's `#[utoipa::path]` is its entry in the OpenAPI document; the
+//! router registers the handler and that entry together.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -9,15 +11,19 @@ use axum::{
     http::{Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiState};
+use super::{
+    ApiError, ApiJson, ApiState,
+    types::{
+        Backend, BackendPatch, CacheUsage, ErrorBody, FastPathStats, Healthz, L7Backend, L7Stats,
+        PurgeRequest, PurgeResponse, ReloadResponse, Service, ServiceList, Stats,
+    },
+};
 use crate::{
     config::{BackendConfig, ServiceConfig},
     control::Control,
     health::Status,
-    state::{AdminState, BackendOverride, BackendView, ServiceView},
+    state::{BackendOverride, BackendView},
 };
 
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -33,62 +39,57 @@ fn health_index(control: &Control) -> HealthIndex {
         .collect()
 }
 
-fn backend_json(service: &str, b: &BackendView, health: &HealthIndex) -> Value {
-    let mut v = serde_json::to_value(b).expect("a view serialises");
+fn backend_of(service: &str, b: &BackendView, health: &HealthIndex) -> Backend {
     let status = health
         .get(&(service.to_owned(), b.address, b.port))
-        .map_or(Value::Null, |s| {
-            serde_json::to_value(s).expect("a status serialises")
-        });
-    v["health"] = status;
-    v
+        .cloned();
+    Backend::live(b, status)
 }
 
 /// A service's config (TOML key names) plus its live view.
-fn service_json(control: &Control, svc: &ServiceConfig, health: &HealthIndex) -> Value {
-    let mut v = serde_json::to_value(svc).expect("a service serialises");
-    let obj = v.as_object_mut().expect("a service is an object");
-    obj.remove("backend");
+fn service_of(control: &Control, svc: &ServiceConfig, health: &HealthIndex) -> Service {
     let view = control.view(&svc.name);
-    let backends: Vec<Value> = match view {
+    let backends = match view {
         Some(view) => view
             .backends
             .iter()
-            .map(|b| backend_json(&svc.name, b, health))
+            .map(|b| backend_of(&svc.name, b, health))
             .collect(),
-        None => svc
-            .backends
-            .iter()
-            .map(|b| serde_json::to_value(b).expect("a backend serialises"))
-            .collect(),
+        None => svc.backends.iter().map(Backend::configured).collect(),
     };
-    obj.insert(
-        "active_tier".into(),
-        json!(view.and_then(|v| v.active_tier)),
-    );
-    obj.insert("fail_open".into(), json!(view.is_some_and(|v| v.fail_open)));
-    obj.insert("all_down".into(), json!(view.is_some_and(|v| v.all_down)));
-    obj.insert("backends".into(), Value::Array(backends));
-    v
+    Service {
+        // The live list replaces the config's `backend` (an empty one is not shown).
+        config: ServiceConfig {
+            backends: Vec::new(),
+            ..svc.clone()
+        },
+        active_tier: view.and_then(|v| v.active_tier),
+        fail_open: view.is_some_and(|v| v.fail_open),
+        all_down: view.is_some_and(|v| v.all_down),
+        backends,
+    }
 }
 
-fn one_service(control: &Control, name: &str) -> ApiResult<Value> {
+fn one_service(control: &Control, name: &str) -> ApiResult<Service> {
     let svc = control
         .service(name)
         .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))?;
-    Ok(service_json(control, svc, &health_index(control)))
+    Ok(service_of(control, svc, &health_index(control)))
 }
 
-fn one_backend(control: &Control, name: &str, address: IpAddr, port: Option<u16>) -> Value {
-    let view: Option<&ServiceView> = control.view(name);
-    view.and_then(|v| {
-        v.backends
-            .iter()
-            .find(|b| b.address == address && port.is_none_or(|p| b.port == p))
-    })
-    .map_or(Value::Null, |b| {
-        backend_json(name, b, &health_index(control))
-    })
+/// The live view of a backend; None (`null`) when the service has no view of it.
+fn one_backend(
+    control: &Control,
+    name: &str,
+    address: IpAddr,
+    port: Option<u16>,
+) -> Option<Backend> {
+    control
+        .view(name)?
+        .backends
+        .iter()
+        .find(|b| b.address == address && port.is_none_or(|p| b.port == p))
+        .map(|b| backend_of(name, b, &health_index(control)))
 }
 
 fn parse_address(text: &str) -> ApiResult<IpAddr> {
@@ -103,26 +104,58 @@ fn parse_address(text: &str) -> ApiResult<IpAddr> {
     })
 }
 
-pub async fn list_services(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
+/// The `{name}` path parameter.
+const NAME: &str = "the service's name";
+/// The `{address}` path parameter.
+const ADDRESS: &str = "the backend's address, without port (IPv6 with or without brackets)";
+
+#[utoipa::path(get, path = "/services", tag = "services",
+    summary = "Every service, with its backends, their health and weights",
+    responses(
+        (status = 200, description = "every service", body = ServiceList),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
+pub async fn list_services(State(state): State<ApiState>) -> ApiResult<Json<ServiceList>> {
     let control = state.lock().await?;
     let health = health_index(&control);
-    let services: Vec<Value> = control
+    let services = control
         .config()
         .services
         .iter()
-        .map(|s| service_json(&control, s, &health))
+        .map(|s| service_of(&control, s, &health))
         .collect();
-    Ok(Json(json!({ "services": services })))
+    Ok(Json(ServiceList { services }))
 }
 
+#[utoipa::path(get, path = "/services/{name}", tag = "services",
+    summary = "One service",
+    params(("name" = String, Path, description = NAME)),
+    responses(
+        (status = 200, description = "the service", body = Service),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn get_service(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Service>> {
     let control = state.lock().await?;
     Ok(Json(one_service(&control, &name)?))
 }
 
+#[utoipa::path(post, path = "/services", tag = "services",
+    summary = "Create a service (the fields of a `[[service]]` table, same defaults)",
+    request_body = ServiceConfig,
+    responses(
+        (status = 201, description = "created; `Location` names it", body = Service),
+        (status = 400, description = "invalid service or body", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "a service of that name exists already", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn create_service(
     State(state): State<ApiState>,
     ApiJson(svc): ApiJson<ServiceConfig>,
@@ -140,17 +173,39 @@ pub async fn create_service(
         .into_response())
 }
 
+#[utoipa::path(put, path = "/services/{name}", tag = "services",
+    summary = "Replace a service (the body names the same service)",
+    params(("name" = String, Path, description = NAME)),
+    request_body = ServiceConfig,
+    responses(
+        (status = 200, description = "the service as replaced", body = Service),
+        (status = 400, description = "invalid service or body, or another name", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn replace_service(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     ApiJson(svc): ApiJson<ServiceConfig>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Service>> {
     let mut control = state.lock().await?;
     control.replace_service(&name, svc)?;
     tracing::info!(service = %name, "service replaced through the API");
     Ok(Json(one_service(&control, &name)?))
 }
 
+#[utoipa::path(delete, path = "/services/{name}", tag = "services",
+    summary = "Delete a service",
+    params(("name" = String, Path, description = NAME)),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn delete_service(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -162,6 +217,19 @@ pub async fn delete_service(
 }
 
 /// `POST .../backends`: a `backend` entry of `[[service]]`, with the same defaults.
+#[utoipa::path(post, path = "/services/{name}/backends", tag = "backends",
+    summary = "Add a backend (a `backend` entry of `[[service]]`, same defaults)",
+    params(("name" = String, Path, description = NAME)),
+    request_body = BackendConfig,
+    responses(
+        (status = 201, description = "added; its live view (null if the service has none yet)", body = Option<Backend>),
+        (status = 400, description = "invalid backend or body", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service", body = ErrorBody),
+        (status = 409, description = "the service has this backend already", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn add_backend(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -181,19 +249,26 @@ pub async fn add_backend(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `PATCH .../backends/{address}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendPatch {
-    pub weight: Option<u32>,
-    pub state: Option<AdminState>,
-}
-
+#[utoipa::path(patch, path = "/services/{name}/backends/{address}", tag = "backends",
+    summary = "Set a backend's weight and/or state (drain, enabled, disabled)",
+    params(
+        ("name" = String, Path, description = NAME),
+        ("address" = String, Path, description = ADDRESS),
+    ),
+    request_body = BackendPatch,
+    responses(
+        (status = 200, description = "its live view (null if the service has none yet)", body = Option<Backend>),
+        (status = 400, description = "invalid change, body or address", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service or backend", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn patch_backend(
     State(state): State<ApiState>,
     Path((name, address)): Path<(String, String)>,
     ApiJson(patch): ApiJson<BackendPatch>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Option<Backend>>> {
     let address = parse_address(&address)?;
     let mut control = state.lock().await?;
     control.patch_backend(
@@ -208,6 +283,20 @@ pub async fn patch_backend(
     Ok(Json(one_backend(&control, &name, address, None)))
 }
 
+#[utoipa::path(delete, path = "/services/{name}/backends/{address}", tag = "backends",
+    summary = "Remove a backend",
+    params(
+        ("name" = String, Path, description = NAME),
+        ("address" = String, Path, description = ADDRESS),
+    ),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 400, description = "not an address", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service or backend", body = ErrorBody),
+        (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn remove_backend(
     State(state): State<ApiState>,
     Path((name, address)): Path<(String, String)>,
@@ -221,75 +310,73 @@ pub async fn remove_backend(
 
 /// `GET /api/v1/stats`: the fast path's counters when there is one; nothing made up
 /// when there is not (`"fast_path": false`).
-pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/stats", tag = "stats",
+    summary = "Fast-path traffic per service and backend, counters, drops; L7 requests and cache",
+    responses(
+        (status = 200, description = "the counters", body = Stats),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
+pub async fn stats(State(state): State<ApiState>) -> ApiResult<Json<Stats>> {
     let control = state.lock().await?;
-    let mut body = match control.snapshot() {
-        Some(snapshot) => {
-            let mut v = serde_json::to_value(&snapshot).expect("a snapshot serialises");
-            v["fast_path"] = json!(true);
-            v
-        }
-        None => json!({ "fast_path": false }),
-    };
+    let snapshot = control.snapshot();
     // The L7 services: requests, cache hits, and each backend's state in the pool.
-    let mut l7 = serde_json::Map::new();
-    for svc in control
+    let l7 = control
         .config()
         .services
         .iter()
         .filter(|s| s.mode == crate::config::Mode::L7)
-    {
-        let totals = state.metrics.http.service_totals(&svc.name);
-        let running = state.l7.get(&svc.name);
-        let backends: Vec<Value> = running
-            .as_ref()
-            .map(|r| {
-                r.pool_snapshot()
-                    .iter()
-                    .map(|b| {
-                        json!({
-                            "backend": b.addr.to_string(),
-                            "weight": b.weight,
-                            "in_flight": b.in_flight,
-                            "ejected": b.ejected,
-                            "consecutive_failures": b.consecutive_failures,
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let cache = running.as_ref().and_then(|r| r.cache_usage());
-        l7.insert(
-            svc.name.clone(),
-            json!({
-                "serving": running.is_some(),
-                "http_requests": totals.requests,
-                "cache_hits": totals.cache_hits,
-                "cache": cache.map(|(entries, bytes)| json!({"entries": entries, "bytes": bytes})),
-                "backends": backends,
-            }),
-        );
-    }
-    if !l7.is_empty() {
-        body["l7"] = Value::Object(l7);
-    }
+        .map(|svc| {
+            let totals = state.metrics.http.service_totals(&svc.name);
+            let running = state.l7.get(&svc.name);
+            let stats = L7Stats {
+                serving: running.is_some(),
+                http_requests: totals.requests,
+                cache_hits: totals.cache_hits,
+                cache: running
+                    .as_ref()
+                    .and_then(|r| r.cache_usage())
+                    .map(|(entries, bytes)| CacheUsage { entries, bytes }),
+                backends: running
+                    .as_ref()
+                    .map(|r| r.pool_snapshot().iter().map(L7Backend::from).collect())
+                    .unwrap_or_default(),
+            };
+            (svc.name.clone(), stats)
+        })
+        .collect();
     // Whether the last accepted change is in the fast path's maps (a failed write is
     // retried): shown where there is a fast path, or once a write has failed.
     let sync = control.dataplane_status();
-    if body["fast_path"] == true || sync.failures_total > 0 {
-        body["dataplane"] = serde_json::to_value(sync).expect("a sync status serialises");
-    }
-    Ok(Json(body))
+    let dataplane = (snapshot.is_some() || sync.failures_total > 0).then_some(sync);
+    Ok(Json(Stats {
+        fast_path: snapshot.is_some(),
+        traffic: snapshot.map(FastPathStats::from),
+        l7,
+        dataplane,
+    }))
 }
 
 /// `POST /api/v1/services/{name}/cache/purge` with an optional body
 /// `{"path": "/p", "prefix": true}`: drop the service's cached responses (all of them
 /// without a path).
+#[utoipa::path(post, path = "/services/{name}/cache/purge", tag = "services",
+    summary = "Drop cached responses of an L7 service: one path, a prefix, or (no body) all",
+    params(("name" = String, Path, description = NAME)),
+    request_body(content = Option<PurgeRequest>, description = "optional: without a body, everything"),
+    responses(
+        (status = 200, description = "how many cached responses were dropped", body = PurgeResponse),
+        (status = 400, description = "invalid body or path", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such service", body = ErrorBody),
+        (status = 409, description = "the service has no cache or is not running", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn purge_cache(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PurgeResponse>> {
     let req: PurgeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PurgeRequest::default()
     } else {
@@ -321,35 +408,57 @@ pub async fn purge_cache(
         .purge_cache(req.path.as_deref(), req.prefix)
         .unwrap_or(0);
     tracing::info!(service = %name, path = ?req.path, prefix = req.prefix, purged, "cache purged through the API");
-    Ok(Json(json!({ "purged": purged })))
+    Ok(Json(PurgeResponse { purged }))
 }
 
-/// Body of [`purge_cache`].
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PurgeRequest {
-    /// Only responses for this path (without query); all when absent.
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Every path starting with `path`.
-    #[serde(default)]
-    pub prefix: bool,
-}
-
-pub async fn reload(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/reload", tag = "agent",
+    summary = "Re-read the config file (API changes stay on top of it)",
+    responses(
+        (status = 200, description = "the reloaded config is in force", body = ReloadResponse),
+        (status = 400, description = "the file is invalid: nothing changed", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 500, description = "the maps could not be written", body = ErrorBody),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
+pub async fn reload(State(state): State<ApiState>) -> ApiResult<Json<ReloadResponse>> {
     let mut control = state.lock().await?;
     control.reload(&state.config_path)?;
     tracing::info!(config = %state.config_path.display(), "config reloaded through the API");
-    Ok(Json(json!({
-        "status": "reloaded",
-        "services": control.config().services.len(),
-    })))
+    Ok(Json(ReloadResponse {
+        status: "reloaded".to_owned(),
+        services: control.config().services.len(),
+    }))
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/openapi.json", tag = "agent",
+    summary = "This document: the API in OpenAPI 3.1",
+    responses(
+        (status = 200, description = "the OpenAPI document", body = Object),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+    ))]
+pub async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::OPENAPI_JSON.as_str(),
+    )
+        .into_response()
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "agent", security(()),
+    summary = "Liveness of the agent (no token needed)",
+    responses((status = 200, description = "the agent is alive", body = Healthz)))]
+pub async fn healthz() -> Json<Healthz> {
+    Json(Healthz {
+        status: "ok".to_owned(),
+    })
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "agent", security(()),
+    summary = "Prometheus metrics, OpenMetrics text (no token needed)",
+    responses(
+        (status = 200, description = "the metrics", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 503, description = "the control plane is busy", body = ErrorBody),
+    ))]
 pub async fn metrics(State(state): State<ApiState>) -> ApiResult {
     let control = state.lock().await?;
     let text = state.metrics.render(&control);

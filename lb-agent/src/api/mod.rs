@@ -12,14 +12,25 @@
 //! | `PATCH /api/v1/services/{name}/backends/{address}` | `{"weight": N}` and/or `{"state": "drain"\|"enabled"\|"disabled"}` → backend |
 //! | `DELETE /api/v1/services/{name}/backends/{address}` | → 204 |
 //! | `GET /api/v1/stats` | fast-path traffic per service and backend, global counters, drops; `dataplane`: a map write pending retry |
+//! | `POST /api/v1/services/{name}/cache/purge` | `{"path"?, "prefix"?}` or no body → `{"purged": N}` |
 //! | `POST /api/v1/reload` | re-read the config file |
+//! | `GET /api/v1/openapi.json` | this API as an OpenAPI 3.1 document |
 //! | `GET /healthz` | liveness, `{"status": "ok"}` |
 //! | `GET /metrics` | Prometheus (OpenMetrics) text |
 //!
-//! A service is shown as its config (TOML key names) plus the live view:
-//! `active_tier`, `fail_open`, and `backends` (instead of the config's `backend`), each
-//! with `address`, `port`, `weight` (effective), `tier`, `state`, `healthy`, `serving`,
-//! `active` and `health` (the checker's status of that backend).
+//! The bodies are the structs of [`types`] (request bodies that are config use the
+//! config model: [`ServiceConfig`](crate::config::ServiceConfig)); `lb-agent ctl` and
+//! the tests read the answers back through the same structs. A service is shown as its
+//! config (TOML key names) plus the live view: `active_tier`, `fail_open`, `all_down`,
+//! and `backends` (instead of the config's `backend`), each with `address`, `port`,
+//! `tier`, `weight` (configured or overridden), `effective_weight` (in the ring now),
+//! `slow_start` (while ramping), `state`, `healthy`, `serving`, `active` and `health`
+//! (the checker's status of that backend, or null).
+//!
+//! The OpenAPI document is generated from those types and the handlers'
+//! `#[utoipa::path]` attributes; [`utoipa_axum`] registers each handler and its entry
+//! together, so the document names exactly the routes the router has (a test checks
+//! each one answers, and that every DESIGN.md route is in it).
 //!
 //! Everything under `/api/v1` requires `Authorization: Bearer <token>` when a token is
 //! configured (compared in constant time); `/healthz` and `/metrics` never do, so
@@ -32,8 +43,12 @@ mod error;
 mod handlers;
 #[cfg(test)]
 mod tests;
+pub mod types;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, LazyLock},
+};
 
 use axum::{
     Router,
@@ -41,9 +56,13 @@ use axum::{
     http::header,
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, patch, post},
 };
 use tokio::sync::{Mutex, MutexGuard};
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{Http, HttpAuthScheme, SecurityScheme},
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub use error::{ApiError, ApiJson};
 
@@ -72,32 +91,88 @@ impl ApiState {
     }
 }
 
+/// The document's frame: title, version, the bearer token scheme (required
+/// everywhere, except where a route says `security(())`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "xdplb agent API",
+        description = "The REST API of lb-agent: services, backends, stats, reload. \
+            Errors are `{\"error\": \"...\"}`; a rejected change changes nothing.",
+        license(name = "Apache-2.0 OR MIT"),
+    ),
+    // Reached only through the `all_or_none` schemas of flattened fields, which utoipa
+    // does not follow.
+    components(schemas(types::BackendLive, types::HealthStatus, types::FastPathStats)),
+    modifiers(&BearerToken),
+    security(("bearer" = [])),
+    tags(
+        (name = "services", description = "services as config plus live view"),
+        (name = "backends", description = "a service's backends"),
+        (name = "stats", description = "traffic counters"),
+        (name = "agent", description = "the agent itself"),
+    ),
+)]
+struct ApiDoc;
+
+/// Adds the `bearer` security scheme (`Authorization: Bearer <token>`).
+struct BearerToken;
+
+impl Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+/// The routes with their OpenAPI entries, registered together (without state, the
+/// authentication layer and the fallbacks: see [`router`]).
+fn routes(auth: Option<&ApiState>) -> (Router<ApiState>, utoipa::openapi::OpenApi) {
+    let mut api = OpenApiRouter::<ApiState>::new()
+        .routes(routes!(handlers::list_services, handlers::create_service))
+        .routes(routes!(
+            handlers::get_service,
+            handlers::replace_service,
+            handlers::delete_service
+        ))
+        .routes(routes!(handlers::add_backend))
+        .routes(routes!(handlers::patch_backend, handlers::remove_backend))
+        .routes(routes!(handlers::purge_cache))
+        .routes(routes!(handlers::stats))
+        .routes(routes!(handlers::reload))
+        .routes(routes!(handlers::openapi_json));
+    if let Some(state) = auth {
+        api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    }
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", api)
+        .routes(routes!(handlers::healthz))
+        .routes(routes!(handlers::metrics))
+        .split_for_parts()
+}
+
+/// The API's OpenAPI document, generated from [`types`] and the handlers.
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(None).1
+}
+
+/// [`openapi`] as served by `GET /api/v1/openapi.json`.
+static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
+    openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
+});
+
 /// The whole API; see the [module docs](self).
 pub fn router(state: ApiState) -> Router {
-    let api = Router::new()
-        .route(
-            "/services",
-            get(handlers::list_services).post(handlers::create_service),
-        )
-        .route(
-            "/services/{name}",
-            get(handlers::get_service)
-                .put(handlers::replace_service)
-                .delete(handlers::delete_service),
-        )
-        .route("/services/{name}/backends", post(handlers::add_backend))
-        .route(
-            "/services/{name}/backends/{address}",
-            patch(handlers::patch_backend).delete(handlers::remove_backend),
-        )
-        .route("/services/{name}/cache/purge", post(handlers::purge_cache))
-        .route("/stats", get(handlers::stats))
-        .route("/reload", post(handlers::reload))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/healthz", get(handlers::healthz))
-        .route("/metrics", get(handlers::metrics))
+    routes(Some(&state))
+        .0
         .fallback(handlers::no_route)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)

@@ -1,13 +1,7 @@
 //! The API through `router(state).oneshot(request)`, over a real [`Control`] with no
 //! fast path (or a fake one for the counters), persisting into a temporary state dir.
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-};
+use std::{path::PathBuf, sync::Arc};
 
 use axum::{
     body::Body,
@@ -30,8 +24,6 @@ use crate::{
 };
 
 const TOKEN: &str = "t0ken-with-some-length";
-
-static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
 fn config_text(state_dir: &std::path::Path, extra: &str) -> String {
     format!(
@@ -75,13 +67,8 @@ impl Sink for FakeFastPath {
 
 struct Fixture {
     state: ApiState,
-    dir: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    /// The state dir and config file; removed on drop.
+    dir: tempfile::TempDir,
 }
 
 fn new_control(text: &str, sink: Box<dyn Sink>) -> Result<Control, ControlError> {
@@ -96,15 +83,12 @@ impl Fixture {
     }
 
     fn with(token: Option<&str>, sink: Box<dyn Sink>) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "xdplb-api-test-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let text = config_text(&dir, "");
-        let config_path = dir.join("lb.toml");
+        let dir = tempfile::Builder::new()
+            .prefix("xdplb-api-test-")
+            .tempdir()
+            .expect("temporary dir");
+        let text = config_text(dir.path(), "");
+        let config_path = dir.path().join("lb.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let control = new_control(&text, sink).expect("control");
         Self {
@@ -184,7 +168,7 @@ impl Fixture {
     }
 
     fn state_file(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
+        self.dir.path().join(STATE_FILE)
     }
 }
 
@@ -535,13 +519,17 @@ async fn reload_rereads_the_config_file() {
     let f = Fixture::new();
     let path = f.state.config_path.clone();
     let extra = "[[service]]\nname = \"dns\"\nvip = \"198.18.100.3:53\"\nprotocol = \"udp\"\n";
-    std::fs::write(&path, config_text(&f.dir, extra)).expect("write");
+    std::fs::write(&path, config_text(f.dir.path(), extra)).expect("write");
     let (status, v) = f.call("POST", "/api/v1/reload", None).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["services"], 2);
     assert_eq!(f.names().await, ["web", "dns"]);
 
-    std::fs::write(&path, config_text(&f.dir, "[[service]]\nname = \"bad\"\n")).expect("write");
+    std::fs::write(
+        &path,
+        config_text(f.dir.path(), "[[service]]\nname = \"bad\"\n"),
+    )
+    .expect("write");
     let (status, v) = f.call("POST", "/api/v1/reload", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_of(&v).contains("vip"), "{v}");
@@ -562,7 +550,7 @@ async fn changes_survive_a_restart_and_a_corrupt_state_refuses_to_start() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let text = config_text(&f.dir, "");
+    let text = config_text(f.dir.path(), "");
     let again = new_control(&text, Box::new(NoFastPath)).expect("restart");
     let names: Vec<&str> = again
         .config()
@@ -608,4 +596,169 @@ async fn a_held_lock_answers_503() {
     let (status, v) = f.call("GET", "/api/v1/services", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(error_of(&v).contains("busy"));
+}
+
+/// The DESIGN.md routes ("REST API") that exist so far, steps 1 to 3 (the filters of
+/// step 4 and the cluster and node routes of step 5 join this list with their routes).
+const DESIGN_ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/services"),
+    ("post", "/api/v1/services"),
+    ("get", "/api/v1/services/{name}"),
+    ("put", "/api/v1/services/{name}"),
+    ("delete", "/api/v1/services/{name}"),
+    ("post", "/api/v1/services/{name}/backends"),
+    ("patch", "/api/v1/services/{name}/backends/{address}"),
+    ("delete", "/api/v1/services/{name}/backends/{address}"),
+    ("get", "/api/v1/stats"),
+    ("post", "/api/v1/services/{name}/cache/purge"),
+    ("post", "/api/v1/reload"),
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+];
+
+/// (method, path) of every operation in an OpenAPI document.
+fn operations(spec: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for method in [
+            "get", "put", "post", "delete", "options", "head", "patch", "trace",
+        ] {
+            if item.get(method).is_some() {
+                out.push((method.to_owned(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The property names a schema allows: its own, and those of what it refers to or
+/// combines (`$ref`, `allOf`, `anyOf`, `oneOf`).
+fn properties(spec: &Value, schema: &Value) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.strip_prefix("#/components/schemas/").expect("local ref");
+        out.extend(properties(spec, &spec["components"]["schemas"][name]));
+    }
+    for key in ["allOf", "anyOf", "oneOf"] {
+        for s in schema[key].as_array().into_iter().flatten() {
+            out.extend(properties(spec, s));
+        }
+    }
+    if let Some(p) = schema["properties"].as_object() {
+        out.extend(p.keys().cloned());
+    }
+    out
+}
+
+/// Every key of `value` is a property of schema `name` in `spec`.
+fn assert_documented(spec: &Value, name: &str, value: &Value) {
+    let allowed = properties(
+        spec,
+        &json!({ "$ref": format!("#/components/schemas/{name}") }),
+    );
+    assert!(!allowed.is_empty(), "no schema {name}");
+    for key in value.as_object().expect("an object").keys() {
+        assert!(
+            allowed.contains(key),
+            "{name}: {key} is not documented ({allowed:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn openapi_document_lists_exactly_the_routes_the_router_has() {
+    let f = Fixture::new();
+    let (status, spec) = f.call("GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK, "{spec}");
+    assert_eq!(spec, serde_json::to_value(super::openapi()).expect("json"));
+    assert_eq!(spec["openapi"], "3.1.0");
+    let documented = operations(&spec);
+    for (method, path) in DESIGN_ROUTES {
+        assert!(
+            documented.contains(&((*method).to_owned(), (*path).to_owned())),
+            "DESIGN.md route {method} {path} is not in the OpenAPI document"
+        );
+    }
+    assert!(documented.contains(&("get".to_owned(), "/api/v1/openapi.json".to_owned())));
+    assert!(
+        spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+            .get(crate::metrics::CONTENT_TYPE)
+            .is_some(),
+        "/metrics is documented with another content type than it has"
+    );
+    // Every documented operation is routed: called without a body on a fresh agent, it
+    // answers with one of its documented statuses, never the "no such route" or
+    // "method not allowed" fallbacks.
+    for (method, path) in &documented {
+        let f = Fixture::new();
+        let uri = path
+            .replace("{name}", "web")
+            .replace("{address}", "198.18.2.11");
+        let (status, _, body) = f.send_raw(&method.to_uppercase(), &uri, None, None).await;
+        assert!(
+            status != StatusCode::METHOD_NOT_ALLOWED && !body.contains("no such route"),
+            "{method} {path} is documented but not routed: {status} {body}"
+        );
+        let listed = &spec["paths"][path][method]["responses"];
+        assert!(
+            listed.get(status.as_str()).is_some(),
+            "{method} {uri} answered {status}, which {path} does not document: {body}"
+        );
+    }
+    let (status, v) = f.call("GET", "/api/v1/openapi.jsn", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+}
+
+#[tokio::test]
+async fn answers_carry_only_documented_fields() {
+    let spec = serde_json::to_value(super::openapi()).expect("json");
+    let f = Fixture::with(None, Box::new(FakeFastPath));
+    let (_, web) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_documented(&spec, "Service", &web);
+    for b in web["backends"].as_array().expect("backends") {
+        assert_documented(&spec, "Backend", b);
+        assert_documented(&spec, "HealthStatus", &b["health"]);
+    }
+    assert_documented(&spec, "HealthConfig", &web["health"]);
+    assert_documented(&spec, "HttpConfig", &web["http"]);
+    let (_, stats) = f.call("GET", "/api/v1/stats", None).await;
+    assert_documented(&spec, "Stats", &stats);
+    assert_documented(&spec, "ServiceTraffic", &stats["services"]["web"]);
+    let (_, reload) = f.call("POST", "/api/v1/reload", None).await;
+    assert_documented(&spec, "ReloadResponse", &reload);
+    let (_, error) = f.call("GET", "/api/v1/services/nope", None).await;
+    assert_documented(&spec, "ErrorBody", &error);
+    // The request bodies: what the API accepts is what the document describes.
+    let shop: Value = serde_json::from_str(SHOP).expect("json");
+    assert_documented(&spec, "ServiceConfig", &shop);
+    assert_documented(
+        &spec,
+        "BackendConfig",
+        &json!({"address": "198.18.2.13", "port": 80, "weight": 1, "tier": 0}),
+    );
+    assert_documented(
+        &spec,
+        "BackendPatch",
+        &json!({"weight": 1, "state": "drain"}),
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_needs_the_token_like_the_rest_of_the_api() {
+    let f = Fixture::with(Some(TOKEN), Box::new(NoFastPath));
+    let (status, _) = f.send("GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, spec) = f
+        .send("GET", "/api/v1/openapi.json", None, Some(TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        spec["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(
+        spec["paths"]["/healthz"]["get"]["security"],
+        json!([{}]),
+        "no token"
+    );
 }

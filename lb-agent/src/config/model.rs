@@ -132,7 +132,9 @@ impl Default for DataplaneConfig {
 }
 
 /// Transport protocol of a VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// TCP.
@@ -143,7 +145,9 @@ pub enum Protocol {
 }
 
 /// Where a service is balanced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// In the XDP fast path, DSR over a tunnel.
@@ -154,7 +158,7 @@ pub enum Mode {
 }
 
 /// Backend selection algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// l4: Maglev consistent hashing of the 5-tuple.
@@ -172,7 +176,9 @@ pub enum Scheduler {
 }
 
 /// Health check type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum HealthKind {
     /// No checks: backends are always up.
@@ -185,7 +191,7 @@ pub enum HealthKind {
 }
 
 /// A service's `health = { ... }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Check type.
@@ -228,14 +234,16 @@ impl Default for HealthConfig {
 /// `port` may be left out: a [`ServiceConfig`] read from a file or the API fills in
 /// its VIP's port; a backend read on its own (`POST .../backends`) gets it from
 /// [`BackendConfig::with_default_port`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Backend address.
+    #[schema(value_type = String, example = "198.18.2.11")]
     pub address: IpAddr,
     /// Backend port, 1 to 65535; in l4 mode it must equal the VIP's port. 0 only in
     /// a backend just read without a port, until the VIP's port is filled in.
     #[serde(default, deserialize_with = "given_port")]
+    #[schema(required = false)]
     pub port: u16,
     /// Relative weight, 0 (drained) to 1 000 000.
     #[serde(default = "default_weight")]
@@ -257,7 +265,7 @@ impl BackendConfig {
 }
 
 /// A service's `sticky = { ... }` (l7 only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StickyConfig {
     /// Name of the cookie that pins a client to a backend.
@@ -267,7 +275,7 @@ pub struct StickyConfig {
 }
 
 /// A service's `cache = { ... }` (l7 only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Memory budget of the HTTP cache.
@@ -291,7 +299,9 @@ fn default_max_object_bytes() -> u64 {
 
 /// A service's `on_all_down`: what the fast path does when no backend of any tier
 /// is eligible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllDown {
     /// Keep serving with the last known set (the health checker may be the one cut off).
@@ -361,17 +371,19 @@ impl<'de> Deserialize<'de> for HashOn {
 }
 
 /// A service's `tls = { cert, key }` (l7 only): PEM files; ALPN offers h2 and http/1.1.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain, PEM.
+    #[schema(value_type = String)]
     pub cert: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1), PEM.
+    #[schema(value_type = String)]
     pub key: PathBuf,
 }
 
 /// A service's `http = { ... }` (l7 only): timeouts, limits, retries and passive health.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Time to open a connection to a backend.
@@ -427,7 +439,7 @@ impl Default for HttpConfig {
 /// `<ServiceConfig as Deserialize>::deserialize`): the inherent
 /// `ServiceConfig::deserialize` that `remote = "Self"` generates is the bare derive,
 /// without those two defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 // `remote = "Self"`: the derives become inherent functions that the trait impls below
 // call, so that deserializing can fill in the defaults that depend on other keys.
 #[serde(remote = "Self", deny_unknown_fields)]
@@ -435,6 +447,7 @@ pub struct ServiceConfig {
     /// Unique name: `[A-Za-z0-9_.-]`, 1 to 64 characters.
     pub name: String,
     /// Virtual address and port clients connect to.
+    #[schema(value_type = String, example = "198.18.100.1:80")]
     pub vip: SocketAddr,
     /// Transport protocol.
     #[serde(default)]
@@ -449,7 +462,9 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub health: HealthConfig,
     /// Backends, TOML key `backend`.
-    #[serde(default, rename = "backend")]
+    // Left out when empty: a service as the API shows it carries `backends` (the live
+    // view) instead of the config's `backend`.
+    #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
     /// Sticky sessions (l7 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -466,6 +481,7 @@ pub struct ServiceConfig {
     pub on_all_down: AllDown,
     /// What the `hash` scheduler hashes (l7).
     #[serde(default)]
+    #[schema(value_type = String, required = false, example = "header:x-user")]
     pub hash_on: HashOn,
     /// TLS on the VIP (l7 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

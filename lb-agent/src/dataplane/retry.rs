@@ -98,7 +98,7 @@ impl WriteRetry {
 }
 
 /// The `"dataplane"` object of `GET /api/v1/stats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SyncStatus {
     /// An accepted desired state is not (fully) in the maps yet; it is being retried.
     pub pending: bool,

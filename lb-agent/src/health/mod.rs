@@ -90,8 +90,9 @@ pub struct Transition {
     pub at: std::time::Instant,
 }
 
-/// Health of one target, for the API.
-#[derive(Clone, Debug, serde::Serialize)]
+/// Health of one target, for the API (`health` of a backend, see `api::types`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = HealthStatus)]
 pub struct Status {
     /// Current verdict.
     pub up: bool,
