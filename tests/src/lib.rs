@@ -12,6 +12,9 @@
 //! - [`scenario`]: the L4 end-to-end run and its observations.
 //! - [`load`]: continuous client traffic under control-plane changes, and times from the
 //!   agent's log.
+//! - [`xdp_bed`]: the XDP bed of the fixtures and the benchmark: load the balancer, fill
+//!   its maps, `test_run`, and the oracle and expected frames.
+//! - [`require_privileges!`]: the entry line of every privileged test.
 
 pub mod capture;
 pub mod config;
@@ -21,3 +24,4 @@ pub mod netns;
 pub mod packet;
 pub mod scenario;
 pub mod topology;
+pub mod xdp_bed;
