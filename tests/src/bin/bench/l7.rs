@@ -311,33 +311,6 @@ impl Drop for Proc {
     }
 }
 
-/// The run's temporary directory, removed on drop (declare it before the processes that
-/// use it, so it is dropped after them).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("xdplb-bench-l7.{}", std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            eprintln!("warning: removing {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// `n` distinct free TCP ports on 127.0.0.1 (bound at once, then released).
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let listeners = (0..n)
@@ -808,12 +781,17 @@ struct Bed {
     haproxy: Proc,
     nginx: Proc,
     ports: Ports,
-    dir: TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Bed {
     fn start(tools: &Tools) -> anyhow::Result<Self> {
-        let dir = TempDir::new()?;
+        // Removed when dropped: declared before the processes that use it (and Bed's last
+        // field), so it goes after them.
+        let dir = tempfile::Builder::new()
+            .prefix("xdplb-bench-l7.")
+            .tempdir()
+            .context("creating the run's temporary directory")?;
         let ports = Ports::pick()?;
         let me = std::env::current_exe().context("locating this binary")?;
         let mut backends = Vec::new();
@@ -824,16 +802,16 @@ impl Bed {
             backends.push(Proc::spawn(
                 &name,
                 &mut cmd,
-                &dir.path(&format!("{name}.log")),
+                &dir.path().join(format!("{name}.log")),
             )?);
         }
         for (b, port) in backends.iter_mut().zip(ports.backends) {
             wait_for_http(b, (LOCALHOST, port).into(), "/nocache")?;
         }
 
-        let state_dir = dir.path("agent-state");
+        let state_dir = dir.path().join("agent-state");
         fs::create_dir_all(&state_dir)?;
-        let agent_config = dir.path("agent.toml");
+        let agent_config = dir.path().join("agent.toml");
         fs::write(&agent_config, agent_toml(&ports, &state_dir))?;
         let mut cmd = Command::new(&tools.agent);
         cmd.arg("run")
@@ -845,7 +823,7 @@ impl Bed {
             .arg(&state_dir)
             .env("XDPLB_LOG", AGENT_LOG_FILTER)
             .env_remove("RUST_LOG");
-        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path("agent.log"))?;
+        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path().join("agent.log"))?;
         let deadline = Instant::now() + START_TIMEOUT;
         while !agent.log_text().contains(AGENT_READY) {
             agent.alive()?;
@@ -857,7 +835,7 @@ impl Bed {
             thread::sleep(Duration::from_millis(50));
         }
 
-        let haproxy_config = dir.path("haproxy.cfg");
+        let haproxy_config = dir.path().join("haproxy.cfg");
         fs::write(&haproxy_config, haproxy_cfg(&ports))?;
         let check = Command::new(&tools.haproxy)
             .arg("-c")
@@ -873,18 +851,18 @@ impl Bed {
         );
         let mut cmd = Command::new(&tools.haproxy);
         cmd.arg("-db").arg("-f").arg(&haproxy_config);
-        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path("haproxy.log"))?;
+        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path().join("haproxy.log"))?;
 
-        let nginx_config = dir.path("nginx.conf");
-        fs::write(&nginx_config, nginx_conf(&ports, &dir.0))?;
+        let nginx_config = dir.path().join("nginx.conf");
+        fs::write(&nginx_config, nginx_conf(&ports, dir.path()))?;
         let mut cmd = Command::new(&tools.nginx);
         cmd.arg("-c")
             .arg(&nginx_config)
             .arg("-p")
-            .arg(&dir.0)
+            .arg(dir.path())
             .arg("-e")
-            .arg(dir.path("nginx.log"));
-        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path("nginx.out"))?;
+            .arg(dir.path().join("nginx.log"));
+        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path().join("nginx.out"))?;
 
         let mut bed = Bed {
             backends,
@@ -1068,7 +1046,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bed.ports.backends[0],
         bed.ports.backends[1]
     );
-    let wrk_log = bed.dir.path("wrk.out");
+    let wrk_log = bed.dir.path().join("wrk.out");
     let mut rows = Vec::new();
     for case in [Case::NoCache, Case::CacheHits] {
         for target in targets {
