@@ -234,8 +234,8 @@ impl Fixture {
         self.lb.counters().expect("counters")
     }
 
-    /// Oracle: the web (or other 5-tuple hashed) backend of `frame`'s flow among
-    /// `candidates` on `port`.
+    /// Oracle: the backend of `service` (among `candidates` on `port`) that its ring
+    /// gives `frame`'s flow, hashed as the service says (5-tuple, or source address).
     fn ring_pick(
         &self,
         service: &str,
@@ -243,9 +243,19 @@ impl Fixture {
         candidates: &[Ipv4Addr],
         port: u16,
     ) -> anyhow::Result<Ipv4Addr> {
-        let sticky = service == "sticky";
-        self.lb
-            .ring_pick(service, &flow_key_of(frame)?, sticky, candidates, port)
+        let source_affinity = desired()
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .with_context(|| format!("no service {service}"))?
+            .source_hash;
+        self.lb.ring_pick(
+            service,
+            &flow_key_of(frame)?,
+            source_affinity,
+            candidates,
+            port,
+        )
     }
 
     /// The frame the balancer sends for `input` towards `backend` on `lb0`.
