@@ -64,9 +64,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let backend_addr = choice.backend.addr[0];
     let outer_len = pkt.tot_len + IPV4_HLEN as u16;
     let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;
-    count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
     let outer = outer_ipv4(source, backend_addr, pkt.tot_len, pkt.tos);
     encap_ipv4(ctx, pkt.l3_off, &outer, &hop).map_err(Exit::Drop)?;
+    // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
+    count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::Tx);
         Ok(XDP_TX)

@@ -37,7 +37,8 @@ fn add_traffic(slot: Option<*mut TrafficCounters>, bytes: u64) {
     }
 }
 
-/// Account one forwarded packet of `bytes` to its service and backend.
+/// Account one forwarded packet of `bytes` to its service and backend. Call it only once
+/// the packet is encapsulated and about to leave: a packet dropped on the way is not traffic.
 #[inline(always)]
 pub fn count_forwarded(service_id: u32, backend_id: u32, bytes: u64) {
     add_traffic(SERVICE_STATS.get_ptr_mut(service_id), bytes);

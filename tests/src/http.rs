@@ -1,22 +1,29 @@
-//! A tiny HTTP/1.1 server and load client on std threads, for namespace test beds.
+//! HTTP for namespace test beds: backends that count what they serve, and clients, on
+//! hyper (the HTTP/1.1 implementation the agent uses too).
+//!
+//! The sockets are ours, the HTTP is hyper's: a test bed needs to know and choose the
+//! TCP connection (which namespace it is made in, its local port, one connection per
+//! request or one for many), so the client makes the `TcpStream` itself and hands it to
+//! hyper's connection-level client; each call runs a single-threaded tokio runtime on
+//! the calling thread, so the socket belongs to that thread's namespace.
 //!
 //! - [`HttpServer`] listens inside a namespace (on all addresses, so both a backend's
 //!   LAN address and a VIP on its `lo` reach it), answers `GET /healthz` with `ok` and
 //!   any other `GET` with a body naming the backend (`be1\n`, also in `X-Backend`;
 //!   paths under `/cached/` with `Cache-Control: public, max-age=60,
-//!   stale-if-error=300`), and counts what it served. One connection at a time, each bounded by timeouts.
+//!   stale-if-error=300`), and counts what it served. [`HttpServer::start`] closes every
+//!   connection after one answer; [`HttpServer::start_keep_alive`] keeps them open.
 //! - [`get`] makes one request with `Connection: close` from the calling thread's
 //!   namespace; [`run_load`] makes N of them from a namespace over a few threads, with
 //!   an overall deadline, and reports successes, failures and which backend answered.
-//! - For control-plane tests: [`HttpServer::start_keep_alive`] (a thread per connection,
-//!   many requests per connection) with [`connect_keep_alive`] and [`get_keep_alive`];
-//!   [`request`] (any method, headers and body, for REST APIs); [`get_from`] (a fixed
-//!   client port, to reuse a 5-tuple on purpose).
+//! - For control-plane tests: [`connect_keep_alive`] and [`get_keep_alive`] (many
+//!   requests on one connection); [`request`] (any method, headers and body, for REST
+//!   APIs); [`get_from`] (a fixed client port, to reuse a 5-tuple on purpose).
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    future::Future,
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -26,13 +33,20 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Method, Request, StatusCode, body::Incoming, client::conn::http1::SendRequest, header,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::netns;
 
 /// Connect, read and write timeout of one client request and one served connection.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest request head or response the server and client accept.
-const MAX_MESSAGE: usize = 64 * 1024;
+/// Connections a keep-alive server serves at once.
+pub const KEEP_ALIVE_MAX_CONNECTIONS: usize = 64;
 
 /// Counters of an [`HttpServer`].
 #[derive(Debug, Default)]
@@ -40,6 +54,16 @@ struct Counters {
     requests: AtomicU64,
     health: AtomicU64,
     errors: AtomicU64,
+}
+
+/// Runs `fut` to completion on a new single-threaded runtime on the calling thread:
+/// sockets it creates belong to the calling thread's network namespace.
+fn block_on<F: Future>(fut: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    Ok(rt.block_on(fut))
 }
 
 /// An HTTP server on a thread inside a namespace; stopped when dropped.
@@ -54,21 +78,50 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Starts a server named `name` (the body of its answers) in namespace `ns`,
-    /// listening on `addr` (typically `0.0.0.0:80`). Returns once it is listening.
+    /// listening on `addr` (typically `0.0.0.0:80`); it closes each connection after
+    /// one answer (`Connection: close`). Returns once it is listening.
     pub fn start(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(ns, addr, name, false)
+    }
+
+    /// Like [`HttpServer::start`], but a connection may carry many requests (HTTP/1.1
+    /// keep-alive): the server answers with `Connection: keep-alive` until the client
+    /// sends `Connection: close` or closes. At most [`KEEP_ALIVE_MAX_CONNECTIONS`] are
+    /// served at once (further ones are closed at once and counted as errors); stopping
+    /// the server closes them within about 5 ms.
+    pub fn start_keep_alive(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(ns, addr, name, true)
+    }
+
+    fn start_with(
+        ns: &str,
+        addr: SocketAddr,
+        name: &str,
+        keep_alive: bool,
+    ) -> anyhow::Result<Self> {
         let listener = netns::in_netns(ns, move || {
             let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             l.set_nonblocking(true)?;
             Ok(l)
         })
         .with_context(|| format!("starting HTTP server {name} in {ns}"))?;
+        Self::serve_on(listener, addr, name, keep_alive)
+    }
+
+    /// Serves on a bound, non-blocking listener from a new thread.
+    fn serve_on(
+        listener: TcpListener,
+        addr: SocketAddr,
+        name: &str,
+        keep_alive: bool,
+    ) -> anyhow::Result<Self> {
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (counters, stop, name) = (counters.clone(), stop.clone(), name.to_owned());
             thread::Builder::new()
                 .name(format!("http-{name}"))
-                .spawn(move || serve(&listener, &name, &counters, &stop))?
+                .spawn(move || block_on(serve(listener, name, counters, stop, keep_alive))?)?
         };
         Ok(Self {
             name: name.to_owned(),
@@ -99,7 +152,7 @@ impl HttpServer {
         self.counters.health.load(Ordering::Relaxed)
     }
 
-    /// Connections that ended in an error (timeout, malformed request).
+    /// Connections that ended in an error (timeout, malformed request, over the limit).
     pub fn errors(&self) -> u64 {
         self.counters.errors.load(Ordering::Relaxed)
     }
@@ -126,251 +179,102 @@ impl Drop for HttpServer {
     }
 }
 
-impl HttpServer {
-    /// Like [`HttpServer::start`], but each connection gets its own thread and may carry
-    /// many requests (HTTP/1.1 keep-alive): the server answers with `Connection:
-    /// keep-alive` until the client sends `Connection: close` or closes, or the
-    /// connection idles for [`IO_TIMEOUT`]. At most [`KEEP_ALIVE_MAX_CONNECTIONS`] are
-    /// served at once (further ones are closed at once and counted as errors); stopping
-    /// the server ends them within about 50 ms.
-    pub fn start_keep_alive(ns: &str, addr: SocketAddr, name: &str) -> anyhow::Result<Self> {
-        let listener = netns::in_netns(ns, move || {
-            let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .with_context(|| format!("starting keep-alive HTTP server {name} in {ns}"))?;
-        let counters = Arc::new(Counters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (counters, stop, name) = (counters.clone(), stop.clone(), name.to_owned());
-            thread::Builder::new()
-                .name(format!("http-ka-{name}"))
-                .spawn(move || serve_keep_alive(&listener, &name, &counters, &stop))?
+/// The accept loop: notices `stop` within 5 ms; a task per connection. Returning drops
+/// the runtime, which ends the connection tasks and closes their sockets.
+async fn serve(
+    listener: TcpListener,
+    name: String,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    keep_alive: bool,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let name: Arc<str> = name.into();
+    let open = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = tokio::time::sleep(Duration::from_millis(5)) => continue,
         };
-        Ok(Self {
-            name: name.to_owned(),
-            addr,
-            counters,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-/// Connections a keep-alive server serves at once.
-pub const KEEP_ALIVE_MAX_CONNECTIONS: usize = 64;
-
-/// The accept loop of [`HttpServer::start_keep_alive`]: a thread per connection.
-fn serve_keep_alive(
-    listener: &TcpListener,
-    name: &str,
-    counters: &Arc<Counters>,
-    stop: &Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    let result = loop {
-        if stop.load(Ordering::Relaxed) {
-            break Ok(());
-        }
-        conns.retain(|c| !c.is_finished());
-        match listener.accept() {
-            Ok((stream, _)) if conns.len() >= KEEP_ALIVE_MAX_CONNECTIONS => {
-                drop(stream);
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((stream, _)) => {
-                let (n, c, st) = (name.to_owned(), counters.clone(), stop.clone());
-                let spawned = thread::Builder::new()
-                    .name(format!("http-ka-{name}-conn"))
-                    .spawn(move || {
-                        if handle_keep_alive(stream, &n, &c, &st).is_err() {
-                            c.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
-                match spawned {
-                    Ok(c) => conns.push(c),
-                    Err(_) => {
-                        counters.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e).context("accept"),
-        }
-    };
-    stop.store(true, Ordering::Relaxed);
-    for c in conns {
-        let _ = c.join();
-    }
-    result
-}
-
-/// Serves requests on one connection until the client closes or asks to, it idles
-/// for [`IO_TIMEOUT`], or the server stops.
-fn handle_keep_alive(
-    mut stream: TcpStream,
-    name: &str,
-    counters: &Counters,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    stream.set_nonblocking(false)?;
-    // Short reads, so a stop is noticed; idleness is bounded separately.
-    stream.set_read_timeout(Some(Duration::from_millis(50)))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let mut idle_since = Instant::now();
-    loop {
-        // One complete head in the buffer?
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            buf.drain(..end + 4);
-            let mut lines = head.lines();
-            let mut parts = lines.next().unwrap_or_default().split_whitespace();
-            let (method, path) = (
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-            );
-            let close = lines.any(|l| {
-                l.split_once(':').is_some_and(|(n, v)| {
-                    n.trim().eq_ignore_ascii_case("connection")
-                        && v.trim().eq_ignore_ascii_case("close")
-                })
-            });
-            let (status, body) = match (method, path) {
-                ("GET", "/healthz") => {
-                    counters.health.fetch_add(1, Ordering::Relaxed);
-                    ("200 OK", "ok\n".to_owned())
-                }
-                ("GET", _) => {
-                    counters.requests.fetch_add(1, Ordering::Relaxed);
-                    ("200 OK", format!("{name}\n"))
-                }
-                _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
-            };
-            let connection = if close { "close" } else { "keep-alive" };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
-                 {}Connection: {connection}\r\n\r\n{body}",
-                body.len(),
-                cache_headers(path)
-            );
-            stream.write_all(response.as_bytes())?;
-            if close {
-                let _ = stream.shutdown(Shutdown::Write);
-                return Ok(());
-            }
-            idle_since = Instant::now();
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("accept"),
+        };
+        if keep_alive && open.load(Ordering::Relaxed) >= KEEP_ALIVE_MAX_CONNECTIONS {
+            drop(stream);
+            counters.errors.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        ensure!(buf.len() < MAX_MESSAGE, "request head too long");
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        ensure!(
-            idle_since.elapsed() < IO_TIMEOUT,
-            "connection idle for {IO_TIMEOUT:?}"
-        );
-        match stream.read(&mut chunk) {
-            Ok(0) => {
-                ensure!(buf.is_empty(), "connection closed within a request head");
-                return Ok(());
+        open.fetch_add(1, Ordering::Relaxed);
+        let (name, counters, open) = (name.clone(), counters.clone(), open.clone());
+        tokio::spawn(async move {
+            let service = {
+                let (name, counters) = (name.clone(), counters.clone());
+                service_fn(move |req| {
+                    let answer = answer(&req, &name, &counters, keep_alive);
+                    async move { Ok::<_, std::convert::Infallible>(answer) }
+                })
+            };
+            let served = hyper::server::conn::http1::Builder::new()
+                .keep_alive(keep_alive)
+                .timer(TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if served.is_err() {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e).context("read"),
-        }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
     }
+    Ok(())
 }
 
-/// The accept loop: polls a non-blocking listener so it notices `stop` within 5 ms.
-fn serve(
-    listener: &TcpListener,
+/// The answer to one request (see the module docs), counted.
+fn answer(
+    req: &Request<Incoming>,
     name: &str,
     counters: &Counters,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if handle(stream, name, counters).is_err() {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("accept"),
-        }
-    }
-    Ok(())
-}
-
-fn handle(mut stream: TcpStream, name: &str, counters: &Counters) -> anyhow::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = read_head(&mut stream)?;
-    let request_line = head.lines().next().unwrap_or_default();
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, body) = match (method, path) {
-        ("GET", "/healthz") => {
+    keep_alive: bool,
+) -> hyper::Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let (status, body) = match (req.method(), path) {
+        (&Method::GET, "/healthz") => {
             counters.health.fetch_add(1, Ordering::Relaxed);
-            ("200 OK", "ok\n".to_owned())
+            (StatusCode::OK, "ok\n".to_owned())
         }
-        ("GET", _) => {
+        (&Method::GET, _) => {
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            ("200 OK", format!("{name}\n"))
+            (StatusCode::OK, format!("{name}\n"))
         }
-        _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned()),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
-         {}Connection: close\r\n\r\n{body}",
-        body.len(),
-        cache_headers(path)
-    );
-    stream.write_all(response.as_bytes())?;
-    let _ = stream.shutdown(Shutdown::Write);
-    Ok(())
-}
-
-/// Caching headers of an answer: paths under `/cached/` may be stored for a minute by
-/// a shared cache and served stale for five minutes when the backends fail.
-fn cache_headers(path: &str) -> &'static str {
-    if path.starts_with("/cached/") {
-        "Cache-Control: public, max-age=60, stale-if-error=300\r\n"
+    let client_closes = req
+        .headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let connection = if keep_alive && !client_closes {
+        "keep-alive"
     } else {
-        ""
+        "close"
+    };
+    let mut response = hyper::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .header("x-backend", name)
+        .header(header::CONNECTION, connection);
+    // Paths under /cached/ may be stored for a minute by a shared cache and served stale
+    // for five minutes when the backends fail.
+    if path.starts_with("/cached/") {
+        response = response.header(
+            header::CACHE_CONTROL,
+            "public, max-age=60, stale-if-error=300",
+        );
     }
-}
-
-/// Reads up to the end of the request head (`\r\n\r\n`).
-fn read_head(stream: &mut TcpStream) -> anyhow::Result<String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        ensure!(buf.len() < MAX_MESSAGE, "request head too long");
-        let n = stream.read(&mut chunk)?;
-        ensure!(n > 0, "connection closed before the request head ended");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    response
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
 }
 
 /// A parsed HTTP response.
@@ -380,7 +284,7 @@ pub struct Response {
     pub status: u16,
     /// Header fields, names lower-cased, in order.
     pub headers: Vec<(String, String)>,
-    /// The body (everything after the head).
+    /// The body (decoded if it was chunked).
     pub body: String,
     /// The client's local address of the connection.
     pub local: SocketAddr,
@@ -402,42 +306,121 @@ impl Response {
     }
 }
 
-/// One `GET path` to `target` with `Connection: close`, each step bounded by `timeout`.
-/// Runs in the calling thread's namespace (call it inside [`netns::in_netns`]).
-pub fn get(target: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&target, timeout)
-        .with_context(|| format!("connect {target}"))?;
-    let local = stream.local_addr()?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xdplb-tests\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .with_context(|| format!("send from {local}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .with_context(|| format!("read on {local}"))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        ensure!(
-            raw.len() <= MAX_MESSAGE,
-            "response longer than {MAX_MESSAGE} bytes"
+/// A request to `peer`: `Host`, `User-Agent: xdplb-tests`, `Connection` (`close` or
+/// `keep-alive`), the given header fields, and a body (with its `Content-Length`).
+fn build_request(
+    peer: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    close: bool,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let mut req = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).with_context(|| format!("method {method}"))?)
+        .uri(path)
+        .header(header::HOST, peer.to_string())
+        .header(header::USER_AGENT, "xdplb-tests")
+        .header(
+            header::CONNECTION,
+            if close { "close" } else { "keep-alive" },
         );
+    for (n, v) in headers {
+        req = req.header(*n, *v);
     }
-    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+    if let Some(b) = body {
+        req = req.header(header::CONTENT_LENGTH, b.len());
+    }
+    let body = Full::new(Bytes::from(body.unwrap_or_default().to_owned()));
+    Ok(req.body(body)?)
+}
+
+/// Sends `req` on an open connection and reads the whole answer, bounded by `timeout`.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    local: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    let read = async {
+        sender
+            .ready()
+            .await
+            .with_context(|| format!("connection {local} closed"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .with_context(|| format!("request on {local}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(n, _)| *n != header::TRANSFER_ENCODING)
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).trim().to_owned(),
+                )
+            })
+            .collect();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("response body on {local}"))?
+            .to_bytes();
+        anyhow::Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            local,
+        })
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| anyhow!("no complete response on {local} within {timeout:?}"))?
+}
+
+/// HTTP/1.1 over a connected std stream: hyper's handshake on the current runtime, its
+/// connection driven by a task.
+async fn handshake(stream: TcpStream) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    stream.set_nonblocking(true)?;
+    let io = TokioIo::new(tokio::net::TcpStream::from_std(stream)?);
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// One request on a fresh connection `stream`, with `Connection: close`.
+fn once(
+    stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    let local = stream.local_addr()?;
+    let req = build_request(stream.peer_addr()?, method, path, headers, body, true)?;
+    block_on(async move {
+        let mut sender = handshake(stream).await?;
+        exchange(&mut sender, req, local, timeout).await
+    })?
+}
+
+/// One `GET path` to `target` with `Connection: close` on a connection of its own, each
+/// step bounded by `timeout`. Runs in the calling thread's namespace (call it inside
+/// [`netns::in_netns`]).
+pub fn get(target: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Response> {
+    let stream = TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("connect {target}"))?;
+    once(stream, "GET", path, &[], None, timeout)
 }
 
 /// One request with any method, extra header fields and body to `target`, with
 /// `Connection: close`, each step bounded by `timeout`; the whole answer is read
-/// (a `Transfer-Encoding: chunked` body is decoded). For REST APIs. Runs in the calling
-/// thread's namespace (call it inside [`netns::in_netns`]).
+/// (a chunked body decoded). For REST APIs. Runs in the calling thread's namespace
+/// (call it inside [`netns::in_netns`]).
 pub fn request(
     target: SocketAddr,
     method: &str,
@@ -446,61 +429,10 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&target, timeout)
+    let stream = TcpStream::connect_timeout(&target, timeout)
         .with_context(|| format!("connect {target}"))?;
-    let local = stream.local_addr()?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xdplb-tests\r\nConnection: close\r\n"
-    );
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    stream
-        .write_all(req.as_bytes())
-        .with_context(|| format!("send {method} {path} from {local}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .with_context(|| format!("read on {local}"))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        ensure!(
-            raw.len() <= 16 * MAX_MESSAGE,
-            "response longer than {} bytes",
-            16 * MAX_MESSAGE
-        );
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("no complete head in {} bytes", raw.len()))?;
-    let chunked = String::from_utf8_lossy(&raw[..split]).lines().any(|l| {
-        l.split_once(':').is_some_and(|(n, v)| {
-            n.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    if chunked {
-        let mut decoded = raw[..split + 4].to_vec();
-        decoded.extend(dechunk(&raw[split + 4..])?);
-        let mut r = parse_response(&decoded, local)?;
-        r.headers.retain(|(n, _)| n != "transfer-encoding");
-        return Ok(r);
-    }
-    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+    once(stream, method, path, headers, body, timeout)
+        .with_context(|| format!("{method} {path} on {target}"))
 }
 
 /// Like [`get`], but from the given local IPv4 address and port (bound with
@@ -512,32 +444,9 @@ pub fn get_from(
     path: &str,
     timeout: Duration,
 ) -> anyhow::Result<Response> {
-    let mut stream = connect_from(local, target, timeout)
+    let stream = connect_from(local, target, timeout)
         .with_context(|| format!("connect {target} from {local}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: xdplb-tests\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .with_context(|| format!("send from {local}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .with_context(|| format!("read on {local}"))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        ensure!(
-            raw.len() <= MAX_MESSAGE,
-            "response longer than {MAX_MESSAGE} bytes"
-        );
-    }
-    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+    once(stream, "GET", path, &[], None, timeout)
 }
 
 /// A TCP connection from `local` to `target` (IPv4), the connect bounded by `timeout`.
@@ -611,127 +520,54 @@ fn connect_from(
     }
 }
 
-/// Decodes a `Transfer-Encoding: chunked` body (extensions and trailers ignored).
-fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("chunk size line not terminated"))?;
-        let size_text = String::from_utf8_lossy(&body[..line_end]);
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .with_context(|| format!("chunk size {size_text:?}"))?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        ensure!(body.len() >= size + 2, "chunk of {size} bytes cut short");
-        out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
+/// An open HTTP/1.1 connection for [`get_keep_alive`], made in a namespace; usable from
+/// any thread.
+pub struct KeepAliveConnection {
+    runtime: tokio::runtime::Runtime,
+    sender: SendRequest<Full<Bytes>>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for KeepAliveConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeepAliveConnection({} -> {})", self.local, self.peer)
     }
 }
 
-/// Opens a connection to `target` from namespace `ns` for [`get_keep_alive`]; the
-/// socket belongs to `ns` but can be used from any thread. Reads and writes are
-/// bounded by `timeout`.
+/// Opens a connection to `target` from namespace `ns` for [`get_keep_alive`]; requests
+/// on it are bounded by `timeout`.
 pub fn connect_keep_alive(
     ns: &str,
     target: SocketAddr,
     timeout: Duration,
-) -> anyhow::Result<TcpStream> {
-    netns::in_netns(ns, move || {
-        let stream = TcpStream::connect_timeout(&target, timeout)
-            .with_context(|| format!("connect {target}"))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        Ok(stream)
-    })
-}
-
-/// One `GET path` on an open connection, keeping it open (`Connection: keep-alive`);
-/// reads exactly one response, whose body length must be given by `Content-Length`.
-pub fn get_keep_alive(stream: &mut TcpStream, path: &str) -> anyhow::Result<Response> {
+) -> anyhow::Result<KeepAliveConnection> {
+    let stream = netns::in_netns(ns, move || {
+        TcpStream::connect_timeout(&target, timeout).with_context(|| format!("connect {target}"))
+    })?;
     let local = stream.local_addr()?;
-    let peer = stream.peer_addr()?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {peer}\r\nUser-Agent: xdplb-tests\r\nConnection: keep-alive\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .with_context(|| format!("send from {local}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut byte = [0u8; 1];
-    // The head, a byte at a time so nothing of a later response is consumed.
-    while !raw.ends_with(b"\r\n\r\n") {
-        ensure!(raw.len() < MAX_MESSAGE, "response head too long");
-        let n = stream
-            .read(&mut byte)
-            .with_context(|| format!("read on {local}"))?;
-        ensure!(
-            n > 0,
-            "connection {local} closed before the response head ended"
-        );
-        raw.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&raw).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .ok_or_else(|| anyhow!("keep-alive response without content-length"))?
-        .parse()
-        .context("content-length")?;
-    ensure!(len <= MAX_MESSAGE, "response body of {len} bytes");
-    let mut body = Vec::with_capacity(len);
-    while body.len() < len {
-        let want = (len - body.len()).min(chunk.len());
-        let n = stream
-            .read(&mut chunk[..want])
-            .with_context(|| format!("read on {local}"))?;
-        ensure!(n > 0, "connection {local} closed within the response body");
-        body.extend_from_slice(&chunk[..n]);
-    }
-    raw.extend(body);
-    parse_response(&raw, local).with_context(|| format!("response on {local}"))
+    // The connection's task runs whenever a request is made through this runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let sender = runtime.block_on(handshake(stream))?;
+    Ok(KeepAliveConnection {
+        runtime,
+        sender,
+        local,
+        peer: target,
+        timeout,
+    })
 }
 
-fn parse_response(raw: &[u8], local: SocketAddr) -> anyhow::Result<Response> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no complete head in {} bytes", raw.len()))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect::<Vec<_>>();
-    if let Some(len) = headers.iter().find(|(n, _)| n == "content-length") {
-        let len: usize = len.1.parse().context("content-length")?;
-        ensure!(
-            body.len() == len,
-            "body has {} bytes, content-length says {len}",
-            body.len()
-        );
-    }
-    Ok(Response {
-        status,
-        headers,
-        body: body.to_owned(),
-        local,
-    })
+/// One `GET path` on an open connection, keeping it open (`Connection: keep-alive`).
+pub fn get_keep_alive(conn: &mut KeepAliveConnection, path: &str) -> anyhow::Result<Response> {
+    let req = build_request(conn.peer, "GET", path, &[], None, false)?;
+    let (local, timeout) = (conn.local, conn.timeout);
+    conn.runtime
+        .block_on(exchange(&mut conn.sender, req, local, timeout))
 }
 
 /// What [`run_load`] observed.
@@ -848,41 +684,83 @@ pub fn probe(ns: &str, target: SocketAddr) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+
     use super::*;
+
+    /// Serves one connection on loopback with `raw` as the answer, byte for byte: the
+    /// tests of malformed or chunked answers need exact wire bytes.
+    fn raw_server(raw: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(raw).unwrap();
+        });
+        addr
+    }
 
     #[test]
     fn responses_parse() {
-        let local: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nX-Backend: be2\r\nContent-Length: 4\r\n\r\nbe2\n",
-            local,
-        )
-        .unwrap();
+        let ok = raw_server(b"HTTP/1.1 200 OK\r\nX-Backend: be2\r\nContent-Length: 4\r\n\r\nbe2\n");
+        let r = get(ok, "/", IO_TIMEOUT).unwrap();
         assert_eq!(
             (r.status, r.backend(), r.header("x-backend")),
             (200, "be2", Some("be2"))
         );
+        let short = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nbe2\n");
         assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nbe2\n", local).is_err()
+            get(short, "/", IO_TIMEOUT).is_err(),
+            "a body shorter than its length"
         );
-        assert!(parse_response(b"garbage", local).is_err());
+        assert!(get(raw_server(b"garbage"), "/", IO_TIMEOUT).is_err());
     }
 
     #[test]
-    fn keep_alive_server_and_clients_work_on_loopback() {
+    fn chunked_bodies_decode() {
+        let chunked = raw_server(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        );
+        let r = request(chunked, "GET", "/", &[], None, IO_TIMEOUT).unwrap();
+        assert_eq!(r.body, "abcde");
+        assert_eq!(r.header("transfer-encoding"), None);
+        let cut = raw_server(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab");
+        assert!(request(cut, "GET", "/", &[], None, IO_TIMEOUT).is_err());
+    }
+
+    fn loopback_server(name: &str, keep_alive: bool) -> HttpServer {
         // The caller's namespace, loopback only: no privileges needed.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let counters = Arc::new(Counters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (c, s) = (counters.clone(), stop.clone());
-            thread::spawn(move || serve_keep_alive(&listener, "be8", &c, &s))
+        HttpServer::serve_on(listener, addr, name, keep_alive).unwrap()
+    }
+
+    #[test]
+    fn keep_alive_server_and_clients_work_on_loopback() {
+        let server = loopback_server("be8", true);
+        let addr = server.addr();
+        let stream = TcpStream::connect(addr).unwrap();
+        let local = stream.local_addr().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sender = runtime.block_on(handshake(stream)).unwrap();
+        let mut conn = KeepAliveConnection {
+            runtime,
+            sender,
+            local,
+            peer: addr,
+            timeout: IO_TIMEOUT,
         };
-        let mut conn = TcpStream::connect(addr).unwrap();
-        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let local = conn.local_addr().unwrap();
         for _ in 0..3 {
             let r = get_keep_alive(&mut conn, "/").unwrap();
             assert_eq!((r.status, r.backend(), r.local), (200, "be8", local));
@@ -898,43 +776,38 @@ mod tests {
             "be8"
         );
         assert_eq!(get_keep_alive(&mut conn, "/").unwrap().backend(), "be8");
-        stop.store(true, Ordering::Relaxed);
-        t.join().unwrap().unwrap();
-        assert_eq!(counters.requests.load(Ordering::Relaxed), 5);
-        assert_eq!(counters.health.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn chunked_bodies_decode() {
+        let cached = get(addr, "/cached/x", IO_TIMEOUT).unwrap();
         assert_eq!(
-            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
-            b"abcde"
+            cached.header("cache-control"),
+            Some("public, max-age=60, stale-if-error=300")
         );
-        assert!(dechunk(b"5\r\nab").is_err());
+        assert_eq!(server.requests(), 6);
+        assert_eq!(server.health_requests(), 1);
+        server.stop().unwrap();
+        assert!(
+            get_keep_alive(&mut conn, "/").is_err(),
+            "stopping the server closes its connections"
+        );
     }
 
     #[test]
     fn server_and_load_work_on_loopback() {
-        // Uses the caller's namespace through a thread-local listener: no privileges needed.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let counters = Arc::new(Counters::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (c, s) = (counters.clone(), stop.clone());
-            thread::spawn(move || serve(&listener, "be9", &c, &s))
-        };
+        let server = loopback_server("be9", false);
+        let addr = server.addr();
         let mut per_backend = BTreeMap::new();
         for _ in 0..5 {
             let r = get(addr, "/", IO_TIMEOUT).unwrap();
+            assert_eq!(r.header("connection"), Some("close"));
             *per_backend.entry(r.backend().to_owned()).or_insert(0) += 1;
         }
         assert_eq!(get(addr, "/healthz", IO_TIMEOUT).unwrap().body, "ok\n");
-        stop.store(true, Ordering::Relaxed);
-        t.join().unwrap().unwrap();
         assert_eq!(per_backend, BTreeMap::from([("be9".to_owned(), 5)]));
-        assert_eq!(counters.requests.load(Ordering::Relaxed), 5);
-        assert_eq!(counters.health.load(Ordering::Relaxed), 1);
+        assert_eq!(server.requests(), 5);
+        assert_eq!(server.health_requests(), 1);
+        server.stop().unwrap();
+        assert!(
+            get(addr, "/", IO_TIMEOUT).is_err(),
+            "stopped: nothing listens"
+        );
     }
 }

@@ -1,17 +1,21 @@
 //! xdplb's test support: the namespace test bed, a packet builder and decoder for XDP
-//! fixtures, a tiny HTTP server and client, and the end-to-end scenarios that the
+//! fixtures, HTTP backends and clients (on hyper), and the end-to-end scenarios that the
 //! integration tests (`tests/`) and the demo binary (`xdplb-demo`) share.
 //!
 //! Module map:
 //! - [`netns`]: namespace guard, commands and Rust code inside namespaces, privilege check.
 //! - [`topology`]: the step-1 network (client, router, lb, be1..be3) and the agent's lifecycle.
 //! - [`config`]: a builder for the agent's TOML config.
-//! - [`http`]: HTTP server and load client on std threads.
+//! - [`http`]: HTTP backends that count what they serve, and clients whose TCP connection
+//!   the test owns (namespace, local port, one per request or one for many), on hyper.
 //! - [`capture`]: packet counting with `AF_PACKET` sockets, and ping.
 //! - [`packet`]: Ethernet/IPv4/TCP/UDP builder and decoder with checksums.
 //! - [`scenario`]: the L4 end-to-end run and its observations.
 //! - [`load`]: continuous client traffic under control-plane changes, and times from the
 //!   agent's log.
+//! - [`xdp_bed`]: the XDP bed of the fixtures and the benchmark: load the balancer, fill
+//!   its maps, `test_run`, and the oracle and expected frames.
+//! - [`require_privileges!`]: the entry line of every privileged test.
 
 pub mod capture;
 pub mod config;
@@ -21,3 +25,4 @@ pub mod netns;
 pub mod packet;
 pub mod scenario;
 pub mod topology;
+pub mod xdp_bed;

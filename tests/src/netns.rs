@@ -11,7 +11,8 @@
 //! - [`in_netns`] / [`spawn_in_netns`] run a closure on a thread that has entered the
 //!   namespace with `setns(CLONE_NEWNET)`: sockets made there belong to that namespace,
 //!   so servers, clients and packet captures need no external tools.
-//! - [`require_privileges`] is the entry check of every privileged test.
+//! - [`require_privileges!`](crate::require_privileges) (over [`require_privileges`]) is
+//!   the entry line of every privileged test.
 //!
 //! Nothing here touches the root network namespace: namespaces are created empty and
 //! every interface is made inside them.
@@ -49,6 +50,54 @@ const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 
 /// Environment variable that makes privileged tests skip instead of fail.
 pub const SKIP_ENV: &str = "XDPLB_SKIP_PRIVILEGED";
+
+/// The entry line of every privileged test: evaluates to the test's name (for messages
+/// and logs) when the test may run; returns from the test, as passed, when
+/// `XDPLB_SKIP_PRIVILEGED=1` (printing a note that names it); panics naming what is
+/// missing otherwise. See [`netns::require_privileges`](crate::netns::require_privileges).
+///
+/// ```no_run
+/// #[test]
+/// fn builds_a_namespace() -> anyhow::Result<()> {
+///     let test = xdplb_tests::require_privileges!();
+///     eprintln!("{test} runs");
+///     Ok(())
+/// }
+/// ```
+#[macro_export]
+macro_rules! require_privileges {
+    () => {{
+        fn here() {}
+        let name = $crate::netns::test_name(::core::any::type_name_of_val(&here));
+        if !$crate::netns::require_privileges(name) {
+            return $crate::netns::Skipped::skipped();
+        }
+        name
+    }};
+}
+
+/// The test function's name in the path of an item declared inside it
+/// (`crate::module::the_test::here` gives `the_test`).
+pub fn test_name(item_path: &'static str) -> &'static str {
+    let fn_path = item_path.rsplit_once("::").map_or(item_path, |(f, _)| f);
+    fn_path.rsplit("::").next().unwrap_or(fn_path)
+}
+
+/// What a skipped test returns: `()` or `Ok(())`.
+pub trait Skipped {
+    /// The passing value of a test that did not run.
+    fn skipped() -> Self;
+}
+
+impl Skipped for () {
+    fn skipped() -> Self {}
+}
+
+impl<E> Skipped for Result<(), E> {
+    fn skipped() -> Self {
+        Ok(())
+    }
+}
 
 /// Checks that this process may build namespace test beds.
 ///
@@ -98,19 +147,11 @@ pub fn missing_privileges() -> Vec<String> {
         missing.push("root (effective uid 0)".to_owned());
     }
     for tool in ["ip", "ethtool"] {
-        if which(tool).is_none() {
+        if which::which(tool).is_err() {
             missing.push(format!("the `{tool}` tool in PATH"));
         }
     }
     missing
-}
-
-/// Finds an executable in `PATH`.
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// Owns the namespaces, the bpffs mount and the scratch directory of one test run.
@@ -747,6 +788,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_name_is_the_enclosing_function() {
+        fn here() {}
+        assert_eq!(
+            test_name(std::any::type_name_of_val(&here)),
+            "test_name_is_the_enclosing_function"
+        );
+        assert_eq!(test_name("a::b::c"), "b");
+        assert_eq!(test_name("plain"), "plain");
+    }
+
+    #[test]
     fn prefixes_have_the_family_shape() {
         for attempt in 0..100 {
             let p = new_prefix(attempt);
@@ -761,9 +813,7 @@ mod tests {
 
     #[test]
     fn stale_runs_are_removed_and_live_ones_kept() {
-        if !require_privileges("stale_runs_are_removed_and_live_ones_kept") {
-            return;
-        }
+        crate::require_privileges!();
         let mut live = NetnsGuard::new().unwrap();
         let live_ns = live.create("keep").unwrap();
 

@@ -35,6 +35,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use lb_agent::api::types::{AdminState, Backend, BackendLive, Service};
 use serde::de::DeserializeOwned;
+use xdplb_tests::require_privileges;
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     http::{self, HttpServer},
@@ -357,16 +358,13 @@ fn live(b: &Backend) -> anyhow::Result<&BackendLive> {
 /// fails and be2 is shown down; restart it: it serves again within the rise window.
 #[test]
 fn a_dead_backend_leaves_within_the_window_and_returns() -> anyhow::Result<()> {
-    const TEST: &str = "a_dead_backend_leaves_within_the_window_and_returns";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    let test = require_privileges!();
     let config = control_config([0, 0, 0]);
     let names;
     {
         let mut bed = start_bed(config)?;
         names = bed.topo.namespaces();
-        let api = Api::optional(&bed.topo, TEST);
+        let api = Api::optional(&bed.topo, test);
         let be2 = BACKEND_ADDRS[1];
         let be2_ns = bed.topo.backends[1].ns.clone();
 
@@ -541,12 +539,9 @@ fn a_dead_backend_leaves_within_the_window_and_returns() -> anyhow::Result<()> {
 /// when tier 0 returns, be3 gets nothing again.
 #[test]
 fn tier0_outage_fails_over_to_tier1_and_back() -> anyhow::Result<()> {
-    const TEST: &str = "tier0_outage_fails_over_to_tier1_and_back";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    let test = require_privileges!();
     let mut bed = start_bed(control_config([0, 0, 1]))?;
-    let api = Api::optional(&bed.topo, TEST);
+    let api = Api::optional(&bed.topo, test);
     if let Some(api) = &api {
         let svc = api.service(SERVICE)?;
         ensure!(svc.active_tier == Some(0), "active_tier at start: {svc:?}");
@@ -714,10 +709,7 @@ fn count_outcomes(rs: &[(u16, Result<String, String>)]) -> BTreeMap<String, usiz
 /// served during the outage go to tier 0, not to be3 through the stale flow entry.
 #[test]
 fn a_reused_client_port_follows_the_ring() -> anyhow::Result<()> {
-    const TEST: &str = "a_reused_client_port_follows_the_ring";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     let mut bed = start_bed(control_config([0, 0, 1]))?;
     let client_ns = bed.topo.client.ns.clone();
     // Fixed client ports below the ephemeral range, so nothing else takes them.
@@ -812,10 +804,7 @@ fn a_reused_client_port_follows_the_ring() -> anyhow::Result<()> {
 /// through the API; new connections after the drain never land on B.
 #[test]
 fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
-    const TEST: &str = "drain_keeps_a_long_lived_connection";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     agent_binary()?;
     // The bed by hand: keep-alive servers, so one connection carries many requests.
     let mut topo = Topology::build_with(&TopologyOptions::default())?;
@@ -972,10 +961,7 @@ fn drain_keeps_a_long_lived_connection() -> anyhow::Result<()> {
 /// serves nobody (not its last set), says so, and serves again when one returns.
 #[test]
 fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
-    const TEST: &str = "slow_start_ramps_and_all_down_drops";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     let mut config = control_config([0, 0, 0]);
     let svc = &mut config.services[0];
     *svc = svc
@@ -1103,10 +1089,7 @@ fn slow_start_ramps_and_all_down_drops() -> anyhow::Result<()> {
 /// adoption rewrites no ring slot.
 #[test]
 fn agent_restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
-    const TEST: &str = "agent_restart_under_traffic_loses_nothing";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     agent_binary()?;
     let mut topo = Topology::build_with(&TopologyOptions::default())?;
     let servers = topo
@@ -1275,10 +1258,7 @@ fn agent_restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
 /// start again with the same `state_dir`), in the API and in the traffic.
 #[test]
 fn api_changes_survive_a_restart() -> anyhow::Result<()> {
-    const TEST: &str = "api_changes_survive_a_restart";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     let config = control_config([0, 0, 0]);
     let mut bed = start_bed(config.clone())?;
     let api = Api::required(&bed.topo)?;

@@ -13,6 +13,7 @@ use std::{
     sync::Mutex,
 };
 
+use xdplb_tests::require_privileges;
 use xdplb_tests::{
     netns,
     scenario::{self, BedOptions, L4Bed, LoadOptions},
@@ -30,9 +31,7 @@ fn leftover(names: &[String]) -> Vec<String> {
 
 #[test]
 fn l4_end_to_end_300_connections() -> anyhow::Result<()> {
-    if !netns::require_privileges("l4_end_to_end_300_connections") {
-        return Ok(());
-    }
+    require_privileges!();
     let opts = BedOptions::default();
     let expected = scenario::expected_shares(&opts.config, "web");
     let (names, bpffs);
@@ -62,9 +61,7 @@ fn l4_end_to_end_300_connections() -> anyhow::Result<()> {
 
 #[test]
 fn namespaces_are_removed_when_the_test_panics() {
-    if !netns::require_privileges("namespaces_are_removed_when_the_test_panics") {
-        return;
-    }
+    require_privileges!();
     let made: Mutex<(Vec<String>, Option<PathBuf>)> = Mutex::default();
     let result = catch_unwind(AssertUnwindSafe(|| {
         let topo = Topology::build().expect("building the topology");

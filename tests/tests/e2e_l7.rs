@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use xdplb_tests::require_privileges;
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     http::{self, Response},
@@ -111,10 +112,7 @@ fn wait_healthy(bed: &L4Bed, addr: Ipv4Addr, healthy: bool) -> anyhow::Result<()
 
 #[test]
 fn l7_service_behind_the_fast_path() -> anyhow::Result<()> {
-    const TEST: &str = "l7_service_behind_the_fast_path";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     let mut bed = L4Bed::start(&BedOptions {
         config: config(),
         ..BedOptions::default()
@@ -290,10 +288,7 @@ fn l7_service_behind_the_fast_path() -> anyhow::Result<()> {
 
 #[test]
 fn xdp_off_still_serves_l7() -> anyhow::Result<()> {
-    const TEST: &str = "xdp_off_still_serves_l7";
-    if !netns::require_privileges(TEST) {
-        return Ok(());
-    }
+    require_privileges!();
     let bed = L4Bed::start(&BedOptions {
         config: config(),
         agent: AgentOptions {

@@ -117,10 +117,7 @@ impl Drop for KeeperThread {
 
 #[test]
 fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::Result<()> {
-    if !netns::require_privileges("next_hop_keeper_makes_keeps_follows_and_clears_managed_entries")
-    {
-        return Ok(());
-    }
+    xdplb_tests::require_privileges!();
     let topo = Topology::build_with(&TopologyOptions {
         peer_xdp_pass: false,
         ..TopologyOptions::default()
@@ -247,9 +244,7 @@ fn lo_addrs(ns: &str) -> anyhow::Result<String> {
 
 #[test]
 fn l7_vips_are_added_to_lo_and_only_those_removed() -> anyhow::Result<()> {
-    if !netns::require_privileges("l7_vips_are_added_to_lo_and_only_those_removed") {
-        return Ok(());
-    }
+    xdplb_tests::require_privileges!();
     let mut guard = NetnsGuard::new()?;
     let ns = guard.create("vip")?;
     // An address someone else put on lo: already local, never removed by the agent.

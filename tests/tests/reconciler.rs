@@ -14,7 +14,6 @@ use lb_agent::{
     },
 };
 use lb_common::types::BACKEND_F_ACTIVE;
-use xdplb_tests::netns;
 
 const CAPS: Capacities = Capacities {
     max_services: 2,
@@ -68,9 +67,7 @@ fn active(maps: &Maps, id: u32) -> bool {
 
 #[test]
 fn a_failed_apply_is_followed_by_one_that_converges() {
-    if !netns::require_privileges("a_failed_apply_is_followed_by_one_that_converges") {
-        return;
-    }
+    xdplb_tests::require_privileges!();
     let mut ebpf = loader::load(&CAPS).expect("load the object (root, BPF)");
     let mut maps = Maps::take(&mut ebpf, None).expect("maps");
     let mut r = Reconciler::new(&CAPS);

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use xdplb_tests::require_privileges;
 use xdplb_tests::{
     capture::{self, Capture, Direction},
     http, netns,
@@ -24,9 +25,7 @@ fn read_sysctl(ns: &str, key: &str) -> anyhow::Result<String> {
 
 #[test]
 fn topology_routes_serves_and_cleans_up() -> anyhow::Result<()> {
-    if !netns::require_privileges("topology_routes_serves_and_cleans_up") {
-        return Ok(());
-    }
+    require_privileges!();
     let (names, bpffs);
     {
         let topo = Topology::build()?;
@@ -150,9 +149,7 @@ fn topology_routes_serves_and_cleans_up() -> anyhow::Result<()> {
 
 #[test]
 fn parallel_topologies_do_not_collide() -> anyhow::Result<()> {
-    if !netns::require_privileges("parallel_topologies_do_not_collide") {
-        return Ok(());
-    }
+    require_privileges!();
     let a = Topology::build()?;
     let b = Topology::build()?;
     assert_ne!(a.prefix(), b.prefix());

@@ -67,33 +67,28 @@
 //! `xdp_lb`'s own `flow_new` counter.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     process::ExitCode,
-    time::Instant,
 };
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{
-    Ebpf, TestRun as _, TestRunOptions,
+    Ebpf,
     maps::{Array, HashMap, MapData, ProgramArray},
     programs::{ProgramFd, Xdp},
 };
+use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 use lb_agent::{
     config::Protocol,
     dataplane::{
         desired::{DesiredBackend, DesiredService, DesiredState},
         forwarding::InterfaceForwarding,
-        loader::{self, Capacities, FLOORS_OBJECT, LB_PROGRAM},
-        maps::Maps,
-        stats::{self, Counters},
-        sync::{Reconciler, addr_words},
+        loader::{Capacities, FLOORS_OBJECT, LB_PROGRAM},
+        stats::Counters,
     },
 };
-use lb_common::{
-    hash::{flow_hash, ring_index, ring_slot},
-    stats::Counter,
-    types::{FAMILY_V4, FlowKey, PROTO_TCP},
-};
+use lb_common::stats::Counter;
+
 /// Prints `rows` under `header` as one `|`-separated table, each column as wide as its
 /// widest cell; `right[i]` right-aligns column `i` (numbers).
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) {
@@ -143,37 +138,72 @@ mod failover;
 mod l7;
 
 use xdplb_tests::{
-    netns::{self, NetnsGuard, exec, in_netns, mac_of, static_neighbour},
-    packet::{
-        ETH_HLEN, Frame, IPPROTO_IPIP, IPV4_HLEN, Ipv4Packet, PacketBuilder, TcpSegment, tcp_flags,
+    netns::{self, mac_of},
+    packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
+    xdp_bed::{
+        LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key_of, in_bed, ipip_frame,
+        program, program_fd, test_run, verdict_name, xdp_md,
     },
 };
 
-const USAGE: &str = "usage: xdplb-bench <BENCHMARK> [ARGS]
+/// `xdplb-bench`: benchmarks of the fast path, of failover and of the L7 proxy.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xdplb-bench",
+    about = "Benchmarks of xdplb's fast path, of failover and of the L7 proxy (run by `cargo xtask bench WHAT`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    benchmark: Benchmark,
+}
 
-benchmarks:
-  xdp [--repeat N] [--runs K]   ns/packet of xdp_lb beside floor programs, through BPF_PROG_TEST_RUN
-                                (N iterations per run, default 1000000; median of K runs, default 7)
-  failover [--runs N]           a backend dies under traffic, for a few health settings: time to the
-                                agent's reaction and to the last failed connection, connections failed
-                                (N runs per setting, default 2; median and min)
-  l7 [--duration S] [--connections N] [--threads T] [--warmup S]
-                                req/s and p50/p99 latency (wrk) of xdplb's L7 proxy, HAProxy and nginx
-                                on loopback in front of the same two backends, without and with cache
-                                hits, beside wrk straight at a backend; one table with ratios (defaults:
-                                5 s measured after 1 s warm-up, 32 connections, 2 threads). Needs
-                                haproxy, nginx and wrk: `cargo xtask bench l7` installs them from Debian.
-                                Not root.
-  l7-backend --port P [--name N]
-                                (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P";
-
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+#[derive(Debug, Subcommand)]
+enum Benchmark {
+    /// ns/packet of xdp_lb beside floor programs, through BPF_PROG_TEST_RUN (needs root).
+    ///
+    /// N iterations per run; the figures are medians of K runs.
+    Xdp(XdpArgs),
+    /// A backend dies under traffic, for a few health settings (needs root).
+    ///
+    /// Prints the time to the agent's reaction and to the last failed connection, and the
+    /// connections failed: median and min of N runs per setting.
+    Failover(failover::Args),
+    /// req/s and p50/p99 latency of xdplb's L7 proxy beside HAProxy and nginx (not root).
+    ///
+    /// wrk against each proxy on loopback in front of the same two backends, without and
+    /// with cache hits, beside wrk straight at a backend; one table with ratios. Needs
+    /// haproxy, nginx and wrk: `cargo xtask bench l7` installs them from Debian.
+    L7(l7::Args),
+    /// (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P.
+    #[command(name = "l7-backend")]
+    L7Backend(l7::BackendArgs),
+}
 
 const DEFAULT_REPEAT: u32 = 1_000_000;
 const DEFAULT_RUNS: usize = 7;
 const MAX_REPEAT: u32 = 100_000_000;
 const MAX_RUNS: usize = 51;
+
+/// Arguments of `xdp`.
+#[derive(Debug, clap::Args)]
+struct XdpArgs {
+    /// Iterations per run, 1000 to 100000000 (`_` separators allowed).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_REPEAT, value_parser = parse_repeat)]
+    repeat: u32,
+    /// Runs per program, 1 to 51; the figures are medians over them.
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_RUNS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
+    runs: usize,
+}
+
+fn parse_repeat(value: &str) -> Result<u32, String> {
+    let n: u32 = value.replace('_', "").parse().map_err(|e| format!("{e}"))?;
+    if (1_000..=MAX_REPEAT).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("--repeat must be between 1000 and {MAX_REPEAT}"))
+    }
+}
 
 /// Reference figures measured on these machines with the wrapper method (ns/packet).
 const REFERENCE: &str = "reference (these machines, wrapper method): XDP_PASS 9, IPIP floor 35, Katran SYN 90, Katran established 78";
@@ -206,108 +236,20 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
 const NON_VIP: SocketAddrV4 = SocketAddrV4::new(LB_ADDR, 22);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
 
-#[derive(Debug)]
-struct XdpArgs {
-    repeat: u32,
-    runs: usize,
-}
-
-/// The `--flag value` / `--flag=value` pairs of `args`, every flag taking a value;
-/// `None` when `-h`/`--help` is among them. A flag not in `known` is an error naming
-/// the argument and the subcommand `cmd`.
-fn flag_values(
-    args: &[String],
-    cmd: &str,
-    known: &[&'static str],
-) -> anyhow::Result<Option<Vec<(&'static str, String)>>> {
-    let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_owned())),
-            None => (a.as_str(), None),
-        };
-        if matches!(flag, "-h" | "--help") {
-            return Ok(None);
-        }
-        let Some(&flag) = known.iter().find(|k| **k == flag) else {
-            bail!("unknown argument {a:?} for `{cmd}`");
-        };
-        let value = inline
-            .or_else(|| it.next().cloned())
-            .with_context(|| format!("{flag} needs a value"))?;
-        out.push((flag, value));
-    }
-    Ok(Some(out))
-}
-
-fn parse_xdp_args(args: &[String]) -> anyhow::Result<Option<XdpArgs>> {
-    let mut out = XdpArgs {
-        repeat: DEFAULT_REPEAT,
-        runs: DEFAULT_RUNS,
-    };
-    let Some(flags) = flag_values(args, "xdp", &["--repeat", "--runs"])? else {
-        return Ok(None);
-    };
-    for (flag, value) in flags {
-        match flag {
-            "--repeat" => out.repeat = value.replace('_', "").parse().context("--repeat")?,
-            _ => out.runs = value.parse().context("--runs")?,
-        }
-    }
-    ensure!(
-        (1_000..=MAX_REPEAT).contains(&out.repeat),
-        "--repeat must be between 1000 and {MAX_REPEAT}"
-    );
-    ensure!(
-        (1..=MAX_RUNS).contains(&out.runs),
-        "--runs must be between 1 and {MAX_RUNS}"
-    );
-    Ok(Some(out))
-}
-
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(what) = args.first() else {
-        eprintln!("error: name a benchmark\n{USAGE}");
-        return ExitCode::from(2);
+    let cli = Cli::parse();
+    let result = match &cli.benchmark {
+        Benchmark::Xdp(args) => privileged().and_then(|()| bench_xdp(args)),
+        Benchmark::Failover(args) => privileged().and_then(|()| failover::run(args)),
+        Benchmark::L7(args) => {
+            if let Err(e) = args.check() {
+                Cli::command().error(ErrorKind::ValueValidation, e).exit();
+            }
+            l7::run(args)
+        }
+        Benchmark::L7Backend(args) => l7::run_backend(args),
     };
-    match what.as_str() {
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        "xdp" => run_benchmark(parse_xdp_args(&args[1..]), true, bench_xdp),
-        "failover" => run_benchmark(failover::parse_args(&args[1..]), true, failover::run),
-        "l7" => run_benchmark(l7::parse_args(&args[1..]), false, l7::run),
-        "l7-backend" => run_benchmark(l7::parse_backend_args(&args[1..]), false, l7::run_backend),
-        other => {
-            eprintln!("error: unknown benchmark {other:?}; available: xdp, failover, l7\n{USAGE}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// Runs a benchmark whose arguments parsed to `parsed` (`None`: help was asked for);
-/// `needs_root`: it builds namespaces and loads BPF programs.
-fn run_benchmark<A>(
-    parsed: anyhow::Result<Option<A>>,
-    needs_root: bool,
-    bench: impl FnOnce(&A) -> anyhow::Result<()>,
-) -> ExitCode {
-    let args = match parsed {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    let ready = if needs_root { privileged() } else { Ok(()) };
-    match ready.and_then(|()| bench(&args)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -331,20 +273,16 @@ fn privileged() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------
 // Test bed: one namespace, one veth, static neighbours for the backends.
 
-fn net_fixture(ns: &str) -> anyhow::Result<()> {
-    for c in [
-        "ip link set lo up",
-        "ip link add lb0 type veth peer name lb0p",
-        "ip addr add 198.18.1.10/24 dev lb0",
-        "ip link set lb0 up",
-        "ip link set lb0p up",
-    ] {
-        exec(ns, &c.split(' ').collect::<Vec<_>>())?;
+fn net() -> Net {
+    Net {
+        links: vec![(LB_IFACE, "198.18.1.10/24")],
+        neighbours: BACKENDS
+            .iter()
+            .zip(BACKEND_MACS)
+            .map(|(&b, m)| (b, m, LB_IFACE))
+            .collect(),
+        routes: Vec::new(),
     }
-    for (b, m) in BACKENDS.iter().zip(BACKEND_MACS) {
-        static_neighbour(ns, (*b).into(), m, LB_IFACE)?;
-    }
-    Ok(())
 }
 
 /// Pins the calling thread to the CPU it runs on; returns that CPU.
@@ -408,19 +346,8 @@ fn kernel_release() -> String {
 // ---------------------------------------------------------------------------------------
 // Programs.
 
-fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Xdp> {
-    let prog = ebpf
-        .program(name)
-        .with_context(|| format!("no program {name}"))?;
-    Ok(prog.try_into()?)
-}
-
 /// `xdp_lb` with its maps filled for one TCP service with four backends.
-struct Lb {
-    ebpf: Ebpf,
-    maps: Maps,
-    reconciler: Reconciler,
-}
+struct Lb(LoadedLb);
 
 impl Lb {
     fn load(flow_table_size: u32) -> anyhow::Result<Self> {
@@ -430,9 +357,6 @@ impl Lb {
             ring_size: RING,
             flow_table_size,
         };
-        let mut ebpf = loader::load(&caps)?;
-        let mut maps = Maps::take(&mut ebpf, None)?;
-        let mut reconciler = Reconciler::new(&caps);
         let desired = DesiredState {
             source_v4: Some(LB_ADDR),
             source_v6: None,
@@ -454,39 +378,27 @@ impl Lb {
                     .collect(),
             }],
         };
-        reconciler
-            .apply(&mut maps, &desired)
-            .context("filling the balancer's maps")?;
-        loader::load_program(&mut ebpf, LB_PROGRAM)?;
-        Ok(Lb {
-            ebpf,
-            maps,
-            reconciler,
-        })
+        Ok(Lb(LoadedLb::load(&caps, &desired, &[LB_PROGRAM])?))
     }
 
     fn program(&self) -> anyhow::Result<&Xdp> {
-        xdp(&self.ebpf, LB_PROGRAM)
+        self.0.program(LB_PROGRAM)
     }
 
     fn counters(&self) -> anyhow::Result<Counters> {
-        Ok(stats::counters(&self.maps)?)
+        self.0.counters()
     }
 
-    /// Oracle: the backend (index into [`BACKENDS`]) the ring gives `key`, from
-    /// `lb_common::hash` and the ring the reconciler wrote.
-    fn predicted(&self, key: &FlowKey) -> anyhow::Result<usize> {
-        let id = self.reconciler.service_id("web").context("service id")?;
-        let slot = ring_slot(flow_hash(key), RING).context("empty ring")?;
-        let backend_id = self.maps.rings.get(&ring_index(id, RING, slot), 0)?;
+    /// Oracle: the backend (index into [`BACKENDS`]) the ring gives the flow of `frame`,
+    /// from `lb_common::hash` and the ring the reconciler wrote.
+    fn predicted(&self, frame: &[u8]) -> anyhow::Result<usize> {
+        let b = self
+            .0
+            .ring_pick("web", &flow_key_of(frame)?, false, &BACKENDS, VIP.port())?;
         BACKENDS
             .iter()
-            .position(|&b| {
-                self.reconciler.backend_id("web", b.into(), VIP.port()) == Some(backend_id)
-            })
-            .with_context(|| {
-                format!("ring slot {slot} holds backend id {backend_id}, not one of the service's")
-            })
+            .position(|&c| c == b)
+            .context("not a backend")
     }
 }
 
@@ -556,37 +468,6 @@ impl Floors {
 // ---------------------------------------------------------------------------------------
 // Running.
 
-/// One `test_run`.
-struct Sample {
-    /// The kernel's ns per iteration (integer, truncated).
-    kernel_ns: u64,
-    /// Wall-clock time of the syscall / repeat.
-    wall_ns: f64,
-    verdict: u32,
-    out: Vec<u8>,
-}
-
-fn test_run(prog: &Xdp, frame: &[u8], ctx: &[u8; 24], repeat: u32) -> anyhow::Result<Sample> {
-    let mut out = vec![0u8; frame.len() + 128];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(ctx),
-        repeat,
-        ..Default::default()
-    };
-    let start = Instant::now();
-    let res = prog.test_run(opts).context("test_run")?;
-    let wall = start.elapsed();
-    out.truncate(res.data_size_out as usize);
-    Ok(Sample {
-        kernel_ns: res.duration.as_nanos() as u64,
-        wall_ns: wall.as_nanos() as f64 / f64::from(repeat),
-        verdict: res.return_value,
-        out,
-    })
-}
-
 /// Which program a row measures.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -624,8 +505,8 @@ struct Row {
     case: Case,
     /// Also measured without the wrapper.
     direct: bool,
-    raw: Vec<Sample>,
-    direct_samples: Vec<Sample>,
+    raw: Vec<Run>,
+    direct_samples: Vec<Run>,
     /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
     new_flows: u64,
     iterations: u64,
@@ -665,20 +546,9 @@ fn frame_for(case: Case, run: usize) -> Vec<u8> {
     }
 }
 
-fn flow_key(ip: &Ipv4Packet, tcp: &TcpSegment) -> FlowKey {
-    FlowKey {
-        src: addr_words(IpAddr::V4(ip.src)).0,
-        dst: addr_words(IpAddr::V4(ip.dst)).0,
-        sport: tcp.sport.to_be(),
-        dport: tcp.dport.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
-}
-
-/// Checks an IPIP frame to `backend` with the given Ethernet addresses whose inner
-/// packet is `input`'s (bar the TCP source port when `new_port`); returns the inner packet.
+/// Checks that `output` is the IPIP frame to `backend` with the given Ethernet addresses
+/// carrying `input`'s packet, byte for byte (bar the TCP source port when `new_port`: the
+/// wrapper writes a new one every iteration, without touching the checksum).
 fn check_ipip(
     input: &[u8],
     output: &[u8],
@@ -686,51 +556,18 @@ fn check_ipip(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
     new_port: bool,
-) -> anyhow::Result<Ipv4Packet> {
-    let inner_in = Frame::parse(input)?.payload;
-    let out = Frame::parse(output)?;
-    ensure!(out.vlan.is_none(), "outer frame is tagged");
-    ensure!(
-        out.dst_mac == dst_mac,
-        "eth dst {:02x?}, want {dst_mac:02x?}",
-        out.dst_mac
-    );
-    ensure!(
-        out.src_mac == src_mac,
-        "eth src {:02x?}, want {src_mac:02x?}",
-        out.src_mac
-    );
-    let outer = out.ipv4()?;
-    ensure!(outer.header_len == IPV4_HLEN, "outer header has options");
-    ensure!(
-        outer.src == LB_ADDR,
-        "outer src {}, want {LB_ADDR}",
-        outer.src
-    );
-    ensure!(
-        outer.dst == backend,
-        "outer dst {}, want {backend}",
-        outer.dst
-    );
-    ensure!(
-        outer.protocol == IPPROTO_IPIP,
-        "outer protocol {}, want IPIP",
-        outer.protocol
-    );
-    ensure!(outer.header_checksum_ok(), "outer header checksum wrong");
-    ensure!(
-        usize::from(outer.tot_len) == inner_in.len() + IPV4_HLEN,
-        "outer tot_len {} for inner {}",
-        outer.tot_len,
-        inner_in.len()
-    );
-    ensure!(outer.tos == inner_in[1], "outer TOS not copied");
-    let mut want = inner_in.clone();
+) -> anyhow::Result<()> {
+    let mut inner_in = input.to_vec();
     if new_port {
-        want[IPV4_HLEN..IPV4_HLEN + 2].copy_from_slice(&outer.payload[IPV4_HLEN..IPV4_HLEN + 2]);
+        let inner_out = Frame::parse(output)?.ipv4()?.payload;
+        let sport = ETH_HLEN + IPV4_HLEN;
+        inner_in[sport..sport + 2].copy_from_slice(&inner_out[IPV4_HLEN..IPV4_HLEN + 2]);
     }
-    ensure!(outer.payload == want, "inner packet changed");
-    outer.inner_ipv4()
+    let want = ipip_frame(&inner_in, LB_ADDR, backend, dst_mac, src_mac)?;
+    if let Some(diff) = first_difference(&want, output) {
+        bail!("not the IPIP frame to {backend}: {diff}");
+    }
+    Ok(())
 }
 
 fn swapped_macs(frame: &[u8]) -> Vec<u8> {
@@ -751,7 +588,7 @@ struct Bench {
 impl Bench {
     fn program(&self, target: Target) -> anyhow::Result<&Xdp> {
         match target {
-            Target::Floor(name) => xdp(&self.floors.ebpf, name),
+            Target::Floor(name) => program(&self.floors.ebpf, name),
             Target::Lb(i) => self.lbs[i].program(),
         }
     }
@@ -762,16 +599,11 @@ impl Bench {
         &self,
         row: &Row,
         frame: &[u8],
-        sample: &Sample,
+        sample: &Run,
         wrapped: bool,
         repeat: u32,
         before: Option<&Counters>,
     ) -> anyhow::Result<u64> {
-        let verdict_name = |v| match v {
-            XDP_PASS => "XDP_PASS".to_owned(),
-            XDP_TX => "XDP_TX".to_owned(),
-            v => format!("verdict {v}"),
-        };
         let want = match row.case {
             Case::FloorPass | Case::FloorPassNewPort | Case::LbNonVip => XDP_PASS,
             _ => XDP_TX,
@@ -817,11 +649,13 @@ impl Bench {
                     bail!("balancer case on a floor")
                 };
                 let lb = &self.lbs[i];
-                // The backend is predicted from the inner packet as it came out.
-                let out_inner = Frame::parse(&sample.out)?.ipv4()?.inner_ipv4()?;
-                let key = flow_key(&out_inner, &out_inner.tcp()?);
-                let idx = lb.predicted(&key)?;
-                let inner = check_ipip(
+                // The backend is predicted from the inner packet as it came out (the
+                // wrapper may have given it a new source port).
+                let out_inner = Frame::parse(&sample.out)?.ipv4()?.payload;
+                let inner_frame = [&frame[..ETH_HLEN], &out_inner].concat();
+                let key = flow_key_of(&inner_frame)?;
+                let idx = lb.predicted(&inner_frame)?;
+                check_ipip(
                     frame,
                     &sample.out,
                     BACKENDS[idx],
@@ -829,14 +663,13 @@ impl Bench {
                     self.lb_mac,
                     row.case == Case::LbNewFlow,
                 )?;
-                ensure!(inner == out_inner, "inner packet decoded twice differently");
-                let entry = lb
-                    .maps
-                    .flows
-                    .get(&key, 0)
-                    .context("the flow is not in the flow table after the run")?;
+                let entry =
+                    lb.0.maps
+                        .flows
+                        .get(&key, 0)
+                        .context("the flow is not in the flow table after the run")?;
                 ensure!(
-                    lb.reconciler
+                    lb.0.reconciler
                         .backend_id("web", BACKENDS[idx].into(), VIP.port())
                         == Some(entry.backend_id),
                     "flow table entry points at backend id {}, the packet went to {}",
@@ -888,7 +721,7 @@ impl Bench {
         record: bool,
     ) -> anyhow::Result<()> {
         let frame = frame_for(row.case, run);
-        let target_fd = self.program(row.target)?.fd()?.try_clone()?;
+        let target_fd = program_fd(self.program(row.target)?)?;
         let mode = u32::from(row.case.new_port());
         self.floors.arm(&target_fd, &frame, mode)?;
         if row.case == Case::LbEstablished {
@@ -905,7 +738,12 @@ impl Bench {
             Target::Floor(_) => Ok(None),
         };
         let before = counters(self)?;
-        let sample = test_run(xdp(&self.floors.ebpf, WRAPPER)?, &frame, &self.ctx, repeat)?;
+        let sample = test_run(
+            program(&self.floors.ebpf, WRAPPER)?,
+            &frame,
+            &self.ctx,
+            repeat,
+        )?;
         let new = self
             .check(row, &frame, &sample, true, repeat, before.as_ref())
             .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
@@ -951,26 +789,20 @@ fn median_f64(v: &[f64]) -> f64 {
     }
 }
 
-fn kernel_median(samples: &[Sample]) -> f64 {
+fn kernel_median(samples: &[Run]) -> f64 {
     median_u64(&samples.iter().map(|s| s.kernel_ns).collect::<Vec<_>>())
 }
 
 fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
     let cpus = possible_cpus()?;
     let small_table = FLOWS_PER_CPU_SMALL * cpus;
-    let mut guard = NetnsGuard::new()?;
-    let ns = guard.create("bench")?;
-    net_fixture(&ns)?;
     let repeat = args.repeat;
     let runs = args.runs;
-    let result = in_netns(&ns, move || {
+    let (cpu, rows, load) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
-        let ifindex = loader::if_index(LB_IFACE)?;
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let mut ctx = [0u8; 24];
-        let len = frame_for(Case::LbEstablished, 0).len() as u32;
-        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
+        let len = frame_for(Case::LbEstablished, 0).len();
+        let ctx = xdp_md(len, ifindex, 0);
         let mut bench = Bench {
             floors: Floors::load()?,
             lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
@@ -1031,7 +863,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
         // Every frame has the same length (the ctx's data_end): check it.
         for row in &rows {
             ensure!(
-                frame_for(row.case, 0).len() as u32 == len,
+                frame_for(row.case, 0).len() == len,
                 "{}: frame length differs",
                 row.label
             );
@@ -1056,9 +888,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
         }
         let load = Load::between(&start, &cpu_times(), cpu);
         Ok((cpu, rows, load))
-    });
-    drop(guard);
-    let (cpu, rows, load) = result?;
+    })?;
     report(&rows, args, cpu, cpus, small_table, &load);
     Ok(())
 }
@@ -1206,4 +1036,28 @@ fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32,
          \x20 cycle, so after the first 65536 iterations of a run the reused ports hit the table.",
         FLOW_TABLE_BIG / cpus
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent_and_parses_xdp_flags() {
+        Cli::command().debug_assert();
+        let xdp = |v: &[&str]| {
+            let argv = ["xdplb-bench", "xdp"].iter().chain(v);
+            Cli::try_parse_from(argv).map(|cli| match cli.benchmark {
+                Benchmark::Xdp(a) => (a.repeat, a.runs),
+                other => panic!("parsed as {other:?}"),
+            })
+        };
+        assert_eq!(xdp(&[]).unwrap(), (DEFAULT_REPEAT, DEFAULT_RUNS));
+        assert_eq!(xdp(&["--repeat", "2_000", "--runs=3"]).unwrap(), (2000, 3));
+        assert!(xdp(&["--repeat", "999"]).is_err());
+        assert!(xdp(&["--runs", "52"]).is_err());
+        assert!(xdp(&["--bogus"]).is_err());
+        assert!(Cli::try_parse_from(["xdplb-bench"]).is_err());
+        assert!(Cli::try_parse_from(["xdplb-bench", "nope"]).is_err());
+    }
 }

@@ -11,7 +11,7 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
 use xdplb_tests::{
     capture::CaptureStats,
     netns,
@@ -19,65 +19,46 @@ use xdplb_tests::{
     topology::{VIP, vip_socket},
 };
 
-const USAGE: &str = "usage: xdplb-demo [--xdp-mode auto|native|skb] [--requests N] [--parallel N]";
-
-#[derive(Debug)]
+/// Builds the step-1 test bed in network namespaces, starts the agent on the LB, sends
+/// HTTP requests from the client to the VIP, prints what happened, and removes
+/// everything again. Needs root. Exit status 0 when every check passed, 1 when one
+/// failed, 2 on a usage error.
+#[derive(Debug, Parser)]
+#[command(name = "xdplb-demo")]
 struct Args {
-    xdp_mode: Option<String>,
+    /// How the agent attaches XDP (the agent's default when not given).
+    #[arg(long, value_enum, value_name = "MODE")]
+    xdp_mode: Option<XdpMode>,
+    /// HTTP GETs to send, each on its own TCP connection.
+    #[arg(long, value_name = "N", default_value_t = 300,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     requests: usize,
+    /// Requests in flight at a time.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     parallel: usize,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut args = Args {
-        xdp_mode: None,
-        requests: 300,
-        parallel: 4,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (a.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .with_context(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--xdp-mode" => {
-                let m = value()?;
-                if !["auto", "native", "skb"].contains(&m.as_str()) {
-                    bail!("--xdp-mode must be auto, native or skb, not {m:?}");
-                }
-                args.xdp_mode = Some(m);
-            }
-            "--requests" => args.requests = value()?.parse().context("--requests")?,
-            "--parallel" => args.parallel = value()?.parse().context("--parallel")?,
-            _ => bail!("unknown argument {a:?}"),
+/// `--xdp-mode` values (the agent's `--xdp-mode` without `off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum XdpMode {
+    Auto,
+    Native,
+    Skb,
+}
+
+impl XdpMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Skb => "skb",
         }
     }
-    if args.requests == 0 || args.parallel == 0 {
-        bail!("--requests and --parallel must be at least 1");
-    }
-    Ok(Some(args))
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     let missing = netns::missing_privileges();
     if !missing.is_empty() {
         eprintln!(
@@ -99,7 +80,7 @@ fn main() -> ExitCode {
 /// Runs the demo; `Ok(false)` when a check failed.
 fn run(args: &Args) -> anyhow::Result<bool> {
     let mut opts = BedOptions::default();
-    opts.agent.xdp_mode = args.xdp_mode.clone();
+    opts.agent.xdp_mode = args.xdp_mode.map(|m| m.as_str().to_owned());
     let expected = scenario::expected_shares(&opts.config, "web");
 
     println!("xdplb demo: step 1, an L4 load balancer with direct server return\n");
@@ -112,7 +93,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     println!(
         "Agent running in {} (xdp mode: {}); backends decapsulate IPIP with `lb-agent decap`.\n",
         bed.topo.lb.ns,
-        args.xdp_mode.as_deref().unwrap_or("default")
+        args.xdp_mode.map_or("default", XdpMode::as_str)
     );
     println!(
         "Sending {} HTTP GETs to {} from {} ({} at a time, each its own TCP connection)...",
@@ -213,4 +194,28 @@ fn print_report(o: &L4Outcome, expected: &std::collections::BTreeMap<String, f64
 fn show_sum(o: &L4Outcome) -> String {
     let m: u64 = o.replies_from_backends.values().map(|c| c.matched).sum();
     format!("{m}")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn arguments_parse_as_before() {
+        Args::command().debug_assert();
+        let a = |v: &[&str]| Args::try_parse_from(["xdplb-demo"].iter().chain(v));
+        let d = a(&[]).unwrap();
+        assert_eq!((d.xdp_mode, d.requests, d.parallel), (None, 300, 4));
+        let s = a(&["--xdp-mode=skb", "--requests", "10", "--parallel=2"]).unwrap();
+        assert_eq!(
+            (s.xdp_mode, s.requests, s.parallel),
+            (Some(XdpMode::Skb), 10, 2)
+        );
+        assert!(a(&["--xdp-mode", "off"]).is_err());
+        assert!(a(&["--requests", "0"]).is_err());
+        assert!(a(&["--parallel", "0"]).is_err());
+        assert!(a(&["--bogus"]).is_err());
+    }
 }

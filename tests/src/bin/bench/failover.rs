@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use xdplb_tests::{
     config::{BackendConfig, LbConfig, ServiceConfig},
     load::{self, Load, Sample},
@@ -58,25 +58,12 @@ const VICTIM: usize = 1;
 const RISE: u32 = 2;
 
 /// Arguments of `failover`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Runs per setting, 1 to 10; the table shows their median and min.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RUNS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
     runs: usize,
-}
-
-/// Parses `failover`'s arguments; `None` for `--help`.
-pub fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
-    let mut out = Args { runs: DEFAULT_RUNS };
-    let Some(flags) = super::flag_values(args, "failover", &["--runs"])? else {
-        return Ok(None);
-    };
-    for (_, value) in flags {
-        out.runs = value.parse().context("--runs")?;
-    }
-    ensure!(
-        (1..=MAX_RUNS).contains(&out.runs),
-        "--runs must be between 1 and {MAX_RUNS}"
-    );
-    Ok(Some(out))
 }
 
 /// One health-check setting.
@@ -477,12 +464,23 @@ mod tests {
             "20 ms (min 10), 1x none"
         );
         assert_eq!(summary(&[None, None], "none failed"), "none failed");
-        let a = |v: &[&str]| parse_args(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
-        assert_eq!(a(&[]).unwrap().unwrap().runs, DEFAULT_RUNS);
-        assert_eq!(a(&["--runs", "3"]).unwrap().unwrap().runs, 3);
-        assert_eq!(a(&["--runs=1"]).unwrap().unwrap().runs, 1);
-        assert!(a(&["--help"]).unwrap().is_none());
+        use clap::Parser as _;
+        let a = |v: &[&str]| {
+            let argv = ["xdplb-bench", "failover"].iter().chain(v);
+            crate::Cli::try_parse_from(argv).map(|cli| match cli.benchmark {
+                crate::Benchmark::Failover(args) => args.runs,
+                other => panic!("parsed as {other:?}"),
+            })
+        };
+        assert_eq!(a(&[]).unwrap(), DEFAULT_RUNS);
+        assert_eq!(a(&["--runs", "3"]).unwrap(), 3);
+        assert_eq!(a(&["--runs=1"]).unwrap(), 1);
+        assert_eq!(
+            a(&["--help"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayHelp
+        );
         assert!(a(&["--runs", "0"]).is_err());
+        assert!(a(&["--runs", "11"]).is_err());
         assert!(a(&["--bogus"]).is_err());
     }
 }

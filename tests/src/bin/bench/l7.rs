@@ -75,80 +75,51 @@ const AGENT_READY: &str = "agent ready";
 const AGENT_LOG_FILTER: &str = "info,xdplb::access=off";
 
 /// Arguments of `l7`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Seconds measured per row, 1 to 60.
+    #[arg(long = "duration", value_name = "S", default_value_t = DEFAULT_DURATION_S,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
     duration_s: u64,
+    /// Seconds of warm-up before each measurement, 0 to 10.
+    #[arg(long = "warmup", value_name = "S", default_value_t = DEFAULT_WARMUP_S,
+          value_parser = clap::value_parser!(u64).range(0..=10))]
     warmup_s: u64,
+    /// wrk connections, from --threads to 1000.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNECTIONS)]
     connections: u32,
+    /// wrk threads, 1 to 16.
+    #[arg(long, value_name = "T", default_value_t = DEFAULT_THREADS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
     threads: u32,
 }
 
-/// Parses `l7`'s arguments; `None` for `--help`.
-pub fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
-    let mut out = Args {
-        duration_s: DEFAULT_DURATION_S,
-        warmup_s: DEFAULT_WARMUP_S,
-        connections: DEFAULT_CONNECTIONS,
-        threads: DEFAULT_THREADS,
-    };
-    let known = ["--duration", "--warmup", "--connections", "--threads"];
-    let Some(flags) = super::flag_values(args, "l7", &known)? else {
-        return Ok(None);
-    };
-    for (flag, value) in flags {
-        match flag {
-            "--duration" => out.duration_s = value.parse().context("--duration")?,
-            "--warmup" => out.warmup_s = value.parse().context("--warmup")?,
-            "--connections" => out.connections = value.parse().context("--connections")?,
-            _ => out.threads = value.parse().context("--threads")?,
+impl Args {
+    /// The rule between arguments that clap's per-value checks cannot state.
+    pub fn check(&self) -> Result<(), String> {
+        if (self.threads..=1000).contains(&self.connections) {
+            Ok(())
+        } else {
+            Err(format!(
+                "--connections must be between --threads ({}) and 1000",
+                self.threads
+            ))
         }
     }
-    ensure!(
-        (1..=60).contains(&out.duration_s),
-        "--duration must be between 1 and 60 (seconds)"
-    );
-    ensure!(
-        out.warmup_s <= 10,
-        "--warmup must be between 0 and 10 (seconds)"
-    );
-    ensure!(
-        (1..=16).contains(&out.threads),
-        "--threads must be between 1 and 16"
-    );
-    ensure!(
-        (out.threads..=1000).contains(&out.connections),
-        "--connections must be between --threads ({}) and 1000",
-        out.threads
-    );
-    Ok(Some(out))
 }
 
 // ---------------------------------------------------------------------------------------
 // The backend: `xdplb-bench l7-backend --port P --name N`.
 
 /// Arguments of the internal `l7-backend`.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct BackendArgs {
+    /// Port on 127.0.0.1 to serve on.
+    #[arg(long, value_name = "P")]
     port: u16,
+    /// Name on the first line of its bodies.
+    #[arg(long, value_name = "N", default_value = "backend")]
     name: String,
-}
-
-/// Parses `l7-backend`'s arguments; `None` for `--help`.
-pub fn parse_backend_args(args: &[String]) -> anyhow::Result<Option<BackendArgs>> {
-    let (mut port, mut name) = (None, "backend".to_owned());
-    let Some(flags) = super::flag_values(args, "l7-backend", &["--port", "--name"])? else {
-        return Ok(None);
-    };
-    for (flag, value) in flags {
-        match flag {
-            "--port" => port = Some(value.parse().context("--port")?),
-            _ => name = value,
-        }
-    }
-    Ok(Some(BackendArgs {
-        port: port.context("l7-backend needs --port")?,
-        name,
-    }))
 }
 
 /// The body of `/nocache` and `/cached`: the backend's name on the first line, padded
@@ -337,33 +308,6 @@ impl Drop for Proc {
         eprintln!("warning: {} ignored SIGTERM for 3 s: killing it", self.name);
         self.signal_group(libc::SIGKILL);
         let _ = self.child.wait();
-    }
-}
-
-/// The run's temporary directory, removed on drop (declare it before the processes that
-/// use it, so it is dropped after them).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("xdplb-bench-l7.{}", std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            eprintln!("warning: removing {}: {e}", self.0.display());
-        }
     }
 }
 
@@ -837,12 +781,17 @@ struct Bed {
     haproxy: Proc,
     nginx: Proc,
     ports: Ports,
-    dir: TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Bed {
     fn start(tools: &Tools) -> anyhow::Result<Self> {
-        let dir = TempDir::new()?;
+        // Removed when dropped: declared before the processes that use it (and Bed's last
+        // field), so it goes after them.
+        let dir = tempfile::Builder::new()
+            .prefix("xdplb-bench-l7.")
+            .tempdir()
+            .context("creating the run's temporary directory")?;
         let ports = Ports::pick()?;
         let me = std::env::current_exe().context("locating this binary")?;
         let mut backends = Vec::new();
@@ -853,16 +802,16 @@ impl Bed {
             backends.push(Proc::spawn(
                 &name,
                 &mut cmd,
-                &dir.path(&format!("{name}.log")),
+                &dir.path().join(format!("{name}.log")),
             )?);
         }
         for (b, port) in backends.iter_mut().zip(ports.backends) {
             wait_for_http(b, (LOCALHOST, port).into(), "/nocache")?;
         }
 
-        let state_dir = dir.path("agent-state");
+        let state_dir = dir.path().join("agent-state");
         fs::create_dir_all(&state_dir)?;
-        let agent_config = dir.path("agent.toml");
+        let agent_config = dir.path().join("agent.toml");
         fs::write(&agent_config, agent_toml(&ports, &state_dir))?;
         let mut cmd = Command::new(&tools.agent);
         cmd.arg("run")
@@ -874,7 +823,7 @@ impl Bed {
             .arg(&state_dir)
             .env("XDPLB_LOG", AGENT_LOG_FILTER)
             .env_remove("RUST_LOG");
-        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path("agent.log"))?;
+        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path().join("agent.log"))?;
         let deadline = Instant::now() + START_TIMEOUT;
         while !agent.log_text().contains(AGENT_READY) {
             agent.alive()?;
@@ -886,7 +835,7 @@ impl Bed {
             thread::sleep(Duration::from_millis(50));
         }
 
-        let haproxy_config = dir.path("haproxy.cfg");
+        let haproxy_config = dir.path().join("haproxy.cfg");
         fs::write(&haproxy_config, haproxy_cfg(&ports))?;
         let check = Command::new(&tools.haproxy)
             .arg("-c")
@@ -902,18 +851,18 @@ impl Bed {
         );
         let mut cmd = Command::new(&tools.haproxy);
         cmd.arg("-db").arg("-f").arg(&haproxy_config);
-        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path("haproxy.log"))?;
+        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path().join("haproxy.log"))?;
 
-        let nginx_config = dir.path("nginx.conf");
-        fs::write(&nginx_config, nginx_conf(&ports, &dir.0))?;
+        let nginx_config = dir.path().join("nginx.conf");
+        fs::write(&nginx_config, nginx_conf(&ports, dir.path()))?;
         let mut cmd = Command::new(&tools.nginx);
         cmd.arg("-c")
             .arg(&nginx_config)
             .arg("-p")
-            .arg(&dir.0)
+            .arg(dir.path())
             .arg("-e")
-            .arg(dir.path("nginx.log"));
-        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path("nginx.out"))?;
+            .arg(dir.path().join("nginx.log"));
+        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path().join("nginx.out"))?;
 
         let mut bed = Bed {
             backends,
@@ -1097,7 +1046,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bed.ports.backends[0],
         bed.ports.backends[1]
     );
-    let wrk_log = bed.dir.path("wrk.out");
+    let wrk_log = bed.dir.path().join("wrk.out");
     let mut rows = Vec::new();
     for case in [Case::NoCache, Case::CacheHits] {
         for target in targets {
@@ -1362,17 +1311,29 @@ Transfer/sec:     37.91MB
 
     #[test]
     fn args_and_configs() {
-        let a = |v: &[&str]| parse_args(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
-        let d = a(&[]).unwrap().unwrap();
+        use clap::Parser as _;
+        let a = |v: &[&str]| {
+            let argv = ["xdplb-bench", "l7"].iter().chain(v);
+            let cli = crate::Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+            match cli.benchmark {
+                crate::Benchmark::L7(args) => args.check().map(|()| args),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        let d = a(&[]).unwrap();
         assert_eq!((d.duration_s, d.connections, d.threads), (5, 32, 2));
-        let s = a(&["--duration=2", "--connections", "8", "--warmup", "0"])
-            .unwrap()
-            .unwrap();
+        let s = a(&["--duration=2", "--connections", "8", "--warmup", "0"]).unwrap();
         assert_eq!((s.duration_s, s.connections, s.warmup_s), (2, 8, 0));
-        assert!(a(&["--help"]).unwrap().is_none());
+        assert!(a(&["--help"]).unwrap_err().contains("Usage"));
         assert!(a(&["--duration", "0"]).is_err());
         assert!(a(&["--connections", "1"]).is_err());
         assert!(a(&["--bogus"]).is_err());
+        let b = crate::Cli::try_parse_from(["xdplb-bench", "l7-backend", "--port", "9"]).unwrap();
+        let crate::Benchmark::L7Backend(b) = b.benchmark else {
+            panic!("not l7-backend")
+        };
+        assert_eq!((b.port, b.name.as_str()), (9, "backend"));
+        assert!(crate::Cli::try_parse_from(["xdplb-bench", "l7-backend"]).is_err());
 
         assert_eq!(body_of("be1").len(), BODY_LEN);
         assert!(body_of("be2").starts_with(b"be2\n"));
