@@ -25,7 +25,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{BackendConfig, Config, ConfigError, Mode, ServiceConfig, validate_service},
+    config::{
+        BackendConfig, Config, ConfigError, Mode, ServiceConfig, check_api_tls, validate_service,
+    },
     dataplane::{
         desired::{DesiredState, Sink},
         loader::Capacities,
@@ -443,7 +445,13 @@ impl Control {
             .filter(|s| Some(s.name.as_str()) != replacing)
             .cloned()
             .collect();
-        let errors = validate_service(svc, &others, &self.config.dataplane);
+        let mut errors = validate_service(svc, &others, &self.config.agent, &self.config.dataplane);
+        // The files an API client names must be in agent.tls_dir, unless the service
+        // keeps the ones it has.
+        let kept = replacing
+            .and_then(|name| self.service(name))
+            .and_then(|s| s.tls.as_ref());
+        errors.extend(check_api_tls(svc, &self.config.agent, kept));
         if errors.is_empty() {
             Ok(())
         } else {

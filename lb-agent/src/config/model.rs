@@ -52,6 +52,11 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// bpffs mount under which maps and links are pinned.
     pub bpffs: PathBuf,
+    /// The directory whose files a service given through the API may name in
+    /// `tls = { cert, key }`; without it the API accepts no `tls`. Services of the
+    /// config file may name any path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -62,6 +67,7 @@ impl Default for AgentConfig {
             api_token_file: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             bpffs: PathBuf::from(DEFAULT_BPFFS),
+            tls_dir: None,
         }
     }
 }

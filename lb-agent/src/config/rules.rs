@@ -8,11 +8,12 @@
 use std::collections::HashMap;
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
     AgentConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig, HttpConfig,
-    Mode, Protocol, Scheduler, ServiceConfig, XdpMode,
+    Mode, Protocol, Scheduler, ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -109,11 +110,13 @@ pub(super) fn validate_config(cfg: &Config) -> Vec<ConfigError> {
 /// clashes, capacities); key paths like `backend[2].weight`, line None.
 ///
 /// `others` are the services it must coexist with: when replacing a service, leave
-/// the one being replaced out.
+/// the one being replaced out. `agent` gives the agent's own listeners (an l7
+/// service must not send its requests to one of them).
 #[must_use]
 pub fn validate_service(
     svc: &ServiceConfig,
     others: &[ServiceConfig],
+    agent: &AgentConfig,
     dp: &DataplaneConfig,
 ) -> Vec<ConfigError> {
     let keys = Keys {
@@ -121,6 +124,13 @@ pub fn validate_service(
         backends: None,
     };
     let mut errors = check_service(svc, others, dp, &keys);
+    let mut report = Report {
+        keys: &keys,
+        errors: Vec::new(),
+    };
+    let all: Vec<&ServiceConfig> = others.iter().chain([svc]).collect();
+    check_local_targets(svc, &all, agent, true, &mut report);
+    errors.extend(report.errors);
     if (1..=MAX_SERVICES_LIMIT).contains(&dp.max_services)
         && others.len() >= dp.max_services as usize
     {
@@ -165,6 +175,13 @@ pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigErro
             &cfg.dataplane,
             &keys,
         ));
+        let mut report = Report {
+            keys: &keys,
+            errors: Vec::new(),
+        };
+        let all: Vec<&ServiceConfig> = cfg.services.iter().collect();
+        check_local_targets(svc, &all, &cfg.agent, false, &mut report);
+        errors.extend(report.errors);
     }
     errors.extend(check_capacity(cfg, ids));
     errors
@@ -225,6 +242,14 @@ fn check_agent(agent: &AgentConfig) -> Vec<ConfigError> {
     ] {
         if path.as_os_str().is_empty() {
             errors.push(ConfigError::at_key(key, "must not be empty"));
+        }
+    }
+    if let Some(dir) = &agent.tls_dir {
+        if !dir.is_absolute() {
+            errors.push(ConfigError::at_key(
+                "agent.tls_dir",
+                format!("\"{}\" must be an absolute path", dir.display()),
+            ));
         }
     }
     errors
@@ -618,9 +643,24 @@ fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
         }
     }
     if let Some(tls) = &svc.tls {
+        let mut readable = true;
         for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
             if let Err(e) = fs::metadata(path) {
                 report.field(key, format!("cannot read {}: {e}", path.display()));
+                readable = false;
+            }
+        }
+        // Loaded by the code the proxy sets TLS up with, so a file that is not a PEM
+        // certificate, a key that is not one or does not match is refused here, by
+        // key, rather than logged when the service starts.
+        if readable && svc.mode == Mode::L7 {
+            if let Err(e) = crate::l7::tls::server_config(tls) {
+                let key = match e {
+                    crate::l7::tls::TlsError::Cert { .. } => "tls.cert",
+                    crate::l7::tls::TlsError::Key { .. } => "tls.key",
+                    crate::l7::tls::TlsError::Pair { .. } => "tls",
+                };
+                report.field(key, e.to_string());
             }
         }
     }
@@ -691,12 +731,148 @@ fn service_name_problem(name: &str) -> Option<String> {
     } else if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
     {
+        // The name is a path segment of the API's URLs, a metric label and part of
+        // file names: no '/', no "." or "..", nothing that reads as an option.
         Some(format!(
-            "service name \"{name}\" may only contain letters, digits, '_', '.' and '-'"
+            "service name \"{name}\" may only contain ASCII letters, digits, '_', '.' and \
+             '-', and must start with a letter or digit"
         ))
     } else {
         None
+    }
+}
+
+/// Whether a socket bound to `listen` receives what is sent to `target`: the same
+/// address and port, or a wildcard address on the same port.
+fn listens_on(listen: SocketAddr, target: SocketAddr) -> bool {
+    listen.port() == target.port()
+        && (listen.ip().is_unspecified()
+            || listen.ip().to_canonical() == target.ip().to_canonical())
+}
+
+/// An l7 service must not send its requests to this agent itself: a backend that is
+/// an l7 VIP (its own or another service's) or the API, or (`reverse`, for a service
+/// checked against others that are not checked again) a VIP that another l7 service
+/// has as backend, loops every request through the proxy. Its VIP must not be the
+/// API's address either. The loops that pass through another host are the proxy's to
+/// detect at run time.
+fn check_local_targets(
+    svc: &ServiceConfig,
+    all: &[&ServiceConfig],
+    agent: &AgentConfig,
+    reverse: bool,
+    report: &mut Report<'_, '_>,
+) {
+    if svc.mode != Mode::L7 {
+        return;
+    }
+    let api = agent.api_listen;
+    if listens_on(api, svc.vip) {
+        report.field(
+            "vip",
+            format!(
+                "{} is the agent's own API address (agent.api_listen = {api}): an l7 VIP \
+                 needs an address and port of its own",
+                svc.vip
+            ),
+        );
+    }
+    for (i, b) in svc.backends.iter().enumerate() {
+        let target = SocketAddr::new(b.address, b.port);
+        let why = if listens_on(api, target) {
+            Some(format!("the agent's own API (agent.api_listen = {api})"))
+        } else if listens_on(svc.vip, target) {
+            Some("this service's own VIP".to_owned())
+        } else {
+            all.iter()
+                .find(|o| o.mode == Mode::L7 && o.name != svc.name && listens_on(o.vip, target))
+                .map(|o| format!("the VIP of l7 service \"{}\" on this agent", o.name))
+        };
+        if let Some(why) = why {
+            report.backend(
+                i,
+                "address",
+                format!(
+                    "{target} is {why}: the proxy would send every request back to itself \
+                     (a loop); a backend must be another server"
+                ),
+            );
+        }
+    }
+    if reverse {
+        let user = all.iter().find(|o| {
+            o.mode == Mode::L7
+                && o.name != svc.name
+                && o.backends
+                    .iter()
+                    .any(|b| listens_on(svc.vip, SocketAddr::new(b.address, b.port)))
+        });
+        if let Some(other) = user {
+            report.field(
+                "vip",
+                format!(
+                    "{} is a backend of l7 service \"{}\" on this agent: that service would \
+                     send its requests here and loop through the proxy",
+                    svc.vip, other.name
+                ),
+            );
+        }
+    }
+}
+
+/// The `tls` of a service given through the API (or read back from the state file)
+/// may only name files in `agent.tls_dir`, after following symbolic links and `..`:
+/// an API client must not make the agent read any file it can. `kept` is the `tls`
+/// the service has already (from the config file, say): keeping it is allowed.
+#[must_use]
+pub fn check_api_tls(
+    svc: &ServiceConfig,
+    agent: &AgentConfig,
+    kept: Option<&TlsConfig>,
+) -> Vec<ConfigError> {
+    let Some(tls) = &svc.tls else {
+        return Vec::new();
+    };
+    if Some(tls) == kept {
+        return Vec::new();
+    }
+    let Some(dir) = &agent.tls_dir else {
+        return vec![ConfigError::at_key(
+            "tls",
+            "TLS files cannot be named through the API unless agent.tls_dir names the \
+             directory they must be in (services of the config file may name any path)",
+        )];
+    };
+    let mut errors = Vec::new();
+    for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        if let Some(why) = outside(path, dir) {
+            errors.push(ConfigError::at_key(key, why));
+        }
+    }
+    errors
+}
+
+/// Why `path` is not a file inside `dir` (both resolved), if it is not.
+fn outside(path: &Path, dir: &Path) -> Option<String> {
+    let shown = path.display();
+    if !path.is_absolute() {
+        return Some(format!("\"{shown}\" must be an absolute path"));
+    }
+    let dir_real = match fs::canonicalize(dir) {
+        Ok(d) => d,
+        Err(e) => return Some(format!("agent.tls_dir {}: {e}", dir.display())),
+    };
+    match fs::canonicalize(path) {
+        Err(e) => Some(format!("cannot read {shown}: {e}")),
+        Ok(real) if real.starts_with(&dir_real) && real != dir_real => None,
+        Ok(real) => Some(format!(
+            "{shown} (that is {}) is outside agent.tls_dir = {}: the API may only name \
+             files in it",
+            real.display(),
+            dir.display()
+        )),
     }
 }
 

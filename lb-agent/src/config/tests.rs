@@ -209,6 +209,7 @@ fn design_example_parses_with_defaults_filled() {
             api_token_file: Some(PathBuf::from("/etc/lb/token")),
             state_dir: PathBuf::from("/var/lib/lb-agent"),
             bpffs: PathBuf::from("/sys/fs/bpf"),
+            tls_dir: None,
         },
         dataplane: DataplaneConfig {
             xdp_mode: XdpMode::Auto,
@@ -597,6 +598,25 @@ fn service_name_rules() {
     );
     parse_ok(&named(&"a".repeat(64)));
     parse_ok(&named("Web_1.example-2"));
+    // The name is a URL path segment, a metric label and part of file names.
+    for bad in [
+        ".",
+        "..",
+        "a/b",
+        "../etc",
+        ".hidden",
+        "-rf",
+        "_x",
+        "caf\u{e9}",
+    ] {
+        assert_single(
+            &named(bad),
+            "service[0].name",
+            "must start with a letter or digit",
+        );
+    }
+    parse_ok(&named("9lives"));
+    parse_ok(&named("a..b"));
     let dup = format!(
         "{}[[service]]\nname = \"web\"\nvip = \"198.18.100.2:80\"\n",
         named("web")
@@ -1068,7 +1088,7 @@ fn validate_service_catches_a_duplicate_vip() {
     let others = [service("web", "198.18.100.1:80")];
     let mut new = service("web2", "198.18.100.1:80");
     new.backends.push(backend("198.18.2.12", 80, 2_000_000, 0));
-    let errors = validate_service(&new, &others, &dp());
+    let errors = validate_service(&new, &others, &AgentConfig::default(), &dp());
     let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["vip", "backend[1].weight"], "{errors:?}");
     assert!(
@@ -1081,14 +1101,14 @@ fn validate_service_catches_a_duplicate_vip() {
 
     new.protocol = Protocol::Udp;
     new.backends.pop();
-    assert!(validate_service(&new, &others, &dp()).is_empty());
+    assert!(validate_service(&new, &others, &AgentConfig::default(), &dp()).is_empty());
 }
 
 #[test]
 fn validate_service_checks_names_and_capacities() {
     let others = [service("web", "198.18.100.1:80")];
     let keys = |svc: &ServiceConfig, dp: &DataplaneConfig| -> Vec<String> {
-        validate_service(svc, &others, dp)
+        validate_service(svc, &others, &AgentConfig::default(), dp)
             .into_iter()
             .map(|e| e.key)
             .collect()
@@ -1366,4 +1386,214 @@ fn the_known_keys_are_the_models() {
         error.message.ends_with("max_bytes, max_object_bytes"),
         "{error}"
     );
+}
+
+// --- bad input (issue 9) ---------------------------------------------------
+
+#[test]
+fn an_l7_service_must_not_send_requests_to_this_agent() {
+    // Its own VIP, another l7 VIP, the API: every request would loop through the proxy.
+    assert_single(
+        &l7("backend = [{ address = \"198.18.100.1\", port = 80 }]"),
+        "service[0].backend[0].address",
+        "this service's own VIP",
+    );
+    assert_single(
+        &l7("backend = [{ address = \"127.0.0.1\", port = 9090 }]"),
+        "service[0].backend[0].address",
+        "the agent's own API (agent.api_listen = 127.0.0.1:9090)",
+    );
+    let two = |backend: &str| {
+        format!(
+            "[[service]]\nname = \"a\"\nvip = \"198.18.100.1:80\"\nmode = \"l7\"\n\
+             backend = [{{ address = \"198.18.2.11\" }}]\n\
+             [[service]]\nname = \"b\"\nvip = \"198.18.100.2:80\"\nmode = \"l7\"\n\
+             backend = [{backend}]\n"
+        )
+    };
+    let error = assert_single(
+        &two("{ address = \"198.18.100.1\" }"),
+        "service[1].backend[0].address",
+        "the VIP of l7 service \"a\" on this agent",
+    );
+    assert_eq!(error.line, Some(10));
+    // The same address on another port, or an l4 VIP (not a local listener), is not a loop.
+    parse_ok(&two("{ address = \"198.18.100.1\", port = 8080 }"));
+    parse_ok(&format!(
+        "{DP}[[service]]\nname = \"a\"\nvip = \"198.18.100.1:80\"\n\
+         [[service]]\nname = \"b\"\nvip = \"198.18.100.2:80\"\nmode = \"l7\"\n\
+         backend = [{{ address = \"198.18.100.1\" }}]\n"
+    ));
+    // A wildcard API address listens on every local address of its port.
+    let wild = format!(
+        "[agent]\napi_listen = \"0.0.0.0:9090\"\napi_token_file = \"/t\"\n{}",
+        l7("backend = [{ address = \"198.18.2.11\", port = 9090 }]")
+    );
+    assert_single(
+        &wild,
+        "service[0].backend[0].address",
+        "agent.api_listen = 0.0.0.0:9090",
+    );
+}
+
+#[test]
+fn an_l7_vip_must_not_be_the_api_address() {
+    let text = "[agent]\napi_listen = \"198.18.100.1:80\"\napi_token_file = \"/t\"\n\
+                [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\nmode = \"l7\"\n";
+    let error = assert_single(text, "service[0].vip", "agent.api_listen = 198.18.100.1:80");
+    assert!(
+        error.message.contains("the agent's own API address"),
+        "{error}"
+    );
+    // Through the API, with the listeners named by the agent's config.
+    let agent = AgentConfig::default();
+    let mut svc = service("shop", "127.0.0.1:9090");
+    svc.mode = Mode::L7;
+    svc.scheduler = Scheduler::RoundRobin;
+    let keys: Vec<String> = validate_service(&svc, &[], &agent, &dp())
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, ["vip"]);
+}
+
+#[test]
+fn validate_service_refuses_a_vip_that_another_l7_service_sends_to() {
+    let mut a = service("a", "198.18.100.1:80");
+    a.mode = Mode::L7;
+    a.scheduler = Scheduler::RoundRobin;
+    a.backends = vec![backend("198.18.100.2", 80, 100, 0)];
+    let mut b = service("b", "198.18.100.2:80");
+    b.mode = Mode::L7;
+    b.scheduler = Scheduler::RoundRobin;
+    let errors = validate_service(&b, &[a.clone()], &AgentConfig::default(), &dp());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].key, "vip");
+    assert!(
+        errors[0].message.contains("a backend of l7 service \"a\""),
+        "{errors:?}"
+    );
+    // Its own backends against its own VIP, through the API too.
+    let mut c = service("c", "198.18.100.3:80");
+    c.mode = Mode::L7;
+    c.scheduler = Scheduler::RoundRobin;
+    c.backends = vec![backend("198.18.100.3", 80, 100, 0)];
+    let keys: Vec<String> = validate_service(&c, &[a], &AgentConfig::default(), &dp())
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, ["backend[0].address"]);
+}
+
+/// A temporary directory with a certificate, its key, another key and a file that is
+/// not PEM.
+fn tls_files() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("xdplb-config-tls-")
+        .tempdir()
+        .expect("temporary dir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let other = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).expect("rcgen");
+    std::fs::write(dir.path().join("c.pem"), ck.cert.pem()).expect("write");
+    std::fs::write(dir.path().join("k.pem"), ck.key_pair.serialize_pem()).expect("write");
+    std::fs::write(dir.path().join("other.pem"), other.key_pair.serialize_pem()).expect("write");
+    std::fs::write(dir.path().join("junk"), "not pem at all").expect("write");
+    dir
+}
+
+#[test]
+fn tls_files_are_loaded_as_the_proxy_loads_them() {
+    let dir = tls_files();
+    let tls = |cert: &str, key: &str| {
+        l7(&format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            dir.path().join(cert).display(),
+            dir.path().join(key).display()
+        ))
+    };
+    parse_ok(&tls("c.pem", "k.pem"));
+    assert_single(
+        &tls("junk", "k.pem"),
+        "service[0].tls.cert",
+        "no PEM certificate",
+    );
+    assert_single(
+        &tls("c.pem", "junk"),
+        "service[0].tls.key",
+        "no PEM private key",
+    );
+    // A key that is not the certificate's.
+    assert_single(&tls("c.pem", "other.pem"), "service[0].tls", "other.pem");
+}
+
+#[test]
+fn tls_dir_must_be_absolute() {
+    assert_single(
+        "[agent]\ntls_dir = \"certs\"\n",
+        "agent.tls_dir",
+        "must be an absolute path",
+    );
+    parse_ok("[agent]\ntls_dir = \"/etc/lb/tls\"\n");
+}
+
+#[test]
+fn api_tls_paths_are_confined_to_tls_dir() {
+    let dir = tls_files();
+    let outside = tls_files();
+    let mut svc = service("shop", "198.18.100.2:443");
+    svc.mode = Mode::L7;
+    let tls = |d: &Path, cert: &str, key: &str| TlsConfig {
+        cert: d.join(cert),
+        key: d.join(key),
+    };
+    let keys = |svc: &ServiceConfig, agent: &AgentConfig, kept: Option<&TlsConfig>| {
+        check_api_tls(svc, agent, kept)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect::<Vec<_>>()
+    };
+    let mut agent = AgentConfig::default();
+    assert!(
+        keys(&svc, &agent, None).is_empty(),
+        "no tls, nothing to confine"
+    );
+    svc.tls = Some(tls(dir.path(), "c.pem", "k.pem"));
+    let errors = keys(&svc, &agent, None);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("tls: ") && errors[0].contains("agent.tls_dir"),
+        "{errors:?}"
+    );
+    // What the service has already (from the config file) may stay.
+    assert!(keys(&svc, &agent, svc.tls.clone().as_ref()).is_empty());
+
+    agent.tls_dir = Some(dir.path().to_owned());
+    assert!(keys(&svc, &agent, None).is_empty(), "inside tls_dir");
+    svc.tls = Some(tls(outside.path(), "c.pem", "k.pem"));
+    let errors = keys(&svc, &agent, None);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("tls.cert: ") && errors[0].contains("outside agent.tls_dir"));
+    assert!(errors[1].starts_with("tls.key: "));
+    // `..` and symbolic links are followed before the comparison.
+    let escape = dir
+        .path()
+        .join("..")
+        .join(outside.path().file_name().expect("name"));
+    svc.tls = Some(tls(&escape, "c.pem", "k.pem"));
+    assert_eq!(keys(&svc, &agent, None).len(), 2);
+    std::os::unix::fs::symlink(outside.path().join("k.pem"), dir.path().join("link.pem"))
+        .expect("symlink");
+    svc.tls = Some(tls(dir.path(), "c.pem", "link.pem"));
+    let errors = keys(&svc, &agent, None);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("tls.key: "), "{errors:?}");
+    svc.tls = Some(TlsConfig {
+        cert: PathBuf::from("c.pem"),
+        key: dir.path().join("k.pem"),
+    });
+    let errors = keys(&svc, &agent, None);
+    assert!(errors[0].contains("must be an absolute path"), "{errors:?}");
+    svc.tls = Some(tls(dir.path(), "missing.pem", "k.pem"));
+    let errors = keys(&svc, &agent, None);
+    assert!(errors[0].contains("cannot read"), "{errors:?}");
 }
