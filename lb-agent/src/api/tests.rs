@@ -26,8 +26,13 @@ use crate::{
 const TOKEN: &str = "t0ken-with-some-length";
 
 fn config_text(state_dir: &std::path::Path, extra: &str) -> String {
+    agent_config_text(state_dir, "", extra)
+}
+
+/// [`config_text`] with more `[agent]` keys.
+fn agent_config_text(state_dir: &std::path::Path, agent: &str, extra: &str) -> String {
     format!(
-        "[agent]\nstate_dir = \"{}\"\n\
+        "[agent]\nstate_dir = \"{}\"\n{agent}\
          [dataplane]\nsource_ipv4 = \"198.18.1.10\"\n\
          [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n\
          backend = [{{ address = \"198.18.2.11\" }}, {{ address = \"198.18.2.12\", tier = 1 }}]\n{extra}",
@@ -83,11 +88,20 @@ impl Fixture {
     }
 
     fn with(token: Option<&str>, sink: Box<dyn Sink>) -> Self {
+        Self::with_agent(token, sink, |_| String::new())
+    }
+
+    /// With more `[agent]` keys, made from the fixture's directory.
+    fn with_agent(
+        token: Option<&str>,
+        sink: Box<dyn Sink>,
+        agent: impl FnOnce(&std::path::Path) -> String,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("xdplb-api-test-")
             .tempdir()
             .expect("temporary dir");
-        let text = config_text(dir.path(), "");
+        let text = agent_config_text(dir.path(), &agent(dir.path()), "");
         let config_path = dir.path().join("lb.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let control = new_control(&text, sink).expect("control");
@@ -95,6 +109,23 @@ impl Fixture {
             state: ApiState {
                 control: Arc::new(tokio::sync::Mutex::new(control)),
                 token: token.map(str::to_owned),
+                metrics: Arc::new(Metrics::new()),
+                config_path,
+                l7: crate::l7::manager::L7Registry::default(),
+            },
+            dir,
+        }
+    }
+
+    /// Over `text`, written as the config file in `dir`.
+    fn from_text(dir: tempfile::TempDir, text: &str) -> Self {
+        let config_path = dir.path().join("lb.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let control = new_control(text, Box::new(NoFastPath)).expect("control");
+        Self {
+            state: ApiState {
+                control: Arc::new(tokio::sync::Mutex::new(control)),
+                token: None,
                 metrics: Arc::new(Metrics::new()),
                 config_path,
                 l7: crate::l7::manager::L7Registry::default(),
@@ -761,4 +792,178 @@ async fn the_openapi_document_needs_the_token_like_the_rest_of_the_api() {
         json!([{}]),
         "no token"
     );
+}
+
+// --- bad input (issue 9) ---------------------------------------------------
+
+/// An l7 service `shop` as JSON with `extra` fields after its name.
+fn l7_shop(extra: &str) -> String {
+    format!(
+        r#"{{"name": "shop", "vip": "198.18.100.2:443", "mode": "l7"{extra}, "backend": [{{"address": "198.18.2.21"}}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn bad_services_are_refused_naming_the_key() {
+    let f = Fixture::new();
+    let cases = [
+        // Backends that are this agent: every request would loop through the proxy.
+        (
+            r#"{"name": "shop", "vip": "198.18.100.2:443", "mode": "l7", "backend": [{"address": "198.18.100.2", "port": 443}]}"#,
+            "backend[0].address: 198.18.100.2:443 is this service's own VIP",
+        ),
+        (
+            r#"{"name": "shop", "vip": "198.18.100.2:443", "mode": "l7", "backend": [{"address": "127.0.0.1", "port": 9090}]}"#,
+            "backend[0].address: 127.0.0.1:9090 is the agent's own API",
+        ),
+        (
+            r#"{"name": "shop", "vip": "127.0.0.1:9090", "mode": "l7"}"#,
+            "vip: 127.0.0.1:9090 is the agent's own API address",
+        ),
+        (
+            r#"{"name": "shop", "vip": "198.18.100.2:443", "mode": "l7", "backend": [{"address": "198.18.2.21", "port": 0}]}"#,
+            "backend[0].port",
+        ),
+        (
+            r#"{"name": "..", "vip": "198.18.100.9:80"}"#,
+            "name: service name \"..\"",
+        ),
+        (
+            r#"{"name": ".", "vip": "198.18.100.9:80"}"#,
+            "name: service name \".\"",
+        ),
+        (
+            r#"{"name": "a/b", "vip": "198.18.100.9:80"}"#,
+            "name: service name \"a/b\"",
+        ),
+    ];
+    for (body, needle) in cases {
+        let (status, v) = f.call("POST", "/api/v1/services", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            error_of(&v).contains(needle),
+            "{body}: {v} should say {needle}"
+        );
+    }
+    // A second l7 service may not send to the first one's VIP, nor the first take a
+    // backend that is the second's VIP.
+    let (status, v) = f.call("POST", "/api/v1/services", Some(&l7_shop(""))).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let loop_back = r#"{"name": "api", "vip": "198.18.100.3:80", "mode": "l7", "backend": [{"address": "198.18.100.2", "port": 443}]}"#;
+    let (status, v) = f.call("POST", "/api/v1/services", Some(loop_back)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        error_of(&v).contains("the VIP of l7 service \"shop\""),
+        "{v}"
+    );
+    let (status, v) = f
+        .call(
+            "POST",
+            "/api/v1/services/shop/backends",
+            Some(r#"{"address": "198.18.100.2"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("own VIP"), "{v}");
+    assert_eq!(f.names().await, ["web", "shop"]);
+}
+
+/// A certificate and its key, a key of another certificate and a file that is not PEM.
+fn write_tls_files(dir: &std::path::Path) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let other = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).expect("rcgen");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("c.pem"), ck.cert.pem()).expect("write");
+    std::fs::write(dir.join("k.pem"), ck.key_pair.serialize_pem()).expect("write");
+    std::fs::write(dir.join("other.pem"), other.key_pair.serialize_pem()).expect("write");
+    std::fs::write(dir.join("junk"), "not pem").expect("write");
+}
+
+#[tokio::test]
+async fn api_tls_files_must_be_a_pem_pair_in_tls_dir() {
+    let f = Fixture::with_agent(None, Box::new(NoFastPath), |dir| {
+        format!("tls_dir = \"{}\"\n", dir.join("tls").display())
+    });
+    let tls_dir = f.dir.path().join("tls");
+    write_tls_files(&tls_dir);
+    let outside = f.dir.path().join("elsewhere");
+    write_tls_files(&outside);
+    let tls = |dir: &std::path::Path, cert: &str, key: &str| {
+        l7_shop(&format!(
+            r#", "tls": {{"cert": "{}", "key": "{}"}}"#,
+            dir.join(cert).display(),
+            dir.join(key).display()
+        ))
+    };
+    let cases = [
+        (tls(&tls_dir, "junk", "k.pem"), "tls.cert: TLS certificate"),
+        (tls(&tls_dir, "c.pem", "junk"), "tls.key: TLS key"),
+        (tls(&tls_dir, "c.pem", "other.pem"), "tls: TLS certificate"),
+        (tls(&outside, "c.pem", "k.pem"), "outside agent.tls_dir"),
+        (
+            tls(&tls_dir.join("..").join("elsewhere"), "c.pem", "k.pem"),
+            "outside agent.tls_dir",
+        ),
+        (
+            tls(std::path::Path::new("/etc"), "passwd", "shadow"),
+            "tls.cert",
+        ),
+    ];
+    for (body, needle) in &cases {
+        let (status, v) = f.call("POST", "/api/v1/services", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            error_of(&v).contains(needle),
+            "{body}: {v} should say {needle}"
+        );
+    }
+    assert!(!f.state_file().exists(), "nothing persisted");
+    let (status, v) = f
+        .call(
+            "POST",
+            "/api/v1/services",
+            Some(&tls(&tls_dir, "c.pem", "k.pem")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+}
+
+#[tokio::test]
+async fn without_tls_dir_the_api_names_no_tls_files_but_keeps_the_files() {
+    let dir = tempfile::Builder::new()
+        .prefix("xdplb-api-test-")
+        .tempdir()
+        .expect("temporary dir");
+    write_tls_files(&dir.path().join("tls"));
+    let shop = format!(
+        "[[service]]\nname = \"shop\"\nvip = \"198.18.100.2:443\"\nmode = \"l7\"\n\
+         tls = {{ cert = \"{0}/tls/c.pem\", key = \"{0}/tls/k.pem\" }}\n\
+         backend = [{{ address = \"198.18.2.21\" }}]\n",
+        dir.path().display()
+    );
+    let text = config_text(dir.path(), &shop);
+    let f = Fixture::from_text(dir, &text);
+    let tls = format!(
+        r#", "tls": {{"cert": "{0}/tls/c.pem", "key": "{0}/tls/k.pem"}}"#,
+        f.dir.path().display()
+    );
+    // The config file's service keeps its files through API changes.
+    let body = l7_shop(&tls);
+    let (status, v) = f.call("PUT", "/api/v1/services/shop", Some(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = f
+        .call(
+            "POST",
+            "/api/v1/services/shop/backends",
+            Some(r#"{"address": "198.18.2.22"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    // A new service may not name files.
+    let body = body
+        .replace("\"shop\"", "\"shop2\"")
+        .replace("198.18.100.2", "198.18.100.4");
+    let (status, v) = f.call("POST", "/api/v1/services", Some(&body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("unless agent.tls_dir"), "{v}");
 }
