@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{
-        BackendConfig, Config, ConfigError, Mode, ServiceConfig, check_api_tls, validate_service,
+        BackendConfig, Config, ConfigError, MAX_WEIGHT, Mode, ServiceConfig, check_api_tls,
+        validate_service,
     },
     dataplane::{
         desired::{DesiredState, Sink},
@@ -125,6 +126,108 @@ impl Overlay {
         Ok(())
     }
 
+    /// Run what was read from the state file through the API's rules, against the
+    /// config file `base`. An entry that breaks a rule (a service the API would refuse,
+    /// a `tls` outside `agent.tls_dir`, a weight above [`MAX_WEIGHT`]) refuses the whole
+    /// file: the error names each such entry and the file is left as it is. An entry
+    /// that refers to nothing (an override of a service or backend that does not exist,
+    /// a deletion of a service that is not in the config file) is dropped with a WARN
+    /// naming it; the file keeps it until the next API change rewrites the file.
+    pub fn checked(mut self, base: &Config, path: &Path) -> Result<Self, ControlError> {
+        let mut errors: Vec<ConfigError> = Vec::new();
+        let mut prefixed = |entry: &str, found: Vec<ConfigError>| {
+            errors.extend(found.into_iter().map(|mut e| {
+                e.key = if e.key.is_empty() {
+                    entry.to_owned()
+                } else {
+                    format!("{entry}.{}", e.key)
+                };
+                e
+            }));
+        };
+        let warn = |entry: &str, why: &str| {
+            tracing::warn!(
+                state_file = %path.display(),
+                entry,
+                "{why}: the entry is ignored (the file keeps it until the next change through the API)"
+            );
+        };
+        let combined = self.apply(&base.services);
+        for (name, svc) in &self.services {
+            let entry = format!("services[{name:?}]");
+            if &svc.name != name {
+                prefixed(
+                    &entry,
+                    vec![ConfigError::at_key(
+                        "name",
+                        format!(
+                            "the entry \"{name}\" holds a service named \"{}\"",
+                            svc.name
+                        ),
+                    )],
+                );
+                continue;
+            }
+            let others: Vec<ServiceConfig> = combined
+                .iter()
+                .filter(|s| &s.name != name)
+                .cloned()
+                .collect();
+            let kept = base
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .and_then(|s| s.tls.as_ref());
+            let mut found = validate_service(svc, &others, &base.agent, &base.dataplane);
+            found.extend(check_api_tls(svc, &base.agent, kept));
+            prefixed(&entry, found);
+        }
+        self.deleted.retain(|name| {
+            let known = base.services.iter().any(|s| &s.name == name);
+            if !known {
+                warn(
+                    &format!("deleted[{name:?}]"),
+                    "deletes a service that is not in the config file",
+                );
+            }
+            known
+        });
+        self.backends.retain(|name, overrides| {
+            let Some(svc) = combined.iter().find(|s| &s.name == name) else {
+                warn(
+                    &format!("backends.{name}"),
+                    "overrides backends of a service that does not exist",
+                );
+                return false;
+            };
+            overrides.retain(|address, o| {
+                let entry = format!("backends[{name:?}][\"{address}\"]");
+                if !svc.backends.iter().any(|b| b.address == *address) {
+                    warn(&entry, "overrides a backend that the service does not have");
+                    return false;
+                }
+                prefixed(&entry, check_override(o, ""));
+                true
+            });
+            !overrides.is_empty()
+        });
+        if errors.is_empty() {
+            Ok(self)
+        } else {
+            Err(ControlError::State {
+                path: path.to_owned(),
+                message: format!(
+                    "refused, the file is left as it is; fix or remove these entries: {}",
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            })
+        }
+    }
+
     /// The config's services with this overlay applied, in config order then new ones.
     pub fn apply(&self, base: &[ServiceConfig]) -> Vec<ServiceConfig> {
         let mut out: Vec<ServiceConfig> = base
@@ -139,6 +242,27 @@ impl Overlay {
         }
         out
     }
+}
+
+/// The rules of a backend override, for `PATCH .../backends/{address}` and the state
+/// file alike; `whole` names the override itself (the request's body, the file's entry).
+fn check_override(o: &BackendOverride, whole: &str) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if o.state.is_none() && o.weight.is_none() {
+        errors.push(ConfigError::at_key(
+            whole,
+            "give \"weight\" and/or \"state\"",
+        ));
+    }
+    if let Some(w) = o.weight
+        && w > MAX_WEIGHT
+    {
+        errors.push(ConfigError::at_key(
+            "weight",
+            format!("{w} is above the maximum {MAX_WEIGHT}"),
+        ));
+    }
+    errors
 }
 
 /// The single owner of desired state.
@@ -179,7 +303,7 @@ impl Control {
         sink: Box<dyn Sink>,
     ) -> Result<Self, ControlError> {
         let state_dir = base.agent.state_dir.clone();
-        let overlay = Overlay::load(&state_dir)?;
+        let overlay = Overlay::load(&state_dir)?.checked(&base, &state_dir.join(STATE_FILE))?;
         let mut config = base.clone();
         config.services = overlay.apply(&base.services);
         let mut c = Control {
@@ -561,19 +685,9 @@ impl Control {
                 "backend {address} in {name}"
             )));
         }
-        if patch.state.is_none() && patch.weight.is_none() {
-            return Err(ControlError::Invalid(vec![ConfigError::at_key(
-                "body",
-                "give \"weight\" and/or \"state\"",
-            )]));
-        }
-        if let Some(w) = patch.weight
-            && w > crate::config::MAX_WEIGHT
-        {
-            return Err(ControlError::Invalid(vec![ConfigError::at_key(
-                "weight",
-                format!("{w} is above the maximum {}", crate::config::MAX_WEIGHT),
-            )]));
+        let errors = check_override(&patch, "body");
+        if !errors.is_empty() {
+            return Err(ControlError::Invalid(errors));
         }
         let mut o = self.overlay.clone();
         let entry = o

@@ -967,3 +967,92 @@ async fn without_tls_dir_the_api_names_no_tls_files_but_keeps_the_files() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_of(&v).contains("unless agent.tls_dir"), "{v}");
 }
+
+/// Control over the fixture's config with `state` as its state file: the error message
+/// when it refuses to start.
+fn start_with_state(f: &Fixture, state: &Value) -> Result<Control, String> {
+    let text = serde_json::to_string_pretty(state).expect("json");
+    std::fs::write(f.state_file(), &text).expect("write state");
+    let result = new_control(&config_text(f.dir.path(), ""), Box::new(NoFastPath));
+    assert_eq!(
+        std::fs::read_to_string(f.state_file()).expect("read"),
+        text,
+        "the state file is left as it is"
+    );
+    result.map_err(|e| match e {
+        ControlError::State { message, .. } => message,
+        e => panic!("wrong error: {e}"),
+    })
+}
+
+#[tokio::test]
+async fn the_state_file_goes_through_the_apis_rules() {
+    let f = Fixture::new();
+    let refused = [
+        // A weight the API caps at 1,000,000.
+        (
+            json!({"version": 1, "backends": {"web": {"198.18.2.11": {"weight": 4294967295u32}}}}),
+            "backends[\"web\"][\"198.18.2.11\"].weight: 4294967295 is above the maximum 1000000",
+        ),
+        (
+            json!({"version": 1, "backends": {"web": {"198.18.2.11": {}}}}),
+            "backends[\"web\"][\"198.18.2.11\"]: give \"weight\" and/or \"state\"",
+        ),
+        // A service the API would refuse.
+        (
+            json!({"version": 1, "services": {"shop": {"name": "shop", "vip": "198.18.100.2:443",
+                "backend": [{"address": "198.18.2.21", "weight": 2000000}]}}}),
+            "services[\"shop\"].backend[0].weight",
+        ),
+        (
+            json!({"version": 1, "services": {"shop": {"name": "..", "vip": "198.18.100.2:443"}}}),
+            "services[\"shop\"].name: the entry \"shop\" holds a service named \"..\"",
+        ),
+        (
+            json!({"version": 1, "services": {"..": {"name": "..", "vip": "198.18.100.2:443"}}}),
+            "services[\"..\"].name: service name \"..\"",
+        ),
+        (
+            json!({"version": 1, "services": {"shop": {"name": "shop", "vip": "198.18.100.2:443",
+                "mode": "l7", "backend": [{"address": "198.18.100.2"}]}}}),
+            "services[\"shop\"].backend[0].address: 198.18.100.2:443 is this service's own VIP",
+        ),
+        // Files the API could not have named (no agent.tls_dir).
+        (
+            json!({"version": 1, "services": {"shop": {"name": "shop", "vip": "198.18.100.2:443",
+                "mode": "l7", "tls": {"cert": "/etc/passwd", "key": "/etc/shadow"}}}}),
+            "services[\"shop\"].tls: TLS files cannot be named through the API",
+        ),
+    ];
+    for (state, needle) in refused {
+        match start_with_state(&f, &state) {
+            Ok(_) => panic!("{state} was accepted"),
+            Err(message) => {
+                assert!(
+                    message.contains(needle),
+                    "{state}: {message} should say {needle}"
+                );
+                assert!(message.contains("the file is left as it is"), "{message}");
+            }
+        }
+    }
+
+    // Entries that refer to nothing are dropped (with a WARN); the rest is served.
+    let state = json!({"version": 1,
+    "deleted": ["ghost"],
+    "backends": {
+        "ghost": {"198.18.2.11": {"weight": 5}},
+        "web": {"198.18.2.99": {"weight": 5}, "198.18.2.11": {"state": "drain"}},
+    }});
+    let control = start_with_state(&f, &state).expect("starts");
+    assert!(control.overrides("ghost").is_none());
+    let web = control.overrides("web").expect("web's overrides");
+    assert_eq!(
+        web.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        ["198.18.2.11"]
+    );
+    assert_eq!(
+        control.view("web").expect("web").backends[0].state,
+        crate::state::AdminState::Drain
+    );
+}
