@@ -244,6 +244,108 @@ impl Overlay {
     }
 }
 
+/// What a reload changed, and which edits of the file it did not apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Services served now that were not before.
+    pub added: Vec<String>,
+    /// Services no longer served.
+    pub removed: Vec<String>,
+    /// Services served before and now, with another configuration.
+    pub changed: Vec<String>,
+    /// Edits of the file that the API's changes shadow.
+    pub shadowed: Vec<ShadowedEdit>,
+}
+
+/// An edit of a service in the config file that does not take effect because the
+/// service was replaced, created or deleted through the API (the API's version wins).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShadowedEdit {
+    /// The service.
+    pub service: String,
+    /// What the file did to it: `"added"`, `"changed"` or `"removed"`.
+    pub file: String,
+    /// What is in force instead: `"api-copy"` (the service as the API last set it) or
+    /// `"api-deleted"` (it stays deleted).
+    pub kept: String,
+}
+
+impl ReloadReport {
+    /// Compare the services served before and after, and the file's before and after.
+    fn between(
+        served: &[ServiceConfig],
+        now: &[ServiceConfig],
+        file_before: &[ServiceConfig],
+        file_now: &[ServiceConfig],
+        overlay: &Overlay,
+    ) -> Self {
+        let find = |list: &'_ [ServiceConfig], name: &str| -> Option<ServiceConfig> {
+            list.iter().find(|s| s.name == name).cloned()
+        };
+        let mut report = ReloadReport::default();
+        for svc in now {
+            match find(served, &svc.name) {
+                None => report.added.push(svc.name.clone()),
+                Some(old) if &old != svc => report.changed.push(svc.name.clone()),
+                Some(_) => {}
+            }
+        }
+        report.removed = served
+            .iter()
+            .filter(|s| find(now, &s.name).is_none())
+            .map(|s| s.name.clone())
+            .collect();
+        let names: BTreeSet<&str> = file_before
+            .iter()
+            .chain(file_now)
+            .map(|s| s.name.as_str())
+            .collect();
+        for name in names {
+            let file = match (find(file_before, name), find(file_now, name)) {
+                (None, Some(_)) => "added",
+                (Some(_), None) => "removed",
+                (Some(a), Some(b)) if a != b => "changed",
+                _ => continue,
+            };
+            let kept = if overlay.services.contains_key(name) {
+                "api-copy"
+            } else if overlay.deleted.contains(name) {
+                "api-deleted"
+            } else {
+                continue;
+            };
+            report.shadowed.push(ShadowedEdit {
+                service: name.to_owned(),
+                file: file.to_owned(),
+                kept: kept.to_owned(),
+            });
+        }
+        report
+    }
+
+    /// One log line per added, removed or changed service and per shadowed edit.
+    fn log(&self) {
+        for name in &self.added {
+            tracing::info!(service = %name, "reload adds the service");
+        }
+        for name in &self.removed {
+            tracing::warn!(service = %name, "reload removes the service");
+        }
+        for name in &self.changed {
+            tracing::info!(service = %name, "reload changes the service");
+        }
+        for s in &self.shadowed {
+            tracing::warn!(
+                service = %s.service,
+                file = %s.file,
+                kept = %s.kept,
+                "the file's edit of the service is shadowed by a change made through the API and does not take effect \
+                 (the API's version stays; PUT or DELETE the service through the API to change it)"
+            );
+        }
+    }
+}
+
 /// The rules of a backend override, for `PATCH .../backends/{address}` and the state
 /// file alike; `whole` names the override itself (the request's body, the file's entry).
 fn check_override(o: &BackendOverride, whole: &str) -> Vec<ConfigError> {
@@ -708,7 +810,14 @@ impl Control {
     /// Re-read the config file; an invalid one is rejected and the running state kept.
     /// `[agent]` settings and the dataplane's capacities and mode need a restart: the
     /// running values are kept (and a warning says so when the file changed them).
-    pub fn reload(&mut self, path: &Path) -> Result<(), ControlError> {
+    ///
+    /// A reload that would leave no service while some are served is refused
+    /// ([`ControlError::Conflict`]) unless `allow_empty` (an emptied or truncated file
+    /// is more often a mistake than an intent). Every service the reload adds, removes
+    /// or changes is logged and reported; so is every edit of the file that the API's
+    /// changes shadow: the API's version of a service (or its deletion through the API)
+    /// stays in force over the file's, and the reload says so rather than merging.
+    pub fn reload(&mut self, path: &Path, allow_empty: bool) -> Result<ReloadReport, ControlError> {
         let mut base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
         let running = Capacities::from(&self.base.dataplane);
         let restart_only = running != Capacities::from(&base.dataplane)
@@ -730,10 +839,34 @@ impl Control {
         if !errors.is_empty() {
             return Err(ControlError::Invalid(errors));
         }
+        if config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
+            let names: Vec<&str> = self
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return Err(ControlError::Conflict(format!(
+                "{} gives no service: the reload would remove every service ({}); nothing \
+                 changed. To remove them all, POST /api/v1/reload with {{\"allow_empty\": true}} \
+                 (SIGHUP never does)",
+                path.display(),
+                names.join(", ")
+            )));
+        }
+        let report = ReloadReport::between(
+            &self.config.services,
+            &config.services,
+            &self.base.services,
+            &base.services,
+            &self.overlay,
+        );
+        report.log();
         self.base = base;
         self.config = config;
         self.sync_health();
-        self.recompute()
+        self.recompute()?;
+        Ok(report)
     }
 
     /// L4 backend addresses, for next-hop resolution.

@@ -112,6 +112,22 @@ pub fn run_to(
         CtlCommand::Reload => {
             let r: ReloadResponse = client.call("POST", "/api/v1/reload", None::<&()>)?;
             writeln!(out, "reloaded: {} service(s)", r.services)?;
+            for (what, names) in [
+                ("added", &r.added),
+                ("removed", &r.removed),
+                ("changed", &r.changed),
+            ] {
+                if !names.is_empty() {
+                    writeln!(out, "{what}: {}", names.join(", "))?;
+                }
+            }
+            for s in &r.shadowed {
+                writeln!(
+                    out,
+                    "shadowed: {} ({} in the file; kept: {})",
+                    s.service, s.file, s.kept
+                )?;
+            }
         }
     }
     Ok(())

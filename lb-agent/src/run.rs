@@ -222,9 +222,17 @@ async fn serve_with(
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 let mut c = control.lock().await;
-                match c.reload(&args.config) {
-                    Ok(()) => {
-                        tracing::info!(services = c.config().services.len(), "config reloaded");
+                // SIGHUP never removes every service (POST /api/v1/reload can, when asked).
+                match c.reload(&args.config, false) {
+                    Ok(report) => {
+                        tracing::info!(
+                            services = c.config().services.len(),
+                            added = report.added.len(),
+                            removed = report.removed.len(),
+                            changed = report.changed.len(),
+                            shadowed = report.shadowed.len(),
+                            "config reloaded"
+                        );
                     }
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
                 }

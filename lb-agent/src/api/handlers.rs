@@ -16,7 +16,7 @@ use super::{
     ApiError, ApiJson, ApiState,
     types::{
         Backend, BackendPatch, CacheUsage, ErrorBody, FastPathStats, Healthz, L7Backend, L7Stats,
-        PurgeRequest, PurgeResponse, ReloadResponse, Service, ServiceList, Stats,
+        PurgeRequest, PurgeResponse, ReloadRequest, ReloadResponse, Service, ServiceList, Stats,
     },
 };
 use crate::{
@@ -413,20 +413,43 @@ pub async fn purge_cache(
 
 #[utoipa::path(post, path = "/reload", tag = "agent",
     summary = "Re-read the config file (API changes stay on top of it)",
+    request_body(content = Option<ReloadRequest>, description = "optional: `{\"allow_empty\": true}` accepts a file that leaves no service"),
     responses(
-        (status = 200, description = "the reloaded config is in force", body = ReloadResponse),
-        (status = 400, description = "the file is invalid: nothing changed", body = ErrorBody),
+        (status = 200, description = "the reloaded config is in force; what it added, removed, changed, and which file edits the API's changes shadow", body = ReloadResponse),
+        (status = 400, description = "the file or the body is invalid: nothing changed", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "the file would remove every service and allow_empty is not set: nothing changed", body = ErrorBody),
         (status = 500, description = "the maps could not be written", body = ErrorBody),
         (status = 503, description = "the control plane is busy", body = ErrorBody),
     ))]
-pub async fn reload(State(state): State<ApiState>) -> ApiResult<Json<ReloadResponse>> {
+pub async fn reload(
+    State(state): State<ApiState>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<ReloadResponse>> {
+    let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReloadRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
     let mut control = state.lock().await?;
-    control.reload(&state.config_path)?;
-    tracing::info!(config = %state.config_path.display(), "config reloaded through the API");
+    let report = control.reload(&state.config_path, req.allow_empty)?;
+    tracing::info!(
+        config = %state.config_path.display(),
+        services = control.config().services.len(),
+        added = report.added.len(),
+        removed = report.removed.len(),
+        changed = report.changed.len(),
+        shadowed = report.shadowed.len(),
+        "config reloaded through the API"
+    );
     Ok(Json(ReloadResponse {
         status: "reloaded".to_owned(),
         services: control.config().services.len(),
+        added: report.added,
+        removed: report.removed,
+        changed: report.changed,
+        shadowed: report.shadowed,
     }))
 }
 

@@ -1056,3 +1056,112 @@ async fn the_state_file_goes_through_the_apis_rules() {
         crate::state::AdminState::Drain
     );
 }
+
+#[tokio::test]
+async fn a_reload_that_removes_every_service_needs_allow_empty() {
+    let f = Fixture::new();
+    std::fs::write(&f.state.config_path, "").expect("truncate");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let error = error_of(&v);
+    assert!(
+        error.contains("would remove every service (web)") && error.contains("allow_empty"),
+        "{v}"
+    );
+    assert_eq!(f.names().await, ["web"], "nothing changed");
+    let (status, v) = f
+        .call("POST", "/api/v1/reload", Some(r#"{"allow_empty": false}"#))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = f
+        .call("POST", "/api/v1/reload", Some(r#"{"alow_empty": true}"#))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("alow_empty"), "{v}");
+    assert_eq!(f.names().await, ["web"], "nothing changed");
+
+    let (status, v) = f
+        .call("POST", "/api/v1/reload", Some(r#"{"allow_empty": true}"#))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (&v["services"], &v["removed"]),
+        (&json!(0), &json!(["web"]))
+    );
+    assert!(f.names().await.is_empty());
+    // With nothing served, an empty file is no surprise.
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn a_reload_reports_what_it_changed_and_what_the_api_shadows() {
+    let f = Fixture::new();
+    let path = f.state.config_path.clone();
+    // Through the API: web replaced, shop created.
+    let web =
+        r#"{"name": "web", "vip": "198.18.100.1:80", "backend": [{"address": "198.18.2.13"}]}"#;
+    let (status, _) = f.call("PUT", "/api/v1/services/web", Some(web)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = f.call("POST", "/api/v1/services", Some(SHOP)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // The file: web edited (shadowed by the API's copy), dns added, shop added too
+    // (shadowed), then a second reload edits dns and removes it.
+    let web_edited = "[agent]\nstate_dir = \"{dir}\"\n[dataplane]\nsource_ipv4 = \"198.18.1.10\"\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n\
+         backend = [{ address = \"198.18.2.11\", weight = 5 }]\n"
+        .replace("{dir}", &f.dir.path().display().to_string());
+    let dns = "[[service]]\nname = \"dns\"\nvip = \"198.18.100.3:53\"\nprotocol = \"udp\"\n";
+    let shop = "[[service]]\nname = \"shop\"\nvip = \"198.18.100.2:443\"\n\
+                backend = [{ address = \"198.18.2.29\" }]\n";
+    std::fs::write(&path, format!("{web_edited}{dns}{shop}")).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["added"], json!(["dns"]));
+    assert_eq!(v["removed"], json!([]));
+    assert_eq!(
+        v["changed"],
+        json!([]),
+        "the API's copies are served as before"
+    );
+    assert_eq!(
+        v["shadowed"],
+        json!([
+            {"service": "shop", "file": "added", "kept": "api-copy"},
+            {"service": "web", "file": "changed", "kept": "api-copy"},
+        ])
+    );
+    let (_, got) = f.call("GET", "/api/v1/services/web", None).await;
+    assert!(
+        got["backends"][0]["address"] == "198.18.2.13",
+        "the API's copy stays in force: {got}"
+    );
+
+    // Deleted through the API, then edited in the file: still deleted, and said so.
+    let (status, _) = f.call("DELETE", "/api/v1/services/dns", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let dns_edited = dns.replace("53\"", "5353\"");
+    std::fs::write(&path, format!("{web_edited}{dns_edited}{shop}")).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["shadowed"],
+        json!([{"service": "dns", "file": "changed", "kept": "api-deleted"}])
+    );
+
+    // A file-only service changed and removed.
+    let f = Fixture::new();
+    let path = f.state.config_path.clone();
+    std::fs::write(&path, config_text(f.dir.path(), dns)).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!((status, &v["added"]), (StatusCode::OK, &json!(["dns"])));
+    let text = config_text(f.dir.path(), "").replace("198.18.2.12", "198.18.2.14");
+    std::fs::write(&path, text).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (&v["changed"], &v["removed"], &v["shadowed"]),
+        (&json!(["web"]), &json!(["dns"]), &json!([]))
+    );
+}

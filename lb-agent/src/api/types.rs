@@ -22,6 +22,7 @@ use utoipa::{
     },
 };
 
+pub use crate::control::ShadowedEdit;
 pub use crate::dataplane::retry::SyncStatus;
 pub use crate::{config::ServiceConfig, health::Status as HealthStatus, state::AdminState};
 use crate::{dataplane::stats::Snapshot, l7::balancer::BackendState, state::BackendView};
@@ -305,6 +306,16 @@ pub struct PurgeResponse {
     pub purged: u64,
 }
 
+/// Optional body of `POST /api/v1/reload`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    /// Accept a file that leaves no service (refused otherwise: 409). SIGHUP never
+    /// allows it.
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
 /// Answer to `POST /api/v1/reload`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReloadResponse {
@@ -312,6 +323,19 @@ pub struct ReloadResponse {
     pub status: String,
     /// Services now configured.
     pub services: usize,
+    /// Services the reload added.
+    #[serde(default)]
+    pub added: Vec<String>,
+    /// Services the reload removed.
+    #[serde(default)]
+    pub removed: Vec<String>,
+    /// Services the reload changed.
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// Edits of the file that do not take effect because the service was changed or
+    /// deleted through the API (the API's version stays in force).
+    #[serde(default)]
+    pub shadowed: Vec<ShadowedEdit>,
 }
 
 /// Answer to `GET /healthz`.
