@@ -66,6 +66,9 @@ impl From<ControlError> for ApiError {
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "API request failed");
+        } else if matches!(e, ControlError::Invalid(_) | ControlError::Conflict(_)) {
+            // A refused change changes nothing; the log says what was refused and why.
+            tracing::info!(status = status.as_u16(), error = %e, "API change refused");
         }
         Self::new(status, e.to_string())
     }
