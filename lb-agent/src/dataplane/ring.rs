@@ -557,4 +557,35 @@ mod tests {
         let ours: Vec<u32> = (0..1000).filter(|&n| is_prime(n)).collect();
         assert_eq!(ours, sieve);
     }
+
+    /// SHA-256 of the ring's ids (little-endian u32s), an oracle independent of the
+    /// hash under test.
+    fn digest(ring: &[u32]) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        for id in ring {
+            h.update(id.to_le_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn rings_of_a_fixed_input_never_change() {
+        // Every LB node and every release must build the same rings from the same
+        // configuration: these digests were taken before the member hash moved to
+        // lb_common::hash, and must never change.
+        let keys = keys(5);
+        let ring = build(&members(&keys, &[1, 1, 1, 1, 1]), SIZE).unwrap();
+        assert_eq!(
+            digest(&ring),
+            "69c84b34cadc0652a5b63e30c8046a8989cca8c8bdb884b0aa060d68169fc09a"
+        );
+        let ring = build(&members(&keys, &[3, 1, 100, 7, 1]), SIZE).unwrap();
+        assert_eq!(
+            digest(&ring),
+            "81509a5739da203fb83e756a7a9606d295a2b4f3cdf951eb23e2e6092c5ad00d"
+        );
+        let ring = build(&members(&keys, &[2, 5, 1, 1, 3]), 13).unwrap();
+        assert_eq!(ring, [4, 2, 4, 1, 4, 1, 1, 0, 3, 1, 1, 1, 0]);
+    }
 }
