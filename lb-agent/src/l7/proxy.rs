@@ -60,14 +60,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use crate::config::HttpConfig;
 use crate::l7::balancer::{Lease, Outcome, PickKey, Pool};
 use crate::l7::body::{self, Body, BoxError};
 use crate::l7::cache::{Cache, CacheResult, Upstream, UpstreamError};
+use crate::l7::conn::{ConnInfo, InFlight, stopped};
 use crate::l7::headers::{self, Forwarded, Upgrading};
-use crate::l7::server::{ConnInfo, InFlight, Tracker, stopped};
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{self, StickyKey};
 
@@ -90,8 +91,8 @@ pub(crate) struct Proxy {
     pub(crate) sticky: Option<Sticky>,
     pub(crate) client: Client<HttpConnector, Body>,
     pub(crate) stats: HttpStats,
-    /// Live upgraded tunnels.
-    pub(crate) tunnels: Arc<Tracker>,
+    /// Live upgraded tunnels (shutdown waits for them).
+    pub(crate) tunnels: TaskTracker,
     /// Set when the grace period is over: connections and tunnels end.
     pub(crate) hard_stop: watch::Sender<bool>,
 }
@@ -559,12 +560,10 @@ fn tunnel(
 ) -> Response<Body> {
     let backend_upgrade = hyper::upgrade::on(&mut resp);
     conn.activity.set_tunnel();
-    let token = proxy.tunnels.token();
     let mut hard = proxy.hard_stop.subscribe();
     let service = proxy.name.clone();
     let client = conn.client;
-    tokio::spawn(async move {
-        let _token = token;
+    proxy.tunnels.spawn(async move {
         let _lease = lease;
         let (c, b) = tokio::join!(client_upgrade, backend_upgrade);
         let (c, b) = match (c, b) {
