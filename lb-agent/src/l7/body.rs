@@ -1,7 +1,13 @@
 //! The one body type the L7 path passes around: any hyper body, boxed, so the proxy,
-//! the cache and the backends' responses fit one `Request<Body>` / `Response<Body>`.
+//! the cache and the backends' responses fit one `Request<Body>` / `Response<Body>`;
+//! and the one body wrapper, [`Observed`], through which the proxy and the cache see
+//! a body stream by (size limit, lease, access log, cache tee).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 
 /// Error type of boxed bodies.
@@ -28,4 +34,120 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed()
+}
+
+/// What an [`Observed`] body tells about itself as it streams.
+///
+/// Every body wrapper of the L7 path is one of these: the request size limit
+/// (`proxy`), the backend lease held until the response ends (`proxy`), the access log
+/// and byte count of the client's response (`proxy`), and the cache's tee that
+/// collects a response for the store (`cache::tee`).
+pub trait Observer {
+    /// A data chunk passes. An error cuts the body there, with that error.
+    fn data(&mut self, data: &Bytes) -> Result<(), BoxError> {
+        let _ = data;
+        Ok(())
+    }
+
+    /// Whether the body is known to be complete although the inner body has not said
+    /// so (the observer counted a declared length).
+    fn complete(&self) -> bool {
+        false
+    }
+
+    /// The body ended: completely (`true`), or with an error (`false`). Called at most
+    /// once; the observer is dropped right after. A body dropped before its end drops
+    /// its observer without this call.
+    fn end(&mut self, complete: bool) {
+        let _ = complete;
+    }
+}
+
+/// A body passed through frame by frame and shown to an [`Observer`].
+///
+/// The end is the inner body's end (or its error), the inner body reporting
+/// `is_end_stream` after a frame (hyper stops polling then), or the observer's
+/// [`complete`](Observer::complete); after it the inner body is not polled again,
+/// [`is_end_stream`](http_body::Body::is_end_stream) is true (and only then: so
+/// hyper polls until the observer has seen everything) and the observer is dropped.
+/// A body already at its end when wrapped ends at once (hyper never polls an empty
+/// body).
+pub struct Observed<B, O: Observer> {
+    inner: B,
+    /// `None` once the body has ended.
+    observer: Option<O>,
+}
+
+impl<B: http_body::Body, O: Observer> Observed<B, O> {
+    /// Observe `inner`.
+    pub fn new(inner: B, observer: O) -> Self {
+        let mut body = Self {
+            inner,
+            observer: Some(observer),
+        };
+        if body.inner.is_end_stream() || body.observer.as_ref().is_some_and(O::complete) {
+            body.end(true);
+        }
+        body
+    }
+
+    fn end(&mut self, complete: bool) {
+        if let Some(mut observer) = self.observer.take() {
+            observer.end(complete);
+        }
+    }
+}
+
+impl<B, O> http_body::Body for Observed<B, O>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    O: Observer + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(observer) = this.observer.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            None => {
+                this.end(true);
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                this.end(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = observer.data(data) {
+                        this.end(false);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                if observer.complete() || this.inner.is_end_stream() {
+                    this.end(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.observer.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.observer.is_none() {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
+    }
 }
