@@ -151,3 +151,130 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::StreamBody;
+
+    use super::*;
+
+    /// Records what it is told; cuts the body past `limit` bytes, and calls the body
+    /// complete at `expected` bytes.
+    #[derive(Default)]
+    struct Log {
+        seen: Arc<Mutex<Vec<String>>>,
+        size: u64,
+        limit: Option<u64>,
+        expected: Option<u64>,
+    }
+
+    impl Observer for Log {
+        fn data(&mut self, data: &Bytes) -> Result<(), BoxError> {
+            self.size += data.len() as u64;
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("data {}", data.len()));
+            match self.limit {
+                Some(l) if self.size > l => Err("too large".into()),
+                _ => Ok(()),
+            }
+        }
+
+        fn complete(&self) -> bool {
+            self.expected == Some(self.size)
+        }
+
+        fn end(&mut self, complete: bool) {
+            self.seen.lock().unwrap().push(format!("end {complete}"));
+        }
+    }
+
+    impl Drop for Log {
+        fn drop(&mut self) {
+            self.seen.lock().unwrap().push("drop".to_owned());
+        }
+    }
+
+    /// A streamed body of these chunks (never reports its end before the stream ends).
+    fn chunks(parts: &[&'static str]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
+        boxed(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
+    fn observe(body: Body, log: Log) -> (Observed<Body, Log>, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::clone(&log.seen);
+        (Observed::new(body, log), seen)
+    }
+
+    fn seen(s: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+        s.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn passes_frames_and_ends_once() {
+        let (mut b, s) = observe(chunks(&["ab", "cde"]), Log::default());
+        assert!(!http_body::Body::is_end_stream(&b));
+        let mut got = Vec::new();
+        while let Some(f) = b.frame().await {
+            got.extend_from_slice(f.unwrap().data_ref().unwrap());
+        }
+        assert_eq!(got, b"abcde");
+        assert!(http_body::Body::is_end_stream(&b));
+        assert_eq!(http_body::Body::size_hint(&b).exact(), Some(0));
+        assert!(b.frame().await.is_none());
+        assert_eq!(seen(&s), ["data 2", "data 3", "end true", "drop"]);
+    }
+
+    #[tokio::test]
+    async fn an_inner_body_that_reports_its_end_ends_with_its_last_frame() {
+        let (mut b, s) = observe(full("abc"), Log::default());
+        assert!(b.frame().await.unwrap().is_ok());
+        assert!(http_body::Body::is_end_stream(&b));
+        assert_eq!(seen(&s), ["data 3", "end true", "drop"]);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_ends_at_once() {
+        let (b, s) = observe(empty(), Log::default());
+        assert!(http_body::Body::is_end_stream(&b));
+        assert_eq!(seen(&s), ["end true", "drop"]);
+    }
+
+    #[tokio::test]
+    async fn an_observer_error_cuts_the_body() {
+        let mut log = Log::default();
+        log.limit = Some(3);
+        let (mut b, s) = observe(chunks(&["ab", "cd", "ef"]), log);
+        assert!(b.frame().await.unwrap().is_ok());
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "too large");
+        assert!(b.frame().await.is_none());
+        assert_eq!(seen(&s), ["data 2", "data 2", "end false", "drop"]);
+    }
+
+    #[tokio::test]
+    async fn a_complete_observer_ends_the_body_early() {
+        let mut log = Log::default();
+        log.expected = Some(4);
+        let (mut b, s) = observe(chunks(&["ab", "cd", "ef"]), log);
+        assert!(b.frame().await.unwrap().is_ok());
+        assert!(b.frame().await.unwrap().is_ok());
+        assert!(http_body::Body::is_end_stream(&b));
+        assert!(b.frame().await.is_none());
+        assert_eq!(seen(&s), ["data 2", "data 2", "end true", "drop"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_drops_its_observer_without_an_end() {
+        let (mut b, s) = observe(chunks(&["ab", "cd"]), Log::default());
+        assert!(b.frame().await.unwrap().is_ok());
+        drop(b);
+        assert_eq!(seen(&s), ["data 2", "drop"]);
+    }
+}

@@ -16,7 +16,9 @@
 //!   power of two choices and consistent hashing, with leases and passive health.
 //! - [`cache`]: the RFC 9111 shared HTTP cache (moka store, collapsing, revalidation).
 //! - [`sticky`]: signed sticky-session cookies and their key.
-//! - [`body`]: the boxed body type shared by the modules below.
+//! - [`body`]: the boxed body type shared by the modules below, and the one body
+//!   wrapper, [`body::Observed`] (request size limit, backend lease, access log,
+//!   cache tee).
 //! - [`vip`]: L7 VIPs made local addresses (added to `lo` when needed).
 //! - [`manager`]: runs the services the control plane publishes.
 pub mod balancer;
