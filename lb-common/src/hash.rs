@@ -4,6 +4,13 @@
 //! The hash is MurmurHash3's 32-bit block mix and finaliser over fixed-length input,
 //! written without loops so the verifier sees straight-line code. Inputs are the raw
 //! network-order words of the packet, so kernel and user space hash the same integers.
+//!
+//! Also the agent's one 64-bit hash of byte strings ([`member_hash`], [`tagged_hash`]):
+//! FNV-1a then MurmurHash3's 64-bit finaliser, used for the Maglev permutations of ring
+//! members (the XDP rings and the L7 `hash` scheduler's table) and for the L7 `hash`
+//! scheduler's keys. Fixed across builds, restarts and nodes, unlike std's
+//! `DefaultHasher`: every node must build the same rings and send a client to the same
+//! backend.
 
 use crate::types::FlowKey;
 
@@ -71,6 +78,53 @@ pub const fn ring_index(service_id: u32, ring_size: u32, slot: u32) -> u32 {
     service_id.wrapping_mul(ring_size).wrapping_add(slot)
 }
 
+/// FNV-1a's 64-bit offset basis and prime.
+const FNV64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a over `bytes`, continuing from state `h`.
+const fn fnv1a64(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(FNV64_PRIME);
+        i += 1;
+    }
+    h
+}
+
+/// `MurmurHash3`'s 64-bit finaliser: every input bit reaches every output bit.
+#[must_use]
+pub const fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+/// Hash of a ring member's key under `seed` (the Maglev offset and skip hashes): FNV-1a
+/// from the offset basis mixed with `fmix64(seed)`, then the key's length mixed in, then
+/// [`fmix64`].
+///
+/// Its values are part of the rings every node builds: they must never change (the
+/// tests pin them).
+#[must_use]
+pub const fn member_hash(key: &[u8], seed: u64) -> u64 {
+    fmix64(fnv1a64(FNV64_OFFSET ^ fmix64(seed), key) ^ key.len() as u64)
+}
+
+/// Hash of a value of kind `tag` (the L7 `hash` scheduler's header or cookie value, or
+/// the client's IPv4 or IPv6 address; the tag keeps equal bytes of different kinds
+/// apart): FNV-1a over the tag byte and the bytes, then [`fmix64`].
+///
+/// Its values decide which backend a client of an L7 `hash` service reaches: they must
+/// never change (the tests pin them).
+#[must_use]
+pub const fn tagged_hash(tag: u8, bytes: &[u8]) -> u64 {
+    fmix64(fnv1a64(fnv1a64(FNV64_OFFSET, &[tag]), bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +182,25 @@ mod tests {
         assert_eq!(ring_slot(5, 0), None);
         assert_eq!(ring_slot(65538, 65537), Some(1));
         assert_eq!(ring_index(2, 7, 3), 17);
+    }
+
+    #[test]
+    fn key_hashes_are_pinned() {
+        // Taken from the two copies these functions replace (dataplane/ring.rs and
+        // l7/balancer.rs): a change would move ring slots and L7 clients.
+        const OFFSET: u64 = 0x5844_504c_4d47_4c31; // the ring's seeds
+        const SKIP: u64 = 0x5844_504c_4d47_4c32;
+        assert_eq!(member_hash(b"", 0), 0xefd0_1f60_ba99_2926);
+        assert_eq!(member_hash(b"198.18.1.1:80", OFFSET), 0x90d8_50b2_ddec_d5d0);
+        assert_eq!(member_hash(b"198.18.1.1:80", SKIP), 0x060f_1530_430e_c7ff);
+        assert_eq!(
+            member_hash(b"[fd00:18::11]:8080", OFFSET),
+            0x626b_8ec0_2598_db73
+        );
+        assert_eq!(tagged_hash(b'v', b""), 0x9dd4_0852_e364_f5da);
+        assert_eq!(tagged_hash(b'v', b"alice"), 0x489f_b606_5f0e_b309);
+        assert_eq!(tagged_hash(b'4', &[198, 18, 0, 1]), 0x25de_a6f1_99c8_a7ea);
+        let v6 = [0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(tagged_hash(b'6', &v6), 0xac6b_8150_3465_0db7);
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Maglev hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load
 //! Balancer", NSDI 2016, section 3.4). Every member gets a permutation of the slots,
-//! `offset + j * skip (mod size)`, from two independent 64-bit hashes of its `key`:
+//! `offset + j * skip (mod size)`, from two independent 64-bit hashes of its `key`
+//! ([`lb_common::hash::member_hash`] under two seeds):
 //! `offset = h1 % size`, `skip = h2 % (size - 1) + 1`. Members then take turns: on its
 //! turn a member walks its permutation to the first slot still empty and claims it,
 //! until the table is full. With a prime `size` every `skip` is coprime with it, so each
@@ -47,6 +48,8 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+
+use lb_common::hash::member_hash;
 
 /// One backend as the ring sees it.
 #[derive(Clone, Debug)]
@@ -148,8 +151,8 @@ fn permutation(key: &str, size: u32) -> (u32, u32) {
     }
     let size64 = u64::from(size);
     // Both remainders are below `size`, so they fit in a u32.
-    let offset = (key_hash(key, SEED_OFFSET) % size64) as u32;
-    let mut skip = (key_hash(key, SEED_SKIP) % (size64 - 1)) as u32 + 1;
+    let offset = (member_hash(key.as_bytes(), SEED_OFFSET) % size64) as u32;
+    let mut skip = (member_hash(key.as_bytes(), SEED_SKIP) % (size64 - 1)) as u32 + 1;
     // Only a non-prime size needs this: the walk must visit every slot.
     while gcd(skip, size) != 1 {
         skip = if skip + 1 < size { skip + 1 } else { 1 };
@@ -168,28 +171,6 @@ const fn gcd(mut a: u32, mut b: u32) -> u32 {
         (a, b) = (b, a % b);
     }
     a
-}
-
-/// 64-bit hash of a key: `FNV-1a` over the bytes from a seeded state, then `MurmurHash3`'s
-/// 64-bit finaliser so that every input bit reaches every output bit.
-fn key_hash(key: &str, seed: u64) -> u64 {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = FNV_OFFSET ^ fmix64(seed);
-    for &b in key.as_bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    fmix64(h ^ key.len() as u64)
-}
-
-/// `MurmurHash3`'s 64-bit finaliser.
-const fn fmix64(mut k: u64) -> u64 {
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^ (k >> 33)
 }
 
 #[cfg(test)]
@@ -556,5 +537,36 @@ mod tests {
             .collect();
         let ours: Vec<u32> = (0..1000).filter(|&n| is_prime(n)).collect();
         assert_eq!(ours, sieve);
+    }
+
+    /// SHA-256 of the ring's ids (little-endian u32s), an oracle independent of the
+    /// hash under test.
+    fn digest(ring: &[u32]) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        for id in ring {
+            h.update(id.to_le_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn rings_of_a_fixed_input_never_change() {
+        // Every LB node and every release must build the same rings from the same
+        // configuration: these digests were taken before the member hash moved to
+        // lb_common::hash (whose own test pins its values), and must never change.
+        let keys = keys(5);
+        let ring = build(&members(&keys, &[1, 1, 1, 1, 1]), SIZE).unwrap();
+        assert_eq!(
+            digest(&ring),
+            "69c84b34cadc0652a5b63e30c8046a8989cca8c8bdb884b0aa060d68169fc09a"
+        );
+        let ring = build(&members(&keys, &[3, 1, 100, 7, 1]), SIZE).unwrap();
+        assert_eq!(
+            digest(&ring),
+            "81509a5739da203fb83e756a7a9606d295a2b4f3cdf951eb23e2e6092c5ad00d"
+        );
+        let ring = build(&members(&keys, &[2, 5, 1, 1, 3]), 13).unwrap();
+        assert_eq!(ring, [4, 2, 4, 1, 4, 1, 1, 0, 3, 1, 1, 1, 0]);
     }
 }

@@ -24,7 +24,8 @@
 //!   or a cookie per `hash_on`; the client address when that header or cookie is
 //!   absent or empty) into a Maglev table (Eisenbud et al., NSDI 2016) built by
 //!   [`crate::dataplane::ring`], the same builder as the XDP rings. The key hash is
-//!   FNV-1a with `MurmurHash3`'s finaliser: fixed, so every restart and every LB node maps
+//!   [`lb_common::hash::tagged_hash`] (FNV-1a with `MurmurHash3`'s finaliser, the same
+//!   code as the ring's member hash): fixed, so every restart and every LB node maps
 //!   a key to the same backend. When the chosen backend is excluded or ejected the walk
 //!   continues to the following slots, so a key always falls back to the same backend.
 //!   IPv4-mapped IPv6 clients hash as their IPv4 address.
@@ -91,6 +92,7 @@ use rand::Rng as _;
 use super::sticky::{StickyKey, TOKEN_LEN, cookie_value};
 use crate::config::{HashOn, HttpConfig, Scheduler};
 use crate::dataplane::ring::{self, RingMember};
+use lb_common::hash::tagged_hash;
 
 /// Slots of a `hash` pool's Maglev table (prime; see the module documentation).
 pub const HASH_TABLE_SIZE: u32 = 65537;
@@ -544,10 +546,10 @@ impl Pool {
             HashOn::Cookie(name) => cookie_value(key.headers, name).map(str::as_bytes),
         };
         match value {
-            Some(v) if !v.is_empty() => hash_bytes(b'v', v),
+            Some(v) if !v.is_empty() => tagged_hash(b'v', v),
             _ => match key.client.to_canonical() {
-                IpAddr::V4(a) => hash_bytes(b'4', &a.octets()),
-                IpAddr::V6(a) => hash_bytes(b'6', &a.octets()),
+                IpAddr::V4(a) => tagged_hash(b'4', &a.octets()),
+                IpAddr::V6(a) => tagged_hash(b'6', &a.octets()),
             },
         }
     }
@@ -663,23 +665,6 @@ fn hash_pick(set: &Set, hash: u64, ok: impl Fn(usize) -> bool) -> Option<usize> 
         }
     }
     (0..set.members.len()).find(|&i| ok(i))
-}
-
-/// FNV-1a over a tag byte and the bytes, then `MurmurHash3`'s 64-bit finaliser: fixed
-/// across restarts and builds, unlike std's `DefaultHasher`.
-fn hash_bytes(tag: u8, bytes: &[u8]) -> u64 {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = FNV_OFFSET;
-    for &b in std::iter::once(&tag).chain(bytes) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(FNV_PRIME);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }
 
 #[cfg(test)]

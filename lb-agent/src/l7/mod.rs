@@ -3,8 +3,10 @@
 //!
 //! - [`service`]: [`service::L7Service`], one running service as the agent drives it
 //!   (start, backends, purge, shutdown) and [`service::L7Error`].
-//! - [`server`]: the accept loop, TLS handshakes, HTTP/1.1 and HTTP/2 serving, header
-//!   and idle timeouts, graceful shutdown.
+//! - [`server`]: the accept loop, TLS handshakes, HTTP/1.1 and HTTP/2 serving,
+//!   graceful shutdown.
+//! - [`conn`]: one client connection as requests see it, and its header and idle
+//!   timeouts.
 //! - [`proxy`]: the per-request handler: limits, backend choice (sticky, pool),
 //!   forwarding and retries, upgrades, cache, access log.
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `Via`.
@@ -14,12 +16,15 @@
 //!   power of two choices and consistent hashing, with leases and passive health.
 //! - [`cache`]: the RFC 9111 shared HTTP cache (moka store, collapsing, revalidation).
 //! - [`sticky`]: signed sticky-session cookies and their key.
-//! - [`body`]: the boxed body type shared by the modules below.
+//! - [`body`]: the boxed body type shared by the modules below, and the one body
+//!   wrapper, [`body::Observed`] (request size limit, backend lease, access log,
+//!   cache tee).
 //! - [`vip`]: L7 VIPs made local addresses (added to `lo` when needed).
 //! - [`manager`]: runs the services the control plane publishes.
 pub mod balancer;
 pub mod body;
 pub mod cache;
+pub mod conn;
 pub mod headers;
 pub mod manager;
 pub mod proxy;

@@ -5,7 +5,7 @@
 //! 1. **Request filter** ([`check_limits`]): more than `max_headers` fields or more
 //!    than `max_header_bytes` of fields (name + value + 4 per field) give `431`; a
 //!    `Content-Length` above `max_body_bytes` gives `413` at once; a streamed body is
-//!    cut when it passes `max_body_bytes` ([`LimitedBody`]), which gives `413` when
+//!    cut when it passes `max_body_bytes` ([`BodyLimit`]), which gives `413` when
 //!    the response has not started.
 //! 2. **Upstream request** ([`prepare`]): hop-by-hop fields removed and
 //!    `X-Forwarded-For/-Proto/-Host` and `Via` added ([`headers`]); the URI becomes
@@ -43,31 +43,30 @@
 //! answered too late. Their bodies are `text/plain` and name the service.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use crate::config::HttpConfig;
 use crate::l7::balancer::{Lease, Outcome, PickKey, Pool};
-use crate::l7::body::{self, Body, BoxError};
+use crate::l7::body::{self, Body, BoxError, Observed, Observer};
 use crate::l7::cache::{Cache, CacheResult, Upstream, UpstreamError};
+use crate::l7::conn::{ConnInfo, InFlight, stopped};
 use crate::l7::headers::{self, Forwarded, Upgrading};
-use crate::l7::server::{ConnInfo, InFlight, Tracker, stopped};
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{self, StickyKey};
 
@@ -90,8 +89,8 @@ pub(crate) struct Proxy {
     pub(crate) sticky: Option<Sticky>,
     pub(crate) client: Client<HttpConnector, Body>,
     pub(crate) stats: HttpStats,
-    /// Live upgraded tunnels.
-    pub(crate) tunnels: Arc<Tracker>,
+    /// Live upgraded tunnels (shutdown waits for them).
+    pub(crate) tunnels: TaskTracker,
     /// Set when the grace period is over: connections and tunnels end.
     pub(crate) hard_stop: watch::Sender<bool>,
 }
@@ -180,80 +179,31 @@ impl ProxyError {
 // Bodies
 // ---------------------------------------------------------------------------
 
-/// A request body cut at a size limit: past it, an error, and `exceeded` is set.
-struct LimitedBody {
-    inner: Incoming,
+/// A request body's size limit ([`Observed`]): past `limit` bytes, an error, and
+/// `exceeded` is set so the forwarder can tell this from a backend failure (hyper's
+/// client reports a failed request body as its own error, not as this one).
+struct BodyLimit {
     remaining: u64,
     limit: u64,
     exceeded: Arc<AtomicBool>,
 }
 
-impl http_body::Body for LimitedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => f,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        if let Some(data) = frame.data_ref() {
-            let n = data.len() as u64;
-            if n > self.remaining {
-                self.exceeded.store(true, Ordering::SeqCst);
-                let limit = self.limit;
-                return Poll::Ready(Some(Err(ProxyError::BodyTooLarge { limit }
-                    .to_string()
-                    .into())));
-            }
-            self.remaining -= n;
+impl Observer for BodyLimit {
+    fn data(&mut self, data: &Bytes) -> Result<(), BoxError> {
+        let n = data.len() as u64;
+        if n > self.remaining {
+            self.exceeded.store(true, Ordering::SeqCst);
+            let limit = self.limit;
+            return Err(ProxyError::BodyTooLarge { limit }.to_string().into());
         }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.remaining -= n;
+        Ok(())
     }
 }
 
-/// A backend's response body, holding the backend's lease until it ends.
-struct LeaseBody {
-    inner: Incoming,
-    lease: Option<Lease>,
-}
-
-impl http_body::Body for LeaseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = r {
-            self.lease = None;
-        }
-        r.map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A backend's response body holds the backend's lease ([`Observed`]): the lease is
+/// returned when the body ends (or is dropped).
+impl Observer for Lease {}
 
 /// What the access log and the metrics record at the end of a request.
 struct Finish {
@@ -289,42 +239,12 @@ impl Drop for Finish {
     }
 }
 
-/// The response body sent to the client: counts bytes and logs when it ends.
-struct TrackedBody {
-    inner: Body,
-    finish: Option<Finish>,
-}
-
-impl http_body::Body for TrackedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(f)) = (frame.data_ref(), self.finish.as_mut()) {
-                    f.bytes += data.len() as u64;
-                }
-                if self.inner.is_end_stream() {
-                    self.finish = None;
-                }
-            }
-            Poll::Ready(None | Some(Err(_))) => self.finish = None,
-            Poll::Pending => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// The response body sent to the client ([`Observed`]) counts its bytes into
+/// `Finish`, which logs when the body ends (or is dropped).
+impl Observer for Finish {
+    fn data(&mut self, data: &Bytes) -> Result<(), BoxError> {
+        self.bytes += data.len() as u64;
+        Ok(())
     }
 }
 
@@ -363,12 +283,8 @@ pub(crate) async fn handle(
         proxy.stats.record_cache(&proxy.name, result);
     }
     let (parts, inner) = resp.into_parts();
-    let tracked = TrackedBody {
-        finish: (!inner.is_end_stream()).then_some(finish),
-        inner,
-    };
-    // An empty body is never polled: `finish` (dropped above when empty) logs now.
-    Response::from_parts(parts, tracked.boxed())
+    // An empty body is never polled: `Observed` drops `finish` (which logs) at once.
+    Response::from_parts(parts, Observed::new(inner, finish).boxed())
 }
 
 /// Request filter: header and body size limits.
@@ -445,13 +361,12 @@ fn prepare(
     let body = if incoming.is_end_stream() {
         body::empty()
     } else {
-        LimitedBody {
-            inner: incoming,
+        let limit = BodyLimit {
             remaining: proxy.http.max_body_bytes,
             limit: proxy.http.max_body_bytes,
             exceeded: Arc::clone(exceeded),
-        }
-        .boxed()
+        };
+        Observed::new(incoming, limit).boxed()
     };
     Request::from_parts(parts, body)
 }
@@ -542,11 +457,7 @@ fn backend_response(resp: Response<Incoming>, lease: Lease) -> Response<Body> {
     headers::strip_hop_by_hop(&mut parts.headers, Upgrading::No);
     headers::append_via(&mut parts.headers, parts.version);
     parts.version = Version::HTTP_11;
-    let body = LeaseBody {
-        inner: incoming,
-        lease: Some(lease),
-    };
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, Observed::new(incoming, lease).boxed())
 }
 
 /// A `101` from the backend: answer the client with it and join the two connections.
@@ -559,12 +470,10 @@ fn tunnel(
 ) -> Response<Body> {
     let backend_upgrade = hyper::upgrade::on(&mut resp);
     conn.activity.set_tunnel();
-    let token = proxy.tunnels.token();
     let mut hard = proxy.hard_stop.subscribe();
     let service = proxy.name.clone();
     let client = conn.client;
-    tokio::spawn(async move {
-        let _token = token;
+    proxy.tunnels.spawn(async move {
         let _lease = lease;
         let (c, b) = tokio::join!(client_upgrade, backend_upgrade);
         let (c, b) = match (c, b) {

@@ -14,12 +14,13 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Mode, ServiceConfig};
 use crate::l7::balancer::{BackendState, Pool};
 use crate::l7::cache::Cache;
 use crate::l7::proxy::{self, Proxy, Sticky};
-use crate::l7::server::{Server, Tracker};
+use crate::l7::server::Server;
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{StickyError, StickyKey};
 use crate::l7::tls::{self, TlsError};
@@ -140,7 +141,7 @@ impl L7Service {
             sticky,
             client: proxy::backend_client(&cfg.http),
             stats,
-            tunnels: Arc::new(Tracker::default()),
+            tunnels: TaskTracker::new(),
             hard_stop,
         });
         let server = Server::spawn(listener, Arc::clone(&proxy), tls.map(TlsAcceptor::from));

@@ -337,16 +337,6 @@ mod tests {
     const NOW: u64 = 1_700_000_000;
     const TTL: Duration = Duration::from_secs(3600);
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "xdplb-sticky-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn round_trip() {
         let k = key();
@@ -463,7 +453,8 @@ mod tests {
 
     #[test]
     fn key_file_created_0600_and_reloaded() {
-        let dir = temp_dir("create");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let state = dir.join("state");
         let k1 = StickyKey::load_or_create(&state).unwrap();
         let path = state.join(KEY_FILE);
@@ -483,33 +474,32 @@ mod tests {
         // Two fresh directories get different keys.
         let k3 = StickyKey::load_or_create(&dir.join("other")).unwrap();
         assert_ne!(k1.key, k3.key);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn wrong_size_file_is_an_error() {
-        let dir = temp_dir("size");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join(KEY_FILE);
         for len in [0usize, 31, 33, 64] {
             fs::write(&path, vec![1u8; len]).unwrap();
-            let err = StickyKey::load_or_create(&dir).unwrap_err();
+            let err = StickyKey::load_or_create(dir).unwrap_err();
             assert!(matches!(err, StickyError::WrongSize { len: l, .. } if l == len as u64));
             let msg = err.to_string();
             assert!(msg.contains(&path.display().to_string()), "{msg}");
             // Not replaced.
             assert_eq!(fs::read(&path).unwrap().len(), len);
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn unreadable_key_path_is_an_error() {
-        let dir = temp_dir("dir");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         // A directory where the file should be.
         fs::create_dir_all(dir.join(KEY_FILE)).unwrap();
-        let err = StickyKey::load_or_create(&dir).unwrap_err();
+        let err = StickyKey::load_or_create(dir).unwrap_err();
         assert!(matches!(err, StickyError::Read { .. }), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     fn headers(lines: &[&[u8]]) -> HeaderMap {

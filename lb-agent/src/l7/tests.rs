@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,15 +187,9 @@ fn cfg() -> ServiceConfig {
     serde_json::from_str(r#"{"name": "t", "vip": "127.0.0.1:0", "mode": "l7"}"#).expect("cfg")
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "xdplb-l7-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
+/// A fresh directory, removed when dropped.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
 }
 
 async fn start(cfg: &ServiceConfig, backends: &[SocketAddr]) -> L7Service {
@@ -204,7 +197,8 @@ async fn start(cfg: &ServiceConfig, backends: &[SocketAddr]) -> L7Service {
 }
 
 async fn start_with(cfg: &ServiceConfig, backends: &[SocketAddr], stats: HttpStats) -> L7Service {
-    let svc = L7Service::start(cfg, &temp_dir("state"), stats)
+    // The state directory is read only at start (the sticky key).
+    let svc = L7Service::start(cfg, temp_dir().path(), stats)
         .await
         .expect("start");
     let serving: Vec<(SocketAddr, u32)> = backends.iter().map(|a| (*a, 100)).collect();
@@ -427,16 +421,22 @@ async fn h2c_prior_knowledge() {
     assert_eq!(b.conns.load(Ordering::SeqCst), 1);
 }
 
-fn tls_files(tag: &str) -> (TlsConfig, rustls_pki_types::CertificateDer<'static>) {
+/// A self-signed certificate for localhost and its key, in files of a directory that
+/// lives as long as the first value.
+fn tls_files() -> (
+    tempfile::TempDir,
+    TlsConfig,
+    rustls_pki_types::CertificateDer<'static>,
+) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
-    let d = temp_dir(tag);
+    let d = temp_dir();
     let tls = TlsConfig {
-        cert: d.join("cert.pem"),
-        key: d.join("key.pem"),
+        cert: d.path().join("cert.pem"),
+        key: d.path().join("key.pem"),
     };
     std::fs::write(&tls.cert, ck.cert.pem()).expect("write");
     std::fs::write(&tls.key, ck.key_pair.serialize_pem()).expect("write");
-    (tls, ck.cert.der().clone())
+    (d, tls, ck.cert.der().clone())
 }
 
 async fn tls_connect(
@@ -466,7 +466,7 @@ async fn tls_connect(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_alpn_h2_and_http1() {
     let b = backend().await;
-    let (tls, cert) = tls_files("tls");
+    let (_dir, tls, cert) = tls_files();
     let mut c = cfg();
     c.tls = Some(tls);
     c.sticky = Some(StickyConfig {
@@ -1049,7 +1049,7 @@ async fn start_errors_name_the_service_and_what_failed() {
     let first = start(&cfg(), &[]).await;
     let mut c = cfg();
     c.vip = first.local_addr();
-    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+    let e = L7Service::start(&c, temp_dir().path(), HttpStats::new())
         .await
         .expect_err("port in use")
         .to_string();
@@ -1062,7 +1062,7 @@ async fn start_errors_name_the_service_and_what_failed() {
         cert: "/nonexistent/cert.pem".into(),
         key: "/nonexistent/key.pem".into(),
     });
-    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+    let e = L7Service::start(&c, temp_dir().path(), HttpStats::new())
         .await
         .expect_err("no cert")
         .to_string();
@@ -1072,7 +1072,7 @@ async fn start_errors_name_the_service_and_what_failed() {
     );
     let mut c = cfg();
     c.mode = crate::config::Mode::L4;
-    let e = L7Service::start(&c, &temp_dir("state"), HttpStats::new())
+    let e = L7Service::start(&c, temp_dir().path(), HttpStats::new())
         .await
         .expect_err("l4")
         .to_string();

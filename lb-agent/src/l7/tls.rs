@@ -113,15 +113,10 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("xdplb-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
-    }
-
     #[test]
     fn loads_a_generated_pair_and_offers_h2_first() {
-        let d = dir("ok");
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let d = tmp.path();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
         let cfg = TlsConfig {
             cert: d.join("c.pem"),
@@ -131,12 +126,12 @@ mod tests {
         std::fs::write(&cfg.key, ck.key_pair.serialize_pem()).expect("write");
         let sc = server_config(&cfg).expect("config");
         assert_eq!(sc.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
-        std::fs::remove_dir_all(&d).ok();
     }
 
     #[test]
     fn errors_name_the_file() {
-        let d = dir("bad");
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let d = tmp.path();
         let cfg = TlsConfig {
             cert: d.join("missing.pem"),
             key: d.join("k.pem"),
@@ -174,6 +169,5 @@ mod tests {
         std::fs::write(&cfg.key, other.key_pair.serialize_pem()).expect("write");
         let e = server_config(&cfg).expect_err("mismatch").to_string();
         assert!(e.contains("c.pem") && e.contains("k.pem"), "{e}");
-        std::fs::remove_dir_all(&d).ok();
     }
 }

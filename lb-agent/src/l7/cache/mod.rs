@@ -19,35 +19,33 @@
 //!   (a tee), the others wait (at most [`COLLAPSE_WAIT`]) and are served the stored
 //!   result, or go upstream themselves if nothing usable was stored.
 //!
-//! The rules live in [`policy`] (pure functions), the bounded memory store in [`store`].
+//! Laid out as pingora-cache is: the rules live in [`policy`] (pure functions), the
+//! bounded memory store and its keys in [`store`], the collapsing lock in [`lock`], the
+//! body tee in [`tee`]; this module runs a request through them.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::config::CacheConfig;
-use crate::l7::body::{Body, BoxError, boxed, empty, full};
+use crate::l7::body::{Body, empty, full};
 
+mod lock;
 pub mod policy;
 pub mod store;
+mod tee;
 #[cfg(test)]
 mod tests;
 
+pub use lock::COLLAPSE_WAIT;
+use lock::{CacheLock, Locked, WritePermit};
 use policy::{CacheControl, Reuse};
 use store::{Key, Lookup, Store, Stored};
-
-/// How long a collapsed request waits for the leader before going upstream itself.
-pub const COLLAPSE_WAIT: Duration = Duration::from_secs(30);
 
 /// The cache's name in `Cache-Status`.
 pub const CACHE_NAME: &str = "xdplb";
@@ -180,30 +178,7 @@ struct Inner {
     store: Store,
     object_limit: u64,
     /// URIs with an upstream request under way that others may wait for.
-    flights: Mutex<HashMap<Key, watch::Receiver<()>>>,
-}
-
-impl Inner {
-    fn flights(&self) -> MutexGuard<'_, HashMap<Key, watch::Receiver<()>>> {
-        self.flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// The lead of a collapsed fetch: dropping it wakes the waiters.
-struct Flight {
-    inner: Arc<Inner>,
-    key: Key,
-    _done: watch::Sender<()>,
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        // Only the leader inserts the key and only its drop removes it; the sender
-        // drops after this, which wakes the waiters.
-        self.inner.flights().remove(&self.key);
-    }
+    lock: CacheLock,
 }
 
 impl std::fmt::Debug for Cache {
@@ -225,7 +200,7 @@ impl Cache {
             inner: Arc::new(Inner {
                 store: Store::new(cfg.max_bytes),
                 object_limit: cfg.object_limit(),
-                flights: Mutex::new(HashMap::new()),
+                lock: CacheLock::default(),
             }),
         }
     }
@@ -336,16 +311,14 @@ impl Cache {
             // A HEAD miss goes upstream as HEAD and is not stored.
             return self.forward(&ctx, req, &upstream, found, fwd, None).await;
         }
-        let waiting = match self.lead(&ctx.key) {
-            Ok(flight) => {
+        match self.inner.lock.lock(&ctx.key) {
+            Locked::Write(permit) => {
                 return self
-                    .forward(&ctx, req, &upstream, found, fwd, Some(flight))
+                    .forward(&ctx, req, &upstream, found, fwd, Some(permit))
                     .await;
             }
-            Err(rx) => rx,
-        };
-        let mut rx = waiting;
-        let _ = tokio::time::timeout(COLLAPSE_WAIT, rx.changed()).await;
+            Locked::Read(waiting) => waiting.wait().await,
+        }
         let now = SystemTime::now();
         if let Lookup::Found(stored) = self.inner.store.lookup(&ctx.key, &ctx.req_headers).await {
             let reuse = policy::reuse(&ctx.req_cc, &stored.cc, stored.lifetime, stored.age(now));
@@ -362,22 +335,6 @@ impl Cache {
         self.forward(&ctx, req, &upstream, found, fwd, None).await
     }
 
-    /// Become the one fetching `key`, or get a receiver that wakes when the one
-    /// already fetching it is done.
-    fn lead(&self, key: &Key) -> Result<Flight, watch::Receiver<()>> {
-        let mut flights = self.inner.flights();
-        if let Some(rx) = flights.get(key) {
-            return Err(rx.clone());
-        }
-        let (tx, rx) = watch::channel(());
-        flights.insert(key.clone(), rx);
-        Ok(Flight {
-            inner: Arc::clone(&self.inner),
-            key: key.clone(),
-            _done: tx,
-        })
-    }
-
     /// Refresh `stale` in the background unless a fetch of its URI is under way.
     fn spawn_refresh<U: Upstream>(
         &self,
@@ -386,7 +343,7 @@ impl Cache {
         upstream: U,
         stale: Arc<Stored>,
     ) {
-        let Ok(flight) = self.lead(&ctx.key) else {
+        let Locked::Write(permit) = self.inner.lock.lock(&ctx.key) else {
             return;
         };
         let mut refresh = Request::new(empty());
@@ -404,7 +361,7 @@ impl Cache {
         let this = self.clone();
         tokio::spawn(async move {
             let served = this
-                .forward(&ctx, refresh, &upstream, Some(stale), "stale", Some(flight))
+                .forward(&ctx, refresh, &upstream, Some(stale), "stale", Some(permit))
                 .await;
             tracing::debug!(key = %ctx.key, status = served.status.render(), "cache: background refresh");
             if served.status.stored {
@@ -492,8 +449,9 @@ impl Cache {
     }
 
     /// Send a GET/HEAD upstream: validating `stale` when it has validators, serving it
-    /// on errors within `stale-if-error`, storing what may be stored. `flight`, if
-    /// any, is released once the response is stored or known not to be.
+    /// on errors within `stale-if-error`, storing what may be stored. `permit`, if
+    /// any (the collapsing lock), is released once the response is stored or known
+    /// not to be.
     async fn forward<U: Upstream>(
         &self,
         ctx: &Ctx,
@@ -501,7 +459,7 @@ impl Cache {
         upstream: &U,
         stale: Option<Arc<Stored>>,
         fwd: &'static str,
-        flight: Option<Flight>,
+        permit: Option<WritePermit>,
     ) -> Served {
         let validating = !ctx.head && {
             // The cache wants a full response it can store, and answers the client's
@@ -584,7 +542,7 @@ impl Cache {
                     }
                 }
             }
-            drop(flight);
+            drop(permit);
             let fresh = if merged.contains_key(header::SET_COOKIE) {
                 Arc::new(build(merged))
             } else {
@@ -613,7 +571,7 @@ impl Cache {
             && policy::not_modified(&ctx.req_headers, &parts.headers);
         if let Err(why) = storable {
             tracing::debug!(key = %ctx.key, "cache: not stored: {why}");
-            drop(flight);
+            drop(permit);
             let resp = if client_304 {
                 not_modified_response(&parts.headers)
             } else {
@@ -627,13 +585,13 @@ impl Cache {
         }
         status.stored = true;
         let (tx, rx) = oneshot::channel();
-        let tee = Tee::new(body, length, self.inner.object_limit, tx);
+        let tee = tee::tee(body, length, self.inner.object_limit, tx);
         let store = self.inner.store.clone();
         let key = ctx.key.clone();
         let req_headers = ctx.req_headers.clone();
         let headers = parts.headers.clone();
         tokio::spawn(async move {
-            let _flight = flight;
+            let _permit = permit;
             if let Ok(body) = rx.await {
                 let stored = Stored::new(
                     code,
@@ -649,7 +607,7 @@ impl Cache {
         let resp = if client_304 {
             // The client has it: answer 304 and let the body flow into the store.
             let head = not_modified_response(&parts.headers);
-            let mut body = boxed(tee);
+            let mut body = tee;
             tokio::spawn(async move {
                 while let Some(frame) = body.frame().await {
                     if frame.is_err() {
@@ -659,7 +617,7 @@ impl Cache {
             });
             head
         } else {
-            Response::from_parts(parts, boxed(tee))
+            Response::from_parts(parts, tee)
         };
         Served {
             resp,
@@ -755,115 +713,4 @@ fn key_of<B>(req: &Request<B>) -> Key {
     let host = host.rsplit('@').next().unwrap_or(host).trim();
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     Key::new(host, pq)
-}
-
-/// A body that passes the upstream body through and collects its data for the store,
-/// up to `limit` bytes; the whole body goes to `tx` when it ends, nothing when it fails,
-/// is dropped early or outgrows the limit. The end is the end of the stream, or the
-/// last of `expected` bytes (hyper stops polling a body once its `Content-Length` is
-/// written), or the inner body reporting its end.
-struct Tee {
-    inner: Body,
-    chunks: Option<Vec<Bytes>>,
-    size: u64,
-    expected: Option<u64>,
-    limit: u64,
-    tx: Option<oneshot::Sender<Bytes>>,
-    done: bool,
-}
-
-impl Tee {
-    fn new(inner: Body, expected: Option<u64>, limit: u64, tx: oneshot::Sender<Bytes>) -> Self {
-        let mut tee = Self {
-            inner,
-            chunks: Some(Vec::new()),
-            size: 0,
-            expected,
-            limit,
-            tx: Some(tx),
-            done: false,
-        };
-        if expected == Some(0) || http_body::Body::is_end_stream(&tee.inner) {
-            tee.finish();
-        }
-        tee
-    }
-
-    fn give_up(&mut self) {
-        self.chunks = None;
-        self.tx = None;
-    }
-
-    /// The body is complete: hand what was collected to the store.
-    fn finish(&mut self) {
-        self.done = true;
-        if let (Some(chunks), Some(tx)) = (self.chunks.take(), self.tx.take()) {
-            let body = if chunks.len() == 1 {
-                chunks.into_iter().next().unwrap_or_default()
-            } else {
-                let mut all = BytesMut::with_capacity(usize::try_from(self.size).unwrap_or(0));
-                for c in chunks {
-                    all.extend_from_slice(&c);
-                }
-                all.freeze()
-            };
-            let _ = tx.send(body);
-        }
-    }
-}
-
-impl http_body::Body for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.size += data.len() as u64;
-                    if let Some(chunks) = this.chunks.as_mut() {
-                        if this.size > this.limit {
-                            tracing::debug!("cache: body over the object limit, not stored");
-                            this.give_up();
-                        } else {
-                            chunks.push(data.clone());
-                        }
-                    }
-                    if this.expected == Some(this.size) || this.inner.is_end_stream() {
-                        this.finish();
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.give_up();
-                this.done = true;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        // Report the end only once seen, so the tee sees all of the body.
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.done {
-            return SizeHint::with_exact(0);
-        }
-        self.inner.size_hint()
-    }
 }
