@@ -324,7 +324,15 @@ impl ReloadReport {
     }
 
     /// One log line per added, removed or changed service and per shadowed edit.
-    fn log(&self) {
+    fn log(&self, services: usize) {
+        tracing::info!(
+            services,
+            added = self.added.len(),
+            removed = self.removed.len(),
+            changed = self.changed.len(),
+            shadowed = self.shadowed.len(),
+            "config reloaded"
+        );
         for name in &self.added {
             tracing::info!(service = %name, "reload adds the service");
         }
@@ -861,7 +869,7 @@ impl Control {
             &base.services,
             &self.overlay,
         );
-        report.log();
+        report.log(self.config.services.len());
         self.base = base;
         self.config = config;
         self.sync_health();

@@ -224,16 +224,8 @@ async fn serve_with(
                 let mut c = control.lock().await;
                 // SIGHUP never removes every service (POST /api/v1/reload can, when asked).
                 match c.reload(&args.config, false) {
-                    Ok(report) => {
-                        tracing::info!(
-                            services = c.config().services.len(),
-                            added = report.added.len(),
-                            removed = report.removed.len(),
-                            changed = report.changed.len(),
-                            shadowed = report.shadowed.len(),
-                            "config reloaded"
-                        );
-                    }
+                    // Control logs what the reload changed.
+                    Ok(_report) => {}
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
                 }
             }
