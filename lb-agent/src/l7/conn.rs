@@ -234,7 +234,10 @@ impl<I> TimedIo<I> {
         let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
         let status = bare_error_status(&data)?;
         let bytes = (self.parse_error)(status)?;
-        debug!(status, "replacing hyper's bare answer to an unparsable request head");
+        debug!(
+            status,
+            "replacing hyper's bare answer to an unparsable request head"
+        );
         Some(Replacing {
             bytes,
             written: 0,
@@ -411,17 +414,47 @@ mod tests {
     fn only_bare_error_heads_match() {
         let date = "date: Tue, 01 Dec 2026 12:00:00 GMT";
         for (head, want) in [
-            (format!("HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n{date}\r\n\r\n"), Some(431)),
-            (format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n{date}\r\n\r\n"), Some(400)),
+            (
+                format!(
+                    "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                Some(431),
+            ),
+            (
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                Some(400),
+            ),
             ("HTTP/1.1 414 URI Too Long\r\n\r\n".to_owned(), Some(414)),
             // Ours (content-type) or a backend's (via), a body, a success, h1.0.
-            (format!("HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n{date}\r\n\r\n"), None),
-            ("HTTP/1.1 400 Bad Request\r\nvia: 1.1 x\r\ncontent-length: 0\r\n\r\n".to_owned(), None),
-            ("HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno".to_owned(), None),
-            ("HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n".to_owned(), None),
-            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned(), None),
+            (
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\nvia: 1.1 x\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                None,
+            ),
             ("HTTP/1.0 400 Bad Request\r\n\r\n".to_owned(), None),
-            ("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n".to_owned(), None),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n".to_owned(),
+                None,
+            ),
         ] {
             assert_eq!(bare_error_status(head.as_bytes()), want, "{head}");
         }

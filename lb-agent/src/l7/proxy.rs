@@ -200,10 +200,8 @@ impl ProxyError {
         };
         let mut resp = Response::new(body::full(text));
         *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static(ERROR_CONTENT_TYPE),
-        );
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
         if self.closes() {
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));

@@ -1099,10 +1099,17 @@ async fn a_request_that_loops_back_gets_508_and_is_not_forwarded_again() {
     assert_eq!(got.status, StatusCode::LOOP_DETECTED);
     let text = String::from_utf8_lossy(&got.body);
     assert!(text.starts_with("508 request loop"), "{text}");
-    assert!(text.contains(via_name()) && text.contains("service \"t\""), "{text}");
+    assert!(
+        text.contains(via_name()) && text.contains("service \"t\""),
+        "{text}"
+    );
     // The 508 (ours, without Via) came back through the first hop.
     assert_eq!(got.headers["via"], format!("1.1 {}", via_name()));
-    let served: u64 = svc.pool_snapshot().iter().map(|b| u64::from(b.in_flight)).sum();
+    let served: u64 = svc
+        .pool_snapshot()
+        .iter()
+        .map(|b| u64::from(b.in_flight))
+        .sum();
     assert_eq!(served, 0);
 
     // A request that says it went through us already is answered at once.
@@ -1221,7 +1228,11 @@ async fn host_and_transfer_encoding_follow_rfc_9112() {
     ] {
         let out = raw(addr, req.as_bytes()).await;
         assert!(out.starts_with(&format!("HTTP/1.1 {want}")), "{req}: {out}");
-        assert!(out.to_ascii_lowercase().contains("content-type: text/plain; charset=utf-8"), "{out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("content-type: text/plain; charset=utf-8"),
+            "{out}"
+        );
         assert_eq!(raw_body(&out), text, "{req}");
     }
     assert_eq!(b.hits(), 0, "none of these reached the backend");
@@ -1232,7 +1243,10 @@ async fn host_and_transfer_encoding_follow_rfc_9112() {
         "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     ] {
         let out = raw(addr, req.as_bytes()).await;
-        assert!(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"), "{req}: {out}");
+        assert!(
+            out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"),
+            "{req}: {out}"
+        );
     }
     assert_eq!(b.hits(), 3);
 }
@@ -1250,7 +1264,10 @@ async fn h2c_upgrades_are_not_forwarded() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     let seen = b.last();
     for gone in ["upgrade", "http2-settings", "connection"] {
-        assert!(!seen.contains_key(gone), "{gone} reached the backend: {seen:?}");
+        assert!(
+            !seen.contains_key(gone),
+            "{gone} reached the backend: {seen:?}"
+        );
     }
 }
 
@@ -1272,7 +1289,11 @@ async fn hypers_own_parse_errors_have_the_proxys_error_shape() {
     }
     many.push_str("\r\n");
     for (req, status, text) in [
-        (long_uri, "414", "414 request target too long (service \"t\")\n".to_owned()),
+        (
+            long_uri,
+            "414",
+            "414 request target too long (service \"t\")\n".to_owned(),
+        ),
         (
             many,
             "431",
@@ -1284,16 +1305,26 @@ async fn hypers_own_parse_errors_have_the_proxys_error_shape() {
             "400 bad request: malformed request head (service \"t\")\n".to_owned(),
         ),
         (
-            "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n".to_owned(),
+            "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"
+                .to_owned(),
             "400",
             "400 bad request: malformed request head (service \"t\")\n".to_owned(),
         ),
     ] {
         let out = raw(addr, req.as_bytes()).await;
-        let head = out.split_once("\r\n\r\n").map_or("", |(h, _)| h).to_ascii_lowercase();
+        let head = out
+            .split_once("\r\n\r\n")
+            .map_or("", |(h, _)| h)
+            .to_ascii_lowercase();
         assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
-        assert!(head.contains("content-type: text/plain; charset=utf-8"), "{out}");
-        assert!(head.contains(&format!("content-length: {}", text.len())), "{out}");
+        assert!(
+            head.contains("content-type: text/plain; charset=utf-8"),
+            "{out}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", text.len())),
+            "{out}"
+        );
         assert_eq!(raw_body(&out), text);
     }
     assert_eq!(b.hits(), 0);
