@@ -55,6 +55,12 @@ pub trait Observer {
         false
     }
 
+    /// The inner body failed with `error` (called just before `end(false)`; not
+    /// for an error of the observer's own [`data`](Observer::data)).
+    fn failed(&mut self, error: &BoxError) {
+        let _ = error;
+    }
+
     /// The body ended: completely (`true`), or with an error (`false`). Called at most
     /// once; the observer is dropped right after. A body dropped before its end drops
     /// its observer without this call.
@@ -121,8 +127,10 @@ where
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
+                let e = e.into();
+                observer.failed(&e);
                 this.end(false);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

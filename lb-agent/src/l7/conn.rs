@@ -13,6 +13,11 @@
 //!   closed. An upgraded (tunnelled) connection is closed after that long without a
 //!   byte in either direction.
 //!
+//! [`TimedIo`] also gives hyper's own answers to unparsable request heads (400, 414,
+//! 431: a bare head, no body) the shape of the proxy's errors: when, with no request in
+//! flight on an HTTP/1 connection, hyper writes exactly such a head, the wrapper
+//! writes what its [`ParseErrorHook`] returns instead ([`bare_error_status`]).
+//!
 //! The server ([`super::server`]) wraps each accepted connection in a [`TimedIo`]; the
 //! proxy's requests hold an [`InFlight`] while they run and mark upgrades as tunnels.
 //! This module depends on neither, so `server` → `proxy` → `conn` has no cycle.
@@ -40,6 +45,47 @@ const TIMEOUT_408: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 const NONE: u64 = u64::MAX;
+
+/// The response to write instead of hyper's bare answer with this status to an
+/// unparsable request head; `None`: keep hyper's.
+pub(crate) type ParseErrorHook = Arc<dyn Fn(u16) -> Option<Vec<u8>> + Send + Sync>;
+
+/// The status of `data` when it is exactly one bare response head as hyper's HTTP/1
+/// server writes it for a parse error: `HTTP/1.1 <4xx> <reason>`, then only
+/// `content-length: 0`, `date` and `connection` fields, then the blank line, nothing
+/// else. Responses of the proxy always carry `Content-Type` (its own) or `Via` (a
+/// backend's), so they never match.
+pub(crate) fn bare_error_status(data: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(data).ok()?;
+    let head = text.strip_suffix("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+    let status: u16 = status.parse().ok()?;
+    if !(400..500).contains(&status) {
+        return None;
+    }
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        let value = value.trim();
+        let known = if name.eq_ignore_ascii_case("content-length") {
+            value == "0"
+        } else {
+            name.eq_ignore_ascii_case("date") || name.eq_ignore_ascii_case("connection")
+        };
+        if !known {
+            return None;
+        }
+    }
+    Some(status)
+}
+
+/// A replacement response being written in place of hyper's.
+struct Replacing {
+    bytes: Vec<u8>,
+    written: usize,
+    /// What hyper asked to write: reported as written once `bytes` are out.
+    claimed: usize,
+}
 
 /// What one client connection is doing, shared by its IO wrapper and its requests.
 #[derive(Debug)]
@@ -146,6 +192,9 @@ pub(crate) struct TimedIo<I> {
     idle_timeout: Duration,
     /// Bytes of the h2 preface matched so far; `None` once decided.
     preface: Option<usize>,
+    parse_error: ParseErrorHook,
+    /// Set once a parse error answer has been replaced (the connection ends then).
+    replacing: Option<Replacing>,
 }
 
 impl<I> TimedIo<I> {
@@ -154,6 +203,7 @@ impl<I> TimedIo<I> {
         activity: Arc<ConnActivity>,
         header: Duration,
         idle: Duration,
+        parse_error: ParseErrorHook,
     ) -> Self {
         let h2 = activity.h2.load(Ordering::Relaxed);
         Self {
@@ -163,7 +213,36 @@ impl<I> TimedIo<I> {
             header_timeout: header,
             idle_timeout: idle,
             preface: (!h2).then_some(0),
+            parse_error,
+            replacing: None,
         }
+    }
+
+    /// Whether a write of `bufs` by hyper is its bare answer to an unparsable head,
+    /// to be replaced (see the [module docs](self)).
+    fn replacement(&self, bufs: &[io::IoSlice<'_>]) -> Option<Replacing> {
+        let a = &self.activity;
+        let claimed: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.replacing.is_some()
+            || claimed > 512
+            || a.h2.load(Ordering::SeqCst)
+            || a.tunnel.load(Ordering::SeqCst)
+            || a.in_flight.load(Ordering::SeqCst) > 0
+        {
+            return None;
+        }
+        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let status = bare_error_status(&data)?;
+        let bytes = (self.parse_error)(status)?;
+        debug!(
+            status,
+            "replacing hyper's bare answer to an unparsable request head"
+        );
+        Some(Replacing {
+            bytes,
+            written: 0,
+            claimed,
+        })
     }
 
     fn sniff_preface(&mut self, data: &[u8]) {
@@ -236,6 +315,36 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
     }
 }
 
+impl<I: AsyncRead + AsyncWrite + Unpin> TimedIo<I> {
+    /// Write the replacement of hyper's parse error answer when `bufs` is one (or one
+    /// is being written); `None`: write `bufs` as they are.
+    fn poll_replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            self.replacing = Some(self.replacement(bufs)?);
+        }
+        let rep = self.replacing.as_mut()?;
+        if rep.written == rep.bytes.len() {
+            // Done; anything hyper writes after it goes as it is.
+            return None;
+        }
+        while rep.written < rep.bytes.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &rep.bytes[rep.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => rep.written += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        Some(Poll::Ready(Ok(rep.claimed)))
+    }
+}
+
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -243,6 +352,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(r) = this.poll_replace(cx, &[io::IoSlice::new(data)]) {
+            return r;
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_write();
@@ -256,6 +368,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(r) = this.poll_replace(cx, bufs) {
+            return r;
+        }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_write();
@@ -289,4 +404,59 @@ pub(crate) struct ConnInfo {
 /// Resolves when the hard stop is set (or its sender is gone).
 pub(crate) async fn stopped(hard: &mut watch::Receiver<bool>) {
     let _ = hard.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bare_error_status;
+
+    #[test]
+    fn only_bare_error_heads_match() {
+        let date = "date: Tue, 01 Dec 2026 12:00:00 GMT";
+        for (head, want) in [
+            (
+                format!(
+                    "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                Some(431),
+            ),
+            (
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                Some(400),
+            ),
+            ("HTTP/1.1 414 URI Too Long\r\n\r\n".to_owned(), Some(414)),
+            // Ours (content-type) or a backend's (via), a body, a success, h1.0.
+            (
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+                ),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\nvia: 1.1 x\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n".to_owned(),
+                None,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                None,
+            ),
+            ("HTTP/1.0 400 Bad Request\r\n\r\n".to_owned(), None),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n".to_owned(),
+                None,
+            ),
+        ] {
+            assert_eq!(bare_error_status(head.as_bytes()), want, "{head}");
+        }
+    }
 }

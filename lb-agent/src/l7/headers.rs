@@ -8,9 +8,15 @@
 //! - [`add_forwarded`]: the request side's `X-Forwarded-For` (the client's address
 //!   appended to any list the client sent), `X-Forwarded-Proto` (`http` or `https`,
 //!   always ours), `X-Forwarded-Host` (the host the client asked for, always ours).
-//! - [`append_via`]: `Via: 1.1 xdplb` (or `2 xdplb`, `1.0 xdplb` by the message's
+//! - [`append_via`]: `Via: 1.1 <name>` (or `2 <name>`, `1.0 <name>` by the message's
 //!   version), appended to any `Via` already present, on requests and responses.
-//! - [`is_upgrade_request`]: whether a request asks for a protocol switch.
+//!   `<name>` is [`via_name`]: `xdplb-` and 8 hex digits drawn at random once per
+//!   agent process, so every hop of a chain of agents has its own name.
+//! - [`via_names_us`]: whether a request already went through this agent (a loop:
+//!   a backend that leads back to one of our VIPs, directly or through other hosts).
+//! - [`is_upgrade_request`]: whether a request asks for a protocol switch. `h2c` is
+//!   never passed on (RFC 9113 §3.1 removed it; a backend must not be switched to
+//!   HTTP/2 behind our back): it is dropped from `Upgrade`, with `HTTP2-Settings`.
 
 use std::net::IpAddr;
 
@@ -20,11 +26,22 @@ use http::header::{
     TE, TRANSFER_ENCODING, UPGRADE, VIA,
 };
 
-/// The pseudonym this proxy uses in `Via`.
-pub const VIA_NAME: &str = "xdplb";
+/// The prefix of the pseudonym this proxy uses in `Via` ([`via_name`]).
+pub const VIA_PREFIX: &str = "xdplb";
+
+/// This agent's pseudonym in `Via`: `xdplb-` and 8 random hex digits, drawn once per
+/// process. Unique per agent (not per host: two agents on one host differ), the same
+/// for all its services (a service whose backend is another service of the same
+/// agent is a loop too; config and API refuse it anyway).
+#[must_use]
+pub fn via_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| format!("{VIA_PREFIX}-{:08x}", rand::random::<u32>()))
+}
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -41,13 +58,25 @@ pub enum Upgrading {
     Yes,
 }
 
-/// Whether `headers` ask for a protocol switch: `Connection` lists `upgrade` and an
-/// `Upgrade` field is present (HTTP/1.1 only; h2 has no such mechanism).
+/// Whether `headers` ask for a protocol switch we pass on: `Connection` lists
+/// `upgrade` and `Upgrade` names a protocol other than `h2c` (HTTP/1.1 only; h2 has
+/// no such mechanism).
 #[must_use]
 pub fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(UPGRADE)
+        && upgrade_protocols(headers).next().is_some()
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The protocols of every `Upgrade` field, `h2c` left out.
+fn upgrade_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("h2c"))
 }
 
 /// The comma-separated tokens of every `Connection` field.
@@ -80,6 +109,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
         &TRANSFER_ENCODING,
         &PROXY_AUTHENTICATE,
         &PROXY_AUTHORIZATION,
+        &HTTP2_SETTINGS,
     ] {
         headers.remove(name);
     }
@@ -88,6 +118,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
             headers.remove(UPGRADE);
         }
         Upgrading::Yes => {
+            let protocols = upgrade_protocols(headers).collect::<Vec<_>>().join(", ");
+            match HeaderValue::from_str(&protocols) {
+                Ok(v) if !protocols.is_empty() => {
+                    headers.insert(UPGRADE, v);
+                }
+                _ => {
+                    headers.remove(UPGRADE);
+                }
+            }
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
@@ -138,14 +177,30 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
 
 /// The `Via` entry for a message received with `version`.
 #[must_use]
-pub fn via_entry(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "0.9 xdplb",
-        Version::HTTP_10 => "1.0 xdplb",
-        Version::HTTP_2 => "2 xdplb",
-        Version::HTTP_3 => "3 xdplb",
-        _ => "1.1 xdplb",
-    }
+pub fn via_entry(version: Version) -> String {
+    let protocol = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    format!("{protocol} {}", via_name())
+}
+
+/// Whether an entry of `Via` names this agent ([`via_name`]) as a recipient: the
+/// request has been through this proxy already.
+#[must_use]
+pub fn via_names_us(headers: &HeaderMap) -> bool {
+    let ours = via_name();
+    headers
+        .get_all(VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        // `received-protocol received-by [ comment ]` (RFC 9110 §7.6.3).
+        .filter_map(|entry| entry.split_whitespace().nth(1))
+        .any(|by| by == ours)
 }
 
 /// Append our `Via` entry for a message received with `version`.
@@ -159,14 +214,15 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
         .filter(|v| !v.is_empty())
         .collect();
     let value = if prior.is_empty() {
-        HeaderValue::from_static(ours)
+        HeaderValue::from_str(&ours)
     } else {
-        match HeaderValue::from_str(&format!("{}, {ours}", prior.join(", "))) {
-            Ok(v) => v,
-            Err(_) => HeaderValue::from_static(ours),
-        }
+        HeaderValue::from_str(&format!("{}, {ours}", prior.join(", ")))
+            .or_else(|_| HeaderValue::from_str(&ours))
     };
-    headers.insert(VIA, value);
+    // `ours` is ASCII letters, digits, '-', '.' and a space: always a valid value.
+    if let Ok(v) = value {
+        headers.insert(VIA, v);
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +295,29 @@ mod tests {
     }
 
     #[test]
+    fn h2c_is_never_an_upgrade_and_is_stripped() {
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ]);
+        assert!(!is_upgrade_request(Version::HTTP_11, &h2c));
+        let mut h = h2c.clone();
+        strip_hop_by_hop(&mut h, Upgrading::No);
+        assert!(names(&h).is_empty(), "{h:?}");
+        // Offered next to another protocol: only that one is passed on.
+        let mut h = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "H2C, websocket"),
+            ("http2-settings", "x"),
+        ]);
+        assert!(is_upgrade_request(Version::HTTP_11, &h));
+        strip_hop_by_hop(&mut h, Upgrading::Yes);
+        assert_eq!(names(&h), ["connection", "upgrade"]);
+        assert_eq!(h[UPGRADE], "websocket");
+    }
+
+    #[test]
     fn forwarded_for_appends_and_proto_host_are_ours() {
         let client = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 7));
         let mut h = map(&[
@@ -277,12 +356,34 @@ mod tests {
 
     #[test]
     fn via_appends_by_version() {
+        let name = via_name();
+        assert!(name.starts_with("xdplb-") && name.len() == 14, "{name}");
+        assert_eq!(name, via_name(), "one name per process");
         let mut h = HeaderMap::new();
         append_via(&mut h, Version::HTTP_11);
-        assert_eq!(h[VIA], "1.1 xdplb");
+        assert_eq!(h[VIA], format!("1.1 {name}"));
         let mut h = map(&[("via", "1.0 fred"), ("via", "1.1 p.example")]);
         append_via(&mut h, Version::HTTP_2);
-        assert_eq!(h[VIA], "1.0 fred, 1.1 p.example, 2 xdplb");
-        assert_eq!(via_entry(Version::HTTP_10), "1.0 xdplb");
+        assert_eq!(h[VIA], format!("1.0 fred, 1.1 p.example, 2 {name}"));
+        assert_eq!(via_entry(Version::HTTP_10), format!("1.0 {name}"));
+    }
+
+    #[test]
+    fn via_names_us_finds_our_entry_only() {
+        let name = via_name();
+        assert!(!via_names_us(&HeaderMap::new()));
+        assert!(!via_names_us(&map(&[("via", "1.1 xdplb, 1.0 fred")])));
+        assert!(!via_names_us(&map(&[("via", &format!("1.1 {name}x"))])));
+        assert!(via_names_us(&map(&[(
+            "via",
+            &format!("1.0 fred, 1.1 {name} (comment)")
+        )])));
+        assert!(via_names_us(&map(&[
+            ("via", "1.1 a"),
+            ("via", &format!("2 {name}"))
+        ])));
+        let mut h = HeaderMap::new();
+        append_via(&mut h, Version::HTTP_11);
+        assert!(via_names_us(&h));
     }
 }

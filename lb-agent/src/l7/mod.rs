@@ -5,11 +5,13 @@
 //!   (start, backends, purge, shutdown) and [`service::L7Error`].
 //! - [`server`]: the accept loop, TLS handshakes, HTTP/1.1 and HTTP/2 serving,
 //!   graceful shutdown.
-//! - [`conn`]: one client connection as requests see it, and its header and idle
-//!   timeouts.
-//! - [`proxy`]: the per-request handler: limits, backend choice (sticky, pool),
+//! - [`conn`]: one client connection as requests see it, its header and idle
+//!   timeouts, and the error shape given to hyper's own parse-error answers.
+//! - [`proxy`]: the per-request handler: RFC 9112 checks (`Host`,
+//!   `Transfer-Encoding`), loop detection, limits, backend choice (sticky, pool),
 //!   forwarding and retries, upgrades, cache, access log.
-//! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, `Via`.
+//! - [`headers`]: hop-by-hop removal (`h2c` upgrades too), `X-Forwarded-*`, `Via` with
+//!   this agent's name and its loop check.
 //! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1.
 //! - [`stats`]: [`stats::HttpStats`], the L7 Prometheus series and per-service totals.
 //! - [`balancer`]: a service's backend pool: weighted round robin, least request,

@@ -2,15 +2,24 @@
 //! `ProxyHttp` (request filter, upstream peer, upstream request filter, response
 //! filter, logging):
 //!
-//! 1. **Request filter** ([`check_limits`]): more than `max_headers` fields or more
+//! 1. **Request filter** ([`check_request`], [`check_limits`]): RFC 9112 framing and
+//!    `Host` rules first: two `Host` fields, or an HTTP/1.1 request without one, or a
+//!    `Host` that is not a valid authority give `400`; `Transfer-Encoding` naming
+//!    `chunked` more than once gives `400`, any other transfer coding `501` (hyper
+//!    already refuses one whose last coding is not `chunked`). A request whose `Via`
+//!    names this agent ([`headers::via_names_us`]) has come round a loop: `508`, a
+//!    WARN naming the service, and it is not forwarded. Then the limits: more than
+//!    `max_headers` fields or more
 //!    than `max_header_bytes` of fields (name + value + 4 per field) give `431`; a
 //!    `Content-Length` above `max_body_bytes` gives `413` at once; a streamed body is
 //!    cut when it passes `max_body_bytes` ([`BodyLimit`]), which gives `413` when
-//!    the response has not started.
+//!    the response has not started. A request body that fails on the client's side
+//!    (bad chunk size or extension, client gone) gives `400` and is not counted
+//!    against the backend ([`ClientBody`]).
 //! 2. **Upstream request** ([`prepare`]): hop-by-hop fields removed and
 //!    `X-Forwarded-For/-Proto/-Host` and `Via` added ([`headers`]); the URI becomes
 //!    origin-form and `Host` is kept (for h2 clients set from `:authority`); backends
-//!    are spoken to in HTTP/1.1 only.
+//!    are spoken to in HTTP/1.1 only. `Upgrade: h2c` is never forwarded.
 //! 3. **Cache** (when the service has one): every request except upgrades goes
 //!    through [`Cache::handle`], with the [`Forwarder`] below as its [`Upstream`]: the
 //!    cache sits between the client and backend selection. Without a cache the
@@ -26,7 +35,8 @@
 //!    attempt's [`Outcome`] goes to the pool: `ConnectError`, `Reset`, `Timeout`;
 //!    `Status5xx` for 502, 503 and 504 (a backend or its own upstream failing; a 500
 //!    is taken as the application's answer to one request, not a sign of ill health);
-//!    `Success` otherwise. A request cut for its size is not reported.
+//!    `Success` otherwise. A request cut for its size or failed by its client's body
+//!    is not reported.
 //! 6. **Upgrades** (`Connection: upgrade` + `Upgrade`, HTTP/1.1): forwarded with
 //!    those fields; on `101` both sides' connections are taken over and bytes copied
 //!    both ways until either side closes (or the service stops).
@@ -38,18 +48,22 @@
 //!    `xdplb::access` event (service, client, method, path, status, backend, cache,
 //!    duration_ms, bytes) and the [`HttpStats`] series.
 //!
-//! Error statuses of ours: `413` body too large, `431` header too large, `502`
-//! backend failed (connect, reset, bad response), `503` no backend, `504` backend
-//! answered too late. Their bodies are `text/plain` and name the service.
+//! Error statuses of ours: `400` malformed request (head or body), `413` body too
+//! large, `431` header too large, `501` unknown transfer coding, `502` backend
+//! failed (connect, reset, bad response), `503` no backend, `504` backend answered
+//! too late, `508` loop. Their bodies are `text/plain` and name the service; the
+//! errors hyper's parser answers itself (`400`, `414`, `431`) get the same shape
+//! ([`parse_error_response`], written by [`super::conn::TimedIo`]).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, SET_COOKIE};
+use http::header::{
+    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, SET_COOKIE, TRANSFER_ENCODING,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -59,7 +73,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::HttpConfig;
 use crate::l7::balancer::{Lease, Outcome, PickKey, Pool};
@@ -138,6 +152,12 @@ pub(crate) enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("request header larger than {limit} {unit}")]
     HeaderTooLarge { limit: u64, unit: &'static str },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    #[error("transfer coding not implemented: {coding}")]
+    NotImplemented { coding: String },
+    #[error("request loop: the request has already passed through this proxy ({via})")]
+    Loop { via: &'static str },
 }
 
 impl ProxyError {
@@ -148,7 +168,27 @@ impl ProxyError {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
+            Self::Loop { .. } => StatusCode::LOOP_DETECTED,
         }
+    }
+
+    /// Whether the client's connection cannot be trusted after this error (framing
+    /// in doubt, or a body left unread): `Connection: close`.
+    fn closes(&self) -> bool {
+        matches!(
+            self,
+            Self::BodyTooLarge { .. }
+                | Self::HeaderTooLarge { .. }
+                | Self::BadRequest { .. }
+                | Self::NotImplemented { .. }
+        )
+    }
+
+    /// The body text of this error, as every error of ours has it.
+    fn text(&self, service: &str) -> String {
+        error_text(self.status(), &self.to_string(), service)
     }
 
     /// The response sent to the client.
@@ -156,18 +196,13 @@ impl ProxyError {
         let status = self.status();
         let text = match self {
             Self::NoBackend => format!("503 no backend available for service \"{service}\"\n"),
-            other => format!("{} {other} (service \"{service}\")\n", status.as_u16()),
+            _ => self.text(service),
         };
         let mut resp = Response::new(body::full(text));
         *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if matches!(
-            self,
-            Self::BodyTooLarge { .. } | Self::HeaderTooLarge { .. }
-        ) {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
+        if self.closes() {
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -175,29 +210,75 @@ impl ProxyError {
     }
 }
 
+/// The `Content-Type` of every error body of ours.
+const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// `<code> <what> (service "<name>")`: the text of every error of ours.
+fn error_text(status: StatusCode, what: &str, service: &str) -> String {
+    format!("{} {what} (service \"{service}\")\n", status.as_u16())
+}
+
+/// The bytes of the response that replaces the bare one hyper's HTTP/1 parser writes
+/// for a request head it cannot parse (`status` 400, 414 or 431: no body, no
+/// `Content-Type`): the same shape as the proxy's own errors. `None` for another
+/// status.
+pub(crate) fn parse_error_response(
+    status: u16,
+    service: &str,
+    http: &HttpConfig,
+) -> Option<Vec<u8>> {
+    let status = StatusCode::from_u16(status).ok()?;
+    let what = match status {
+        StatusCode::BAD_REQUEST => "bad request: malformed request head".to_owned(),
+        StatusCode::URI_TOO_LONG => "request target too long".to_owned(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => format!(
+            "request header larger than {} fields or {} bytes",
+            http.max_headers,
+            http.max_header_bytes.max(8192)
+        ),
+        _ => return None,
+    };
+    let text = error_text(status, &what, service);
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {ERROR_CONTENT_TYPE}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        text.len()
+    );
+    Some([head.into_bytes(), text.into_bytes()].concat())
+}
+
 // ---------------------------------------------------------------------------
 // Bodies
 // ---------------------------------------------------------------------------
 
-/// A request body's size limit ([`Observed`]): past `limit` bytes, an error, and
-/// `exceeded` is set so the forwarder can tell this from a backend failure (hyper's
-/// client reports a failed request body as its own error, not as this one).
-struct BodyLimit {
+/// The client's request body on its way to a backend ([`Observed`]): past `limit`
+/// bytes it is cut (`413`); when it fails on the client's side (a malformed chunk, the
+/// client gone) that is the client's fault (`400`). Either is recorded in `fault`,
+/// so the forwarder tells it from a backend failure (hyper's client reports a failed
+/// request body as its own error) and does not count it against the backend.
+struct ClientBody {
     remaining: u64,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
+    fault: Arc<OnceLock<ProxyError>>,
 }
 
-impl Observer for BodyLimit {
+impl Observer for ClientBody {
     fn data(&mut self, data: &Bytes) -> Result<(), BoxError> {
         let n = data.len() as u64;
         if n > self.remaining {
-            self.exceeded.store(true, Ordering::SeqCst);
-            let limit = self.limit;
-            return Err(ProxyError::BodyTooLarge { limit }.to_string().into());
+            let err = ProxyError::BodyTooLarge { limit: self.limit };
+            let _ = self.fault.set(err.clone());
+            return Err(err.to_string().into());
         }
         self.remaining -= n;
         Ok(())
+    }
+
+    fn failed(&mut self, error: &BoxError) {
+        let _ = self.fault.set(ProxyError::BadRequest {
+            reason: format!("request body: {}", root_cause(error.as_ref())),
+        });
     }
 }
 
@@ -287,6 +368,51 @@ pub(crate) async fn handle(
     Response::from_parts(parts, Observed::new(inner, finish).boxed())
 }
 
+/// Request filter: `Host`, `Transfer-Encoding` and loops (see the [module docs](self)).
+fn check_request(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let bad = |reason: &str| {
+        Err(ProxyError::BadRequest {
+            reason: reason.to_owned(),
+        })
+    };
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return bad("more than one Host field"),
+        (None, _) if version == Version::HTTP_11 => return bad("HTTP/1.1 request without Host"),
+        (Some(h), None)
+            if !h.is_empty() && http::uri::Authority::try_from(h.as_bytes()).is_err() =>
+        {
+            return bad("Host is not a valid host[:port]");
+        }
+        _ => {}
+    }
+    let mut chunked = 0;
+    for coding in headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+    {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else {
+            return Err(ProxyError::NotImplemented {
+                coding: String::from_utf8_lossy(coding).into_owned(),
+            });
+        }
+    }
+    if chunked > 1 {
+        return bad("Transfer-Encoding names chunked more than once");
+    }
+    if headers::via_names_us(headers) {
+        return Err(ProxyError::Loop {
+            via: headers::via_name(),
+        });
+    }
+    Ok(())
+}
+
 /// Request filter: header and body size limits.
 fn check_limits(http: &HttpConfig, headers: &HeaderMap) -> Result<(), ProxyError> {
     if headers.len() > usize::try_from(http.max_headers).unwrap_or(usize::MAX) {
@@ -323,7 +449,7 @@ fn prepare(
     conn: &ConnInfo,
     req: Request<Incoming>,
     upgrading: Upgrading,
-    exceeded: &Arc<AtomicBool>,
+    fault: &Arc<OnceLock<ProxyError>>,
 ) -> Request<Body> {
     let (mut parts, incoming) = req.into_parts();
     let host = parts
@@ -361,10 +487,10 @@ fn prepare(
     let body = if incoming.is_end_stream() {
         body::empty()
     } else {
-        let limit = BodyLimit {
+        let limit = ClientBody {
             remaining: proxy.http.max_body_bytes,
             limit: proxy.http.max_body_bytes,
-            exceeded: Arc::clone(exceeded),
+            fault: Arc::clone(fault),
         };
         Observed::new(incoming, limit).boxed()
     };
@@ -377,6 +503,15 @@ async fn respond(
     mut req: Request<Incoming>,
     finish: &mut Finish,
 ) -> Response<Body> {
+    if let Err(e) = check_request(req.version(), req.headers()) {
+        if matches!(e, ProxyError::Loop { .. }) {
+            warn!(service = %proxy.name, client = %conn.client, via = ?req.headers().get_all(http::header::VIA).iter().collect::<Vec<_>>(),
+                "request loop: this request already went through this agent (a backend of the service leads back to it); answered 508, not forwarded");
+        } else {
+            debug!(service = %proxy.name, client = %conn.client, error = %e, "request refused");
+        }
+        return e.response(&proxy.name);
+    }
     if let Err(e) = check_limits(&proxy.http, req.headers()) {
         debug!(service = %proxy.name, client = %conn.client, error = %e, "request refused");
         return e.response(&proxy.name);
@@ -387,18 +522,18 @@ async fn respond(
         sticky::cookie_value(req.headers(), &s.cookie)
             .and_then(|v| s.key.verify(v, SystemTime::now()))
     });
-    let exceeded = Arc::new(AtomicBool::new(false));
+    let fault = Arc::new(OnceLock::new());
     let upgrading = if upgrade {
         Upgrading::Yes
     } else {
         Upgrading::No
     };
-    let req = prepare(proxy, conn, req, upgrading, &exceeded);
+    let req = prepare(proxy, conn, req, upgrading, &fault);
     let forwarder = Forwarder {
         proxy: Arc::clone(proxy),
         client: conn.client.ip(),
         sticky_token,
-        exceeded,
+        fault,
         record: Arc::default(),
     };
 
@@ -516,7 +651,8 @@ pub(crate) struct Forwarder {
     proxy: Arc<Proxy>,
     client: IpAddr,
     sticky_token: Option<[u8; 8]>,
-    exceeded: Arc<AtomicBool>,
+    /// Set when the client's body failed: the client's fault, not the backend's.
+    fault: Arc<OnceLock<ProxyError>>,
     record: Arc<Mutex<Record>>,
 }
 
@@ -665,10 +801,9 @@ impl Forwarder {
                     return Ok((resp, lease));
                 }
                 Ok(Err(e)) => {
-                    if self.exceeded.load(Ordering::SeqCst) {
-                        return Err(ProxyError::BodyTooLarge {
-                            limit: proxy.http.max_body_bytes,
-                        });
+                    if let Some(fault) = self.fault.get() {
+                        debug!(service = %proxy.name, backend = %addr, error = %fault, "request body failed on the client's side");
+                        return Err(fault.clone());
                     }
                     let reason = root_cause(&e);
                     let (outcome, err, retry) = if e.is_connect() {

@@ -17,11 +17,16 @@
 //!    connection starts waiting for a head, idle keep-alive time included (so it would
 //!    cap the idle timeout), and on expiry hyper closes the connection without writing
 //!    anything (`hyper::Error` "read header from client timeout"; no 408).
+//!    With `half_close`, a client that sends a request and shuts down its write side
+//!    still gets the response.
 //! 4. Limits: hyper refuses an HTTP/1 head with more than `max_headers` fields or
 //!    larger than `max(max_header_bytes, 8192)` bytes with its own `431`; h2 refuses
 //!    header lists above `max_header_bytes + 32 * max_headers` (its own size measure
 //!    adds 32 bytes per field); [`proxy::handle`] checks both limits exactly for
-//!    every request, HTTP/1 and HTTP/2.
+//!    every request, HTTP/1 and HTTP/2. The bare answers hyper's HTTP/1 parser writes
+//!    itself (400, 414, 431: no body) are replaced on the way out by
+//!    [`TimedIo`]'s parse-error hook with the shape of the proxy's own errors
+//!    ([`proxy::parse_error_response`]).
 //!
 //! Shutdown ([`Server::shutdown`]): the listener closes at once (new connections are
 //! refused), every connection is told to finish (HTTP/1: close after the current
@@ -44,7 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::l7::conn::{ConnActivity, ConnInfo, TimedIo, stopped};
+use crate::l7::conn::{ConnActivity, ConnInfo, ParseErrorHook, TimedIo, stopped};
 use crate::l7::proxy::{self, Proxy};
 
 // ---------------------------------------------------------------------------
@@ -60,6 +65,9 @@ fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // A client may send its request and shut its write side (`shutdown(SHUT_WR)`,
+        // `Connection: close`): it still gets its response.
+        .half_close(true)
         .header_read_timeout(None)
         .max_headers(usize::try_from(http.max_headers).unwrap_or(usize::MAX))
         .max_buf_size(usize::try_from(http.max_header_bytes).map_or(usize::MAX, |n| n.max(8192)));
@@ -91,10 +99,14 @@ async fn serve_connection(
     let header = Duration::from_millis(proxy.http.header_timeout_ms);
     let idle = Duration::from_millis(proxy.http.idle_timeout_ms);
     let service = proxy.name.clone();
+    let hook_proxy = Arc::clone(&proxy);
+    let parse_error: ParseErrorHook = Arc::new(move |status| {
+        proxy::parse_error_response(status, &hook_proxy.name, &hook_proxy.http)
+    });
     match tls {
         None => {
             let activity = ConnActivity::new(false);
-            let io = TimedIo::new(stream, Arc::clone(&activity), header, idle);
+            let io = TimedIo::new(stream, Arc::clone(&activity), header, idle, parse_error);
             run_http(io, client, false, activity, proxy, &builder, watcher).await;
         }
         Some(acceptor) => {
@@ -111,7 +123,7 @@ async fn serve_connection(
             };
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let activity = ConnActivity::new(h2);
-            let io = TimedIo::new(tls_stream, Arc::clone(&activity), header, idle);
+            let io = TimedIo::new(tls_stream, Arc::clone(&activity), header, idle, parse_error);
             run_http(io, client, true, activity, proxy, &builder, watcher).await;
         }
     }

@@ -145,7 +145,7 @@ impl L7Service {
             hard_stop,
         });
         let server = Server::spawn(listener, Arc::clone(&proxy), tls.map(TlsAcceptor::from));
-        tracing::info!(service = %proxy.name, addr = %local_addr, tls = proxy.tls, "L7 service listening");
+        tracing::info!(service = %proxy.name, addr = %local_addr, tls = proxy.tls, via = crate::l7::headers::via_name(), "L7 service listening");
         Ok(Self {
             proxy,
             local_addr,

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{CacheConfig, ServiceConfig, StickyConfig, TlsConfig};
 use crate::l7::body::{self, Body};
+use crate::l7::headers::via_name;
 use crate::l7::service::L7Service;
 use crate::l7::stats::HttpStats;
 
@@ -412,12 +413,12 @@ async fn h2c_prior_knowledge() {
         let resp = send.send_request(req).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.version(), http::Version::HTTP_2);
-        assert_eq!(resp.headers()["via"], "1.1 xdplb");
+        assert_eq!(resp.headers()["via"], format!("1.1 {}", via_name()));
         assert!(!resp.headers().contains_key("x-drop"));
     }
     let seen = b.last();
     assert_eq!(seen["host"], "h2.example");
-    assert_eq!(seen["via"], "2 xdplb");
+    assert_eq!(seen["via"], format!("2 {}", via_name()));
     assert_eq!(b.conns.load(Ordering::SeqCst), 1);
 }
 
@@ -503,7 +504,7 @@ async fn tls_with_alpn_h2_and_http1() {
     let cookie = got.headers["set-cookie"].to_str().expect("ascii");
     assert!(cookie.contains("Secure"), "{cookie}");
     assert_eq!(b.last()["x-forwarded-proto"], "https");
-    assert_eq!(b.last()["via"], "1.1 xdplb");
+    assert_eq!(b.last()["via"], format!("1.1 {}", via_name()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,7 +536,7 @@ async fn hop_by_hop_removed_and_forwarding_fields_added() {
     assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "web.example");
-    assert_eq!(seen["via"], "1.0 other, 1.1 xdplb");
+    assert_eq!(seen["via"], format!("1.0 other, 1.1 {}", via_name()));
     assert_eq!(seen["host"], "web.example");
     assert_eq!(seen["x-end"], "kept");
     // Response side.
@@ -543,7 +544,7 @@ async fn hop_by_hop_removed_and_forwarding_fields_added() {
         assert!(!got.headers.contains_key(gone), "{gone} reached the client");
     }
     assert_eq!(got.headers["x-kept"], "1");
-    assert_eq!(got.headers["via"], "1.1 xdplb");
+    assert_eq!(got.headers["via"], format!("1.1 {}", via_name()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1077,4 +1078,256 @@ async fn start_errors_name_the_service_and_what_failed() {
         .expect_err("l4")
         .to_string();
     assert!(e.contains("not an l7 service"), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input (issue 9)
+// ---------------------------------------------------------------------------
+
+/// The body of a response read by [`raw`].
+fn raw_body(out: &str) -> &str {
+    out.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_loops_back_gets_508_and_is_not_forwarded_again() {
+    // A service whose backend is its own VIP (config and API refuse this; a loop
+    // through another host cannot be refused there): one hop, then 508.
+    let svc = start(&cfg(), &[]).await;
+    svc.update_backends(&[(svc.local_addr(), 100)]);
+    let got = get(svc.local_addr(), "/").await;
+    assert_eq!(got.status, StatusCode::LOOP_DETECTED);
+    let text = String::from_utf8_lossy(&got.body);
+    assert!(text.starts_with("508 request loop"), "{text}");
+    assert!(
+        text.contains(via_name()) && text.contains("service \"t\""),
+        "{text}"
+    );
+    // The 508 (ours, without Via) came back through the first hop.
+    assert_eq!(got.headers["via"], format!("1.1 {}", via_name()));
+    let served: u64 = svc
+        .pool_snapshot()
+        .iter()
+        .map(|b| u64::from(b.in_flight))
+        .sum();
+    assert_eq!(served, 0);
+
+    // A request that says it went through us already is answered at once.
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let req = Request::get("/")
+        .header("host", "web.example")
+        .header("via", format!("1.1 other, 1.1 {}", via_name()))
+        .body(Full::default())
+        .expect("req");
+    let got = send(&mut h1(svc.local_addr()).await, req).await;
+    assert_eq!(got.status, StatusCode::LOOP_DETECTED);
+    assert_eq!(b.hits(), 0);
+    // Another proxy's Via is fine.
+    let req = Request::get("/")
+        .header("host", "web.example")
+        .header("via", "1.1 xdplb-00000000x")
+        .body(Full::default())
+        .expect("req");
+    let got = send(&mut h1(svc.local_addr()).await, req).await;
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_bodies_are_400_and_eject_no_backend() {
+    let (b1, b2) = (backend().await, backend().await);
+    let mut c = cfg();
+    c.http.eject_after = 3;
+    let svc = start(&c, &[b1.addr, b2.addr]).await;
+    let ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(100_000));
+    let bad: [&str; 4] = [
+        "zz\r\nabc\r\n0\r\n\r\n",
+        "fffffffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        "-1\r\na\r\n0\r\n\r\n",
+        &ext,
+    ];
+    let mut normal = h1(svc.local_addr()).await;
+    for round in 0..4 {
+        for body in bad {
+            // A first valid chunk, so the request is on its way to a backend when
+            // the bad one arrives.
+            let req = format!(
+                "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n{body}"
+            );
+            let out = raw(svc.local_addr(), req.as_bytes()).await;
+            assert!(out.starts_with("HTTP/1.1 400"), "round {round}: {out}");
+            assert!(
+                raw_body(&out).starts_with("400 bad request: request body"),
+                "{out}"
+            );
+            let got = send(&mut normal, get_req("/")).await;
+            assert_eq!(got.status, StatusCode::OK, "a normal client is served");
+        }
+    }
+    for b in svc.pool_snapshot() {
+        assert!(!b.ejected, "{b:?}");
+        assert_eq!(b.consecutive_failures, 0, "{b:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_gets_its_response() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let mut s = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    s.shutdown().await.expect("shutdown write side");
+    let mut out = Vec::new();
+    tokio::time::timeout(LONG, s.read_to_end(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with(&b.addr.to_string()), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_transfer_encoding_follow_rfc_9112() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let addr = svc.local_addr();
+    for (req, want, text) in [
+        (
+            "GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+            "400",
+            "400 bad request: more than one Host field (service \"t\")\n",
+        ),
+        (
+            "GET / HTTP/1.1\r\nconnection: close\r\n\r\n",
+            "400",
+            "400 bad request: HTTP/1.1 request without Host (service \"t\")\n",
+        ),
+        (
+            "GET / HTTP/1.1\r\nhost: a b\r\nconnection: close\r\n\r\n",
+            "400",
+            "400 bad request: Host is not a valid host[:port] (service \"t\")\n",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "400",
+            "400 bad request: Transfer-Encoding names chunked more than once (service \"t\")\n",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "400",
+            "400 bad request: Transfer-Encoding names chunked more than once (service \"t\")\n",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "501",
+            "501 transfer coding not implemented: gzip (service \"t\")\n",
+        ),
+    ] {
+        let out = raw(addr, req.as_bytes()).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {want}")), "{req}: {out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("content-type: text/plain; charset=utf-8"),
+            "{out}"
+        );
+        assert_eq!(raw_body(&out), text, "{req}");
+    }
+    assert_eq!(b.hits(), 0, "none of these reached the backend");
+    // Still served: HTTP/1.0 without Host, one chunked coding, an empty Host.
+    for req in [
+        "GET / HTTP/1.0\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n",
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ] {
+        let out = raw(addr, req.as_bytes()).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"),
+            "{req}: {out}"
+        );
+    }
+    assert_eq!(b.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrades_are_not_forwarded() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let out = raw(
+        svc.local_addr(),
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings, close\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    // An ordinary request, as the backend saw it.
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = b.last();
+    for gone in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            !seen.contains_key(gone),
+            "{gone} reached the backend: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypers_own_parse_errors_have_the_proxys_error_shape() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.http.max_header_bytes = 100_000;
+    c.http.max_headers = 20;
+    let svc = start(&c, &[b.addr]).await;
+    let addr = svc.local_addr();
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        "u".repeat(70_000)
+    );
+    let mut many = String::from("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for i in 0..30 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    for (req, status, text) in [
+        (
+            long_uri,
+            "414",
+            "414 request target too long (service \"t\")\n".to_owned(),
+        ),
+        (
+            many,
+            "431",
+            "431 request header larger than 20 fields or 100000 bytes (service \"t\")\n".to_owned(),
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1x\r\n\r\nabc".to_owned(),
+            "400",
+            "400 bad request: malformed request head (service \"t\")\n".to_owned(),
+        ),
+        (
+            "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"
+                .to_owned(),
+            "400",
+            "400 bad request: malformed request head (service \"t\")\n".to_owned(),
+        ),
+    ] {
+        let out = raw(addr, req.as_bytes()).await;
+        let head = out
+            .split_once("\r\n\r\n")
+            .map_or("", |(h, _)| h)
+            .to_ascii_lowercase();
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
+        assert!(
+            head.contains("content-type: text/plain; charset=utf-8"),
+            "{out}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", text.len())),
+            "{out}"
+        );
+        assert_eq!(raw_body(&out), text);
+    }
+    assert_eq!(b.hits(), 0);
+    // The proxy keeps serving.
+    assert_eq!(get(addr, "/").await.status, StatusCode::OK);
 }
