@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) is a thin shell over these modules.
 
 pub mod api;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod control;

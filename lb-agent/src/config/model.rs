@@ -34,6 +34,32 @@ pub struct Config {
     /// `[[service]]` tables, in file order.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// `[bgp]`: announce the VIPs through a local BIRD 2; absent: no announcements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
+}
+
+/// `[bgp]`: the agent writes the VIPs it announces into `include_file` (a BIRD static
+/// protocol) and has the BIRD behind `bird_socket` read its config again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BgpConfig {
+    /// BIRD's control socket (`bird -s`), used as `birdc -s SOCKET configure`.
+    pub bird_socket: PathBuf,
+    /// The file the agent writes (BIRD's config includes it).
+    pub include_file: PathBuf,
+    /// After a withdrawal (detach, node drain): seconds to wait before going on.
+    pub drain_s: u64,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            bird_socket: PathBuf::from("/run/bird/bird.ctl"),
+            include_file: PathBuf::from("/etc/bird/xdplb.conf"),
+            drain_s: 5,
+        }
+    }
 }
 
 /// `[agent]`.

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig, HttpConfig,
-    Mode, Protocol, Scheduler, ServiceConfig, TlsConfig, XdpMode,
+    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
+    HttpConfig, Mode, Protocol, Scheduler, ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -164,6 +164,9 @@ pub fn validate_service(
 pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigError> {
     let mut errors = check_agent(&cfg.agent);
     errors.extend(check_dataplane(&cfg.dataplane));
+    if let Some(bgp) = &cfg.bgp {
+        errors.extend(check_bgp(bgp));
+    }
     for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
         let keys = Keys {
             prefix: format!("service[{}].", id.index),
@@ -251,6 +254,36 @@ fn check_agent(agent: &AgentConfig) -> Vec<ConfigError> {
                 format!("\"{}\" must be an absolute path", dir.display()),
             ));
         }
+    }
+    errors
+}
+
+/// Longest `bgp.drain_s` accepted (ten minutes): a drain answers only after it.
+const MAX_DRAIN_S: u64 = 600;
+
+fn check_bgp(bgp: &BgpConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for (key, path) in [
+        ("bgp.bird_socket", &bgp.bird_socket),
+        ("bgp.include_file", &bgp.include_file),
+    ] {
+        if !path.is_absolute() {
+            errors.push(ConfigError::at_key(
+                key,
+                format!("\"{}\" must be an absolute path", path.display()),
+            ));
+        } else if path.file_name().is_none() {
+            errors.push(ConfigError::at_key(
+                key,
+                format!("\"{}\" must name a file", path.display()),
+            ));
+        }
+    }
+    if bgp.drain_s > MAX_DRAIN_S {
+        errors.push(ConfigError::at_key(
+            "bgp.drain_s",
+            format!("{} is above the maximum {MAX_DRAIN_S}", bgp.drain_s),
+        ));
     }
     errors
 }

@@ -273,6 +273,7 @@ fn design_example_parses_with_defaults_filled() {
                 http: HttpConfig::default(),
             },
         ],
+        bgp: None,
     };
     let cfg = parse_ok(&text);
     assert_eq!(cfg, expected);
@@ -1596,4 +1597,35 @@ fn api_tls_paths_are_confined_to_tls_dir() {
     svc.tls = Some(tls(dir.path(), "missing.pem", "k.pem"));
     let errors = keys(&svc, &agent, None);
     assert!(errors[0].contains("cannot read"), "{errors:?}");
+}
+
+#[test]
+fn bgp_table_takes_defaults_and_checks_its_keys() {
+    let cfg = parse_ok("[bgp]\n");
+    assert_eq!(cfg.bgp, Some(BgpConfig::default()));
+    assert_eq!(cfg.bgp.as_ref().map(|b| b.drain_s), Some(5));
+    assert_eq!(parse_ok("").bgp, None);
+    let cfg = parse_ok(
+        "[bgp]\nbird_socket = \"/tmp/b.ctl\"\ninclude_file = \"/tmp/x.conf\"\ndrain_s = 0\n",
+    );
+    assert_eq!(
+        cfg.bgp,
+        Some(BgpConfig {
+            bird_socket: "/tmp/b.ctl".into(),
+            include_file: "/tmp/x.conf".into(),
+            drain_s: 0,
+        })
+    );
+    assert_single(
+        "[bgp]\ninclude_file = \"xdplb.conf\"\n",
+        "bgp.include_file",
+        "absolute",
+    );
+    assert_single(
+        "[bgp]\nbird_socket = \"bird.ctl\"\n",
+        "bgp.bird_socket",
+        "absolute",
+    );
+    assert_single("[bgp]\ndrain_s = 601\n", "bgp.drain_s", "maximum 600");
+    assert_single("[bgp]\nasn = 1\n", "bgp.asn", "");
 }
