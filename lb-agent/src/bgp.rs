@@ -14,6 +14,9 @@
 //!   set changed; a node drain withdraws everything until undrained. A BIRD that is
 //!   absent or refuses the config is logged as an ERROR, shown in [`BgpStatus`], and
 //!   tried again at the next update; forwarding does not depend on it.
+//! - [`BgpNode`] and [`spawn`]: the announcer as the agent runs it: a task that looks at
+//!   the services every [`TICK`] and announces what can serve, the node drain of the
+//!   API, the status for `GET /api/v1/node` and `xdplb_vip_announced{vip}`.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -21,11 +24,23 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{BgpConfig, Config, Mode};
+use crate::control::Control;
+use crate::l7::manager::L7Registry;
 use crate::state::ServiceView;
+
+/// How often the agent looks at its services to decide what to announce: a VIP whose
+/// service stops serving is withdrawn within this (plus BGP's own delay).
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// After a failed update (BIRD absent or refusing), the next try with an unchanged set
+/// comes after this, so that a missing BIRD gives one ERROR line per interval.
+pub const RETRY: Duration = Duration::from_secs(5);
 
 /// The IPv4 static protocol's name in `include_file`.
 pub const PROTOCOL_V4: &str = "xdplb_vips";
@@ -95,7 +110,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// What BIRD made of the last update.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BirdState {
     /// Nothing was written yet.
@@ -108,7 +123,7 @@ pub enum BirdState {
 }
 
 /// The announcements as the API shows them (`GET /api/v1/node`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BgpStatus {
     /// `POST /api/v1/node/drain` withdrew every VIP (until `undrain`).
     pub drained: bool,
@@ -298,6 +313,136 @@ pub fn birdc_configure(birdc: &Path, socket: &Path) -> Result<(), String> {
             }
         ))
     }
+}
+
+/// The announcer as the agent runs it, shared by the announcing task, the API and the
+/// metrics. BIRD is driven on a blocking thread; readers of [`BgpNode::status`] never
+/// wait for it.
+#[derive(Debug)]
+pub struct BgpNode {
+    announcer: Arc<std::sync::Mutex<Announcer>>,
+    status: std::sync::Mutex<BgpStatus>,
+    drain_s: u64,
+}
+
+impl BgpNode {
+    pub fn new(announcer: Announcer) -> Arc<Self> {
+        Arc::new(Self {
+            status: std::sync::Mutex::new(announcer.status()),
+            drain_s: announcer.config().drain_s,
+            announcer: Arc::new(std::sync::Mutex::new(announcer)),
+        })
+    }
+
+    /// What is announced now.
+    pub fn status(&self) -> BgpStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Run `op` on the announcer on a blocking thread (it may run `birdc`), then
+    /// publish its status.
+    async fn with<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Announcer) -> T + Send + 'static,
+    ) -> T {
+        let announcer = Arc::clone(&self.announcer);
+        let (out, status) = tokio::task::spawn_blocking(move || {
+            let mut a = announcer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let out = op(&mut a);
+            (out, a.status())
+        })
+        .await
+        .expect("the announcer does not panic");
+        *self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+        out
+    }
+
+    /// Announce `wanted` (see [`Announcer::update`]).
+    pub async fn update(&self, wanted: BTreeSet<IpAddr>) -> Result<bool, String> {
+        self.with(move |a| a.update(wanted)).await
+    }
+
+    /// `POST /api/v1/node/drain`: withdraw every VIP, then wait `drain_s` so that the
+    /// routers move the flows elsewhere before the caller goes on. Err when BIRD did not
+    /// take the withdrawal (the node stays drained; the announcing task tries again).
+    pub async fn drain(&self) -> Result<BgpStatus, String> {
+        self.with(Announcer::drain).await?;
+        tokio::time::sleep(Duration::from_secs(self.drain_s)).await;
+        Ok(self.status())
+    }
+
+    /// `POST /api/v1/node/undrain`: announce again.
+    pub async fn undrain(&self) -> Result<BgpStatus, String> {
+        self.with(Announcer::undrain).await?;
+        Ok(self.status())
+    }
+}
+
+/// The announcing task: every [`TICK`], the VIPs that can serve ([`announce_set`]) are
+/// announced when they changed (or [`RETRY`] after a failure). It ends when `stop`
+/// turns true; the routes stay as they are (hitless restart: the next agent takes them
+/// over).
+pub fn spawn(
+    node: Arc<BgpNode>,
+    control: Arc<tokio::sync::Mutex<Control>>,
+    l7: L7Registry,
+    fast_path: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<(BTreeSet<IpAddr>, Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            let wanted = {
+                let c = control.lock().await;
+                announce_set(c.config(), c.views(), fast_path, |name| {
+                    l7.get(name).is_some()
+                })
+            };
+            let failed = node.status().bird == BirdState::Error;
+            let due = match &last {
+                None => true,
+                Some((set, at)) => *set != wanted || (failed && at.elapsed() >= RETRY),
+            };
+            if due {
+                // Errors are logged by the announcer and shown in its status.
+                let _ = node.update(wanted.clone()).await;
+                last = Some((wanted, Instant::now()));
+            }
+        }
+    })
+}
+
+/// `lb-agent detach --config FILE` with `[bgp]`: withdraw every VIP and wait `drain_s`
+/// before the fast path goes. The running agent must be stopped first (it would
+/// announce again).
+pub fn withdraw_all(config: &BgpConfig) -> Result<(), String> {
+    let mut a = Announcer::new(config.clone());
+    a.drain()?;
+    if config.drain_s > 0 {
+        tracing::info!(
+            drain_s = config.drain_s,
+            "VIPs withdrawn; waiting before detaching"
+        );
+        std::thread::sleep(Duration::from_secs(config.drain_s));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -72,11 +72,17 @@ pub enum Command {
         cmd: crate::ctl::CtlCommand,
     },
     /// Remove the balancer's fast path and everything pinned for it on an interface.
+    /// With `--config` naming a config that has a `[bgp]` table, the VIPs are withdrawn
+    /// first (the include file without routes, `birdc configure`) and `drain_s` waited;
+    /// when BIRD does not take the withdrawal, nothing is detached. Stop the agent first.
     Detach {
         #[arg(long)]
         iface: String,
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        /// The agent's config: its `[bgp]` table says where to withdraw the VIPs.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 

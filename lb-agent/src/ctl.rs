@@ -519,6 +519,7 @@ mod tests {
                         metrics: Arc::new(Metrics::new()),
                         config_path,
                         l7: crate::l7::manager::L7Registry::default(),
+                        bgp: None,
                     };
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                         .await

@@ -19,6 +19,21 @@ fn init_logging() {
         .init();
 }
 
+/// `lb-agent detach --config FILE`: with `[bgp]`, withdraw the VIPs and wait `drain_s`
+/// before the fast path goes; a withdrawal BIRD did not take stops the detach.
+fn withdraw_first(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = config else {
+        return Ok(());
+    };
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(bgp) = &config.bgp {
+        lb_agent::bgp::withdraw_all(bgp).map_err(|e| {
+            anyhow::anyhow!("withdrawing the VIPs first: {e}; the fast path stays attached")
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -66,7 +81,11 @@ fn main() -> ExitCode {
             } => decap::attach(&iface, &bpffs, &addresses, xdp_mode),
             DecapAction::Detach { iface, bpffs } => decap::detach(&iface, &bpffs),
         },
-        Command::Detach { iface, bpffs } => fast_path::detach(&iface, &bpffs),
+        Command::Detach {
+            iface,
+            bpffs,
+            config,
+        } => withdraw_first(config.as_deref()).and_then(|()| fast_path::detach(&iface, &bpffs)),
         Command::Ctl { api, token, cmd } => ctl::run(&api, token.as_deref(), cmd),
     };
     match result {

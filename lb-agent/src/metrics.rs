@@ -28,6 +28,9 @@
 //! - `xdplb_service_fail_open{service}`: 1 when no backend is eligible and the last
 //!   serving set keeps serving.
 //! - `xdplb_health_check_seconds`: histogram of health-check durations.
+//! - `xdplb_vip_announced{vip}` (with `[bgp]`): 1 when the VIP is in the announcement
+//!   BIRD took last, 0 when this node would announce it but does not (drained, BIRD
+//!   absent or refusing).
 //!
 //! The text is OpenMetrics (what `prometheus-client` writes; Prometheus scrapes it),
 //! served as [`CONTENT_TYPE`].
@@ -62,6 +65,24 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+/// `xdplb_vip_announced{vip}`: every VIP wanted or announced, 1 when announced.
+fn vip_announced(status: &crate::bgp::BgpStatus) -> Family<VipLabels, Gauge> {
+    let family = Family::<VipLabels, Gauge>::default();
+    for vip in status.wanted.iter().chain(&status.announced) {
+        family
+            .get_or_create(&VipLabels {
+                vip: vip.to_string(),
+            })
+            .set(i64::from(status.announced.contains(vip)));
+    }
+    family
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -77,6 +98,8 @@ pub struct Metrics {
     health_check_seconds: Histogram,
     /// The L7 proxy's series (`xdplb_http_*`, `xdplb_cache_*`), fed by its services.
     pub http: HttpStats,
+    /// The VIP announcer, with `[bgp]`: `xdplb_vip_announced{vip}`.
+    pub bgp: std::sync::OnceLock<Arc<crate::bgp::BgpNode>>,
 }
 
 impl Default for Metrics {
@@ -91,6 +114,7 @@ impl Metrics {
         Self {
             health_check_seconds: Histogram::new(HEALTH_CHECK_BUCKETS),
             http: HttpStats::new(),
+            bgp: std::sync::OnceLock::new(),
         }
     }
 
@@ -137,6 +161,14 @@ impl Metrics {
                     .get_or_create(&labels)
                     .set(i64::from(b.effective_weight));
             }
+        }
+
+        if let Some(node) = self.bgp.get() {
+            registry.register(
+                "vip_announced",
+                "1 when this node announces the VIP to BIRD (BGP), 0 when it would but does not (drained, BIRD failing)",
+                vip_announced(&node.status()),
+            );
         }
 
         let snapshot = control.snapshot();
@@ -476,6 +508,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             config_path: std::path::PathBuf::from("/nonexistent"),
             l7: crate::l7::manager::L7Registry::default(),
+            bgp: None,
         };
         let call = |method: &'static str, uri: &'static str, body: Option<&'static str>| {
             let state = state.clone();

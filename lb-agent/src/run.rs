@@ -194,12 +194,33 @@ async fn serve_with(
         .await
         .with_context(|| format!("binding the REST API to {api_listen}"))?;
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Announcing VIPs through BIRD ([bgp]): a task of its own, stopped with the agent
+    // (routes stay as they are: hitless restart).
+    let bgp_node = control
+        .lock()
+        .await
+        .config()
+        .bgp
+        .clone()
+        .map(|cfg| crate::bgp::BgpNode::new(crate::bgp::Announcer::new(cfg)));
+    let (bgp_stop, bgp_stopped) = tokio::sync::watch::channel(false);
+    let bgp_task = bgp_node.clone().map(|node| {
+        let _ = metrics.bgp.set(node.clone());
+        crate::bgp::spawn(
+            node,
+            control.clone(),
+            l7.clone(),
+            fast_path.is_some(),
+            bgp_stopped,
+        )
+    });
     let router = api::router(ApiState {
         control: control.clone(),
         token,
         metrics,
         config_path: args.config.clone(),
         l7,
+        bgp: bgp_node,
     });
     let api_task = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -264,6 +285,12 @@ async fn serve_with(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "REST API server"),
         Ok(Err(e)) => tracing::warn!(error = %e, "REST API task"),
         Err(_) => tracing::warn!("REST API did not finish within 5 s"),
+    }
+    let _ = bgp_stop.send(true);
+    if let Some(task) = bgp_task {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "BGP task");
+        }
     }
     let _ = l7_stop.send(true);
     if let Err(e) = l7_task.await {

@@ -16,7 +16,8 @@ use super::{
     ApiError, ApiJson, ApiState,
     types::{
         Backend, BackendPatch, CacheUsage, ErrorBody, FastPathStats, Healthz, L7Backend, L7Stats,
-        PurgeRequest, PurgeResponse, ReloadRequest, ReloadResponse, Service, ServiceList, Stats,
+        NodeStatus, PurgeRequest, PurgeResponse, ReloadRequest, ReloadResponse, Service,
+        ServiceList, Stats,
     },
 };
 use crate::{
@@ -442,6 +443,67 @@ pub async fn reload(
         changed: report.changed,
         shadowed: report.shadowed,
     }))
+}
+
+#[utoipa::path(get, path = "/node", tag = "node",
+    summary = "This node's VIP announcements: drained or not, what BIRD took, its last error",
+    responses(
+        (status = 200, description = "the announcements (`bgp` null without a [bgp] table)", body = NodeStatus),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+    ))]
+pub async fn node(State(state): State<ApiState>) -> Json<NodeStatus> {
+    Json(NodeStatus {
+        bgp: state.bgp.as_ref().map(|node| node.status()),
+    })
+}
+
+/// The announcer, or 409 without `[bgp]`.
+fn bgp_node(state: &ApiState) -> ApiResult<&std::sync::Arc<crate::bgp::BgpNode>> {
+    state.bgp.as_ref().ok_or_else(|| {
+        ApiError::conflict("this node has no [bgp] table: it announces nothing to drain")
+    })
+}
+
+/// BIRD did not take the change: 503 with its words.
+fn bird_failed(what: &str, e: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{what} did not reach BIRD (it is tried again every few seconds): {e}"),
+    )
+}
+
+#[utoipa::path(post, path = "/node/drain", tag = "node",
+    summary = "Withdraw every VIP of this node, wait [bgp] drain_s, then answer",
+    responses(
+        (status = 200, description = "withdrawn, and drain_s has passed", body = NodeStatus),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "no [bgp] table", body = ErrorBody),
+        (status = 503, description = "BIRD did not take the withdrawal (the node stays drained; retried)", body = ErrorBody),
+    ))]
+pub async fn drain_node(State(state): State<ApiState>) -> ApiResult<Json<NodeStatus>> {
+    let node = bgp_node(&state)?;
+    let status = node
+        .drain()
+        .await
+        .map_err(|e| bird_failed("the withdrawal", &e))?;
+    Ok(Json(NodeStatus { bgp: Some(status) }))
+}
+
+#[utoipa::path(post, path = "/node/undrain", tag = "node",
+    summary = "Announce this node's VIPs again after a drain",
+    responses(
+        (status = 200, description = "announced again", body = NodeStatus),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "no [bgp] table", body = ErrorBody),
+        (status = 503, description = "BIRD did not take the announcement (retried)", body = ErrorBody),
+    ))]
+pub async fn undrain_node(State(state): State<ApiState>) -> ApiResult<Json<NodeStatus>> {
+    let node = bgp_node(&state)?;
+    let status = node
+        .undrain()
+        .await
+        .map_err(|e| bird_failed("the announcement", &e))?;
+    Ok(Json(NodeStatus { bgp: Some(status) }))
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "agent",

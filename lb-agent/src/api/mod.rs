@@ -80,6 +80,8 @@ pub struct ApiState {
     pub config_path: PathBuf,
     /// The running L7 services (cache purge, pool state).
     pub l7: L7Registry,
+    /// The VIP announcer, with `[bgp]` (`/api/v1/node`).
+    pub bgp: Option<Arc<crate::bgp::BgpNode>>,
 }
 
 impl ApiState {
@@ -111,6 +113,7 @@ impl ApiState {
         (name = "backends", description = "a service's backends"),
         (name = "stats", description = "traffic counters"),
         (name = "agent", description = "the agent itself"),
+        (name = "node", description = "this LB node's VIP announcements (BGP through BIRD)"),
     ),
 )]
 struct ApiDoc;
@@ -145,6 +148,9 @@ fn routes(auth: Option<&ApiState>) -> (Router<ApiState>, utoipa::openapi::OpenAp
         .routes(routes!(handlers::purge_cache))
         .routes(routes!(handlers::stats))
         .routes(routes!(handlers::reload))
+        .routes(routes!(handlers::node))
+        .routes(routes!(handlers::drain_node))
+        .routes(routes!(handlers::undrain_node))
         .routes(routes!(handlers::openapi_json));
     if let Some(state) = auth {
         api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

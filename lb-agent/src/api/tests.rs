@@ -112,6 +112,7 @@ impl Fixture {
                 metrics: Arc::new(Metrics::new()),
                 config_path,
                 l7: crate::l7::manager::L7Registry::default(),
+                bgp: None,
             },
             dir,
         }
@@ -129,6 +130,7 @@ impl Fixture {
                 metrics: Arc::new(Metrics::new()),
                 config_path,
                 l7: crate::l7::manager::L7Registry::default(),
+                bgp: None,
             },
             dir,
         }

@@ -22,6 +22,7 @@ use utoipa::{
     },
 };
 
+pub use crate::bgp::{BgpStatus, BirdState};
 pub use crate::control::ShadowedEdit;
 pub use crate::dataplane::retry::SyncStatus;
 pub use crate::{config::ServiceConfig, health::Status as HealthStatus, state::AdminState};
@@ -405,4 +406,13 @@ mod tests {
             assert_eq!(serde_json::to_value(&stats).expect("writes"), text);
         }
     }
+}
+
+/// `GET /api/v1/node`, and the answer of `POST /api/v1/node/drain` and `/undrain`: this
+/// LB node's VIP announcements.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The announcements through BIRD; null without a `[bgp]` table (nothing is
+    /// announced).
+    pub bgp: Option<BgpStatus>,
 }
