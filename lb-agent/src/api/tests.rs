@@ -645,6 +645,8 @@ const DESIGN_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/stats"),
     ("post", "/api/v1/services/{name}/cache/purge"),
     ("post", "/api/v1/reload"),
+    ("post", "/api/v1/node/drain"),
+    ("post", "/api/v1/node/undrain"),
     ("get", "/healthz"),
     ("get", "/metrics"),
 ];
@@ -1166,4 +1168,79 @@ async fn a_reload_reports_what_it_changed_and_what_the_api_shadows() {
         (&v["changed"], &v["removed"], &v["shadowed"]),
         (&json!(["web"]), &json!(["dns"]), &json!([]))
     );
+}
+
+#[tokio::test]
+async fn node_routes_drain_and_undrain_through_the_announcer() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let spec = serde_json::to_value(super::openapi()).expect("json");
+    // Without [bgp]: nothing announced, nothing to drain.
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/node", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"bgp": null}));
+    let (status, v) = f.call("POST", "/api/v1/node/drain", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("[bgp]")),
+        "{v}"
+    );
+
+    // With an announcer over a fake birdc that answers like BIRD 2.
+    let mut f = Fixture::new();
+    let dir = f.dir.path().to_path_buf();
+    let birdc = dir.join("birdc");
+    std::fs::write(
+        &birdc,
+        "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\necho Reconfigured\n",
+    )
+    .expect("fake birdc");
+    std::fs::set_permissions(&birdc, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bgp = crate::config::BgpConfig {
+        bird_socket: dir.join("bird.ctl"),
+        include_file: dir.join("xdplb.conf"),
+        drain_s: 1,
+    };
+    let node = crate::bgp::BgpNode::new(crate::bgp::Announcer::with_birdc(bgp, birdc));
+    let vip: std::net::IpAddr = "198.18.100.1".parse().expect("ip");
+    assert_eq!(node.update([vip].into()).await, Ok(true));
+    f.state.metrics.bgp.set(node.clone()).expect("set once");
+    f.state.bgp = Some(node);
+    let (status, v) = f.call("GET", "/api/v1/node", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_documented(&spec, "NodeStatus", &v);
+    assert_documented(&spec, "BgpStatus", &v["bgp"]);
+    assert_eq!(v["bgp"]["announced"], json!(["198.18.100.1"]));
+    assert_eq!(v["bgp"]["drained"], json!(false));
+    assert_eq!(v["bgp"]["bird"], json!("configured"));
+    let (_, _, metrics) = f.send_raw("GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains("xdplb_vip_announced{vip=\"198.18.100.1\"} 1"),
+        "{metrics}"
+    );
+
+    // Drain answers after drain_s, with nothing announced.
+    let started = std::time::Instant::now();
+    let (status, v) = f.call("POST", "/api/v1/node/drain", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(v["bgp"]["drained"], json!(true));
+    assert_eq!(v["bgp"]["announced"], json!([]));
+    assert_eq!(v["bgp"]["wanted"], json!(["198.18.100.1"]));
+    let file = std::fs::read_to_string(dir.join("xdplb.conf")).expect("include file");
+    assert!(!file.contains("route "), "{file}");
+    let (_, _, metrics) = f.send_raw("GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains("xdplb_vip_announced{vip=\"198.18.100.1\"} 0"),
+        "{metrics}"
+    );
+
+    let (status, v) = f.call("POST", "/api/v1/node/undrain", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["bgp"]["drained"], json!(false));
+    assert_eq!(v["bgp"]["announced"], json!(["198.18.100.1"]));
+    let file = std::fs::read_to_string(dir.join("xdplb.conf")).expect("include file");
+    assert!(file.contains("route 198.18.100.1/32 blackhole;"), "{file}");
+    let calls = std::fs::read_to_string(dir.join("calls")).expect("calls");
+    assert_eq!(calls.lines().count(), 3, "{calls}");
 }
