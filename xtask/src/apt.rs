@@ -19,6 +19,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),
+    // BIRD 2 (`bird`, `birdc`): the BGP daemon the agent's `[bgp]` drives; the BGP tests
+    // (tests/tests/bgp.rs) run one per namespace. Installed without starting Debian's
+    // system instance (see `NoServiceStarts`): the tests start their own.
+    ("bird2", "bird"),
     ("vagrant", "vagrant"),
     // A provider: without one `vagrant validate` stops at "No usable default provider could
     // be found". With `--no-install-recommends` it brings libvirt's client library and ruby
@@ -272,13 +276,14 @@ fn stop_service(daemon: &str, pid_file: &Path) {
 
 /// While alive, a `policy-rc.d` that denies every service start (exit 101), so that
 /// installing nginx and haproxy starts no system service; only created when there is
-/// none (Docker images ship one), and removed again on drop.
-struct NoServiceStarts {
+/// none (Docker images ship one), and removed again on drop. `cargo xtask setup` uses
+/// it too, so that bird2 leaves no system BIRD running in the root namespace.
+pub struct NoServiceStarts {
     created: bool,
 }
 
 impl NoServiceStarts {
-    fn new() -> Result<Self> {
+    pub fn new() -> Result<Self> {
         let path = Path::new(POLICY_RC_D);
         if path.exists() {
             return Ok(Self { created: false });

@@ -139,7 +139,11 @@ fn debian_packages(report: &mut Report, mode: Mode) -> Result<()> {
         return Ok(());
     }
     report.installing(WHAT, &missing.join(" "));
-    let left_out = apt::install(&missing, mode.is_setup())?;
+    let left_out = {
+        // No system service from these packages (bird2 would start Debian's BIRD).
+        let _no_services = apt::NoServiceStarts::new()?;
+        apt::install(&missing, mode.is_setup())?
+    };
     let still: Vec<_> = apt::missing()?
         .into_iter()
         .filter(|package| !left_out.contains(package))
