@@ -468,6 +468,11 @@ impl Control {
         self.views.iter().find(|v| v.name == name)
     }
 
+    /// The digest of `service`'s ring as written to the fast path (None without one).
+    pub fn ring_digest(&self, service: &str) -> Option<String> {
+        self.sink.ring_digest(service)
+    }
+
     /// Fast-path counters (None without a fast path).
     pub fn snapshot(&self) -> Option<Snapshot> {
         self.sink.snapshot(&self.config.services)

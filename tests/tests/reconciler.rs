@@ -113,3 +113,84 @@ fn a_failed_apply_is_followed_by_one_that_converges() {
         .expect("apply after adopting");
     assert_eq!(applied[0].slots_changed, 0);
 }
+
+/// `sha256sum` of `text`: an oracle outside the agent.
+fn sha256sum(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("sha256sum output");
+    String::from_utf8(out.stdout).expect("utf-8")[..64].to_owned()
+}
+
+#[test]
+fn ring_digests_agree_between_nodes_whose_ids_differ() {
+    xdplb_tests::require_privileges!();
+    let mut ebpf1 = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps1 = Maps::take(&mut ebpf1, None).expect("maps");
+    let mut ebpf2 = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps2 = Maps::take(&mut ebpf2, None).expect("maps");
+    let mut r1 = Reconciler::new(&CAPS);
+    let mut r2 = Reconciler::new(&CAPS);
+    assert_eq!(r1.ring_digest("web"), None, "nothing written yet");
+
+    r1.apply(&mut maps1, &web(&[11, 12, 13])).expect("node 1");
+    // Node 2 saw another history: its backends have other ids.
+    r2.apply(&mut maps2, &web(&[14, 13]))
+        .expect("node 2, before");
+    r2.apply(&mut maps2, &web(&[11, 12, 13])).expect("node 2");
+    assert_ne!(
+        r1.backend_id("web", addr(13), 80),
+        r2.backend_id("web", addr(13), 80),
+        "the test needs different ids on the two nodes"
+    );
+    let d1 = r1.ring_digest("web").expect("a ring");
+    assert_eq!(r2.ring_digest("web"), Some(d1.clone()));
+
+    // The digest is SHA-256 of the slots named by backend, as read back from the map.
+    let names: std::collections::BTreeMap<u32, String> = [11, 12, 13]
+        .iter()
+        .map(|&l| {
+            (
+                r1.backend_id("web", addr(l), 80).expect("id"),
+                format!("198.18.2.{l}:80\n"),
+            )
+        })
+        .collect();
+    let sid = r1.service_id("web").expect("service id");
+    let text: String = (0..CAPS.ring_size)
+        .map(|slot| {
+            let id = maps1
+                .rings
+                .get(&(sid * CAPS.ring_size + slot), 0)
+                .expect("ring slot");
+            names[&id].clone()
+        })
+        .collect();
+    assert_eq!(d1, sha256sum(&text));
+
+    // A reconciler that adopts node 1's maps shows the same digest before applying.
+    let adopted = Reconciler::adopt(&maps1, &CAPS, &web(&[11, 12, 13])).expect("adopt");
+    assert_eq!(adopted.ring_digest("web"), Some(d1.clone()));
+
+    // Another backend set: another digest, on both nodes alike.
+    r1.apply(&mut maps1, &web(&[11, 13]))
+        .expect("node 1, one less");
+    r2.apply(&mut maps2, &web(&[11, 13]))
+        .expect("node 2, one less");
+    let d2 = r1.ring_digest("web").expect("a ring");
+    assert_ne!(d2, d1);
+    assert_eq!(r2.ring_digest("web"), Some(d2));
+    // No backend: no ring, no digest.
+    r1.apply(&mut maps1, &web(&[])).expect("node 1, none");
+    assert_eq!(r1.ring_digest("web"), None);
+}

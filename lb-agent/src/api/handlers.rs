@@ -68,6 +68,7 @@ fn service_of(control: &Control, svc: &ServiceConfig, health: &HealthIndex) -> S
         fail_open: view.is_some_and(|v| v.fail_open),
         all_down: view.is_some_and(|v| v.all_down),
         backends,
+        ring_digest: control.ring_digest(&svc.name),
     }
 }
 

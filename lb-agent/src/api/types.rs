@@ -51,6 +51,11 @@ pub struct Service {
     pub all_down: bool,
     /// The backends, with their live state.
     pub backends: Vec<Backend>,
+    /// Hex SHA-256 of the ring as written to the fast path, each slot named by its
+    /// backend (`address:port`): equal on two nodes means the same ring. Null without
+    /// a ring in the fast path (l7, no fast path, no backend takes new flows).
+    #[serde(default)]
+    pub ring_digest: Option<String>,
 }
 
 /// A backend of a service: its config and, once the control plane has computed the

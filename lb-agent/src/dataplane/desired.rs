@@ -71,6 +71,11 @@ pub trait Sink: Send {
     fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()>;
     /// The fast path's counters, if there is a fast path.
     fn snapshot(&self, services: &[ServiceConfig]) -> Option<Snapshot>;
+    /// The digest of `service`'s ring as written to the fast path (`ring_digest` in the
+    /// API); None without a fast path or a ring.
+    fn ring_digest(&self, _service: &str) -> Option<String> {
+        None
+    }
 }
 
 /// No fast path: nothing to write (L7 services are served by the proxy).

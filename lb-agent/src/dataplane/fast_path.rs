@@ -100,6 +100,10 @@ impl Sink for MapsSink {
         }
         Some(snap)
     }
+
+    fn ring_digest(&self, service: &str) -> Option<String> {
+        self.reconciler.as_ref()?.ring_digest(service)
+    }
 }
 
 /// How [`FastPath::load`] found the pin directory.

@@ -225,6 +225,30 @@ struct WrittenService {
     /// The ring as written (empty = none).
     ring: Vec<u32>,
     backends: BTreeMap<BackendKey, u32>,
+    /// [`ring_digest`] of `ring` and the backend ids it was taken with (recomputed when
+    /// either changes).
+    digest: Option<(BTreeMap<BackendKey, u32>, String)>,
+}
+
+/// The digest of a ring as written, comparable between LB nodes: SHA-256 (hex) over
+/// each slot's backend as `address:port\n` (IPv6 in brackets), in slot order. Backend
+/// ids are each node's own, so the slots are named by backend, not by id. None for an
+/// empty ring (the service has no ring in the fast path).
+fn ring_digest(ring: &[u32], backends: &BTreeMap<BackendKey, u32>) -> Option<String> {
+    use sha2::{Digest as _, Sha256};
+    if ring.is_empty() {
+        return None;
+    }
+    let names: BTreeMap<u32, String> = backends
+        .iter()
+        .map(|(&(address, port), &id)| (id, format!("{}\n", SocketAddr::new(address, port))))
+        .collect();
+    let mut h = Sha256::new();
+    for id in ring {
+        // A slot whose id is no backend of the service (never written so) shows as `?`.
+        h.update(names.get(id).map_or("?\n", String::as_str).as_bytes());
+    }
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A backend that takes new flows: (ring key "address:port", backend id, weight).
@@ -238,6 +262,20 @@ impl WrittenService {
             meta: None,
             ring: Vec::new(),
             backends: BTreeMap::new(),
+            digest: None,
+        }
+    }
+
+    /// Take the ring's digest again when the ring or the backend ids changed.
+    fn refresh_digest(&mut self, ring_changed: bool) {
+        let stale = ring_changed
+            || self
+                .digest
+                .as_ref()
+                .is_none_or(|(ids, _)| *ids != self.backends);
+        if stale {
+            let digest = ring_digest(&self.ring, &self.backends).unwrap_or_default();
+            self.digest = Some((self.backends.clone(), digest));
         }
     }
 
@@ -500,9 +538,23 @@ impl Reconciler {
                 meta: Some(meta),
                 ring,
                 backends,
+                digest: None,
             },
         );
         Ok(())
+    }
+
+    /// The digest of `service`'s ring as last written ([`ring_digest`]); None without a
+    /// ring.
+    pub fn ring_digest(&self, service: &str) -> Option<String> {
+        let written = self.services.get(service)?;
+        match &written.digest {
+            Some((ids, digest)) if *ids == written.backends => {
+                Some(digest.clone()).filter(|d| !d.is_empty())
+            }
+            // Adopted and not applied yet.
+            _ => ring_digest(&written.ring, &written.backends),
+        }
     }
 
     /// Backend id of `(service, address, port)` as last written.
@@ -580,6 +632,7 @@ impl Reconciler {
         };
         let members = written.write_backends(maps, &mut self.backends, svc, deactivate)?;
         let slots_changed = written.write_ring(maps, self.ring_size, &members)?;
+        written.refresh_digest(slots_changed > 0);
         written.write_vip(maps, key, svc, self.ring_size)?;
         Ok(written.applied(&svc.name, slots_changed))
     }
@@ -673,6 +726,25 @@ fn remove_vip(maps: &mut Maps, key: &VipKey) -> Result<(), SyncError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_digests_name_slots_by_backend_not_by_id() {
+        let a: IpAddr = "198.18.2.11".parse().unwrap();
+        let b: IpAddr = "fd00:18::2:12".parse().unwrap();
+        let node1 = BTreeMap::from([((a, 80), 0), ((b, 80), 1)]);
+        let node2 = BTreeMap::from([((a, 80), 7), ((b, 80), 3)]);
+        let d1 = ring_digest(&[0, 1, 1, 0, 1], &node1).unwrap();
+        // The same ring with other ids: the same digest.
+        assert_eq!(ring_digest(&[7, 3, 3, 7, 3], &node2).unwrap(), d1);
+        // SHA-256 of "198.18.2.11:80\n[fd00:18::2:12]:80\n..." (sha256sum).
+        assert_eq!(
+            d1,
+            "9afc5d0a1c846c64be9906594de6f24562ca69c01b81c52a163d358603e93b38"
+        );
+        // Another ring: another digest; no ring: none.
+        assert_ne!(ring_digest(&[0, 1, 0, 0, 1], &node1).unwrap(), d1);
+        assert_eq!(ring_digest(&[], &node1), None);
+    }
 
     #[test]
     fn addresses_are_network_order_words() {
