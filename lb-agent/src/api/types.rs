@@ -358,6 +358,15 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// `GET /api/v1/node`, and the answer of `POST /api/v1/node/drain` and `/undrain`: this
+/// LB node's VIP announcements.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The announcements through BIRD; null without a `[bgp]` table (nothing is
+    /// announced).
+    pub bgp: Option<BgpStatus>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +383,8 @@ mod tests {
             "response_timeout_ms":30000,"max_header_bytes":65536,"max_headers":100,
             "max_body_bytes":67108864,"retries":2,"eject_after":5,"eject_base_ms":1000,
             "eject_max_ms":30000},
-            "active_tier":0,"fail_open":false,"all_down":false,"backends":[
+            "active_tier":0,"fail_open":false,"all_down":false,
+            "ring_digest":"9afc5d0a1c846c64be9906594de6f24562ca69c01b81c52a163d358603e93b38","backends":[
             {"address":"198.18.1.11","port":80,"tier":0,"weight":100,"effective_weight":10,
              "slow_start":0.5,"state":"drain","healthy":true,"serving":false,"active":true,
              "health":null},
@@ -382,6 +392,7 @@ mod tests {
         let svc: Service = serde_json::from_str(text).expect("a service");
         assert_eq!(svc.config.name, "web");
         assert_eq!(svc.active_tier, Some(0));
+        assert_eq!(svc.ring_digest.as_ref().map(String::len), Some(64));
         assert!(svc.config.backends.is_empty());
         let live = svc.backends[0].live.as_ref().expect("live fields");
         assert_eq!(live.state, AdminState::Drain);
@@ -411,13 +422,4 @@ mod tests {
             assert_eq!(serde_json::to_value(&stats).expect("writes"), text);
         }
     }
-}
-
-/// `GET /api/v1/node`, and the answer of `POST /api/v1/node/drain` and `/undrain`: this
-/// LB node's VIP announcements.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct NodeStatus {
-    /// The announcements through BIRD; null without a `[bgp]` table (nothing is
-    /// announced).
-    pub bgp: Option<BgpStatus>,
 }
