@@ -235,7 +235,7 @@ impl Announcer {
                 tracing::error!(
                     error = %e,
                     socket = %self.config.bird_socket.display(),
-                    "BGP announcements not updated: BIRD did not take {}; forwarding goes on, retrying at the next change",
+                    "BGP announcements not updated: BIRD did not take {}; forwarding goes on; tried again at the next change or within 5 s",
                     self.config.include_file.display()
                 );
                 self.configured = None;
