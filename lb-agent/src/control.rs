@@ -538,7 +538,8 @@ impl Control {
                 .map(|s| s.name.clone())
                 .collect(),
         );
-        let desired = DesiredState::new(&self.config.dataplane, services);
+        let desired =
+            DesiredState::new(&self.config.dataplane, services).with_filters(&self.config.security);
         self.views = views;
         self.publish_l7();
         let l4 = self.l4_backends();
