@@ -40,6 +40,7 @@
 //! change changes nothing.
 
 mod error;
+mod filters;
 mod handlers;
 #[cfg(test)]
 mod tests;
@@ -111,6 +112,7 @@ impl ApiState {
         (name = "backends", description = "a service's backends"),
         (name = "stats", description = "traffic counters"),
         (name = "agent", description = "the agent itself"),
+        (name = "filters", description = "source filters ([security] deny/allow)"),
     ),
 )]
 struct ApiDoc;
@@ -145,6 +147,7 @@ fn routes(auth: Option<&ApiState>) -> (Router<ApiState>, utoipa::openapi::OpenAp
         .routes(routes!(handlers::purge_cache))
         .routes(routes!(handlers::stats))
         .routes(routes!(handlers::reload))
+        .routes(routes!(filters::get_filters, filters::replace_filters))
         .routes(routes!(handlers::openapi_json));
     if let Some(state) = auth {
         api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
