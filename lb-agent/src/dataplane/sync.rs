@@ -5,9 +5,8 @@
 //! [`Reconciler::apply`] diffs the desired state against what it wrote last and writes
 //! only the differences, in an order that never exposes a ring slot pointing to
 //! nothing:
-//! 0. new `[security]` filter entries (`super::filters`);
-//! 1. the global config (with the filter bits);
-//! 1b. filter entries no longer desired are removed;
+//! 1. new `[security]` filter entries (`super::filters`), the global config (with
+//!    the filter bits), then the filter entries no longer desired are removed;
 //! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
 //!    that change (each an in-place write of a valid backend id), then the VIP entry;
 //! 3. services no longer desired: their VIP entries are removed;
