@@ -31,7 +31,7 @@ use lb_agent::{
         forwarding::InterfaceForwarding,
         loader::{self, Capacities, DECAP_PROGRAM, LB_PROGRAM},
         stats,
-        sync::addr_words,
+        sync::{Reconciler, addr_words},
     },
 };
 use lb_common::{
@@ -182,6 +182,16 @@ fn net() -> Net {
     }
 }
 
+fn caps() -> Capacities {
+    Capacities {
+        max_services: 8,
+        max_backends: 32,
+        ring_size: RING,
+        flow_table_size: 4096,
+        max_filter_rules: 16,
+    }
+}
+
 /// The loaded object and what the routing table looks like.
 struct Fixture {
     lb: LoadedLb,
@@ -194,15 +204,8 @@ struct Fixture {
 impl Fixture {
     /// Must run on a thread inside the fixture namespace.
     fn new() -> anyhow::Result<Self> {
-        let caps = Capacities {
-            max_services: 8,
-            max_backends: 32,
-            ring_size: RING,
-            flow_table_size: 4096,
-            max_filter_rules: 16,
-        };
         Ok(Fixture {
-            lb: LoadedLb::load(&caps, &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
+            lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
             lb_mac: mac_of("lb0")?,
             far_mac: mac_of("far0")?,
@@ -836,6 +839,15 @@ fn source_filters_drop_denied_and_unlisted_sources() -> anyhow::Result<()> {
         // Rule ids stay with their prefixes across applies: counts are not reset.
         let counts = fx.filter_drops()?;
         ensure!(counts["198.18.0.128/25"] == 4, "counts kept: {counts:?}");
+        // A restarted agent reads the tries back: same prefixes, same rule ids.
+        let adopted = Reconciler::adopt(&fx.lb.maps, &caps(), &d)?;
+        let ids = |r: &Reconciler| r.deny_rules().collect::<Vec<_>>();
+        ensure!(
+            ids(&adopted) == ids(&fx.lb.reconciler),
+            "adopted {:?}, written {:?}",
+            ids(&adopted),
+            ids(&fx.lb.reconciler)
+        );
 
         // Filters removed: the tries are emptied and the sources served again.
         fx.lb.apply(&desired())?;
