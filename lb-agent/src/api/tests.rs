@@ -51,6 +51,7 @@ impl Sink for FakeFastPath {
         let mut s = Snapshot::default();
         s.counters.insert("rx", 5);
         s.drops.insert("no_backend", 1);
+        s.filter_drops.insert("203.0.113.0/24".to_owned(), 2);
         for svc in services {
             let mut t = ServiceTraffic {
                 packets: 4,
@@ -538,6 +539,7 @@ async fn stats_show_only_what_exists() {
     assert_eq!(v["dataplane"]["pending"], false);
     assert_eq!(v["counters"]["rx"], 5);
     assert_eq!(v["drops"]["no_backend"], 1);
+    assert_eq!(v["filter_drops"]["203.0.113.0/24"], 2);
     assert_eq!(v["services"]["web"]["packets"], 4);
     assert_eq!(
         v["services"]["web"]["backends"]["198.18.2.11:80"]["bytes"],
