@@ -1,4 +1,4 @@
-//! Agent configuration: the typed model of the TOML file (`[agent]`, `[dataplane]`,
+//! Agent configuration: the typed model of the TOML file (`[agent]`, `[dataplane]`, `[security]`,
 //! `[[service]]`), its defaults, reading, and validation.
 //!
 //! - [`model`]: one struct per table, one field per key, and the defaults. It is the
