@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{
-        BackendConfig, Config, ConfigError, MAX_WEIGHT, Mode, ServiceConfig, check_api_tls,
-        validate_service,
+        BackendConfig, Config, ConfigError, MAX_WEIGHT, Mode, SecurityConfig, ServiceConfig,
+        check_api_tls, validate_security, validate_service,
     },
     dataplane::{
         desired::{DesiredState, Sink},
@@ -71,6 +71,10 @@ pub struct Overlay {
     /// Backend overrides: service -> backend address -> override.
     #[serde(default)]
     pub backends: BTreeMap<String, BTreeMap<IpAddr, BackendOverride>>,
+    /// `[security]` as last replaced through `PUT /api/v1/filters`: it stands in for
+    /// the config file's table (a reload of the file does not change it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecurityConfig>,
 }
 
 impl Overlay {
@@ -126,6 +130,11 @@ impl Overlay {
         Ok(())
     }
 
+    /// The config file's `[security]` table, or the one the API set in its place.
+    pub fn security<'a>(&'a self, base: &'a Config) -> &'a SecurityConfig {
+        self.security.as_ref().unwrap_or(&base.security)
+    }
+
     /// Run what was read from the state file through the API's rules, against the
     /// config file `base`. An entry that breaks a rule (a service the API would refuse,
     /// a `tls` outside `agent.tls_dir`, a weight above [`MAX_WEIGHT`]) refuses the whole
@@ -152,6 +161,9 @@ impl Overlay {
                 "{why}: the entry is ignored (the file keeps it until the next change through the API)"
             );
         };
+        if let Some(sec) = &self.security {
+            prefixed("security", validate_security(sec, &base.dataplane));
+        }
         let combined = self.apply(&base.services);
         for (name, svc) in &self.services {
             let entry = format!("services[{name:?}]");
@@ -416,6 +428,7 @@ impl Control {
         let overlay = Overlay::load(&state_dir)?.checked(&base, &state_dir.join(STATE_FILE))?;
         let mut config = base.clone();
         config.services = overlay.apply(&base.services);
+        config.security = overlay.security(&base).clone();
         let mut c = Control {
             base,
             overlay,
@@ -543,7 +556,8 @@ impl Control {
                 .map(|s| s.name.clone())
                 .collect(),
         );
-        let desired = DesiredState::new(&self.config.dataplane, services);
+        let desired =
+            DesiredState::new(&self.config.dataplane, services).with_filters(&self.config.security);
         self.views = views;
         self.publish_l7();
         let l4 = self.l4_backends();
@@ -654,6 +668,7 @@ impl Control {
     fn commit(&mut self, overlay: Overlay) -> Result<(), ControlError> {
         let mut config = self.base.clone();
         config.services = overlay.apply(&self.base.services);
+        config.security = overlay.security(&self.base).clone();
         let errors = config.validate();
         if !errors.is_empty() {
             return Err(ControlError::Invalid(errors));
@@ -820,6 +835,23 @@ impl Control {
         self.commit(o)
     }
 
+    /// The source filters in force (`GET /api/v1/filters`).
+    pub fn filters(&self) -> &SecurityConfig {
+        &self.config.security
+    }
+
+    /// Replace the source filters whole (`PUT /api/v1/filters`): validated with the
+    /// config's rules, persisted in the overlay, then written to the fast path.
+    pub fn replace_filters(&mut self, sec: SecurityConfig) -> Result<(), ControlError> {
+        let errors = validate_security(&sec, &self.config.dataplane);
+        if !errors.is_empty() {
+            return Err(ControlError::Invalid(errors));
+        }
+        let mut o = self.overlay.clone();
+        o.security = Some(sec);
+        self.commit(o)
+    }
+
     /// Re-read the config file; an invalid one is rejected and the running state kept.
     /// `[agent]` settings and the dataplane's capacities and mode need a restart: the
     /// running values are kept (and a warning says so when the file changed them).
@@ -848,6 +880,12 @@ impl Control {
         base.dataplane.xdp_mode = self.base.dataplane.xdp_mode;
         let mut config = base.clone();
         config.services = self.overlay.apply(&base.services);
+        if self.overlay.security.is_some() && base.security != self.base.security {
+            tracing::warn!(
+                "[security] in the file changed, but the filters set through the API stay in force"
+            );
+        }
+        config.security = self.overlay.security(&base).clone();
         let errors = config.validate();
         if !errors.is_empty() {
             return Err(ControlError::Invalid(errors));

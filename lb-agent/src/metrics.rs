@@ -10,6 +10,8 @@
 //! - `xdplb_packets_total{service,backend}`, `xdplb_bytes_total{service,backend}`:
 //!   traffic the fast path sent to each backend (`backend` = `address:port`).
 //! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason.
+//! - `xdplb_filter_drops_total{rule}`: packets dropped by a `[security]` rule (the deny
+//!   prefix as written, or `not_allowed` for sources the allow list did not match).
 //! - `xdplb_fastpath_packets_total{result}`: the fast path's other global counters
 //!   (`rx`, `tx`, `pass_not_vip`, `flow_new`, ...).
 //! - `xdplb_fastpath_enabled`: 1 when an XDP fast path is attached (the traffic series
@@ -85,6 +87,11 @@ fn vip_announced(status: &crate::bgp::BgpStatus) -> Family<VipLabels, Gauge> {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -233,6 +240,17 @@ impl Metrics {
             );
             registry.register("bytes", "Bytes the fast path sent to a backend", bytes);
             registry.register("drops", "Packets the fast path dropped, by reason", drops);
+            let filter_drops = Family::<RuleLabels, Counter>::default();
+            for (rule, v) in &snapshot.filter_drops {
+                filter_drops
+                    .get_or_create(&RuleLabels { rule: rule.clone() })
+                    .inc_by(*v);
+            }
+            registry.register(
+                "filter_drops",
+                "Packets dropped by a [security] rule: a deny prefix, or \"not_allowed\" (the allow list matched no rule)",
+                filter_drops,
+            );
             registry.register(
                 "fastpath_packets",
                 "Packets the fast path handled, by what it did with them",
@@ -314,6 +332,7 @@ mod tests {
             snapshot.counters.insert("rx", 10);
             snapshot.counters.insert("tx", 7);
             snapshot.drops.insert("no_backend", 3);
+            snapshot.filter_drops.insert("203.0.113.0/24".to_owned(), 4);
             for s in services {
                 let mut traffic = ServiceTraffic::default();
                 for b in &s.backends {
@@ -431,6 +450,10 @@ mod tests {
         assert_eq!(get(&format!("xdplb_packets_total{b1}")), 7.0);
         assert_eq!(get(&format!("xdplb_bytes_total{b2}")), 700.0);
         assert_eq!(get(r#"xdplb_drops_total{reason="no_backend"}"#), 3.0);
+        assert_eq!(
+            get(r#"xdplb_filter_drops_total{rule="203.0.113.0/24"}"#),
+            4.0
+        );
         assert_eq!(get(r#"xdplb_fastpath_packets_total{result="rx"}"#), 10.0);
         assert_eq!(get("xdplb_fastpath_enabled"), 1.0);
         assert_eq!(get("xdplb_dataplane_sync_pending"), 0.0);

@@ -24,6 +24,13 @@ pub const BACKEND_STATS: &str = "XDPLB_BE_STATS";
 pub const COUNTERS: &str = "XDPLB_COUNTERS";
 /// `HashMap<DecapKey, u32>`: outer destination addresses the decap program accepts.
 pub const DECAP_DSTS: &str = "XDPLB_DECAP_DST";
+/// `LpmTrie<FilterAddr, FilterRule>`: source prefixes whose packets are dropped.
+pub const DENY: &str = "XDPLB_DENY";
+/// `LpmTrie<FilterAddr, FilterRule>`: when it has entries, the only sources whose
+/// packets reach a VIP.
+pub const ALLOW: &str = "XDPLB_ALLOW";
+/// `PerCpuArray<u64>` indexed by `FilterRule::rule_id`: packets dropped by each rule.
+pub const FILTER_STATS: &str = "XDPLB_FILT_STATS";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -36,6 +43,9 @@ pub const ALL: &[&str] = &[
     BACKEND_STATS,
     COUNTERS,
     DECAP_DSTS,
+    DENY,
+    ALLOW,
+    FILTER_STATS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader
@@ -49,3 +59,6 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_000_000;
 /// Capacity of [`DECAP_DSTS`].
 pub const MAX_DECAP_DSTS: u32 = 256;
+/// Default capacity of [`DENY`] and of [`ALLOW`] (`dataplane.max_filter_rules`);
+/// [`FILTER_STATS`] has one slot more (rule ids start at 1).
+pub const DEFAULT_MAX_FILTER_RULES: u32 = 1024;

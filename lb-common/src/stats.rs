@@ -102,15 +102,21 @@ pub enum DropReason {
     NoRoute,
     /// The encapsulated packet would exceed the MTU towards the backend.
     TooBig,
+    /// The source matched a `[security] deny` prefix.
+    FilterDeny,
+    /// The allow list is in use and the source, on its way to a VIP, matched none of it.
+    FilterNotAllowed,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = DropReason::TooBig as u32 + 1;
+    pub const COUNT: u32 = DropReason::FilterNotAllowed as u32 + 1;
     pub const ALL: [DropReason; DropReason::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::EncapFailed,
         DropReason::NoRoute,
         DropReason::TooBig,
+        DropReason::FilterDeny,
+        DropReason::FilterNotAllowed,
     ];
 
     #[inline(always)]
@@ -124,6 +130,8 @@ impl DropReason {
             DropReason::EncapFailed => "encap_failed",
             DropReason::NoRoute => "no_route",
             DropReason::TooBig => "too_big",
+            DropReason::FilterDeny => "filter_deny",
+            DropReason::FilterNotAllowed => "filter_not_allowed",
         }
     }
 }

@@ -117,9 +117,51 @@ pub struct GlobalConfig {
     pub source_v6: [u32; 4],
     /// `ENCAP_*`.
     pub encap: u32,
-    pub _pad: u32,
+    /// `FILTER_F_*` bits: which source filter lists are in use, so that the program
+    /// looks a packet up in a list only when that list has entries.
+    pub filter_flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 28);
+
+/// [`GlobalConfig::filter_flags`]: [`crate::maps::DENY`] has entries.
+pub const FILTER_F_DENY: u32 = 1 << 0;
+/// [`GlobalConfig::filter_flags`]: [`crate::maps::ALLOW`] has entries; sources it does
+/// not match are dropped on their way to a VIP.
+pub const FILTER_F_ALLOW: u32 = 1 << 1;
+
+/// Data part of the LPM trie keys of [`crate::maps::DENY`] and [`crate::maps::ALLOW`]
+/// (the trie key is `{ prefix_len: u32, data: FilterAddr }`). The family and padding
+/// are matched as the first 32 bits, so a key's `prefix_len` is
+/// [`FILTER_PREFIX_BASE`] plus the prefix length of the address, and one trie holds
+/// both families without an IPv4 prefix ever matching an IPv6 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct FilterAddr {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network order; IPv4 in word 0, other words zero.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<FilterAddr>() == 20);
+
+/// Bits of [`FilterAddr`] before the address: an LPM key's `prefix_len` is this plus
+/// the prefix length of the address.
+pub const FILTER_PREFIX_BASE: u32 = 32;
+
+/// Value of [`crate::maps::DENY`] and [`crate::maps::ALLOW`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FilterRule {
+    /// Index into [`crate::maps::FILTER_STATS`] where drops by this rule are counted.
+    /// Index [`FILTER_RULE_NOT_ALLOWED`] counts sources no allow rule matched.
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<FilterRule>() == 4);
+
+/// Slot of [`crate::maps::FILTER_STATS`] counting packets to a VIP dropped because the
+/// allow list is in use and no rule of it matched their source. Rule ids start at 1.
+pub const FILTER_RULE_NOT_ALLOWED: u32 = 0;
 
 /// Value of the per-service and per-backend counter arrays (per CPU; the agent sums).
 #[repr(C)]
@@ -155,4 +197,6 @@ mod pod {
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for DecapKey {}
+    unsafe impl aya::Pod for FilterAddr {}
+    unsafe impl aya::Pod for FilterRule {}
 }

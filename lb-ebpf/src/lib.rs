@@ -7,11 +7,13 @@
 //! - [`hashing`]: backend choice: flow table, then the service's Maglev ring.
 //! - [`csum`]: the IPv4 header checksum.
 //! - [`encap`]: IPv4-in-IPv4 encapsulation and decapsulation, and next-hop lookup.
+//! - [`filter`]: `[security]` deny/allow source prefixes (LPM tries).
 //! - [`stats`]: per-CPU counter updates.
 #![no_std]
 
 pub mod csum;
 pub mod encap;
+pub mod filter;
 pub mod hashing;
 pub mod maps;
 pub mod parsing;

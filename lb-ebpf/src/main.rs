@@ -12,10 +12,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     stats::Counter,
-    types::{DecapKey, FAMILY_V4, VIP_F_L7, VipKey},
+    types::{DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, VIP_F_L7, VipKey},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4},
+    filter,
     hashing::choose_backend,
     maps::{CONFIG, DECAP_DSTS, VIPS},
     parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
@@ -41,6 +42,18 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let l2 = parse_l2(ctx).map_err(Exit::Pass)?;
+    // Source filters come first; with no list in use they cost nothing but this read.
+    let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
+    let src = if filter_flags != 0 {
+        filter::source(ctx, &l2)
+    } else {
+        None
+    };
+    if let Some(src) = &src {
+        if filter_flags & FILTER_F_DENY != 0 {
+            filter::check_deny(src)?;
+        }
+    }
     if l2.proto != ETH_P_IP {
         return Err(Exit::Pass(Counter::PassNotIp));
     }
@@ -53,6 +66,12 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     };
     // SAFETY: VIPS is preallocated; values are written whole by the agent.
     let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
+    // The allow list guards VIPs only (L7 ones included); other traffic passes as before.
+    if let Some(src) = &src {
+        if filter_flags & FILTER_F_ALLOW != 0 {
+            filter::check_allow(src)?;
+        }
+    }
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }

@@ -5,16 +5,17 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     maps::{
-        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-        MAX_DECAP_DSTS,
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FILTER_RULES,
+        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_DECAP_DSTS,
     },
     stats::COUNTERS_LEN,
     types::{
-        Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig,
+        TrafficCounters, VipKey, VipMeta,
     },
 };
 
@@ -52,3 +53,15 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_L
 
 #[map(name = "XDPLB_DECAP_DST")]
 pub static DECAP_DSTS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_DSTS, 0);
+
+#[map(name = "XDPLB_DENY")]
+pub static DENY: LpmTrie<FilterAddr, FilterRule> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_FILTER_RULES, 0);
+
+#[map(name = "XDPLB_ALLOW")]
+pub static ALLOW: LpmTrie<FilterAddr, FilterRule> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_FILTER_RULES, 0);
+
+#[map(name = "XDPLB_FILT_STATS")]
+pub static FILTER_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_FILTER_RULES + 1, 0);

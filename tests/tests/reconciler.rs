@@ -20,6 +20,7 @@ const CAPS: Capacities = Capacities {
     max_backends: 4,
     ring_size: 13,
     flow_table_size: 64,
+    max_filter_rules: 16,
 };
 
 fn addr(last: u8) -> IpAddr {
@@ -32,6 +33,7 @@ fn web(lasts: &[u8]) -> DesiredState {
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,
+        filters: Default::default(),
         services: vec![DesiredService {
             name: "web".into(),
             vip: "198.18.100.1:80".parse().expect("vip"),

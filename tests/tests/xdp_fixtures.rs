@@ -17,7 +17,8 @@
 //! and the ring the agent wrote, not by asking the program.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     sync::Mutex,
 };
 
@@ -26,18 +27,18 @@ use aya::maps::HashMap;
 use lb_agent::{
     config::Protocol,
     dataplane::{
-        desired::{DesiredBackend, DesiredService, DesiredState},
+        desired::{DesiredBackend, DesiredFilters, DesiredService, DesiredState},
         forwarding::InterfaceForwarding,
         loader::{self, Capacities, DECAP_PROGRAM, LB_PROGRAM},
         stats,
-        sync::addr_words,
+        sync::{Reconciler, addr_words},
     },
 };
 use lb_common::{
     hash::flow_hash,
     maps as names,
     stats::{Counter, DropReason},
-    types::{DecapKey, PROTO_TCP, PROTO_UDP},
+    types::{DecapKey, FILTER_RULE_NOT_ALLOWED, PROTO_TCP, PROTO_UDP},
 };
 use xdplb_tests::{
     netns::mac_of,
@@ -132,6 +133,7 @@ fn desired() -> DesiredState {
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
+        filters: Default::default(),
         services: vec![
             service("web", VIP_WEB, Protocol::Tcp, web),
             service(
@@ -180,6 +182,16 @@ fn net() -> Net {
     }
 }
 
+fn caps() -> Capacities {
+    Capacities {
+        max_services: 8,
+        max_backends: 32,
+        ring_size: RING,
+        flow_table_size: 4096,
+        max_filter_rules: 16,
+    }
+}
+
 /// The loaded object and what the routing table looks like.
 struct Fixture {
     lb: LoadedLb,
@@ -192,14 +204,8 @@ struct Fixture {
 impl Fixture {
     /// Must run on a thread inside the fixture namespace.
     fn new() -> anyhow::Result<Self> {
-        let caps = Capacities {
-            max_services: 8,
-            max_backends: 32,
-            ring_size: RING,
-            flow_table_size: 4096,
-        };
         Ok(Fixture {
-            lb: LoadedLb::load(&caps, &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
+            lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
             lb_mac: mac_of("lb0")?,
             far_mac: mac_of("far0")?,
@@ -269,6 +275,20 @@ impl Fixture {
             .map(|(_, m)| *m)
             .with_context(|| format!("{backend} is no neighbour on lb0"))?;
         ipip_frame(input, LB_ADDR, backend, mac, self.lb_mac)
+    }
+
+    /// Drops per `[security]` rule as the agent reads them: each deny prefix written,
+    /// and `not_allowed`.
+    fn filter_drops(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        out.insert(
+            stats::NOT_ALLOWED_RULE.to_owned(),
+            stats::filter_drops(&self.lb.maps, FILTER_RULE_NOT_ALLOWED)?,
+        );
+        for (net, id) in self.lb.reconciler.deny_rules() {
+            out.insert(net.to_string(), stats::filter_drops(&self.lb.maps, id)?);
+        }
+        Ok(out)
     }
 
     /// Packets and bytes forwarded, per service and per backend (by address and id).
@@ -370,6 +390,9 @@ struct Row {
     output: Vec<u8>,
     /// Bytes of XDP metadata in front of the frame (0: none).
     meta_len: u32,
+    /// The `[security]` rule whose drop counter must count it (a deny prefix, or
+    /// `not_allowed`); None: no filter counter moves.
+    rule: Option<&'static str>,
 }
 
 /// A row whose frame must come out unchanged (passed or dropped).
@@ -380,6 +403,20 @@ fn unchanged(name: impl Into<String>, input: Vec<u8>, expect: Expect) -> Row {
         input,
         expect,
         meta_len: 0,
+        rule: None,
+    }
+}
+
+/// A row dropped by a `[security]` rule, its frame unchanged.
+fn filtered(
+    name: impl Into<String>,
+    input: Vec<u8>,
+    reason: DropReason,
+    rule: &'static str,
+) -> Row {
+    Row {
+        rule: Some(rule),
+        ..unchanged(name, input, Expect::Drop(reason))
     }
 }
 
@@ -391,6 +428,7 @@ fn row(name: impl Into<String>, input: Vec<u8>, expect: Expect, output: Vec<u8>)
         expect,
         output,
         meta_len: 0,
+        rule: None,
     }
 }
 
@@ -399,9 +437,21 @@ fn check_row(fx: &Fixture, row: &Row) -> anyhow::Result<()> {
     let name = &row.name;
     let before = fx.counters();
     let traffic_before = fx.traffic()?;
+    let rules_before = fx.filter_drops()?;
     let (verdict, out) = fx.run_with_meta(LB_PROGRAM, &row.input, row.meta_len)?;
     let after = fx.counters();
     let traffic_after = fx.traffic()?;
+    let rules_after = fx.filter_drops()?;
+    let mut rules_want = rules_before.clone();
+    if let Some(rule) = row.rule {
+        *rules_want
+            .get_mut(rule)
+            .with_context(|| format!("{name}: no filter rule {rule} is written"))? += 1;
+    }
+    ensure!(
+        rules_after == rules_want,
+        "{name}: filter rule counters went {rules_before:?} -> {rules_after:?}, want {rules_want:?}"
+    );
 
     let want = row.expect.verdict();
     ensure!(
@@ -631,6 +681,200 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
         ];
         for r in &rows {
             check_row(fx, r)?;
+        }
+        Ok(())
+    })
+}
+
+/// An Ethernet + IPv6 + UDP frame (the balancer has no IPv6 VIPs yet: only the deny
+/// list applies to IPv6 sources).
+fn ipv6_udp(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, PROTO_UDP, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+    f
+}
+
+fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|p| p.parse().expect("prefix")).collect()
+}
+
+#[test]
+fn source_filters_drop_denied_and_unlisted_sources() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        use Expect::{Pass, Tx};
+        use lb_common::stats::DropReason::{FilterDeny, FilterNotAllowed};
+        let from = |a: u8, port: u16| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, a), port);
+        let v6_dst: Ipv6Addr = "fd00:18::10".parse()?;
+
+        // Deny only. Overlapping prefixes: the longest one counts the drop.
+        let mut d = desired();
+        d.filters = DesiredFilters {
+            deny: prefixes(&[
+                "198.18.0.128/25",
+                "198.18.0.192/26",
+                "198.18.0.77/32",
+                "2001:db8:bad::/48",
+            ]),
+            allow: vec![],
+        };
+        fx.lb.apply(&d)?;
+        let miss = syn(from(2, 43000), VIP_WEB).build();
+        let miss_to = fx.ring_pick("web", &miss, &BACKENDS, 80)?;
+        let rows = vec![
+            filtered(
+                "deny hit: SYN to a VIP",
+                syn(from(130, 43001), VIP_WEB).build(),
+                FilterDeny,
+                "198.18.0.128/25",
+            ),
+            filtered(
+                "deny hit on the longer of two prefixes",
+                syn(from(200, 43002), VIP_WEB).build(),
+                FilterDeny,
+                "198.18.0.192/26",
+            ),
+            filtered(
+                "deny hit on a /32",
+                PacketBuilder::udp(from(77, 43003), VIP_DNS).build(),
+                FilterDeny,
+                "198.18.0.77/32",
+            ),
+            filtered(
+                "deny applies to non-VIP traffic too",
+                syn(from(130, 43004), SocketAddrV4::new(LB_ADDR, 22)).build(),
+                FilterDeny,
+                "198.18.0.128/25",
+            ),
+            filtered(
+                "deny before the parser: a fragment",
+                syn(from(130, 43005), VIP_WEB)
+                    .fragment(false, true, 0)
+                    .build(),
+                FilterDeny,
+                "198.18.0.128/25",
+            ),
+            filtered(
+                "deny: VLAN-tagged",
+                syn(from(131, 43006), VIP_WEB).vlan(5).build(),
+                FilterDeny,
+                "198.18.0.128/25",
+            ),
+            filtered(
+                "deny hit: IPv6 source",
+                ipv6_udp("2001:db8:bad:1::7".parse()?, v6_dst),
+                FilterDeny,
+                "2001:db8:bad::/48",
+            ),
+            unchanged(
+                "deny miss: IPv6 source (passed as before)",
+                ipv6_udp("2001:db8:bae::7".parse()?, v6_dst),
+                Pass(Counter::PassNotIp),
+            ),
+            unchanged(
+                "deny miss: just below the /25",
+                syn(from(127, 43007), SocketAddrV4::new(LB_ADDR, 22)).build(),
+                Pass(Counter::PassNotVip),
+            ),
+            row(
+                "deny miss: balanced as before",
+                miss.clone(),
+                Tx { backend: miss_to },
+                fx.encapsulated(&miss, miss_to)?,
+            ),
+        ];
+        for r in &rows {
+            check_row(fx, r)?;
+        }
+
+        // Allow as well: only 198.18.0.0/30 reaches VIPs; deny still comes first.
+        d.filters.allow = prefixes(&["198.18.0.0/30", "2001:db8::/32"]);
+        d.filters.deny.push("198.18.0.3/32".parse()?);
+        fx.lb.apply(&d)?;
+        let hit = syn(from(2, 43010), VIP_WEB).build();
+        let hit_to = fx.ring_pick("web", &hit, &BACKENDS, 80)?;
+        let rows = vec![
+            row(
+                "allow hit: balanced",
+                hit.clone(),
+                Tx { backend: hit_to },
+                fx.encapsulated(&hit, hit_to)?,
+            ),
+            filtered(
+                "allow miss: SYN to a VIP",
+                syn(from(9, 43011), VIP_WEB).build(),
+                FilterNotAllowed,
+                stats::NOT_ALLOWED_RULE,
+            ),
+            filtered(
+                "allow miss: to an L7 VIP",
+                syn(from(9, 43012), VIP_L7).build(),
+                FilterNotAllowed,
+                stats::NOT_ALLOWED_RULE,
+            ),
+            unchanged(
+                "allow miss: non-VIP traffic passes",
+                syn(from(9, 43013), SocketAddrV4::new(LB_ADDR, 22)).build(),
+                Pass(Counter::PassNotVip),
+            ),
+            unchanged(
+                "allow list: IPv6 (no IPv6 VIPs) passes",
+                ipv6_udp("2001:db9::1".parse()?, v6_dst),
+                Pass(Counter::PassNotIp),
+            ),
+            filtered(
+                "deny beats allow",
+                syn(from(3, 43014), VIP_WEB).build(),
+                FilterDeny,
+                "198.18.0.3/32",
+            ),
+        ];
+        for r in &rows {
+            check_row(fx, r)?;
+        }
+        // Rule ids stay with their prefixes across applies: counts are not reset.
+        let counts = fx.filter_drops()?;
+        ensure!(counts["198.18.0.128/25"] == 4, "counts kept: {counts:?}");
+        // A restarted agent reads the tries back: same prefixes, same rule ids.
+        let adopted = Reconciler::adopt(&fx.lb.maps, &caps(), &d)?;
+        let ids = |r: &Reconciler| r.deny_rules().collect::<Vec<_>>();
+        ensure!(
+            ids(&adopted) == ids(&fx.lb.reconciler),
+            "adopted {:?}, written {:?}",
+            ids(&adopted),
+            ids(&fx.lb.reconciler)
+        );
+
+        // Filters removed: the tries are emptied and the sources served again.
+        fx.lb.apply(&desired())?;
+        ensure!(
+            fx.lb.reconciler.deny_rules().next().is_none(),
+            "deny rules left"
+        );
+        ensure!(fx.lb.maps.deny.keys().count() == 0, "deny trie not emptied");
+        ensure!(
+            fx.lb.maps.allow.keys().count() == 0,
+            "allow trie not emptied"
+        );
+        for (name, src) in [
+            ("once denied", from(130, 43020)),
+            ("once not allowed", from(9, 43021)),
+        ] {
+            let f = syn(src, VIP_WEB).build();
+            let to = fx.ring_pick("web", &f, &BACKENDS, 80)?;
+            check_row(
+                fx,
+                &row(
+                    format!("{name}: balanced"),
+                    f.clone(),
+                    Tx { backend: to },
+                    fx.encapsulated(&f, to)?,
+                ),
+            )?;
         }
         Ok(())
     })

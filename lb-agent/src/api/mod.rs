@@ -40,6 +40,7 @@
 //! change changes nothing.
 
 mod error;
+mod filters;
 mod handlers;
 #[cfg(test)]
 mod tests;
@@ -114,6 +115,7 @@ impl ApiState {
         (name = "stats", description = "traffic counters"),
         (name = "agent", description = "the agent itself"),
         (name = "node", description = "this LB node's VIP announcements (BGP through BIRD)"),
+        (name = "filters", description = "source filters ([security] deny/allow)"),
     ),
 )]
 struct ApiDoc;
@@ -151,6 +153,7 @@ fn routes(auth: Option<&ApiState>) -> (Router<ApiState>, utoipa::openapi::OpenAp
         .routes(routes!(handlers::node))
         .routes(routes!(handlers::drain_node))
         .routes(routes!(handlers::undrain_node))
+        .routes(routes!(filters::get_filters, filters::replace_filters))
         .routes(routes!(handlers::openapi_json));
     if let Some(state) = auth {
         api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

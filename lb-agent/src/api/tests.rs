@@ -51,6 +51,7 @@ impl Sink for FakeFastPath {
         let mut s = Snapshot::default();
         s.counters.insert("rx", 5);
         s.drops.insert("no_backend", 1);
+        s.filter_drops.insert("203.0.113.0/24".to_owned(), 2);
         for svc in services {
             let mut t = ServiceTraffic {
                 packets: 4,
@@ -540,6 +541,7 @@ async fn stats_show_only_what_exists() {
     assert_eq!(v["dataplane"]["pending"], false);
     assert_eq!(v["counters"]["rx"], 5);
     assert_eq!(v["drops"]["no_backend"], 1);
+    assert_eq!(v["filter_drops"]["203.0.113.0/24"], 2);
     assert_eq!(v["services"]["web"]["packets"], 4);
     assert_eq!(
         v["services"]["web"]["backends"]["198.18.2.11:80"]["bytes"],
@@ -631,8 +633,8 @@ async fn a_held_lock_answers_503() {
     assert!(error_of(&v).contains("busy"));
 }
 
-/// The DESIGN.md routes ("REST API") that exist so far, steps 1 to 3 (the filters of
-/// step 4 and the cluster and node routes of step 5 join this list with their routes).
+/// The DESIGN.md routes ("REST API") that exist so far, steps 1 to 4 (the cluster and
+/// node routes of step 5 join this list with their routes).
 const DESIGN_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/services"),
     ("post", "/api/v1/services"),
@@ -647,6 +649,8 @@ const DESIGN_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/reload"),
     ("post", "/api/v1/node/drain"),
     ("post", "/api/v1/node/undrain"),
+    ("get", "/api/v1/filters"),
+    ("put", "/api/v1/filters"),
     ("get", "/healthz"),
     ("get", "/metrics"),
 ];
@@ -1243,4 +1247,99 @@ async fn node_routes_drain_and_undrain_through_the_announcer() {
     assert!(file.contains("route 198.18.100.1/32 blackhole;"), "{file}");
     let calls = std::fs::read_to_string(dir.join("calls")).expect("calls");
     assert_eq!(calls.lines().count(), 3, "{calls}");
+}
+
+/// A sink that keeps the last desired state it was given.
+struct Recording(Arc<std::sync::Mutex<Option<DesiredState>>>);
+
+impl Sink for Recording {
+    fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
+        *self.0.lock().expect("lock") = Some(desired.clone());
+        Ok(())
+    }
+    fn snapshot(&self, _services: &[ServiceConfig]) -> Option<Snapshot> {
+        None
+    }
+}
+
+#[tokio::test]
+async fn filters_are_replaced_whole_persisted_and_written() {
+    let last = Arc::new(std::sync::Mutex::new(None));
+    let f = Fixture::with(None, Box::new(Recording(last.clone())));
+    let (status, v) = f.call("GET", "/api/v1/filters", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"deny": [], "allow": []}));
+
+    let body = r#"{"deny": ["203.0.113.0/24", "2001:db8:bad::/48"], "allow": ["198.18.0.0/15"]}"#;
+    let (status, v) = f.call("PUT", "/api/v1/filters", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["deny"], json!(["203.0.113.0/24", "2001:db8:bad::/48"]));
+    let (_, got) = f.call("GET", "/api/v1/filters", None).await;
+    assert_eq!(got, v);
+    let desired = last.lock().expect("lock").clone().expect("applied");
+    let deny: Vec<String> = desired
+        .filters
+        .deny
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(deny, ["203.0.113.0/24", "2001:db8:bad::/48"]);
+    assert_eq!(desired.filters.allow.len(), 1);
+
+    // Replaced whole: a key left out is an empty list.
+    let (status, v) = f
+        .call(
+            "PUT",
+            "/api/v1/filters",
+            Some(r#"{"deny": ["198.51.100.7/32"]}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"deny": ["198.51.100.7/32"], "allow": []}));
+    let desired = last.lock().expect("lock").clone().expect("applied");
+    assert!(desired.filters.allow.is_empty());
+
+    // Persisted: a restarted agent has them, and a reload of the file keeps them.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.state_file()).expect("state file"))
+            .expect("json");
+    assert_eq!(state["security"]["deny"], json!(["198.51.100.7/32"]));
+    let text = config_text(f.dir.path(), "[security]\ndeny = [\"192.0.2.0/24\"]\n");
+    let again = new_control(&text, Box::new(NoFastPath)).expect("restart");
+    assert_eq!(again.filters().deny, ["198.51.100.7/32"]);
+    std::fs::write(&f.state.config_path, &text).expect("write");
+    let (status, v) = f.call("POST", "/api/v1/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (_, got) = f.call("GET", "/api/v1/filters", None).await;
+    assert_eq!(got["deny"], json!(["198.51.100.7/32"]));
+}
+
+#[tokio::test]
+async fn bad_filters_are_refused_naming_the_entry_and_change_nothing() {
+    let f = Fixture::new();
+    let good = r#"{"deny": ["203.0.113.0/24"]}"#;
+    let (status, _) = f.call("PUT", "/api/v1/filters", Some(good)).await;
+    assert_eq!(status, StatusCode::OK);
+    for (body, want) in [
+        (
+            r#"{"deny": ["203.0.113.0/24", "10.1.2.3/8"]}"#,
+            "security.deny[1]: 10.1.2.3/8 has host bits set after /8: did you mean 10.0.0.0/8?",
+        ),
+        (r#"{"allow": ["2001:db8::1/32"]}"#, "security.allow[0]"),
+        (r#"{"deny": ["203.0.113.0"]}"#, "is not a prefix"),
+        (r#"{"deny": ["10.0.0.0/33"]}"#, "is not a prefix"),
+        (r#"{"deny": ["10.0.0.0/8", "10.0.0.0/8"]}"#, "listed twice"),
+        (r#"{"deny": [], "nope": 1}"#, "nope"),
+        (r#"{"deny": "10.0.0.0/8"}"#, "deny"),
+    ] {
+        let (status, v) = f.call("PUT", "/api/v1/filters", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(error_of(&v).contains(want), "{body}: {v}");
+    }
+    let (_, got) = f.call("GET", "/api/v1/filters", None).await;
+    assert_eq!(got, json!({"deny": ["203.0.113.0/24"], "allow": []}));
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.state_file()).expect("state file"))
+            .expect("json");
+    assert_eq!(state["security"]["deny"], json!(["203.0.113.0/24"]));
 }

@@ -187,6 +187,9 @@ pub struct FastPathStats {
     pub drops: BTreeMap<String, u64>,
     /// Traffic per service, by name.
     pub services: BTreeMap<String, ServiceTraffic>,
+    /// Packets dropped per `[security]` rule: the deny prefix, or `not_allowed`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter_drops: BTreeMap<String, u64>,
 }
 
 /// One service's fast-path traffic.
@@ -213,6 +216,7 @@ impl From<Snapshot> for FastPathStats {
         Self {
             counters: labels(s.counters),
             drops: labels(s.drops),
+            filter_drops: s.filter_drops,
             services: s
                 .services
                 .into_iter()
@@ -411,6 +415,8 @@ mod tests {
             r#"{"fast_path":true,"counters":{"rx":5},"drops":{"no_backend":1},
                 "services":{"web":{"packets":4,"bytes":400,
                 "backends":{"198.18.2.11:80":{"packets":4,"bytes":400}}}}}"#,
+            r#"{"fast_path":true,"counters":{"rx":2},"drops":{"filter_deny":1},
+                "filter_drops":{"203.0.113.0/24":1,"not_allowed":0},"services":{}}"#,
             r#"{"fast_path":false,"l7":{"shop":{"serving":true,"http_requests":3,
                 "cache_hits":1,"cache":{"entries":1,"bytes":10},"backends":[{"backend":
                 "198.18.2.21:8080","weight":100,"in_flight":0,"ejected":false,

@@ -1,4 +1,4 @@
-//! Agent configuration: the typed model of the TOML file (`[agent]`, `[dataplane]`,
+//! Agent configuration: the typed model of the TOML file (`[agent]`, `[dataplane]`, `[security]`,
 //! `[[service]]`), its defaults, reading, and validation.
 //!
 //! - [`model`]: one struct per table, one field per key, and the defaults. It is the
@@ -37,7 +37,7 @@ use std::path::Path;
 use toml::de::DeTable;
 
 pub use model::*;
-pub use rules::{MAX_WEIGHT, check_api_tls, validate_service};
+pub use rules::{MAX_WEIGHT, check_api_tls, parse_prefix, validate_security, validate_service};
 
 /// One problem found in a configuration.
 #[derive(Debug, Clone, PartialEq)]

@@ -31,6 +31,9 @@ pub struct Config {
     /// `[dataplane]`: XDP fast path settings and map capacities.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
+    /// `[security]`: source prefixes denied or allowed, enforced in XDP.
+    #[serde(default)]
+    pub security: SecurityConfig,
     /// `[[service]]` tables, in file order.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -146,6 +149,8 @@ pub struct DataplaneConfig {
     pub max_services: u32,
     /// Capacity of the backend map, over all services.
     pub max_backends: u32,
+    /// Capacity of each source filter trie (`[security] deny`, `allow`).
+    pub max_filter_rules: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -159,8 +164,24 @@ impl Default for DataplaneConfig {
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
+            max_filter_rules: DEFAULT_MAX_FILTER_RULES,
         }
     }
+}
+
+/// `[security]`: global source filters, enforced in XDP before anything else. Also
+/// the body of `GET`/`PUT /api/v1/filters` (the table as JSON, replaced whole).
+/// Prefixes are `address/length` with no host bits set, IPv4 or IPv6.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Source prefixes whose packets are dropped (all of them, not only VIP traffic).
+    #[schema(example = json!(["203.0.113.0/24", "2001:db8:bad::/48"]))]
+    pub deny: Vec<String>,
+    /// When non-empty, only sources in these prefixes reach VIPs; traffic to other
+    /// addresses passes as before. Deny is checked first.
+    #[schema(example = json!([]))]
+    pub allow: Vec<String>,
 }
 
 /// Transport protocol of a VIP.
@@ -602,6 +623,7 @@ pub(super) const DEFAULT_RING_SIZE: u32 = 65_537;
 const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_000_000;
 const DEFAULT_MAX_SERVICES: u32 = 64;
 const DEFAULT_MAX_BACKENDS: u32 = 4096;
+const DEFAULT_MAX_FILTER_RULES: u32 = lb_common::maps::DEFAULT_MAX_FILTER_RULES;
 const DEFAULT_HEALTH_PATH: &str = "/healthz";
 const DEFAULT_EXPECT_STATUS: (u16, u16) = (200, 399);
 const DEFAULT_INTERVAL_MS: u64 = 1000;

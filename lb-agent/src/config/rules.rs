@@ -13,7 +13,7 @@ use std::path::Path;
 use super::ConfigError;
 use super::model::{
     AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
-    HttpConfig, Mode, Protocol, Scheduler, ServiceConfig, TlsConfig, XdpMode,
+    HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -29,6 +29,8 @@ const MIN_INTERVAL_MS: u64 = 50;
 const MAX_RISE_FALL: u32 = 100;
 /// `IFNAMSIZ` - 1.
 const MAX_IFNAME_LEN: usize = 15;
+/// Largest `dataplane.max_filter_rules` (each rule is a trie node in kernel memory).
+const MAX_FILTER_RULES_LIMIT: u32 = 1 << 20;
 
 /// The keys of a service that the other rules stand on (names and VIPs must be
 /// unique, the mode decides what else is allowed): a service whose value for one of
@@ -167,6 +169,7 @@ pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigErro
     if let Some(bgp) = &cfg.bgp {
         errors.extend(check_bgp(bgp));
     }
+    errors.extend(validate_security(&cfg.security, &cfg.dataplane));
     for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
         let keys = Keys {
             prefix: format!("service[{}].", id.index),
@@ -328,6 +331,15 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
     if dp.max_backends == 0 {
         push("dataplane.max_backends", "must be at least 1".to_owned());
     }
+    if !(1..=MAX_FILTER_RULES_LIMIT).contains(&dp.max_filter_rules) {
+        push(
+            "dataplane.max_filter_rules",
+            format!(
+                "{} is out of range: must be between 1 and {MAX_FILTER_RULES_LIMIT}",
+                dp.max_filter_rules
+            ),
+        );
+    }
     if let Some(ip) = dp.source_ipv4 {
         if let Some(kind) = non_unicast(IpAddr::V4(ip)) {
             push(
@@ -342,6 +354,61 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
                 "dataplane.source_ipv6",
                 format!("{ip} is {kind} address; the tunnel source must be a unicast address"),
             );
+        }
+    }
+    errors
+}
+
+/// A source prefix of `[security]`: `address/length`, IPv4 or IPv6, with no host
+/// bits set (`10.0.0.1/8` is refused rather than silently widened to `10.0.0.0/8`).
+pub fn parse_prefix(text: &str) -> Result<ipnet::IpNet, String> {
+    let net: ipnet::IpNet = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a prefix: expected address/length, such as \"203.0.113.0/24\" \
+             or \"2001:db8::/32\""
+        )
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text} has host bits set after /{len}: did you mean {trunc}?",
+            len = net.prefix_len(),
+            trunc = net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// The rules of `[security]` (for the file, a reload and `PUT /api/v1/filters`): every
+/// prefix parses without host bits, none is listed twice in one list, and each list
+/// fits `dataplane.max_filter_rules`. Key paths are `security.deny[N]`.
+#[must_use]
+pub fn validate_security(sec: &SecurityConfig, dp: &DataplaneConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for (kind, list) in [("deny", &sec.deny), ("allow", &sec.allow)] {
+        let mut seen: HashMap<ipnet::IpNet, usize> = HashMap::new();
+        for (i, text) in list.iter().enumerate() {
+            let key = format!("security.{kind}[{i}]");
+            match parse_prefix(text) {
+                Ok(net) => {
+                    if let Some(first) = seen.insert(net, i) {
+                        errors.push(ConfigError::at_key(
+                            key,
+                            format!("{net} is listed twice (also security.{kind}[{first}])"),
+                        ));
+                    }
+                }
+                Err(message) => errors.push(ConfigError::at_key(key, message)),
+            }
+        }
+        if list.len() > dp.max_filter_rules as usize {
+            errors.push(ConfigError::at_key(
+                format!("security.{kind}"),
+                format!(
+                    "{} prefixes are more than dataplane.max_filter_rules = {}",
+                    list.len(),
+                    dp.max_filter_rules
+                ),
+            ));
         }
     }
     errors

@@ -11,7 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use lb_common::types::{ENCAP_GUE, ENCAP_IPIP};
 
 use super::stats::Snapshot;
-use crate::config::{DataplaneConfig, Encap, Protocol, ServiceConfig};
+use crate::config::{
+    DataplaneConfig, Encap, Protocol, SecurityConfig, ServiceConfig, parse_prefix,
+};
 
 /// A service as the fast path should see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +46,28 @@ pub struct DesiredState {
     pub source_v6: Option<Ipv6Addr>,
     pub encap: u32,
     pub services: Vec<DesiredService>,
+    /// `[security]` source filters.
+    pub filters: DesiredFilters,
+}
+
+/// Source prefixes the fast path drops (`deny`) or, when `allow` is non-empty, the
+/// only ones it lets reach a VIP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredFilters {
+    pub deny: Vec<ipnet::IpNet>,
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl DesiredFilters {
+    /// The prefixes of a validated `[security]` table (an invalid entry, which
+    /// validation refuses before this point, is left out).
+    pub fn new(sec: &SecurityConfig) -> Self {
+        let parse = |list: &[String]| list.iter().filter_map(|p| parse_prefix(p).ok()).collect();
+        DesiredFilters {
+            deny: parse(&sec.deny),
+            allow: parse(&sec.allow),
+        }
+    }
 }
 
 impl DesiredState {
@@ -58,7 +82,15 @@ impl DesiredState {
                 Encap::Gue => ENCAP_GUE,
             },
             services,
+            filters: DesiredFilters::default(),
         }
+    }
+
+    /// The same state with the source filters of `sec`.
+    #[must_use]
+    pub fn with_filters(mut self, sec: &SecurityConfig) -> Self {
+        self.filters = DesiredFilters::new(sec);
+        self
     }
 }
 

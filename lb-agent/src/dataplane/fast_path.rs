@@ -74,6 +74,14 @@ impl Sink for MapsSink {
             ..Default::default()
         };
         let reconciler = self.reconciler.as_ref()?;
+        snap.filter_drops.insert(
+            stats::NOT_ALLOWED_RULE.to_owned(),
+            stats::filter_drops(&self.maps, lb_common::types::FILTER_RULE_NOT_ALLOWED).ok()?,
+        );
+        for (net, id) in reconciler.deny_rules() {
+            snap.filter_drops
+                .insert(net.to_string(), stats::filter_drops(&self.maps, id).ok()?);
+        }
         for svc in services.iter().filter(|s| s.mode == Mode::L4) {
             let Some(id) = reconciler.service_id(&svc.name) else {
                 continue;

@@ -80,6 +80,8 @@ pub struct Capacities {
     pub max_backends: u32,
     pub ring_size: u32,
     pub flow_table_size: u32,
+    /// Entries of each source filter trie; the per-rule drop counters have one more.
+    pub max_filter_rules: u32,
 }
 
 impl From<&DataplaneConfig> for Capacities {
@@ -89,6 +91,7 @@ impl From<&DataplaneConfig> for Capacities {
             max_backends: dp.max_backends,
             ring_size: dp.ring_size,
             flow_table_size: dp.flow_table_size,
+            max_filter_rules: dp.max_filter_rules,
         }
     }
 }
@@ -102,11 +105,13 @@ impl Capacities {
             max_backends,
             ring_size,
             flow_table_size,
+            max_filter_rules,
         } = self;
         dp.max_services = max_services;
         dp.max_backends = max_backends;
         dp.ring_size = ring_size;
         dp.flow_table_size = flow_table_size;
+        dp.max_filter_rules = max_filter_rules;
     }
 
     /// Smallest maps, for hosts that only decapsulate: the balancer's tables are unused.
@@ -115,6 +120,7 @@ impl Capacities {
         max_backends: 1,
         ring_size: 1,
         flow_table_size: 1,
+        max_filter_rules: 1,
     };
 }
 
@@ -132,11 +138,14 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 9] {
+fn layouts() -> [(&'static str, usize, usize); 12] {
     use core::mem::size_of;
     use lb_common::types::{
-        Backend, DecapKey, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig,
+        TrafficCounters, VipKey, VipMeta,
     };
+    // An LPM trie key is a u32 prefix length and the data.
+    let filter_key = 4 + size_of::<FilterAddr>();
     [
         (maps::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
         (maps::RINGS, 4, 4),
@@ -147,6 +156,9 @@ fn layouts() -> [(&'static str, usize, usize); 9] {
         (maps::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
         (maps::COUNTERS, 4, 8),
         (maps::DECAP_DSTS, size_of::<DecapKey>(), 4),
+        (maps::DENY, filter_key, size_of::<FilterRule>()),
+        (maps::ALLOW, filter_key, size_of::<FilterRule>()),
+        (maps::FILTER_STATS, 4, 8),
     ]
 }
 
@@ -178,6 +190,7 @@ pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
         max_backends: max(maps::BACKENDS)?,
         ring_size: rings.checked_div(max_services)?,
         flow_table_size: max(maps::FLOWS)?,
+        max_filter_rules: max(maps::DENY)?,
     })
 }
 
@@ -196,7 +209,10 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .map_max_entries(maps::RINGS, ring_slots)
         .map_max_entries(maps::BACKENDS, caps.max_backends)
         .map_max_entries(maps::BACKEND_STATS, caps.max_backends)
-        .map_max_entries(maps::FLOWS, caps.flow_table_size);
+        .map_max_entries(maps::FLOWS, caps.flow_table_size)
+        .map_max_entries(maps::DENY, caps.max_filter_rules)
+        .map_max_entries(maps::ALLOW, caps.max_filter_rules)
+        .map_max_entries(maps::FILTER_STATS, caps.max_filter_rules.saturating_add(1));
     if let Some(dir) = pin_dir {
         for &name in maps::ALL {
             loader.map_pin_path(name, dir.join(name));
@@ -411,6 +427,7 @@ mod tests {
             flow_table_size: 1000,
             max_services: 3,
             max_backends: 9,
+            max_filter_rules: 5,
             ..DataplaneConfig::default()
         };
         let caps = Capacities::from(&dp);
@@ -421,6 +438,7 @@ mod tests {
                 max_backends: 9,
                 ring_size: 13,
                 flow_table_size: 1000,
+                max_filter_rules: 5,
             }
         );
         let mut other = DataplaneConfig::default();

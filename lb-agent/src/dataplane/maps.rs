@@ -6,12 +6,15 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     pin::PinError,
 };
 use lb_common::{
     maps as names,
-    types::{Backend, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey, VipMeta},
+    types::{
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey,
+        VipMeta,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,11 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// `[security] deny` and `allow` prefixes.
+    pub deny: LpmTrie<MapData, FilterAddr, FilterRule>,
+    pub allow: LpmTrie<MapData, FilterAddr, FilterRule>,
+    /// Drops per filter rule id.
+    pub filter_stats: PerCpuArray<MapData, u64>,
 }
 
 /// Where maps come from.
@@ -94,6 +102,9 @@ impl Maps {
             service_stats: typed!(s, names::SERVICE_STATS),
             backend_stats: typed!(s, names::BACKEND_STATS),
             counters: typed!(s, names::COUNTERS),
+            deny: typed!(s, names::DENY),
+            allow: typed!(s, names::ALLOW),
+            filter_stats: typed!(s, names::FILTER_STATS),
         })
     }
 

@@ -5,10 +5,11 @@
 //! The balancer's lifecycle on an interface (load, adopt, attach, stop, detach) is
 //! [`fast_path`], built on [`loader`] (object, capacities, pins), next-hop resolution
 //! ([`neigh`]), the interface's forwarding switch ([`forwarding`]) and counters
-//! ([`stats`]).
+//! ([`stats`]). The `[security]` source filters' tries and rule ids are [`filters`].
 
 pub mod desired;
 pub mod fast_path;
+pub mod filters;
 pub mod forwarding;
 pub mod loader;
 pub mod maps;

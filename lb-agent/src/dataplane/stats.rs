@@ -20,6 +20,17 @@ pub struct Snapshot {
     pub counters: BTreeMap<&'static str, u64>,
     pub drops: BTreeMap<&'static str, u64>,
     pub services: BTreeMap<String, ServiceTraffic>,
+    /// Packets dropped by each `[security]` rule: a deny prefix (as text), or
+    /// [`NOT_ALLOWED_RULE`] for sources the allow list did not match.
+    pub filter_drops: BTreeMap<String, u64>,
+}
+
+/// The `rule` label of drops by the allow list (a source it does not match).
+pub const NOT_ALLOWED_RULE: &str = "not_allowed";
+
+/// Packets dropped under filter rule id `rule_id`.
+pub fn filter_drops(maps: &Maps, rule_id: u32) -> Result<u64, MapError> {
+    sum_u64(&maps.filter_stats, rule_id)
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -5,7 +5,8 @@
 //! [`Reconciler::apply`] diffs the desired state against what it wrote last and writes
 //! only the differences, in an order that never exposes a ring slot pointing to
 //! nothing:
-//! 1. the global config;
+//! 1. new `[security]` filter entries (`super::filters`), the global config (with
+//!    the filter bits), then the filter entries no longer desired are removed;
 //! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
 //!    that change (each an in-place write of a valid backend id), then the VIP entry;
 //! 3. services no longer desired: their VIP entries are removed;
@@ -36,6 +37,7 @@ use lb_common::{
 
 use super::{
     desired::{DesiredService, DesiredState},
+    filters::FilterTable,
     loader::Capacities,
     maps::Maps,
     ring::{self, RingMember},
@@ -48,6 +50,10 @@ pub enum SyncError {
     ServicesFull { max: u32 },
     #[error("no free backend slot: all {max} are in use (raise dataplane.max_backends)")]
     BackendsFull { max: u32 },
+    #[error("no free filter rule slot: all {max} are in use (raise dataplane.max_filter_rules)")]
+    FiltersFull { max: u32 },
+    #[error("counting the possible CPUs: {0}")]
+    Cpus(std::io::Error),
     #[error("writing {what}: {source}")]
     Write {
         what: &'static str,
@@ -431,6 +437,7 @@ pub struct Reconciler {
     services: BTreeMap<String, WrittenService>,
     service_ids: IdPool,
     backends: BackendTable,
+    filters: FilterTable,
 }
 
 impl Reconciler {
@@ -443,6 +450,7 @@ impl Reconciler {
             services: BTreeMap::new(),
             service_ids: IdPool::new(caps.max_services),
             backends: BackendTable::new(caps.max_backends),
+            filters: FilterTable::new(caps.max_filter_rules),
         }
     }
 
@@ -463,6 +471,7 @@ impl Reconciler {
                 .get(&0, 0)
                 .map_err(read_err(names::CONFIG, MapKey::Index(0)))?,
         );
+        r.filters = FilterTable::adopt(maps, caps.max_filter_rules)?;
         let entries = read_backend_entries(maps, caps.max_backends)?;
         let vips: Vec<(VipKey, VipMeta)> = maps
             .vips
@@ -566,6 +575,11 @@ impl Reconciler {
             .copied()
     }
 
+    /// The deny rules as written and their counter slots.
+    pub fn deny_rules(&self) -> impl Iterator<Item = (ipnet::IpNet, u32)> + '_ {
+        self.filters.deny_rules()
+    }
+
     /// Service id of `service` as last written.
     pub fn service_id(&self, service: &str) -> Option<u32> {
         self.services.get(service).map(|s| s.id)
@@ -578,7 +592,9 @@ impl Reconciler {
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<Vec<AppliedService>, SyncError> {
+        self.filters.insert_new(maps, &desired.filters)?;
         self.write_global_config(maps, desired)?;
+        self.filters.remove_stale(maps, &desired.filters)?;
         // Entries of backends that stay but are no longer active, written in step 4.
         let mut deactivate = Vec::new();
         let mut applied = Vec::with_capacity(desired.services.len());
@@ -602,7 +618,7 @@ impl Reconciler {
                 .map_or(0, |a| u32::from_ne_bytes(a.octets())),
             source_v6: desired.source_v6.map_or([0; 4], |a| addr_words(a.into()).0),
             encap: desired.encap,
-            _pad: 0,
+            filter_flags: FilterTable::flags(&desired.filters),
         };
         if self.config != Some(config) {
             maps.config

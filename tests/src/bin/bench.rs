@@ -356,11 +356,13 @@ impl Lb {
             max_backends: MAX_BACKENDS,
             ring_size: RING,
             flow_table_size,
+            max_filter_rules: 16,
         };
         let desired = DesiredState {
             source_v4: Some(LB_ADDR),
             source_v6: None,
             encap: 0,
+            filters: Default::default(),
             services: vec![DesiredService {
                 name: "web".into(),
                 vip: VIP.into(),
