@@ -179,6 +179,24 @@ pub fn find_log_line(log: &str, from: usize, needles: &[&str]) -> Option<String>
         .map(str::to_owned)
 }
 
+/// Polls `cond` every `every` until it holds (returning how long that took) or `limit`
+/// passes (an error naming `what`).
+pub fn wait_for(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond()? {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        thread::sleep(every);
+    }
+}
+
 /// Polls the agent's log (from byte `from`) for a line with every one of `needles`.
 pub fn wait_for_log(
     topo: &Topology,

@@ -15,7 +15,7 @@ use std::{
     collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_agent::{
@@ -60,7 +60,7 @@ fn start_bird(
         ],
         Some(&log),
     )?;
-    wait_for(&format!("{name}'s control socket"), SESSION_UP, || {
+    poll(&format!("{name}'s control socket"), SESSION_UP, || {
         Ok(birdc(&sock, &["show", "status"]).is_ok_and(|s| s.contains("Daemon is up")))
     })?;
     Ok((child, sock))
@@ -74,21 +74,6 @@ fn birdc(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
     ];
     full.extend(args.iter().map(|a| (*a).to_owned()));
     netns::run(&full)
-}
-
-fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond()? {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Whether the router has a BGP route from the LB node for `vip` (`show route VIP/32
@@ -165,7 +150,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
                ipv4 {{ import all; export none; }};\n}}\n"
         ),
     )?;
-    let up = wait_for("the BGP session", SESSION_UP, || {
+    let up = poll("the BGP session", SESSION_UP, || {
         Ok(birdc(&rtr_sock, &["show", "protocols", "lbnode"])?.contains("Established"))
     })?;
     eprintln!("BGP session established after {up:?}");
@@ -177,7 +162,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
     });
     assert!(!router_has(&rtr_sock, VIP1)?, "nothing announced yet");
     assert_eq!(announcer.update(ips(&[VIP1])), Ok(true));
-    let t = wait_for("VIP1 at the router", PROPAGATE, || {
+    let t = poll("VIP1 at the router", PROPAGATE, || {
         router_has(&rtr_sock, VIP1)
     })?;
     eprintln!("announced VIP at the router after {t:?}");
@@ -189,7 +174,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
 
     // Node drain: withdrawn; a change while drained announces nothing.
     assert_eq!(announcer.drain(), Ok(true));
-    wait_for("VIP1 withdrawn by the drain", PROPAGATE, || {
+    poll("VIP1 withdrawn by the drain", PROPAGATE, || {
         Ok(!router_has(&rtr_sock, VIP1)?)
     })?;
     assert_eq!(announcer.update(ips(&[VIP1, VIP2])), Ok(false));
@@ -199,12 +184,12 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
 
     // Undrain: both come (back).
     assert_eq!(announcer.undrain(), Ok(true));
-    wait_for("VIP1 and VIP2 after undrain", PROPAGATE, || {
+    poll("VIP1 and VIP2 after undrain", PROPAGATE, || {
         Ok(router_has(&rtr_sock, VIP1)? && router_has(&rtr_sock, VIP2)?)
     })?;
     // A service that can no longer serve: its VIP alone goes.
     assert_eq!(announcer.update(ips(&[VIP2])), Ok(true));
-    wait_for("VIP1 withdrawn", PROPAGATE, || {
+    poll("VIP1 withdrawn", PROPAGATE, || {
         Ok(!router_has(&rtr_sock, VIP1)? && router_has(&rtr_sock, VIP2)?)
     })?;
 
@@ -219,4 +204,13 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
     assert_eq!(status.bird, BirdState::Error);
     assert!(status.error.is_some());
     Ok(())
+}
+
+/// [`xdplb_tests::load::wait_for`], polling every 50 ms.
+fn poll(
+    what: &str,
+    limit: Duration,
+    cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    xdplb_tests::load::wait_for(what, limit, Duration::from_millis(50), cond)
 }

@@ -7,11 +7,7 @@
 //!   (hitless restart) so that the next keeper adopts them, and removes them on clear;
 //! - `lb_agent::l7::vip::LocalVips` adds l7 VIPs to `lo` and removes only those it added.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
 use lb_agent::{
@@ -43,23 +39,6 @@ fn has_ours(ns: &str, addr: IpAddr) -> anyhow::Result<bool> {
     Ok(neigh_line(ns, addr)?.is_some_and(|l| {
         l.contains(" managed ") && l.trim_end().ends_with(&format!("proto {PROTOCOL}"))
     }))
-}
-
-/// Polls `cond` every 5 ms until it holds (returning how long that took) or `limit`
-/// passes (an error naming `what`).
-fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond()? {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A keeper running on its own thread (and tokio runtime) inside namespace `ns`.
@@ -133,7 +112,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
     let (backends, watched) = watch::channel(BTreeSet::from([be1, be2, be3]));
     let keeper = KeeperThread::start(&lb, watched)?;
     for b in [be1, be2] {
-        let took = wait_for(&format!("managed entry for {b}"), FIRST_PASS, || {
+        let took = poll(&format!("managed entry for {b}"), FIRST_PASS, || {
             has_ours(&lb, b)
         })?;
         eprintln!("managed entry for {b} after {took:?}");
@@ -151,7 +130,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
         "dev",
         "eth0",
     ])?;
-    let took = wait_for("managed entry for be1 made again", PROMPTLY, || {
+    let took = poll("managed entry for be1 made again", PROMPTLY, || {
         has_ours(&lb, be1)
     })?;
     eprintln!("entry for {be1} made again {took:?} after `ip neigh del`");
@@ -171,7 +150,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
         "nud",
         "stale",
     ])?;
-    let took = wait_for("be1's entry managed again after replace", PROMPTLY, || {
+    let took = poll("be1's entry managed again after replace", PROMPTLY, || {
         has_ours(&lb, be1)
     })?;
     eprintln!("entry for {be1} managed again {took:?} after `ip neigh replace ... nud stale`");
@@ -190,7 +169,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
         "dev",
         "eth0",
     ])?;
-    let took = wait_for(
+    let took = poll(
         "the router kept resolved after the route change",
         PROMPTLY,
         || Ok(has_ours(&lb, router)? && neigh_line(&lb, be2)?.is_none()),
@@ -199,7 +178,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
 
     // A backend removed: its entry goes; the static entry stays.
     backends.send_replace(BTreeSet::from([be2, be3]));
-    wait_for("be1's entry removed with its backend", PROMPTLY, || {
+    poll("be1's entry removed with its backend", PROMPTLY, || {
         Ok(neigh_line(&lb, be1)?.is_none())
     })?;
     assert!(has_ours(&lb, router)?);
@@ -226,7 +205,7 @@ fn next_hop_keeper_makes_keeps_follows_and_clears_managed_entries() -> anyhow::R
         "dev",
         "eth0",
     ])?;
-    wait_for(
+    poll(
         "the second keeper keeps the router resolved",
         FIRST_PASS,
         || has_ours(&lb, router),
@@ -293,4 +272,13 @@ fn l7_vips_are_added_to_lo_and_only_those_removed() -> anyhow::Result<()> {
             anyhow::Ok(())
         })
     })
+}
+
+/// [`xdplb_tests::load::wait_for`], polling every 5 ms.
+fn poll(
+    what: &str,
+    limit: Duration,
+    cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    xdplb_tests::load::wait_for(what, limit, Duration::from_millis(5), cond)
 }
