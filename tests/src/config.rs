@@ -159,6 +159,8 @@ pub struct LbConfig {
     pub interface: String,
     agent: Table,
     dataplane: Table,
+    /// Further top-level tables (`[bgp]`, ...), by name.
+    tables: Table,
     /// The services.
     pub services: Vec<ServiceConfig>,
 }
@@ -170,6 +172,7 @@ impl LbConfig {
             interface: interface.to_owned(),
             agent: Table::new(),
             dataplane: Table::new(),
+            tables: Table::new(),
             services: Vec::new(),
         }
     }
@@ -192,6 +195,23 @@ impl LbConfig {
     #[must_use]
     pub fn dataplane(mut self, key: &str, value: impl Serialize) -> Self {
         self.dataplane.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets any key of a further top-level table (`[bgp]`, ...), creating the table.
+    ///
+    /// # Panics
+    ///
+    /// `table` names a key that is not a table: a bug in the test.
+    #[must_use]
+    pub fn table(mut self, table: &str, key: &str, value: impl Serialize) -> Self {
+        let t = self
+            .tables
+            .entry(table)
+            .or_insert_with(|| Value::Table(Table::new()));
+        t.as_table_mut()
+            .expect("a table")
+            .insert(key.to_owned(), toml_value(value));
         self
     }
 
@@ -235,6 +255,7 @@ impl LbConfig {
         let mut doc = Table::new();
         doc.insert("agent".to_owned(), Value::Table(agent));
         doc.insert("dataplane".to_owned(), Value::Table(self.dataplane.clone()));
+        doc.extend(self.tables.clone());
         let services = self.services.iter().map(|s| Value::Table(s.table()));
         doc.insert("service".to_owned(), Value::Array(services.collect()));
         doc

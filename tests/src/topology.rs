@@ -513,7 +513,7 @@ impl Drop for Topology {
 }
 
 /// `s` without ANSI escape sequences (`ESC [ ... final`), as a log file may carry them.
-fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -575,7 +575,7 @@ fn target_dir() -> PathBuf {
 /// Loads `floor_pass` from the agent's embedded benchmark-floors object and attaches it
 /// in native mode to `iface` of namespace `ns`.
 /// The program stays attached while the returned [`Ebpf`] lives.
-fn attach_xdp_pass(ns: &str, iface: &str) -> anyhow::Result<Ebpf> {
+pub fn attach_xdp_pass(ns: &str, iface: &str) -> anyhow::Result<Ebpf> {
     let name = iface.to_owned();
     netns::in_netns(ns, move || {
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
