@@ -101,6 +101,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
         bird_socket: lb_sock.clone(),
         include_file: include.clone(),
         drain_s: 0,
+        ..BgpConfig::default()
     });
     assert!(!router_has(&rtr_sock, VIP1)?, "nothing announced yet");
     assert_eq!(announcer.update(ips(&[VIP1])), Ok(true));

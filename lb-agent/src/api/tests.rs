@@ -1204,6 +1204,7 @@ async fn node_routes_drain_and_undrain_through_the_announcer() {
         bird_socket: dir.join("bird.ctl"),
         include_file: dir.join("xdplb.conf"),
         drain_s: 1,
+        ..crate::config::BgpConfig::default()
     };
     let node = crate::bgp::BgpNode::new(crate::bgp::Announcer::with_birdc(bgp, birdc));
     let vip: std::net::IpAddr = "198.18.100.1".parse().expect("ip");

@@ -53,6 +53,15 @@ pub struct BgpConfig {
     pub include_file: PathBuf,
     /// After a withdrawal (detach, node drain): seconds to wait before going on.
     pub drain_s: u64,
+    /// Site preference: how many times this node's AS (`local_as`) is prepended to the
+    /// AS path of its announcements (0: none). A standby site's nodes set it, so that
+    /// routers prefer the primary site's nodes (shorter path) while any of them
+    /// announces a VIP, and merge only equal paths into ECMP.
+    pub site_prepend: u8,
+    /// This node's AS number, as its BIRD's BGP protocols use it (`local ... as N`):
+    /// what `site_prepend` prepends. Required when `site_prepend` > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_as: Option<u32>,
 }
 
 impl Default for BgpConfig {
@@ -61,6 +70,8 @@ impl Default for BgpConfig {
             bird_socket: PathBuf::from("/run/bird/bird.ctl"),
             include_file: PathBuf::from("/etc/bird/xdplb.conf"),
             drain_s: 5,
+            site_prepend: 0,
+            local_as: None,
         }
     }
 }

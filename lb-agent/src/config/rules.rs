@@ -288,8 +288,43 @@ fn check_bgp(bgp: &BgpConfig) -> Vec<ConfigError> {
             format!("{} is above the maximum {MAX_DRAIN_S}", bgp.drain_s),
         ));
     }
+    if bgp.site_prepend > MAX_SITE_PREPEND {
+        errors.push(ConfigError::at_key(
+            "bgp.site_prepend",
+            format!(
+                "{} is above the maximum {MAX_SITE_PREPEND} (a few prepends already lose \
+                 against any shorter path)",
+                bgp.site_prepend
+            ),
+        ));
+    }
+    match bgp.local_as {
+        Some(asn) if asn == 0 || asn == AS_TRANS || asn == u32::MAX => {
+            errors.push(ConfigError::at_key(
+                "bgp.local_as",
+                format!(
+                    "{asn} is reserved (0, 23456 and 4294967295 are not AS numbers a node may use)"
+                ),
+            ));
+        }
+        None if bgp.site_prepend > 0 => errors.push(ConfigError::at_key(
+            "bgp.site_prepend",
+            format!(
+                "{} prepends need bgp.local_as (this node's AS number, as in its BIRD's \
+                 `local ... as N`)",
+                bgp.site_prepend
+            ),
+        )),
+        _ => {}
+    }
     errors
 }
+
+/// Most AS-path prepends `bgp.site_prepend` takes.
+const MAX_SITE_PREPEND: u8 = 10;
+
+/// AS_TRANS (RFC 6793): stands in for a 4-byte AS towards old speakers, never a node's AS.
+const AS_TRANS: u32 = 23456;
 
 fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
     let mut errors = Vec::new();
