@@ -17,6 +17,14 @@
 //!                                                        (the store network, see below)
 //! ```
 //!
+//! The LB nodes' bridge ports do not flood unknown unicast (`flood off`): a real NIC
+//! drops frames for other MACs before XDP sees them, a veth does not, so without it a
+//! dead node's frames (its MAC no longer in the bridge's FDB) would reach the other
+//! nodes' XDP and be served before the router withdrew anything (measured here).
+//!
+//! The server LAN has an MTU of [`LAN_MTU`] (1600): encapsulation adds 20 bytes to
+//! the client's full-size packets.
+//!
 //! The router's ECMP hash is a true 5-tuple hash (`fib_multipath_hash_policy = 3`,
 //! fields `0x37`), and the client keeps its sockets' hash (`net.core.txrehash = 0`), so
 //! a flow stays on one LB node while the set of nodes does not change (DESIGN.md, ECMP
@@ -79,6 +87,12 @@ pub const STORE_NET: &str = "198.18.9.0/24";
 pub const ROUTER_STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 254);
 /// The agents' API address, inside each LB node's namespace.
 pub const API_LISTEN: &str = "127.0.0.1:9090";
+/// MTU of the server LAN (bridge, LB nodes, backends): room for the IPIP header on
+/// top of a full 1500-byte packet from the client, as a real LB-to-backend network
+/// provides (jumbo frames). With 1500 here, a moved flow's retransmissions (full-size
+/// segments after a stall) no longer fit once encapsulated and are dropped as
+/// `too_big` (measured here: the connections hung).
+pub const LAN_MTU: u32 = 1600;
 /// Most LB nodes a bed makes.
 pub const MAX_NODES: usize = 8;
 /// BFD on every session: 100 ms x 3 (a dead node is noticed in about 0.3 s).
@@ -93,6 +107,18 @@ pub const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// `VIP:VIP_PORT`.
 pub fn vip_socket() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, VIP_PORT))
+}
+
+/// The next hops of the kernel route to the VIP in namespace `router` (empty without
+/// one): `ip route show VIP/32`, a single `via` or one `nexthop via` per path.
+pub fn router_nexthops(router: &str) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+    let out = netns::run(&["ip", "-n", router, "route", "show", &format!("{VIP}/32")])?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    Ok(words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .filter_map(|w| w[1].parse().ok())
+        .collect())
 }
 
 /// Options of [`EcmpBed::build`].
@@ -187,14 +213,20 @@ fn ip(ns: &str, cmd: &str) -> anyhow::Result<()> {
 
 /// A veth from the router namespace to `eth0` of `host`, addressed, up, TX checksum
 /// offload off on the host side, default route via `gateway`; on `bridge` if given.
-fn wire(router: &str, host: &Host, bridge: Option<&str>, gateway: Ipv4Addr) -> anyhow::Result<()> {
+fn wire(
+    router: &str,
+    host: &Host,
+    bridge: Option<(&str, u32)>,
+    gateway: Ipv4Addr,
+) -> anyhow::Result<()> {
     let (port, ns, addr) = (&host.router_port, &host.ns, host.addr);
     ip(
         router,
         &format!("link add {port} type veth peer name eth0 netns {ns}"),
     )?;
-    if let Some(br) = bridge {
-        ip(router, &format!("link set {port} master {br}"))?;
+    if let Some((br, mtu)) = bridge {
+        ip(router, &format!("link set {port} mtu {mtu} master {br}"))?;
+        ip(ns, &format!("link set eth0 mtu {mtu}"))?;
     }
     ip(router, &format!("link set {port} up"))?;
     ip(ns, &format!("addr add {addr}/{PREFIX_LEN} dev eth0"))?;
@@ -263,7 +295,7 @@ impl EcmpBed {
         // The client keeps a flow's hash (DESIGN.md, ECMP pitfall).
         sysctl(&client.ns, "net.core.txrehash", "0")?;
         ip(&router, &format!("link add {bridge} type bridge"))?;
-        ip(&router, &format!("link set {bridge} up"))?;
+        ip(&router, &format!("link set {bridge} mtu {LAN_MTU} up"))?;
         ip(
             &router,
             &format!("addr add {ROUTER_LAN_ADDR}/{PREFIX_LEN} dev {bridge}"),
@@ -277,7 +309,7 @@ impl EcmpBed {
             ),
         )?;
         for h in lb_hosts.iter().chain(&backends) {
-            wire(&router, h, Some(&bridge), ROUTER_LAN_ADDR)?;
+            wire(&router, h, Some((&bridge, LAN_MTU)), ROUTER_LAN_ADDR)?;
         }
         if !store_hosts.is_empty() {
             let sbr = guard.name("sbr");
@@ -288,7 +320,7 @@ impl EcmpBed {
                 &format!("addr add {ROUTER_STORE_ADDR}/24 dev {sbr}"),
             )?;
             for h in &store_hosts {
-                wire(&router, h, Some(&sbr), ROUTER_STORE_ADDR)?;
+                wire(&router, h, Some((&sbr, 1500)), ROUTER_STORE_ADDR)?;
             }
         }
         // Backends: the VIP on lo, answered for only by the LB nodes on the wire.
@@ -331,6 +363,14 @@ impl EcmpBed {
             netns::exec(
                 &bed.router,
                 &["ethtool", "-K", &h.router_port, "gro", "off"],
+            )?;
+            // A NIC drops unicast frames for other MACs before XDP runs; a veth hands
+            // them to XDP. Without this, the bridge floods frames for a dead node's MAC
+            // (its port down, its FDB entry gone) to the other nodes, whose XDP would
+            // serve them: the router's withdrawal would never matter.
+            ip(
+                &bed.router,
+                &format!("link set dev {} type bridge_slave flood off", h.router_port),
             )?;
         }
         for (i, h) in lb_hosts.into_iter().enumerate() {
@@ -546,20 +586,7 @@ impl EcmpBed {
 
     /// The next hops of the router's kernel route to the VIP (empty without one).
     pub fn nexthops(&self) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
-        let out = netns::run(&[
-            "ip",
-            "-n",
-            &self.router,
-            "route",
-            "show",
-            &format!("{VIP}/32"),
-        ])?;
-        let words: Vec<&str> = out.split_whitespace().collect();
-        Ok(words
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
-            .collect())
+        router_nexthops(&self.router)
     }
 
     /// Waits until the router's next hops to the VIP are exactly `want`; returns how

@@ -10,9 +10,14 @@ use std::{collections::BTreeSet, net::Ipv4Addr, thread, time::Duration};
 
 use lb_agent::api::types::NodeStatus;
 use xdplb_tests::{
-    capture,
-    ecmp_bed::{EcmpBed, EcmpOptions, FailoverOptions, node_failover, vip_socket},
+    bird, capture,
+    ecmp_bed::{
+        EcmpBed, EcmpOptions, FailoverOptions, NODE_AS, SESSION_TIMEOUT, node_failover,
+        router_nexthops, vip_socket,
+    },
+    netns,
     stream::{Probes, StreamOptions, Streams},
+    topology::VIP,
 };
 
 fn addrs(bed: &EcmpBed, which: &[usize]) -> BTreeSet<Ipv4Addr> {
@@ -48,6 +53,9 @@ fn a_dead_lb_node_costs_no_connection() -> anyhow::Result<()> {
         eprintln!("{test}: {line}");
     }
     let problems = outcome.problems(opts.victim);
+    if !problems.is_empty() {
+        diagnostics(&bed, test);
+    }
     assert!(problems.is_empty(), "{problems:#?}");
     assert_eq!(outcome.streams.resets(), 0);
     assert_eq!(bed.nexthops()?, addrs(&bed, &[1]));
@@ -87,16 +95,29 @@ fn a_drained_node_hands_its_flows_over_without_resets() -> anyhow::Result<()> {
     );
 
     let t = std::time::Instant::now();
+    let (router, want) = (bed.router.clone(), addrs(&bed, &[1]));
+    let watcher = thread::spawn(move || {
+        xdplb_tests::load::wait_for(
+            "the drained node out of the router's route",
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            || Ok(router_nexthops(&router)? == want),
+        )
+    });
     let node: NodeStatus = bed.api_json(0, "POST", "/api/v1/node/drain", None)?;
     let answered = t.elapsed();
+    let withdrawn = watcher.join().expect("watcher")?;
     let bgp = node.bgp.expect("[bgp] is configured");
     assert!(bgp.drained && bgp.announced.is_empty(), "{bgp:?}");
     // drain_s = 1: the answer comes after the router has moved the flows.
-    let moved = bed.wait_nexthops(&addrs(&bed, &[1]), Duration::from_secs(5))?;
+    assert!(
+        withdrawn < answered,
+        "drain answered ({answered:?}) before the route lost the node ({withdrawn:?})"
+    );
     eprintln!(
-        "{test}: drain answered after {:.0} ms; the router's route had lost the node {:.0} ms after that",
-        answered.as_secs_f64() * 1000.0,
-        moved.as_secs_f64() * 1000.0
+        "{test}: the router's route lost the drained node {:.0} ms after the POST; the drain answered after {:.0} ms (drain_s = 1)",
+        withdrawn.as_secs_f64() * 1000.0,
+        answered.as_secs_f64() * 1000.0
     );
     let q0 = bed.vip_packets(0)?;
     thread::sleep(Duration::from_millis(1500));
@@ -125,5 +146,137 @@ fn a_drained_node_hands_its_flows_over_without_resets() -> anyhow::Result<()> {
     let node: NodeStatus = bed.api_json(0, "POST", "/api/v1/node/undrain", None)?;
     assert!(!node.bgp.expect("bgp").drained);
     bed.wait_nexthops(&addrs(&bed, &[0, 1]), Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// What helps to understand a failure: the survivors' counters, the router's routes,
+/// the client's sockets.
+fn diagnostics(bed: &EcmpBed, test: &str) {
+    let show = |what: &str, r: anyhow::Result<String>| {
+        eprintln!(
+            "{test}: {what}:\n{}",
+            r.unwrap_or_else(|e| format!("{e:#}"))
+        );
+    };
+    for i in 1..bed.nodes.len() {
+        show(
+            &format!("{} stats", bed.nodes[i].name),
+            bed.api(i, "GET", "/api/v1/stats", None).map(|r| r.1),
+        );
+    }
+    show(
+        "router routes",
+        netns::run(&["ip", "-n", &bed.router, "route"]),
+    );
+    show(
+        "client sockets",
+        netns::exec(&bed.client.ns, &["ss", "-tni"]),
+    );
+}
+
+/// Item 7, sites: lb1 and lb2 are site A, lb3 is site B with `site_prepend = 2`. The
+/// router prefers A (shorter AS path; B's route is known but not used); with both A
+/// nodes dead, B takes the flows (no connection lost: same rings); when an A node
+/// returns, the flows go back to it.
+#[test]
+fn a_standby_site_serves_only_while_the_primary_site_is_gone() -> anyhow::Result<()> {
+    let test = xdplb_tests::require_privileges!();
+    let mut bed = EcmpBed::build(&EcmpOptions {
+        nodes: 3,
+        store_hosts: 0,
+    })?;
+    let site_b = |bed: &EcmpBed| {
+        bed.node_config(2)
+            .table("bgp", "site_prepend", 2)
+            .table("bgp", "local_as", NODE_AS)
+    };
+    for i in 0..2 {
+        let config = bed.node_config(i);
+        bed.start_agent(i, &config)?;
+    }
+    let config = site_b(&bed);
+    bed.start_agent(2, &config)?;
+    bed.wait_nexthops(&addrs(&bed, &[0, 1]), SESSION_TIMEOUT)?;
+    // B announces, with the longer path; the router knows it but does not use it.
+    let vip = format!("{VIP}/32");
+    xdplb_tests::load::wait_for(
+        "site B's route at the router",
+        SESSION_TIMEOUT,
+        Duration::from_millis(20),
+        || bird::has_route(&bed.router_bird.socket, &vip, "lb3"),
+    )?;
+    let routes = bed.router_bird.birdc(&["show", "route", &vip, "all"])?;
+    assert!(
+        routes.contains(&format!("BGP.as_path: {NODE_AS} {NODE_AS} {NODE_AS}")),
+        "{routes}"
+    );
+    let status: NodeStatus = bed.api_json(2, "GET", "/api/v1/node", None)?;
+    assert_eq!(
+        status.bgp.expect("bgp").announced,
+        vec![std::net::IpAddr::V4(VIP)]
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        bed.nexthops()?,
+        addrs(&bed, &[0, 1]),
+        "site B in the ECMP route"
+    );
+
+    let b0 = bed.vip_packets(2)?;
+    let streams = Streams::start(
+        &bed.client.ns,
+        vip_socket(),
+        &StreamOptions {
+            connections: 20,
+            duration: Duration::from_secs(16),
+            ..StreamOptions::default()
+        },
+    )?;
+    thread::sleep(Duration::from_secs(2));
+    let a = [bed.vip_packets(0)?, bed.vip_packets(1)?];
+    assert!(
+        a[0] > 0 && a[1] > 0,
+        "site A's nodes carry the flows: {a:?}"
+    );
+    assert_eq!(
+        bed.vip_packets(2)?,
+        b0,
+        "site B carried traffic while A was up"
+    );
+
+    // Site A dies.
+    let died = bed.kill_node(0)?;
+    bed.kill_node(1)?;
+    bed.wait_nexthops(&addrs(&bed, &[2]), Duration::from_secs(10))?;
+    let to_b = died.elapsed();
+    thread::sleep(Duration::from_secs(2));
+    let b1 = bed.vip_packets(2)?;
+    assert!(b1 > b0, "site B took the flows");
+
+    // lb1 returns: the flows go back to site A.
+    let t = std::time::Instant::now();
+    let config = bed.node_config(0);
+    bed.revive_node(0, &config)?;
+    bed.wait_nexthops(&addrs(&bed, &[0]), SESSION_TIMEOUT)?;
+    let back = t.elapsed();
+    let q0 = bed.vip_packets(2)?;
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        bed.vip_packets(2)?,
+        q0,
+        "site B still carries traffic with lb1 back"
+    );
+    let report = streams.finish()?;
+    eprintln!(
+        "{test}: site A dead -> route via site B after {:.0} ms; lb1 revived (link, BIRD, agent) -> route via lb1 after {:.0} ms",
+        to_b.as_secs_f64() * 1000.0,
+        back.as_secs_f64() * 1000.0
+    );
+    eprintln!("{test}: {}", report.summary());
+    let failed = report.failed();
+    if !failed.is_empty() {
+        diagnostics(&bed, test);
+    }
+    assert!(failed.is_empty(), "connections failed: {failed:#?}");
     Ok(())
 }
