@@ -56,7 +56,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, anyhow, ensure};
 use aya::Ebpf;
 use lb_agent::api::types::{ServiceList, Stats};
 use serde::de::DeserializeOwned;
@@ -68,8 +68,9 @@ use crate::{
     netns::{self, ChildGuard, NetnsGuard},
     stream::{EchoServer, ProbeResult, Probes, StreamOptions, StreamReport, Streams},
     topology::{
-        AGENT_READY, BACKEND_ADDRS, CLIENT_ADDR, Host, PREFIX_LEN, ROUTER_CLIENT_ADDR,
-        ROUTER_LAN_ADDR, VIP, VIP_PORT, agent_binary, attach_xdp_pass, strip_ansi, sysctl,
+        BACKEND_ADDRS, CLIENT_ADDR, Host, PREFIX_LEN, ROUTER_CLIENT_ADDR, ROUTER_LAN_ADDR, VIP,
+        VIP_PORT, agent_binary, attach_xdp_pass, decap_attach, detach_all, spawn_agent, strip_ansi,
+        sysctl,
     },
 };
 
@@ -409,22 +410,9 @@ impl EcmpBed {
     }
 
     fn attach_decap(&mut self) -> anyhow::Result<()> {
-        let bin = agent_binary()?;
-        let bpffs = self.bpffs.to_string_lossy().into_owned();
         for b in &self.backends {
-            netns::exec(
-                &b.ns,
-                &[
-                    bin.to_string_lossy().as_ref(),
-                    "decap",
-                    "attach",
-                    "--iface",
-                    "eth0",
-                    "--bpffs",
-                    &bpffs,
-                ],
-            )
-            .with_context(|| format!("attaching decap in {}", b.role))?;
+            decap_attach(&b.ns, &self.bpffs)
+                .with_context(|| format!("attaching decap in {}", b.role))?;
             self.decap_attached.push(b.ns.clone());
         }
         Ok(())
@@ -509,36 +497,17 @@ impl EcmpBed {
             "--bpffs".into(),
             bpffs,
         ];
-        let from = node.agent_log().len();
-        let mut child = netns::spawn(&node.ns, &args, Some(&node.agent_log))?;
         node.agent_started = true;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if node
-                .agent_log()
-                .get(from..)
-                .is_some_and(|l| l.contains(AGENT_READY))
-            {
-                node.agent = Some(child);
-                return Ok(());
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "{}: the agent exited ({status}) before `{AGENT_READY}`; its log:\n{}",
-                    node.name,
-                    node.agent_log()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.stop(Duration::from_secs(3));
-                bail!(
-                    "{}: the agent did not log `{AGENT_READY}` within 20 s; its log:\n{}",
-                    node.name,
-                    node.agent_log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        // A revived node's log holds the `agent ready` of its earlier run.
+        let from = node.agent_log().len();
+        node.agent = Some(spawn_agent(
+            &node.ns,
+            &args,
+            &node.agent_log,
+            from,
+            Duration::from_secs(20),
+        )?);
+        Ok(())
     }
 
     /// Starts every node's agent with [`EcmpBed::node_config`], then waits until the
@@ -703,31 +672,14 @@ impl Drop for EcmpBed {
                 let _ = a.stop(Duration::from_secs(5));
             }
         }
-        if let Ok(bin) = agent_binary() {
-            let bin = bin.to_string_lossy().into_owned();
-            let bpffs = self.bpffs.to_string_lossy().into_owned();
-            // Agents leave their fast path when they stop (hitless restart): remove it.
-            for n in self.nodes.iter().filter(|n| n.agent_started) {
-                let args = [bin.as_str(), "detach", "--iface", "eth0", "--bpffs", &bpffs];
-                if let Err(e) = netns::exec(&n.ns, &args) {
-                    eprintln!("warning (ignored while tearing down): {e:#}");
-                }
-            }
-            for ns in self.decap_attached.drain(..) {
-                let args = [
-                    bin.as_str(),
-                    "decap",
-                    "detach",
-                    "--iface",
-                    "eth0",
-                    "--bpffs",
-                    &bpffs,
-                ];
-                if let Err(e) = netns::exec(&ns, &args) {
-                    eprintln!("warning (ignored while tearing down): {e:#}");
-                }
-            }
-        }
+        let lbs: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.agent_started)
+            .map(|n| n.ns.clone())
+            .collect();
+        let decap: Vec<String> = self.decap_attached.drain(..).collect();
+        detach_all(&lbs, &decap, &self.bpffs);
         for n in &mut self.nodes {
             let _ = n.bird.stop();
         }
