@@ -369,6 +369,20 @@ mod tests {
     }
 
     #[test]
+    fn further_tables_reach_the_agent() {
+        let cfg = LbConfig::new("eth0")
+            .table("bgp", "bird_socket", "/run/x/bird.ctl")
+            .table("bgp", "site_prepend", 2)
+            .table("bgp", "local_as", 65001);
+        let model = cfg.model().expect("model");
+        let bgp = model.bgp.expect("[bgp]");
+        assert_eq!(bgp.bird_socket, Path::new("/run/x/bird.ctl"));
+        assert_eq!((bgp.site_prepend, bgp.local_as), (2, Some(65001)));
+        assert_eq!(bgp.drain_s, 5, "omitted keys take the agent's defaults");
+        Config::parse(&cfg.to_toml(Path::new("/s")), "bgp.toml").expect("valid");
+    }
+
+    #[test]
     fn ipv6_vips_are_bracketed() {
         let svc = ServiceConfig::new("v6", "[fd00:18::100]:443".parse().unwrap()).protocol("udp");
         let toml = LbConfig::new("eth0").service(svc).to_toml(Path::new("/s"));
