@@ -18,7 +18,7 @@ use lb_common::{
     },
 };
 use lb_ebpf::{
-    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4},
+    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4, trim_to},
     filter,
     hashing::{Limits, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
@@ -106,6 +106,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let outer_len = pkt.tot_len + IPV4_HLEN as u16;
     let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;
     let outer = outer_ipv4(source, backend_addr, pkt.tot_len, pkt.tos);
+    trim_to(ctx, pkt.l3_off + usize::from(pkt.tot_len)).map_err(Exit::Drop)?;
     encap_ipv4(ctx, pkt.l3_off, &outer, &hop).map_err(Exit::Drop)?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);

@@ -567,6 +567,15 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
         let vip_hit_to = fx.ring_pick("web", &vip_hit, &BACKENDS, 80)?;
         let tagged = web(40011).vlan(42).build();
         let tagged_to = fx.ring_pick("web", &tagged, &BACKENDS, 80)?;
+        // Found by the property test (xdp_fuzz): bytes after the IP packet went into the
+        // tunnel. A minimal frame padded to 60 bytes, as an Ethernet NIC delivers it,
+        // and one with a 64-byte trailer of garbage.
+        let mut padded = web(40014).build();
+        padded.resize(60, 0);
+        let padded_to = fx.ring_pick("web", &padded, &BACKENDS, 80)?;
+        let mut trailer = web(40015).vlan(3).payload(b"data").build();
+        trailer.extend((0..64u8).map(|b| b.wrapping_mul(37)));
+        let trailer_to = fx.ring_pick("web", &trailer, &BACKENDS, 80)?;
         let dns = PacketBuilder::udp(SocketAddrV4::new(CLIENT, 5353), VIP_DNS)
             .payload(&[0; 12])
             .build();
@@ -682,6 +691,20 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
                 tagged.clone(),
                 Tx { backend: tagged_to },
                 fx.encapsulated(&tagged, tagged_to)?,
+            ),
+            row(
+                "Ethernet padding after the IP packet is not tunnelled",
+                padded.clone(),
+                Tx { backend: padded_to },
+                fx.encapsulated(&padded, padded_to)?,
+            ),
+            row(
+                "a trailer after the IP packet (VLAN-tagged) is not tunnelled",
+                trailer.clone(),
+                Tx {
+                    backend: trailer_to,
+                },
+                fx.encapsulated(&trailer, trailer_to)?,
             ),
             row(
                 "UDP VIP whose backend is behind the other interface: redirected there",
