@@ -47,7 +47,8 @@ use xdplb_tests::{
     require_privileges,
     xdp_bed::{
         LoadedLb, Net, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, first_difference,
-        flow_key, flow_key_of, in_bed, ipip_frame, test_run, verdict_name, xdp_md,
+        flow_key, flow_key_of, in_bed, ipip_frame, pin_to_current_cpu, test_run, verdict_name,
+        xdp_md,
     },
 };
 
@@ -1211,6 +1212,9 @@ fn a_syn_flood_from_many_sources_does_not_evict_established_flows() -> anyhow::R
     let test = require_privileges!();
     with_fixture(test, |fx| {
         const ESTABLISHED: u16 = 1000;
+        // One CPU: established flows and the flood share its LRU lists (the flow
+        // tables are per-CPU LRU), the case where a flood could evict them.
+        let cpu = pin_to_current_cpu()?;
         let table = caps().flow_table_size;
         let flood = 5 * table;
         let mut established = Vec::new();
@@ -1253,7 +1257,8 @@ fn a_syn_flood_from_many_sources_does_not_evict_established_flows() -> anyhow::R
             .count();
         println!(
             "syn flood: {survived} of {ESTABLISHED} established flows survived {flood} spoofed \
-             SYNs (flow table {table} entries, new-flow table {} entries, {} possible CPUs)",
+             SYNs on CPU {cpu} (flow table {table} entries, new-flow table {} entries, {} possible \
+             CPUs: per-CPU LRU lists of 1/CPUs of that each)",
             caps().new_flow_table_size,
             aya::util::nr_cpus().map_err(|(_, e)| e)?
         );

@@ -142,7 +142,7 @@ use xdplb_tests::{
     packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
     xdp_bed::{
         LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key_of, in_bed, ipip_frame,
-        program, program_fd, test_run, verdict_name, xdp_md,
+        pin_to_current_cpu, program, program_fd, test_run, verdict_name, xdp_md,
     },
 };
 
@@ -286,28 +286,6 @@ fn net() -> Net {
 }
 
 /// Pins the calling thread to the CPU it runs on; returns that CPU.
-fn pin_to_current_cpu() -> anyhow::Result<usize> {
-    // SAFETY: sched_getcpu has no preconditions; the cpu_set_t is zeroed, then one bit
-    // set with CPU_SET, and passed with its own size.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        ensure!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        ensure!(
-            rc == 0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(cpu as usize)
-    }
-}
-
 /// Number of possible CPUs (the kernel sizes per-CPU LRU lists by it).
 fn possible_cpus() -> anyhow::Result<u32> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
