@@ -702,7 +702,7 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             if rng.random_bool(0.7) {
                 mutate(&mut rng, &mut frame);
             }
-            bed.one(&frame, i % COUNTER_SAMPLE == 0, &mut totals)
+            bed.one(&frame, i.is_multiple_of(COUNTER_SAMPLE), &mut totals)
                 .with_context(|| format!("frame {i} (kind {kind}): {}", hex(&frame)))?;
             i += 1;
         }
