@@ -721,6 +721,14 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
                     ),
                 );
             }
+            if svc.new_flows_per_source.is_some() {
+                report.field(
+                    "new_flows_per_source",
+                    "new_flows_per_source is for mode = \"l4\" services: the packets of an \
+                     l7 service go to the kernel and its proxy before the fast path makes \
+                     flows (deny and allow do apply)",
+                );
+            }
         }
     }
 }

@@ -1813,6 +1813,11 @@ fn per_service_filter_and_flood_limit_errors_name_the_entry() {
         "hold 3 prefixes up to here, more than dataplane.max_filter_rules = 2",
     );
     assert_single(
+        &l7("new_flows_per_source = { rate = 1, burst = 1 }"),
+        "service[0].new_flows_per_source",
+        "for mode = \"l4\" services",
+    );
+    assert_single(
         &format!("{DP}flow_limit_sources = 0\n"),
         "dataplane.flow_limit_sources",
         "out of range",
