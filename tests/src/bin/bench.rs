@@ -64,7 +64,10 @@
 //! printed), and with a table of 32,768 entries per CPU, fewer than the ports in one
 //! cycle, where every iteration is a miss, a ring lookup and an LRU insert that evicts
 //! (as in production once the table is full). The share of new flows is counted by
-//! `xdp_lb`'s own `flow_new` counter.
+//! `xdp_lb`'s own `flow_new` counter. A SYN is recorded in the new-flow table (flows
+//! enter the flow table on their second packet), which the bench sizes as the flow
+//! table, so "table" above is that one for the SYN rows; the established row is
+//! primed with two packets and then hits the flow table.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -1024,7 +1027,7 @@ fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32,
          \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
          new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
          \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
-         \x20 \"new-flow SYN\": flow table of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
+         \x20 \"new-flow SYN\": new-flow table (where a SYN waits for its flow's second packet) of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
          \x20 one port cycle, so every SYN misses, takes a ring slot and evicts (a full table in\n\
          \x20 production). \"SYN, 2^20 table\": the production size ({} per CPU) keeps a whole port\n\
          \x20 cycle, so after the first 65536 iterations of a run the reused ports hit the table.",
