@@ -21,11 +21,21 @@ use lb_common::{
 
 use crate::maps::{FLOW_BUCKETS, FLOW_LIMITS};
 
-/// Admit (and account) one new flow of `key` under the limit at `index`, or refuse it.
+/// One limit's verdict on a new flow, before anything is written.
+struct Pending {
+    bucket: FilterAddr,
+    /// The bucket's value if it exists (None: a new source, full bucket).
+    tat: Option<*mut u64>,
+    /// The value to write when the flow is admitted.
+    next: u64,
+}
+
+/// Look up the bucket of `key` under the limit at `index`: Ok(None) when that limit
+/// is not set, Err when the source is over it.
 #[inline(always)]
-pub fn admit(index: u32, key: &FlowKey) -> Result<(), DropReason> {
+fn check(index: u32, key: &FlowKey, now: u64) -> Result<Option<Pending>, DropReason> {
     let Some(limit) = FLOW_LIMITS.get(index) else {
-        return Ok(());
+        return Ok(None);
     };
     let limit: FlowLimit = *limit;
     let mut bucket = FilterAddr {
@@ -41,24 +51,53 @@ pub fn admit(index: u32, key: &FlowKey) -> Result<(), DropReason> {
         bucket.addr[2] = key.src[2] & limit.mask_v6[2];
         bucket.addr[3] = key.src[3] & limit.mask_v6[3];
     }
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match FLOW_BUCKETS.get_ptr_mut(bucket) {
-        Some(tat) => {
-            // SAFETY: the value of an LRU hash entry, valid during this run.
-            let at = unsafe { *tat };
-            let at = if at > now { at } else { now };
-            if at - now > limit.tolerance_ns {
-                return Err(DropReason::NewFlowLimit);
-            }
-            // SAFETY: as above.
-            unsafe { *tat = at + limit.interval_ns };
-        }
+    let tat = FLOW_BUCKETS.get_ptr_mut(bucket);
+    let at = match tat {
+        // SAFETY: the value of an LRU hash entry, valid during this run.
+        Some(p) => unsafe { *p },
+        None => now,
+    };
+    let at = if at > now { at } else { now };
+    if at - now > limit.tolerance_ns {
+        return Err(DropReason::NewFlowLimit);
+    }
+    Ok(Some(Pending {
+        bucket,
+        tat,
+        next: at + limit.interval_ns,
+    }))
+}
+
+#[inline(always)]
+fn commit(p: &Pending) {
+    match p.tat {
+        // SAFETY: as in `check`.
+        Some(tat) => unsafe { *tat = p.next },
         None => {
             // A new source starts with a full bucket, less this flow. A failed insert
             // (map busy) admits: the limit never drops what it did not measure.
-            let _ = FLOW_BUCKETS.insert(bucket, now + limit.interval_ns, 0);
+            let _ = FLOW_BUCKETS.insert(p.bucket, p.next, 0);
         }
+    }
+}
+
+/// Admit (and account) one new flow of `key` under the global limit (`global`) and
+/// the service's (`service`: its `FLOW_LIMITS` index), or refuse it. Both are checked
+/// before either is charged, so a flow one limit refuses costs the other nothing.
+#[inline(always)]
+pub fn admit(global: bool, service: Option<u32>, key: &FlowKey) -> Result<(), DropReason> {
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let g = if global { check(0, key, now)? } else { None };
+    let s = match service {
+        Some(index) => check(index, key, now)?,
+        None => None,
+    };
+    if let Some(g) = &g {
+        commit(g);
+    }
+    if let Some(s) = &s {
+        commit(s);
     }
     Ok(())
 }
