@@ -9,9 +9,11 @@
 //! Series:
 //! - `xdplb_packets_total{service,backend}`, `xdplb_bytes_total{service,backend}`:
 //!   traffic the fast path sent to each backend (`backend` = `address:port`).
-//! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason.
+//! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason
+//!   (`new_flow_limit`: over a `new_flows_per_source` limit).
 //! - `xdplb_filter_drops_total{rule}`: packets dropped by a `[security]` rule (the deny
-//!   prefix as written, or `not_allowed` for sources the allow list did not match).
+//!   prefix as written, or `not_allowed` for sources the allow list did not match), or
+//!   by a service's own list (`SERVICE:PREFIX`, `SERVICE:not_allowed`).
 //! - `xdplb_fastpath_packets_total{result}`: the fast path's other global counters
 //!   (`rx`, `tx`, `pass_not_vip`, `flow_new`, ...).
 //! - `xdplb_fastpath_enabled`: 1 when an XDP fast path is attached (the traffic series

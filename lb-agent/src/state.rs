@@ -238,6 +238,7 @@ pub fn desired_service(
                 active: v.active,
             })
             .collect(),
+        filters: crate::dataplane::desired::DesiredFilters::of_service(svc),
     };
     let view = ServiceView {
         name: svc.name.clone(),
@@ -287,6 +288,9 @@ mod tests {
             hash_on: HashOn::Client,
             tls: None,
             http: HttpConfig::default(),
+            deny: Vec::new(),
+            allow: Vec::new(),
+            new_flows_per_source: None,
         }
     }
 

@@ -31,6 +31,23 @@ pub const DENY: &str = "XDPLB_DENY";
 pub const ALLOW: &str = "XDPLB_ALLOW";
 /// `PerCpuArray<u64>` indexed by `FilterRule::rule_id`: packets dropped by each rule.
 pub const FILTER_STATS: &str = "XDPLB_FILT_STATS";
+/// `LpmTrie<FilterAddr, FilterRule>`: every service's own deny prefixes, scope = the
+/// service id (one trie for all services: one lookup whatever their number).
+pub const SVC_DENY: &str = "XDPLB_SVC_DENY";
+/// `LpmTrie<FilterAddr, FilterRule>`: every service's own allow prefixes (rule id 0)
+/// and, per service and family it does not allow whole, a catch-all `/0` whose rule id
+/// counts the sources it refuses.
+pub const SVC_ALLOW: &str = "XDPLB_SVC_ALLOW";
+/// `Array<FlowLimit>`: index 0 the global `new_flows_per_source`, `service_id + 1` a
+/// service's.
+pub const FLOW_LIMITS: &str = "XDPLB_FLOW_LIM";
+/// `LruHashMap<FilterAddr, u64>`: per masked source and scope, its token bucket (the
+/// theoretical arrival time in ns of `bpf_ktime_get_ns`).
+pub const FLOW_BUCKETS: &str = "XDPLB_FLOW_BKT";
+/// `LruHashMap<FlowKey, FlowEntry>`: flows seen once (a SYN, a first datagram), waiting
+/// for their second packet to be promoted into [`FLOWS`]. A flood of one-packet flows
+/// (spoofed SYNs) churns this table, never the established flows in [`FLOWS`].
+pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -46,6 +63,11 @@ pub const ALL: &[&str] = &[
     DENY,
     ALLOW,
     FILTER_STATS,
+    SVC_DENY,
+    SVC_ALLOW,
+    FLOW_LIMITS,
+    FLOW_BUCKETS,
+    FLOWS_NEW,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader
@@ -62,3 +84,8 @@ pub const MAX_DECAP_DSTS: u32 = 256;
 /// Default capacity of [`DENY`] and of [`ALLOW`] (`dataplane.max_filter_rules`);
 /// [`FILTER_STATS`] has one slot more (rule ids start at 1).
 pub const DEFAULT_MAX_FILTER_RULES: u32 = 1024;
+/// Default capacity of [`FLOW_BUCKETS`] (`dataplane.flow_limit_sources`).
+pub const DEFAULT_FLOW_LIMIT_SOURCES: u32 = 65536;
+/// Default capacity of [`FLOWS_NEW`] when `dataplane.new_flow_table_size` is not set:
+/// this share of the flow table (at least 1 entry).
+pub const NEW_FLOW_TABLE_SHARE: u32 = 4;

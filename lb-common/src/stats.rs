@@ -40,10 +40,12 @@ pub enum Counter {
     PassFibFailed,
     /// Decap program: tunnelled packet decapsulated and handed to the stack.
     Decap,
+    /// A flow's second packet moved it from the new-flow table into the flow table.
+    FlowPromoted,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::Decap as u32 + 1;
+    pub const COUNT: u32 = Counter::FlowPromoted as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Rx,
         Counter::Tx,
@@ -61,6 +63,7 @@ impl Counter {
         Counter::FlowInsertFailed,
         Counter::PassFibFailed,
         Counter::Decap,
+        Counter::FlowPromoted,
     ];
 
     #[inline(always)]
@@ -86,6 +89,7 @@ impl Counter {
             Counter::FlowInsertFailed => "flow_insert_failed",
             Counter::PassFibFailed => "pass_fib_failed",
             Counter::Decap => "decap",
+            Counter::FlowPromoted => "flow_promoted",
         }
     }
 }
@@ -106,10 +110,13 @@ pub enum DropReason {
     FilterDeny,
     /// The allow list is in use and the source, on its way to a VIP, matched none of it.
     FilterNotAllowed,
+    /// A packet that would have created a flow, from a source (masked to the limit's
+    /// prefix) over its `new_flows_per_source` rate.
+    NewFlowLimit,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = DropReason::FilterNotAllowed as u32 + 1;
+    pub const COUNT: u32 = DropReason::NewFlowLimit as u32 + 1;
     pub const ALL: [DropReason; DropReason::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::EncapFailed,
@@ -117,6 +124,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::FilterDeny,
         DropReason::FilterNotAllowed,
+        DropReason::NewFlowLimit,
     ];
 
     #[inline(always)]
@@ -132,6 +140,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::FilterDeny => "filter_deny",
             DropReason::FilterNotAllowed => "filter_not_allowed",
+            DropReason::NewFlowLimit => "new_flow_limit",
         }
     }
 }

@@ -34,6 +34,14 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 pub const VIP_F_L7: u32 = 1 << 0;
 /// Hash only the client's address, not its port (`scheduler = "source-ip"`).
 pub const VIP_F_SOURCE_HASH: u32 = 1 << 1;
+/// The service has its own deny list: its entries in [`crate::maps::SVC_DENY`]
+/// (scope = service id) are checked for packets to this VIP.
+pub const VIP_F_DENY: u32 = 1 << 2;
+/// The service has its own allow list in [`crate::maps::SVC_ALLOW`] (scope = service
+/// id, with a catch-all entry per family that counts the sources it does not allow).
+pub const VIP_F_ALLOW: u32 = 1 << 3;
+/// The service limits new flows per source: `FLOW_LIMITS[service_id + 1]`.
+pub const VIP_F_FLOW_LIMIT: u32 = 1 << 4;
 
 /// Value of [`crate::maps::VIPS`].
 #[repr(C)]
@@ -128,21 +136,40 @@ pub const FILTER_F_DENY: u32 = 1 << 0;
 /// [`GlobalConfig::filter_flags`]: [`crate::maps::ALLOW`] has entries; sources it does
 /// not match are dropped on their way to a VIP.
 pub const FILTER_F_ALLOW: u32 = 1 << 1;
+/// [`GlobalConfig::filter_flags`]: `[security] new_flows_per_source` is set: packets
+/// that would create a flow are limited per source by `FLOW_LIMITS[0]`.
+pub const FILTER_F_FLOW_LIMIT: u32 = 1 << 2;
 
-/// Data part of the LPM trie keys of [`crate::maps::DENY`] and [`crate::maps::ALLOW`]
-/// (the trie key is `{ prefix_len: u32, data: FilterAddr }`). The family and padding
-/// are matched as the first 32 bits, so a key's `prefix_len` is
-/// [`FILTER_PREFIX_BASE`] plus the prefix length of the address, and one trie holds
-/// both families without an IPv4 prefix ever matching an IPv6 source.
+/// Data part of the LPM trie keys of [`crate::maps::DENY`], [`crate::maps::ALLOW`],
+/// [`crate::maps::SVC_DENY`] and [`crate::maps::SVC_ALLOW`] (the trie key is
+/// `{ prefix_len: u32, data: FilterAddr }`), and the key of the per-source token
+/// buckets ([`crate::maps::FLOW_BUCKETS`], a masked source address).
+///
+/// The family and the scope are matched as the first 32 bits, so a trie key's
+/// `prefix_len` is [`FILTER_PREFIX_BASE`] plus the prefix length of the address: one
+/// trie holds both families without an IPv4 prefix ever matching an IPv6 source, and
+/// the per-service tries hold every service's rules, a lookup matching only the
+/// rules of the scope it carries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct FilterAddr {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// Big-endian 24-bit scope: 0 in the global tries; the service id in the
+    /// per-service tries; 0 (global) or service id + 1 in the token bucket keys.
+    pub scope: [u8; 3],
     /// Network order; IPv4 in word 0, other words zero.
     pub addr: [u32; 4],
 }
+
+/// The scope bytes of [`FilterAddr`] for `scope` (below 2^24).
+#[inline(always)]
+pub const fn filter_scope(scope: u32) -> [u8; 3] {
+    [(scope >> 16) as u8, (scope >> 8) as u8, scope as u8]
+}
+
+/// Largest scope a [`FilterAddr`] can carry (service ids stay below it).
+pub const MAX_FILTER_SCOPE: u32 = (1 << 24) - 1;
 const _: () = assert!(core::mem::size_of::<FilterAddr>() == 20);
 
 /// Bits of [`FilterAddr`] before the address: an LPM key's `prefix_len` is this plus
@@ -162,6 +189,29 @@ const _: () = assert!(core::mem::size_of::<FilterRule>() == 4);
 /// Slot of [`crate::maps::FILTER_STATS`] counting packets to a VIP dropped because the
 /// allow list is in use and no rule of it matched their source. Rule ids start at 1.
 pub const FILTER_RULE_NOT_ALLOWED: u32 = 0;
+
+/// Value of [`crate::maps::FLOW_LIMITS`]: a limit on new flows per source
+/// (`new_flows_per_source`), at index 0 the global one, at `service_id + 1` a service's.
+///
+/// A token bucket of `burst` tokens refilled at `rate` per second, kept per masked
+/// source as its theoretical arrival time (GCRA, RFC 2697's single-rate bucket in
+/// virtual-scheduling form: the same admissions as a bucket of tokens, in one u64 per
+/// source and with no division in XDP): a new flow is admitted when the source's time
+/// is at most `tolerance_ns` ahead of now, and moves it `interval_ns` further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowLimit {
+    /// 10^9 / rate: nanoseconds one token takes to come back.
+    pub interval_ns: u64,
+    /// (burst - 1) x 10^9 / rate: how far ahead of now a source may run.
+    pub tolerance_ns: u64,
+    /// Network order: the mask of `prefix_v4` for an IPv4 source (word 0).
+    pub mask_v4: u32,
+    pub _pad: u32,
+    /// Network order: the mask of `prefix_v6` for an IPv6 source.
+    pub mask_v6: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<FlowLimit>() == 40);
 
 /// Value of the per-service and per-backend counter arrays (per CPU; the agent sums).
 #[repr(C)]
@@ -199,4 +249,5 @@ mod pod {
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for FilterAddr {}
     unsafe impl aya::Pod for FilterRule {}
+    unsafe impl aya::Pod for FlowLimit {}
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::stats::{Counter, DropReason};
@@ -112,6 +112,23 @@ pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16, tos: u8) -> Ipv4Hdr {
     let words: [u16; 10] = unsafe { transmute(hdr) };
     hdr.check = csum::ipv4_header(&words);
     hdr
+}
+
+/// Cut the frame to `end` bytes: bytes after the IP packet (Ethernet padding of a short
+/// frame, a trailer) must not go into the tunnel, where the backend would take them
+/// for part of the inner packet's frame and the MTU check would not have counted them.
+/// A frame with nothing past `end` (the usual case) costs one comparison.
+#[inline(always)]
+pub fn trim_to(ctx: &XdpContext, end: usize) -> Result<(), DropReason> {
+    let len = ctx.data_end() - ctx.data();
+    if len > end {
+        let cut = (len - end) as i32;
+        // SAFETY: ctx.ctx is the program's xdp_md; the kernel checks the new length.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } != 0 {
+            return Err(DropReason::EncapFailed);
+        }
+    }
+    Ok(())
 }
 
 /// Replace the L2 header ending at `l3_off` with Ethernet + the given outer IPv4 header.

@@ -1,4 +1,4 @@
-//! Backend choice: the flow table first, so established flows keep their backend
+//! Backend choice: the flow tables first, so established flows keep their backend
 //! when the backend set changes; otherwise the service's Maglev ring.
 
 use lb_common::{
@@ -8,7 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, RINGS},
+    limit,
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, RINGS},
     stats::count,
 };
 
@@ -23,46 +24,113 @@ fn usable(backend: &Backend, service_id: u32) -> bool {
     backend.flags & BACKEND_F_ACTIVE != 0 && backend.service_id == service_id
 }
 
+/// Which `new_flows_per_source` limits apply to a packet: the global one and/or its
+/// service's (`FLOW_LIMITS` index `service_id + 1`).
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub global: bool,
+    pub service: bool,
+}
+
 /// Look the flow up; on a miss, or when its backend is no longer active in this
 /// service, pick from the ring and record the choice.
 ///
+/// Two tables: `FLOWS` holds flows that have sent at least two packets, `FLOWS_NEW`
+/// flows seen once (a SYN, a first datagram). A flow enters `FLOWS_NEW` on its first
+/// packet and is promoted on its second, so a flood of one-packet flows (spoofed SYNs
+/// from many sources) churns `FLOWS_NEW` and never evicts an established flow. An
+/// established packet costs one lookup in `FLOWS`, as before; the promotion costs the
+/// second packet of a flow one lookup in each table, an insert and a delete.
+///
 /// A TCP SYN (without ACK) starts a new connection: it always takes the ring's choice
-/// and overwrites any entry, as Katran does. Otherwise a client reusing a source port
-/// would follow the previous connection's entry to a backend that no longer takes new
-/// flows (a draining backend, or a tier-1 backend after tier 0 came back); measured
-/// in the namespace tests at about 95 connections/s.
+/// and overwrites any entry, as Katran does (here: it goes to `FLOWS_NEW` and removes
+/// a stale entry of the same 5-tuple from `FLOWS`). Otherwise a client reusing a
+/// source port would follow the previous connection's entry to a backend that no
+/// longer takes new flows (a draining backend, or a tier-1 backend after tier 0 came
+/// back); measured in the namespace tests at about 95 connections/s.
+///
+/// Only a packet that would create a flow (a SYN, or a miss in both tables) is
+/// checked against the `new_flows_per_source` limits in `limits`.
 #[inline(always)]
 pub fn choose_backend(
     key: &FlowKey,
     vip: &VipMeta,
     new_connection: bool,
+    limits: Limits,
 ) -> Result<Choice, DropReason> {
-    if new_connection {
-        count(Counter::FlowNew);
-        return pick_from_ring(key, vip);
-    }
-    // SAFETY: the flow table is preallocated (no BPF_F_NO_PREALLOC), and a racing
-    // update can at worst hand us another valid backend id, which is checked below.
-    if let Some(entry) = unsafe { FLOWS.get(key) } {
-        let backend_id = entry.backend_id;
-        if let Some(backend) = BACKENDS.get(backend_id)
-            && usable(backend, vip.service_id)
-        {
-            return Ok(Choice {
-                backend_id,
-                backend: *backend,
-            });
+    if !new_connection {
+        // SAFETY: the flow tables are preallocated (no BPF_F_NO_PREALLOC), and a racing
+        // update can at worst hand us another valid backend id, which is checked below.
+        if let Some(entry) = unsafe { FLOWS.get(key) } {
+            let backend_id = entry.backend_id;
+            if let Some(backend) = active(backend_id, vip.service_id) {
+                return Ok(Choice {
+                    backend_id,
+                    backend,
+                });
+            }
+            count(Counter::FlowRehash);
+            return pick_from_ring(key, vip, Table::Established);
         }
-        count(Counter::FlowRehash);
-    } else {
-        count(Counter::FlowNew);
+        // SAFETY: as above.
+        if let Some(entry) = unsafe { FLOWS_NEW.get(key) } {
+            let backend_id = entry.backend_id;
+            let entry = *entry;
+            // A failed delete only leaves the entry to age out of the LRU.
+            let _ = FLOWS_NEW.remove(key);
+            count(Counter::FlowPromoted);
+            if let Some(backend) = active(backend_id, vip.service_id) {
+                if FLOWS.insert(key, entry, 0).is_err() {
+                    count(Counter::FlowInsertFailed);
+                }
+                return Ok(Choice {
+                    backend_id,
+                    backend,
+                });
+            }
+            count(Counter::FlowRehash);
+            return pick_from_ring(key, vip, Table::Established);
+        }
     }
-    pick_from_ring(key, vip)
+    if limits.global || limits.service {
+        let service = if limits.service {
+            Some(vip.service_id + 1)
+        } else {
+            None
+        };
+        limit::admit(limits.global, service, key)?;
+    }
+    count(Counter::FlowNew);
+    if new_connection {
+        // A stale entry of a previous connection on this 5-tuple must not catch the
+        // next packets; usually there is none and this is a failed lookup.
+        let _ = FLOWS.remove(key);
+    }
+    pick_from_ring(key, vip, Table::New)
 }
 
-/// The ring's backend for `key`, recorded in the flow table.
 #[inline(always)]
-fn pick_from_ring(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
+fn active(backend_id: u32, service_id: u32) -> Option<Backend> {
+    let backend = BACKENDS.get(backend_id)?;
+    if usable(backend, service_id) {
+        Some(*backend)
+    } else {
+        None
+    }
+}
+
+/// Where [`pick_from_ring`] records its choice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// `FLOWS`: the flow has sent packets before (a re-hash or a promotion).
+    Established,
+    /// `FLOWS_NEW`: the flow's first packet.
+    New,
+}
+
+/// The ring's backend for `key`, recorded in `table`.
+#[inline(always)]
+fn pick_from_ring(key: &FlowKey, vip: &VipMeta, table: Table) -> Result<Choice, DropReason> {
     let hash = if vip.flags & VIP_F_SOURCE_HASH != 0 {
         source_hash(&key.src)
     } else {
@@ -72,21 +140,22 @@ fn pick_from_ring(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
     let backend_id = *RINGS
         .get(ring_index(vip.service_id, vip.ring_size, slot))
         .ok_or(DropReason::NoBackend)?;
-    let backend = BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
-    if !usable(backend, vip.service_id) {
-        return Err(DropReason::NoBackend);
-    }
+    let backend = active(backend_id, vip.service_id).ok_or(DropReason::NoBackend)?;
     let entry = FlowEntry {
         backend_id,
         _pad: 0,
     };
     // A full table evicts its least recently used flow; a failed insert only means the
     // next packet of the flow hashes again, to the same slot while the ring is unchanged.
-    if FLOWS.insert(key, entry, 0).is_err() {
+    let inserted = match table {
+        Table::Established => FLOWS.insert(key, entry, 0),
+        Table::New => FLOWS_NEW.insert(key, entry, 0),
+    };
+    if inserted.is_err() {
         count(Counter::FlowInsertFailed);
     }
     Ok(Choice {
         backend_id,
-        backend: *backend,
+        backend,
     })
 }

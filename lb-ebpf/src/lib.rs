@@ -7,7 +7,8 @@
 //! - [`hashing`]: backend choice: flow table, then the service's Maglev ring.
 //! - [`csum`]: the IPv4 header checksum.
 //! - [`encap`]: IPv4-in-IPv4 encapsulation and decapsulation, and next-hop lookup.
-//! - [`filter`]: `[security]` deny/allow source prefixes (LPM tries).
+//! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
+//! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
 //! - [`stats`]: per-CPU counter updates.
 #![no_std]
 
@@ -15,6 +16,7 @@ pub mod csum;
 pub mod encap;
 pub mod filter;
 pub mod hashing;
+pub mod limit;
 pub mod maps;
 pub mod parsing;
 pub mod stats;

@@ -12,12 +12,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     stats::Counter,
-    types::{DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, VIP_F_L7, VipKey},
+    types::{
+        DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, VIP_F_ALLOW,
+        VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
+    },
 };
 use lb_ebpf::{
-    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4},
+    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4, trim_to},
     filter,
-    hashing::choose_backend,
+    hashing::{Limits, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
     parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
     stats::{count, count_drop, count_forwarded},
@@ -44,7 +47,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let l2 = parse_l2(ctx).map_err(Exit::Pass)?;
     // Source filters come first; with no list in use they cost nothing but this read.
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = if filter_flags != 0 {
+    let src = if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0 {
         filter::source(ctx, &l2)
     } else {
         None
@@ -72,6 +75,21 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
             filter::check_allow(src)?;
         }
     }
+    // The service's own lists, after the global ones (a VIP without them pays nothing).
+    if vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0 {
+        let own = match &src {
+            Some(src) => Some(filter::scoped(src, vip.service_id)),
+            None => filter::source(ctx, &l2).map(|s| filter::scoped(&s, vip.service_id)),
+        };
+        if let Some(own) = &own {
+            if vip.flags & VIP_F_DENY != 0 {
+                filter::check_service_deny(own)?;
+            }
+            if vip.flags & VIP_F_ALLOW != 0 {
+                filter::check_service_allow(own)?;
+            }
+        }
+    }
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
@@ -79,11 +97,16 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
-    let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn).map_err(Exit::Drop)?;
+    let limits = Limits {
+        global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
+        service: vip.flags & VIP_F_FLOW_LIMIT != 0,
+    };
+    let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?;
     let backend_addr = choice.backend.addr[0];
     let outer_len = pkt.tot_len + IPV4_HLEN as u16;
     let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;
     let outer = outer_ipv4(source, backend_addr, pkt.tot_len, pkt.tos);
+    trim_to(ctx, pkt.l3_off + usize::from(pkt.tot_len)).map_err(Exit::Drop)?;
     encap_ipv4(ctx, pkt.l3_off, &outer, &hop).map_err(Exit::Drop)?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);

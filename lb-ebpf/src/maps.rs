@@ -9,12 +9,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FILTER_RULES,
-        DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_DECAP_DSTS,
+        DEFAULT_FLOW_LIMIT_SOURCES, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_FILTER_RULES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_DECAP_DSTS,
     },
     stats::COUNTERS_LEN,
     types::{
-        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
         TrafficCounters, VipKey, VipMeta,
     },
 };
@@ -65,3 +65,24 @@ pub static ALLOW: LpmTrie<FilterAddr, FilterRule> =
 #[map(name = "XDPLB_FILT_STATS")]
 pub static FILTER_STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_FILTER_RULES + 1, 0);
+
+#[map(name = "XDPLB_SVC_DENY")]
+pub static SVC_DENY: LpmTrie<FilterAddr, FilterRule> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_FILTER_RULES, 0);
+
+#[map(name = "XDPLB_SVC_ALLOW")]
+pub static SVC_ALLOW: LpmTrie<FilterAddr, FilterRule> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_FILTER_RULES, 0);
+
+#[map(name = "XDPLB_FLOW_LIM")]
+pub static FLOW_LIMITS: Array<FlowLimit> = Array::with_max_entries(DEFAULT_MAX_SERVICES + 1, 0);
+
+/// Per-CPU LRU lists, as the flow table: a flood of new sources on one CPU evicts only
+/// that CPU's least recently used buckets.
+#[map(name = "XDPLB_FLOW_BKT")]
+pub static FLOW_BUCKETS: LruHashMap<FilterAddr, u64> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_LIMIT_SOURCES, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "XDPLB_FLOWS_NEW")]
+pub static FLOWS_NEW: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 4, BPF_F_NO_COMMON_LRU);

@@ -382,3 +382,28 @@ pub fn first_difference(want: &[u8], got: &[u8]) -> Option<String> {
         got[at], want[at]
     ))
 }
+
+/// Pins the calling thread to the CPU it runs on and returns that CPU. `test_run` runs
+/// the program on the calling CPU, and the per-CPU LRU tables (`BPF_F_NO_COMMON_LRU`)
+/// keep one list per CPU: pinned, every run sees the same CPU's lists (and timings).
+pub fn pin_to_current_cpu() -> anyhow::Result<usize> {
+    // SAFETY: sched_getcpu has no preconditions; the cpu_set_t is zeroed, then one bit
+    // set with CPU_SET, and passed with its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        anyhow::ensure!(
+            rc == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(cpu as usize)
+    }
+}

@@ -21,6 +21,8 @@ const CAPS: Capacities = Capacities {
     ring_size: 13,
     flow_table_size: 64,
     max_filter_rules: 16,
+    new_flow_table_size: 16,
+    flow_limit_sources: 16,
 };
 
 fn addr(last: u8) -> IpAddr {
@@ -49,6 +51,7 @@ fn web(lasts: &[u8]) -> DesiredState {
                     active: true,
                 })
                 .collect(),
+            filters: Default::default(),
         }],
     }
 }

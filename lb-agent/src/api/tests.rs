@@ -1344,3 +1344,79 @@ async fn bad_filters_are_refused_naming_the_entry_and_change_nothing() {
             .expect("json");
     assert_eq!(state["security"]["deny"], json!(["203.0.113.0/24"]));
 }
+
+#[tokio::test]
+async fn a_service_carries_its_own_filters_and_flood_limit() {
+    let last = Arc::new(std::sync::Mutex::new(None));
+    let f = Fixture::with(None, Box::new(Recording(last.clone())));
+    let body = r#"{"name": "web", "vip": "198.18.100.1:80",
+        "backend": [{"address": "198.18.2.13"}],
+        "deny": ["203.0.113.0/24", "2001:db8:bad::/48"], "allow": ["198.18.0.0/15"],
+        "new_flows_per_source": {"rate": 100, "burst": 200, "prefix_v4": 24}}"#;
+    let (status, v) = f.call("PUT", "/api/v1/services/web", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (_, v) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_eq!(
+        v["deny"],
+        json!(["203.0.113.0/24", "2001:db8:bad::/48"]),
+        "{v}"
+    );
+    assert_eq!(v["allow"], json!(["198.18.0.0/15"]), "{v}");
+    assert_eq!(
+        v["new_flows_per_source"],
+        json!({"rate": 100, "burst": 200, "prefix_v4": 24, "prefix_v6": 64}),
+        "{v}"
+    );
+    let desired = last.lock().expect("lock").clone().expect("applied");
+    let web = desired
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .expect("web desired");
+    assert_eq!(web.filters.deny.len(), 2);
+    assert_eq!(web.filters.allow.len(), 1);
+    assert_eq!(web.filters.new_flows.map(|l| l.prefix_v4), Some(24));
+
+    // Refused with the key named, and nothing changes.
+    for (bad, want) in [
+        (
+            r#""deny": ["203.0.113.9/24"]"#,
+            "deny[0]: 203.0.113.9/24 has host bits set",
+        ),
+        (r#""allow": ["10.0.0.0/8", "10.0.0.0/8"]"#, "allow[1]"),
+        (
+            r#""new_flows_per_source": {"rate": 0, "burst": 1}"#,
+            "new_flows_per_source.rate: 0 is out of range",
+        ),
+        (r#""new_flows_per_source": {"rate": 1}"#, "burst"),
+    ] {
+        let body = format!(
+            r#"{{"name": "web", "vip": "198.18.100.1:80", "backend": [{{"address": "198.18.2.13"}}], {bad}}}"#
+        );
+        let (status, v) = f.call("PUT", "/api/v1/services/web", Some(&body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(error_of(&v).contains(want), "{bad}: {v}");
+    }
+    let (_, v) = f.call("GET", "/api/v1/services/web", None).await;
+    assert_eq!(
+        v["deny"],
+        json!(["203.0.113.0/24", "2001:db8:bad::/48"]),
+        "{v}"
+    );
+
+    // The global limit goes through PUT /api/v1/filters with the lists.
+    let (status, v) = f
+        .call(
+            "PUT",
+            "/api/v1/filters",
+            Some(r#"{"new_flows_per_source": {"rate": 1000, "burst": 2000}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["new_flows_per_source"],
+        json!({"rate": 1000, "burst": 2000, "prefix_v4": 32, "prefix_v6": 64})
+    );
+    let desired = last.lock().expect("lock").clone().expect("applied");
+    assert_eq!(desired.filters.new_flows.map(|l| l.rate), Some(1000));
+}

@@ -160,8 +160,17 @@ pub struct DataplaneConfig {
     pub max_services: u32,
     /// Capacity of the backend map, over all services.
     pub max_backends: u32,
-    /// Capacity of each source filter trie (`[security] deny`, `allow`).
+    /// Capacity of each source filter trie (`[security] deny`, `allow`; and of all
+    /// services' own `deny` lists together, and of their `allow` lists together).
     pub max_filter_rules: u32,
+    /// Capacity of the new-flow table: flows seen once (a SYN, a first datagram) wait
+    /// there for their second packet before they enter the flow table. Default: a
+    /// quarter of `flow_table_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_flow_table_size: Option<u32>,
+    /// Sources (masked as `new_flows_per_source` says) whose token buckets are kept,
+    /// least recently used forgotten first.
+    pub flow_limit_sources: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -176,7 +185,18 @@ impl Default for DataplaneConfig {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             max_filter_rules: DEFAULT_MAX_FILTER_RULES,
+            new_flow_table_size: None,
+            flow_limit_sources: lb_common::maps::DEFAULT_FLOW_LIMIT_SOURCES,
         }
+    }
+}
+
+impl DataplaneConfig {
+    /// `new_flow_table_size`, or its default: a quarter of the flow table.
+    #[must_use]
+    pub fn new_flow_table_entries(&self) -> u32 {
+        self.new_flow_table_size
+            .unwrap_or((self.flow_table_size / lb_common::maps::NEW_FLOW_TABLE_SHARE).max(1))
     }
 }
 
@@ -193,6 +213,42 @@ pub struct SecurityConfig {
     /// addresses passes as before. Deny is checked first.
     #[schema(example = json!([]))]
     pub allow: Vec<String>,
+    /// A limit on new flows per source (all VIPs); none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_flows_per_source: Option<FlowLimitConfig>,
+}
+
+/// `new_flows_per_source = { rate, burst, prefix_v4, prefix_v6 }`: per source (an
+/// address masked to `prefix_v4` / `prefix_v6` bits), at most `burst` new flows at
+/// once and `rate` per second on average; packets that would open more are dropped
+/// in XDP (`xdplb_drops_total{reason="new_flow_limit"}`). Established flows are never
+/// limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowLimitConfig {
+    /// New flows per second per source, 1 to 100,000,000.
+    #[schema(example = 1000)]
+    pub rate: u32,
+    /// New flows a source may open at once (the bucket's size), at least 1.
+    #[schema(example = 2000)]
+    pub burst: u32,
+    /// Bits of an IPv4 source that make one source (32: each address).
+    #[serde(default = "FlowLimitConfig::default_prefix_v4")]
+    #[schema(example = 32)]
+    pub prefix_v4: u8,
+    /// Bits of an IPv6 source that make one source (64: each /64, a host's usual share).
+    #[serde(default = "FlowLimitConfig::default_prefix_v6")]
+    #[schema(example = 64)]
+    pub prefix_v6: u8,
+}
+
+impl FlowLimitConfig {
+    const fn default_prefix_v4() -> u8 {
+        32
+    }
+    const fn default_prefix_v6() -> u8 {
+        64
+    }
 }
 
 /// Transport protocol of a VIP.
@@ -553,6 +609,17 @@ pub struct ServiceConfig {
     /// Timeouts, limits, retries and passive health of the HTTP proxy (l7).
     #[serde(default)]
     pub http: HttpConfig,
+    /// Source prefixes dropped on their way to this service's VIP (after `[security]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(example = json!(["203.0.113.0/24"]))]
+    pub deny: Vec<String>,
+    /// When non-empty, the only sources that reach this service (after `[security]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(example = json!([]))]
+    pub allow: Vec<String>,
+    /// This service's limit on new flows per source (besides `[security]`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flows_per_source: Option<FlowLimitConfig>,
 }
 
 impl Mode {

@@ -12,8 +12,9 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
-    HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig, XdpMode,
+    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, FlowLimitConfig, HashOn,
+    HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig,
+    XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -31,6 +32,10 @@ const MAX_RISE_FALL: u32 = 100;
 const MAX_IFNAME_LEN: usize = 15;
 /// Largest `dataplane.max_filter_rules` (each rule is a trie node in kernel memory).
 const MAX_FILTER_RULES_LIMIT: u32 = 1 << 20;
+/// Largest `new_flows_per_source.rate` (new flows per second per source).
+const MAX_FLOW_RATE: u32 = 100_000_000;
+/// Largest `dataplane.flow_limit_sources` and `dataplane.new_flow_table_size`.
+const MAX_TABLE_LIMIT: u32 = 1 << 26;
 
 /// The keys of a service that the other rules stand on (names and VIPs must be
 /// unique, the mode decides what else is allowed): a service whose value for one of
@@ -145,6 +150,13 @@ pub fn validate_service(
             ),
         ));
     }
+    errors.extend(check_service_filter_totals(
+        others
+            .iter()
+            .map(|o| (o, format!("(service {:?}) ", o.name)))
+            .chain([(svc, String::new())]),
+        dp,
+    ));
     let others_backends: usize = others.iter().map(|o| o.backends.len()).sum();
     let total = others_backends + svc.backends.len();
     if dp.max_backends >= 1 && total > dp.max_backends as usize {
@@ -375,6 +387,23 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
             ),
         );
     }
+    if let Some(n) = dp.new_flow_table_size {
+        if !(1..=MAX_TABLE_LIMIT).contains(&n) {
+            push(
+                "dataplane.new_flow_table_size",
+                format!("{n} is out of range: must be between 1 and {MAX_TABLE_LIMIT}"),
+            );
+        }
+    }
+    if !(1..=MAX_TABLE_LIMIT).contains(&dp.flow_limit_sources) {
+        push(
+            "dataplane.flow_limit_sources",
+            format!(
+                "{} is out of range: must be between 1 and {MAX_TABLE_LIMIT}",
+                dp.flow_limit_sources
+            ),
+        );
+    }
     if let Some(ip) = dp.source_ipv4 {
         if let Some(kind) = non_unicast(IpAddr::V4(ip)) {
             push(
@@ -414,21 +443,37 @@ pub fn parse_prefix(text: &str) -> Result<ipnet::IpNet, String> {
 }
 
 /// The rules of `[security]` (for the file, a reload and `PUT /api/v1/filters`): every
-/// prefix parses without host bits, none is listed twice in one list, and each list
-/// fits `dataplane.max_filter_rules`. Key paths are `security.deny[N]`.
+/// prefix parses without host bits, none is listed twice in one list, each list
+/// fits `dataplane.max_filter_rules`, and `new_flows_per_source` is in range. Key
+/// paths are `security.deny[N]`.
 #[must_use]
 pub fn validate_security(sec: &SecurityConfig, dp: &DataplaneConfig) -> Vec<ConfigError> {
+    let mut errors = check_prefix_lists(&sec.deny, &sec.allow, "security.", dp);
+    if let Some(limit) = &sec.new_flows_per_source {
+        errors.extend(check_flow_limit(limit, "security.new_flows_per_source."));
+    }
+    errors
+}
+
+/// `deny` and `allow` source prefix lists (of `[security]` or of a service), with key
+/// paths `{prefix}deny[N]`.
+fn check_prefix_lists(
+    deny: &[String],
+    allow: &[String],
+    prefix: &str,
+    dp: &DataplaneConfig,
+) -> Vec<ConfigError> {
     let mut errors = Vec::new();
-    for (kind, list) in [("deny", &sec.deny), ("allow", &sec.allow)] {
+    for (kind, list) in [("deny", deny), ("allow", allow)] {
         let mut seen: HashMap<ipnet::IpNet, usize> = HashMap::new();
         for (i, text) in list.iter().enumerate() {
-            let key = format!("security.{kind}[{i}]");
+            let key = format!("{prefix}{kind}[{i}]");
             match parse_prefix(text) {
                 Ok(net) => {
                     if let Some(first) = seen.insert(net, i) {
                         errors.push(ConfigError::at_key(
                             key,
-                            format!("{net} is listed twice (also security.{kind}[{first}])"),
+                            format!("{net} is listed twice (also {prefix}{kind}[{first}])"),
                         ));
                     }
                 }
@@ -437,13 +482,87 @@ pub fn validate_security(sec: &SecurityConfig, dp: &DataplaneConfig) -> Vec<Conf
         }
         if list.len() > dp.max_filter_rules as usize {
             errors.push(ConfigError::at_key(
-                format!("security.{kind}"),
+                format!("{prefix}{kind}"),
                 format!(
                     "{} prefixes are more than dataplane.max_filter_rules = {}",
                     list.len(),
                     dp.max_filter_rules
                 ),
             ));
+        }
+    }
+    errors
+}
+
+/// `new_flows_per_source = { rate, burst, prefix_v4, prefix_v6 }`; key paths
+/// `{prefix}rate` and so on.
+fn check_flow_limit(limit: &FlowLimitConfig, prefix: &str) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if !(1..=MAX_FLOW_RATE).contains(&limit.rate) {
+        errors.push(ConfigError::at_key(
+            format!("{prefix}rate"),
+            format!(
+                "{} is out of range: new flows per second per source, 1 to {MAX_FLOW_RATE}",
+                limit.rate
+            ),
+        ));
+    }
+    if limit.burst == 0 {
+        errors.push(ConfigError::at_key(
+            format!("{prefix}burst"),
+            "must be at least 1 (the new flows a source may open at once)",
+        ));
+    }
+    if limit.prefix_v4 > 32 {
+        errors.push(ConfigError::at_key(
+            format!("{prefix}prefix_v4"),
+            format!(
+                "{} is more than the 32 bits of an IPv4 address",
+                limit.prefix_v4
+            ),
+        ));
+    }
+    if limit.prefix_v6 > 128 {
+        errors.push(ConfigError::at_key(
+            format!("{prefix}prefix_v6"),
+            format!(
+                "{} is more than the 128 bits of an IPv6 address",
+                limit.prefix_v6
+            ),
+        ));
+    }
+    errors
+}
+
+/// The services' own `deny` (and `allow`) lists share one trie of
+/// `dataplane.max_filter_rules` entries: the sum over the services must fit. `extra`
+/// is a service not in `services` (the API's new one); errors are reported at the
+/// first service over (with `key_of` its key prefix) or at `extra_prefix`.
+fn check_service_filter_totals<'a>(
+    services: impl Iterator<Item = (&'a ServiceConfig, String)>,
+    dp: &DataplaneConfig,
+) -> Vec<ConfigError> {
+    let max = dp.max_filter_rules as usize;
+    let mut errors = Vec::new();
+    let (mut deny, mut allow) = (0usize, 0usize);
+    let (mut deny_over, mut allow_over) = (false, false);
+    for (svc, prefix) in services {
+        deny += svc.deny.len();
+        allow += svc.allow.len();
+        for (kind, total, over) in [
+            ("deny", deny, &mut deny_over),
+            ("allow", allow, &mut allow_over),
+        ] {
+            if total > max && !*over {
+                *over = true;
+                errors.push(ConfigError::at_key(
+                    format!("{prefix}{kind}"),
+                    format!(
+                        "the services' own {kind} lists hold {total} prefixes up to here, more \
+                         than dataplane.max_filter_rules = {max} (they share one trie)"
+                    ),
+                ));
+            }
         }
     }
     errors
@@ -465,6 +584,13 @@ fn check_capacity(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigError> {
             ),
         ));
     }
+    errors.extend(check_service_filter_totals(
+        cfg.services
+            .iter()
+            .zip(ids)
+            .map(|(s, id)| (s, format!("service[{}].", id.index))),
+        dp,
+    ));
     let total: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
     let max_backends = dp.max_backends as usize;
     if max_backends >= 1 && total > max_backends {
@@ -523,6 +649,15 @@ fn check_service(
     check_backends(svc, &mut report);
     check_health(&svc.health, &mut report);
     check_l7_extras(svc, &mut report);
+    report
+        .errors
+        .extend(check_prefix_lists(&svc.deny, &svc.allow, &keys.prefix, dp));
+    if let Some(limit) = &svc.new_flows_per_source {
+        report.errors.extend(check_flow_limit(
+            limit,
+            &keys.field("new_flows_per_source."),
+        ));
+    }
     report.errors
 }
 
@@ -619,6 +754,14 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
                          needs protocol = \"tcp\"",
                         svc.protocol
                     ),
+                );
+            }
+            if svc.new_flows_per_source.is_some() {
+                report.field(
+                    "new_flows_per_source",
+                    "new_flows_per_source is for mode = \"l4\" services: the packets of an \
+                     l7 service go to the kernel and its proxy before the fast path makes \
+                     flows (deny and allow do apply)",
                 );
             }
         }

@@ -118,6 +118,9 @@ fn service(name: &str, vip: &str) -> ServiceConfig {
         hash_on: HashOn::Client,
         tls: None,
         http: HttpConfig::default(),
+        deny: Vec::new(),
+        allow: Vec::new(),
+        new_flows_per_source: None,
     }
 }
 
@@ -221,6 +224,8 @@ fn design_example_parses_with_defaults_filled() {
             max_services: 64,
             max_backends: 4096,
             max_filter_rules: 1024,
+            new_flow_table_size: None,
+            flow_limit_sources: 65536,
         },
         security: SecurityConfig::default(),
         services: vec![
@@ -251,6 +256,9 @@ fn design_example_parses_with_defaults_filled() {
                 hash_on: HashOn::Client,
                 tls: None,
                 http: HttpConfig::default(),
+                deny: Vec::new(),
+                allow: Vec::new(),
+                new_flows_per_source: None,
             },
             ServiceConfig {
                 name: "shop".to_owned(),
@@ -273,6 +281,9 @@ fn design_example_parses_with_defaults_filled() {
                 hash_on: HashOn::Client,
                 tls: None,
                 http: HttpConfig::default(),
+                deny: Vec::new(),
+                allow: Vec::new(),
+                new_flows_per_source: None,
             },
         ],
         bgp: None,
@@ -1376,7 +1387,7 @@ fn the_known_keys_are_the_models() {
     assert!(
         error.message.ends_with(
             "name, vip, protocol, mode, scheduler, health, backend, sticky, cache, \
-             slow_start_s, on_all_down, hash_on, tls, http"
+             slow_start_s, on_all_down, hash_on, tls, http, deny, allow, new_flows_per_source"
         ),
         "{error}"
     );
@@ -1713,11 +1724,130 @@ fn security_prefix_errors_name_the_entry() {
         "dataplane.max_filter_rules",
         "out of range",
     );
-    // Per-service lists and flood limits are not implemented: refused as unknown keys.
+    // A flood limit needs its rate and burst.
     let errs = errors("[security]\nnew_flows_per_source = { rate = 1 }\n");
     assert_eq!(
         places(&errs),
-        [(2, "security.new_flows_per_source")],
+        [(2, "security.new_flows_per_source.burst")],
         "{errs:?}"
+    );
+    assert_eq!(errs[0].message, "required key is missing");
+}
+
+/// A `[[service]]` (l4, on the VIP 198.18.100.N:80) with the given extra lines.
+fn filtered_service(n: u8, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"s{n}\"\nvip = \"198.18.100.{n}:80\"\n{extra}\
+         backend = [{{ address = \"198.18.2.11\" }}]\n"
+    )
+}
+
+#[test]
+fn per_service_filters_and_flood_limits_parse() {
+    let cfg = parse_ok(&format!(
+        "{DP}[security]\nnew_flows_per_source = {{ rate = 1000, burst = 2000 }}\n{}",
+        filtered_service(
+            1,
+            "deny = [\"203.0.113.0/24\", \"2001:db8:bad::/48\"]\n\
+             allow = [\"198.18.0.0/15\"]\n\
+             new_flows_per_source = { rate = 10, burst = 20, prefix_v4 = 24, prefix_v6 = 48 }\n"
+        )
+    ));
+    let global = cfg.security.new_flows_per_source.expect("global limit");
+    assert_eq!(
+        (
+            global.rate,
+            global.burst,
+            global.prefix_v4,
+            global.prefix_v6
+        ),
+        (1000, 2000, 32, 64),
+        "prefixes default to /32 and /64"
+    );
+    let svc = &cfg.services[0];
+    assert_eq!(svc.deny, ["203.0.113.0/24", "2001:db8:bad::/48"]);
+    assert_eq!(svc.allow, ["198.18.0.0/15"]);
+    let own = svc.new_flows_per_source.expect("service limit");
+    assert_eq!(
+        (own.rate, own.burst, own.prefix_v4, own.prefix_v6),
+        (10, 20, 24, 48)
+    );
+    // Defaults: no lists, no limits; the new-flow table is a quarter of the flow table.
+    let plain = parse_ok(&format!("{DP}{}", filtered_service(1, "")));
+    assert!(plain.services[0].deny.is_empty() && plain.services[0].new_flows_per_source.is_none());
+    assert_eq!(plain.dataplane.new_flow_table_entries(), 250_000);
+    assert_eq!(plain.dataplane.flow_limit_sources, 65_536);
+}
+
+#[test]
+fn per_service_filter_and_flood_limit_errors_name_the_entry() {
+    assert_single(
+        &format!(
+            "{DP}{}",
+            filtered_service(1, "deny = [\"203.0.113.9/24\"]\n")
+        ),
+        "service[0].deny[0]",
+        "did you mean 203.0.113.0/24?",
+    );
+    assert_single(
+        &format!(
+            "{DP}{}",
+            filtered_service(1, "allow = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n")
+        ),
+        "service[0].allow[1]",
+        "listed twice (also service[0].allow[0])",
+    );
+    for (limit, key, needle) in [
+        ("rate = 0, burst = 1", "rate", "out of range"),
+        ("rate = 1, burst = 0", "burst", "at least 1"),
+        (
+            "rate = 1, burst = 1, prefix_v4 = 33",
+            "prefix_v4",
+            "32 bits",
+        ),
+        (
+            "rate = 1, burst = 1, prefix_v6 = 129",
+            "prefix_v6",
+            "128 bits",
+        ),
+    ] {
+        assert_single(
+            &format!(
+                "{DP}{}",
+                filtered_service(1, &format!("new_flows_per_source = {{ {limit} }}\n"))
+            ),
+            &format!("service[0].new_flows_per_source.{key}"),
+            needle,
+        );
+        assert_single(
+            &format!("{DP}[security]\nnew_flows_per_source = {{ {limit} }}\n"),
+            &format!("security.new_flows_per_source.{key}"),
+            needle,
+        );
+    }
+    // The services' own lists share one trie of max_filter_rules prefixes.
+    assert_single(
+        &format!(
+            "{DP}max_filter_rules = 2\n{}{}",
+            filtered_service(1, "deny = [\"10.0.0.0/8\", \"11.0.0.0/8\"]\n"),
+            filtered_service(2, "deny = [\"12.0.0.0/8\"]\n"),
+        ),
+        "service[1].deny",
+        "hold 3 prefixes up to here, more than dataplane.max_filter_rules = 2",
+    );
+    assert_single(
+        &l7("new_flows_per_source = { rate = 1, burst = 1 }"),
+        "service[0].new_flows_per_source",
+        "for mode = \"l4\" services",
+    );
+    assert_single(
+        &format!("{DP}flow_limit_sources = 0\n"),
+        "dataplane.flow_limit_sources",
+        "out of range",
+    );
+    assert_single(
+        &format!("{DP}new_flow_table_size = 0\n"),
+        "dataplane.new_flow_table_size",
+        "out of range",
     );
 }

@@ -12,7 +12,7 @@ use lb_common::types::{ENCAP_GUE, ENCAP_IPIP};
 
 use super::stats::Snapshot;
 use crate::config::{
-    DataplaneConfig, Encap, Protocol, SecurityConfig, ServiceConfig, parse_prefix,
+    DataplaneConfig, Encap, FlowLimitConfig, Protocol, SecurityConfig, ServiceConfig, parse_prefix,
 };
 
 /// A service as the fast path should see it.
@@ -26,6 +26,9 @@ pub struct DesiredService {
     /// Hash the client address only (source-IP affinity).
     pub source_hash: bool,
     pub backends: Vec<DesiredBackend>,
+    /// The service's own `deny`, `allow` and `new_flows_per_source` (checked after the
+    /// global ones, for packets to this VIP).
+    pub filters: DesiredFilters,
 }
 
 /// A backend as the fast path should see it.
@@ -51,21 +54,33 @@ pub struct DesiredState {
 }
 
 /// Source prefixes the fast path drops (`deny`) or, when `allow` is non-empty, the
-/// only ones it lets reach a VIP.
+/// only ones it lets reach a VIP (globally, or the VIP of one service); and the
+/// limit on new flows per source.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredFilters {
     pub deny: Vec<ipnet::IpNet>,
     pub allow: Vec<ipnet::IpNet>,
+    pub new_flows: Option<FlowLimitConfig>,
 }
 
 impl DesiredFilters {
     /// The prefixes of a validated `[security]` table (an invalid entry, which
     /// validation refuses before this point, is left out).
     pub fn new(sec: &SecurityConfig) -> Self {
+        Self::of(&sec.deny, &sec.allow, sec.new_flows_per_source)
+    }
+
+    /// A validated service's own lists and limit.
+    pub fn of_service(svc: &ServiceConfig) -> Self {
+        Self::of(&svc.deny, &svc.allow, svc.new_flows_per_source)
+    }
+
+    fn of(deny: &[String], allow: &[String], new_flows: Option<FlowLimitConfig>) -> Self {
         let parse = |list: &[String]| list.iter().filter_map(|p| parse_prefix(p).ok()).collect();
         DesiredFilters {
-            deny: parse(&sec.deny),
-            allow: parse(&sec.allow),
+            deny: parse(deny),
+            allow: parse(allow),
+            new_flows,
         }
     }
 }

@@ -82,6 +82,10 @@ impl Sink for MapsSink {
             snap.filter_drops
                 .insert(net.to_string(), stats::filter_drops(&self.maps, id).ok()?);
         }
+        for (rule, id) in reconciler.service_filter_rules() {
+            snap.filter_drops
+                .insert(rule, stats::filter_drops(&self.maps, id).ok()?);
+        }
         for svc in services.iter().filter(|s| s.mode == Mode::L4) {
             let Some(id) = reconciler.service_id(&svc.name) else {
                 continue;

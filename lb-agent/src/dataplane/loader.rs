@@ -80,8 +80,14 @@ pub struct Capacities {
     pub max_backends: u32,
     pub ring_size: u32,
     pub flow_table_size: u32,
-    /// Entries of each source filter trie; the per-rule drop counters have one more.
+    /// Entries of each global source filter trie, and user prefixes of each
+    /// per-service trie (which have two catch-alls per service more); the per-rule
+    /// drop counters have room for all of them ([`Capacities::filter_stats_slots`]).
     pub max_filter_rules: u32,
+    /// Entries of the new-flow table (flows seen once).
+    pub new_flow_table_size: u32,
+    /// Token buckets of `new_flows_per_source` (masked sources).
+    pub flow_limit_sources: u32,
 }
 
 impl From<&DataplaneConfig> for Capacities {
@@ -92,6 +98,8 @@ impl From<&DataplaneConfig> for Capacities {
             ring_size: dp.ring_size,
             flow_table_size: dp.flow_table_size,
             max_filter_rules: dp.max_filter_rules,
+            new_flow_table_size: dp.new_flow_table_entries(),
+            flow_limit_sources: dp.flow_limit_sources,
         }
     }
 }
@@ -106,12 +114,35 @@ impl Capacities {
             ring_size,
             flow_table_size,
             max_filter_rules,
+            new_flow_table_size,
+            flow_limit_sources,
         } = self;
         dp.max_services = max_services;
         dp.max_backends = max_backends;
         dp.ring_size = ring_size;
         dp.flow_table_size = flow_table_size;
         dp.max_filter_rules = max_filter_rules;
+        dp.new_flow_table_size = None;
+        if dp.new_flow_table_entries() != new_flow_table_size {
+            dp.new_flow_table_size = Some(new_flow_table_size);
+        }
+        dp.flow_limit_sources = flow_limit_sources;
+    }
+
+    /// Entries of the per-service tries: the services' prefixes, and room for the
+    /// catch-all `/0` of each family per service with an allow list.
+    pub fn service_filter_entries(self) -> u32 {
+        self.max_filter_rules
+            .saturating_add(self.max_services.saturating_mul(2))
+    }
+
+    /// Slots of the per-rule drop counters: slot 0 (global `not_allowed`), the global
+    /// deny rules, the services' deny rules, and one `not_allowed` per service.
+    pub fn filter_stats_slots(self) -> u32 {
+        self.max_filter_rules
+            .saturating_mul(2)
+            .saturating_add(self.max_services)
+            .saturating_add(1)
     }
 
     /// Smallest maps, for hosts that only decapsulate: the balancer's tables are unused.
@@ -121,6 +152,8 @@ impl Capacities {
         ring_size: 1,
         flow_table_size: 1,
         max_filter_rules: 1,
+        new_flow_table_size: 1,
+        flow_limit_sources: 1,
     };
 }
 
@@ -138,10 +171,10 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 12] {
+fn layouts() -> [(&'static str, usize, usize); 17] {
     use core::mem::size_of;
     use lb_common::types::{
-        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
         TrafficCounters, VipKey, VipMeta,
     };
     // An LPM trie key is a u32 prefix length and the data.
@@ -159,6 +192,15 @@ fn layouts() -> [(&'static str, usize, usize); 12] {
         (maps::DENY, filter_key, size_of::<FilterRule>()),
         (maps::ALLOW, filter_key, size_of::<FilterRule>()),
         (maps::FILTER_STATS, 4, 8),
+        (maps::SVC_DENY, filter_key, size_of::<FilterRule>()),
+        (maps::SVC_ALLOW, filter_key, size_of::<FilterRule>()),
+        (maps::FLOW_LIMITS, 4, size_of::<FlowLimit>()),
+        (maps::FLOW_BUCKETS, size_of::<FilterAddr>(), 8),
+        (
+            maps::FLOWS_NEW,
+            size_of::<FlowKey>(),
+            size_of::<FlowEntry>(),
+        ),
     ]
 }
 
@@ -183,6 +225,15 @@ pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
         let data = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
         data.info().ok().map(|i| i.max_entries())
     };
+    // Counters and drop reasons added by a newer agent lengthen the counter array:
+    // indices would mean other things.
+    if max(maps::COUNTERS)? != lb_common::stats::COUNTERS_LEN {
+        tracing::warn!(
+            map = maps::COUNTERS,
+            "the pinned counter array has another length than this agent's"
+        );
+        return None;
+    }
     let max_services = max(maps::VIPS)?;
     let rings = max(maps::RINGS)?;
     Some(Capacities {
@@ -191,6 +242,8 @@ pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
         ring_size: rings.checked_div(max_services)?,
         flow_table_size: max(maps::FLOWS)?,
         max_filter_rules: max(maps::DENY)?,
+        new_flow_table_size: max(maps::FLOWS_NEW)?,
+        flow_limit_sources: max(maps::FLOW_BUCKETS)?,
     })
 }
 
@@ -212,7 +265,12 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .map_max_entries(maps::FLOWS, caps.flow_table_size)
         .map_max_entries(maps::DENY, caps.max_filter_rules)
         .map_max_entries(maps::ALLOW, caps.max_filter_rules)
-        .map_max_entries(maps::FILTER_STATS, caps.max_filter_rules.saturating_add(1));
+        .map_max_entries(maps::FILTER_STATS, caps.filter_stats_slots())
+        .map_max_entries(maps::SVC_DENY, caps.service_filter_entries())
+        .map_max_entries(maps::SVC_ALLOW, caps.service_filter_entries())
+        .map_max_entries(maps::FLOW_LIMITS, caps.max_services.saturating_add(1))
+        .map_max_entries(maps::FLOW_BUCKETS, caps.flow_limit_sources)
+        .map_max_entries(maps::FLOWS_NEW, caps.new_flow_table_size);
     if let Some(dir) = pin_dir {
         for &name in maps::ALL {
             loader.map_pin_path(name, dir.join(name));
@@ -439,6 +497,8 @@ mod tests {
                 ring_size: 13,
                 flow_table_size: 1000,
                 max_filter_rules: 5,
+                new_flow_table_size: 250,
+                flow_limit_sources: lb_common::maps::DEFAULT_FLOW_LIMIT_SOURCES,
             }
         );
         let mut other = DataplaneConfig::default();

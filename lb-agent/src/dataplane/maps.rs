@@ -12,8 +12,8 @@ use aya::{
 use lb_common::{
     maps as names,
     types::{
-        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, GlobalConfig, TrafficCounters, VipKey,
-        VipMeta,
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
+        TrafficCounters, VipKey, VipMeta,
     },
 };
 
@@ -52,6 +52,15 @@ pub struct Maps {
     pub allow: LpmTrie<MapData, FilterAddr, FilterRule>,
     /// Drops per filter rule id.
     pub filter_stats: PerCpuArray<MapData, u64>,
+    /// Every service's own `deny` and `allow` prefixes (scope = service id).
+    pub svc_deny: LpmTrie<MapData, FilterAddr, FilterRule>,
+    pub svc_allow: LpmTrie<MapData, FilterAddr, FilterRule>,
+    /// `new_flows_per_source`: index 0 global, `service_id + 1` per service.
+    pub flow_limits: Array<MapData, FlowLimit>,
+    /// The token buckets (LRU hash; aya opens it as `HashMap`).
+    pub flow_buckets: HashMap<MapData, FilterAddr, u64>,
+    /// Flows seen once, waiting for their second packet (LRU hash).
+    pub flows_new: HashMap<MapData, FlowKey, FlowEntry>,
 }
 
 /// Where maps come from.
@@ -105,6 +114,11 @@ impl Maps {
             deny: typed!(s, names::DENY),
             allow: typed!(s, names::ALLOW),
             filter_stats: typed!(s, names::FILTER_STATS),
+            svc_deny: typed!(s, names::SVC_DENY),
+            svc_allow: typed!(s, names::SVC_ALLOW),
+            flow_limits: typed!(s, names::FLOW_LIMITS),
+            flow_buckets: typed!(s, names::FLOW_BUCKETS),
+            flows_new: typed!(s, names::FLOWS_NEW),
         })
     }
 

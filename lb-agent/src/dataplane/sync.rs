@@ -5,11 +5,14 @@
 //! [`Reconciler::apply`] diffs the desired state against what it wrote last and writes
 //! only the differences, in an order that never exposes a ring slot pointing to
 //! nothing:
-//! 1. new `[security]` filter entries (`super::filters`), the global config (with
-//!    the filter bits), then the filter entries no longer desired are removed;
+//! 1. new `[security]` filter entries and flood limit (`super::filters`), the global
+//!    config (with the filter bits), then the filter entries no longer desired are
+//!    removed;
 //! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
-//!    that change (each an in-place write of a valid backend id), then the VIP entry;
-//! 3. services no longer desired: their VIP entries are removed;
+//!    that change (each an in-place write of a valid backend id), the service's new
+//!    filter entries and flood limit, then the VIP entry (with the bits that enable
+//!    them), then its filter entries no longer desired;
+//! 3. services no longer desired: their VIP entries are removed, then their filters;
 //! 4. only at the end, the entries of backends that left a ring are marked inactive,
 //!    which sends their pinned flows back through the ring, and removed backends'
 //!    ids are freed.
@@ -31,13 +34,13 @@ use lb_common::{
     maps as names,
     types::{
         BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
-        VIP_F_L7, VIP_F_SOURCE_HASH, VipKey, VipMeta,
+        VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VIP_F_SOURCE_HASH, VipKey, VipMeta,
     },
 };
 
 use super::{
     desired::{DesiredService, DesiredState},
-    filters::FilterTable,
+    filters::{FilterTable, Rule, Scope},
     loader::Capacities,
     maps::Maps,
     ring::{self, RingMember},
@@ -385,6 +388,21 @@ impl WrittenService {
                     VIP_F_SOURCE_HASH
                 } else {
                     0
+                }
+                | if svc.filters.deny.is_empty() {
+                    0
+                } else {
+                    VIP_F_DENY
+                }
+                | if svc.filters.allow.is_empty() {
+                    0
+                } else {
+                    VIP_F_ALLOW
+                }
+                | if svc.filters.new_flows.is_some() {
+                    VIP_F_FLOW_LIMIT
+                } else {
+                    0
                 },
             _pad: 0,
         };
@@ -450,7 +468,7 @@ impl Reconciler {
             services: BTreeMap::new(),
             service_ids: IdPool::new(caps.max_services),
             backends: BackendTable::new(caps.max_backends),
-            filters: FilterTable::new(caps.max_filter_rules),
+            filters: FilterTable::new(caps),
         }
     }
 
@@ -471,7 +489,7 @@ impl Reconciler {
                 .get(&0, 0)
                 .map_err(read_err(names::CONFIG, MapKey::Index(0)))?,
         );
-        r.filters = FilterTable::adopt(maps, caps.max_filter_rules)?;
+        r.filters = FilterTable::adopt(maps, caps)?;
         let entries = read_backend_entries(maps, caps.max_backends)?;
         let vips: Vec<(VipKey, VipMeta)> = maps
             .vips
@@ -575,9 +593,33 @@ impl Reconciler {
             .copied()
     }
 
-    /// The deny rules as written and their counter slots.
+    /// The global deny rules as written and their counter slots.
     pub fn deny_rules(&self) -> impl Iterator<Item = (ipnet::IpNet, u32)> + '_ {
         self.filters.deny_rules()
+    }
+
+    /// Every counted rule of the services' own lists, labelled as in
+    /// `xdplb_filter_drops_total{rule}`: `SERVICE:PREFIX` for a deny prefix,
+    /// `SERVICE:not_allowed` for what its allow list refuses (service names hold no
+    /// `:`); with its counter slot.
+    pub fn service_filter_rules(&self) -> Vec<(String, u32)> {
+        let names: BTreeMap<u32, &str> = self
+            .services
+            .iter()
+            .map(|(name, w)| (w.id, name.as_str()))
+            .collect();
+        self.filters
+            .service_rules()
+            .filter_map(|(sid, rule, slot)| {
+                let name = names.get(&sid)?;
+                Some(match rule {
+                    Rule::Deny(net) => (format!("{name}:{net}"), slot),
+                    Rule::NotAllowed => {
+                        (format!("{name}:{}", super::stats::NOT_ALLOWED_RULE), slot)
+                    }
+                })
+            })
+            .collect()
     }
 
     /// Service id of `service` as last written.
@@ -592,9 +634,11 @@ impl Reconciler {
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<Vec<AppliedService>, SyncError> {
-        self.filters.insert_new(maps, &desired.filters)?;
+        self.filters
+            .insert_new(maps, Scope::Global, &desired.filters)?;
         self.write_global_config(maps, desired)?;
-        self.filters.remove_stale(maps, &desired.filters)?;
+        self.filters
+            .remove_stale(maps, Scope::Global, Some(&desired.filters))?;
         // Entries of backends that stay but are no longer active, written in step 4.
         let mut deactivate = Vec::new();
         let mut applied = Vec::with_capacity(desired.services.len());
@@ -649,7 +693,10 @@ impl Reconciler {
         let members = written.write_backends(maps, &mut self.backends, svc, deactivate)?;
         let slots_changed = written.write_ring(maps, self.ring_size, &members)?;
         written.refresh_digest(slots_changed > 0);
+        let scope = Scope::Service(written.id);
+        self.filters.insert_new(maps, scope, &svc.filters)?;
         written.write_vip(maps, key, svc, self.ring_size)?;
+        self.filters.remove_stale(maps, scope, Some(&svc.filters))?;
         Ok(written.applied(&svc.name, slots_changed))
     }
 
@@ -669,6 +716,8 @@ impl Reconciler {
         for name in gone {
             let key = self.services[&name].key;
             remove_vip(maps, &key)?;
+            let id = self.services[&name].id;
+            self.filters.remove_stale(maps, Scope::Service(id), None)?;
             if let Some(w) = self.services.remove(&name) {
                 for &id in w.backends.values() {
                     self.backends.retire(id);

@@ -1,0 +1,794 @@
+//! A property test of `xdp_lb`: at least 100,000 random and mutated frames through
+//! `BPF_PROG_TEST_RUN` on the real object, each output checked against what the
+//! design allows.
+//!
+//! Frames are drawn from a seeded generator: valid TCP/UDP packets to the VIPs and to
+//! other addresses, IPv6 packets with extension header chains, ICMP errors quoting
+//! garbage or a VIP packet, ARP, behind 0 to 3 VLAN tags (802.1Q, 802.1ad and the old
+//! 0x9100 QinQ EtherType); then mutated: cut at a random offset (and, for one frame
+//! of each kind, at every offset), random IHL, total length, TTL, checksums, flags,
+//! random bytes flipped, trailing bytes added. The balancer has global and
+//! per-service source filters and new-flow limits in force, so those paths run too.
+//!
+//! What must hold for every frame (see [`check`]):
+//! - the verdict is XDP_PASS, XDP_DROP, XDP_TX or XDP_REDIRECT, never XDP_ABORTED;
+//! - a passed or dropped frame comes out unchanged;
+//! - a sent frame (TX/REDIRECT) came in as an IPv4 TCP/UDP packet to an L4 VIP and
+//!   goes out (TX for backends on the receiving interface, REDIRECT for the one behind
+//!   the other) as Ethernet + an outer IPv4 header (version 4, IHL 5, correct checksum,
+//!   TTL 64, protocol IPIP, not a fragment, from the LB's tunnel source to a backend
+//!   of that service) whose total length is the inner packet's plus 20 and equal to
+//!   what the frame carries (no trailing bytes), within the MTU, the inner packet
+//!   exactly the one that came in;
+//! - every packet is counted once under one outcome (`rx` and, for a drop, a reason):
+//!   checked per frame for one frame in [`COUNTER_SAMPLE`], and over the whole run.
+//!
+//! `XDPLB_FUZZ_SEED=N` replays a run; the seed is printed at the start and in every
+//! failure (with the frame in hex). `XDPLB_FUZZ_FRAMES=N` changes the count.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use lb_agent::{
+    config::{FlowLimitConfig, Protocol},
+    dataplane::{
+        desired::{DesiredBackend, DesiredFilters, DesiredService, DesiredState},
+        forwarding::InterfaceForwarding,
+        loader::{self, Capacities, LB_PROGRAM},
+        stats::Counters,
+    },
+};
+use lb_common::stats::{Counter, DropReason};
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+use xdplb_tests::{
+    packet::{Frame, PacketBuilder, internet_checksum, tcp_flags},
+    require_privileges,
+    xdp_bed::{
+        LoadedLb, Net, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, in_bed, test_run, verdict_name,
+        xdp_md,
+    },
+};
+
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 1, 11),
+    Ipv4Addr::new(198, 18, 1, 12),
+    Ipv4Addr::new(198, 18, 1, 13),
+];
+const BACKEND_MACS: [[u8; 6]; 3] = [
+    [0x02, 0xbe, 0, 0, 0, 0x11],
+    [0x02, 0xbe, 0, 0, 0, 0x12],
+    [0x02, 0xbe, 0, 0, 0, 0x13],
+];
+/// Behind the second interface (`far0`): its packets are redirected there.
+const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
+const FAR_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 2, 0x11];
+const VIP_WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
+const VIP_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 53);
+const VIP_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 5), 80);
+const MTU: usize = 1500;
+/// Frames whose counters are checked one by one: one in this many.
+const COUNTER_SAMPLE: u64 = 50;
+const DEFAULT_FRAMES: u64 = 100_000;
+
+fn backend(addr: Ipv4Addr, port: u16) -> DesiredBackend {
+    DesiredBackend {
+        address: addr.into(),
+        port,
+        weight: 100,
+        active: true,
+    }
+}
+
+fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|p| p.parse().expect("prefix")).collect()
+}
+
+/// web (TCP, three backends, its own deny list), dns (UDP, a backend behind the other
+/// interface, an allow list and a new-flow limit), an l7 VIP; global deny list and
+/// new-flow limit.
+fn desired() -> DesiredState {
+    let service = |name: &str, vip: SocketAddrV4, protocol, backends, filters| DesiredService {
+        name: name.into(),
+        vip: vip.into(),
+        protocol,
+        l7: false,
+        source_hash: false,
+        backends,
+        filters,
+    };
+    let mut l7 = service(
+        "l7",
+        VIP_L7,
+        Protocol::Tcp,
+        vec![backend(BACKENDS[0], 80)],
+        DesiredFilters::default(),
+    );
+    l7.l7 = true;
+    DesiredState {
+        source_v4: Some(LB_ADDR),
+        source_v6: None,
+        encap: 0,
+        filters: DesiredFilters {
+            deny: prefixes(&["198.18.0.64/26", "2001:db8:bad::/48"]),
+            allow: vec![],
+            new_flows: Some(FlowLimitConfig {
+                rate: 1_000_000,
+                burst: 1000,
+                prefix_v4: 24,
+                prefix_v6: 64,
+            }),
+        },
+        services: vec![
+            service(
+                "web",
+                VIP_WEB,
+                Protocol::Tcp,
+                BACKENDS.iter().map(|&b| backend(b, 80)).collect(),
+                DesiredFilters {
+                    deny: prefixes(&["198.18.0.32/27"]),
+                    ..Default::default()
+                },
+            ),
+            service(
+                "dns",
+                VIP_DNS,
+                Protocol::Udp,
+                vec![backend(FAR_BACKEND, 53)],
+                DesiredFilters {
+                    allow: prefixes(&["198.18.0.0/25", "10.0.0.0/8"]),
+                    new_flows: Some(FlowLimitConfig {
+                        rate: 1000,
+                        burst: 50,
+                        prefix_v4: 32,
+                        prefix_v6: 64,
+                    }),
+                    ..Default::default()
+                },
+            ),
+            l7,
+        ],
+    }
+}
+
+fn net() -> Net {
+    let mut neighbours: Vec<_> = BACKENDS
+        .iter()
+        .zip(BACKEND_MACS)
+        .map(|(&b, m)| (b, m, "lb0"))
+        .collect();
+    neighbours.push((FAR_BACKEND, FAR_MAC, "far0"));
+    Net {
+        links: vec![("lb0", "198.18.1.10/24"), ("far0", "198.18.2.10/24")],
+        neighbours,
+        routes: vec!["198.18.0.0/24 via 198.18.1.1 dev lb0"],
+    }
+}
+
+fn caps() -> Capacities {
+    Capacities {
+        max_services: 8,
+        max_backends: 32,
+        ring_size: 1021,
+        flow_table_size: 4096,
+        max_filter_rules: 16,
+        new_flow_table_size: 1024,
+        flow_limit_sources: 1024,
+    }
+}
+
+// --- frames ------------------------------------------------------------------------
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const VLAN_TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+
+/// A client address: mostly 198.18.0.0/24 (some denied, some limited), sometimes
+/// anywhere.
+fn client(rng: &mut StdRng) -> Ipv4Addr {
+    if rng.random_bool(0.8) {
+        Ipv4Addr::new(198, 18, 0, rng.random())
+    } else {
+        Ipv4Addr::from(rng.next_u32())
+    }
+}
+
+fn destination(rng: &mut StdRng) -> (SocketAddrV4, bool) {
+    match rng.random_range(0..6) {
+        0 | 1 => (VIP_WEB, true),
+        2 => (VIP_DNS, false),
+        3 => (VIP_L7, true),
+        4 => (SocketAddrV4::new(*VIP_WEB.ip(), rng.random()), rng.random()),
+        _ => (SocketAddrV4::new(LB_ADDR, rng.random()), rng.random()),
+    }
+}
+
+fn payload(rng: &mut StdRng, max: usize) -> Vec<u8> {
+    let len = if rng.random_bool(0.05) {
+        rng.random_range(0..=max)
+    } else {
+        rng.random_range(0..=64.min(max))
+    };
+    let mut p = vec![0u8; len];
+    rng.fill_bytes(&mut p);
+    p
+}
+
+/// An IPv4 TCP or UDP packet (with its Ethernet header), valid.
+fn ipv4_l4(rng: &mut StdRng) -> PacketBuilder {
+    let (dst, tcp) = destination(rng);
+    let src = SocketAddrV4::new(client(rng), rng.random());
+    let body = payload(rng, 1400);
+    if tcp {
+        let flags = *[
+            tcp_flags::SYN,
+            tcp_flags::ACK,
+            tcp_flags::ACK | tcp_flags::PSH,
+            tcp_flags::SYN | tcp_flags::ACK,
+            tcp_flags::FIN | tcp_flags::ACK,
+            tcp_flags::RST,
+            rng.random(),
+        ]
+        .get(rng.random_range(0..7))
+        .unwrap_or(&tcp_flags::ACK);
+        PacketBuilder::tcp(src, dst).flags(flags).payload(&body)
+    } else {
+        PacketBuilder::udp(src, dst).payload(&body)
+    }
+}
+
+/// An ICMP error (destination unreachable / time exceeded / fragmentation needed)
+/// quoting either a VIP packet's head or garbage.
+fn icmp_error(rng: &mut StdRng) -> PacketBuilder {
+    let quoted = if rng.random_bool(0.5) {
+        let mut q = ipv4_l4(rng).build_ipv4();
+        q.truncate(rng.random_range(0..=q.len().min(68)));
+        q
+    } else {
+        payload(rng, 200)
+    };
+    let (kind, code) = *[
+        (3u8, 4u8),
+        (3, 1),
+        (11, 0),
+        (12, 0),
+        (rng.random(), rng.random()),
+    ]
+    .get(rng.random_range(0..5))
+    .unwrap_or(&(3, 4));
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(&quoted);
+    let c = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let (dst, _) = destination(rng);
+    PacketBuilder::raw(client(rng), *dst.ip(), 1).payload(&icmp)
+}
+
+/// An IPv6 packet with a chain of extension headers, then TCP/UDP/garbage, as the
+/// L3 bytes of a frame.
+fn ipv6_packet(rng: &mut StdRng) -> Vec<u8> {
+    let mut ext = Vec::new();
+    let mut next_of_prev: Option<usize> = None;
+    let mut first_next = 0u8;
+    for _ in 0..rng.random_range(0..5) {
+        let kind = *[0u8, 43, 44, 60, 51, 135, rng.random()]
+            .get(rng.random_range(0..7))
+            .unwrap_or(&0);
+        match next_of_prev {
+            Some(at) => ext[at] = kind,
+            None => first_next = kind,
+        }
+        let at = ext.len();
+        let len_units: u8 = if kind == 44 {
+            0
+        } else {
+            rng.random_range(0..4)
+        };
+        ext.push(0);
+        ext.push(len_units);
+        let mut body = vec![0u8; 6 + usize::from(len_units) * 8];
+        rng.fill_bytes(&mut body);
+        ext.extend_from_slice(&body);
+        next_of_prev = Some(at);
+    }
+    let last = *[6u8, 17, 58, 59, rng.random()]
+        .get(rng.random_range(0..5))
+        .unwrap_or(&6);
+    match next_of_prev {
+        Some(at) => ext[at] = last,
+        None => first_next = last,
+    }
+    let mut l4 = payload(rng, 200);
+    if l4.len() >= 4 && rng.random_bool(0.5) {
+        l4[2..4].copy_from_slice(&80u16.to_be_bytes());
+    }
+    ext.extend_from_slice(&l4);
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&u16::try_from(ext.len()).unwrap_or(0).to_be_bytes());
+    p.push(first_next);
+    p.push(rng.random());
+    let src: [u8; 16] = if rng.random_bool(0.3) {
+        [
+            0x20, 0x01, 0x0d, 0xb8, 0x0b, 0xad, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ]
+    } else {
+        rng.random()
+    };
+    p.extend_from_slice(&src);
+    let dst: [u8; 16] = rng.random();
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&ext);
+    p
+}
+
+/// Ethernet header with 0 to 3 VLAN tags (random TPIDs) around `l3` of EtherType `proto`.
+fn ethernet(rng: &mut StdRng, proto: u16, l3: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x10, 0x02, 0, 0, 0, 0, 0x02];
+    let tags = *[0usize, 0, 0, 1, 1, 2, 3]
+        .get(rng.random_range(0..7))
+        .unwrap_or(&0);
+    for _ in 0..tags {
+        let tpid = VLAN_TPIDS[rng.random_range(0..VLAN_TPIDS.len())];
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&rng.random_range(0u16..4096).to_be_bytes());
+    }
+    f.extend_from_slice(&proto.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+/// The frame kinds; one of each is also cut at every offset.
+const KINDS: usize = 5;
+
+fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
+    match kind {
+        0 | 1 => {
+            let b = ipv4_l4(rng);
+            ethernet(rng, ETH_P_IP, &b.build_ipv4())
+        }
+        2 => {
+            let b = icmp_error(rng);
+            ethernet(rng, ETH_P_IP, &b.build_ipv4())
+        }
+        3 => {
+            let p = ipv6_packet(rng);
+            ethernet(rng, ETH_P_IPV6, &p)
+        }
+        _ => {
+            let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+            arp.extend_from_slice(&payload(rng, 20));
+            ethernet(rng, ETH_P_ARP, &arp)
+        }
+    }
+}
+
+/// Where the IPv4 header of a frame built by [`ethernet`] starts (after its tags).
+fn l3_offset(frame: &[u8]) -> Option<usize> {
+    let mut off = 12;
+    loop {
+        let proto = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+        if VLAN_TPIDS.contains(&proto) {
+            off += 4;
+        } else {
+            return Some(off + 2);
+        }
+    }
+}
+
+/// Mutates `frame` in one or more of the ways the module docs list.
+fn mutate(rng: &mut StdRng, frame: &mut Vec<u8>) {
+    let l3 = l3_offset(frame).unwrap_or(14);
+    for _ in 0..rng.random_range(1..=3) {
+        match rng.random_range(0..10) {
+            0 => {
+                // Cut anywhere (test_run needs an Ethernet header).
+                let len = rng.random_range(14..=frame.len().max(14));
+                frame.truncate(len);
+            }
+            1 => {
+                if let Some(b) = frame.get_mut(l3) {
+                    *b = (*b & 0xf0) | rng.random_range(0..16);
+                }
+            }
+            2 => {
+                if frame.len() > l3 + 4 {
+                    let v: u16 = if rng.random_bool(0.5) {
+                        rng.random()
+                    } else {
+                        let real = frame.len() - l3;
+                        let delta: i32 = rng.random_range(-8..8);
+                        u16::try_from((real as i32 + delta).max(0)).unwrap_or(0)
+                    };
+                    frame[l3 + 2..l3 + 4].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            3 => {
+                // TTL 0 or 1, or anything.
+                if let Some(b) = frame.get_mut(l3 + 8) {
+                    *b = *[0u8, 1, rng.random()]
+                        .get(rng.random_range(0..3))
+                        .unwrap_or(&0);
+                }
+            }
+            4 => {
+                // A bogus IPv4 header checksum.
+                if frame.len() > l3 + 12 {
+                    let v: u16 = rng.random();
+                    frame[l3 + 10..l3 + 12].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            5 => {
+                // Fragment bits and offset.
+                if frame.len() > l3 + 8 {
+                    let v: u16 = rng.random();
+                    frame[l3 + 6..l3 + 8].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            6 => {
+                // Trailing bytes: Ethernet padding or a trailer.
+                let mut tail = vec![0u8; rng.random_range(1..=64)];
+                if rng.random_bool(0.5) {
+                    rng.fill_bytes(&mut tail);
+                }
+                frame.extend_from_slice(&tail);
+            }
+            7 => {
+                // TCP flags / data offset bytes, or UDP length.
+                let at = l3 + 20 + rng.random_range(4..14);
+                if let Some(b) = frame.get_mut(at) {
+                    *b = rng.random();
+                }
+            }
+            8 => {
+                // The protocol byte.
+                if let Some(b) = frame.get_mut(l3 + 9) {
+                    *b = *[1u8, 4, 6, 17, 41, 47, rng.random()]
+                        .get(rng.random_range(0..7))
+                        .unwrap_or(&6);
+                }
+            }
+            _ => {
+                // Random bytes anywhere.
+                for _ in 0..rng.random_range(1..4) {
+                    if frame.is_empty() {
+                        break;
+                    }
+                    let at = rng.random_range(0..frame.len());
+                    frame[at] = rng.random();
+                }
+            }
+        }
+    }
+    if frame.len() < 14 {
+        frame.resize(14, 0);
+    }
+}
+
+// --- checks --------------------------------------------------------------------------
+
+/// What one frame did, for the totals.
+#[derive(Default)]
+struct Totals {
+    frames: u64,
+    by_verdict: BTreeMap<u32, u64>,
+}
+
+/// The L4 VIPs: (address, port, protocol) -> backends that may receive it.
+fn l4_vips() -> Vec<(SocketAddrV4, u8, Vec<Ipv4Addr>)> {
+    vec![
+        (VIP_WEB, 6, BACKENDS.to_vec()),
+        (VIP_DNS, 17, vec![FAR_BACKEND]),
+    ]
+}
+
+/// Checks one frame's result against the design (module docs).
+fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<()> {
+    match verdict {
+        XDP_PASS | XDP_DROP => {
+            ensure!(out == input, "{} changed the frame", verdict_name(verdict));
+            Ok(())
+        }
+        XDP_TX => check_sent(input, out, macs.lb0, false),
+        XDP_REDIRECT => check_sent(input, out, macs.far0, true),
+        v => bail!("verdict {}", verdict_name(v)),
+    }
+}
+
+/// The interfaces' own MACs (the source of what leaves through them).
+struct Macs {
+    lb0: [u8; 6],
+    far0: [u8; 6],
+}
+
+/// `redirected`: sent through `far0` (XDP_REDIRECT), else back out of `lb0` (XDP_TX).
+fn check_sent(input: &[u8], out: &[u8], src_mac: [u8; 6], redirected: bool) -> anyhow::Result<()> {
+    // What came in: IPv4 (after at most one tag), TCP/UDP to an L4 VIP.
+    let l3 = l3_offset(input).context("input has no L3")?;
+    ensure!(l3 <= 18, "sent a frame with {} VLAN tags", (l3 - 14) / 4);
+    ensure!(
+        input[l3 - 2..l3] == ETH_P_IP.to_be_bytes(),
+        "sent a frame that is not IPv4"
+    );
+    let ip_in = &input[l3..];
+    ensure!(
+        ip_in.len() >= 20 && ip_in[0] == 0x45,
+        "sent a packet with IHL/version {:#x}",
+        ip_in.first().copied().unwrap_or(0)
+    );
+    let inner_len = usize::from(u16::from_be_bytes([ip_in[2], ip_in[3]]));
+    ensure!(
+        inner_len <= ip_in.len(),
+        "sent a packet whose total length {inner_len} is past the frame ({})",
+        ip_in.len()
+    );
+    ensure!(
+        u16::from_be_bytes([ip_in[6], ip_in[7]]) & 0x3fff == 0,
+        "sent a fragment"
+    );
+    let proto = ip_in[9];
+    let dst = Ipv4Addr::new(ip_in[16], ip_in[17], ip_in[18], ip_in[19]);
+    let dport = u16::from_be_bytes([ip_in[22], ip_in[23]]);
+    let backends = l4_vips()
+        .into_iter()
+        .find(|(vip, p, _)| *vip.ip() == dst && vip.port() == dport && *p == proto)
+        .map(|(_, _, b)| b)
+        .with_context(|| format!("sent a packet to {dst}:{dport}/{proto}, no L4 VIP"))?;
+
+    // What went out: Ethernet + outer IPv4 + exactly the inner packet.
+    ensure!(out.len() >= 34, "sent frame of {} bytes", out.len());
+    ensure!(
+        out[6..12] == src_mac,
+        "Ethernet source is not the sending interface's"
+    );
+    ensure!(
+        out[12..14] == ETH_P_IP.to_be_bytes(),
+        "outer EtherType {:02x?}",
+        &out[12..14]
+    );
+    let outer = &out[14..34];
+    ensure!(outer[0] == 0x45, "outer version/IHL {:#x}", outer[0]);
+    ensure!(
+        internet_checksum(outer) == 0,
+        "outer header checksum is wrong"
+    );
+    ensure!(outer[8] == 64, "outer TTL {}", outer[8]);
+    ensure!(outer[9] == 4, "outer protocol {}", outer[9]);
+    ensure!(
+        u16::from_be_bytes([outer[6], outer[7]]) & 0x3fff == 0,
+        "outer header is a fragment"
+    );
+    ensure!(
+        outer[12..16] == LB_ADDR.octets(),
+        "outer source {:?}",
+        &outer[12..16]
+    );
+    let backend = Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]);
+    ensure!(
+        backends.contains(&backend),
+        "sent to {backend}, not a backend of {dst}:{dport}"
+    );
+    let (mac, far) = match BACKENDS.iter().position(|&b| b == backend) {
+        Some(i) => (BACKEND_MACS[i], false),
+        None => (FAR_MAC, true),
+    };
+    ensure!(out[0..6] == mac, "Ethernet destination is not {backend}'s");
+    ensure!(
+        far == redirected,
+        "{backend} sent with the wrong verdict (redirected: {redirected})"
+    );
+    let outer_len = usize::from(u16::from_be_bytes([outer[2], outer[3]]));
+    ensure!(
+        outer_len == inner_len + 20,
+        "outer total length {outer_len}, inner {inner_len} + 20"
+    );
+    ensure!(
+        out.len() == 14 + outer_len,
+        "the frame carries {} bytes after the outer header's {outer_len} (trailing bytes tunnelled)",
+        out.len() - 14
+    );
+    ensure!(
+        outer_len <= MTU,
+        "outer packet of {outer_len} bytes, over the MTU"
+    );
+    ensure!(
+        out[34..] == ip_in[..inner_len],
+        "the inner packet is not the one that came in"
+    );
+    Ok(())
+}
+
+/// The outcome counters (everything but `rx` and flow bookkeeping) by index.
+fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
+    c.counters
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k,
+                Counter::Rx
+                    | Counter::FlowNew
+                    | Counter::FlowRehash
+                    | Counter::FlowInsertFailed
+                    | Counter::FlowPromoted
+                    | Counter::Decap
+            )
+        })
+        .map(|(k, v)| (k.label(), *v))
+        .chain(c.drops.iter().map(|(k, v)| (k.label(), *v)))
+        .collect()
+}
+
+/// The counters one verdict may move.
+fn allowed_outcomes(verdict: u32) -> Vec<&'static str> {
+    match verdict {
+        XDP_TX => vec![Counter::Tx.label()],
+        XDP_REDIRECT => vec![Counter::Redirect.label()],
+        XDP_DROP => DropReason::ALL.iter().map(|r| r.label()).collect(),
+        _ => Counter::ALL
+            .iter()
+            .filter(|c| c.label().starts_with("pass_"))
+            .map(|c| c.label())
+            .collect(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Bed {
+    lb: LoadedLb,
+    ifindex: u32,
+    macs: Macs,
+    _forwarding: InterfaceForwarding,
+}
+
+impl Bed {
+    fn run(&self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        let run = test_run(self.lb.program(LB_PROGRAM)?, frame, &ctx, 1)?;
+        Ok((run.verdict, run.out))
+    }
+
+    /// Runs and checks one frame; `sample` also checks its counters one by one.
+    fn one(&self, frame: &[u8], sample: bool, totals: &mut Totals) -> anyhow::Result<()> {
+        let before = if sample {
+            Some(self.lb.counters()?)
+        } else {
+            None
+        };
+        let (verdict, out) = self.run(frame)?;
+        check(frame, verdict, &out, &self.macs)?;
+        totals.frames += 1;
+        *totals.by_verdict.entry(verdict).or_default() += 1;
+        if let Some(before) = before {
+            let after = self.lb.counters()?;
+            ensure!(
+                after.get(Counter::Rx) == before.get(Counter::Rx) + 1,
+                "rx not counted once"
+            );
+            let (b, a) = (outcomes(&before), outcomes(&after));
+            let moved: Vec<&str> = a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, _)| *k)
+                .collect();
+            ensure!(
+                moved.len() == 1
+                    && a[moved[0]] == b[moved[0]] + 1
+                    && allowed_outcomes(verdict).contains(&moved[0]),
+                "{} counted under {moved:?}",
+                verdict_name(verdict)
+            );
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() -> anyhow::Result<()>
+{
+    let test = require_privileges!();
+    let seed = match std::env::var("XDPLB_FUZZ_SEED") {
+        Ok(s) => s.parse().context("XDPLB_FUZZ_SEED must be a u64")?,
+        Err(_) => rand::rng().next_u64(),
+    };
+    let frames: u64 = match std::env::var("XDPLB_FUZZ_FRAMES") {
+        Ok(s) => s.parse().context("XDPLB_FUZZ_FRAMES must be a number")?,
+        Err(_) => DEFAULT_FRAMES,
+    };
+    println!("{test}: seed {seed} (replay with XDPLB_FUZZ_SEED={seed}), {frames} frames");
+    let result = in_bed("fz", &net(), move || {
+        let bed = Bed {
+            lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM])?,
+            ifindex: loader::if_index("lb0")?,
+            macs: Macs {
+                lb0: xdplb_tests::netns::mac_of("lb0")?,
+                far0: xdplb_tests::netns::mac_of("far0")?,
+            },
+            _forwarding: InterfaceForwarding::enable("lb0")?,
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut totals = Totals::default();
+        let start = bed.lb.counters()?;
+        // One frame of each kind, cut at every offset.
+        for kind in 0..KINDS {
+            let whole = frame_of_kind(&mut rng, kind);
+            for len in 14..=whole.len() {
+                let frame = &whole[..len];
+                bed.one(frame, false, &mut totals)
+                    .with_context(|| format!("kind {kind} cut at {len}: frame {}", hex(frame)))?;
+            }
+        }
+        let mut i = 0u64;
+        while totals.frames < frames {
+            let kind = rng.random_range(0..KINDS);
+            let mut frame = frame_of_kind(&mut rng, kind);
+            if rng.random_bool(0.7) {
+                mutate(&mut rng, &mut frame);
+            }
+            bed.one(&frame, i.is_multiple_of(COUNTER_SAMPLE), &mut totals)
+                .with_context(|| format!("frame {i} (kind {kind}): {}", hex(&frame)))?;
+            i += 1;
+        }
+        // Over the whole run: every frame counted once, under an outcome of its verdict.
+        let end = bed.lb.counters()?;
+        let delta = |c: Counter| end.get(c) - start.get(c);
+        ensure!(delta(Counter::Rx) == totals.frames, "rx over the run");
+        let (s, e) = (outcomes(&start), outcomes(&end));
+        let sum = |labels: Vec<&str>| -> u64 { labels.iter().map(|l| e[l] - s[l]).sum() };
+        for verdict in [XDP_PASS, XDP_DROP, XDP_TX, XDP_REDIRECT] {
+            let seen = totals.by_verdict.get(&verdict).copied().unwrap_or(0);
+            let counted = sum(allowed_outcomes(verdict));
+            ensure!(
+                seen == counted,
+                "{} verdicts: {seen}, counted under its outcomes: {counted}",
+                verdict_name(verdict)
+            );
+        }
+        let named: Vec<String> = totals
+            .by_verdict
+            .iter()
+            .map(|(v, n)| format!("{} {n}", verdict_name(*v)))
+            .collect();
+        println!("{} frames: {}", totals.frames, named.join(", "));
+        Ok(())
+    });
+    result.with_context(|| format!("seed {seed} (replay with XDPLB_FUZZ_SEED={seed})"))
+}
+
+#[test]
+fn the_generator_is_reproducible() {
+    let a: Vec<Vec<u8>> = {
+        let mut rng = StdRng::seed_from_u64(7);
+        (0..50)
+            .map(|i| frame_of_kind(&mut rng, i % KINDS))
+            .collect()
+    };
+    let b: Vec<Vec<u8>> = {
+        let mut rng = StdRng::seed_from_u64(7);
+        (0..50)
+            .map(|i| frame_of_kind(&mut rng, i % KINDS))
+            .collect()
+    };
+    assert_eq!(a, b);
+    // The checker refuses what the design does not allow.
+    let f = PacketBuilder::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 1), VIP_WEB).build();
+    let macs = Macs {
+        lb0: [0; 6],
+        far0: [0; 6],
+    };
+    assert!(check(&f, 0, &f, &macs).is_err(), "XDP_ABORTED accepted");
+    assert!(
+        check(&f, XDP_PASS, &f[1..], &macs).is_err(),
+        "changed pass accepted"
+    );
+    assert!(
+        check(&f, XDP_TX, &f, &macs).is_err(),
+        "unencapsulated TX accepted"
+    );
+    assert!(Frame::parse(&f).is_ok());
+}
