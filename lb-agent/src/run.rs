@@ -244,7 +244,7 @@ async fn serve_with(
             _ = sighup.recv() => {
                 let mut c = control.lock().await;
                 // SIGHUP never removes every service (POST /api/v1/reload can, when asked).
-                match c.reload(&args.config, false) {
+                match c.reload(&args.config, false).await {
                     // Control logs what the reload changed.
                     Ok(_report) => {}
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),

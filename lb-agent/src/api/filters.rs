@@ -35,7 +35,7 @@ pub async fn replace_filters(
     ApiJson(sec): ApiJson<SecurityConfig>,
 ) -> Result<Json<SecurityConfig>, ApiError> {
     let mut control = state.lock().await?;
-    control.replace_filters(sec)?;
+    control.replace_filters(sec).await?;
     tracing::info!(filters = ?control.filters(), "source filters replaced through the API");
     Ok(Json(control.filters().clone()))
 }

@@ -173,7 +173,7 @@ pub async fn create_service(
 ) -> ApiResult {
     let mut control = state.lock().await?;
     let name = svc.name.clone();
-    control.create_service(svc)?;
+    control.create_service(svc).await?;
     tracing::info!(service = %name, "service created through the API");
     let body = one_service(&control, &name)?;
     Ok((
@@ -202,7 +202,7 @@ pub async fn replace_service(
     ApiJson(svc): ApiJson<ServiceConfig>,
 ) -> ApiResult<Json<Service>> {
     let mut control = state.lock().await?;
-    control.replace_service(&name, svc)?;
+    control.replace_service(&name, svc).await?;
     tracing::info!(service = %name, "service replaced through the API");
     Ok(Json(one_service(&control, &name)?))
 }
@@ -222,7 +222,7 @@ pub async fn delete_service(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     let mut control = state.lock().await?;
-    control.delete_service(&name)?;
+    control.delete_service(&name).await?;
     tracing::info!(service = %name, "service deleted through the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -254,7 +254,7 @@ pub async fn add_backend(
         .port();
     let backend = backend.with_default_port(vip_port);
     let (address, port) = (backend.address, backend.port);
-    control.add_backend(&name, backend)?;
+    control.add_backend(&name, backend).await?;
     tracing::info!(service = %name, backend = %address, port, "backend added through the API");
     let body = one_backend(&control, &name, address, Some(port));
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -289,7 +289,8 @@ pub async fn patch_backend(
             state: patch.state,
             weight: patch.weight,
         },
-    )?;
+    )
+    .await?;
     tracing::info!(service = %name, backend = %address, state = ?patch.state, weight = ?patch.weight, "backend changed through the API");
     Ok(Json(one_backend(&control, &name, address, None)))
 }
@@ -314,7 +315,7 @@ pub async fn remove_backend(
 ) -> ApiResult<StatusCode> {
     let address = parse_address(&address)?;
     let mut control = state.lock().await?;
-    control.remove_backend(&name, address)?;
+    control.remove_backend(&name, address).await?;
     tracing::info!(service = %name, backend = %address, "backend removed through the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -434,7 +435,7 @@ pub async fn reload(
 ) -> ApiResult<Json<ReloadResponse>> {
     let req: ReloadRequest = optional_json(&body)?;
     let mut control = state.lock().await?;
-    let report = control.reload(&state.config_path, req.allow_empty)?;
+    let report = control.reload(&state.config_path, req.allow_empty).await?;
     tracing::info!(config = %state.config_path.display(), "reload asked through the API");
     Ok(Json(ReloadResponse {
         status: "reloaded".to_owned(),

@@ -92,6 +92,11 @@ pub struct BackendLive {
     pub active: bool,
     /// The health checker's status of this backend; null when it has none.
     pub health: Option<HealthStatus>,
+    /// With `[cluster]`: this node's own checks find the backend down while the
+    /// cluster's majority does not, so it stays in every ring (`healthy` is the
+    /// cluster's verdict). Always false without `[cluster]`.
+    #[serde(default)]
+    pub local_down: bool,
 }
 
 impl Backend {
@@ -111,6 +116,7 @@ impl Backend {
                 serving: view.serving,
                 active: view.active,
                 health,
+                local_down: view.local_down,
             }),
         }
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
+    AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
     HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig, XdpMode,
 };
 
@@ -169,6 +169,9 @@ pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigErro
     if let Some(bgp) = &cfg.bgp {
         errors.extend(check_bgp(bgp));
     }
+    if let Some(cluster) = &cfg.cluster {
+        errors.extend(check_cluster(cluster));
+    }
     errors.extend(validate_security(&cfg.security, &cfg.dataplane));
     for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
         let keys = Keys {
@@ -286,6 +289,45 @@ fn check_bgp(bgp: &BgpConfig) -> Vec<ConfigError> {
         errors.push(ConfigError::at_key(
             "bgp.drain_s",
             format!("{} is above the maximum {MAX_DRAIN_S}", bgp.drain_s),
+        ));
+    }
+    errors
+}
+
+/// `[cluster]`: a node name usable as an etcd key segment and a metric label, http
+/// URLs of etcd members, an absolute key prefix.
+fn check_cluster(c: &ClusterConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    // The same rules as a service name: a key segment in etcd and a metric label.
+    if let Some(why) = service_name_problem(&c.node) {
+        errors.push(ConfigError::at_key(
+            "cluster.node",
+            why.replace("service name", "node name"),
+        ));
+    }
+    if c.etcd.is_empty() {
+        errors.push(ConfigError::at_key(
+            "cluster.etcd",
+            "give at least one etcd member's client URL (\"http://host:port\")",
+        ));
+    }
+    for (i, url) in c.etcd.iter().enumerate() {
+        let ok = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            errors.push(ConfigError::at_key(
+                format!("cluster.etcd[{i}]"),
+                format!("{url:?} is not \"http://host:port\" (TLS to etcd is not supported yet)"),
+            ));
+        }
+    }
+    let p = &c.prefix;
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains("//") {
+        errors.push(ConfigError::at_key(
+            "cluster.prefix",
+            format!("{p:?} must start with '/', not end with '/' and have no empty segment (e.g. \"/xdplb\")"),
         ));
     }
     errors
