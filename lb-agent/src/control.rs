@@ -689,6 +689,12 @@ impl Control {
         self.sink.ring_digest(service)
     }
 
+    /// `service`'s ring read back from the fast path, slots named by backend (None
+    /// without a fast path or a ring).
+    pub fn ring_slots(&self, service: &str) -> Option<anyhow::Result<Vec<String>>> {
+        self.sink.ring_slots(service)
+    }
+
     /// Fast-path counters (None without a fast path).
     pub fn snapshot(&self) -> Option<Snapshot> {
         self.sink.snapshot(&self.config.services)

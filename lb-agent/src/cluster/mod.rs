@@ -57,6 +57,15 @@ pub struct Cluster {
     status: StdMutex<StoreStatus>,
 }
 
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .field("keys", &self.store.keys)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Cluster {
     pub async fn connect(cfg: &ClusterConfig) -> Result<Arc<Self>, StoreError> {
         Ok(Arc::new(Cluster {
