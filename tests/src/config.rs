@@ -161,6 +161,8 @@ pub struct LbConfig {
     dataplane: Table,
     /// The services.
     pub services: Vec<ServiceConfig>,
+    /// Further tables (`[cluster]`, ...), by name.
+    sections: Table,
 }
 
 impl LbConfig {
@@ -171,6 +173,7 @@ impl LbConfig {
             agent: Table::new(),
             dataplane: Table::new(),
             services: Vec::new(),
+            sections: Table::new(),
         }
     }
 
@@ -192,6 +195,13 @@ impl LbConfig {
     #[must_use]
     pub fn dataplane(mut self, key: &str, value: impl Serialize) -> Self {
         self.dataplane.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets a whole further table, e.g. `[cluster]` from a serialisable struct or map.
+    #[must_use]
+    pub fn section(mut self, name: &str, value: impl Serialize) -> Self {
+        self.sections.insert(name.to_owned(), toml_value(value));
         self
     }
 
@@ -237,6 +247,7 @@ impl LbConfig {
         doc.insert("dataplane".to_owned(), Value::Table(self.dataplane.clone()));
         let services = self.services.iter().map(|s| Value::Table(s.table()));
         doc.insert("service".to_owned(), Value::Array(services.collect()));
+        doc.extend(self.sections.clone());
         doc
     }
 

@@ -19,6 +19,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod etcd;
 pub mod http;
 pub mod load;
 pub mod netns;
