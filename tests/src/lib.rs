@@ -18,6 +18,7 @@
 //! - [`require_privileges!`]: the entry line of every privileged test.
 
 pub mod capture;
+pub mod cluster_bed;
 pub mod config;
 pub mod etcd;
 pub mod http;

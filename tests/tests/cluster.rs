@@ -14,90 +14,24 @@
 //! Needs root and the release agent (`XDPLB_AGENT_BIN`), like the other namespace tests.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    net::Ipv4Addr,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
-use lb_agent::api::types::{ClusterStatus, RingSlots, Service};
-use serde::{Serialize, de::DeserializeOwned};
+use anyhow::{Context as _, ensure};
+use lb_agent::api::types::{RingSlots, Service};
 use xdplb_tests::{
+    cluster_bed::{API, ClusterSection, Node, log_tail, start_agent, wait_for},
     config::{BackendConfig, LbConfig, ServiceConfig},
     etcd::EtcdCluster,
-    http,
-    netns::{self, ChildGuard},
-    topology::{AGENT_READY, BACKEND_ADDRS, LB_ADDR, Topology, agent_binary, vip_socket},
+    http, netns,
+    topology::{BACKEND_ADDRS, LB_ADDR, Topology, vip_socket},
 };
-
-const API: &str = "127.0.0.1:9090";
 const LB2_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 const PREFIX: &str = "/xdplb-test";
-
-#[derive(Serialize)]
-struct ClusterSection {
-    node: String,
-    etcd: Vec<String>,
-    prefix: String,
-}
-
-/// One agent's API, reached inside its namespace.
-#[derive(Clone)]
-struct Node {
-    name: &'static str,
-    ns: String,
-}
-
-impl Node {
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
-        let (m, p) = (method.to_owned(), path.to_owned());
-        let body = body.map(str::to_owned);
-        netns::in_netns(&self.ns, move || {
-            let headers: &[(&str, &str)] = if body.is_some() {
-                &[("Content-Type", "application/json")]
-            } else {
-                &[]
-            };
-            let addr: SocketAddr = API.parse()?;
-            let r = http::request(addr, &m, &p, headers, body.as_deref(), Duration::from_secs(5))?;
-            Ok((r.status, r.body))
-        })
-        .with_context(|| format!("{method} {path} on {}", self.name))
-    }
-
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let (status, body) = self.call("GET", path, None)?;
-        ensure!(status == 200, "GET {path} on {}: {status} {body}", self.name);
-        serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
-    }
-
-    fn service(&self) -> anyhow::Result<Service> {
-        self.get("/api/v1/services/web")
-    }
-
-    fn ring(&self) -> anyhow::Result<RingSlots> {
-        self.get("/api/v1/services/web/ring")
-    }
-
-    fn cluster(&self) -> anyhow::Result<ClusterStatus> {
-        self.get("/api/v1/cluster")
-    }
-
-    fn metrics(&self) -> anyhow::Result<String> {
-        let (status, body) = self.call("GET", "/metrics", None)?;
-        ensure!(status == 200, "GET /metrics: {status}");
-        Ok(body)
-    }
-
-    fn patch(&self, backend: Ipv4Addr, body: &str) -> anyhow::Result<(u16, String)> {
-        self.call(
-            "PATCH",
-            &format!("/api/v1/services/web/backends/{backend}"),
-            Some(body),
-        )
-    }
-}
+/// The L7 service with sticky sessions (its VIP is local to each LB node).
+const SHOP_VIP: &str = "198.18.100.2:8080";
 
 fn weight_of(svc: &Service, backend: Ipv4Addr) -> Option<u32> {
     svc.backends
@@ -114,26 +48,9 @@ fn live_of(svc: &Service, backend: Ipv4Addr) -> lb_agent::api::types::BackendLiv
         .expect("the backend has a live view")
 }
 
-/// Poll `f` every 10 ms until it holds; the time it took, or an error after `within`.
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        match f() {
-            Ok(true) => return Ok(start.elapsed()),
-            Ok(false) => {}
-            Err(e) => last = Some(format!("{e:#}")),
-        }
-        if start.elapsed() > within {
-            bail!("{what}: not within {within:?} (last error: {last:?})");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The rings of both nodes, equal slot for slot (named by backend) and in digest.
 fn assert_same_rings(a: &Node, b: &Node) -> anyhow::Result<RingSlots> {
-    let (ra, rb) = (a.ring()?, b.ring()?);
+    let (ra, rb) = (a.ring("web")?, b.ring("web")?);
     ensure!(ra.slots.len() == 65537, "ring size {}", ra.slots.len());
     let differ = ra.slots.iter().zip(&rb.slots).filter(|(x, y)| x != y).count();
     ensure!(
@@ -142,7 +59,7 @@ fn assert_same_rings(a: &Node, b: &Node) -> anyhow::Result<RingSlots> {
         ra.slots.len()
     );
     ensure!(ra.digest == rb.digest && ra.digest.is_some(), "digests {:?} {:?}", ra.digest, rb.digest);
-    let svc = a.service()?;
+    let svc = a.service("web")?;
     ensure!(svc.ring_digest == ra.digest, "ring_digest of the service is not the ring's");
     Ok(ra)
 }
@@ -162,45 +79,6 @@ fn nft_drop_towards(ns: &str, backend: Ipv4Addr) -> anyhow::Result<()> {
 
 fn nft_clear(ns: &str) -> anyhow::Result<()> {
     netns::exec(ns, &["nft", "delete", "table", "inet", "xdplbtest"]).map(drop)
-}
-
-fn start_second_agent(
-    ns: &str,
-    config: &LbConfig,
-    run_dir: &Path,
-    bpffs: &Path,
-) -> anyhow::Result<(ChildGuard, PathBuf)> {
-    let state_dir = run_dir.join("state-lb2");
-    std::fs::create_dir_all(&state_dir)?;
-    let config_path = run_dir.join("lb2.toml");
-    std::fs::write(&config_path, config.to_toml(&state_dir))?;
-    let log = run_dir.join("agent-lb2.log");
-    let bin = agent_binary()?;
-    let args = [
-        bin.to_string_lossy().into_owned(),
-        "run".into(),
-        "--config".into(),
-        config_path.to_string_lossy().into_owned(),
-        "--iface".into(),
-        "eth0".into(),
-        "--bpffs".into(),
-        bpffs.to_string_lossy().into_owned(),
-        // Nothing of lb2's fast path outlives the test.
-        "--detach-on-exit".into(),
-    ];
-    let mut child = netns::spawn(ns, &args, Some(&log))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(AGENT_READY) {
-            return Ok((child, log));
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("lb2's agent exited ({status}):\n{text}");
-        }
-        ensure!(Instant::now() < deadline, "lb2's agent not ready:\n{text}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -224,12 +102,19 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
             .health("{ kind = \"tcp\", interval_ms = 200, timeout_ms = 150, rise = 1, fall = 2 }"),
         |s, &a| s.backend(BackendConfig::new(a)),
     );
+    let shop = BACKEND_ADDRS.iter().fold(
+        ServiceConfig::new("shop", SHOP_VIP.parse()?)
+            .mode("l7")
+            .extra("sticky = { cookie = \"LBSTICKY\", ttl_s = 3600 }"),
+        |s, &a| s.backend(BackendConfig::new(a).port(80)),
+    );
     let config = |node: &str, source: Ipv4Addr| {
         LbConfig::new("eth0")
             .source_ipv4(source)
             .sizes(65537, 65536)
             .api_listen(API)
             .service(service.clone())
+            .service(shop.clone())
             .section(
                 "cluster",
                 ClusterSection {
@@ -242,9 +127,9 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
     topo.start_agent(&config("lb1", LB_ADDR), &Default::default())?;
     let (bpffs, run_dir) = (topo.bpffs().to_owned(), topo.run_dir().to_owned());
     // Declared after the topology: stopped before its namespaces go.
-    let (_agent2, log2) = start_second_agent(&lb2.ns, &config("lb2", LB2_ADDR), &run_dir, &bpffs)?;
-    let n1 = Node { name: "lb1", ns: topo.lb.ns.clone() };
-    let n2 = Node { name: "lb2", ns: lb2.ns.clone() };
+    let (_agent2, log2) = start_agent("lb2", &lb2.ns, &config("lb2", LB2_ADDR), &run_dir, &bpffs)?;
+    let n1 = Node { name: "lb1".into(), ns: topo.lb.ns.clone() };
+    let n2 = Node { name: "lb2".into(), ns: lb2.ns.clone() };
     let [be1, be2, be3] = BACKEND_ADDRS;
 
     let result = (|| -> anyhow::Result<()> {
@@ -263,19 +148,51 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         ensure!(m.contains("xdplb_cluster_store_up 1"), "store_up metric:\n{m}");
         // The file seeded etcd: the service is there, once.
         let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/services/")])?;
-        ensure!(keys.trim() == format!("{PREFIX}/services/web"), "keys in etcd: {keys}");
+        ensure!(
+            keys.split_whitespace().collect::<Vec<_>>()
+                == [format!("{PREFIX}/services/shop"), format!("{PREFIX}/services/web")],
+            "keys in etcd: {keys}"
+        );
         let before = assert_same_rings(&n1, &n2)?;
         println!("rings identical at start: digest {}", before.digest.clone().unwrap_or_default());
 
+        // A sticky cookie issued through node 1 is honoured by node 2 (one key, from
+        // etcd): the same backend every time, and no new cookie.
+        let shop_request = |node: &Node, cookie: Option<String>| {
+            netns::in_netns(&node.ns, move || {
+                let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("Cookie", c.as_str())).collect();
+                http::request(SHOP_VIP.parse()?, "GET", "/", &headers, None, Duration::from_secs(3))
+            })
+        };
+        let first = shop_request(&n1, None)?;
+        ensure!(first.status == 200, "shop through lb1: {}", first.status);
+        let cookie = first
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .context("lb1 set no sticky cookie")?
+            .to_owned();
+        let pinned = first.backend().to_owned();
+        for _ in 0..5 {
+            let r = shop_request(&n2, Some(cookie.clone()))?;
+            ensure!(
+                r.status == 200 && r.backend() == pinned && r.header("set-cookie").is_none(),
+                "lb2 did not honour lb1's cookie {cookie}: {} from {} (pinned {pinned}), set-cookie {:?}",
+                r.status,
+                r.backend(),
+                r.header("set-cookie")
+            );
+        }
+        println!("sticky cookie from lb1 honoured by lb2 (backend {pinned})");
+
         // An API change on node 1 is applied on node 2 within a second.
-        let (status, body) = n1.patch(be2, r#"{"weight": 300}"#)?;
+        let (status, body) = n1.patch("web", be2, r#"{"weight": 300}"#)?;
         ensure!(status == 200, "PATCH on lb1: {status} {body}");
         let took = wait_for("lb2 applies lb1's change", Duration::from_secs(1), || {
-            Ok(weight_of(&n2.service()?, be2) == Some(300))
+            Ok(weight_of(&n2.service("web")?, be2) == Some(300))
         })?;
         println!("lb1's change applied on lb2 after {} ms", took.as_millis());
         wait_for("rings equal after the change", Duration::from_secs(1), || {
-            Ok(n1.ring()?.digest == n2.ring()?.digest)
+            Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
         })?;
         let after = assert_same_rings(&n1, &n2)?;
         ensure!(after.digest != before.digest, "the weight change did not change the ring");
@@ -288,8 +205,8 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         for round in 0..20u32 {
             let (w1, w2) = (100 + round, 200 + round);
             let (a, b) = (n1.clone(), n2.clone());
-            let t1 = thread::spawn(move || a.patch(be1, &format!(r#"{{"weight": {w1}}}"#)));
-            let t2 = thread::spawn(move || b.patch(be1, &format!(r#"{{"weight": {w2}}}"#)));
+            let t1 = thread::spawn(move || a.patch("web", be1, &format!(r#"{{"weight": {w1}}}"#)));
+            let t2 = thread::spawn(move || b.patch("web", be1, &format!(r#"{{"weight": {w2}}}"#)));
             let (r1, r2) = (t1.join().expect("thread")?, t2.join().expect("thread")?);
             for (s, body) in [&r1, &r2] {
                 ensure!(*s == 200 || *s == 409, "concurrent PATCH answered {s} {body}");
@@ -307,7 +224,7 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
                 conflicts += 1;
             }
             wait_for("both nodes agree on be1's weight", Duration::from_secs(2), || {
-                let (x, y) = (weight_of(&n1.service()?, be1), weight_of(&n2.service()?, be1));
+                let (x, y) = (weight_of(&n1.service("web")?, be1), weight_of(&n2.service("web")?, be1));
                 Ok(x == y && winner.is_none_or(|w| x == Some(w)))
             })?;
             if conflicts >= 3 {
@@ -316,15 +233,15 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         }
         println!("concurrent changes: {conflicts} round(s) ended in 409 for one node");
         ensure!(conflicts > 0, "20 rounds of simultaneous changes never met a 409");
-        let (s, b) = n1.patch(be1, r#"{"weight": 100}"#)?;
+        let (s, b) = n1.patch("web", be1, r#"{"weight": 100}"#)?;
         ensure!(s == 200, "{s} {b}");
 
         // One etcd member stopped: no effect on writes or their spread.
         etcd.stop(0)?;
-        let (s, b) = n2.patch(be2, r#"{"weight": 200}"#)?;
+        let (s, b) = n2.patch("web", be2, r#"{"weight": 200}"#)?;
         ensure!(s == 200, "PATCH with one etcd member down: {s} {b}");
         let took = wait_for("lb1 applies lb2's change with one member down", Duration::from_secs(1), || {
-            Ok(weight_of(&n1.service()?, be2) == Some(200))
+            Ok(weight_of(&n1.service("web")?, be2) == Some(200))
         })?;
         println!("one etcd member down: change applied on the other node after {} ms", took.as_millis());
         for n in [&n1, &n2] {
@@ -337,14 +254,14 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         // be3 unreachable from lb2 only: it stays in both rings, lb2 counts it.
         nft_drop_towards(&n2.ns, be3)?;
         wait_for("lb2 sees be3 down locally", Duration::from_secs(5), || {
-            Ok(live_of(&n2.service()?, be3).local_down)
+            Ok(live_of(&n2.service("web")?, be3).local_down)
         })?;
         thread::sleep(Duration::from_millis(500));
         for n in [&n1, &n2] {
-            let live = live_of(&n.service()?, be3);
+            let live = live_of(&n.service("web")?, be3);
             ensure!(live.serving && live.healthy, "{}: be3 left the ring on one node's view: {live:?}", n.name);
         }
-        ensure!(!live_of(&n1.service()?, be3).local_down, "lb1 counts be3 down");
+        ensure!(!live_of(&n1.service("web")?, be3).local_down, "lb1 counts be3 down");
         let ring = assert_same_rings(&n1, &n2)?;
         ensure!(ring.slots.iter().any(|s| s.starts_with(&be3.to_string())), "be3 has no slot");
         let m = n2.metrics()?;
@@ -359,21 +276,21 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         // Unreachable from both: a majority, it leaves both rings.
         nft_drop_towards(&n1.ns, be3)?;
         let took = wait_for("be3 leaves both rings", Duration::from_secs(5), || {
-            Ok(!live_of(&n1.service()?, be3).serving && !live_of(&n2.service()?, be3).serving)
+            Ok(!live_of(&n1.service("web")?, be3).serving && !live_of(&n2.service("web")?, be3).serving)
         })?;
         println!("be3 down on both nodes: out of both rings after {} ms", took.as_millis());
         wait_for("rings equal without be3", Duration::from_secs(1), || {
-            Ok(n1.ring()?.digest == n2.ring()?.digest)
+            Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
         })?;
         let ring = assert_same_rings(&n1, &n2)?;
         ensure!(!ring.slots.iter().any(|s| s.starts_with(&be3.to_string())), "be3 still has slots");
         nft_clear(&n1.ns)?;
         nft_clear(&n2.ns)?;
         wait_for("be3 back in both rings", Duration::from_secs(5), || {
-            Ok(live_of(&n1.service()?, be3).serving && live_of(&n2.service()?, be3).serving)
+            Ok(live_of(&n1.service("web")?, be3).serving && live_of(&n2.service("web")?, be3).serving)
         })?;
         wait_for("rings equal with be3", Duration::from_secs(1), || {
-            Ok(n1.ring()?.digest == n2.ring()?.digest)
+            Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
         })?;
         let kept = assert_same_rings(&n1, &n2)?;
 
@@ -386,12 +303,12 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         })?;
         println!("all etcd members down: both nodes report it after {} ms", took.as_millis());
         ensure!(n1.metrics()?.contains("xdplb_cluster_store_up 0"), "store_up metric not 0");
-        let before = n1.service()?;
-        let (s, b) = n1.patch(be2, r#"{"weight": 50}"#)?;
+        let before = n1.service("web")?;
+        let (s, b) = n1.patch("web", be2, r#"{"weight": 50}"#)?;
         ensure!(s == 503, "PATCH without etcd: {s} {b}");
         let (s, b) = n2.call("DELETE", "/api/v1/services/web", None)?;
         ensure!(s == 503, "DELETE without etcd: {s} {b}");
-        ensure!(weight_of(&n1.service()?, be2) == weight_of(&before, be2), "the refused change changed the weight");
+        ensure!(weight_of(&n1.service("web")?, be2) == weight_of(&before, be2), "the refused change changed the weight");
         let ring = assert_same_rings(&n1, &n2)?;
         ensure!(ring.slots == kept.slots, "the rings changed while etcd was away");
 
@@ -404,13 +321,13 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
             Ok(n1.cluster()?.store == "connected" && n2.cluster()?.store == "connected")
         })?;
         println!("etcd back: both nodes connected again after {} ms", took.as_millis());
-        let (s, b) = n2.patch(be2, r#"{"weight": 120}"#)?;
+        let (s, b) = n2.patch("web", be2, r#"{"weight": 120}"#)?;
         ensure!(s == 200, "PATCH after etcd returned: {s} {b}");
         wait_for("lb1 applies it", Duration::from_secs(1), || {
-            Ok(weight_of(&n1.service()?, be2) == Some(120))
+            Ok(weight_of(&n1.service("web")?, be2) == Some(120))
         })?;
         wait_for("rings equal at the end", Duration::from_secs(1), || {
-            Ok(n1.ring()?.digest == n2.ring()?.digest)
+            Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
         })?;
         assert_same_rings(&n1, &n2)?;
         Ok(())
@@ -419,16 +336,7 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         eprintln!(
             "--- lb1's log (tail):\n{}\n--- lb2's log (tail):\n{}",
             topo.agent_log_tail(40),
-            std::fs::read_to_string(&log2)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
+            log_tail(&log2, 40)
         );
         eprintln!("error: {e:#}");
     }

@@ -165,7 +165,7 @@ pub async fn get_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 409, description = "a service of that name exists already", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn create_service(
     State(state): State<ApiState>,
@@ -194,7 +194,8 @@ pub async fn create_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn replace_service(
     State(state): State<ApiState>,
@@ -215,7 +216,8 @@ pub async fn replace_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn delete_service(
     State(state): State<ApiState>,
@@ -239,7 +241,7 @@ pub async fn delete_service(
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 409, description = "the service has this backend already", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn add_backend(
     State(state): State<ApiState>,
@@ -273,7 +275,8 @@ pub async fn add_backend(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service or backend", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn patch_backend(
     State(state): State<ApiState>,
@@ -307,7 +310,8 @@ pub async fn patch_backend(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service or backend", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn remove_backend(
     State(state): State<ApiState>,
@@ -427,7 +431,7 @@ pub async fn purge_cache(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 409, description = "the file would remove every service and allow_empty is not set: nothing changed", body = ErrorBody),
         (status = 500, description = "the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn reload(
     State(state): State<ApiState>,

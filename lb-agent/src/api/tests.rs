@@ -651,6 +651,7 @@ const DESIGN_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/node/undrain"),
     ("get", "/api/v1/filters"),
     ("put", "/api/v1/filters"),
+    ("get", "/api/v1/cluster"),
     ("get", "/healthz"),
     ("get", "/metrics"),
 ];
@@ -1342,4 +1343,15 @@ async fn bad_filters_are_refused_naming_the_entry_and_change_nothing() {
         serde_json::from_str(&std::fs::read_to_string(f.state_file()).expect("state file"))
             .expect("json");
     assert_eq!(state["security"]["deny"], json!(["203.0.113.0/24"]));
+}
+
+#[tokio::test]
+async fn without_cluster_the_cluster_route_says_so() {
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/cluster", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("no [cluster]")),
+        "{v}"
+    );
 }

@@ -214,3 +214,30 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::StoreError;
+    use crate::{api::ApiError, control::ControlError};
+
+    #[test]
+    fn store_errors_map_to_409_and_503() {
+        let conflict = ControlError::from(StoreError::Conflict(
+            "service web changed concurrently".into(),
+        ));
+        assert!(matches!(conflict, ControlError::Conflict(_)));
+        let e = ApiError::from(conflict);
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert!(e.message.contains("changed concurrently"), "{}", e.message);
+        let down = ControlError::from(StoreError::Unreachable("writing the change: no answer".into()));
+        let e = ApiError::from(down);
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            e.message.contains("unreachable") && e.message.ends_with("nothing changed"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -384,3 +384,166 @@ mod tests {
         assert_eq!(decode_hex("zz"), None);
     }
 }
+
+/// Against a real etcd (Debian's etcd-server, on loopback, data in a temporary folder):
+/// seeding creates only, a stale revision is a conflict, the watch brings the same state
+/// as a read, the sticky key is created once, a health view lives under its lease.
+#[cfg(test)]
+mod etcd_tests {
+    use std::{
+        net::TcpListener,
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+    use crate::{
+        cluster::shared::diff,
+        config::{ClusterConfig, Config},
+    };
+
+    /// etcd as a child process, killed when dropped.
+    struct Etcd {
+        child: Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
+    fn etcd() -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting `etcd` (Debian's etcd-server; `cargo xtask setup` installs it)");
+        Etcd {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    fn services(text: &str) -> Config {
+        toml::from_str(text).expect("config")
+    }
+
+    #[tokio::test]
+    async fn a_real_etcd_seeds_once_refuses_stale_writes_and_watches() {
+        let etcd = etcd();
+        let cfg = ClusterConfig {
+            node: "lb1".into(),
+            etcd: vec![etcd.url.clone()],
+            prefix: "/t".into(),
+        };
+        let store = Store::connect(&cfg).await.expect("connect");
+        let file = services(
+            "[security]\ndeny = [\"203.0.113.0/24\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\nbackend = [{ address = \"198.18.1.11\" }]\n\
+             [[service]]\nname = \"api\"\nvip = \"198.18.100.2:80\"\nbackend = [{ address = \"198.18.1.12\" }]\n",
+        );
+        // etcd starts in the background: the first requests may find it not ready.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let created = loop {
+            match store.seed(&file.services, &file.security).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("etcd did not answer: {e}"),
+            }
+        };
+        assert_eq!(created, ["web", "api"]);
+        // Seeding again creates nothing, even with another version of a service.
+        let mut changed = file.clone();
+        changed.services[0].backends[0].weight = 7;
+        assert!(store.seed(&changed.services, &changed.security).await.unwrap().is_empty());
+        let shared = store.load().await.unwrap();
+        assert_eq!(shared.services.len(), 2);
+        assert_eq!(shared.services["web"].value.service, file.services[0]);
+        assert_eq!(shared.security.as_ref().unwrap().value, file.security);
+        let watch_from = shared.revision + 1;
+
+        // A change based on what this node read: accepted.
+        let before = shared.to_overlay();
+        let mut after = before.clone();
+        after.services.get_mut("web").unwrap().backends[0].weight = 300;
+        let changes = diff(&before, &after);
+        let rev = store.commit(&changes, &shared).await.expect("commit");
+        assert!(rev > shared.revision);
+        // The same base again (another node's view, not updated yet): a conflict,
+        // and nothing written.
+        after.services.get_mut("web").unwrap().backends[0].weight = 5;
+        let e = store.commit(&diff(&before, &after), &shared).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        let now = store.load().await.unwrap();
+        assert_eq!(now.services["web"].value.service.backends[0].weight, 300);
+        // Creating a service that another node created meanwhile: a conflict too.
+        let mut stale = shared.clone();
+        stale.services.remove("api");
+        let mut o = stale.to_overlay();
+        let base = o.clone();
+        o.services.insert("api".into(), file.services[1].clone());
+        let e = store.commit(&diff(&base, &o), &stale).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        // A deletion on the current revision.
+        let mut gone = now.to_overlay();
+        gone.services.remove("api");
+        store.commit(&diff(&now.to_overlay(), &gone), &now).await.expect("delete");
+
+        // The watch from the first read brings the same state as a read now.
+        let mut watch = store.watch(watch_from).await.unwrap();
+        let mut followed = shared.clone();
+        let end = store.load().await.unwrap();
+        while followed.revision < end.revision {
+            let resp = tokio::time::timeout(Duration::from_secs(5), watch.message())
+                .await
+                .expect("watch answers")
+                .unwrap()
+                .expect("watch open");
+            apply_events(&mut followed, &store.keys, &resp);
+        }
+        assert_eq!(followed.services, end.services);
+        assert_eq!(followed.to_overlay().services.keys().collect::<Vec<_>>(), ["web"]);
+
+        // The sticky key: created once, the same for every later caller.
+        let k1 = store.sticky_key(&[1; 32]).await.unwrap();
+        let k2 = store.sticky_key(&[2; 32]).await.unwrap();
+        assert_eq!(k1, vec![1; 32]);
+        assert_eq!(k2, k1);
+
+        // A health view under a lease: there while kept alive, gone after its TTL.
+        let lease = store.grant(1).await.unwrap();
+        let mut view = HealthView::default();
+        view.down.entry("web".into()).or_default().insert("198.18.1.11:80".parse().unwrap());
+        store.publish("lb1", &view, lease).await.unwrap();
+        assert_eq!(store.load().await.unwrap().health["lb1"], view);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.load().await.unwrap().health.contains_key("lb1") {
+            assert!(Instant::now() < deadline, "the view outlived its lease");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
