@@ -94,8 +94,8 @@ pub struct BackendLive {
     pub health: Option<HealthStatus>,
     /// With `[cluster]`: this node's own checks find the backend down while the
     /// cluster's majority does not, so it stays in every ring (`healthy` is the
-    /// cluster's verdict). Always false without `[cluster]`.
-    #[serde(default)]
+    /// cluster's verdict). Absent when false (always, without `[cluster]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local_down: bool,
 }
 

@@ -517,14 +517,15 @@ mod etcd_tests {
         let mut watch = store.watch(watch_from).await.unwrap();
         let mut followed = shared.clone();
         let end = store.load().await.unwrap();
-        while followed.revision < end.revision {
+        while followed.services != end.services {
             let resp = tokio::time::timeout(Duration::from_secs(5), watch.message())
                 .await
-                .expect("watch answers")
+                .expect("the watch brings every change")
                 .unwrap()
                 .expect("watch open");
             apply_events(&mut followed, &store.keys, &resp);
         }
+        assert_eq!(followed.revision, end.revision);
         assert_eq!(followed.services, end.services);
         assert_eq!(followed.to_overlay().services.keys().collect::<Vec<_>>(), ["web"]);
 
