@@ -648,7 +648,11 @@ impl Control {
             link.shared = shared;
             save_local_copy(&self.state_dir, &link.shared);
             if overlay != self.overlay || config != self.config {
-                tracing::info!(revision = link.shared.revision, services = config.services.len(), "shared state applied");
+                tracing::info!(
+                    revision = link.shared.revision,
+                    services = config.services.len(),
+                    "shared state applied"
+                );
                 self.overlay = overlay;
                 self.config = config;
                 self.sync_health();
@@ -996,7 +1000,11 @@ impl Control {
         self.commit(o).await
     }
 
-    pub async fn replace_service(&mut self, name: &str, svc: ServiceConfig) -> Result<(), ControlError> {
+    pub async fn replace_service(
+        &mut self,
+        name: &str,
+        svc: ServiceConfig,
+    ) -> Result<(), ControlError> {
         if svc.name != name {
             return Err(ControlError::Invalid(vec![ConfigError::at_key(
                 "name",
@@ -1034,7 +1042,11 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(format!("service {name}")))
     }
 
-    pub async fn add_backend(&mut self, name: &str, backend: BackendConfig) -> Result<(), ControlError> {
+    pub async fn add_backend(
+        &mut self,
+        name: &str,
+        backend: BackendConfig,
+    ) -> Result<(), ControlError> {
         let mut svc = self.modified_service(name)?;
         if svc
             .backends
@@ -1053,7 +1065,11 @@ impl Control {
         self.commit(o).await
     }
 
-    pub async fn remove_backend(&mut self, name: &str, address: IpAddr) -> Result<(), ControlError> {
+    pub async fn remove_backend(
+        &mut self,
+        name: &str,
+        address: IpAddr,
+    ) -> Result<(), ControlError> {
         let mut svc = self.modified_service(name)?;
         let before = svc.backends.len();
         svc.backends.retain(|b| b.address != address);

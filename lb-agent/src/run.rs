@@ -18,8 +18,8 @@ use tokio::{
 
 use crate::{
     api::{self, ApiState},
-    cluster::Cluster,
     cli::XdpModeArg,
+    cluster::Cluster,
     config::{Config, Mode, XdpMode},
     control::Control,
     dataplane::{desired::NoFastPath, fast_path::FastPath, loader::Capacities},
@@ -206,8 +206,12 @@ async fn share_sticky_key(cluster: &Cluster, state_dir: &std::path::Path) {
                 Ok(())
             };
             match write() {
-                Ok(()) => tracing::info!(path = %path.display(), "sticky key: the cluster's (from etcd)"),
-                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the cluster's sticky key"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "sticky key: the cluster's (from etcd)")
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the cluster's sticky key")
+                }
             }
         }
         Err(e) => tracing::warn!(

@@ -40,7 +40,12 @@ pub struct Node {
 
 impl Node {
     /// (status, body) of one request.
-    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
         let (m, p) = (method.to_owned(), path.to_owned());
         let body = body.map(str::to_owned);
         netns::in_netns(&self.ns, move || {
@@ -50,7 +55,14 @@ impl Node {
                 &[]
             };
             let addr: SocketAddr = API.parse()?;
-            let r = http::request(addr, &m, &p, headers, body.as_deref(), Duration::from_secs(5))?;
+            let r = http::request(
+                addr,
+                &m,
+                &p,
+                headers,
+                body.as_deref(),
+                Duration::from_secs(5),
+            )?;
             Ok((r.status, r.body))
         })
         .with_context(|| format!("{method} {path} on {}", self.name))
@@ -59,7 +71,11 @@ impl Node {
     /// A 200 answer's body as `T`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let (status, body) = self.call("GET", path, None)?;
-        ensure!(status == 200, "GET {path} on {}: {status} {body}", self.name);
+        ensure!(
+            status == 200,
+            "GET {path} on {}: {status} {body}",
+            self.name
+        );
         serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
     }
 
@@ -82,7 +98,12 @@ impl Node {
     }
 
     /// `PATCH /api/v1/services/{service}/backends/{backend}`.
-    pub fn patch(&self, service: &str, backend: impl std::fmt::Display, body: &str) -> anyhow::Result<(u16, String)> {
+    pub fn patch(
+        &self,
+        service: &str,
+        backend: impl std::fmt::Display,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
         self.call(
             "PATCH",
             &format!("/api/v1/services/{service}/backends/{backend}"),
@@ -151,7 +172,10 @@ pub fn start_agent(
         if let Some(status) = child.try_wait()? {
             bail!("{name}'s agent exited ({status}):\n{text}");
         }
-        ensure!(Instant::now() < deadline, "{name}'s agent not ready:\n{text}");
+        ensure!(
+            Instant::now() < deadline,
+            "{name}'s agent not ready:\n{text}"
+        );
         thread::sleep(Duration::from_millis(50));
     }
 }

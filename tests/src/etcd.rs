@@ -36,7 +36,11 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Start one member per `(namespace, address)` in `run_dir` and wait until every
     /// member answers `etcdctl endpoint health`.
-    pub fn start(hosts: &[(String, Ipv4Addr)], run_dir: &Path, token: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        hosts: &[(String, Ipv4Addr)],
+        run_dir: &Path,
+        token: &str,
+    ) -> anyhow::Result<Self> {
         which_etcd()?;
         let initial_cluster = hosts
             .iter()
@@ -155,7 +159,10 @@ impl EtcdCluster {
                             )
                         })
                         .collect();
-                    bail!("etcd is not healthy within {within:?}: {e:#}\n{}", logs.join("\n"));
+                    bail!(
+                        "etcd is not healthy within {within:?}: {e:#}\n{}",
+                        logs.join("\n")
+                    );
                 }
                 Err(_) => thread::sleep(Duration::from_millis(200)),
             }

@@ -297,7 +297,10 @@ impl Topology {
             netns::run(&args).map(drop)
         };
         let (router, bridge) = (&self.router, &self.bridge);
-        ip(router, &format!("link add {port} type veth peer name eth0 netns {ns}"))?;
+        ip(
+            router,
+            &format!("link add {port} type veth peer name eth0 netns {ns}"),
+        )?;
         ip(router, &format!("link set {port} master {bridge} up"))?;
         ip(&ns, &format!("addr add {addr}/{PREFIX_LEN} dev eth0"))?;
         ip(&ns, "link set eth0 up")?;

@@ -13,11 +13,7 @@
 //!
 //! Needs root and the release agent (`XDPLB_AGENT_BIN`), like the other namespace tests.
 
-use std::{
-    net::Ipv4Addr,
-    thread,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use lb_agent::api::types::{RingSlots, Service};
@@ -52,15 +48,28 @@ fn live_of(svc: &Service, backend: Ipv4Addr) -> lb_agent::api::types::BackendLiv
 fn assert_same_rings(a: &Node, b: &Node) -> anyhow::Result<RingSlots> {
     let (ra, rb) = (a.ring("web")?, b.ring("web")?);
     ensure!(ra.slots.len() == 65537, "ring size {}", ra.slots.len());
-    let differ = ra.slots.iter().zip(&rb.slots).filter(|(x, y)| x != y).count();
+    let differ = ra
+        .slots
+        .iter()
+        .zip(&rb.slots)
+        .filter(|(x, y)| x != y)
+        .count();
     ensure!(
         ra.slots == rb.slots,
         "the rings differ in {differ} of {} slots",
         ra.slots.len()
     );
-    ensure!(ra.digest == rb.digest && ra.digest.is_some(), "digests {:?} {:?}", ra.digest, rb.digest);
+    ensure!(
+        ra.digest == rb.digest && ra.digest.is_some(),
+        "digests {:?} {:?}",
+        ra.digest,
+        rb.digest
+    );
     let svc = a.service("web")?;
-    ensure!(svc.ring_digest == ra.digest, "ring_digest of the service is not the ring's");
+    ensure!(
+        svc.ring_digest == ra.digest,
+        "ring_digest of the service is not the ring's"
+    );
     Ok(ra)
 }
 
@@ -68,11 +77,33 @@ fn nft_drop_towards(ns: &str, backend: Ipv4Addr) -> anyhow::Result<()> {
     netns::exec(ns, &["nft", "add", "table", "inet", "xdplbtest"])?;
     netns::exec(
         ns,
-        &["nft", "add", "chain", "inet", "xdplbtest", "out", "{ type filter hook output priority 0 ; }"],
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "xdplbtest",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
     )?;
     netns::exec(
         ns,
-        &["nft", "add", "rule", "inet", "xdplbtest", "out", "ip", "daddr", &backend.to_string(), "tcp", "dport", "80", "drop"],
+        &[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "xdplbtest",
+            "out",
+            "ip",
+            "daddr",
+            &backend.to_string(),
+            "tcp",
+            "dport",
+            "80",
+            "drop",
+        ],
     )
     .map(drop)
 }
@@ -128,40 +159,72 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
     let (bpffs, run_dir) = (topo.bpffs().to_owned(), topo.run_dir().to_owned());
     // Declared after the topology: stopped before its namespaces go.
     let (_agent2, log2) = start_agent("lb2", &lb2.ns, &config("lb2", LB2_ADDR), &run_dir, &bpffs)?;
-    let n1 = Node { name: "lb1".into(), ns: topo.lb.ns.clone() };
-    let n2 = Node { name: "lb2".into(), ns: lb2.ns.clone() };
+    let n1 = Node {
+        name: "lb1".into(),
+        ns: topo.lb.ns.clone(),
+    };
+    let n2 = Node {
+        name: "lb2".into(),
+        ns: lb2.ns.clone(),
+    };
     let [be1, be2, be3] = BACKEND_ADDRS;
 
     let result = (|| -> anyhow::Result<()> {
         // Both connected, both members of the cluster.
         for n in [&n1, &n2] {
-            wait_for(&format!("{} connected with 2 members", n.name), Duration::from_secs(10), || {
-                let c = n.cluster()?;
-                Ok(c.store == "connected" && c.members.len() == 2 && c.revision > 0)
-            })?;
+            wait_for(
+                &format!("{} connected with 2 members", n.name),
+                Duration::from_secs(10),
+                || {
+                    let c = n.cluster()?;
+                    Ok(c.store == "connected" && c.members.len() == 2 && c.revision > 0)
+                },
+            )?;
         }
         let c = n1.cluster()?;
         ensure!(c.node == "lb1", "{c:?}");
         let names: Vec<&str> = c.members.iter().map(|m| m.node.as_str()).collect();
         ensure!(names == ["lb1", "lb2"], "members {names:?}");
         let m = n1.metrics()?;
-        ensure!(m.contains("xdplb_cluster_store_up 1"), "store_up metric:\n{m}");
+        ensure!(
+            m.contains("xdplb_cluster_store_up 1"),
+            "store_up metric:\n{m}"
+        );
         // The file seeded etcd: the service is there, once.
-        let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/services/")])?;
+        let keys = etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/services/"),
+        ])?;
         ensure!(
             keys.split_whitespace().collect::<Vec<_>>()
-                == [format!("{PREFIX}/services/shop"), format!("{PREFIX}/services/web")],
+                == [
+                    format!("{PREFIX}/services/shop"),
+                    format!("{PREFIX}/services/web")
+                ],
             "keys in etcd: {keys}"
         );
         let before = assert_same_rings(&n1, &n2)?;
-        println!("rings identical at start: digest {}", before.digest.clone().unwrap_or_default());
+        println!(
+            "rings identical at start: digest {}",
+            before.digest.clone().unwrap_or_default()
+        );
 
         // A sticky cookie issued through node 1 is honoured by node 2 (one key, from
         // etcd): the same backend every time, and no new cookie.
         let shop_request = |node: &Node, cookie: Option<String>| {
             netns::in_netns(&node.ns, move || {
-                let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("Cookie", c.as_str())).collect();
-                http::request(SHOP_VIP.parse()?, "GET", "/", &headers, None, Duration::from_secs(3))
+                let headers: Vec<(&str, &str)> =
+                    cookie.iter().map(|c| ("Cookie", c.as_str())).collect();
+                http::request(
+                    SHOP_VIP.parse()?,
+                    "GET",
+                    "/",
+                    &headers,
+                    None,
+                    Duration::from_secs(3),
+                )
             })
         };
         let first = shop_request(&n1, None)?;
@@ -191,13 +254,25 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
             Ok(weight_of(&n2.service("web")?, be2) == Some(300))
         })?;
         println!("lb1's change applied on lb2 after {} ms", took.as_millis());
-        wait_for("rings equal after the change", Duration::from_secs(1), || {
-            Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
-        })?;
+        wait_for(
+            "rings equal after the change",
+            Duration::from_secs(1),
+            || Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest),
+        )?;
         let after = assert_same_rings(&n1, &n2)?;
-        ensure!(after.digest != before.digest, "the weight change did not change the ring");
-        let share = after.slots.iter().filter(|s| s.starts_with(&be2.to_string())).count();
-        ensure!(share > 65537 * 55 / 100, "be2 (weight 300 of 500) holds {share} slots");
+        ensure!(
+            after.digest != before.digest,
+            "the weight change did not change the ring"
+        );
+        let share = after
+            .slots
+            .iter()
+            .filter(|s| s.starts_with(&be2.to_string()))
+            .count();
+        ensure!(
+            share > 65537 * 55 / 100,
+            "be2 (weight 300 of 500) holds {share} slots"
+        );
 
         // Changes made at once on both nodes: never both applied over each other; at
         // least one round shows the 409; both nodes end with the winner's value.
@@ -209,7 +284,10 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
             let t2 = thread::spawn(move || b.patch("web", be1, &format!(r#"{{"weight": {w2}}}"#)));
             let (r1, r2) = (t1.join().expect("thread")?, t2.join().expect("thread")?);
             for (s, body) in [&r1, &r2] {
-                ensure!(*s == 200 || *s == 409, "concurrent PATCH answered {s} {body}");
+                ensure!(
+                    *s == 200 || *s == 409,
+                    "concurrent PATCH answered {s} {body}"
+                );
                 if *s == 409 {
                     ensure!(body.contains("changed concurrently"), "409 body: {body}");
                 }
@@ -223,16 +301,26 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
             if winner.is_some() {
                 conflicts += 1;
             }
-            wait_for("both nodes agree on be1's weight", Duration::from_secs(2), || {
-                let (x, y) = (weight_of(&n1.service("web")?, be1), weight_of(&n2.service("web")?, be1));
-                Ok(x == y && winner.is_none_or(|w| x == Some(w)))
-            })?;
+            wait_for(
+                "both nodes agree on be1's weight",
+                Duration::from_secs(2),
+                || {
+                    let (x, y) = (
+                        weight_of(&n1.service("web")?, be1),
+                        weight_of(&n2.service("web")?, be1),
+                    );
+                    Ok(x == y && winner.is_none_or(|w| x == Some(w)))
+                },
+            )?;
             if conflicts >= 3 {
                 break;
             }
         }
         println!("concurrent changes: {conflicts} round(s) ended in 409 for one node");
-        ensure!(conflicts > 0, "20 rounds of simultaneous changes never met a 409");
+        ensure!(
+            conflicts > 0,
+            "20 rounds of simultaneous changes never met a 409"
+        );
         let (s, b) = n1.patch("web", be1, r#"{"weight": 100}"#)?;
         ensure!(s == 200, "{s} {b}");
 
@@ -240,12 +328,21 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         etcd.stop(0)?;
         let (s, b) = n2.patch("web", be2, r#"{"weight": 200}"#)?;
         ensure!(s == 200, "PATCH with one etcd member down: {s} {b}");
-        let took = wait_for("lb1 applies lb2's change with one member down", Duration::from_secs(1), || {
-            Ok(weight_of(&n1.service("web")?, be2) == Some(200))
-        })?;
-        println!("one etcd member down: change applied on the other node after {} ms", took.as_millis());
+        let took = wait_for(
+            "lb1 applies lb2's change with one member down",
+            Duration::from_secs(1),
+            || Ok(weight_of(&n1.service("web")?, be2) == Some(200)),
+        )?;
+        println!(
+            "one etcd member down: change applied on the other node after {} ms",
+            took.as_millis()
+        );
         for n in [&n1, &n2] {
-            ensure!(n.cluster()?.store == "connected", "{} lost the store with one member down", n.name);
+            ensure!(
+                n.cluster()?.store == "connected",
+                "{} lost the store with one member down",
+                n.name
+            );
         }
         etcd.restart(0)?;
         etcd.wait_healthy(Duration::from_secs(15))?;
@@ -259,35 +356,55 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         thread::sleep(Duration::from_millis(500));
         for n in [&n1, &n2] {
             let live = live_of(&n.service("web")?, be3);
-            ensure!(live.serving && live.healthy, "{}: be3 left the ring on one node's view: {live:?}", n.name);
+            ensure!(
+                live.serving && live.healthy,
+                "{}: be3 left the ring on one node's view: {live:?}",
+                n.name
+            );
         }
-        ensure!(!live_of(&n1.service("web")?, be3).local_down, "lb1 counts be3 down");
+        ensure!(
+            !live_of(&n1.service("web")?, be3).local_down,
+            "lb1 counts be3 down"
+        );
         let ring = assert_same_rings(&n1, &n2)?;
-        ensure!(ring.slots.iter().any(|s| s.starts_with(&be3.to_string())), "be3 has no slot");
+        ensure!(
+            ring.slots.iter().any(|s| s.starts_with(&be3.to_string())),
+            "be3 has no slot"
+        );
         let m = n2.metrics()?;
         let line = format!("xdplb_backend_local_down{{service=\"web\",backend=\"{be3}:80\"}} 1");
         ensure!(m.contains(&line), "lb2's metrics lack {line}");
         let c = n1.cluster()?;
         ensure!(
-            c.members.iter().any(|m| m.node == "lb2" && m.down == [format!("web/{be3}:80")]),
+            c.members
+                .iter()
+                .any(|m| m.node == "lb2" && m.down == [format!("web/{be3}:80")]),
             "lb2's published view: {c:?}"
         );
 
         // Unreachable from both: a majority, it leaves both rings.
         nft_drop_towards(&n1.ns, be3)?;
         let took = wait_for("be3 leaves both rings", Duration::from_secs(5), || {
-            Ok(!live_of(&n1.service("web")?, be3).serving && !live_of(&n2.service("web")?, be3).serving)
+            Ok(!live_of(&n1.service("web")?, be3).serving
+                && !live_of(&n2.service("web")?, be3).serving)
         })?;
-        println!("be3 down on both nodes: out of both rings after {} ms", took.as_millis());
+        println!(
+            "be3 down on both nodes: out of both rings after {} ms",
+            took.as_millis()
+        );
         wait_for("rings equal without be3", Duration::from_secs(1), || {
             Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
         })?;
         let ring = assert_same_rings(&n1, &n2)?;
-        ensure!(!ring.slots.iter().any(|s| s.starts_with(&be3.to_string())), "be3 still has slots");
+        ensure!(
+            !ring.slots.iter().any(|s| s.starts_with(&be3.to_string())),
+            "be3 still has slots"
+        );
         nft_clear(&n1.ns)?;
         nft_clear(&n2.ns)?;
         wait_for("be3 back in both rings", Duration::from_secs(5), || {
-            Ok(live_of(&n1.service("web")?, be3).serving && live_of(&n2.service("web")?, be3).serving)
+            Ok(live_of(&n1.service("web")?, be3).serving
+                && live_of(&n2.service("web")?, be3).serving)
         })?;
         wait_for("rings equal with be3", Duration::from_secs(1), || {
             Ok(n1.service("web")?.ring_digest == n2.service("web")?.ring_digest)
@@ -298,19 +415,33 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         for i in 0..3 {
             etcd.stop(i)?;
         }
-        let took = wait_for("both nodes say the store is unreachable", Duration::from_secs(10), || {
-            Ok(n1.cluster()?.store == "unreachable" && n2.cluster()?.store == "unreachable")
-        })?;
-        println!("all etcd members down: both nodes report it after {} ms", took.as_millis());
-        ensure!(n1.metrics()?.contains("xdplb_cluster_store_up 0"), "store_up metric not 0");
+        let took = wait_for(
+            "both nodes say the store is unreachable",
+            Duration::from_secs(10),
+            || Ok(n1.cluster()?.store == "unreachable" && n2.cluster()?.store == "unreachable"),
+        )?;
+        println!(
+            "all etcd members down: both nodes report it after {} ms",
+            took.as_millis()
+        );
+        ensure!(
+            n1.metrics()?.contains("xdplb_cluster_store_up 0"),
+            "store_up metric not 0"
+        );
         let before = n1.service("web")?;
         let (s, b) = n1.patch("web", be2, r#"{"weight": 50}"#)?;
         ensure!(s == 503, "PATCH without etcd: {s} {b}");
         let (s, b) = n2.call("DELETE", "/api/v1/services/web", None)?;
         ensure!(s == 503, "DELETE without etcd: {s} {b}");
-        ensure!(weight_of(&n1.service("web")?, be2) == weight_of(&before, be2), "the refused change changed the weight");
+        ensure!(
+            weight_of(&n1.service("web")?, be2) == weight_of(&before, be2),
+            "the refused change changed the weight"
+        );
         let ring = assert_same_rings(&n1, &n2)?;
-        ensure!(ring.slots == kept.slots, "the rings changed while etcd was away");
+        ensure!(
+            ring.slots == kept.slots,
+            "the rings changed while etcd was away"
+        );
 
         // etcd back: both resync and take writes again.
         for i in 0..3 {
@@ -320,7 +451,10 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         let took = wait_for("both nodes reconnect", Duration::from_secs(10), || {
             Ok(n1.cluster()?.store == "connected" && n2.cluster()?.store == "connected")
         })?;
-        println!("etcd back: both nodes connected again after {} ms", took.as_millis());
+        println!(
+            "etcd back: both nodes connected again after {} ms",
+            took.as_millis()
+        );
         let (s, b) = n2.patch("web", be2, r#"{"weight": 120}"#)?;
         ensure!(s == 200, "PATCH after etcd returned: {s} {b}");
         wait_for("lb1 applies it", Duration::from_secs(1), || {

@@ -20,7 +20,9 @@ use super::{
         (status = 404, description = "no [cluster] in the config", body = ErrorBody),
         (status = 503, description = "the control plane is busy", body = ErrorBody),
     ))]
-pub async fn cluster_status(State(state): State<ApiState>) -> Result<Json<ClusterStatus>, ApiError> {
+pub async fn cluster_status(
+    State(state): State<ApiState>,
+) -> Result<Json<ClusterStatus>, ApiError> {
     let control = state.lock().await?;
     let facts = control.cluster_facts().ok_or_else(|| {
         ApiError::not_found("no [cluster] in the config: this node shares no state")

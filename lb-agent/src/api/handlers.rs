@@ -285,15 +285,16 @@ pub async fn patch_backend(
 ) -> ApiResult<Json<Option<Backend>>> {
     let address = parse_address(&address)?;
     let mut control = state.lock().await?;
-    control.patch_backend(
-        &name,
-        address,
-        BackendOverride {
-            state: patch.state,
-            weight: patch.weight,
-        },
-    )
-    .await?;
+    control
+        .patch_backend(
+            &name,
+            address,
+            BackendOverride {
+                state: patch.state,
+                weight: patch.weight,
+            },
+        )
+        .await?;
     tracing::info!(service = %name, backend = %address, state = ?patch.state, weight = ?patch.weight, "backend changed through the API");
     Ok(Json(one_backend(&control, &name, address, None)))
 }

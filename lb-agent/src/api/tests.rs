@@ -1351,7 +1351,9 @@ async fn without_cluster_the_cluster_route_says_so() {
     let (status, v) = f.call("GET", "/api/v1/cluster", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(
-        v["error"].as_str().is_some_and(|e| e.contains("no [cluster]")),
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no [cluster]")),
         "{v}"
     );
 }

@@ -377,7 +377,6 @@ pub struct NodeStatus {
     pub bgp: Option<BgpStatus>,
 }
 
-
 /// `GET /api/v1/cluster` (with `[cluster]`): this node, the store's state, the live
 /// members with their last health publication, and the revision of the shared state
 /// this node applied.

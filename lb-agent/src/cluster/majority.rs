@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(m.count(), 3);
         // One of three: stays.
         assert!(!m.down("web", a));
-        assert!(!m.down("web", b), "the stale own publication does not count");
+        assert!(
+            !m.down("web", b),
+            "the stale own publication does not count"
+        );
         // Two of three: out.
         let fresh = view(&["198.18.1.11:80"]);
         let m = Members::new(&views, "lb1", &fresh);

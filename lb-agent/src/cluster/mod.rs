@@ -117,7 +117,10 @@ pub struct Feed {
     /// This node's own health view, republished by the control plane when it changes.
     pub own_view: watch::Receiver<HealthView>,
     /// The file's services and `[security]`: seeded where etcd has none.
-    pub seed: (Vec<crate::config::ServiceConfig>, crate::config::SecurityConfig),
+    pub seed: (
+        Vec<crate::config::ServiceConfig>,
+        crate::config::SecurityConfig,
+    ),
 }
 
 /// The store task: (re)connect, seed, read, hand the state to the control plane,
@@ -231,7 +234,9 @@ mod tests {
         let e = ApiError::from(conflict);
         assert_eq!(e.status, StatusCode::CONFLICT);
         assert!(e.message.contains("changed concurrently"), "{}", e.message);
-        let down = ControlError::from(StoreError::Unreachable("writing the change: no answer".into()));
+        let down = ControlError::from(StoreError::Unreachable(
+            "writing the change: no answer".into(),
+        ));
         let e = ApiError::from(down);
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(

@@ -222,7 +222,10 @@ mod tests {
     fn overlay(services: &[ServiceConfig]) -> Overlay {
         Overlay {
             version: crate::control::STATE_VERSION,
-            services: services.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+            services: services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
             ..Default::default()
         }
     }

@@ -194,7 +194,12 @@ impl Store {
     }
 
     /// Publish this node's health view under `lease`.
-    pub async fn publish(&self, node: &str, view: &HealthView, lease: i64) -> Result<(), StoreError> {
+    pub async fn publish(
+        &self,
+        node: &str,
+        view: &HealthView,
+        lease: i64,
+    ) -> Result<(), StoreError> {
         let mut c = self.client.clone();
         bounded(
             "publishing the health view",
@@ -431,8 +436,18 @@ mod etcd_tests {
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(dir.path())
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-cluster", &format!("t={peer_url}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -479,7 +494,13 @@ mod etcd_tests {
         // Seeding again creates nothing, even with another version of a service.
         let mut changed = file.clone();
         changed.services[0].backends[0].weight = 7;
-        assert!(store.seed(&changed.services, &changed.security).await.unwrap().is_empty());
+        assert!(
+            store
+                .seed(&changed.services, &changed.security)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let shared = store.load().await.unwrap();
         assert_eq!(shared.services.len(), 2);
         assert_eq!(shared.services["web"].value.service, file.services[0]);
@@ -496,7 +517,10 @@ mod etcd_tests {
         // The same base again (another node's view, not updated yet): a conflict,
         // and nothing written.
         after.services.get_mut("web").unwrap().backends[0].weight = 5;
-        let e = store.commit(&diff(&before, &after), &shared).await.unwrap_err();
+        let e = store
+            .commit(&diff(&before, &after), &shared)
+            .await
+            .unwrap_err();
         assert!(matches!(e, StoreError::Conflict(_)), "{e}");
         let now = store.load().await.unwrap();
         assert_eq!(now.services["web"].value.service.backends[0].weight, 300);
@@ -511,7 +535,10 @@ mod etcd_tests {
         // A deletion on the current revision.
         let mut gone = now.to_overlay();
         gone.services.remove("api");
-        store.commit(&diff(&now.to_overlay(), &gone), &now).await.expect("delete");
+        store
+            .commit(&diff(&now.to_overlay(), &gone), &now)
+            .await
+            .expect("delete");
 
         // The watch from the first read brings the same state as a read now.
         let mut watch = store.watch(watch_from).await.unwrap();
@@ -527,7 +554,10 @@ mod etcd_tests {
         }
         assert_eq!(followed.revision, end.revision);
         assert_eq!(followed.services, end.services);
-        assert_eq!(followed.to_overlay().services.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(
+            followed.to_overlay().services.keys().collect::<Vec<_>>(),
+            ["web"]
+        );
 
         // The sticky key: created once, the same for every later caller.
         let k1 = store.sticky_key(&[1; 32]).await.unwrap();
@@ -538,7 +568,10 @@ mod etcd_tests {
         // A health view under a lease: there while kept alive, gone after its TTL.
         let lease = store.grant(1).await.unwrap();
         let mut view = HealthView::default();
-        view.down.entry("web".into()).or_default().insert("198.18.1.11:80".parse().unwrap());
+        view.down
+            .entry("web".into())
+            .or_default()
+            .insert("198.18.1.11:80".parse().unwrap());
         store.publish("lb1", &view, lease).await.unwrap();
         assert_eq!(store.load().await.unwrap().health["lb1"], view);
         let deadline = Instant::now() + Duration::from_secs(10);

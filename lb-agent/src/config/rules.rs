@@ -12,8 +12,9 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn, HealthConfig,
-    HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig, XdpMode,
+    AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, HashOn,
+    HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig,
+    XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -315,7 +316,9 @@ fn check_cluster(c: &ClusterConfig) -> Vec<ConfigError> {
         let ok = url
             .strip_prefix("http://")
             .and_then(|rest| rest.rsplit_once(':'))
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
         if !ok {
             errors.push(ConfigError::at_key(
                 format!("cluster.etcd[{i}]"),
