@@ -133,8 +133,9 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: 
     }
 }
 
-#[path = "bench/failover.rs"]
+#[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/l7.rs"]
 mod l7;
