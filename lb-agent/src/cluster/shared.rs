@@ -107,7 +107,7 @@ impl Shared {
                     self.services.insert(
                         doc.service.name.clone(),
                         Versioned {
-                            value: doc.clone(),
+                            value: (**doc).clone(),
                             mod_revision: revision,
                         },
                     );
@@ -130,7 +130,8 @@ impl Shared {
 /// One key written by an API change.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    PutService(ServiceDoc),
+    /// Boxed: a service is large beside the other variants.
+    PutService(Box<ServiceDoc>),
     DeleteService(String),
     PutSecurity(SecurityConfig),
 }
@@ -150,10 +151,10 @@ pub fn diff(old: &Overlay, new: &Overlay) -> Vec<Change> {
                     || old.backends.get(name).unwrap_or(&empty)
                         != new.backends.get(name).unwrap_or(&empty) =>
             {
-                out.push(Change::PutService(ServiceDoc {
+                out.push(Change::PutService(Box::new(ServiceDoc {
                     service: b.clone(),
                     overrides: overrides(new),
-                }));
+                })));
             }
             _ => {}
         }
@@ -242,10 +243,10 @@ mod tests {
         let new = overlay(&[web2.clone(), api.clone()]);
         assert_eq!(
             diff(&old, &new),
-            [Change::PutService(ServiceDoc {
+            [Change::PutService(Box::new(ServiceDoc {
                 service: web2,
                 overrides: BTreeMap::new()
-            })]
+            }))]
         );
         // An override (PATCH) rewrites the service's key with it.
         let mut new = old.clone();
@@ -277,10 +278,10 @@ mod tests {
     fn revisions_compared_are_the_known_ones_and_accepting_moves_them() {
         let web = svc("web", &["198.18.1.11"]);
         let mut shared = Shared::default();
-        let put = Change::PutService(ServiceDoc {
+        let put = Change::PutService(Box::new(ServiceDoc {
             service: web.clone(),
             overrides: BTreeMap::new(),
-        });
+        }));
         // Unknown key: compared with 0 (create only if absent).
         assert_eq!(shared.known_revision(&put), 0);
         shared.accept(std::slice::from_ref(&put), 42);
@@ -298,10 +299,10 @@ mod tests {
         assert_eq!(load_local(dir.path()).unwrap(), None);
         let mut shared = Shared::default();
         shared.accept(
-            &[Change::PutService(ServiceDoc {
+            &[Change::PutService(Box::new(ServiceDoc {
                 service: svc("web", &["198.18.1.11"]),
                 overrides: BTreeMap::new(),
-            })],
+            }))],
             7,
         );
         save_local(dir.path(), &shared).unwrap();

@@ -236,7 +236,7 @@ impl Store {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    (text.len() % 2 == 0)
+    text.len().is_multiple_of(2)
         .then(|| {
             (0..text.len())
                 .step_by(2)
