@@ -938,8 +938,7 @@ impl Control {
                     .cluster
                     .store
                     .commit(&changes, &link.shared)
-                    .await
-                    .inspect_err(|e| link.cluster.unreachable(e))?;
+                    .await?;
                 link.shared.accept(&changes, revision);
                 save_local_copy(&self.state_dir, &link.shared);
             }
@@ -1183,8 +1182,7 @@ impl Control {
                 .cluster
                 .store
                 .seed(&base.services, &base.security)
-                .await
-                .inspect_err(|e| link.cluster.unreachable(e))?;
+                .await?;
             let shadowed = base
                 .services
                 .iter()

@@ -102,13 +102,6 @@ impl Cluster {
         s.connected = connected;
         s.error = error;
     }
-
-    /// A write that found the store unreachable says so at once.
-    pub fn unreachable(&self, e: &StoreError) {
-        if let StoreError::Unreachable(why) = e {
-            self.set(false, Some(why.clone()));
-        }
-    }
 }
 
 /// What the store task needs from the agent.
@@ -134,13 +127,21 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
+            let mut established = false;
             let result = tokio::select! {
-                r = session(&cluster, &mut feed) => r,
+                r = session(&cluster, &mut feed, &mut established) => r,
                 _ = stop.changed() => break,
             };
             if let Err(e) = result {
-                let why = e.to_string();
-                cluster.set(false, Some(why));
+                if established {
+                    // A session that was up broke (e.g. the member it watched on
+                    // stopped): try again at once over the other members before saying
+                    // the store is gone; only a session that cannot be set up again
+                    // makes the node "unreachable".
+                    tracing::warn!(error = %e, "cluster store session lost; setting it up again");
+                    continue;
+                }
+                cluster.set(false, Some(e.to_string()));
             }
             tokio::select! {
                 () = tokio::time::sleep(RECONNECT) => {}
@@ -150,7 +151,11 @@ pub fn spawn(
     })
 }
 
-async fn session(cluster: &Cluster, feed: &mut Feed) -> Result<(), StoreError> {
+async fn session(
+    cluster: &Cluster,
+    feed: &mut Feed,
+    established: &mut bool,
+) -> Result<(), StoreError> {
     let store = &cluster.store;
     let created = store.seed(&feed.seed.0, &feed.seed.1).await?;
     if !created.is_empty() {
@@ -165,6 +170,7 @@ async fn session(cluster: &Cluster, feed: &mut Feed) -> Result<(), StoreError> {
     let mut watch = store.watch(shared.revision + 1).await?;
     feed.control.lock().await.apply_shared(shared.clone(), true);
     cluster.set(true, None);
+    *established = true;
     let mut tick = tokio::time::interval(KEEPALIVE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
