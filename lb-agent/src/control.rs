@@ -934,11 +934,7 @@ impl Control {
             }
             let changes = shared::diff(&self.overlay, &overlay);
             if !changes.is_empty() {
-                let revision = link
-                    .cluster
-                    .store
-                    .commit(&changes, &link.shared)
-                    .await?;
+                let revision = link.cluster.store.commit(&changes, &link.shared).await?;
                 link.shared.accept(&changes, revision);
                 save_local_copy(&self.state_dir, &link.shared);
             }
@@ -1304,3 +1300,46 @@ fn save_local_copy(state_dir: &Path, shared: &Shared) {
 
 /// How long the API waits for the control lock before answering 503.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use crate::state::AdminState;
+
+    #[test]
+    fn fail_open_in_a_cluster_is_the_tier_that_would_serve_all_healthy() {
+        let text = "[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\nbackend = [\
+            { address = \"198.18.1.11\", port = 80 }, { address = \"198.18.1.12\", port = 80 }, \
+            { address = \"198.18.1.13\", port = 80, weight = 0 }, { address = \"198.18.1.21\", port = 80, tier = 1 }]\n";
+        let config: Config = toml::from_str(text).expect("config");
+        let svc = &config.services[0];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let none = BTreeMap::new();
+        // Tier 0's enabled backends with a weight; the weight-0 one and tier 1 are not.
+        assert_eq!(
+            fail_open_set(svc, &none),
+            BTreeSet::from([(ip("198.18.1.11"), 80), (ip("198.18.1.12"), 80)])
+        );
+        // Tier 0 all drained or disabled by the operators: tier 1 is what would serve.
+        let overrides = BTreeMap::from([
+            (
+                ip("198.18.1.11"),
+                BackendOverride {
+                    state: Some(AdminState::Drain),
+                    weight: None,
+                },
+            ),
+            (
+                ip("198.18.1.12"),
+                BackendOverride {
+                    state: Some(AdminState::Disabled),
+                    weight: None,
+                },
+            ),
+        ]);
+        assert_eq!(
+            fail_open_set(svc, &overrides),
+            BTreeSet::from([(ip("198.18.1.21"), 80)])
+        );
+    }
+}

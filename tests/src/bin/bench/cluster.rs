@@ -99,10 +99,11 @@ fn measure(n: usize, rounds: usize) -> anyhow::Result<Outcome> {
     let _servers = topo.start_http_servers()?;
     topo.attach_decap()?;
     let etcd = EtcdCluster::start(&stores, topo.run_dir(), topo.prefix())?;
-    let service = BACKEND_ADDRS.iter().fold(
-        ServiceConfig::new("web", vip_socket()),
-        |s, &a| s.backend(BackendConfig::new(a)),
-    );
+    let service = BACKEND_ADDRS
+        .iter()
+        .fold(ServiceConfig::new("web", vip_socket()), |s, &a| {
+            s.backend(BackendConfig::new(a))
+        });
     let config = |i: usize| {
         LbConfig::new("eth0")
             .source_ipv4(lb_addr(i))
@@ -134,10 +135,14 @@ fn measure(n: usize, rounds: usize) -> anyhow::Result<Outcome> {
         });
     }
     for node in &nodes {
-        wait_for(&format!("{} sees {n} members", node.name), Duration::from_secs(20), || {
-            let c = node.cluster()?;
-            Ok(c.store == "connected" && c.members.len() == n)
-        })?;
+        wait_for(
+            &format!("{} sees {n} members", node.name),
+            Duration::from_secs(20),
+            || {
+                let c = node.cluster()?;
+                Ok(c.store == "connected" && c.members.len() == n)
+            },
+        )?;
     }
     let be = BACKEND_ADDRS[1];
     let mut converge_ms = Vec::new();
@@ -148,14 +153,18 @@ fn measure(n: usize, rounds: usize) -> anyhow::Result<Outcome> {
         ensure!(status == 200, "PATCH: {status} {body}");
         let want = nodes[0].service("web")?.ring_digest;
         ensure!(want.is_some(), "node 1 has no ring");
-        wait_for("every node on the new ring", Duration::from_secs(10), || {
-            for node in &nodes[1..] {
-                if node.service("web")?.ring_digest != want {
-                    return Ok(false);
+        wait_for(
+            "every node on the new ring",
+            Duration::from_secs(10),
+            || {
+                for node in &nodes[1..] {
+                    if node.service("web")?.ring_digest != want {
+                        return Ok(false);
+                    }
                 }
-            }
-            Ok(true)
-        })?;
+                Ok(true)
+            },
+        )?;
         converge_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     // A node joins: its ring against node 1's, slot by slot.
@@ -167,9 +176,11 @@ fn measure(n: usize, rounds: usize) -> anyhow::Result<Outcome> {
         ns: joining.ns.clone(),
     };
     let want = nodes[0].service("web")?.ring_digest;
-    wait_for("the joining node on the shared ring", Duration::from_secs(10), || {
-        Ok(joined.service("web")?.ring_digest == want)
-    })?;
+    wait_for(
+        "the joining node on the shared ring",
+        Duration::from_secs(10),
+        || Ok(joined.service("web")?.ring_digest == want),
+    )?;
     let (a, b) = (nodes[0].ring("web")?, joined.ring("web")?);
     let joined_differs = a.slots.iter().zip(&b.slots).filter(|(x, y)| x != y).count();
     drop(agents);
