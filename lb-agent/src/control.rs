@@ -745,10 +745,14 @@ impl Control {
         let mut services = Vec::with_capacity(self.config.services.len());
         let mut views = Vec::with_capacity(self.config.services.len());
         let own = self.own_view();
-        let members = self
-            .cluster
-            .as_ref()
-            .map(|link| Members::new(&link.shared.health, &link.cluster.node, &own));
+        let members = self.cluster.as_ref().map(|link| {
+            Members::new(
+                &link.shared.health,
+                &link.cluster.node,
+                &own,
+                link.cluster.connected(),
+            )
+        });
         for svc in &self.config.services {
             let overrides = self.overlay.backends.get(&svc.name).unwrap_or(&empty);
             let health = &self.health;
