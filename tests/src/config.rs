@@ -215,6 +215,14 @@ impl LbConfig {
         self
     }
 
+    /// Sets a whole further table, e.g. `[cluster]` from a serialisable struct or map
+    /// (replacing what [`LbConfig::table`] set in it).
+    #[must_use]
+    pub fn section(mut self, name: &str, value: impl Serialize) -> Self {
+        self.tables.insert(name.to_owned(), toml_value(value));
+        self
+    }
+
     /// Sets `api_listen`.
     #[must_use]
     pub fn api_listen(self, addr: &str) -> Self {

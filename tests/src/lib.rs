@@ -23,8 +23,10 @@
 
 pub mod bird;
 pub mod capture;
+pub mod cluster_bed;
 pub mod config;
 pub mod ecmp_bed;
+pub mod etcd;
 pub mod http;
 pub mod load;
 pub mod netns;

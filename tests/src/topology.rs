@@ -140,6 +140,8 @@ pub struct Topology {
     /// An agent was started (its fast path may outlive it).
     agent_started: bool,
     peer_xdp: Option<Ebpf>,
+    /// XDP_PASS programs on the router-side peers of hosts added by [`Topology::add_lan_host`].
+    extra_peer_xdp: Vec<Ebpf>,
     /// The client.
     pub client: Host,
     /// The load balancer.
@@ -263,6 +265,7 @@ impl Topology {
             decap_attached: Vec::new(),
             agent_started: false,
             peer_xdp,
+            extra_peer_xdp: Vec::new(),
             client,
             lb,
             backends,
@@ -270,6 +273,48 @@ impl Topology {
             bridge,
             bpffs,
             guard,
+        })
+    }
+
+    /// Adds a host `role` on the server LAN (a namespace of this run, `eth0` at `addr`
+    /// on the bridge, TX checksum offload off, default route via the router), e.g. a
+    /// second LB node or an etcd member. With `xdp_pass_peer`, its router-side peer
+    /// carries an XDP_PASS program (needed for a host whose XDP program sends with
+    /// XDP_TX). Removed with the topology.
+    pub fn add_lan_host(
+        &mut self,
+        role: &str,
+        addr: Ipv4Addr,
+        xdp_pass_peer: bool,
+    ) -> anyhow::Result<Host> {
+        let ns = self.guard.create(role)?;
+        let port = self.guard.name(role);
+        let ip = |ns: &str, cmd: &str| -> anyhow::Result<()> {
+            let args: Vec<&str> = ["ip", "-n", ns]
+                .into_iter()
+                .chain(cmd.split_whitespace())
+                .collect();
+            netns::run(&args).map(drop)
+        };
+        let (router, bridge) = (&self.router, &self.bridge);
+        ip(
+            router,
+            &format!("link add {port} type veth peer name eth0 netns {ns}"),
+        )?;
+        ip(router, &format!("link set {port} master {bridge} up"))?;
+        ip(&ns, &format!("addr add {addr}/{PREFIX_LEN} dev eth0"))?;
+        ip(&ns, "link set eth0 up")?;
+        ip(&ns, "link set lo up")?;
+        netns::exec(&ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        ip(&ns, &format!("route add default via {ROUTER_LAN_ADDR}"))?;
+        if xdp_pass_peer {
+            self.extra_peer_xdp.push(attach_xdp_pass(router, &port)?);
+        }
+        Ok(Host {
+            role: role.to_owned(),
+            ns,
+            addr,
+            router_port: port,
         })
     }
 
@@ -460,6 +505,11 @@ impl Drop for Topology {
                 Ok(())
             });
         }
+        let extra = std::mem::take(&mut self.extra_peer_xdp);
+        let _ = netns::in_netns(&self.router, move || {
+            drop(extra);
+            Ok(())
+        });
     }
 }
 

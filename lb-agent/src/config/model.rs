@@ -40,6 +40,28 @@ pub struct Config {
     /// `[bgp]`: announce the VIPs through a local BIRD 2; absent: no announcements.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpConfig>,
+    /// `[cluster]`: services, backends and filters shared by several LB nodes through
+    /// etcd; absent: this node's file and state file are the desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the desired state lives under `prefix` in the etcd cluster `etcd`;
+/// `node` names this node there (its health view, `GET /api/v1/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// The etcd members' client URLs (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd (`/xdplb` by default).
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+}
+
+fn default_cluster_prefix() -> String {
+    "/xdplb".to_owned()
 }
 
 /// `[bgp]`: the agent writes the VIPs it announces into `include_file` (a BIRD static

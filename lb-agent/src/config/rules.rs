@@ -12,7 +12,8 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, FlowLimitConfig, HashOn,
+    AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig,
+    FlowLimitConfig, HashOn,
     HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig,
     XdpMode,
 };
@@ -181,6 +182,9 @@ pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigErro
     if let Some(bgp) = &cfg.bgp {
         errors.extend(check_bgp(bgp));
     }
+    if let Some(cluster) = &cfg.cluster {
+        errors.extend(check_cluster(cluster));
+    }
     errors.extend(validate_security(&cfg.security, &cfg.dataplane));
     for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
         let keys = Keys {
@@ -337,6 +341,47 @@ const MAX_SITE_PREPEND: u8 = 10;
 
 /// AS_TRANS (RFC 6793): stands in for a 4-byte AS towards old speakers, never a node's AS.
 const AS_TRANS: u32 = 23456;
+
+/// `[cluster]`: a node name usable as an etcd key segment and a metric label, http
+/// URLs of etcd members, an absolute key prefix.
+fn check_cluster(c: &ClusterConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    // The same rules as a service name: a key segment in etcd and a metric label.
+    if let Some(why) = service_name_problem(&c.node) {
+        errors.push(ConfigError::at_key(
+            "cluster.node",
+            why.replace("service name", "node name"),
+        ));
+    }
+    if c.etcd.is_empty() {
+        errors.push(ConfigError::at_key(
+            "cluster.etcd",
+            "give at least one etcd member's client URL (\"http://host:port\")",
+        ));
+    }
+    for (i, url) in c.etcd.iter().enumerate() {
+        let ok = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !ok {
+            errors.push(ConfigError::at_key(
+                format!("cluster.etcd[{i}]"),
+                format!("{url:?} is not \"http://host:port\" (TLS to etcd is not supported yet)"),
+            ));
+        }
+    }
+    let p = &c.prefix;
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains("//") {
+        errors.push(ConfigError::at_key(
+            "cluster.prefix",
+            format!("{p:?} must start with '/', not end with '/' and have no empty segment (e.g. \"/xdplb\")"),
+        ));
+    }
+    errors
+}
 
 fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
     let mut errors = Vec::new();

@@ -287,6 +287,7 @@ fn design_example_parses_with_defaults_filled() {
             },
         ],
         bgp: None,
+        cluster: None,
     };
     let cfg = parse_ok(&text);
     assert_eq!(cfg, expected);

@@ -4,6 +4,7 @@
 //! ```text
 //! xdplb-bench xdp [--repeat N] [--runs K]
 //! xdplb-bench failover [--runs N]
+//! xdplb-bench cluster [--nodes 2,4,8] [--rounds R]
 //! xdplb-bench l7 [--duration S] [--connections N] [--threads T] [--warmup S]
 //! ```
 //!
@@ -135,6 +136,8 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: 
     }
 }
 
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/l7.rs"]
@@ -177,6 +180,12 @@ enum Benchmark {
     /// with cache hits, beside wrk straight at a backend; one table with ratios. Needs
     /// haproxy, nginx and wrk: `cargo xtask bench l7` installs them from Debian.
     L7(l7::Args),
+    /// N LB nodes sharing one state in etcd: API change → every node's ring (needs root).
+    ///
+    /// For N = 2, 4, 8 (`--nodes`): agents with XDP in namespaces, a three-member etcd;
+    /// the time until every node has the new ring, and how much of a joining node's
+    /// ring differs from the others'.
+    Cluster(cluster::Args),
     /// (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P.
     #[command(name = "l7-backend")]
     L7Backend(l7::BackendArgs),
@@ -244,6 +253,7 @@ fn main() -> ExitCode {
     let result = match &cli.benchmark {
         Benchmark::Xdp(args) => privileged().and_then(|()| bench_xdp(args)),
         Benchmark::Failover(args) => privileged().and_then(|()| failover::run(args)),
+        Benchmark::Cluster(args) => privileged().and_then(|()| cluster::run(args)),
         Benchmark::L7(args) => {
             if let Err(e) = args.check() {
                 Cli::command().error(ErrorKind::ValueValidation, e).exit();
