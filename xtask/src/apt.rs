@@ -20,8 +20,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),
     // BIRD 2 (`bird`, `birdc`): the BGP daemon the agent's `[bgp]` drives; the BGP tests
-    // (tests/tests/bgp.rs) run one per namespace. Installed without starting Debian's
-    // system instance (see `NoServiceStarts`): the tests start their own.
+    // (tests/tests/integration/bgp.rs) run one per namespace. Installed without starting
+    // Debian's system instance (see `NoServiceStarts`): the tests start their own.
     ("bird2", "bird"),
     ("vagrant", "vagrant"),
     // A provider: without one `vagrant validate` stops at "No usable default provider could
