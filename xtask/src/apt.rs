@@ -20,10 +20,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),
     // BIRD 2 (`bird`, `birdc`): the BGP daemon the agent's `[bgp]` drives; the BGP tests
-    // (tests/tests/bgp.rs) run one per namespace. Installed without starting Debian's
-    // system instance (see `NoServiceStarts`): the tests start their own.
+    // (tests/tests/integration/bgp.rs) run one per namespace. Installed without starting
+    // Debian's system instance (see `NoServiceStarts`): the tests start their own.
     ("bird2", "bird"),
-    // etcd 3.4 (`etcd`): the store of `[cluster]`; the cluster tests (tests/tests/cluster.rs)
+    // etcd 3.4 (`etcd`): the store of `[cluster]`; the cluster tests (tests/tests/integration/cluster.rs)
     // run a three-member etcd per test in namespaces. Installed without starting Debian's
     // system instance (see `NoServiceStarts`). `etcdctl` (etcd-client) for tests and debugging.
     ("etcd-server", "etcd"),
