@@ -13,9 +13,8 @@ use std::path::Path;
 use super::ConfigError;
 use super::model::{
     AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig,
-    FlowLimitConfig, HashOn,
-    HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig,
-    XdpMode,
+    FlowLimitConfig, HashOn, HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig,
+    ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
