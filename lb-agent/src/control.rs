@@ -73,6 +73,7 @@ impl From<StoreError> for ControlError {
             e @ StoreError::Unreachable(_) => {
                 ControlError::Unavailable(format!("{e}; nothing changed"))
             }
+            e @ StoreError::Unknown(_) => ControlError::Unavailable(e.to_string()),
         }
     }
 }

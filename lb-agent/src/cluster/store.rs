@@ -16,8 +16,11 @@ use super::{
 };
 use crate::config::{ClusterConfig, SecurityConfig, ServiceConfig};
 
-/// How long one request to etcd may take before etcd counts as unreachable.
+/// How long one request to etcd may take (the lease keep-alive's answer included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one member may take to answer before the next is asked (idempotent
+/// requests) or the write counts as unanswered.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a write to the store did not happen. Either way nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -25,30 +28,82 @@ pub enum StoreError {
     /// Another node changed what this change was based on (409).
     #[error("{0}")]
     Conflict(String),
-    /// etcd did not answer (503).
+    /// etcd did not answer (503); the request was not applied.
     #[error("the cluster store (etcd) is unreachable: {0}")]
     Unreachable(String),
+    /// A write went out but no answer came back: it may or may not have been applied
+    /// (503; the watch brings it if it was).
+    #[error(
+        "the cluster store (etcd) did not answer a write: {0}; it may or may not have been applied (GET it to see)"
+    )]
+    Unknown(String),
 }
 
-/// A connection to the etcd cluster (lazy: connecting succeeds with every member down,
-/// requests then fail after [`REQUEST_TIMEOUT`]).
+/// A connection to the etcd cluster: one client per member (lazy: connecting succeeds
+/// with every member down). Requests go to the member that answered last; a member
+/// that refuses the connection or has no leader is skipped for the next, so losing one
+/// member costs nothing. etcd's own clients work the same way.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    clients: std::sync::Arc<Vec<(String, Client)>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub keys: Keys,
 }
 
-async fn bounded<T>(
-    what: &str,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(StoreError::Unreachable(format!("{what}: {e}"))),
-        Err(_) => Err(StoreError::Unreachable(format!(
-            "{what}: no answer within {} ms",
-            REQUEST_TIMEOUT.as_millis()
-        ))),
+/// The request did not reach a member that could apply it (connection refused or
+/// failed, no leader): safe to send again elsewhere, even a write.
+fn not_applied(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    ["connect error", "Connection refused", "no leader"]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
+impl Store {
+    /// Run `f` on the members' clients, starting with the one that answered last, until
+    /// one answers. `idempotent`: also move on after an answer that did not come (an
+    /// idempotent request may be sent twice); a write stops there ([`StoreError::Unknown`]).
+    async fn call<T, F, Fut>(&self, what: &str, idempotent: bool, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.clients.len();
+        let start = self.current.load(Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let (url, client) = &self.clients[idx];
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, f(client.clone())).await {
+                Ok(Ok(v)) => {
+                    self.current.store(idx, Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) if idempotent || not_applied(&e) => errors.push(format!("{url}: {e}")),
+                Ok(Err(e)) => return Err(StoreError::Unknown(format!("{what}: {url}: {e}"))),
+                Err(_) if idempotent => errors.push(format!(
+                    "{url}: no answer within {} ms",
+                    ATTEMPT_TIMEOUT.as_millis()
+                )),
+                Err(_) => {
+                    return Err(StoreError::Unknown(format!(
+                        "{what}: {url}: no answer within {} ms",
+                        ATTEMPT_TIMEOUT.as_millis()
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unreachable(format!(
+            "{what}: {}",
+            errors.join("; ")
+        )))
+    }
+
+    /// The client of the member that answered last (for the watch and the lease).
+    fn current(&self) -> Client {
+        let idx = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.clients[idx % self.clients.len()].1.clone()
     }
 }
 
@@ -58,24 +113,32 @@ impl Store {
             .with_connect_timeout(Duration::from_secs(1))
             // HTTP/2 pings: a watch on a member that died fails within ~2 s.
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(&cfg.etcd, Some(options))
-            .await
-            .map_err(|e| StoreError::Unreachable(format!("connecting to {:?}: {e}", cfg.etcd)))?;
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the quorum answers at once instead of hanging.
+            .with_require_leader(true);
+        let mut clients = Vec::new();
+        for url in &cfg.etcd {
+            let client = Client::connect([url], Some(options.clone()))
+                .await
+                .map_err(|e| StoreError::Unreachable(format!("connecting to {url}: {e}")))?;
+            clients.push((url.clone(), client));
+        }
         Ok(Store {
-            client,
+            clients: std::sync::Arc::new(clients),
+            current: std::sync::Arc::default(),
             keys: Keys::new(&cfg.prefix),
         })
     }
 
     /// Everything under the prefix, at one revision.
     pub async fn load(&self) -> Result<Shared, StoreError> {
-        let mut c = self.client.clone();
-        let resp = bounded(
-            "reading the prefix",
-            c.get(self.keys.all(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let all = self.keys.all();
+        let resp = self
+            .call("reading the prefix", true, |mut c| {
+                let all = all.clone();
+                async move { c.get(all, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let mut shared = Shared {
             revision: resp.header().map_or(0, |h| h.revision()),
             ..Default::default()
@@ -93,19 +156,17 @@ impl Store {
 
     /// A watch of the prefix from `revision` on (inclusive).
     pub async fn watch(&self, revision: i64) -> Result<WatchStream, StoreError> {
-        let mut c = self.client.clone();
-        bounded(
-            "watching the prefix",
-            c.watch(
-                self.keys.all(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision),
-                ),
-            ),
-        )
-        .await
+        let mut c = self.current();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        match tokio::time::timeout(REQUEST_TIMEOUT, c.watch(self.keys.all(), Some(options))).await {
+            Ok(Ok(w)) => Ok(w),
+            Ok(Err(e)) => Err(StoreError::Unreachable(format!("watching the prefix: {e}"))),
+            Err(_) => Err(StoreError::Unreachable(
+                "watching the prefix: no answer".into(),
+            )),
+        }
     }
 
     /// Write `changes` in one transaction that holds only if every key is still at the
@@ -131,12 +192,13 @@ impl Store {
                 Change::PutSecurity(sec) => TxnOp::put(key, to_json(sec), None),
             });
         }
-        let mut c = self.client.clone();
-        let resp = bounded(
-            "writing the change",
-            c.txn(Txn::new().when(compares).and_then(ops)),
-        )
-        .await?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let resp = self
+            .call("writing the change", false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict(conflict_message(changes)));
         }
@@ -152,7 +214,6 @@ impl Store {
         security: &SecurityConfig,
     ) -> Result<Vec<String>, StoreError> {
         let mut created = Vec::new();
-        let mut c = self.client.clone();
         for svc in services {
             let key = self.keys.service(&svc.name);
             let doc = ServiceDoc {
@@ -162,7 +223,14 @@ impl Store {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, to_json(&doc), None)]);
-            if bounded("seeding a service", c.txn(txn)).await?.succeeded() {
+            // Create-only: sending it twice cannot do harm.
+            let answer = self
+                .call("seeding a service", true, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if answer.succeeded() {
                 created.push(svc.name.clone());
             }
         }
@@ -171,15 +239,21 @@ impl Store {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, to_json(security), None)]);
-            bounded("seeding [security]", c.txn(txn)).await?;
+            self.call("seeding [security]", true, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         }
         Ok(created)
     }
 
     /// A lease of `ttl_s` seconds for this node's health view.
     pub async fn grant(&self, ttl_s: i64) -> Result<i64, StoreError> {
-        let mut c = self.client.clone();
-        Ok(bounded("granting a lease", c.lease_grant(ttl_s, None))
+        Ok(self
+            .call("granting a lease", true, |mut c| async move {
+                c.lease_grant(ttl_s, None).await
+            })
             .await?
             .id())
     }
@@ -189,8 +263,16 @@ impl Store {
         &self,
         lease: i64,
     ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), StoreError> {
-        let mut c = self.client.clone();
-        bounded("keeping the lease alive", c.lease_keep_alive(lease)).await
+        let mut c = self.current();
+        match tokio::time::timeout(REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await {
+            Ok(Ok(k)) => Ok(k),
+            Ok(Err(e)) => Err(StoreError::Unreachable(format!(
+                "keeping the lease alive: {e}"
+            ))),
+            Err(_) => Err(StoreError::Unreachable(
+                "keeping the lease alive: no answer".into(),
+            )),
+        }
     }
 
     /// Publish this node's health view under `lease`.
@@ -200,15 +282,14 @@ impl Store {
         view: &HealthView,
         lease: i64,
     ) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        bounded(
-            "publishing the health view",
-            c.put(
-                self.keys.health(node),
-                to_json(view),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
+        let (key, value) = (self.keys.health(node), to_json(view));
+        self.call("publishing the health view", true, |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
         .await
         .map(drop)
     }
@@ -218,12 +299,20 @@ impl Store {
     pub async fn sticky_key(&self, fresh: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
         let key = self.keys.sticky_key();
         let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
-        let mut c = self.client.clone();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), hex, None)]);
-        bounded("creating the sticky key", c.txn(txn)).await?;
-        let resp = bounded("reading the sticky key", c.get(key.clone(), None)).await?;
+        self.call("creating the sticky key", true, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        let resp = self
+            .call("reading the sticky key", true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         let text = resp
             .kvs()
             .first()
