@@ -366,6 +366,24 @@ fn backend_packets_all(bed: &EcmpBed, backend: Ipv4Addr) -> anyhow::Result<[u64;
     ])
 }
 
+/// Prints what the agents logged about the cluster store so far (how each node went
+/// through a member's loss).
+fn cluster_log_lines(bed: &EcmpBed, test: &str) {
+    for n in &bed.nodes {
+        for line in n
+            .agent_log()
+            .lines()
+            .filter(|l| l.contains("lb_agent::cluster"))
+        {
+            eprintln!(
+                "{test}: {}: {}",
+                n.name,
+                line.chars().take(300).collect::<String>()
+            );
+        }
+    }
+}
+
 /// `result`, after printing both agents' log tails (and [`diagnostics`]) if it failed.
 fn with_logs(bed: &EcmpBed, test: &str, result: anyhow::Result<()>) -> anyhow::Result<()> {
     if let Err(e) = &result {
@@ -462,8 +480,8 @@ fn a_backend_added_through_one_node_serves_through_both() -> anyhow::Result<()> 
     with_logs(&bed, test, scenario)
 }
 
-/// 5(c): 24 connections stream through both nodes while etcd loses one member (a write
-/// on lb2 succeeds and reaches lb1, both stay connected), then every member (both nodes
+/// 5(c): 24 connections stream through both nodes while etcd loses one member, its
+/// leader (a write on lb2 succeeds and reaches lb1, both stay connected), then every member (both nodes
 /// say `store: unreachable`, writes answer 503 and change nothing, rings unchanged,
 /// both nodes keep forwarding), then etcd returns (both resync, a write spreads again).
 /// No connection fails through any of it.
@@ -474,7 +492,7 @@ fn losing_etcd_costs_no_connection_and_writes_wait_for_it() -> anyhow::Result<()
     let mut bed = cluster_bed(test, &BACKEND_ADDRS)?;
     let (n1, n2) = (bed.node_api(0), bed.node_api(1));
     // Long enough for the whole scenario (checked below); it stops by itself.
-    let duration = Duration::from_secs(22);
+    let duration = Duration::from_secs(16);
     let started = Instant::now();
     let streams = Streams::start(
         &bed.client.ns,
@@ -494,13 +512,20 @@ fn losing_etcd_costs_no_connection_and_writes_wait_for_it() -> anyhow::Result<()
             "both nodes carry flows: {q0:?} -> {q1:?}"
         );
 
-        // One member lost.
-        bed.etcd_mut().stop(0)?;
+        // One member lost: the leader, the harder case (the others have no leader
+        // until they elect one).
+        let leader = bed.etcd_mut().leader()?;
+        bed.etcd_mut().stop(leader)?;
+        let t = Instant::now();
         let (s, b) = n2.patch("web", be1, r#"{"weight": 110}"#)?;
+        let answered = t.elapsed();
         ensure!(s == 200, "PATCH on lb2 with one etcd member down: {s} {b}");
+        // Bounded by the agent's request timeout (2 s): lb1's watch was on the
+        // stopped member and its session is set up again over the others first
+        // (measured here: ~0.93 s; the README has the figures).
         let took = wait_for(
             "lb1 applies lb2's change with one member down",
-            Duration::from_secs(1),
+            Duration::from_secs(2),
             || Ok(weight_of(&n1.service("web")?, be1) == Some(110)),
         )?;
         wait_for("rings equal", Duration::from_secs(1), || {
@@ -515,10 +540,13 @@ fn losing_etcd_costs_no_connection_and_writes_wait_for_it() -> anyhow::Result<()
             );
         }
         eprintln!(
-            "{test}: one etcd member down: a write on lb2 answered 200, applied on lb1 after {:.0} ms, rings equal",
+            "{test}: one etcd member down (e{}, the leader): a write on lb2 answered 200 after {:.0} ms, applied on lb1 {:.0} ms later, rings equal",
+            leader + 1,
+            ms(answered),
             ms(took)
         );
-        bed.etcd_mut().restart(0)?;
+        cluster_log_lines(&bed, test);
+        bed.etcd_mut().restart(leader)?;
         bed.etcd_mut().wait_healthy(Duration::from_secs(15))?;
 
         // Every member lost.
@@ -599,10 +627,15 @@ fn losing_etcd_costs_no_connection_and_writes_wait_for_it() -> anyhow::Result<()
             ms(resynced),
             lost.elapsed().as_secs_f64()
         );
+        let elapsed = started.elapsed();
         ensure!(
-            started.elapsed() + Duration::from_millis(500) < duration,
-            "the streams ended before etcd returned ({:?}): lengthen them",
-            started.elapsed()
+            elapsed + Duration::from_millis(500) < duration,
+            "the streams ended before etcd returned ({elapsed:?}): lengthen them"
+        );
+        eprintln!(
+            "{test}: the scenario took {:.1} s of the streams' {:.0} s",
+            elapsed.as_secs_f64(),
+            duration.as_secs_f64()
         );
         Ok(())
     })();
@@ -706,6 +739,9 @@ fn a_backend_one_node_cannot_reach_stays_in_both_rings() -> anyhow::Result<()> {
     if cut {
         nft_clear(&n2.ns)?;
     }
+    let back = wait_for("lb2 sees be3 up again", Duration::from_secs(5), || {
+        Ok(!live_of(&n2.service("web")?, be3).local_down)
+    });
     let report = streams.finish()?;
     scenario?;
     eprintln!("{test}: {}", report.summary());
@@ -716,12 +752,10 @@ fn a_backend_one_node_cannot_reach_stays_in_both_rings() -> anyhow::Result<()> {
         "no connection went to be3: {:?}",
         report.per_server()
     );
-    let took = wait_for("lb2 sees be3 up again", Duration::from_secs(5), || {
-        Ok(!live_of(&n2.service("web")?, be3).local_down)
-    })?;
+    let back = back?;
     eprintln!(
         "{test}: nftables rule removed: lb2 sees be3 up again after {:.0} ms",
-        ms(took)
+        ms(back)
     );
     same_rings(&n1, &n2, "web", RING)?;
     Ok(())
