@@ -1,16 +1,19 @@
-//! Helpers of the `[cluster]` test and benchmark: an agent's API reached inside its
+//! Helpers of the `[cluster]` tests and benchmark: an agent's API reached inside its
 //! namespace ([`Node`]), the `[cluster]` table of a config ([`ClusterSection`]), an
-//! agent started on a further LB host ([`start_agent`]), and polling ([`wait_for`]).
+//! agent started on a further LB host ([`start_agent`]), polling ([`wait_for`]), two
+//! nodes' rings compared slot by slot ([`same_rings`]), and a backend cut off from one
+//! node's health checks by nftables ([`nft_drop_towards`]). Used by the step-1 bed's
+//! `tests/cluster.rs` and the ECMP bed's `tests/ecmp.rs`.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
-use lb_agent::api::types::{ClusterStatus, RingSlots, Service};
+use lb_agent::api::types::{BackendLive, ClusterStatus, RingSlots, Service};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
@@ -185,4 +188,112 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The weight of `backend` in `svc` (None: not a backend of it).
+pub fn weight_of(svc: &Service, backend: Ipv4Addr) -> Option<u32> {
+    svc.backends
+        .iter()
+        .find(|b| b.address == IpAddr::V4(backend))
+        .map(|b| b.weight)
+}
+
+/// The live view of `backend` in `svc`.
+///
+/// # Panics
+///
+/// `backend` is not in `svc`, or has no live view: the test's premise is wrong.
+pub fn live_of(svc: &Service, backend: Ipv4Addr) -> BackendLive {
+    svc.backends
+        .iter()
+        .find(|b| b.address == IpAddr::V4(backend))
+        .and_then(|b| b.live.clone())
+        .expect("the backend has a live view")
+}
+
+/// The rings of `service` on both nodes (`GET /api/v1/services/{service}/ring`, read
+/// back from each fast path): `ring_size` slots, equal slot for slot (named by backend)
+/// and in digest, and the digest is the service's `ring_digest`.
+pub fn same_rings(
+    a: &Node,
+    b: &Node,
+    service: &str,
+    ring_size: usize,
+) -> anyhow::Result<RingSlots> {
+    let (ra, rb) = (a.ring(service)?, b.ring(service)?);
+    ensure!(ra.slots.len() == ring_size, "ring size {}", ra.slots.len());
+    let differ = ra
+        .slots
+        .iter()
+        .zip(&rb.slots)
+        .filter(|(x, y)| x != y)
+        .count();
+    ensure!(
+        ra.slots == rb.slots,
+        "the rings of {service} on {} and {} differ in {differ} of {} slots",
+        a.name,
+        b.name,
+        ra.slots.len()
+    );
+    ensure!(
+        ra.digest == rb.digest && ra.digest.is_some(),
+        "digests {:?} {:?}",
+        ra.digest,
+        rb.digest
+    );
+    let svc = a.service(service)?;
+    ensure!(
+        svc.ring_digest == ra.digest,
+        "ring_digest of the service is not the ring's"
+    );
+    Ok(ra)
+}
+
+/// Slots of `ring` held by `backend` (any port).
+pub fn slots_of(ring: &RingSlots, backend: Ipv4Addr) -> usize {
+    let prefix = format!("{backend}:");
+    ring.slots.iter().filter(|s| s.starts_with(&prefix)).count()
+}
+
+/// In namespace `ns`, nftables drops what the host itself sends to `backend`'s TCP
+/// port 80 (table `inet xdplbtest`, output hook): the agent's health checks from there
+/// fail. Packets the fast path sends (XDP_TX, encapsulated) never pass nftables.
+pub fn nft_drop_towards(ns: &str, backend: Ipv4Addr) -> anyhow::Result<()> {
+    netns::exec(ns, &["nft", "add", "table", "inet", "xdplbtest"])?;
+    netns::exec(
+        ns,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "xdplbtest",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
+    )?;
+    netns::exec(
+        ns,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "xdplbtest",
+            "out",
+            "ip",
+            "daddr",
+            &backend.to_string(),
+            "tcp",
+            "dport",
+            "80",
+            "drop",
+        ],
+    )
+    .map(drop)
+}
+
+/// Removes what [`nft_drop_towards`] added in `ns`.
+pub fn nft_clear(ns: &str) -> anyhow::Result<()> {
+    netns::exec(ns, &["nft", "delete", "table", "inet", "xdplbtest"]).map(drop)
 }

@@ -39,12 +39,13 @@
 //! [`EcmpOptions::store_hosts`] = N the bed also makes namespaces `st1..stN` on a second
 //! bridge of the router, `198.18.9.<i>/24` (the addresses DESIGN.md's `[cluster] etcd`
 //! example uses), default route via the router's `198.18.9.254`, so every LB node
-//! reaches them through the router. Nothing runs in them yet: [`EcmpBed::store_hosts`]
-//! gives their namespaces for whoever starts etcd members there (with data directories
-//! under [`EcmpBed::run_dir`]).
+//! reaches them through the router. [`EcmpBed::start_etcd`] runs a three-member etcd
+//! cluster on `st1..st3` ([`crate::etcd::EtcdCluster`], data under [`EcmpBed::run_dir`]);
+//! from then on [`EcmpBed::node_config`] gives every node `[cluster]` pointing at it
+//! (node = its name, prefix [`CLUSTER_PREFIX`]), so the nodes share one desired state.
 //!
 //! Teardown (drop, also while a panic unwinds): agents stopped, every fast path and
-//! decap detached, BIRDs and echo servers stopped, the router ports' XDP_PASS detached,
+//! decap detached, BIRDs, echo servers and etcd members stopped, the router ports' XDP_PASS detached,
 //! then the namespaces, the bpffs and the scratch directory removed.
 
 use std::{
@@ -63,7 +64,9 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     bird::{self, Bird},
+    cluster_bed::{ClusterSection, Node},
     config::{BackendConfig, LbConfig, ServiceConfig},
+    etcd::EtcdCluster,
     http,
     netns::{self, ChildGuard, NetnsGuard},
     stream::{EchoServer, ProbeResult, Probes, StreamOptions, StreamReport, Streams},
@@ -87,13 +90,15 @@ pub const STORE_NET: &str = "198.18.9.0/24";
 /// The router's address on the store network.
 pub const ROUTER_STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 254);
 /// The agents' API address, inside each LB node's namespace.
-pub const API_LISTEN: &str = "127.0.0.1:9090";
+pub const API_LISTEN: &str = crate::cluster_bed::API;
 /// MTU of the server LAN (bridge, LB nodes, backends): room for the IPIP header on
 /// top of a full 1500-byte packet from the client, as a real LB-to-backend network
 /// provides (jumbo frames). With 1500 here, a moved flow's retransmissions (full-size
 /// segments after a stall) no longer fit once encapsulated and are dropped as
 /// `too_big` (measured here: the connections hung).
 pub const LAN_MTU: u32 = 1600;
+/// `[cluster] prefix` of the nodes once [`EcmpBed::start_etcd`] ran.
+pub const CLUSTER_PREFIX: &str = "/xdplb";
 /// Most LB nodes a bed makes.
 pub const MAX_NODES: usize = 8;
 /// BFD on every session: 100 ms x 3 (a dead node is noticed in about 0.3 s).
@@ -195,6 +200,8 @@ pub struct EcmpBed {
     pub backends: Vec<Host>,
     /// The store network's hosts (empty unless asked for).
     pub store_hosts: Vec<Host>,
+    /// The etcd cluster on the store hosts, once [`EcmpBed::start_etcd`] ran.
+    pub etcd: Option<EtcdCluster>,
     /// The router's namespace.
     pub router: String,
     /// The router's bridge (the server LAN).
@@ -351,6 +358,7 @@ impl EcmpBed {
             client,
             backends,
             store_hosts,
+            etcd: None,
             router,
             bridge,
             bpffs,
@@ -468,14 +476,62 @@ impl EcmpBed {
             .fold(ServiceConfig::new("web", vip_socket()), |s, &a| {
                 s.backend(BackendConfig::new(a))
             });
-        LbConfig::new("eth0")
+        let config = LbConfig::new("eth0")
             .api_listen(API_LISTEN)
             .source_ipv4(node.addr)
             .sizes(65537, 65536)
             .table("bgp", "bird_socket", &node.bird.socket)
             .table("bgp", "include_file", &node.include_file)
             .table("bgp", "drain_s", 1)
-            .service(service)
+            .service(service);
+        match &self.etcd {
+            Some(etcd) => config.section(
+                "cluster",
+                ClusterSection {
+                    node: node.name.clone(),
+                    etcd: etcd.endpoints(),
+                    prefix: CLUSTER_PREFIX.to_owned(),
+                },
+            ),
+            None => config,
+        }
+    }
+
+    /// Starts a three-member etcd cluster on the first three store hosts (the bed must
+    /// have been built with `store_hosts >= 3`) and waits until every member is healthy;
+    /// returns how long that took. Agents started afterwards get `[cluster]`.
+    pub fn start_etcd(&mut self) -> anyhow::Result<Duration> {
+        ensure!(
+            self.store_hosts.len() >= 3,
+            "etcd needs three store hosts, the bed has {}",
+            self.store_hosts.len()
+        );
+        ensure!(self.etcd.is_none(), "etcd already started");
+        let t = Instant::now();
+        let hosts: Vec<(String, Ipv4Addr)> = self.store_hosts[..3]
+            .iter()
+            .map(|h| (h.ns.clone(), h.addr))
+            .collect();
+        let etcd = EtcdCluster::start(&hosts, self.guard.run_dir(), self.guard.prefix())?;
+        self.etcd = Some(etcd);
+        Ok(t.elapsed())
+    }
+
+    /// The etcd cluster ([`EcmpBed::start_etcd`]).
+    ///
+    /// # Panics
+    ///
+    /// etcd was not started: a bug in the test.
+    pub fn etcd_mut(&mut self) -> &mut EtcdCluster {
+        self.etcd.as_mut().expect("EcmpBed::start_etcd first")
+    }
+
+    /// Node `i`'s API as a [`Node`] of the cluster helpers.
+    pub fn node_api(&self, i: usize) -> Node {
+        Node {
+            name: self.nodes[i].name.clone(),
+            ns: self.nodes[i].ns.clone(),
+        }
     }
 
     /// Writes `config` (state in the node's own directory), runs `lb-agent run` in

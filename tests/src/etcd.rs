@@ -141,6 +141,23 @@ impl EtcdCluster {
         netns::exec(&self.members[0].ns, &full)
     }
 
+    /// The index of the member that is the leader now (`etcdctl endpoint status`:
+    /// endpoint, id, version, db size, is leader, ...).
+    pub fn leader(&self) -> anyhow::Result<usize> {
+        let out = self.etcdctl(&["endpoint", "status", "--command-timeout=1s"])?;
+        let endpoint = out
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(',').map(str::trim).collect();
+                (f.get(4) == Some(&"true")).then(|| f[0].to_owned())
+            })
+            .with_context(|| format!("no leader in `etcdctl endpoint status`:\n{out}"))?;
+        self.members
+            .iter()
+            .position(|m| endpoint == format!("http://{}:2379", m.addr))
+            .with_context(|| format!("the leader {endpoint} is not a member"))
+    }
+
     /// Wait until every running member reports healthy.
     pub fn wait_healthy(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;

@@ -21,6 +21,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one member may take to answer before the next is asked (idempotent
 /// requests) or the write counts as unanswered.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before another round over the members when none could apply a request.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why a write to the store did not happen. Either way nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +72,24 @@ impl Store {
     {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.clients.len();
+        if n == 0 {
+            return Err(StoreError::Unreachable(format!("{what}: no etcd endpoint")));
+        }
         let start = self.current.load(Relaxed);
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         let mut errors = Vec::new();
-        for i in 0..n {
+        // Rounds over every member until REQUEST_TIMEOUT: a round where none could
+        // apply the request (no leader during an election after the leader was lost,
+        // connections refused) is tried again shortly, as etcd's own clients do, so
+        // losing the leader member costs a wait of about an election, not a 503.
+        for i in 0.. {
+            if i > 0 && i % n == 0 {
+                if tokio::time::Instant::now() + ROUND_PAUSE >= deadline {
+                    break;
+                }
+                tokio::time::sleep(ROUND_PAUSE).await;
+                errors.clear();
+            }
             let idx = (start + i) % n;
             let (url, client) = &self.clients[idx];
             match tokio::time::timeout(ATTEMPT_TIMEOUT, f(client.clone())).await {

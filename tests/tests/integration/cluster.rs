@@ -16,9 +16,12 @@
 use std::{net::Ipv4Addr, thread, time::Duration};
 
 use anyhow::{Context as _, ensure};
-use lb_agent::api::types::{RingSlots, Service};
+use lb_agent::api::types::RingSlots;
 use xdplb_tests::{
-    cluster_bed::{API, ClusterSection, Node, log_tail, start_agent, wait_for},
+    cluster_bed::{
+        API, ClusterSection, Node, live_of, log_tail, nft_clear, nft_drop_towards, same_rings,
+        start_agent, wait_for, weight_of,
+    },
     config::{BackendConfig, LbConfig, ServiceConfig},
     etcd::EtcdCluster,
     http, netns,
@@ -29,87 +32,9 @@ const PREFIX: &str = "/xdplb-test";
 /// The L7 service with sticky sessions (its VIP is local to each LB node).
 const SHOP_VIP: &str = "198.18.100.2:8080";
 
-fn weight_of(svc: &Service, backend: Ipv4Addr) -> Option<u32> {
-    svc.backends
-        .iter()
-        .find(|b| b.address == std::net::IpAddr::V4(backend))
-        .map(|b| b.weight)
-}
-
-fn live_of(svc: &Service, backend: Ipv4Addr) -> lb_agent::api::types::BackendLive {
-    svc.backends
-        .iter()
-        .find(|b| b.address == std::net::IpAddr::V4(backend))
-        .and_then(|b| b.live.clone())
-        .expect("the backend has a live view")
-}
-
 /// The rings of both nodes, equal slot for slot (named by backend) and in digest.
 fn assert_same_rings(a: &Node, b: &Node) -> anyhow::Result<RingSlots> {
-    let (ra, rb) = (a.ring("web")?, b.ring("web")?);
-    ensure!(ra.slots.len() == 65537, "ring size {}", ra.slots.len());
-    let differ = ra
-        .slots
-        .iter()
-        .zip(&rb.slots)
-        .filter(|(x, y)| x != y)
-        .count();
-    ensure!(
-        ra.slots == rb.slots,
-        "the rings differ in {differ} of {} slots",
-        ra.slots.len()
-    );
-    ensure!(
-        ra.digest == rb.digest && ra.digest.is_some(),
-        "digests {:?} {:?}",
-        ra.digest,
-        rb.digest
-    );
-    let svc = a.service("web")?;
-    ensure!(
-        svc.ring_digest == ra.digest,
-        "ring_digest of the service is not the ring's"
-    );
-    Ok(ra)
-}
-
-fn nft_drop_towards(ns: &str, backend: Ipv4Addr) -> anyhow::Result<()> {
-    netns::exec(ns, &["nft", "add", "table", "inet", "xdplbtest"])?;
-    netns::exec(
-        ns,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "xdplbtest",
-            "out",
-            "{ type filter hook output priority 0 ; }",
-        ],
-    )?;
-    netns::exec(
-        ns,
-        &[
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "xdplbtest",
-            "out",
-            "ip",
-            "daddr",
-            &backend.to_string(),
-            "tcp",
-            "dport",
-            "80",
-            "drop",
-        ],
-    )
-    .map(drop)
-}
-
-fn nft_clear(ns: &str) -> anyhow::Result<()> {
-    netns::exec(ns, &["nft", "delete", "table", "inet", "xdplbtest"]).map(drop)
+    same_rings(a, b, "web", 65537)
 }
 
 #[test]
