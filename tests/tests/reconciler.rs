@@ -35,6 +35,7 @@ fn web(lasts: &[u8]) -> DesiredState {
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,
+        mtu: 1500,
         filters: Default::default(),
         services: vec![DesiredService {
             name: "web".into(),

@@ -107,6 +107,7 @@ fn desired() -> DesiredState {
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
+        mtu: 1500,
         filters: DesiredFilters {
             deny: prefixes(&["198.18.0.64/26", "2001:db8:bad::/48"]),
             allow: vec![],
