@@ -5,25 +5,23 @@ use core::mem::{size_of, transmute};
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::xdp_action::XDP_TX,
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    bindings::xdp_action::XDP_TX,
-    helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::stats::{Counter, DropReason};
 
 use crate::{
     csum,
-    stats::count,
     parsing::{
         ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
     },
+    stats::count,
 };
 
 const AF_INET: u8 = 2;

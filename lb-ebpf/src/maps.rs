@@ -89,5 +89,4 @@ pub static FLOWS_NEW: LruHashMap<FlowKey, FlowEntry> =
 
 /// VIP addresses (any port) and what lives on them: for ICMP to a VIP address.
 #[map(name = "XDPLB_VIP_ADDRS")]
-pub static VIP_ADDRS: HashMap<VipAddrKey, u32> =
-    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -688,7 +688,11 @@ impl Reconciler {
 
     /// Step 5: the VIP addresses and what lives on them (for ICMP to them): changed
     /// and new entries, then those no service has any more.
-    fn write_vip_addrs(&mut self, maps: &mut Maps, desired: &DesiredState) -> Result<(), SyncError> {
+    fn write_vip_addrs(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<(), SyncError> {
         let want = vip_addrs(desired);
         for (key, &flags) in &want {
             if self.vip_addrs.get(key) != Some(&flags) {
