@@ -9,7 +9,8 @@
 //! naming them stay valid.
 //!
 //! - [`announce_set`]: which VIPs this node announces (pure).
-//! - [`render`]: the file's text (pure).
+//! - [`render`]: the file's text (pure); [`render_with`] adds the site preference
+//!   (`site_prepend`: the node's AS prepended to every route's AS path).
 //! - [`Announcer`]: writes the file atomically and runs `birdc configure`, only when the
 //!   set changed; a node drain withdraws everything until undrained. A BIRD that is
 //!   absent or refuses the config is logged as an ERROR, shown in [`BgpStatus`], and
@@ -76,17 +77,44 @@ pub fn announce_set(
         .collect()
 }
 
-/// The text of `include_file` announcing `vips`.
+/// The text of `include_file` announcing `vips`, with no site preference.
 pub fn render(vips: &BTreeSet<IpAddr>) -> String {
+    render_with(vips, None)
+}
+
+/// The site preference of a node's announcements: its AS (`local_as`) prepended
+/// `count` times (`site_prepend`); `None` when `site_prepend` is 0.
+pub fn site_prepend(config: &BgpConfig) -> Option<(u32, u8)> {
+    match (config.local_as, config.site_prepend) {
+        (Some(asn), count) if count > 0 => Some((asn, count)),
+        _ => None,
+    }
+}
+
+/// The text of `include_file` announcing `vips`; with `prepend = Some((asn, n))` every
+/// route carries `bgp_path.prepend(asn)` n times (BIRD applies it to the static route,
+/// and the BGP export to an eBGP peer adds the node's AS once more).
+pub fn render_with(vips: &BTreeSet<IpAddr>, prepend: Option<(u32, u8)>) -> String {
     let mut out = String::from(
         "# Written by lb-agent ([bgp] include_file): the VIPs this node announces.\n\
          # Rewritten on every change; do not edit.\n",
     );
+    let attrs = match prepend {
+        Some((asn, n)) => {
+            let _ = writeln!(
+                out,
+                "# bgp.site_prepend = {n}: AS {asn} prepended {n} times."
+            );
+            let each = format!("bgp_path.prepend({asn}); ");
+            format!(" {{ {}}}", each.repeat(usize::from(n)))
+        }
+        None => String::new(),
+    };
     for (name, channel, v4) in [(PROTOCOL_V4, "ipv4", true), (PROTOCOL_V6, "ipv6", false)] {
         let _ = writeln!(out, "protocol static {name} {{\n  {channel};");
         for vip in vips.iter().filter(|ip| ip.is_ipv4() == v4) {
             let len = if v4 { 32 } else { 128 };
-            let _ = writeln!(out, "  route {vip}/{len} blackhole;");
+            let _ = writeln!(out, "  route {vip}/{len} blackhole{attrs};");
         }
         out.push_str("}\n");
     }
@@ -247,7 +275,8 @@ impl Announcer {
     }
 
     fn write_and_configure(&self, target: &BTreeSet<IpAddr>) -> Result<(), String> {
-        write_atomically(&self.config.include_file, &render(target)).map_err(|e| {
+        let text = render_with(target, site_prepend(&self.config));
+        write_atomically(&self.config.include_file, &text).map_err(|e| {
             format!(
                 "writing bgp.include_file {}: {e}",
                 self.config.include_file.display()

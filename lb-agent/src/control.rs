@@ -19,12 +19,18 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    cluster::{
+        Cluster, HealthView, Shared, StoreError,
+        majority::Members,
+        shared::{self, Versioned},
+    },
     config::{
         BackendConfig, Config, ConfigError, MAX_WEIGHT, Mode, SecurityConfig, ServiceConfig,
         check_api_tls, validate_security, validate_service,
@@ -41,7 +47,7 @@ use crate::{
 
 /// Name of the persisted overlay under `state_dir`.
 pub const STATE_FILE: &str = "state.json";
-const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -55,6 +61,21 @@ pub enum ControlError {
     State { path: PathBuf, message: String },
     #[error("{0:#}")]
     Apply(anyhow::Error),
+    /// With `[cluster]`: etcd did not answer; nothing changed (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => ControlError::Conflict(m),
+            e @ StoreError::Unreachable(_) => {
+                ControlError::Unavailable(format!("{e}; nothing changed"))
+            }
+            e @ StoreError::Unknown(_) => ControlError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 /// What the API changed, persisted as `state.json`.
@@ -406,6 +427,28 @@ pub struct Control {
     l7: tokio::sync::watch::Sender<Vec<L7Desired>>,
     /// Where the L4 backends' addresses are published (the next-hop keeper watches it).
     l4_backends: tokio::sync::watch::Sender<BTreeSet<IpAddr>>,
+    /// With `[cluster]`: the shared state in etcd stands in for the state file.
+    cluster: Option<ClusterLink>,
+}
+
+/// The control plane's side of `[cluster]`: the shared state as last applied (with
+/// the revisions API writes compare), and this node's own health view.
+struct ClusterLink {
+    cluster: Arc<Cluster>,
+    shared: Shared,
+    /// This node's own checks (the store task publishes it under the node's lease).
+    own_view: tokio::sync::watch::Sender<HealthView>,
+}
+
+/// `GET /api/v1/cluster`'s facts, as the control plane knows them.
+#[derive(Clone, Debug)]
+pub struct ClusterFacts {
+    pub node: String,
+    pub connected: bool,
+    pub error: Option<String>,
+    pub revision: i64,
+    /// Live members (nodes with a health view under a live lease) and their views.
+    pub members: BTreeMap<String, HealthView>,
 }
 
 /// An l7 service as the proxy should run it: its config and the backends that take
@@ -424,10 +467,65 @@ impl Control {
         health: HealthChecker,
         sink: Box<dyn Sink>,
     ) -> Result<Self, ControlError> {
+        Self::new_with(base, health, sink, None)
+    }
+
+    /// [`Control::new`], with `[cluster]`: the desired state is the shared one. Until
+    /// etcd answers, the node serves its local copy of it (`state_dir/cluster.json`),
+    /// or, on its very first start, its config file's services (what it will seed).
+    pub fn new_with(
+        base: Config,
+        health: HealthChecker,
+        sink: Box<dyn Sink>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Self, ControlError> {
         let state_dir = base.agent.state_dir.clone();
-        let overlay = Overlay::load(&state_dir)?.checked(&base, &state_dir.join(STATE_FILE))?;
+        let (overlay, link) = match cluster {
+            None => (
+                Overlay::load(&state_dir)?.checked(&base, &state_dir.join(STATE_FILE))?,
+                None,
+            ),
+            Some(cluster) => {
+                let shared = shared::load_local(&state_dir)
+                    .map_err(|message| ControlError::State {
+                        path: shared::local_copy(&state_dir),
+                        message,
+                    })?
+                    .unwrap_or_else(|| Shared {
+                        services: base
+                            .services
+                            .iter()
+                            .map(|s| {
+                                (
+                                    s.name.clone(),
+                                    Versioned {
+                                        value: shared::ServiceDoc {
+                                            service: s.clone(),
+                                            overrides: BTreeMap::new(),
+                                        },
+                                        mod_revision: 0,
+                                    },
+                                )
+                            })
+                            .collect(),
+                        ..Shared::default()
+                    });
+                (
+                    shared.to_overlay(),
+                    Some(ClusterLink {
+                        cluster,
+                        shared,
+                        own_view: tokio::sync::watch::Sender::new(HealthView::default()),
+                    }),
+                )
+            }
+        };
         let mut config = base.clone();
-        config.services = overlay.apply(&base.services);
+        config.services = if link.is_some() {
+            overlay.apply(&[])
+        } else {
+            overlay.apply(&base.services)
+        };
         config.security = overlay.security(&base).clone();
         let mut c = Control {
             base,
@@ -442,11 +540,17 @@ impl Control {
             retry_at: tokio::sync::watch::Sender::new(None),
             l7: tokio::sync::watch::Sender::new(Vec::new()),
             l4_backends: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            cluster: link,
         };
         let errors = c.config.validate();
         if !errors.is_empty() {
+            let file = if c.cluster.is_some() {
+                shared::LOCAL_COPY
+            } else {
+                STATE_FILE
+            };
             return Err(ControlError::State {
-                path: c.state_dir.join(STATE_FILE),
+                path: c.state_dir.join(file),
                 message: format!(
                     "with the config it gives an invalid state: {}",
                     errors
@@ -460,6 +564,110 @@ impl Control {
         c.sync_health();
         c.recompute()?;
         Ok(c)
+    }
+
+    /// The services `overlay` gives: on top of the config file's, or, with
+    /// `[cluster]`, the shared ones alone (the file only seeds etcd).
+    fn services_of(&self, overlay: &Overlay) -> Vec<ServiceConfig> {
+        if self.cluster.is_some() {
+            overlay.apply(&[])
+        } else {
+            overlay.apply(&self.base.services)
+        }
+    }
+
+    /// This node's own health view: the backends its checks find down.
+    fn own_view(&self) -> HealthView {
+        let mut view = HealthView::default();
+        if self.cluster.is_none() {
+            return view;
+        }
+        for svc in &self.config.services {
+            for b in &svc.backends {
+                let key = TargetKey {
+                    service: svc.name.clone(),
+                    address: b.address,
+                    port: b.port,
+                };
+                if self.health.is_up(&key) == Some(false) {
+                    view.down
+                        .entry(svc.name.clone())
+                        .or_default()
+                        .insert(std::net::SocketAddr::new(b.address, b.port));
+                }
+            }
+        }
+        view.published_ms = crate::cluster::now_ms();
+        view
+    }
+
+    /// With `[cluster]`: this node's own health view, republished when it changes (the
+    /// store task publishes it in etcd). None without `[cluster]`.
+    pub fn watch_own_view(&self) -> Option<tokio::sync::watch::Receiver<HealthView>> {
+        self.cluster.as_ref().map(|l| l.own_view.subscribe())
+    }
+
+    /// With `[cluster]`: the node, the store's state, the revision and the members.
+    pub fn cluster_facts(&self) -> Option<ClusterFacts> {
+        let link = self.cluster.as_ref()?;
+        let status = link.cluster.status();
+        let mut members = link.shared.health.clone();
+        if !members.contains_key(&link.cluster.node) {
+            // Not published yet (or etcd unreachable): this node is a member all the same.
+            members.insert(link.cluster.node.clone(), link.own_view.borrow().clone());
+        }
+        Some(ClusterFacts {
+            node: link.cluster.node.clone(),
+            connected: status.connected,
+            error: status.error,
+            revision: link.shared.revision,
+            members,
+        })
+    }
+
+    /// With `[cluster]`: the shared state as the store task read it (`full`: a whole
+    /// read after (re)connecting, else the watch's next state). Services and filters
+    /// replace the running ones when they differ, the health views feed the majority
+    /// rule, and the local copy is rewritten. A state older than one this node wrote
+    /// itself (its own change is ahead of the watch) is skipped: the watch brings it.
+    /// Shared services this node's config cannot serve (e.g. a `tls` path missing
+    /// here) keep the running state and are logged.
+    pub fn apply_shared(&mut self, shared: Shared, full: bool) {
+        let Some(link) = &mut self.cluster else {
+            return;
+        };
+        if !full && shared.revision < link.shared.revision {
+            return;
+        }
+        let overlay = shared.to_overlay();
+        let mut config = self.base.clone();
+        config.services = overlay.apply(&[]);
+        config.security = overlay.security(&self.base).clone();
+        let errors = config.validate();
+        link.shared.health = shared.health.clone();
+        if errors.is_empty() {
+            link.shared = shared;
+            save_local_copy(&self.state_dir, &link.shared);
+            if overlay != self.overlay || config != self.config {
+                tracing::info!(
+                    revision = link.shared.revision,
+                    services = config.services.len(),
+                    "shared state applied"
+                );
+                self.overlay = overlay;
+                self.config = config;
+                self.sync_health();
+            }
+        } else {
+            tracing::error!(
+                revision = shared.revision,
+                errors = %errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                "the shared state in etcd is not valid on this node: keeping the running state"
+            );
+        }
+        if let Err(e) = self.recompute() {
+            tracing::error!(error = %e, "applying the shared state");
+        }
     }
 
     /// The effective config (file + API changes).
@@ -484,6 +692,12 @@ impl Control {
     /// The digest of `service`'s ring as written to the fast path (None without one).
     pub fn ring_digest(&self, service: &str) -> Option<String> {
         self.sink.ring_digest(service)
+    }
+
+    /// `service`'s ring read back from the fast path, slots named by backend (None
+    /// without a fast path or a ring).
+    pub fn ring_slots(&self, service: &str) -> Option<anyhow::Result<Vec<String>>> {
+        self.sink.ring_slots(service)
     }
 
     /// Fast-path counters (None without a fast path).
@@ -531,10 +745,19 @@ impl Control {
         let empty = BTreeMap::new();
         let mut services = Vec::with_capacity(self.config.services.len());
         let mut views = Vec::with_capacity(self.config.services.len());
+        let own = self.own_view();
+        let members = self.cluster.as_ref().map(|link| {
+            Members::new(
+                &link.shared.health,
+                &link.cluster.node,
+                &own,
+                link.cluster.connected(),
+            )
+        });
         for svc in &self.config.services {
             let overrides = self.overlay.backends.get(&svc.name).unwrap_or(&empty);
             let health = &self.health;
-            let healthy = |address: IpAddr, port: u16| {
+            let locally_up = |address: IpAddr, port: u16| {
                 health
                     .is_up(&TargetKey {
                         service: svc.name.clone(),
@@ -543,9 +766,37 @@ impl Control {
                     })
                     .unwrap_or(true)
             };
-            let (d, v) = desired_service(svc, overrides, &healthy, &mut self.last, now);
+            let (d, mut v) = match &members {
+                None => desired_service(svc, overrides, &locally_up, &mut self.last, now),
+                Some(members) => {
+                    // With [cluster] the rings are a pure function of the shared state
+                    // and the cluster's health view: the majority decides health, fail
+                    // open serves the tier that would serve with every backend healthy,
+                    // and nothing ramps (slow start's clock would be this node's own).
+                    let healthy = |address: IpAddr, port: u16| {
+                        !members.down(&svc.name, std::net::SocketAddr::new(address, port))
+                    };
+                    let mut memory = Memory::stateless(&svc.name, fail_open_set(svc, overrides));
+                    desired_service(svc, overrides, &healthy, &mut memory, now)
+                }
+            };
+            if members.is_some() {
+                for b in &mut v.backends {
+                    b.local_down = b.healthy && !locally_up(b.address, b.port);
+                }
+            }
             services.push(d);
             views.push(v);
+        }
+        if let Some(link) = &self.cluster {
+            link.own_view.send_if_modified(|cur| {
+                if cur.down == own.down {
+                    false
+                } else {
+                    *cur = own;
+                    true
+                }
+            });
         }
         retain_services(
             &mut self.last,
@@ -665,15 +916,36 @@ impl Control {
 
     /// Accept a candidate overlay: validate the config it gives, write it, persist it.
     /// A rejected candidate changes nothing.
-    fn commit(&mut self, overlay: Overlay) -> Result<(), ControlError> {
+    ///
+    /// With `[cluster]` the candidate goes to etcd first, one key per changed service,
+    /// each compared with the revision this node knows (409 when another node changed
+    /// it since, 503 when etcd does not answer: nothing changes either way), and is
+    /// applied here once etcd took it (the watch brings it to the other nodes).
+    async fn commit(&mut self, mut overlay: Overlay) -> Result<(), ControlError> {
         let mut config = self.base.clone();
-        config.services = overlay.apply(&self.base.services);
+        config.services = self.services_of(&overlay);
         config.security = overlay.security(&self.base).clone();
         let errors = config.validate();
         if !errors.is_empty() {
             return Err(ControlError::Invalid(errors));
         }
-        overlay.save(&self.state_dir)?;
+        if let Some(link) = &mut self.cluster {
+            overlay.deleted.clear();
+            if !link.cluster.connected() {
+                let why = link.cluster.status().error.unwrap_or_default();
+                return Err(ControlError::Unavailable(format!(
+                    "the cluster store (etcd) is unreachable ({why}); nothing changed"
+                )));
+            }
+            let changes = shared::diff(&self.overlay, &overlay);
+            if !changes.is_empty() {
+                let revision = link.cluster.store.commit(&changes, &link.shared).await?;
+                link.shared.accept(&changes, revision);
+                save_local_copy(&self.state_dir, &link.shared);
+            }
+        } else {
+            overlay.save(&self.state_dir)?;
+        }
         self.config = config;
         self.overlay = overlay;
         self.sync_health();
@@ -713,7 +985,7 @@ impl Control {
         }
     }
 
-    pub fn create_service(&mut self, svc: ServiceConfig) -> Result<(), ControlError> {
+    pub async fn create_service(&mut self, svc: ServiceConfig) -> Result<(), ControlError> {
         if self.service(&svc.name).is_some() {
             return Err(ControlError::Conflict(format!(
                 "service {} exists already",
@@ -725,10 +997,14 @@ impl Control {
         o.deleted.remove(&svc.name);
         o.backends.remove(&svc.name);
         o.services.insert(svc.name.clone(), svc);
-        self.commit(o)
+        self.commit(o).await
     }
 
-    pub fn replace_service(&mut self, name: &str, svc: ServiceConfig) -> Result<(), ControlError> {
+    pub async fn replace_service(
+        &mut self,
+        name: &str,
+        svc: ServiceConfig,
+    ) -> Result<(), ControlError> {
         if svc.name != name {
             return Err(ControlError::Invalid(vec![ConfigError::at_key(
                 "name",
@@ -744,10 +1020,10 @@ impl Control {
             ov.retain(|a, _| svc.backends.iter().any(|b| b.address == *a));
         }
         o.services.insert(name.to_owned(), svc);
-        self.commit(o)
+        self.commit(o).await
     }
 
-    pub fn delete_service(&mut self, name: &str) -> Result<(), ControlError> {
+    pub async fn delete_service(&mut self, name: &str) -> Result<(), ControlError> {
         if self.service(name).is_none() {
             return Err(ControlError::NotFound(format!("service {name}")));
         }
@@ -757,7 +1033,7 @@ impl Control {
         if self.base.services.iter().any(|s| s.name == name) {
             o.deleted.insert(name.to_owned());
         }
-        self.commit(o)
+        self.commit(o).await
     }
 
     fn modified_service(&self, name: &str) -> Result<ServiceConfig, ControlError> {
@@ -766,7 +1042,11 @@ impl Control {
             .ok_or_else(|| ControlError::NotFound(format!("service {name}")))
     }
 
-    pub fn add_backend(&mut self, name: &str, backend: BackendConfig) -> Result<(), ControlError> {
+    pub async fn add_backend(
+        &mut self,
+        name: &str,
+        backend: BackendConfig,
+    ) -> Result<(), ControlError> {
         let mut svc = self.modified_service(name)?;
         if svc
             .backends
@@ -782,10 +1062,14 @@ impl Control {
         self.check_service(&svc, Some(name))?;
         let mut o = self.overlay.clone();
         o.services.insert(name.to_owned(), svc);
-        self.commit(o)
+        self.commit(o).await
     }
 
-    pub fn remove_backend(&mut self, name: &str, address: IpAddr) -> Result<(), ControlError> {
+    pub async fn remove_backend(
+        &mut self,
+        name: &str,
+        address: IpAddr,
+    ) -> Result<(), ControlError> {
         let mut svc = self.modified_service(name)?;
         let before = svc.backends.len();
         svc.backends.retain(|b| b.address != address);
@@ -799,11 +1083,11 @@ impl Control {
             ov.remove(&address);
         }
         o.services.insert(name.to_owned(), svc);
-        self.commit(o)
+        self.commit(o).await
     }
 
     /// Set a backend's state and/or weight (PATCH).
-    pub fn patch_backend(
+    pub async fn patch_backend(
         &mut self,
         name: &str,
         address: IpAddr,
@@ -832,7 +1116,7 @@ impl Control {
         if patch.weight.is_some() {
             entry.weight = patch.weight;
         }
-        self.commit(o)
+        self.commit(o).await
     }
 
     /// The source filters in force (`GET /api/v1/filters`).
@@ -842,14 +1126,14 @@ impl Control {
 
     /// Replace the source filters whole (`PUT /api/v1/filters`): validated with the
     /// config's rules, persisted in the overlay, then written to the fast path.
-    pub fn replace_filters(&mut self, sec: SecurityConfig) -> Result<(), ControlError> {
+    pub async fn replace_filters(&mut self, sec: SecurityConfig) -> Result<(), ControlError> {
         let errors = validate_security(&sec, &self.config.dataplane);
         if !errors.is_empty() {
             return Err(ControlError::Invalid(errors));
         }
         let mut o = self.overlay.clone();
         o.security = Some(sec);
-        self.commit(o)
+        self.commit(o).await
     }
 
     /// Re-read the config file; an invalid one is rejected and the running state kept.
@@ -862,7 +1146,17 @@ impl Control {
     /// or changes is logged and reported; so is every edit of the file that the API's
     /// changes shadow: the API's version of a service (or its deletion through the API)
     /// stays in force over the file's, and the reload says so rather than merging.
-    pub fn reload(&mut self, path: &Path, allow_empty: bool) -> Result<ReloadReport, ControlError> {
+    ///
+    /// With `[cluster]` the file's services and `[security]` only seed etcd: a reload
+    /// creates there the services the file has and etcd does not (`added`; every node
+    /// applies them through the watch), and reports the file's services that differ
+    /// from the shared ones as shadowed (`"kept": "cluster"`). Nothing is removed or
+    /// replaced: change shared services through the API. 503 when etcd is unreachable.
+    pub async fn reload(
+        &mut self,
+        path: &Path,
+        allow_empty: bool,
+    ) -> Result<ReloadReport, ControlError> {
         let mut base = Config::load(path).map_err(|e| ControlError::Invalid(e.0))?;
         let running = Capacities::from(&self.base.dataplane);
         let restart_only = running != Capacities::from(&base.dataplane)
@@ -878,6 +1172,44 @@ impl Control {
         base.agent = self.base.agent.clone();
         running.keep_in(&mut base.dataplane);
         base.dataplane.xdp_mode = self.base.dataplane.xdp_mode;
+        if let Some(link) = &self.cluster {
+            if !link.cluster.connected() {
+                return Err(ControlError::Unavailable(
+                    "the cluster store (etcd) is unreachable: the reload would seed it; nothing changed"
+                        .to_owned(),
+                ));
+            }
+            let added = link
+                .cluster
+                .store
+                .seed(&base.services, &base.security)
+                .await?;
+            let shadowed = base
+                .services
+                .iter()
+                .filter(|s| {
+                    !added.contains(&s.name)
+                        && link
+                            .shared
+                            .services
+                            .get(&s.name)
+                            .is_some_and(|d| d.value.service != **s)
+                })
+                .map(|s| ShadowedEdit {
+                    service: s.name.clone(),
+                    file: "changed".to_owned(),
+                    kept: "cluster".to_owned(),
+                })
+                .collect();
+            let report = ReloadReport {
+                added,
+                shadowed,
+                ..ReloadReport::default()
+            };
+            report.log(self.config.services.len());
+            self.base = base;
+            return Ok(report);
+        }
         let mut config = base.clone();
         config.services = self.overlay.apply(&base.services);
         if self.overlay.security.is_some() && base.security != self.base.security {
@@ -935,5 +1267,84 @@ impl Control {
     }
 }
 
+/// With `[cluster]`, fail open without memory: the backends of the lowest tier that
+/// would serve if every backend were healthy (enabled, weight above 0).
+fn fail_open_set(
+    svc: &ServiceConfig,
+    overrides: &BTreeMap<IpAddr, BackendOverride>,
+) -> BTreeSet<(IpAddr, u16)> {
+    let usable: Vec<(u8, IpAddr, u16)> = svc
+        .backends
+        .iter()
+        .filter(|b| {
+            let o = overrides.get(&b.address).copied().unwrap_or_default();
+            o.state.unwrap_or_default() == crate::state::AdminState::Enabled
+                && o.weight.unwrap_or(b.weight) > 0
+        })
+        .map(|b| (b.tier, b.address, b.port))
+        .collect();
+    let tier = usable.iter().map(|u| u.0).min();
+    usable
+        .into_iter()
+        .filter(|u| Some(u.0) == tier)
+        .map(|(_, a, p)| (a, p))
+        .collect()
+}
+
+/// Rewrite the local copy of the shared state; a failure is logged (etcd has the
+/// change; the copy only serves a restart without etcd).
+fn save_local_copy(state_dir: &Path, shared: &Shared) {
+    if let Err(e) = crate::cluster::shared::save_local(state_dir, shared) {
+        tracing::error!(
+            path = %crate::cluster::shared::local_copy(state_dir).display(),
+            error = %e,
+            "cannot write the local copy of the shared state (a restart without etcd would serve an older one)"
+        );
+    }
+}
+
 /// How long the API waits for the control lock before answering 503.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use crate::state::AdminState;
+
+    #[test]
+    fn fail_open_in_a_cluster_is_the_tier_that_would_serve_all_healthy() {
+        let text = "[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\nbackend = [\
+            { address = \"198.18.1.11\", port = 80 }, { address = \"198.18.1.12\", port = 80 }, \
+            { address = \"198.18.1.13\", port = 80, weight = 0 }, { address = \"198.18.1.21\", port = 80, tier = 1 }]\n";
+        let config: Config = toml::from_str(text).expect("config");
+        let svc = &config.services[0];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let none = BTreeMap::new();
+        // Tier 0's enabled backends with a weight; the weight-0 one and tier 1 are not.
+        assert_eq!(
+            fail_open_set(svc, &none),
+            BTreeSet::from([(ip("198.18.1.11"), 80), (ip("198.18.1.12"), 80)])
+        );
+        // Tier 0 all drained or disabled by the operators: tier 1 is what would serve.
+        let overrides = BTreeMap::from([
+            (
+                ip("198.18.1.11"),
+                BackendOverride {
+                    state: Some(AdminState::Drain),
+                    weight: None,
+                },
+            ),
+            (
+                ip("198.18.1.12"),
+                BackendOverride {
+                    state: Some(AdminState::Disabled),
+                    weight: None,
+                },
+            ),
+        ]);
+        assert_eq!(
+            fail_open_set(svc, &overrides),
+            BTreeSet::from([(ip("198.18.1.21"), 80)])
+        );
+    }
+}

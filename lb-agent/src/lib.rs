@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bgp;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -9,9 +9,11 @@
 //! Series:
 //! - `xdplb_packets_total{service,backend}`, `xdplb_bytes_total{service,backend}`:
 //!   traffic the fast path sent to each backend (`backend` = `address:port`).
-//! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason.
+//! - `xdplb_drops_total{reason}`: packets the fast path dropped, by reason
+//!   (`new_flow_limit`: over a `new_flows_per_source` limit).
 //! - `xdplb_filter_drops_total{rule}`: packets dropped by a `[security]` rule (the deny
-//!   prefix as written, or `not_allowed` for sources the allow list did not match).
+//!   prefix as written, or `not_allowed` for sources the allow list did not match), or
+//!   by a service's own list (`SERVICE:PREFIX`, `SERVICE:not_allowed`).
 //! - `xdplb_fastpath_packets_total{result}`: the fast path's other global counters
 //!   (`rx`, `tx`, `pass_not_vip`, `flow_new`, ...).
 //! - `xdplb_fastpath_enabled`: 1 when an XDP fast path is attached (the traffic series
@@ -107,6 +109,8 @@ pub struct Metrics {
     pub http: HttpStats,
     /// The VIP announcer, with `[bgp]`: `xdplb_vip_announced{vip}`.
     pub bgp: std::sync::OnceLock<Arc<crate::bgp::BgpNode>>,
+    /// The link to the cluster store, with `[cluster]`: `xdplb_cluster_store_up`.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Default for Metrics {
@@ -122,6 +126,7 @@ impl Metrics {
             health_check_seconds: Histogram::new(HEALTH_CHECK_BUCKETS),
             http: HttpStats::new(),
             bgp: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -145,6 +150,8 @@ impl Metrics {
         let fail_open = Family::<ServiceLabels, Gauge>::default();
         let all_down = Family::<ServiceLabels, Gauge>::default();
         let ring_weight = Family::<BackendLabels, Gauge>::default();
+        let local_down = Family::<BackendLabels, Gauge>::default();
+        let clustered = control.cluster_facts().is_some();
         for view in control.views() {
             all_down
                 .get_or_create(&ServiceLabels {
@@ -167,7 +174,28 @@ impl Metrics {
                 ring_weight
                     .get_or_create(&labels)
                     .set(i64::from(b.effective_weight));
+                if clustered {
+                    local_down
+                        .get_or_create(&labels)
+                        .set(i64::from(b.local_down));
+                }
             }
+        }
+        if clustered {
+            registry.register(
+                "backend_local_down",
+                "1 when this node's own checks find the backend down but the cluster's majority does not, so it stays in every ring ([cluster])",
+                local_down,
+            );
+        }
+        if let Some(cluster) = self.cluster.get() {
+            let store_up = Gauge::<i64>::default();
+            store_up.set(i64::from(cluster.connected()));
+            registry.register(
+                "cluster_store_up",
+                "1 while the cluster store (etcd) answers; 0: this node serves its last shared state and API changes answer 503",
+                store_up,
+            );
         }
 
         if let Some(node) = self.bgp.get() {

@@ -19,6 +19,7 @@ use tokio::{
 use crate::{
     api::{self, ApiState},
     cli::XdpModeArg,
+    cluster::Cluster,
     config::{Config, Mode, XdpMode},
     control::Control,
     dataplane::{desired::NoFastPath, fast_path::FastPath, loader::Capacities},
@@ -94,6 +95,18 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
     let metrics = Arc::new(Metrics::new());
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     let health = || HealthChecker::new(events_tx.clone(), metrics.health_observer());
+    // [cluster]: the link to etcd (lazy: etcd may be down now; the store task retries),
+    // and what the file seeds there.
+    let cluster = match &config.cluster {
+        Some(c) => Some(ClusterStart {
+            cluster: Cluster::connect(c)
+                .await
+                .map_err(|e| anyhow::anyhow!("[cluster]: {e}"))?,
+            seed: (config.services.clone(), config.security.clone()),
+        }),
+        None => None,
+    };
+    let link = cluster.as_ref().map(|c| c.cluster.clone());
     let without_fast_path = |config: Config, why: &str| -> anyhow::Result<Control> {
         let l4: Vec<&str> = config
             .services
@@ -102,7 +115,12 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             .map(|s| s.name.as_str())
             .collect();
         tracing::warn!(not_served = ?l4, "{why}: L4 services are not served; L7 services are");
-        Ok(Control::new(config, health(), Box::new(NoFastPath))?)
+        Ok(Control::new_with(
+            config,
+            health(),
+            Box::new(NoFastPath),
+            link.clone(),
+        )?)
     };
 
     let (control, fast_path) = if mode == XdpModeArg::Off {
@@ -123,11 +141,12 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             Err(e) if mode == XdpModeArg::Auto => {
                 tracing::error!(error = %format!("{e:#}"), iface, "the XDP program cannot be loaded");
                 let control = without_fast_path(config, "running without the fast path")?;
-                return serve_with(args, control, None, metrics, events, token).await;
+                return serve_with(args, control, None, metrics, events, token, cluster).await;
             }
             Err(e) => return Err(e),
         };
-        let mut control = Control::new(config.clone(), health(), Box::new(sink))?;
+        let mut control =
+            Control::new_with(config.clone(), health(), Box::new(sink), link.clone())?;
         match attach_mode(mode).and_then(|mode| loaded.attach(mode)) {
             Ok(mut fp) => {
                 fp.keep_next_hops(control.watch_l4_backends());
@@ -146,7 +165,60 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             Err(e) => return Err(e),
         }
     };
-    serve_with(args, control, fast_path, metrics, events, token).await
+    serve_with(args, control, fast_path, metrics, events, token, cluster).await
+}
+
+/// `[cluster]` at start: the link to etcd and what the config file seeds there.
+struct ClusterStart {
+    cluster: Arc<Cluster>,
+    seed: (
+        Vec<crate::config::ServiceConfig>,
+        crate::config::SecurityConfig,
+    ),
+}
+
+/// With `[cluster]`: make `<state_dir>/sticky.key` the cluster's key (created in etcd
+/// by the first node, read by the others), before the L7 services load it, so a cookie
+/// issued by one node is honoured by every node. Without etcd now, the local key stays
+/// (and says so).
+async fn share_sticky_key(cluster: &Cluster, state_dir: &std::path::Path) {
+    use rand::TryRngCore as _;
+    let mut fresh = [0u8; 32];
+    if rand::rngs::OsRng.try_fill_bytes(&mut fresh).is_err() {
+        tracing::error!("cannot generate a sticky key: keeping the local one");
+        return;
+    }
+    match cluster.store.sticky_key(&fresh).await {
+        Ok(key) => {
+            let path = state_dir.join(crate::l7::sticky::KEY_FILE);
+            if std::fs::read(&path).is_ok_and(|k| k == key) {
+                return;
+            }
+            let write = || -> std::io::Result<()> {
+                use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
+                std::fs::create_dir_all(state_dir)?;
+                let mut tmp = tempfile::NamedTempFile::new_in(state_dir)?;
+                tmp.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                tmp.write_all(&key)?;
+                tmp.as_file().sync_all()?;
+                tmp.persist(&path).map_err(|e| e.error)?;
+                Ok(())
+            };
+            match write() {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "sticky key: the cluster's (from etcd)")
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the cluster's sticky key")
+                }
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "sticky key: etcd unreachable at start, keeping the local key (cookies of other nodes are not honoured until a restart with etcd)"
+        ),
+    }
 }
 
 /// The agent's main loop once the fast path is up (or known to be absent): API, L7
@@ -158,13 +230,32 @@ async fn serve_with(
     metrics: Arc<Metrics>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<crate::health::Transition>,
     token: Option<String>,
+    cluster: Option<ClusterStart>,
 ) -> anyhow::Result<()> {
     let api_listen = control.config().agent.api_listen;
     let services = control.config().services.len();
     let state_dir = control.config().agent.state_dir.clone();
+    if let Some(c) = &cluster {
+        share_sticky_key(&c.cluster, &state_dir).await;
+    }
+    let own_view = control.watch_own_view();
     let mut l7_desired = control.watch_l7();
     let mut retry_at = control.watch_retry();
     let control = Arc::new(Mutex::new(control));
+    // [cluster]: the store task feeds the control plane from etcd.
+    let (store_stop, store_stopped) = tokio::sync::watch::channel(false);
+    let store_task = cluster.zip(own_view).map(|(c, own_view)| {
+        let _ = metrics.cluster.set(c.cluster.clone());
+        crate::cluster::spawn(
+            c.cluster,
+            crate::cluster::Feed {
+                control: control.clone(),
+                own_view,
+                seed: c.seed,
+            },
+            store_stopped,
+        )
+    });
 
     // The L7 proxy: one task applies every published change of the l7 services.
     let l7 = L7Registry::default();
@@ -244,7 +335,7 @@ async fn serve_with(
             _ = sighup.recv() => {
                 let mut c = control.lock().await;
                 // SIGHUP never removes every service (POST /api/v1/reload can, when asked).
-                match c.reload(&args.config, false) {
+                match c.reload(&args.config, false).await {
                     // Control logs what the reload changed.
                     Ok(_report) => {}
                     Err(e) => tracing::error!(error = %e, "config reload rejected; keeping the running config"),
@@ -285,6 +376,12 @@ async fn serve_with(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "REST API server"),
         Ok(Err(e)) => tracing::warn!(error = %e, "REST API task"),
         Err(_) => tracing::warn!("REST API did not finish within 5 s"),
+    }
+    let _ = store_stop.send(true);
+    if let Some(task) = store_task {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "cluster store task");
+        }
     }
     let _ = bgp_stop.send(true);
     if let Some(task) = bgp_task {

@@ -77,6 +77,9 @@ pub struct BackendView {
     pub serving: bool,
     /// Keeps its established flows.
     pub active: bool,
+    /// With `[cluster]`: this node's own checks find it down while the cluster's
+    /// majority does not, so it stays in the rings (false without `[cluster]`).
+    pub local_down: bool,
 }
 
 /// How a service is seen by the fast path right now.
@@ -109,6 +112,18 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// A memory that knows `service` was last served by `set` and that its eligible
+    /// backends have been eligible since it was first seen (no slow start): with
+    /// `[cluster]`, the control plane derives fail open from the shared state alone
+    /// rather than from this node's history.
+    #[must_use]
+    pub fn stateless(service: &str, set: BTreeSet<(IpAddr, u16)>) -> Self {
+        Memory {
+            services: BTreeMap::from([(service.to_owned(), set)]),
+            ..Memory::default()
+        }
+    }
+
     /// Some backend is still slow-starting: recompute again soon.
     #[must_use]
     pub fn ramping(&self) -> bool {
@@ -176,6 +191,7 @@ pub fn desired_service(
                 healthy: healthy(b.address, b.port),
                 serving: false,
                 active: false,
+                local_down: false,
             }
         })
         .collect();

@@ -92,11 +92,13 @@ pub fn choose_backend(
             return pick_from_ring(key, vip, Table::Established);
         }
     }
-    if limits.global {
-        limit::admit(0, key)?;
-    }
-    if limits.service {
-        limit::admit(vip.service_id + 1, key)?;
+    if limits.global || limits.service {
+        let service = if limits.service {
+            Some(vip.service_id + 1)
+        } else {
+            None
+        };
+        limit::admit(limits.global, service, key)?;
     }
     count(Counter::FlowNew);
     if new_connection {

@@ -21,13 +21,9 @@ use lb_common::{
 
 use crate::maps::{FLOW_BUCKETS, FLOW_LIMITS};
 
-/// Admit (and account) one new flow of `key` under the limit at `index`, or refuse it.
+/// The bucket of `key`'s source under `limit` (the one at `index`).
 #[inline(always)]
-pub fn admit(index: u32, key: &FlowKey) -> Result<(), DropReason> {
-    let Some(limit) = FLOW_LIMITS.get(index) else {
-        return Ok(());
-    };
-    let limit: FlowLimit = *limit;
+fn bucket_of(index: u32, limit: &FlowLimit, key: &FlowKey) -> FilterAddr {
     let mut bucket = FilterAddr {
         family: key.family,
         scope: filter_scope(index),
@@ -41,24 +37,76 @@ pub fn admit(index: u32, key: &FlowKey) -> Result<(), DropReason> {
         bucket.addr[2] = key.src[2] & limit.mask_v6[2];
         bucket.addr[3] = key.src[3] & limit.mask_v6[3];
     }
+    bucket
+}
+
+/// Look up the bucket of `key` under the limit at `index`: Err when the source is over
+/// it, else what to write when the flow is admitted: the bucket's value (null: a new
+/// source, full bucket) and its next value (0: the limit is not set; a set limit's next
+/// value is never 0). Only a pointer and a number come back, not the bucket's key
+/// ([`commit`] makes it again for a new source): this is `xdp_lb`'s deepest call, and
+/// its frame counts against BPF's 512-byte stack together with the entry point's.
+#[inline(always)]
+fn check(index: u32, key: &FlowKey, now: u64) -> Result<(*mut u64, u64), DropReason> {
+    let Some(limit) = FLOW_LIMITS.get(index) else {
+        return Ok((core::ptr::null_mut(), 0));
+    };
+    let tat = FLOW_BUCKETS
+        .get_ptr_mut(bucket_of(index, limit, key))
+        .unwrap_or(core::ptr::null_mut());
+    let at = if tat.is_null() {
+        now
+    } else {
+        // SAFETY: the value of an LRU hash entry, valid during this run.
+        unsafe { *tat }
+    };
+    let at = if at > now { at } else { now };
+    if at - now > limit.tolerance_ns {
+        return Err(DropReason::NewFlowLimit);
+    }
+    Ok((tat, at + limit.interval_ns))
+}
+
+#[inline(always)]
+fn commit(index: u32, key: &FlowKey, tat: *mut u64, next: u64) {
+    if next == 0 {
+        return;
+    }
+    if !tat.is_null() {
+        // SAFETY: as in `check`.
+        unsafe { *tat = next };
+        return;
+    }
+    if let Some(limit) = FLOW_LIMITS.get(index) {
+        // A new source starts with a full bucket, less this flow. A failed insert
+        // (map busy) admits: the limit never drops what it did not measure.
+        let _ = FLOW_BUCKETS.insert(bucket_of(index, limit, key), next, 0);
+    }
+}
+
+/// Admit (and account) one new flow of `key` under the global limit (`global`) and
+/// the service's (`service`: its `FLOW_LIMITS` index), or refuse it. Both are checked
+/// before either is charged, so a flow one limit refuses costs the other nothing.
+///
+/// Not inlined: a BPF subprogram with its own (small) stack frame, entered only by a
+/// packet that would create a flow while a limit is set; inlined, its locals took
+/// `xdp_lb`'s frame past BPF's 512 bytes once the ICMP paths were in it.
+#[inline(never)]
+pub fn admit(global: bool, service: Option<u32>, key: &FlowKey) -> Result<(), DropReason> {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    match FLOW_BUCKETS.get_ptr_mut(bucket) {
-        Some(tat) => {
-            // SAFETY: the value of an LRU hash entry, valid during this run.
-            let at = unsafe { *tat };
-            let at = if at > now { at } else { now };
-            if at - now > limit.tolerance_ns {
-                return Err(DropReason::NewFlowLimit);
-            }
-            // SAFETY: as above.
-            unsafe { *tat = at + limit.interval_ns };
-        }
-        None => {
-            // A new source starts with a full bucket, less this flow. A failed insert
-            // (map busy) admits: the limit never drops what it did not measure.
-            let _ = FLOW_BUCKETS.insert(bucket, now + limit.interval_ns, 0);
-        }
-    }
+    let (g_tat, g_next) = if global {
+        check(0, key, now)?
+    } else {
+        (core::ptr::null_mut(), 0)
+    };
+    let index = service.unwrap_or(0);
+    let (s_tat, s_next) = if service.is_some() {
+        check(index, key, now)?
+    } else {
+        (core::ptr::null_mut(), 0)
+    };
+    commit(0, key, g_tat, g_next);
+    commit(index, key, s_tat, s_next);
     Ok(())
 }

@@ -159,6 +159,8 @@ pub struct LbConfig {
     pub interface: String,
     agent: Table,
     dataplane: Table,
+    /// Further top-level tables (`[bgp]`, ...), by name.
+    tables: Table,
     /// The services.
     pub services: Vec<ServiceConfig>,
 }
@@ -170,6 +172,7 @@ impl LbConfig {
             interface: interface.to_owned(),
             agent: Table::new(),
             dataplane: Table::new(),
+            tables: Table::new(),
             services: Vec::new(),
         }
     }
@@ -192,6 +195,31 @@ impl LbConfig {
     #[must_use]
     pub fn dataplane(mut self, key: &str, value: impl Serialize) -> Self {
         self.dataplane.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets any key of a further top-level table (`[bgp]`, ...), creating the table.
+    ///
+    /// # Panics
+    ///
+    /// `table` names a key that is not a table: a bug in the test.
+    #[must_use]
+    pub fn table(mut self, table: &str, key: &str, value: impl Serialize) -> Self {
+        let t = self
+            .tables
+            .entry(table)
+            .or_insert_with(|| Value::Table(Table::new()));
+        t.as_table_mut()
+            .expect("a table")
+            .insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets a whole further table, e.g. `[cluster]` from a serialisable struct or map
+    /// (replacing what [`LbConfig::table`] set in it).
+    #[must_use]
+    pub fn section(mut self, name: &str, value: impl Serialize) -> Self {
+        self.tables.insert(name.to_owned(), toml_value(value));
         self
     }
 
@@ -235,6 +263,7 @@ impl LbConfig {
         let mut doc = Table::new();
         doc.insert("agent".to_owned(), Value::Table(agent));
         doc.insert("dataplane".to_owned(), Value::Table(self.dataplane.clone()));
+        doc.extend(self.tables.clone());
         let services = self.services.iter().map(|s| Value::Table(s.table()));
         doc.insert("service".to_owned(), Value::Array(services.collect()));
         doc
@@ -345,6 +374,20 @@ mod tests {
         let text = cfg.to_toml(Path::new("/s"));
         let parsed = Config::parse(&text, "bed.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(parsed.services[0].backends.len(), 3);
+    }
+
+    #[test]
+    fn further_tables_reach_the_agent() {
+        let cfg = LbConfig::new("eth0")
+            .table("bgp", "bird_socket", "/run/x/bird.ctl")
+            .table("bgp", "site_prepend", 2)
+            .table("bgp", "local_as", 65001);
+        let model = cfg.model().expect("model");
+        let bgp = model.bgp.expect("[bgp]");
+        assert_eq!(bgp.bird_socket, Path::new("/run/x/bird.ctl"));
+        assert_eq!((bgp.site_prepend, bgp.local_as), (2, Some(65001)));
+        assert_eq!(bgp.drain_s, 5, "omitted keys take the agent's defaults");
+        Config::parse(&cfg.to_toml(Path::new("/s")), "bgp.toml").expect("valid");
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! - [`config`]: a builder for the agent's TOML config.
 //! - [`http`]: HTTP backends that count what they serve, and clients whose TCP connection
 //!   the test owns (namespace, local port, one per request or one for many), on hyper.
+//! - [`bird`]: BIRD 2 daemons in namespaces (own config, socket, log) and `birdc`.
+//! - [`ecmp_bed`]: several LB nodes behind a router with ECMP over BGP/BFD (BIRD 2),
+//!   backends with echo servers, and a store network for the shared state.
+//! - [`stream`]: long-lived TCP streams with sequence checks, and their echo server.
 //! - [`capture`]: packet counting with `AF_PACKET` sockets, and ping.
 //! - [`packet`]: Ethernet/IPv4/TCP/UDP builder and decoder with checksums.
 //! - [`scenario`]: the L4 end-to-end run and its observations.
@@ -17,12 +21,17 @@
 //!   its maps, `test_run`, and the oracle and expected frames.
 //! - [`require_privileges!`]: the entry line of every privileged test.
 
+pub mod bird;
 pub mod capture;
+pub mod cluster_bed;
 pub mod config;
+pub mod ecmp_bed;
+pub mod etcd;
 pub mod http;
 pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
+pub mod stream;
 pub mod topology;
 pub mod xdp_bed;

@@ -599,6 +599,12 @@ impl ChildGuard {
             .with_context(|| format!("waiting for `{}`", self.shown))
     }
 
+    /// Kills the child with SIGKILL at once (a crash, not a shutdown) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the child: SIGTERM, up to `grace` to exit, then SIGKILL. Returns its status.
     pub fn stop(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {

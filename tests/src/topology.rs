@@ -140,6 +140,8 @@ pub struct Topology {
     /// An agent was started (its fast path may outlive it).
     agent_started: bool,
     peer_xdp: Option<Ebpf>,
+    /// XDP_PASS programs on the router-side peers of hosts added by [`Topology::add_lan_host`].
+    extra_peer_xdp: Vec<Ebpf>,
     /// The client.
     pub client: Host,
     /// The load balancer.
@@ -263,6 +265,7 @@ impl Topology {
             decap_attached: Vec::new(),
             agent_started: false,
             peer_xdp,
+            extra_peer_xdp: Vec::new(),
             client,
             lb,
             backends,
@@ -270,6 +273,48 @@ impl Topology {
             bridge,
             bpffs,
             guard,
+        })
+    }
+
+    /// Adds a host `role` on the server LAN (a namespace of this run, `eth0` at `addr`
+    /// on the bridge, TX checksum offload off, default route via the router), e.g. a
+    /// second LB node or an etcd member. With `xdp_pass_peer`, its router-side peer
+    /// carries an XDP_PASS program (needed for a host whose XDP program sends with
+    /// XDP_TX). Removed with the topology.
+    pub fn add_lan_host(
+        &mut self,
+        role: &str,
+        addr: Ipv4Addr,
+        xdp_pass_peer: bool,
+    ) -> anyhow::Result<Host> {
+        let ns = self.guard.create(role)?;
+        let port = self.guard.name(role);
+        let ip = |ns: &str, cmd: &str| -> anyhow::Result<()> {
+            let args: Vec<&str> = ["ip", "-n", ns]
+                .into_iter()
+                .chain(cmd.split_whitespace())
+                .collect();
+            netns::run(&args).map(drop)
+        };
+        let (router, bridge) = (&self.router, &self.bridge);
+        ip(
+            router,
+            &format!("link add {port} type veth peer name eth0 netns {ns}"),
+        )?;
+        ip(router, &format!("link set {port} master {bridge} up"))?;
+        ip(&ns, &format!("addr add {addr}/{PREFIX_LEN} dev eth0"))?;
+        ip(&ns, "link set eth0 up")?;
+        ip(&ns, "link set lo up")?;
+        netns::exec(&ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        ip(&ns, &format!("route add default via {ROUTER_LAN_ADDR}"))?;
+        if xdp_pass_peer {
+            self.extra_peer_xdp.push(attach_xdp_pass(router, &port)?);
+        }
+        Ok(Host {
+            role: role.to_owned(),
+            ns,
+            addr,
+            router_port: port,
         })
     }
 
@@ -323,22 +368,9 @@ impl Topology {
 
     /// Runs `lb-agent decap attach --iface eth0 --bpffs <bpffs>` in every backend.
     pub fn attach_decap(&mut self) -> anyhow::Result<()> {
-        let bin = agent_binary()?;
-        let bpffs = self.bpffs.to_string_lossy().into_owned();
         for b in &self.backends {
-            netns::exec(
-                &b.ns,
-                &[
-                    bin.to_string_lossy().as_ref(),
-                    "decap",
-                    "attach",
-                    "--iface",
-                    "eth0",
-                    "--bpffs",
-                    &bpffs,
-                ],
-            )
-            .with_context(|| format!("attaching decap in {}", b.role))?;
+            decap_attach(&b.ns, &self.bpffs)
+                .with_context(|| format!("attaching decap in {}", b.role))?;
             self.decap_attached.push(b.ns.clone());
         }
         Ok(())
@@ -371,33 +403,16 @@ impl Topology {
             args.extend(["--xdp-mode".into(), mode.clone()]);
         }
         args.extend(opts.extra_args.iter().cloned());
-        let mut child = netns::spawn(&self.lb.ns, &args, Some(&self.agent_log))?;
         // From here on there may be a fast path to remove at teardown.
         self.agent_started = true;
-        let deadline = Instant::now() + opts.ready_timeout;
-        loop {
-            if self.agent_log().contains(AGENT_READY) {
-                self.agent = Some(child);
-                return Ok(());
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "`{}` exited ({status}) before `{AGENT_READY}`; its log:\n{}",
-                    child.command(),
-                    self.agent_log()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.stop(Duration::from_secs(3));
-                bail!(
-                    "`{}` did not log `{AGENT_READY}` within {:?}; its log:\n{}",
-                    child.command(),
-                    opts.ready_timeout,
-                    self.agent_log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.agent = Some(spawn_agent(
+            &self.lb.ns,
+            &args,
+            &self.agent_log,
+            0,
+            opts.ready_timeout,
+        )?);
+        Ok(())
     }
 
     /// Whether the agent is running (started and not exited).
@@ -475,32 +490,13 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         let _ = self.stop_agent();
-        if let Ok(bin) = agent_binary() {
-            let bin = bin.to_string_lossy().into_owned();
-            let bpffs = self.bpffs.to_string_lossy().into_owned();
-            // The agent leaves its fast path running when it stops (hitless restart):
-            // remove it, and the interface setting it recorded, the way an operator would.
-            if self.agent_started {
-                let args = [bin.as_str(), "detach", "--iface", "eth0", "--bpffs", &bpffs];
-                if let Err(e) = netns::exec(&self.lb.ns, &args) {
-                    eprintln!("warning (ignored while tearing down): {e:#}");
-                }
-            }
-            for ns in self.decap_attached.drain(..) {
-                let args = [
-                    bin.as_str(),
-                    "decap",
-                    "detach",
-                    "--iface",
-                    "eth0",
-                    "--bpffs",
-                    &bpffs,
-                ];
-                if let Err(e) = netns::exec(&ns, &args) {
-                    eprintln!("warning (ignored while tearing down): {e:#}");
-                }
-            }
-        }
+        let lbs = if self.agent_started {
+            vec![self.lb.ns.clone()]
+        } else {
+            Vec::new()
+        };
+        let decap: Vec<String> = self.decap_attached.drain(..).collect();
+        detach_all(&lbs, &decap, &self.bpffs);
         // Detach inside the router namespace: should aya fall back to netlink, the
         // interface index must be looked up there, not in the caller's namespace.
         if let Some(ebpf) = self.peer_xdp.take() {
@@ -509,11 +505,94 @@ impl Drop for Topology {
                 Ok(())
             });
         }
+        let extra = std::mem::take(&mut self.extra_peer_xdp);
+        let _ = netns::in_netns(&self.router, move || {
+            drop(extra);
+            Ok(())
+        });
+    }
+}
+
+/// `lb-agent decap attach --iface eth0 --bpffs BPFFS` inside `ns`.
+pub fn decap_attach(ns: &str, bpffs: &Path) -> anyhow::Result<()> {
+    let bin = agent_binary()?;
+    let (bin, bpffs) = (bin.to_string_lossy(), bpffs.to_string_lossy());
+    let args = [
+        bin.as_ref(),
+        "decap",
+        "attach",
+        "--iface",
+        "eth0",
+        "--bpffs",
+        bpffs.as_ref(),
+    ];
+    netns::exec(ns, &args).map(drop)
+}
+
+/// Teardown of what agents leave pinned (they keep their fast path when they stop:
+/// hitless restart): `lb-agent detach` in every namespace of `lbs`, `lb-agent decap
+/// detach` in every one of `decap`, the way an operator would. Failures are printed,
+/// not returned (this runs while tearing down).
+pub fn detach_all(lbs: &[String], decap: &[String], bpffs: &Path) {
+    let Ok(bin) = agent_binary() else { return };
+    let (bin, bpffs) = (bin.to_string_lossy(), bpffs.to_string_lossy());
+    let runs = lbs
+        .iter()
+        .map(|ns| (ns, vec!["detach"]))
+        .chain(decap.iter().map(|ns| (ns, vec!["decap", "detach"])));
+    for (ns, what) in runs {
+        let mut args = vec![bin.as_ref()];
+        args.extend(what);
+        args.extend(["--iface", "eth0", "--bpffs", bpffs.as_ref()]);
+        if let Err(e) = netns::exec(ns, &args) {
+            eprintln!("warning (ignored while tearing down): {e:#}");
+        }
+    }
+}
+
+/// Starts `args` (an `lb-agent run` command line) inside `ns` with its output appended
+/// to `log`, and waits until the log has an `agent ready` line after its first `from`
+/// bytes (colour codes removed). The child is stopped when it fails to get there
+/// within `timeout`.
+pub fn spawn_agent(
+    ns: &str,
+    args: &[String],
+    log: &Path,
+    from: usize,
+    timeout: Duration,
+) -> anyhow::Result<ChildGuard> {
+    let read = || {
+        fs::read(log)
+            .map(|b| strip_ansi(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default()
+    };
+    let mut child = netns::spawn(ns, args, Some(log))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if read().get(from..).is_some_and(|l| l.contains(AGENT_READY)) {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "`{}` exited ({status}) before `{AGENT_READY}`; its log:\n{}",
+                child.command(),
+                read()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.stop(Duration::from_secs(3));
+            bail!(
+                "`{}` did not log `{AGENT_READY}` within {timeout:?}; its log:\n{}",
+                child.command(),
+                read()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// `s` without ANSI escape sequences (`ESC [ ... final`), as a log file may carry them.
-fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -575,7 +654,7 @@ fn target_dir() -> PathBuf {
 /// Loads `floor_pass` from the agent's embedded benchmark-floors object and attaches it
 /// in native mode to `iface` of namespace `ns`.
 /// The program stays attached while the returned [`Ebpf`] lives.
-fn attach_xdp_pass(ns: &str, iface: &str) -> anyhow::Result<Ebpf> {
+pub fn attach_xdp_pass(ns: &str, iface: &str) -> anyhow::Result<Ebpf> {
     let name = iface.to_owned();
     netns::in_netns(ns, move || {
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;

@@ -1,4 +1,4 @@
-//! The XDP bed shared by the fixture tests (`tests/xdp_fixtures.rs`) and the benchmark
+//! The XDP bed shared by the fixture tests (`tests/integration/xdp_fixtures.rs`) and the benchmark
 //! (`xdplb-bench xdp`): load the balancer object, fill its maps through the agent's
 //! reconciler, run a program with `BPF_PROG_TEST_RUN`, and predict what must come out.
 //!

@@ -20,9 +20,20 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),
     // BIRD 2 (`bird`, `birdc`): the BGP daemon the agent's `[bgp]` drives; the BGP tests
-    // (tests/tests/bgp.rs) run one per namespace. Installed without starting Debian's
-    // system instance (see `NoServiceStarts`): the tests start their own.
+    // (tests/tests/integration/bgp.rs) run one per namespace. Installed without starting
+    // Debian's system instance (see `NoServiceStarts`): the tests start their own.
     ("bird2", "bird"),
+    // etcd 3.4 (`etcd`): the store of `[cluster]`; the cluster tests (tests/tests/integration/cluster.rs)
+    // run a three-member etcd per test in namespaces. Installed without starting Debian's
+    // system instance (see `NoServiceStarts`). `etcdctl` (etcd-client) for tests and debugging.
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    // `protoc`: the `etcd-client` crate compiles etcd's protobuf definitions at build time.
+    ("protobuf-compiler", "protoc"),
+    // protoc's well-known types (google/protobuf/descriptor.proto, struct.proto), which
+    // etcd's protos import; not pulled in by protobuf-compiler with --no-install-recommends.
+    // No program of its own: without dpkg, `protoc` stands for it.
+    ("libprotobuf-dev", "protoc"),
     ("vagrant", "vagrant"),
     // A provider: without one `vagrant validate` stops at "No usable default provider could
     // be found". With `--no-install-recommends` it brings libvirt's client library and ruby

@@ -47,7 +47,8 @@ enum Task {
     },
     /// Clippy with `-D warnings`: the workspace for the host, and lb-ebpf for bpfel-unknown-none.
     Clippy,
-    /// Build in release mode and run `xdplb-demo` (needs root), e.g. `cargo xtask demo --xdp-mode native`.
+    /// Build in release mode and run `xdplb-demo` (needs root), e.g. `cargo xtask demo --xdp-mode native`;
+    /// `cargo xtask demo --cluster` shows two LB nodes behind ECMP and one of them dying.
     Demo {
         /// Arguments for `xdplb-demo`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

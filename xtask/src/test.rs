@@ -63,8 +63,14 @@ pub fn test(skip: &[Step], cargo_test_args: &[String]) -> Result<()> {
             continue;
         }
         println!("\n==> xtask test: {}", step.title());
+        let step_start = Instant::now();
         step.run(cargo_test_args)
             .with_context(|| format!("xtask test: step `{}` failed", step.title()))?;
+        println!(
+            "==> xtask test: {}: passed in {:.0}s",
+            step.title(),
+            step_start.elapsed().as_secs_f64()
+        );
     }
     println!(
         "\nxtask test: every step{} passed in {:.0}s",

@@ -63,6 +63,7 @@ impl From<ControlError> for ApiError {
             ControlError::State { .. } | ControlError::Apply(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "API request failed");

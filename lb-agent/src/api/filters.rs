@@ -28,14 +28,15 @@ pub async fn get_filters(State(state): State<ApiState>) -> Result<Json<SecurityC
         (status = 400, description = "a prefix that does not parse, has host bits set, is listed twice, or too many", body = ErrorBody),
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn replace_filters(
     State(state): State<ApiState>,
     ApiJson(sec): ApiJson<SecurityConfig>,
 ) -> Result<Json<SecurityConfig>, ApiError> {
     let mut control = state.lock().await?;
-    control.replace_filters(sec)?;
+    control.replace_filters(sec).await?;
     tracing::info!(filters = ?control.filters(), "source filters replaced through the API");
     Ok(Json(control.filters().clone()))
 }

@@ -165,7 +165,7 @@ pub async fn get_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 409, description = "a service of that name exists already", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn create_service(
     State(state): State<ApiState>,
@@ -173,7 +173,7 @@ pub async fn create_service(
 ) -> ApiResult {
     let mut control = state.lock().await?;
     let name = svc.name.clone();
-    control.create_service(svc)?;
+    control.create_service(svc).await?;
     tracing::info!(service = %name, "service created through the API");
     let body = one_service(&control, &name)?;
     Ok((
@@ -194,7 +194,8 @@ pub async fn create_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn replace_service(
     State(state): State<ApiState>,
@@ -202,7 +203,7 @@ pub async fn replace_service(
     ApiJson(svc): ApiJson<ServiceConfig>,
 ) -> ApiResult<Json<Service>> {
     let mut control = state.lock().await?;
-    control.replace_service(&name, svc)?;
+    control.replace_service(&name, svc).await?;
     tracing::info!(service = %name, "service replaced through the API");
     Ok(Json(one_service(&control, &name)?))
 }
@@ -215,14 +216,15 @@ pub async fn replace_service(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn delete_service(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     let mut control = state.lock().await?;
-    control.delete_service(&name)?;
+    control.delete_service(&name).await?;
     tracing::info!(service = %name, "service deleted through the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -239,7 +241,7 @@ pub async fn delete_service(
         (status = 404, description = "no such service", body = ErrorBody),
         (status = 409, description = "the service has this backend already", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn add_backend(
     State(state): State<ApiState>,
@@ -254,7 +256,7 @@ pub async fn add_backend(
         .port();
     let backend = backend.with_default_port(vip_port);
     let (address, port) = (backend.address, backend.port);
-    control.add_backend(&name, backend)?;
+    control.add_backend(&name, backend).await?;
     tracing::info!(service = %name, backend = %address, port, "backend added through the API");
     let body = one_backend(&control, &name, address, Some(port));
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -273,7 +275,8 @@ pub async fn add_backend(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service or backend", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn patch_backend(
     State(state): State<ApiState>,
@@ -282,14 +285,16 @@ pub async fn patch_backend(
 ) -> ApiResult<Json<Option<Backend>>> {
     let address = parse_address(&address)?;
     let mut control = state.lock().await?;
-    control.patch_backend(
-        &name,
-        address,
-        BackendOverride {
-            state: patch.state,
-            weight: patch.weight,
-        },
-    )?;
+    control
+        .patch_backend(
+            &name,
+            address,
+            BackendOverride {
+                state: patch.state,
+                weight: patch.weight,
+            },
+        )
+        .await?;
     tracing::info!(service = %name, backend = %address, state = ?patch.state, weight = ?patch.weight, "backend changed through the API");
     Ok(Json(one_backend(&control, &name, address, None)))
 }
@@ -306,7 +311,8 @@ pub async fn patch_backend(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 404, description = "no such service or backend", body = ErrorBody),
         (status = 500, description = "the state file or the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 409, description = "with [cluster]: another node changed it first; nothing changed", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn remove_backend(
     State(state): State<ApiState>,
@@ -314,7 +320,7 @@ pub async fn remove_backend(
 ) -> ApiResult<StatusCode> {
     let address = parse_address(&address)?;
     let mut control = state.lock().await?;
-    control.remove_backend(&name, address)?;
+    control.remove_backend(&name, address).await?;
     tracing::info!(service = %name, backend = %address, "backend removed through the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -426,7 +432,7 @@ pub async fn purge_cache(
         (status = 401, description = "missing or wrong token", body = ErrorBody),
         (status = 409, description = "the file would remove every service and allow_empty is not set: nothing changed", body = ErrorBody),
         (status = 500, description = "the maps could not be written", body = ErrorBody),
-        (status = 503, description = "the control plane is busy", body = ErrorBody),
+        (status = 503, description = "the control plane is busy, or (with [cluster]) etcd is unreachable: nothing changed", body = ErrorBody),
     ))]
 pub async fn reload(
     State(state): State<ApiState>,
@@ -434,7 +440,7 @@ pub async fn reload(
 ) -> ApiResult<Json<ReloadResponse>> {
     let req: ReloadRequest = optional_json(&body)?;
     let mut control = state.lock().await?;
-    let report = control.reload(&state.config_path, req.allow_empty)?;
+    let report = control.reload(&state.config_path, req.allow_empty).await?;
     tracing::info!(config = %state.config_path.display(), "reload asked through the API");
     Ok(Json(ReloadResponse {
         status: "reloaded".to_owned(),

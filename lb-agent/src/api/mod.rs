@@ -14,6 +14,8 @@
 //! | `GET /api/v1/stats` | fast-path traffic per service and backend, global counters, drops; `dataplane`: a map write pending retry |
 //! | `POST /api/v1/services/{name}/cache/purge` | `{"path"?, "prefix"?}` or no body → `{"purged": N}` |
 //! | `POST /api/v1/reload` | re-read the config file |
+//! | `GET /api/v1/cluster` | with `[cluster]`: node, store, members, revision (404 without) |
+//! | `GET /api/v1/services/{name}/ring` | the ring read back from the map, slots named by backend |
 //! | `GET /api/v1/openapi.json` | this API as an OpenAPI 3.1 document |
 //! | `GET /healthz` | liveness, `{"status": "ok"}` |
 //! | `GET /metrics` | Prometheus (OpenMetrics) text |
@@ -39,6 +41,7 @@
 //! the control plane stays locked for [`crate::control::LOCK_TIMEOUT`]. A rejected
 //! change changes nothing.
 
+mod cluster;
 mod error;
 mod filters;
 mod handlers;
@@ -116,6 +119,7 @@ impl ApiState {
         (name = "agent", description = "the agent itself"),
         (name = "node", description = "this LB node's VIP announcements (BGP through BIRD)"),
         (name = "filters", description = "source filters ([security] deny/allow)"),
+        (name = "cluster", description = "the LB nodes sharing one desired state in etcd ([cluster])"),
     ),
 )]
 struct ApiDoc;
@@ -154,6 +158,8 @@ fn routes(auth: Option<&ApiState>) -> (Router<ApiState>, utoipa::openapi::OpenAp
         .routes(routes!(handlers::drain_node))
         .routes(routes!(handlers::undrain_node))
         .routes(routes!(filters::get_filters, filters::replace_filters))
+        .routes(routes!(cluster::cluster_status))
+        .routes(routes!(cluster::ring_slots))
         .routes(routes!(handlers::openapi_json));
     if let Some(state) = auth {
         api = api.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

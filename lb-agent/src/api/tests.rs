@@ -651,6 +651,7 @@ const DESIGN_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/node/undrain"),
     ("get", "/api/v1/filters"),
     ("put", "/api/v1/filters"),
+    ("get", "/api/v1/cluster"),
     ("get", "/healthz"),
     ("get", "/metrics"),
 ];
@@ -1204,6 +1205,7 @@ async fn node_routes_drain_and_undrain_through_the_announcer() {
         bird_socket: dir.join("bird.ctl"),
         include_file: dir.join("xdplb.conf"),
         drain_s: 1,
+        ..crate::config::BgpConfig::default()
     };
     let node = crate::bgp::BgpNode::new(crate::bgp::Announcer::with_birdc(bgp, birdc));
     let vip: std::net::IpAddr = "198.18.100.1".parse().expect("ip");
@@ -1418,4 +1420,17 @@ async fn a_service_carries_its_own_filters_and_flood_limit() {
     );
     let desired = last.lock().expect("lock").clone().expect("applied");
     assert_eq!(desired.filters.new_flows.map(|l| l.rate), Some(1000));
+}
+
+#[tokio::test]
+async fn without_cluster_the_cluster_route_says_so() {
+    let f = Fixture::new();
+    let (status, v) = f.call("GET", "/api/v1/cluster", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no [cluster]")),
+        "{v}"
+    );
 }

@@ -92,6 +92,11 @@ pub struct BackendLive {
     pub active: bool,
     /// The health checker's status of this backend; null when it has none.
     pub health: Option<HealthStatus>,
+    /// With `[cluster]`: this node's own checks find the backend down while the
+    /// cluster's majority does not, so it stays in every ring (`healthy` is the
+    /// cluster's verdict). Absent when false (always, without `[cluster]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_down: bool,
 }
 
 impl Backend {
@@ -111,6 +116,7 @@ impl Backend {
                 serving: view.serving,
                 active: view.active,
                 health,
+                local_down: view.local_down,
             }),
         }
     }
@@ -369,6 +375,47 @@ pub struct NodeStatus {
     /// The announcements through BIRD; null without a `[bgp]` table (nothing is
     /// announced).
     pub bgp: Option<BgpStatus>,
+}
+
+/// `GET /api/v1/cluster` (with `[cluster]`): this node, the store's state, the live
+/// members with their last health publication, and the revision of the shared state
+/// this node applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// This node's name (`cluster.node`).
+    pub node: String,
+    /// `"connected"` while etcd answers, `"unreachable"` while this node serves its last
+    /// shared state (API changes answer 503).
+    pub store: String,
+    /// Why the store is unreachable (the last error); absent while connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The live members (a health view under a live lease; this node always), by name.
+    pub members: Vec<ClusterMember>,
+    /// The etcd revision of the shared state this node applied (0: not read yet).
+    pub revision: i64,
+}
+
+/// A live member of the cluster and its last health publication.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterMember {
+    pub node: String,
+    /// When it last published its health view (milliseconds since the Unix epoch).
+    pub published_ms: u64,
+    /// The backends it finds down, as `service/address:port`.
+    pub down: Vec<String>,
+}
+
+/// `GET /api/v1/services/{name}/ring`: the ring read back from the fast path's map,
+/// each slot named by its backend (`address:port`), so two nodes' rings can be
+/// compared slot by slot (their backend ids differ).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RingSlots {
+    pub service: String,
+    /// `ring_digest` of the same ring.
+    pub digest: Option<String>,
+    /// One entry per slot, in slot order (`dataplane.ring_size` entries).
+    pub slots: Vec<String>,
 }
 
 #[cfg(test)]

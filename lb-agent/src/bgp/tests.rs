@@ -91,6 +91,36 @@ fn announce_set_follows_fast_path_health_and_l7_proxy() {
 }
 
 #[test]
+fn site_prepend_puts_the_nodes_as_on_every_route() {
+    let cfg = BgpConfig {
+        site_prepend: 2,
+        local_as: Some(65001),
+        ..BgpConfig::default()
+    };
+    assert_eq!(site_prepend(&cfg), Some((65001, 2)));
+    assert_eq!(site_prepend(&BgpConfig::default()), None);
+    let text = render_with(&ips(&["198.18.100.1", "fd00:18::100"]), site_prepend(&cfg));
+    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        body,
+        [
+            "protocol static xdplb_vips {",
+            "  ipv4;",
+            "  route 198.18.100.1/32 blackhole { bgp_path.prepend(65001); bgp_path.prepend(65001); };",
+            "}",
+            "protocol static xdplb_vips6 {",
+            "  ipv6;",
+            "  route fd00:18::100/128 blackhole { bgp_path.prepend(65001); bgp_path.prepend(65001); };",
+            "}",
+        ]
+    );
+    assert!(text.contains("# bgp.site_prepend = 2: AS 65001"), "{text}");
+    // No prepend: exactly the plain rendering.
+    let set = ips(&["198.18.100.1"]);
+    assert_eq!(render_with(&set, None), render(&set));
+}
+
+#[test]
 fn render_writes_one_static_protocol_per_family() {
     let text = render(&ips(&["198.18.100.2", "fd00:18::100", "198.18.100.1"]));
     let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
@@ -152,6 +182,7 @@ fn bgp(dir: &Path) -> BgpConfig {
         bird_socket: dir.join("bird.ctl"),
         include_file: dir.join("xdplb.conf"),
         drain_s: 0,
+        ..BgpConfig::default()
     }
 }
 

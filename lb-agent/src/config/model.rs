@@ -40,6 +40,28 @@ pub struct Config {
     /// `[bgp]`: announce the VIPs through a local BIRD 2; absent: no announcements.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpConfig>,
+    /// `[cluster]`: services, backends and filters shared by several LB nodes through
+    /// etcd; absent: this node's file and state file are the desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the desired state lives under `prefix` in the etcd cluster `etcd`;
+/// `node` names this node there (its health view, `GET /api/v1/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// The etcd members' client URLs (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd (`/xdplb` by default).
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+}
+
+fn default_cluster_prefix() -> String {
+    "/xdplb".to_owned()
 }
 
 /// `[bgp]`: the agent writes the VIPs it announces into `include_file` (a BIRD static
@@ -53,6 +75,15 @@ pub struct BgpConfig {
     pub include_file: PathBuf,
     /// After a withdrawal (detach, node drain): seconds to wait before going on.
     pub drain_s: u64,
+    /// Site preference: how many times this node's AS (`local_as`) is prepended to the
+    /// AS path of its announcements (0: none). A standby site's nodes set it, so that
+    /// routers prefer the primary site's nodes (shorter path) while any of them
+    /// announces a VIP, and merge only equal paths into ECMP.
+    pub site_prepend: u8,
+    /// This node's AS number, as its BIRD's BGP protocols use it (`local ... as N`):
+    /// what `site_prepend` prepends. Required when `site_prepend` > 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_as: Option<u32>,
 }
 
 impl Default for BgpConfig {
@@ -61,6 +92,8 @@ impl Default for BgpConfig {
             bird_socket: PathBuf::from("/run/bird/bird.ctl"),
             include_file: PathBuf::from("/etc/bird/xdplb.conf"),
             drain_s: 5,
+            site_prepend: 0,
+            local_as: None,
         }
     }
 }

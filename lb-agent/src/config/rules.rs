@@ -12,9 +12,9 @@ use std::path::Path;
 
 use super::ConfigError;
 use super::model::{
-    AgentConfig, BgpConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig, FlowLimitConfig, HashOn,
-    HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig, ServiceConfig, TlsConfig,
-    XdpMode,
+    AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig,
+    FlowLimitConfig, HashOn, HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig,
+    ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -181,6 +181,9 @@ pub(super) fn validate_model(cfg: &Config, ids: &[ServiceIds]) -> Vec<ConfigErro
     if let Some(bgp) = &cfg.bgp {
         errors.extend(check_bgp(bgp));
     }
+    if let Some(cluster) = &cfg.cluster {
+        errors.extend(check_cluster(cluster));
+    }
     errors.extend(validate_security(&cfg.security, &cfg.dataplane));
     for (i, (svc, id)) in cfg.services.iter().zip(ids).enumerate() {
         let keys = Keys {
@@ -298,6 +301,82 @@ fn check_bgp(bgp: &BgpConfig) -> Vec<ConfigError> {
         errors.push(ConfigError::at_key(
             "bgp.drain_s",
             format!("{} is above the maximum {MAX_DRAIN_S}", bgp.drain_s),
+        ));
+    }
+    if bgp.site_prepend > MAX_SITE_PREPEND {
+        errors.push(ConfigError::at_key(
+            "bgp.site_prepend",
+            format!(
+                "{} is above the maximum {MAX_SITE_PREPEND} (a few prepends already lose \
+                 against any shorter path)",
+                bgp.site_prepend
+            ),
+        ));
+    }
+    match bgp.local_as {
+        Some(asn) if asn == 0 || asn == AS_TRANS || asn == u32::MAX => {
+            errors.push(ConfigError::at_key(
+                "bgp.local_as",
+                format!(
+                    "{asn} is reserved (0, 23456 and 4294967295 are not AS numbers a node may use)"
+                ),
+            ));
+        }
+        None if bgp.site_prepend > 0 => errors.push(ConfigError::at_key(
+            "bgp.site_prepend",
+            format!(
+                "{} prepends need bgp.local_as (this node's AS number, as in its BIRD's \
+                 `local ... as N`)",
+                bgp.site_prepend
+            ),
+        )),
+        _ => {}
+    }
+    errors
+}
+
+/// Most AS-path prepends `bgp.site_prepend` takes.
+const MAX_SITE_PREPEND: u8 = 10;
+
+/// AS_TRANS (RFC 6793): stands in for a 4-byte AS towards old speakers, never a node's AS.
+const AS_TRANS: u32 = 23456;
+
+/// `[cluster]`: a node name usable as an etcd key segment and a metric label, http
+/// URLs of etcd members, an absolute key prefix.
+fn check_cluster(c: &ClusterConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    // The same rules as a service name: a key segment in etcd and a metric label.
+    if let Some(why) = service_name_problem(&c.node) {
+        errors.push(ConfigError::at_key(
+            "cluster.node",
+            why.replace("service name", "node name"),
+        ));
+    }
+    if c.etcd.is_empty() {
+        errors.push(ConfigError::at_key(
+            "cluster.etcd",
+            "give at least one etcd member's client URL (\"http://host:port\")",
+        ));
+    }
+    for (i, url) in c.etcd.iter().enumerate() {
+        let ok = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !ok {
+            errors.push(ConfigError::at_key(
+                format!("cluster.etcd[{i}]"),
+                format!("{url:?} is not \"http://host:port\" (TLS to etcd is not supported yet)"),
+            ));
+        }
+    }
+    let p = &c.prefix;
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains("//") {
+        errors.push(ConfigError::at_key(
+            "cluster.prefix",
+            format!("{p:?} must start with '/', not end with '/' and have no empty segment (e.g. \"/xdplb\")"),
         ));
     }
     errors

@@ -288,6 +288,7 @@ fn design_example_parses_with_defaults_filled() {
             },
         ],
         bgp: None,
+        cluster: None,
     };
     let cfg = parse_ok(&text);
     assert_eq!(cfg, expected);
@@ -1628,6 +1629,7 @@ fn bgp_table_takes_defaults_and_checks_its_keys() {
             bird_socket: "/tmp/b.ctl".into(),
             include_file: "/tmp/x.conf".into(),
             drain_s: 0,
+            ..BgpConfig::default()
         })
     );
     assert_single(
@@ -1642,6 +1644,28 @@ fn bgp_table_takes_defaults_and_checks_its_keys() {
     );
     assert_single("[bgp]\ndrain_s = 601\n", "bgp.drain_s", "maximum 600");
     assert_single("[bgp]\nasn = 1\n", "bgp.asn", "");
+    let cfg = parse_ok("[bgp]\nsite_prepend = 3\nlocal_as = 65001\n");
+    let bgp = cfg.bgp.expect("bgp");
+    assert_eq!((bgp.site_prepend, bgp.local_as), (3, Some(65001)));
+    assert_single(
+        "[bgp]\nsite_prepend = 2\n",
+        "bgp.site_prepend",
+        "need bgp.local_as",
+    );
+    assert_single(
+        "[bgp]\nsite_prepend = 11\nlocal_as = 65001\n",
+        "bgp.site_prepend",
+        "maximum 10",
+    );
+    assert_single("[bgp]\nlocal_as = 23456\n", "bgp.local_as", "reserved");
+    assert_single("[bgp]\nlocal_as = 0\n", "bgp.local_as", "reserved");
+    // local_as alone is accepted (no prepend).
+    assert_eq!(
+        parse_ok("[bgp]\nlocal_as = 4200000000\n")
+            .bgp
+            .map(|b| b.site_prepend),
+        Some(0)
+    );
 }
 
 #[test]

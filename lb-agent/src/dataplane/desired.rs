@@ -126,6 +126,13 @@ pub trait Sink: Send {
     fn ring_digest(&self, _service: &str) -> Option<String> {
         None
     }
+    /// `service`'s ring read back from the fast path's map, each slot named by its
+    /// backend (`address:port`, `?` for an id that is no backend of the service), for
+    /// comparing the rings of two nodes slot by slot (`GET /api/v1/services/{name}/ring`).
+    /// None without a fast path or a ring.
+    fn ring_slots(&self, _service: &str) -> Option<anyhow::Result<Vec<String>>> {
+        None
+    }
 }
 
 /// No fast path: nothing to write (L7 services are served by the proxy).

@@ -116,6 +116,10 @@ impl Sink for MapsSink {
     fn ring_digest(&self, service: &str) -> Option<String> {
         self.reconciler.as_ref()?.ring_digest(service)
     }
+
+    fn ring_slots(&self, service: &str) -> Option<anyhow::Result<Vec<String>>> {
+        self.reconciler.as_ref()?.ring_slots(&self.maps, service)
+    }
 }
 
 /// How [`FastPath::load`] found the pin directory.

@@ -595,6 +595,31 @@ impl Reconciler {
         }
     }
 
+    /// `service`'s ring read back from `maps` (not from this record), each slot named
+    /// by its backend as in [`ring_digest`]; None without a ring.
+    pub fn ring_slots(&self, maps: &Maps, service: &str) -> Option<anyhow::Result<Vec<String>>> {
+        let written = self.services.get(service)?;
+        if written.ring.is_empty() {
+            return None;
+        }
+        let names: BTreeMap<u32, String> = written
+            .backends
+            .iter()
+            .map(|(&(address, port), &id)| (id, SocketAddr::new(address, port).to_string()))
+            .collect();
+        let base = written.id * self.ring_size;
+        Some(
+            (0..self.ring_size)
+                .map(|slot| {
+                    let id = maps.rings.get(&(base + slot), 0).map_err(|e| {
+                        anyhow::anyhow!("reading ring slot {slot} of service {service}: {e}")
+                    })?;
+                    Ok(names.get(&id).cloned().unwrap_or_else(|| "?".to_owned()))
+                })
+                .collect(),
+        )
+    }
+
     /// Backend id of `(service, address, port)` as last written.
     pub fn backend_id(&self, service: &str, address: IpAddr, port: u16) -> Option<u32> {
         self.services

@@ -4,6 +4,7 @@
 //! ```text
 //! xdplb-bench xdp [--repeat N] [--runs K]
 //! xdplb-bench failover [--runs N]
+//! xdplb-bench cluster [--nodes 2,4,8] [--rounds R]
 //! xdplb-bench l7 [--duration S] [--connections N] [--threads T] [--warmup S]
 //! ```
 //!
@@ -64,7 +65,10 @@
 //! printed), and with a table of 32,768 entries per CPU, fewer than the ports in one
 //! cycle, where every iteration is a miss, a ring lookup and an LRU insert that evicts
 //! (as in production once the table is full). The share of new flows is counted by
-//! `xdp_lb`'s own `flow_new` counter.
+//! `xdp_lb`'s own `flow_new` counter. A SYN is recorded in the new-flow table (flows
+//! enter the flow table on their second packet), which the bench sizes as the flow
+//! table, so "table" above is that one for the SYN rows; the established row is
+//! primed with two packets and then hits the flow table.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -132,6 +136,8 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: 
     }
 }
 
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/l7.rs"]
@@ -174,6 +180,12 @@ enum Benchmark {
     /// with cache hits, beside wrk straight at a backend; one table with ratios. Needs
     /// haproxy, nginx and wrk: `cargo xtask bench l7` installs them from Debian.
     L7(l7::Args),
+    /// N LB nodes sharing one state in etcd: API change → every node's ring (needs root).
+    ///
+    /// For N = 2, 4, 8 (`--nodes`): agents with XDP in namespaces, a three-member etcd;
+    /// the time until every node has the new ring, and how much of a joining node's
+    /// ring differs from the others'.
+    Cluster(cluster::Args),
     /// (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P.
     #[command(name = "l7-backend")]
     L7Backend(l7::BackendArgs),
@@ -241,6 +253,7 @@ fn main() -> ExitCode {
     let result = match &cli.benchmark {
         Benchmark::Xdp(args) => privileged().and_then(|()| bench_xdp(args)),
         Benchmark::Failover(args) => privileged().and_then(|()| failover::run(args)),
+        Benchmark::Cluster(args) => privileged().and_then(|()| cluster::run(args)),
         Benchmark::L7(args) => {
             if let Err(e) = args.check() {
                 Cli::command().error(ErrorKind::ValueValidation, e).exit();
@@ -1025,7 +1038,7 @@ fn report(rows: &[Row], args: &XdpArgs, cpu: usize, cpus: u32, small_table: u32,
          \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
          new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
          \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
-         \x20 \"new-flow SYN\": flow table of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
+         \x20 \"new-flow SYN\": new-flow table (where a SYN waits for its flow's second packet) of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
          \x20 one port cycle, so every SYN misses, takes a ring slot and evicts (a full table in\n\
          \x20 production). \"SYN, 2^20 table\": the production size ({} per CPU) keeps a whole port\n\
          \x20 cycle, so after the first 65536 iterations of a run the reused ports hit the table.",

@@ -4,7 +4,13 @@
 //!
 //! ```text
 //! xdplb-demo [--xdp-mode auto|native|skb] [--requests N] [--parallel N]
+//! xdplb-demo --cluster
 //! ```
+//!
+//! `--cluster` (`cargo xtask demo --cluster`) shows several LB nodes instead: two
+//! nodes behind a router that spreads flows over them by ECMP (BGP and BFD through
+//! BIRD 2), long-lived TCP connections through both, then one node dies and the
+//! connections carry on through the other (see `xdplb_tests::ecmp_bed`).
 //!
 //! The agent binary comes from `XDPLB_AGENT_BIN` (else `target/release/lb-agent`).
 //! Exit status 0 when every check passed, 1 when one failed, 2 on a usage error.
@@ -14,6 +20,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::{Parser, ValueEnum};
 use xdplb_tests::{
     capture::CaptureStats,
+    ecmp_bed::{EcmpBed, EcmpOptions, FailoverOptions, node_failover},
     netns,
     scenario::{self, BedOptions, L4Bed, L4Outcome, LoadOptions},
     topology::{VIP, vip_socket},
@@ -37,6 +44,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     parallel: usize,
+    /// Show several LB nodes behind ECMP instead: two nodes, long-lived connections,
+    /// one node killed (needs bird2: `cargo xtask setup`).
+    #[arg(long, conflicts_with_all = ["xdp_mode", "requests", "parallel"])]
+    cluster: bool,
 }
 
 /// `--xdp-mode` values (the agent's `--xdp-mode` without `off`).
@@ -67,7 +78,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    match run(&args) {
+    let result = if args.cluster {
+        run_cluster()
+    } else {
+        run(&args)
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -136,6 +152,121 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     if problems.is_empty() {
         println!(
             "\nRESULT: PASS, every request answered, shared as expected, replies bypassed the LB."
+        );
+        Ok(true)
+    } else {
+        println!("\nRESULT: FAIL");
+        for p in &problems {
+            println!("  - {p}");
+        }
+        Ok(false)
+    }
+}
+
+/// `--cluster`: the ECMP story; `Ok(false)` when a check failed.
+fn run_cluster() -> anyhow::Result<bool> {
+    println!("xdplb demo: several LB nodes behind ECMP, and one of them dies\n");
+    println!(
+        "Building the test bed: a router running BIRD 2 (BGP + BFD, ECMP over a 5-tuple hash), \
+         two LB nodes each running lb-agent and its own BIRD, three backends..."
+    );
+    let mut bed = EcmpBed::build(&EcmpOptions::default())?;
+    let namespaces = bed.namespaces();
+    println!("\n{}", bed.diagram());
+    let announced = bed.start_all()?;
+    println!(
+        "Both agents are up and announce {VIP}/32 through their BIRD; the router's kernel route \
+         has both nodes as next hops ({:.0} ms after the second agent was ready):",
+        announced.as_secs_f64() * 1000.0
+    );
+    let route = netns::run(&[
+        "ip",
+        "-n",
+        &bed.router,
+        "route",
+        "show",
+        &format!("{VIP}/32"),
+    ])?;
+    for line in route.lines() {
+        println!("  | {line}");
+    }
+    let opts = FailoverOptions::default();
+    let (conns, secs) = (
+        opts.streams.connections,
+        opts.streams.duration.as_secs_f64(),
+    );
+    println!(
+        "\nOpening {conns} TCP connections from the client to {} that stream data for {secs:.0} s \
+         (every byte echoed by the backend and checked); a new connection every {} ms meanwhile.",
+        vip_socket(),
+        opts.probe_every.as_millis()
+    );
+    println!(
+        "After {:.1} s, {} dies: its link goes down, its BIRD and its agent are killed.",
+        opts.before.as_secs_f64(),
+        bed.nodes[opts.victim].name
+    );
+    let outcome = node_failover(&mut bed, &opts)?;
+    let names: Vec<String> = bed.nodes.iter().map(|n| n.name.clone()).collect();
+    let log_tail: Vec<String> = bed.nodes[1]
+        .agent_log()
+        .lines()
+        .rev()
+        .take(5)
+        .map(str::to_owned)
+        .collect();
+    drop(bed);
+    let leftover: Vec<String> = netns::list_namespaces()?
+        .into_iter()
+        .filter(|n| namespaces.contains(n))
+        .collect();
+
+    println!(
+        "\nBoth nodes carried flows before (VIP packets through each node's XDP, from its agent's /api/v1/stats):"
+    );
+    for (name, (before, after)) in names
+        .iter()
+        .zip(outcome.packets_before.iter().zip(&outcome.packets_after))
+    {
+        let after = after.map_or_else(|| "dead".to_owned(), |n| n.to_string());
+        println!("  {name:<4} before the death {before:>7}   after {after:>7}");
+    }
+    println!(
+        "Both nodes have the same ring for service web (ring_digest): {}",
+        if outcome.digests.windows(2).all(|w| w[0] == w[1]) {
+            format!("yes, {}", outcome.digests[0].get(..16).unwrap_or_default())
+        } else {
+            format!("NO: {:?}", outcome.digests)
+        }
+    );
+    println!("\nWhat happened:");
+    for line in outcome.figures() {
+        println!("  - {line}");
+    }
+    println!(
+        "\nThe flows of the dead node reached the other node, which has the same Maglev ring, \
+         so they landed on the same backends and the backends' TCP connections carried on."
+    );
+    println!("\nSurviving agent's log (last lines):");
+    for line in log_tail.iter().rev() {
+        println!("  | {line}");
+    }
+    let mut problems = outcome.problems(opts.victim);
+    if !leftover.is_empty() {
+        problems.push(format!("namespaces left behind: {leftover:?}"));
+    }
+    println!(
+        "\nCleanup: {} namespaces removed{}",
+        namespaces.len(),
+        if leftover.is_empty() {
+            ", none left"
+        } else {
+            ""
+        }
+    );
+    if problems.is_empty() {
+        println!(
+            "\nRESULT: PASS, no connection lost when a node died; new connections succeeded throughout."
         );
         Ok(true)
     } else {
@@ -217,5 +348,8 @@ mod tests {
         assert!(a(&["--requests", "0"]).is_err());
         assert!(a(&["--parallel", "0"]).is_err());
         assert!(a(&["--bogus"]).is_err());
+        assert!(a(&["--cluster"]).unwrap().cluster);
+        assert!(!d.cluster);
+        assert!(a(&["--cluster", "--requests", "5"]).is_err());
     }
 }

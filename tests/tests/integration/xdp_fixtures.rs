@@ -1257,13 +1257,18 @@ fn new_flows_per_source_are_limited_established_flows_are_not() -> anyhow::Resul
                 dns(src(2, 1, 5401)),
                 Expect::Drop(NewFlowLimit),
             ),
-            // (The refused flow above took a token of the global /24 bucket before
-            // the service's bucket refused it: the next address is in another /24.)
+            // The refused flow above cost the global /24 bucket nothing (both limits
+            // are checked before either is charged): this is the /24's second flow.
             to_dns(
                 fx,
-                "dns: 198.18.4.2, a bucket of its own under the service's /32",
-                dns(src(4, 2, 5402)),
+                "dns: 198.18.2.2, a bucket of its own under the service's /32",
+                dns(src(2, 2, 5402)),
             )?,
+            unchanged(
+                "dns: 198.18.2.3, the global /24 bucket is empty now",
+                dns(src(2, 3, 5403)),
+                Expect::Drop(NewFlowLimit),
+            ),
         ];
         for r in &rows {
             check_row(fx, r)?;

@@ -11,18 +11,16 @@
 //! The BIRDs run in the foreground under [`netns::ChildGuard`]s declared after the
 //! [`NetnsGuard`], so they are stopped before the namespaces go, also on a panic.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::IpAddr, path::Path, time::Duration};
 
 use lb_agent::{
     bgp::{Announcer, BirdState, render},
     config::BgpConfig,
 };
-use xdplb_tests::netns::{self, ChildGuard, NetnsGuard};
+use xdplb_tests::{
+    bird::{self, Bird},
+    netns::{self, NetnsGuard},
+};
 
 const LB_ADDR: &str = "198.18.50.1";
 const RTR_ADDR: &str = "198.18.50.2";
@@ -33,63 +31,9 @@ const SESSION_UP: Duration = Duration::from_secs(30);
 /// An UPDATE reaches the router well within this once the session is up.
 const PROPAGATE: Duration = Duration::from_secs(10);
 
-/// A BIRD 2 daemon in the foreground inside `ns`, with its own config, socket and pid
-/// file under `dir`.
-fn start_bird(
-    ns: &str,
-    dir: &Path,
-    name: &str,
-    config: &str,
-) -> anyhow::Result<(ChildGuard, PathBuf)> {
-    let conf = dir.join(format!("{name}.conf"));
-    std::fs::write(&conf, config)?;
-    let sock = dir.join(format!("{name}.ctl"));
-    let pid = dir.join(format!("{name}.pid"));
-    let log = dir.join(format!("{name}.log"));
-    let child = netns::spawn(
-        ns,
-        &[
-            "bird".as_ref(),
-            "-f".as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-            "-s".as_ref(),
-            sock.as_os_str(),
-            "-P".as_ref(),
-            pid.as_os_str(),
-        ],
-        Some(&log),
-    )?;
-    poll(&format!("{name}'s control socket"), SESSION_UP, || {
-        Ok(birdc(&sock, &["show", "status"]).is_ok_and(|s| s.contains("Daemon is up")))
-    })?;
-    Ok((child, sock))
-}
-
-fn birdc(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let mut full = vec![
-        "birdc".to_owned(),
-        "-s".to_owned(),
-        sock.display().to_string(),
-    ];
-    full.extend(args.iter().map(|a| (*a).to_owned()));
-    netns::run(&full)
-}
-
-/// Whether the router has a BGP route from the LB node for `vip` (`show route VIP/32
-/// protocol lbnode`; birdc exits 1 with "Network not found" when there is none).
+/// Whether the router has a BGP route from the LB node for `vip`.
 fn router_has(sock: &Path, vip: &str) -> anyhow::Result<bool> {
-    let out = std::process::Command::new("birdc")
-        .arg("-s")
-        .arg(sock)
-        .args(["show", "route", &format!("{vip}/32"), "protocol", "lbnode"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Network not found") {
-        return Ok(false);
-    }
-    anyhow::ensure!(out.status.success(), "birdc show route: {text}");
-    Ok(text.lines().any(|l| l.starts_with(&format!("{vip}/32"))))
+    bird::has_route(sock, &format!("{vip}/32"), "lbnode")
 }
 
 fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
@@ -99,10 +43,7 @@ fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
 #[test]
 fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<()> {
     xdplb_tests::require_privileges!();
-    anyhow::ensure!(
-        which::which("bird").is_ok() && which::which("birdc").is_ok(),
-        "bird and birdc are needed (Debian package bird2; `cargo xtask setup` installs it)"
-    );
+    bird::require()?;
     let mut guard = NetnsGuard::new()?;
     let lb = guard.create("lb")?;
     let rtr = guard.create("rtr")?;
@@ -129,7 +70,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
     std::fs::write(&include, render(&BTreeSet::new()))?;
 
     // `router` is a reserved word in BIRD: the protocols are `upstream` and `lbnode`.
-    let (mut lb_bird, lb_sock) = start_bird(
+    let mut lb_bird = Bird::start(
         &lb,
         &dir,
         "lb",
@@ -140,7 +81,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
             include.display()
         ),
     )?;
-    let (_rtr_bird, rtr_sock) = start_bird(
+    let rtr_bird = Bird::start(
         &rtr,
         &dir,
         "rtr",
@@ -150,8 +91,9 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
                ipv4 {{ import all; export none; }};\n}}\n"
         ),
     )?;
+    let (lb_sock, rtr_sock) = (lb_bird.socket.clone(), rtr_bird.socket.clone());
     let up = poll("the BGP session", SESSION_UP, || {
-        Ok(birdc(&rtr_sock, &["show", "protocols", "lbnode"])?.contains("Established"))
+        rtr_bird.established("lbnode")
     })?;
     eprintln!("BGP session established after {up:?}");
 
@@ -159,6 +101,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
         bird_socket: lb_sock.clone(),
         include_file: include.clone(),
         drain_s: 0,
+        ..BgpConfig::default()
     });
     assert!(!router_has(&rtr_sock, VIP1)?, "nothing announced yet");
     assert_eq!(announcer.update(ips(&[VIP1])), Ok(true));
@@ -166,7 +109,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
         router_has(&rtr_sock, VIP1)
     })?;
     eprintln!("announced VIP at the router after {t:?}");
-    let route = birdc(&rtr_sock, &["show", "route", &format!("{VIP1}/32"), "all"])?;
+    let route = rtr_bird.birdc(&["show", "route", &format!("{VIP1}/32"), "all"])?;
     assert!(route.contains(&format!("via {LB_ADDR}")), "{route}");
     assert!(route.contains("BGP.as_path: 65001"), "{route}");
     // The same set again: nothing written, nothing reconfigured.
@@ -195,7 +138,7 @@ fn announced_vips_reach_the_router_and_drain_withdraws_them() -> anyhow::Result<
 
     // The LB's BIRD is gone: the update fails clearly and is shown; forwarding is not
     // the announcer's business (nothing else depends on it).
-    lb_bird.stop(Duration::from_secs(3))?;
+    lb_bird.stop()?;
     let err = announcer
         .update(ips(&[VIP1, VIP2]))
         .expect_err("BIRD is not running");

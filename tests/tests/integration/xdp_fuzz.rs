@@ -14,7 +14,8 @@
 //! - the verdict is XDP_PASS, XDP_DROP, XDP_TX or XDP_REDIRECT, never XDP_ABORTED;
 //! - a passed or dropped frame comes out unchanged;
 //! - a sent frame (TX/REDIRECT) came in as an IPv4 TCP/UDP packet to an L4 VIP and
-//!   goes out as Ethernet + an outer IPv4 header (version 4, IHL 5, correct checksum,
+//!   goes out (TX for backends on the receiving interface, REDIRECT for the one behind
+//!   the other) as Ethernet + an outer IPv4 header (version 4, IHL 5, correct checksum,
 //!   TTL 64, protocol IPIP, not a fragment, from the LB's tunnel source to a backend
 //!   of that service) whose total length is the inner packet's plus 20 and equal to
 //!   what the frame carries (no trailing bytes), within the MTU, the inner packet
@@ -69,6 +70,9 @@ const BACKEND_MACS: [[u8; 6]; 3] = [
     [0x02, 0xbe, 0, 0, 0, 0x12],
     [0x02, 0xbe, 0, 0, 0, 0x13],
 ];
+/// Behind the second interface (`far0`): its packets are redirected there.
+const FAR_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
+const FAR_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 2, 0x11];
 const VIP_WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
 const VIP_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 53);
 const VIP_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 5), 80);
@@ -90,8 +94,9 @@ fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
     list.iter().map(|p| p.parse().expect("prefix")).collect()
 }
 
-/// web (TCP, three backends, its own deny list), dns (UDP, one backend, an allow list
-/// and a new-flow limit), an l7 VIP; global deny list and new-flow limit.
+/// web (TCP, three backends, its own deny list), dns (UDP, a backend behind the other
+/// interface, an allow list and a new-flow limit), an l7 VIP; global deny list and
+/// new-flow limit.
 fn desired() -> DesiredState {
     let service = |name: &str, vip: SocketAddrV4, protocol, backends, filters| DesiredService {
         name: name.into(),
@@ -140,7 +145,7 @@ fn desired() -> DesiredState {
                 "dns",
                 VIP_DNS,
                 Protocol::Udp,
-                vec![backend(BACKENDS[2], 53)],
+                vec![backend(FAR_BACKEND, 53)],
                 DesiredFilters {
                     allow: prefixes(&["198.18.0.0/25", "10.0.0.0/8"]),
                     new_flows: Some(FlowLimitConfig {
@@ -158,13 +163,15 @@ fn desired() -> DesiredState {
 }
 
 fn net() -> Net {
+    let mut neighbours: Vec<_> = BACKENDS
+        .iter()
+        .zip(BACKEND_MACS)
+        .map(|(&b, m)| (b, m, "lb0"))
+        .collect();
+    neighbours.push((FAR_BACKEND, FAR_MAC, "far0"));
     Net {
-        links: vec![("lb0", "198.18.1.10/24")],
-        neighbours: BACKENDS
-            .iter()
-            .zip(BACKEND_MACS)
-            .map(|(&b, m)| (b, m, "lb0"))
-            .collect(),
+        links: vec![("lb0", "198.18.1.10/24"), ("far0", "198.18.2.10/24")],
+        neighbours,
         routes: vec!["198.18.0.0/24 via 198.18.1.1 dev lb0"],
     }
 }
@@ -541,21 +548,28 @@ struct Totals {
 fn l4_vips() -> Vec<(SocketAddrV4, u8, Vec<Ipv4Addr>)> {
     vec![
         (VIP_WEB, 6, BACKENDS.to_vec()),
-        (VIP_DNS, 17, vec![BACKENDS[2]]),
+        (VIP_DNS, 17, vec![FAR_BACKEND]),
     ]
 }
 
 /// Checks one frame's result against the design (module docs).
-fn check(input: &[u8], verdict: u32, out: &[u8], lb_mac: [u8; 6]) -> anyhow::Result<()> {
+fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<()> {
     match verdict {
         XDP_PASS | XDP_DROP => {
             ensure!(out == input, "{} changed the frame", verdict_name(verdict));
             Ok(())
         }
         XDP_TX if is_answer(input, out) => check_answer(input, out),
-        XDP_TX | XDP_REDIRECT => check_sent(input, out, lb_mac),
+        XDP_TX => check_sent(input, out, macs.lb0, false),
+        XDP_REDIRECT => check_sent(input, out, macs.far0, true),
         v => bail!("verdict {}", verdict_name(v)),
     }
+}
+
+/// The interfaces' own MACs (the source of what leaves through them).
+struct Macs {
+    lb0: [u8; 6],
+    far0: [u8; 6],
 }
 
 /// Whether `out` is the balancer's own answer to `input` (an echo reply or a
@@ -659,7 +673,8 @@ fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_sent(input: &[u8], out: &[u8], lb_mac: [u8; 6]) -> anyhow::Result<()> {
+/// `redirected`: sent through `far0` (XDP_REDIRECT), else back out of `lb0` (XDP_TX).
+fn check_sent(input: &[u8], out: &[u8], src_mac: [u8; 6], redirected: bool) -> anyhow::Result<()> {
     // What came in: IPv4 (after at most one tag), TCP/UDP to an L4 VIP.
     let l3 = l3_offset(input).context("input has no L3")?;
     ensure!(l3 <= 18, "sent a frame with {} VLAN tags", (l3 - 14) / 4);
@@ -715,7 +730,10 @@ fn check_sent(input: &[u8], out: &[u8], lb_mac: [u8; 6]) -> anyhow::Result<()> {
 
     // What went out: Ethernet + outer IPv4 + exactly the inner packet.
     ensure!(out.len() >= 34, "sent frame of {} bytes", out.len());
-    ensure!(out[6..12] == lb_mac, "Ethernet source is not lb0's");
+    ensure!(
+        out[6..12] == src_mac,
+        "Ethernet source is not the sending interface's"
+    );
     ensure!(
         out[12..14] == ETH_P_IP.to_be_bytes(),
         "outer EtherType {:02x?}",
@@ -743,8 +761,15 @@ fn check_sent(input: &[u8], out: &[u8], lb_mac: [u8; 6]) -> anyhow::Result<()> {
         backends.contains(&backend),
         "sent to {backend}, not a backend of {dst}:{dport}"
     );
-    let mac = BACKEND_MACS[BACKENDS.iter().position(|&b| b == backend).unwrap_or(0)];
+    let (mac, far) = match BACKENDS.iter().position(|&b| b == backend) {
+        Some(i) => (BACKEND_MACS[i], false),
+        None => (FAR_MAC, true),
+    };
     ensure!(out[0..6] == mac, "Ethernet destination is not {backend}'s");
+    ensure!(
+        far == redirected,
+        "{backend} sent with the wrong verdict (redirected: {redirected})"
+    );
     let outer_len = usize::from(u16::from_be_bytes([outer[2], outer[3]]));
     ensure!(
         outer_len == inner_len + 20,
@@ -813,7 +838,7 @@ fn hex(bytes: &[u8]) -> String {
 struct Bed {
     lb: LoadedLb,
     ifindex: u32,
-    lb_mac: [u8; 6],
+    macs: Macs,
     _forwarding: InterfaceForwarding,
 }
 
@@ -832,7 +857,7 @@ impl Bed {
             None
         };
         let (verdict, out) = self.run(frame)?;
-        check(frame, verdict, &out, self.lb_mac)?;
+        check(frame, verdict, &out, &self.macs)?;
         totals.frames += 1;
         *totals.by_verdict.entry(verdict).or_default() += 1;
         if let Some(before) = before {
@@ -876,7 +901,10 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
         let bed = Bed {
             lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
-            lb_mac: xdplb_tests::netns::mac_of("lb0")?,
+            macs: Macs {
+                lb0: xdplb_tests::netns::mac_of("lb0")?,
+                far0: xdplb_tests::netns::mac_of("far0")?,
+            },
             _forwarding: InterfaceForwarding::enable("lb0")?,
         };
         let mut rng = StdRng::seed_from_u64(seed);
@@ -974,10 +1002,18 @@ fn the_generator_is_reproducible() {
     assert_eq!(a, b);
     // The checker refuses what the design does not allow.
     let f = PacketBuilder::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 1), VIP_WEB).build();
-    assert!(check(&f, 0, &f, [0; 6]).is_err(), "XDP_ABORTED accepted");
+    let macs = Macs {
+        lb0: [0; 6],
+        far0: [0; 6],
+    };
+    assert!(check(&f, 0, &f, &macs).is_err(), "XDP_ABORTED accepted");
     assert!(
-        check(&f, XDP_PASS, &f[1..], [0; 6]).is_err(),
+        check(&f, XDP_PASS, &f[1..], &macs).is_err(),
         "changed pass accepted"
+    );
+    assert!(
+        check(&f, XDP_TX, &f, &macs).is_err(),
+        "unencapsulated TX accepted"
     );
     assert!(Frame::parse(&f).is_ok());
 }
