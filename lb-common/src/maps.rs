@@ -48,6 +48,10 @@ pub const FLOW_BUCKETS: &str = "XDPLB_FLOW_BKT";
 /// for their second packet to be promoted into [`FLOWS`]. A flood of one-packet flows
 /// (spoofed SYNs) churns this table, never the established flows in [`FLOWS`].
 pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
+/// `HashMap<VipAddrKey, u32>`: every VIP address with `VIP_ADDR_F_*` bits (does an L4
+/// service live there, is it local for an L7 one), for ICMP to VIP addresses.
+/// Capacity: one per service.
+pub const VIP_ADDRS: &str = "XDPLB_VIP_ADDRS";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -68,6 +72,7 @@ pub const ALL: &[&str] = &[
     FLOW_LIMITS,
     FLOW_BUCKETS,
     FLOWS_NEW,
+    VIP_ADDRS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -42,10 +42,19 @@ pub enum Counter {
     Decap,
     /// A flow's second packet moved it from the new-flow table into the flow table.
     FlowPromoted,
+    /// An ICMP echo request to an L4 VIP address, answered from XDP (XDP_TX).
+    IcmpEchoReply,
+    /// A DF packet to a VIP that would exceed `dataplane.mtu` once encapsulated:
+    /// answered with ICMP "fragmentation needed" from the VIP (XDP_TX).
+    IcmpFragNeeded,
+    /// An ICMP "destination unreachable" about a VIP flow (its quoted packet is a
+    /// reply VIP -> client), tunnelled to the backend that owns the flow. Counted with
+    /// `tx` / `redirect`, which say how it left.
+    IcmpErrorForwarded,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::FlowPromoted as u32 + 1;
+    pub const COUNT: u32 = Counter::IcmpErrorForwarded as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Rx,
         Counter::Tx,
@@ -64,6 +73,9 @@ impl Counter {
         Counter::PassFibFailed,
         Counter::Decap,
         Counter::FlowPromoted,
+        Counter::IcmpEchoReply,
+        Counter::IcmpFragNeeded,
+        Counter::IcmpErrorForwarded,
     ];
 
     #[inline(always)]
@@ -90,6 +102,9 @@ impl Counter {
             Counter::PassFibFailed => "pass_fib_failed",
             Counter::Decap => "decap",
             Counter::FlowPromoted => "flow_promoted",
+            Counter::IcmpEchoReply => "icmp_echo_reply",
+            Counter::IcmpFragNeeded => "icmp_frag_needed",
+            Counter::IcmpErrorForwarded => "icmp_error_forwarded",
         }
     }
 }
@@ -104,7 +119,9 @@ pub enum DropReason {
     EncapFailed,
     /// The route to the backend is unreachable, blackholed or prohibited.
     NoRoute,
-    /// The encapsulated packet would exceed the MTU towards the backend.
+    /// The encapsulated packet would exceed the MTU towards the backend (`dataplane.mtu`,
+    /// or the egress interface's MTU) and cannot be answered with ICMP "fragmentation
+    /// needed": DF clear (the tunnel cannot fragment), or an ICMP error itself.
     TooBig,
     /// The source matched a `[security] deny` prefix.
     FilterDeny,
@@ -113,10 +130,18 @@ pub enum DropReason {
     /// A packet that would have created a flow, from a source (masked to the limit's
     /// prefix) over its `new_flows_per_source` rate.
     NewFlowLimit,
+    /// ICMP to an L4 VIP address that is neither an echo request nor a destination
+    /// unreachable about a flow of an L4 service on it (the address is not the
+    /// kernel's: passing it up would have it routed back out).
+    IcmpUnhandled,
+    /// An ICMP error to a VIP whose quoted packet is cut short or malformed (not a
+    /// 20-byte IPv4 header of a first fragment with 8 bytes after it, or not sent
+    /// from the address the error is addressed to).
+    IcmpBadQuote,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = DropReason::NewFlowLimit as u32 + 1;
+    pub const COUNT: u32 = DropReason::IcmpBadQuote as u32 + 1;
     pub const ALL: [DropReason; DropReason::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::EncapFailed,
@@ -125,6 +150,8 @@ impl DropReason {
         DropReason::FilterDeny,
         DropReason::FilterNotAllowed,
         DropReason::NewFlowLimit,
+        DropReason::IcmpUnhandled,
+        DropReason::IcmpBadQuote,
     ];
 
     #[inline(always)]
@@ -141,6 +168,8 @@ impl DropReason {
             DropReason::FilterDeny => "filter_deny",
             DropReason::FilterNotAllowed => "filter_not_allowed",
             DropReason::NewFlowLimit => "new_flow_limit",
+            DropReason::IcmpUnhandled => "icmp_unhandled",
+            DropReason::IcmpBadQuote => "icmp_bad_quote",
         }
     }
 }

@@ -14,6 +14,9 @@ pub const FAMILY_V6: u8 = 6;
 /// IP protocol numbers the fast path balances.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP and ICMPv6: answered or tunnelled for VIP addresses (see `lb-ebpf/src/icmp.rs`).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Key of [`crate::maps::VIPS`].
 #[repr(C)]
@@ -128,8 +131,13 @@ pub struct GlobalConfig {
     /// `FILTER_F_*` bits: which source filter lists are in use, so that the program
     /// looks a packet up in a list only when that list has entries.
     pub filter_flags: u32,
+    /// `dataplane.mtu`: the largest packet (outer IP header included) sent towards a
+    /// backend. A VIP packet that would exceed it once encapsulated gets ICMP
+    /// "fragmentation needed" (DF set) or is dropped as `too_big`. 0 = no check
+    /// beyond the egress interface's MTU.
+    pub mtu: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 32);
 
 /// [`GlobalConfig::filter_flags`]: [`crate::maps::DENY`] has entries.
 pub const FILTER_F_DENY: u32 = 1 << 0;
@@ -223,6 +231,26 @@ pub struct TrafficCounters {
 }
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 16);
 
+/// Key of [`crate::maps::VIP_ADDRS`]: an address some service has its VIP on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct VipAddrKey {
+    /// Network order; IPv4 in word 0, other words zero.
+    pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipAddrKey>() == 20);
+
+/// [`crate::maps::VIP_ADDRS`] value bit: an L4 service has its VIP on the address
+/// (ICMP echo requests to it are answered from XDP, other ICMP dropped).
+pub const VIP_ADDR_F_L4: u32 = 1 << 0;
+/// [`crate::maps::VIP_ADDRS`] value bit: an L7 service has its VIP on the address, so
+/// the address is local to the LB host: ICMP other than errors about an L4 flow is the
+/// kernel's (passed up).
+pub const VIP_ADDR_F_LOCAL: u32 = 1 << 1;
+
 /// Key of [`crate::maps::DECAP_DSTS`]: a local address tunnelled packets may be sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -250,4 +278,5 @@ mod pod {
     unsafe impl aya::Pod for FilterAddr {}
     unsafe impl aya::Pod for FilterRule {}
     unsafe impl aya::Pod for FlowLimit {}
+    unsafe impl aya::Pod for VipAddrKey {}
 }

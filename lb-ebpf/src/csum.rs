@@ -1,5 +1,5 @@
 //! The Internet checksum (RFC 1071) of a fixed 20-byte IPv4 header, unrolled so the
-//! verifier sees straight-line code.
+//! verifier sees straight-line code, and its pieces for ICMP.
 
 /// Checksum of a 20-byte IPv4 header given as ten 16-bit words in memory order, with
 /// the checksum word zero. The result is in memory order too: store it as is.
@@ -19,4 +19,20 @@ pub fn ipv4_header(words: &[u16; 10]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Fold a 32-bit sum of 16-bit words into 16 bits (end-around carry), not inverted.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum `check` of some data after one 16-bit word of it changed from `old` to
+/// `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')). All three in memory order (the
+/// ones' complement sum does not depend on byte order as long as it is the same).
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
 }

@@ -5,12 +5,13 @@ use core::mem::{size_of, transmute};
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::xdp_action::XDP_TX,
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::stats::{Counter, DropReason};
@@ -20,6 +21,7 @@ use crate::{
     parsing::{
         ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
     },
+    stats::count,
 };
 
 const AF_INET: u8 = 2;
@@ -158,6 +160,38 @@ pub fn encap_ipv4(
         *ip = *outer;
     }
     Ok(())
+}
+
+/// Tunnel the IPv4 packet at `l3_off` (`tot_len` bytes, type of service `tos`) from
+/// `source` to `backend`: next hop, bytes past the IP packet cut, outer header in
+/// front. The caller accounts the traffic and then sends it with [`transmit`].
+#[inline(always)]
+pub fn tunnel_v4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    tot_len: u16,
+    tos: u8,
+    source: u32,
+    backend: u32,
+) -> Result<u32, Exit> {
+    let hop = next_hop_v4(ctx, source, backend, tot_len + IPV4_HLEN as u16)?;
+    let outer = outer_ipv4(source, backend, tot_len, tos);
+    trim_to(ctx, l3_off + usize::from(tot_len)).map_err(Exit::Drop)?;
+    encap_ipv4(ctx, l3_off, &outer, &hop).map_err(Exit::Drop)?;
+    Ok(hop.ifindex)
+}
+
+/// Send a tunnelled frame towards `ifindex`: back out (XDP_TX) or redirected, counted.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        count(Counter::Tx);
+        XDP_TX
+    } else {
+        count(Counter::Redirect);
+        // SAFETY: plain helper call; the kernel validates the ifindex.
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
 }
 
 /// The frame could not be shrunk or re-read after decapsulation.

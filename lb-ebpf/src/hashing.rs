@@ -131,16 +131,10 @@ enum Table {
 /// The ring's backend for `key`, recorded in `table`.
 #[inline(always)]
 fn pick_from_ring(key: &FlowKey, vip: &VipMeta, table: Table) -> Result<Choice, DropReason> {
-    let hash = if vip.flags & VIP_F_SOURCE_HASH != 0 {
-        source_hash(&key.src)
-    } else {
-        flow_hash(key)
-    };
-    let slot = ring_slot(hash, vip.ring_size).ok_or(DropReason::NoBackend)?;
-    let backend_id = *RINGS
-        .get(ring_index(vip.service_id, vip.ring_size, slot))
-        .ok_or(DropReason::NoBackend)?;
-    let backend = active(backend_id, vip.service_id).ok_or(DropReason::NoBackend)?;
+    let Choice {
+        backend_id,
+        backend,
+    } = ring_choice(key, vip)?;
     let entry = FlowEntry {
         backend_id,
         _pad: 0,
@@ -158,4 +152,46 @@ fn pick_from_ring(key: &FlowKey, vip: &VipMeta, table: Table) -> Result<Choice, 
         backend_id,
         backend,
     })
+}
+
+/// The ring's backend for `key`, nothing recorded.
+#[inline(always)]
+fn ring_choice(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
+    let hash = if vip.flags & VIP_F_SOURCE_HASH != 0 {
+        source_hash(&key.src)
+    } else {
+        flow_hash(key)
+    };
+    let slot = ring_slot(hash, vip.ring_size).ok_or(DropReason::NoBackend)?;
+    let backend_id = *RINGS
+        .get(ring_index(vip.service_id, vip.ring_size, slot))
+        .ok_or(DropReason::NoBackend)?;
+    let backend = active(backend_id, vip.service_id).ok_or(DropReason::NoBackend)?;
+    Ok(Choice {
+        backend_id,
+        backend,
+    })
+}
+
+/// The backend that owns the flow `key` (as a packet of it would find it: the flow
+/// table, the new-flow table, else the ring), changing nothing: for packets about a
+/// flow that are not part of it (ICMP errors), which must neither create, promote nor
+/// re-hash a flow, nor be limited as new flows.
+#[inline(always)]
+pub fn owner(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
+    // SAFETY: as in choose_backend.
+    let entry = match unsafe { FLOWS.get(key) } {
+        Some(e) => Some(*e),
+        // SAFETY: as above.
+        None => unsafe { FLOWS_NEW.get(key) }.copied(),
+    };
+    if let Some(entry) = entry {
+        if let Some(backend) = active(entry.backend_id, vip.service_id) {
+            return Ok(Choice {
+                backend_id: entry.backend_id,
+                backend,
+            });
+        }
+    }
+    ring_choice(key, vip)
 }

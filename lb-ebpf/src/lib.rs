@@ -7,6 +7,8 @@
 //! - [`hashing`]: backend choice: flow table, then the service's Maglev ring.
 //! - [`csum`]: the IPv4 header checksum.
 //! - [`encap`]: IPv4-in-IPv4 encapsulation and decapsulation, and next-hop lookup.
+//! - [`icmp`]: echo replies, ICMP errors about VIP flows to their backend, and
+//!   "fragmentation needed" for packets over `dataplane.mtu`.
 //! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
 //! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
 //! - [`stats`]: per-CPU counter updates.
@@ -16,6 +18,7 @@ pub mod csum;
 pub mod encap;
 pub mod filter;
 pub mod hashing;
+pub mod icmp;
 pub mod limit;
 pub mod maps;
 pub mod parsing;

@@ -21,23 +21,9 @@ use lb_common::{
 
 use crate::maps::{FLOW_BUCKETS, FLOW_LIMITS};
 
-/// One limit's verdict on a new flow, before anything is written.
-struct Pending {
-    bucket: FilterAddr,
-    /// The bucket's value if it exists (None: a new source, full bucket).
-    tat: Option<*mut u64>,
-    /// The value to write when the flow is admitted.
-    next: u64,
-}
-
-/// Look up the bucket of `key` under the limit at `index`: Ok(None) when that limit
-/// is not set, Err when the source is over it.
+/// The bucket of `key`'s source under `limit` (the one at `index`).
 #[inline(always)]
-fn check(index: u32, key: &FlowKey, now: u64) -> Result<Option<Pending>, DropReason> {
-    let Some(limit) = FLOW_LIMITS.get(index) else {
-        return Ok(None);
-    };
-    let limit: FlowLimit = *limit;
+fn bucket_of(index: u32, limit: &FlowLimit, key: &FlowKey) -> FilterAddr {
     let mut bucket = FilterAddr {
         family: key.family,
         scope: filter_scope(index),
@@ -51,53 +37,76 @@ fn check(index: u32, key: &FlowKey, now: u64) -> Result<Option<Pending>, DropRea
         bucket.addr[2] = key.src[2] & limit.mask_v6[2];
         bucket.addr[3] = key.src[3] & limit.mask_v6[3];
     }
-    let tat = FLOW_BUCKETS.get_ptr_mut(bucket);
-    let at = match tat {
+    bucket
+}
+
+/// Look up the bucket of `key` under the limit at `index`: Err when the source is over
+/// it, else what to write when the flow is admitted: the bucket's value (null: a new
+/// source, full bucket) and its next value (0: the limit is not set; a set limit's next
+/// value is never 0). Only a pointer and a number come back, not the bucket's key
+/// ([`commit`] makes it again for a new source): this is `xdp_lb`'s deepest call, and
+/// its frame counts against BPF's 512-byte stack together with the entry point's.
+#[inline(always)]
+fn check(index: u32, key: &FlowKey, now: u64) -> Result<(*mut u64, u64), DropReason> {
+    let Some(limit) = FLOW_LIMITS.get(index) else {
+        return Ok((core::ptr::null_mut(), 0));
+    };
+    let tat = FLOW_BUCKETS
+        .get_ptr_mut(bucket_of(index, limit, key))
+        .unwrap_or(core::ptr::null_mut());
+    let at = if tat.is_null() {
+        now
+    } else {
         // SAFETY: the value of an LRU hash entry, valid during this run.
-        Some(p) => unsafe { *p },
-        None => now,
+        unsafe { *tat }
     };
     let at = if at > now { at } else { now };
     if at - now > limit.tolerance_ns {
         return Err(DropReason::NewFlowLimit);
     }
-    Ok(Some(Pending {
-        bucket,
-        tat,
-        next: at + limit.interval_ns,
-    }))
+    Ok((tat, at + limit.interval_ns))
 }
 
 #[inline(always)]
-fn commit(p: &Pending) {
-    match p.tat {
+fn commit(index: u32, key: &FlowKey, tat: *mut u64, next: u64) {
+    if next == 0 {
+        return;
+    }
+    if !tat.is_null() {
         // SAFETY: as in `check`.
-        Some(tat) => unsafe { *tat = p.next },
-        None => {
-            // A new source starts with a full bucket, less this flow. A failed insert
-            // (map busy) admits: the limit never drops what it did not measure.
-            let _ = FLOW_BUCKETS.insert(p.bucket, p.next, 0);
-        }
+        unsafe { *tat = next };
+        return;
+    }
+    if let Some(limit) = FLOW_LIMITS.get(index) {
+        // A new source starts with a full bucket, less this flow. A failed insert
+        // (map busy) admits: the limit never drops what it did not measure.
+        let _ = FLOW_BUCKETS.insert(bucket_of(index, limit, key), next, 0);
     }
 }
 
 /// Admit (and account) one new flow of `key` under the global limit (`global`) and
 /// the service's (`service`: its `FLOW_LIMITS` index), or refuse it. Both are checked
 /// before either is charged, so a flow one limit refuses costs the other nothing.
-#[inline(always)]
+///
+/// Not inlined: a BPF subprogram with its own (small) stack frame, entered only by a
+/// packet that would create a flow while a limit is set; inlined, its locals took
+/// `xdp_lb`'s frame past BPF's 512 bytes once the ICMP paths were in it.
+#[inline(never)]
 pub fn admit(global: bool, service: Option<u32>, key: &FlowKey) -> Result<(), DropReason> {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let g = if global { check(0, key, now)? } else { None };
-    let s = match service {
-        Some(index) => check(index, key, now)?,
-        None => None,
+    let (g_tat, g_next) = if global {
+        check(0, key, now)?
+    } else {
+        (core::ptr::null_mut(), 0)
     };
-    if let Some(g) = &g {
-        commit(g);
-    }
-    if let Some(s) = &s {
-        commit(s);
-    }
+    let index = service.unwrap_or(0);
+    let (s_tat, s_next) = if service.is_some() {
+        check(index, key, now)?
+    } else {
+        (core::ptr::null_mut(), 0)
+    };
+    commit(0, key, g_tat, g_next);
+    commit(index, key, s_tat, s_next);
     Ok(())
 }

@@ -5,8 +5,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::generated::bpf_redirect,
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     macros::xdp,
     programs::XdpContext,
 };
@@ -18,9 +17,10 @@ use lb_common::{
     },
 };
 use lb_ebpf::{
-    encap::{Exit, decap_ipv4, encap_ipv4, next_hop_v4, outer_ipv4, trim_to},
+    encap::{Exit, decap_ipv4, transmit, tunnel_v4},
     filter,
     hashing::{Limits, choose_backend},
+    icmp,
     maps::{CONFIG, DECAP_DSTS, VIPS},
     parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
     stats::{count, count_drop, count_forwarded},
@@ -60,7 +60,14 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     if l2.proto != ETH_P_IP {
         return Err(Exit::Pass(Counter::PassNotIp));
     }
-    let pkt = parse_ipv4(ctx, l2.l3_off).map_err(Exit::Pass)?;
+    let pkt = match parse_ipv4(ctx, l2.l3_off) {
+        Ok(pkt) => pkt,
+        // Neither TCP nor UDP: ICMP to a VIP address is ours (icmp.rs), the rest passes.
+        Err(Counter::PassNotVip) => {
+            return icmp::handle_v4(ctx, l2.l3_off, filter_flags, src.as_ref());
+        }
+        Err(counter) => return Err(Exit::Pass(counter)),
+    };
     let vip_key = VipKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,
@@ -93,31 +100,30 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
-    let source = CONFIG.get(0).map_or(0, |c| c.source_v4);
+    let (source, mtu) = CONFIG.get(0).map_or((0, 0), |c| (c.source_v4, c.mtu));
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
+    }
+    // The IP length is what leaves (bytes past it are cut before encapsulation).
+    if mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 > mtu {
+        return icmp::too_big_v4(ctx, pkt.l3_off, mtu);
     }
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
     };
     let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?;
-    let backend_addr = choice.backend.addr[0];
-    let outer_len = pkt.tot_len + IPV4_HLEN as u16;
-    let hop = next_hop_v4(ctx, source, backend_addr, outer_len)?;
-    let outer = outer_ipv4(source, backend_addr, pkt.tot_len, pkt.tos);
-    trim_to(ctx, pkt.l3_off + usize::from(pkt.tot_len)).map_err(Exit::Drop)?;
-    encap_ipv4(ctx, pkt.l3_off, &outer, &hop).map_err(Exit::Drop)?;
+    let ifindex = tunnel_v4(
+        ctx,
+        pkt.l3_off,
+        pkt.tot_len,
+        pkt.tos,
+        source,
+        choice.backend.addr[0],
+    )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
-        count(Counter::Tx);
-        Ok(XDP_TX)
-    } else {
-        count(Counter::Redirect);
-        // SAFETY: plain helper call; the kernel validates the ifindex.
-        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
-    }
+    Ok(transmit(ctx, ifindex))
 }
 
 #[xdp]

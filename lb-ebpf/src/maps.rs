@@ -15,7 +15,7 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        TrafficCounters, VipKey, VipMeta,
+        TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -86,3 +86,7 @@ pub static FLOW_BUCKETS: LruHashMap<FilterAddr, u64> =
 #[map(name = "XDPLB_FLOWS_NEW")]
 pub static FLOWS_NEW: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 4, BPF_F_NO_COMMON_LRU);
+
+/// VIP addresses (any port) and what lives on them: for ICMP to a VIP address.
+#[map(name = "XDPLB_VIP_ADDRS")]
+pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);

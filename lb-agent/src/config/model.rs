@@ -160,6 +160,12 @@ pub enum Encap {
     Gue,
 }
 
+/// Default of `dataplane.mtu`: Ethernet's.
+pub const DEFAULT_MTU: u32 = 1500;
+/// Range of `dataplane.mtu`: IPv4's minimum datagram every host must accept (RFC 791),
+/// up to the usual jumbo frame.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9216;
+
 /// `[dataplane]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -193,6 +199,10 @@ pub struct DataplaneConfig {
     /// Sources (masked as `new_flows_per_source` says) whose token buckets are kept,
     /// least recently used forgotten first.
     pub flow_limit_sources: u32,
+    /// MTU towards the backends (bytes of IP packet, tunnel header included): a VIP
+    /// packet that would exceed it once encapsulated gets ICMP "fragmentation needed"
+    /// (DF set, next-hop MTU = `mtu` - 20) or is dropped as `too_big` (DF clear).
+    pub mtu: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -209,6 +219,7 @@ impl Default for DataplaneConfig {
             max_filter_rules: DEFAULT_MAX_FILTER_RULES,
             new_flow_table_size: None,
             flow_limit_sources: lb_common::maps::DEFAULT_FLOW_LIMIT_SOURCES,
+            mtu: DEFAULT_MTU,
         }
     }
 }

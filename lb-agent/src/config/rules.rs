@@ -448,6 +448,17 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
             ),
         );
     }
+    if !super::model::MTU_RANGE.contains(&dp.mtu) {
+        push(
+            "dataplane.mtu",
+            format!(
+                "{} is out of range: must be between {} and {} (bytes of IP packet towards the backends)",
+                dp.mtu,
+                super::model::MTU_RANGE.start(),
+                super::model::MTU_RANGE.end()
+            ),
+        );
+    }
     if let Some(ip) = dp.source_ipv4 {
         if let Some(kind) = non_unicast(IpAddr::V4(ip)) {
             push(

@@ -226,6 +226,7 @@ fn design_example_parses_with_defaults_filled() {
             max_filter_rules: 1024,
             new_flow_table_size: None,
             flow_limit_sources: 65536,
+            mtu: 1500,
         },
         security: SecurityConfig::default(),
         services: vec![
@@ -1851,4 +1852,18 @@ fn per_service_filter_and_flood_limit_errors_name_the_entry() {
         "dataplane.new_flow_table_size",
         "out of range",
     );
+}
+
+#[test]
+fn dataplane_mtu_defaults_to_1500_and_is_range_checked() {
+    assert_eq!(parse_ok("").dataplane.mtu, 1500);
+    assert_eq!(parse_ok("[dataplane]\nmtu = 9000\n").dataplane.mtu, 9000);
+    assert_eq!(parse_ok("[dataplane]\nmtu = 576\n").dataplane.mtu, 576);
+    for bad in [0, 575, 9217] {
+        assert_single(
+            &format!("[dataplane]\nmtu = {bad}\n"),
+            "dataplane.mtu",
+            "out of range: must be between 576 and 9216",
+        );
+    }
 }

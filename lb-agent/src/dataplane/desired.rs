@@ -48,6 +48,8 @@ pub struct DesiredState {
     pub source_v4: Option<Ipv4Addr>,
     pub source_v6: Option<Ipv6Addr>,
     pub encap: u32,
+    /// `dataplane.mtu`; 0: no check beyond the egress interface's MTU.
+    pub mtu: u32,
     pub services: Vec<DesiredService>,
     /// `[security]` source filters.
     pub filters: DesiredFilters,
@@ -96,6 +98,7 @@ impl DesiredState {
                 Encap::Ipip => ENCAP_IPIP,
                 Encap::Gue => ENCAP_GUE,
             },
+            mtu: dataplane.mtu,
             services,
             filters: DesiredFilters::default(),
         }

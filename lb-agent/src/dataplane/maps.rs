@@ -13,7 +13,7 @@ use lb_common::{
     maps as names,
     types::{
         Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        TrafficCounters, VipKey, VipMeta,
+        TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -61,6 +61,8 @@ pub struct Maps {
     pub flow_buckets: HashMap<MapData, FilterAddr, u64>,
     /// Flows seen once, waiting for their second packet (LRU hash).
     pub flows_new: HashMap<MapData, FlowKey, FlowEntry>,
+    /// VIP addresses and `VIP_ADDR_F_*` bits (ICMP to a VIP address).
+    pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
 }
 
 /// Where maps come from.
@@ -119,6 +121,7 @@ impl Maps {
             flow_limits: typed!(s, names::FLOW_LIMITS),
             flow_buckets: typed!(s, names::FLOW_BUCKETS),
             flows_new: typed!(s, names::FLOWS_NEW),
+            vip_addrs: typed!(s, names::VIP_ADDRS),
         })
     }
 

@@ -15,7 +15,9 @@
 //! 3. services no longer desired: their VIP entries are removed, then their filters;
 //! 4. only at the end, the entries of backends that left a ring are marked inactive,
 //!    which sends their pinned flows back through the ring, and removed backends'
-//!    ids are freed.
+//!    ids are freed;
+//! 5. the VIP addresses (`VIP_ADDRS`, for ICMP to them): new and changed entries, then
+//!    the addresses no service has any more.
 //!
 //! An apply that fails part-way (a map write refused) leaves the reconciler's record
 //! consistent with what is in the maps, so the caller can apply again (the same or a
@@ -34,7 +36,8 @@ use lb_common::{
     maps as names,
     types::{
         BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
-        VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VIP_F_SOURCE_HASH, VipKey, VipMeta,
+        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7,
+        VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -456,6 +459,8 @@ pub struct Reconciler {
     service_ids: IdPool,
     backends: BackendTable,
     filters: FilterTable,
+    /// `VIP_ADDRS` as written.
+    vip_addrs: BTreeMap<VipAddrKey, u32>,
 }
 
 impl Reconciler {
@@ -469,6 +474,7 @@ impl Reconciler {
             service_ids: IdPool::new(caps.max_services),
             backends: BackendTable::new(caps.max_backends),
             filters: FilterTable::new(caps),
+            vip_addrs: BTreeMap::new(),
         }
     }
 
@@ -490,6 +496,11 @@ impl Reconciler {
                 .map_err(read_err(names::CONFIG, MapKey::Index(0)))?,
         );
         r.filters = FilterTable::adopt(maps, caps)?;
+        r.vip_addrs = maps
+            .vip_addrs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(read_err(names::VIP_ADDRS, MapKey::All))?;
         let entries = read_backend_entries(maps, caps.max_backends)?;
         let vips: Vec<(VipKey, VipMeta)> = maps
             .vips
@@ -672,6 +683,7 @@ impl Reconciler {
         }
         self.remove_services(maps, desired)?;
         self.deactivate_backends(maps, deactivate)?;
+        self.write_vip_addrs(maps, desired)?;
         Ok(applied)
     }
 
@@ -688,12 +700,50 @@ impl Reconciler {
             source_v6: desired.source_v6.map_or([0; 4], |a| addr_words(a.into()).0),
             encap: desired.encap,
             filter_flags: FilterTable::flags(&desired.filters),
+            mtu: desired.mtu,
         };
         if self.config != Some(config) {
             maps.config
                 .set(0, config, 0)
                 .map_err(write_err("global config"))?;
             self.config = Some(config);
+        }
+        Ok(())
+    }
+
+    /// Step 5: the VIP addresses and what lives on them (for ICMP to them): changed
+    /// and new entries, then those no service has any more.
+    fn write_vip_addrs(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<(), SyncError> {
+        let want = vip_addrs(desired);
+        for (key, &flags) in &want {
+            if self.vip_addrs.get(key) != Some(&flags) {
+                maps.vip_addrs
+                    .insert(key, flags, 0)
+                    .map_err(write_err("VIP address"))?;
+                self.vip_addrs.insert(*key, flags);
+            }
+        }
+        let gone: Vec<VipAddrKey> = self
+            .vip_addrs
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            match maps.vip_addrs.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(SyncError::Write {
+                        what: "VIP address removal",
+                        source,
+                    });
+                }
+            }
+            self.vip_addrs.remove(&key);
         }
         Ok(())
     }
@@ -801,6 +851,26 @@ fn entry_address(e: &Backend) -> IpAddr {
 /// The host-order port of a VIP key.
 fn key_port(key: &VipKey) -> u16 {
     u16::from_be(key.port)
+}
+
+/// The `VIP_ADDRS` entries of `desired`: every VIP address, flagged `VIP_ADDR_F_L4`
+/// when an L4 service lives there and `VIP_ADDR_F_LOCAL` when an L7 one does.
+pub fn vip_addrs(desired: &DesiredState) -> BTreeMap<VipAddrKey, u32> {
+    let mut out = BTreeMap::new();
+    for svc in &desired.services {
+        let (addr, family) = addr_words(svc.vip.ip());
+        let key = VipAddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        *out.entry(key).or_insert(0) |= if svc.l7 {
+            VIP_ADDR_F_LOCAL
+        } else {
+            VIP_ADDR_F_L4
+        };
+    }
+    out
 }
 
 fn remove_vip(maps: &mut Maps, key: &VipKey) -> Result<(), SyncError> {

@@ -357,6 +357,7 @@ impl Lb {
             source_v4: Some(LB_ADDR),
             source_v6: None,
             encap: 0,
+            mtu: 1500,
             filters: Default::default(),
             services: vec![DesiredService {
                 name: "web".into(),

@@ -13,7 +13,7 @@ use lb_agent::{
         sync::{Reconciler, SyncError},
     },
 };
-use lb_common::types::BACKEND_F_ACTIVE;
+use lb_common::types::{BACKEND_F_ACTIVE, FAMILY_V4, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VipAddrKey};
 
 const CAPS: Capacities = Capacities {
     max_services: 2,
@@ -35,6 +35,7 @@ fn web(lasts: &[u8]) -> DesiredState {
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,
+        mtu: 1500,
         filters: Default::default(),
         services: vec![DesiredService {
             name: "web".into(),
@@ -198,4 +199,63 @@ fn ring_digests_agree_between_nodes_whose_ids_differ() {
     // No backend: no ring, no digest.
     r1.apply(&mut maps1, &web(&[])).expect("node 1, none");
     assert_eq!(r1.ring_digest("web"), None);
+}
+
+/// `VIP_ADDRS` as the program sees it: (address, flags), sorted.
+fn vip_addrs(maps: &Maps) -> Vec<(Ipv4Addr, u32)> {
+    let mut out: Vec<(Ipv4Addr, u32)> = maps
+        .vip_addrs
+        .iter()
+        .map(|e| {
+            let (k, v) = e.expect("VIP_ADDRS entry");
+            assert_eq!((k.family, k.addr[1..].to_vec()), (FAMILY_V4, vec![0; 3]));
+            (Ipv4Addr::from(k.addr[0].to_ne_bytes()), v)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn vip_addresses_follow_the_services_and_are_adopted() {
+    xdplb_tests::require_privileges!();
+    let mut ebpf = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps = Maps::take(&mut ebpf, None).expect("maps");
+    let mut r = Reconciler::new(&CAPS);
+    let vip = Ipv4Addr::new(198, 18, 100, 1);
+
+    r.apply(&mut maps, &web(&[11])).expect("apply");
+    assert_eq!(vip_addrs(&maps), [(vip, VIP_ADDR_F_L4)]);
+
+    // An L7 service on the same address (another port): the address is also local.
+    let mut both = web(&[11]);
+    let mut l7 = both.services[0].clone();
+    l7.name = "shop".into();
+    l7.vip = "198.18.100.1:443".parse().expect("vip");
+    l7.l7 = true;
+    both.services.push(l7);
+    r.apply(&mut maps, &both).expect("apply with l7");
+    assert_eq!(vip_addrs(&maps), [(vip, VIP_ADDR_F_L4 | VIP_ADDR_F_LOCAL)]);
+
+    // Adopted as written: an apply of the same state writes nothing, and removing the
+    // L4 service leaves the address local only.
+    let mut adopted = Reconciler::adopt(&maps, &CAPS, &both).expect("adopt");
+    adopted
+        .apply(&mut maps, &both)
+        .expect("apply after adopting");
+    let mut only_l7 = both.clone();
+    only_l7.services.remove(0);
+    adopted.apply(&mut maps, &only_l7).expect("remove web");
+    assert_eq!(vip_addrs(&maps), [(vip, VIP_ADDR_F_LOCAL)]);
+
+    // No service: no address.
+    only_l7.services.clear();
+    adopted.apply(&mut maps, &only_l7).expect("remove all");
+    assert_eq!(vip_addrs(&maps), []);
+    let key = VipAddrKey {
+        addr: [u32::from_ne_bytes(vip.octets()), 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    assert!(maps.vip_addrs.get(&key, 0).is_err(), "removed from the map");
 }

@@ -43,7 +43,10 @@ use lb_common::{
 };
 use xdplb_tests::{
     netns::mac_of,
-    packet::{Frame, IPPROTO_IPIP, L4, PacketBuilder, check_checksums, tcp_flags},
+    packet::{
+        Frame, IPPROTO_ICMP, IPPROTO_IPIP, L4, PacketBuilder, check_checksums, internet_checksum,
+        tcp_flags,
+    },
     require_privileges,
     xdp_bed::{
         LoadedLb, Net, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, first_difference,
@@ -65,6 +68,8 @@ const BACKEND_MACS: [[u8; 6]; 3] = [
     [0x02, 0xbe, 0, 0, 0, 0x12],
     [0x02, 0xbe, 0, 0, 0, 0x13],
 ];
+/// A router between backends and clients: sends ICMP errors about replies to the VIP.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Joins the web service in the flow-table test.
 const JOINER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 14);
 const JOINER_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x14];
@@ -136,6 +141,7 @@ fn desired() -> DesiredState {
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
+        mtu: 1500,
         filters: Default::default(),
         services: vec![
             service("web", VIP_WEB, Protocol::Tcp, web),
@@ -341,12 +347,15 @@ enum Expect {
     Pass(Counter),
     /// Dropped (XDP_DROP), counted under this reason.
     Drop(DropReason),
+    /// Answered from XDP (an ICMP echo reply or "fragmentation needed" back out of
+    /// `lb0`, XDP_TX), counted under this counter; nothing is forwarded.
+    Reply(Counter),
 }
 
 impl Expect {
     fn verdict(self) -> u32 {
         match self {
-            Expect::Tx { .. } => XDP_TX,
+            Expect::Tx { .. } | Expect::Reply(_) => XDP_TX,
             Expect::Redirect { .. } => XDP_REDIRECT,
             Expect::Pass(_) => XDP_PASS,
             Expect::Drop(_) => XDP_DROP,
@@ -358,7 +367,7 @@ impl Expect {
         match self {
             Expect::Tx { .. } => Counter::Tx.index(),
             Expect::Redirect { .. } => Counter::Redirect.index(),
-            Expect::Pass(c) => c.index(),
+            Expect::Pass(c) | Expect::Reply(c) => c.index(),
             Expect::Drop(r) => r.index(),
         }
     }
@@ -366,7 +375,7 @@ impl Expect {
     fn forwarded_to(self) -> Option<Ipv4Addr> {
         match self {
             Expect::Tx { backend } | Expect::Redirect { backend } => Some(backend),
-            Expect::Pass(_) | Expect::Drop(_) => None,
+            Expect::Pass(_) | Expect::Drop(_) | Expect::Reply(_) => None,
         }
     }
 }
@@ -382,6 +391,8 @@ fn is_outcome(index: u32) -> bool {
                 | Counter::FlowRehash
                 | Counter::FlowInsertFailed
                 | Counter::FlowPromoted
+                // Counted with `tx` / `redirect`, which say how the error left.
+                | Counter::IcmpErrorForwarded
         )
     )
 }
@@ -477,7 +488,7 @@ fn check_row(fx: &Fixture, row: &Row) -> anyhow::Result<()> {
     if let Some(diff) = first_difference(&row.output, &out) {
         anyhow::bail!("{name}: output frame differs from the expected one: {diff}");
     }
-    if row.expect.forwarded_to().is_some() {
+    if row.expect.forwarded_to().is_some() || matches!(row.expect, Expect::Reply(_)) {
         check_checksums(&out).with_context(|| format!("{name}: checksums"))?;
     }
 
@@ -607,12 +618,11 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
                 PacketBuilder::udp(client, VIP_WEB).build(),
                 Pass(Counter::PassNotVip),
             ),
-            unchanged(
-                "ICMP to the VIP",
-                PacketBuilder::raw(CLIENT, *VIP_WEB.ip(), 1)
-                    .payload(&[8, 0, 0, 0, 0, 0, 0, 0])
-                    .build(),
-                Pass(Counter::PassNotVip),
+            row(
+                "ICMP echo request to the VIP: answered from XDP",
+                echo(CLIENT, *VIP_WEB.ip(), 8, 0),
+                Expect::Reply(Counter::IcmpEchoReply),
+                echo_reply(CLIENT, *VIP_WEB.ip()),
             ),
             unchanged(
                 "first fragment (MF)",
@@ -673,10 +683,11 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
                 syn(client, VIP_UNREACH).build(),
                 Drop(DropReason::NoRoute),
             ),
-            unchanged(
-                "DF packet over the MTU once encapsulated",
-                big,
-                Drop(DropReason::TooBig),
+            row(
+                "DF packet over the MTU once encapsulated: fragmentation needed",
+                big.clone(),
+                Expect::Reply(Counter::IcmpFragNeeded),
+                frag_needed(&big, LB0_MTU)?,
             ),
             no_headroom,
             row(
@@ -721,6 +732,81 @@ fn balancer_fixture_table() -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// An ICMP message (header and body) with its checksum computed from scratch (the
+/// program updates echo checksums incrementally: this is the independent oracle).
+fn icmp_message(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = internet_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+const PING_BODY: &[u8] = b"xdplb ping 0123456789";
+
+/// An echo request of `kind`/`code` (8/0: a real one) from `src` to `dst`.
+fn echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8) -> Vec<u8> {
+    PacketBuilder::raw(src, dst, IPPROTO_ICMP)
+        .id(0x4242)
+        .ttl(57)
+        .payload(&icmp_message(kind, code, [0x12, 0x34, 0, 7], PING_BODY))
+        .build()
+}
+
+/// The reply to [`echo`]: MACs and addresses swapped, TTL 64, type 0, same id,
+/// sequence and data.
+fn echo_reply(client: Ipv4Addr, vip: Ipv4Addr) -> Vec<u8> {
+    let probe = PacketBuilder::raw(client, vip, IPPROTO_ICMP);
+    PacketBuilder::raw(vip, client, IPPROTO_ICMP)
+        .macs(probe.dst_mac, probe.src_mac)
+        .id(0x4242)
+        .ttl(64)
+        .payload(&icmp_message(0, 0, [0x12, 0x34, 0, 7], PING_BODY))
+        .build()
+}
+
+/// The ICMP "fragmentation needed" the balancer must send for `input` with `mtu`
+/// towards the backends: from the VIP to the client, MACs swapped (VLAN tag kept),
+/// TOS 0xc0, id 0, DF clear, TTL 64, next-hop MTU `mtu` - 20, quoting the IP header
+/// and the first 8 bytes of `input`.
+fn frag_needed(input: &[u8], mtu: u16) -> anyhow::Result<Vec<u8>> {
+    let f = Frame::parse(input)?;
+    let ip = f.ipv4()?;
+    let mut quote = ip.header.clone();
+    quote.extend_from_slice(&ip.payload[..8]);
+    let [hi, lo] = (mtu - 20).to_be_bytes();
+    let mut b = PacketBuilder::raw(ip.dst, ip.src, IPPROTO_ICMP)
+        .macs(f.dst_mac, f.src_mac)
+        .tos(0xc0)
+        .id(0)
+        .fragment(false, false, 0)
+        .ttl(64)
+        .payload(&icmp_message(3, 4, [0, 0, hi, lo], &quote));
+    if let Some(v) = f.vlan {
+        b = b.vlan(v);
+    }
+    Ok(b.build())
+}
+
+/// A router's ICMP destination unreachable (`code`, next-hop MTU `mtu`) to `to`,
+/// quoting `quote` (normally the first 28 bytes of the packet it could not forward).
+fn unreachable(to: Ipv4Addr, code: u8, mtu: u16, quote: &[u8]) -> Vec<u8> {
+    let [hi, lo] = mtu.to_be_bytes();
+    PacketBuilder::raw(ROUTER, to, IPPROTO_ICMP)
+        .ttl(250)
+        .payload(&icmp_message(3, code, [0, 0, hi, lo], quote))
+        .build()
+}
+
+/// The first 28 bytes of a full-size reply `vip` -> `client` (what a router quotes).
+fn reply_quote(vip: SocketAddrV4, client: SocketAddrV4) -> Vec<u8> {
+    PacketBuilder::tcp(vip, client)
+        .payload(&[0x33; 1400])
+        .build_ipv4()[..28]
+        .to_vec()
 }
 
 /// An Ethernet + IPv6 + UDP frame (the balancer has no IPv6 VIPs yet: only the deny
@@ -1636,4 +1722,304 @@ fn udp_and_tcp_share_flow_key_layout() {
     let a = flow_key(SocketAddrV4::new(CLIENT, 1), VIP_DNS, PROTO_UDP);
     let b = flow_key(SocketAddrV4::new(CLIENT, 1), VIP_DNS, PROTO_TCP);
     assert_ne!(flow_hash(&a), flow_hash(&b));
+}
+
+#[test]
+fn icmp_and_path_mtu() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        use Expect::{Drop, Pass, Redirect, Reply, Tx};
+        let vip = *VIP_WEB.ip();
+        let client = |port| SocketAddrV4::new(CLIENT, port);
+        let sized = |sport, tot_len: usize| {
+            PacketBuilder::tcp(client(sport), VIP_WEB)
+                .payload(&vec![0x5a; tot_len - 40])
+                .build()
+        };
+        // Path MTU: the IP length plus 20 bytes of tunnel against `mtu` = 1500.
+        let over = sized(41001, 1481);
+        let over_tagged = PacketBuilder::tcp(client(41002), VIP_WEB)
+            .vlan(7)
+            .payload(&[0x5a; 1441])
+            .build();
+        let over_udp = PacketBuilder::udp(client(41003), VIP_DNS)
+            .payload(&[0x11; 1453])
+            .build();
+        let fits = sized(41004, 1480);
+        let fits_to = fx.ring_pick("web", &fits, &BACKENDS, 80)?;
+        // The frame is longer than the MTU allows, the IP packet is not: what leaves
+        // (the IP packet, trailer cut) fits.
+        let mut padded = sized(41005, 1480);
+        padded.extend([0xee; 60]);
+        let padded_to = fx.ring_pick("web", &padded, &BACKENDS, 80)?;
+
+        // An ICMP error about the reply of a flow no packet was seen of: the ring's pick
+        // for the flow client -> VIP, as its first packet would get.
+        let fresh = client(41010);
+        let fresh_err = unreachable(vip, 4, 1400, &reply_quote(VIP_WEB, fresh));
+        let fresh_to = fx.lb.ring_pick(
+            "web",
+            &flow_key(fresh, VIP_WEB, PROTO_TCP),
+            false,
+            &BACKENDS,
+            80,
+        )?;
+        let dns_client = client(5353);
+        let dns_err = unreachable(
+            *VIP_DNS.ip(),
+            3,
+            0,
+            &PacketBuilder::udp(VIP_DNS, dns_client)
+                .payload(&[0; 12])
+                .build_ipv4()[..28],
+        );
+
+        let quote = reply_quote(VIP_WEB, client(41011));
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut q = quote.clone();
+            f(&mut q);
+            // The quoted header's checksum is not checked (routers quote as received).
+            q
+        };
+        let rows = vec![
+            row(
+                "DF over the MTU once encapsulated: fragmentation needed, MTU 1480",
+                over.clone(),
+                Reply(Counter::IcmpFragNeeded),
+                frag_needed(&over, LB0_MTU)?,
+            ),
+            row(
+                "DF over the MTU, VLAN-tagged: the answer keeps the tag",
+                over_tagged.clone(),
+                Reply(Counter::IcmpFragNeeded),
+                frag_needed(&over_tagged, LB0_MTU)?,
+            ),
+            row(
+                "DF UDP over the MTU: fragmentation needed",
+                over_udp.clone(),
+                Reply(Counter::IcmpFragNeeded),
+                frag_needed(&over_udp, LB0_MTU)?,
+            ),
+            unchanged(
+                "DF clear over the MTU: dropped (the tunnel cannot fragment)",
+                PacketBuilder::tcp(client(41006), VIP_WEB)
+                    .fragment(false, false, 0)
+                    .payload(&[0x5a; 1441])
+                    .build(),
+                Drop(DropReason::TooBig),
+            ),
+            row(
+                "exactly the MTU once encapsulated: forwarded",
+                fits.clone(),
+                Tx { backend: fits_to },
+                fx.encapsulated(&fits, fits_to)?,
+            ),
+            row(
+                "a frame over the MTU only by its trailer: forwarded without it",
+                padded.clone(),
+                Tx { backend: padded_to },
+                fx.encapsulated(&padded, padded_to)?,
+            ),
+            row(
+                "echo request to an L4 VIP: echo reply",
+                echo(CLIENT, vip, 8, 0),
+                Reply(Counter::IcmpEchoReply),
+                echo_reply(CLIENT, vip),
+            ),
+            unchanged(
+                "echo request with a nonzero code: not answered",
+                echo(CLIENT, vip, 8, 1),
+                Drop(DropReason::IcmpUnhandled),
+            ),
+            unchanged(
+                "timestamp request to an L4 VIP: dropped",
+                echo(CLIENT, vip, 13, 0),
+                Drop(DropReason::IcmpUnhandled),
+            ),
+            unchanged(
+                "echo request to an L7 VIP address: the kernel's",
+                echo(CLIENT, *VIP_L7.ip(), 8, 0),
+                Pass(Counter::PassL7),
+            ),
+            unchanged(
+                "echo request to a non-VIP address",
+                echo(CLIENT, LB_ADDR, 8, 0),
+                Pass(Counter::PassNotVip),
+            ),
+            unchanged(
+                "ICMP header cut short",
+                PacketBuilder::raw(CLIENT, vip, IPPROTO_ICMP)
+                    .payload(&[8, 0, 0, 0])
+                    .build(),
+                Pass(Counter::PassTruncated),
+            ),
+            row(
+                "frag needed about a VIP reply: tunnelled to the flow's backend (ring)",
+                fresh_err.clone(),
+                Tx { backend: fresh_to },
+                fx.encapsulated(&fresh_err, fresh_to)?,
+            ),
+            row(
+                "port unreachable about a UDP VIP reply: to its backend (redirect)",
+                dns_err.clone(),
+                Redirect {
+                    backend: FAR_BACKEND,
+                },
+                ipip_frame(&dns_err, LB_ADDR, FAR_BACKEND, FAR_MAC, fx.far_mac)?,
+            ),
+            unchanged(
+                "frag needed about an L7 VIP's connection: the kernel's",
+                unreachable(*VIP_L7.ip(), 4, 1400, &reply_quote(VIP_L7, client(41012))),
+                Pass(Counter::PassL7),
+            ),
+            unchanged(
+                "quote cut short (12 bytes)",
+                unreachable(vip, 4, 1400, &quote[..12]),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quote of a header without the 8 bytes after it",
+                unreachable(vip, 4, 1400, &quote[..24]),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted header with options (ihl 6)",
+                unreachable(vip, 4, 1400, &with(&|q| q[0] = 0x46)),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted IPv6 garbage",
+                unreachable(vip, 4, 1400, &with(&|q| q[0] = 0x60)),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted later fragment (no ports)",
+                unreachable(vip, 4, 1400, &with(&|q| q[7] = 3)),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted total length shorter than the quote",
+                unreachable(vip, 4, 1400, &with(&|q| q[2..4].copy_from_slice(&[0, 20]))),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted packet not from the address the error is sent to",
+                unreachable(vip, 4, 1400, &reply_quote(VIP_DNS, client(41013))),
+                Drop(DropReason::IcmpBadQuote),
+            ),
+            unchanged(
+                "quoted reply of a port no service has",
+                unreachable(
+                    vip,
+                    4,
+                    1400,
+                    &reply_quote(SocketAddrV4::new(vip, 22), client(41014)),
+                ),
+                Drop(DropReason::IcmpUnhandled),
+            ),
+            unchanged(
+                "quoted ICMP (an echo reply of ours)",
+                unreachable(vip, 1, 0, &echo_reply(CLIENT, vip)[14..42]),
+                Drop(DropReason::IcmpUnhandled),
+            ),
+        ];
+        for r in &rows {
+            check_row(fx, r)?;
+        }
+
+        // The egress interface's MTU still counts when `mtu` is set above it: then
+        // the packet is dropped as too big (the fib lookup says so).
+        let mut d = desired();
+        d.mtu = 9000;
+        fx.lb.apply(&d)?;
+        check_row(
+            fx,
+            &unchanged(
+                "mtu above the interface's: over the interface MTU, dropped",
+                sized(41007, 1481),
+                Drop(DropReason::TooBig),
+            ),
+        )?;
+        fx.lb.apply(&desired())?;
+        Ok(())
+    })
+}
+
+#[test]
+fn icmp_errors_follow_the_flow_table() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        // 60 established flows (SYN, then ACK: promoted to the flow table) and one
+        // seen once (in the new-flow table).
+        let flows: Vec<SocketAddrV4> = (0..61)
+            .map(|i| SocketAddrV4::new(CLIENT, 42000 + i))
+            .collect();
+        let mut owner = Vec::new();
+        for (i, &src) in flows.iter().enumerate() {
+            let (v, out) = fx.run(LB_PROGRAM, &syn(src, VIP_WEB).build())?;
+            ensure!(v == XDP_TX, "open: {}", verdict_name(v));
+            owner.push(Frame::parse(&out)?.ipv4()?.dst);
+            if i < 60 {
+                let ack = PacketBuilder::tcp(src, VIP_WEB).build();
+                let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+                ensure!(v == XDP_TX && Frame::parse(&out)?.ipv4()?.dst == owner[i]);
+            }
+        }
+        // A backend joins: the ring moves some of these flows, their entries keep them.
+        let mut d = desired();
+        d.services[0].backends.push(backend(JOINER, 80));
+        fx.lb.apply(&d)?;
+        let web4 = [BACKENDS[0], BACKENDS[1], BACKENDS[2], JOINER];
+        let mut moved = 0;
+        let before = fx.counters();
+        for (i, &src) in flows.iter().enumerate() {
+            let fresh =
+                fx.lb
+                    .ring_pick("web", &flow_key(src, VIP_WEB, PROTO_TCP), false, &web4, 80)?;
+            if fresh != owner[i] {
+                moved += 1;
+            }
+            let err = unreachable(*VIP_WEB.ip(), 4, 1400, &reply_quote(VIP_WEB, src));
+            check_row(
+                fx,
+                &row(
+                    format!("frag needed about flow {i}: to its backend {}", owner[i]),
+                    err.clone(),
+                    Expect::Tx { backend: owner[i] },
+                    fx.encapsulated(&err, owner[i])?,
+                ),
+            )?;
+        }
+        ensure!(
+            moved > 0,
+            "the ring change moved none of the flows: this test proves nothing"
+        );
+        let after = fx.counters();
+        let n = flows.len() as u64;
+        ensure!(
+            after.get(Counter::IcmpErrorForwarded) == before.get(Counter::IcmpErrorForwarded) + n,
+            "icmp_error_forwarded did not count each error once"
+        );
+        for c in [
+            Counter::FlowNew,
+            Counter::FlowPromoted,
+            Counter::FlowRehash,
+            Counter::FlowInsertFailed,
+        ] {
+            ensure!(
+                after.get(c) == before.get(c),
+                "an ICMP error changed the flow tables ({} moved)",
+                c.label()
+            );
+        }
+        // The flow seen once is still waiting for its second packet: this promotes it.
+        let ack = PacketBuilder::tcp(flows[60], VIP_WEB).build();
+        let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+        ensure!(v == XDP_TX && Frame::parse(&out)?.ipv4()?.dst == owner[60]);
+        ensure!(
+            fx.counters().get(Counter::FlowPromoted) == after.get(Counter::FlowPromoted) + 1,
+            "the once-seen flow was promoted by its ICMP error, not by its second packet"
+        );
+        Ok(())
+    })
 }

@@ -20,6 +20,13 @@
 //!   of that service) whose total length is the inner packet's plus 20 and equal to
 //!   what the frame carries (no trailing bytes), within the MTU, the inner packet
 //!   exactly the one that came in;
+//!   A tunnelled ICMP error quotes a reply of an L4 VIP's flow and goes to a backend of
+//!   that service;
+//! - an answer from XDP (XDP_TX back to the sender: MACs swapped, tags kept) is an echo
+//!   reply to an echo request to an L4 VIP address (the same message, type 0, checksum
+//!   as right as it came) or an ICMP "fragmentation needed" (MTU 1480, checksums
+//!   right, quoting the packet's header and 8 bytes) for a DF packet to an L4 VIP that
+//!   is over the MTU once encapsulated;
 //! - every packet is counted once under one outcome (`rx` and, for a drop, a reason):
 //!   checked per frame for one frame in [`COUNTER_SAMPLE`], and over the whole run.
 //!
@@ -44,7 +51,7 @@ use lb_agent::{
 use lb_common::stats::{Counter, DropReason};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 use xdplb_tests::{
-    packet::{Frame, PacketBuilder, internet_checksum, tcp_flags},
+    packet::{Frame, L4, PacketBuilder, internet_checksum, tcp_flags},
     require_privileges,
     xdp_bed::{
         LoadedLb, Net, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, in_bed, test_run, verdict_name,
@@ -112,6 +119,7 @@ fn desired() -> DesiredState {
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
+        mtu: 1500,
         filters: DesiredFilters {
             deny: prefixes(&["198.18.0.64/26", "2001:db8:bad::/48"]),
             allow: vec![],
@@ -242,14 +250,60 @@ fn ipv4_l4(rng: &mut StdRng) -> PacketBuilder {
 }
 
 /// An ICMP error (destination unreachable / time exceeded / fragmentation needed)
-/// quoting either a VIP packet's head or garbage.
+/// quoting a VIP packet's head (client -> VIP), a VIP reply's head (VIP -> client: what
+/// the balancer tunnels to the flow's backend), or garbage; or an echo request.
 fn icmp_error(rng: &mut StdRng) -> PacketBuilder {
-    let quoted = if rng.random_bool(0.5) {
-        let mut q = ipv4_l4(rng).build_ipv4();
-        q.truncate(rng.random_range(0..=q.len().min(68)));
-        q
-    } else {
-        payload(rng, 200)
+    if rng.random_bool(0.15) {
+        let (dst, _) = destination(rng);
+        let mut echo = vec![8, if rng.random_bool(0.9) { 0 } else { 1 }, 0, 0];
+        echo.extend_from_slice(&payload(rng, 1400));
+        let c = internet_checksum(&echo);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        return PacketBuilder::raw(client(rng), *dst.ip(), 1).payload(&echo);
+    }
+    let quoted = match rng.random_range(0..3) {
+        0 => {
+            let mut q = ipv4_l4(rng).build_ipv4();
+            q.truncate(rng.random_range(0..=q.len().min(68)));
+            q
+        }
+        1 => {
+            // The reply of a flow: swap addresses and ports of a packet to a VIP.
+            let p = ipv4_l4(rng);
+            let mut r = p.clone();
+            (r.src, r.dst) = (p.dst, p.src);
+            r.l4 = match p.l4 {
+                L4::Tcp {
+                    sport,
+                    dport,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                } => L4::Tcp {
+                    sport: dport,
+                    dport: sport,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                },
+                L4::Udp { sport, dport } => L4::Udp {
+                    sport: dport,
+                    dport: sport,
+                },
+                raw => raw,
+            };
+            let mut q = r.build_ipv4();
+            let keep = if rng.random_bool(0.8) {
+                28
+            } else {
+                rng.random_range(0..=68)
+            };
+            q.truncate(keep.min(q.len()));
+            q
+        }
+        _ => payload(rng, 200),
     };
     let (kind, code) = *[
         (3u8, 4u8),
@@ -342,7 +396,7 @@ fn ethernet(rng: &mut StdRng, proto: u16, l3: &[u8]) -> Vec<u8> {
 }
 
 /// The frame kinds; one of each is also cut at every offset.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
     match kind {
@@ -357,6 +411,19 @@ fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
         3 => {
             let p = ipv6_packet(rng);
             ethernet(rng, ETH_P_IPV6, &p)
+        }
+        5 => {
+            // Around the MTU once encapsulated (1480 bytes of IP fit), DF set or not.
+            let mut b = ipv4_l4(rng);
+            let l4_len = if matches!(b.l4, L4::Tcp { .. }) {
+                20
+            } else {
+                8
+            };
+            let target = rng.random_range(MTU - 40..=MTU);
+            b.payload = vec![0x5a; target - 20 - l4_len];
+            b.dont_fragment = rng.random_bool(0.7);
+            ethernet(rng, ETH_P_IP, &b.build_ipv4())
         }
         _ => {
             let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
@@ -492,6 +559,7 @@ fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<
             ensure!(out == input, "{} changed the frame", verdict_name(verdict));
             Ok(())
         }
+        XDP_TX if is_answer(input, out) => check_answer(input, out),
         XDP_TX => check_sent(input, out, macs.lb0, false),
         XDP_REDIRECT => check_sent(input, out, macs.far0, true),
         v => bail!("verdict {}", verdict_name(v)),
@@ -502,6 +570,107 @@ fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<
 struct Macs {
     lb0: [u8; 6],
     far0: [u8; 6],
+}
+
+/// Whether `out` is the balancer's own answer to `input` (an echo reply or a
+/// "fragmentation needed"), not a tunnelled packet: it goes back to the sender.
+fn is_answer(input: &[u8], out: &[u8]) -> bool {
+    out.len() >= 12 && input.len() >= 12 && out[0..6] == input[6..12]
+}
+
+/// An answer from XDP: MACs swapped, the same VLAN tags, IPv4 from the VIP back to
+/// the sender, correct checksums; an echo reply of an echo request to an L4 VIP
+/// address, or a "fragmentation needed" (MTU 1480, quoting the header and 8 bytes)
+/// for a DF TCP/UDP packet to an L4 VIP over the MTU once encapsulated.
+fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
+    let l3 = l3_offset(input).context("input has no L3")?;
+    ensure!(
+        l3 <= 18,
+        "answered a frame with {} VLAN tags",
+        (l3 - 14) / 4
+    );
+    ensure!(out.len() >= l3 + 28, "answer of {} bytes", out.len());
+    ensure!(out[6..12] == input[0..6], "answer's MACs are not swapped");
+    ensure!(
+        out[12..l3] == input[12..l3],
+        "answer's tags/EtherType changed"
+    );
+    let (ip_in, ip_out) = (&input[l3..], &out[l3..]);
+    ensure!(
+        ip_in.len() >= 28 && ip_in[0] == 0x45,
+        "answered a bad IPv4 header"
+    );
+    ensure!(ip_out[0] == 0x45, "answer's version/IHL {:#x}", ip_out[0]);
+    ensure!(
+        internet_checksum(&ip_out[..20]) == 0,
+        "answer's IP checksum"
+    );
+    ensure!(ip_out[8] == 64, "answer's TTL {}", ip_out[8]);
+    ensure!(ip_out[9] == 1, "answer's protocol {}", ip_out[9]);
+    ensure!(
+        ip_out[12..16] == ip_in[16..20] && ip_out[16..20] == ip_in[12..16],
+        "answer's addresses are not the request's swapped"
+    );
+    let vip = Ipv4Addr::new(ip_in[16], ip_in[17], ip_in[18], ip_in[19]);
+    let in_len = usize::from(u16::from_be_bytes([ip_in[2], ip_in[3]]));
+    let out_len = usize::from(u16::from_be_bytes([ip_out[2], ip_out[3]]));
+    ensure!(
+        out_len <= ip_out.len(),
+        "answer's total length past its frame"
+    );
+    if ip_in[9] == 1 {
+        // Echo request -> reply: the same message but for the type (and checksum, which
+        // stays right, or as wrong as it came).
+        ensure!(
+            l4_vips().iter().any(|(v, _, _)| *v.ip() == vip),
+            "echo reply from {vip}, no L4 VIP address"
+        );
+        ensure!(
+            ip_in[20..22] == [8, 0],
+            "answered ICMP {:?}",
+            &ip_in[20..22]
+        );
+        ensure!(
+            out.len() == input.len() && out_len == in_len,
+            "echo reply length"
+        );
+        ensure!(ip_out[20] == 0 && ip_out[21] == 0, "echo reply type/code");
+        ensure!(ip_out[24..] == ip_in[24..], "echo reply data changed");
+        ensure!(
+            internet_checksum(&ip_out[20..out_len]) == internet_checksum(&ip_in[20..in_len]),
+            "echo reply checksum not updated"
+        );
+        return Ok(());
+    }
+    let proto = ip_in[9];
+    let dport = u16::from_be_bytes([ip_in[22], ip_in[23]]);
+    ensure!(
+        l4_vips()
+            .iter()
+            .any(|(v, p, _)| *v.ip() == vip && v.port() == dport && *p == proto),
+        "fragmentation needed for {vip}:{dport}/{proto}, no L4 VIP"
+    );
+    ensure!(
+        ip_in[6] & 0x40 != 0,
+        "fragmentation needed for a DF-clear packet"
+    );
+    ensure!(in_len + 20 > MTU, "fragmentation needed for {in_len} bytes");
+    ensure!(
+        out_len == 56 && out.len() == l3 + 56,
+        "fragmentation needed of {out_len} bytes in a {}-byte frame",
+        out.len()
+    );
+    ensure!(ip_out[20..22] == [3, 4], "type/code {:?}", &ip_out[20..22]);
+    ensure!(internet_checksum(&ip_out[20..56]) == 0, "ICMP checksum");
+    ensure!(
+        u16::from_be_bytes([ip_out[26], ip_out[27]]) as usize == MTU - 20,
+        "next-hop MTU"
+    );
+    ensure!(
+        ip_out[28..56] == ip_in[..28],
+        "quote is not the packet's head"
+    );
+    Ok(())
 }
 
 /// `redirected`: sent through `far0` (XDP_REDIRECT), else back out of `lb0` (XDP_TX).
@@ -529,9 +698,30 @@ fn check_sent(input: &[u8], out: &[u8], src_mac: [u8; 6], redirected: bool) -> a
         u16::from_be_bytes([ip_in[6], ip_in[7]]) & 0x3fff == 0,
         "sent a fragment"
     );
-    let proto = ip_in[9];
-    let dst = Ipv4Addr::new(ip_in[16], ip_in[17], ip_in[18], ip_in[19]);
-    let dport = u16::from_be_bytes([ip_in[22], ip_in[23]]);
+    let mut proto = ip_in[9];
+    let mut dst = Ipv4Addr::new(ip_in[16], ip_in[17], ip_in[18], ip_in[19]);
+    let mut dport = u16::from_be_bytes([ip_in[22], ip_in[23]]);
+    if proto == 1 {
+        // An ICMP error to a VIP address is sent to the backend of the flow it quotes:
+        // a reply VIP -> client (20-byte header, from the address the error went to).
+        ensure!(ip_in[20] == 3, "tunnelled ICMP type {}", ip_in[20]);
+        let q = &ip_in[28..inner_len];
+        ensure!(
+            q.len() >= 28 && q[0] == 0x45,
+            "tunnelled an error with a bad quote"
+        );
+        ensure!(
+            q[12..16] == ip_in[16..20],
+            "tunnelled an error quoting another source"
+        );
+        ensure!(
+            u16::from_be_bytes([q[6], q[7]]) & 0x1fff == 0,
+            "tunnelled an error quoting a later fragment"
+        );
+        proto = q[9];
+        dst = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
+        dport = u16::from_be_bytes([q[20], q[21]]);
+    }
     let backends = l4_vips()
         .into_iter()
         .find(|(vip, p, _)| *vip.ip() == dst && vip.port() == dport && *p == proto)
@@ -614,6 +804,8 @@ fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
                     | Counter::FlowInsertFailed
                     | Counter::FlowPromoted
                     | Counter::Decap
+                    // Counted with `tx` / `redirect`.
+                    | Counter::IcmpErrorForwarded
             )
         })
         .map(|(k, v)| (k.label(), *v))
@@ -624,7 +816,11 @@ fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
 /// The counters one verdict may move.
 fn allowed_outcomes(verdict: u32) -> Vec<&'static str> {
     match verdict {
-        XDP_TX => vec![Counter::Tx.label()],
+        XDP_TX => vec![
+            Counter::Tx.label(),
+            Counter::IcmpEchoReply.label(),
+            Counter::IcmpFragNeeded.label(),
+        ],
         XDP_REDIRECT => vec![Counter::Redirect.label()],
         XDP_DROP => DropReason::ALL.iter().map(|r| r.label()).collect(),
         _ => Counter::ALL
@@ -755,6 +951,35 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             .map(|(v, n)| format!("{} {n}", verdict_name(*v)))
             .collect();
         println!("{} frames: {}", totals.frames, named.join(", "));
+        // The ICMP paths ran (each is thousands of frames at the default count).
+        let icmp = [
+            (
+                Counter::IcmpEchoReply.label(),
+                delta(Counter::IcmpEchoReply),
+            ),
+            (
+                Counter::IcmpFragNeeded.label(),
+                delta(Counter::IcmpFragNeeded),
+            ),
+            (
+                Counter::IcmpErrorForwarded.label(),
+                delta(Counter::IcmpErrorForwarded),
+            ),
+            (
+                DropReason::IcmpBadQuote.label(),
+                end.drop_count(DropReason::IcmpBadQuote)
+                    - start.drop_count(DropReason::IcmpBadQuote),
+            ),
+        ];
+        println!("ICMP: {icmp:?}");
+        if totals.frames >= DEFAULT_FRAMES {
+            for (label, n) in icmp {
+                ensure!(
+                    n > 0,
+                    "no frame reached {label}: the generator misses a path"
+                );
+            }
+        }
         Ok(())
     });
     result.with_context(|| format!("seed {seed} (replay with XDPLB_FUZZ_SEED={seed})"))
