@@ -23,7 +23,9 @@
 //! nodes' XDP and be served before the router withdrew anything (measured here).
 //!
 //! The server LAN has an MTU of [`LAN_MTU`] (1600): encapsulation adds 20 bytes to
-//! the client's full-size packets.
+//! the client's full-size packets. The agents' `dataplane.mtu` says so; at 1500 they
+//! would answer full-size DF packets with ICMP "fragmentation needed" (the client then
+//! sends 1480-byte packets: tests/tests/integration/e2e_pmtu.rs shows that path).
 //!
 //! The router's ECMP hash is a true 5-tuple hash (`fib_multipath_hash_policy = 3`,
 //! fields `0x37`), and the client keeps its sockets' hash (`net.core.txrehash = 0`), so
@@ -480,6 +482,7 @@ impl EcmpBed {
             .api_listen(API_LISTEN)
             .source_ipv4(node.addr)
             .sizes(65537, 65536)
+            .dataplane("mtu", LAN_MTU)
             .table("bgp", "bird_socket", &node.bird.socket)
             .table("bgp", "include_file", &node.include_file)
             .table("bgp", "drain_s", 1)
