@@ -53,7 +53,7 @@ fn check(index: u32, key: &FlowKey, now: u64) -> Result<(*mut u64, u64), DropRea
     };
     let tat = FLOW_BUCKETS
         .get_ptr_mut(bucket_of(index, limit, key))
-        .unwrap_or(core::ptr::null_mut());
+        .unwrap_or_default();
     let at = if tat.is_null() {
         now
     } else {
