@@ -49,26 +49,9 @@ impl Node {
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
-        let (m, p) = (method.to_owned(), path.to_owned());
-        let body = body.map(str::to_owned);
-        netns::in_netns(&self.ns, move || {
-            let headers: &[(&str, &str)] = if body.is_some() {
-                &[("Content-Type", "application/json")]
-            } else {
-                &[]
-            };
-            let addr: SocketAddr = API.parse()?;
-            let r = http::request(
-                addr,
-                &m,
-                &p,
-                headers,
-                body.as_deref(),
-                Duration::from_secs(5),
-            )?;
-            Ok((r.status, r.body))
-        })
-        .with_context(|| format!("{method} {path} on {}", self.name))
+        let addr: SocketAddr = API.parse()?;
+        http::json_call_in(&self.ns, addr, method, path, body, Duration::from_secs(5))
+            .with_context(|| format!("{method} {path} on {}", self.name))
     }
 
     /// A 200 answer's body as `T`.

@@ -642,24 +642,9 @@ impl EcmpBed {
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
         let addr: SocketAddr = API_LISTEN.parse()?;
-        let (m, p, body) = (method.to_owned(), path.to_owned(), body.map(str::to_owned));
-        netns::in_netns(&self.nodes[i].ns, move || {
-            let headers: &[(&str, &str)] = if body.is_some() {
-                &[("Content-Type", "application/json")]
-            } else {
-                &[]
-            };
-            let r = http::request(
-                addr,
-                &m,
-                &p,
-                headers,
-                body.as_deref(),
-                Duration::from_secs(10),
-            )?;
-            Ok((r.status, r.body))
-        })
-        .with_context(|| format!("{method} {path} on {}'s API", self.nodes[i].name))
+        let node = &self.nodes[i];
+        http::json_call_in(&node.ns, addr, method, path, body, Duration::from_secs(10))
+            .with_context(|| format!("{method} {path} on {}'s API", node.name))
     }
 
     /// A successful answer of node `i`'s API, read as `T`.

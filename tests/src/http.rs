@@ -435,6 +435,29 @@ pub fn request(
         .with_context(|| format!("{method} {path} on {target}"))
 }
 
+/// One REST call to `target` from inside namespace `ns`: `(status, body)`. A body is
+/// sent as `Content-Type: application/json`; each step is bounded by `timeout`. The
+/// agent APIs of the test beds (e2e_control, cluster_bed, ecmp_bed) all go through it.
+pub fn json_call_in(
+    ns: &str,
+    target: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let (m, p, body) = (method.to_owned(), path.to_owned(), body.map(str::to_owned));
+    netns::in_netns(ns, move || {
+        let headers: &[(&str, &str)] = if body.is_some() {
+            &[("Content-Type", "application/json")]
+        } else {
+            &[]
+        };
+        let r = request(target, &m, &p, headers, body.as_deref(), timeout)?;
+        Ok((r.status, r.body))
+    })
+}
+
 /// Like [`get`], but from the given local IPv4 address and port (bound with
 /// `SO_REUSEADDR`), so a test can reuse a connection's 5-tuple on purpose. Runs in the
 /// calling thread's namespace (call it inside [`netns::in_netns`]).

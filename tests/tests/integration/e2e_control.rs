@@ -238,24 +238,14 @@ impl Api {
 
     /// (status, body) of one request.
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
-        let (addr, m, p) = (self.addr, method.to_owned(), path.to_owned());
-        let body = body.map(str::to_owned);
-        netns::in_netns(&self.ns, move || {
-            let headers: &[(&str, &str)] = if body.is_some() {
-                &[("Content-Type", "application/json")]
-            } else {
-                &[]
-            };
-            let r = http::request(
-                addr,
-                &m,
-                &p,
-                headers,
-                body.as_deref(),
-                Duration::from_secs(3),
-            )?;
-            Ok((r.status, r.body))
-        })
+        http::json_call_in(
+            &self.ns,
+            self.addr,
+            method,
+            path,
+            body,
+            Duration::from_secs(3),
+        )
         .with_context(|| format!("{method} {path} on the API"))
     }
 
