@@ -80,6 +80,9 @@ pub struct BackendView {
     /// With `[cluster]`: this node's own checks find it down while the cluster's
     /// majority does not, so it stays in the rings (false without `[cluster]`).
     pub local_down: bool,
+    /// The backend's QUIC server id (`quic_id`), if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic_id: Option<u32>,
 }
 
 /// How a service is seen by the fast path right now.
@@ -192,6 +195,7 @@ pub fn desired_service(
                 serving: false,
                 active: false,
                 local_down: false,
+                quic_id: b.quic_id,
             }
         })
         .collect();
@@ -252,9 +256,11 @@ pub fn desired_service(
                 port: v.port,
                 weight: v.effective_weight,
                 active: v.active,
+                quic_id: v.quic_id,
             })
             .collect(),
         filters: crate::dataplane::desired::DesiredFilters::of_service(svc),
+        quic: svc.quic,
     };
     let view = ServiceView {
         name: svc.name.clone(),
@@ -282,6 +288,7 @@ mod tests {
 
     fn svc(backends: &[(&str, u8, u32)]) -> ServiceConfig {
         ServiceConfig {
+            quic: false,
             name: "web".into(),
             vip: "198.18.100.1:80".parse().unwrap(),
             protocol: Protocol::Tcp,
@@ -291,6 +298,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(a, tier, weight)| BackendConfig {
+                    quic_id: None,
                     address: a.parse().unwrap(),
                     port: 80,
                     weight: *weight,
@@ -496,6 +504,7 @@ mod tests {
         desired_service(&s, &o, &|_, _| true, &mut m, t0);
         // Added later (API or reload).
         s.backends.push(BackendConfig {
+            quic_id: None,
             address: ip("10.0.0.2"),
             port: 80,
             weight: 200,

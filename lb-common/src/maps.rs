@@ -52,6 +52,9 @@ pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
 /// service live there, is it local for an L7 one), for ICMP to VIP addresses.
 /// Capacity: one per service.
 pub const VIP_ADDRS: &str = "XDPLB_VIP_ADDRS";
+/// `HashMap<QuicKey, u32>`: per service, each QUIC server id (a backend's `quic_id`)
+/// and the backend id it names, for connection-ID routing. Capacity: `max_backends`.
+pub const QUIC_IDS: &str = "XDPLB_QUIC_IDS";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -73,6 +76,7 @@ pub const ALL: &[&str] = &[
     FLOW_BUCKETS,
     FLOWS_NEW,
     VIP_ADDRS,
+    QUIC_IDS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -51,10 +51,20 @@ pub enum Counter {
     /// reply VIP -> client), tunnelled to the backend that owns the flow. Counted with
     /// `tx` / `redirect`, which say how it left.
     IcmpErrorForwarded,
+    /// Decap program: a GUE packet (UDP to `gue_port` at a tunnel address)
+    /// decapsulated and handed to the stack.
+    DecapGue,
+    /// A QUIC short-header packet sent to the backend its destination connection ID
+    /// names (a live backend of the service).
+    QuicCidRouted,
+    /// A QUIC short-header packet to a `quic` service whose connection ID names no live
+    /// backend of it (unknown format or server id, or the backend left): balanced by
+    /// the flow table and ring instead.
+    QuicCidUnknown,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::IcmpErrorForwarded as u32 + 1;
+    pub const COUNT: u32 = Counter::QuicCidUnknown as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Rx,
         Counter::Tx,
@@ -76,6 +86,9 @@ impl Counter {
         Counter::IcmpEchoReply,
         Counter::IcmpFragNeeded,
         Counter::IcmpErrorForwarded,
+        Counter::DecapGue,
+        Counter::QuicCidRouted,
+        Counter::QuicCidUnknown,
     ];
 
     #[inline(always)]
@@ -105,6 +118,9 @@ impl Counter {
             Counter::IcmpEchoReply => "icmp_echo_reply",
             Counter::IcmpFragNeeded => "icmp_frag_needed",
             Counter::IcmpErrorForwarded => "icmp_error_forwarded",
+            Counter::DecapGue => "decap_gue",
+            Counter::QuicCidRouted => "quic_cid_routed",
+            Counter::QuicCidUnknown => "quic_cid_unknown",
         }
     }
 }

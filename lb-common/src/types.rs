@@ -45,6 +45,10 @@ pub const VIP_F_DENY: u32 = 1 << 2;
 pub const VIP_F_ALLOW: u32 = 1 << 3;
 /// The service limits new flows per source: `FLOW_LIMITS[service_id + 1]`.
 pub const VIP_F_FLOW_LIMIT: u32 = 1 << 4;
+/// QUIC connection-ID routing (`quic = true`, UDP): a short-header packet whose
+/// destination connection ID names a server id in [`crate::maps::QUIC_IDS`] goes to
+/// that backend (see `lb-ebpf/src/quic.rs` for the CID format).
+pub const VIP_F_QUIC: u32 = 1 << 5;
 
 /// Value of [`crate::maps::VIPS`].
 #[repr(C)]
@@ -136,8 +140,17 @@ pub struct GlobalConfig {
     /// "fragmentation needed" (DF set) or is dropped as `too_big`. 0 = no check
     /// beyond the egress interface's MTU.
     pub mtu: u32,
+    /// `dataplane.gue_port`, network order: the outer UDP destination port of GUE
+    /// tunnels (`xdp_lb`) and the port `xdp_decap` takes GUE packets on.
+    pub gue_port: u16,
+    pub _pad: u16,
+    /// Host order: the host bits of `dataplane.source_ipv4_prefix` (0: one fixed outer
+    /// source). When set, [`GlobalConfig::source_v4`] holds the prefix's address and
+    /// each flow's outer source is that address with these bits taken from the flow's
+    /// [`crate::hash::tunnel_entropy`] (see `lb-ebpf/src/gue.rs`).
+    pub source_v4_host_mask: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
 
 /// [`GlobalConfig::filter_flags`]: [`crate::maps::DENY`] has entries.
 pub const FILTER_F_DENY: u32 = 1 << 0;
@@ -262,6 +275,18 @@ pub struct DecapKey {
 }
 const _: () = assert!(core::mem::size_of::<DecapKey>() == 20);
 
+/// Key of [`crate::maps::QUIC_IDS`]: a server id (`quic_id` of a backend) within a
+/// service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct QuicKey {
+    /// The service (index of its VIP's `service_id`).
+    pub service_id: u32,
+    /// Host order: the server id read from the connection ID.
+    pub server_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<QuicKey>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -279,4 +304,5 @@ mod pod {
     unsafe impl aya::Pod for FilterRule {}
     unsafe impl aya::Pod for FlowLimit {}
     unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for QuicKey {}
 }

@@ -98,14 +98,21 @@ fn zeroed_fib_params() -> FibParams {
 /// The outer IPv4 header, checksum filled in.
 #[inline(always)]
 pub fn outer_ipv4(src: u32, dst: u32, inner_len: u16, tos: u8) -> Ipv4Hdr {
+    outer_ipv4_proto(src, dst, inner_len, tos, IPPROTO_IPIP)
+}
+
+/// An outer IPv4 header carrying `payload_len` bytes of protocol `protocol` (IPIP, or
+/// UDP for GUE), checksum filled in.
+#[inline(always)]
+pub fn outer_ipv4_proto(src: u32, dst: u32, payload_len: u16, tos: u8, protocol: u8) -> Ipv4Hdr {
     let mut hdr = Ipv4Hdr {
         version_ihl: 0x45,
         tos,
-        tot_len: (inner_len + IPV4_HLEN as u16).to_be(),
+        tot_len: (payload_len + IPV4_HLEN as u16).to_be(),
         id: 0,
         frag_off: 0,
         ttl: OUTER_TTL,
-        protocol: IPPROTO_IPIP,
+        protocol,
         check: 0,
         saddr: src,
         daddr: dst,

@@ -50,8 +50,8 @@ use lb_common::{
 
 use crate::{
     csum,
-    encap::{Exit, OUTER_TTL, transmit, tunnel_v4},
-    filter, hashing,
+    encap::{Exit, OUTER_TTL, transmit},
+    filter, gue, hashing,
     maps::{CONFIG, VIP_ADDRS, VIPS},
     parsing::{ETH_HLEN, EthHdr, IPV4_HLEN, Ipv4Hdr, Ports, VLAN_HLEN, VlanHdr, ptr_at},
     stats::{count, count_forwarded},
@@ -214,7 +214,8 @@ fn forward_error_v4(
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
-    let (source, mtu) = CONFIG.get(0).map_or((0, 0), |c| (c.source_v4, c.mtu));
+    let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
+    let (source, mtu) = (cfg.source_v4, cfg.mtu);
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
@@ -230,15 +231,17 @@ fn forward_error_v4(
     };
     let choice = hashing::owner(&key, &vip).map_err(Exit::Drop)?;
     // No ICMP error about an ICMP error (RFC 1122 3.2.2).
-    if mtu != 0 && tot_len + IPV4_HLEN > mtu as usize {
+    // The same tunnel as the flow's own packets (GUE adds its UDP header).
+    if mtu != 0 && tot_len + IPV4_HLEN + gue::extra_overhead(cfg) as usize > mtu as usize {
         return Err(Exit::Drop(DropReason::TooBig));
     }
-    let ifindex = tunnel_v4(
+    let ifindex = gue::tunnel_v4(
         ctx,
+        cfg,
+        &key,
         l3_off,
         tot_len as u16,
         ip.tos,
-        source,
         choice.backend.addr[0],
     )?;
     count_forwarded(vip.service_id, choice.backend_id, tot_len as u64);

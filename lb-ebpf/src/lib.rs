@@ -12,14 +12,18 @@
 //! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
 //! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
 //! - [`stats`]: per-CPU counter updates.
+//! - [`gue`]: GUE (IPv4 in UDP) encapsulation and decapsulation, per-flow outer source.
+//! - [`quic`]: QUIC connection-ID routing.
 #![no_std]
 
 pub mod csum;
 pub mod encap;
 pub mod filter;
+pub mod gue;
 pub mod hashing;
 pub mod icmp;
 pub mod limit;
 pub mod maps;
 pub mod parsing;
+pub mod quic;
 pub mod stats;

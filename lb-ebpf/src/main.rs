@@ -10,19 +10,20 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    stats::Counter,
+    stats::{Counter, DropReason},
     types::{
-        DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, VIP_F_ALLOW,
-        VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
+        DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, PROTO_UDP,
+        VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
     },
 };
 use lb_ebpf::{
-    encap::{Exit, decap_ipv4, transmit, tunnel_v4},
-    filter,
+    encap::{Exit, decap_ipv4, transmit},
+    filter, gue,
     hashing::{Limits, choose_backend},
     icmp,
     maps::{CONFIG, DECAP_DSTS, VIPS},
     parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
+    quic,
     stats::{count, count_drop, count_forwarded},
 };
 
@@ -100,25 +101,33 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
-    let (source, mtu) = CONFIG.get(0).map_or((0, 0), |c| (c.source_v4, c.mtu));
+    let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
+    let (source, mtu) = (cfg.source_v4, cfg.mtu);
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
+    // GUE's UDP header counts too; "fragmentation needed" then says `mtu` - 28.
+    let extra = gue::extra_overhead(cfg);
     // The IP length is what leaves (bytes past it are cut before encapsulation).
-    if mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 > mtu {
-        return icmp::too_big_v4(ctx, pkt.l3_off, mtu);
+    if mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 + extra > mtu {
+        return icmp::too_big_v4(ctx, pkt.l3_off, mtu - extra);
     }
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
     };
-    let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?;
-    let ifindex = tunnel_v4(
+    // QUIC short headers naming a live backend go there (quic.rs); the rest as ever.
+    let choice = match quic::backend(ctx, &pkt, &vip) {
+        Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
+        None => choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?,
+    };
+    let ifindex = gue::tunnel_v4(
         ctx,
+        cfg,
+        &pkt.key,
         pkt.l3_off,
         pkt.tot_len,
         pkt.tos,
-        source,
         choice.backend.addr[0],
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
@@ -144,6 +153,10 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { *ip };
+    // GUE: UDP to `gue_port` at a tunnel address (gue.rs).
+    if ip.version_ihl == 0x45 && ip.protocol == PROTO_UDP && ip.frag_off & 0x3fffu16.to_be() == 0 {
+        return gue::decap_v4(ctx, l2.l3_off, ip.daddr);
+    }
     // Only plain 20-byte, unfragmented IPIP headers: anything else is the kernel's.
     if ip.version_ihl != 0x45 || ip.protocol != IPPROTO_IPIP || ip.frag_off & 0x3fffu16.to_be() != 0
     {

@@ -69,6 +69,10 @@ pub struct Backend {
     pub tier: u8,
     /// The configured weight, or the operator's override.
     pub weight: u32,
+    /// QUIC server id (`quic_id`) a `quic` service's connection IDs name this backend
+    /// by; absent when not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_id: Option<u32>,
     /// The live state; absent (no field at all) before the service was computed.
     #[serde(flatten)]
     #[schema(schema_with = live_or_none)]
@@ -108,6 +112,7 @@ impl Backend {
             port: view.port,
             tier: view.tier,
             weight: view.weight,
+            quic_id: view.quic_id,
             live: Some(BackendLive {
                 effective_weight: view.effective_weight,
                 slow_start: view.slow_start,
@@ -129,6 +134,7 @@ impl Backend {
             port: b.port,
             tier: b.tier,
             weight: b.weight,
+            quic_id: b.quic_id,
             live: None,
         }
     }

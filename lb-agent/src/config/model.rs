@@ -160,6 +160,9 @@ pub enum Encap {
     Gue,
 }
 
+/// Default of `dataplane.gue_port` (Katran's GUE port).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
 /// Default of `dataplane.mtu`: Ethernet's.
 pub const DEFAULT_MTU: u32 = 1500;
 /// Range of `dataplane.mtu`: IPv4's minimum datagram every host must accept (RFC 791),
@@ -201,8 +204,19 @@ pub struct DataplaneConfig {
     pub flow_limit_sources: u32,
     /// MTU towards the backends (bytes of IP packet, tunnel header included): a VIP
     /// packet that would exceed it once encapsulated gets ICMP "fragmentation needed"
-    /// (DF set, next-hop MTU = `mtu` - 20) or is dropped as `too_big` (DF clear).
+    /// (DF set, next-hop MTU = `mtu` - 20, or - 28 with GUE) or is dropped as
+    /// `too_big` (DF clear).
     pub mtu: u32,
+    /// Outer UDP destination port of GUE tunnels (`encap = "gue"`): the port the
+    /// backends decapsulate on (`lb-agent decap attach --gue-port`).
+    pub gue_port: u16,
+    /// An IPv4 prefix (`address/length`, /16 to /32, no host bits) the outer source
+    /// of tunnelled IPv4 packets varies in, per flow (IPIP and GUE), so that ECMP and
+    /// the backends' RSS spread flows by outer source too. Its address replaces
+    /// `source_ipv4` as the outer source; the prefix must be routed to the LB (ICMP
+    /// errors about the tunnel come back to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ipv4_prefix: Option<String>,
 }
 
 impl Default for DataplaneConfig {
@@ -220,6 +234,8 @@ impl Default for DataplaneConfig {
             new_flow_table_size: None,
             flow_limit_sources: lb_common::maps::DEFAULT_FLOW_LIMIT_SOURCES,
             mtu: DEFAULT_MTU,
+            gue_port: DEFAULT_GUE_PORT,
+            source_ipv4_prefix: None,
         }
     }
 }
@@ -404,6 +420,11 @@ pub struct BackendConfig {
     /// Failover tier, 0 to 7: a tier serves only when all lower tiers have no healthy backend.
     #[serde(default)]
     pub tier: u8,
+    /// The backend's QUIC server id, which its connection IDs carry (a `quic`
+    /// service's backends; format in the README): 1 to 4294967295, unique in the
+    /// service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_id: Option<u32>,
 }
 
 impl BackendConfig {
@@ -653,6 +674,10 @@ pub struct ServiceConfig {
     /// This service's limit on new flows per source (besides `[security]`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_flows_per_source: Option<FlowLimitConfig>,
+    /// QUIC connection-ID routing (l4, udp): short-header packets go to the backend
+    /// whose `quic_id` their connection ID carries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quic: bool,
 }
 
 impl Mode {

@@ -95,6 +95,7 @@ fn l7(body: &str) -> String {
 
 fn backend(address: &str, port: u16, weight: u32, tier: u8) -> BackendConfig {
     BackendConfig {
+        quic_id: None,
         address: address.parse().expect("address"),
         port,
         weight,
@@ -104,6 +105,7 @@ fn backend(address: &str, port: u16, weight: u32, tier: u8) -> BackendConfig {
 
 fn service(name: &str, vip: &str) -> ServiceConfig {
     ServiceConfig {
+        quic: false,
         name: name.to_owned(),
         vip: vip.parse().expect("vip"),
         protocol: Protocol::Tcp,
@@ -215,6 +217,8 @@ fn design_example_parses_with_defaults_filled() {
             tls_dir: None,
         },
         dataplane: DataplaneConfig {
+            gue_port: 6080,
+            source_ipv4_prefix: None,
             xdp_mode: XdpMode::Auto,
             encap: Encap::Ipip,
             source_ipv4: Some(Ipv4Addr::new(198, 18, 1, 10)),
@@ -231,6 +235,7 @@ fn design_example_parses_with_defaults_filled() {
         security: SecurityConfig::default(),
         services: vec![
             ServiceConfig {
+                quic: false,
                 name: "web".to_owned(),
                 vip: "198.18.100.1:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,
@@ -262,6 +267,7 @@ fn design_example_parses_with_defaults_filled() {
                 new_flows_per_source: None,
             },
             ServiceConfig {
+                quic: false,
                 name: "shop".to_owned(),
                 vip: "198.18.100.2:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,

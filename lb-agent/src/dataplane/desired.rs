@@ -29,6 +29,8 @@ pub struct DesiredService {
     /// The service's own `deny`, `allow` and `new_flows_per_source` (checked after the
     /// global ones, for packets to this VIP).
     pub filters: DesiredFilters,
+    /// QUIC connection-ID routing (`quic = true`).
+    pub quic: bool,
 }
 
 /// A backend as the fast path should see it.
@@ -40,6 +42,9 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// Flows already pinned to it may continue (set while in the ring or draining).
     pub active: bool,
+    /// QUIC server id its connection IDs carry (`quic_id`; used when the service has
+    /// `quic`).
+    pub quic_id: Option<u32>,
 }
 
 /// Everything the reconciler writes.
@@ -50,6 +55,10 @@ pub struct DesiredState {
     pub encap: u32,
     /// `dataplane.mtu`; 0: no check beyond the egress interface's MTU.
     pub mtu: u32,
+    /// `dataplane.gue_port` (host order).
+    pub gue_port: u16,
+    /// `dataplane.source_ipv4_prefix`: outer IPv4 sources vary per flow within it.
+    pub source_v4_prefix: Option<ipnet::Ipv4Net>,
     pub services: Vec<DesiredService>,
     /// `[security]` source filters.
     pub filters: DesiredFilters,
@@ -99,6 +108,11 @@ impl DesiredState {
                 Encap::Gue => ENCAP_GUE,
             },
             mtu: dataplane.mtu,
+            gue_port: dataplane.gue_port,
+            source_v4_prefix: dataplane
+                .source_ipv4_prefix
+                .as_deref()
+                .and_then(|p| p.parse().ok()),
             services,
             filters: DesiredFilters::default(),
         }

@@ -12,7 +12,7 @@ use aya::{
 use lb_common::{
     maps as names,
     types::{
-        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig, QuicKey,
         TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
@@ -63,6 +63,8 @@ pub struct Maps {
     pub flows_new: HashMap<MapData, FlowKey, FlowEntry>,
     /// VIP addresses and `VIP_ADDR_F_*` bits (ICMP to a VIP address).
     pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    /// QUIC server ids per service -> backend id (connection-ID routing).
+    pub quic_ids: HashMap<MapData, QuicKey, u32>,
 }
 
 /// Where maps come from.
@@ -122,6 +124,7 @@ impl Maps {
             flow_buckets: typed!(s, names::FLOW_BUCKETS),
             flows_new: typed!(s, names::FLOWS_NEW),
             vip_addrs: typed!(s, names::VIP_ADDRS),
+            quic_ids: typed!(s, names::QUIC_IDS),
         })
     }
 

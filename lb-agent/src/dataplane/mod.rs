@@ -14,6 +14,7 @@ pub mod forwarding;
 pub mod loader;
 pub mod maps;
 pub mod neigh;
+pub mod quic_ids;
 pub mod retry;
 pub mod ring;
 pub mod stats;

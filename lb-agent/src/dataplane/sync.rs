@@ -17,7 +17,9 @@
 //!    which sends their pinned flows back through the ring, and removed backends'
 //!    ids are freed;
 //! 5. the VIP addresses (`VIP_ADDRS`, for ICMP to them): new and changed entries, then
-//!    the addresses no service has any more.
+//!    the addresses no service has any more;
+//! 6. the QUIC server ids of `quic` services (`super::quic_ids`): new and changed
+//!    entries (their backends were written in step 2), then those no longer desired.
 //!
 //! An apply that fails part-way (a map write refused) leaves the reconciler's record
 //! consistent with what is in the maps, so the caller can apply again (the same or a
@@ -37,7 +39,7 @@ use lb_common::{
     types::{
         BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
         VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7,
-        VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipMeta,
+        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -406,7 +408,8 @@ impl WrittenService {
                     VIP_F_FLOW_LIMIT
                 } else {
                     0
-                },
+                }
+                | if svc.quic { VIP_F_QUIC } else { 0 },
             _pad: 0,
         };
         let key_changed = self.key != key;
@@ -461,6 +464,8 @@ pub struct Reconciler {
     filters: FilterTable,
     /// `VIP_ADDRS` as written.
     vip_addrs: BTreeMap<VipAddrKey, u32>,
+    /// `QUIC_IDS` as written.
+    quic_ids: super::quic_ids::QuicIds,
 }
 
 impl Reconciler {
@@ -475,6 +480,7 @@ impl Reconciler {
             backends: BackendTable::new(caps.max_backends),
             filters: FilterTable::new(caps),
             vip_addrs: BTreeMap::new(),
+            quic_ids: super::quic_ids::QuicIds::default(),
         }
     }
 
@@ -501,6 +507,7 @@ impl Reconciler {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(read_err(names::VIP_ADDRS, MapKey::All))?;
+        r.quic_ids = super::quic_ids::QuicIds::adopt(maps)?;
         let entries = read_backend_entries(maps, caps.max_backends)?;
         let vips: Vec<(VipKey, VipMeta)> = maps
             .vips
@@ -684,6 +691,13 @@ impl Reconciler {
         self.remove_services(maps, desired)?;
         self.deactivate_backends(maps, deactivate)?;
         self.write_vip_addrs(maps, desired)?;
+        // Step 6: QUIC server ids -> backend ids (quic_ids.rs).
+        let quic = super::quic_ids::wanted(
+            desired,
+            |s| self.service_id(s),
+            |s, a, p| self.backend_id(s, a, p),
+        );
+        self.quic_ids.write(maps, &quic)?;
         Ok(applied)
     }
 
@@ -694,13 +708,21 @@ impl Reconciler {
         desired: &DesiredState,
     ) -> Result<(), SyncError> {
         let config = GlobalConfig {
+            // A source prefix's address is the base of every flow's outer source.
             source_v4: desired
-                .source_v4
+                .source_v4_prefix
+                .map(|p| p.network())
+                .or(desired.source_v4)
                 .map_or(0, |a| u32::from_ne_bytes(a.octets())),
             source_v6: desired.source_v6.map_or([0; 4], |a| addr_words(a.into()).0),
             encap: desired.encap,
             filter_flags: FilterTable::flags(&desired.filters),
             mtu: desired.mtu,
+            gue_port: desired.gue_port.to_be(),
+            _pad: 0,
+            source_v4_host_mask: desired
+                .source_v4_prefix
+                .map_or(0, |p| u32::from(p.hostmask())),
         };
         if self.config != Some(config) {
             maps.config

@@ -354,12 +354,15 @@ impl Lb {
             flow_limit_sources: 1024,
         };
         let desired = DesiredState {
+            gue_port: 6080,
+            source_v4_prefix: None,
             source_v4: Some(LB_ADDR),
             source_v6: None,
             encap: 0,
             mtu: 1500,
             filters: Default::default(),
             services: vec![DesiredService {
+                quic: false,
                 name: "web".into(),
                 vip: VIP.into(),
                 protocol: Protocol::Tcp,
@@ -368,6 +371,7 @@ impl Lb {
                 backends: BACKENDS
                     .iter()
                     .map(|&b| DesiredBackend {
+                        quic_id: None,
                         address: b.into(),
                         port: VIP.port(),
                         weight: 100,

@@ -32,12 +32,15 @@ fn addr(last: u8) -> IpAddr {
 /// The service `web` with backends 198.18.2.<last> for each of `lasts`.
 fn web(lasts: &[u8]) -> DesiredState {
     DesiredState {
+        gue_port: 6080,
+        source_v4_prefix: None,
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,
         mtu: 1500,
         filters: Default::default(),
         services: vec![DesiredService {
+            quic: false,
             name: "web".into(),
             vip: "198.18.100.1:80".parse().expect("vip"),
             protocol: Protocol::Tcp,
@@ -46,6 +49,7 @@ fn web(lasts: &[u8]) -> DesiredState {
             backends: lasts
                 .iter()
                 .map(|&l| DesiredBackend {
+                    quic_id: None,
                     address: addr(l),
                     port: 80,
                     weight: 100,

@@ -102,6 +102,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn backend(addr: Ipv4Addr, port: u16) -> DesiredBackend {
     DesiredBackend {
+        quic_id: None,
         address: addr.into(),
         port,
         weight: 100,
@@ -116,6 +117,7 @@ fn service(
     backends: Vec<DesiredBackend>,
 ) -> DesiredService {
     DesiredService {
+        quic: false,
         name: name.into(),
         vip: vip.into(),
         protocol,
@@ -138,6 +140,8 @@ fn desired() -> DesiredState {
     );
     sticky.source_hash = true;
     DesiredState {
+        gue_port: 6080,
+        source_v4_prefix: None,
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,

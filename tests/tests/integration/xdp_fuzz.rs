@@ -83,6 +83,7 @@ const DEFAULT_FRAMES: u64 = 100_000;
 
 fn backend(addr: Ipv4Addr, port: u16) -> DesiredBackend {
     DesiredBackend {
+        quic_id: None,
         address: addr.into(),
         port,
         weight: 100,
@@ -99,6 +100,7 @@ fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
 /// new-flow limit.
 fn desired() -> DesiredState {
     let service = |name: &str, vip: SocketAddrV4, protocol, backends, filters| DesiredService {
+        quic: false,
         name: name.into(),
         vip: vip.into(),
         protocol,
@@ -116,6 +118,8 @@ fn desired() -> DesiredState {
     );
     l7.l7 = true;
     DesiredState {
+        gue_port: 6080,
+        source_v4_prefix: None,
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,

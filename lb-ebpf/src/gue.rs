@@ -1,0 +1,212 @@
+//! GUE (`dataplane.encap = "gue"`): IPv4 packets tunnelled in UDP towards a backend,
+//! the backend side that removes the outer headers again, and the per-flow outer
+//! source address (`dataplane.source_ipv4_prefix`, for IPIP and GUE alike).
+//!
+//! Wire format: Katran's "GUE variant 1" (draft-ietf-intarea-gue, section 4): Ethernet,
+//! an outer IPv4 header (protocol 17, TTL 64, the inner TOS, checksum computed, no
+//! fragment bits), an 8-byte UDP header to `gue_port`, then the inner IP packet as the
+//! client sent it, with no GUE header. The first two bits after the UDP header tell
+//! variant 1 apart: they are the start of the inner IP version (0100 for IPv4, 0110
+//! for IPv6). Overhead: 28 bytes over IPv4, counted in the `mtu` check.
+//!
+//! - UDP source port: 49152 + 14 bits of the flow's entropy
+//!   ([`lb_common::hash::gue_source_port`]), so the backends' NICs spread flows over
+//!   their receive queues (RSS hashes the outer 4-tuple) and a flow stays on one.
+//! - UDP checksum 0: allowed over IPv4 (RFC 768; RFC 8086 section 3.2 for tunnels);
+//!   the inner packet keeps its own checksums, which the backend's stack verifies.
+//!   Over IPv6 a tunnel checksum is required unless the receiver opts in (RFC 6935):
+//!   an IPv6 outer header must compute it.
+//! - Outer source: `source_ipv4`, or with `source_ipv4_prefix` the prefix's address
+//!   with its host bits from the flow's entropy ([`lb_common::hash::tunnel_source_v4`]),
+//!   as Katran varies its IPIP source within a /16.
+//!
+//! IPv6 seam: an IPv6 outer header (GUE over IPv6, and IPv6 inner packets) slots in as
+//! a `tunnel_v6` beside [`tunnel_v4`], with the UDP header built by [`udp_header`] and
+//! its checksum over the IPv6 pseudo-header; [`decap_v4`] already hands inner IPv6
+//! packets to the stack.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_PASS},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::XdpContext,
+};
+use lb_common::{
+    hash::{gue_source_port, tunnel_entropy, tunnel_source_v4},
+    stats::{Counter, DropReason},
+    types::{ENCAP_GUE, FlowKey, GlobalConfig, PROTO_UDP},
+};
+
+use crate::{
+    encap::{self, Exit, next_hop_v4, outer_ipv4_proto, trim_to},
+    parsing::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
+    },
+    stats::count,
+};
+
+/// Length of a UDP header.
+pub const UDP_HLEN: usize = 8;
+/// What GUE adds beyond IPIP's 20-byte outer header: the UDP header.
+pub const GUE_EXTRA: u32 = UDP_HLEN as u32;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    /// Network order.
+    pub source: u16,
+    /// Network order.
+    pub dest: u16,
+    /// Network order: header and payload.
+    pub len: u16,
+    pub check: u16,
+}
+const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);
+
+/// Bytes the configured tunnel adds beyond IPIP's outer header: 8 for GUE, else 0.
+/// The `mtu` check and the next-hop MTU of "fragmentation needed" subtract it.
+#[inline(always)]
+pub fn extra_overhead(cfg: &GlobalConfig) -> u32 {
+    if cfg.encap == ENCAP_GUE { GUE_EXTRA } else { 0 }
+}
+
+/// A GUE UDP header for `payload_len` bytes of inner packet, ports in network order,
+/// checksum 0 (IPv4; see the module docs).
+#[inline(always)]
+pub fn udp_header(source: u16, dest: u16, payload_len: u16) -> UdpHdr {
+    UdpHdr {
+        source,
+        dest,
+        len: (payload_len + UDP_HLEN as u16).to_be(),
+        check: 0,
+    }
+}
+
+/// Tunnel the IPv4 packet of flow `key` at `l3_off` (`tot_len` bytes, TOS `tos`) to
+/// `backend` as the config says: IPIP or GUE, from `source_v4` or, with a source
+/// prefix, from the flow's address within it. With IPIP and one source this is
+/// [`encap::tunnel_v4`] and nothing more (no entropy is computed).
+#[inline(always)]
+pub fn tunnel_v4(
+    ctx: &XdpContext,
+    cfg: &GlobalConfig,
+    key: &FlowKey,
+    l3_off: usize,
+    tot_len: u16,
+    tos: u8,
+    backend: u32,
+) -> Result<u32, Exit> {
+    let (encap, base, host_mask, dport) = (
+        cfg.encap,
+        cfg.source_v4,
+        cfg.source_v4_host_mask,
+        cfg.gue_port,
+    );
+    if encap != ENCAP_GUE && host_mask == 0 {
+        return encap::tunnel_v4(ctx, l3_off, tot_len, tos, base, backend);
+    }
+    let entropy = tunnel_entropy(key);
+    let source = tunnel_source_v4(base, host_mask, entropy);
+    if encap != ENCAP_GUE {
+        return encap::tunnel_v4(ctx, l3_off, tot_len, tos, source, backend);
+    }
+    let sport = gue_source_port(entropy).to_be();
+    let hop = next_hop_v4(
+        ctx,
+        source,
+        backend,
+        tot_len + (IPV4_HLEN + UDP_HLEN) as u16,
+    )?;
+    let outer = outer_ipv4_proto(source, backend, tot_len + UDP_HLEN as u16, tos, PROTO_UDP);
+    let udp = udp_header(sport, dport, tot_len);
+    trim_to(ctx, l3_off + usize::from(tot_len)).map_err(Exit::Drop)?;
+    let failed = Exit::Drop(DropReason::EncapFailed);
+    let grow = (ETH_HLEN + IPV4_HLEN + UDP_HLEN) as i32 - l3_off as i32;
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(failed);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(failed)?;
+    let uh = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *eth = EthHdr {
+            dst: hop.dmac,
+            src: hop.smac,
+            proto: ETH_P_IP,
+        };
+        *ip = outer;
+        *uh = udp;
+    }
+    Ok(hop.ifindex)
+}
+
+/// `xdp_decap`'s GUE branch, for an outer IPv4 header at `l3_off` (20 bytes, no
+/// fragment bits, protocol UDP, checked by the caller) addressed to `daddr`: a UDP
+/// packet to `gue_port` at a tunnel address (`DECAP_DSTS`) whose payload starts with
+/// an IPv4 or IPv6 header loses its outer IP and UDP headers and goes to the stack
+/// as that inner packet. Anything else (another port, another address, a payload
+/// that is no IP packet) passes untouched: it is the host's own UDP.
+#[inline(always)]
+pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32> {
+    let udp = ptr_at::<UdpHdr>(ctx, l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
+    let port = crate::maps::CONFIG.get(0).map_or(0, |c| c.gue_port);
+    // SAFETY: bounds checked by ptr_at.
+    if port == 0 || unsafe { (*udp).dest } != port {
+        return Err(XDP_PASS);
+    }
+    let key = lb_common::types::DecapKey {
+        addr: [daddr, 0, 0, 0],
+        family: lb_common::types::FAMILY_V4,
+        _pad: [0; 3],
+    };
+    // SAFETY: DECAP_DSTS is preallocated; the value is not read.
+    if unsafe { crate::maps::DECAP_DSTS.get(key) }.is_none() {
+        return Err(XDP_PASS);
+    }
+    let inner_off = l3_off + IPV4_HLEN + UDP_HLEN;
+    let first = ptr_at::<u8>(ctx, inner_off).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner_proto = match unsafe { *first } >> 4 {
+        4 if ptr_at::<Ipv4Hdr>(ctx, inner_off).is_some() => ETH_P_IP,
+        6 if ptr_at::<[u8; 40]>(ctx, inner_off).is_some() => ETH_P_IPV6,
+        _ => return Err(XDP_PASS),
+    };
+    strip_outer(ctx, l3_off, (IPV4_HLEN + UDP_HLEN) as i32, inner_proto)
+        .map_err(|()| XDP_ABORTED)?;
+    count(Counter::DecapGue);
+    Ok(XDP_PASS)
+}
+
+/// Remove `len` bytes of outer headers at `l3_off`, moving the Ethernet header (and a
+/// VLAN tag) forward so the inner packet follows it, with EtherType `inner_proto`.
+#[inline(always)]
+fn strip_outer(ctx: &XdpContext, l3_off: usize, len: i32, inner_proto: u16) -> Result<(), ()> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut eth_copy = unsafe { *eth };
+    let vlan_copy = if l3_off == ETH_HLEN + VLAN_HLEN {
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        let mut v = unsafe { *vlan };
+        // The tag carries the inner EtherType; the Ethernet header keeps the tag's.
+        v.proto = inner_proto;
+        Some(v)
+    } else {
+        eth_copy.proto = inner_proto;
+        None
+    };
+    // SAFETY: ctx.ctx is the program's xdp_md.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, len) } != 0 {
+        return Err(());
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *eth = eth_copy };
+    if let Some(v) = vlan_copy {
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *vlan = v };
+    }
+    Ok(())
+}
