@@ -100,6 +100,12 @@ pub enum DecapAction {
         addresses: Vec<IpAddr>,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpModeArg,
+        /// UDP port of GUE tunnels (the balancer's `dataplane.gue_port`): UDP to this
+        /// port at an accepted address, with an IPv4 or IPv6 packet right after the UDP
+        /// header, is decapsulated too. IPIP is always accepted.
+        #[arg(long, default_value_t = crate::config::DEFAULT_GUE_PORT,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        gue_port: u16,
     },
     /// Detach the decapsulator and remove its pins.
     Detach {

@@ -10,8 +10,14 @@
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
-use aya::{maps::HashMap, programs::links::FdLink};
-use lb_common::{maps as names, types::DecapKey};
+use aya::{
+    maps::{Array, HashMap},
+    programs::links::FdLink,
+};
+use lb_common::{
+    maps as names,
+    types::{DecapKey, GlobalConfig},
+};
 
 use crate::{
     cli::XdpModeArg,
@@ -77,6 +83,7 @@ pub fn attach(
     bpffs: &Path,
     addresses: &[IpAddr],
     mode: XdpModeArg,
+    gue_port: u16,
 ) -> anyhow::Result<()> {
     let mode = attach_mode(mode)?;
     let dir = loader::pin_dir(bpffs, iface, Role::Decap)?;
@@ -118,6 +125,7 @@ pub fn attach(
         )
         .with_context(|| format!("adding {a} to the decap map"))?;
     }
+    write_gue_port(&mut ebpf, gue_port)?;
     let counters = ebpf
         .take_map(names::COUNTERS)
         .context("the eBPF object has no counters map")?;
@@ -141,10 +149,28 @@ pub fn attach(
     }
     let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
     println!(
-        "decap attached to {iface} ({mode_used} mode) for {}; pinned under {}",
+        "decap attached to {iface} ({mode_used} mode) for {} (IPIP, and GUE on UDP port \
+         {gue_port}); pinned under {}",
         list.join(", "),
         dir.display()
     );
+    Ok(())
+}
+
+/// The decapsulator reads the GUE port from the global config entry (the rest of it is
+/// the balancer's and unused here).
+fn write_gue_port(ebpf: &mut aya::Ebpf, gue_port: u16) -> anyhow::Result<()> {
+    let mut config: Array<_, GlobalConfig> = ebpf
+        .map_mut(names::CONFIG)
+        .context("the eBPF object has no config map")?
+        .try_into()?;
+    let entry = GlobalConfig {
+        gue_port: gue_port.to_be(),
+        ..GlobalConfig::default()
+    };
+    config
+        .set(0, entry, 0)
+        .context("writing the GUE port to the config map")?;
     Ok(())
 }
 

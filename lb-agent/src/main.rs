@@ -78,7 +78,8 @@ fn main() -> ExitCode {
                 bpffs,
                 addresses,
                 xdp_mode,
-            } => decap::attach(&iface, &bpffs, &addresses, xdp_mode),
+                gue_port,
+            } => decap::attach(&iface, &bpffs, &addresses, xdp_mode, gue_port),
             DecapAction::Detach { iface, bpffs } => decap::detach(&iface, &bpffs),
         },
         Command::Detach {

@@ -475,7 +475,51 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
             );
         }
     }
+    if dp.gue_port == 0 {
+        push(
+            "dataplane.gue_port",
+            "0 is out of range: must be between 1 and 65535 (the UDP port backends \
+             decapsulate GUE on)"
+                .to_owned(),
+        );
+    }
+    if let Some(text) = &dp.source_ipv4_prefix {
+        if let Err(why) = source_prefix_problem(text, dp.source_ipv4) {
+            push("dataplane.source_ipv4_prefix", why);
+        }
+    }
     errors
+}
+
+/// Shortest `dataplane.source_ipv4_prefix`: 16 bits of a flow's entropy are left for
+/// the host bits.
+pub const SOURCE_PREFIX_MIN_LEN: u8 = 16;
+
+/// What is wrong with `dataplane.source_ipv4_prefix` (given `source_ipv4`), if anything.
+fn source_prefix_problem(text: &str, source: Option<std::net::Ipv4Addr>) -> Result<(), String> {
+    let ipnet::IpNet::V4(net) = parse_prefix(text)? else {
+        return Err(format!(
+            "{text} is an IPv6 prefix; the outer IPv4 source needs an IPv4 one"
+        ));
+    };
+    if net.prefix_len() < SOURCE_PREFIX_MIN_LEN {
+        return Err(format!(
+            "{text} is too wide: /{SOURCE_PREFIX_MIN_LEN} to /32 (16 bits of a flow's hash vary \
+             the host part)"
+        ));
+    }
+    if let Some(kind) = non_unicast(IpAddr::V4(net.network())) {
+        return Err(format!(
+            "{text} is {kind} prefix; tunnel sources must be unicast addresses"
+        ));
+    }
+    if let Some(ip) = source.filter(|ip| !net.contains(ip)) {
+        return Err(format!(
+            "{text} does not contain dataplane.source_ipv4 ({ip}); the prefix replaces it as \
+             the outer source, so give one inside it or leave source_ipv4 out"
+        ));
+    }
+    Ok(())
 }
 
 /// A source prefix of `[security]`: `address/length`, IPv4 or IPv6, with no host
@@ -702,6 +746,7 @@ fn check_service(
     check_identity(svc, others, &mut report);
     check_mode(svc, dp, &mut report);
     check_backends(svc, &mut report);
+    check_quic(svc, &mut report);
     check_health(&svc.health, &mut report);
     check_l7_extras(svc, &mut report);
     report
@@ -792,11 +837,16 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
             if svc.http != HttpConfig::default() {
                 report.field("http", "http settings are only for mode = \"l7\"");
             }
-            if svc.vip.is_ipv4() && dp.xdp_mode != XdpMode::Off && dp.source_ipv4.is_none() {
+            if svc.vip.is_ipv4()
+                && dp.xdp_mode != XdpMode::Off
+                && dp.source_ipv4.is_none()
+                && dp.source_ipv4_prefix.is_none()
+            {
                 report.field(
                     "vip",
                     "an l4 IPv4 service needs dataplane.source_ipv4 (the outer source address \
-                     of tunnelled packets) unless dataplane.xdp_mode = \"off\"",
+                     of tunnelled packets) or dataplane.source_ipv4_prefix unless \
+                     dataplane.xdp_mode = \"off\"",
                 );
             }
         }
@@ -890,6 +940,43 @@ fn check_backends(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
                     "IPv6 L4 services are not supported yet: an l4 backend must be IPv4",
                 );
             }
+        }
+    }
+}
+
+/// `quic` (l4 UDP services) and the backends' `quic_id` (only there, not 0, unique in
+/// the service).
+fn check_quic(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
+    if svc.quic && (svc.mode != Mode::L4 || svc.protocol != Protocol::Udp) {
+        report.field(
+            "quic",
+            "QUIC connection-ID routing is for mode = \"l4\" with protocol = \"udp\"",
+        );
+    }
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for (i, b) in svc.backends.iter().enumerate() {
+        let Some(id) = b.quic_id else { continue };
+        if !svc.quic {
+            report.backend(
+                i,
+                "quic_id",
+                "a quic_id is used only by a service with quic = true",
+            );
+        } else if id == 0 {
+            report.backend(
+                i,
+                "quic_id",
+                "0 is out of range: must be between 1 and 4294967295 (0 means no server id)",
+            );
+        } else if let Some(&first) = seen.get(&id) {
+            let first = report.keys.backend_id(first);
+            report.backend(
+                i,
+                "quic_id",
+                format!("quic_id {id} is already backend[{first}]'s: each must be unique"),
+            );
+        } else {
+            seen.insert(id, i);
         }
     }
 }

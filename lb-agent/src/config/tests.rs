@@ -1395,7 +1395,8 @@ fn the_known_keys_are_the_models() {
     assert!(
         error.message.ends_with(
             "name, vip, protocol, mode, scheduler, health, backend, sticky, cache, \
-             slow_start_s, on_all_down, hash_on, tls, http, deny, allow, new_flows_per_source"
+             slow_start_s, on_all_down, hash_on, tls, http, deny, allow, new_flows_per_source, \
+             quic"
         ),
         "{error}"
     );
@@ -1872,4 +1873,91 @@ fn dataplane_mtu_defaults_to_1500_and_is_range_checked() {
             "out of range: must be between 576 and 9216",
         );
     }
+}
+
+#[test]
+fn gue_port_and_source_prefix_are_read_and_checked() {
+    let cfg = parse_ok("");
+    assert_eq!(cfg.dataplane.gue_port, 6080);
+    assert_eq!(cfg.dataplane.source_ipv4_prefix, None);
+    let cfg = parse_ok(
+        "[dataplane]\nencap = \"gue\"\ngue_port = 7000\nsource_ipv4_prefix = \"198.18.4.0/24\"\n",
+    );
+    assert_eq!(cfg.dataplane.encap, Encap::Gue);
+    assert_eq!(cfg.dataplane.gue_port, 7000);
+    assert_eq!(
+        cfg.dataplane.source_ipv4_prefix.as_deref(),
+        Some("198.18.4.0/24")
+    );
+    // The prefix alone satisfies an l4 IPv4 service; source_ipv4 inside it is fine.
+    parse_ok(
+        "[dataplane]\nsource_ipv4_prefix = \"198.18.4.0/24\"\n[[service]]\nname = \"web\"\n\
+         vip = \"198.18.100.1:80\"\n",
+    );
+    parse_ok(&format!("{DP}source_ipv4_prefix = \"198.18.1.0/24\"\n"));
+
+    let prefix = "dataplane.source_ipv4_prefix";
+    assert_single(
+        "[dataplane]\ngue_port = 0\n",
+        "dataplane.gue_port",
+        "out of range",
+    );
+    for (bad, needle) in [
+        ("198.18.4.1/24", "host bits set"),
+        ("198.18.0.0/15", "too wide"),
+        ("fd00:18::/64", "IPv6 prefix"),
+        ("224.0.0.0/24", "multicast"),
+        ("banana", "not a prefix"),
+    ] {
+        assert_single(
+            &format!("[dataplane]\nsource_ipv4_prefix = \"{bad}\"\n"),
+            prefix,
+            needle,
+        );
+    }
+    assert_single(
+        &format!("{DP}source_ipv4_prefix = \"198.18.4.0/24\"\n"),
+        prefix,
+        "does not contain dataplane.source_ipv4 (198.18.1.10)",
+    );
+}
+
+#[test]
+fn quic_routing_is_for_l4_udp_with_unique_ids() {
+    let udp = |body: &str| {
+        l4(&format!(
+            "protocol = \"udp\"\n{body}\nbackend = [ {{ address = \"198.18.1.11\", quic_id = 7 }}, \
+             {{ address = \"198.18.1.12\", quic_id = 8 }}, {{ address = \"198.18.1.13\" }} ]"
+        ))
+    };
+    let cfg = parse_ok(&udp("quic = true"));
+    assert!(cfg.services[0].quic);
+    let ids: Vec<Option<u32>> = cfg.services[0].backends.iter().map(|b| b.quic_id).collect();
+    assert_eq!(ids, [Some(7), Some(8), None]);
+
+    assert_single(
+        &l4("quic = true\nbackend = [ { address = \"198.18.1.11\" } ]"),
+        "service[0].quic",
+        "protocol = \"udp\"",
+    );
+    assert_single(
+        &l4("protocol = \"udp\"\nbackend = [ { address = \"198.18.1.11\", quic_id = 7 } ]"),
+        "service[0].backend[0].quic_id",
+        "quic = true",
+    );
+    assert_single(
+        &l4(
+            "protocol = \"udp\"\nquic = true\nbackend = [ { address = \"198.18.1.11\", quic_id = 3 }, \
+             { address = \"198.18.1.12\", quic_id = 3 } ]",
+        ),
+        "service[0].backend[1].quic_id",
+        "already backend[0]'s",
+    );
+    assert_single(
+        &l4(
+            "protocol = \"udp\"\nquic = true\nbackend = [ { address = \"198.18.1.11\", quic_id = 0 } ]",
+        ),
+        "service[0].backend[0].quic_id",
+        "out of range",
+    );
 }

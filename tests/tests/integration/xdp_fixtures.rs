@@ -2027,3 +2027,6 @@ fn icmp_errors_follow_the_flow_table() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// GUE, the per-flow outer source, GUE decap and QUIC connection-ID routing.
+mod gue;
