@@ -14,6 +14,7 @@
 mod bgp;
 mod cluster;
 mod e2e_control;
+mod e2e_gue;
 mod e2e_l4;
 mod e2e_l7;
 mod e2e_pmtu;

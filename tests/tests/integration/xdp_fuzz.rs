@@ -76,6 +76,11 @@ const FAR_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 2, 0x11];
 const VIP_WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
 const VIP_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 53);
 const VIP_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 5), 80);
+/// A `quic` UDP service on the three lb0 backends, their `quic_id`s in [`QUIC_IDS`].
+const VIP_QUIC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 8), 443);
+const QUIC_IDS: [u32; 3] = [1, 0x2345, 0x12_3456];
+/// The port `xdp_decap` takes GUE on (the config's `gue_port`).
+const GUE_PORT: u16 = 6080;
 const MTU: usize = 1500;
 /// Frames whose counters are checked one by one: one in this many.
 const COUNTER_SAMPLE: u64 = 50;
@@ -162,6 +167,23 @@ fn desired() -> DesiredState {
                 },
             ),
             l7,
+            DesiredService {
+                quic: true,
+                ..service(
+                    "quic",
+                    VIP_QUIC,
+                    Protocol::Udp,
+                    BACKENDS
+                        .iter()
+                        .zip(QUIC_IDS)
+                        .map(|(&b, id)| DesiredBackend {
+                            quic_id: Some(id),
+                            ..backend(b, 443)
+                        })
+                        .collect(),
+                    DesiredFilters::default(),
+                )
+            },
         ],
     }
 }
@@ -400,7 +422,7 @@ fn ethernet(rng: &mut StdRng, proto: u16, l3: &[u8]) -> Vec<u8> {
 }
 
 /// The frame kinds; one of each is also cut at every offset.
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
     match kind {
@@ -415,6 +437,10 @@ fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
         3 => {
             let p = ipv6_packet(rng);
             ethernet(rng, ETH_P_IPV6, &p)
+        }
+        6 => {
+            let b = quic_datagram(rng);
+            ethernet(rng, ETH_P_IP, &b.build_ipv4())
         }
         5 => {
             // Around the MTU once encapsulated (1480 bytes of IP fit), DF set or not.
@@ -553,7 +579,74 @@ fn l4_vips() -> Vec<(SocketAddrV4, u8, Vec<Ipv4Addr>)> {
     vec![
         (VIP_WEB, 6, BACKENDS.to_vec()),
         (VIP_DNS, 17, vec![FAR_BACKEND]),
+        (VIP_QUIC, 17, BACKENDS.to_vec()),
     ]
+}
+
+/// A UDP datagram to the `quic` VIP: a short header whose connection ID names one of
+/// the backends' ids in one of the three formats, or a random id, or has version 00;
+/// or a long header; or a few random bytes.
+fn quic_datagram(rng: &mut StdRng) -> PacketBuilder {
+    let src = SocketAddrV4::new(client(rng), rng.random());
+    let mut cid = [0u8; 8];
+    rng.fill_bytes(&mut cid);
+    let id = if rng.random_bool(0.7) {
+        QUIC_IDS[rng.random_range(0..QUIC_IDS.len())]
+    } else {
+        rng.random()
+    };
+    match rng.random_range(0..3) {
+        0 if id <= 0xffff => {
+            cid[0] = 0x40 | (id >> 10) as u8;
+            cid[1] = (id >> 2) as u8;
+            cid[2] = (cid[2] & 0x3f) | ((id & 3) << 6) as u8;
+        }
+        1 if id <= 0xff_ffff => {
+            cid[0] = 0x80 | (cid[0] & 0x3f);
+            cid[1..4].copy_from_slice(&id.to_be_bytes()[1..]);
+        }
+        _ => {
+            cid[0] |= 0xc0;
+            cid[1..5].copy_from_slice(&id.to_be_bytes());
+        }
+    }
+    if rng.random_bool(0.1) {
+        cid[0] &= 0x3f;
+    }
+    let mut body = match rng.random_range(0..10) {
+        0 => payload(rng, 12),
+        1 => vec![0xc0 | rng.random::<u8>(), 0, 0, 0, 1, 8],
+        _ => vec![0x40 | (rng.random::<u8>() & 0x3f)],
+    };
+    if body.len() <= 6 {
+        body.extend_from_slice(&cid);
+    }
+    body.extend_from_slice(&payload(rng, 200));
+    PacketBuilder::udp(src, VIP_QUIC).payload(&body)
+}
+
+/// The backend a QUIC short header in the IPv4 packet `ip` (20-byte header, UDP) to
+/// the `quic` VIP names, decoded here from the CID format (the oracle), if any.
+fn quic_named(ip: &[u8], inner_len: usize) -> Option<Ipv4Addr> {
+    if ip[9] != 17
+        || ip[16..20] != VIP_QUIC.ip().octets()
+        || u16::from_be_bytes([ip[22], ip[23]]) != VIP_QUIC.port()
+        || inner_len < 28 + 9
+    {
+        return None;
+    }
+    let h = &ip[28..];
+    if h[0] & 0x80 != 0 {
+        return None;
+    }
+    let c = &h[1..6];
+    let id = match c[0] >> 6 {
+        1 => (u32::from(c[0] & 0x3f) << 10) | (u32::from(c[1]) << 2) | u32::from(c[2] >> 6),
+        2 => u32::from_be_bytes([0, c[1], c[2], c[3]]),
+        3 => u32::from_be_bytes([c[1], c[2], c[3], c[4]]),
+        _ => return None,
+    };
+    QUIC_IDS.iter().position(|&q| q == id).map(|i| BACKENDS[i])
 }
 
 /// Checks one frame's result against the design (module docs).
@@ -765,6 +858,12 @@ fn check_sent(input: &[u8], out: &[u8], src_mac: [u8; 6], redirected: bool) -> a
         backends.contains(&backend),
         "sent to {backend}, not a backend of {dst}:{dport}"
     );
+    if let Some(named) = quic_named(ip_in, inner_len) {
+        ensure!(
+            backend == named,
+            "a QUIC connection ID names {named}, sent to {backend}"
+        );
+    }
     let (mac, far) = match BACKENDS.iter().position(|&b| b == backend) {
         Some(i) => (BACKEND_MACS[i], false),
         None => (FAR_MAC, true),
@@ -808,6 +907,10 @@ fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
                     | Counter::FlowInsertFailed
                     | Counter::FlowPromoted
                     | Counter::Decap
+                    | Counter::DecapGue
+                    // Bookkeeping of the choice, counted with `tx` / `redirect`.
+                    | Counter::QuicCidRouted
+                    | Counter::QuicCidUnknown
                     // Counted with `tx` / `redirect`.
                     | Counter::IcmpErrorForwarded
             )
@@ -976,8 +1079,19 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             ),
         ];
         println!("ICMP: {icmp:?}");
+        let quic = [
+            (
+                Counter::QuicCidRouted.label(),
+                delta(Counter::QuicCidRouted),
+            ),
+            (
+                Counter::QuicCidUnknown.label(),
+                delta(Counter::QuicCidUnknown),
+            ),
+        ];
+        println!("QUIC: {quic:?}");
         if totals.frames >= DEFAULT_FRAMES {
-            for (label, n) in icmp {
+            for (label, n) in icmp.into_iter().chain(quic) {
                 ensure!(
                     n > 0,
                     "no frame reached {label}: the generator misses a path"
@@ -1020,4 +1134,169 @@ fn the_generator_is_reproducible() {
         "unencapsulated TX accepted"
     );
     assert!(Frame::parse(&f).is_ok());
+}
+
+// --- the decapsulator ------------------------------------------------------------------
+
+/// The tunnel address `xdp_decap` accepts in [`random_frames_through_the_decapsulator`].
+const DECAP_ADDR: Ipv4Addr = BACKENDS[0];
+const DECAP_FRAMES: u64 = 30_000;
+
+/// A frame a backend may see: IPIP or GUE (UDP to [`GUE_PORT`], or near it) to the
+/// tunnel address or elsewhere, with an IPv4 or IPv6 packet, garbage or nothing inside;
+/// or plain UDP/TCP; behind 0 to 3 VLAN tags.
+fn decap_frame(rng: &mut StdRng) -> Vec<u8> {
+    let dst = if rng.random_bool(0.8) {
+        DECAP_ADDR
+    } else {
+        BACKENDS[rng.random_range(1..3)]
+    };
+    let inner = match rng.random_range(0..4) {
+        0 => ipv4_l4(rng).build_ipv4(),
+        1 => ipv6_packet(rng),
+        2 => icmp_error(rng).build_ipv4(),
+        _ => payload(rng, 64),
+    };
+    let ip = match rng.random_range(0..5) {
+        0 | 1 => {
+            let port = if rng.random_bool(0.8) {
+                GUE_PORT
+            } else {
+                GUE_PORT
+                    .wrapping_add(rng.random_range(0..3))
+                    .wrapping_sub(1)
+            };
+            PacketBuilder::udp(
+                SocketAddrV4::new(LB_ADDR, rng.random()),
+                SocketAddrV4::new(dst, port),
+            )
+            .l4_checksum(0)
+            .fragment(false, false, 0)
+            .payload(&inner)
+            .build_ipv4()
+        }
+        2 | 3 => PacketBuilder::raw(LB_ADDR, dst, 4)
+            .fragment(false, false, 0)
+            .payload(&inner)
+            .build_ipv4(),
+        _ => ipv4_l4(rng).build_ipv4(),
+    };
+    ethernet(rng, ETH_P_IP, &ip)
+}
+
+/// What `xdp_decap` may do with `input`: pass it unchanged, or, for an IPIP or GUE
+/// packet to the tunnel address (20-byte outer header, not a fragment, an IPv4 or
+/// (GUE) IPv6 header inside), pass the inner packet behind the same Ethernet header
+/// and tags with the inner EtherType.
+fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> anyhow::Result<()> {
+    ensure!(verdict == XDP_PASS, "verdict {}", verdict_name(verdict));
+    if out == input {
+        return Ok(());
+    }
+    let l3 = l3_offset(input).context("decapsulated a frame without L3")?;
+    ensure!(l3 <= 18, "decapsulated a frame with {} tags", (l3 - 14) / 4);
+    ensure!(
+        input[l3 - 2..l3] == ETH_P_IP.to_be_bytes(),
+        "decapsulated a frame that is not IPv4"
+    );
+    let ip = &input[l3..];
+    ensure!(
+        ip.len() >= 20 && ip[0] == 0x45,
+        "decapsulated IHL/version {:#x}",
+        ip[0]
+    );
+    ensure!(
+        u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0,
+        "decapsulated a fragment"
+    );
+    ensure!(
+        ip[16..20] == DECAP_ADDR.octets(),
+        "decapsulated a packet to another host"
+    );
+    let (strip, gue) = match ip[9] {
+        4 => (20, false),
+        17 => {
+            ensure!(
+                ip.len() >= 28 && u16::from_be_bytes([ip[22], ip[23]]) == GUE_PORT,
+                "decapsulated UDP that is not to the GUE port"
+            );
+            (28, true)
+        }
+        p => bail!("decapsulated protocol {p}"),
+    };
+    let inner = &ip[strip..];
+    let ethertype = match inner.first().map(|b| b >> 4) {
+        Some(4) if inner.len() >= 20 => ETH_P_IP,
+        Some(6) if gue && inner.len() >= 40 => ETH_P_IPV6,
+        v => bail!(
+            "decapsulated an inner packet of version {v:?} ({} bytes)",
+            inner.len()
+        ),
+    };
+    let mut want = input[..l3].to_vec();
+    want[l3 - 2..l3].copy_from_slice(&ethertype.to_be_bytes());
+    want.extend_from_slice(inner);
+    ensure!(
+        out == want,
+        "the decapsulated frame is not the inner packet behind the same L2"
+    );
+    Ok(())
+}
+
+#[test]
+fn random_frames_through_the_decapsulator() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    let seed = match std::env::var("XDPLB_FUZZ_SEED") {
+        Ok(s) => s.parse().context("XDPLB_FUZZ_SEED must be a u64")?,
+        Err(_) => rand::rng().next_u64(),
+    };
+    println!("{test}: seed {seed} (replay with XDPLB_FUZZ_SEED={seed}), {DECAP_FRAMES} frames");
+    let result = in_bed("fd", &net(), move || {
+        use lb_common::types::DecapKey;
+        let mut lb = LoadedLb::load(&caps(), &desired(), &[loader::DECAP_PROGRAM])?;
+        let mut dsts: aya::maps::HashMap<_, DecapKey, u32> = aya::maps::HashMap::try_from(
+            lb.ebpf
+                .map_mut(lb_common::maps::DECAP_DSTS)
+                .context("decap map")?,
+        )?;
+        let key = DecapKey {
+            addr: [u32::from_ne_bytes(DECAP_ADDR.octets()), 0, 0, 0],
+            family: lb_common::types::FAMILY_V4,
+            _pad: [0; 3],
+        };
+        dsts.insert(key, 1, 0)?;
+        let ifindex = loader::if_index("lb0")?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let start = lb.counters()?;
+        let mut changed = 0u64;
+        for i in 0..DECAP_FRAMES {
+            let mut frame = decap_frame(&mut rng);
+            if rng.random_bool(0.5) {
+                mutate(&mut rng, &mut frame);
+            }
+            let ctx = xdp_md(frame.len(), ifindex, 0);
+            let run = test_run(lb.program(loader::DECAP_PROGRAM)?, &frame, &ctx, 1)?;
+            check_decap(&frame, run.verdict, &run.out)
+                .with_context(|| format!("frame {i}: {}", hex(&frame)))?;
+            changed += u64::from(run.out != frame);
+        }
+        let end = lb.counters()?;
+        let decaps = (end.get(Counter::Decap) - start.get(Counter::Decap))
+            + (end.get(Counter::DecapGue) - start.get(Counter::DecapGue));
+        println!(
+            "decap: {changed} of {DECAP_FRAMES} decapsulated (GUE {})",
+            end.get(Counter::DecapGue) - start.get(Counter::DecapGue)
+        );
+        ensure!(
+            decaps == changed,
+            "{changed} frames changed, {decaps} counted as decapsulated"
+        );
+        ensure!(
+            end.get(Counter::DecapGue) > start.get(Counter::DecapGue)
+                && end.get(Counter::Decap) > start.get(Counter::Decap),
+            "the generator missed GUE or IPIP decapsulation (both must happen)"
+        );
+        Ok(())
+    });
+    result.with_context(|| format!("seed {seed} (replay with XDPLB_FUZZ_SEED={seed})"))
 }
