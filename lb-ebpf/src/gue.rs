@@ -117,7 +117,6 @@ pub fn tunnel_v4(
         tot_len + (IPV4_HLEN + UDP_HLEN) as u16,
     )?;
     let outer = outer_ipv4_proto(source, backend, tot_len + UDP_HLEN as u16, tos, PROTO_UDP);
-    let udp = udp_header(sport, dport, tot_len);
     trim_to(ctx, l3_off + usize::from(tot_len)).map_err(Exit::Drop)?;
     let failed = Exit::Drop(DropReason::EncapFailed);
     let grow = (ETH_HLEN + IPV4_HLEN + UDP_HLEN) as i32 - l3_off as i32;
@@ -136,7 +135,7 @@ pub fn tunnel_v4(
             proto: ETH_P_IP,
         };
         *ip = outer;
-        *uh = udp;
+        *uh = udp_header(sport, dport, tot_len);
     }
     Ok(hop.ifindex)
 }

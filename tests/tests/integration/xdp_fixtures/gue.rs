@@ -683,3 +683,73 @@ fn quic_connection_ids_route_to_their_backend() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn udp_flows_keep_their_backend_when_the_ring_changes() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        // A plain UDP service (no quic): its flows live in the flow tables.
+        let plain = |backends: Vec<DesiredBackend>| {
+            let mut d = state(0, None, backends);
+            d.services.last_mut().expect("quic service").quic = false;
+            d
+        };
+        fx.lb.apply(&plain(quic_backends()))?;
+        let all = [BACKENDS[0], BACKENDS[1], BACKENDS[2], JOINER];
+        let datagram = |port: u16| {
+            PacketBuilder::udp(SocketAddrV4::new(CLIENT, port), VIP_QUIC)
+                .payload(&[0x5u8; 40])
+                .build()
+        };
+        let mut first = Vec::new();
+        for port in 30000..30060u16 {
+            let f = datagram(port);
+            let to = fx
+                .lb
+                .ring_pick("quic", &flow_key_of(&f)?, false, &all, 443)?;
+            let want = fx.encapsulated(&f, to)?;
+            check(
+                fx,
+                LB_PROGRAM,
+                "UDP: first datagram",
+                &f,
+                XDP_TX,
+                &want,
+                &[Counter::Tx, Counter::FlowNew],
+                &[],
+            )?;
+            first.push((port, to));
+        }
+        // A fourth backend joins: the ring changes under the 60 flows.
+        let mut backends = quic_backends();
+        backends.push(backend(JOINER, 443));
+        fx.lb.apply(&plain(backends))?;
+        let mut moved_by_ring = 0;
+        for &(port, to) in &first {
+            let f = datagram(port);
+            if fx
+                .lb
+                .ring_pick("quic", &flow_key_of(&f)?, false, &all, 443)?
+                != to
+            {
+                moved_by_ring += 1;
+            }
+            let want = fx.encapsulated(&f, to)?;
+            check(
+                fx,
+                LB_PROGRAM,
+                &format!("UDP: a later datagram of flow {port} stays on {to}"),
+                &f,
+                XDP_TX,
+                &want,
+                &[Counter::Tx, Counter::FlowPromoted],
+                &[Counter::FlowNew, Counter::FlowRehash],
+            )?;
+        }
+        ensure!(
+            moved_by_ring > 0,
+            "the new ring moved none of the 60 flows: the test proves nothing"
+        );
+        Ok(())
+    })
+}
