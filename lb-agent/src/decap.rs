@@ -1,6 +1,7 @@
 //! The backend side (`lb-agent decap attach|detach`): an XDP program that removes the
-//! outer IPv4 header of IPIP packets addressed to this host and hands the inner packet
-//! to the local stack, where the VIP is configured on `lo`. The kernels this runs on may
+//! outer IPv4 header of IPIP packets addressed to this host (and the outer IPv4 and UDP
+//! headers of GUE packets to `--gue-port`, `lb-ebpf/src/gue.rs`) and hands the inner
+//! packet to the local stack, where the VIP is configured on `lo`. The kernels this runs on may
 //! have no `ipip` module, so the decapsulation is ours.
 //!
 //! The program's link and its maps are pinned under

@@ -1434,3 +1434,47 @@ async fn without_cluster_the_cluster_route_says_so() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn quic_services_show_their_backends_quic_ids_and_bad_ids_are_refused() {
+    let f = Fixture::new();
+    let h3 = r#"{"name": "h3", "vip": "198.18.100.8:443", "protocol": "udp", "quic": true,
+        "backend": [{"address": "198.18.2.31", "quic_id": 7}, {"address": "198.18.2.32", "quic_id": 70000}]}"#;
+    let (status, created) = f.call("POST", "/api/v1/services", Some(h3)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, got) = f.call("GET", "/api/v1/services/h3", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["quic"], true);
+    assert_eq!(backend(&got, "198.18.2.31")["quic_id"], 7);
+    assert_eq!(backend(&got, "198.18.2.32")["quic_id"], 70000);
+    // A service without quic shows no such fields.
+    let (_, web) = f.call("GET", "/api/v1/services/web", None).await;
+    assert!(web.get("quic").is_none(), "{web}");
+    assert!(
+        backend(&web, "198.18.2.11").get("quic_id").is_none(),
+        "{web}"
+    );
+
+    let cases = [
+        (
+            r#"{"name": "q2", "vip": "198.18.100.9:443", "protocol": "udp", "quic": true,
+            "backend": [{"address": "198.18.2.31", "quic_id": 7}, {"address": "198.18.2.32", "quic_id": 7}]}"#,
+            "backend[1].quic_id",
+        ),
+        (
+            r#"{"name": "q2", "vip": "198.18.100.9:443", "quic": true, "backend": [{"address": "198.18.2.31"}]}"#,
+            "quic",
+        ),
+        (
+            r#"{"name": "q2", "vip": "198.18.100.9:443", "protocol": "udp",
+            "backend": [{"address": "198.18.2.31", "quic_id": 1}]}"#,
+            "backend[0].quic_id",
+        ),
+    ];
+    for (body, key) in cases {
+        let (status, v) = f.call("POST", "/api/v1/services", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(error_of(&v).contains(key), "{body}: {v} should name {key}");
+    }
+    assert_eq!(f.names().await, ["web", "h3"]);
+}
