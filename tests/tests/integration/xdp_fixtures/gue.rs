@@ -82,8 +82,15 @@ fn mac_on_lb0(backend: Ipv4Addr) -> anyhow::Result<[u8; 6]> {
         .with_context(|| format!("{backend} is no neighbour on lb0"))
 }
 
+/// A decap row: name, (input, expected output), counters that must count it.
+type DecapRow<'a> = (&'a str, (Vec<u8>, Vec<u8>), &'a [Counter]);
+
 /// Runs `input` through `program` and checks the verdict, the output frame and that
 /// each counter in `counted` moved by exactly one (and each in `quiet` did not move).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of one fixture row, each named where the row is written"
+)]
 fn check(
     fx: &Fixture,
     program: &str,
@@ -403,7 +410,7 @@ fn gue_decap_fixture_table() -> anyhow::Result<()> {
         let yes = [Counter::DecapGue];
         let no: [Counter; 0] = [];
         let untouched = |f: Vec<u8>| (f.clone(), f);
-        let rows: Vec<(&str, (Vec<u8>, Vec<u8>), &[Counter])> = vec![
+        let rows: Vec<DecapRow<'_>> = vec![
             (
                 "GUE to us",
                 (gue(BACKENDS[0], GUE_PORT, &inner_ip, None), delivered(None)),
