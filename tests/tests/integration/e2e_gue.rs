@@ -5,19 +5,34 @@
 //! straight to the client, and every backend's decapsulator counted GUE packets and no
 //! IPIP ones: the tunnel really was UDP.
 //!
+//! And QUIC connection-ID routing over GUE (issue 11, item 6): UDP datagrams with QUIC
+//! short headers naming a backend's `quic_id` reach that backend from two client
+//! sockets (a NAT rebinding changes the client's port), while long headers from many
+//! ports spread over the backends by the ring.
+//!
 //! Needs root (see `netns::require_privileges`) and the agent binary
 //! (`XDPLB_AGENT_BIN`, else `target/release/lb-agent`).
 
-use std::path::PathBuf;
+use std::{
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, ensure};
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_agent::dataplane::loader::{self, Role};
 use lb_common::{maps as names, stats::Counter};
 use xdplb_tests::{
+    config::{BackendConfig, ServiceConfig},
     netns, require_privileges,
     scenario::{self, BedOptions, L4Bed, LoadOptions},
-    topology::{Topology, agent_binary},
+    topology::{BACKEND_ADDRS, Topology, VIP, agent_binary},
 };
 
 const GUE_PORT: u16 = 7080;
@@ -89,5 +104,134 @@ fn gue_end_to_end_300_connections() -> anyhow::Result<()> {
             b.role
         );
     }
+    Ok(())
+}
+
+/// The QUIC service's port and its backends' server ids (`quic_id`).
+const QUIC_PORT: u16 = 4433;
+const QUIC_IDS: [u32; 3] = [11, 22, 33];
+/// Datagrams per phase.
+const BURST: u32 = 50;
+
+/// A UDP receiver on `QUIC_PORT` in a backend: collects the first payload byte after
+/// the 9-byte short header (the phase tag) of every datagram until `stop`.
+fn receiver(ns: &str, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<Vec<u8>>> {
+    let socket = netns::in_netns(ns, || {
+        let s = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], QUIC_PORT)))?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(s)
+    })
+    .with_context(|| format!("binding UDP {QUIC_PORT} in {ns}"))?;
+    Ok(thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                if n > 9 {
+                    got.push(buf[9]);
+                }
+            }
+        }
+        got
+    }))
+}
+
+/// A version-1 connection ID naming server id `id` (16 bits), the rest the server's.
+fn cid_v1(id: u32) -> [u8; 8] {
+    [
+        0x40 | (id >> 10) as u8,
+        (id >> 2) as u8,
+        ((id & 3) << 6) as u8,
+        9,
+        8,
+        7,
+        6,
+        5,
+    ]
+}
+
+#[test]
+fn quic_connection_ids_survive_nat_rebinding_over_gue() -> anyhow::Result<()> {
+    require_privileges!();
+    let quic = BACKEND_ADDRS.iter().zip(QUIC_IDS).fold(
+        ServiceConfig::new("h3", SocketAddrV4::new(VIP, QUIC_PORT).into())
+            .protocol("udp")
+            .set("quic", true),
+        |s, (&a, id)| s.backend(BackendConfig::new(a).set("quic_id", id)),
+    );
+    let opts = BedOptions {
+        config: Topology::default_config()
+            .dataplane("encap", "gue")
+            .service(quic),
+        ..BedOptions::default()
+    };
+    // The bed's decapsulators take GUE on the default port, the config's too.
+    let bed = L4Bed::start(&opts)?;
+    let t = &bed.topo;
+    let stop = Arc::new(AtomicBool::new(false));
+    let receivers = t
+        .backends
+        .iter()
+        .map(|b| receiver(&b.ns, stop.clone()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let target = SocketAddr::from(SocketAddrV4::new(VIP, QUIC_PORT));
+    // Phase 1 and 2: the same connection (CID naming backend 1) from two sockets;
+    // phase 3: long headers (handshakes) from 30 sockets.
+    let sent = netns::in_netns(&t.client.ns, move || {
+        let cid = cid_v1(QUIC_IDS[1]);
+        for phase in [1u8, 2] {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..BURST {
+                let mut d = vec![0x40];
+                d.extend_from_slice(&cid);
+                d.extend_from_slice(&[phase; 24]);
+                s.send_to(&d, target)?;
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for _ in 0..30 {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let mut d = vec![0xc3, 0, 0, 0, 1, 8, 3, 3, 3];
+            d[5] = 3;
+            d.extend_from_slice(&[3u8; 24]);
+            s.send_to(&d, target)?;
+        }
+        Ok(())
+    });
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let got: Vec<Vec<u8>> = receivers
+        .into_iter()
+        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a receiver panicked")))
+        .collect::<anyhow::Result<_>>()?;
+    sent.context("sending the datagrams")?;
+    let count = |b: usize, phase: u8| got[b].iter().filter(|&&p| p == phase).count();
+    for (i, b) in t.backends.iter().enumerate() {
+        eprintln!(
+            "{}: phase 1 {}, phase 2 {}, long headers {}",
+            b.role,
+            count(i, 1),
+            count(i, 2),
+            count(i, 3)
+        );
+    }
+    let burst = BURST as usize;
+    ensure!(
+        count(1, 1) == burst && count(1, 2) == burst,
+        "the connection's datagrams did not all reach backend 1 (quic_id {}) from both \
+         client sockets: {got:?}\nagent log (tail):\n{}",
+        QUIC_IDS[1],
+        t.agent_log_tail(30)
+    );
+    ensure!(
+        [0, 2].iter().all(|&b| count(b, 1) + count(b, 2) == 0),
+        "short headers reached another backend"
+    );
+    let spread = (0..3).filter(|&b| count(b, 3) > 0).count();
+    ensure!(
+        (0..3).map(|b| count(b, 3)).sum::<usize>() == 30 && spread >= 2,
+        "30 long headers from 30 sockets should reach at least two backends by the ring: {got:?}"
+    );
     Ok(())
 }
