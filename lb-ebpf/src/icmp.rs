@@ -24,8 +24,8 @@
 //! What the balancer sends itself: a VIP packet with DF set that would exceed
 //! `dataplane.mtu` once encapsulated is answered with ICMP destination unreachable,
 //! "fragmentation needed" (type 3, code 4, RFC 792 / RFC 1191), from the VIP, with
-//! next-hop MTU = `mtu` - 20 (the tunnel header; - 28 with GUE) and the offending packet's IP header
-//! and first 8 bytes; DF clear, it is dropped as `too_big` (the tunnel cannot
+//! next-hop MTU = `mtu` - 20 (the tunnel header; `mtu` - 28 with GUE) and the
+//! offending packet's IP header and first 8 bytes; DF clear, it is dropped as `too_big` (the tunnel cannot
 //! fragment: there is no IPIP device here, and the kernel does not own an L4 VIP).
 //!
 //! IPv4 only for now. ICMPv6 slots in beside each function: "packet too big" (type 2)
