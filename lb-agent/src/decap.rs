@@ -104,7 +104,8 @@ pub fn attach(
     if let Some(v6) = addresses.iter().find(|a| a.is_ipv6()) {
         bail!("{v6}: IPv6 tunnels are not supported yet (IPv4-in-IPv4 only)");
     }
-    if loader::remove_pin_dir(&dir)? {
+    let replaced = loader::remove_pin_dir(&dir)?;
+    if replaced {
         tracing::info!(dir = %dir.display(), "replaced the decapsulator attached before");
     }
 
@@ -131,7 +132,7 @@ pub fn attach(
         .take_map(names::COUNTERS)
         .context("the eBPF object has no counters map")?;
     let program = loader::load_program(&mut ebpf, DECAP_PROGRAM)?;
-    let (link_id, mode_used) = loader::attach(program, DECAP_PROGRAM, iface, mode)?;
+    let (link_id, mode_used) = attach_after(program, iface, mode, replaced)?;
     let link: FdLink = program
         .take_link(link_id)?
         .try_into()
@@ -156,6 +157,29 @@ pub fn attach(
         dir.display()
     );
     Ok(())
+}
+
+/// Attach the decapsulator. When one was just unpinned (`replaced`), the kernel releases
+/// its link a moment later: an attach at once can fail with "File exists" (measured
+/// here when `decap attach` is run again, e.g. with another `--gue-port`), so the
+/// attach is tried again for up to a second.
+fn attach_after(
+    program: &mut aya::programs::Xdp,
+    iface: &str,
+    mode: AttachMode,
+    replaced: bool,
+) -> anyhow::Result<(aya::programs::xdp::XdpLinkId, &'static str)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match loader::attach(program, DECAP_PROGRAM, iface, mode) {
+            Ok(attached) => return Ok(attached),
+            Err(e) if replaced && std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the replaced decapsulator is still attached; trying again");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The decapsulator reads the GUE port from the global config entry (the rest of it is
