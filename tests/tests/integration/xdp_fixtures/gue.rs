@@ -55,10 +55,30 @@ fn gue_frame(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
 ) -> anyhow::Result<Vec<u8>> {
+    gue_frame_of_flow(
+        input,
+        &flow_key_of(input)?,
+        source,
+        backend,
+        dst_mac,
+        src_mac,
+    )
+}
+
+/// [`gue_frame`] for a packet about the flow `key` (an ICMP error quoting one of its
+/// packets): the source port is the flow's.
+fn gue_frame_of_flow(
+    input: &[u8],
+    key: &lb_common::types::FlowKey,
+    source: Ipv4Addr,
+    backend: Ipv4Addr,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> anyhow::Result<Vec<u8>> {
     let inner = Frame::parse(input)?.ipv4()?;
     let mut bytes = inner.header.clone();
     bytes.extend_from_slice(&inner.payload);
-    let sport = gue_source_port(tunnel_entropy(&flow_key_of(input)?));
+    let sport = gue_source_port(tunnel_entropy(key));
     Ok(PacketBuilder::udp(
         SocketAddrV4::new(source, sport),
         SocketAddrV4::new(backend, GUE_PORT),
@@ -290,22 +310,8 @@ fn gue_encapsulation_and_path_mtu() -> anyhow::Result<()> {
         let client = SocketAddrV4::new(CLIENT, 41006);
         let err = unreachable(*VIP_WEB.ip(), 4, 1400, &reply_quote(VIP_WEB, client));
         let to = fx.ring_pick("web", &syn(client, VIP_WEB).build(), &BACKENDS, 80)?;
-        let inner = Frame::parse(&err)?.ipv4()?;
-        let mut bytes = inner.header.clone();
-        bytes.extend_from_slice(&inner.payload);
-        let sport = gue_source_port(tunnel_entropy(&flow_key(client, VIP_WEB, PROTO_TCP)));
-        let want = PacketBuilder::udp(
-            SocketAddrV4::new(LB_ADDR, sport),
-            SocketAddrV4::new(to, GUE_PORT),
-        )
-        .macs(lb_mac, mac_on_lb0(to)?)
-        .tos(inner.tos)
-        .id(0)
-        .fragment(false, false, 0)
-        .ttl(64)
-        .l4_checksum(0)
-        .payload(&bytes)
-        .build();
+        let key = flow_key(client, VIP_WEB, PROTO_TCP);
+        let want = gue_frame_of_flow(&err, &key, LB_ADDR, to, mac_on_lb0(to)?, lb_mac)?;
         check(
             fx,
             LB_PROGRAM,
