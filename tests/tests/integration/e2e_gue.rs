@@ -15,7 +15,8 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -26,7 +27,6 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use aya::maps::{Map, MapData, PerCpuArray};
-use lb_agent::dataplane::loader::{self, Role};
 use lb_common::{maps as names, stats::Counter};
 use xdplb_tests::{
     config::{BackendConfig, ServiceConfig},
@@ -37,15 +37,22 @@ use xdplb_tests::{
 
 const GUE_PORT: u16 = 7080;
 
-/// `counter` of the decapsulator pinned in `ns` (summed over CPUs).
-fn decap_counter(ns: &str, bpffs: PathBuf, counter: Counter) -> anyhow::Result<u64> {
-    netns::in_netns(ns, move || {
-        let dir = loader::pin_dir(&bpffs, "eth0", Role::Decap)?;
-        let data = MapData::from_pin(dir.join(names::COUNTERS))
-            .with_context(|| format!("opening the decap counters under {}", dir.display()))?;
-        let counters: PerCpuArray<_, u64> = Map::PerCpuArray(data).try_into()?;
-        Ok(counters.get(&counter.index(), 0)?.iter().sum())
-    })
+/// `counter` of the decapsulator pinned for `eth0` of the namespace `ns` (summed over
+/// CPUs), read from its pins: `<bpffs>/xdplb/<netns inode>/eth0/decap/` (the layout the
+/// README gives; the inode is that of the namespace's `/run/netns` entry).
+fn decap_counter(ns: &str, bpffs: &Path, counter: Counter) -> anyhow::Result<u64> {
+    let inode = std::fs::metadata(Path::new("/run/netns").join(ns))
+        .with_context(|| format!("namespace {ns}"))?
+        .ino();
+    let dir = bpffs
+        .join("xdplb")
+        .join(inode.to_string())
+        .join("eth0")
+        .join("decap");
+    let data = MapData::from_pin(dir.join(names::COUNTERS))
+        .with_context(|| format!("opening the decap counters under {}", dir.display()))?;
+    let counters: PerCpuArray<_, u64> = Map::PerCpuArray(data).try_into()?;
+    Ok(counters.get(&counter.index(), 0)?.iter().sum())
 }
 
 #[test]
@@ -95,8 +102,8 @@ fn gue_end_to_end_300_connections() -> anyhow::Result<()> {
     );
     ensure!(outcome.load.requested >= 300);
     for b in &t.backends {
-        let gue = decap_counter(&b.ns, t.bpffs().to_path_buf(), Counter::DecapGue)?;
-        let ipip = decap_counter(&b.ns, t.bpffs().to_path_buf(), Counter::Decap)?;
+        let gue = decap_counter(&b.ns, t.bpffs(), Counter::DecapGue)?;
+        let ipip = decap_counter(&b.ns, t.bpffs(), Counter::Decap)?;
         eprintln!("{}: decap_gue {gue}, decap (IPIP) {ipip}", b.role);
         ensure!(
             gue > 0 && ipip == 0,
