@@ -23,6 +23,8 @@ mod reconciler;
 mod testbed;
 mod xdp_fixtures;
 mod xdp_fuzz;
+mod xdp_fixtures_v6;
+mod e2e_ipv6;
 
 #[test]
 fn every_file_here_is_a_module() {
