@@ -63,23 +63,29 @@ pub fn finish(result: Result<u32, Exit>) -> u32 {
 }
 
 /// The source's trie key when a global list is in use (None otherwise: no list costs
-/// nothing but the flags read), after the global deny list.
+/// nothing but the flags read).
+///
+/// Kept apart from [`deny`] on purpose: returned inside a `Result`, the undefined
+/// payload of a `None` was copied through registers the verifier had never seen written
+/// ("R3 !read_ok").
 #[inline(always)]
-pub fn source(
-    ctx: &XdpContext,
-    l2: &L2,
-    filter_flags: u32,
-) -> Result<Option<Key<FilterAddr>>, Exit> {
-    if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) == 0 {
-        return Ok(None);
+pub fn source(ctx: &XdpContext, l2: &L2, filter_flags: u32) -> Option<Key<FilterAddr>> {
+    if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0 {
+        filter::source(ctx, l2)
+    } else {
+        None
     }
-    let src = filter::source(ctx, l2);
-    if let Some(src) = &src {
+}
+
+/// The global deny list, for every IP packet whose source [`source`] gave.
+#[inline(always)]
+pub fn deny(src: Option<&Key<FilterAddr>>, filter_flags: u32) -> Result<(), Exit> {
+    if let Some(src) = src {
         if filter_flags & FILTER_F_DENY != 0 {
             filter::check_deny(src)?;
         }
     }
-    Ok(src)
+    Ok(())
 }
 
 /// For a packet to `vip`: the global allow list (L7 VIPs included), the service's own

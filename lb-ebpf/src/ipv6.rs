@@ -191,7 +191,8 @@ pub fn try_lb_v6(
         proto: ETH_P_IPV6,
     };
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = gate::source(ctx, &l2, filter_flags)?;
+    let src = gate::source(ctx, &l2, filter_flags);
+    gate::deny(src.as_ref(), filter_flags)?;
     let pkt = match parse_ipv6(ctx, l3_off) {
         Ok(pkt) => pkt,
         Err(Counter::PassNotVip) => {

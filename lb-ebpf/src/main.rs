@@ -94,7 +94,8 @@ fn try_lb_v4(
     };
     // Source filters come first; with no list in use they cost nothing but this read.
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = gate::source(ctx, &l2, filter_flags)?;
+    let src = gate::source(ctx, &l2, filter_flags);
+    gate::deny(src.as_ref(), filter_flags)?;
     let pkt = match parse_ipv4(ctx, l2.l3_off) {
         Ok(pkt) => pkt,
         // Neither TCP nor UDP: ICMP to a VIP address is ours (icmp.rs), the rest passes.
