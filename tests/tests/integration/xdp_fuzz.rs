@@ -670,6 +670,8 @@ fn mutate(rng: &mut StdRng, frame: &mut Vec<u8>) {
 struct Totals {
     frames: u64,
     by_verdict: BTreeMap<u32, u64>,
+    /// Tunnelled frames by (inner, outer) family: 6in6, 4in6, 6in4 (IPIP not counted).
+    tunnels6: BTreeMap<&'static str, u64>,
 }
 
 /// The L4 VIPs: (address, port, protocol) -> backends that may receive it.
@@ -1168,6 +1170,14 @@ impl Bed {
         };
         let (verdict, out) = self.run(frame)?;
         check(frame, verdict, &out, &self.macs)?;
+        if verdict == XDP_TX && !is_answer(frame, &out) && (is_ipv6(frame) || is_ipv6(&out)) {
+            let kind = match (is_ipv6(frame), is_ipv6(&out)) {
+                (true, true) => "6in6",
+                (false, true) => "4in6",
+                _ => "6in4",
+            };
+            *totals.tunnels6.entry(kind).or_default() += 1;
+        }
         totals.frames += 1;
         *totals.by_verdict.entry(verdict).or_default() += 1;
         if let Some(before) = before {
@@ -1284,6 +1294,15 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             ),
         ];
         println!("ICMP: {icmp:?}");
+        println!("IPv6 tunnels: {:?}", totals.tunnels6);
+        if totals.frames >= DEFAULT_FRAMES {
+            for kind in ["6in6", "4in6", "6in4"] {
+                ensure!(
+                    totals.tunnels6.get(kind).copied().unwrap_or(0) > 0,
+                    "no frame was sent {kind}: the generator misses a path"
+                );
+            }
+        }
         if totals.frames >= DEFAULT_FRAMES {
             for (label, n) in icmp {
                 ensure!(
