@@ -97,9 +97,7 @@ pub fn attach(
         addresses.iter().copied().collect()
     };
     if addresses.is_empty() {
-        bail!(
-            "no address to accept tunnels for: this host has none but loopback; pass --address"
-        );
+        bail!("no address to accept tunnels for: this host has none but loopback; pass --address");
     }
     if loader::remove_pin_dir(&dir)? {
         tracing::info!(dir = %dir.display(), "replaced the decapsulator attached before");

@@ -43,8 +43,7 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         FAMILY_V4, FAMILY_V6, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP,
-        PROTO_UDP,
-        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipAddrKey, VipKey,
+        PROTO_UDP, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipAddrKey, VipKey,
     },
 };
 

@@ -46,8 +46,10 @@ use crate::{
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     hashing::{Choice, Limits, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
-    parsing::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2,
-        Ports, VLAN_HLEN, VlanHdr, ptr_at},
+    parsing::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, Ports,
+        VLAN_HLEN, VlanHdr, ptr_at,
+    },
     stats::{count, count_forwarded},
 };
 
@@ -318,7 +320,12 @@ pub fn tunnel(
             return Err(Exit::Pass(Counter::PassNoSource));
         }
         let nexthdr = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-        let hop = next_hop_v6(ctx, &cfg.source_v6, &backend.addr, inner_len + IPV6_HLEN as u16)?;
+        let hop = next_hop_v6(
+            ctx,
+            &cfg.source_v6,
+            &backend.addr,
+            inner_len + IPV6_HLEN as u16,
+        )?;
         let outer = Ipv6Hdr {
             vtc_flow: Ipv6Hdr::vtc(tos),
             payload_len: inner_len.to_be(),

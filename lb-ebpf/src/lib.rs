@@ -20,12 +20,12 @@
 pub mod csum;
 pub mod encap;
 pub mod filter;
+pub mod gate;
 pub mod hashing;
 pub mod icmp;
+pub mod icmp6;
+pub mod ipv6;
 pub mod limit;
 pub mod maps;
 pub mod parsing;
 pub mod stats;
-pub mod ipv6;
-pub mod icmp6;
-pub mod gate;

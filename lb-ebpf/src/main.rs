@@ -83,11 +83,7 @@ fn lb_v6(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32
 }
 
 #[inline(always)]
-fn try_lb_v4(
-    ctx: &XdpContext,
-    l3_off: usize,
-    fwd: &mut MaybeUninit<Forward>,
-) -> Result<u32, Exit> {
+fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> Result<u32, Exit> {
     let l2 = L2 {
         l3_off,
         proto: ETH_P_IP,
@@ -132,7 +128,13 @@ fn try_lb_v4(
             let arg = mtu - IPV6_HLEN as u32 + IPV4_HLEN as u32;
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
-        fwd.write(Forward::new(&choice, vip.service_id, pkt.tot_len, pkt.tos, false));
+        fwd.write(Forward::new(
+            &choice,
+            vip.service_id,
+            pkt.tot_len,
+            pkt.tos,
+            false,
+        ));
         return Ok(NEXT_SEND);
     }
     let ifindex = tunnel_v4(

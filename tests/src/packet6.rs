@@ -25,7 +25,13 @@ pub const NEXTHDR_NONE: u8 = 59;
 pub const IPV6_HLEN: usize = 40;
 
 /// An Ethernet frame (with one 802.1Q tag when `vlan` is set).
-pub fn eth(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+pub fn eth(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlan: Option<u16>,
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(18 + payload.len());
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -59,7 +65,14 @@ pub fn ipv6_header(
 }
 
 /// An IPv6 packet: header (payload length from `payload`) and payload.
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, nexthdr: u8, tc: u8, hop_limit: u8, payload: &[u8]) -> Vec<u8> {
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    nexthdr: u8,
+    tc: u8,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let len = u16::try_from(payload.len()).expect("payload fits");
     let mut p = ipv6_header(src, dst, nexthdr, len, tc, hop_limit).to_vec();
     p.extend_from_slice(payload);
@@ -109,7 +122,14 @@ pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
 }
 
 /// An ICMPv6 message (`rest`: the 4 bytes after the checksum), checksummed.
-pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+pub fn icmp6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    body: &[u8],
+) -> Vec<u8> {
     let mut m = vec![kind, code, 0, 0];
     m.extend_from_slice(&rest);
     m.extend_from_slice(body);
@@ -174,12 +194,19 @@ pub fn check_checksums6(frame: &[u8]) -> anyhow::Result<()> {
 }
 
 fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
-    ensure!(!p.is_empty() && p[0] >> 4 == version, "not an IPv{version} header");
+    ensure!(
+        !p.is_empty() && p[0] >> 4 == version,
+        "not an IPv{version} header"
+    );
     if version == 4 {
         ensure!(p.len() >= 20, "IPv4 header cut short");
         let ihl = usize::from(p[0] & 0x0f) * 4;
         let tot = usize::from(u16::from_be_bytes([p[2], p[3]]));
-        ensure!(tot == p.len(), "IPv4 total length {tot}, {} bytes follow", p.len());
+        ensure!(
+            tot == p.len(),
+            "IPv4 total length {tot}, {} bytes follow",
+            p.len()
+        );
         ensure!(internet_checksum(&p[..ihl]) == 0, "IPv4 header checksum");
         return match p[9] {
             IPPROTO_IPIP => check_ip(4, &p[ihl..]),
@@ -189,7 +216,10 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
                 let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
                 // l4_checksum maps a verifying UDP sum of 0 to 0xffff.
                 let c = crate::packet::l4_checksum(src, dst, proto, &p[ihl..]);
-                ensure!(c == 0 || (proto == 17 && c == 0xffff), "TCP/UDP checksum over IPv4");
+                ensure!(
+                    c == 0 || (proto == 17 && c == 0xffff),
+                    "TCP/UDP checksum over IPv4"
+                );
                 Ok(())
             }
             1 => {
@@ -213,7 +243,10 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
         IPPROTO_IPIP => check_ip(4, rest),
         IPPROTO_IPV6 => check_ip(6, rest),
         nh @ (6 | 17 | IPPROTO_ICMPV6) => {
-            ensure!(checksum6(src, dst, nh, rest) == 0, "checksum of next header {nh} over IPv6");
+            ensure!(
+                checksum6(src, dst, nh, rest) == 0,
+                "checksum of next header {nh} over IPv6"
+            );
             Ok(())
         }
         _ => Ok(()),

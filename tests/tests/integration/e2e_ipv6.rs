@@ -42,7 +42,10 @@ const VIP6_NET: &str = "fd00:18:100::/64";
 const API: &str = "127.0.0.1:9090";
 
 fn ip(ns: &str, cmd: &str) -> anyhow::Result<()> {
-    let args: Vec<&str> = ["ip", "-n", ns].into_iter().chain(cmd.split_whitespace()).collect();
+    let args: Vec<&str> = ["ip", "-n", ns]
+        .into_iter()
+        .chain(cmd.split_whitespace())
+        .collect();
     netns::run(&args).map(drop)
 }
 
@@ -52,13 +55,31 @@ fn ip(ns: &str, cmd: &str) -> anyhow::Result<()> {
 fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
     let r = &topo.router;
     sysctl(r, "net.ipv6.conf.all.forwarding", "1")?;
-    ip(r, &format!("-6 addr add {ROUTER_LAN6}/64 dev {} nodad", topo.bridge))?;
-    ip(r, &format!("-6 addr add {ROUTER_CLIENT6}/64 dev {} nodad", topo.client.router_port))?;
+    ip(
+        r,
+        &format!("-6 addr add {ROUTER_LAN6}/64 dev {} nodad", topo.bridge),
+    )?;
+    ip(
+        r,
+        &format!(
+            "-6 addr add {ROUTER_CLIENT6}/64 dev {} nodad",
+            topo.client.router_port
+        ),
+    )?;
     ip(r, &format!("-6 route add {VIP6_NET} via {LB6}"))?;
-    ip(&topo.client.ns, &format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"))?;
-    ip(&topo.client.ns, &format!("-6 route add default via {ROUTER_CLIENT6}"))?;
+    ip(
+        &topo.client.ns,
+        &format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"),
+    )?;
+    ip(
+        &topo.client.ns,
+        &format!("-6 route add default via {ROUTER_CLIENT6}"),
+    )?;
     ip(&topo.lb.ns, &format!("-6 addr add {LB6}/64 dev eth0 nodad"))?;
-    ip(&topo.lb.ns, &format!("-6 route add default via {ROUTER_LAN6}"))?;
+    ip(
+        &topo.lb.ns,
+        &format!("-6 route add default via {ROUTER_LAN6}"),
+    )?;
     for (b, a) in topo.backends.iter().zip(BACKENDS6) {
         ip(&b.ns, &format!("-6 addr add {a}/64 dev eth0 nodad"))?;
         ip(&b.ns, &format!("-6 route add default via {ROUTER_LAN6}"))?;
@@ -78,7 +99,13 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
     let _servers: Vec<HttpServer> = topo
         .backends
         .iter()
-        .map(|b| HttpServer::start(&b.ns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)), &b.role))
+        .map(|b| {
+            HttpServer::start(
+                &b.ns,
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
+                &b.role,
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     topo.attach_decap()?;
     let web6 = SocketAddr::from((VIP6_WEB, 80));
@@ -117,7 +144,10 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
             topo.agent_log_tail(40)
         );
         let served: Vec<&str> = load.per_backend.keys().map(String::as_str).collect();
-        ensure!(served == want, "{what}: served by {served:?}, want {want:?}");
+        ensure!(
+            served == want,
+            "{what}: served by {served:?}, want {want:?}"
+        );
         // Shares of 100 each within wide binomial bounds (p = 1/2, n = 200: ±5 sigma).
         for count in load.per_backend.values() {
             ensure!(
@@ -131,12 +161,21 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
 
     // The agent saw it: packets forwarded to each IPv6 backend, by its stats API.
     let api: SocketAddr = API.parse()?;
-    let (status, body) =
-        http::json_call_in(&topo.lb.ns, api, "GET", "/api/v1/stats", None, Duration::from_secs(5))?;
+    let (status, body) = http::json_call_in(
+        &topo.lb.ns,
+        api,
+        "GET",
+        "/api/v1/stats",
+        None,
+        Duration::from_secs(5),
+    )?;
     ensure!(status == 200, "stats: {status} {body}");
     for b in [BACKENDS6[0], BACKENDS6[1], BACKENDS6[2]] {
         let label = SocketAddr::from((IpAddr::V6(b), 80)).to_string();
-        ensure!(body.contains(&label), "stats name no backend {label}: {body}");
+        ensure!(
+            body.contains(&label),
+            "stats name no backend {label}: {body}"
+        );
     }
     println!("stats: {body}");
     Ok(())

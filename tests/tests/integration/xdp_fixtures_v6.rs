@@ -42,9 +42,9 @@ use xdplb_tests::{
     netns::mac_of,
     packet::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, PacketBuilder, internet_checksum, tcp_flags},
     packet6::{
-        IPPROTO_ICMPV6, IPPROTO_IPV6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP,
-        NEXTHDR_ROUTING, check_checksums6, eth, ext_header, fragment_header, icmp6, ipv4_tunnel,
-        ipv6, ipv6_header, tcp6, udp6,
+        IPPROTO_ICMPV6, IPPROTO_IPV6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
+        check_checksums6, eth, ext_header, fragment_header, icmp6, ipv4_tunnel, ipv6, ipv6_header,
+        tcp6, udp6,
     },
     require_privileges,
     xdp_bed::{LoadedLb, Net, XDP_PASS, XDP_TX, in_bed, test_run, verdict_name, xdp_md},
@@ -74,7 +74,12 @@ const BE4_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x11];
 const UNRESOLVED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x99);
 
 fn vip6(last: u16, port: u16) -> SocketAddrV6 {
-    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, last), port, 0, 0)
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, last),
+        port,
+        0,
+        0,
+    )
 }
 const VIP4_MIXED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
 const MTU: u32 = 1500;
@@ -90,7 +95,12 @@ fn backend(address: IpAddr, port: u16) -> DesiredBackend {
     }
 }
 
-fn service(name: &str, vip: SocketAddr, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
+fn service(
+    name: &str,
+    vip: SocketAddr,
+    protocol: Protocol,
+    backends: Vec<DesiredBackend>,
+) -> DesiredService {
     DesiredService {
         name: name.into(),
         vip,
@@ -105,7 +115,12 @@ fn service(name: &str, vip: SocketAddr, protocol: Protocol, backends: Vec<Desire
 fn desired() -> DesiredState {
     let web = BE6.iter().map(|&b| backend(b.into(), 80)).collect();
     let mixed = BE6[..2].iter().map(|&b| backend(b.into(), 80)).collect();
-    let mut l7 = service("l7v6", vip6(5, 80).into(), Protocol::Tcp, vec![backend(BE6[0].into(), 80)]);
+    let mut l7 = service(
+        "l7v6",
+        vip6(5, 80).into(),
+        Protocol::Tcp,
+        vec![backend(BE6[0].into(), 80)],
+    );
     l7.l7 = true;
     DesiredState {
         source_v4: Some(LB4),
@@ -115,8 +130,18 @@ fn desired() -> DesiredState {
         filters: DesiredFilters::default(),
         services: vec![
             service("web6", vip6(1, 80).into(), Protocol::Tcp, web),
-            service("dns6", vip6(2, 53).into(), Protocol::Udp, vec![backend(BE6[0].into(), 53)]),
-            service("six4", vip6(3, 80).into(), Protocol::Tcp, vec![backend(BE4.into(), 80)]),
+            service(
+                "dns6",
+                vip6(2, 53).into(),
+                Protocol::Udp,
+                vec![backend(BE6[0].into(), 53)],
+            ),
+            service(
+                "six4",
+                vip6(3, 80).into(),
+                Protocol::Tcp,
+                vec![backend(BE4.into(), 80)],
+            ),
             service("mixed", VIP4_MIXED.into(), Protocol::Tcp, mixed),
             service(
                 "noneigh6",
@@ -151,7 +176,10 @@ fn caps() -> Capacities {
 
 /// Runs `ip ARGS` in the calling thread's namespace.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     ensure!(
         out.status.success(),
         "ip {}: {}",
@@ -164,10 +192,33 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 /// The IPv6 half of the namespace (inside it): the LB's address without DAD, static
 /// neighbours for the IPv6 backends.
 fn net6() -> anyhow::Result<()> {
-    ip(&["-6", "addr", "add", "fd00:18:1::10/64", "dev", "lb0", "nodad"])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:18:1::10/64",
+        "dev",
+        "lb0",
+        "nodad",
+    ])?;
     for (b, m) in BE6.iter().zip(BE6_MACS) {
-        let mac = m.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
-        ip(&["-6", "neigh", "replace", &b.to_string(), "lladdr", &mac, "dev", "lb0", "nud", "permanent"])?;
+        let mac = m
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &b.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ])?;
     }
     Ok(())
 }
@@ -215,7 +266,13 @@ impl Fixture {
     }
 
     /// Oracle: which of `candidates` the ring of `service` gives `key`.
-    fn pick(&self, service: &str, key: &FlowKey, candidates: &[IpAddr], port: u16) -> anyhow::Result<IpAddr> {
+    fn pick(
+        &self,
+        service: &str,
+        key: &FlowKey,
+        candidates: &[IpAddr],
+        port: u16,
+    ) -> anyhow::Result<IpAddr> {
         let id = self.lb.ring_backend_id(service, key, false)?;
         candidates
             .iter()
@@ -241,11 +298,23 @@ impl Fixture {
         match backend {
             IpAddr::V6(b) => {
                 let nh = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-                eth(mac, self.lb_mac, None, ETH_P_IPV6, &ipv6(LB6, b, nh, tos, 64, inner))
+                eth(
+                    mac,
+                    self.lb_mac,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(LB6, b, nh, tos, 64, inner),
+                )
             }
             IpAddr::V4(b) => {
                 let proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-                eth(mac, self.lb_mac, None, ETH_P_IPV4, &ipv4_tunnel(LB4, b, proto, tos, inner))
+                eth(
+                    mac,
+                    self.lb_mac,
+                    None,
+                    ETH_P_IPV4,
+                    &ipv4_tunnel(LB4, b, proto, tos, inner),
+                )
             }
         }
     }
@@ -282,7 +351,10 @@ impl Fixture {
         if matches!(row.expect, Expect::Tx(..) | Expect::Reply(_)) {
             check_checksums6(&out).with_context(|| format!("{name}: checksums"))?;
         }
-        ensure!(after.get(Counter::Rx) == before.get(Counter::Rx) + 1, "{name}: rx not counted");
+        ensure!(
+            after.get(Counter::Rx) == before.get(Counter::Rx) + 1,
+            "{name}: rx not counted"
+        );
         let all = |c: &stats::Counters| -> Vec<(u32, &'static str, u64)> {
             c.counters
                 .iter()
@@ -305,7 +377,10 @@ impl Fixture {
             if index == outcome {
                 ensure!(a == b + 1, "{name}: counter {label} did not count it");
             } else if !bookkeeping {
-                ensure!(a == b, "{name}: counter {label} counted it too ({b} -> {a})");
+                ensure!(
+                    a == b,
+                    "{name}: counter {label} counted it too ({b} -> {a})"
+                );
             }
         }
         match row.expect {
@@ -326,7 +401,10 @@ impl Fixture {
                     (service.to_owned(), None, (1, inner_len)),
                     (service.to_owned(), Some(backend), (1, inner_len)),
                 ];
-                ensure!(delta == want, "{name}: traffic changed by {delta:?}, want {want:?}");
+                ensure!(
+                    delta == want,
+                    "{name}: traffic changed by {delta:?}, want {want:?}"
+                );
             }
             _ => ensure!(
                 traffic_after == traffic_before,
@@ -344,7 +422,11 @@ impl Fixture {
             let s = stats::service_traffic(&self.lb.maps, id)?;
             out.push((svc.name.clone(), None, (s.packets, s.bytes)));
             for b in &svc.backends {
-                let id = self.lb.reconciler.backend_id(&svc.name, b.address, b.port).context("backend id")?;
+                let id = self
+                    .lb
+                    .reconciler
+                    .backend_id(&svc.name, b.address, b.port)
+                    .context("backend id")?;
                 let t = stats::backend_traffic(&self.lb.maps, id)?;
                 out.push((svc.name.clone(), Some(b.address), (t.packets, t.bytes)));
             }
@@ -383,7 +465,14 @@ fn client(port: u16) -> SocketAddrV6 {
 
 /// A client's IPv6 TCP packet to `vip` with traffic class `tc` and `data`.
 fn tcp_packet(port: u16, vip: SocketAddrV6, flags: u8, tc: u8, data: &[u8]) -> Vec<u8> {
-    ipv6(CLIENT6, *vip.ip(), PROTO_TCP, tc, 64, &tcp6(client(port), vip, flags, 1, data))
+    ipv6(
+        CLIENT6,
+        *vip.ip(),
+        PROTO_TCP,
+        tc,
+        64,
+        &tcp6(client(port), vip, flags, 1, data),
+    )
 }
 
 fn frame(l3: &[u8]) -> Vec<u8> {
@@ -407,10 +496,21 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
     // 6in6: a SYN, an established-flow packet with data and a traffic class, UDP.
     for (name, port, flags, tc, data) in [
         ("6in6 tcp syn", 40001, tcp_flags::SYN, 0, &b""[..]),
-        ("6in6 tcp data, traffic class copied", 40002, tcp_flags::ACK | tcp_flags::PSH, 0xb8, &b"hello over ipv6"[..]),
+        (
+            "6in6 tcp data, traffic class copied",
+            40002,
+            tcp_flags::ACK | tcp_flags::PSH,
+            0xb8,
+            &b"hello over ipv6"[..],
+        ),
     ] {
         let l3 = tcp_packet(port, web, flags, tc, data);
-        let be = fx.pick("web6", &flow6(client(port), web, PROTO_TCP), &web_backends, 80)?;
+        let be = fx.pick(
+            "web6",
+            &flow6(client(port), web, PROTO_TCP),
+            &web_backends,
+            80,
+        )?;
         rows.push(Row {
             name: name.into(),
             output: fx.tunnelled(&l3, true, tc, be),
@@ -419,7 +519,14 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
         });
     }
     let dns = vip6(2, 53);
-    let l3 = ipv6(CLIENT6, *dns.ip(), PROTO_UDP, 0, 64, &udp6(client(5353), dns, b"query"));
+    let l3 = ipv6(
+        CLIENT6,
+        *dns.ip(),
+        PROTO_UDP,
+        0,
+        64,
+        &udp6(client(5353), dns, b"query"),
+    );
     rows.push(Row {
         name: "6in6 udp".into(),
         output: fx.tunnelled(&l3, true, 0, BE6[0].into()),
@@ -428,8 +535,19 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
     });
     // Tagged, with Ethernet padding past the IPv6 payload: untagged out, padding cut.
     let l3 = tcp_packet(40003, web, tcp_flags::ACK, 0x20, b"");
-    let be = fx.pick("web6", &flow6(client(40003), web, PROTO_TCP), &web_backends, 80)?;
-    let mut input = eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, Some(7), ETH_P_IPV6, &l3);
+    let be = fx.pick(
+        "web6",
+        &flow6(client(40003), web, PROTO_TCP),
+        &web_backends,
+        80,
+    )?;
+    let mut input = eth(
+        [0x02, 0, 0, 0, 0, 0x10],
+        CLIENT_MAC,
+        Some(7),
+        ETH_P_IPV6,
+        &l3,
+    );
     input.extend_from_slice(&[0xee; 6]);
     rows.push(Row {
         name: "6in6 tagged frame with padding".into(),
@@ -446,10 +564,20 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
         .macs(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10])
         .build();
     let mixed_backends: Vec<IpAddr> = BE6[..2].iter().map(|&b| b.into()).collect();
-    let be = fx.pick("mixed", &flow4(src4, VIP4_MIXED, PROTO_TCP), &mixed_backends, 80)?;
+    let be = fx.pick(
+        "mixed",
+        &flow4(src4, VIP4_MIXED, PROTO_TCP),
+        &mixed_backends,
+        80,
+    )?;
     rows.push(Row {
         name: "4in6 (ipv4 vip, ipv6 backend)".into(),
-        output: fx.tunnelled(&v4[14..14 + usize::from(u16::from_be_bytes([v4[16], v4[17]]))], false, 0x10, be),
+        output: fx.tunnelled(
+            &v4[14..14 + usize::from(u16::from_be_bytes([v4[16], v4[17]]))],
+            false,
+            0x10,
+            be,
+        ),
         input: v4,
         expect: Expect::Tx("mixed", be),
     });
@@ -480,36 +608,79 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
     // Extension headers and fragments: passed, counted, unchanged.
     let seg = tcp6(client(40030), web, tcp_flags::SYN, 1, b"");
     for (name, kind, counter) in [
-        ("hop-by-hop header passed", NEXTHDR_HOP, Counter::PassIpv6Ext),
-        ("routing header passed", NEXTHDR_ROUTING, Counter::PassIpv6Ext),
-        ("destination options passed", NEXTHDR_DEST, Counter::PassIpv6Ext),
+        (
+            "hop-by-hop header passed",
+            NEXTHDR_HOP,
+            Counter::PassIpv6Ext,
+        ),
+        (
+            "routing header passed",
+            NEXTHDR_ROUTING,
+            Counter::PassIpv6Ext,
+        ),
+        (
+            "destination options passed",
+            NEXTHDR_DEST,
+            Counter::PassIpv6Ext,
+        ),
     ] {
         let mut payload = ext_header(PROTO_TCP);
         payload.extend_from_slice(&seg);
         let l3 = ipv6(CLIENT6, *web.ip(), kind, 0, 64, &payload);
         rows.push(unchanged(name, frame(&l3), Expect::Pass(counter)));
     }
-    for (name, offset, more) in [("first fragment passed", 0, true), ("later fragment passed", 8, false)] {
+    for (name, offset, more) in [
+        ("first fragment passed", 0, true),
+        ("later fragment passed", 8, false),
+    ] {
         let mut payload = fragment_header(PROTO_TCP, offset, more, 7);
         payload.extend_from_slice(&seg);
         let l3 = ipv6(CLIENT6, *web.ip(), NEXTHDR_FRAGMENT, 0, 64, &payload);
-        rows.push(unchanged(name, frame(&l3), Expect::Pass(Counter::PassFragment)));
+        rows.push(unchanged(
+            name,
+            frame(&l3),
+            Expect::Pass(Counter::PassFragment),
+        ));
     }
 
     // Other outcomes.
     let l3 = tcp_packet(40040, vip6(4, 80), tcp_flags::SYN, 0, b"");
-    rows.push(unchanged("next hop not resolved", frame(&l3), Expect::Pass(Counter::PassNoNeighbour)));
+    rows.push(unchanged(
+        "next hop not resolved",
+        frame(&l3),
+        Expect::Pass(Counter::PassNoNeighbour),
+    ));
     let l3 = tcp_packet(40041, vip6(5, 80), tcp_flags::SYN, 0, b"");
-    rows.push(unchanged("l7 vip passed", frame(&l3), Expect::Pass(Counter::PassL7)));
+    rows.push(unchanged(
+        "l7 vip passed",
+        frame(&l3),
+        Expect::Pass(Counter::PassL7),
+    ));
     let l3 = tcp_packet(40042, vip6(1, 81), tcp_flags::SYN, 0, b"");
-    rows.push(unchanged("vip address, other port", frame(&l3), Expect::Pass(Counter::PassNotVip)));
+    rows.push(unchanged(
+        "vip address, other port",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
     let l3 = tcp_packet(40043, vip6(9, 80), tcp_flags::SYN, 0, b"");
-    rows.push(unchanged("not a vip", frame(&l3), Expect::Pass(Counter::PassNotVip)));
+    rows.push(unchanged(
+        "not a vip",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
     let mut l3 = tcp_packet(40044, web, tcp_flags::SYN, 0, b"");
     l3[5] += 8; // payload length past the frame
-    rows.push(unchanged("payload length past the frame", frame(&l3), Expect::Pass(Counter::PassTruncated)));
+    rows.push(unchanged(
+        "payload length past the frame",
+        frame(&l3),
+        Expect::Pass(Counter::PassTruncated),
+    ));
     let l3 = tcp_packet(40045, web, tcp_flags::SYN, 0, b"");
-    rows.push(unchanged("ipv6 header cut short", frame(&l3[..30]), Expect::Pass(Counter::PassTruncated)));
+    rows.push(unchanged(
+        "ipv6 header cut short",
+        frame(&l3[..30]),
+        Expect::Pass(Counter::PassTruncated),
+    ));
 
     // Too big once encapsulated: "packet too big" with 1500 - 40.
     let l3 = tcp_packet(40050, web, tcp_flags::ACK, 0, &[0xa5; 1441]);
@@ -522,7 +693,12 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
     });
     // Exactly at the limit: forwarded.
     let l3 = tcp_packet(40051, web, tcp_flags::ACK, 0, &[0xa5; 1400]);
-    let be = fx.pick("web6", &flow6(client(40051), web, PROTO_TCP), &web_backends, 80)?;
+    let be = fx.pick(
+        "web6",
+        &flow6(client(40051), web, PROTO_TCP),
+        &web_backends,
+        80,
+    )?;
     rows.push(Row {
         name: "1460 bytes fit exactly".into(),
         output: fx.tunnelled(&l3, true, 0, be),
@@ -531,28 +707,78 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
     });
 
     // ICMPv6 echo to a VIP: answered.
-    let echo = icmp6(CLIENT6, *web.ip(), 128, 0, [0x12, 0x34, 0, 1], b"ping6 payload");
+    let echo = icmp6(
+        CLIENT6,
+        *web.ip(),
+        128,
+        0,
+        [0x12, 0x34, 0, 1],
+        b"ping6 payload",
+    );
     let l3 = ipv6(CLIENT6, *web.ip(), IPPROTO_ICMPV6, 0, 55, &echo);
-    let reply = icmp6(*web.ip(), CLIENT6, 129, 0, [0x12, 0x34, 0, 1], b"ping6 payload");
+    let reply = icmp6(
+        *web.ip(),
+        CLIENT6,
+        129,
+        0,
+        [0x12, 0x34, 0, 1],
+        b"ping6 payload",
+    );
     rows.push(Row {
         name: "icmpv6 echo answered".into(),
         input: frame(&l3),
-        output: eth(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10], None, ETH_P_IPV6, &ipv6(*web.ip(), CLIENT6, IPPROTO_ICMPV6, 0, 64, &reply)),
+        output: eth(
+            CLIENT_MAC,
+            [0x02, 0, 0, 0, 0, 0x10],
+            None,
+            ETH_P_IPV6,
+            &ipv6(*web.ip(), CLIENT6, IPPROTO_ICMPV6, 0, 64, &reply),
+        ),
         expect: Expect::Reply(Counter::IcmpEchoReply),
     });
-    let l3 = ipv6(CLIENT6, *vip6(9, 0).ip(), IPPROTO_ICMPV6, 0, 64, &icmp6(CLIENT6, *vip6(9, 0).ip(), 128, 0, [0; 4], b""));
-    rows.push(unchanged("icmpv6 echo to another address", frame(&l3), Expect::Pass(Counter::PassNotVip)));
+    let l3 = ipv6(
+        CLIENT6,
+        *vip6(9, 0).ip(),
+        IPPROTO_ICMPV6,
+        0,
+        64,
+        &icmp6(CLIENT6, *vip6(9, 0).ip(), 128, 0, [0; 4], b""),
+    );
+    rows.push(unchanged(
+        "icmpv6 echo to another address",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
     let ns = icmp6(CLIENT6, *web.ip(), 135, 0, [0; 4], &[0; 16]);
     let l3 = ipv6(CLIENT6, *web.ip(), IPPROTO_ICMPV6, 0, 255, &ns);
-    rows.push(unchanged("other icmpv6 to a vip dropped", frame(&l3), Expect::Drop(DropReason::IcmpUnhandled)));
+    rows.push(unchanged(
+        "other icmpv6 to a vip dropped",
+        frame(&l3),
+        Expect::Drop(DropReason::IcmpUnhandled),
+    ));
 
     // ICMPv6 errors about a reply VIP -> client: to the flow's backend, whole.
-    for (kind, rest, what) in [(2u8, 1280u32.to_be_bytes(), "packet too big"), (1, [0; 4], "destination unreachable")] {
+    for (kind, rest, what) in [
+        (2u8, 1280u32.to_be_bytes(), "packet too big"),
+        (1, [0; 4], "destination unreachable"),
+    ] {
         let port = 40060 + u16::from(kind);
-        let reply = ipv6(*web.ip(), CLIENT6, PROTO_TCP, 0, 63, &tcp6(web, client(port), tcp_flags::ACK, 9, &[0x33; 64]));
+        let reply = ipv6(
+            *web.ip(),
+            CLIENT6,
+            PROTO_TCP,
+            0,
+            63,
+            &tcp6(web, client(port), tcp_flags::ACK, 9, &[0x33; 64]),
+        );
         let err = icmp6(ROUTER6, *web.ip(), kind, 0, rest, &reply);
         let l3 = ipv6(ROUTER6, *web.ip(), IPPROTO_ICMPV6, 0, 64, &err);
-        let be = fx.pick("web6", &flow6(client(port), web, PROTO_TCP), &web_backends, 80)?;
+        let be = fx.pick(
+            "web6",
+            &flow6(client(port), web, PROTO_TCP),
+            &web_backends,
+            80,
+        )?;
         rows.push(Row {
             name: format!("icmpv6 {what} about a vip flow forwarded"),
             output: fx.tunnelled(&l3, true, 0, be),
@@ -561,22 +787,52 @@ fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
         });
     }
     // Quoting garbage: cut short, another source, extension header, another port.
-    let reply = ipv6(*web.ip(), CLIENT6, PROTO_TCP, 0, 63, &tcp6(web, client(40070), tcp_flags::ACK, 9, b""));
+    let reply = ipv6(
+        *web.ip(),
+        CLIENT6,
+        PROTO_TCP,
+        0,
+        63,
+        &tcp6(web, client(40070), tcp_flags::ACK, 9, b""),
+    );
     for (name, quote, expect) in [
-        ("icmpv6 error quoting 20 bytes", reply[..20].to_vec(), Expect::Drop(DropReason::IcmpBadQuote)),
-        ("icmpv6 error quoting another source", {
-            let mut q = reply.clone();
-            q[23] ^= 1;
-            q
-        }, Expect::Drop(DropReason::IcmpBadQuote)),
-        ("icmpv6 error quoting a fragment", {
-            let mut payload = fragment_header(PROTO_TCP, 0, true, 1);
-            payload.extend_from_slice(&reply[40..]);
-            ipv6(*web.ip(), CLIENT6, NEXTHDR_FRAGMENT, 0, 63, &payload)
-        }, Expect::Drop(DropReason::IcmpUnhandled)),
-        ("icmpv6 error quoting a non-vip port", {
-            ipv6(*web.ip(), CLIENT6, PROTO_TCP, 0, 63, &tcp6(vip6(1, 81), client(40071), tcp_flags::ACK, 9, b""))
-        }, Expect::Drop(DropReason::IcmpUnhandled)),
+        (
+            "icmpv6 error quoting 20 bytes",
+            reply[..20].to_vec(),
+            Expect::Drop(DropReason::IcmpBadQuote),
+        ),
+        (
+            "icmpv6 error quoting another source",
+            {
+                let mut q = reply.clone();
+                q[23] ^= 1;
+                q
+            },
+            Expect::Drop(DropReason::IcmpBadQuote),
+        ),
+        (
+            "icmpv6 error quoting a fragment",
+            {
+                let mut payload = fragment_header(PROTO_TCP, 0, true, 1);
+                payload.extend_from_slice(&reply[40..]);
+                ipv6(*web.ip(), CLIENT6, NEXTHDR_FRAGMENT, 0, 63, &payload)
+            },
+            Expect::Drop(DropReason::IcmpUnhandled),
+        ),
+        (
+            "icmpv6 error quoting a non-vip port",
+            {
+                ipv6(
+                    *web.ip(),
+                    CLIENT6,
+                    PROTO_TCP,
+                    0,
+                    63,
+                    &tcp6(vip6(1, 81), client(40071), tcp_flags::ACK, 9, b""),
+                )
+            },
+            Expect::Drop(DropReason::IcmpUnhandled),
+        ),
     ] {
         let err = icmp6(ROUTER6, *web.ip(), 1, 4, [0; 4], &quote);
         let l3 = ipv6(ROUTER6, *web.ip(), IPPROTO_ICMPV6, 0, 64, &err);
@@ -614,7 +870,13 @@ fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
     dmac.copy_from_slice(&input[6..12]);
     let mut smac = [0u8; 6];
     smac.copy_from_slice(&input[0..6]);
-    eth(dmac, smac, None, ETH_P_IPV4, &ipv4_tunnel(dst, src, 1, 0xc0, &msg))
+    eth(
+        dmac,
+        smac,
+        None,
+        ETH_P_IPV4,
+        &ipv4_tunnel(dst, src, 1, 0xc0, &msg),
+    )
 }
 
 fn with_fixture<F>(test: &str, body: F) -> anyhow::Result<()>
@@ -663,7 +925,15 @@ fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
                 HashMap::try_from(fx.lb.ebpf.map_mut(names::DECAP_DSTS).context("decap map")?)?;
             for a in [IpAddr::V6(LB6), IpAddr::V4(LB4)] {
                 let (addr, family) = addr_words(a);
-                dsts.insert(DecapKey { addr, family, _pad: [0; 3] }, 1, 0)?;
+                dsts.insert(
+                    DecapKey {
+                        addr,
+                        family,
+                        _pad: [0; 3],
+                    },
+                    1,
+                    0,
+                )?;
             }
         }
         let macs = ([0x02, 0xbe, 0, 0, 6, 0x11], [0x02, 0x1b, 0, 0, 0, 0x10]);
@@ -676,44 +946,91 @@ fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
         let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>)> = vec![
             (
                 "6in6",
-                eth(macs.0, macs.1, None, ETH_P_IPV6, &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
                 Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
             ),
             (
                 "4in6",
-                eth(macs.0, macs.1, None, ETH_P_IPV6, &ipv6(balancer6(), LB6, IPPROTO_IPIP, 0, 64, &inner4)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPIP, 0, 64, &inner4),
+                ),
                 Some(eth(macs.0, macs.1, None, ETH_P_IPV4, &inner4)),
             ),
             (
                 "6in4",
-                eth(macs.0, macs.1, None, ETH_P_IPV4, &ipv4_tunnel(Ipv4Addr::new(198, 18, 1, 1), LB4, IPPROTO_IPV6, 0, &inner6)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV4,
+                    &ipv4_tunnel(Ipv4Addr::new(198, 18, 1, 1), LB4, IPPROTO_IPV6, 0, &inner6),
+                ),
                 Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
             ),
             (
                 "6in6 tagged",
-                eth(macs.0, macs.1, Some(5), ETH_P_IPV6, &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    Some(5),
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
                 Some(eth(macs.0, macs.1, Some(5), ETH_P_IPV6, &inner6)),
             ),
             (
                 "6in6 to another address",
-                eth(macs.0, macs.1, None, ETH_P_IPV6, &ipv6(balancer6(), other, IPPROTO_IPV6, 0, 64, &inner6)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), other, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
                 None,
             ),
             (
                 "6in6 whose inner packet is not ipv6",
-                eth(macs.0, macs.1, None, ETH_P_IPV6, &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner4)),
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner4),
+                ),
                 None,
             ),
-            ("plain ipv6 to the host", eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6), None),
+            (
+                "plain ipv6 to the host",
+                eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6),
+                None,
+            ),
         ];
         for (name, input, want) in cases {
             let before = fx.lb.counters()?.get(Counter::Decap);
             let (verdict, out) = fx.run(DECAP_PROGRAM, &input)?;
             let after = fx.lb.counters()?.get(Counter::Decap);
-            ensure!(verdict == XDP_PASS, "{name}: verdict {}", verdict_name(verdict));
+            ensure!(
+                verdict == XDP_PASS,
+                "{name}: verdict {}",
+                verdict_name(verdict)
+            );
             let decapped = want.is_some();
             let want = want.unwrap_or_else(|| input.clone());
-            ensure!(out == want, "{name}: output\n got  {out:02x?}\n want {want:02x?}");
+            ensure!(
+                out == want,
+                "{name}: output\n got  {out:02x?}\n want {want:02x?}"
+            );
             ensure!(
                 after == before + u64::from(decapped),
                 "{name}: decap counted {} times",

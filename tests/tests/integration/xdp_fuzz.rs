@@ -113,15 +113,16 @@ fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
 /// interface, an allow list and a new-flow limit), an l7 VIP; global deny list and
 /// new-flow limit.
 fn desired() -> DesiredState {
-    let service = |name: &str, vip: std::net::SocketAddr, protocol, backends, filters| DesiredService {
-        name: name.into(),
-        vip: vip.into(),
-        protocol,
-        l7: false,
-        source_hash: false,
-        backends,
-        filters,
-    };
+    let service =
+        |name: &str, vip: std::net::SocketAddr, protocol, backends, filters| DesiredService {
+            name: name.into(),
+            vip: vip.into(),
+            protocol,
+            l7: false,
+            source_hash: false,
+            backends,
+            filters,
+        };
     let mut l7 = service(
         "l7",
         VIP_L7.into(),
@@ -203,15 +204,35 @@ fn desired() -> DesiredState {
 fn net6() -> anyhow::Result<()> {
     let ip = |args: &[&str]| -> anyhow::Result<()> {
         let out = std::process::Command::new("ip").args(args).output()?;
-        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     };
-    ip(&["-6", "addr", "add", "fd00:18:1::10/64", "dev", "lb0", "nodad"])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:18:1::10/64",
+        "dev",
+        "lb0",
+        "nodad",
+    ])?;
     for (b, m) in BE6.iter().zip(BE6_MACS) {
         let mac: Vec<String> = m.iter().map(|x| format!("{x:02x}")).collect();
         ip(&[
-            "-6", "neigh", "replace", &b.to_string(), "lladdr", &mac.join(":"), "dev", "lb0",
-            "nud", "permanent",
+            "-6",
+            "neigh",
+            "replace",
+            &b.to_string(),
+            "lladdr",
+            &mac.join(":"),
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
         ])?;
     }
     Ok(())
@@ -463,8 +484,14 @@ fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
     let (vip, tcp) = match rng.random_range(0..5) {
         0 | 1 => (VIP6_WEB, true),
         2 => (VIP6_DNS, false),
-        3 => (SocketAddrV6::new(*VIP6_WEB.ip(), rng.random(), 0, 0), rng.random()),
-        _ => (SocketAddrV6::new(Ipv6Addr::from(rng.random::<u128>()), 80, 0, 0), true),
+        3 => (
+            SocketAddrV6::new(*VIP6_WEB.ip(), rng.random(), 0, 0),
+            rng.random(),
+        ),
+        _ => (
+            SocketAddrV6::new(Ipv6Addr::from(rng.random::<u128>()), 80, 0, 0),
+            true,
+        ),
     };
     let src = SocketAddrV6::new(client, rng.random(), 0, 0);
     let l4 = |rng: &mut StdRng, from: SocketAddrV6, to: SocketAddrV6, tcp: bool| -> Vec<u8> {
@@ -475,9 +502,14 @@ fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
             payload(rng, 200)
         };
         if tcp {
-            let flags = *[tcp_flags::SYN, tcp_flags::ACK, tcp_flags::ACK | tcp_flags::PSH, rng.random()]
-                .get(rng.random_range(0..4))
-                .unwrap_or(&tcp_flags::ACK);
+            let flags = *[
+                tcp_flags::SYN,
+                tcp_flags::ACK,
+                tcp_flags::ACK | tcp_flags::PSH,
+                rng.random(),
+            ]
+            .get(rng.random_range(0..4))
+            .unwrap_or(&tcp_flags::ACK);
             tcp6(from, to, flags, rng.random(), &body)
         } else {
             udp6(from, to, &body)
@@ -486,11 +518,25 @@ fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
     match rng.random_range(0..10) {
         0..=5 => {
             let seg = l4(rng, src, vip, tcp);
-            ipv6(client, *vip.ip(), if tcp { 6 } else { 17 }, rng.random(), 64, &seg)
+            ipv6(
+                client,
+                *vip.ip(),
+                if tcp { 6 } else { 17 },
+                rng.random(),
+                64,
+                &seg,
+            )
         }
         6 => {
             let code = if rng.random_bool(0.9) { 0 } else { 1 };
-            let echo = icmp6(client, *vip.ip(), 128, code, rng.random(), &payload(rng, 300));
+            let echo = icmp6(
+                client,
+                *vip.ip(),
+                128,
+                code,
+                rng.random(),
+                &payload(rng, 300),
+            );
             ipv6(client, *vip.ip(), 58, 0, 64, &echo)
         }
         _ => {
@@ -499,7 +545,11 @@ fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
                     // A reply VIP -> client: what the balancer tunnels to the backend.
                     let seg = l4(rng, vip, src, tcp);
                     let mut q = ipv6(*vip.ip(), client, if tcp { 6 } else { 17 }, 0, 64, &seg);
-                    let keep = if rng.random_bool(0.8) { 48 } else { rng.random_range(0..=120) };
+                    let keep = if rng.random_bool(0.8) {
+                        48
+                    } else {
+                        rng.random_range(0..=120)
+                    };
                     q.truncate(keep.min(q.len()));
                     q
                 }
@@ -509,9 +559,18 @@ fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
                 }
                 _ => payload(rng, 200),
             };
-            let kind = *[1u8, 2, 3, 4, rng.random()].get(rng.random_range(0..5)).unwrap_or(&1);
+            let kind = *[1u8, 2, 3, 4, rng.random()]
+                .get(rng.random_range(0..5))
+                .unwrap_or(&1);
             let router = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
-            let err = icmp6(router, *vip.ip(), kind, rng.random_range(0..5), 1280u32.to_be_bytes(), &quote);
+            let err = icmp6(
+                router,
+                *vip.ip(),
+                kind,
+                rng.random_range(0..5),
+                1280u32.to_be_bytes(),
+                &quote,
+            );
             ipv6(router, *vip.ip(), 58, 0, 64, &err)
         }
     }
@@ -690,7 +749,14 @@ fn l4_vips_any() -> Vec<(IpAddr, u16, u8, Vec<IpAddr>)> {
     let mut v: Vec<(IpAddr, u16, u8, Vec<IpAddr>)> = l4_vips()
         .into_iter()
         .filter(|(vip, _, _)| *vip != VIP_MIXED)
-        .map(|(vip, p, b)| ((*vip.ip()).into(), vip.port(), p, b.into_iter().map(IpAddr::from).collect()))
+        .map(|(vip, p, b)| {
+            (
+                (*vip.ip()).into(),
+                vip.port(),
+                p,
+                b.into_iter().map(IpAddr::from).collect(),
+            )
+        })
         .collect();
     v.push(((*VIP_MIXED.ip()).into(), 80, 6, be6.clone()));
     v.push(((*VIP6_WEB.ip()).into(), 80, 6, be6));
@@ -805,8 +871,15 @@ fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     // The tunnel header: 20 bytes, checked before the backend is chosen; then 40 bytes
     // towards IPv6 backends (4in6), checked after: a packet over MTU - 20 hears
     // MTU - 20 first, one between MTU - 40 and MTU - 20 to VIP_MIXED hears MTU - 40.
-    let outer = if vip == *VIP_MIXED.ip() && in_len + 20 <= MTU { 40 } else { 20 };
-    ensure!(in_len + outer > MTU, "fragmentation needed for {in_len} bytes");
+    let outer = if vip == *VIP_MIXED.ip() && in_len + 20 <= MTU {
+        40
+    } else {
+        20
+    };
+    ensure!(
+        in_len + outer > MTU,
+        "fragmentation needed for {in_len} bytes"
+    );
     ensure!(
         out_len == 56 && out.len() == l3 + 56,
         "fragmentation needed of {out_len} bytes in a {}-byte frame",
@@ -959,32 +1032,67 @@ fn v6_at(b: &[u8]) -> Ipv6Addr {
 /// balancer had no business sending it.
 fn flow_of(ip: &[u8], v6: bool) -> anyhow::Result<(IpAddr, u16, u8, usize)> {
     if !v6 {
-        ensure!(ip.len() >= 28 && ip[0] == 0x45, "sent an IPv4 packet with a bad header");
+        ensure!(
+            ip.len() >= 28 && ip[0] == 0x45,
+            "sent an IPv4 packet with a bad header"
+        );
         let len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        ensure!((28..=ip.len()).contains(&len), "sent an IPv4 packet of length {len}");
-        ensure!(u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0, "sent a fragment");
+        ensure!(
+            (28..=ip.len()).contains(&len),
+            "sent an IPv4 packet of length {len}"
+        );
+        ensure!(
+            u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0,
+            "sent a fragment"
+        );
         if ip[9] == 1 {
             ensure!(ip[20] == 3, "tunnelled ICMP type {}", ip[20]);
             let q = &ip[28..len];
-            ensure!(q.len() >= 28 && q[0] == 0x45 && q[12..16] == ip[16..20], "bad quote tunnelled");
+            ensure!(
+                q.len() >= 28 && q[0] == 0x45 && q[12..16] == ip[16..20],
+                "bad quote tunnelled"
+            );
             let vip = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
             return Ok((vip.into(), u16::from_be_bytes([q[20], q[21]]), q[9], len));
         }
         let vip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
         return Ok((vip.into(), u16::from_be_bytes([ip[22], ip[23]]), ip[9], len));
     }
-    ensure!(ip.len() >= 48 && ip[0] >> 4 == 6, "sent an IPv6 packet with a bad header");
+    ensure!(
+        ip.len() >= 48 && ip[0] >> 4 == 6,
+        "sent an IPv6 packet with a bad header"
+    );
     let len = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-    ensure!(len <= ip.len(), "sent an IPv6 packet whose payload length is past the frame");
+    ensure!(
+        len <= ip.len(),
+        "sent an IPv6 packet whose payload length is past the frame"
+    );
     if ip[6] == 58 {
         ensure!(matches!(ip[40], 1 | 2), "tunnelled ICMPv6 type {}", ip[40]);
         let q = &ip[48..len];
-        ensure!(q.len() >= 48 && q[0] >> 4 == 6 && q[8..24] == ip[24..40], "bad quote tunnelled");
-        ensure!(matches!(q[6], 6 | 17), "tunnelled an error quoting next header {}", q[6]);
-        return Ok((v6_at(&q[8..]).into(), u16::from_be_bytes([q[40], q[41]]), q[6], len));
+        ensure!(
+            q.len() >= 48 && q[0] >> 4 == 6 && q[8..24] == ip[24..40],
+            "bad quote tunnelled"
+        );
+        ensure!(
+            matches!(q[6], 6 | 17),
+            "tunnelled an error quoting next header {}",
+            q[6]
+        );
+        return Ok((
+            v6_at(&q[8..]).into(),
+            u16::from_be_bytes([q[40], q[41]]),
+            q[6],
+            len,
+        ));
     }
     ensure!(matches!(ip[6], 6 | 17), "sent IPv6 next header {}", ip[6]);
-    Ok((v6_at(&ip[24..]).into(), u16::from_be_bytes([ip[42], ip[43]]), ip[6], len))
+    Ok((
+        v6_at(&ip[24..]).into(),
+        u16::from_be_bytes([ip[42], ip[43]]),
+        ip[6],
+        len,
+    ))
 }
 
 /// A tunnelled frame where either side is IPv6 (6in6, 4in6, 6in4): the inner packet
@@ -1007,10 +1115,17 @@ fn check_sent6(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<()>
         .find(|(v, p, pr, _)| *v == vip && *p == port && *pr == proto)
         .map(|(_, _, _, b)| b)
         .with_context(|| format!("sent a packet to {vip}:{port}/{proto}, no L4 VIP"))?;
-    ensure!(out.len() >= 34 && out[6..12] == src_mac, "Ethernet source is not lb0's");
+    ensure!(
+        out.len() >= 34 && out[6..12] == src_mac,
+        "Ethernet source is not lb0's"
+    );
     let inner_proto = if inner_v6 { 41 } else { 4 };
     // The inner traffic class / TOS, copied to the outer header.
-    let tc = if inner_v6 { (ip_in[0] << 4) | (ip_in[1] >> 4) } else { ip_in[1] };
+    let tc = if inner_v6 {
+        (ip_in[0] << 4) | (ip_in[1] >> 4)
+    } else {
+        ip_in[1]
+    };
     let (backend, outer_len) = match u16::from_be_bytes([out[12], out[13]]) {
         ETH_P_IPV6 => {
             ensure!(out.len() >= 54, "sent frame of {} bytes", out.len());
@@ -1024,31 +1139,63 @@ fn check_sent6(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<()>
             ensure!(o[7] == 64, "outer hop limit {}", o[7]);
             ensure!(o[8..24] == LB6.octets(), "outer source");
             let payload = usize::from(u16::from_be_bytes([o[4], o[5]]));
-            ensure!(payload == inner_len, "outer payload length {payload}, inner {inner_len}");
+            ensure!(
+                payload == inner_len,
+                "outer payload length {payload}, inner {inner_len}"
+            );
             (IpAddr::from(v6_at(&o[24..])), 40 + payload)
         }
         ETH_P_IP => {
             let o = &out[14..34];
-            ensure!(o[0] == 0x45 && internet_checksum(o) == 0, "outer IPv4 header");
+            ensure!(
+                o[0] == 0x45 && internet_checksum(o) == 0,
+                "outer IPv4 header"
+            );
             ensure!(o[1] == tc, "outer TOS {:#x}, inner class {tc:#x}", o[1]);
-            ensure!(o[8] == 64 && o[9] == inner_proto, "outer TTL {} / protocol {}", o[8], o[9]);
-            ensure!(u16::from_be_bytes([o[6], o[7]]) & 0x3fff == 0, "outer fragment");
+            ensure!(
+                o[8] == 64 && o[9] == inner_proto,
+                "outer TTL {} / protocol {}",
+                o[8],
+                o[9]
+            );
+            ensure!(
+                u16::from_be_bytes([o[6], o[7]]) & 0x3fff == 0,
+                "outer fragment"
+            );
             ensure!(o[12..16] == LB_ADDR.octets(), "outer source");
             let tot = usize::from(u16::from_be_bytes([o[2], o[3]]));
-            ensure!(tot == inner_len + 20, "outer total length {tot}, inner {inner_len}");
+            ensure!(
+                tot == inner_len + 20,
+                "outer total length {tot}, inner {inner_len}"
+            );
             (IpAddr::from(Ipv4Addr::new(o[16], o[17], o[18], o[19])), tot)
         }
         t => bail!("outer EtherType {t:#06x}"),
     };
-    ensure!(backends.contains(&backend), "sent to {backend}, not a backend of {vip}:{port}");
+    ensure!(
+        backends.contains(&backend),
+        "sent to {backend}, not a backend of {vip}:{port}"
+    );
     let mac = match backend {
         IpAddr::V6(b) => BE6.iter().position(|x| *x == b).map(|i| BE6_MACS[i]),
-        IpAddr::V4(b) => BACKENDS.iter().position(|x| *x == b).map(|i| BACKEND_MACS[i]),
+        IpAddr::V4(b) => BACKENDS
+            .iter()
+            .position(|x| *x == b)
+            .map(|i| BACKEND_MACS[i]),
     };
-    ensure!(Some(&out[0..6]) == mac.as_ref().map(|m| &m[..]), "Ethernet destination is not {backend}'s");
+    ensure!(
+        Some(&out[0..6]) == mac.as_ref().map(|m| &m[..]),
+        "Ethernet destination is not {backend}'s"
+    );
     ensure!(out.len() == 14 + outer_len, "trailing bytes tunnelled");
-    ensure!(outer_len <= MTU, "outer packet of {outer_len} bytes, over the MTU");
-    ensure!(out[14 + outer_len - inner_len..] == ip_in[..inner_len], "the inner packet changed");
+    ensure!(
+        outer_len <= MTU,
+        "outer packet of {outer_len} bytes, over the MTU"
+    );
+    ensure!(
+        out[14 + outer_len - inner_len..] == ip_in[..inner_len],
+        "the inner packet changed"
+    );
     Ok(())
 }
 
@@ -1059,22 +1206,54 @@ fn check_sent6(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<()>
 /// right) for a TCP/UDP packet to an L4 VIP over the MTU once encapsulated.
 fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     let l3 = l3_offset(input).context("input has no L3")?;
-    ensure!(l3 <= 18, "answered a frame with {} VLAN tags", (l3 - 14) / 4);
+    ensure!(
+        l3 <= 18,
+        "answered a frame with {} VLAN tags",
+        (l3 - 14) / 4
+    );
     ensure!(out.len() >= l3 + 48, "answer of {} bytes", out.len());
-    ensure!(out[6..12] == input[0..6] && out[0..6] == input[6..12], "MACs not swapped");
-    ensure!(out[12..l3] == input[12..l3], "answer's tags/EtherType changed");
+    ensure!(
+        out[6..12] == input[0..6] && out[0..6] == input[6..12],
+        "MACs not swapped"
+    );
+    ensure!(
+        out[12..l3] == input[12..l3],
+        "answer's tags/EtherType changed"
+    );
     let (ip_in, ip_out) = (&input[l3..], &out[l3..]);
-    ensure!(ip_in.len() >= 48 && ip_in[0] >> 4 == 6, "answered a bad IPv6 header");
-    ensure!(ip_out[0] >> 4 == 6 && ip_out[6] == 58 && ip_out[7] == 64, "answer's header");
-    ensure!(ip_out[8..24] == ip_in[24..40] && ip_out[24..40] == ip_in[8..24], "addresses not swapped");
+    ensure!(
+        ip_in.len() >= 48 && ip_in[0] >> 4 == 6,
+        "answered a bad IPv6 header"
+    );
+    ensure!(
+        ip_out[0] >> 4 == 6 && ip_out[6] == 58 && ip_out[7] == 64,
+        "answer's header"
+    );
+    ensure!(
+        ip_out[8..24] == ip_in[24..40] && ip_out[24..40] == ip_in[8..24],
+        "addresses not swapped"
+    );
     let vip = IpAddr::from(v6_at(&ip_in[24..]));
     let out_len = 40 + usize::from(u16::from_be_bytes([ip_out[4], ip_out[5]]));
-    ensure!(out_len <= ip_out.len(), "answer's payload length past its frame");
+    ensure!(
+        out_len <= ip_out.len(),
+        "answer's payload length past its frame"
+    );
     let (src, dst) = (v6_at(&ip_out[8..]), v6_at(&ip_out[24..]));
     if ip_in[6] == 58 {
-        ensure!(l4_vips_any().iter().any(|(v, ..)| *v == vip), "echo reply from {vip}, no L4 VIP");
-        ensure!(ip_in[40..42] == [128, 0], "answered ICMPv6 {:?}", &ip_in[40..42]);
-        ensure!(out.len() == input.len() && ip_out[4..6] == ip_in[4..6], "echo reply length");
+        ensure!(
+            l4_vips_any().iter().any(|(v, ..)| *v == vip),
+            "echo reply from {vip}, no L4 VIP"
+        );
+        ensure!(
+            ip_in[40..42] == [128, 0],
+            "answered ICMPv6 {:?}",
+            &ip_in[40..42]
+        );
+        ensure!(
+            out.len() == input.len() && ip_out[4..6] == ip_in[4..6],
+            "echo reply length"
+        );
         ensure!(ip_out[40..42] == [129, 0], "echo reply type/code");
         ensure!(ip_out[44..] == ip_in[44..], "echo reply data changed");
         let in_len = out_len;
@@ -1090,15 +1269,28 @@ fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
         .into_iter()
         .find(|(v, p, pr, _)| *v == vip && *p == dport && *pr == proto)
         .with_context(|| format!("packet too big for {vip}:{dport}/{proto}, no L4 VIP"))?;
-    let outer = if backends.iter().all(IpAddr::is_ipv6) { 40 } else { 20 };
+    let outer = if backends.iter().all(IpAddr::is_ipv6) {
+        40
+    } else {
+        20
+    };
     let in_len = 40 + usize::from(u16::from_be_bytes([ip_in[4], ip_in[5]]));
     ensure!(in_len + outer > MTU, "packet too big for {in_len} bytes");
-    ensure!(out_len == 96 && out.len() == l3 + 96, "packet too big of {out_len} bytes");
+    ensure!(
+        out_len == 96 && out.len() == l3 + 96,
+        "packet too big of {out_len} bytes"
+    );
     ensure!(ip_out[40..42] == [2, 0], "type/code {:?}", &ip_out[40..42]);
-    ensure!(checksum6(src, dst, 58, &ip_out[40..96]) == 0, "ICMPv6 checksum");
+    ensure!(
+        checksum6(src, dst, 58, &ip_out[40..96]) == 0,
+        "ICMPv6 checksum"
+    );
     let mtu = u32::from_be_bytes([ip_out[44], ip_out[45], ip_out[46], ip_out[47]]);
     ensure!(mtu as usize == MTU - outer, "MTU {mtu}");
-    ensure!(ip_out[48..96] == ip_in[..48], "quote is not the packet's head");
+    ensure!(
+        ip_out[48..96] == ip_in[..48],
+        "quote is not the packet's head"
+    );
     Ok(())
 }
 
