@@ -896,19 +896,17 @@ fn check_backends(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
                 ),
             );
         }
-        if svc.mode == Mode::L4 {
-            if b.port != vip_port {
-                report.backend(
-                    i,
-                    "port",
-                    format!(
-                        "port {} differs from the VIP port {vip_port}: l4 mode (DSR over IPIP) \
-                         does not rewrite ports, so a backend must listen on the VIP port (or \
-                         use mode = \"l7\")",
-                        b.port
-                    ),
-                );
-            }
+        if svc.mode == Mode::L4 && b.port != vip_port {
+            report.backend(
+                i,
+                "port",
+                format!(
+                    "port {} differs from the VIP port {vip_port}: l4 mode (DSR over IPIP) \
+                     does not rewrite ports, so a backend must listen on the VIP port (or use \
+                     mode = \"l7\")",
+                    b.port
+                ),
+            );
         }
     }
 }

@@ -822,10 +822,10 @@ fn l4_ipv6_services_need_the_ipv6_tunnel_source() {
         "needs dataplane.source_ipv4",
     );
     // Without a fast path nothing is tunnelled: no source needed.
-    parse_ok(&format!(
+    parse_ok(
         "[dataplane]\nxdp_mode = \"off\"\n[[service]]\nname = \"v6\"\nvip = \"[fd00:18:100::1]:80\"\n\
-         backend = [{{ address = \"fd00:18:1::11\" }}]\n"
-    ));
+         backend = [{ address = \"fd00:18:1::11\" }]\n",
+    );
 }
 
 #[test]

@@ -3,10 +3,11 @@
 //! real TCP connections (HTTP GETs) from an IPv6 client go through the XDP fast path:
 //! - to an IPv6 VIP with IPv6 backends (IPv6-in-IPv6), spread over both;
 //! - to an IPv6 VIP with an IPv4 backend (IPv6-in-IPv4);
-//! - from the IPv4 client to an IPv4 VIP with an IPv6 backend (IPv4-in-IPv6);
-//! each backend decapsulating with `lb-agent decap attach` (which registers the
-//! host's IPv6 addresses itself) and answering the client directly (DSR) from the VIP
-//! on its `lo`. The agent's stats must name each IPv6 backend, and its HTTP health
+//! - from the IPv4 client to an IPv4 VIP with an IPv6 backend (IPv4-in-IPv6).
+//!
+//! Each backend decapsulates with `lb-agent decap attach` (which registers the host's
+//! IPv6 addresses itself) and answers the client directly (DSR) from the VIP on its
+//! `lo`. The agent's stats must name each IPv6 backend, and its HTTP health
 //! checks over IPv6 must find the IPv6 backends up (`xdplb_backend_up ... 1`).
 //!
 //! IPv6 in namespaces (DESIGN.md): addresses are added with `nodad` (no 2 s of
@@ -118,7 +119,9 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
         .sizes(65537, 65536)
         .service(
             ServiceConfig::new("web6", web6)
-                .health(r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150 }"#)
+                .health(
+                    r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150 }"#,
+                )
                 .backend(BackendConfig::new(BACKENDS6[0]))
                 .backend(BackendConfig::new(BACKENDS6[1])),
         )
@@ -180,15 +183,24 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
     }
     println!("stats: {body}");
     // Health checks over IPv6 found both IPv6 backends up; metrics label them [v6]:port.
-    let (status, metrics) =
-        http::json_call_in(&topo.lb.ns, api, "GET", "/metrics", None, Duration::from_secs(5))?;
+    let (status, metrics) = http::json_call_in(
+        &topo.lb.ns,
+        api,
+        "GET",
+        "/metrics",
+        None,
+        Duration::from_secs(5),
+    )?;
     ensure!(status == 200, "metrics: {status}");
     for b in [BACKENDS6[0], BACKENDS6[1]] {
         let line = format!(
             "xdplb_backend_up{{service=\"web6\",backend=\"{}\"}} 1",
             SocketAddr::from((IpAddr::V6(b), 80))
         );
-        ensure!(metrics.contains(&line), "no `{line}` in /metrics:\n{metrics}");
+        ensure!(
+            metrics.contains(&line),
+            "no `{line}` in /metrics:\n{metrics}"
+        );
     }
     Ok(())
 }

@@ -86,6 +86,11 @@ const MTU: u32 = 1500;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Forwarded traffic of a service (backend None) or of one of its backends.
+type TrafficRow = (String, Option<IpAddr>, (u64, u64));
+/// A decap row: name, input frame, the frame after decapsulation (None: unchanged).
+type DecapCase = (&'static str, Vec<u8>, Option<Vec<u8>>);
+
 fn backend(address: IpAddr, port: u16) -> DesiredBackend {
     DesiredBackend {
         address,
@@ -415,7 +420,7 @@ impl Fixture {
     }
 
     /// (service, backend or None for the service's own, (packets, bytes)).
-    fn traffic(&self) -> anyhow::Result<Vec<(String, Option<IpAddr>, (u64, u64))>> {
+    fn traffic(&self) -> anyhow::Result<Vec<TrafficRow>> {
         let mut out = Vec::new();
         for svc in &desired().services {
             let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
@@ -943,7 +948,8 @@ fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
             .flags(tcp_flags::SYN)
             .build_ipv4();
         let other = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x77);
-        let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>)> = vec![
+        // (name, input, the decapsulated frame or None: passed unchanged).
+        let cases: Vec<DecapCase> = vec![
             (
                 "6in6",
                 eth(

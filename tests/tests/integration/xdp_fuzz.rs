@@ -116,7 +116,7 @@ fn desired() -> DesiredState {
     let service =
         |name: &str, vip: std::net::SocketAddr, protocol, backends, filters| DesiredService {
             name: name.into(),
-            vip: vip.into(),
+            vip,
             protocol,
             l7: false,
             source_hash: false,
