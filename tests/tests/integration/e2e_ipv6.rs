@@ -163,6 +163,12 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
     }
     println!("{report}");
 
+    // An ICMPv6 echo request to the IPv6 VIP is answered by the LB's XDP program (the
+    // address is no host's: only the fast path can answer it).
+    let rtt = netns::in_netns(&topo.client.ns, || ping6(VIP6_WEB, Duration::from_secs(3)))
+        .context("ping6 to the VIP")?;
+    println!("echo reply from {VIP6_WEB} in {rtt:?}");
+
     // The agent saw it: packets forwarded to each IPv6 backend, by its stats API.
     let api: SocketAddr = API.parse()?;
     let (status, body) = http::json_call_in(
@@ -182,6 +188,10 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
         );
     }
     println!("stats: {body}");
+    ensure!(
+        !body.contains(r#""icmp_echo_reply":0"#),
+        "the echo reply was not counted by the fast path: {body}"
+    );
     // Health checks over IPv6 found both IPv6 backends up; metrics label them [v6]:port.
     let (status, metrics) = http::json_call_in(
         &topo.lb.ns,
@@ -203,4 +213,59 @@ fn ipv6_clients_through_the_lb_to_ipv6_and_ipv4_tunnelled_backends() -> anyhow::
         );
     }
     Ok(())
+}
+
+/// One ICMPv6 echo request to `target` from the calling thread's namespace (a raw
+/// socket: the kernel fills in the checksum); the time until its reply.
+fn ping6(target: Ipv6Addr, timeout: Duration) -> anyhow::Result<Duration> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain syscalls on a socket this function owns, with buffers and addresses
+    // of the sizes passed.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        );
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let sock = OwnedFd::from_raw_fd(fd);
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = target.octets();
+        let request = [128u8, 0, 0, 0, 0x76, 0x36, 0, 1, b'x', b'd', b'p', b'l', b'b'];
+        let start = std::time::Instant::now();
+        let sent = libc::sendto(
+            sock.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        ensure!(sent >= 0, "sendto: {}", std::io::Error::last_os_error());
+        let mut buf = [0u8; 1500];
+        while start.elapsed() < timeout {
+            let n = libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+            // Other ICMPv6 (neighbour discovery) arrives here too.
+            if n >= request.len() as isize
+                && buf[0] == 129
+                && buf[4..8] == request[4..8]
+                && buf[8..request.len()] == request[8..]
+            {
+                return Ok(start.elapsed());
+            }
+        }
+        anyhow::bail!("no echo reply from {target} within {timeout:?}")
+    }
 }
