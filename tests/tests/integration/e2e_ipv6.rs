@@ -243,7 +243,9 @@ fn ping6(target: Ipv6Addr, timeout: Duration) -> anyhow::Result<Duration> {
         let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
         sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
         sa.sin6_addr.s6_addr = target.octets();
-        let request = [128u8, 0, 0, 0, 0x76, 0x36, 0, 1, b'x', b'd', b'p', b'l', b'b'];
+        let request = [
+            128u8, 0, 0, 0, 0x76, 0x36, 0, 1, b'x', b'd', b'p', b'l', b'b',
+        ];
         let start = std::time::Instant::now();
         let sent = libc::sendto(
             sock.as_raw_fd(),

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use aya::maps::HashMap;
 use lb_agent::{
-    config::Protocol,
+    config::{FlowLimitConfig, Protocol},
     dataplane::{
         desired::{DesiredBackend, DesiredFilters, DesiredService, DesiredState},
         forwarding::InterfaceForwarding,
@@ -1050,4 +1050,99 @@ fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
 /// The outer source of the decap rows: a balancer's tunnel source in another subnet.
 fn balancer6() -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x18, 2, 0, 0, 0, 0, 0x10)
+}
+
+/// `[security]` for IPv6 sources on an IPv6 VIP: the deny list (a /48), the allow list
+/// (a /32: other sources are refused), and `new_flows_per_source` per /64 (burst 2:
+/// the third new flow of a /64 is dropped, another /64 of the same client network
+/// is not).
+#[test]
+fn ipv6_sources_are_filtered_and_limited() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let mut d = desired();
+        d.filters = DesiredFilters {
+            deny: vec!["fd00:18:bad::/48".parse()?],
+            allow: vec!["fd00:18::/32".parse()?],
+            new_flows: Some(FlowLimitConfig {
+                rate: 1,
+                burst: 2,
+                prefix_v4: 32,
+                prefix_v6: 64,
+            }),
+        };
+        fx.lb.apply(&d)?;
+        let web = vip6(1, 80);
+        let web_backends: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let syn_from = |src: Ipv6Addr, port: u16| {
+            let from = SocketAddrV6::new(src, port, 0, 0);
+            ipv6(
+                src,
+                *web.ip(),
+                PROTO_TCP,
+                0,
+                64,
+                &tcp6(from, web, tcp_flags::SYN, 1, b""),
+            )
+        };
+        let mut rows = vec![
+            unchanged(
+                "deny: a source in fd00:18:bad::/48",
+                frame(&syn_from("fd00:18:bad:1::7".parse()?, 41000)),
+                Expect::Drop(DropReason::FilterDeny),
+            ),
+            unchanged(
+                "allow: a source outside fd00:18::/32",
+                frame(&syn_from("2001:db8::7".parse()?, 41001)),
+                Expect::Drop(DropReason::FilterNotAllowed),
+            ),
+        ];
+        // Two new flows from one /64 pass, the third is over its burst; another /64
+        // has its own bucket.
+        let limited: Ipv6Addr = "fd00:18:0:7::5".parse()?;
+        let neighbour_net: Ipv6Addr = "fd00:18:0:8::5".parse()?;
+        for (name, src, port, admitted) in [
+            ("limit: first new flow of a /64", limited, 41010, true),
+            (
+                "limit: second new flow, another host of the /64",
+                "fd00:18:0:7::6".parse()?,
+                41011,
+                true,
+            ),
+            (
+                "limit: third new flow of the /64 dropped",
+                limited,
+                41012,
+                false,
+            ),
+            (
+                "limit: another /64 has its own bucket",
+                neighbour_net,
+                41013,
+                true,
+            ),
+        ] {
+            let l3 = syn_from(src, port);
+            if admitted {
+                let key = flow6(SocketAddrV6::new(src, port, 0, 0), web, PROTO_TCP);
+                let be = fx.pick("web6", &key, &web_backends, 80)?;
+                rows.push(Row {
+                    name: name.into(),
+                    output: fx.tunnelled(&l3, true, 0, be),
+                    input: frame(&l3),
+                    expect: Expect::Tx("web6", be),
+                });
+            } else {
+                rows.push(unchanged(
+                    name,
+                    frame(&l3),
+                    Expect::Drop(DropReason::NewFlowLimit),
+                ));
+            }
+        }
+        for row in &rows {
+            fx.check(row)?;
+        }
+        Ok(())
+    })
 }
