@@ -223,7 +223,7 @@ pub fn try_lb_v6(
     if mtu != 0 && u32::from(pkt.len) + outer > mtu {
         return Ok(with_mtu(NEXT_TOO_BIG6, mtu - outer));
     }
-    fwd.write(Forward::new(&choice, vip.service_id, pkt.len, pkt.tc, true));
+    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true);
     Ok(NEXT_SEND)
 }
 
@@ -257,6 +257,32 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// Write [`Forward::new`]'s fields straight into `fwd` (the caller's frame), with no
+    /// temporary copy on the writer's stack: in `lb_v4` that copy cost 32 of its bytes.
+    #[inline(always)]
+    pub fn fill(
+        fwd: &mut MaybeUninit<Forward>,
+        choice: &Choice,
+        service_id: u32,
+        inner_len: u16,
+        tos: u8,
+        inner_v6: bool,
+    ) {
+        let p = fwd.as_mut_ptr();
+        // SAFETY: `p` points to a Forward-sized, Forward-aligned place; each field is
+        // written once, so the whole value is initialised afterwards.
+        unsafe {
+            (&raw mut (*p).backend).write(choice.backend);
+            (&raw mut (*p).service_id).write(service_id);
+            (&raw mut (*p).backend_id).write(choice.backend_id);
+            (&raw mut (*p).inner_len).write(inner_len);
+            (&raw mut (*p).tos).write(tos);
+            (&raw mut (*p).inner_v6).write(u8::from(inner_v6));
+            (&raw mut (*p).icmp_error).write(0);
+            (&raw mut (*p)._pad).write([0; 3]);
+        }
+    }
+
     #[inline(always)]
     pub fn new(choice: &Choice, service_id: u32, inner_len: u16, tos: u8, inner_v6: bool) -> Self {
         Forward {
