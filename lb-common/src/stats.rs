@@ -51,6 +51,14 @@ pub enum Counter {
     /// reply VIP -> client), tunnelled to the backend that owns the flow. Counted with
     /// `tx` / `redirect`, which say how it left.
     IcmpErrorForwarded,
+    /// An IPv6 packet whose first header after the fixed one is an extension header
+    /// (hop-by-hop, routing, destination options, AH, mobility, HIP, shim6): passed to
+    /// the kernel, never parsed past it. (A fragment header counts as `pass_fragment`.)
+    PassIpv6Ext,
+    /// An IPv6 packet to a VIP that would exceed `dataplane.mtu` once encapsulated:
+    /// answered with ICMPv6 "packet too big" from the VIP (XDP_TX). IPv6 has no DF
+    /// bit: every such packet gets one.
+    Icmp6TooBig,
     /// Decap program: a GUE packet (UDP to `gue_port` at a tunnel address)
     /// decapsulated and handed to the stack.
     DecapGue,
@@ -86,6 +94,8 @@ impl Counter {
         Counter::IcmpEchoReply,
         Counter::IcmpFragNeeded,
         Counter::IcmpErrorForwarded,
+        Counter::PassIpv6Ext,
+        Counter::Icmp6TooBig,
         Counter::DecapGue,
         Counter::QuicCidRouted,
         Counter::QuicCidUnknown,
@@ -118,6 +128,8 @@ impl Counter {
             Counter::IcmpEchoReply => "icmp_echo_reply",
             Counter::IcmpFragNeeded => "icmp_frag_needed",
             Counter::IcmpErrorForwarded => "icmp_error_forwarded",
+            Counter::PassIpv6Ext => "pass_ipv6_ext",
+            Counter::Icmp6TooBig => "icmp6_packet_too_big",
             Counter::DecapGue => "decap_gue",
             Counter::QuicCidRouted => "quic_cid_routed",
             Counter::QuicCidUnknown => "quic_cid_unknown",

@@ -83,7 +83,7 @@ const _: () = assert!(size_of::<FibParams>() == FIB_WORDS * 4);
 /// a call to a byte-by-byte `memset` (~390 instructions, ~34 ns per packet measured by
 /// `cargo xtask bench xdp`); volatile stores keep LLVM from turning them back into one.
 #[inline(always)]
-fn zeroed_fib_params() -> FibParams {
+pub fn zeroed_fib_params() -> FibParams {
     let mut p = core::mem::MaybeUninit::<FibParams>::uninit();
     let words = p.as_mut_ptr().cast::<u32>();
     for i in 0..FIB_WORDS {

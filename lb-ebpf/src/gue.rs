@@ -20,10 +20,18 @@
 //!   with its host bits from the flow's entropy ([`lb_common::hash::tunnel_source_v4`]),
 //!   as Katran varies its IPIP source within a /16.
 //!
-//! IPv6 seam: an IPv6 outer header (GUE over IPv6, and IPv6 inner packets) slots in as
-//! a `tunnel_v6` beside [`tunnel_v4`], with the UDP header built by [`udp_header`] and
-//! its checksum over the IPv6 pseudo-header; [`decap_v4`] already hands inner IPv6
-//! packets to the stack.
+//! Where it is built: `xdp_lb`'s IPv4 path tunnels plain IPIP from one source itself
+//! (the established flow's cheap case); with GUE or a source prefix it fills an
+//! `ipv6::Forward` with the flow's entropy and returns `gate::NEXT_SEND`, and
+//! `ipv6::send` (a sibling subprogram, whose frame holds the fib lookup and the outer
+//! headers) calls [`encap_v4`]. So do the IPv6 path (IPv6 inner packets over IPv4 GUE,
+//! version nibble 0110) and forwarded ICMP errors.
+//!
+//! Not done: GUE with an outer IPv6 header. Over IPv6 the UDP checksum is required
+//! (RFC 6935/6936 allow a zero one only to receivers that opt in), which means summing
+//! the whole inner packet in XDP; IPv6 backends keep their IPv6 outer header (4in6,
+//! 6in6) whatever `encap` says, and their decapsulator takes those. [`decap_v4`]
+//! already hands inner IPv6 packets to the stack.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_PASS},
@@ -31,13 +39,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash::{gue_source_port, tunnel_entropy, tunnel_source_v4},
+    hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{ENCAP_GUE, FlowKey, GlobalConfig, PROTO_UDP},
+    types::{Backend, ENCAP_GUE, FAMILY_V4, FlowKey, GlobalConfig, PROTO_UDP},
 };
 
 use crate::{
-    encap::{self, Exit, next_hop_v4, outer_ipv4_proto, trim_to},
+    encap::{Exit, next_hop_v4, outer_ipv4_proto, trim_to},
     parsing::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
     },
@@ -81,43 +89,52 @@ pub fn udp_header(source: u16, dest: u16, payload_len: u16) -> UdpHdr {
     }
 }
 
-/// Tunnel the IPv4 packet of flow `key` at `l3_off` (`tot_len` bytes, TOS `tos`) to
-/// `backend` as the config says: IPIP or GUE, from `source_v4` or, with a source
-/// prefix, from the flow's address within it. With IPIP and one source this is
-/// [`encap::tunnel_v4`] and nothing more (no entropy is computed).
+/// Does `cfg` tunnel towards IPv4 backends other than by plain IPIP from one source
+/// (GUE, or a `source_ipv4_prefix`)? Then the path hands the packet to `ipv6::send`
+/// with the flow's [`entropy`]; otherwise it tunnels IPIP itself, computing nothing.
 #[inline(always)]
-pub fn tunnel_v4(
+pub fn needs_send(cfg: &GlobalConfig) -> bool {
+    cfg.encap == ENCAP_GUE || cfg.source_v4_host_mask != 0
+}
+
+/// The flow's tunnel entropy when the tunnel towards `backend` uses it (an IPv4
+/// backend, GUE or a source prefix), else 0 (nothing computed).
+#[inline(always)]
+pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
+    if backend.family == FAMILY_V4 && needs_send(cfg) {
+        tunnel_entropy(key)
+    } else {
+        0
+    }
+}
+
+/// Encapsulate the IP packet at `l3_off` (`inner_len` bytes, TOS / traffic class
+/// `tos`, IPv4 or IPv6: variant 1 tells them apart by the version nibble) in outer
+/// IPv4 `source -> backend` + UDP `sport -> dport` (network order); the interface to
+/// send it on. No `mtu` check here.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into ipv6::tunnel; no struct to copy"
+)]
+#[inline(always)]
+pub fn encap_v4(
     ctx: &XdpContext,
-    cfg: &GlobalConfig,
-    key: &FlowKey,
     l3_off: usize,
-    tot_len: u16,
+    inner_len: u16,
     tos: u8,
+    source: u32,
     backend: u32,
+    sport: u16,
+    dport: u16,
 ) -> Result<u32, Exit> {
-    let (encap, base, host_mask, dport) = (
-        cfg.encap,
-        cfg.source_v4,
-        cfg.source_v4_host_mask,
-        cfg.gue_port,
-    );
-    if encap != ENCAP_GUE && host_mask == 0 {
-        return encap::tunnel_v4(ctx, l3_off, tot_len, tos, base, backend);
-    }
-    let entropy = tunnel_entropy(key);
-    let source = tunnel_source_v4(base, host_mask, entropy);
-    if encap != ENCAP_GUE {
-        return encap::tunnel_v4(ctx, l3_off, tot_len, tos, source, backend);
-    }
-    let sport = gue_source_port(entropy).to_be();
     let hop = next_hop_v4(
         ctx,
         source,
         backend,
-        tot_len + (IPV4_HLEN + UDP_HLEN) as u16,
+        inner_len + (IPV4_HLEN + UDP_HLEN) as u16,
     )?;
-    let outer = outer_ipv4_proto(source, backend, tot_len + UDP_HLEN as u16, tos, PROTO_UDP);
-    trim_to(ctx, l3_off + usize::from(tot_len)).map_err(Exit::Drop)?;
+    let outer = outer_ipv4_proto(source, backend, inner_len + UDP_HLEN as u16, tos, PROTO_UDP);
+    trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
     let failed = Exit::Drop(DropReason::EncapFailed);
     let grow = (ETH_HLEN + IPV4_HLEN + UDP_HLEN) as i32 - l3_off as i32;
     // SAFETY: ctx.ctx is the program's xdp_md.
@@ -135,7 +152,7 @@ pub fn tunnel_v4(
             proto: ETH_P_IP,
         };
         *ip = outer;
-        *uh = udp_header(sport, dport, tot_len);
+        *uh = udp_header(sport, dport, inner_len);
     }
     Ok(hop.ifindex)
 }

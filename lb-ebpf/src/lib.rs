@@ -12,6 +12,9 @@
 //! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
 //! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
 //! - [`stats`]: per-CPU counter updates.
+//! - [`ipv6`]: the IPv6 path: parser, 6in6 / 4in6 / 6in4 tunnels, `next_hop_v6`, decap.
+//! - [`icmp6`]: ICMPv6 echo replies, errors about VIP flows, "packet too big".
+//! - [`gate`]: the source filters as both families' paths apply them.
 //! - [`gue`]: GUE (IPv4 in UDP) encapsulation and decapsulation, per-flow outer source.
 //! - [`quic`]: QUIC connection-ID routing.
 #![no_std]
@@ -19,9 +22,12 @@
 pub mod csum;
 pub mod encap;
 pub mod filter;
+pub mod gate;
 pub mod gue;
 pub mod hashing;
 pub mod icmp;
+pub mod icmp6;
+pub mod ipv6;
 pub mod limit;
 pub mod maps;
 pub mod parsing;

@@ -15,6 +15,7 @@ mod bgp;
 mod cluster;
 mod e2e_control;
 mod e2e_gue;
+mod e2e_ipv6;
 mod e2e_l4;
 mod e2e_l7;
 mod e2e_pmtu;
@@ -23,6 +24,7 @@ mod netlink;
 mod reconciler;
 mod testbed;
 mod xdp_fixtures;
+mod xdp_fixtures_v6;
 mod xdp_fuzz;
 
 #[test]
