@@ -473,9 +473,19 @@ pub fn decap_v6(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);
     }
-    let first = ptr_at::<u8>(ctx, l2.l3_off + IPV6_HLEN).ok_or(XDP_PASS)?;
+    let inner_off = l2.l3_off + IPV6_HLEN;
+    let first = ptr_at::<u8>(ctx, inner_off).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     if unsafe { *first } >> 4 != inner_version {
+        return Err(XDP_PASS);
+    }
+    // A whole inner header, as for IPIP and GUE (a stub is not ours to hand up).
+    let whole = if inner_version == 6 {
+        ptr_at::<Ipv6Hdr>(ctx, inner_off).is_some()
+    } else {
+        ptr_at::<Ipv4Hdr>(ctx, inner_off).is_some()
+    };
+    if !whole {
         return Err(XDP_PASS);
     }
     strip_outer(ctx, l2.l3_off, IPV6_HLEN as i32, ethertype)
@@ -488,9 +498,10 @@ pub fn decap_v6(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
 /// 20 bytes, not a fragment, to a local tunnel address).
 #[inline(always)]
 pub fn decap_6in4(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
-    let first = ptr_at::<u8>(ctx, l2.l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
+    // A whole inner IPv6 header, as for IPIP and GUE.
+    let inner = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { *first } >> 4 != 6 {
+    if unsafe { (*inner).version() } != 6 {
         return Err(XDP_PASS);
     }
     strip_outer(ctx, l2.l3_off, IPV4_HLEN as i32, ETH_P_IPV6)

@@ -1698,18 +1698,28 @@ fn decap_frame(rng: &mut StdRng) -> Vec<u8> {
             .payload(&inner)
             .build_ipv4()
         }
-        2 | 3 => PacketBuilder::raw(LB_ADDR, dst, 4)
-            .fragment(false, false, 0)
-            .payload(&inner)
-            .build_ipv4(),
+        // IPIP, or (main's IPv6 tunnels) IPv6 in IPv4, protocol 41, mostly with an
+        // IPv6 packet inside.
+        2 | 3 => PacketBuilder::raw(
+            LB_ADDR,
+            dst,
+            if inner.first().map(|b| b >> 4) == Some(6) && rng.random_bool(0.7) {
+                41
+            } else {
+                4
+            },
+        )
+        .fragment(false, false, 0)
+        .payload(&inner)
+        .build_ipv4(),
         _ => ipv4_l4(rng).build_ipv4(),
     };
     ethernet(rng, ETH_P_IP, &ip)
 }
 
-/// What `xdp_decap` may do with `input`: pass it unchanged, or, for an IPIP or GUE
-/// packet to the tunnel address (20-byte outer header, not a fragment, an IPv4 or
-/// (GUE) IPv6 header inside), pass the inner packet behind the same Ethernet header
+/// What `xdp_decap` may do with `input`: pass it unchanged, or, for an IPIP, 6in4 or
+/// GUE packet to the tunnel address (20-byte outer header, not a fragment, an IPv4
+/// (IPIP, GUE) or IPv6 (6in4, GUE) header inside), pass the inner packet behind the same Ethernet header
 /// and tags with the inner EtherType.
 fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> anyhow::Result<()> {
     ensure!(verdict == XDP_PASS, "verdict {}", verdict_name(verdict));
@@ -1736,21 +1746,24 @@ fn check_decap(input: &[u8], verdict: u32, out: &[u8]) -> anyhow::Result<()> {
         ip[16..20] == DECAP_ADDR.octets(),
         "decapsulated a packet to another host"
     );
-    let (strip, gue) = match ip[9] {
-        4 => (20, false),
+    // (outer header length, inner versions allowed)
+    let (strip, versions): (usize, &[u8]) = match ip[9] {
+        4 => (20, &[4]),
+        41 => (20, &[6]),
         17 => {
             ensure!(
                 ip.len() >= 28 && u16::from_be_bytes([ip[22], ip[23]]) == GUE_PORT,
                 "decapsulated UDP that is not to the GUE port"
             );
-            (28, true)
+            (28, &[4, 6])
         }
         p => bail!("decapsulated protocol {p}"),
     };
     let inner = &ip[strip..];
-    let ethertype = match inner.first().map(|b| b >> 4) {
-        Some(4) if inner.len() >= 20 => ETH_P_IP,
-        Some(6) if gue && inner.len() >= 40 => ETH_P_IPV6,
+    let version = inner.first().map(|b| b >> 4);
+    let ethertype = match version {
+        Some(4) if versions.contains(&4) && inner.len() >= 20 => ETH_P_IP,
+        Some(6) if versions.contains(&6) && inner.len() >= 40 => ETH_P_IPV6,
         v => bail!(
             "decapsulated an inner packet of version {v:?} ({} bytes)",
             inner.len()
