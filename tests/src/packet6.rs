@@ -211,6 +211,13 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
         return match p[9] {
             IPPROTO_IPIP => check_ip(4, &p[ihl..]),
             IPPROTO_IPV6 => check_ip(6, &p[ihl..]),
+            // GUE (UDP checksum 0, allowed over IPv4): check the inner packet instead.
+            17 if p.len() >= ihl + 8 + 20
+                && p[ihl + 6..ihl + 8] == [0, 0]
+                && matches!(p[ihl + 8] >> 4, 4 | 6) =>
+            {
+                check_ip(p[ihl + 8] >> 4, &p[ihl + 8..])
+            }
             proto @ (6 | 17) => {
                 let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
                 let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);

@@ -34,6 +34,7 @@ use lb_agent::{
     },
 };
 use lb_common::{
+    hash::{gue_source_port, tunnel_entropy},
     maps as names,
     stats::{Counter, DropReason},
     types::{DecapKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP},
@@ -83,6 +84,8 @@ fn vip6(last: u16, port: u16) -> SocketAddrV6 {
 }
 const VIP4_MIXED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
 const MTU: u32 = 1500;
+/// `dataplane.gue_port` of the GUE rows.
+const GUE_PORT: u16 = 6080;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -259,9 +262,15 @@ struct Row {
 
 impl Fixture {
     fn new() -> anyhow::Result<Self> {
+        Self::with_state(&desired())
+    }
+
+    /// The fixture with another desired state (the same services: `traffic` reads
+    /// [`desired`]'s).
+    fn with_state(state: &DesiredState) -> anyhow::Result<Self> {
         net6()?;
         Ok(Fixture {
-            lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
+            lb: LoadedLb::load(&caps(), state, &[LB_PROGRAM, DECAP_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
             lb_mac: mac_of("lb0")?,
             _forwarding: InterfaceForwarding::enable("lb0")?,
@@ -921,6 +930,98 @@ fn ipv6_fixture_table() -> anyhow::Result<()> {
         println!("{} IPv6 rows passed", rows.len());
         Ok(())
     })
+}
+
+/// `encap = "gue"` with IPv6 (merge of s16-gue and s16-v6): an IPv6 VIP's packet to an
+/// IPv4 backend goes in GUE over IPv4 (UDP to the GUE port, checksum 0, the source port
+/// from the IPv6 flow's entropy, the inner IPv6 packet right after the UDP header),
+/// and "packet too big" counts GUE's 28 bytes; IPv6 backends keep their IPv6 outer
+/// header (6in6, 4in6), as the README says (GUE over IPv6 is not done).
+#[test]
+fn gue_carries_ipv6_over_ipv4_and_ipv6_backends_keep_their_tunnel() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    in_bed("fxg6", &net(), move || {
+        let mut state = desired();
+        state.encap = lb_common::types::ENCAP_GUE;
+        state.gue_port = GUE_PORT;
+        let fx = Fixture::with_state(&state)?;
+        let mut rows = Vec::new();
+
+        // 6 over GUE/IPv4: the six4 service's IPv4 backend.
+        let six4 = vip6(3, 80);
+        let l3 = tcp_packet(41000, six4, tcp_flags::SYN, 0x28, b"");
+        let key = flow6(client(41000), six4, PROTO_TCP);
+        let sport = gue_source_port(tunnel_entropy(&key));
+        let mut udp = sport.to_be_bytes().to_vec();
+        udp.extend_from_slice(&GUE_PORT.to_be_bytes());
+        udp.extend_from_slice(&u16::try_from(8 + l3.len())?.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&l3);
+        rows.push(Row {
+            name: "ipv6 in GUE over ipv4 (ipv6 vip, ipv4 backend)".into(),
+            output: eth(
+                BE4_MAC,
+                fx.lb_mac,
+                None,
+                ETH_P_IPV4,
+                &ipv4_tunnel(LB4, BE4, PROTO_UDP, 0x28, &udp),
+            ),
+            input: frame(&l3),
+            expect: Expect::Tx("six4", BE4.into()),
+        });
+        // Too big with GUE's 28 bytes (it would fit IPIP's 20): mtu - 28.
+        let l3 = tcp_packet(41001, six4, tcp_flags::ACK, 0, &[0xa5; 1415]);
+        ensure!(l3.len() + 28 > MTU as usize && l3.len() + 20 <= MTU as usize);
+        let input = frame(&l3);
+        rows.push(Row {
+            name: "packet too big with GUE: mtu - 28".into(),
+            output: packet_too_big(&input, MTU - 28),
+            input,
+            expect: Expect::Reply(Counter::Icmp6TooBig),
+        });
+
+        // An IPv6 backend keeps IPv6-in-IPv6 under encap = "gue".
+        let web = vip6(1, 80);
+        let l3 = tcp_packet(41002, web, tcp_flags::SYN, 0, b"");
+        let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let be = fx.pick("web6", &flow6(client(41002), web, PROTO_TCP), &be6, 80)?;
+        rows.push(Row {
+            name: "6in6 kept with gue".into(),
+            output: fx.tunnelled(&l3, true, 0, be),
+            input: frame(&l3),
+            expect: Expect::Tx("web6", be),
+        });
+        // And IPv4-in-IPv6 too.
+        let src4 = SocketAddrV4::new(CLIENT4, 41003);
+        let v4 = PacketBuilder::tcp(src4, VIP4_MIXED)
+            .flags(tcp_flags::SYN)
+            .macs(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10])
+            .build();
+        let be = fx.pick("mixed", &flow4(src4, VIP4_MIXED, PROTO_TCP), &be6[..2], 80)?;
+        rows.push(Row {
+            name: "4in6 kept with gue".into(),
+            output: fx.tunnelled(&v4[14..], false, 0, be),
+            input: v4,
+            expect: Expect::Tx("mixed", be),
+        });
+
+        let mut failures = Vec::new();
+        for row in &rows {
+            if let Err(e) = fx.check(row) {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        ensure!(
+            failures.is_empty(),
+            "{} of {} rows failed:\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n")
+        );
+        Ok(())
+    })
+    .with_context(|| format!("fixture test {test}"))
 }
 
 /// `xdp_decap`: 6in6 and 4in6 to the host's IPv6 address and 6in4 to its IPv4 address
