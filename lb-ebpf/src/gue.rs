@@ -46,9 +46,7 @@ use lb_common::{
 
 use crate::{
     encap::{Exit, next_hop_v4, outer_ipv4_proto, trim_to},
-    parsing::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, VLAN_HLEN, VlanHdr, ptr_at,
-    },
+    parsing::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, ptr_at},
     stats::count,
 };
 
@@ -188,41 +186,8 @@ pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32>
         6 if ptr_at::<[u8; 40]>(ctx, inner_off).is_some() => ETH_P_IPV6,
         _ => return Err(XDP_PASS),
     };
-    strip_outer(ctx, l3_off, (IPV4_HLEN + UDP_HLEN) as i32, inner_proto)
+    crate::ipv6::strip_outer(ctx, l3_off, (IPV4_HLEN + UDP_HLEN) as i32, inner_proto)
         .map_err(|()| XDP_ABORTED)?;
     count(Counter::DecapGue);
     Ok(XDP_PASS)
-}
-
-/// Remove `len` bytes of outer headers at `l3_off`, moving the Ethernet header (and a
-/// VLAN tag) forward so the inner packet follows it, with EtherType `inner_proto`.
-#[inline(always)]
-fn strip_outer(ctx: &XdpContext, l3_off: usize, len: i32, inner_proto: u16) -> Result<(), ()> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
-    // SAFETY: bounds checked by ptr_at.
-    let mut eth_copy = unsafe { *eth };
-    let vlan_copy = if l3_off == ETH_HLEN + VLAN_HLEN {
-        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
-        // SAFETY: bounds checked by ptr_at.
-        let mut v = unsafe { *vlan };
-        // The tag carries the inner EtherType; the Ethernet header keeps the tag's.
-        v.proto = inner_proto;
-        Some(v)
-    } else {
-        eth_copy.proto = inner_proto;
-        None
-    };
-    // SAFETY: ctx.ctx is the program's xdp_md.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, len) } != 0 {
-        return Err(());
-    }
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { *eth = eth_copy };
-    if let Some(v) = vlan_copy {
-        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *vlan = v };
-    }
-    Ok(())
 }

@@ -52,6 +52,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, Ports,
         VLAN_HLEN, VlanHdr, ptr_at,
     },
+    quic,
     stats::{count, count_forwarded},
 };
 
@@ -219,7 +220,12 @@ pub fn try_lb_v6(
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
     };
-    let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?;
+    // QUIC short headers naming a live backend go there (quic.rs), as on the IPv4 path.
+    let end = l3_off + usize::from(pkt.len);
+    let choice = match quic::backend_at(ctx, &vip, pkt.key.proto, l3_off + IPV6_HLEN, end) {
+        Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
+        None => choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?,
+    };
     // The tunnel's header length depends on the backend's family, so the MTU check
     // comes after the choice (a packet answered here may have entered the flow table).
     let outer = outer_len(&choice.backend, cfg);
@@ -511,9 +517,15 @@ pub fn decap_6in4(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
 }
 
 /// Remove `len` bytes of outer header at `l3_off`, moving the Ethernet header (and its
-/// VLAN tag) forward; what follows is of EtherType `ethertype` (network order).
+/// VLAN tag) forward; what follows is of EtherType `ethertype` (network order). Also
+/// GUE's decapsulation (`gue.rs`).
 #[inline(always)]
-fn strip_outer(ctx: &XdpContext, l3_off: usize, len: i32, ethertype: u16) -> Result<(), ()> {
+pub(crate) fn strip_outer(
+    ctx: &XdpContext,
+    l3_off: usize,
+    len: i32,
+    ethertype: u16,
+) -> Result<(), ()> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
     // SAFETY: bounds checked by ptr_at.
     let mut eth_copy = unsafe { *eth };

@@ -1,4 +1,5 @@
-//! QUIC connection-ID routing (`quic = true` on a UDP service).
+//! QUIC connection-ID routing (`quic = true` on a UDP service), for IPv4 and IPv6 VIPs
+//! alike (the IPv4 path asks [`backend`], the IPv6 path in `ipv6.rs` [`backend_at`]).
 //!
 //! A QUIC server picks the connection IDs its clients send to it, so it can write its
 //! own server id into them; the balancer reads that id back and sends the packet to
@@ -66,11 +67,24 @@ pub fn server_id(cid: &[u8; 5]) -> Option<u32> {
 /// too short, or a connection ID naming no live backend).
 #[inline(always)]
 pub fn backend(ctx: &XdpContext, pkt: &Ipv4Flow, vip: &VipMeta) -> Option<u32> {
-    if vip.flags & VIP_F_QUIC == 0 || pkt.key.proto != PROTO_UDP {
+    let end = pkt.l3_off + usize::from(pkt.tot_len);
+    backend_at(ctx, vip, pkt.key.proto, pkt.l3_off + IPV4_HLEN, end)
+}
+
+/// [`backend`] for a packet of either family: protocol `proto`, its L4 header at
+/// `l4_off`, the IP packet ending at `end` (the IPv6 path calls this).
+#[inline(always)]
+pub fn backend_at(
+    ctx: &XdpContext,
+    vip: &VipMeta,
+    proto: u8,
+    l4_off: usize,
+    end: usize,
+) -> Option<u32> {
+    if vip.flags & VIP_F_QUIC == 0 || proto != PROTO_UDP {
         return None;
     }
-    let end = pkt.l3_off + usize::from(pkt.tot_len);
-    let backend_id = route(ctx, pkt.l3_off + IPV4_HLEN, end, vip.service_id);
+    let backend_id = route(ctx, l4_off, end, vip.service_id);
     if backend_id == NONE {
         None
     } else {

@@ -237,6 +237,8 @@ fn net6() -> anyhow::Result<()> {
 
 struct Fixture {
     lb: LoadedLb,
+    /// The state loaded: whose services' traffic [`Fixture::traffic`] reads.
+    state: DesiredState,
     ifindex: u32,
     lb_mac: [u8; 6],
     _forwarding: InterfaceForwarding,
@@ -265,12 +267,12 @@ impl Fixture {
         Self::with_state(&desired())
     }
 
-    /// The fixture with another desired state (the same services: `traffic` reads
-    /// [`desired`]'s).
+    /// The fixture with another desired state.
     fn with_state(state: &DesiredState) -> anyhow::Result<Self> {
         net6()?;
         Ok(Fixture {
             lb: LoadedLb::load(&caps(), state, &[LB_PROGRAM, DECAP_PROGRAM])?,
+            state: state.clone(),
             ifindex: loader::if_index("lb0")?,
             lb_mac: mac_of("lb0")?,
             _forwarding: InterfaceForwarding::enable("lb0")?,
@@ -390,6 +392,8 @@ impl Fixture {
                         | Counter::FlowInsertFailed
                         | Counter::FlowPromoted
                         | Counter::IcmpErrorForwarded
+                        | Counter::QuicCidRouted
+                        | Counter::QuicCidUnknown
                 )
             );
             if index == outcome {
@@ -435,7 +439,7 @@ impl Fixture {
     /// (service, backend or None for the service's own, (packets, bytes)).
     fn traffic(&self) -> anyhow::Result<Vec<TrafficRow>> {
         let mut out = Vec::new();
-        for svc in &desired().services {
+        for svc in &self.state.services {
             let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
             let s = stats::service_traffic(&self.lb.maps, id)?;
             out.push((svc.name.clone(), None, (s.packets, s.bytes)));
@@ -897,6 +901,24 @@ fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
     )
 }
 
+/// Every row checked; all failures named at once.
+fn check_rows(fx: &Fixture, rows: &[Row]) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    for row in rows {
+        if let Err(e) = fx.check(row) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
 fn with_fixture<F>(test: &str, body: F) -> anyhow::Result<()>
 where
     F: FnOnce(&mut Fixture) -> anyhow::Result<()> + Send + 'static,
@@ -914,19 +936,7 @@ fn ipv6_fixture_table() -> anyhow::Result<()> {
     let test = require_privileges!();
     with_fixture(test, |fx| {
         let rows = rows(fx)?;
-        let mut failures = Vec::new();
-        for row in &rows {
-            if let Err(e) = fx.check(row) {
-                failures.push(format!("{e:#}"));
-            }
-        }
-        ensure!(
-            failures.is_empty(),
-            "{} of {} rows failed:\n{}",
-            failures.len(),
-            rows.len(),
-            failures.join("\n")
-        );
+        check_rows(fx, &rows)?;
         println!("{} IPv6 rows passed", rows.len());
         Ok(())
     })
@@ -1006,19 +1016,113 @@ fn gue_carries_ipv6_over_ipv4_and_ipv6_backends_keep_their_tunnel() -> anyhow::R
             expect: Expect::Tx("mixed", be),
         });
 
-        let mut failures = Vec::new();
-        for row in &rows {
-            if let Err(e) = fx.check(row) {
-                failures.push(format!("{e:#}"));
-            }
+        check_rows(&fx, &rows)?;
+        Ok(())
+    })
+    .with_context(|| format!("fixture test {test}"))
+}
+
+/// QUIC connection-ID routing on an IPv6 VIP: a short header whose CID names a backend's
+/// `quic_id` goes to that backend from every client port (the ring would spread them),
+/// counted `quic_cid_routed`; a long header and an unknown id take the ring (the
+/// unknown one counted `quic_cid_unknown`).
+#[test]
+fn quic_connection_ids_route_on_an_ipv6_vip() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    in_bed("fxq6", &net(), move || {
+        const IDS: [u32; 3] = [0x0101, 0x2345, 0x12_3456];
+        let vip = vip6(6, 443);
+        let mut state = desired();
+        let mut quic = service(
+            "quic6",
+            vip.into(),
+            Protocol::Udp,
+            BE6.iter()
+                .zip(IDS)
+                .map(|(&b, id)| DesiredBackend {
+                    quic_id: Some(id),
+                    ..backend(b.into(), 443)
+                })
+                .collect(),
+        );
+        quic.quic = true;
+        state.services.push(quic);
+        let fx = Fixture::with_state(&state)?;
+        let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        // Version 1 CID (16-bit server id in bits 2..18) naming BE6[1].
+        let id = IDS[1];
+        let cid = [
+            0x40 | (id >> 10) as u8,
+            (id >> 2) as u8,
+            ((id & 3) << 6) as u8 | 0x15,
+            9,
+            8,
+            7,
+            6,
+            5,
+        ];
+        let datagram = |port: u16, first: u8, cid: &[u8]| {
+            let mut body = vec![first];
+            body.extend_from_slice(cid);
+            body.extend_from_slice(&[0x5a; 40]);
+            ipv6(
+                CLIENT6,
+                *vip.ip(),
+                PROTO_UDP,
+                0,
+                64,
+                &udp6(client(port), vip, &body),
+            )
+        };
+        let routed = |fx: &Fixture| fx.lb.counters().map(|c| c.get(Counter::QuicCidRouted));
+        let unknown = |fx: &Fixture| fx.lb.counters().map(|c| c.get(Counter::QuicCidUnknown));
+        let mut ring_differs = false;
+        for port in 42000..42008 {
+            let l3 = datagram(port, 0x41, &cid);
+            let ring = fx.pick("quic6", &flow6(client(port), vip, PROTO_UDP), &be6, 443)?;
+            ring_differs |= ring != be6[1];
+            let before = routed(&fx)?;
+            fx.check(&Row {
+                name: format!("short header from port {port} to its CID's backend"),
+                output: fx.tunnelled(&l3, true, 0, be6[1]),
+                input: frame(&l3),
+                expect: Expect::Tx("quic6", be6[1]),
+            })?;
+            ensure!(
+                routed(&fx)? == before + 1,
+                "port {port}: quic_cid_routed not counted"
+            );
         }
         ensure!(
-            failures.is_empty(),
-            "{} of {} rows failed:\n{}",
-            failures.len(),
-            rows.len(),
-            failures.join("\n")
+            ring_differs,
+            "the ring picks BE6[1] for every port: the rows prove nothing"
         );
+        // A long header (Initial) takes the ring, routed by nothing.
+        let l3 = datagram(42100, 0xc3, &cid);
+        let ring = fx.pick("quic6", &flow6(client(42100), vip, PROTO_UDP), &be6, 443)?;
+        let (r, u) = (routed(&fx)?, unknown(&fx)?);
+        fx.check(&Row {
+            name: "long header takes the ring".into(),
+            output: fx.tunnelled(&l3, true, 0, ring),
+            input: frame(&l3),
+            expect: Expect::Tx("quic6", ring),
+        })?;
+        ensure!(
+            routed(&fx)? == r && unknown(&fx)? == u,
+            "a long header was counted as QUIC routing"
+        );
+        // An id no backend has (version 3): the ring, counted unknown.
+        let stranger = [0xc0, 0, 0, 0x77, 0x77, 1, 2, 3];
+        let l3 = datagram(42101, 0x41, &stranger);
+        let ring = fx.pick("quic6", &flow6(client(42101), vip, PROTO_UDP), &be6, 443)?;
+        fx.check(&Row {
+            name: "unknown server id takes the ring".into(),
+            output: fx.tunnelled(&l3, true, 0, ring),
+            input: frame(&l3),
+            expect: Expect::Tx("quic6", ring),
+        })?;
+        ensure!(unknown(&fx)? == u + 1, "quic_cid_unknown not counted");
         Ok(())
     })
     .with_context(|| format!("fixture test {test}"))
