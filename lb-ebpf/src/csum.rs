@@ -36,3 +36,15 @@ pub fn fold(mut sum: u32) -> u16 {
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
     !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
 }
+
+/// [`replace16`] for a message whose data may all be zero (an ICMP echo with id, sequence
+/// and payload 0): eqn. 3 then gives 0x0000, which does not verify, where 0xffff does;
+/// 0xffff verifies whenever 0x0000 would (both are zero in ones' complement), so a zero
+/// result is written as 0xffff.
+#[inline(always)]
+pub fn replace16_nonzero(check: u16, old: u16, new: u16) -> u16 {
+    match replace16(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}

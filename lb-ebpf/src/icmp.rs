@@ -195,7 +195,7 @@ fn echo_reply_v4(
         (*eth).src = e.dst;
         *ip_ptr = out;
         (*icmp_ptr).kind = ICMP_ECHO_REPLY;
-        (*icmp_ptr).check = csum::replace16(icmp.check, old, new);
+        (*icmp_ptr).check = csum::replace16_nonzero(icmp.check, old, new);
     }
     count(Counter::IcmpEchoReply);
     Ok(XDP_TX)

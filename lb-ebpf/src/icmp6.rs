@@ -178,7 +178,7 @@ fn echo_reply_v6(
         (*ip_ptr).daddr = ip.saddr;
         (*ip_ptr).hop_limit = OUTER_TTL;
         (*icmp_ptr).kind = ICMP6_ECHO_REPLY;
-        (*icmp_ptr).check = csum::replace16(icmp.check, old, new);
+        (*icmp_ptr).check = csum::replace16_nonzero(icmp.check, old, new);
     }
     count(Counter::IcmpEchoReply);
     Ok(XDP_TX)
