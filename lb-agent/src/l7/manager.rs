@@ -189,11 +189,18 @@ impl L7Manager {
                 continue;
             };
             let next = if old.local_addr() == d.config.vip {
-                old.successor(&d.config, &self.state_dir, self.stats.clone())
+                old.successor(&d.config, &self.state_dir, self.stats.clone(), &d.serving)
             } else {
                 match self.vips.ensure(d.config.vip.ip()).await {
                     Ok(()) => {
-                        L7Service::start(&d.config, &self.state_dir, self.stats.clone()).await
+                        L7Service::start_on(
+                            &d.config,
+                            &self.state_dir,
+                            self.stats.clone(),
+                            None,
+                            &d.serving,
+                        )
+                        .await
                     }
                     Err(e) => {
                         if self
@@ -241,8 +248,14 @@ impl L7Manager {
             }
             let inherited = self.inherited.remove(&d.config.vip);
             let from_previous = inherited.is_some();
-            match L7Service::start_on(&d.config, &self.state_dir, self.stats.clone(), inherited)
-                .await
+            match L7Service::start_on(
+                &d.config,
+                &self.state_dir,
+                self.stats.clone(),
+                inherited,
+                &d.serving,
+            )
+            .await
             {
                 Ok(svc) => {
                     if from_previous {

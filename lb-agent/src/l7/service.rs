@@ -106,16 +106,18 @@ impl L7Service {
         state_dir: &Path,
         stats: HttpStats,
     ) -> Result<Self, L7Error> {
-        Self::start_on(cfg, state_dir, stats, None).await
+        Self::start_on(cfg, state_dir, stats, None, &[]).await
     }
 
     /// [`L7Service::start`] on `listener` when given (a listening socket bound to the
-    /// VIP, inherited from the previous agent) instead of binding.
+    /// VIP, inherited from the previous agent) instead of binding, serving `serving`
+    /// (see [`L7Service::update_backends`]) from the first connection on.
     pub async fn start_on(
         cfg: &ServiceConfig,
         state_dir: &Path,
         stats: HttpStats,
         listener: Option<std::net::TcpListener>,
+        serving: &[(SocketAddr, u32)],
     ) -> Result<Self, L7Error> {
         let listener = match listener {
             Some(l) => {
@@ -133,7 +135,7 @@ impl L7Service {
                 source,
             })?,
         };
-        Self::build(cfg, state_dir, stats, Arc::new(listener), None)
+        Self::build(cfg, state_dir, stats, Arc::new(listener), None, serving)
     }
 
     /// A service with the settings `cfg` (same VIP) serving this one's listening
@@ -144,11 +146,19 @@ impl L7Service {
         cfg: &ServiceConfig,
         state_dir: &Path,
         stats: HttpStats,
+        serving: &[(SocketAddr, u32)],
     ) -> Result<Self, L7Error> {
         let cache = (cfg.cache == self.config.cache)
             .then(|| self.proxy.cache.clone())
             .flatten();
-        Self::build(cfg, state_dir, stats, Arc::clone(&self.listener), cache)
+        Self::build(
+            cfg,
+            state_dir,
+            stats,
+            Arc::clone(&self.listener),
+            cache,
+            serving,
+        )
     }
 
     /// A duplicate of the listening socket's descriptor (for the next agent).
@@ -169,6 +179,7 @@ impl L7Service {
         stats: HttpStats,
         listener: Arc<TcpListener>,
         cache: Option<Cache>,
+        serving: &[(SocketAddr, u32)],
     ) -> Result<Self, L7Error> {
         let service = cfg.name.clone();
         if cfg.mode != Mode::L7 {
@@ -214,6 +225,8 @@ impl L7Service {
             hard_stop,
             draining: std::sync::atomic::AtomicBool::new(false),
         });
+        // Before the first connection: a replacement must not answer 503 for a moment.
+        proxy.pool.update(serving);
         let server = Server::spawn(
             Arc::clone(&listener),
             Arc::clone(&proxy),
@@ -269,7 +282,16 @@ impl L7Service {
     /// Stop accepting and finish in-flight requests within `grace`; then close what
     /// remains.
     pub async fn shutdown(self, grace: Duration) {
-        self.server.shutdown(grace).await;
-        tracing::info!(service = %self.proxy.name, "L7 service stopped");
+        let Self {
+            proxy,
+            server,
+            listener,
+            ..
+        } = self;
+        // The socket closes once no successor holds it either (new connections are
+        // then refused); the accept loop lets go of it when it stops.
+        drop(listener);
+        server.shutdown(grace).await;
+        tracing::info!(service = %proxy.name, "L7 service stopped");
     }
 }

@@ -16,6 +16,7 @@ mod cluster;
 mod e2e_control;
 mod e2e_l4;
 mod e2e_l7;
+mod e2e_l7_hitless;
 mod e2e_pmtu;
 mod ecmp;
 mod netlink;
