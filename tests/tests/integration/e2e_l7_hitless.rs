@@ -57,7 +57,7 @@ struct Variant {
 fn variant(i: usize) -> Variant {
     Variant {
         scheduler: ["round-robin", "least-request", "p2c"][i % 3],
-        cache_bytes: if i % 2 == 0 { 1 << 20 } else { 2 << 20 },
+        cache_bytes: if i.is_multiple_of(2) { 1 << 20 } else { 2 << 20 },
         idle_ms: 30_000 + 1000 * i as u64,
         sticky: i % 4 == 1,
     }
