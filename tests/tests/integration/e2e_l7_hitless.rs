@@ -4,11 +4,12 @@
 //! (new connections with `Connection: close`, and keep-alive connections that send
 //! request after request, opening a new connection only when the server said
 //! `Connection: close`, as HTTP clients do) while:
+//! - once, the settings change through the config file and `POST /api/v1/reload` (first:
+//!   after a change through the API, the API's copy of the service shadows the file's);
 //! - 10 times, the service's settings change through `PUT /api/v1/services/shop`
 //!   (scheduler, cache size, idle timeout, sticky cookie on or off);
 //! - 10 times, a new agent takes over from the running one (the listening sockets pass
-//!   over `<state_dir>/handoff.sock`, the old agent drains and exits by itself);
-//! - once, the settings change through the config file and `POST /api/v1/reload`.
+//!   over `<state_dir>/handoff.sock`, the old agent drains and exits by itself).
 //!
 //! Every request must be answered `200` and no connection refused; the counts are
 //! printed (`hitless FIGURES`).
@@ -57,7 +58,11 @@ struct Variant {
 fn variant(i: usize) -> Variant {
     Variant {
         scheduler: ["round-robin", "least-request", "p2c"][i % 3],
-        cache_bytes: if i.is_multiple_of(2) { 1 << 20 } else { 2 << 20 },
+        cache_bytes: if i.is_multiple_of(2) {
+            1 << 20
+        } else {
+            2 << 20
+        },
         idle_ms: 30_000 + 1000 * i as u64,
         sticky: i % 4 == 1,
     }
@@ -245,7 +250,22 @@ fn l7_restarts_and_changes_fail_nothing() -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<Vec<Duration>> {
         let mut takeovers = Vec::new();
         thread::sleep(Duration::from_millis(500));
-        for i in 1..=10 {
+        // One change through the config file.
+        let path = bed.topo.run_dir().join("lb.toml");
+        let state_dir = bed.topo.run_dir().join("state");
+        std::fs::write(&path, config(&variant(1)).to_toml(&state_dir))?;
+        let r = api(&bed, "POST", "/api/v1/reload", None)?;
+        ensure!(r.status == 200, "config reload: {r:?}");
+        let shown = api(&bed, "GET", &format!("/api/v1/services/{SERVICE}"), None)?;
+        ensure!(
+            shown
+                .body
+                .contains(&format!("\"idle_timeout_ms\":{}", variant(1).idle_ms)),
+            "the reload did not apply: {}",
+            shown.body
+        );
+        thread::sleep(Duration::from_millis(400));
+        for i in 2..=11 {
             let r = api(
                 &bed,
                 "PUT",
@@ -266,18 +286,12 @@ fn l7_restarts_and_changes_fail_nothing() -> anyhow::Result<()> {
             );
             thread::sleep(Duration::from_millis(400));
         }
-        // One change through the config file.
-        let path = bed.topo.run_dir().join("lb.toml");
-        let state_dir = bed.topo.run_dir().join("state");
-        std::fs::write(&path, config(&variant(11)).to_toml(&state_dir))?;
-        let r = api(&bed, "POST", "/api/v1/reload", None)?;
-        ensure!(r.status == 200, "config reload: {r:?}");
         let shown = api(&bed, "GET", &format!("/api/v1/services/{SERVICE}"), None)?;
         ensure!(
             shown
                 .body
                 .contains(&format!("\"idle_timeout_ms\":{}", variant(11).idle_ms)),
-            "the reload did not apply: {}",
+            "the last change through the API is not in force after the take-overs: {}",
             shown.body
         );
         thread::sleep(Duration::from_millis(800));
@@ -310,8 +324,18 @@ fn l7_restarts_and_changes_fail_nothing() -> anyhow::Result<()> {
         );
     }
     let takeovers = result.with_context(|| bed.topo.agent_log_tail(60))?;
+    // Each new agent served the sockets it inherited (no agent bound by itself).
+    let log = bed.topo.agent_log();
+    let inherited = log
+        .matches("serving the listening socket of the previous agent")
+        .count();
+    let drained = log.matches("the new agent serves: draining").count();
+    ensure!(
+        inherited == 10 && drained == 10,
+        "{inherited} agents served an inherited L7 socket and {drained} old agents drained (10 each expected)"
+    );
     eprintln!(
-        "hitless FIGURES: 10 API changes, 10 take-overs ({:?} each, new agent ready and old one exited), 1 config reload in {:?}",
+        "hitless FIGURES: 1 config reload, 10 API changes, 10 take-overs ({:?} each, new agent ready and old one exited) in {:?}",
         takeovers,
         started.elapsed()
     );
