@@ -383,14 +383,29 @@ impl Topology {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let bin = agent_binary()?;
         let state_dir = self.run_dir().join("state");
         fs::create_dir_all(&state_dir)?;
         let config_path = self.run_dir().join("lb.toml");
         fs::write(&config_path, config.to_toml(&state_dir))
             .with_context(|| format!("writing {}", config_path.display()))?;
+        let args = self.agent_args(opts)?;
+        // From here on there may be a fast path to remove at teardown.
+        self.agent_started = true;
+        self.agent = Some(spawn_agent(
+            &self.lb.ns,
+            &args,
+            &self.agent_log,
+            0,
+            opts.ready_timeout,
+        )?);
+        Ok(())
+    }
+
+    /// `lb-agent run --config <run dir>/lb.toml --iface eth0 --bpffs B [--xdp-mode M] ...`.
+    fn agent_args(&self, opts: &AgentOptions) -> anyhow::Result<Vec<String>> {
+        let config_path = self.run_dir().join("lb.toml");
         let mut args: Vec<String> = vec![
-            bin.to_string_lossy().into_owned(),
+            agent_binary()?.to_string_lossy().into_owned(),
             "run".into(),
             "--config".into(),
             config_path.to_string_lossy().into_owned(),
@@ -403,16 +418,7 @@ impl Topology {
             args.extend(["--xdp-mode".into(), mode.clone()]);
         }
         args.extend(opts.extra_args.iter().cloned());
-        // From here on there may be a fast path to remove at teardown.
-        self.agent_started = true;
-        self.agent = Some(spawn_agent(
-            &self.lb.ns,
-            &args,
-            &self.agent_log,
-            0,
-            opts.ready_timeout,
-        )?);
-        Ok(())
+        Ok(args)
     }
 
     /// Starts a new agent (the same command line as [`Topology::start_agent`], the
@@ -429,22 +435,7 @@ impl Topology {
         let from = fs::read(&self.agent_log)
             .map(|b| strip_ansi(&String::from_utf8_lossy(&b)).len())
             .unwrap_or(0);
-        let bin = agent_binary()?;
-        let config_path = self.run_dir().join("lb.toml");
-        let mut args: Vec<String> = vec![
-            bin.to_string_lossy().into_owned(),
-            "run".into(),
-            "--config".into(),
-            config_path.to_string_lossy().into_owned(),
-            "--iface".into(),
-            "eth0".into(),
-            "--bpffs".into(),
-            self.bpffs.to_string_lossy().into_owned(),
-        ];
-        if let Some(mode) = &opts.xdp_mode {
-            args.extend(["--xdp-mode".into(), mode.clone()]);
-        }
-        args.extend(opts.extra_args.iter().cloned());
+        let args = self.agent_args(opts)?;
         let new = spawn_agent(
             &self.lb.ns,
             &args,

@@ -203,13 +203,11 @@ impl L7Manager {
                         .await
                     }
                     Err(e) => {
-                        if self
-                            .failed
-                            .insert(name.clone(), settings(&d.config))
-                            .is_none()
-                        {
-                            tracing::error!(service = %name, error = %e, "new VIP not served; the old settings stay");
-                        }
+                        self.failed_once(
+                            &d.config,
+                            "new VIP not served; the old settings stay",
+                            &e,
+                        );
                         continue;
                     }
                 }
@@ -225,13 +223,11 @@ impl L7Manager {
                     }
                 }
                 Err(e) => {
-                    if self
-                        .failed
-                        .insert(name.clone(), settings(&d.config))
-                        .is_none()
-                    {
-                        tracing::error!(service = %name, error = %e, "new settings not applied; the old settings stay");
-                    }
+                    self.failed_once(
+                        &d.config,
+                        "new settings not applied; the old settings stay",
+                        &e,
+                    );
                 }
             }
         }
@@ -265,15 +261,7 @@ impl L7Manager {
                     self.running.insert(name.clone(), settings(&d.config));
                     let _ = self.registry.insert(name.clone(), Arc::new(svc));
                 }
-                Err(e) => {
-                    if self
-                        .failed
-                        .insert(name.clone(), settings(&d.config))
-                        .is_none()
-                    {
-                        tracing::error!(service = %name, error = %e, "the L7 service is not served");
-                    }
-                }
+                Err(e) => self.failed_once(&d.config, "the L7 service is not served", &e),
             }
         }
         // Inherited sockets no service wants any more close here.
@@ -286,6 +274,17 @@ impl L7Manager {
         }
         let keep: BTreeSet<IpAddr> = desired.iter().map(|d| d.config.vip.ip()).collect();
         self.vips.retain(&keep).await;
+    }
+
+    /// Note that `cfg` failed (retried later), logging `what` the first time.
+    fn failed_once(&mut self, cfg: &ServiceConfig, what: &str, e: &dyn std::fmt::Display) {
+        if self
+            .failed
+            .insert(cfg.name.clone(), settings(cfg))
+            .is_none()
+        {
+            tracing::error!(service = %cfg.name, error = %e, "{what}");
+        }
     }
 
     /// Whether some service failed to start (the caller may retry later).

@@ -127,6 +127,19 @@ fn api(
     })
 }
 
+/// Whether the service the API shows has the settings of `v` (its idle timeout).
+fn in_force(bed: &L4Bed, v: &Variant) -> anyhow::Result<()> {
+    let shown = api(bed, "GET", &format!("/api/v1/services/{SERVICE}"), None)?;
+    ensure!(
+        shown
+            .body
+            .contains(&format!("\"idle_timeout_ms\":{}", v.idle_ms)),
+        "the service does not have the settings asked for: {}",
+        shown.body
+    );
+    Ok(())
+}
+
 /// What one load thread saw.
 #[derive(Debug, Default)]
 struct Counts {
@@ -256,14 +269,7 @@ fn l7_restarts_and_changes_fail_nothing() -> anyhow::Result<()> {
         std::fs::write(&path, config(&variant(1)).to_toml(&state_dir))?;
         let r = api(&bed, "POST", "/api/v1/reload", None)?;
         ensure!(r.status == 200, "config reload: {r:?}");
-        let shown = api(&bed, "GET", &format!("/api/v1/services/{SERVICE}"), None)?;
-        ensure!(
-            shown
-                .body
-                .contains(&format!("\"idle_timeout_ms\":{}", variant(1).idle_ms)),
-            "the reload did not apply: {}",
-            shown.body
-        );
+        in_force(&bed, &variant(1)).context("after the reload")?;
         thread::sleep(Duration::from_millis(400));
         for i in 2..=11 {
             let r = api(
@@ -286,14 +292,7 @@ fn l7_restarts_and_changes_fail_nothing() -> anyhow::Result<()> {
             );
             thread::sleep(Duration::from_millis(400));
         }
-        let shown = api(&bed, "GET", &format!("/api/v1/services/{SERVICE}"), None)?;
-        ensure!(
-            shown
-                .body
-                .contains(&format!("\"idle_timeout_ms\":{}", variant(11).idle_ms)),
-            "the last change through the API is not in force after the take-overs: {}",
-            shown.body
-        );
+        in_force(&bed, &variant(11)).context("after the take-overs")?;
         thread::sleep(Duration::from_millis(800));
         Ok(takeovers)
     })();
