@@ -1432,3 +1432,43 @@ async fn new_settings_take_over_the_socket_and_old_connections_drain() {
     new.shutdown(Duration::from_secs(1)).await;
     assert!(TcpStream::connect(addr).await.is_err(), "closed at the end");
 }
+
+/// An HTTP/2 connection of a draining service: its stream in flight finishes (no
+/// `Connection` field on h2), then the server's GOAWAY ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_h2_finishes_streams_then_goes_away() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let stream = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = |path: &str| {
+        Request::get(format!("http://h2.example{path}"))
+            .body(Full::<Bytes>::default())
+            .expect("req")
+    };
+    let warm = send.send_request(req("/")).await.expect("response");
+    assert_eq!(warm.status(), StatusCode::OK);
+    let slow = send.send_request(req("/slow?ms=500"));
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let shut = tokio::spawn(svc.shutdown(Duration::from_secs(5)));
+    let resp = slow
+        .await
+        .expect("join")
+        .expect("the stream in flight finishes");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!resp.headers().contains_key("connection"));
+    // GOAWAY: the client's connection ends without an error, well before the grace.
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the connection ends after GOAWAY")
+        .expect("join")
+        .expect("a clean end");
+    shut.await.expect("join");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
