@@ -17,6 +17,7 @@ mod e2e_control;
 mod e2e_ipv6;
 mod e2e_l4;
 mod e2e_l7;
+mod e2e_l7_hitless;
 mod e2e_pmtu;
 mod ecmp;
 mod netlink;
