@@ -11,7 +11,9 @@
 //!   "fragmentation needed" for packets over `dataplane.mtu`.
 //! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
 //! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
+//! - [`nexthop`]: next hops from the agent's map, `bpf_fib_lookup` as the fallback.
 //! - [`stats`]: per-CPU counter updates.
+//! - [`keys`]: map keys with padding, built without `memset`.
 #![no_std]
 
 pub mod csum;
@@ -19,7 +21,9 @@ pub mod encap;
 pub mod filter;
 pub mod hashing;
 pub mod icmp;
+pub mod keys;
 pub mod limit;
 pub mod maps;
+pub mod nexthop;
 pub mod parsing;
 pub mod stats;

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use lb_common::{
     stats::Counter,
     types::{
-        DecapKey, FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, VIP_F_ALLOW,
-        VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
+        FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, VIP_F_ALLOW, VIP_F_DENY,
+        VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
     },
 };
 use lb_ebpf::{
@@ -120,6 +120,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
         pkt.tos,
         source,
         choice.backend.addr[0],
+        choice.backend_id,
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
@@ -149,11 +150,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     {
         return Err(XDP_PASS);
     }
-    let key = DecapKey {
-        addr: [ip.daddr, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad: [0; 3],
-    };
+    let key = lb_ebpf::keys::decap_key([ip.daddr, 0, 0, 0], FAMILY_V4);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);

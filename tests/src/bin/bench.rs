@@ -20,8 +20,9 @@
 //!
 //! # `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
 //!
-//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow and a non-VIP
-//! packet, beside floor programs built in the same run by the same compiler
+//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow (next hops from
+//! the `NEXT_HOPS` map, written as the agent does, and once more with that map empty:
+//! `bpf_fib_lookup` for every packet) and a non-VIP packet, beside floor programs built in the same run by the same compiler
 //! (`lb-ebpf/src/floors.rs`): XDP_PASS; parse + swap MACs + XDP_TX; parse + one hash
 //! lookup + IPIP encapsulation + XDP_TX. Ratios are to the last floor. It is a
 //! measurement, not a test: nothing is asserted about speed.
@@ -91,7 +92,10 @@ use lb_agent::{
         stats::Counters,
     },
 };
-use lb_common::stats::Counter;
+use lb_common::{
+    stats::Counter,
+    types::{NEXT_HOP_F_VALID, NextHopEntry},
+};
 
 /// Prints `rows` under `header` as one `|`-separated table, each column as wide as its
 /// widest cell; `right[i]` right-aligns column `i` (numbers).
@@ -388,6 +392,35 @@ impl Lb {
         self.0.counters()
     }
 
+    /// Writes each backend's next hop into `NEXT_HOPS` as the agent does (`on`: the
+    /// MACs of the static neighbours and of `lb0`, so the output is the same frame), or
+    /// clears them (`bpf_fib_lookup` for every packet, as before the map).
+    fn next_hops(&mut self, on: bool, ifindex: u32, lb_mac: [u8; 6]) -> anyhow::Result<()> {
+        for (&b, mac) in BACKENDS.iter().zip(BACKEND_MACS) {
+            let id = self
+                .0
+                .reconciler
+                .backend_id("web", b.into(), VIP.port())
+                .context("backend id")?;
+            let (addr, family) = lb_agent::dataplane::sync::addr_words(b.into());
+            let entry = if on {
+                NextHopEntry {
+                    addr,
+                    ifindex,
+                    mtu: 1500,
+                    family,
+                    flags: NEXT_HOP_F_VALID,
+                    dmac: mac,
+                    smac: lb_mac,
+                }
+            } else {
+                NextHopEntry::default()
+            };
+            self.0.maps.next_hops.set(id, entry, 0)?;
+        }
+        Ok(())
+    }
+
     /// Oracle: the backend (index into [`BACKENDS`]) the ring gives the flow of `frame`,
     /// from `lb_common::hash` and the ring the reconciler wrote.
     fn predicted(&self, frame: &[u8]) -> anyhow::Result<usize> {
@@ -509,6 +542,8 @@ struct Row {
     /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
     new_flows: u64,
     iterations: u64,
+    /// Balancer rows: `NEXT_HOPS` left empty, every next hop from `bpf_fib_lookup`.
+    fib: bool,
 }
 
 impl Row {
@@ -522,7 +557,13 @@ impl Row {
             direct_samples: Vec::new(),
             new_flows: 0,
             iterations: 0,
+            fib: false,
         }
+    }
+
+    /// The same row with `NEXT_HOPS` empty (next hops from `bpf_fib_lookup`).
+    fn fib(self) -> Self {
+        Row { fib: true, ..self }
     }
 }
 
@@ -581,6 +622,7 @@ struct Bench {
     lbs: Vec<Lb>,
     ctx: [u8; 24],
     lb_mac: [u8; 6],
+    ifindex: u32,
     _forwarding: InterfaceForwarding,
 }
 
@@ -725,6 +767,10 @@ impl Bench {
         record: bool,
     ) -> anyhow::Result<()> {
         let frame = frame_for(row.case, run);
+        if let Target::Lb(i) = row.target {
+            let (ifindex, lb_mac) = (self.ifindex, self.lb_mac);
+            self.lbs[i].next_hops(!row.fib, ifindex, lb_mac)?;
+        }
         let target_fd = program_fd(self.program(row.target)?)?;
         let mode = u32::from(row.case.new_port());
         self.floors.arm(&target_fd, &frame, mode)?;
@@ -816,6 +862,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
             lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
             ctx,
             lb_mac: mac_of(LB_IFACE)?,
+            ifindex,
             _forwarding: InterfaceForwarding::enable(LB_IFACE)?,
         };
         let mut rows = vec![
@@ -861,6 +908,13 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
                 Case::LbEstablished,
                 false,
             ),
+            Row::new(
+                "xdp_lb: established, FIB lookup",
+                Target::Lb(0),
+                Case::LbEstablished,
+                false,
+            )
+            .fib(),
             Row::new(
                 "xdp_lb: non-VIP packet",
                 Target::Lb(0),
