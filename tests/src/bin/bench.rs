@@ -210,6 +210,10 @@ struct XdpArgs {
     #[arg(long, value_name = "K", default_value_t = DEFAULT_RUNS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
     runs: usize,
+    /// Run only the rows whose label contains this text, and the XDP_PASS floors their
+    /// net figures need (e.g. `--only "established flow"` under `perf record`).
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
 }
 
 fn parse_repeat(value: &str) -> Result<u32, String> {
@@ -852,6 +856,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
     let small_table = FLOWS_PER_CPU_SMALL * cpus;
     let repeat = args.repeat;
     let runs = args.runs;
+    let only = args.only.clone();
     let (cpu, rows, load) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
         let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
@@ -922,6 +927,12 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
                 true,
             ),
         ];
+        if let Some(only) = &only {
+            rows.retain(|r| {
+                r.label.contains(only.as_str())
+                    || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
+            });
+        }
         // Every frame has the same length (the ctx's data_end): check it.
         for row in &rows {
             ensure!(
