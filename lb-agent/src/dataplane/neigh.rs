@@ -990,6 +990,57 @@ mod tests {
         assert_eq!(entry_of(&fdb), None);
     }
 
+    /// What the fast path's next-hop entries are made of: the MAC of a neighbour entry
+    /// only while it is NUD_VALID, a route's MTU metric, a link's MAC, MTU and state.
+    #[test]
+    fn resolved_entries_carry_their_mac_routes_their_mtu_links_theirs() {
+        let mac = vec![2, 0, 0, 0, 0, 0x11];
+        let mut m = entry_key(hop("198.18.1.11", 3));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.clone()));
+        for (state, resolved) in [
+            (NeighbourState::Reachable, true),
+            (NeighbourState::Stale, true),
+            (NeighbourState::Delay, true),
+            (NeighbourState::Probe, true),
+            (NeighbourState::Permanent, true),
+            (NeighbourState::Noarp, true),
+            (NeighbourState::Incomplete, false),
+            (NeighbourState::Failed, false),
+            (NeighbourState::None, false),
+        ] {
+            m.header.state = state;
+            assert_eq!(
+                entry_of(&m).unwrap().mac,
+                resolved.then_some([2, 0, 0, 0, 0, 0x11]),
+                "{state:?}"
+            );
+        }
+        let r = route(
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Oif(4),
+                RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)]),
+            ],
+        );
+        let got = route_of(v4("198.18.2.11"), &r).unwrap();
+        assert_eq!((got.hop, got.mtu), (hop("198.18.2.11", 4), Some(1400)));
+        let mut l = LinkMessage::default();
+        l.header.index = 4;
+        l.header.flags = LinkFlags::Up;
+        l.attributes = vec![LinkAttribute::Address(mac), LinkAttribute::Mtu(9000)];
+        assert_eq!(
+            link_of(&l),
+            nexthop::Link {
+                mac: Some([2, 0, 0, 0, 0, 0x11]),
+                mtu: 9000,
+                up: true
+            }
+        );
+        l.header.flags = LinkFlags::empty();
+        assert!(!link_of(&l).up);
+    }
+
     fn table(entries: &[NeighbourMessage]) -> BTreeMap<NextHop, Entry> {
         entries
             .iter()
