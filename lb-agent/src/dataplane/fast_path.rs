@@ -213,7 +213,6 @@ impl FastPath {
     pub fn keep_next_hops(&mut self, backends: tokio::sync::watch::Receiver<BTreeSet<IpAddr>>) {
         let pin = self.pin_dir.join(lb_common::maps::NEXT_HOPS);
         let hops = aya::maps::MapData::from_pin(&pin)
-            .map_err(aya::maps::MapError::from)
             .and_then(|data| aya::maps::Array::try_from(aya::maps::Map::Array(data)))
             .map(|map| HopsMap {
                 table: NextHopTable::new(map),

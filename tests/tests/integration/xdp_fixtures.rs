@@ -2199,7 +2199,8 @@ fn next_hops_come_from_the_map_with_the_fib_as_fallback() -> anyhow::Result<()> 
             family: lb_common::types::FAMILY_V6,
             ..next_hop_entry(b, fx.ifindex, LB0_MTU, map_mac(i as u8), MAP_SMAC)
         };
-        let cases: [(&str, &dyn Fn(Ipv4Addr, usize) -> NextHopEntry); 3] = [
+        type MakeEntry<'a> = &'a dyn Fn(Ipv4Addr, usize) -> NextHopEntry;
+        let cases: [(&str, MakeEntry); 3] = [
             ("invalid entry", &invalid),
             ("entry for another address", &|_, i| other_address(i)),
             ("entry for another family", &other_family),
