@@ -643,7 +643,6 @@ impl Keeper {
             .filter(|e| wanted.contains(&e.hop))
             .filter_map(|e| Some((e.hop, e.mac?)))
             .collect();
-        self.write_hops();
         let p = plan(&wanted, &table, &self.added);
         for hop in p.create {
             match self.create(hop).await {
@@ -656,6 +655,9 @@ impl Keeper {
                 }
             }
         }
+        // After the neighbours to resolve are asked for: the first write after a start
+        // reads every slot of the map, which must not delay them.
+        self.write_hops();
         for hop in p.adopt {
             tracing::info!(next_hop = %hop.address, dev = %ifname(hop.ifindex), "keeping next hop resolved (managed neighbour left by an earlier agent)");
             self.added.insert(hop);
