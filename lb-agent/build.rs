@@ -17,7 +17,11 @@ struct Pinned {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+    let cargo_metadata::Metadata {
+        packages,
+        target_directory,
+        ..
+    } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
         .context("MetadataCommand::exec")?;
@@ -40,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     // keep that to real diagnostics.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
+    share_ebpf_target_dir(target_directory.as_std_path())?;
     aya_build::build_ebpf(
         [Package {
             name: ebpf_package.name.as_str(),
@@ -49,4 +54,33 @@ fn main() -> anyhow::Result<()> {
         Toolchain::Custom(&pinned.toolchain.channel),
     )
     .context("building the eBPF programs (run `cargo xtask setup` if the toolchain or bpf-linker is missing)")
+}
+
+/// aya-build gives the nested eBPF build a target directory inside this run's OUT_DIR, so
+/// every build of lb-agent that runs this script anew (clippy's, the release build's, the
+/// test build's: each has its own OUT_DIR) compiled `core` and the programs from nothing again,
+/// about a minute of CPU each. Point that directory at one shared `<target>/ebpf` instead: the
+/// nested cargo's own fingerprints then make a repeated build a no-op, and its lock on that
+/// directory serialises two builds that run at once.
+fn share_ebpf_target_dir(workspace_target: &std::path::Path) -> anyhow::Result<()> {
+    let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?;
+    // The directory aya-build 0.2 passes as `--target-dir` (aya_build::build_ebpf).
+    let private = std::path::Path::new(&out_dir).join("aya-build/target/lb-ebpf");
+    let shared = workspace_target.join("ebpf");
+    std::fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+    if std::fs::read_link(&private).is_ok_and(|to| to == shared) {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(&private) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&private),
+        Ok(_) => std::fs::remove_file(&private),
+        Err(_) => Ok(()),
+    }
+    .with_context(|| format!("removing {}", private.display()))?;
+    let parent = private
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", private.display()))?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    std::os::unix::fs::symlink(&shared, &private)
+        .with_context(|| format!("linking {} to {}", private.display(), shared.display()))
 }

@@ -1,6 +1,7 @@
 //! The backend side (`lb-agent decap attach|detach`): an XDP program that removes the
-//! outer IPv4 header of IPIP packets addressed to this host and hands the inner packet
-//! to the local stack, where the VIP is configured on `lo`. The kernels this runs on may
+//! outer header of tunnelled packets addressed to this host (IPv4-in-IPv4,
+//! IPv6-in-IPv4, IPv6-in-IPv6, IPv4-in-IPv6) and hands the inner packet to the local
+//! stack, where the VIP is configured on `lo`. The kernels this runs on may
 //! have no `ipip` module, so the decapsulation is ours.
 //!
 //! The program's link and its maps are pinned under
@@ -62,6 +63,11 @@ pub fn local_addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
     Ok(out)
 }
 
+/// An IPv6 link-local address (fe80::/10).
+fn is_link_local(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 pub(crate) fn attach_mode(mode: XdpModeArg) -> anyhow::Result<AttachMode> {
     Ok(match mode {
         XdpModeArg::Auto => AttachMode::Auto,
@@ -81,20 +87,17 @@ pub fn attach(
     let mode = attach_mode(mode)?;
     let dir = loader::pin_dir(bpffs, iface, Role::Decap)?;
     let addresses: BTreeSet<IpAddr> = if addresses.is_empty() {
+        // Both families: the balancer tunnels to IPv4 backends over IPv4 and to IPv6
+        // backends over IPv6. Link-local IPv6 addresses are no tunnel destinations.
         local_addresses()?
             .into_iter()
-            .filter(IpAddr::is_ipv4)
+            .filter(|a| !is_link_local(a))
             .collect()
     } else {
         addresses.iter().copied().collect()
     };
     if addresses.is_empty() {
-        bail!(
-            "no IPv4 address to accept tunnels for: this host has none but loopback; pass --address"
-        );
-    }
-    if let Some(v6) = addresses.iter().find(|a| a.is_ipv6()) {
-        bail!("{v6}: IPv6 tunnels are not supported yet (IPv4-in-IPv4 only)");
+        bail!("no address to accept tunnels for: this host has none but loopback; pass --address");
     }
     if loader::remove_pin_dir(&dir)? {
         tracing::info!(dir = %dir.display(), "replaced the decapsulator attached before");

@@ -51,10 +51,18 @@ pub enum Counter {
     /// reply VIP -> client), tunnelled to the backend that owns the flow. Counted with
     /// `tx` / `redirect`, which say how it left.
     IcmpErrorForwarded,
+    /// An IPv6 packet whose first header after the fixed one is an extension header
+    /// (hop-by-hop, routing, destination options, AH, mobility, HIP, shim6): passed to
+    /// the kernel, never parsed past it. (A fragment header counts as `pass_fragment`.)
+    PassIpv6Ext,
+    /// An IPv6 packet to a VIP that would exceed `dataplane.mtu` once encapsulated:
+    /// answered with ICMPv6 "packet too big" from the VIP (XDP_TX). IPv6 has no DF
+    /// bit: every such packet gets one.
+    Icmp6TooBig,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::IcmpErrorForwarded as u32 + 1;
+    pub const COUNT: u32 = Counter::Icmp6TooBig as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Rx,
         Counter::Tx,
@@ -76,6 +84,8 @@ impl Counter {
         Counter::IcmpEchoReply,
         Counter::IcmpFragNeeded,
         Counter::IcmpErrorForwarded,
+        Counter::PassIpv6Ext,
+        Counter::Icmp6TooBig,
     ];
 
     #[inline(always)]
@@ -105,6 +115,8 @@ impl Counter {
             Counter::IcmpEchoReply => "icmp_echo_reply",
             Counter::IcmpFragNeeded => "icmp_frag_needed",
             Counter::IcmpErrorForwarded => "icmp_error_forwarded",
+            Counter::PassIpv6Ext => "pass_ipv6_ext",
+            Counter::Icmp6TooBig => "icmp6_packet_too_big",
         }
     }
 }

@@ -86,7 +86,7 @@ const _: () = assert!(size_of::<FibParams>() == FIB_WORDS * 4);
 /// one. In place, because returning the cleared struct by value let LLVM copy it and
 /// re-zero the copy with a `memset` call again (issue 12).
 #[inline(always)]
-fn zeroed_fib_params(params: &mut core::mem::MaybeUninit<FibParams>) -> &mut FibParams {
+pub fn zeroed_fib_params(params: &mut core::mem::MaybeUninit<FibParams>) -> &mut FibParams {
     let words = params.as_mut_ptr().cast::<u32>();
     for i in 0..FIB_WORDS {
         // SAFETY: i < FIB_WORDS, so every store is inside the struct, which is 4-aligned.

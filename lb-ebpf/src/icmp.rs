@@ -28,14 +28,13 @@
 //! and first 8 bytes; DF clear, it is dropped as `too_big` (the tunnel cannot
 //! fragment: there is no IPIP device here, and the kernel does not own an L4 VIP).
 //!
-//! IPv4 only for now. ICMPv6 slots in beside each function: "packet too big" (type 2)
-//! is [`too_big_v4`]'s counterpart (MTU field 32 bits, quote as much as fits in 1280),
-//! and the `VIP_ADDRS` key carries the family already.
+//! ICMPv6 is `icmp6.rs`, function for function. An error about the flow of a VIP whose
+//! backend is IPv6 goes to it in IPv4-in-IPv6 (`ipv6::send`).
 
-use core::mem::transmute;
+use core::mem::{MaybeUninit, transmute};
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_TX,
+    bindings::{xdp_action::XDP_TX, xdp_md},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     maps::lpm_trie::Key,
     programs::XdpContext,
@@ -43,17 +42,21 @@ use aya_ebpf::{
 use lb_common::{
     stats::{Counter, DropReason},
     types::{
-        FAMILY_V4, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
+        FAMILY_V4, FAMILY_V6, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP,
+        PROTO_UDP, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
     },
 };
 
 use crate::{
     csum,
     encap::{Exit, OUTER_TTL, transmit, tunnel_v4},
-    filter, hashing,
+    filter,
+    gate::{NEXT_SEND, finish},
+    hashing, ipv6,
     maps::{CONFIG, VIP_ADDRS, VIPS},
-    parsing::{ETH_HLEN, EthHdr, IPV4_HLEN, Ipv4Hdr, Ports, VLAN_HLEN, VlanHdr, ptr_at},
+    parsing::{
+        ETH_HLEN, ETH_P_IP, EthHdr, IPV4_HLEN, Ipv4Hdr, L2, Ports, VLAN_HLEN, VlanHdr, ptr_at,
+    },
     stats::{count, count_forwarded},
 };
 
@@ -85,6 +88,31 @@ pub struct IcmpHdr {
     pub rest: [u16; 2],
 }
 
+/// [`handle_v4`] as a BPF subprogram (`gate::NEXT_ICMP4`, a sibling of the IPv4 path):
+/// the verdict, its counter counted, or `NEXT_SEND` with `fwd` written. The global deny
+/// list was applied by the path; the allow list is applied here.
+#[inline(never)]
+pub fn handle(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<ipv6::Forward>) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
+    let src = if filter_flags & FILTER_F_ALLOW != 0 {
+        let l2 = L2 {
+            l3_off,
+            proto: ETH_P_IP,
+        };
+        filter::source(&ctx, &l2)
+    } else {
+        None
+    };
+    finish(handle_v4(&ctx, l3_off, filter_flags, src.as_ref(), fwd))
+}
+
+/// [`too_big_v4`] as a BPF subprogram (`gate::NEXT_TOO_BIG4`): the verdict, counted.
+#[inline(never)]
+pub fn too_big(ctx: *mut xdp_md, l3_off: usize, mtu: u32) -> u32 {
+    finish(too_big_v4(&XdpContext::new(ctx), l3_off, mtu))
+}
+
 /// An ICMP packet (20-byte header, not a fragment: checked by `parse_ipv4` before it
 /// said "not TCP/UDP") to a VIP address; anything else returns `pass_not_vip` as before.
 /// `src` is the source's filter key when a source filter is in use: the global allow
@@ -96,6 +124,7 @@ pub fn handle_v4(
     l3_off: usize,
     filter_flags: u32,
     src: Option<&Key<FilterAddr>>,
+    fwd: &mut MaybeUninit<ipv6::Forward>,
 ) -> Result<u32, Exit> {
     let ip_ptr = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(Exit::Pass(Counter::PassTruncated))?;
     // SAFETY: bounds checked by ptr_at.
@@ -125,7 +154,7 @@ pub fn handle_v4(
     // SAFETY: bounds checked by ptr_at.
     let icmp = unsafe { *icmp_ptr };
     match icmp.kind {
-        ICMP_DEST_UNREACH => match forward_error_v4(ctx, l3_off, &ip, tot_len) {
+        ICMP_DEST_UNREACH => match forward_error_v4(ctx, l3_off, &ip, tot_len, fwd) {
             Err(Exit::Drop(DropReason::IcmpBadQuote | DropReason::IcmpUnhandled)) if local => {
                 Err(Exit::Pass(Counter::PassL7))
             }
@@ -176,6 +205,7 @@ fn forward_error_v4(
     l3_off: usize,
     ip: &Ipv4Hdr,
     tot_len: usize,
+    fwd: &mut MaybeUninit<ipv6::Forward>,
 ) -> Result<u32, Exit> {
     let bad = Exit::Drop(DropReason::IcmpBadQuote);
     let q_off = l3_off + IPV4_HLEN + ICMP_HLEN;
@@ -226,8 +256,15 @@ fn forward_error_v4(
     };
     let choice = hashing::owner(&key, &vip).map_err(Exit::Drop)?;
     // No ICMP error about an ICMP error (RFC 1122 3.2.2).
-    if mtu != 0 && tot_len + IPV4_HLEN > mtu as usize {
+    if mtu != 0 && tot_len + ipv6::outer_len(&choice.backend) as usize > mtu as usize {
         return Err(Exit::Drop(DropReason::TooBig));
+    }
+    if choice.backend.family == FAMILY_V6 {
+        // An IPv6 backend: IPv4 in IPv6 (`ipv6::send`, called next by `xdp_lb`).
+        let mut f = ipv6::Forward::new(&choice, vip.service_id, tot_len as u16, ip.tos, false);
+        f.icmp_error = 1;
+        fwd.write(f);
+        return Ok(NEXT_SEND);
     }
     let ifindex = tunnel_v4(
         ctx,

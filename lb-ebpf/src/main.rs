@@ -4,68 +4,98 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    bindings::{
+        xdp_action::{XDP_ABORTED, XDP_PASS},
+        xdp_md,
+    },
     macros::xdp,
     programs::XdpContext,
 };
 use lb_common::{
     stats::Counter,
-    types::{
-        FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FILTER_F_FLOW_LIMIT, VIP_F_ALLOW, VIP_F_DENY,
-        VIP_F_FLOW_LIMIT, VIP_F_L7, VipKey,
-    },
+    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, VIP_F_FLOW_LIMIT, VipKey},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, transmit, tunnel_v4},
-    filter,
+    gate::{
+        self, NEXT_ICMP4, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG4, NEXT_TOO_BIG6, finish, with_mtu,
+    },
     hashing::{Limits, choose_backend},
-    icmp,
+    icmp, icmp6,
+    ipv6::{self, Forward, IPV6_HLEN},
     maps::{CONFIG, DECAP_DSTS, VIPS},
-    parsing::{ETH_P_IP, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, parse_ipv4, parse_l2, ptr_at},
-    stats::{count, count_drop, count_forwarded},
+    parsing::{
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, parse_ipv4, parse_l2, ptr_at,
+    },
+    stats::{count, count_forwarded},
 };
 
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
     count(Counter::Rx);
-    match try_lb(&ctx) {
-        Ok(action) => action,
-        Err(Exit::Pass(counter)) => {
-            count(counter);
-            XDP_PASS
+    let l2 = match parse_l2(&ctx) {
+        Ok(l2) => l2,
+        Err(counter) => return finish(Err(Exit::Pass(counter))),
+    };
+    // Each family's path is a BPF subprogram of its own, and what a path hands on (ICMP,
+    // an ICMP answer, an IPv6 or mixed-family tunnel) is another, called from here as a
+    // continuation (`gate::NEXT_*`): BPF's 512-byte stack limit counts the frames along
+    // a call chain, and siblings do not add up. An established IPv4 flow takes one
+    // call (`lb_v4` tunnels IPIP itself); see README, "IPv6 VIPs and backends".
+    let mut fwd = MaybeUninit::<Forward>::uninit();
+    let mut action = if l2.proto == ETH_P_IP {
+        lb_v4(ctx.ctx, l2.l3_off, &mut fwd)
+    } else if l2.proto == ETH_P_IPV6 {
+        lb_v6(ctx.ctx, l2.l3_off, &mut fwd)
+    } else {
+        return finish(Err(Exit::Pass(Counter::PassNotIp)));
+    };
+    if action == NEXT_ICMP4 {
+        action = icmp::handle(ctx.ctx, l2.l3_off, &mut fwd);
+    } else if action == NEXT_ICMP6 {
+        action = icmp6::handle(ctx.ctx, l2.l3_off, &mut fwd);
+    }
+    match action & 0xffff {
+        NEXT_SEND => {
+            // SAFETY: every path that returns NEXT_SEND wrote `fwd` first.
+            ipv6::send(ctx.ctx, l2.l3_off, unsafe { fwd.assume_init_ref() })
         }
-        Err(Exit::Drop(reason)) => {
-            count_drop(reason);
-            XDP_DROP
-        }
+        NEXT_TOO_BIG4 => icmp::too_big(ctx.ctx, l2.l3_off, action >> 16),
+        NEXT_TOO_BIG6 => icmp6::too_big(ctx.ctx, l2.l3_off, action >> 16),
+        _ => action,
     }
 }
 
+/// The IPv4 path (a subprogram: see `xdp_lb`). Takes the raw context so that the
+/// callee's first argument is the context pointer the helpers need.
+#[inline(never)]
+fn lb_v4(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32 {
+    finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd))
+}
+
+/// The IPv6 path (`lb_ebpf::ipv6`), a sibling subprogram of [`lb_v4`].
+#[inline(never)]
+fn lb_v6(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32 {
+    finish(ipv6::try_lb_v6(&XdpContext::new(ctx), l3_off, fwd))
+}
+
 #[inline(always)]
-fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
-    let l2 = parse_l2(ctx).map_err(Exit::Pass)?;
+fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> Result<u32, Exit> {
+    let l2 = L2 {
+        l3_off,
+        proto: ETH_P_IP,
+    };
     // Source filters come first; with no list in use they cost nothing but this read.
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0 {
-        filter::source(ctx, &l2)
-    } else {
-        None
-    };
-    if let Some(src) = &src {
-        if filter_flags & FILTER_F_DENY != 0 {
-            filter::check_deny(src)?;
-        }
-    }
-    if l2.proto != ETH_P_IP {
-        return Err(Exit::Pass(Counter::PassNotIp));
-    }
+    let src = gate::source(ctx, &l2, filter_flags);
+    gate::deny(src.as_ref(), filter_flags)?;
     let pkt = match parse_ipv4(ctx, l2.l3_off) {
         Ok(pkt) => pkt,
         // Neither TCP nor UDP: ICMP to a VIP address is ours (icmp.rs), the rest passes.
-        Err(Counter::PassNotVip) => {
-            return icmp::handle_v4(ctx, l2.l3_off, filter_flags, src.as_ref());
-        }
+        Err(Counter::PassNotVip) => return Ok(NEXT_ICMP4),
         Err(counter) => return Err(Exit::Pass(counter)),
     };
     let vip_key = VipKey {
@@ -76,43 +106,31 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     };
     // SAFETY: VIPS is preallocated; values are written whole by the agent.
     let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
-    // The allow list guards VIPs only (L7 ones included); other traffic passes as before.
-    if let Some(src) = &src {
-        if filter_flags & FILTER_F_ALLOW != 0 {
-            filter::check_allow(src)?;
-        }
-    }
-    // The service's own lists, after the global ones (a VIP without them pays nothing).
-    if vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0 {
-        let own = match &src {
-            Some(src) => Some(filter::scoped(src, vip.service_id)),
-            None => filter::source(ctx, &l2).map(|s| filter::scoped(&s, vip.service_id)),
-        };
-        if let Some(own) = &own {
-            if vip.flags & VIP_F_DENY != 0 {
-                filter::check_service_deny(own)?;
-            }
-            if vip.flags & VIP_F_ALLOW != 0 {
-                filter::check_service_allow(own)?;
-            }
-        }
-    }
-    if vip.flags & VIP_F_L7 != 0 {
-        return Err(Exit::Pass(Counter::PassL7));
-    }
+    // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
+    gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
     let (source, mtu) = CONFIG.get(0).map_or((0, 0), |c| (c.source_v4, c.mtu));
     if source == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
     // The IP length is what leaves (bytes past it are cut before encapsulation).
     if mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 > mtu {
-        return icmp::too_big_v4(ctx, pkt.l3_off, mtu);
+        return Ok(with_mtu(NEXT_TOO_BIG4, mtu));
     }
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
     };
     let choice = choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?;
+    if choice.backend.family == FAMILY_V6 {
+        // IPv4 in IPv6 (ipv6.rs): a 40-byte outer header, checked against `mtu` again.
+        if mtu != 0 && u32::from(pkt.tot_len) + IPV6_HLEN as u32 > mtu {
+            // too_big_v4 announces its argument less 20: mtu - 40.
+            let arg = mtu - IPV6_HLEN as u32 + IPV4_HLEN as u32;
+            return Ok(with_mtu(NEXT_TOO_BIG4, arg));
+        }
+        Forward::fill(fwd, &choice, vip.service_id, pkt.tot_len, pkt.tos, false);
+        return Ok(NEXT_SEND);
+    }
     let ifindex = tunnel_v4(
         ctx,
         pkt.l3_off,
@@ -134,19 +152,27 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Decapsulate IPIP packets whose outer destination is one of this host's tunnel
-/// addresses (`DECAP_DSTS`); everything else passes untouched.
+/// Decapsulate IPIP, IPv6-in-IPv4, IPv6-in-IPv6 and IPv4-in-IPv6 packets whose outer
+/// destination is one of this host's tunnel addresses (`DECAP_DSTS`, both families;
+/// the IPv6 kinds in `ipv6.rs`); everything else passes untouched.
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto == ETH_P_IPV6 {
+        return ipv6::decap_v6(ctx, &l2);
+    }
     if l2.proto != ETH_P_IP {
         return Err(XDP_PASS);
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { *ip };
+    let six_in_four = ipv6::is_6in4(&ip);
     // Only plain 20-byte, unfragmented IPIP headers: anything else is the kernel's.
-    if ip.version_ihl != 0x45 || ip.protocol != IPPROTO_IPIP || ip.frag_off & 0x3fffu16.to_be() != 0
+    if !six_in_four
+        && (ip.version_ihl != 0x45
+            || ip.protocol != IPPROTO_IPIP
+            || ip.frag_off & 0x3fffu16.to_be() != 0)
     {
         return Err(XDP_PASS);
     }
@@ -154,6 +180,9 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);
+    }
+    if six_in_four {
+        return ipv6::decap_6in4(ctx, &l2);
     }
     let inner = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.

@@ -14,6 +14,8 @@
 //! - [`stream`]: long-lived TCP streams with sequence checks, and their echo server.
 //! - [`capture`]: packet counting with `AF_PACKET` sockets, and ping.
 //! - [`packet`]: Ethernet/IPv4/TCP/UDP builder and decoder with checksums.
+//! - [`packet6`]: IPv6 headers, TCP/UDP/ICMPv6 over IPv6, extension headers, the tunnel
+//!   kinds (6in6, 4in6, 6in4), and a checksum checker through any of them.
 //! - [`scenario`]: the L4 end-to-end run and its observations.
 //! - [`load`]: continuous client traffic under control-plane changes, and times from the
 //!   agent's log.
@@ -31,6 +33,7 @@ pub mod http;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod scenario;
 pub mod stream;
 pub mod topology;

@@ -777,9 +777,6 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
     }
     match svc.mode {
         Mode::L4 => {
-            if svc.vip.is_ipv6() {
-                report.field("vip", "IPv6 L4 services are not supported yet");
-            }
             if svc.sticky.is_some() {
                 report.field("sticky", "sticky sessions are only for mode = \"l7\"");
             }
@@ -798,6 +795,35 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
                     "an l4 IPv4 service needs dataplane.source_ipv4 (the outer source address \
                      of tunnelled packets) unless dataplane.xdp_mode = \"off\"",
                 );
+            }
+            if svc.vip.is_ipv6() && dp.xdp_mode != XdpMode::Off && dp.source_ipv6.is_none() {
+                report.field(
+                    "vip",
+                    "an l4 IPv6 service needs dataplane.source_ipv6 (the outer source address \
+                     of tunnelled packets) unless dataplane.xdp_mode = \"off\"",
+                );
+            }
+            // The tunnel's family is the backend's: IPv4 in IPv6 towards an IPv6
+            // backend, IPv6 in IPv4 towards an IPv4 one; each needs that family's source.
+            if dp.xdp_mode != XdpMode::Off {
+                for (i, b) in svc.backends.iter().enumerate() {
+                    if b.address.is_ipv6() && !svc.vip.is_ipv6() && dp.source_ipv6.is_none() {
+                        report.backend(
+                            i,
+                            "address",
+                            "an IPv6 backend is reached through an IPv6 tunnel, which needs \
+                             dataplane.source_ipv6",
+                        );
+                    }
+                    if b.address.is_ipv4() && !svc.vip.is_ipv4() && dp.source_ipv4.is_none() {
+                        report.backend(
+                            i,
+                            "address",
+                            "an IPv4 backend is reached through an IPv4 tunnel, which needs \
+                             dataplane.source_ipv4",
+                        );
+                    }
+                }
             }
         }
         Mode::L7 => {
@@ -870,26 +896,17 @@ fn check_backends(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
                 ),
             );
         }
-        if svc.mode == Mode::L4 {
-            if b.port != vip_port {
-                report.backend(
-                    i,
-                    "port",
-                    format!(
-                        "port {} differs from the VIP port {vip_port}: l4 mode (DSR over IPIP) \
-                         does not rewrite ports, so a backend must listen on the VIP port (or \
-                         use mode = \"l7\")",
-                        b.port
-                    ),
-                );
-            }
-            if b.address.is_ipv6() {
-                report.backend(
-                    i,
-                    "address",
-                    "IPv6 L4 services are not supported yet: an l4 backend must be IPv4",
-                );
-            }
+        if svc.mode == Mode::L4 && b.port != vip_port {
+            report.backend(
+                i,
+                "port",
+                format!(
+                    "port {} differs from the VIP port {vip_port}: l4 mode (DSR over IPIP) \
+                     does not rewrite ports, so a backend must listen on the VIP port (or use \
+                     mode = \"l7\")",
+                    b.port
+                ),
+            );
         }
     }
 }

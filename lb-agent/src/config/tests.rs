@@ -790,17 +790,41 @@ fn l4_backend_port_must_be_the_vip_port() {
 }
 
 #[test]
-fn l4_is_ipv4_only_for_now() {
+fn l4_ipv6_services_need_the_ipv6_tunnel_source() {
+    // An IPv6 VIP needs dataplane.source_ipv6 (the outer source of its tunnels).
     let v6 = format!("{DP}[[service]]\nname = \"web\"\nvip = \"[fd00:18::1]:80\"\n");
-    assert_single(
-        &v6,
-        "service[0].vip",
-        "IPv6 L4 services are not supported yet",
-    );
+    assert_single(&v6, "service[0].vip", "needs dataplane.source_ipv6");
+    // An IPv6 backend of an IPv4 VIP (IPv4 in IPv6) too.
     assert_single(
         &l4("backend = [{ address = \"fd00:18::11\" }]"),
         "service[0].backend[0].address",
-        "IPv6 L4 services are not supported yet",
+        "needs dataplane.source_ipv6",
+    );
+    // With it: IPv6 VIPs with IPv6 backends, IPv4 VIPs with IPv6 backends, and IPv6
+    // VIPs with IPv4 backends (IPv6 in IPv4, which uses source_ipv4) are accepted.
+    let both = "[dataplane]\nsource_ipv4 = \"198.18.1.10\"\nsource_ipv6 = \"fd00:18:1::10\"\n";
+    let cfg = parse_ok(&format!(
+        "{both}[[service]]\nname = \"v6\"\nvip = \"[fd00:18:100::1]:80\"\n\
+         backend = [{{ address = \"fd00:18:1::11\" }}, {{ address = \"198.18.1.11\" }}]\n\
+         [[service]]\nname = \"mixed\"\nvip = \"198.18.100.1:80\"\n\
+         backend = [{{ address = \"fd00:18:1::12\" }}]\n"
+    ));
+    assert_eq!(cfg.services.len(), 2);
+    assert_eq!(cfg.services[0].backends[0].port, 80);
+    // An IPv6 VIP with an IPv4 backend but no source_ipv4.
+    let only6 = "[dataplane]\nsource_ipv6 = \"fd00:18:1::10\"\n";
+    assert_single(
+        &format!(
+            "{only6}[[service]]\nname = \"v6\"\nvip = \"[fd00:18:100::1]:80\"\n\
+             backend = [{{ address = \"198.18.1.11\" }}]\n"
+        ),
+        "service[0].backend[0].address",
+        "needs dataplane.source_ipv4",
+    );
+    // Without a fast path nothing is tunnelled: no source needed.
+    parse_ok(
+        "[dataplane]\nxdp_mode = \"off\"\n[[service]]\nname = \"v6\"\nvip = \"[fd00:18:100::1]:80\"\n\
+         backend = [{ address = \"fd00:18:1::11\" }]\n",
     );
 }
 

@@ -2,9 +2,15 @@
 //!
 //! `bpf_fib_lookup` refuses to route (`BPF_FIB_LKUP_RET_FWD_DISABLED`) unless
 //! forwarding is enabled on the interface the packet came in on, whatever lookup flags
-//! are used (measured on Linux 6.18). The agent therefore enables
-//! `net.ipv4.conf.<iface>.forwarding` on the interface it attaches to, and only there
-//! (the host's other interfaces and the global switch are left alone).
+//! are used (measured on Linux 6.18), for IPv4 and IPv6 alike (IPv6 tunnels to
+//! backends, `next_hop_v6`). The agent therefore enables
+//! `net.ipv4.conf.<iface>.forwarding` and `net.ipv6.conf.<iface>.forwarding` on the
+//! interface it attaches to, and only there (the host's other interfaces and the
+//! global switches are left alone). IPv6 forwarding makes Linux ignore router
+//! advertisements on the interface when `accept_ra` is 1 (the default), which would let
+//! a default route learnt from them expire: the agent sets `accept_ra` 1 to 2 (accept
+//! them even when forwarding) on that interface first. An interface without IPv6
+//! (`disable_ipv6`, no `conf/<iface>` for ipv6) is left as it is.
 //!
 //! The fast path outlives the agent (hitless restart), so the setting must too: the
 //! value found before the first agent touched it is recorded in
@@ -30,8 +36,59 @@ pub struct ForwardingError {
     source: io::Error,
 }
 
-fn sysctl(iface: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
+/// One per-interface setting the agent changes: the sysctl under
+/// `/proc/sys/net/<family>/conf/<iface>/`, the value it writes when the current value
+/// is `from` (any value when `from` is None), and the suffix of its record file.
+struct Setting {
+    family: &'static str,
+    name: &'static str,
+    from: Option<&'static str>,
+    to: &'static str,
+    suffix: &'static str,
+    /// Missing on hosts or interfaces without this family: skipped, not an error.
+    optional: bool,
+}
+
+/// In the order they are changed (IPv6's `accept_ra` before its forwarding).
+const SETTINGS: [Setting; 3] = [
+    Setting {
+        family: "ipv4",
+        name: "forwarding",
+        from: None,
+        to: "1",
+        suffix: "",
+        optional: false,
+    },
+    Setting {
+        family: "ipv6",
+        name: "accept_ra",
+        from: Some("1"),
+        to: "2",
+        suffix: ".ipv6-accept_ra",
+        optional: true,
+    },
+    Setting {
+        family: "ipv6",
+        name: "forwarding",
+        from: None,
+        to: "1",
+        suffix: ".ipv6",
+        optional: true,
+    },
+];
+
+fn sysctl_of(setting: &Setting, iface: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/sys/net/{}/conf/{iface}/{}",
+        setting.family, setting.name
+    ))
+}
+
+fn record_of(setting: &Setting, iface: &str) -> Result<PathBuf, ForwardingError> {
+    let base = record(iface)?;
+    let mut name = base.into_os_string();
+    name.push(setting.suffix);
+    Ok(PathBuf::from(name))
 }
 
 fn record(iface: &str) -> Result<PathBuf, ForwardingError> {
@@ -64,56 +121,68 @@ fn write(path: &Path, value: &str, action: &'static str) -> Result<(), Forwardin
     })
 }
 
-/// Enable IPv4 forwarding on `iface`. The first call records the value it found; later
-/// calls (a restarted agent) keep that record.
+/// Enable IPv4 and IPv6 forwarding on `iface` (see the module docs). The first call
+/// records the values it found; later calls (a restarted agent) keep those records.
 pub fn enable(iface: &str) -> Result<(), ForwardingError> {
-    let p = sysctl(iface);
-    let current = read(&p)?;
-    let rec = record(iface)?;
-    if !rec.exists() {
-        std::fs::create_dir_all(RECORD_DIR).map_err(|source| ForwardingError {
-            action: "creating",
-            path: RECORD_DIR.into(),
-            source,
-        })?;
-        write(&rec, &current, "recording the forwarding setting in")?;
-    }
-    if current != "1" {
-        write(&p, "1", "enabling forwarding in")?;
-        tracing::info!(
-            iface,
-            "enabled IPv4 forwarding on the interface (bpf_fib_lookup needs it)"
-        );
+    for setting in &SETTINGS {
+        let p = sysctl_of(setting, iface);
+        if setting.optional && !p.exists() {
+            continue;
+        }
+        let current = read(&p)?;
+        let rec = record_of(setting, iface)?;
+        if !rec.exists() {
+            std::fs::create_dir_all(RECORD_DIR).map_err(|source| ForwardingError {
+                action: "creating",
+                path: RECORD_DIR.into(),
+                source,
+            })?;
+            write(&rec, &current, "recording the forwarding setting in")?;
+        }
+        if current != setting.to && setting.from.is_none_or(|from| current == from) {
+            write(&p, setting.to, "enabling forwarding in")?;
+            tracing::info!(
+                iface,
+                setting = %p.display(),
+                value = setting.to,
+                "changed for the fast path (bpf_fib_lookup needs forwarding on the interface)"
+            );
+        }
     }
     Ok(())
 }
 
-/// Put back the value recorded by [`enable`] (if any) and forget it. Returns whether
+/// Put back the values recorded by [`enable`] (if any) and forget them. Returns whether
 /// there was a record.
 pub fn restore(iface: &str) -> Result<bool, ForwardingError> {
-    let rec = record(iface)?;
-    let original = match std::fs::read_to_string(&rec) {
-        Ok(v) => v.trim().to_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(source) => {
-            return Err(ForwardingError {
-                action: "reading",
-                path: rec,
-                source,
-            });
+    let mut any = false;
+    // In the reverse order of `enable`: IPv6 forwarding off before accept_ra goes back.
+    for setting in SETTINGS.iter().rev() {
+        let rec = record_of(setting, iface)?;
+        let original = match std::fs::read_to_string(&rec) {
+            Ok(v) => v.trim().to_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(ForwardingError {
+                    action: "reading",
+                    path: rec,
+                    source,
+                });
+            }
+        };
+        any = true;
+        let p = sysctl_of(setting, iface);
+        // The interface may be gone (and its setting with it).
+        if p.exists() && read(&p)? != original {
+            write(&p, &original, "restoring forwarding in")?;
         }
-    };
-    let p = sysctl(iface);
-    // The interface may be gone (and its setting with it).
-    if p.exists() && read(&p)? != original {
-        write(&p, &original, "restoring forwarding in")?;
+        std::fs::remove_file(&rec).map_err(|source| ForwardingError {
+            action: "removing",
+            path: rec,
+            source,
+        })?;
     }
-    std::fs::remove_file(&rec).map_err(|source| ForwardingError {
-        action: "removing",
-        path: rec,
-        source,
-    })?;
-    Ok(true)
+    Ok(any)
 }
 
 /// Forwarding enabled for the life of a value (benchmarks and tests that attach

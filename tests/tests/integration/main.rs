@@ -14,6 +14,7 @@
 mod bgp;
 mod cluster;
 mod e2e_control;
+mod e2e_ipv6;
 mod e2e_l4;
 mod e2e_l7;
 mod e2e_nexthop;
@@ -24,6 +25,7 @@ mod netlink;
 mod reconciler;
 mod testbed;
 mod xdp_fixtures;
+mod xdp_fixtures_v6;
 mod xdp_fuzz;
 
 #[test]

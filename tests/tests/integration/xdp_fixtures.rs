@@ -897,9 +897,10 @@ fn source_filters_drop_denied_and_unlisted_sources() -> anyhow::Result<()> {
                 "2001:db8:bad::/48",
             ),
             unchanged(
-                "deny miss: IPv6 source (passed as before)",
+                // IPv6 is parsed now (xdp_fixtures_v6): not for a VIP, passed.
+                "deny miss: IPv6 source (not for a VIP: passed)",
                 ipv6_udp("2001:db8:bae::7".parse()?, v6_dst),
-                Pass(Counter::PassNotIp),
+                Pass(Counter::PassNotVip),
             ),
             unchanged(
                 "deny miss: just below the /25",
@@ -948,9 +949,9 @@ fn source_filters_drop_denied_and_unlisted_sources() -> anyhow::Result<()> {
                 Pass(Counter::PassNotVip),
             ),
             unchanged(
-                "allow list: IPv6 (no IPv6 VIPs) passes",
+                "allow list: IPv6 to no VIP passes",
                 ipv6_udp("2001:db9::1".parse()?, v6_dst),
-                Pass(Counter::PassNotIp),
+                Pass(Counter::PassNotVip),
             ),
             filtered(
                 "deny beats allow",

@@ -38,7 +38,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -55,6 +55,7 @@ use lb_common::stats::{Counter, DropReason};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 use xdplb_tests::{
     packet::{Frame, L4, PacketBuilder, internet_checksum, tcp_flags},
+    packet6::{checksum6, icmp6, ipv6, tcp6, udp6},
     require_privileges,
     xdp_bed::{
         LoadedLb, Net, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, in_bed, test_run, verdict_name,
@@ -80,11 +81,25 @@ const VIP_WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 
 const VIP_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 53);
 const VIP_L7: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 5), 80);
 const MTU: usize = 1500;
+/// The IPv6 side: the LB's tunnel source, two IPv6 backends on `lb0`, an IPv6 TCP VIP
+/// to them (6in6), an IPv6 UDP VIP to an IPv4 backend (6in4), an IPv4 VIP to the IPv6
+/// backends (4in6).
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x10);
+const BE6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x21),
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x22),
+];
+const BE6_MACS: [[u8; 6]; 2] = [[0x02, 0xbe, 0, 0, 6, 0x21], [0x02, 0xbe, 0, 0, 6, 0x22]];
+const VIP6_WEB: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 1), 80, 0, 0);
+const VIP6_DNS: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 2), 53, 0, 0);
+const VIP_MIXED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
 /// Frames whose counters are checked one by one: one in this many.
 const COUNTER_SAMPLE: u64 = 50;
 const DEFAULT_FRAMES: u64 = 100_000;
 
-fn backend(addr: Ipv4Addr, port: u16) -> DesiredBackend {
+fn backend(addr: impl Into<IpAddr>, port: u16) -> DesiredBackend {
     DesiredBackend {
         address: addr.into(),
         port,
@@ -101,18 +116,19 @@ fn prefixes(list: &[&str]) -> Vec<ipnet::IpNet> {
 /// interface, an allow list and a new-flow limit), an l7 VIP; global deny list and
 /// new-flow limit.
 fn desired() -> DesiredState {
-    let service = |name: &str, vip: SocketAddrV4, protocol, backends, filters| DesiredService {
-        name: name.into(),
-        vip: vip.into(),
-        protocol,
-        l7: false,
-        source_hash: false,
-        backends,
-        filters,
-    };
+    let service =
+        |name: &str, vip: std::net::SocketAddr, protocol, backends, filters| DesiredService {
+            name: name.into(),
+            vip,
+            protocol,
+            l7: false,
+            source_hash: false,
+            backends,
+            filters,
+        };
     let mut l7 = service(
         "l7",
-        VIP_L7,
+        VIP_L7.into(),
         Protocol::Tcp,
         vec![backend(BACKENDS[0], 80)],
         DesiredFilters::default(),
@@ -120,7 +136,7 @@ fn desired() -> DesiredState {
     l7.l7 = true;
     DesiredState {
         source_v4: Some(LB_ADDR),
-        source_v6: None,
+        source_v6: Some(LB6),
         encap: 0,
         mtu: 1500,
         filters: DesiredFilters {
@@ -136,7 +152,7 @@ fn desired() -> DesiredState {
         services: vec![
             service(
                 "web",
-                VIP_WEB,
+                VIP_WEB.into(),
                 Protocol::Tcp,
                 BACKENDS.iter().map(|&b| backend(b, 80)).collect(),
                 DesiredFilters {
@@ -146,7 +162,7 @@ fn desired() -> DesiredState {
             ),
             service(
                 "dns",
-                VIP_DNS,
+                VIP_DNS.into(),
                 Protocol::Udp,
                 vec![backend(FAR_BACKEND, 53)],
                 DesiredFilters {
@@ -161,8 +177,68 @@ fn desired() -> DesiredState {
                 },
             ),
             l7,
+            service(
+                "web6",
+                VIP6_WEB.into(),
+                Protocol::Tcp,
+                BE6.iter().map(|&b| backend(b, 80)).collect(),
+                DesiredFilters::default(),
+            ),
+            service(
+                "dns6",
+                VIP6_DNS.into(),
+                Protocol::Udp,
+                vec![backend(BACKENDS[0], 53)],
+                DesiredFilters::default(),
+            ),
+            service(
+                "mixed",
+                VIP_MIXED.into(),
+                Protocol::Tcp,
+                BE6.iter().map(|&b| backend(b, 80)).collect(),
+                DesiredFilters::default(),
+            ),
         ],
     }
+}
+
+/// The IPv6 half of the bed (run inside its namespace): the LB's address without
+/// DAD, static neighbours for the IPv6 backends.
+fn net6() -> anyhow::Result<()> {
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("ip").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:18:1::10/64",
+        "dev",
+        "lb0",
+        "nodad",
+    ])?;
+    for (b, m) in BE6.iter().zip(BE6_MACS) {
+        let mac: Vec<String> = m.iter().map(|x| format!("{x:02x}")).collect();
+        ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &b.to_string(),
+            "lladdr",
+            &mac.join(":"),
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    Ok(())
 }
 
 fn net() -> Net {
@@ -209,7 +285,8 @@ fn client(rng: &mut StdRng) -> Ipv4Addr {
 }
 
 fn destination(rng: &mut StdRng) -> (SocketAddrV4, bool) {
-    match rng.random_range(0..6) {
+    match rng.random_range(0..7) {
+        6 => (VIP_MIXED, true),
         0 | 1 => (VIP_WEB, true),
         2 => (VIP_DNS, false),
         3 => (VIP_L7, true),
@@ -398,8 +475,112 @@ fn ethernet(rng: &mut StdRng, proto: u16, l3: &[u8]) -> Vec<u8> {
     f
 }
 
+/// An IPv6 frame's L3 bytes for the IPv6 VIPs: TCP/UDP to them (some around the MTU)
+/// or elsewhere, ICMPv6 echo requests, ICMPv6 errors quoting a VIP reply's head, a
+/// client's packet or garbage.
+fn ipv6_vip(rng: &mut StdRng) -> Vec<u8> {
+    let client = match rng.random_range(0..10) {
+        0 => Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, rng.random()),
+        1 => Ipv6Addr::from(rng.random::<u128>()),
+        _ => Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, rng.random()),
+    };
+    let (vip, tcp) = match rng.random_range(0..5) {
+        0 | 1 => (VIP6_WEB, true),
+        2 => (VIP6_DNS, false),
+        3 => (
+            SocketAddrV6::new(*VIP6_WEB.ip(), rng.random(), 0, 0),
+            rng.random(),
+        ),
+        _ => (
+            SocketAddrV6::new(Ipv6Addr::from(rng.random::<u128>()), 80, 0, 0),
+            true,
+        ),
+    };
+    let src = SocketAddrV6::new(client, rng.random(), 0, 0);
+    let l4 = |rng: &mut StdRng, from: SocketAddrV6, to: SocketAddrV6, tcp: bool| -> Vec<u8> {
+        let body = if rng.random_bool(0.15) {
+            // Around the MTU once encapsulated (40 or 20 bytes of outer header).
+            vec![0x5a; rng.random_range(1380..=1460)]
+        } else {
+            payload(rng, 200)
+        };
+        if tcp {
+            let flags = *[
+                tcp_flags::SYN,
+                tcp_flags::ACK,
+                tcp_flags::ACK | tcp_flags::PSH,
+                rng.random(),
+            ]
+            .get(rng.random_range(0..4))
+            .unwrap_or(&tcp_flags::ACK);
+            tcp6(from, to, flags, rng.random(), &body)
+        } else {
+            udp6(from, to, &body)
+        }
+    };
+    match rng.random_range(0..10) {
+        0..=5 => {
+            let seg = l4(rng, src, vip, tcp);
+            ipv6(
+                client,
+                *vip.ip(),
+                if tcp { 6 } else { 17 },
+                rng.random(),
+                64,
+                &seg,
+            )
+        }
+        6 => {
+            let code = if rng.random_bool(0.9) { 0 } else { 1 };
+            let echo = icmp6(
+                client,
+                *vip.ip(),
+                128,
+                code,
+                rng.random(),
+                &payload(rng, 300),
+            );
+            ipv6(client, *vip.ip(), 58, 0, 64, &echo)
+        }
+        _ => {
+            let quote = match rng.random_range(0..3) {
+                0 => {
+                    // A reply VIP -> client: what the balancer tunnels to the backend.
+                    let seg = l4(rng, vip, src, tcp);
+                    let mut q = ipv6(*vip.ip(), client, if tcp { 6 } else { 17 }, 0, 64, &seg);
+                    let keep = if rng.random_bool(0.8) {
+                        48
+                    } else {
+                        rng.random_range(0..=120)
+                    };
+                    q.truncate(keep.min(q.len()));
+                    q
+                }
+                1 => {
+                    let seg = l4(rng, src, vip, tcp);
+                    ipv6(client, *vip.ip(), 6, 0, 64, &seg)[..48].to_vec()
+                }
+                _ => payload(rng, 200),
+            };
+            let kind = *[1u8, 2, 3, 4, rng.random()]
+                .get(rng.random_range(0..5))
+                .unwrap_or(&1);
+            let router = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+            let err = icmp6(
+                router,
+                *vip.ip(),
+                kind,
+                rng.random_range(0..5),
+                1280u32.to_be_bytes(),
+                &quote,
+            );
+            ipv6(router, *vip.ip(), 58, 0, 64, &err)
+        }
+    }
+}
+
 /// The frame kinds; one of each is also cut at every offset.
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
     match kind {
@@ -413,6 +594,10 @@ fn frame_of_kind(rng: &mut StdRng, kind: usize) -> Vec<u8> {
         }
         3 => {
             let p = ipv6_packet(rng);
+            ethernet(rng, ETH_P_IPV6, &p)
+        }
+        6 => {
+            let p = ipv6_vip(rng);
             ethernet(rng, ETH_P_IPV6, &p)
         }
         5 => {
@@ -514,10 +699,12 @@ fn mutate(rng: &mut StdRng, frame: &mut Vec<u8>) {
                 }
             }
             8 => {
-                // The protocol byte.
-                if let Some(b) = frame.get_mut(l3 + 9) {
-                    *b = *[1u8, 4, 6, 17, 41, 47, rng.random()]
-                        .get(rng.random_range(0..7))
+                // The protocol byte (IPv4), or the next header (IPv6).
+                let ipv6 = frame.get(l3 - 2..l3) == Some(&ETH_P_IPV6.to_be_bytes()[..]);
+                let at = if ipv6 { l3 + 6 } else { l3 + 9 };
+                if let Some(b) = frame.get_mut(at) {
+                    *b = *[1u8, 4, 6, 17, 41, 47, 0, 43, 44, 58, 60, rng.random()]
+                        .get(rng.random_range(0..12))
                         .unwrap_or(&6);
                 }
             }
@@ -545,6 +732,8 @@ fn mutate(rng: &mut StdRng, frame: &mut Vec<u8>) {
 struct Totals {
     frames: u64,
     by_verdict: BTreeMap<u32, u64>,
+    /// Tunnelled frames by (inner, outer) family: 6in6, 4in6, 6in4 (IPIP not counted).
+    tunnels6: BTreeMap<&'static str, u64>,
 }
 
 /// The L4 VIPs: (address, port, protocol) -> backends that may receive it.
@@ -552,7 +741,30 @@ fn l4_vips() -> Vec<(SocketAddrV4, u8, Vec<Ipv4Addr>)> {
     vec![
         (VIP_WEB, 6, BACKENDS.to_vec()),
         (VIP_DNS, 17, vec![FAR_BACKEND]),
+        // Its backends are IPv6: never sent in an IPv4 tunnel.
+        (VIP_MIXED, 6, vec![]),
     ]
+}
+
+/// Every L4 VIP of either family: (address, port, protocol) -> its backends.
+fn l4_vips_any() -> Vec<(IpAddr, u16, u8, Vec<IpAddr>)> {
+    let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+    let mut v: Vec<(IpAddr, u16, u8, Vec<IpAddr>)> = l4_vips()
+        .into_iter()
+        .filter(|(vip, _, _)| *vip != VIP_MIXED)
+        .map(|(vip, p, b)| {
+            (
+                (*vip.ip()).into(),
+                vip.port(),
+                p,
+                b.into_iter().map(IpAddr::from).collect(),
+            )
+        })
+        .collect();
+    v.push(((*VIP_MIXED.ip()).into(), 80, 6, be6.clone()));
+    v.push(((*VIP6_WEB.ip()).into(), 80, 6, be6));
+    v.push(((*VIP6_DNS.ip()).into(), 53, 17, vec![BACKENDS[0].into()]));
+    v
 }
 
 /// Checks one frame's result against the design (module docs).
@@ -562,7 +774,9 @@ fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<
             ensure!(out == input, "{} changed the frame", verdict_name(verdict));
             Ok(())
         }
+        XDP_TX if is_answer(input, out) && is_ipv6(input) => check_answer6(input, out),
         XDP_TX if is_answer(input, out) => check_answer(input, out),
+        XDP_TX if is_ipv6(input) || is_ipv6(out) => check_sent6(input, out, macs.lb0),
         XDP_TX => check_sent(input, out, macs.lb0, false),
         XDP_REDIRECT => check_sent(input, out, macs.far0, true),
         v => bail!("verdict {}", verdict_name(v)),
@@ -657,7 +871,18 @@ fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
         ip_in[6] & 0x40 != 0,
         "fragmentation needed for a DF-clear packet"
     );
-    ensure!(in_len + 20 > MTU, "fragmentation needed for {in_len} bytes");
+    // The tunnel header: 20 bytes, checked before the backend is chosen; then 40 bytes
+    // towards IPv6 backends (4in6), checked after: a packet over MTU - 20 hears
+    // MTU - 20 first, one between MTU - 40 and MTU - 20 to VIP_MIXED hears MTU - 40.
+    let outer = if vip == *VIP_MIXED.ip() && in_len + 20 <= MTU {
+        40
+    } else {
+        20
+    };
+    ensure!(
+        in_len + outer > MTU,
+        "fragmentation needed for {in_len} bytes"
+    );
     ensure!(
         out_len == 56 && out.len() == l3 + 56,
         "fragmentation needed of {out_len} bytes in a {}-byte frame",
@@ -666,7 +891,7 @@ fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     ensure!(ip_out[20..22] == [3, 4], "type/code {:?}", &ip_out[20..22]);
     ensure!(internet_checksum(&ip_out[20..56]) == 0, "ICMP checksum");
     ensure!(
-        u16::from_be_bytes([ip_out[26], ip_out[27]]) as usize == MTU - 20,
+        u16::from_be_bytes([ip_out[26], ip_out[27]]) as usize == MTU - outer,
         "next-hop MTU"
     );
     ensure!(
@@ -794,6 +1019,284 @@ fn check_sent(input: &[u8], out: &[u8], src_mac: [u8; 6], redirected: bool) -> a
     Ok(())
 }
 
+/// Whether the frame (after its tags) carries IPv6.
+fn is_ipv6(frame: &[u8]) -> bool {
+    l3_offset(frame).is_some_and(|l3| frame.get(l3 - 2..l3) == Some(&ETH_P_IPV6.to_be_bytes()[..]))
+}
+
+fn v6_at(b: &[u8]) -> Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    Ipv6Addr::from(a)
+}
+
+/// The VIP flow an IPv4 or IPv6 packet (or the ICMP error about one) belongs to, as
+/// (VIP address, port, protocol), and the packet's IP length; an error when the
+/// balancer had no business sending it.
+fn flow_of(ip: &[u8], v6: bool) -> anyhow::Result<(IpAddr, u16, u8, usize)> {
+    if !v6 {
+        ensure!(
+            ip.len() >= 28 && ip[0] == 0x45,
+            "sent an IPv4 packet with a bad header"
+        );
+        let len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        ensure!(
+            (28..=ip.len()).contains(&len),
+            "sent an IPv4 packet of length {len}"
+        );
+        ensure!(
+            u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0,
+            "sent a fragment"
+        );
+        if ip[9] == 1 {
+            ensure!(ip[20] == 3, "tunnelled ICMP type {}", ip[20]);
+            let q = &ip[28..len];
+            ensure!(
+                q.len() >= 28 && q[0] == 0x45 && q[12..16] == ip[16..20],
+                "bad quote tunnelled"
+            );
+            let vip = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
+            return Ok((vip.into(), u16::from_be_bytes([q[20], q[21]]), q[9], len));
+        }
+        let vip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        return Ok((vip.into(), u16::from_be_bytes([ip[22], ip[23]]), ip[9], len));
+    }
+    ensure!(
+        ip.len() >= 48 && ip[0] >> 4 == 6,
+        "sent an IPv6 packet with a bad header"
+    );
+    let len = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    ensure!(
+        len <= ip.len(),
+        "sent an IPv6 packet whose payload length is past the frame"
+    );
+    if ip[6] == 58 {
+        ensure!(matches!(ip[40], 1 | 2), "tunnelled ICMPv6 type {}", ip[40]);
+        let q = &ip[48..len];
+        ensure!(
+            q.len() >= 48 && q[0] >> 4 == 6 && q[8..24] == ip[24..40],
+            "bad quote tunnelled"
+        );
+        ensure!(
+            matches!(q[6], 6 | 17),
+            "tunnelled an error quoting next header {}",
+            q[6]
+        );
+        return Ok((
+            v6_at(&q[8..]).into(),
+            u16::from_be_bytes([q[40], q[41]]),
+            q[6],
+            len,
+        ));
+    }
+    ensure!(matches!(ip[6], 6 | 17), "sent IPv6 next header {}", ip[6]);
+    Ok((
+        v6_at(&ip[24..]).into(),
+        u16::from_be_bytes([ip[42], ip[43]]),
+        ip[6],
+        len,
+    ))
+}
+
+/// A tunnelled frame where either side is IPv6 (6in6, 4in6, 6in4): the inner packet
+/// is a VIP packet (or an ICMP error about a VIP flow) exactly as it came in, the
+/// outer header is the backend's family with the right protocol, lengths, hop limit
+/// or TTL, the tunnel source, and a backend of that VIP; within the MTU; sent to the
+/// backend's MAC from `lb0`'s (every IPv6 path's backend is on `lb0`).
+fn check_sent6(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<()> {
+    let l3 = l3_offset(input).context("input has no L3")?;
+    ensure!(l3 <= 18, "sent a frame with {} VLAN tags", (l3 - 14) / 4);
+    let inner_v6 = is_ipv6(input);
+    ensure!(
+        inner_v6 || input[l3 - 2..l3] == ETH_P_IP.to_be_bytes(),
+        "sent a frame that is not IP"
+    );
+    let ip_in = &input[l3..];
+    let (vip, port, proto, inner_len) = flow_of(ip_in, inner_v6)?;
+    let backends = l4_vips_any()
+        .into_iter()
+        .find(|(v, p, pr, _)| *v == vip && *p == port && *pr == proto)
+        .map(|(_, _, _, b)| b)
+        .with_context(|| format!("sent a packet to {vip}:{port}/{proto}, no L4 VIP"))?;
+    ensure!(
+        out.len() >= 34 && out[6..12] == src_mac,
+        "Ethernet source is not lb0's"
+    );
+    let inner_proto = if inner_v6 { 41 } else { 4 };
+    // The inner traffic class / TOS, copied to the outer header.
+    let tc = if inner_v6 {
+        (ip_in[0] << 4) | (ip_in[1] >> 4)
+    } else {
+        ip_in[1]
+    };
+    let (backend, outer_len) = match u16::from_be_bytes([out[12], out[13]]) {
+        ETH_P_IPV6 => {
+            ensure!(out.len() >= 54, "sent frame of {} bytes", out.len());
+            let o = &out[14..54];
+            ensure!(
+                o[0..4] == [0x60 | (tc >> 4), tc << 4, 0, 0],
+                "outer version/class/flow label {:02x?}, inner class {tc:#x}",
+                &o[0..4]
+            );
+            ensure!(o[6] == inner_proto, "outer next header {}", o[6]);
+            ensure!(o[7] == 64, "outer hop limit {}", o[7]);
+            ensure!(o[8..24] == LB6.octets(), "outer source");
+            let payload = usize::from(u16::from_be_bytes([o[4], o[5]]));
+            ensure!(
+                payload == inner_len,
+                "outer payload length {payload}, inner {inner_len}"
+            );
+            (IpAddr::from(v6_at(&o[24..])), 40 + payload)
+        }
+        ETH_P_IP => {
+            let o = &out[14..34];
+            ensure!(
+                o[0] == 0x45 && internet_checksum(o) == 0,
+                "outer IPv4 header"
+            );
+            ensure!(o[1] == tc, "outer TOS {:#x}, inner class {tc:#x}", o[1]);
+            ensure!(
+                o[8] == 64 && o[9] == inner_proto,
+                "outer TTL {} / protocol {}",
+                o[8],
+                o[9]
+            );
+            ensure!(
+                u16::from_be_bytes([o[6], o[7]]) & 0x3fff == 0,
+                "outer fragment"
+            );
+            ensure!(o[12..16] == LB_ADDR.octets(), "outer source");
+            let tot = usize::from(u16::from_be_bytes([o[2], o[3]]));
+            ensure!(
+                tot == inner_len + 20,
+                "outer total length {tot}, inner {inner_len}"
+            );
+            (IpAddr::from(Ipv4Addr::new(o[16], o[17], o[18], o[19])), tot)
+        }
+        t => bail!("outer EtherType {t:#06x}"),
+    };
+    ensure!(
+        backends.contains(&backend),
+        "sent to {backend}, not a backend of {vip}:{port}"
+    );
+    let mac = match backend {
+        IpAddr::V6(b) => BE6.iter().position(|x| *x == b).map(|i| BE6_MACS[i]),
+        IpAddr::V4(b) => BACKENDS
+            .iter()
+            .position(|x| *x == b)
+            .map(|i| BACKEND_MACS[i]),
+    };
+    ensure!(
+        Some(&out[0..6]) == mac.as_ref().map(|m| &m[..]),
+        "Ethernet destination is not {backend}'s"
+    );
+    ensure!(out.len() == 14 + outer_len, "trailing bytes tunnelled");
+    ensure!(
+        outer_len <= MTU,
+        "outer packet of {outer_len} bytes, over the MTU"
+    );
+    ensure!(
+        out[14 + outer_len - inner_len..] == ip_in[..inner_len],
+        "the inner packet changed"
+    );
+    Ok(())
+}
+
+/// An answer from XDP to an IPv6 frame: MACs swapped, the same tags, IPv6 from the VIP
+/// back to the sender, hop limit 64; an echo reply (type 129, the request's data, its
+/// checksum as right as it came) to an echo request to an L4 VIP address, or a
+/// "packet too big" (MTU = 1500 less the tunnel header, quoting 48 bytes, checksum
+/// right) for a TCP/UDP packet to an L4 VIP over the MTU once encapsulated.
+fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
+    let l3 = l3_offset(input).context("input has no L3")?;
+    ensure!(
+        l3 <= 18,
+        "answered a frame with {} VLAN tags",
+        (l3 - 14) / 4
+    );
+    ensure!(out.len() >= l3 + 48, "answer of {} bytes", out.len());
+    ensure!(
+        out[6..12] == input[0..6] && out[0..6] == input[6..12],
+        "MACs not swapped"
+    );
+    ensure!(
+        out[12..l3] == input[12..l3],
+        "answer's tags/EtherType changed"
+    );
+    let (ip_in, ip_out) = (&input[l3..], &out[l3..]);
+    ensure!(
+        ip_in.len() >= 48 && ip_in[0] >> 4 == 6,
+        "answered a bad IPv6 header"
+    );
+    ensure!(
+        ip_out[0] >> 4 == 6 && ip_out[6] == 58 && ip_out[7] == 64,
+        "answer's header"
+    );
+    ensure!(
+        ip_out[8..24] == ip_in[24..40] && ip_out[24..40] == ip_in[8..24],
+        "addresses not swapped"
+    );
+    let vip = IpAddr::from(v6_at(&ip_in[24..]));
+    let out_len = 40 + usize::from(u16::from_be_bytes([ip_out[4], ip_out[5]]));
+    ensure!(
+        out_len <= ip_out.len(),
+        "answer's payload length past its frame"
+    );
+    let (src, dst) = (v6_at(&ip_out[8..]), v6_at(&ip_out[24..]));
+    if ip_in[6] == 58 {
+        ensure!(
+            l4_vips_any().iter().any(|(v, ..)| *v == vip),
+            "echo reply from {vip}, no L4 VIP"
+        );
+        ensure!(
+            ip_in[40..42] == [128, 0],
+            "answered ICMPv6 {:?}",
+            &ip_in[40..42]
+        );
+        ensure!(
+            out.len() == input.len() && ip_out[4..6] == ip_in[4..6],
+            "echo reply length"
+        );
+        ensure!(ip_out[40..42] == [129, 0], "echo reply type/code");
+        ensure!(ip_out[44..] == ip_in[44..], "echo reply data changed");
+        let in_len = out_len;
+        ensure!(
+            checksum6(src, dst, 58, &ip_out[40..out_len])
+                == checksum6(dst, src, 58, &ip_in[40..in_len]),
+            "echo reply checksum not updated"
+        );
+        return Ok(());
+    }
+    let (proto, dport) = (ip_in[6], u16::from_be_bytes([ip_in[42], ip_in[43]]));
+    let (_, _, _, backends) = l4_vips_any()
+        .into_iter()
+        .find(|(v, p, pr, _)| *v == vip && *p == dport && *pr == proto)
+        .with_context(|| format!("packet too big for {vip}:{dport}/{proto}, no L4 VIP"))?;
+    let outer = if backends.iter().all(IpAddr::is_ipv6) {
+        40
+    } else {
+        20
+    };
+    let in_len = 40 + usize::from(u16::from_be_bytes([ip_in[4], ip_in[5]]));
+    ensure!(in_len + outer > MTU, "packet too big for {in_len} bytes");
+    ensure!(
+        out_len == 96 && out.len() == l3 + 96,
+        "packet too big of {out_len} bytes"
+    );
+    ensure!(ip_out[40..42] == [2, 0], "type/code {:?}", &ip_out[40..42]);
+    ensure!(
+        checksum6(src, dst, 58, &ip_out[40..96]) == 0,
+        "ICMPv6 checksum"
+    );
+    let mtu = u32::from_be_bytes([ip_out[44], ip_out[45], ip_out[46], ip_out[47]]);
+    ensure!(mtu as usize == MTU - outer, "MTU {mtu}");
+    ensure!(
+        ip_out[48..96] == ip_in[..48],
+        "quote is not the packet's head"
+    );
+    Ok(())
+}
+
 /// The outcome counters (everything but `rx` and flow bookkeeping) by index.
 fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
     c.counters
@@ -823,6 +1326,7 @@ fn allowed_outcomes(verdict: u32) -> Vec<&'static str> {
             Counter::Tx.label(),
             Counter::IcmpEchoReply.label(),
             Counter::IcmpFragNeeded.label(),
+            Counter::Icmp6TooBig.label(),
         ],
         XDP_REDIRECT => vec![Counter::Redirect.label()],
         XDP_DROP => DropReason::ALL.iter().map(|r| r.label()).collect(),
@@ -892,6 +1396,14 @@ impl Bed {
         };
         let (verdict, out) = self.run(frame)?;
         check(frame, verdict, &out, &self.macs)?;
+        if verdict == XDP_TX && !is_answer(frame, &out) && (is_ipv6(frame) || is_ipv6(&out)) {
+            let kind = match (is_ipv6(frame), is_ipv6(&out)) {
+                (true, true) => "6in6",
+                (false, true) => "4in6",
+                _ => "6in4",
+            };
+            *totals.tunnels6.entry(kind).or_default() += 1;
+        }
         totals.frames += 1;
         *totals.by_verdict.entry(verdict).or_default() += 1;
         if let Some(before) = before {
@@ -932,6 +1444,7 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
     };
     println!("{test}: seed {seed} (replay with XDPLB_FUZZ_SEED={seed}), {frames} frames");
     let result = in_bed("fz", &net(), move || {
+        net6()?;
         let mut bed = Bed {
             lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
@@ -996,6 +1509,7 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
                 Counter::IcmpFragNeeded.label(),
                 delta(Counter::IcmpFragNeeded),
             ),
+            (Counter::Icmp6TooBig.label(), delta(Counter::Icmp6TooBig)),
             (
                 Counter::IcmpErrorForwarded.label(),
                 delta(Counter::IcmpErrorForwarded),
@@ -1007,6 +1521,15 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             ),
         ];
         println!("ICMP: {icmp:?}");
+        println!("IPv6 tunnels: {:?}", totals.tunnels6);
+        if totals.frames >= DEFAULT_FRAMES {
+            for kind in ["6in6", "4in6", "6in4"] {
+                ensure!(
+                    totals.tunnels6.get(kind).copied().unwrap_or(0) > 0,
+                    "no frame was sent {kind}: the generator misses a path"
+                );
+            }
+        }
         if totals.frames >= DEFAULT_FRAMES {
             for (label, n) in icmp {
                 ensure!(

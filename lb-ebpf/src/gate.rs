@@ -1,0 +1,124 @@
+//! The source filters as both address families' paths apply them: the global deny list
+//! before anything else, then, once the packet is known to be for a VIP, the global
+//! allow list, the service's own lists, and the L7 hand-off (see `filter.rs` for the
+//! lists themselves); and [`finish`], the end of every path.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use lb_common::{
+    stats::Counter,
+    types::{
+        FILTER_F_ALLOW, FILTER_F_DENY, FilterAddr, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7, VipMeta,
+    },
+};
+
+use crate::{
+    encap::Exit,
+    filter,
+    parsing::L2,
+    stats::{count, count_drop},
+};
+
+/// What a path may return besides an XDP action (0..=4): a continuation for `xdp_lb`,
+/// which calls the named BPF subprogram next. Each such subprogram is then a sibling of
+/// the path that asked for it, not its callee, so their stack frames never add up: only
+/// `xdp_lb` + one path (+ `limit::admit`) and `xdp_lb` + one continuation are call
+/// chains against BPF's 512 bytes.
+///
+/// Tunnel the packet as the `Forward` the path wrote says (`ipv6::send`).
+pub const NEXT_SEND: u32 = 0x10;
+/// ICMP to a VIP address (`icmp::handle`).
+pub const NEXT_ICMP4: u32 = 0x11;
+/// ICMPv6 to a VIP address (`icmp6::handle`).
+pub const NEXT_ICMP6: u32 = 0x12;
+/// "Fragmentation needed" (`icmp::too_big`); bits 16.. carry its MTU argument.
+pub const NEXT_TOO_BIG4: u32 = 0x13;
+/// "Packet too big" (`icmp6::too_big`); bits 16.. carry the MTU to announce.
+pub const NEXT_TOO_BIG6: u32 = 0x14;
+
+/// A continuation with an MTU argument.
+#[inline(always)]
+pub const fn with_mtu(next: u32, mtu: u32) -> u32 {
+    next | (mtu << 16)
+}
+
+/// The verdict of a path's result, its counter counted: what every BPF subprogram of
+/// the balancer that ends a packet's path returns (the caller counts nothing more).
+#[inline(always)]
+pub fn finish(result: Result<u32, Exit>) -> u32 {
+    match result {
+        Ok(action) => action,
+        Err(Exit::Pass(counter)) => {
+            count(counter);
+            XDP_PASS
+        }
+        Err(Exit::Drop(reason)) => {
+            count_drop(reason);
+            XDP_DROP
+        }
+    }
+}
+
+/// The source's trie key when a global list is in use (None otherwise: no list costs
+/// nothing but the flags read).
+///
+/// Kept apart from [`deny`] on purpose: returned inside a `Result`, the undefined
+/// payload of a `None` was copied through registers the verifier had never seen written
+/// ("R3 !read_ok").
+#[inline(always)]
+pub fn source(ctx: &XdpContext, l2: &L2, filter_flags: u32) -> Option<Key<FilterAddr>> {
+    if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0 {
+        filter::source(ctx, l2)
+    } else {
+        None
+    }
+}
+
+/// The global deny list, for every IP packet whose source [`source`] gave.
+#[inline(always)]
+pub fn deny(src: Option<&Key<FilterAddr>>, filter_flags: u32) -> Result<(), Exit> {
+    if let Some(src) = src {
+        if filter_flags & FILTER_F_DENY != 0 {
+            filter::check_deny(src)?;
+        }
+    }
+    Ok(())
+}
+
+/// For a packet to `vip`: the global allow list (L7 VIPs included), the service's own
+/// deny and allow lists (a VIP without them pays nothing), then L7 VIPs go up.
+#[inline(always)]
+pub fn vip(
+    ctx: &XdpContext,
+    l2: &L2,
+    filter_flags: u32,
+    src: Option<&Key<FilterAddr>>,
+    vip: &VipMeta,
+) -> Result<(), Exit> {
+    if let Some(src) = src {
+        if filter_flags & FILTER_F_ALLOW != 0 {
+            filter::check_allow(src)?;
+        }
+    }
+    if vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0 {
+        let own = match src {
+            Some(src) => Some(filter::scoped(src, vip.service_id)),
+            None => filter::source(ctx, l2).map(|s| filter::scoped(&s, vip.service_id)),
+        };
+        if let Some(own) = &own {
+            if vip.flags & VIP_F_DENY != 0 {
+                filter::check_service_deny(own)?;
+            }
+            if vip.flags & VIP_F_ALLOW != 0 {
+                filter::check_service_allow(own)?;
+            }
+        }
+    }
+    if vip.flags & VIP_F_L7 != 0 {
+        return Err(Exit::Pass(Counter::PassL7));
+    }
+    Ok(())
+}

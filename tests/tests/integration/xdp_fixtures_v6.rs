@@ -1,0 +1,1148 @@
+//! IPv6 in the fast path as a fixture table (the IPv6 half of `xdp_fixtures`): input
+//! frame + map state -> expected verdict, outcome counter and output frame, byte for
+//! byte, through `BPF_PROG_TEST_RUN`. The namespace only gives `bpf_fib_lookup` its
+//! answers: `lb0` with 198.18.1.10/24 and fd00:18:1::10/64, static neighbours for the
+//! backends of both families, none for fd00:18:1::99.
+//!
+//! Rows: IPv6-in-IPv6 (TCP, UDP, tagged, traffic class copied, padding cut),
+//! IPv4-in-IPv6 (an IPv4 VIP with IPv6 backends), IPv6-in-IPv4 (an IPv6 VIP with an
+//! IPv4 backend), extension headers and fragments passed and counted, no neighbour,
+//! L7, not a VIP, truncated, "packet too big" generated (and "fragmentation needed"
+//! for 4in6 with the IPv6 outer header counted), ICMPv6 echo answered, ICMPv6 errors
+//! about a VIP flow tunnelled to the flow's backend, ICMPv6 quoting garbage dropped;
+//! and `xdp_decap` on 6in6, 4in6 and 6in4.
+//!
+//! The backend a packet must reach comes from `lb_common::hash` and the written ring
+//! (the oracle), not from the program.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    process::Command,
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, ensure};
+use aya::maps::HashMap;
+use lb_agent::{
+    config::{FlowLimitConfig, Protocol},
+    dataplane::{
+        desired::{DesiredBackend, DesiredFilters, DesiredService, DesiredState},
+        forwarding::InterfaceForwarding,
+        loader::{self, Capacities, DECAP_PROGRAM, LB_PROGRAM},
+        stats,
+        sync::addr_words,
+    },
+};
+use lb_common::{
+    maps as names,
+    stats::{Counter, DropReason},
+    types::{DecapKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP},
+};
+use xdplb_tests::{
+    netns::mac_of,
+    packet::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, PacketBuilder, internet_checksum, tcp_flags},
+    packet6::{
+        IPPROTO_ICMPV6, IPPROTO_IPV6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
+        check_checksums6, eth, ext_header, fragment_header, icmp6, ipv4_tunnel, ipv6, ipv6_header,
+        tcp6, udp6,
+    },
+    require_privileges,
+    xdp_bed::{LoadedLb, Net, XDP_PASS, XDP_TX, in_bed, test_run, verdict_name, xdp_md},
+};
+
+const RING: u32 = 1021;
+const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x10);
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x02];
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// A router between backends and clients: sends ICMPv6 errors about replies to the VIP.
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+const BE6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x13),
+];
+const BE6_MACS: [[u8; 6]; 3] = [
+    [0x02, 0xbe, 0, 0, 6, 0x11],
+    [0x02, 0xbe, 0, 0, 6, 0x12],
+    [0x02, 0xbe, 0, 0, 6, 0x13],
+];
+const BE4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+const BE4_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x11];
+/// On-link, never resolved.
+const UNRESOLVED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x99);
+
+fn vip6(last: u16, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, last),
+        port,
+        0,
+        0,
+    )
+}
+const VIP4_MIXED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
+const MTU: u32 = 1500;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Forwarded traffic of a service (backend None) or of one of its backends.
+type TrafficRow = (String, Option<IpAddr>, (u64, u64));
+/// A decap row: name, input frame, the frame after decapsulation (None: unchanged).
+type DecapCase = (&'static str, Vec<u8>, Option<Vec<u8>>);
+
+fn backend(address: IpAddr, port: u16) -> DesiredBackend {
+    DesiredBackend {
+        address,
+        port,
+        weight: 100,
+        active: true,
+    }
+}
+
+fn service(
+    name: &str,
+    vip: SocketAddr,
+    protocol: Protocol,
+    backends: Vec<DesiredBackend>,
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        vip,
+        protocol,
+        l7: false,
+        source_hash: false,
+        backends,
+        filters: DesiredFilters::default(),
+    }
+}
+
+fn desired() -> DesiredState {
+    let web = BE6.iter().map(|&b| backend(b.into(), 80)).collect();
+    let mixed = BE6[..2].iter().map(|&b| backend(b.into(), 80)).collect();
+    let mut l7 = service(
+        "l7v6",
+        vip6(5, 80).into(),
+        Protocol::Tcp,
+        vec![backend(BE6[0].into(), 80)],
+    );
+    l7.l7 = true;
+    DesiredState {
+        source_v4: Some(LB4),
+        source_v6: Some(LB6),
+        encap: 0,
+        mtu: MTU,
+        filters: DesiredFilters::default(),
+        services: vec![
+            service("web6", vip6(1, 80).into(), Protocol::Tcp, web),
+            service(
+                "dns6",
+                vip6(2, 53).into(),
+                Protocol::Udp,
+                vec![backend(BE6[0].into(), 53)],
+            ),
+            service(
+                "six4",
+                vip6(3, 80).into(),
+                Protocol::Tcp,
+                vec![backend(BE4.into(), 80)],
+            ),
+            service("mixed", VIP4_MIXED.into(), Protocol::Tcp, mixed),
+            service(
+                "noneigh6",
+                vip6(4, 80).into(),
+                Protocol::Tcp,
+                vec![backend(UNRESOLVED6.into(), 80)],
+            ),
+            l7,
+        ],
+    }
+}
+
+fn net() -> Net {
+    Net {
+        links: vec![("lb0", "198.18.1.10/24")],
+        neighbours: vec![(BE4, BE4_MAC, "lb0")],
+        routes: vec![],
+    }
+}
+
+fn caps() -> Capacities {
+    Capacities {
+        max_services: 8,
+        max_backends: 32,
+        ring_size: RING,
+        flow_table_size: 4096,
+        max_filter_rules: 16,
+        new_flow_table_size: 1024,
+        flow_limit_sources: 1024,
+    }
+}
+
+/// Runs `ip ARGS` in the calling thread's namespace.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The IPv6 half of the namespace (inside it): the LB's address without DAD, static
+/// neighbours for the IPv6 backends.
+fn net6() -> anyhow::Result<()> {
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:18:1::10/64",
+        "dev",
+        "lb0",
+        "nodad",
+    ])?;
+    for (b, m) in BE6.iter().zip(BE6_MACS) {
+        let mac = m
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &b.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    Ok(())
+}
+
+struct Fixture {
+    lb: LoadedLb,
+    ifindex: u32,
+    lb_mac: [u8; 6],
+    _forwarding: InterfaceForwarding,
+}
+
+/// What must happen to a row's frame.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Encapsulated to this backend of this service, back out of `lb0` (XDP_TX).
+    Tx(&'static str, IpAddr),
+    Pass(Counter),
+    Drop(DropReason),
+    /// Answered from XDP (XDP_TX), counted under this counter; nothing forwarded.
+    Reply(Counter),
+}
+
+struct Row {
+    name: String,
+    input: Vec<u8>,
+    expect: Expect,
+    output: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> anyhow::Result<Self> {
+        net6()?;
+        Ok(Fixture {
+            lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM, DECAP_PROGRAM])?,
+            ifindex: loader::if_index("lb0")?,
+            lb_mac: mac_of("lb0")?,
+            _forwarding: InterfaceForwarding::enable("lb0")?,
+        })
+    }
+
+    fn run(&self, program: &str, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        let run = test_run(self.lb.program(program)?, frame, &ctx, 1)?;
+        Ok((run.verdict, run.out))
+    }
+
+    /// Oracle: which of `candidates` the ring of `service` gives `key`.
+    fn pick(
+        &self,
+        service: &str,
+        key: &FlowKey,
+        candidates: &[IpAddr],
+        port: u16,
+    ) -> anyhow::Result<IpAddr> {
+        let id = self.lb.ring_backend_id(service, key, false)?;
+        candidates
+            .iter()
+            .copied()
+            .find(|&c| self.lb.reconciler.backend_id(service, c, port) == Some(id))
+            .with_context(|| format!("the ring of {service} holds id {id}, none of {candidates:?}"))
+    }
+
+    fn mac_of_backend(addr: IpAddr) -> [u8; 6] {
+        match addr {
+            IpAddr::V4(_) => BE4_MAC,
+            IpAddr::V6(a) => BE6
+                .iter()
+                .position(|b| *b == a)
+                .map_or([0; 6], |i| BE6_MACS[i]),
+        }
+    }
+
+    /// The frame the balancer must send for the IP packet `inner` (IPv6 when
+    /// `inner_v6`, traffic class / TOS `tos`) towards `backend`.
+    fn tunnelled(&self, inner: &[u8], inner_v6: bool, tos: u8, backend: IpAddr) -> Vec<u8> {
+        let mac = Self::mac_of_backend(backend);
+        match backend {
+            IpAddr::V6(b) => {
+                let nh = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+                eth(
+                    mac,
+                    self.lb_mac,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(LB6, b, nh, tos, 64, inner),
+                )
+            }
+            IpAddr::V4(b) => {
+                let proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+                eth(
+                    mac,
+                    self.lb_mac,
+                    None,
+                    ETH_P_IPV4,
+                    &ipv4_tunnel(LB4, b, proto, tos, inner),
+                )
+            }
+        }
+    }
+
+    fn check(&self, row: &Row) -> anyhow::Result<()> {
+        let name = &row.name;
+        let before = self.lb.counters()?;
+        let traffic_before = self.traffic()?;
+        let (verdict, out) = self.run(LB_PROGRAM, &row.input)?;
+        let after = self.lb.counters()?;
+        let traffic_after = self.traffic()?;
+        let (want_verdict, outcome) = match row.expect {
+            Expect::Tx(..) => (XDP_TX, Counter::Tx.index()),
+            Expect::Reply(c) => (XDP_TX, c.index()),
+            Expect::Pass(c) => (XDP_PASS, c.index()),
+            Expect::Drop(r) => (xdplb_tests::xdp_bed::XDP_DROP, r.index()),
+        };
+        ensure!(
+            verdict == want_verdict,
+            "{name}: verdict {}, want {}",
+            verdict_name(verdict),
+            verdict_name(want_verdict)
+        );
+        if out != row.output {
+            let at = out.iter().zip(&row.output).position(|(a, b)| a != b);
+            anyhow::bail!(
+                "{name}: output differs at byte {at:?} (lengths {} / want {}):\n got  {:02x?}\n want {:02x?}",
+                out.len(),
+                row.output.len(),
+                out,
+                row.output
+            );
+        }
+        if matches!(row.expect, Expect::Tx(..) | Expect::Reply(_)) {
+            check_checksums6(&out).with_context(|| format!("{name}: checksums"))?;
+        }
+        ensure!(
+            after.get(Counter::Rx) == before.get(Counter::Rx) + 1,
+            "{name}: rx not counted"
+        );
+        let all = |c: &stats::Counters| -> Vec<(u32, &'static str, u64)> {
+            c.counters
+                .iter()
+                .map(|(k, v)| (k.index(), k.label(), *v))
+                .chain(c.drops.iter().map(|(k, v)| (k.index(), k.label(), *v)))
+                .collect()
+        };
+        for ((index, label, b), (_, _, a)) in all(&before).into_iter().zip(all(&after)) {
+            let bookkeeping = matches!(
+                Counter::ALL.iter().find(|c| c.index() == index),
+                Some(
+                    Counter::Rx
+                        | Counter::FlowNew
+                        | Counter::FlowRehash
+                        | Counter::FlowInsertFailed
+                        | Counter::FlowPromoted
+                        | Counter::IcmpErrorForwarded
+                )
+            );
+            if index == outcome {
+                ensure!(a == b + 1, "{name}: counter {label} did not count it");
+            } else if !bookkeeping {
+                ensure!(
+                    a == b,
+                    "{name}: counter {label} counted it too ({b} -> {a})"
+                );
+            }
+        }
+        match row.expect {
+            Expect::Tx(service, backend) => {
+                let (_, l3) = xdplb_tests::packet6::l3_of(&row.input)?;
+                let inner_len = if l3[0] >> 4 == 6 {
+                    40 + u64::from(u16::from_be_bytes([l3[4], l3[5]]))
+                } else {
+                    u64::from(u16::from_be_bytes([l3[2], l3[3]]))
+                };
+                let delta: Vec<_> = traffic_after
+                    .iter()
+                    .zip(&traffic_before)
+                    .filter(|(a, b)| a.2 != b.2)
+                    .map(|(a, b)| (a.0.clone(), a.1, (a.2.0 - b.2.0, a.2.1 - b.2.1)))
+                    .collect();
+                let want = vec![
+                    (service.to_owned(), None, (1, inner_len)),
+                    (service.to_owned(), Some(backend), (1, inner_len)),
+                ];
+                ensure!(
+                    delta == want,
+                    "{name}: traffic changed by {delta:?}, want {want:?}"
+                );
+            }
+            _ => ensure!(
+                traffic_after == traffic_before,
+                "{name}: counted as forwarded traffic but not forwarded"
+            ),
+        }
+        Ok(())
+    }
+
+    /// (service, backend or None for the service's own, (packets, bytes)).
+    fn traffic(&self) -> anyhow::Result<Vec<TrafficRow>> {
+        let mut out = Vec::new();
+        for svc in &desired().services {
+            let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
+            let s = stats::service_traffic(&self.lb.maps, id)?;
+            out.push((svc.name.clone(), None, (s.packets, s.bytes)));
+            for b in &svc.backends {
+                let id = self
+                    .lb
+                    .reconciler
+                    .backend_id(&svc.name, b.address, b.port)
+                    .context("backend id")?;
+                let t = stats::backend_traffic(&self.lb.maps, id)?;
+                out.push((svc.name.clone(), Some(b.address), (t.packets, t.bytes)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn flow6(src: SocketAddrV6, dst: SocketAddrV6, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_words(IpAddr::V6(*src.ip())).0,
+        dst: addr_words(IpAddr::V6(*dst.ip())).0,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
+fn flow4(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_words(IpAddr::V4(*src.ip())).0,
+        dst: addr_words(IpAddr::V4(*dst.ip())).0,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+fn client(port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(CLIENT6, port, 0, 0)
+}
+
+/// A client's IPv6 TCP packet to `vip` with traffic class `tc` and `data`.
+fn tcp_packet(port: u16, vip: SocketAddrV6, flags: u8, tc: u8, data: &[u8]) -> Vec<u8> {
+    ipv6(
+        CLIENT6,
+        *vip.ip(),
+        PROTO_TCP,
+        tc,
+        64,
+        &tcp6(client(port), vip, flags, 1, data),
+    )
+}
+
+fn frame(l3: &[u8]) -> Vec<u8> {
+    eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, None, ETH_P_IPV6, l3)
+}
+
+fn unchanged(name: &str, input: Vec<u8>, expect: Expect) -> Row {
+    Row {
+        name: name.into(),
+        output: input.clone(),
+        input,
+        expect,
+    }
+}
+
+fn rows(fx: &Fixture) -> anyhow::Result<Vec<Row>> {
+    let web = vip6(1, 80);
+    let web_backends: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+    let mut rows = Vec::new();
+
+    // 6in6: a SYN, an established-flow packet with data and a traffic class, UDP.
+    for (name, port, flags, tc, data) in [
+        ("6in6 tcp syn", 40001, tcp_flags::SYN, 0, &b""[..]),
+        (
+            "6in6 tcp data, traffic class copied",
+            40002,
+            tcp_flags::ACK | tcp_flags::PSH,
+            0xb8,
+            &b"hello over ipv6"[..],
+        ),
+    ] {
+        let l3 = tcp_packet(port, web, flags, tc, data);
+        let be = fx.pick(
+            "web6",
+            &flow6(client(port), web, PROTO_TCP),
+            &web_backends,
+            80,
+        )?;
+        rows.push(Row {
+            name: name.into(),
+            output: fx.tunnelled(&l3, true, tc, be),
+            input: frame(&l3),
+            expect: Expect::Tx("web6", be),
+        });
+    }
+    let dns = vip6(2, 53);
+    let l3 = ipv6(
+        CLIENT6,
+        *dns.ip(),
+        PROTO_UDP,
+        0,
+        64,
+        &udp6(client(5353), dns, b"query"),
+    );
+    rows.push(Row {
+        name: "6in6 udp".into(),
+        output: fx.tunnelled(&l3, true, 0, BE6[0].into()),
+        input: frame(&l3),
+        expect: Expect::Tx("dns6", BE6[0].into()),
+    });
+    // Tagged, with Ethernet padding past the IPv6 payload: untagged out, padding cut.
+    let l3 = tcp_packet(40003, web, tcp_flags::ACK, 0x20, b"");
+    let be = fx.pick(
+        "web6",
+        &flow6(client(40003), web, PROTO_TCP),
+        &web_backends,
+        80,
+    )?;
+    let mut input = eth(
+        [0x02, 0, 0, 0, 0, 0x10],
+        CLIENT_MAC,
+        Some(7),
+        ETH_P_IPV6,
+        &l3,
+    );
+    input.extend_from_slice(&[0xee; 6]);
+    rows.push(Row {
+        name: "6in6 tagged frame with padding".into(),
+        output: fx.tunnelled(&l3, true, 0x20, be),
+        input,
+        expect: Expect::Tx("web6", be),
+    });
+
+    // 4in6: an IPv4 VIP whose backends are IPv6.
+    let src4 = SocketAddrV4::new(CLIENT4, 40010);
+    let v4 = PacketBuilder::tcp(src4, VIP4_MIXED)
+        .flags(tcp_flags::SYN)
+        .tos(0x10)
+        .macs(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10])
+        .build();
+    let mixed_backends: Vec<IpAddr> = BE6[..2].iter().map(|&b| b.into()).collect();
+    let be = fx.pick(
+        "mixed",
+        &flow4(src4, VIP4_MIXED, PROTO_TCP),
+        &mixed_backends,
+        80,
+    )?;
+    rows.push(Row {
+        name: "4in6 (ipv4 vip, ipv6 backend)".into(),
+        output: fx.tunnelled(
+            &v4[14..14 + usize::from(u16::from_be_bytes([v4[16], v4[17]]))],
+            false,
+            0x10,
+            be,
+        ),
+        input: v4,
+        expect: Expect::Tx("mixed", be),
+    });
+    // 4in6 too big with DF: "fragmentation needed" giving 1500 - 40.
+    let big4 = PacketBuilder::tcp(SocketAddrV4::new(CLIENT4, 40011), VIP4_MIXED)
+        .flags(tcp_flags::ACK)
+        .fragment(true, false, 0)
+        .macs(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10])
+        .payload(&[0x5a; 1430])
+        .build();
+    rows.push(Row {
+        name: "4in6 too big: fragmentation needed with mtu - 40".into(),
+        output: frag_needed(&big4, 1460),
+        input: big4,
+        expect: Expect::Reply(Counter::IcmpFragNeeded),
+    });
+
+    // 6in4: an IPv6 VIP whose backend is IPv4.
+    let six4 = vip6(3, 80);
+    let l3 = tcp_packet(40020, six4, tcp_flags::SYN, 0, b"");
+    rows.push(Row {
+        name: "6in4 (ipv6 vip, ipv4 backend)".into(),
+        output: fx.tunnelled(&l3, true, 0, BE4.into()),
+        input: frame(&l3),
+        expect: Expect::Tx("six4", BE4.into()),
+    });
+
+    // Extension headers and fragments: passed, counted, unchanged.
+    let seg = tcp6(client(40030), web, tcp_flags::SYN, 1, b"");
+    for (name, kind, counter) in [
+        (
+            "hop-by-hop header passed",
+            NEXTHDR_HOP,
+            Counter::PassIpv6Ext,
+        ),
+        (
+            "routing header passed",
+            NEXTHDR_ROUTING,
+            Counter::PassIpv6Ext,
+        ),
+        (
+            "destination options passed",
+            NEXTHDR_DEST,
+            Counter::PassIpv6Ext,
+        ),
+    ] {
+        let mut payload = ext_header(PROTO_TCP);
+        payload.extend_from_slice(&seg);
+        let l3 = ipv6(CLIENT6, *web.ip(), kind, 0, 64, &payload);
+        rows.push(unchanged(name, frame(&l3), Expect::Pass(counter)));
+    }
+    for (name, offset, more) in [
+        ("first fragment passed", 0, true),
+        ("later fragment passed", 8, false),
+    ] {
+        let mut payload = fragment_header(PROTO_TCP, offset, more, 7);
+        payload.extend_from_slice(&seg);
+        let l3 = ipv6(CLIENT6, *web.ip(), NEXTHDR_FRAGMENT, 0, 64, &payload);
+        rows.push(unchanged(
+            name,
+            frame(&l3),
+            Expect::Pass(Counter::PassFragment),
+        ));
+    }
+
+    // Other outcomes.
+    let l3 = tcp_packet(40040, vip6(4, 80), tcp_flags::SYN, 0, b"");
+    rows.push(unchanged(
+        "next hop not resolved",
+        frame(&l3),
+        Expect::Pass(Counter::PassNoNeighbour),
+    ));
+    let l3 = tcp_packet(40041, vip6(5, 80), tcp_flags::SYN, 0, b"");
+    rows.push(unchanged(
+        "l7 vip passed",
+        frame(&l3),
+        Expect::Pass(Counter::PassL7),
+    ));
+    let l3 = tcp_packet(40042, vip6(1, 81), tcp_flags::SYN, 0, b"");
+    rows.push(unchanged(
+        "vip address, other port",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
+    let l3 = tcp_packet(40043, vip6(9, 80), tcp_flags::SYN, 0, b"");
+    rows.push(unchanged(
+        "not a vip",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
+    let mut l3 = tcp_packet(40044, web, tcp_flags::SYN, 0, b"");
+    l3[5] += 8; // payload length past the frame
+    rows.push(unchanged(
+        "payload length past the frame",
+        frame(&l3),
+        Expect::Pass(Counter::PassTruncated),
+    ));
+    let l3 = tcp_packet(40045, web, tcp_flags::SYN, 0, b"");
+    rows.push(unchanged(
+        "ipv6 header cut short",
+        frame(&l3[..30]),
+        Expect::Pass(Counter::PassTruncated),
+    ));
+
+    // Too big once encapsulated: "packet too big" with 1500 - 40.
+    let l3 = tcp_packet(40050, web, tcp_flags::ACK, 0, &[0xa5; 1441]);
+    let input = frame(&l3);
+    rows.push(Row {
+        name: "packet too big generated".into(),
+        output: packet_too_big(&input, 1460),
+        input,
+        expect: Expect::Reply(Counter::Icmp6TooBig),
+    });
+    // Exactly at the limit: forwarded.
+    let l3 = tcp_packet(40051, web, tcp_flags::ACK, 0, &[0xa5; 1400]);
+    let be = fx.pick(
+        "web6",
+        &flow6(client(40051), web, PROTO_TCP),
+        &web_backends,
+        80,
+    )?;
+    rows.push(Row {
+        name: "1460 bytes fit exactly".into(),
+        output: fx.tunnelled(&l3, true, 0, be),
+        input: frame(&l3),
+        expect: Expect::Tx("web6", be),
+    });
+
+    // ICMPv6 echo to a VIP: answered.
+    let echo = icmp6(
+        CLIENT6,
+        *web.ip(),
+        128,
+        0,
+        [0x12, 0x34, 0, 1],
+        b"ping6 payload",
+    );
+    let l3 = ipv6(CLIENT6, *web.ip(), IPPROTO_ICMPV6, 0, 55, &echo);
+    let reply = icmp6(
+        *web.ip(),
+        CLIENT6,
+        129,
+        0,
+        [0x12, 0x34, 0, 1],
+        b"ping6 payload",
+    );
+    rows.push(Row {
+        name: "icmpv6 echo answered".into(),
+        input: frame(&l3),
+        output: eth(
+            CLIENT_MAC,
+            [0x02, 0, 0, 0, 0, 0x10],
+            None,
+            ETH_P_IPV6,
+            &ipv6(*web.ip(), CLIENT6, IPPROTO_ICMPV6, 0, 64, &reply),
+        ),
+        expect: Expect::Reply(Counter::IcmpEchoReply),
+    });
+    let l3 = ipv6(
+        CLIENT6,
+        *vip6(9, 0).ip(),
+        IPPROTO_ICMPV6,
+        0,
+        64,
+        &icmp6(CLIENT6, *vip6(9, 0).ip(), 128, 0, [0; 4], b""),
+    );
+    rows.push(unchanged(
+        "icmpv6 echo to another address",
+        frame(&l3),
+        Expect::Pass(Counter::PassNotVip),
+    ));
+    let ns = icmp6(CLIENT6, *web.ip(), 135, 0, [0; 4], &[0; 16]);
+    let l3 = ipv6(CLIENT6, *web.ip(), IPPROTO_ICMPV6, 0, 255, &ns);
+    rows.push(unchanged(
+        "other icmpv6 to a vip dropped",
+        frame(&l3),
+        Expect::Drop(DropReason::IcmpUnhandled),
+    ));
+
+    // ICMPv6 errors about a reply VIP -> client: to the flow's backend, whole.
+    for (kind, rest, what) in [
+        (2u8, 1280u32.to_be_bytes(), "packet too big"),
+        (1, [0; 4], "destination unreachable"),
+    ] {
+        let port = 40060 + u16::from(kind);
+        let reply = ipv6(
+            *web.ip(),
+            CLIENT6,
+            PROTO_TCP,
+            0,
+            63,
+            &tcp6(web, client(port), tcp_flags::ACK, 9, &[0x33; 64]),
+        );
+        let err = icmp6(ROUTER6, *web.ip(), kind, 0, rest, &reply);
+        let l3 = ipv6(ROUTER6, *web.ip(), IPPROTO_ICMPV6, 0, 64, &err);
+        let be = fx.pick(
+            "web6",
+            &flow6(client(port), web, PROTO_TCP),
+            &web_backends,
+            80,
+        )?;
+        rows.push(Row {
+            name: format!("icmpv6 {what} about a vip flow forwarded"),
+            output: fx.tunnelled(&l3, true, 0, be),
+            input: frame(&l3),
+            expect: Expect::Tx("web6", be),
+        });
+    }
+    // Quoting garbage: cut short, another source, extension header, another port.
+    let reply = ipv6(
+        *web.ip(),
+        CLIENT6,
+        PROTO_TCP,
+        0,
+        63,
+        &tcp6(web, client(40070), tcp_flags::ACK, 9, b""),
+    );
+    for (name, quote, expect) in [
+        (
+            "icmpv6 error quoting 20 bytes",
+            reply[..20].to_vec(),
+            Expect::Drop(DropReason::IcmpBadQuote),
+        ),
+        (
+            "icmpv6 error quoting another source",
+            {
+                let mut q = reply.clone();
+                q[23] ^= 1;
+                q
+            },
+            Expect::Drop(DropReason::IcmpBadQuote),
+        ),
+        (
+            "icmpv6 error quoting a fragment",
+            {
+                let mut payload = fragment_header(PROTO_TCP, 0, true, 1);
+                payload.extend_from_slice(&reply[40..]);
+                ipv6(*web.ip(), CLIENT6, NEXTHDR_FRAGMENT, 0, 63, &payload)
+            },
+            Expect::Drop(DropReason::IcmpUnhandled),
+        ),
+        (
+            "icmpv6 error quoting a non-vip port",
+            {
+                ipv6(
+                    *web.ip(),
+                    CLIENT6,
+                    PROTO_TCP,
+                    0,
+                    63,
+                    &tcp6(vip6(1, 81), client(40071), tcp_flags::ACK, 9, b""),
+                )
+            },
+            Expect::Drop(DropReason::IcmpUnhandled),
+        ),
+    ] {
+        let err = icmp6(ROUTER6, *web.ip(), 1, 4, [0; 4], &quote);
+        let l3 = ipv6(ROUTER6, *web.ip(), IPPROTO_ICMPV6, 0, 64, &err);
+        rows.push(unchanged(name, frame(&l3), expect));
+    }
+    Ok(rows)
+}
+
+/// The ICMPv6 "packet too big" the balancer answers `input` (untagged) with.
+fn packet_too_big(input: &[u8], mtu: u32) -> Vec<u8> {
+    let l3 = &input[14..];
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&l3[8..24]).expect("16"));
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&l3[24..40]).expect("16"));
+    let msg = icmp6(dst, src, 2, 0, mtu.to_be_bytes(), &l3[..48]);
+    let mut hdr = ipv6_header(dst, src, IPPROTO_ICMPV6, msg.len() as u16, 0xc0, 64).to_vec();
+    hdr.extend_from_slice(&msg);
+    let mut dmac = [0u8; 6];
+    dmac.copy_from_slice(&input[6..12]);
+    let mut smac = [0u8; 6];
+    smac.copy_from_slice(&input[0..6]);
+    eth(dmac, smac, None, ETH_P_IPV6, &hdr)
+}
+
+/// The ICMP "fragmentation needed" the balancer answers the IPv4 `input` with.
+fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
+    let l3 = &input[14..];
+    let src = Ipv4Addr::new(l3[12], l3[13], l3[14], l3[15]);
+    let dst = Ipv4Addr::new(l3[16], l3[17], l3[18], l3[19]);
+    let mut msg = vec![3, 4, 0, 0, 0, 0];
+    msg.extend_from_slice(&next_hop_mtu.to_be_bytes());
+    msg.extend_from_slice(&l3[..28]);
+    let c = internet_checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut dmac = [0u8; 6];
+    dmac.copy_from_slice(&input[6..12]);
+    let mut smac = [0u8; 6];
+    smac.copy_from_slice(&input[0..6]);
+    eth(
+        dmac,
+        smac,
+        None,
+        ETH_P_IPV4,
+        &ipv4_tunnel(dst, src, 1, 0xc0, &msg),
+    )
+}
+
+fn with_fixture<F>(test: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&mut Fixture) -> anyhow::Result<()> + Send + 'static,
+{
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    in_bed("fx6", &net(), move || {
+        let mut fx = Fixture::new()?;
+        body(&mut fx)
+    })
+    .with_context(|| format!("fixture test {test}"))
+}
+
+#[test]
+fn ipv6_fixture_table() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let rows = rows(fx)?;
+        let mut failures = Vec::new();
+        for row in &rows {
+            if let Err(e) = fx.check(row) {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        ensure!(
+            failures.is_empty(),
+            "{} of {} rows failed:\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n")
+        );
+        println!("{} IPv6 rows passed", rows.len());
+        Ok(())
+    })
+}
+
+/// `xdp_decap`: 6in6 and 4in6 to the host's IPv6 address and 6in4 to its IPv4 address
+/// lose their outer header (the tag of a tagged frame stays); others pass unchanged.
+#[test]
+fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        {
+            let mut dsts: HashMap<_, DecapKey, u32> =
+                HashMap::try_from(fx.lb.ebpf.map_mut(names::DECAP_DSTS).context("decap map")?)?;
+            for a in [IpAddr::V6(LB6), IpAddr::V4(LB4)] {
+                let (addr, family) = addr_words(a);
+                dsts.insert(
+                    DecapKey {
+                        addr,
+                        family,
+                        _pad: [0; 3],
+                    },
+                    1,
+                    0,
+                )?;
+            }
+        }
+        let macs = ([0x02, 0xbe, 0, 0, 6, 0x11], [0x02, 0x1b, 0, 0, 0, 0x10]);
+        let web = vip6(1, 80);
+        let inner6 = tcp_packet(40100, web, tcp_flags::SYN, 0, b"x");
+        let inner4 = PacketBuilder::tcp(SocketAddrV4::new(CLIENT4, 40101), VIP4_MIXED)
+            .flags(tcp_flags::SYN)
+            .build_ipv4();
+        let other = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x77);
+        // (name, input, the decapsulated frame or None: passed unchanged).
+        let cases: Vec<DecapCase> = vec![
+            (
+                "6in6",
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
+            ),
+            (
+                "4in6",
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPIP, 0, 64, &inner4),
+                ),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV4, &inner4)),
+            ),
+            (
+                "6in4",
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV4,
+                    &ipv4_tunnel(Ipv4Addr::new(198, 18, 1, 1), LB4, IPPROTO_IPV6, 0, &inner6),
+                ),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
+            ),
+            (
+                "6in6 tagged",
+                eth(
+                    macs.0,
+                    macs.1,
+                    Some(5),
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
+                Some(eth(macs.0, macs.1, Some(5), ETH_P_IPV6, &inner6)),
+            ),
+            (
+                "6in6 to another address",
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), other, IPPROTO_IPV6, 0, 64, &inner6),
+                ),
+                None,
+            ),
+            (
+                "6in6 whose inner packet is not ipv6",
+                eth(
+                    macs.0,
+                    macs.1,
+                    None,
+                    ETH_P_IPV6,
+                    &ipv6(balancer6(), LB6, IPPROTO_IPV6, 0, 64, &inner4),
+                ),
+                None,
+            ),
+            (
+                "plain ipv6 to the host",
+                eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6),
+                None,
+            ),
+        ];
+        for (name, input, want) in cases {
+            let before = fx.lb.counters()?.get(Counter::Decap);
+            let (verdict, out) = fx.run(DECAP_PROGRAM, &input)?;
+            let after = fx.lb.counters()?.get(Counter::Decap);
+            ensure!(
+                verdict == XDP_PASS,
+                "{name}: verdict {}",
+                verdict_name(verdict)
+            );
+            let decapped = want.is_some();
+            let want = want.unwrap_or_else(|| input.clone());
+            ensure!(
+                out == want,
+                "{name}: output\n got  {out:02x?}\n want {want:02x?}"
+            );
+            ensure!(
+                after == before + u64::from(decapped),
+                "{name}: decap counted {} times",
+                after - before
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The outer source of the decap rows: a balancer's tunnel source in another subnet.
+fn balancer6() -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 2, 0, 0, 0, 0, 0x10)
+}
+
+/// `[security]` for IPv6 sources on an IPv6 VIP: the deny list (a /48), the allow list
+/// (a /32: other sources are refused), and `new_flows_per_source` per /64 (burst 2:
+/// the third new flow of a /64 is dropped, another /64 of the same client network
+/// is not).
+#[test]
+fn ipv6_sources_are_filtered_and_limited() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let mut d = desired();
+        d.filters = DesiredFilters {
+            deny: vec!["fd00:18:bad::/48".parse()?],
+            allow: vec!["fd00:18::/32".parse()?],
+            new_flows: Some(FlowLimitConfig {
+                rate: 1,
+                burst: 2,
+                prefix_v4: 32,
+                prefix_v6: 64,
+            }),
+        };
+        fx.lb.apply(&d)?;
+        let web = vip6(1, 80);
+        let web_backends: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let syn_from = |src: Ipv6Addr, port: u16| {
+            let from = SocketAddrV6::new(src, port, 0, 0);
+            ipv6(
+                src,
+                *web.ip(),
+                PROTO_TCP,
+                0,
+                64,
+                &tcp6(from, web, tcp_flags::SYN, 1, b""),
+            )
+        };
+        let mut rows = vec![
+            unchanged(
+                "deny: a source in fd00:18:bad::/48",
+                frame(&syn_from("fd00:18:bad:1::7".parse()?, 41000)),
+                Expect::Drop(DropReason::FilterDeny),
+            ),
+            unchanged(
+                "allow: a source outside fd00:18::/32",
+                frame(&syn_from("2001:db8::7".parse()?, 41001)),
+                Expect::Drop(DropReason::FilterNotAllowed),
+            ),
+        ];
+        // Two new flows from one /64 pass, the third is over its burst; another /64
+        // has its own bucket.
+        let limited: Ipv6Addr = "fd00:18:0:7::5".parse()?;
+        let neighbour_net: Ipv6Addr = "fd00:18:0:8::5".parse()?;
+        for (name, src, port, admitted) in [
+            ("limit: first new flow of a /64", limited, 41010, true),
+            (
+                "limit: second new flow, another host of the /64",
+                "fd00:18:0:7::6".parse()?,
+                41011,
+                true,
+            ),
+            (
+                "limit: third new flow of the /64 dropped",
+                limited,
+                41012,
+                false,
+            ),
+            (
+                "limit: another /64 has its own bucket",
+                neighbour_net,
+                41013,
+                true,
+            ),
+        ] {
+            let l3 = syn_from(src, port);
+            if admitted {
+                let key = flow6(SocketAddrV6::new(src, port, 0, 0), web, PROTO_TCP);
+                let be = fx.pick("web6", &key, &web_backends, 80)?;
+                rows.push(Row {
+                    name: name.into(),
+                    output: fx.tunnelled(&l3, true, 0, be),
+                    input: frame(&l3),
+                    expect: Expect::Tx("web6", be),
+                });
+            } else {
+                rows.push(unchanged(
+                    name,
+                    frame(&l3),
+                    Expect::Drop(DropReason::NewFlowLimit),
+                ));
+            }
+        }
+        for row in &rows {
+            fx.check(row)?;
+        }
+        Ok(())
+    })
+}
