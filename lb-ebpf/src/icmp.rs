@@ -261,9 +261,8 @@ fn forward_error_v4(
     }
     if choice.backend.family == FAMILY_V6 {
         // An IPv6 backend: IPv4 in IPv6 (`ipv6::send`, called next by `xdp_lb`).
-        let mut f = ipv6::Forward::new(&choice, vip.service_id, tot_len as u16, ip.tos, false);
-        f.icmp_error = 1;
-        fwd.write(f);
+        let (len, tos) = (tot_len as u16, ip.tos);
+        ipv6::Forward::fill(fwd, &choice, vip.service_id, len, tos, false, true);
         return Ok(NEXT_SEND);
     }
     let ifindex = tunnel_v4(

@@ -235,15 +235,8 @@ fn forward_error_v6(
     if mtu != 0 && len as u32 + outer_len(&choice.backend) > mtu {
         return Err(Exit::Drop(DropReason::TooBig));
     }
-    let mut f = Forward::new(
-        &choice,
-        vip.service_id,
-        len as u16,
-        ip.traffic_class(),
-        true,
-    );
-    f.icmp_error = 1;
-    fwd.write(f);
+    let tc = ip.traffic_class();
+    Forward::fill(fwd, &choice, vip.service_id, len as u16, tc, true, true);
     Ok(NEXT_SEND)
 }
 

@@ -224,7 +224,7 @@ pub fn try_lb_v6(
     if mtu != 0 && u32::from(pkt.len) + outer > mtu {
         return Ok(with_mtu(NEXT_TOO_BIG6, mtu - outer));
     }
-    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true);
+    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true, false);
     Ok(NEXT_SEND)
 }
 
@@ -258,8 +258,10 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Write [`Forward::new`]'s fields straight into `fwd` (the caller's frame), with no
-    /// temporary copy on the writer's stack: in `lb_v4` that copy cost 32 of its bytes.
+    /// Write the fields straight into `fwd` (the caller's frame), with no temporary copy
+    /// on the writer's stack: in `lb_v4` that copy cost 32 of its bytes. The byte fields
+    /// and the padding go in as two 4-byte words: LLVM turned the separate stores of the
+    /// 3-byte padding (and its neighbours) into calls of the `memset` subprogram.
     #[inline(always)]
     pub fn fill(
         fwd: &mut MaybeUninit<Forward>,
@@ -268,36 +270,37 @@ impl Forward {
         inner_len: u16,
         tos: u8,
         inner_v6: bool,
+        icmp_error: bool,
     ) {
         let p = fwd.as_mut_ptr();
-        // SAFETY: `p` points to a Forward-sized, Forward-aligned place; each field is
-        // written once, so the whole value is initialised afterwards.
+        let len = inner_len.to_ne_bytes();
+        // SAFETY: `p` points to a Forward-sized, Forward-aligned place (align 4);
+        // `inner_len` is at offset 32 and `icmp_error` at 36 (asserted below), so each
+        // word store covers exactly its four bytes; with the three field writes before
+        // them the whole value is initialised.
         unsafe {
             (&raw mut (*p).backend).write(choice.backend);
             (&raw mut (*p).service_id).write(service_id);
             (&raw mut (*p).backend_id).write(choice.backend_id);
-            (&raw mut (*p).inner_len).write(inner_len);
-            (&raw mut (*p).tos).write(tos);
-            (&raw mut (*p).inner_v6).write(u8::from(inner_v6));
-            (&raw mut (*p).icmp_error).write(0);
-            (&raw mut (*p)._pad).write([0; 3]);
-        }
-    }
-
-    #[inline(always)]
-    pub fn new(choice: &Choice, service_id: u32, inner_len: u16, tos: u8, inner_v6: bool) -> Self {
-        Forward {
-            backend: choice.backend,
-            service_id,
-            backend_id: choice.backend_id,
-            inner_len,
-            tos,
-            inner_v6: u8::from(inner_v6),
-            icmp_error: 0,
-            _pad: [0; 3],
+            (&raw mut (*p).inner_len)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([
+                    len[0],
+                    len[1],
+                    tos,
+                    u8::from(inner_v6),
+                ]));
+            (&raw mut (*p).icmp_error)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([u8::from(icmp_error), 0, 0, 0]));
         }
     }
 }
+const _: () = assert!(core::mem::offset_of!(Forward, inner_len) == 32);
+const _: () = assert!(core::mem::offset_of!(Forward, tos) == 34);
+const _: () = assert!(core::mem::offset_of!(Forward, inner_v6) == 35);
+const _: () = assert!(core::mem::offset_of!(Forward, icmp_error) == 36);
+const _: () = assert!(core::mem::size_of::<Forward>() == 40);
 
 /// Tunnel the IP packet at `l3_off` as `f` says, account it and send it: the verdict,
 /// its counter counted. A BPF subprogram (the fib lookup's parameters and the outer

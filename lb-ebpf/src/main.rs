@@ -128,7 +128,15 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
             let arg = mtu - IPV6_HLEN as u32 + IPV4_HLEN as u32;
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
-        Forward::fill(fwd, &choice, vip.service_id, pkt.tot_len, pkt.tos, false);
+        Forward::fill(
+            fwd,
+            &choice,
+            vip.service_id,
+            pkt.tot_len,
+            pkt.tos,
+            false,
+            false,
+        );
         return Ok(NEXT_SEND);
     }
     let ifindex = tunnel_v4(
