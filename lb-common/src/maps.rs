@@ -53,6 +53,11 @@ pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
 /// Capacity: one per service.
 pub const VIP_ADDRS: &str = "XDPLB_VIP_ADDRS";
 
+/// `Array<NextHopEntry>` indexed by backend id: each backend's resolved next hop
+/// (egress interface, MACs, MTU), written by the agent from netlink; the program falls
+/// back to `bpf_fib_lookup` when an entry is invalid or for another address.
+pub const NEXT_HOPS: &str = "XDPLB_NEXT_HOPS";
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -73,6 +78,7 @@ pub const ALL: &[&str] = &[
     FLOW_BUCKETS,
     FLOWS_NEW,
     VIP_ADDRS,
+    NEXT_HOPS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

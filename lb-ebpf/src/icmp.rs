@@ -43,7 +43,7 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         FAMILY_V4, FAMILY_V6, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP,
-        PROTO_UDP, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipAddrKey, VipKey,
+        PROTO_UDP, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
     },
 };
 
@@ -132,11 +132,7 @@ pub fn handle_v4(
     if ip.protocol != PROTO_ICMP || ip.version_ihl != 0x45 {
         return Err(Exit::Pass(Counter::PassNotVip));
     }
-    let key = VipAddrKey {
-        addr: [ip.daddr, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::vip_addr_key([ip.daddr, 0, 0, 0], FAMILY_V4);
     // SAFETY: VIP_ADDRS is preallocated; values are plain u32 written whole.
     let flags = *unsafe { VIP_ADDRS.get(key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
     if let Some(src) = src {
@@ -265,9 +261,8 @@ fn forward_error_v4(
     }
     if choice.backend.family == FAMILY_V6 {
         // An IPv6 backend: IPv4 in IPv6 (`ipv6::send`, called next by `xdp_lb`).
-        let mut f = ipv6::Forward::new(&choice, vip.service_id, tot_len as u16, ip.tos, false);
-        f.icmp_error = 1;
-        fwd.write(f);
+        let (len, tos) = (tot_len as u16, ip.tos);
+        ipv6::Forward::fill(fwd, &choice, vip.service_id, len, tos, false, true);
         return Ok(NEXT_SEND);
     }
     let ifindex = tunnel_v4(
@@ -277,6 +272,7 @@ fn forward_error_v4(
         ip.tos,
         source,
         choice.backend.addr[0],
+        choice.backend_id,
     )?;
     count_forwarded(vip.service_id, choice.backend_id, tot_len as u64);
     count(Counter::IcmpErrorForwarded);

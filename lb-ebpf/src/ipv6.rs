@@ -32,20 +32,21 @@ use aya_ebpf::{
 use lb_common::{
     stats::{Counter, DropReason},
     types::{
-        Backend, DecapKey, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowKey, GlobalConfig, PROTO_TCP,
-        PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey,
+        Backend, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowKey, GlobalConfig, PROTO_TCP, PROTO_UDP,
+        VIP_F_FLOW_LIMIT, VipKey,
     },
 };
 
 use crate::{
     csum,
     encap::{
-        Exit, NextHop, OUTER_TTL, encap_ipv4, next_hop_v4, outer_ipv4, transmit, trim_to,
-        tunnel_v4, zeroed_fib_params,
+        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, transmit, trim_to, tunnel_v4,
+        zeroed_fib_params,
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     hashing::{Choice, Limits, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
+    nexthop,
     parsing::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, Ports,
         VLAN_HLEN, VlanHdr, ptr_at,
@@ -223,7 +224,7 @@ pub fn try_lb_v6(
     if mtu != 0 && u32::from(pkt.len) + outer > mtu {
         return Ok(with_mtu(NEXT_TOO_BIG6, mtu - outer));
     }
-    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true);
+    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true, false);
     Ok(NEXT_SEND)
 }
 
@@ -257,8 +258,10 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Write [`Forward::new`]'s fields straight into `fwd` (the caller's frame), with no
-    /// temporary copy on the writer's stack: in `lb_v4` that copy cost 32 of its bytes.
+    /// Write the fields straight into `fwd` (the caller's frame), with no temporary copy
+    /// on the writer's stack: in `lb_v4` that copy cost 32 of its bytes. The byte fields
+    /// and the padding go in as two 4-byte words: LLVM turned the separate stores of the
+    /// 3-byte padding (and its neighbours) into calls of the `memset` subprogram.
     #[inline(always)]
     pub fn fill(
         fwd: &mut MaybeUninit<Forward>,
@@ -267,36 +270,37 @@ impl Forward {
         inner_len: u16,
         tos: u8,
         inner_v6: bool,
+        icmp_error: bool,
     ) {
         let p = fwd.as_mut_ptr();
-        // SAFETY: `p` points to a Forward-sized, Forward-aligned place; each field is
-        // written once, so the whole value is initialised afterwards.
+        let len = inner_len.to_ne_bytes();
+        // SAFETY: `p` points to a Forward-sized, Forward-aligned place (align 4);
+        // `inner_len` is at offset 32 and `icmp_error` at 36 (asserted below), so each
+        // word store covers exactly its four bytes; with the three field writes before
+        // them the whole value is initialised.
         unsafe {
             (&raw mut (*p).backend).write(choice.backend);
             (&raw mut (*p).service_id).write(service_id);
             (&raw mut (*p).backend_id).write(choice.backend_id);
-            (&raw mut (*p).inner_len).write(inner_len);
-            (&raw mut (*p).tos).write(tos);
-            (&raw mut (*p).inner_v6).write(u8::from(inner_v6));
-            (&raw mut (*p).icmp_error).write(0);
-            (&raw mut (*p)._pad).write([0; 3]);
-        }
-    }
-
-    #[inline(always)]
-    pub fn new(choice: &Choice, service_id: u32, inner_len: u16, tos: u8, inner_v6: bool) -> Self {
-        Forward {
-            backend: choice.backend,
-            service_id,
-            backend_id: choice.backend_id,
-            inner_len,
-            tos,
-            inner_v6: u8::from(inner_v6),
-            icmp_error: 0,
-            _pad: [0; 3],
+            (&raw mut (*p).inner_len)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([
+                    len[0],
+                    len[1],
+                    tos,
+                    u8::from(inner_v6),
+                ]));
+            (&raw mut (*p).icmp_error)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([u8::from(icmp_error), 0, 0, 0]));
         }
     }
 }
+const _: () = assert!(core::mem::offset_of!(Forward, inner_len) == 32);
+const _: () = assert!(core::mem::offset_of!(Forward, tos) == 34);
+const _: () = assert!(core::mem::offset_of!(Forward, inner_v6) == 35);
+const _: () = assert!(core::mem::offset_of!(Forward, icmp_error) == 36);
+const _: () = assert!(core::mem::size_of::<Forward>() == 40);
 
 /// Tunnel the IP packet at `l3_off` as `f` says, account it and send it: the verdict,
 /// its counter counted. A BPF subprogram (the fib lookup's parameters and the outer
@@ -309,16 +313,7 @@ pub fn send(ctx: *mut xdp_md, l3_off: usize, f: &Forward) -> u32 {
         return finish(Err(Exit::Pass(Counter::PassNoSource)));
     };
     let cfg = *cfg;
-    let sent = tunnel(
-        &ctx,
-        l3_off,
-        f.inner_len,
-        f.tos,
-        f.inner_v6 != 0,
-        &f.backend,
-        &cfg,
-    )
-    .map(|ifindex| {
+    let sent = tunnel(&ctx, l3_off, &f, &cfg).map(|ifindex| {
         // Only now is the packet forwarded: a failed encapsulation is not traffic.
         count_forwarded(f.service_id, f.backend_id, u64::from(f.inner_len));
         if f.icmp_error != 0 {
@@ -335,23 +330,21 @@ pub fn send(ctx: *mut xdp_md, l3_off: usize, f: &Forward) -> u32 {
 pub fn tunnel(
     ctx: &XdpContext,
     l3_off: usize,
-    inner_len: u16,
-    tos: u8,
-    inner_v6: bool,
-    backend: &Backend,
+    f: &Forward,
     cfg: &GlobalConfig,
 ) -> Result<u32, Exit> {
+    let (inner_len, tos, inner_v6) = (f.inner_len, f.tos, f.inner_v6 != 0);
+    let (backend, backend_id) = (&f.backend, f.backend_id);
     if backend.family == FAMILY_V6 {
         if cfg.source_v6 == [0; 4] {
             return Err(Exit::Pass(Counter::PassNoSource));
         }
         let nexthdr = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-        let hop = next_hop_v6(
-            ctx,
-            &cfg.source_v6,
-            &backend.addr,
-            inner_len + IPV6_HLEN as u16,
-        )?;
+        let outer_len = inner_len + IPV6_HLEN as u16;
+        let hop = match nexthop::cached(backend_id, FAMILY_V6, &backend.addr, outer_len) {
+            Some(hop) => hop?,
+            None => next_hop_v6(ctx, &cfg.source_v6, &backend.addr, outer_len)?,
+        };
         let outer = Ipv6Hdr {
             vtc_flow: Ipv6Hdr::vtc(tos),
             payload_len: inner_len.to_be(),
@@ -368,11 +361,20 @@ pub fn tunnel(
         return Err(Exit::Pass(Counter::PassNoSource));
     }
     if !inner_v6 {
-        return tunnel_v4(ctx, l3_off, inner_len, tos, cfg.source_v4, backend.addr[0]);
+        return tunnel_v4(
+            ctx,
+            l3_off,
+            inner_len,
+            tos,
+            cfg.source_v4,
+            backend.addr[0],
+            backend_id,
+        );
     }
     // IPv6 in IPv4: the IPIP header with protocol 41.
-    let hop = next_hop_v4(
+    let hop = nexthop::next_hop_for_v4(
         ctx,
+        backend_id,
         cfg.source_v4,
         backend.addr[0],
         inner_len + IPV4_HLEN as u16,
@@ -400,7 +402,8 @@ pub fn next_hop_v6(
     dst: &[u32; 4],
     tot_len: u16,
 ) -> Result<NextHop, Exit> {
-    let mut p = zeroed_fib_params();
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    let p = zeroed_fib_params(&mut params);
     p.family = AF_INET6;
     p.l4_protocol = IPPROTO_IPV6;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -408,7 +411,7 @@ pub fn next_hop_v6(
     p.__bindgen_anon_3.ipv6_src = *src;
     p.__bindgen_anon_4.ipv6_dst = *dst;
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
@@ -467,11 +470,7 @@ pub fn decap_v6(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
     if ip.version() != 6 {
         return Err(XDP_PASS);
     }
-    let key = DecapKey {
-        addr: ip.daddr,
-        family: FAMILY_V6,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::decap_key(ip.daddr, FAMILY_V6);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);

@@ -15,7 +15,7 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        NextHopEntry, TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -90,3 +90,7 @@ pub static FLOWS_NEW: LruHashMap<FlowKey, FlowEntry> =
 /// VIP addresses (any port) and what lives on them: for ICMP to a VIP address.
 #[map(name = "XDPLB_VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Each backend's next hop by backend id, written by the agent (`nexthop.rs`).
+#[map(name = "XDPLB_NEXT_HOPS")]
+pub static NEXT_HOPS: Array<NextHopEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -12,7 +12,7 @@ use aya::{
 use lb_common::{
     maps as names,
     types::{
-        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig, NextHopEntry,
         TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
@@ -63,6 +63,9 @@ pub struct Maps {
     pub flows_new: HashMap<MapData, FlowKey, FlowEntry>,
     /// VIP addresses and `VIP_ADDR_F_*` bits (ICMP to a VIP address).
     pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    /// The backends' next hops by backend id (written by the next-hop keeper,
+    /// `super::neigh`, through its own handle; here for tests and reading).
+    pub next_hops: Array<MapData, NextHopEntry>,
 }
 
 /// Where maps come from.
@@ -122,6 +125,7 @@ impl Maps {
             flow_buckets: typed!(s, names::FLOW_BUCKETS),
             flows_new: typed!(s, names::FLOWS_NEW),
             vip_addrs: typed!(s, names::VIP_ADDRS),
+            next_hops: typed!(s, names::NEXT_HOPS),
         })
     }
 
