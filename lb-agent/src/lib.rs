@@ -11,6 +11,7 @@ pub mod control;
 pub mod ctl;
 pub mod dataplane;
 pub mod decap;
+pub mod handoff;
 pub mod health;
 pub mod l7;
 pub mod metrics;

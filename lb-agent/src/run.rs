@@ -2,7 +2,8 @@
 //! runtime, the fast path ([`crate::dataplane::fast_path`]) handed to the one owner of
 //! desired state ([`Control`]), and the tasks and signals: REST API, L7 proxy, health
 //! events, slow-start ramps, retries of failed map writes, reload
-//! on SIGHUP, stop on SIGINT/SIGTERM.
+//! on SIGHUP, stop on SIGINT/SIGTERM, and the hand-off of the listening sockets to a
+//! new agent that takes over ([`crate::handoff`]).
 
 use std::{
     path::PathBuf,
@@ -24,6 +25,7 @@ use crate::{
     control::Control,
     dataplane::{desired::NoFastPath, fast_path::FastPath, loader::Capacities},
     decap::attach_mode,
+    handoff::{self, HandoffListener, Inherited},
     health::HealthChecker,
     l7::manager::{L7Manager, L7Registry},
     metrics::Metrics,
@@ -82,15 +84,32 @@ fn effective_mode(config: &Config, arg: Option<XdpModeArg>) -> XdpModeArg {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let mode = effective_mode(&config, args.xdp_mode);
+    // A running agent for this state directory hands its listening sockets over (and
+    // stops its control plane and fast path writes first); none: bind as usual.
+    let inherited = handoff::take_over(&config.agent.state_dir, handoff::OFFER_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("taking over from the running agent: {e}"))?;
+    if let Some(i) = &inherited {
+        tracing::info!(
+            pid = i.from_pid,
+            api = ?i.api.as_ref().map(|a| a.0),
+            l7 = ?i.l7.keys().collect::<Vec<_>>(),
+            "taking over from the running agent: its listening sockets are ours"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, config, mode))
+    runtime.block_on(serve(args, config, mode, inherited))
 }
 
-async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    config: Config,
+    mode: XdpModeArg,
+    inherited: Option<Inherited>,
+) -> anyhow::Result<()> {
     let token = read_token(&config)?;
     let metrics = Arc::new(Metrics::new());
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
@@ -141,7 +160,10 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             Err(e) if mode == XdpModeArg::Auto => {
                 tracing::error!(error = %format!("{e:#}"), iface, "the XDP program cannot be loaded");
                 let control = without_fast_path(config, "running without the fast path")?;
-                return serve_with(args, control, None, metrics, events, token, cluster).await;
+                return serve_with(
+                    args, control, None, metrics, events, token, cluster, inherited,
+                )
+                .await;
             }
             Err(e) => return Err(e),
         };
@@ -165,7 +187,10 @@ async fn serve(args: RunArgs, config: Config, mode: XdpModeArg) -> anyhow::Resul
             Err(e) => return Err(e),
         }
     };
-    serve_with(args, control, fast_path, metrics, events, token, cluster).await
+    serve_with(
+        args, control, fast_path, metrics, events, token, cluster, inherited,
+    )
+    .await
 }
 
 /// `[cluster]` at start: the link to etcd and what the config file seeds there.
@@ -221,8 +246,44 @@ async fn share_sticky_key(cluster: &Cluster, state_dir: &std::path::Path) {
     }
 }
 
+/// Commands to the L7 task besides the published changes.
+enum L7Cmd {
+    /// Stop every service and remove the VIPs added to `lo`.
+    Stop,
+    /// Give duplicates of the listening sockets (and the VIPs added to `lo`), then,
+    /// once `release` fires, stop accepting and drain, leaving the VIPs.
+    HandOff {
+        fds: tokio::sync::oneshot::Sender<L7Sockets>,
+        release: tokio::sync::oneshot::Receiver<()>,
+    },
+}
+
+/// The L7 listening sockets by VIP, and the VIPs this agent added to `lo`.
+type L7Sockets = (
+    Vec<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
+    Vec<std::net::IpAddr>,
+);
+
+/// Why the main loop ended.
+enum Stop {
+    Signal,
+    TakeOver(handoff::Request),
+}
+
+/// The next take-over request, or never without a hand-off socket.
+async fn next_takeover(h: Option<&HandoffListener>) -> handoff::Request {
+    match h {
+        Some(h) => h.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The agent's main loop once the fast path is up (or known to be absent): API, L7
 /// proxy, health events, reloads, signals.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the wiring of the process, called twice"
+)]
 async fn serve_with(
     args: RunArgs,
     control: Control,
@@ -231,6 +292,7 @@ async fn serve_with(
     mut events: tokio::sync::mpsc::UnboundedReceiver<crate::health::Transition>,
     token: Option<String>,
     cluster: Option<ClusterStart>,
+    inherited: Option<Inherited>,
 ) -> anyhow::Result<()> {
     let api_listen = control.config().agent.api_listen;
     let services = control.config().services.len();
@@ -259,8 +321,15 @@ async fn serve_with(
 
     // The L7 proxy: one task applies every published change of the l7 services.
     let l7 = L7Registry::default();
-    let (l7_stop, mut l7_stopped) = tokio::sync::watch::channel(false);
-    let mut manager = L7Manager::new(state_dir, metrics.http.clone(), l7.clone());
+    let (l7_cmd, mut l7_cmds) = tokio::sync::mpsc::channel::<L7Cmd>(1);
+    let mut manager = L7Manager::new(state_dir.clone(), metrics.http.clone(), l7.clone());
+    let (mut inherited_api, inherited) = match inherited {
+        Some(mut i) => {
+            manager.inherit(std::mem::take(&mut i.l7), i.vips_added.drain(..));
+            (i.api.take(), Some(i))
+        }
+        None => (None, None),
+    };
     let first = l7_desired.borrow_and_update().clone();
     manager.sync(&first).await;
     let l7_task = tokio::spawn(async move {
@@ -274,16 +343,37 @@ async fn serve_with(
                     }
                 }
                 _ = retry.tick(), if manager.has_failures() => {}
-                _ = l7_stopped.changed() => break,
+                cmd = l7_cmds.recv() => match cmd {
+                    Some(L7Cmd::HandOff { fds, release }) => {
+                        let _ = fds.send(manager.listeners());
+                        let _ = release.await;
+                        manager.release().await;
+                        return;
+                    }
+                    Some(L7Cmd::Stop) | None => break,
+                },
             }
             let desired = l7_desired.borrow_and_update().clone();
             manager.sync(&desired).await;
         }
         manager.shutdown().await;
     });
-    let listener = tokio::net::TcpListener::bind(api_listen)
-        .await
-        .with_context(|| format!("binding the REST API to {api_listen}"))?;
+    let listener = match inherited_api.take() {
+        Some((addr, l)) if addr == api_listen => l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+            .with_context(|| {
+                format!("the REST API socket on {api_listen} from the previous agent")
+            })?,
+        _ => tokio::net::TcpListener::bind(api_listen)
+            .await
+            .with_context(|| format!("binding the REST API to {api_listen}"))?,
+    };
+    // A duplicate of the API socket, for the next agent.
+    let api_fd = {
+        use std::os::fd::AsFd as _;
+        listener.as_fd().try_clone_to_owned().ok()
+    };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Announcing VIPs through BIRD ([bgp]): a task of its own, stopped with the agent
     // (routes stay as they are: hitless restart).
@@ -320,6 +410,22 @@ async fn serve_with(
             })
             .await
     });
+    // The previous agent stops accepting and drains once this one serves; then this
+    // one takes the hand-off socket over (it answers the next agent).
+    if let Some(i) = inherited {
+        let pid = i.from_pid;
+        match i.ready() {
+            Ok(()) => tracing::info!(pid, "the previous agent drains its connections and exits"),
+            Err(e) => tracing::warn!(pid, error = %e, "telling the previous agent to drain"),
+        }
+    }
+    let handoff = match HandoffListener::bind(&state_dir) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(dir = %state_dir.display(), error = %e, "no hand-off socket: a new agent cannot take over hitlessly (the L7 listeners stop at a restart)");
+            None
+        }
+    };
     tracing::info!(services, api = %api_listen, "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -327,11 +433,15 @@ async fn serve_with(
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut ramp = tokio::time::interval(SLOW_START_STEP);
     ramp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let stop = loop {
         let retry_due = *retry_at.borrow_and_update();
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break Stop::Signal; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break Stop::Signal; }
+            req = next_takeover(handoff.as_ref()) => {
+                tracing::info!("a new agent takes over: stopping the control plane, handing over the listening sockets");
+                break Stop::TakeOver(req);
+            }
             _ = sighup.recv() => {
                 let mut c = control.lock().await;
                 // SIGHUP never removes every service (POST /api/v1/reload can, when asked).
@@ -369,7 +479,22 @@ async fn serve_with(
             // The retry deadline moved: sleep on the new one.
             Ok(()) = retry_at.changed() => {}
         }
-    }
+    };
+    // At a take-over, the L7 services keep accepting until the new agent serves.
+    let l7_handoff = match &stop {
+        Stop::TakeOver(_) => {
+            let (fds_tx, fds_rx) = tokio::sync::oneshot::channel();
+            let (release_tx, release) = tokio::sync::oneshot::channel();
+            let _ = l7_cmd
+                .send(L7Cmd::HandOff {
+                    fds: fds_tx,
+                    release,
+                })
+                .await;
+            Some((fds_rx.await.unwrap_or_default(), release_tx))
+        }
+        Stop::Signal => None,
+    };
     let _ = api_stop.send(());
     match tokio::time::timeout(Duration::from_secs(5), api_task).await {
         Ok(Ok(Ok(()))) => {}
@@ -389,17 +514,73 @@ async fn serve_with(
             tracing::warn!(error = %e, "BGP task");
         }
     }
-    let _ = l7_stop.send(true);
-    if let Err(e) = l7_task.await {
-        tracing::warn!(error = %e, "L7 task");
-    }
+    let Stop::TakeOver(req) = stop else {
+        let _ = l7_cmd.send(L7Cmd::Stop).await;
+        if let Err(e) = l7_task.await {
+            tracing::warn!(error = %e, "L7 task");
+        }
+        let snapshot = {
+            let mut c = control.lock().await;
+            c.shutdown();
+            c.snapshot()
+        };
+        if let Some(fp) = fast_path {
+            fp.stop(snapshot, args.detach_on_exit).await;
+        }
+        if let Some(h) = handoff {
+            h.remove();
+        }
+        return Ok(());
+    };
+    // Take-over: the fast path stays for the new agent to adopt (never detached here).
     let snapshot = {
         let mut c = control.lock().await;
         c.shutdown();
         c.snapshot()
     };
     if let Some(fp) = fast_path {
-        fp.stop(snapshot, args.detach_on_exit).await;
+        fp.stop(snapshot, false).await;
+    }
+    let ((l7_fds, vips_added), release) = match l7_handoff {
+        Some((sockets, release)) => (sockets, Some(release)),
+        None => (L7Sockets::default(), None),
+    };
+    let mut offer = handoff::Offer {
+        version: 1,
+        pid: std::process::id(),
+        api: None,
+        l7: Vec::new(),
+        vips_added,
+    };
+    let mut fds = Vec::new();
+    if let Some(fd) = api_fd {
+        offer.api = Some(api_listen);
+        fds.push(fd);
+    }
+    for (addr, fd) in l7_fds {
+        offer.l7.push(addr);
+        fds.push(fd);
+    }
+    let outcome =
+        tokio::task::spawn_blocking(move || req.offer(&offer, &fds, handoff::READY_TIMEOUT)).await;
+    match outcome {
+        Ok(handoff::Outcome::Ready) => {
+            tracing::info!("the new agent serves: draining the L7 connections, then exiting");
+        }
+        Ok(handoff::Outcome::Gone(why)) => tracing::error!(
+            why,
+            "the new agent is not ready: draining the L7 connections and exiting all the same"
+        ),
+        Err(e) => tracing::error!(error = %e, "hand-off task"),
+    }
+    if let Some(release) = release {
+        let _ = release.send(());
+    }
+    if let Err(e) = l7_task.await {
+        tracing::warn!(error = %e, "L7 task");
+    }
+    if let Some(h) = handoff {
+        h.remove();
     }
     Ok(())
 }

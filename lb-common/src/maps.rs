@@ -56,6 +56,11 @@ pub const VIP_ADDRS: &str = "XDPLB_VIP_ADDRS";
 /// and the backend id it names, for connection-ID routing. Capacity: `max_backends`.
 pub const QUIC_IDS: &str = "XDPLB_QUIC_IDS";
 
+/// `Array<NextHopEntry>` indexed by backend id: each backend's resolved next hop
+/// (egress interface, MACs, MTU), written by the agent from netlink; the program falls
+/// back to `bpf_fib_lookup` when an entry is invalid or for another address.
+pub const NEXT_HOPS: &str = "XDPLB_NEXT_HOPS";
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -77,6 +82,7 @@ pub const ALL: &[&str] = &[
     FLOWS_NEW,
     VIP_ADDRS,
     QUIC_IDS,
+    NEXT_HOPS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -286,6 +286,35 @@ pub struct QuicKey {
     pub server_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<QuicKey>() == 8);
+/// [`NextHopEntry::flags`]: the entry holds a resolved next hop.
+pub const NEXT_HOP_F_VALID: u8 = 1 << 0;
+
+/// Value of [`crate::maps::NEXT_HOPS`], indexed by backend id: where the tunnel packets
+/// to that backend go, as the kernel resolved it (route, neighbour, egress link). The
+/// program uses an entry only while it has [`NEXT_HOP_F_VALID`] and its `addr` and
+/// `family` are those of the backend it sends to (an entry written for the previous
+/// holder of a reused backend id is never used); otherwise it asks `bpf_fib_lookup`.
+/// All zero = invalid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHopEntry {
+    /// The backend's address the entry was resolved for; network order, IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// Egress interface (XDP_TX when it is the receiving one, else XDP_REDIRECT).
+    pub ifindex: u32,
+    /// Largest outer packet the path takes (the route's MTU, else the link's): a
+    /// larger one is dropped as `too_big`, as `bpf_fib_lookup` answers it.
+    pub mtu: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (of `addr`).
+    pub family: u8,
+    /// `NEXT_HOP_F_*` bits.
+    pub flags: u8,
+    /// Destination MAC: the next hop's (gateway's, or the backend's when on-link).
+    pub dmac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub smac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<NextHopEntry>() == 36);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -305,4 +334,5 @@ mod pod {
     unsafe impl aya::Pod for FlowLimit {}
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for QuicKey {}
+    unsafe impl aya::Pod for NextHopEntry {}
 }

@@ -52,7 +52,8 @@ pub struct NextHop {
 /// 6.18); the agent enables it on the interface it attaches to.
 #[inline(always)]
 pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result<NextHop, Exit> {
-    let mut p = zeroed_fib_params();
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    let p = zeroed_fib_params(&mut params);
     p.family = AF_INET;
     p.l4_protocol = IPPROTO_IPIP;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -60,7 +61,7 @@ pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
@@ -79,20 +80,21 @@ pub fn next_hop_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result
 const FIB_WORDS: usize = size_of::<FibParams>() / 4;
 const _: () = assert!(size_of::<FibParams>() == FIB_WORDS * 4);
 
-/// An all-zero `bpf_fib_lookup`, cleared with word stores: `mem::zeroed()` compiles to
-/// a call to a byte-by-byte `memset` (~390 instructions, ~34 ns per packet measured by
-/// `cargo xtask bench xdp`); volatile stores keep LLVM from turning them back into one.
+/// `params` cleared with word stores, in place: `mem::zeroed()` compiles to a call to
+/// a byte-by-byte `memset` (~390 instructions, ~34 ns per packet measured by
+/// `cargo xtask bench xdp`); volatile stores keep LLVM from turning them back into
+/// one. In place, because returning the cleared struct by value let LLVM copy it and
+/// re-zero the copy with a `memset` call again (issue 12).
 #[inline(always)]
-pub fn zeroed_fib_params() -> FibParams {
-    let mut p = core::mem::MaybeUninit::<FibParams>::uninit();
-    let words = p.as_mut_ptr().cast::<u32>();
+pub fn zeroed_fib_params(params: &mut core::mem::MaybeUninit<FibParams>) -> &mut FibParams {
+    let words = params.as_mut_ptr().cast::<u32>();
     for i in 0..FIB_WORDS {
         // SAFETY: i < FIB_WORDS, so every store is inside the struct, which is 4-aligned.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (plain integers
     // and unions of them).
-    unsafe { p.assume_init() }
+    unsafe { params.assume_init_mut() }
 }
 
 /// The outer IPv4 header, checksum filled in.
@@ -170,8 +172,9 @@ pub fn encap_ipv4(
 }
 
 /// Tunnel the IPv4 packet at `l3_off` (`tot_len` bytes, type of service `tos`) from
-/// `source` to `backend`: next hop, bytes past the IP packet cut, outer header in
-/// front. The caller accounts the traffic and then sends it with [`transmit`].
+/// `source` to `backend` (backend id `backend_id`): next hop, bytes past the IP packet
+/// cut, outer header in front. The caller accounts the traffic and then sends it with
+/// [`transmit`].
 #[inline(always)]
 pub fn tunnel_v4(
     ctx: &XdpContext,
@@ -180,8 +183,15 @@ pub fn tunnel_v4(
     tos: u8,
     source: u32,
     backend: u32,
+    backend_id: u32,
 ) -> Result<u32, Exit> {
-    let hop = next_hop_v4(ctx, source, backend, tot_len + IPV4_HLEN as u16)?;
+    let hop = crate::nexthop::next_hop_for_v4(
+        ctx,
+        backend_id,
+        source,
+        backend,
+        tot_len + IPV4_HLEN as u16,
+    )?;
     let outer = outer_ipv4(source, backend, tot_len, tos);
     trim_to(ctx, l3_off + usize::from(tot_len)).map_err(Exit::Drop)?;
     encap_ipv4(ctx, l3_off, &outer, &hop).map_err(Exit::Drop)?;

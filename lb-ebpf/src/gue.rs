@@ -45,7 +45,8 @@ use lb_common::{
 };
 
 use crate::{
-    encap::{Exit, next_hop_v4, outer_ipv4_proto, trim_to},
+    encap::{Exit, outer_ipv4_proto, trim_to},
+    nexthop::next_hop_for_v4,
     parsing::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, ptr_at},
     stats::count,
 };
@@ -108,7 +109,7 @@ pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
 
 /// Encapsulate the IP packet at `l3_off` (`inner_len` bytes, TOS / traffic class
 /// `tos`, IPv4 or IPv6: variant 1 tells them apart by the version nibble) in outer
-/// IPv4 `source -> backend` + UDP `sport -> dport` (network order); the interface to
+/// IPv4 `source -> backend` (backend id `backend_id`, for its next hop) + UDP `sport -> dport` (network order); the interface to
 /// send it on. No `mtu` check here.
 #[expect(
     clippy::too_many_arguments,
@@ -122,11 +123,14 @@ pub fn encap_v4(
     tos: u8,
     source: u32,
     backend: u32,
+    backend_id: u32,
     sport: u16,
     dport: u16,
 ) -> Result<u32, Exit> {
-    let hop = next_hop_v4(
+    // The agent's next hop for the backend (`NEXT_HOPS`), else bpf_fib_lookup.
+    let hop = next_hop_for_v4(
         ctx,
+        backend_id,
         source,
         backend,
         inner_len + (IPV4_HLEN + UDP_HLEN) as u16,
@@ -169,11 +173,7 @@ pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32>
     if port == 0 || unsafe { (*udp).dest } != port {
         return Err(XDP_PASS);
     }
-    let key = lb_common::types::DecapKey {
-        addr: [daddr, 0, 0, 0],
-        family: lb_common::types::FAMILY_V4,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::decap_key([daddr, 0, 0, 0], FAMILY_V4);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { crate::maps::DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);

@@ -43,7 +43,7 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         FAMILY_V4, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipAddrKey, VipKey,
+        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
     },
 };
 
@@ -132,11 +132,7 @@ pub fn handle_v4(
     if ip.protocol != PROTO_ICMP || ip.version_ihl != 0x45 {
         return Err(Exit::Pass(Counter::PassNotVip));
     }
-    let key = VipAddrKey {
-        addr: [ip.daddr, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::vip_addr_key([ip.daddr, 0, 0, 0], FAMILY_V4);
     // SAFETY: VIP_ADDRS is preallocated; values are plain u32 written whole.
     let flags = *unsafe { VIP_ADDRS.get(key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
     if let Some(src) = src {
@@ -267,17 +263,8 @@ fn forward_error_v4(
     // The flow's own tunnel (IPIP, GUE, 4in6), built by `ipv6::send`, which `xdp_lb`
     // calls next: its frame never adds up with this one's.
     let entropy = gue::entropy(cfg, &choice.backend, &key);
-    ipv6::Forward::fill(
-        fwd,
-        &choice,
-        vip.service_id,
-        tot_len as u16,
-        ip.tos,
-        false,
-        entropy,
-    );
-    // SAFETY: fill wrote every field.
-    unsafe { (*fwd.as_mut_ptr()).icmp_error = 1 };
+    let (len, tos) = (tot_len as u16, ip.tos);
+    ipv6::Forward::fill(fwd, &choice, vip.service_id, len, tos, false, true, entropy);
     Ok(NEXT_SEND)
 }
 

@@ -38,7 +38,7 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         FAMILY_V6, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_TCP, PROTO_UDP, VIP_ADDR_F_L4,
-        VIP_ADDR_F_LOCAL, VIP_F_L7, VipAddrKey, VipKey,
+        VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
     },
 };
 
@@ -116,11 +116,7 @@ pub fn handle_v6(
     if ip.nexthdr != IPPROTO_ICMPV6 {
         return Err(Exit::Pass(Counter::PassNotVip));
     }
-    let key = VipAddrKey {
-        addr: ip.daddr,
-        family: FAMILY_V6,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::vip_addr_key(ip.daddr, FAMILY_V6);
     // SAFETY: VIP_ADDRS is preallocated; values are plain u32 written whole.
     let flags = *unsafe { VIP_ADDRS.get(key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
     if let Some(src) = src {
@@ -241,17 +237,17 @@ fn forward_error_v6(
         return Err(Exit::Drop(DropReason::TooBig));
     }
     let entropy = gue::entropy(cfg, &choice.backend, &key);
+    let tc = ip.traffic_class();
     Forward::fill(
         fwd,
         &choice,
         vip.service_id,
         len as u16,
-        ip.traffic_class(),
+        tc,
+        true,
         true,
         entropy,
     );
-    // SAFETY: fill wrote every field.
-    unsafe { (*fwd.as_mut_ptr()).icmp_error = 1 };
     Ok(NEXT_SEND)
 }
 

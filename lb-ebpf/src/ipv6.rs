@@ -33,21 +33,22 @@ use lb_common::{
     hash::{gue_source_port, tunnel_source_v4},
     stats::{Counter, DropReason},
     types::{
-        Backend, DecapKey, ENCAP_GUE, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowKey, GlobalConfig,
-        PROTO_TCP, PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey,
+        Backend, ENCAP_GUE, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowKey, GlobalConfig, PROTO_TCP,
+        PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey,
     },
 };
 
 use crate::{
     csum,
     encap::{
-        Exit, NextHop, OUTER_TTL, encap_ipv4, next_hop_v4, outer_ipv4, transmit, trim_to,
-        tunnel_v4, zeroed_fib_params,
+        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, transmit, trim_to, tunnel_v4,
+        zeroed_fib_params,
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
     hashing::{Choice, Limits, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
+    nexthop,
     parsing::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, Ports,
         VLAN_HLEN, VlanHdr, ptr_at,
@@ -233,7 +234,16 @@ pub fn try_lb_v6(
         return Ok(with_mtu(NEXT_TOO_BIG6, mtu - outer));
     }
     let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
-    Forward::fill(fwd, &choice, vip.service_id, pkt.len, pkt.tc, true, entropy);
+    Forward::fill(
+        fwd,
+        &choice,
+        vip.service_id,
+        pkt.len,
+        pkt.tc,
+        true,
+        false,
+        entropy,
+    );
     Ok(NEXT_SEND)
 }
 
@@ -275,8 +285,14 @@ pub struct Forward {
 const _: () = assert!(size_of::<Forward>() == 36);
 
 impl Forward {
-    /// Write the tunnel parameters straight into `fwd` (the caller's frame), with no
-    /// temporary copy on the writer's stack: in `lb_v4` that copy cost 32 of its bytes.
+    /// Write the fields straight into `fwd` (the caller's frame), with no temporary copy
+    /// on the writer's stack: in `lb_v4` that copy cost 32 of its bytes. The byte fields
+    /// and the padding go in as two 4-byte words: LLVM turned the separate stores of the
+    /// 3-byte padding (and its neighbours) into calls of the `memset` subprogram.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each a field of the Forward, written in place"
+    )]
     #[inline(always)]
     pub fn fill(
         fwd: &mut MaybeUninit<Forward>,
@@ -285,25 +301,44 @@ impl Forward {
         inner_len: u16,
         tos: u8,
         inner_v6: bool,
+        icmp_error: bool,
         entropy: u32,
     ) {
         let p = fwd.as_mut_ptr();
-        // SAFETY: `p` points to a Forward-sized, Forward-aligned place; each field is
-        // written once, so the whole value is initialised afterwards.
+        let len = inner_len.to_ne_bytes();
+        // SAFETY: `p` points to a Forward-sized, Forward-aligned place (align 4);
+        // `inner_len` is at offset 28 and `icmp_error` at 32 (asserted below), so each
+        // word store covers exactly its four bytes (`icmp_error`, `family`, padding); with the four field writes before
+        // them the whole value is initialised.
         unsafe {
             (&raw mut (*p).addr).write(choice.backend.addr);
             (&raw mut (*p).service_id).write(service_id);
             (&raw mut (*p).backend_id).write(choice.backend_id);
             (&raw mut (*p).entropy).write(entropy);
-            (&raw mut (*p).inner_len).write(inner_len);
-            (&raw mut (*p).tos).write(tos);
-            (&raw mut (*p).inner_v6).write(u8::from(inner_v6));
-            (&raw mut (*p).icmp_error).write(0);
-            (&raw mut (*p).family).write(choice.backend.family);
-            (&raw mut (*p)._pad).write([0; 2]);
+            (&raw mut (*p).inner_len)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([
+                    len[0],
+                    len[1],
+                    tos,
+                    u8::from(inner_v6),
+                ]));
+            (&raw mut (*p).icmp_error)
+                .cast::<u32>()
+                .write(u32::from_ne_bytes([
+                    u8::from(icmp_error),
+                    choice.backend.family,
+                    0,
+                    0,
+                ]));
         }
     }
 }
+const _: () = assert!(core::mem::offset_of!(Forward, inner_len) == 28);
+const _: () = assert!(core::mem::offset_of!(Forward, tos) == 30);
+const _: () = assert!(core::mem::offset_of!(Forward, inner_v6) == 31);
+const _: () = assert!(core::mem::offset_of!(Forward, icmp_error) == 32);
+const _: () = assert!(core::mem::offset_of!(Forward, family) == 33);
 
 /// Tunnel the IP packet at `l3_off` as `f` says, account it and send it: the verdict,
 /// its counter counted. A BPF subprogram (the fib lookup's parameters and the outer
@@ -340,12 +375,17 @@ pub fn tunnel(
     cfg: &GlobalConfig,
 ) -> Result<u32, Exit> {
     let (inner_len, tos, inner_v6) = (f.inner_len, f.tos, f.inner_v6 != 0);
+    let backend_id = f.backend_id;
     if f.family == FAMILY_V6 {
         if cfg.source_v6 == [0; 4] {
             return Err(Exit::Pass(Counter::PassNoSource));
         }
         let nexthdr = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-        let hop = next_hop_v6(ctx, &cfg.source_v6, &f.addr, inner_len + IPV6_HLEN as u16)?;
+        let outer_len = inner_len + IPV6_HLEN as u16;
+        let hop = match nexthop::cached(backend_id, FAMILY_V6, &f.addr, outer_len) {
+            Some(hop) => hop?,
+            None => next_hop_v6(ctx, &cfg.source_v6, &f.addr, outer_len)?,
+        };
         let outer = Ipv6Hdr {
             vtc_flow: Ipv6Hdr::vtc(tos),
             payload_len: inner_len.to_be(),
@@ -371,15 +411,22 @@ pub fn tunnel(
             tos,
             source,
             f.addr[0],
+            backend_id,
             sport,
             cfg.gue_port,
         );
     }
     if !inner_v6 {
-        return tunnel_v4(ctx, l3_off, inner_len, tos, source, f.addr[0]);
+        return tunnel_v4(ctx, l3_off, inner_len, tos, source, f.addr[0], backend_id);
     }
     // IPv6 in IPv4: the IPIP header with protocol 41.
-    let hop = next_hop_v4(ctx, source, f.addr[0], inner_len + IPV4_HLEN as u16)?;
+    let hop = nexthop::next_hop_for_v4(
+        ctx,
+        backend_id,
+        source,
+        f.addr[0],
+        inner_len + IPV4_HLEN as u16,
+    )?;
     let mut outer = outer_ipv4(source, f.addr[0], inner_len, tos);
     let old = u16::from_ne_bytes([outer.ttl, outer.protocol]);
     outer.protocol = IPPROTO_IPV6;
@@ -403,7 +450,8 @@ pub fn next_hop_v6(
     dst: &[u32; 4],
     tot_len: u16,
 ) -> Result<NextHop, Exit> {
-    let mut p = zeroed_fib_params();
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    let p = zeroed_fib_params(&mut params);
     p.family = AF_INET6;
     p.l4_protocol = IPPROTO_IPV6;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -411,7 +459,7 @@ pub fn next_hop_v6(
     p.__bindgen_anon_3.ipv6_src = *src;
     p.__bindgen_anon_4.ipv6_dst = *dst;
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
@@ -470,11 +518,7 @@ pub fn decap_v6(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
     if ip.version() != 6 {
         return Err(XDP_PASS);
     }
-    let key = DecapKey {
-        addr: ip.daddr,
-        family: FAMILY_V6,
-        _pad: [0; 3],
-    };
+    let key = crate::keys::decap_key(ip.daddr, FAMILY_V6);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);

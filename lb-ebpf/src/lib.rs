@@ -11,12 +11,14 @@
 //!   "fragmentation needed" for packets over `dataplane.mtu`.
 //! - [`filter`]: `[security]` and per-service deny/allow source prefixes (LPM tries).
 //! - [`limit`]: `new_flows_per_source`, token buckets per masked source.
+//! - [`nexthop`]: next hops from the agent's map, `bpf_fib_lookup` as the fallback.
 //! - [`stats`]: per-CPU counter updates.
 //! - [`ipv6`]: the IPv6 path: parser, 6in6 / 4in6 / 6in4 tunnels, `next_hop_v6`, decap.
 //! - [`icmp6`]: ICMPv6 echo replies, errors about VIP flows, "packet too big".
 //! - [`gate`]: the source filters as both families' paths apply them.
 //! - [`gue`]: GUE (IPv4 in UDP) encapsulation and decapsulation, per-flow outer source.
 //! - [`quic`]: QUIC connection-ID routing.
+//! - [`keys`]: map keys with padding, built without `memset`.
 #![no_std]
 
 pub mod csum;
@@ -28,8 +30,10 @@ pub mod hashing;
 pub mod icmp;
 pub mod icmp6;
 pub mod ipv6;
+pub mod keys;
 pub mod limit;
 pub mod maps;
+pub mod nexthop;
 pub mod parsing;
 pub mod quic;
 pub mod stats;

@@ -24,20 +24,17 @@ use crate::maps::{FLOW_BUCKETS, FLOW_LIMITS};
 /// The bucket of `key`'s source under `limit` (the one at `index`).
 #[inline(always)]
 fn bucket_of(index: u32, limit: &FlowLimit, key: &FlowKey) -> FilterAddr {
-    let mut bucket = FilterAddr {
-        family: key.family,
-        scope: filter_scope(index),
-        addr: [0; 4],
-    };
-    if key.family == FAMILY_V4 {
-        bucket.addr[0] = key.src[0] & limit.mask_v4;
+    let addr = if key.family == FAMILY_V4 {
+        [key.src[0] & limit.mask_v4, 0, 0, 0]
     } else {
-        bucket.addr[0] = key.src[0] & limit.mask_v6[0];
-        bucket.addr[1] = key.src[1] & limit.mask_v6[1];
-        bucket.addr[2] = key.src[2] & limit.mask_v6[2];
-        bucket.addr[3] = key.src[3] & limit.mask_v6[3];
-    }
-    bucket
+        [
+            key.src[0] & limit.mask_v6[0],
+            key.src[1] & limit.mask_v6[1],
+            key.src[2] & limit.mask_v6[2],
+            key.src[3] & limit.mask_v6[3],
+        ]
+    };
+    crate::keys::filter_addr(key.family, filter_scope(index), addr)
 }
 
 /// Look up the bucket of `key` under the limit at `index`: Err when the source is over

@@ -17,9 +17,7 @@ use aya_ebpf::{
 use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{
-        DecapKey, FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey,
-    },
+    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, transmit, tunnel_v4},
@@ -142,18 +140,21 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
             let arg = mtu - IPV6_HLEN as u32 + IPV4_HLEN as u32;
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
-        Forward::fill(fwd, &choice, vip.service_id, pkt.tot_len, pkt.tos, false, 0);
+        let (len, tos) = (pkt.tot_len, pkt.tos);
+        Forward::fill(fwd, &choice, vip.service_id, len, tos, false, false, 0);
         return Ok(NEXT_SEND);
     }
     if gue::needs_send(cfg) {
         // GUE or a per-flow source (gue.rs): built by `ipv6::send`, a sibling subprogram.
         let entropy = tunnel_entropy(&pkt.key);
+        let (len, tos) = (pkt.tot_len, pkt.tos);
         Forward::fill(
             fwd,
             &choice,
             vip.service_id,
-            pkt.tot_len,
-            pkt.tos,
+            len,
+            tos,
+            false,
             false,
             entropy,
         );
@@ -166,6 +167,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         pkt.tos,
         source,
         choice.backend.addr[0],
+        choice.backend_id,
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
@@ -207,11 +209,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
     {
         return Err(XDP_PASS);
     }
-    let key = DecapKey {
-        addr: [ip.daddr, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad: [0; 3],
-    };
+    let key = lb_ebpf::keys::decap_key([ip.daddr, 0, 0, 0], FAMILY_V4);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);

@@ -15,7 +15,7 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        NextHopEntry, QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -94,3 +94,6 @@ pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(DEFAU
 /// QUIC server ids per service -> backend id (connection-ID routing, `quic.rs`).
 #[map(name = "XDPLB_QUIC_IDS")]
 pub static QUIC_IDS: HashMap<QuicKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+/// Each backend's next hop by backend id, written by the agent (`nexthop.rs`).
+#[map(name = "XDPLB_NEXT_HOPS")]
+pub static NEXT_HOPS: Array<NextHopEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -383,14 +383,29 @@ impl Topology {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let bin = agent_binary()?;
         let state_dir = self.run_dir().join("state");
         fs::create_dir_all(&state_dir)?;
         let config_path = self.run_dir().join("lb.toml");
         fs::write(&config_path, config.to_toml(&state_dir))
             .with_context(|| format!("writing {}", config_path.display()))?;
+        let args = self.agent_args(opts)?;
+        // From here on there may be a fast path to remove at teardown.
+        self.agent_started = true;
+        self.agent = Some(spawn_agent(
+            &self.lb.ns,
+            &args,
+            &self.agent_log,
+            0,
+            opts.ready_timeout,
+        )?);
+        Ok(())
+    }
+
+    /// `lb-agent run --config <run dir>/lb.toml --iface eth0 --bpffs B [--xdp-mode M] ...`.
+    fn agent_args(&self, opts: &AgentOptions) -> anyhow::Result<Vec<String>> {
+        let config_path = self.run_dir().join("lb.toml");
         let mut args: Vec<String> = vec![
-            bin.to_string_lossy().into_owned(),
+            agent_binary()?.to_string_lossy().into_owned(),
             "run".into(),
             "--config".into(),
             config_path.to_string_lossy().into_owned(),
@@ -403,16 +418,52 @@ impl Topology {
             args.extend(["--xdp-mode".into(), mode.clone()]);
         }
         args.extend(opts.extra_args.iter().cloned());
-        // From here on there may be a fast path to remove at teardown.
-        self.agent_started = true;
-        self.agent = Some(spawn_agent(
+        Ok(args)
+    }
+
+    /// Starts a new agent (the same command line as [`Topology::start_agent`], the
+    /// config file as it is now) while one runs: the new one takes the running one's
+    /// listening sockets over (`<state_dir>/handoff.sock`), the old one drains and exits
+    /// by itself. Waits for the new agent's `agent ready` and then up to `exit_timeout`
+    /// for the old one to exit; returns the old one's exit status.
+    pub fn take_over_agent(
+        &mut self,
+        opts: &AgentOptions,
+        exit_timeout: Duration,
+    ) -> anyhow::Result<ExitStatus> {
+        let mut old = self.agent.take().context("no agent is running")?;
+        let from = fs::read(&self.agent_log)
+            .map(|b| strip_ansi(&String::from_utf8_lossy(&b)).len())
+            .unwrap_or(0);
+        let args = self.agent_args(opts)?;
+        let new = spawn_agent(
             &self.lb.ns,
             &args,
             &self.agent_log,
-            0,
+            from,
             opts.ready_timeout,
-        )?);
-        Ok(())
+        );
+        let new = match new {
+            Ok(n) => n,
+            Err(e) => {
+                self.agent = Some(old);
+                return Err(e);
+            }
+        };
+        self.agent = Some(new);
+        let deadline = Instant::now() + exit_timeout;
+        loop {
+            if let Some(status) = old.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let status = old.stop(Duration::from_secs(3))?;
+                bail!(
+                    "the old agent did not exit within {exit_timeout:?} after the take-over (stopped: {status})"
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether the agent is running (started and not exited).

@@ -11,7 +11,7 @@
 //! Pins: `<bpffs>/xdplb/<netns>/<iface>/lb/`, one file per map plus [`LINK_PIN`].
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -30,7 +30,8 @@ use super::{
     forwarding,
     loader::{self, AttachMode, Capacities, LB_PROGRAM, Role},
     maps::Maps,
-    neigh::NextHopKeeper,
+    neigh::{HopsMap, NextHopKeeper},
+    nexthop::NextHopTable,
     stats::{self, ServiceTraffic, Snapshot, Traffic},
     sync::Reconciler,
 };
@@ -46,6 +47,8 @@ pub struct MapsSink {
     /// None until the first apply when maps left by a previous agent are to be adopted
     /// (recognising its services needs the first desired state).
     reconciler: Option<Reconciler>,
+    /// Backend id -> address of every backend entry written, for the next-hop keeper.
+    backend_ids: tokio::sync::watch::Sender<BTreeMap<u32, IpAddr>>,
 }
 
 impl Sink for MapsSink {
@@ -58,7 +61,15 @@ impl Sink for MapsSink {
                 self.reconciler.insert(r)
             }
         };
-        for s in reconciler.apply(&mut self.maps, desired)? {
+        let applied = reconciler.apply(&mut self.maps, desired);
+        // Published even after a failed apply: what was written needs its next hops.
+        let ids = reconciler.backend_addresses();
+        self.backend_ids.send_if_modified(|old| {
+            let changed = *old != ids;
+            *old = ids;
+            changed
+        });
+        for s in applied? {
             if s.slots_changed > 0 {
                 tracing::info!(service = %s.name, id = s.service_id, backends = ?s.backends, slots_changed = s.slots_changed, "ring written");
             }
@@ -138,6 +149,7 @@ pub struct Loaded {
     pin_dir: PathBuf,
     takeover: Takeover,
     iface: String,
+    backend_ids: tokio::sync::watch::Receiver<BTreeMap<u32, IpAddr>>,
 }
 
 /// The attached program. It is pinned (maps and link) under its pin directory, so it
@@ -151,6 +163,8 @@ pub struct FastPath {
     next_hops: Option<NextHopKeeper>,
     pin_dir: PathBuf,
     iface: String,
+    /// What the next-hop keeper writes into the `NEXT_HOPS` map.
+    backend_ids: tokio::sync::watch::Receiver<BTreeMap<u32, IpAddr>>,
 }
 
 impl FastPath {
@@ -174,25 +188,44 @@ impl FastPath {
         loader::create_pin_dir(&pin_dir)?;
         let mut ebpf = loader::load_pinned(&caps, &pin_dir)?;
         let maps = Maps::take(&mut ebpf, None).context("taking the balancer's maps")?;
+        let (ids_tx, ids_rx) = tokio::sync::watch::channel(BTreeMap::new());
         let sink = MapsSink {
             maps,
             capacities: caps,
             reconciler: (takeover == Takeover::Fresh).then(|| Reconciler::new(&caps)),
+            backend_ids: ids_tx,
         };
         let loaded = Loaded {
             ebpf,
             pin_dir,
             takeover,
             iface: iface.to_owned(),
+            backend_ids: ids_rx,
         };
         Ok((loaded, sink))
     }
 
     /// Start keeping the next hops of the L4 backends `backends` publishes resolved
     /// ([`crate::control::Control::watch_l4_backends`]); the keeper follows every later
-    /// change by itself (netlink notifications, no polling).
+    /// change by itself (netlink notifications, no polling), and writes the next hops
+    /// of the backend ids the maps hold into the `NEXT_HOPS` map (without it, or when
+    /// that map cannot be opened, the program looks every next hop up in the FIB).
     pub fn keep_next_hops(&mut self, backends: tokio::sync::watch::Receiver<BTreeSet<IpAddr>>) {
-        match NextHopKeeper::spawn(backends) {
+        let pin = self.pin_dir.join(lb_common::maps::NEXT_HOPS);
+        let hops = aya::maps::MapData::from_pin(&pin)
+            .and_then(|data| aya::maps::Array::try_from(aya::maps::Map::Array(data)))
+            .map(|map| HopsMap {
+                table: NextHopTable::new(map),
+                ids: self.backend_ids.clone(),
+            });
+        let hops = match hops {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, pin = %pin.display(), "cannot open the next-hop map; every packet's next hop is looked up in the kernel's FIB");
+                None
+            }
+        };
+        match NextHopKeeper::spawn(backends, hops) {
             Ok(k) => self.next_hops = Some(k),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot keep next hops resolved; packets to unresolved next hops go up to the kernel");
@@ -248,6 +281,7 @@ impl Loaded {
             pin_dir,
             takeover,
             iface,
+            backend_ids,
         } = self;
         forwarding::enable(&iface)?;
         let program = loader::load_program(&mut ebpf, LB_PROGRAM)?;
@@ -280,6 +314,7 @@ impl Loaded {
             next_hops: None,
             pin_dir,
             iface,
+            backend_ids,
         })
     }
 }

@@ -171,11 +171,11 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 19] {
+fn layouts() -> [(&'static str, usize, usize); 20] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        NextHopEntry, QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
     };
     // An LPM trie key is a u32 prefix length and the data.
     let filter_key = 4 + size_of::<FilterAddr>();
@@ -203,6 +203,7 @@ fn layouts() -> [(&'static str, usize, usize); 19] {
         ),
         (maps::VIP_ADDRS, size_of::<VipAddrKey>(), 4),
         (maps::QUIC_IDS, size_of::<QuicKey>(), 4),
+        (maps::NEXT_HOPS, 4, size_of::<NextHopEntry>()),
     ]
 }
 
@@ -274,7 +275,8 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .map_max_entries(maps::FLOW_BUCKETS, caps.flow_limit_sources)
         .map_max_entries(maps::FLOWS_NEW, caps.new_flow_table_size)
         .map_max_entries(maps::VIP_ADDRS, caps.max_services)
-        .map_max_entries(maps::QUIC_IDS, caps.max_backends);
+        .map_max_entries(maps::QUIC_IDS, caps.max_backends)
+        .map_max_entries(maps::NEXT_HOPS, caps.max_backends);
     if let Some(dir) = pin_dir {
         for &name in maps::ALL {
             loader.map_pin_path(name, dir.join(name));

@@ -12,8 +12,8 @@ use aya::{
 use lb_common::{
     maps as names,
     types::{
-        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig, QuicKey,
-        TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig, NextHopEntry,
+        QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
     },
 };
 
@@ -65,6 +65,9 @@ pub struct Maps {
     pub vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     /// QUIC server ids per service -> backend id (connection-ID routing).
     pub quic_ids: HashMap<MapData, QuicKey, u32>,
+    /// The backends' next hops by backend id (written by the next-hop keeper,
+    /// `super::neigh`, through its own handle; here for tests and reading).
+    pub next_hops: Array<MapData, NextHopEntry>,
 }
 
 /// Where maps come from.
@@ -125,6 +128,7 @@ impl Maps {
             flows_new: typed!(s, names::FLOWS_NEW),
             vip_addrs: typed!(s, names::VIP_ADDRS),
             quic_ids: typed!(s, names::QUIC_IDS),
+            next_hops: typed!(s, names::NEXT_HOPS),
         })
     }
 

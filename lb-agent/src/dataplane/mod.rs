@@ -5,7 +5,7 @@
 //! The balancer's lifecycle on an interface (load, adopt, attach, stop, detach) is
 //! [`fast_path`], built on [`loader`] (object, capacities, pins), next-hop resolution
 //! ([`neigh`]), the interface's forwarding switch ([`forwarding`]) and counters
-//! ([`stats`]). The `[security]` source filters' tries and rule ids are [`filters`].
+//! ([`stats`]); [`nexthop`] makes the backends' next hops for the fast path's map. The `[security]` source filters' tries and rule ids are [`filters`].
 
 pub mod desired;
 pub mod fast_path;
@@ -14,6 +14,7 @@ pub mod forwarding;
 pub mod loader;
 pub mod maps;
 pub mod neigh;
+pub mod nexthop;
 pub mod quic_ids;
 pub mod retry;
 pub mod ring;

@@ -17,6 +17,12 @@
 //! the deletion or replacement of an entry a backend needs, brings a new pass within
 //! [`SETTLE`]. A rare safety pass ([`SAFETY_RECHECK`]) covers lost notifications.
 //!
+//! With the fast path's `NEXT_HOPS` map ([`super::nexthop`]) handed to it, the keeper
+//! also writes each backend's resolved next hop (egress interface, MACs, MTU) there, by
+//! backend id: a pass reads routes, neighbours and links; a neighbour or link
+//! notification about a next hop in use rewrites the entries it touches at once (no
+//! settle, no netlink request), a route notification after [`SETTLE`].
+//!
 //! The entries it makes carry the neighbour protocol [`PROTOCOL`], so an agent that
 //! takes over a running fast path (hitless restart) recognises the entries its
 //! predecessor made and removes them on detach; entries others made (static ones,
@@ -35,11 +41,15 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
+        link::{LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags,
             NeighbourMessage, NeighbourState,
         },
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType, RouteVia},
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
+            RouteVia,
+        },
     },
 };
 use tokio::{
@@ -47,6 +57,8 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
+
+use super::nexthop::{self, NextHopTable};
 
 /// The neighbour protocol (`NDA_PROTOCOL`) that marks entries this agent made. Not in
 /// iproute2's `rt_protos`; `ip neigh show proto 176` lists them.
@@ -60,10 +72,11 @@ pub const SETTLE: Duration = Duration::from_millis(20);
 pub const SAFETY_RECHECK: Duration = Duration::from_secs(60);
 
 /// The multicast groups the keeper listens to.
-const GROUPS: [MulticastGroup; 3] = [
+const GROUPS: [MulticastGroup; 4] = [
     MulticastGroup::Neigh,
     MulticastGroup::Ipv4Route,
     MulticastGroup::Ipv6Route,
+    MulticastGroup::Link,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +97,8 @@ pub enum NeighError {
     NoInterface { dst: IpAddr },
     #[error("reading the neighbour table: {0}")]
     Dump(#[source] rtnetlink::Error),
+    #[error("reading the links: {0}")]
+    Links(#[source] rtnetlink::Error),
     #[error("adding a managed neighbour entry for {hop}: {source}")]
     Add {
         hop: NextHop,
@@ -137,6 +152,12 @@ fn ip_of_route_address(a: &RouteAddress) -> Option<IpAddr> {
 
 /// The next hop towards `dst` in the kernel's answer to `RTM_GETROUTE` for it.
 pub fn next_hop_of(dst: IpAddr, route: &RouteMessage) -> Result<NextHop, NeighError> {
+    route_of(dst, route).map(|r| r.hop)
+}
+
+/// The next hop towards `dst` and the route's MTU metric, from the kernel's answer to
+/// `RTM_GETROUTE` for it.
+pub fn route_of(dst: IpAddr, route: &RouteMessage) -> Result<nexthop::Route, NeighError> {
     if route.header.kind != RouteType::Unicast {
         return Err(NeighError::NotUnicast {
             dst,
@@ -145,9 +166,17 @@ pub fn next_hop_of(dst: IpAddr, route: &RouteMessage) -> Result<NextHop, NeighEr
     }
     let mut ifindex = None;
     let mut gateway = None;
+    let mut mtu = None;
     for attr in &route.attributes {
         match attr {
             RouteAttribute::Oif(i) => ifindex = Some(*i),
+            RouteAttribute::Metrics(metrics) => {
+                for m in metrics {
+                    if let RouteMetric::Mtu(m) = m {
+                        mtu = Some(*m);
+                    }
+                }
+            }
             RouteAttribute::Gateway(a) => gateway = ip_of_route_address(a),
             // An IPv4 route through an IPv6 gateway (RFC 5549).
             RouteAttribute::Via(RouteVia::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
@@ -156,9 +185,12 @@ pub fn next_hop_of(dst: IpAddr, route: &RouteMessage) -> Result<NextHop, NeighEr
         }
     }
     let ifindex = ifindex.ok_or(NeighError::NoInterface { dst })?;
-    Ok(NextHop {
-        address: gateway.unwrap_or(dst),
-        ifindex,
+    Ok(nexthop::Route {
+        hop: NextHop {
+            address: gateway.unwrap_or(dst),
+            ifindex,
+        },
+        mtu,
     })
 }
 
@@ -172,6 +204,9 @@ pub struct Entry {
     pub ours: bool,
     /// Permanent or no-ARP: resolved without the kernel's help.
     pub fixed: bool,
+    /// Its link-layer address while the entry is `NUD_VALID` (the states in which
+    /// `bpf_fib_lookup` answers with it), if it is an Ethernet address.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Entry {
@@ -189,8 +224,10 @@ pub fn entry_of(msg: &NeighbourMessage) -> Option<Entry> {
     let mut address = None;
     let mut managed = false;
     let mut ours = false;
+    let mut lladdr = None;
     for attr in &msg.attributes {
         match attr {
+            NeighbourAttribute::LinkLayerAddress(a) => lladdr = nexthop::mac_of(a),
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
                 address = Some(IpAddr::V4(*v4));
             }
@@ -213,7 +250,37 @@ pub fn entry_of(msg: &NeighbourMessage) -> Option<Entry> {
             msg.header.state,
             NeighbourState::Permanent | NeighbourState::Noarp
         ),
+        mac: lladdr.filter(|_| {
+            matches!(
+                msg.header.state,
+                NeighbourState::Permanent
+                    | NeighbourState::Noarp
+                    | NeighbourState::Reachable
+                    | NeighbourState::Probe
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+            )
+        }),
     })
+}
+
+/// The link a link message describes.
+#[must_use]
+pub fn link_of(msg: &LinkMessage) -> nexthop::Link {
+    let mut mac = None;
+    let mut mtu = 0;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::Address(a) => mac = nexthop::mac_of(a),
+            LinkAttribute::Mtu(m) => mtu = *m,
+            _ => {}
+        }
+    }
+    nexthop::Link {
+        mac,
+        mtu,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    }
 }
 
 /// The entry the keeper makes for `hop`: what `ip neigh replace ADDR dev DEV managed
@@ -338,6 +405,13 @@ pub struct NextHopKeeper {
     task: JoinHandle<()>,
 }
 
+/// The fast path's next-hop map and the backend ids (id -> address, every entry of the
+/// backend map) whose next hops it holds.
+pub struct HopsMap {
+    pub table: NextHopTable,
+    pub ids: watch::Receiver<BTreeMap<u32, IpAddr>>,
+}
+
 /// How the keeper task ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stop {
@@ -349,21 +423,33 @@ enum Stop {
 
 impl NextHopKeeper {
     /// Start the keeper for the backend addresses `backends` publishes (it follows every
-    /// change). Must be called within a tokio runtime. Dropping the handle ends the task
-    /// and leaves the entries.
-    pub fn spawn(backends: watch::Receiver<BTreeSet<IpAddr>>) -> Result<Self, NeighError> {
+    /// change), writing their next hops into `hops` when given. Must be called within a
+    /// tokio runtime. Dropping the handle ends the task and leaves the entries.
+    pub fn spawn(
+        backends: watch::Receiver<BTreeSet<IpAddr>>,
+        hops: Option<HopsMap>,
+    ) -> Result<Self, NeighError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NeighError::Socket)?;
         let connection = tokio::spawn(conn);
         let monitor = Monitor::open().map_err(NeighError::Socket)?;
         let (stop, stop_rx) = oneshot::channel();
+        let (map, ids) = match hops {
+            Some(h) => (Some(h.table), Some(h.ids)),
+            None => (None, None),
+        };
         let keeper = Keeper {
             handle,
             connection,
             added: BTreeSet::new(),
             hops: BTreeSet::new(),
             failing: BTreeMap::new(),
+            map,
+            ids: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            neighbours: BTreeMap::new(),
+            links: BTreeMap::new(),
         };
-        let task = tokio::spawn(keeper.run(backends, monitor, stop_rx));
+        let task = tokio::spawn(keeper.run(backends, ids, monitor, stop_rx));
         Ok(Self { stop, task })
     }
 
@@ -426,17 +512,29 @@ struct Keeper {
     /// What is wrong per backend or next hop, as last reported (reported again only
     /// when it changes).
     failing: BTreeMap<IpAddr, String>,
+    /// The fast path's next-hop map, when there is one, and what its entries are made
+    /// of: the backend ids, their routes (from the last pass), the resolved next hops
+    /// and the links (from the last pass and every notification since).
+    map: Option<NextHopTable>,
+    ids: BTreeMap<u32, IpAddr>,
+    routes: BTreeMap<IpAddr, nexthop::Route>,
+    neighbours: BTreeMap<NextHop, [u8; 6]>,
+    links: BTreeMap<u32, nexthop::Link>,
 }
 
 impl Keeper {
     async fn run(
         mut self,
         mut backends: watch::Receiver<BTreeSet<IpAddr>>,
+        mut ids: Option<watch::Receiver<BTreeMap<u32, IpAddr>>>,
         monitor: Monitor,
         mut stop: oneshot::Receiver<Stop>,
     ) {
         let mut monitor = Some(monitor);
         let mut wanted = backends.borrow_and_update().clone();
+        if let Some(rx) = &mut ids {
+            self.ids = rx.borrow_and_update().clone();
+        }
         let mut publisher = true;
         let mut due = Some(Instant::now());
         let mut safety = tokio::time::interval(SAFETY_RECHECK);
@@ -454,8 +552,25 @@ impl Keeper {
                     wanted = backends.borrow_and_update().clone();
                     due = Some(Instant::now());
                 }
+                changed = ids_changed(&mut ids) => {
+                    match (changed, &mut ids) {
+                        (true, Some(rx)) => {
+                            self.ids = rx.borrow_and_update().clone();
+                            // Known addresses need no netlink request: write at once.
+                            if self.ids.values().all(|a| self.routes.contains_key(a)) {
+                                self.write_hops();
+                            } else {
+                                due = Some(Instant::now());
+                            }
+                        }
+                        _ => ids = None,
+                    }
+                }
                 msg = next_message(&mut monitor) => match msg {
                     Some((msg, _)) => {
+                        if self.note(&msg) {
+                            self.write_hops();
+                        }
                         if due.is_none() && calls_for_pass(&msg, &self.hops) {
                             due = Some(Instant::now() + SETTLE);
                         }
@@ -487,14 +602,18 @@ impl Keeper {
         self.connection.abort();
     }
 
-    /// Resolve every backend's next hop and make the neighbour table match.
+    /// Resolve every backend's next hop, make the neighbour table match, and write the
+    /// next hops of the backend ids into the fast path.
     async fn pass(&mut self, backends: &BTreeSet<IpAddr>) {
         let mut errors: BTreeMap<IpAddr, NeighError> = BTreeMap::new();
         let mut wanted = BTreeSet::new();
-        for &b in backends {
+        let mut routes = BTreeMap::new();
+        let all: BTreeSet<IpAddr> = backends.iter().chain(self.ids.values()).copied().collect();
+        for b in all {
             match self.route(b).await {
-                Ok(hop) => {
-                    wanted.insert(hop);
+                Ok(route) => {
+                    wanted.insert(route.hop);
+                    routes.insert(b, route);
                 }
                 Err(e) => {
                     errors.insert(b, e);
@@ -502,13 +621,28 @@ impl Keeper {
             }
         }
         self.hops.clone_from(&wanted);
+        self.routes = routes;
+        if self.map.is_some() {
+            match self.links().await {
+                Ok(links) => self.links = links,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the links; next hops in the fast path may lag until the next change")
+                }
+            }
+        }
         let table = match self.table().await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot keep next hops resolved; trying again at the next change");
+                self.write_hops();
                 return;
             }
         };
+        self.neighbours = table
+            .values()
+            .filter(|e| wanted.contains(&e.hop))
+            .filter_map(|e| Some((e.hop, e.mac?)))
+            .collect();
         let p = plan(&wanted, &table, &self.added);
         for hop in p.create {
             match self.create(hop).await {
@@ -521,6 +655,9 @@ impl Keeper {
                 }
             }
         }
+        // After the neighbours to resolve are asked for: the first write after a start
+        // reads every slot of the map, which must not delay them.
+        self.write_hops();
         for hop in p.adopt {
             tracing::info!(next_hop = %hop.address, dev = %ifname(hop.ifindex), "keeping next hop resolved (managed neighbour left by an earlier agent)");
             self.added.insert(hop);
@@ -551,7 +688,75 @@ impl Keeper {
         self.failing = now;
     }
 
-    async fn route(&self, dst: IpAddr) -> Result<NextHop, NeighError> {
+    /// Take in a notification about a neighbour or link a next hop uses; true when
+    /// that changed what the fast path's entries are made of.
+    fn note(&mut self, msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
+        if self.map.is_none() {
+            return false;
+        }
+        let NetlinkPayload::InnerMessage(m) = &msg.payload else {
+            return false;
+        };
+        match m {
+            RouteNetlinkMessage::NewNeighbour(n) => match entry_of(n) {
+                Some(e) if self.hops.contains(&e.hop) => {
+                    let old = match e.mac {
+                        Some(mac) => self.neighbours.insert(e.hop, mac),
+                        None => self.neighbours.remove(&e.hop),
+                    };
+                    old != e.mac
+                }
+                _ => false,
+            },
+            RouteNetlinkMessage::DelNeighbour(n) => {
+                entry_of(n).is_some_and(|e| self.neighbours.remove(&e.hop).is_some())
+            }
+            RouteNetlinkMessage::NewLink(l) => {
+                let index = l.header.index;
+                if !self.hops.iter().any(|h| h.ifindex == index) {
+                    return false;
+                }
+                let link = link_of(l);
+                self.links.insert(index, link) != Some(link)
+            }
+            RouteNetlinkMessage::DelLink(l) => self.links.remove(&l.header.index).is_some(),
+            _ => false,
+        }
+    }
+
+    /// Write the backend ids' next hops, as now known, into the fast path's map.
+    fn write_hops(&mut self) {
+        let Some(table) = &mut self.map else {
+            return;
+        };
+        let want = nexthop::desired(&self.ids, &self.routes, &self.neighbours, &self.links);
+        match table.sync(&want) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(
+                    written = n,
+                    valid = want.len(),
+                    backends = self.ids.len(),
+                    "next hops written to the fast path"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "writing next hops to the fast path (packets use the kernel's FIB lookup meanwhile)");
+            }
+        }
+    }
+
+    async fn links(&self) -> Result<BTreeMap<u32, nexthop::Link>, NeighError> {
+        let mut dump = self.handle.link().get().execute();
+        let mut links = BTreeMap::new();
+        while let Some(msg) = dump.next().await {
+            let msg = msg.map_err(NeighError::Links)?;
+            links.insert(msg.header.index, link_of(&msg));
+        }
+        Ok(links)
+    }
+
+    async fn route(&self, dst: IpAddr) -> Result<nexthop::Route, NeighError> {
         let len = if dst.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst, len)
@@ -559,7 +764,7 @@ impl Keeper {
             .build();
         let mut answers = self.handle.route().get(msg).execute();
         match answers.next().await {
-            Some(Ok(route)) => next_hop_of(dst, &route),
+            Some(Ok(route)) => route_of(dst, &route),
             Some(Err(source)) => Err(NeighError::Route { dst, source }),
             None => Err(NeighError::NoRoute { dst }),
         }
@@ -622,6 +827,15 @@ impl Keeper {
 async fn next_message(monitor: &mut Option<Monitor>) -> Option<Notification> {
     match monitor {
         Some(m) => m.messages.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the backend ids changed (false: their publisher is gone); pending forever
+/// without a next-hop map.
+async fn ids_changed(ids: &mut Option<watch::Receiver<BTreeMap<u32, IpAddr>>>) -> bool {
+    match ids {
+        Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }
@@ -776,6 +990,57 @@ mod tests {
         fdb.header.family = AddressFamily::Bridge;
         fdb.attributes = vec![NeighbourAttribute::LinkLayerAddress(vec![0; 6])];
         assert_eq!(entry_of(&fdb), None);
+    }
+
+    /// What the fast path's next-hop entries are made of: the MAC of a neighbour entry
+    /// only while it is NUD_VALID, a route's MTU metric, a link's MAC, MTU and state.
+    #[test]
+    fn resolved_entries_carry_their_mac_routes_their_mtu_links_theirs() {
+        let mac = vec![2, 0, 0, 0, 0, 0x11];
+        let mut m = entry_key(hop("198.18.1.11", 3));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.clone()));
+        for (state, resolved) in [
+            (NeighbourState::Reachable, true),
+            (NeighbourState::Stale, true),
+            (NeighbourState::Delay, true),
+            (NeighbourState::Probe, true),
+            (NeighbourState::Permanent, true),
+            (NeighbourState::Noarp, true),
+            (NeighbourState::Incomplete, false),
+            (NeighbourState::Failed, false),
+            (NeighbourState::None, false),
+        ] {
+            m.header.state = state;
+            assert_eq!(
+                entry_of(&m).unwrap().mac,
+                resolved.then_some([2, 0, 0, 0, 0, 0x11]),
+                "{state:?}"
+            );
+        }
+        let r = route(
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Oif(4),
+                RouteAttribute::Metrics(vec![RouteMetric::Mtu(1400)]),
+            ],
+        );
+        let got = route_of(v4("198.18.2.11"), &r).unwrap();
+        assert_eq!((got.hop, got.mtu), (hop("198.18.2.11", 4), Some(1400)));
+        let mut l = LinkMessage::default();
+        l.header.index = 4;
+        l.header.flags = LinkFlags::Up;
+        l.attributes = vec![LinkAttribute::Address(mac), LinkAttribute::Mtu(9000)];
+        assert_eq!(
+            link_of(&l),
+            nexthop::Link {
+                mac: Some([2, 0, 0, 0, 0, 0x11]),
+                mtu: 9000,
+                up: true
+            }
+        );
+        l.header.flags = LinkFlags::empty();
+        assert!(!link_of(&l).up);
     }
 
     fn table(entries: &[NeighbourMessage]) -> BTreeMap<NextHop, Entry> {

@@ -665,6 +665,16 @@ impl Reconciler {
             .collect()
     }
 
+    /// Every backend entry as last written: backend id -> address (the backends whose
+    /// next hops the fast path needs, `super::nexthop`).
+    pub fn backend_addresses(&self) -> BTreeMap<u32, IpAddr> {
+        self.backends
+            .written
+            .iter()
+            .map(|(id, e)| (*id, entry_address(e)))
+            .collect()
+    }
+
     /// Service id of `service` as last written.
     pub fn service_id(&self, service: &str) -> Option<u32> {
         self.services.get(service).map(|s| s.id)

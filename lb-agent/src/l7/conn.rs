@@ -123,6 +123,11 @@ impl ConnActivity {
         })
     }
 
+    /// Whether the connection speaks HTTP/2 (ALPN or the h2c preface).
+    pub(crate) fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::SeqCst)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NONE - 1)
     }

@@ -107,6 +107,9 @@ pub(crate) struct Proxy {
     pub(crate) tunnels: TaskTracker,
     /// Set when the grace period is over: connections and tunnels end.
     pub(crate) hard_stop: watch::Sender<bool>,
+    /// Set when the service drains (stopped, replaced by new settings, or handed to a
+    /// new agent): HTTP/1 responses carry `Connection: close`.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -363,7 +366,17 @@ pub(crate) async fn handle(
     if let Some(result) = finish.cache {
         proxy.stats.record_cache(&proxy.name, result);
     }
-    let (parts, inner) = resp.into_parts();
+    let (mut parts, inner) = resp.into_parts();
+    if proxy.draining.load(std::sync::atomic::Ordering::SeqCst)
+        && !conn.activity.is_h2()
+        && parts.status != http::StatusCode::SWITCHING_PROTOCOLS
+    {
+        // The connection closes after this response (hyper honours the field).
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     // An empty body is never polled: `Observed` drops `finish` (which logs) at once.
     Response::from_parts(parts, Observed::new(inner, finish).boxed())
 }

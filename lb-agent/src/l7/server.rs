@@ -28,10 +28,16 @@
 //!    [`TimedIo`]'s parse-error hook with the shape of the proxy's own errors
 //!    ([`proxy::parse_error_response`]).
 //!
-//! Shutdown ([`Server::shutdown`]): the listener closes at once (new connections are
-//! refused), every connection is told to finish (HTTP/1: close after the current
-//! response, at once when idle; HTTP/2: GOAWAY), tunnels keep running; after all are
-//! done, or after the grace period, whatever remains is dropped.
+//! Shutdown ([`Server::shutdown`]) drains without failing a request: the accept loop
+//! stops (its listener is shared: when a successor serves the same socket, after a
+//! settings change or a hand-off to a new agent, connections waiting in the backlog
+//! go to the successor; otherwise the listener closes with the last holder), and
+//! every connection is told to finish: HTTP/2 gets GOAWAY (the client retries the
+//! streams the server did not take); HTTP/1 answers its current or next request with
+//! `Connection: close` and then closes (as HAProxy's `idle-close-on-response`: an idle
+//! keep-alive connection is not closed under a client that may be sending a request
+//! at that moment). Tunnels keep running. After all are done, or after the grace
+//! period, whatever remains is dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -41,7 +47,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -91,7 +96,7 @@ async fn serve_connection(
     proxy: Arc<Proxy>,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: watch::Receiver<bool>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%client, error = %e, "TCP_NODELAY");
@@ -136,14 +141,14 @@ async fn run_http<I>(
     activity: Arc<ConnActivity>,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut drain: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(ConnInfo {
         client,
         tls,
-        activity,
+        activity: Arc::clone(&activity),
     });
     let service = proxy.name.clone();
     let svc = service_fn(move |req| {
@@ -155,7 +160,19 @@ async fn run_http<I>(
         async move { Ok::<_, Infallible>(proxy::handle(proxy, info, req, in_flight).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    if let Err(e) = watcher.watch(conn).await {
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopped(&mut drain) => {
+            // HTTP/2: GOAWAY. HTTP/1: the proxy closes after the next response
+            // (`Connection: close`, see the module docs).
+            if activity.is_h2() {
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         debug!(%service, %client, error = %e, "connection ended with an error");
     }
 }
@@ -172,9 +189,10 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Serve `listener` for `proxy` (TLS when `tls` is set).
+    /// Serve `listener` for `proxy` (TLS when `tls` is set). The listener may be shared
+    /// with another server (a predecessor that is draining).
     pub(crate) fn spawn(
-        listener: TcpListener,
+        listener: Arc<TcpListener>,
         proxy: Arc<Proxy>,
         tls: Option<TlsAcceptor>,
     ) -> Self {
@@ -186,7 +204,8 @@ impl Server {
         }
     }
 
-    /// Stop accepting, let in-flight requests finish within `grace`, then close all.
+    /// Stop accepting, let in-flight requests finish within `grace` (draining as the
+    /// [module docs](self) say), then close all.
     pub(crate) async fn shutdown(mut self, grace: Duration) {
         self.stop.send_replace(Some(grace));
         if let Some(task) = self.task.take() {
@@ -207,20 +226,21 @@ impl Drop for Server {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     proxy: Arc<Proxy>,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
     let builder = Arc::new(builder(&proxy));
-    let graceful = GracefulShutdown::new();
+    // Tells every connection to finish (see the module docs).
+    let (drain, _) = watch::channel(false);
     // Connections; the proxy's `tunnels` tracks upgraded tunnels.
     let conns = TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
-                    let watcher = graceful.watcher();
+                    let watcher = drain.subscribe();
                     let mut hard = proxy.hard_stop.subscribe();
                     let fut = serve_connection(
                         stream,
@@ -253,8 +273,11 @@ async fn accept_loop(
     // from requests in flight; they are waited for too).
     conns.close();
     proxy.tunnels.close();
+    proxy
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    drain.send_replace(true);
     let drained = tokio::time::timeout(grace, async {
-        graceful.shutdown().await;
         conns.wait().await;
         proxy.tunnels.wait().await;
     })

@@ -5,6 +5,12 @@
 //!
 //! A started service has no backend until the first `update_backends`: until then
 //! it answers `503`.
+//!
+//! Settings change without refusing a connection: [`L7Service::successor`] starts a
+//! service with the new settings on the same listening socket (same VIP), keeping the
+//! cache when its settings did not change; the old one then drains
+//! ([`L7Service::shutdown`]). [`L7Service::start_on`] serves a socket inherited from
+//! the previous agent (see [`crate::handoff`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +79,10 @@ pub struct L7Service {
     proxy: Arc<Proxy>,
     local_addr: SocketAddr,
     server: Server,
+    /// The listening socket (shared with a successor while this service drains).
+    listener: Arc<TcpListener>,
+    /// The settings it was started with.
+    config: ServiceConfig,
 }
 
 /// Bind `addr` with `SO_REUSEADDR`.
@@ -95,6 +105,81 @@ impl L7Service {
         cfg: &ServiceConfig,
         state_dir: &Path,
         stats: HttpStats,
+    ) -> Result<Self, L7Error> {
+        Self::start_on(cfg, state_dir, stats, None, &[]).await
+    }
+
+    /// [`L7Service::start`] on `listener` when given (a listening socket bound to the
+    /// VIP, inherited from the previous agent) instead of binding, serving `serving`
+    /// (see [`L7Service::update_backends`]) from the first connection on.
+    pub async fn start_on(
+        cfg: &ServiceConfig,
+        state_dir: &Path,
+        stats: HttpStats,
+        listener: Option<std::net::TcpListener>,
+        serving: &[(SocketAddr, u32)],
+    ) -> Result<Self, L7Error> {
+        let listener = match listener {
+            Some(l) => {
+                let bind_err = |source| L7Error::Bind {
+                    service: cfg.name.clone(),
+                    addr: cfg.vip,
+                    source,
+                };
+                l.set_nonblocking(true).map_err(bind_err)?;
+                TcpListener::from_std(l).map_err(bind_err)?
+            }
+            None => bind(cfg.vip).map_err(|source| L7Error::Bind {
+                service: cfg.name.clone(),
+                addr: cfg.vip,
+                source,
+            })?,
+        };
+        Self::build(cfg, state_dir, stats, Arc::new(listener), None, serving)
+    }
+
+    /// A service with the settings `cfg` (same VIP) serving this one's listening
+    /// socket, with this one's cache when the cache settings are the same. The caller
+    /// then shuts this one down: it drains while the successor accepts.
+    pub fn successor(
+        &self,
+        cfg: &ServiceConfig,
+        state_dir: &Path,
+        stats: HttpStats,
+        serving: &[(SocketAddr, u32)],
+    ) -> Result<Self, L7Error> {
+        let cache = (cfg.cache == self.config.cache)
+            .then(|| self.proxy.cache.clone())
+            .flatten();
+        Self::build(
+            cfg,
+            state_dir,
+            stats,
+            Arc::clone(&self.listener),
+            cache,
+            serving,
+        )
+    }
+
+    /// A duplicate of the listening socket's descriptor (for the next agent).
+    pub fn listener_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// The settings the service runs with.
+    #[must_use]
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    fn build(
+        cfg: &ServiceConfig,
+        state_dir: &Path,
+        stats: HttpStats,
+        listener: Arc<TcpListener>,
+        cache: Option<Cache>,
+        serving: &[(SocketAddr, u32)],
     ) -> Result<Self, L7Error> {
         let service = cfg.name.clone();
         if cfg.mode != Mode::L7 {
@@ -121,11 +206,6 @@ impl L7Service {
                 ttl: Duration::from_secs(s.ttl_s),
             }),
         };
-        let listener = bind(cfg.vip).map_err(|source| L7Error::Bind {
-            service: service.clone(),
-            addr: cfg.vip,
-            source,
-        })?;
         let local_addr = listener.local_addr().map_err(|source| L7Error::Bind {
             service: service.clone(),
             addr: cfg.vip,
@@ -137,19 +217,28 @@ impl L7Service {
             http: cfg.http.clone(),
             tls: tls.is_some(),
             pool: Pool::new(cfg.scheduler, cfg.hash_on.clone(), &cfg.http),
-            cache: cfg.cache.as_ref().map(Cache::new),
+            cache: cache.or_else(|| cfg.cache.as_ref().map(Cache::new)),
             sticky,
             client: proxy::backend_client(&cfg.http),
             stats,
             tunnels: TaskTracker::new(),
             hard_stop,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
-        let server = Server::spawn(listener, Arc::clone(&proxy), tls.map(TlsAcceptor::from));
+        // Before the first connection: a replacement must not answer 503 for a moment.
+        proxy.pool.update(serving);
+        let server = Server::spawn(
+            Arc::clone(&listener),
+            Arc::clone(&proxy),
+            tls.map(TlsAcceptor::from),
+        );
         tracing::info!(service = %proxy.name, addr = %local_addr, tls = proxy.tls, via = crate::l7::headers::via_name(), "L7 service listening");
         Ok(Self {
             proxy,
             local_addr,
             server,
+            listener,
+            config: cfg.clone(),
         })
     }
 
@@ -193,7 +282,16 @@ impl L7Service {
     /// Stop accepting and finish in-flight requests within `grace`; then close what
     /// remains.
     pub async fn shutdown(self, grace: Duration) {
-        self.server.shutdown(grace).await;
-        tracing::info!(service = %self.proxy.name, "L7 service stopped");
+        let Self {
+            proxy,
+            server,
+            listener,
+            ..
+        } = self;
+        // The socket closes once no successor holds it either (new connections are
+        // then refused); the accept loop lets go of it when it stops.
+        drop(listener);
+        server.shutdown(grace).await;
+        tracing::info!(service = %proxy.name, "L7 service stopped");
     }
 }

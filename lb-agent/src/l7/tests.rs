@@ -1337,3 +1337,138 @@ async fn hypers_own_parse_errors_have_the_proxys_error_shape() {
     // The proxy keeps serving.
     assert_eq!(get(addr, "/").await.status, StatusCode::OK);
 }
+
+/// New settings on the same socket (what the manager does for a settings change):
+/// connections made during the swap are all served, a request in flight on the old
+/// settings finishes, a kept-alive connection gets `Connection: close` on its next
+/// response (not a reset), new connections get the new settings, and the cache stays
+/// when its settings did not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_settings_take_over_the_socket_and_old_connections_drain() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.cache = Some(CacheConfig {
+        max_bytes: 1 << 20,
+        max_object_bytes: 1 << 16,
+    });
+    let serving = [(b.addr, 100)];
+    let state = temp_dir();
+    let old = L7Service::start_on(&c, state.path(), HttpStats::new(), None, &serving)
+        .await
+        .expect("start");
+    let addr = old.local_addr();
+    // A cached page, a kept-alive connection and a slow request on the old settings.
+    assert_eq!(get(addr, "/cached").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut kept = h1(addr).await;
+    let first = send(&mut kept, get_req("/")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.headers.contains_key("connection"));
+    let slow = tokio::spawn(async move { get(addr, "/slow?ms=800").await });
+    // Clients connecting all through the swap.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let clients = tokio::spawn(async move {
+        let (mut ok, mut refused) = (0, 0);
+        while !s.load(Ordering::SeqCst) {
+            match TcpStream::connect(addr).await {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (ok, refused)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut next = c.clone();
+    next.scheduler = crate::config::Scheduler::LeastRequest;
+    next.sticky = Some(StickyConfig {
+        cookie: "NEWSTICKY".to_owned(),
+        ttl_s: 60,
+    });
+    let new = old
+        .successor(&next, state.path(), HttpStats::new(), &serving)
+        .expect("successor");
+    assert_eq!(new.local_addr(), addr);
+    let draining = tokio::spawn(old.shutdown(Duration::from_secs(5)));
+
+    // New connections: the new settings (the sticky cookie), the same cache.
+    let fresh = get(addr, "/").await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    let cookie = fresh
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(cookie.starts_with("NEWSTICKY="), "{cookie}");
+    let hit = get(addr, "/cached").await;
+    let cs = hit
+        .headers
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(cs.contains("hit"), "the cache was not kept: {cs}");
+    // The kept-alive connection of the old settings: answered, then told to close.
+    let last = send(&mut kept, get_req("/")).await;
+    assert_eq!(last.status, StatusCode::OK);
+    assert_eq!(
+        last.headers.get("connection").and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
+    assert!(!last.headers.contains_key("set-cookie"), "old settings");
+    // The slow request finishes, and the old service is gone soon after.
+    assert_eq!(slow.await.expect("join").status, StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(3), draining)
+        .await
+        .expect("the old service drained in time")
+        .expect("join");
+    stop.store(true, Ordering::SeqCst);
+    let (ok, refused) = clients.await.expect("join");
+    assert!(ok > 10, "{ok} connections");
+    assert_eq!(refused, 0, "connections refused during the swap");
+    // The socket still serves (the successor holds it).
+    assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+    new.shutdown(Duration::from_secs(1)).await;
+    assert!(TcpStream::connect(addr).await.is_err(), "closed at the end");
+}
+
+/// An HTTP/2 connection of a draining service: its stream in flight finishes (no
+/// `Connection` field on h2), then the server's GOAWAY ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_h2_finishes_streams_then_goes_away() {
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    let stream = TcpStream::connect(svc.local_addr()).await.expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = |path: &str| {
+        Request::get(format!("http://h2.example{path}"))
+            .body(Full::<Bytes>::default())
+            .expect("req")
+    };
+    let warm = send.send_request(req("/")).await.expect("response");
+    assert_eq!(warm.status(), StatusCode::OK);
+    let slow = send.send_request(req("/slow?ms=500"));
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let shut = tokio::spawn(svc.shutdown(Duration::from_secs(5)));
+    let resp = slow
+        .await
+        .expect("join")
+        .expect("the stream in flight finishes");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!resp.headers().contains_key("connection"));
+    // GOAWAY: the client's connection ends without an error, well before the grace.
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the connection ends after GOAWAY")
+        .expect("join")
+        .expect("a clean end");
+    shut.await.expect("join");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}

@@ -146,6 +146,18 @@ impl LocalVips {
             .map_err(|e| e.to_string())
     }
 
+    /// Take over VIPs the previous agent added (a hand-off): this agent removes them
+    /// when they are no longer needed, or at exit.
+    pub fn adopt(&mut self, vips: impl IntoIterator<Item = IpAddr>) {
+        self.added.extend(vips);
+    }
+
+    /// Forget the VIPs this agent added without removing them (handed to the next
+    /// agent), returning them.
+    pub fn forget(&mut self) -> BTreeSet<IpAddr> {
+        std::mem::take(&mut self.added)
+    }
+
     /// Remove every VIP this agent added.
     pub async fn clear(&mut self) {
         self.retain(&BTreeSet::new()).await;

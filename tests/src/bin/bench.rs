@@ -20,8 +20,9 @@
 //!
 //! # `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
 //!
-//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow and a non-VIP
-//! packet, beside floor programs built in the same run by the same compiler
+//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow (next hops from
+//! the `NEXT_HOPS` map, written as the agent does, and once more with that map empty:
+//! `bpf_fib_lookup` for every packet) and a non-VIP packet, beside floor programs built in the same run by the same compiler
 //! (`lb-ebpf/src/floors.rs`): XDP_PASS; parse + swap MACs + XDP_TX; parse + one hash
 //! lookup + IPIP encapsulation + XDP_TX. Ratios are to the last floor. It is a
 //! measurement, not a test: nothing is asserted about speed.
@@ -91,7 +92,10 @@ use lb_agent::{
         stats::Counters,
     },
 };
-use lb_common::stats::Counter;
+use lb_common::{
+    stats::Counter,
+    types::{NEXT_HOP_F_VALID, NextHopEntry},
+};
 
 /// Prints `rows` under `header` as one `|`-separated table, each column as wide as its
 /// widest cell; `right[i]` right-aligns column `i` (numbers).
@@ -206,6 +210,10 @@ struct XdpArgs {
     #[arg(long, value_name = "K", default_value_t = DEFAULT_RUNS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
     runs: usize,
+    /// Run only the rows whose label contains this text, and the XDP_PASS floors their
+    /// net figures need (e.g. `--only "established flow"` under `perf record`).
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
 }
 
 fn parse_repeat(value: &str) -> Result<u32, String> {
@@ -392,6 +400,35 @@ impl Lb {
         self.0.counters()
     }
 
+    /// Writes each backend's next hop into `NEXT_HOPS` as the agent does (`on`: the
+    /// MACs of the static neighbours and of `lb0`, so the output is the same frame), or
+    /// clears them (`bpf_fib_lookup` for every packet, as before the map).
+    fn next_hops(&mut self, on: bool, ifindex: u32, lb_mac: [u8; 6]) -> anyhow::Result<()> {
+        for (&b, mac) in BACKENDS.iter().zip(BACKEND_MACS) {
+            let id = self
+                .0
+                .reconciler
+                .backend_id("web", b.into(), VIP.port())
+                .context("backend id")?;
+            let (addr, family) = lb_agent::dataplane::sync::addr_words(b.into());
+            let entry = if on {
+                NextHopEntry {
+                    addr,
+                    ifindex,
+                    mtu: 1500,
+                    family,
+                    flags: NEXT_HOP_F_VALID,
+                    dmac: mac,
+                    smac: lb_mac,
+                }
+            } else {
+                NextHopEntry::default()
+            };
+            self.0.maps.next_hops.set(id, entry, 0)?;
+        }
+        Ok(())
+    }
+
     /// Oracle: the backend (index into [`BACKENDS`]) the ring gives the flow of `frame`,
     /// from `lb_common::hash` and the ring the reconciler wrote.
     fn predicted(&self, frame: &[u8]) -> anyhow::Result<usize> {
@@ -513,6 +550,8 @@ struct Row {
     /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
     new_flows: u64,
     iterations: u64,
+    /// Balancer rows: `NEXT_HOPS` left empty, every next hop from `bpf_fib_lookup`.
+    fib: bool,
 }
 
 impl Row {
@@ -526,7 +565,13 @@ impl Row {
             direct_samples: Vec::new(),
             new_flows: 0,
             iterations: 0,
+            fib: false,
         }
+    }
+
+    /// The same row with `NEXT_HOPS` empty (next hops from `bpf_fib_lookup`).
+    fn fib(self) -> Self {
+        Row { fib: true, ..self }
     }
 }
 
@@ -585,6 +630,7 @@ struct Bench {
     lbs: Vec<Lb>,
     ctx: [u8; 24],
     lb_mac: [u8; 6],
+    ifindex: u32,
     _forwarding: InterfaceForwarding,
 }
 
@@ -729,6 +775,10 @@ impl Bench {
         record: bool,
     ) -> anyhow::Result<()> {
         let frame = frame_for(row.case, run);
+        if let Target::Lb(i) = row.target {
+            let (ifindex, lb_mac) = (self.ifindex, self.lb_mac);
+            self.lbs[i].next_hops(!row.fib, ifindex, lb_mac)?;
+        }
         let target_fd = program_fd(self.program(row.target)?)?;
         let mode = u32::from(row.case.new_port());
         self.floors.arm(&target_fd, &frame, mode)?;
@@ -810,6 +860,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
     let small_table = FLOWS_PER_CPU_SMALL * cpus;
     let repeat = args.repeat;
     let runs = args.runs;
+    let only = args.only.clone();
     let (cpu, rows, load) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
         let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
@@ -820,6 +871,7 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
             lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
             ctx,
             lb_mac: mac_of(LB_IFACE)?,
+            ifindex,
             _forwarding: InterfaceForwarding::enable(LB_IFACE)?,
         };
         let mut rows = vec![
@@ -866,12 +918,25 @@ fn bench_xdp(args: &XdpArgs) -> anyhow::Result<()> {
                 false,
             ),
             Row::new(
+                "xdp_lb: established, FIB lookup",
+                Target::Lb(0),
+                Case::LbEstablished,
+                false,
+            )
+            .fib(),
+            Row::new(
                 "xdp_lb: non-VIP packet",
                 Target::Lb(0),
                 Case::LbNonVip,
                 true,
             ),
         ];
+        if let Some(only) = &only {
+            rows.retain(|r| {
+                r.label.contains(only.as_str())
+                    || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
+            });
+        }
         // Every frame has the same length (the ctx's data_end): check it.
         for row in &rows {
             ensure!(

@@ -55,7 +55,7 @@ impl KeeperThread {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let keeper = NextHopKeeper::spawn(backends)?;
+                let keeper = NextHopKeeper::spawn(backends, None)?;
                 // The test thread decides how the keeper ends: clear (detach) or stop.
                 if ended.await.unwrap_or(false) {
                     keeper.clear().await;

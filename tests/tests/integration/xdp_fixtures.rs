@@ -39,7 +39,9 @@ use lb_common::{
     hash::flow_hash,
     maps as names,
     stats::{Counter, DropReason},
-    types::{DecapKey, FILTER_RULE_NOT_ALLOWED, PROTO_TCP, PROTO_UDP},
+    types::{
+        DecapKey, FILTER_RULE_NOT_ALLOWED, NEXT_HOP_F_VALID, NextHopEntry, PROTO_TCP, PROTO_UDP,
+    },
 };
 use xdplb_tests::{
     netns::mac_of,
@@ -2031,3 +2033,202 @@ fn icmp_errors_follow_the_flow_table() -> anyhow::Result<()> {
 
 /// GUE, the per-flow outer source, GUE decap and QUIC connection-ID routing.
 mod gue;
+/// A next hop as the agent writes it into `NEXT_HOPS` (`lb-agent/src/dataplane/nexthop.rs`).
+fn next_hop_entry(
+    backend: Ipv4Addr,
+    ifindex: u32,
+    mtu: u16,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+) -> NextHopEntry {
+    let (addr, family) = addr_words(backend.into());
+    NextHopEntry {
+        addr,
+        ifindex,
+        mtu,
+        family,
+        flags: NEXT_HOP_F_VALID,
+        dmac,
+        smac,
+    }
+}
+
+/// MACs no neighbour entry and no interface of the fixture has: a frame carrying them
+/// was addressed from the map, not by `bpf_fib_lookup`.
+fn map_mac(last: u8) -> [u8; 6] {
+    [0x02, 0x4e, 0x48, 0, 0, last]
+}
+const MAP_SMAC: [u8; 6] = [0x02, 0x4e, 0x48, 0xff, 0xff, 0xff];
+
+/// Issue 12, item 1: the program takes a backend's next hop from `NEXT_HOPS` (map hit:
+/// the map's MACs and interface, even for a next hop the kernel has not resolved; the
+/// map's MTU), and falls back to `bpf_fib_lookup` on a miss, an invalid entry, or an
+/// entry written for another address or family (a reused backend id).
+#[test]
+fn next_hops_come_from_the_map_with_the_fib_as_fallback() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let far_ifindex = loader::if_index("far0")?;
+        let id = |svc: &str, b: Ipv4Addr, port: u16| {
+            fx.lb
+                .reconciler
+                .backend_id(svc, b.into(), port)
+                .with_context(|| format!("backend id of {b} in {svc}"))
+        };
+        let web_ids: Vec<u32> = BACKENDS
+            .iter()
+            .map(|&b| id("web", b, 80))
+            .collect::<anyhow::Result<_>>()?;
+        let dns_id = id("dns", FAR_BACKEND, 53)?;
+        let noneigh_id = id("noneigh", UNRESOLVED, 80)?;
+        let mut port = 41000u16;
+        // A new web flow and the backend the ring gives it.
+        fn next_web(fx: &Fixture, port: &mut u16) -> anyhow::Result<(Vec<u8>, Ipv4Addr)> {
+            *port += 1;
+            let frame = syn(SocketAddrV4::new(CLIENT, *port), VIP_WEB)
+                .payload(b"next hop")
+                .build();
+            let to = fx.ring_pick("web", &frame, &BACKENDS, 80)?;
+            Ok((frame, to))
+        }
+
+        // Miss: the map is empty (the agent has not written it yet): the FIB's MACs.
+        let (frame, to) = next_web(fx, &mut port)?;
+        check_row(
+            fx,
+            &row(
+                "map miss: bpf_fib_lookup",
+                frame.clone(),
+                Expect::Tx { backend: to },
+                fx.encapsulated(&frame, to)?,
+            ),
+        )?;
+
+        // Hit: every web backend has an entry with MACs nobody else has.
+        for (i, (&b, &bid)) in BACKENDS.iter().zip(&web_ids).enumerate() {
+            let e = next_hop_entry(b, fx.ifindex, LB0_MTU, map_mac(i as u8), MAP_SMAC);
+            fx.lb.maps.next_hops.set(bid, e, 0)?;
+        }
+        let mac_of_backend = |b: Ipv4Addr| {
+            map_mac(BACKENDS.iter().position(|&x| x == b).expect("web backend") as u8)
+        };
+        for n in 0..6 {
+            let (frame, to) = next_web(fx, &mut port)?;
+            let output = ipip_frame(&frame, LB_ADDR, to, mac_of_backend(to), MAP_SMAC)?;
+            check_row(
+                fx,
+                &row(
+                    format!("map hit {n}: the map's MACs"),
+                    frame,
+                    Expect::Tx { backend: to },
+                    output,
+                ),
+            )?;
+        }
+
+        // Hit on another interface: redirected there with the map's MACs.
+        fx.lb.maps.next_hops.set(
+            dns_id,
+            next_hop_entry(FAR_BACKEND, far_ifindex, 1500, map_mac(0x53), MAP_SMAC),
+            0,
+        )?;
+        let dns = PacketBuilder::udp(SocketAddrV4::new(CLIENT, 5354), VIP_DNS)
+            .payload(&[7; 12])
+            .build();
+        check_row(
+            fx,
+            &row(
+                "map hit: redirect to the map's interface",
+                dns.clone(),
+                Expect::Redirect {
+                    backend: FAR_BACKEND,
+                },
+                ipip_frame(&dns, LB_ADDR, FAR_BACKEND, map_mac(0x53), MAP_SMAC)?,
+            ),
+        )?;
+
+        // The kernel has no neighbour for .99 (bpf_fib_lookup: pass up); an entry from
+        // the agent is used as it is.
+        let noneigh = syn(SocketAddrV4::new(CLIENT, 41900), VIP_NONEIGH).build();
+        check_row(
+            fx,
+            &unchanged(
+                "no entry, no neighbour: passed up",
+                noneigh.clone(),
+                Expect::Pass(Counter::PassNoNeighbour),
+            ),
+        )?;
+        fx.lb.maps.next_hops.set(
+            noneigh_id,
+            next_hop_entry(UNRESOLVED, fx.ifindex, LB0_MTU, map_mac(0x99), MAP_SMAC),
+            0,
+        )?;
+        check_row(
+            fx,
+            &row(
+                "map hit for a next hop the FIB cannot resolve",
+                noneigh.clone(),
+                Expect::Tx {
+                    backend: UNRESOLVED,
+                },
+                ipip_frame(&noneigh, LB_ADDR, UNRESOLVED, map_mac(0x99), MAP_SMAC)?,
+            ),
+        )?;
+
+        // The entry's MTU: an outer packet over it is dropped as bpf_fib_lookup's
+        // "fragmentation needed" is (this one fits the 1500 of lb0 and dataplane.mtu).
+        fx.lb.maps.next_hops.set(
+            noneigh_id,
+            next_hop_entry(UNRESOLVED, fx.ifindex, 100, map_mac(0x99), MAP_SMAC),
+            0,
+        )?;
+        let long = syn(SocketAddrV4::new(CLIENT, 41901), VIP_NONEIGH)
+            .payload(&[1; 100])
+            .build();
+        check_row(
+            fx,
+            &unchanged(
+                "map hit, outer packet over the entry's MTU",
+                long,
+                Expect::Drop(DropReason::TooBig),
+            ),
+        )?;
+
+        // Invalid (flag clear), written for another address (a reused backend id), or
+        // for another family: the FIB again, whatever MACs the entry holds.
+        let invalid = |b: Ipv4Addr, i: usize| NextHopEntry {
+            flags: 0,
+            ..next_hop_entry(b, fx.ifindex, LB0_MTU, map_mac(i as u8), MAP_SMAC)
+        };
+        let other_address =
+            |i: usize| next_hop_entry(JOINER, fx.ifindex, LB0_MTU, map_mac(i as u8), MAP_SMAC);
+        let other_family = |b: Ipv4Addr, i: usize| NextHopEntry {
+            family: lb_common::types::FAMILY_V6,
+            ..next_hop_entry(b, fx.ifindex, LB0_MTU, map_mac(i as u8), MAP_SMAC)
+        };
+        type MakeEntry<'a> = &'a dyn Fn(Ipv4Addr, usize) -> NextHopEntry;
+        let cases: [(&str, MakeEntry); 3] = [
+            ("invalid entry", &invalid),
+            ("entry for another address", &|_, i| other_address(i)),
+            ("entry for another family", &other_family),
+        ];
+        for (what, make) in cases {
+            for (i, (&b, &bid)) in BACKENDS.iter().zip(&web_ids).enumerate() {
+                fx.lb.maps.next_hops.set(bid, make(b, i), 0)?;
+            }
+            for n in 0..3 {
+                let (frame, to) = next_web(fx, &mut port)?;
+                check_row(
+                    fx,
+                    &row(
+                        format!("{what} {n}: bpf_fib_lookup"),
+                        frame.clone(),
+                        Expect::Tx { backend: to },
+                        fx.encapsulated(&frame, to)?,
+                    ),
+                )?;
+            }
+        }
+        Ok(())
+    })
+}

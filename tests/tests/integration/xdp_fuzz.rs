@@ -30,6 +30,9 @@
 //! - every packet is counted once under one outcome (`rx` and, for a drop, a reason):
 //!   checked per frame for one frame in [`COUNTER_SAMPLE`], and over the whole run.
 //!
+//! Two backends take their next hop from the agent's `NEXT_HOPS` map (issue 12), the
+//! others from `bpf_fib_lookup`, so both paths run.
+//!
 //! `XDPLB_FUZZ_SEED=N` replays a run; the seed is printed at the start and in every
 //! failure (with the frame in hex). `XDPLB_FUZZ_FRAMES=N` changes the count.
 
@@ -1446,6 +1449,37 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Next hops as the agent writes them into `NEXT_HOPS` (issue 12) for the first
+/// backend and the one behind `far0`, with the MACs the neighbour table gives: those
+/// backends' packets take the map's next hop, the others `bpf_fib_lookup`'s, and
+/// [`check`] holds for both.
+impl Bed {
+    fn write_some_next_hops(&mut self) -> anyhow::Result<()> {
+        let far0 = loader::if_index("far0")?;
+        for (id, addr) in self.lb.reconciler.backend_addresses() {
+            let (ifindex, dmac, smac) = if addr == BACKENDS[0] {
+                (self.ifindex, BACKEND_MACS[0], self.macs.lb0)
+            } else if addr == FAR_BACKEND {
+                (far0, FAR_MAC, self.macs.far0)
+            } else {
+                continue;
+            };
+            let (words, family) = lb_agent::dataplane::sync::addr_words(addr);
+            let entry = lb_common::types::NextHopEntry {
+                addr: words,
+                ifindex,
+                mtu: 1500,
+                family,
+                flags: lb_common::types::NEXT_HOP_F_VALID,
+                dmac,
+                smac,
+            };
+            self.lb.maps.next_hops.set(id, entry, 0)?;
+        }
+        Ok(())
+    }
+}
+
 struct Bed {
     lb: LoadedLb,
     ifindex: u32,
@@ -1518,7 +1552,7 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
     println!("{test}: seed {seed} (replay with XDPLB_FUZZ_SEED={seed}), {frames} frames");
     let result = in_bed("fz", &net(), move || {
         net6()?;
-        let bed = Bed {
+        let mut bed = Bed {
             lb: LoadedLb::load(&caps(), &desired(), &[LB_PROGRAM])?,
             ifindex: loader::if_index("lb0")?,
             macs: Macs {
@@ -1527,6 +1561,7 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
             },
             _forwarding: InterfaceForwarding::enable("lb0")?,
         };
+        bed.write_some_next_hops()?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut totals = Totals::default();
         let start = bed.lb.counters()?;
