@@ -152,19 +152,32 @@ pub fn encap_ipv4(
     outer: &Ipv4Hdr,
     hop: &NextHop,
 ) -> Result<(), DropReason> {
-    let grow = (ETH_HLEN + IPV4_HLEN) as i32 - l3_off as i32;
+    push_outer(ctx, l3_off, ETH_P_IP, outer, hop)
+}
+
+/// Replace the L2 header ending at `l3_off` with Ethernet (`ethertype`, the hop's MACs)
+/// + `outer`, the outer IP header of either family; the inner packet is not touched.
+#[inline(always)]
+pub fn push_outer<H: Copy>(
+    ctx: &XdpContext,
+    l3_off: usize,
+    ethertype: u16,
+    outer: &H,
+    hop: &NextHop,
+) -> Result<(), DropReason> {
+    let grow = (ETH_HLEN + size_of::<H>()) as i32 - l3_off as i32;
     // SAFETY: ctx.ctx is the program's xdp_md.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return Err(DropReason::EncapFailed);
     }
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::EncapFailed)?;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
+    let ip = ptr_at::<H>(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         *eth = EthHdr {
             dst: hop.dmac,
             src: hop.smac,
-            proto: ETH_P_IP,
+            proto: ethertype,
         };
         *ip = *outer;
     }

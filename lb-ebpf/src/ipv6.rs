@@ -41,7 +41,7 @@ use lb_common::{
 use crate::{
     csum,
     encap::{
-        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, transmit, trim_to, tunnel_v4,
+        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, push_outer, transmit, trim_to, tunnel_v4,
         zeroed_fib_params,
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
@@ -395,7 +395,7 @@ pub fn tunnel(
             daddr: f.addr,
         };
         trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
-        encap_ipv6(ctx, l3_off, &outer, &hop).map_err(Exit::Drop)?;
+        push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
         return Ok(hop.ifindex);
     }
     if cfg.source_v4 == 0 {
@@ -473,33 +473,6 @@ pub fn next_hop_v6(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Exit::Drop(DropReason::TooBig)),
         _ => Err(Exit::Pass(Counter::PassFibFailed)),
     }
-}
-
-/// Replace the L2 header ending at `l3_off` with Ethernet + the given outer IPv6 header.
-#[inline(always)]
-pub fn encap_ipv6(
-    ctx: &XdpContext,
-    l3_off: usize,
-    outer: &Ipv6Hdr,
-    hop: &NextHop,
-) -> Result<(), DropReason> {
-    let grow = (ETH_HLEN + IPV6_HLEN) as i32 - l3_off as i32;
-    // SAFETY: ctx.ctx is the program's xdp_md.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
-        return Err(DropReason::EncapFailed);
-    }
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::EncapFailed)?;
-    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        *eth = EthHdr {
-            dst: hop.dmac,
-            src: hop.smac,
-            proto: ETH_P_IPV6,
-        };
-        *ip = *outer;
-    }
-    Ok(())
 }
 
 /// `xdp_decap` for what arrives over IPv6: IPv6-in-IPv6 and IPv4-in-IPv6 to a local
