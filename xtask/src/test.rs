@@ -15,7 +15,10 @@ pub enum Step {
     Fmt,
     /// Clippy for the host and for bpfel-unknown-none (`cargo xtask clippy`).
     Clippy,
-    /// `cargo build --release -p lb-agent --bins`.
+    /// `cargo build --release --workspace --exclude lb-ebpf --bins --tests`: the agent and every
+    /// test harness in one cargo run, so that the two largest units (lb-agent's library and its
+    /// unit-test harness, each a serial front end of several minutes) overlap on a small machine
+    /// instead of running one after the other in two steps; `cargo test` then only runs.
     Build,
     /// `cargo test --release --workspace --exclude lb-ebpf`, with `XDPLB_AGENT_BIN` set. lb-ebpf's
     /// `#![no_main]` programs cannot link as host test binaries; the tests crate runs them
@@ -30,7 +33,7 @@ impl Step {
         match self {
             Self::Fmt => "cargo fmt --check",
             Self::Clippy => "clippy",
-            Self::Build => "release build",
+            Self::Build => "release build (agent and test harnesses)",
             Self::CargoTest => "cargo test",
             Self::Vagrant => "vagrant validate",
         }
@@ -40,7 +43,15 @@ impl Step {
         match self {
             Self::Fmt => cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"])),
             Self::Clippy => clippy::clippy(),
-            Self::Build => release::build(&["lb-agent"]),
+            Self::Build => cmd::run(cmd::cargo().args([
+                "build",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--bins",
+                "--tests",
+            ])),
             Self::CargoTest => cmd::run(
                 cmd::cargo()
                     .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
