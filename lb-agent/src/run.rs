@@ -278,6 +278,9 @@ async fn next_takeover(h: Option<&HandoffListener>) -> handoff::Request {
     }
 }
 
+/// How long a starting agent waits for its backends' next hops to resolve.
+const NEXT_HOPS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The agent's main loop once the fast path is up (or known to be absent): API, L7
 /// proxy, health events, reloads, signals.
 #[expect(
@@ -297,6 +300,12 @@ async fn serve_with(
     let api_listen = control.config().agent.api_listen;
     let services = control.config().services.len();
     let state_dir = control.config().agent.state_dir.clone();
+    // Before the API, the VIP announcements and "agent ready": packets to a backend whose
+    // next hop is unresolved go up to the kernel, which cannot forward them (a client sees
+    // "no route to host"). The kernel resolves them in milliseconds; bounded all the same.
+    if let Some(fp) = &fast_path {
+        fp.next_hops_resolved(NEXT_HOPS_WAIT).await;
+    }
     if let Some(c) = &cluster {
         share_sticky_key(&c.cluster, &state_dir).await;
     }

@@ -389,16 +389,26 @@ impl Topology {
         fs::write(&config_path, config.to_toml(&state_dir))
             .with_context(|| format!("writing {}", config_path.display()))?;
         let args = self.agent_args(opts)?;
+        // After a `stop_agent`, the log holds the previous agent's `agent ready`: wait for
+        // a new one.
+        let from = self.agent_log_len();
         // From here on there may be a fast path to remove at teardown.
         self.agent_started = true;
         self.agent = Some(spawn_agent(
             &self.lb.ns,
             &args,
             &self.agent_log,
-            0,
+            from,
             opts.ready_timeout,
         )?);
         Ok(())
+    }
+
+    /// The length of the agent log as [`spawn_agent`] counts it (colour codes removed).
+    fn agent_log_len(&self) -> usize {
+        fs::read(&self.agent_log)
+            .map(|b| strip_ansi(&String::from_utf8_lossy(&b)).len())
+            .unwrap_or(0)
     }
 
     /// `lb-agent run --config <run dir>/lb.toml --iface eth0 --bpffs B [--xdp-mode M] ...`.
@@ -431,10 +441,8 @@ impl Topology {
         opts: &AgentOptions,
         exit_timeout: Duration,
     ) -> anyhow::Result<ExitStatus> {
+        let from = self.agent_log_len();
         let mut old = self.agent.take().context("no agent is running")?;
-        let from = fs::read(&self.agent_log)
-            .map(|b| strip_ansi(&String::from_utf8_lossy(&b)).len())
-            .unwrap_or(0);
         let args = self.agent_args(opts)?;
         let new = spawn_agent(
             &self.lb.ns,

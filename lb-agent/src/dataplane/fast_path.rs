@@ -14,6 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -229,6 +230,26 @@ impl FastPath {
             Ok(k) => self.next_hops = Some(k),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot keep next hops resolved; packets to unresolved next hops go up to the kernel");
+            }
+        }
+    }
+
+    /// Wait, at most `within`, until the next hops of every backend in the maps are written
+    /// (see [`NextHopKeeper::resolved`]); says which are not when the time is up. Without
+    /// a keeper (netlink failed) there is nothing to wait for.
+    pub async fn next_hops_resolved(&self, within: Duration) {
+        let Some(k) = &self.next_hops else {
+            return;
+        };
+        let start = std::time::Instant::now();
+        match k.resolved(within).await {
+            Ok(()) => tracing::debug!(
+                waited_ms = start.elapsed().as_millis(),
+                "next hops of every backend resolved"
+            ),
+            Err(unresolved) => {
+                let list: Vec<String> = unresolved.iter().map(ToString::to_string).collect();
+                tracing::warn!(backends = %list.join(" "), waited_ms = start.elapsed().as_millis(), "next hops not resolved yet: these backends' packets go up to the kernel until they are");
             }
         }
     }

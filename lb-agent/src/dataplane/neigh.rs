@@ -403,6 +403,9 @@ pub fn calls_for_pass(msg: &NetlinkMessage<RouteNetlinkMessage>, hops: &BTreeSet
 pub struct NextHopKeeper {
     stop: oneshot::Sender<Stop>,
     task: JoinHandle<()>,
+    /// The backend addresses (of the ids in the fast path's map) whose next hop is not
+    /// written yet: `None` until the keeper's first write.
+    unresolved: watch::Receiver<Option<BTreeSet<IpAddr>>>,
 }
 
 /// The fast path's next-hop map and the backend ids (id -> address, every entry of the
@@ -433,6 +436,7 @@ impl NextHopKeeper {
         let connection = tokio::spawn(conn);
         let monitor = Monitor::open().map_err(NeighError::Socket)?;
         let (stop, stop_rx) = oneshot::channel();
+        let (unresolved_tx, unresolved) = watch::channel(None);
         let (map, ids) = match hops {
             Some(h) => (Some(h.table), Some(h.ids)),
             None => (None, None),
@@ -448,9 +452,33 @@ impl NextHopKeeper {
             routes: BTreeMap::new(),
             neighbours: BTreeMap::new(),
             links: BTreeMap::new(),
+            unresolved: unresolved_tx,
         };
         let task = tokio::spawn(keeper.run(backends, ids, monitor, stop_rx));
-        Ok(Self { stop, task })
+        Ok(Self {
+            stop,
+            task,
+            unresolved,
+        })
+    }
+
+    /// Wait, at most `within`, until every backend in the fast path's map has its next hop
+    /// written there (the kernel resolved the neighbours the keeper asked for). `Err` holds
+    /// the backends still without one. Until then their packets go up to the kernel, so the
+    /// agent says it is ready (and the operator's traffic arrives) only after this.
+    pub async fn resolved(&self, within: Duration) -> Result<(), BTreeSet<IpAddr>> {
+        let mut rx = self.unresolved.clone();
+        let resolved = tokio::time::timeout(
+            within,
+            rx.wait_for(|u| u.as_ref().is_some_and(BTreeSet::is_empty)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if resolved {
+            return Ok(());
+        }
+        // Timed out, or the keeper ended: report what is known.
+        Err(self.unresolved.borrow().clone().unwrap_or_default())
     }
 
     /// Remove every entry this keeper made (detach) and end the task.
@@ -520,6 +548,8 @@ struct Keeper {
     routes: BTreeMap<IpAddr, nexthop::Route>,
     neighbours: BTreeMap<NextHop, [u8; 6]>,
     links: BTreeMap<u32, nexthop::Link>,
+    /// Published after every write: the backends whose next hop is not in the map.
+    unresolved: watch::Sender<Option<BTreeSet<IpAddr>>>,
 }
 
 impl Keeper {
@@ -730,6 +760,17 @@ impl Keeper {
             return;
         };
         let want = nexthop::desired(&self.ids, &self.routes, &self.neighbours, &self.links);
+        let unresolved: BTreeSet<IpAddr> = self
+            .ids
+            .iter()
+            .filter(|(id, _)| !want.contains_key(id))
+            .map(|(_, addr)| *addr)
+            .collect();
+        self.unresolved.send_if_modified(|u| {
+            let changed = u.as_ref() != Some(&unresolved);
+            *u = Some(unresolved);
+            changed
+        });
         match table.sync(&want) {
             Ok(0) => {}
             Ok(n) => {
