@@ -14,6 +14,7 @@ pub mod decap;
 pub mod handoff;
 pub mod health;
 pub mod l7;
+pub mod logging;
 pub mod metrics;
 pub mod run;
 pub mod state;

@@ -8,16 +8,6 @@ use lb_agent::{
     dataplane::fast_path,
     decap, run,
 };
-use tracing_subscriber::{EnvFilter, fmt};
-
-fn init_logging() {
-    // `init` also installs tracing-log's LogTracer, so aya's `log` records get through.
-    let filter = EnvFilter::try_from_env("XDPLB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
 
 /// `lb-agent detach --config FILE`: with `[bgp]`, withdraw the VIPs and wait `drain_s`
 /// before the fast path goes; a withdrawal BIRD did not take stops the detach.
@@ -36,7 +26,7 @@ fn withdraw_first(config: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let log = lb_agent::logging::init();
     let result = match cli.command {
         Command::CheckConfig { config } => {
             return match Config::load(&config) {
@@ -89,6 +79,8 @@ fn main() -> ExitCode {
         } => withdraw_first(config.as_deref()).and_then(|()| fast_path::detach(&iface, &bpffs)),
         Command::Ctl { api, token, cmd } => ctl::run(&api, token.as_deref(), cmd),
     };
+    // Write out the buffered log before the error line below.
+    drop(log);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -36,6 +36,9 @@
 //!   BIRD took last, 0 when this node would announce it but does not (drained, BIRD
 //!   absent or refusing).
 //!
+//! - `xdplb_log_lines_dropped_total`: log lines (access log included) dropped because
+//!   stderr could not take them as fast as they came ([`crate::logging`]).
+//!
 //! The text is OpenMetrics (what `prometheus-client` writes; Prometheus scrapes it),
 //! served as [`CONTENT_TYPE`].
 
@@ -203,6 +206,16 @@ impl Metrics {
                 "vip_announced",
                 "1 when this node announces the VIP to BIRD (BGP), 0 when it would but does not (drained, BIRD failing)",
                 vip_announced(&node.status()),
+            );
+        }
+
+        if let Some(dropped) = crate::logging::dropped_lines() {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(dropped as u64);
+            registry.register(
+                "log_lines_dropped",
+                "Log lines (access log included) dropped because stderr could not take them as fast as they came",
+                counter,
             );
         }
 

@@ -96,8 +96,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             "taking over from the running agent: its listening sockets are ours"
         );
     }
+    let workers = config.agent.worker_threads();
+    tracing::info!(
+        workers,
+        "worker threads (agent.workers; default one per CPU)"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -119,6 +119,27 @@ pub struct AgentConfig {
     /// config file may name any path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// Worker threads of the agent's async runtime (API, health checks, the L7 proxy);
+    /// default: one per CPU the agent may run on ([`AgentConfig::worker_threads`]).
+    /// Read at start (a reload does not change it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u16>,
+}
+
+/// The most worker threads `agent.workers` may ask for.
+pub const MAX_WORKERS: u16 = 1024;
+
+impl AgentConfig {
+    /// The runtime's worker threads: `workers`, else one per CPU this process may run on
+    /// (its affinity mask and cgroup quota, as `std::thread::available_parallelism` reads
+    /// them), at least one.
+    #[must_use]
+    pub fn worker_threads(&self) -> usize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            usize::from,
+        )
+    }
 }
 
 impl Default for AgentConfig {
@@ -130,6 +151,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             tls_dir: None,
+            workers: None,
         }
     }
 }

@@ -13,8 +13,8 @@ use std::path::Path;
 use super::ConfigError;
 use super::model::{
     AgentConfig, BgpConfig, ClusterConfig, Config, DEFAULT_RING_SIZE, DataplaneConfig,
-    FlowLimitConfig, HashOn, HealthConfig, HttpConfig, Mode, Protocol, Scheduler, SecurityConfig,
-    ServiceConfig, TlsConfig, XdpMode,
+    FlowLimitConfig, HashOn, HealthConfig, HttpConfig, MAX_WORKERS, Mode, Protocol, Scheduler,
+    SecurityConfig, ServiceConfig, TlsConfig, XdpMode,
 };
 
 /// Longest slow start accepted (one day).
@@ -234,6 +234,14 @@ fn check_agent(agent: &AgentConfig) -> Vec<ConfigError> {
     if let Some(interface) = &agent.interface {
         if let Some(why) = interface_name_problem(interface) {
             errors.push(ConfigError::at_key("agent.interface", why));
+        }
+    }
+    if let Some(n) = agent.workers {
+        if n == 0 || n > MAX_WORKERS {
+            errors.push(ConfigError::at_key(
+                "agent.workers",
+                format!("{n} worker threads: must be 1 to {MAX_WORKERS} (omit it for one per CPU)"),
+            ));
         }
     }
     let listen = agent.api_listen.ip().to_canonical();

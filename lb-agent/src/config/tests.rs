@@ -215,6 +215,7 @@ fn design_example_parses_with_defaults_filled() {
             state_dir: PathBuf::from("/var/lib/lb-agent"),
             bpffs: PathBuf::from("/sys/fs/bpf"),
             tls_dir: None,
+            workers: None,
         },
         dataplane: DataplaneConfig {
             gue_port: 6080,
@@ -1571,6 +1572,16 @@ fn tls_files_are_loaded_as_the_proxy_loads_them() {
     );
     // A key that is not the certificate's.
     assert_single(&tls("c.pem", "other.pem"), "service[0].tls", "other.pem");
+}
+
+#[test]
+fn workers_default_to_one_per_cpu_and_are_bounded() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(parse_ok("").agent.worker_threads(), cpus);
+    assert_eq!(parse_ok("[agent]\nworkers = 3\n").agent.worker_threads(), 3);
+    assert_single("[agent]\nworkers = 0\n", "agent.workers", "must be 1 to 1024");
+    assert_single("[agent]\nworkers = 1025\n", "agent.workers", "must be 1 to 1024");
+    assert_single("[agent]\nworkers = -1\n", "agent.workers", "");
 }
 
 #[test]
