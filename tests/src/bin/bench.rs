@@ -5,6 +5,8 @@
 //! xdplb-bench xdp [--repeat N] [--runs K]
 //! xdplb-bench failover [--runs N]
 //! xdplb-bench cluster [--nodes 2,4,8] [--rounds R]
+//! xdplb-bench wire [--runs N] [--duration S] [--sizes 64,1514]
+//! xdplb-bench control [--runs N]
 //! xdplb-bench l7 [--duration S] [--connections N] [--threads T] [--warmup S]
 //! ```
 //!
@@ -99,12 +101,16 @@ use lb_common::{
 
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/control.rs"]
+mod control;
 #[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/l7.rs"]
 mod l7;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/wire.rs"]
+mod wire;
 
 use xdplb_tests::{
     netns::{self, mac_of},
@@ -149,6 +155,16 @@ enum Benchmark {
     /// the time until every node has the new ring, and how much of a joining node's
     /// ring differs from the others'.
     Cluster(cluster::Args),
+    /// Packets/s forwarded by one LB core on veths, xdplb beside nftables DNAT (needs root).
+    ///
+    /// Three namespaces (generator, LB, backends), the kernel's live-frames generator,
+    /// the LB's NAPI thread pinned to one CPU; arrivals counted at the backends' side.
+    Wire(wire::Args),
+    /// Control plane: ring builds, API change → map, 10,000 backends (needs root).
+    ///
+    /// Ring builds in this process; the rest against the real agent in the step-1 bed,
+    /// reading its pinned maps.
+    Control(control::Args),
     /// (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P.
     #[command(name = "l7-backend")]
     L7Backend(l7::BackendArgs),
@@ -221,6 +237,8 @@ fn main() -> ExitCode {
         Benchmark::Xdp(args) => privileged().and_then(|()| bench_xdp(args)),
         Benchmark::Failover(args) => privileged().and_then(|()| failover::run(args)),
         Benchmark::Cluster(args) => privileged().and_then(|()| cluster::run(args)),
+        Benchmark::Wire(args) => privileged().and_then(|()| wire::run(args)),
+        Benchmark::Control(args) => privileged().and_then(|()| control::run(args)),
         Benchmark::L7(args) => {
             if let Err(e) = args.check() {
                 Cli::command().error(ErrorKind::ValueValidation, e).exit();
