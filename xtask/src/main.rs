@@ -57,7 +57,7 @@ enum Task {
     /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`, or
     /// with no WHAT every benchmark in turn with its defaults; each prints its tables and
     /// writes `target/bench/<WHAT>.json`. `bench l7` first installs haproxy, nginx and wrk
-    /// from Debian if they are missing, `bench wire` xdp-tools.
+    /// from Debian if they are missing.
     Bench {
         /// The benchmark to run (`xdp`, `wire`, `control`, `failover`, `cluster`, `l7`:
         /// `xdplb-bench --help` lists them); none: all of them.
