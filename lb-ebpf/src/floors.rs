@@ -1,6 +1,8 @@
 //! Floor programs for `cargo xtask bench xdp`: what the balancer is measured against,
 //! built in the same run with the same compiler. Not used by the agent.
 //! - `floor_pass`: XDP_PASS and nothing else.
+//! - `floor_drop`: XDP_DROP and nothing else (`bench wire`'s backend side: the veth
+//!   counts what arrives, `xdp_drops`, and nothing else is spent on it).
 //! - `floor_tx`: parse Ethernet/IPv4/ports, swap MACs, XDP_TX.
 //! - `floor_ipip`: parse, one hash lookup (VIP address -> backend address), IPIP
 //!   encapsulation, XDP_TX.
@@ -14,7 +16,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
     helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
@@ -52,6 +54,11 @@ const FLOOR_SOURCE: u32 = u32::from_ne_bytes([198, 18, 1, 10]);
 #[xdp]
 pub fn floor_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+#[xdp]
+pub fn floor_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
 }
 
 #[xdp]

@@ -5,6 +5,8 @@
 //! xdplb-bench xdp [--repeat N] [--runs K]
 //! xdplb-bench failover [--runs N]
 //! xdplb-bench cluster [--nodes 2,4,8] [--rounds R]
+//! xdplb-bench wire [--runs N] [--duration S] [--sizes 64,1514]
+//! xdplb-bench control [--runs N]
 //! xdplb-bench l7 [--duration S] [--connections N] [--threads T] [--warmup S]
 //! ```
 //!
@@ -97,55 +99,18 @@ use lb_common::{
     types::{NEXT_HOP_F_VALID, NextHopEntry},
 };
 
-/// Prints `rows` under `header` as one `|`-separated table, each column as wide as its
-/// widest cell; `right[i]` right-aligns column `i` (numbers).
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str; N]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .zip(right)
-            .map(|((c, w), r)| {
-                if *r {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(header));
-    println!(
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in rows {
-        println!("{}", line(&r.each_ref().map(String::as_str)));
-    }
-}
-
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/control.rs"]
+mod control;
 #[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/l7.rs"]
 mod l7;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/wire.rs"]
+mod wire;
 
 use xdplb_tests::{
     netns::{self, mac_of},
@@ -190,6 +155,16 @@ enum Benchmark {
     /// the time until every node has the new ring, and how much of a joining node's
     /// ring differs from the others'.
     Cluster(cluster::Args),
+    /// Packets/s forwarded by one LB core on veths, xdplb beside nftables DNAT (needs root).
+    ///
+    /// Three namespaces (generator, LB, backends), the kernel's live-frames generator,
+    /// the LB's NAPI thread pinned to one CPU; arrivals counted at the backends' side.
+    Wire(wire::Args),
+    /// Control plane: ring builds, API change → map, 10,000 backends (needs root).
+    ///
+    /// Ring builds in this process; the rest against the real agent in the step-1 bed,
+    /// reading its pinned maps.
+    Control(control::Args),
     /// (internal) the backend `l7` starts: HTTP/1.1 on 127.0.0.1:P.
     #[command(name = "l7-backend")]
     L7Backend(l7::BackendArgs),
@@ -262,6 +237,8 @@ fn main() -> ExitCode {
         Benchmark::Xdp(args) => privileged().and_then(|()| bench_xdp(args)),
         Benchmark::Failover(args) => privileged().and_then(|()| failover::run(args)),
         Benchmark::Cluster(args) => privileged().and_then(|()| cluster::run(args)),
+        Benchmark::Wire(args) => privileged().and_then(|()| wire::run(args)),
+        Benchmark::Control(args) => privileged().and_then(|()| control::run(args)),
         Benchmark::L7(args) => {
             if let Err(e) = args.check() {
                 Cli::command().error(ErrorKind::ValueValidation, e).exit();
