@@ -49,11 +49,15 @@ pub fn demo(args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench WHAT`: build, then run `xdplb-bench WHAT ARGS`. For `l7`, first
-/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]).
+/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]); for
+/// `xdp`, clang and llvm to build Katran ([`apt::ensure_bench_xdp`]).
 pub fn bench(what: &str, args: &[String]) -> Result<()> {
     setup::ensure_ready()?;
     if what == "l7" {
         apt::ensure_bench_l7().context("installing what `bench l7` compares with")?;
+    }
+    if what == "xdp" {
+        apt::ensure_bench_xdp().context("installing what `bench xdp` builds Katran with")?;
     }
     build(DEMO_PACKAGES).context("building the agent and the benchmarks")?;
     let args: Vec<String> = std::iter::once(what.to_owned())

@@ -75,6 +75,8 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: 
 mod cluster;
 #[path = "bench/failover.rs"]
 mod failover;
+#[path = "bench/katran.rs"]
+mod katran;
 #[path = "bench/l7.rs"]
 mod l7;
 #[path = "bench/xdp.rs"]

@@ -59,6 +59,7 @@ use aya::{
     maps::{Array, HashMap, MapData, ProgramArray},
     programs::{ProgramFd, Xdp},
 };
+use lb_agent::dataplane::ring::{self, RingMember};
 use lb_agent::{
     config::Protocol,
     dataplane::{
@@ -73,6 +74,7 @@ use lb_common::{
     types::{NEXT_HOP_F_VALID, NextHopEntry},
 };
 
+use crate::katran::{self, Katran};
 use xdplb_tests::{
     netns::mac_of,
     packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
@@ -111,9 +113,6 @@ fn parse_repeat(value: &str) -> Result<u32, String> {
         Err(format!("--repeat must be between 1000 and {MAX_REPEAT}"))
     }
 }
-
-/// Reference figures measured on these machines with the wrapper method (ns/packet).
-const REFERENCE: &str = "reference (these machines, wrapper method): XDP_PASS 9, IPIP floor 35, Katran SYN 90, Katran established 78";
 
 /// Maglev ring size: the production default.
 const RING: u32 = 65537;
@@ -366,6 +365,8 @@ enum Target {
     Floor(&'static str),
     /// Index into the loaded balancers.
     Lb(usize),
+    /// Index into the loaded Katran balancers.
+    Katran(usize),
 }
 
 /// What the packet is for `xdp_lb`, and what must come out.
@@ -480,6 +481,11 @@ fn swapped_macs(frame: &[u8]) -> Vec<u8> {
 struct Bench {
     floors: Floors,
     lbs: Vec<Lb>,
+    /// Katran's balancer: `[0]` with its default new-connection cap, `[1]` with the cap
+    /// raised (empty when it could not be built or loaded: `katran_error` says why).
+    katrans: Vec<Katran>,
+    /// The CPU the thread is pinned to (Katran's LRU of this CPU holds the flows).
+    cpu: usize,
     ctx: [u8; 24],
     lb_mac: [u8; 6],
     ifindex: u32,
@@ -491,7 +497,73 @@ impl Bench {
         match target {
             Target::Floor(name) => program(&self.floors.ebpf, name),
             Target::Lb(i) => self.lbs[i].program(),
+            Target::Katran(i) => self.katrans[i].program(),
         }
+    }
+
+    /// Katran's counters: (packets on the VIP path and their LRU misses, (XDP_TX, XDP_PASS)).
+    fn katran_counters(&self, i: usize) -> anyhow::Result<(katran::LbStats, (u64, u64))> {
+        let k = &self.katrans[i];
+        Ok((k.lru_counters()?, k.verdict_counts()?))
+    }
+
+    /// [`Bench::check`] for Katran: verdict, output frame (IPIP to a real; for an
+    /// established flow the real its LRU entry names) and Katran's own counters over the
+    /// run; returns its LRU misses.
+    fn check_katran(
+        &self,
+        i: usize,
+        row: &Row,
+        frame: &[u8],
+        sample: &Run,
+        repeat: u32,
+        before: &(katran::LbStats, (u64, u64)),
+    ) -> anyhow::Result<u64> {
+        let k = &self.katrans[i];
+        let n = u64::from(repeat);
+        let (lru, (tx, pass)) = self.katran_counters(i)?;
+        if row.case == Case::LbNonVip {
+            ensure!(
+                sample.verdict == XDP_PASS,
+                "last iteration returned {}, want XDP_PASS",
+                verdict_name(sample.verdict)
+            );
+            ensure!(sample.out == frame, "a passed frame came out changed");
+            ensure!(
+                pass - before.1.1 == n,
+                "Katran counted {} of {n} iterations as XDP_PASS",
+                pass - before.1.1
+            );
+            return Ok(0);
+        }
+        ensure!(
+            sample.verdict == XDP_TX,
+            "last iteration returned {}, want XDP_TX",
+            verdict_name(sample.verdict)
+        );
+        let want = if row.case == Case::LbEstablished {
+            Some(
+                k.lru_real(self.cpu, CLIENT, VIP)?
+                    .context("the established flow is not in Katran's LRU of this CPU")?,
+            )
+        } else {
+            None
+        };
+        k.check_ipip(frame, &sample.out, want, row.case.new_port())?;
+        ensure!(
+            tx - before.1.0 == n && lru.v1 - before.0.v1 == n,
+            "Katran counted {} XDP_TX and {} VIP packets of {n} iterations",
+            tx - before.1.0,
+            lru.v1 - before.0.v1
+        );
+        let misses = lru.v2 - before.0.v2;
+        match row.case {
+            Case::LbEstablished => {
+                ensure!(misses == 0, "{misses} LRU misses on the established flow")
+            }
+            _ => ensure!(misses == n, "{misses} LRU misses of {n} SYNs"),
+        }
+        Ok(misses)
     }
 
     /// Verdict and last output of one run of `row`, and for the balancer its counters
@@ -627,6 +699,9 @@ impl Bench {
         record: bool,
     ) -> anyhow::Result<()> {
         let frame = frame_for(row.case, run);
+        if let Target::Katran(i) = row.target {
+            return self.run_katran_row(i, row, &frame, run, repeat, record);
+        }
         if let Target::Lb(i) = row.target {
             let (ifindex, lb_mac) = (self.ifindex, self.lb_mac);
             self.lbs[i].next_hops(!row.fib, ifindex, lb_mac)?;
@@ -649,7 +724,7 @@ impl Bench {
         }
         let counters = |b: &Self| match row.target {
             Target::Lb(i) => b.lbs[i].counters().map(Some),
-            Target::Floor(_) => Ok(None),
+            Target::Floor(_) | Target::Katran(_) => Ok(None),
         };
         let before = counters(self)?;
         let sample = test_run(
@@ -676,6 +751,49 @@ impl Bench {
             if record {
                 row.direct_samples.push(sample);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Bench {
+    /// [`Bench::run_row`] for Katran (through the wrapper only).
+    fn run_katran_row(
+        &mut self,
+        i: usize,
+        row: &mut Row,
+        frame: &[u8],
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let target_fd = program_fd(self.katrans[i].program()?)?;
+        self.floors
+            .arm(&target_fd, frame, u32::from(row.case.new_port()))?;
+        if row.case == Case::LbEstablished {
+            // One packet (not a SYN): an LRU miss that inserts the flow.
+            let prime = test_run(self.katrans[i].program()?, frame, &self.ctx, 1)
+                .context("priming Katran's established flow")?;
+            ensure!(
+                prime.verdict == XDP_TX,
+                "priming Katran's established flow: verdict {}",
+                verdict_name(prime.verdict)
+            );
+        }
+        let before = self.katran_counters(i)?;
+        let sample = test_run(
+            program(&self.floors.ebpf, WRAPPER)?,
+            frame,
+            &self.ctx,
+            repeat,
+        )?;
+        let misses = self
+            .check_katran(i, row, frame, &sample, repeat, &before)
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += misses;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
         }
         Ok(())
     }
@@ -713,14 +831,26 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let repeat = args.repeat;
     let runs = args.runs;
     let only = args.only.clone();
-    let (cpu, rows, load) = in_bed("bench", &net(), move || {
+    // Katran's balancer, built from the vendored source before entering the bed: with its
+    // default new-connection cap and with the cap raised.
+    let katran_objects = build_katran();
+    let (cpu, rows, load, katran_error) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
         let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
         let len = frame_for(Case::LbEstablished, 0).len();
         let ctx = xdp_md(len, ifindex, 0);
+        let (katrans, mut katran_error) = match katran_objects {
+            Ok(objects) => match load_katrans(&objects, cpus) {
+                Ok(k) => (k, None),
+                Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+            },
+            Err(e) => (Vec::new(), Some(e)),
+        };
         let mut bench = Bench {
             floors: Floors::load()?,
             lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
+            katrans,
+            cpu,
             ctx,
             lb_mac: mac_of(LB_IFACE)?,
             ifindex,
@@ -782,7 +912,34 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 Case::LbNonVip,
                 true,
             ),
+            Row::new(
+                KATRAN_ESTABLISHED,
+                Target::Katran(KATRAN_DEFAULT),
+                Case::LbEstablished,
+                false,
+            ),
+            Row::new(
+                KATRAN_SYN_RAISED,
+                Target::Katran(KATRAN_RAISED),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                KATRAN_SYN_DEFAULT,
+                Target::Katran(KATRAN_DEFAULT),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                KATRAN_NON_VIP,
+                Target::Katran(KATRAN_DEFAULT),
+                Case::LbNonVip,
+                false,
+            ),
         ];
+        if bench.katrans.is_empty() {
+            rows.retain(|r| !matches!(r.target, Target::Katran(_)));
+        }
         if let Some(only) = &only {
             rows.retain(|r| {
                 r.label.contains(only.as_str())
@@ -800,14 +957,26 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         // Warm-up round (also fills the small flow table, so its runs evict): checked,
         // not recorded.
         for row in &mut rows {
-            let warm = if row.target == Target::Lb(1) {
+            let warm = if row.target == Target::Lb(1)
+                || (matches!(row.target, Target::Katran(_)) && row.case == Case::LbNewFlow)
+            {
                 200_000
             } else {
                 (repeat / 10).max(1_000)
             };
-            bench
+            let result = bench
                 .run_row(row, 199, warm, false)
-                .with_context(|| format!("warm-up of {}", row.label))?;
+                .with_context(|| format!("warm-up of {}", row.label));
+            match result {
+                // Katran's rows go, with the reason; xdp_lb's figures still count.
+                Err(e) if matches!(row.target, Target::Katran(_)) => {
+                    katran_error.get_or_insert(format!("{e:#}"));
+                }
+                r => r?,
+            }
+        }
+        if katran_error.is_some() {
+            rows.retain(|r| !matches!(r.target, Target::Katran(_)));
         }
         let start = cpu_times();
         for run in 0..runs {
@@ -816,9 +985,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         let load = Load::between(&start, &cpu_times(), cpu);
-        Ok((cpu, rows, load))
+        Ok((cpu, rows, load, katran_error))
     })?;
     report(&rows, args, cpu, cpus, small_table, &load);
+    report_katran(&rows, katran_error.as_deref(), cpus);
     Ok(())
 }
 
@@ -874,6 +1044,144 @@ impl Load {
         }
     }
 }
+
+/// Katran's rows.
+const KATRAN_ESTABLISHED: &str = "Katran: established flow";
+const KATRAN_SYN_RAISED: &str = "Katran: new-flow SYN, cap raised";
+const KATRAN_SYN_DEFAULT: &str = "Katran: SYN, default cap";
+const KATRAN_NON_VIP: &str = "Katran: non-VIP packet";
+/// Indices into [`Bench::katrans`].
+const KATRAN_DEFAULT: usize = 0;
+const KATRAN_RAISED: usize = 1;
+
+/// Builds Katran's balancer twice (default cap, raised cap); the error says why not.
+fn build_katran() -> Result<[Vec<u8>; 2], String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let one = |rate: Option<u64>, name: &str| {
+        katran::build(&dir.path().join(name), rate).map_err(|e| format!("{e:#}"))
+    };
+    Ok([
+        one(None, "balancer.o")?,
+        one(Some(katran::RAISED_MAX_CONN_RATE), "balancer_raised.o")?,
+    ])
+}
+
+/// Loads both Katran objects, maps filled for the bench's VIP and backends; the LRU of
+/// every CPU as large as `xdp_lb`'s per-CPU share of the all-miss table.
+fn load_katrans(objects: &[Vec<u8>; 2], cpus: u32) -> anyhow::Result<Vec<Katran>> {
+    let keys: Vec<String> = BACKENDS
+        .iter()
+        .map(|b| SocketAddrV4::new(*b, VIP.port()).to_string())
+        .collect();
+    let members: Vec<RingMember<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| RingMember {
+            id: u32::try_from(i + 1).expect("4 backends"),
+            key,
+            weight: 100,
+        })
+        .collect();
+    let ring = ring::build(&members, katran::RING_SIZE).context("empty ring")?;
+    objects
+        .iter()
+        .map(|o| {
+            Katran::load(
+                o,
+                VIP,
+                &BACKENDS,
+                &ring,
+                ROUTER_MAC,
+                cpus,
+                FLOWS_PER_CPU_SMALL,
+            )
+        })
+        .collect()
+}
+
+/// Katran's default router MAC (`ctl_array[0]`).
+const ROUTER_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x01];
+
+/// The side-by-side table: `xdp_lb` and Katran, net ns, ratio.
+fn report_katran(rows: &[Row], error: Option<&str>, cpus: u32) {
+    println!(
+        "\nxdp_lb beside Katran (same process, same wrapper, same runs; net ns per packet, medians):\n"
+    );
+    if let Some(e) = error {
+        println!("Katran: not measured: {e}\n");
+        return;
+    }
+    let net = |label: &str| {
+        rows.iter().find(|r| r.label == label).map(|r| {
+            let base = rows
+                .iter()
+                .find(|b| {
+                    b.case
+                        == if r.case.new_port() {
+                            Case::FloorPassNewPort
+                        } else {
+                            Case::FloorPass
+                        }
+                })
+                .map_or(f64::NAN, |b| kernel_median(&b.raw));
+            kernel_median(&r.raw) - base
+        })
+    };
+    let cases = [
+        (
+            "established flow (flow-table hit)",
+            "xdp_lb: established flow",
+            KATRAN_ESTABLISHED,
+        ),
+        (
+            "new-flow SYN, both inserting",
+            "xdp_lb: new-flow SYN",
+            KATRAN_SYN_RAISED,
+        ),
+        (
+            "new-flow SYN, Katran's default cap (no LRU insert above 125k new flows/s/CPU)",
+            "xdp_lb: new-flow SYN",
+            KATRAN_SYN_DEFAULT,
+        ),
+        ("non-VIP packet", "xdp_lb: non-VIP packet", KATRAN_NON_VIP),
+    ];
+    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let table: Vec<[String; 4]> = cases
+        .iter()
+        .map(|(case, lb, k)| {
+            let (a, b) = (net(lb), net(k));
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".to_owned(),
+            };
+            [case.to_string(), fmt(a), fmt(b), ratio]
+        })
+        .collect();
+    crate::print_table(
+        &["case", "xdp_lb", "Katran", "ratio xdp_lb/Katran"],
+        &table,
+        &[false, true, true, true],
+    );
+    println!(
+        "\nKatran: {} (commit {}), built by the bench: {};\n\
+         \x20 once as is (MAX_CONN_RATE {} new flows/s/CPU) and once with -DMAX_CONN_RATE={}ULL (\"cap raised\"). Maps as its control plane\n\
+         \x20 fills them: one VIP, 4 reals, a {}-slot ring, one LRU of {} entries per CPU ({cpus} CPUs),\n\
+         \x20 default router MAC. Every run's last output was checked (IPIP to a real; established: the\n\
+         \x20 real its LRU names) and its counters (Katran's new flows column = LRU misses).\n\
+         \x20 The SYN rows compare with xdp_lb's all-miss table ({} entries per CPU, evicting).",
+        katran::source_dir().display(),
+        KATRAN_COMMIT,
+        katran::build_command(None),
+        katran::DEFAULT_MAX_CONN_RATE,
+        katran::RAISED_MAX_CONN_RATE,
+        katran::RING_SIZE,
+        FLOWS_PER_CPU_SMALL,
+        FLOWS_PER_CPU_SMALL,
+    );
+}
+
+/// The Katran commit vendored under `tests/vendor/katran`.
+const KATRAN_COMMIT: &str = "19f08fec82fb7b5fb14d935a80057bdc0897c8de";
 
 fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, load: &Load) {
     let median_of = |case: Case| {
@@ -934,7 +1242,6 @@ fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, lo
             flows
         );
     }
-    println!("{REFERENCE}");
     println!(
         "\nwhile measuring: other CPUs {:.0}% busy, steal on CPU {cpu} {:.1}%{}",
         100.0 * load.others_busy,
