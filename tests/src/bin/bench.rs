@@ -81,6 +81,8 @@ mod katran;
 mod l7;
 #[path = "bench/xdp.rs"]
 mod xdp;
+#[path = "bench/xdp_custom.rs"]
+mod xdp_custom;
 
 /// `xdplb-bench`: benchmarks of the fast path, of failover and of the L7 proxy.
 #[derive(Debug, Parser)]

@@ -51,7 +51,7 @@
 //! table, so "table" above is that one for the SYN rows; the established row is
 //! primed with two packets and then hits the flow table.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -74,13 +74,17 @@ use lb_common::{
     types::{NEXT_HOP_F_VALID, NextHopEntry},
 };
 
-use crate::katran::{self, Katran};
+use crate::{
+    katran::{self, Katran},
+    xdp_custom::{self, Custom, Env, WRAP_GUE, WRAP_IPV6},
+};
+use lb_common::types::{ENCAP_GUE, PROTO_TCP};
 use xdplb_tests::{
     netns::mac_of,
     packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
     xdp_bed::{
-        LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key_of, in_bed, ipip_frame,
-        pin_to_current_cpu, program, program_fd, test_run, verdict_name, xdp_md,
+        LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key, flow_key_of, in_bed,
+        ipip_frame, pin_to_current_cpu, program, program_fd, test_run, verdict_name, xdp_md,
     },
 };
 
@@ -309,7 +313,9 @@ const WRAPPER: &str = "bench_wrap";
 impl Floors {
     fn load() -> anyhow::Result<Self> {
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
-        for name in [FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, WRAPPER] {
+        for name in [
+            FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, WRAPPER, WRAP_IPV6, WRAP_GUE,
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("no program {name}"))?
@@ -367,6 +373,8 @@ enum Target {
     Lb(usize),
     /// Index into the loaded Katran balancers.
     Katran(usize),
+    /// Index into the per-feature and scale balancers.
+    Custom(usize),
 }
 
 /// What the packet is for `xdp_lb`, and what must come out.
@@ -393,7 +401,15 @@ impl Case {
 }
 
 struct Row {
-    label: &'static str,
+    label: String,
+    /// Which table it is printed in.
+    group: Group,
+    /// The wrapper that undoes this row's tunnel (and whose `floor_pass` row is its baseline).
+    wrapper: &'static str,
+    /// A fixed input frame instead of [`frame_for`]'s.
+    frame: Option<Vec<u8>>,
+    /// [`frame_for`] with this VIP instead of [`VIP`] (scale rows).
+    vip: Option<SocketAddrV4>,
     target: Target,
     case: Case,
     /// Also measured without the wrapper.
@@ -408,9 +424,13 @@ struct Row {
 }
 
 impl Row {
-    fn new(label: &'static str, target: Target, case: Case, direct: bool) -> Self {
+    fn new(label: impl Into<String>, target: Target, case: Case, direct: bool) -> Self {
         Row {
-            label,
+            label: label.into(),
+            group: Group::Main,
+            wrapper: WRAPPER,
+            frame: None,
+            vip: None,
             target,
             case,
             direct,
@@ -426,15 +446,62 @@ impl Row {
     fn fib(self) -> Self {
         Row { fib: true, ..self }
     }
+
+    /// The same row in table `group`.
+    fn group(self, group: Group) -> Self {
+        Row { group, ..self }
+    }
+
+    /// The same row behind `wrapper` with the fixed input `frame`.
+    fn wrapped(self, wrapper: &'static str, frame: Option<Vec<u8>>) -> Self {
+        Row {
+            wrapper,
+            frame,
+            ..self
+        }
+    }
+
+    /// The same row with its frames to `vip`.
+    fn for_vip(self, vip: SocketAddrV4) -> Self {
+        Row {
+            vip: Some(vip),
+            ..self
+        }
+    }
+
+    /// Its input frame in run `run`.
+    fn input(&self, run: usize) -> Vec<u8> {
+        match (&self.frame, self.vip) {
+            (Some(f), _) => f.clone(),
+            (None, Some(vip)) => frame_to(self.case, run, vip),
+            (None, None) => frame_for(self.case, run),
+        }
+    }
+}
+
+/// The tables of the report.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Group {
+    /// Floors, xdp_lb, Katran.
+    Main,
+    /// Per-feature rows: established flows with a feature loaded or used.
+    Features,
+    /// Scale rows.
+    Scale,
 }
 
 /// The input frame of `case` in run `run` (each run of a SYN row starts from a client
 /// address no earlier run used, so its first ports are new to the flow table).
 fn frame_for(case: Case, run: usize) -> Vec<u8> {
+    frame_to(case, run, VIP)
+}
+
+/// [`frame_for`] with `vip` as the VIP.
+fn frame_to(case: Case, run: usize, vip: SocketAddrV4) -> Vec<u8> {
     match case {
         Case::LbNewFlow | Case::FloorPassNewPort => {
             let src = Ipv4Addr::new(198, 18, 0, 10 + (run % 200) as u8);
-            PacketBuilder::tcp(SocketAddrV4::new(src, 1), VIP)
+            PacketBuilder::tcp(SocketAddrV4::new(src, 1), vip)
                 .flags(tcp_flags::SYN)
                 .build()
         }
@@ -442,7 +509,7 @@ fn frame_for(case: Case, run: usize) -> Vec<u8> {
             .flags(tcp_flags::SYN)
             .build(),
         Case::FloorPass | Case::FloorTx | Case::FloorIpip | Case::LbEstablished => {
-            PacketBuilder::tcp(CLIENT, VIP).build()
+            PacketBuilder::tcp(CLIENT, vip).build()
         }
     }
 }
@@ -484,9 +551,10 @@ struct Bench {
     /// Katran's balancer: `[0]` with its default new-connection cap, `[1]` with the cap
     /// raised (empty when it could not be built or loaded: `katran_error` says why).
     katrans: Vec<Katran>,
+    /// The per-feature and scale balancers.
+    customs: Vec<Custom>,
     /// The CPU the thread is pinned to (Katran's LRU of this CPU holds the flows).
     cpu: usize,
-    ctx: [u8; 24],
     lb_mac: [u8; 6],
     ifindex: u32,
     _forwarding: InterfaceForwarding,
@@ -498,6 +566,7 @@ impl Bench {
             Target::Floor(name) => program(&self.floors.ebpf, name),
             Target::Lb(i) => self.lbs[i].program(),
             Target::Katran(i) => self.katrans[i].program(),
+            Target::Custom(i) => self.customs[i].lb.program(LB_PROGRAM),
         }
     }
 
@@ -698,10 +767,14 @@ impl Bench {
         repeat: u32,
         record: bool,
     ) -> anyhow::Result<()> {
-        let frame = frame_for(row.case, run);
+        let frame = row.input(run);
         if let Target::Katran(i) = row.target {
             return self.run_katran_row(i, row, &frame, run, repeat, record);
         }
+        if let Target::Custom(i) = row.target {
+            return self.run_custom_row(i, row, &frame, run, repeat, record);
+        }
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
         if let Target::Lb(i) = row.target {
             let (ifindex, lb_mac) = (self.ifindex, self.lb_mac);
             self.lbs[i].next_hops(!row.fib, ifindex, lb_mac)?;
@@ -713,7 +786,7 @@ impl Bench {
             // Two packets: the first puts the flow in the new-flow table, the second
             // promotes it into the flow table.
             for _ in 0..2 {
-                let prime = test_run(self.program(row.target)?, &frame, &self.ctx, 1)
+                let prime = test_run(self.program(row.target)?, &frame, &ctx, 1)
                     .context("priming the established flow")?;
                 ensure!(
                     prime.verdict == XDP_TX,
@@ -724,13 +797,13 @@ impl Bench {
         }
         let counters = |b: &Self| match row.target {
             Target::Lb(i) => b.lbs[i].counters().map(Some),
-            Target::Floor(_) | Target::Katran(_) => Ok(None),
+            Target::Floor(_) | Target::Katran(_) | Target::Custom(_) => Ok(None),
         };
         let before = counters(self)?;
         let sample = test_run(
-            program(&self.floors.ebpf, WRAPPER)?,
+            program(&self.floors.ebpf, row.wrapper)?,
             &frame,
-            &self.ctx,
+            &ctx,
             repeat,
         )?;
         let new = self
@@ -743,7 +816,7 @@ impl Bench {
         }
         if row.direct {
             let before = counters(self)?;
-            let sample = test_run(self.program(row.target)?, &frame, &self.ctx, repeat)?;
+            let sample = test_run(self.program(row.target)?, &frame, &ctx, repeat)?;
             self.check(row, &frame, &sample, false, repeat, before.as_ref())
                 .with_context(|| {
                     format!("{}: direct run {run} produced a wrong result", row.label)
@@ -757,6 +830,60 @@ impl Bench {
 }
 
 impl Bench {
+    /// [`Bench::run_row`] for the per-feature and scale balancers (through the wrapper
+    /// only).
+    fn run_custom_row(
+        &mut self,
+        i: usize,
+        row: &mut Row,
+        frame: &[u8],
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        let c = &self.customs[i];
+        let target_fd = program_fd(c.lb.program(LB_PROGRAM)?)?;
+        self.floors
+            .arm(&target_fd, frame, u32::from(row.case.new_port()))?;
+        let established = row.case == Case::LbEstablished;
+        if established {
+            // Two packets: new-flow table, then the flow table.
+            for _ in 0..2 {
+                let prime = test_run(c.lb.program(LB_PROGRAM)?, frame, &ctx, 1)
+                    .context("priming the established flow")?;
+                ensure!(
+                    prime.verdict == XDP_TX,
+                    "priming the established flow: verdict {}",
+                    verdict_name(prime.verdict)
+                );
+            }
+        }
+        let before = c.counters()?;
+        let sample = test_run(
+            program(&self.floors.ebpf, row.wrapper)?,
+            frame,
+            &ctx,
+            repeat,
+        )?;
+        let new = c
+            .check(
+                frame,
+                &sample,
+                repeat,
+                &before,
+                established,
+                row.case.new_port(),
+            )
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += new;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
+        }
+        Ok(())
+    }
+
     /// [`Bench::run_row`] for Katran (through the wrapper only).
     fn run_katran_row(
         &mut self,
@@ -767,12 +894,13 @@ impl Bench {
         repeat: u32,
         record: bool,
     ) -> anyhow::Result<()> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
         let target_fd = program_fd(self.katrans[i].program()?)?;
         self.floors
             .arm(&target_fd, frame, u32::from(row.case.new_port()))?;
         if row.case == Case::LbEstablished {
             // One packet (not a SYN): an LRU miss that inserts the flow.
-            let prime = test_run(self.katrans[i].program()?, frame, &self.ctx, 1)
+            let prime = test_run(self.katrans[i].program()?, frame, &ctx, 1)
                 .context("priming Katran's established flow")?;
             ensure!(
                 prime.verdict == XDP_TX,
@@ -781,12 +909,7 @@ impl Bench {
             );
         }
         let before = self.katran_counters(i)?;
-        let sample = test_run(
-            program(&self.floors.ebpf, WRAPPER)?,
-            frame,
-            &self.ctx,
-            repeat,
-        )?;
+        let sample = test_run(program(&self.floors.ebpf, WRAPPER)?, frame, &ctx, repeat)?;
         let misses = self
             .check_katran(i, row, frame, &sample, repeat, &before)
             .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
@@ -837,8 +960,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let (cpu, rows, load, katran_error) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
         let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
-        let len = frame_for(Case::LbEstablished, 0).len();
-        let ctx = xdp_md(len, ifindex, 0);
         let (katrans, mut katran_error) = match katran_objects {
             Ok(objects) => match load_katrans(&objects, cpus) {
                 Ok(k) => (k, None),
@@ -850,8 +971,8 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             floors: Floors::load()?,
             lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
             katrans,
+            customs: Vec::new(),
             cpu,
-            ctx,
             lb_mac: mac_of(LB_IFACE)?,
             ifindex,
             _forwarding: InterfaceForwarding::enable(LB_IFACE)?,
@@ -940,25 +1061,54 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         if bench.katrans.is_empty() {
             rows.retain(|r| !matches!(r.target, Target::Katran(_)));
         }
-        if let Some(only) = &only {
-            rows.retain(|r| {
+        let env = Env {
+            lb_addr: LB_ADDR,
+            lb_addr6: LB_ADDR6,
+            lb_mac: bench.lb_mac,
+            ifindex,
+        };
+        // Per-feature and scale balancers: each spec's rows, and the balancer they run
+        // on, loaded only when a row of it is left after `--only`.
+        let mut specs = extra_specs(cpus, small_table);
+        let keep = |r: &Row| match &only {
+            Some(only) => {
                 r.label.contains(only.as_str())
                     || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
-            });
-        }
-        // Every frame has the same length (the ctx's data_end): check it.
-        for row in &rows {
-            ensure!(
-                frame_for(row.case, 0).len() == len,
-                "{}: frame length differs",
-                row.label
-            );
+            }
+            None => true,
+        };
+        rows.retain(keep);
+        for spec in &mut specs {
+            spec.rows.retain(keep);
+            if spec.rows.is_empty() {
+                continue;
+            }
+            let i = bench.customs.len();
+            if let Some(load) = spec.load.take() {
+                let started = std::time::Instant::now();
+                let c = load(&env, &bench).with_context(|| {
+                    format!("loading the balancer of \"{}\"", spec.rows[0].label)
+                })?;
+                eprintln!(
+                    "bench xdp: loaded the balancer of \"{}\" in {:.1} s",
+                    spec.rows[0].label,
+                    started.elapsed().as_secs_f64()
+                );
+                bench.customs.push(c);
+            }
+            for mut r in spec.rows.drain(..) {
+                if r.target == Target::Custom(usize::MAX) {
+                    r.target = Target::Custom(i);
+                }
+                rows.push(r);
+            }
         }
         // Warm-up round (also fills the small flow table, so its runs evict): checked,
         // not recorded.
         for row in &mut rows {
             let warm = if row.target == Target::Lb(1)
-                || (matches!(row.target, Target::Katran(_)) && row.case == Case::LbNewFlow)
+                || (matches!(row.target, Target::Katran(_) | Target::Custom(_))
+                    && row.case == Case::LbNewFlow)
             {
                 200_000
             } else {
@@ -988,6 +1138,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Ok((cpu, rows, load, katran_error))
     })?;
     report(&rows, args, cpu, cpus, small_table, &load);
+    report_groups(&rows);
     report_katran(&rows, katran_error.as_deref(), cpus);
     Ok(())
 }
@@ -1043,6 +1194,206 @@ impl Load {
             steal,
         }
     }
+}
+
+/// The LB's IPv6 address (outer source of 6in6).
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x10);
+/// The IPv6 VIP and client of the 6in6 row.
+const VIP6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 1), 80, 0, 0);
+const CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2), 40000, 0, 0);
+/// The QUIC service of the per-feature rows, and the `quic_id` its packets name
+/// (backend 1's).
+const QUIC_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 443);
+const QUIC_ID: u32 = 0x0102;
+/// Flows of the full-table scale rows, on the measuring CPU.
+const FULL_TABLE: u32 = 1_000_000;
+
+/// How a spec's balancer is loaded.
+type LoadFn = Box<dyn FnOnce(&Env, &Bench) -> anyhow::Result<Custom> + Send>;
+
+/// Rows on one balancer of their own (per-feature, scale), or baseline rows (`load` None).
+struct Spec {
+    load: Option<LoadFn>,
+    rows: Vec<Row>,
+}
+
+/// The per-feature and scale rows (items 2 and 3 of issue 12).
+fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
+    let custom = Target::Custom(usize::MAX);
+    let est =
+        |label: &str| Row::new(label, custom, Case::LbEstablished, false).group(Group::Features);
+    let frame6 = xdp_custom::frame6(CLIENT6, VIP6);
+    let mut specs = vec![
+        Spec {
+            load: None,
+            rows: vec![
+                Row::new(
+                    "floor: XDP_PASS, IPv6 wrapper",
+                    Target::Floor(FLOOR_PASS),
+                    Case::FloorPass,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_IPV6, Some(frame6.clone())),
+                Row::new(
+                    "floor: XDP_PASS, GUE wrapper",
+                    Target::Floor(FLOOR_PASS),
+                    Case::FloorPass,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_GUE, None),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    d.filters.deny = xdp_custom::prefixes(1000, Ipv4Addr::new(203, 0, 0, 0));
+                    let mut allow = xdp_custom::prefixes(999, Ipv4Addr::new(100, 64, 0, 0));
+                    allow.push("198.18.0.0/24".parse().expect("prefix"));
+                    d.filters.allow = allow;
+                })
+            })),
+            rows: vec![est("feature: established, deny 1000 + allow 1000 prefixes")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    d.filters.new_flows = Some(xdp_custom::flood_limit());
+                })
+            })),
+            rows: vec![est("feature: established, flood limit set")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    xdp_custom::add_quic(d, QUIC_VIP);
+                })
+            })),
+            rows: vec![est("feature: established, QUIC service present")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| Custom::ipv6(env, VIP6, FLOW_TABLE_BIG))),
+            rows: vec![
+                est("feature: IPv6 VIP, established (6in6)").wrapped(WRAP_IPV6, Some(frame6)),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| d.encap = ENCAP_GUE)
+            })),
+            rows: vec![est("feature: GUE, established").wrapped(WRAP_GUE, None)],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::quic(env, VIP, QUIC_VIP, FLOW_TABLE_BIG)
+            })),
+            rows: vec![est("feature: QUIC short header, routed by CID").wrapped(
+                WRAPPER,
+                Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
+            )],
+        },
+    ];
+    for (services, backends) in [(1, 10), (100, 10), (1000, 10), (1, 1000)] {
+        let name = format!("scale: {services} svc x {backends} backends");
+        specs.push(Spec {
+            load: Some(Box::new(move |env, _| {
+                Custom::scale(services, backends, small_table, small_table, env)
+            })),
+            rows: vec![
+                Row::new(
+                    format!("{name}: established"),
+                    custom,
+                    Case::LbEstablished,
+                    false,
+                )
+                .group(Group::Scale)
+                .for_vip(xdp_custom::scale_vip(0)),
+                Row::new(
+                    format!("{name}: new-flow SYN"),
+                    custom,
+                    Case::LbNewFlow,
+                    false,
+                )
+                .group(Group::Scale)
+                .for_vip(xdp_custom::scale_vip(0)),
+            ],
+        });
+    }
+    specs.push(Spec {
+        load: Some(Box::new(move |env, bench| {
+            let c = Custom::scale(1, 10, FULL_TABLE * cpus, small_table, env)?;
+            fill_flow_table(&c, bench, FULL_TABLE)?;
+            Ok(c)
+        })),
+        rows: vec![
+            Row::new(
+                "scale: flow table full (1M): established",
+                custom,
+                Case::LbEstablished,
+                false,
+            )
+            .group(Group::Scale)
+            .for_vip(xdp_custom::scale_vip(0)),
+            Row::new(
+                "scale: flow table full (1M): new flow every packet",
+                custom,
+                Case::LbNewFlow,
+                false,
+            )
+            .group(Group::Scale)
+            .for_vip(xdp_custom::scale_vip(0)),
+        ],
+    });
+    specs
+}
+
+/// Puts `n` flows into the flow table of `c` as traffic does: two packets of each
+/// (the first enters the new-flow table, the second the flow table), all from this
+/// CPU, sources 10.0.0.0 + i (port 1000); checks the count and a sample.
+fn fill_flow_table(c: &Custom, bench: &Bench, n: u32) -> anyhow::Result<()> {
+    let vip = xdp_custom::scale_vip(0);
+    let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+    let mut frame = PacketBuilder::tcp(SocketAddrV4::new(Ipv4Addr::from(base), 1000), vip).build();
+    let ctx = xdp_md(frame.len(), bench.ifindex, 0);
+    let prog = c.lb.program(LB_PROGRAM)?;
+    let ip = ETH_HLEN;
+    let before = c.counters()?;
+    for i in 0..n {
+        let src = Ipv4Addr::from(base + i);
+        frame[ip + 12..ip + 16].copy_from_slice(&src.octets());
+        frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+        let sum = xdplb_tests::packet::internet_checksum(&frame[ip..ip + IPV4_HLEN]);
+        frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+        for _ in 0..2 {
+            let r = test_run(prog, &frame, &ctx, 1)?;
+            ensure!(
+                r.verdict == XDP_TX,
+                "filling the flow table: flow {i}: verdict {}",
+                verdict_name(r.verdict)
+            );
+        }
+    }
+    let after = c.counters()?;
+    let new = after.get(Counter::FlowNew) - before.get(Counter::FlowNew);
+    ensure!(
+        new == u64::from(n),
+        "filling the flow table: {new} new flows counted for {n} flows"
+    );
+    for i in [0, n / 2, n - 1] {
+        let key = flow_key(
+            SocketAddrV4::new(Ipv4Addr::from(base + i), 1000),
+            vip,
+            PROTO_TCP,
+        );
+        ensure!(
+            c.lb.maps.flows.get(&key, 0).is_ok(),
+            "filling the flow table: flow {i} of {n} is not in it"
+        );
+    }
+    Ok(())
 }
 
 /// Katran's rows.
@@ -1183,10 +1534,108 @@ fn report_katran(rows: &[Row], error: Option<&str>, cpus: u32) {
 /// The Katran commit vendored under `tests/vendor/katran`.
 const KATRAN_COMMIT: &str = "19f08fec82fb7b5fb14d935a80057bdc0897c8de";
 
+/// The `floor_pass` row behind the same wrapper as `r` (with the new-port mode when `r`
+/// has it): `r`'s baseline.
+fn baseline<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    let case = if r.case.new_port() {
+        Case::FloorPassNewPort
+    } else {
+        Case::FloorPass
+    };
+    rows.iter()
+        .find(|b| b.case == case && b.wrapper == r.wrapper)
+}
+
+/// Net ns of `r`: median of its runs minus the median of its baseline; and the range of
+/// its runs' net figures (each run minus the baseline's median).
+fn net_of(rows: &[Row], r: &Row) -> (f64, f64, f64) {
+    let base = baseline(rows, r).map_or(f64::NAN, |b| kernel_median(&b.raw));
+    let lo = r.raw.iter().map(|s| s.kernel_ns).min().unwrap_or(0) as f64;
+    let hi = r.raw.iter().map(|s| s.kernel_ns).max().unwrap_or(0) as f64;
+    (kernel_median(&r.raw) - base, lo - base, hi - base)
+}
+
+/// The per-feature and scale tables.
+fn report_groups(rows: &[Row]) {
+    let floor = rows
+        .iter()
+        .find(|r| r.case == Case::FloorIpip)
+        .map_or(f64::NAN, |r| net_of(rows, r).0);
+    let established = rows
+        .iter()
+        .find(|r| r.label == "xdp_lb: established flow")
+        .map_or(f64::NAN, |r| net_of(rows, r).0);
+    let fmt_ratio = |v: f64, of: f64| {
+        if of.is_finite() && of > 0.0 && v.is_finite() {
+            format!("{:.2}", v / of)
+        } else {
+            "-".to_owned()
+        }
+    };
+    for (group, title, note) in [
+        (
+            Group::Features,
+            "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it",
+            "budget = 1.5 x floor (\"floor: parse+lookup+IPIP+TX\"); vs est. = / \"xdp_lb: established flow\" of the main table.\n\
+             net = raw - raw of floor_pass behind the same wrapper (IPv6 rows: bench_wrap6 undoes 40 bytes;\n\
+             \x20 GUE: bench_wrap_gue undoes 28; the rest bench_wrap, 20 bytes of IPIP, as in the main table).",
+        ),
+        (
+            Group::Scale,
+            "Scale rows (issue 12 item 3): services, backends per service, a full flow table",
+            "Each configuration is its own xdp_lb with every service's Maglev ring (65537 slots) written by the\n\
+             \x20 reconciler and every backend's next hop in NEXT_HOPS; packets go to the first service.\n\
+             \x20 Tables of the service/backend rows: 32768 entries per CPU (SYN rows: every SYN misses and evicts).\n\
+             \x20 Full table: the flow table sized 1,000,000 x possible CPUs (per-CPU LRU: this CPU's share\n\
+             \x20 is 1,000,000) and filled with 1,000,000 flows from this CPU, two packets each, before the runs.",
+        ),
+    ] {
+        let list: Vec<&Row> = rows.iter().filter(|r| r.group == group).collect();
+        if list.is_empty() {
+            continue;
+        }
+        println!("\n{title}:\n");
+        let table: Vec<[String; 6]> = list
+            .iter()
+            .map(|r| {
+                let (net, lo, hi) = net_of(rows, r);
+                let flows = match r.case {
+                    Case::LbNewFlow | Case::LbEstablished => format!(
+                        "{:.1}%",
+                        100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
+                    ),
+                    _ => String::new(),
+                };
+                [
+                    r.label.clone(),
+                    format!("{net:.0}"),
+                    format!("{lo:.0}..{hi:.0}"),
+                    fmt_ratio(net, floor),
+                    fmt_ratio(net, established),
+                    flows,
+                ]
+            })
+            .collect();
+        crate::print_table(
+            &[
+                "row",
+                "ns (net, median)",
+                "net range",
+                "x floor",
+                "vs est.",
+                "new flows",
+            ],
+            &table,
+            &[false, true, true, true, true, true],
+        );
+        println!("\n{note}");
+    }
+}
+
 fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, load: &Load) {
     let median_of = |case: Case| {
         rows.iter()
-            .find(|r| r.case == case)
+            .find(|r| r.case == case && r.wrapper == WRAPPER)
             .map_or(f64::NAN, |r| kernel_median(&r.raw))
     };
     let base = median_of(Case::FloorPass);
@@ -1205,7 +1654,7 @@ fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, lo
         "{:<32} {:>8} {:>6} {:>8} {:>7} {:>8} {:>10}  new flows",
         "program", "ns (net)", "raw", "raw wall", "direct", "ratio*", "raw range"
     );
-    for r in rows {
+    for r in rows.iter().filter(|r| r.group == Group::Main) {
         let raw = kernel_median(&r.raw);
         let wall = median_f64(&r.raw.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
         let net = raw
