@@ -244,6 +244,45 @@ pub fn ensure_bench_l7() -> Result<()> {
     Ok(())
 }
 
+/// The package `cargo xtask bench wire` runs, with the programs it uses: xdp-trafficgen
+/// (the packet generator) and xdp-bench (the drop program on the backends' side). Not in
+/// [`PACKAGES`]: neither `cargo xtask setup` nor CI installs it.
+pub const BENCH_WIRE_PACKAGES: &[(&str, &str)] =
+    &[("xdp-tools", "xdp-trafficgen"), ("xdp-tools", "xdp-bench")];
+
+/// Installs xdp-tools with apt-get when missing (idempotent), for `cargo xtask bench wire`
+/// only. It has no daemon.
+pub fn ensure_bench_wire() -> Result<()> {
+    if !has_dpkg() {
+        let missing: Vec<_> = BENCH_WIRE_PACKAGES
+            .iter()
+            .filter(|(_, program)| find_program(program).is_none())
+            .map(|(_, program)| *program)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "bench wire needs {}: no dpkg here, so xtask cannot install them; install xdp-tools by hand",
+                missing.join(" ")
+            );
+        }
+        return Ok(());
+    }
+    let packages = ["xdp-tools"];
+    if missing_of(&packages)?.is_empty() {
+        println!("bench wire: already installed: {}", versions(&packages));
+        return Ok(());
+    }
+    println!(
+        "bench wire: installing with apt-get (not needed by `cargo xtask setup` or CI): xdp-tools"
+    );
+    install(&packages, true)?;
+    if !missing_of(&packages)?.is_empty() {
+        bail!("apt-get install succeeded, yet dpkg does not list xdp-tools as installed");
+    }
+    println!("bench wire: installed: {}", versions(&packages));
+    Ok(())
+}
+
 /// The packages `cargo xtask bench xdp` needs to build Katran's balancer from its
 /// vendored source (tests/vendor/katran), with the program each provides: clang, and
 /// llc from the `llvm` package (Katran's Makefile pipes clang's bitcode through llc). Not

@@ -54,11 +54,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`;
-    /// `bench l7` first installs haproxy, nginx and wrk from Debian if they are missing.
+    /// Build in release mode and run `xdplb-bench <WHAT>`, e.g. `cargo xtask bench xdp`, or
+    /// with no WHAT every benchmark in turn with its defaults; each prints its tables and
+    /// writes `target/bench/<WHAT>.json`. `bench l7` first installs haproxy, nginx and wrk
+    /// from Debian if they are missing, `bench wire` xdp-tools.
     Bench {
-        /// The benchmark to run (`xdp`, `failover`, `l7`: `xdplb-bench --help` lists them).
-        what: String,
+        /// The benchmark to run (`xdp`, `wire`, `control`, `failover`, `cluster`, `l7`:
+        /// `xdplb-bench --help` lists them); none: all of them.
+        what: Option<String>,
         /// Further arguments for `xdplb-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -94,6 +97,6 @@ fn run(task: Task) -> Result<()> {
             clippy::clippy()
         }
         Task::Demo { args } => release::demo(&args),
-        Task::Bench { what, args } => release::bench(&what, &args),
+        Task::Bench { what, args } => release::bench(what.as_deref(), &args),
     }
 }

@@ -45,29 +45,74 @@ pub fn build(packages: &[&str]) -> Result<()> {
 pub fn demo(args: &[String]) -> Result<()> {
     setup::ensure_ready()?;
     build(DEMO_PACKAGES).context("building the agent and the demo")?;
-    run_with_agent("xdplb-demo", args)
+    run_with_agent("xdplb-demo", args, &[])
 }
 
+/// The benchmarks `cargo xtask bench` runs when given no name, in this order.
+pub const BENCHMARKS: &[&str] = &["xdp", "wire", "control", "failover", "cluster", "l7"];
+
+/// The variable that tells `xdplb-bench` where to write its JSON records.
+const BENCH_DIR_ENV: &str = "XDPLB_BENCH_DIR";
+
 /// `cargo xtask bench WHAT`: build, then run `xdplb-bench WHAT ARGS`. For `l7`, first
-/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]); for
-/// `xdp`, clang and llvm to build Katran ([`apt::ensure_bench_xdp`]).
-pub fn bench(what: &str, args: &[String]) -> Result<()> {
+/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]);
+/// for `wire`, xdp-tools ([`apt::ensure_bench_wire`]); for `xdp`, clang and llvm to
+/// build Katran ([`apt::ensure_bench_xdp`]). With no WHAT: every benchmark of
+/// [`BENCHMARKS`] with its defaults, on to the next when one fails (the failures are
+/// listed and make the task fail at the end). JSON records go to `target/bench/`.
+pub fn bench(what: Option<&str>, args: &[String]) -> Result<()> {
     setup::ensure_ready()?;
-    if what == "l7" {
+    let what: Vec<&str> = match what {
+        Some(name) => vec![name],
+        None => {
+            if !args.is_empty() {
+                bail!(
+                    "`cargo xtask bench` without a benchmark name takes no arguments (got {args:?}): name one, e.g. `cargo xtask bench xdp {}`",
+                    args.join(" ")
+                );
+            }
+            BENCHMARKS.to_vec()
+        }
+    };
+    if what.contains(&"l7") {
         apt::ensure_bench_l7().context("installing what `bench l7` compares with")?;
     }
-    if what == "xdp" {
+    if what.contains(&"wire") {
+        apt::ensure_bench_wire().context("installing the generator `bench wire` uses")?;
+    }
+    if what.contains(&"xdp") {
         apt::ensure_bench_xdp().context("installing what `bench xdp` builds Katran with")?;
     }
     build(DEMO_PACKAGES).context("building the agent and the benchmarks")?;
-    let args: Vec<String> = std::iter::once(what.to_owned())
-        .chain(args.iter().cloned())
-        .collect();
-    run_with_agent("xdplb-bench", &args)
+    let dir = target_dir().join("bench");
+    let env = [(BENCH_DIR_ENV, dir.as_os_str())];
+    if let [name] = what[..] {
+        let args: Vec<String> = std::iter::once(name.to_owned())
+            .chain(args.iter().cloned())
+            .collect();
+        return run_with_agent("xdplb-bench", &args, &env);
+    }
+    let mut failed = Vec::new();
+    for name in &what {
+        println!("\n=== cargo xtask bench {name} ===\n");
+        if let Err(err) = run_with_agent("xdplb-bench", &[(*name).to_owned()], &env) {
+            println!("bench {name} failed: {err:#}");
+            failed.push(*name);
+        }
+    }
+    println!(
+        "\nbenchmarks run: {}; JSON records in {}",
+        what.join(", "),
+        dir.display()
+    );
+    if !failed.is_empty() {
+        bail!("these benchmarks failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// Runs release binary `name` of the tests crate from the workspace root, with [`AGENT_BIN_ENV`].
-fn run_with_agent(name: &str, args: &[String]) -> Result<()> {
+fn run_with_agent(name: &str, args: &[String], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let bin = release_bin(name);
     if !bin.is_file() {
         bail!(
@@ -83,6 +128,7 @@ fn run_with_agent(name: &str, args: &[String]) -> Result<()> {
         Command::new(&bin)
             .current_dir(cmd::workspace_root())
             .env(AGENT_BIN_ENV, &agent)
+            .envs(env.iter().copied())
             .args(args),
     )
     .with_context(|| format!("running {name}"))

@@ -28,49 +28,6 @@ use anyhow::ensure;
 use clap::{CommandFactory as _, Parser, Subcommand, error::ErrorKind};
 use xdplb_tests::netns;
 
-/// Prints `rows` under `header` as one `|`-separated table, each column as wide as its
-/// widest cell; `right[i]` right-aligns column `i` (numbers).
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str; N]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .zip(right)
-            .map(|((c, w), r)| {
-                if *r {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(header));
-    println!(
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
-    );
-    for r in rows {
-        println!("{}", line(&r.each_ref().map(String::as_str)));
-    }
-}
-
 #[path = "bench/cluster.rs"]
 mod cluster;
 #[path = "bench/failover.rs"]
@@ -79,6 +36,8 @@ mod failover;
 mod katran;
 #[path = "bench/l7.rs"]
 mod l7;
+#[path = "bench/report.rs"]
+mod report;
 #[path = "bench/xdp.rs"]
 mod xdp;
 #[path = "bench/xdp_custom.rs"]

@@ -27,6 +27,8 @@ use xdplb_tests::{
     topology::{BACKEND_ADDRS, LB_ADDR, Topology, vip_socket},
 };
 
+use crate::report::{Cell, Report};
+
 /// Arguments of `cluster`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -54,25 +56,43 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("cluster: {n} nodes ...");
         rows.push(measure(n, args.rounds).with_context(|| format!("{n} nodes"))?);
     }
-    println!();
-    println!(
-        "| nodes | API change → every node's ring (median) | max | rounds | slots of a joining node's ring that differ |"
+    let mut report = Report::new(
+        "cluster",
+        format!(
+            "N LB nodes sharing one state in etcd; {} weight changes through node 1's API per N, \
+             figures are median (min-max)",
+            args.rounds
+        ),
     );
-    println!("| ---: | ---: | ---: | ---: | ---: |");
+    let table = report.table(
+        "",
+        &[
+            ("nodes", true),
+            ("API change → every node's ring", true),
+            ("rounds", true),
+            ("slots of a joining node's ring that differ", true),
+        ],
+    );
     for r in &rows {
-        let mut v = r.converge_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let median = v[v.len() / 2];
-        let max = v.last().copied().unwrap_or_default();
-        println!(
-            "| {} | {median:.1} ms | {max:.1} ms | {} | {} of {} ({:.4} %) |",
-            r.nodes,
-            v.len(),
-            r.joined_differs,
-            r.ring_size,
-            100.0 * r.joined_differs as f64 / r.ring_size as f64
-        );
+        table.row(vec![
+            Cell::text(r.nodes.to_string()),
+            Cell::samples("ms", 1, &r.converge_ms),
+            Cell::text(r.converge_ms.len().to_string()),
+            Cell::text(format!(
+                "{} of {} ({:.4} %)",
+                r.joined_differs,
+                r.ring_size,
+                100.0 * r.joined_differs as f64 / r.ring_size as f64
+            )),
+        ]);
     }
+    report.note(
+        "Method: per N, the step-1 bed with N LB hosts running lb-agent with XDP and [cluster], \
+         a three-member etcd; t0 just before a PATCH of be2's weight on node 1, then every node's \
+         ring_digest polled (about 1 ms per node per poll, which bounds the resolution) until all \
+         equal node 1's. Last, node N+1 joins: its ring read back slot by slot against node 1's.",
+    );
+    report.finish()?;
     Ok(())
 }
 

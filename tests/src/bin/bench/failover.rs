@@ -25,7 +25,6 @@
 //! measurement, not a test: nothing is asserted about time.
 
 use std::{
-    fmt::Write as _,
     net::IpAddr,
     thread,
     time::{Duration, Instant},
@@ -38,6 +37,8 @@ use xdplb_tests::{
     scenario::{BedOptions, L4Bed},
     topology::{BACKEND_ADDRS, LB_ADDR, vip_socket},
 };
+
+use crate::report::{Cell, Report};
 
 const DEFAULT_RUNS: usize = 2;
 const MAX_RUNS: usize = 10;
@@ -252,50 +253,13 @@ fn run_once(setting: &Setting) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
-/// Median of `v` (NaN if empty).
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_unstable_by(f64::total_cmp);
-    let n = s.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => s[n / 2],
-        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// `median (min)` in ms of the values that exist, with how many runs lacked one.
-fn summary(values: &[Option<f64>], missing: &str) -> String {
-    let have: Vec<f64> = values.iter().flatten().copied().collect();
-    let lacking = values.len() - have.len();
-    let mut s = match have.len() {
-        0 => missing.to_owned(),
-        1 => format!("{:.0} ms", have[0]),
-        _ => format!(
-            "{:.0} ms (min {:.0})",
-            median(&have),
-            have.iter().copied().fold(f64::INFINITY, f64::min)
-        ),
-    };
-    if lacking > 0 && !have.is_empty() {
-        let _ = write!(s, ", {lacking}x {missing}");
-    }
-    s
-}
-
-fn counts(outcomes: &[Outcome]) -> String {
+/// failed / total connections of each run, as two cells of samples.
+fn counts(outcomes: &[Outcome]) -> Cell {
     let failed: Vec<f64> = outcomes.iter().map(|o| o.failed as f64).collect();
     let total: Vec<f64> = outcomes.iter().map(|o| o.total as f64).collect();
-    if outcomes.len() == 1 {
-        format!("{} / {}", outcomes[0].failed, outcomes[0].total)
-    } else {
-        format!(
-            "{:.0} / {:.0} (min {:.0})",
-            median(&failed),
-            median(&total),
-            failed.iter().copied().fold(f64::INFINITY, f64::min)
-        )
-    }
+    let (f, t) = (Cell::samples("", 0, &failed), Cell::samples("", 0, &total));
+    let shown = format!("{} / {}", f.shown(), t.shown());
+    f.with_shown(shown)
 }
 
 /// Runs every setting `args.runs` times (interleaved) and prints the table.
@@ -325,56 +289,59 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             outcomes.push(o);
         }
     }
-    report(args, &results, started.elapsed());
-    Ok(())
+    report(args, &results, started.elapsed())
 }
 
-fn report(args: &Args, results: &[Vec<Outcome>], took: Duration) {
-    println!(
-        "xdplb-bench failover: be2 of 3 backends dies under traffic ({THREADS} client threads, short connections, \
-         {} ms pause); {} run(s) per setting{}",
-        PAUSE.as_millis(),
-        args.runs,
-        if args.runs > 1 {
-            ", figures are median (min)"
-        } else {
-            ""
-        }
+fn report(args: &Args, results: &[Vec<Outcome>], took: Duration) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "failover",
+        format!(
+            "be2 of 3 backends dies under traffic ({THREADS} client threads, short connections, \
+             {} ms pause); {} run(s) per setting{}",
+            PAUSE.as_millis(),
+            args.runs,
+            if args.runs > 1 {
+                ", figures are median (min-max)"
+            } else {
+                ""
+            }
+        ),
     );
-    println!();
-    let header = [
-        "health (interval/timeout)",
-        "window (fall x interval + timeout)",
-        "detected after",
-        "last failure after",
-        "failed / total connections",
-    ];
-    let rows: Vec<[String; 5]> = SETTINGS
-        .iter()
-        .zip(results)
-        .map(|(s, o)| {
-            [
-                s.label(),
-                format!(
-                    "{} x {} + {} = {:.0} ms",
-                    s.fall,
-                    s.interval_ms,
-                    s.timeout_ms,
-                    s.window().as_secs_f64() * 1000.0
-                ),
-                summary(
-                    &o.iter().map(|o| o.applied_ms).collect::<Vec<_>>(),
-                    "not logged",
-                ),
-                summary(
-                    &o.iter().map(|o| o.last_failure_ms).collect::<Vec<_>>(),
-                    "none failed",
-                ),
-                counts(o),
-            ]
-        })
-        .collect();
-    super::print_table(&header, &rows, &[false; 5]);
+    let table = report.table(
+        "",
+        &[
+            ("health (interval/timeout)", false),
+            ("window (fall x interval + timeout)", false),
+            ("detected after", true),
+            ("last failure after", true),
+            ("failed / total connections", true),
+        ],
+    );
+    for (s, o) in SETTINGS.iter().zip(results) {
+        table.row(vec![
+            Cell::text(s.label()),
+            Cell::text(format!(
+                "{} x {} + {} = {:.0} ms",
+                s.fall,
+                s.interval_ms,
+                s.timeout_ms,
+                s.window().as_secs_f64() * 1000.0
+            )),
+            Cell::maybe_samples(
+                "ms",
+                0,
+                &o.iter().map(|o| o.applied_ms).collect::<Vec<_>>(),
+                "not logged",
+            ),
+            Cell::maybe_samples(
+                "ms",
+                0,
+                &o.iter().map(|o| o.last_failure_ms).collect::<Vec<_>>(),
+                "none failed",
+            ),
+            counts(o),
+        ]);
+    }
 
     let all: Vec<&Outcome> = results.iter().flatten().collect();
     let beyond: Vec<String> = SETTINGS
@@ -392,8 +359,8 @@ fn report(args: &Args, results: &[Vec<Outcome>], took: Duration) {
         .filter_map(|o| Some(o.applied_ms? - o.verdict_ms?))
         .fold(f64::NAN, f64::max);
     let stop_max = all.iter().map(|o| o.stop_ms).fold(f64::NAN, f64::max);
-    println!(
-        "\nMethod: each run builds the namespace test bed (client, router, LB with lb-agent and XDP, be1..be3
+    report.note(format!(
+        "Method: each run builds the namespace test bed (client, router, LB with lb-agent and XDP, be1..be3
 with HTTP servers), service web with the health check shown and rise {RISE}. After {} ms of traffic
 be2's server stops; t0 = the moment its listening socket is closed (stopping took at most {stop_max:.0} ms),
 so from t0 connects to it and its checks are refused at once (no check waits for its timeout).
@@ -411,9 +378,12 @@ so from t0 connects to it and its checks are refused at once (no check waits for
         TAIL.as_millis(),
         all.len(),
         took.as_secs_f64()
-    );
+    ));
     if !beyond.is_empty() {
-        println!("Detection beyond the window: {}", beyond.join("; "));
+        report.note(format!(
+            "Detection beyond the window: {}",
+            beyond.join("; ")
+        ));
     }
     let warnings: Vec<String> = SETTINGS
         .iter()
@@ -427,11 +397,13 @@ so from t0 connects to it and its checks are refused at once (no check waits for
         })
         .collect();
     if !warnings.is_empty() {
-        println!("Warnings (figures of these runs are doubtful):");
-        for w in warnings {
-            println!("  {w}");
-        }
+        report.note(format!(
+            "Warnings (figures of these runs are doubtful):\n  {}",
+            warnings.join("\n  ")
+        ));
     }
+    report.finish()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -458,12 +430,23 @@ mod tests {
 
     #[test]
     fn summaries_and_args() {
-        assert_eq!(summary(&[Some(10.0)], "x"), "10 ms");
         assert_eq!(
-            summary(&[Some(30.0), Some(10.0), None], "none"),
-            "20 ms (min 10), 1x none"
+            Cell::maybe_samples("ms", 0, &[Some(10.0)], "x").shown(),
+            "10 ms"
         );
-        assert_eq!(summary(&[None, None], "none failed"), "none failed");
+        assert_eq!(
+            Cell::maybe_samples("ms", 0, &[Some(30.0), Some(10.0), None], "none").shown(),
+            "20 ms (10-30), 1x none"
+        );
+        let o = |failed, total| Outcome {
+            failed,
+            total,
+            ..Outcome::default()
+        };
+        assert_eq!(
+            counts(&[o(3, 90), o(1, 100), o(2, 95)]).shown(),
+            "2 (1-3) / 95 (90-100)"
+        );
         use clap::Parser as _;
         let a = |v: &[&str]| {
             let argv = ["xdplb-bench", "failover"].iter().chain(v);

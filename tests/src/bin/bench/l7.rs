@@ -55,8 +55,11 @@ use hyper::{Request, Response, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use xdplb_tests::{http, topology::agent_binary};
 
+use crate::report::{self, Cell, Report};
+
 const DEFAULT_DURATION_S: u64 = 5;
 const DEFAULT_WARMUP_S: u64 = 1;
+const DEFAULT_RUNS: u32 = 3;
 const DEFAULT_CONNECTIONS: u32 = 32;
 const DEFAULT_THREADS: u32 = 2;
 
@@ -92,6 +95,11 @@ pub struct Args {
     #[arg(long, value_name = "T", default_value_t = DEFAULT_THREADS,
           value_parser = clap::value_parser!(u32).range(1..=16))]
     threads: u32,
+    /// Runs of every row, 1 to 10 (interleaved: run 1 of every row, then run 2, ...); the
+    /// table shows median (min-max).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RUNS,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    runs: u32,
 }
 
 impl Args {
@@ -1037,7 +1045,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Target::Nginx,
     ];
     eprintln!(
-        "l7: 2 cases x {} targets, {} s warm-up + {} s measured each (wrk -t{} -c{}); backends on 127.0.0.1:{}/{}",
+        "l7: {} run(s) x 2 cases x {} targets, {} s warm-up + {} s measured each (wrk -t{} -c{}); backends on 127.0.0.1:{}/{}",
+        args.runs,
         targets.len(),
         args.warmup_s,
         args.duration_s,
@@ -1048,68 +1057,70 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     );
     let wrk_log = bed.dir.path().join("wrk.out");
     let mut rows = Vec::new();
-    for case in [Case::NoCache, Case::CacheHits] {
-        for target in targets {
-            let addr = bed.addr(target, case);
-            let url = format!("http://{addr}{}", case.path());
-            let label = format!("{} / {}", case.label(), target.label(case));
-            if args.warmup_s > 0 {
-                wrk(&tools.wrk, args, args.warmup_s, &url, &wrk_log)
-                    .with_context(|| format!("{label}: warm-up"))?;
-            }
-            let mut flags = Vec::new();
-            if case == Case::CacheHits && target != Target::Direct {
-                let (hit, shown) = bed.cache_hit(target)?;
-                if !hit {
-                    flags.push(format!("not a cache hit ({shown})"));
+    for run in 0..args.runs {
+        for case in [Case::NoCache, Case::CacheHits] {
+            for target in targets {
+                let addr = bed.addr(target, case);
+                let url = format!("http://{addr}{}", case.path());
+                let label = format!("{} / {}", case.label(), target.label(case));
+                if args.warmup_s > 0 {
+                    wrk(&tools.wrk, args, args.warmup_s, &url, &wrk_log)
+                        .with_context(|| format!("{label}: warm-up"))?;
                 }
-            }
-            let before = bed.backend_counts()?;
-            let cpu_before =
-                (target != Target::Direct).then(|| cpu_seconds(bed.proc(target).pid()));
-            let result = wrk(&tools.wrk, args, args.duration_s, &url, &wrk_log)
-                .with_context(|| label.clone())?;
-            let cpu_s = cpu_before.map(|b| cpu_seconds(bed.proc(target).pid()) - b);
-            let after = bed.backend_counts()?;
-            bed.all_alive()?;
-            let backend_requests = [after[0].0 - before[0].0, after[1].0 - before[1].0];
-            // Less the one `/count` connection per backend of the `before` reading.
-            let backend_connections =
-                (after[0].1 - before[0].1 - 1) + (after[1].1 - before[1].1 - 1);
-            flags.extend(result.errors());
-            if case == Case::CacheHits && target != Target::Direct {
-                let forwarded = backend_requests[0] + backend_requests[1];
-                // A few misses are expected at most (an entry expiring, a race at start).
-                if forwarded * 100 > result.requests.max(1) {
-                    flags.push(format!("{forwarded} requests reached the backends"));
+                let mut flags = Vec::new();
+                if case == Case::CacheHits && target != Target::Direct {
+                    let (hit, shown) = bed.cache_hit(target)?;
+                    if !hit {
+                        flags.push(format!("not a cache hit ({shown})"));
+                    }
                 }
-            }
-            eprintln!(
-                "  {label:<28} {:>9.0} req/s  p50 {:>9}  p99 {:>9}{}",
-                result.requests_per_s,
-                fmt_latency(result.p50_us),
-                fmt_latency(result.p99_us),
-                if flags.is_empty() {
-                    String::new()
-                } else {
-                    format!("  [{}]", flags.join("; "))
+                let before = bed.backend_counts()?;
+                let cpu_before =
+                    (target != Target::Direct).then(|| cpu_seconds(bed.proc(target).pid()));
+                let result = wrk(&tools.wrk, args, args.duration_s, &url, &wrk_log)
+                    .with_context(|| label.clone())?;
+                let cpu_s = cpu_before.map(|b| cpu_seconds(bed.proc(target).pid()) - b);
+                let after = bed.backend_counts()?;
+                bed.all_alive()?;
+                let backend_requests = [after[0].0 - before[0].0, after[1].0 - before[1].0];
+                // Less the one `/count` connection per backend of the `before` reading.
+                let backend_connections =
+                    (after[0].1 - before[0].1 - 1) + (after[1].1 - before[1].1 - 1);
+                flags.extend(result.errors());
+                if case == Case::CacheHits && target != Target::Direct {
+                    let forwarded = backend_requests[0] + backend_requests[1];
+                    // A few misses are expected at most (an entry expiring, a race at start).
+                    if forwarded * 100 > result.requests.max(1) {
+                        flags.push(format!("{forwarded} requests reached the backends"));
+                    }
                 }
-            );
-            rows.push(Row {
-                case,
-                target,
-                wrk: result,
-                backend_requests,
-                backend_connections,
-                cpu_s,
-                flags,
-            });
+                eprintln!(
+                    "  run {} {label:<28} {:>9.0} req/s  p50 {:>9}  p99 {:>9}{}",
+                    run + 1,
+                    result.requests_per_s,
+                    fmt_latency(result.p50_us),
+                    fmt_latency(result.p99_us),
+                    if flags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  [{}]", flags.join("; "))
+                    }
+                );
+                rows.push(Row {
+                    case,
+                    target,
+                    wrk: result,
+                    backend_requests,
+                    backend_connections,
+                    cpu_s,
+                    flags,
+                });
+            }
         }
     }
     let notes = Notes::gather(&tools);
     drop(bed);
-    report(args, &rows, &notes, started.elapsed());
-    Ok(())
+    report(args, &rows, &notes, started.elapsed())
 }
 
 fn fmt_latency(us: f64) -> String {
@@ -1156,67 +1167,113 @@ impl Notes {
     }
 }
 
-fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) {
-    println!(
-        "xdplb-bench l7: HTTP/1.1 reverse proxies on loopback in front of the same two backends, \
-         wrk -t{} -c{} -d{}s --latency after a {} s warm-up\n",
-        args.threads, args.connections, args.duration_s, args.warmup_s
+fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "l7",
+        format!(
+            "HTTP/1.1 reverse proxies on loopback in front of the same two backends, \
+             wrk -t{} -c{} -d{}s --latency after a {} s warm-up; {} run(s) per row, figures are median (min-max)",
+            args.threads, args.connections, args.duration_s, args.warmup_s, args.runs
+        ),
     );
-    let rps_of = |case: Case, target: Target| {
-        rows.iter()
-            .find(|r| r.case == case && r.target == target)
-            .map(|r| r.wrk.requests_per_s)
+    // The rows of one (case, target), in run order.
+    let mut groups: Vec<Vec<&Row>> = Vec::new();
+    for r in rows {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].case == r.case && g[0].target == r.target)
+        {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    let rps = |g: &[&Row]| g.iter().map(|r| r.wrk.requests_per_s).collect::<Vec<_>>();
+    let median_rps = |case: Case, target: Target| {
+        groups
+            .iter()
+            .find(|g| g[0].case == case && g[0].target == target)
+            .map(|g| report::median(&rps(g)))
     };
     let ratio = |v: f64, base: Option<f64>| match base {
         Some(b) if b > 0.0 => format!("{:.2}", v / b),
         _ => "-".to_owned(),
     };
-    let header = [
-        "case",
-        "proxy",
-        "req/s",
-        "p50",
-        "p99",
-        "vs xdplb",
-        "vs nginx",
-        "proxy CPU/req",
-        "backend reqs be1+be2",
-        "new be conns",
-        "errors / flags",
-    ];
-    let table: Vec<[String; 11]> = rows
-        .iter()
-        .map(|r| {
-            let flagged = if r.flags.is_empty() { "" } else { " !" };
-            [
-                r.case.label().to_owned(),
-                format!("{}{flagged}", r.target.label(r.case)),
-                format!("{:.0}", r.wrk.requests_per_s),
-                fmt_latency(r.wrk.p50_us),
-                fmt_latency(r.wrk.p99_us),
-                ratio(r.wrk.requests_per_s, rps_of(r.case, Target::Xdplb)),
-                ratio(r.wrk.requests_per_s, rps_of(r.case, Target::Nginx)),
-                r.cpu_s.map_or("-".to_owned(), |cpu| {
-                    format!("{:.1} us", cpu * 1e6 / r.wrk.requests.max(1) as f64)
-                }),
-                format!("{}+{}", r.backend_requests[0], r.backend_requests[1]),
-                r.backend_connections.to_string(),
-                if r.flags.is_empty() {
-                    "-".to_owned()
-                } else {
-                    r.flags.join("; ")
-                },
-            ]
-        })
-        .collect();
-    let right = [
-        false, false, true, true, true, true, true, true, true, true, false,
-    ];
-    super::print_table(&header, &table, &right);
+    let mut cells = Vec::new();
+    for g in &groups {
+        let (case, target) = (g[0].case, g[0].target);
+        let flags: Vec<String> = g.iter().flat_map(|r| r.flags.iter().cloned()).collect();
+        let flagged = if flags.is_empty() { "" } else { " !" };
+        let rps_cell = Cell::samples("", 0, &rps(g));
+        let m = rps_cell.median().unwrap_or(f64::NAN);
+        let latency = |f: fn(&Row) -> f64| {
+            let v: Vec<f64> = g.iter().map(|r| f(r)).collect();
+            let st = report::Stats::of(&v).expect("one run at least");
+            let shown = if v.len() == 1 {
+                fmt_latency(st.median)
+            } else {
+                format!(
+                    "{} ({}-{})",
+                    fmt_latency(st.median),
+                    fmt_latency(st.min),
+                    fmt_latency(st.max)
+                )
+            };
+            Cell::samples("us", 0, &v).with_shown(shown)
+        };
+        let cpu: Vec<f64> = g
+            .iter()
+            .filter_map(|r| r.cpu_s.map(|cpu| cpu * 1e6 / r.wrk.requests.max(1) as f64))
+            .collect();
+        let backend: Vec<String> = g
+            .iter()
+            .map(|r| format!("{}+{}", r.backend_requests[0], r.backend_requests[1]))
+            .collect();
+        let conns: Vec<f64> = g.iter().map(|r| r.backend_connections as f64).collect();
+        cells.push(vec![
+            Cell::text(case.label()),
+            Cell::text(format!("{}{flagged}", target.label(case))),
+            rps_cell,
+            latency(|r| r.wrk.p50_us),
+            latency(|r| r.wrk.p99_us),
+            Cell::text(ratio(m, median_rps(case, Target::Xdplb))),
+            Cell::text(ratio(m, median_rps(case, Target::Nginx))),
+            if cpu.is_empty() {
+                Cell::text("-")
+            } else {
+                Cell::samples("us", 1, &cpu)
+            },
+            Cell::text(backend.join(", ")),
+            Cell::samples("", 0, &conns),
+            Cell::text(if flags.is_empty() {
+                "-".to_owned()
+            } else {
+                flags.join("; ")
+            }),
+        ]);
+    }
+    let table = report.table(
+        "",
+        &[
+            ("case", false),
+            ("proxy", false),
+            ("req/s", true),
+            ("p50", true),
+            ("p99", true),
+            ("vs xdplb", true),
+            ("vs nginx", true),
+            ("proxy CPU/req", true),
+            ("backend reqs be1+be2 (per run)", true),
+            ("new be conns", true),
+            ("errors / flags", false),
+        ],
+    );
+    for c in cells {
+        table.row(c);
+    }
     let mut n = String::new();
     let _ = write!(
         n,
-        "\nMachine: {} CPUs ({}), kernel {}. wrk, the proxy under test and both backends share these
+        "Machine: {} CPUs ({}), kernel {}. wrk, the proxy under test and both backends share these
   CPUs, so the figures are relative: compare rows of one run, not with other machines.
 Versions: {}; {}; {}; {}.
 Settings (each proxy: one port without a cache, one with; round robin over be1 and be2, keep-alive
@@ -1234,7 +1291,7 @@ Settings (each proxy: one port without a cache, one with; round robin over be1 a
 - nginx: worker_processes 2, upstream keepalive 64, proxy_http_version 1.1,
   proxy_set_header Connection \"\", access_log off; cache row: proxy_cache (proxy_cache_path
   in a temporary directory), add_header X-Cache-Status $upstream_cache_status.
-Columns: vs xdplb / vs nginx = this row's req/s / that proxy's req/s in the same case.
+Columns: vs xdplb / vs nginx = this row's median req/s / that proxy's median req/s in the same case.
   proxy CPU/req = user+system CPU time of the proxy's processes (all threads; nginx's workers)
   during the measured run / requests wrk completed. backend reqs = requests be1 and be2
   counted during the measured run (no cache: about all, split by round robin; cache hits:
@@ -1255,7 +1312,9 @@ Columns: vs xdplb / vs nginx = this row's req/s / that proxy's req/s in the same
         rows.len(),
         took.as_secs_f64()
     );
-    println!("{n}");
+    report.note(n);
+    report.finish()?;
+    Ok(())
 }
 
 #[cfg(test)]

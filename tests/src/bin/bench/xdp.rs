@@ -76,6 +76,7 @@ use lb_common::{
 
 use crate::{
     katran::{self, Katran},
+    report::{Cell, Report},
     xdp_custom::{self, Custom, Env, WRAP_GUE, WRAP_IPV6},
 };
 use lb_common::types::{ENCAP_GUE, PROTO_TCP};
@@ -1137,10 +1138,15 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let load = Load::between(&start, &cpu_times(), cpu);
         Ok((cpu, rows, load, katran_error))
     })?;
-    report(&rows, args, cpu, cpus, small_table, &load);
-    report_groups(&rows);
-    report_katran(&rows, katran_error.as_deref(), cpus);
-    Ok(())
+    report(
+        &rows,
+        args,
+        cpu,
+        cpus,
+        small_table,
+        &load,
+        katran_error.as_deref(),
+    )
 }
 
 /// Per-CPU `(busy, total, steal)` jiffies from `/proc/stat` (empty if unreadable).
@@ -1453,30 +1459,45 @@ fn load_katrans(objects: &[Vec<u8>; 2], cpus: u32) -> anyhow::Result<Vec<Katran>
 /// Katran's default router MAC (`ctl_array[0]`).
 const ROUTER_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x01];
 
+/// Net ns of `r` per run (each run's raw figure minus the median of its baseline).
+fn net_samples(rows: &[Row], r: &Row) -> Vec<f64> {
+    let base = baseline(rows, r).map_or(f64::NAN, |b| kernel_median(&b.raw));
+    r.raw.iter().map(|s| s.kernel_ns as f64 - base).collect()
+}
+
+/// Share of iterations that missed the flow table, for balancer VIP rows.
+fn new_flows_cell(r: &Row) -> Cell {
+    match r.case {
+        Case::LbNewFlow | Case::LbEstablished => Cell::text(format!(
+            "{:.1}%",
+            100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
+        )),
+        _ => Cell::text(""),
+    }
+}
+
+/// `a / b` with two decimals, or "-".
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".to_owned()
+    }
+}
+
 /// The side-by-side table: `xdp_lb` and Katran, net ns, ratio.
-fn report_katran(rows: &[Row], error: Option<&str>, cpus: u32) {
-    println!(
-        "\nxdp_lb beside Katran (same process, same wrapper, same runs; net ns per packet, medians):\n"
-    );
+fn report_katran(report: &mut Report, rows: &[Row], error: Option<&str>, cpus: u32) {
     if let Some(e) = error {
-        println!("Katran: not measured: {e}\n");
+        report.note(format!("Katran: not measured: {e}"));
+        return;
+    }
+    if !rows.iter().any(|r| matches!(r.target, Target::Katran(_))) {
         return;
     }
     let net = |label: &str| {
-        rows.iter().find(|r| r.label == label).map(|r| {
-            let base = rows
-                .iter()
-                .find(|b| {
-                    b.case
-                        == if r.case.new_port() {
-                            Case::FloorPassNewPort
-                        } else {
-                            Case::FloorPass
-                        }
-                })
-                .map_or(f64::NAN, |b| kernel_median(&b.raw));
-            kernel_median(&r.raw) - base
-        })
+        rows.iter()
+            .find(|r| r.label == label)
+            .map(|r| net_samples(rows, r))
     };
     let cases = [
         (
@@ -1496,39 +1517,44 @@ fn report_katran(rows: &[Row], error: Option<&str>, cpus: u32) {
         ),
         ("non-VIP packet", "xdp_lb: non-VIP packet", KATRAN_NON_VIP),
     ];
-    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
-    let table: Vec<[String; 4]> = cases
-        .iter()
-        .map(|(case, lb, k)| {
-            let (a, b) = (net(lb), net(k));
-            let ratio = match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "-".to_owned(),
-            };
-            [case.to_string(), fmt(a), fmt(b), ratio]
-        })
-        .collect();
-    crate::print_table(
-        &["case", "xdp_lb", "Katran", "ratio xdp_lb/Katran"],
-        &table,
-        &[false, true, true, true],
+    let table = report.table(
+        "xdp_lb beside Katran: same process, same wrapper, same runs; net ns per packet, median (min-max) over runs",
+        &[
+            ("case", false),
+            ("xdp_lb", true),
+            ("Katran", true),
+            ("ratio xdp_lb/Katran", true),
+        ],
     );
-    println!(
-        "\nKatran: {} (commit {}), built by the bench: {};\n\
-         \x20 once as is (MAX_CONN_RATE {} new flows/s/CPU) and once with -DMAX_CONN_RATE={}ULL (\"cap raised\"). Maps as its control plane\n\
-         \x20 fills them: one VIP, 4 reals, a {}-slot ring, one LRU of {} entries per CPU ({cpus} CPUs),\n\
-         \x20 default router MAC. Every run's last output was checked (IPIP to a real; established: the\n\
-         \x20 real its LRU names) and its counters (Katran's new flows column = LRU misses).\n\
-         \x20 The SYN rows compare with xdp_lb's all-miss table ({} entries per CPU, evicting).",
+    for (case, lb, k) in cases {
+        let (Some(a), Some(b)) = (net(lb), net(k)) else {
+            continue;
+        };
+        let a = Cell::samples("ns", 0, &a);
+        let b = Cell::samples("ns", 0, &b);
+        let r = ratio(
+            a.median().unwrap_or(f64::NAN),
+            b.median().unwrap_or(f64::NAN),
+        );
+        table.row(vec![Cell::text(case), a, b, Cell::text(r)]);
+    }
+    report.note(format!(
+        "Katran: {} (commit {KATRAN_COMMIT}), built by the bench with its own Makefile rule: {};\n\
+         \x20 once as is (MAX_CONN_RATE {} new flows/s/CPU) and once with -DMAX_CONN_RATE={}ULL (\"cap raised\").\n\
+         \x20 Maps as its control plane fills them: one VIP, 4 reals, a {}-slot ring, one LRU of {} entries\n\
+         \x20 per CPU ({cpus} CPUs) in lru_mapping, the default router MAC in ctl_array. Every run's last output\n\
+         \x20 was checked (IPIP to a real; established: the real its LRU names) and its counters\n\
+         \x20 (Katran's new flows column = its LRU misses). The SYN rows compare with xdp_lb's all-miss\n\
+         \x20 table ({} entries per CPU, evicting); with the default cap Katran stops inserting after\n\
+         \x20 125,000 SYNs in a second, so most of its SYNs skip the LRU write.",
         katran::source_dir().display(),
-        KATRAN_COMMIT,
         katran::build_command(None),
         katran::DEFAULT_MAX_CONN_RATE,
         katran::RAISED_MAX_CONN_RATE,
         katran::RING_SIZE,
         FLOWS_PER_CPU_SMALL,
         FLOWS_PER_CPU_SMALL,
-    );
+    ));
 }
 
 /// The Katran commit vendored under `tests/vendor/katran`.
@@ -1546,153 +1572,162 @@ fn baseline<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
         .find(|b| b.case == case && b.wrapper == r.wrapper)
 }
 
-/// Net ns of `r`: median of its runs minus the median of its baseline; and the range of
-/// its runs' net figures (each run minus the baseline's median).
-fn net_of(rows: &[Row], r: &Row) -> (f64, f64, f64) {
-    let base = baseline(rows, r).map_or(f64::NAN, |b| kernel_median(&b.raw));
-    let lo = r.raw.iter().map(|s| s.kernel_ns).min().unwrap_or(0) as f64;
-    let hi = r.raw.iter().map(|s| s.kernel_ns).max().unwrap_or(0) as f64;
-    (kernel_median(&r.raw) - base, lo - base, hi - base)
-}
-
 /// The per-feature and scale tables.
-fn report_groups(rows: &[Row]) {
-    let floor = rows
-        .iter()
-        .find(|r| r.case == Case::FloorIpip)
-        .map_or(f64::NAN, |r| net_of(rows, r).0);
-    let established = rows
-        .iter()
-        .find(|r| r.label == "xdp_lb: established flow")
-        .map_or(f64::NAN, |r| net_of(rows, r).0);
-    let fmt_ratio = |v: f64, of: f64| {
-        if of.is_finite() && of > 0.0 && v.is_finite() {
-            format!("{:.2}", v / of)
-        } else {
-            "-".to_owned()
-        }
+fn report_groups(report: &mut Report, rows: &[Row]) {
+    let median_net = |pred: &dyn Fn(&Row) -> bool| {
+        rows.iter()
+            .find(|r| pred(r))
+            .map_or(f64::NAN, |r| median_f64(&net_samples(rows, r)))
     };
+    let floor = median_net(&|r: &Row| r.case == Case::FloorIpip);
+    let established = median_net(&|r: &Row| r.label == "xdp_lb: established flow");
     for (group, title, note) in [
         (
             Group::Features,
-            "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it",
-            "budget = 1.5 x floor (\"floor: parse+lookup+IPIP+TX\"); vs est. = / \"xdp_lb: established flow\" of the main table.\n\
-             net = raw - raw of floor_pass behind the same wrapper (IPv6 rows: bench_wrap6 undoes 40 bytes;\n\
-             \x20 GUE: bench_wrap_gue undoes 28; the rest bench_wrap, 20 bytes of IPIP, as in the main table).",
+            "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it; net ns per packet, median (min-max) over runs",
+            "Per-feature rows: x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
+             \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
+             \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
+             \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
+             \x20 second service, UDP with quic = true; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
+             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted).\n\
+             \x20 net = raw - raw of floor_pass behind the same wrapper: the 6in6 row runs behind bench_wrap6\n\
+             \x20 (undoes 40 bytes), the GUE row behind bench_wrap_gue (28 bytes), the rest behind bench_wrap\n\
+             \x20 (20 bytes of IPIP, as in the main table). Every run's output was checked: verdict, outer\n\
+             \x20 header, inner packet byte for byte, backend (ring oracle; IPv6: one of the service's),\n\
+             \x20 next-hop MACs, counters.",
         ),
         (
             Group::Scale,
-            "Scale rows (issue 12 item 3): services, backends per service, a full flow table",
-            "Each configuration is its own xdp_lb with every service's Maglev ring (65537 slots) written by the\n\
-             \x20 reconciler and every backend's next hop in NEXT_HOPS; packets go to the first service.\n\
-             \x20 Tables of the service/backend rows: 32768 entries per CPU (SYN rows: every SYN misses and evicts).\n\
-             \x20 Full table: the flow table sized 1,000,000 x possible CPUs (per-CPU LRU: this CPU's share\n\
-             \x20 is 1,000,000) and filled with 1,000,000 flows from this CPU, two packets each, before the runs.",
+            "Scale rows (issue 12 item 3): services, backends per service, a full flow table; net ns per packet, median (min-max) over runs",
+            "Scale rows: each configuration is its own xdp_lb, every service's Maglev ring (65537 slots)\n\
+             \x20 written by the agent's reconciler and every backend's next hop in NEXT_HOPS; packets go\n\
+             \x20 to the first service. Flow and new-flow tables of the service/backend rows: 32768 entries\n\
+             \x20 per CPU, so every SYN misses and evicts. Full table: the flow table sized 1,000,000 x possible\n\
+             \x20 CPUs (it is a per-CPU LRU: each CPU's list holds size / possible CPUs), filled with 1,000,000\n\
+             \x20 flows from the measuring CPU (two packets each, checked by flow_new and a sample lookup)\n\
+             \x20 before the runs; \"new flow every packet\" is a SYN with a new source port every iteration\n\
+             \x20 (a miss in the full table, an insert into the new-flow table). Loading 1000 services takes\n\
+             \x20 minutes: the reconciler writes 65.5 million ring slots one syscall each.",
         ),
     ] {
         let list: Vec<&Row> = rows.iter().filter(|r| r.group == group).collect();
         if list.is_empty() {
             continue;
         }
-        println!("\n{title}:\n");
-        let table: Vec<[String; 6]> = list
-            .iter()
-            .map(|r| {
-                let (net, lo, hi) = net_of(rows, r);
-                let flows = match r.case {
-                    Case::LbNewFlow | Case::LbEstablished => format!(
-                        "{:.1}%",
-                        100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
-                    ),
-                    _ => String::new(),
-                };
-                [
-                    r.label.clone(),
-                    format!("{net:.0}"),
-                    format!("{lo:.0}..{hi:.0}"),
-                    fmt_ratio(net, floor),
-                    fmt_ratio(net, established),
-                    flows,
-                ]
-            })
-            .collect();
-        crate::print_table(
+        let table = report.table(
+            title,
             &[
-                "row",
-                "ns (net, median)",
-                "net range",
-                "x floor",
-                "vs est.",
-                "new flows",
+                ("row", false),
+                ("ns (net)", true),
+                ("x floor", true),
+                ("vs est.", true),
+                ("new flows", true),
             ],
-            &table,
-            &[false, true, true, true, true, true],
         );
-        println!("\n{note}");
+        for r in list {
+            let net = Cell::samples("ns", 0, &net_samples(rows, r));
+            let m = net.median().unwrap_or(f64::NAN);
+            table.row(vec![
+                Cell::text(r.label.clone()),
+                net,
+                Cell::text(ratio(m, floor)),
+                Cell::text(ratio(m, established)),
+                new_flows_cell(r),
+            ]);
+        }
+        report.note(note);
     }
 }
 
-fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, load: &Load) {
-    let median_of = |case: Case| {
-        rows.iter()
-            .find(|r| r.case == case && r.wrapper == WRAPPER)
-            .map_or(f64::NAN, |r| kernel_median(&r.raw))
-    };
-    let base = median_of(Case::FloorPass);
-    let base_new_port = median_of(Case::FloorPassNewPort);
-    let floor = median_of(Case::FloorIpip) - base;
-    println!(
-        "xdplb-bench xdp: ns per packet through BPF_PROG_TEST_RUN; kernel {}, {}, thread pinned to CPU {cpu} ({cpus} possible CPUs)",
-        kernel_release(),
-        cpu_model()
-    );
-    println!(
-        "{} runs x {} iterations per program, runs interleaved; figures are medians of the kernel's ns/iteration\n",
-        args.runs, args.repeat
-    );
-    println!(
-        "{:<32} {:>8} {:>6} {:>8} {:>7} {:>8} {:>10}  new flows",
-        "program", "ns (net)", "raw", "raw wall", "direct", "ratio*", "raw range"
+/// The main table (floors, xdp_lb, Katran's rows) and its notes.
+fn report_main(report: &mut Report, rows: &[Row], args: &Args, cpus: u32, small_table: u32) {
+    let floor_row = rows.iter().find(|r| r.case == Case::FloorIpip);
+    let floor = floor_row.map_or(f64::NAN, |r| median_f64(&net_samples(rows, r)));
+    let table = report.table(
+        format!(
+            "ns per packet, {} runs x {} iterations per program, runs interleaved; median (min-max) over runs",
+            args.runs, args.repeat
+        ),
+        &[
+            ("program", false),
+            ("ns (net)", true),
+            ("raw", true),
+            ("raw wall", true),
+            ("direct", true),
+            ("ratio*", true),
+            ("new flows", true),
+        ],
     );
     for r in rows.iter().filter(|r| r.group == Group::Main) {
-        let raw = kernel_median(&r.raw);
-        let wall = median_f64(&r.raw.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
-        let net = raw
-            - if r.case.new_port() {
-                base_new_port
-            } else {
-                base
-            };
-        let direct = if r.direct_samples.is_empty() {
-            "-".to_owned()
-        } else {
-            format!("{:.0}", kernel_median(&r.direct_samples))
-        };
-        let lo = r.raw.iter().map(|s| s.kernel_ns).min().unwrap_or(0);
-        let hi = r.raw.iter().map(|s| s.kernel_ns).max().unwrap_or(0);
-        let flows = match r.case {
-            Case::LbNewFlow | Case::LbEstablished => {
-                format!(
-                    "{:.1}%",
-                    100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
-                )
-            }
-            _ => String::new(),
-        };
-        println!(
-            "{:<32} {:>8.0} {:>6.0} {:>8.1} {:>7} {:>8.2} {:>10}  {}",
-            r.label,
+        let net = Cell::samples("ns", 0, &net_samples(rows, r));
+        let m = net.median().unwrap_or(f64::NAN);
+        let raw: Vec<f64> = r.raw.iter().map(|s| s.kernel_ns as f64).collect();
+        let wall: Vec<f64> = r.raw.iter().map(|s| s.wall_ns).collect();
+        let direct: Vec<f64> = r
+            .direct_samples
+            .iter()
+            .map(|s| s.kernel_ns as f64)
+            .collect();
+        table.row(vec![
+            Cell::text(r.label.clone()),
             net,
-            raw,
-            wall,
-            direct,
-            net / floor,
-            format!("{lo}-{hi}"),
-            flows
-        );
+            Cell::samples("", 0, &raw),
+            Cell::samples("", 1, &wall).with_shown(format!("{:.1}", median_f64(&wall))),
+            if direct.is_empty() {
+                Cell::text("-")
+            } else {
+                Cell::samples("", 0, &direct)
+            },
+            Cell::text(ratio(m, floor)),
+            new_flows_cell(r),
+        ]);
     }
-    println!(
-        "\nwhile measuring: other CPUs {:.0}% busy, steal on CPU {cpu} {:.1}%{}",
+    report.note(format!(
+        "* ratio = net / net of \"floor: parse+lookup+IPIP+TX\".\n\
+         net = raw - raw of \"floor: XDP_PASS\" (the wrapper's own cost: un-encapsulate, restore\n\
+         \x20 the Ethernet header, tail call); for SYN rows raw - raw of \"XDP_PASS, new port/iter\"\n\
+         \x20 (the wrapper also writes a new source port). raw = wrapper -> program with\n\
+         \x20 repeat = N (the kernel does not reset the packet between iterations; the wrapper undoes\n\
+         \x20 the previous iteration). direct = the program alone with repeat = N, only where its\n\
+         \x20 cost does not depend on the previous iteration. raw wall = wall clock of the test_run\n\
+         \x20 syscall / N (median). Kernel figures are whole ns (truncated).\n\
+         Every run's last iteration was checked: verdict, output frame (IPIP to the backend the hash\n\
+         \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
+         new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
+         \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
+         \x20 \"new-flow SYN\": new-flow table (where a SYN waits for its flow's second packet) of\n\
+         \x20 {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than one port cycle, so every\n\
+         \x20 SYN misses, takes a ring slot and evicts (a full table in production). \"SYN, 2^20 table\":\n\
+         \x20 the production size ({} per CPU) keeps a whole port cycle, so after the first 65536\n\
+         \x20 iterations of a run the reused ports hit the table.",
+        FLOW_TABLE_BIG / cpus
+    ));
+}
+
+/// Everything measured: printed, and written as `xdp.json` (report.rs).
+fn report(
+    rows: &[Row],
+    args: &Args,
+    cpu: usize,
+    cpus: u32,
+    small_table: u32,
+    load: &Load,
+    katran_error: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "xdp",
+        format!(
+            "ns per packet through BPF_PROG_TEST_RUN; kernel {}, {}, thread pinned to CPU {cpu} ({cpus} possible CPUs)",
+            kernel_release(),
+            cpu_model()
+        ),
+    );
+    report_main(&mut report, rows, args, cpus, small_table);
+    report_katran(&mut report, rows, katran_error, cpus);
+    report_groups(&mut report, rows);
+    report.note(format!(
+        "While measuring: other CPUs {:.0}% busy, steal on CPU {cpu} {:.1}%{}",
         100.0 * load.others_busy,
         100.0 * load.steal,
         if load.others_busy > 0.2 || load.steal > 0.02 {
@@ -1701,24 +1736,7 @@ fn report(rows: &[Row], args: &Args, cpu: usize, cpus: u32, small_table: u32, lo
         } else {
             ""
         }
-    );
-    println!(
-        "\n* ratio = net / net of \"floor: parse+lookup+IPIP+TX\".\n\
-         net = raw - raw of \"floor: XDP_PASS\" (the wrapper's own cost: un-encapsulate, restore\n\
-         \x20 the Ethernet header, tail call); for SYN rows raw - raw of \"XDP_PASS, new port/iter\"\n\
-         \x20 (the wrapper also writes a new source port). raw = wrapper -> program with\n\
-         \x20 repeat = N (the kernel does not reset the packet between iterations; the wrapper undoes\n\
-         \x20 the previous iteration). direct = the program alone with repeat = N, only where its\n\
-         \x20 cost does not depend on the previous iteration. raw wall = wall clock of the test_run\n\
-         \x20 syscall / N. raw range = fastest-slowest run. Kernel figures are whole ns (truncated).\n\
-         Every run's last iteration was checked: verdict, output frame (IPIP to the backend the hash\n\
-         \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
-         new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
-         \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
-         \x20 \"new-flow SYN\": new-flow table (where a SYN waits for its flow's second packet) of {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than\n\
-         \x20 one port cycle, so every SYN misses, takes a ring slot and evicts (a full table in\n\
-         \x20 production). \"SYN, 2^20 table\": the production size ({} per CPU) keeps a whole port\n\
-         \x20 cycle, so after the first 65536 iterations of a run the reused ports hit the table.",
-        FLOW_TABLE_BIG / cpus
-    );
+    ));
+    report.finish()?;
+    Ok(())
 }
