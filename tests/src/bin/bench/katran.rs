@@ -466,3 +466,25 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_a_correct_header_is_zero_and_the_vendored_source_is_there() {
+        // RFC 1071's example header with its checksum (0xb861).
+        let header = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(internet_checksum(&header), 0);
+        let mut bad = header;
+        bad[11] ^= 1;
+        assert_ne!(internet_checksum(&bad), 0);
+        assert!(source_dir().join("katran/lib/bpf/balancer.bpf.c").is_file());
+        assert!(source_dir().join("LICENSE").is_file());
+        assert!(build_command(Some(7)).contains("-DMAX_CONN_RATE=7ULL"));
+        assert!(!build_command(None).contains("MAX_CONN_RATE"));
+    }
+}

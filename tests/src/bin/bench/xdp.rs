@@ -1034,9 +1034,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 Case::LbNonVip,
                 true,
             ),
+            // On the raised-cap build: the default one, just after its SYN row went over
+            // the cap, would not insert the flow being primed (the established path
+            // itself is the same code in both builds).
             Row::new(
                 KATRAN_ESTABLISHED,
-                Target::Katran(KATRAN_DEFAULT),
+                Target::Katran(KATRAN_RAISED),
                 Case::LbEstablished,
                 false,
             ),

@@ -90,7 +90,8 @@ pub(crate) fn caps(services: u32, backends: u32, flows: u32, new_flows: u32) -> 
 /// Backend `j` of service `i` (IPv4, in 198.18.128.0/17; `i` < 1000, `j` < 1000 for
 /// `i` = 0, else < 16) and its made-up next-hop MAC.
 fn backend_v4(i: u32, j: u32) -> (Ipv4Addr, [u8; 6]) {
-    let n = i * 1000 + j;
+    debug_assert!(i < 1000 && j < if i == 0 { 1000 } else { 16 });
+    let n = if i == 0 { j } else { 1000 + i * 16 + j };
     let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + n + 1);
     let o = addr.octets();
     (addr, [0x02, 0xbe, 0x01, o[1], o[2], o[3]])
@@ -535,4 +536,28 @@ pub(crate) fn quic_frame(client: SocketAddrV4, vip: SocketAddrV4, id: u32) -> Ve
     p.extend_from_slice(&cid);
     p.extend_from_slice(&[0x11; 20]);
     PacketBuilder::udp(client, vip).payload(&p).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_prefixes_miss_the_clients_and_scale_addresses_are_distinct() {
+        let client: IpAddr = Ipv4Addr::new(198, 18, 0, 2).into();
+        for base in [Ipv4Addr::new(203, 0, 0, 0), Ipv4Addr::new(100, 64, 0, 0)] {
+            let p = prefixes(1000, base);
+            assert_eq!(p.len(), 1000);
+            assert!(p.iter().all(|n| !n.contains(&client)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000 {
+            assert!(seen.insert(*scale_vip(i).ip()));
+            for j in 0..if i == 0 { 1000 } else { 16 } {
+                let a = backend_v4(i, j).0;
+                assert!(seen.insert(a), "{a} twice");
+                assert!(a.octets()[..3] >= [198, 18, 128][..] && a.octets()[1] == 18);
+            }
+        }
+    }
 }
