@@ -1615,7 +1615,7 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
         ),
     ] {
         let list: Vec<&Row> = rows.iter().filter(|r| r.group == group).collect();
-        if list.is_empty() {
+        if list.iter().all(|r| matches!(r.target, Target::Floor(_))) {
             continue;
         }
         let table = report.table(
