@@ -7,6 +7,20 @@
 //! lookup + IPIP encapsulation + XDP_TX. Ratios are to the last floor. It is a
 //! measurement, not a test: nothing is asserted about speed.
 //!
+//! Three more tables (all through report.rs, printed and written to `xdp.json`):
+//! - Katran beside `xdp_lb` (module [`crate::katran`]): Katran's balancer built from
+//!   `tests/vendor/katran` with its own flags, its maps filled as its control plane
+//!   does, behind the same wrapper: established flow, SYN with its new-connection cap
+//!   raised and with the default cap, non-VIP packet.
+//! - Per-feature rows (module [`crate::xdp_custom`]): an established flow on an `xdp_lb`
+//!   with deny/allow lists, a flood limit or a QUIC service loaded; a 6in6 flow (behind
+//!   `bench_wrap6`), a GUE flow (behind `bench_wrap_gue`), a QUIC short header routed
+//!   by its connection ID. Each wrapper has its own `floor_pass` baseline.
+//! - Scale rows: 1, 100, 1000 services of 10 backends, 1 of 1000 backends (established
+//!   and SYN), and a flow table holding 1,000,000 flows on the measuring CPU (filled by
+//!   traffic before the runs; the table is sized 1,000,000 x possible CPUs because each
+//!   CPU's LRU list holds size / possible CPUs).
+//!
 //! Method (DESIGN.md, "Toolchain"): with `repeat = N` the kernel runs the program N
 //! times on the same buffer without resetting it, so an encapsulating program would see
 //! its own output from the second iteration on. Every program P therefore runs behind
