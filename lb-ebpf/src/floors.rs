@@ -12,6 +12,12 @@
 //!   gives every iteration a new source port (new-flow benchmark), and tail-calls the
 //!   program under test in `BENCH_PROGS[0]`. Its own cost is measured with `floor_pass`
 //!   as the target and subtracted.
+//! - `bench_wrap6` and `bench_wrap_gue`: the same for the other outer headers the
+//!   balancer writes: a 40-byte IPv6 header (6in6 / 4in6: EtherType IPv6, next header 41
+//!   or 4) and a 28-byte IPv4 + UDP header to the GUE port [`BENCH_GUE_PORT`]. One
+//!   wrapper per kind, so `bench_wrap` (IPIP) stays instruction for instruction what
+//!   it was; each kind's own cost is measured with `floor_pass` behind it, on a frame
+//!   of that kind, and subtracted from that kind's rows. No new-port mode.
 #![no_std]
 #![no_main]
 
@@ -155,6 +161,73 @@ fn try_wrap(ctx: &XdpContext) -> Result<u32, u32> {
             (*ports).source = *counter;
         }
     }
+    // SAFETY: tail call with the program's own context; returns only on failure.
+    unsafe { BENCH_PROGS.tail_call(ctx, 0) };
+    Err(XDP_ABORTED)
+}
+
+/// The GUE port of the benchmark's balancer (`gue_port`): `bench_wrap_gue` strips a
+/// UDP datagram to it.
+pub const BENCH_GUE_PORT: u16 = 6080;
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+const IPV6_HLEN: usize = 40;
+const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_UDP: u8 = 17;
+const UDP_HLEN: usize = 8;
+
+#[xdp]
+pub fn bench_wrap6(ctx: XdpContext) -> u32 {
+    match try_wrap6(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_wrap6(ctx: &XdpContext) -> Result<u32, u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_ABORTED)?;
+    // The next header of the 40-byte IPv6 header after Ethernet.
+    let next = ptr_at::<u8>(ctx, ETH_HLEN + 6).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (proto, next) = unsafe { ((*eth).proto, *next) };
+    if proto == ETH_P_IPV6_BE && (next == IPPROTO_IPV6 || next == IPPROTO_IPIP) {
+        // SAFETY: ctx.ctx is the program's xdp_md.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV6_HLEN as i32) } != 0 {
+            return Err(XDP_ABORTED);
+        }
+    }
+    restore_and_call(ctx)
+}
+
+#[xdp]
+pub fn bench_wrap_gue(ctx: XdpContext) -> u32 {
+    match try_wrap_gue(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_wrap_gue(ctx: &XdpContext) -> Result<u32, u32> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(XDP_ABORTED)?;
+    let ports = ptr_at::<Ports>(ctx, ETH_HLEN + IPV4_HLEN).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (protocol, dport) = unsafe { ((*ip).protocol, (*ports).dest) };
+    if protocol == IPPROTO_UDP && dport == BENCH_GUE_PORT.to_be() {
+        // SAFETY: ctx.ctx is the program's xdp_md.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (IPV4_HLEN + UDP_HLEN) as i32) } != 0 {
+            return Err(XDP_ABORTED);
+        }
+    }
+    restore_and_call(ctx)
+}
+
+/// The common tail of `bench_wrap6` and `bench_wrap_gue`: restore the original Ethernet
+/// header and tail-call the program under test.
+#[inline(always)]
+fn restore_and_call(ctx: &XdpContext) -> Result<u32, u32> {
+    let orig = BENCH_ETH.get(0).ok_or(XDP_ABORTED)?;
+    let eth = ptr_at::<[u8; ETH_HLEN]>(ctx, 0).ok_or(XDP_ABORTED)?;
+    // SAFETY: bounds checked by ptr_at; orig is at least ETH_HLEN bytes.
+    unsafe { *eth = *(orig.as_ptr() as *const [u8; ETH_HLEN]) };
     // SAFETY: tail call with the program's own context; returns only on failure.
     unsafe { BENCH_PROGS.tail_call(ctx, 0) };
     Err(XDP_ABORTED)

@@ -244,6 +244,45 @@ pub fn ensure_bench_l7() -> Result<()> {
     Ok(())
 }
 
+/// The packages `cargo xtask bench xdp` needs to build Katran's balancer from its
+/// vendored source (tests/vendor/katran), with the program each provides: clang, and
+/// llc from the `llvm` package (Katran's Makefile pipes clang's bitcode through llc). Not
+/// in [`PACKAGES`]: neither `cargo xtask setup` nor CI installs them.
+pub const BENCH_XDP_PACKAGES: &[(&str, &str)] = &[("clang", "clang"), ("llvm", "llc")];
+
+/// Installs clang and llvm with apt-get when missing (idempotent), for `cargo xtask
+/// bench xdp` only. Without dpkg, says what is missing: the bench then measures
+/// `xdp_lb` alone and prints why Katran is not beside it.
+pub fn ensure_bench_xdp() -> Result<()> {
+    let packages: Vec<&'static str> = BENCH_XDP_PACKAGES.iter().map(|(p, _)| *p).collect();
+    if !has_dpkg() {
+        let missing: Vec<_> = BENCH_XDP_PACKAGES
+            .iter()
+            .filter(|(_, program)| find_program(program).is_none())
+            .map(|(_, program)| *program)
+            .collect();
+        if !missing.is_empty() {
+            println!(
+                "bench xdp: no dpkg here and {} missing: Katran's column will be empty",
+                missing.join(" ")
+            );
+        }
+        return Ok(());
+    }
+    let missing = missing_of(&packages)?;
+    if missing.is_empty() {
+        println!("bench xdp: already installed: {}", versions(&packages));
+        return Ok(());
+    }
+    println!(
+        "bench xdp: installing with apt-get, to build Katran's balancer (not needed by `cargo xtask setup` or CI): {}",
+        missing.join(" ")
+    );
+    install(&missing, true)?;
+    println!("bench xdp: installed: {}", versions(&missing));
+    Ok(())
+}
+
 /// `name version, ...` of installed `packages`, from dpkg-query.
 fn versions(packages: &[&str]) -> String {
     cmd::output(

@@ -55,8 +55,8 @@ pub const BENCHMARKS: &[&str] = &["xdp", "wire", "control", "failover", "cluster
 const BENCH_DIR_ENV: &str = "XDPLB_BENCH_DIR";
 
 /// `cargo xtask bench WHAT`: build, then run `xdplb-bench WHAT ARGS`. For `l7`, first
-/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]).
-/// With no WHAT: every benchmark of
+/// installs haproxy, nginx and wrk from Debian when missing ([`apt::ensure_bench_l7`]);
+/// for `xdp`, clang and llvm to build Katran ([`apt::ensure_bench_xdp`]). With no WHAT: every benchmark of
 /// [`BENCHMARKS`] with its defaults, on to the next when one fails (the failures are
 /// listed and make the task fail at the end). JSON records go to `target/bench/`.
 pub fn bench(what: Option<&str>, args: &[String]) -> Result<()> {
@@ -75,6 +75,9 @@ pub fn bench(what: Option<&str>, args: &[String]) -> Result<()> {
     };
     if what.contains(&"l7") {
         apt::ensure_bench_l7().context("installing what `bench l7` compares with")?;
+    }
+    if what.contains(&"xdp") {
+        apt::ensure_bench_xdp().context("installing what `bench xdp` builds Katran with")?;
     }
     build(DEMO_PACKAGES).context("building the agent and the benchmarks")?;
     let dir = target_dir().join("bench");

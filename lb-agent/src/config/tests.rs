@@ -1579,8 +1579,16 @@ fn workers_default_to_one_per_cpu_and_are_bounded() {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     assert_eq!(parse_ok("").agent.worker_threads(), cpus);
     assert_eq!(parse_ok("[agent]\nworkers = 3\n").agent.worker_threads(), 3);
-    assert_single("[agent]\nworkers = 0\n", "agent.workers", "must be 1 to 1024");
-    assert_single("[agent]\nworkers = 1025\n", "agent.workers", "must be 1 to 1024");
+    assert_single(
+        "[agent]\nworkers = 0\n",
+        "agent.workers",
+        "must be 1 to 1024",
+    );
+    assert_single(
+        "[agent]\nworkers = 1025\n",
+        "agent.workers",
+        "must be 1 to 1024",
+    );
     assert_single("[agent]\nworkers = -1\n", "agent.workers", "");
 }
 

@@ -1,0 +1,1759 @@
+//! `xdp`: nanoseconds per packet through `BPF_PROG_TEST_RUN`
+//!
+//! Prints one table: `xdp_lb` on a new-flow SYN, an established flow (next hops from
+//! the `NEXT_HOPS` map, written as the agent does, and once more with that map empty:
+//! `bpf_fib_lookup` for every packet) and a non-VIP packet, beside floor programs built in the same run by the same compiler
+//! (`lb-ebpf/src/floors.rs`): XDP_PASS; parse + swap MACs + XDP_TX; parse + one hash
+//! lookup + IPIP encapsulation + XDP_TX. Ratios are to the last floor. It is a
+//! measurement, not a test: nothing is asserted about speed.
+//!
+//! Three more tables (all through report.rs, printed and written to `xdp.json`):
+//! - Katran beside `xdp_lb` (module [`crate::katran`]): Katran's balancer built from
+//!   `tests/vendor/katran` with its own flags, its maps filled as its control plane
+//!   does, behind the same wrapper: established flow, SYN with its new-connection cap
+//!   raised and with the default cap, non-VIP packet.
+//! - Per-feature rows (module [`crate::xdp_custom`]): an established flow on an `xdp_lb`
+//!   with deny/allow lists, a flood limit or a QUIC service loaded; a 6in6 flow (behind
+//!   `bench_wrap6`), a GUE flow (behind `bench_wrap_gue`), a QUIC short header routed
+//!   by its connection ID. Each wrapper has its own `floor_pass` baseline.
+//! - Scale rows: 1, 100, 1000 services of 10 backends, 1 of 1000 backends (established
+//!   and SYN), and a flow table holding 1,000,000 flows on the measuring CPU (filled by
+//!   traffic before the runs; the table is sized 1,000,000 x possible CPUs because each
+//!   CPU's LRU list holds size / possible CPUs).
+//!
+//! Method (DESIGN.md, "Toolchain"): with `repeat = N` the kernel runs the program N
+//! times on the same buffer without resetting it, so an encapsulating program would see
+//! its own output from the second iteration on. Every program P therefore runs behind
+//! the wrapper `bench_wrap` (floors object), which strips the previous iteration's outer
+//! IPIP header, restores the original Ethernet header, optionally writes a new TCP
+//! source port (new flow every iteration), and tail-calls P from the program array
+//! `BENCH_PROGS`. For each P:
+//! - raw = T(wrapper -> P), the kernel's own ns per iteration of a `test_run` with
+//!   `repeat = N` (default 1,000,000); median of K runs (default 7);
+//! - net = raw(P) - raw(wrapper -> `floor_pass`): P's own cost (for the new-flow rows
+//!   the baseline is `floor_pass` with the wrapper writing a new port too);
+//! - direct = T(P) without the wrapper, for programs whose cost does not depend on
+//!   what the previous iteration left (XDP_PASS, the MAC swap, `xdp_lb` on a non-VIP
+//!   packet);
+//! - wall = wall-clock time of the whole `test_run` syscall / N (fractions of a ns).
+//!
+//! Runs of the different programs are interleaved (run 1 of every program, then run 2,
+//! ...), so slow drift of the machine spreads over all of them. After every run the
+//! verdict and output frame of the last iteration are checked (XDP_TX and a correct
+//! IPIP packet to the backend the hash oracle predicts, or XDP_PASS and an untouched
+//! frame), and so are `xdp_lb`'s counters (every iteration counted; no new flow on
+//! the established path): a benchmark of a broken path is worthless, so a failed
+//! check aborts.
+//!
+//! Everything runs on one thread inside a fresh network namespace that gives
+//! `bpf_fib_lookup` a route and static neighbours for the backends (forwarding on for
+//! the ingress interface), pinned to the CPU it starts on: XDP `test_run` accepts no
+//! `BPF_F_TEST_RUN_ON_CPU` (and aya 0.14's `TestRunAttrs` has no CPU field), but it
+//! runs on the calling CPU, so pinning the thread pins the measurement. The namespace
+//! guard removes everything on exit.
+//!
+//! Flow tables: the flow table is per-CPU LRU (`BPF_F_NO_COMMON_LRU`), so one CPU sees
+//! `size / possible CPUs` entries. The wrapper's source port wraps every 65,536
+//! iterations; with a production-sized table (2^20) the same ports come back while still
+//! cached, so after the first 65,536 iterations a "SYN" row is a flow-table hit. The
+//! table therefore shows the SYN case twice: with 2^20 entries (share of real new flows
+//! printed), and with a table of 32,768 entries per CPU, fewer than the ports in one
+//! cycle, where every iteration is a miss, a ring lookup and an LRU insert that evicts
+//! (as in production once the table is full). The share of new flows is counted by
+//! `xdp_lb`'s own `flow_new` counter. A SYN is recorded in the new-flow table (flows
+//! enter the flow table on their second packet), which the bench sizes as the flow
+//! table, so "table" above is that one for the SYN rows; the established row is
+//! primed with two packets and then hits the flow table.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, ProgramArray},
+    programs::{ProgramFd, Xdp},
+};
+use lb_agent::dataplane::ring::{self, RingMember};
+use lb_agent::{
+    config::Protocol,
+    dataplane::{
+        desired::{DesiredBackend, DesiredService, DesiredState},
+        forwarding::InterfaceForwarding,
+        loader::{Capacities, FLOORS_OBJECT, LB_PROGRAM},
+        stats::Counters,
+    },
+};
+use lb_common::{
+    stats::Counter,
+    types::{NEXT_HOP_F_VALID, NextHopEntry},
+};
+
+use crate::{
+    katran::{self, Katran},
+    report::{Cell, Report},
+    xdp_custom::{self, Custom, Env, WRAP_GUE, WRAP_IPV6},
+};
+use lb_common::types::{ENCAP_GUE, PROTO_TCP};
+use xdplb_tests::{
+    netns::mac_of,
+    packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
+    xdp_bed::{
+        LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key, flow_key_of, in_bed,
+        ipip_frame, pin_to_current_cpu, program, program_fd, test_run, verdict_name, xdp_md,
+    },
+};
+
+pub(crate) const DEFAULT_REPEAT: u32 = 1_000_000;
+pub(crate) const DEFAULT_RUNS: usize = 7;
+const MAX_REPEAT: u32 = 100_000_000;
+const MAX_RUNS: usize = 51;
+
+/// Arguments of `xdp`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Iterations per run, 1000 to 100000000 (`_` separators allowed).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_REPEAT, value_parser = parse_repeat)]
+    pub(crate) repeat: u32,
+    /// Runs per program, 1 to 51; the figures are medians over them.
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_RUNS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
+    pub(crate) runs: usize,
+    /// Run only the rows whose label contains this text, and the XDP_PASS floors their
+    /// net figures need (e.g. `--only "established flow"` under `perf record`).
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+}
+
+fn parse_repeat(value: &str) -> Result<u32, String> {
+    let n: u32 = value.replace('_', "").parse().map_err(|e| format!("{e}"))?;
+    if (1_000..=MAX_REPEAT).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("--repeat must be between 1000 and {MAX_REPEAT}"))
+    }
+}
+
+/// Maglev ring size: the production default.
+const RING: u32 = 65537;
+const MAX_SERVICES: u32 = 4;
+const MAX_BACKENDS: u32 = 16;
+/// Production-sized flow table.
+const FLOW_TABLE_BIG: u32 = 1 << 20;
+/// Entries per CPU of the all-miss table: fewer than the 65,536 ports of one cycle.
+const FLOWS_PER_CPU_SMALL: u32 = 1 << 15;
+
+const LB_IFACE: &str = "lb0";
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const BACKENDS: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(198, 18, 1, 11),
+    Ipv4Addr::new(198, 18, 1, 12),
+    Ipv4Addr::new(198, 18, 1, 13),
+    Ipv4Addr::new(198, 18, 1, 14),
+];
+const BACKEND_MACS: [[u8; 6]; 4] = [
+    [0x02, 0xbe, 0, 0, 0, 0x11],
+    [0x02, 0xbe, 0, 0, 0, 0x12],
+    [0x02, 0xbe, 0, 0, 0, 0x13],
+    [0x02, 0xbe, 0, 0, 0, 0x14],
+];
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
+/// Not a VIP: the LB's own address (say, SSH to the LB host).
+const NON_VIP: SocketAddrV4 = SocketAddrV4::new(LB_ADDR, 22);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+
+// ---------------------------------------------------------------------------------------
+// Test bed: one namespace, one veth, static neighbours for the backends.
+
+fn net() -> Net {
+    Net {
+        links: vec![(LB_IFACE, "198.18.1.10/24")],
+        neighbours: BACKENDS
+            .iter()
+            .zip(BACKEND_MACS)
+            .map(|(&b, m)| (b, m, LB_IFACE))
+            .collect(),
+        routes: Vec::new(),
+    }
+}
+
+/// Pins the calling thread to the CPU it runs on; returns that CPU.
+/// Number of possible CPUs (the kernel sizes per-CPU LRU lists by it).
+fn possible_cpus() -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("reading /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>()? - a.parse::<u32>()? + 1,
+            None => {
+                part.parse::<u32>()?;
+                1
+            }
+        };
+    }
+    ensure!(n > 0, "no possible CPUs in {text:?}");
+    Ok(n)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Programs.
+
+/// `xdp_lb` with its maps filled for one TCP service with four backends.
+struct Lb(LoadedLb);
+
+impl Lb {
+    fn load(flow_table_size: u32) -> anyhow::Result<Self> {
+        let caps = Capacities {
+            max_services: MAX_SERVICES,
+            max_backends: MAX_BACKENDS,
+            ring_size: RING,
+            flow_table_size,
+            max_filter_rules: 16,
+            // As large as the flow table: the SYN rows measure a miss and an insert
+            // that evicts (the small table) or finds room (2^20), as before.
+            new_flow_table_size: flow_table_size,
+            flow_limit_sources: 1024,
+        };
+        let desired = DesiredState {
+            gue_port: 6080,
+            source_v4_prefix: None,
+            source_v4: Some(LB_ADDR),
+            source_v6: None,
+            encap: 0,
+            mtu: 1500,
+            filters: Default::default(),
+            services: vec![DesiredService {
+                quic: false,
+                name: "web".into(),
+                vip: VIP.into(),
+                protocol: Protocol::Tcp,
+                l7: false,
+                source_hash: false,
+                backends: BACKENDS
+                    .iter()
+                    .map(|&b| DesiredBackend {
+                        quic_id: None,
+                        address: b.into(),
+                        port: VIP.port(),
+                        weight: 100,
+                        active: true,
+                    })
+                    .collect(),
+                filters: Default::default(),
+            }],
+        };
+        Ok(Lb(LoadedLb::load(&caps, &desired, &[LB_PROGRAM])?))
+    }
+
+    fn program(&self) -> anyhow::Result<&Xdp> {
+        self.0.program(LB_PROGRAM)
+    }
+
+    fn counters(&self) -> anyhow::Result<Counters> {
+        self.0.counters()
+    }
+
+    /// Writes each backend's next hop into `NEXT_HOPS` as the agent does (`on`: the
+    /// MACs of the static neighbours and of `lb0`, so the output is the same frame), or
+    /// clears them (`bpf_fib_lookup` for every packet, as before the map).
+    fn next_hops(&mut self, on: bool, ifindex: u32, lb_mac: [u8; 6]) -> anyhow::Result<()> {
+        for (&b, mac) in BACKENDS.iter().zip(BACKEND_MACS) {
+            let id = self
+                .0
+                .reconciler
+                .backend_id("web", b.into(), VIP.port())
+                .context("backend id")?;
+            let (addr, family) = lb_agent::dataplane::sync::addr_words(b.into());
+            let entry = if on {
+                NextHopEntry {
+                    addr,
+                    ifindex,
+                    mtu: 1500,
+                    family,
+                    flags: NEXT_HOP_F_VALID,
+                    dmac: mac,
+                    smac: lb_mac,
+                }
+            } else {
+                NextHopEntry::default()
+            };
+            self.0.maps.next_hops.set(id, entry, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Oracle: the backend (index into [`BACKENDS`]) the ring gives the flow of `frame`,
+    /// from `lb_common::hash` and the ring the reconciler wrote.
+    fn predicted(&self, frame: &[u8]) -> anyhow::Result<usize> {
+        let b = self
+            .0
+            .ring_pick("web", &flow_key_of(frame)?, false, &BACKENDS, VIP.port())?;
+        BACKENDS
+            .iter()
+            .position(|&c| c == b)
+            .context("not a backend")
+    }
+}
+
+/// The floors object: floor programs, the wrapper and its maps.
+struct Floors {
+    ebpf: Ebpf,
+    progs: ProgramArray<MapData>,
+    eth: Array<MapData, [u8; 16]>,
+    mode: Array<MapData, u32>,
+}
+
+const FLOOR_PASS: &str = "floor_pass";
+const FLOOR_TX: &str = "floor_tx";
+const FLOOR_IPIP: &str = "floor_ipip";
+const WRAPPER: &str = "bench_wrap";
+
+impl Floors {
+    fn load() -> anyhow::Result<Self> {
+        let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
+        for name in [
+            FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, WRAPPER, WRAP_IPV6, WRAP_GUE,
+        ] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        {
+            let map = ebpf
+                .map_mut("FLOOR_BACKENDS")
+                .context("no map FLOOR_BACKENDS")?;
+            let mut backends: HashMap<_, u32, u32> = HashMap::try_from(map)?;
+            backends.insert(
+                u32::from_ne_bytes(VIP.ip().octets()),
+                u32::from_ne_bytes(BACKENDS[0].octets()),
+                0,
+            )?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("no map {name}"))
+        };
+        let progs = ProgramArray::try_from(take("BENCH_PROGS")?)?;
+        let eth = Array::try_from(take("BENCH_ETH")?)?;
+        let mode = Array::try_from(take("BENCH_MODE")?)?;
+        Ok(Floors {
+            ebpf,
+            progs,
+            eth,
+            mode,
+        })
+    }
+
+    /// Points the wrapper at `target` for `frame` in `mode` (1 = new source port every
+    /// iteration).
+    fn arm(&mut self, target: &ProgramFd, frame: &[u8], mode: u32) -> anyhow::Result<()> {
+        self.progs
+            .set(0, target, 0)
+            .context("BENCH_PROGS[0] = program under test (a tail call across objects)")?;
+        let mut eth = [0u8; 16];
+        eth[..ETH_HLEN].copy_from_slice(&frame[..ETH_HLEN]);
+        self.eth.set(0, eth, 0)?;
+        self.mode.set(0, mode, 0)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running.
+
+/// Which program a row measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Floor(&'static str),
+    /// Index into the loaded balancers.
+    Lb(usize),
+    /// Index into the loaded Katran balancers.
+    Katran(usize),
+    /// Index into the per-feature and scale balancers.
+    Custom(usize),
+}
+
+/// What the packet is for `xdp_lb`, and what must come out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Case {
+    FloorPass,
+    /// XDP_PASS with the wrapper's new source port every iteration: the baseline of
+    /// the new-flow rows.
+    FloorPassNewPort,
+    FloorTx,
+    FloorIpip,
+    /// Every iteration gets a new source port from the wrapper.
+    LbNewFlow,
+    /// The flow is put in the table first.
+    LbEstablished,
+    LbNonVip,
+}
+
+impl Case {
+    /// The wrapper writes a new TCP source port every iteration (`BENCH_MODE` 1).
+    fn new_port(self) -> bool {
+        matches!(self, Case::FloorPassNewPort | Case::LbNewFlow)
+    }
+}
+
+struct Row {
+    label: String,
+    /// Which table it is printed in.
+    group: Group,
+    /// The wrapper that undoes this row's tunnel (and whose `floor_pass` row is its baseline).
+    wrapper: &'static str,
+    /// A fixed input frame instead of [`frame_for`]'s.
+    frame: Option<Vec<u8>>,
+    /// [`frame_for`] with this VIP instead of [`VIP`] (scale rows).
+    vip: Option<SocketAddrV4>,
+    target: Target,
+    case: Case,
+    /// Also measured without the wrapper.
+    direct: bool,
+    raw: Vec<Run>,
+    direct_samples: Vec<Run>,
+    /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
+    new_flows: u64,
+    iterations: u64,
+    /// Balancer rows: `NEXT_HOPS` left empty, every next hop from `bpf_fib_lookup`.
+    fib: bool,
+}
+
+impl Row {
+    fn new(label: impl Into<String>, target: Target, case: Case, direct: bool) -> Self {
+        Row {
+            label: label.into(),
+            group: Group::Main,
+            wrapper: WRAPPER,
+            frame: None,
+            vip: None,
+            target,
+            case,
+            direct,
+            raw: Vec::new(),
+            direct_samples: Vec::new(),
+            new_flows: 0,
+            iterations: 0,
+            fib: false,
+        }
+    }
+
+    /// The same row with `NEXT_HOPS` empty (next hops from `bpf_fib_lookup`).
+    fn fib(self) -> Self {
+        Row { fib: true, ..self }
+    }
+
+    /// The same row in table `group`.
+    fn group(self, group: Group) -> Self {
+        Row { group, ..self }
+    }
+
+    /// The same row behind `wrapper` with the fixed input `frame`.
+    fn wrapped(self, wrapper: &'static str, frame: Option<Vec<u8>>) -> Self {
+        Row {
+            wrapper,
+            frame,
+            ..self
+        }
+    }
+
+    /// The same row with its frames to `vip`.
+    fn for_vip(self, vip: SocketAddrV4) -> Self {
+        Row {
+            vip: Some(vip),
+            ..self
+        }
+    }
+
+    /// Its input frame in run `run`.
+    fn input(&self, run: usize) -> Vec<u8> {
+        match (&self.frame, self.vip) {
+            (Some(f), _) => f.clone(),
+            (None, Some(vip)) => frame_to(self.case, run, vip),
+            (None, None) => frame_for(self.case, run),
+        }
+    }
+}
+
+/// The tables of the report.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Group {
+    /// Floors, xdp_lb, Katran.
+    Main,
+    /// Per-feature rows: established flows with a feature loaded or used.
+    Features,
+    /// Scale rows.
+    Scale,
+}
+
+/// The input frame of `case` in run `run` (each run of a SYN row starts from a client
+/// address no earlier run used, so its first ports are new to the flow table).
+fn frame_for(case: Case, run: usize) -> Vec<u8> {
+    frame_to(case, run, VIP)
+}
+
+/// [`frame_for`] with `vip` as the VIP.
+fn frame_to(case: Case, run: usize, vip: SocketAddrV4) -> Vec<u8> {
+    match case {
+        Case::LbNewFlow | Case::FloorPassNewPort => {
+            let src = Ipv4Addr::new(198, 18, 0, 10 + (run % 200) as u8);
+            PacketBuilder::tcp(SocketAddrV4::new(src, 1), vip)
+                .flags(tcp_flags::SYN)
+                .build()
+        }
+        Case::LbNonVip => PacketBuilder::tcp(CLIENT, NON_VIP)
+            .flags(tcp_flags::SYN)
+            .build(),
+        Case::FloorPass | Case::FloorTx | Case::FloorIpip | Case::LbEstablished => {
+            PacketBuilder::tcp(CLIENT, vip).build()
+        }
+    }
+}
+
+/// Checks that `output` is the IPIP frame to `backend` with the given Ethernet addresses
+/// carrying `input`'s packet, byte for byte (bar the TCP source port when `new_port`: the
+/// wrapper writes a new one every iteration, without touching the checksum).
+fn check_ipip(
+    input: &[u8],
+    output: &[u8],
+    backend: Ipv4Addr,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    new_port: bool,
+) -> anyhow::Result<()> {
+    let mut inner_in = input.to_vec();
+    if new_port {
+        let inner_out = Frame::parse(output)?.ipv4()?.payload;
+        let sport = ETH_HLEN + IPV4_HLEN;
+        inner_in[sport..sport + 2].copy_from_slice(&inner_out[IPV4_HLEN..IPV4_HLEN + 2]);
+    }
+    let want = ipip_frame(&inner_in, LB_ADDR, backend, dst_mac, src_mac)?;
+    if let Some(diff) = first_difference(&want, output) {
+        bail!("not the IPIP frame to {backend}: {diff}");
+    }
+    Ok(())
+}
+
+fn swapped_macs(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&frame[6..12]);
+    f[6..12].copy_from_slice(&frame[..6]);
+    f
+}
+
+struct Bench {
+    floors: Floors,
+    lbs: Vec<Lb>,
+    /// Katran's balancer: `[0]` with its default new-connection cap, `[1]` with the cap
+    /// raised (empty when it could not be built or loaded: `katran_error` says why).
+    katrans: Vec<Katran>,
+    /// The per-feature and scale balancers.
+    customs: Vec<Custom>,
+    /// The CPU the thread is pinned to (Katran's LRU of this CPU holds the flows).
+    cpu: usize,
+    lb_mac: [u8; 6],
+    ifindex: u32,
+    _forwarding: InterfaceForwarding,
+}
+
+impl Bench {
+    fn program(&self, target: Target) -> anyhow::Result<&Xdp> {
+        match target {
+            Target::Floor(name) => program(&self.floors.ebpf, name),
+            Target::Lb(i) => self.lbs[i].program(),
+            Target::Katran(i) => self.katrans[i].program(),
+            Target::Custom(i) => self.customs[i].lb.program(LB_PROGRAM),
+        }
+    }
+
+    /// Katran's counters: (packets on the VIP path and their LRU misses, (XDP_TX, XDP_PASS)).
+    fn katran_counters(&self, i: usize) -> anyhow::Result<(katran::LbStats, (u64, u64))> {
+        let k = &self.katrans[i];
+        Ok((k.lru_counters()?, k.verdict_counts()?))
+    }
+
+    /// [`Bench::check`] for Katran: verdict, output frame (IPIP to a real; for an
+    /// established flow the real its LRU entry names) and Katran's own counters over the
+    /// run; returns its LRU misses.
+    fn check_katran(
+        &self,
+        i: usize,
+        row: &Row,
+        frame: &[u8],
+        sample: &Run,
+        repeat: u32,
+        before: &(katran::LbStats, (u64, u64)),
+    ) -> anyhow::Result<u64> {
+        let k = &self.katrans[i];
+        let n = u64::from(repeat);
+        let (lru, (tx, pass)) = self.katran_counters(i)?;
+        if row.case == Case::LbNonVip {
+            ensure!(
+                sample.verdict == XDP_PASS,
+                "last iteration returned {}, want XDP_PASS",
+                verdict_name(sample.verdict)
+            );
+            ensure!(sample.out == frame, "a passed frame came out changed");
+            ensure!(
+                pass - before.1.1 == n,
+                "Katran counted {} of {n} iterations as XDP_PASS",
+                pass - before.1.1
+            );
+            return Ok(0);
+        }
+        ensure!(
+            sample.verdict == XDP_TX,
+            "last iteration returned {}, want XDP_TX",
+            verdict_name(sample.verdict)
+        );
+        let want = if row.case == Case::LbEstablished {
+            Some(
+                k.lru_real(self.cpu, CLIENT, VIP)?
+                    .context("the established flow is not in Katran's LRU of this CPU")?,
+            )
+        } else {
+            None
+        };
+        k.check_ipip(frame, &sample.out, want, row.case.new_port())?;
+        ensure!(
+            tx - before.1.0 == n && lru.v1 - before.0.v1 == n,
+            "Katran counted {} XDP_TX and {} VIP packets of {n} iterations",
+            tx - before.1.0,
+            lru.v1 - before.0.v1
+        );
+        let misses = lru.v2 - before.0.v2;
+        match row.case {
+            Case::LbEstablished => {
+                ensure!(misses == 0, "{misses} LRU misses on the established flow")
+            }
+            _ => ensure!(misses == n, "{misses} LRU misses of {n} SYNs"),
+        }
+        Ok(misses)
+    }
+
+    /// Verdict and last output of one run of `row`, and for the balancer its counters
+    /// over the run; returns the number of new flows it counted.
+    fn check(
+        &self,
+        row: &Row,
+        frame: &[u8],
+        sample: &Run,
+        wrapped: bool,
+        repeat: u32,
+        before: Option<&Counters>,
+    ) -> anyhow::Result<u64> {
+        let want = match row.case {
+            Case::FloorPass | Case::FloorPassNewPort | Case::LbNonVip => XDP_PASS,
+            _ => XDP_TX,
+        };
+        ensure!(
+            sample.verdict == want,
+            "last iteration returned {}, want {}",
+            verdict_name(sample.verdict),
+            verdict_name(want)
+        );
+        match row.case {
+            Case::FloorPass | Case::LbNonVip => {
+                ensure!(sample.out == frame, "a passed frame came out changed")
+            }
+            Case::FloorPassNewPort => {
+                let sport = ETH_HLEN + IPV4_HLEN;
+                ensure!(
+                    sample.out.len() == frame.len(),
+                    "a passed frame changed its length"
+                );
+                let mut want = frame.to_vec();
+                want[sport..sport + 2].copy_from_slice(&sample.out[sport..sport + 2]);
+                ensure!(
+                    sample.out == want,
+                    "a passed frame changed beyond its source port"
+                );
+            }
+            Case::FloorTx => {
+                // Without the wrapper the MACs are swapped back and forth.
+                let want = if wrapped || repeat % 2 == 1 {
+                    swapped_macs(frame)
+                } else {
+                    frame.to_vec()
+                };
+                ensure!(sample.out == want, "MACs not swapped as expected");
+            }
+            Case::FloorIpip => {
+                let f = Frame::parse(frame)?;
+                check_ipip(frame, &sample.out, BACKENDS[0], f.src_mac, f.dst_mac, false)?;
+            }
+            Case::LbNewFlow | Case::LbEstablished => {
+                let Target::Lb(i) = row.target else {
+                    bail!("balancer case on a floor")
+                };
+                let lb = &self.lbs[i];
+                // The backend is predicted from the inner packet as it came out (the
+                // wrapper may have given it a new source port).
+                let out_inner = Frame::parse(&sample.out)?.ipv4()?.payload;
+                let inner_frame = [&frame[..ETH_HLEN], &out_inner].concat();
+                let key = flow_key_of(&inner_frame)?;
+                let idx = lb.predicted(&inner_frame)?;
+                check_ipip(
+                    frame,
+                    &sample.out,
+                    BACKENDS[idx],
+                    BACKEND_MACS[idx],
+                    self.lb_mac,
+                    row.case == Case::LbNewFlow,
+                )?;
+                // A SYN waits in the new-flow table for its second packet; an
+                // established flow is in the flow table.
+                let table = if row.case == Case::LbNewFlow {
+                    &lb.0.maps.flows_new
+                } else {
+                    &lb.0.maps.flows
+                };
+                let entry = table
+                    .get(&key, 0)
+                    .context("the flow is not in its flow table after the run")?;
+                ensure!(
+                    lb.0.reconciler
+                        .backend_id("web", BACKENDS[idx].into(), VIP.port())
+                        == Some(entry.backend_id),
+                    "flow table entry points at backend id {}, the packet went to {}",
+                    entry.backend_id,
+                    BACKENDS[idx]
+                );
+            }
+        }
+        let (Target::Lb(i), Some(before)) = (row.target, before) else {
+            return Ok(0);
+        };
+        let after = self.lbs[i].counters()?;
+        let delta = |c: Counter| after.get(c) - before.get(c);
+        let n = u64::from(repeat);
+        ensure!(
+            delta(Counter::Rx) == n,
+            "rx counted {} of {n} iterations",
+            delta(Counter::Rx)
+        );
+        match row.case {
+            Case::LbNonVip => ensure!(
+                delta(Counter::PassNotVip) == n,
+                "pass_not_vip counted {} of {n}",
+                delta(Counter::PassNotVip)
+            ),
+            _ => ensure!(
+                delta(Counter::Tx) == n,
+                "tx counted {} of {n}",
+                delta(Counter::Tx)
+            ),
+        }
+        if row.case == Case::LbEstablished {
+            ensure!(
+                delta(Counter::FlowNew) == 0 && delta(Counter::FlowRehash) == 0,
+                "the established flow was not in the flow table ({} new, {} rehashed)",
+                delta(Counter::FlowNew),
+                delta(Counter::FlowRehash)
+            );
+        }
+        Ok(delta(Counter::FlowNew))
+    }
+
+    /// One run of `row` through the wrapper (and directly, if the row has that).
+    fn run_row(
+        &mut self,
+        row: &mut Row,
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let frame = row.input(run);
+        if let Target::Katran(i) = row.target {
+            return self.run_katran_row(i, row, &frame, run, repeat, record);
+        }
+        if let Target::Custom(i) = row.target {
+            return self.run_custom_row(i, row, &frame, run, repeat, record);
+        }
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        if let Target::Lb(i) = row.target {
+            let (ifindex, lb_mac) = (self.ifindex, self.lb_mac);
+            self.lbs[i].next_hops(!row.fib, ifindex, lb_mac)?;
+        }
+        let target_fd = program_fd(self.program(row.target)?)?;
+        let mode = u32::from(row.case.new_port());
+        self.floors.arm(&target_fd, &frame, mode)?;
+        if row.case == Case::LbEstablished {
+            // Two packets: the first puts the flow in the new-flow table, the second
+            // promotes it into the flow table.
+            for _ in 0..2 {
+                let prime = test_run(self.program(row.target)?, &frame, &ctx, 1)
+                    .context("priming the established flow")?;
+                ensure!(
+                    prime.verdict == XDP_TX,
+                    "priming the established flow: verdict {}",
+                    prime.verdict
+                );
+            }
+        }
+        let counters = |b: &Self| match row.target {
+            Target::Lb(i) => b.lbs[i].counters().map(Some),
+            Target::Floor(_) | Target::Katran(_) | Target::Custom(_) => Ok(None),
+        };
+        let before = counters(self)?;
+        let sample = test_run(
+            program(&self.floors.ebpf, row.wrapper)?,
+            &frame,
+            &ctx,
+            repeat,
+        )?;
+        let new = self
+            .check(row, &frame, &sample, true, repeat, before.as_ref())
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += new;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
+        }
+        if row.direct {
+            let before = counters(self)?;
+            let sample = test_run(self.program(row.target)?, &frame, &ctx, repeat)?;
+            self.check(row, &frame, &sample, false, repeat, before.as_ref())
+                .with_context(|| {
+                    format!("{}: direct run {run} produced a wrong result", row.label)
+                })?;
+            if record {
+                row.direct_samples.push(sample);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bench {
+    /// [`Bench::run_row`] for the per-feature and scale balancers (through the wrapper
+    /// only).
+    fn run_custom_row(
+        &mut self,
+        i: usize,
+        row: &mut Row,
+        frame: &[u8],
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        let c = &self.customs[i];
+        let target_fd = program_fd(c.lb.program(LB_PROGRAM)?)?;
+        self.floors
+            .arm(&target_fd, frame, u32::from(row.case.new_port()))?;
+        let established = row.case == Case::LbEstablished;
+        if established {
+            // Two packets: new-flow table, then the flow table.
+            for _ in 0..2 {
+                let prime = test_run(c.lb.program(LB_PROGRAM)?, frame, &ctx, 1)
+                    .context("priming the established flow")?;
+                ensure!(
+                    prime.verdict == XDP_TX,
+                    "priming the established flow: verdict {}",
+                    verdict_name(prime.verdict)
+                );
+            }
+        }
+        let before = c.counters()?;
+        let sample = test_run(
+            program(&self.floors.ebpf, row.wrapper)?,
+            frame,
+            &ctx,
+            repeat,
+        )?;
+        let new = c
+            .check(
+                frame,
+                &sample,
+                repeat,
+                &before,
+                established,
+                row.case.new_port(),
+            )
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += new;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
+        }
+        Ok(())
+    }
+
+    /// [`Bench::run_row`] for Katran (through the wrapper only).
+    fn run_katran_row(
+        &mut self,
+        i: usize,
+        row: &mut Row,
+        frame: &[u8],
+        run: usize,
+        repeat: u32,
+        record: bool,
+    ) -> anyhow::Result<()> {
+        let ctx = xdp_md(frame.len(), self.ifindex, 0);
+        let target_fd = program_fd(self.katrans[i].program()?)?;
+        self.floors
+            .arm(&target_fd, frame, u32::from(row.case.new_port()))?;
+        if row.case == Case::LbEstablished {
+            // One packet (not a SYN): an LRU miss that inserts the flow.
+            let prime = test_run(self.katrans[i].program()?, frame, &ctx, 1)
+                .context("priming Katran's established flow")?;
+            ensure!(
+                prime.verdict == XDP_TX,
+                "priming Katran's established flow: verdict {}",
+                verdict_name(prime.verdict)
+            );
+        }
+        let before = self.katran_counters(i)?;
+        let sample = test_run(program(&self.floors.ebpf, WRAPPER)?, frame, &ctx, repeat)?;
+        let misses = self
+            .check_katran(i, row, frame, &sample, repeat, &before)
+            .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
+        if record {
+            row.new_flows += misses;
+            row.iterations += u64::from(repeat);
+            row.raw.push(sample);
+        }
+        Ok(())
+    }
+}
+
+fn median_u64(v: &[u64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2] as f64
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) as f64 / 2.0
+    }
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn kernel_median(samples: &[Run]) -> f64 {
+    median_u64(&samples.iter().map(|s| s.kernel_ns).collect::<Vec<_>>())
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let cpus = possible_cpus()?;
+    let small_table = FLOWS_PER_CPU_SMALL * cpus;
+    let repeat = args.repeat;
+    let runs = args.runs;
+    let only = args.only.clone();
+    // Katran's balancer, built from the vendored source before entering the bed: with its
+    // default new-connection cap and with the cap raised.
+    let katran_objects = build_katran();
+    let (cpu, rows, load, katran_error) = in_bed("bench", &net(), move || {
+        let cpu = pin_to_current_cpu()?;
+        let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
+        let (katrans, mut katran_error) = match katran_objects {
+            Ok(objects) => match load_katrans(&objects, cpus) {
+                Ok(k) => (k, None),
+                Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+            },
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut bench = Bench {
+            floors: Floors::load()?,
+            lbs: vec![Lb::load(FLOW_TABLE_BIG)?, Lb::load(small_table)?],
+            katrans,
+            customs: Vec::new(),
+            cpu,
+            lb_mac: mac_of(LB_IFACE)?,
+            ifindex,
+            _forwarding: InterfaceForwarding::enable(LB_IFACE)?,
+        };
+        let mut rows = vec![
+            Row::new(
+                "floor: XDP_PASS",
+                Target::Floor(FLOOR_PASS),
+                Case::FloorPass,
+                true,
+            ),
+            Row::new(
+                "floor: XDP_PASS, new port/iter",
+                Target::Floor(FLOOR_PASS),
+                Case::FloorPassNewPort,
+                false,
+            ),
+            Row::new(
+                "floor: parse+swap MACs+XDP_TX",
+                Target::Floor(FLOOR_TX),
+                Case::FloorTx,
+                true,
+            ),
+            Row::new(
+                "floor: parse+lookup+IPIP+TX",
+                Target::Floor(FLOOR_IPIP),
+                Case::FloorIpip,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: new-flow SYN",
+                Target::Lb(1),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: SYN, 2^20 table",
+                Target::Lb(0),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: established flow",
+                Target::Lb(0),
+                Case::LbEstablished,
+                false,
+            ),
+            Row::new(
+                "xdp_lb: established, FIB lookup",
+                Target::Lb(0),
+                Case::LbEstablished,
+                false,
+            )
+            .fib(),
+            Row::new(
+                "xdp_lb: non-VIP packet",
+                Target::Lb(0),
+                Case::LbNonVip,
+                true,
+            ),
+            // On the raised-cap build: the default one, just after its SYN row went over
+            // the cap, would not insert the flow being primed (the established path
+            // itself is the same code in both builds).
+            Row::new(
+                KATRAN_ESTABLISHED,
+                Target::Katran(KATRAN_RAISED),
+                Case::LbEstablished,
+                false,
+            ),
+            Row::new(
+                KATRAN_SYN_RAISED,
+                Target::Katran(KATRAN_RAISED),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                KATRAN_SYN_DEFAULT,
+                Target::Katran(KATRAN_DEFAULT),
+                Case::LbNewFlow,
+                false,
+            ),
+            Row::new(
+                KATRAN_NON_VIP,
+                Target::Katran(KATRAN_DEFAULT),
+                Case::LbNonVip,
+                false,
+            ),
+        ];
+        if bench.katrans.is_empty() {
+            rows.retain(|r| !matches!(r.target, Target::Katran(_)));
+        }
+        let env = Env {
+            lb_addr: LB_ADDR,
+            lb_addr6: LB_ADDR6,
+            lb_mac: bench.lb_mac,
+            ifindex,
+        };
+        // Per-feature and scale balancers: each spec's rows, and the balancer they run
+        // on, loaded only when a row of it is left after `--only`.
+        let mut specs = extra_specs(cpus, small_table);
+        let keep = |r: &Row| match &only {
+            Some(only) => {
+                r.label.contains(only.as_str())
+                    || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
+            }
+            None => true,
+        };
+        rows.retain(keep);
+        for spec in &mut specs {
+            spec.rows.retain(keep);
+            if spec.rows.is_empty() {
+                continue;
+            }
+            let i = bench.customs.len();
+            if let Some(load) = spec.load.take() {
+                let started = std::time::Instant::now();
+                let c = load(&env, &bench).with_context(|| {
+                    format!("loading the balancer of \"{}\"", spec.rows[0].label)
+                })?;
+                eprintln!(
+                    "bench xdp: loaded the balancer of \"{}\" in {:.1} s",
+                    spec.rows[0].label,
+                    started.elapsed().as_secs_f64()
+                );
+                bench.customs.push(c);
+            }
+            for mut r in spec.rows.drain(..) {
+                if r.target == Target::Custom(usize::MAX) {
+                    r.target = Target::Custom(i);
+                }
+                rows.push(r);
+            }
+        }
+        // Warm-up round (also fills the small flow table, so its runs evict): checked,
+        // not recorded.
+        for row in &mut rows {
+            let warm = if row.target == Target::Lb(1)
+                || (matches!(row.target, Target::Katran(_) | Target::Custom(_))
+                    && row.case == Case::LbNewFlow)
+            {
+                200_000
+            } else {
+                (repeat / 10).max(1_000)
+            };
+            let result = bench
+                .run_row(row, 199, warm, false)
+                .with_context(|| format!("warm-up of {}", row.label));
+            match result {
+                // Katran's rows go, with the reason; xdp_lb's figures still count.
+                Err(e) if matches!(row.target, Target::Katran(_)) => {
+                    katran_error.get_or_insert(format!("{e:#}"));
+                }
+                r => r?,
+            }
+        }
+        if katran_error.is_some() {
+            rows.retain(|r| !matches!(r.target, Target::Katran(_)));
+        }
+        let start = cpu_times();
+        for run in 0..runs {
+            for row in &mut rows {
+                bench.run_row(row, run, repeat, true)?;
+            }
+        }
+        let load = Load::between(&start, &cpu_times(), cpu);
+        Ok((cpu, rows, load, katran_error))
+    })?;
+    report(
+        &rows,
+        args,
+        cpu,
+        cpus,
+        small_table,
+        &load,
+        katran_error.as_deref(),
+    )
+}
+
+/// Per-CPU `(busy, total, steal)` jiffies from `/proc/stat` (empty if unreadable).
+fn cpu_times() -> Vec<(u64, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            // user nice system idle iowait irq softirq steal
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            let total: u64 = f.iter().sum();
+            let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+            (total - idle, total, f.get(7).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// How busy the machine was while the runs were measured.
+struct Load {
+    /// Busy share of the other CPUs (their work shares caches, and on a VM perhaps
+    /// the core, with the measuring CPU).
+    others_busy: f64,
+    /// Share of the measuring CPU's time the hypervisor gave to someone else.
+    steal: f64,
+}
+
+impl Load {
+    fn between(a: &[(u64, u64, u64)], b: &[(u64, u64, u64)], cpu: usize) -> Self {
+        let (mut busy, mut total) = (0, 0);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if i != cpu {
+                busy += y.0 - x.0;
+                total += y.1 - x.1;
+            }
+        }
+        let steal = match (a.get(cpu), b.get(cpu)) {
+            (Some(x), Some(y)) if y.1 > x.1 => (y.2 - x.2) as f64 / (y.1 - x.1) as f64,
+            _ => 0.0,
+        };
+        Load {
+            others_busy: if total == 0 {
+                0.0
+            } else {
+                busy as f64 / total as f64
+            },
+            steal,
+        }
+    }
+}
+
+/// The LB's IPv6 address (outer source of 6in6).
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x10);
+/// The IPv6 VIP and client of the 6in6 row.
+const VIP6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 1), 80, 0, 0);
+const CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2), 40000, 0, 0);
+/// The QUIC service of the per-feature rows, and the `quic_id` its packets name
+/// (backend 1's).
+const QUIC_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 443);
+const QUIC_ID: u32 = 0x0102;
+/// Flows of the full-table scale rows, on the measuring CPU.
+const FULL_TABLE: u32 = 1_000_000;
+
+/// How a spec's balancer is loaded.
+type LoadFn = Box<dyn FnOnce(&Env, &Bench) -> anyhow::Result<Custom> + Send>;
+
+/// Rows on one balancer of their own (per-feature, scale), or baseline rows (`load` None).
+struct Spec {
+    load: Option<LoadFn>,
+    rows: Vec<Row>,
+}
+
+/// The per-feature and scale rows (items 2 and 3 of issue 12).
+fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
+    let custom = Target::Custom(usize::MAX);
+    let est =
+        |label: &str| Row::new(label, custom, Case::LbEstablished, false).group(Group::Features);
+    let frame6 = xdp_custom::frame6(CLIENT6, VIP6);
+    let mut specs = vec![
+        Spec {
+            load: None,
+            rows: vec![
+                Row::new(
+                    "floor: XDP_PASS, IPv6 wrapper",
+                    Target::Floor(FLOOR_PASS),
+                    Case::FloorPass,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_IPV6, Some(frame6.clone())),
+                Row::new(
+                    "floor: XDP_PASS, GUE wrapper",
+                    Target::Floor(FLOOR_PASS),
+                    Case::FloorPass,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_GUE, None),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    d.filters.deny = xdp_custom::prefixes(1000, Ipv4Addr::new(203, 0, 0, 0));
+                    let mut allow = xdp_custom::prefixes(999, Ipv4Addr::new(100, 64, 0, 0));
+                    allow.push("198.18.0.0/24".parse().expect("prefix"));
+                    d.filters.allow = allow;
+                })
+            })),
+            rows: vec![est("feature: established, deny 1000 + allow 1000 prefixes")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    d.filters.new_flows = Some(xdp_custom::flood_limit());
+                })
+            })),
+            rows: vec![est("feature: established, flood limit set")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    xdp_custom::add_quic(d, QUIC_VIP);
+                })
+            })),
+            rows: vec![est("feature: established, QUIC service present")],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| Custom::ipv6(env, VIP6, FLOW_TABLE_BIG))),
+            rows: vec![
+                est("feature: IPv6 VIP, established (6in6)").wrapped(WRAP_IPV6, Some(frame6)),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| d.encap = ENCAP_GUE)
+            })),
+            rows: vec![est("feature: GUE, established").wrapped(WRAP_GUE, None)],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::quic(env, VIP, QUIC_VIP, FLOW_TABLE_BIG)
+            })),
+            rows: vec![est("feature: QUIC short header, routed by CID").wrapped(
+                WRAPPER,
+                Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
+            )],
+        },
+    ];
+    for (services, backends) in [(1, 10), (100, 10), (1000, 10), (1, 1000)] {
+        let name = format!("scale: {services} svc x {backends} backends");
+        specs.push(Spec {
+            load: Some(Box::new(move |env, _| {
+                Custom::scale(services, backends, small_table, small_table, env)
+            })),
+            rows: vec![
+                Row::new(
+                    format!("{name}: established"),
+                    custom,
+                    Case::LbEstablished,
+                    false,
+                )
+                .group(Group::Scale)
+                .for_vip(xdp_custom::scale_vip(0)),
+                Row::new(
+                    format!("{name}: new-flow SYN"),
+                    custom,
+                    Case::LbNewFlow,
+                    false,
+                )
+                .group(Group::Scale)
+                .for_vip(xdp_custom::scale_vip(0)),
+            ],
+        });
+    }
+    specs.push(Spec {
+        load: Some(Box::new(move |env, bench| {
+            let c = Custom::scale(1, 10, FULL_TABLE * cpus, small_table, env)?;
+            fill_flow_table(&c, bench, FULL_TABLE)?;
+            Ok(c)
+        })),
+        rows: vec![
+            Row::new(
+                "scale: flow table full (1M): established",
+                custom,
+                Case::LbEstablished,
+                false,
+            )
+            .group(Group::Scale)
+            .for_vip(xdp_custom::scale_vip(0)),
+            Row::new(
+                "scale: flow table full (1M): new flow every packet",
+                custom,
+                Case::LbNewFlow,
+                false,
+            )
+            .group(Group::Scale)
+            .for_vip(xdp_custom::scale_vip(0)),
+        ],
+    });
+    specs
+}
+
+/// Puts `n` flows into the flow table of `c` as traffic does: two packets of each
+/// (the first enters the new-flow table, the second the flow table), all from this
+/// CPU, sources 10.0.0.0 + i (port 1000); checks the count and a sample.
+fn fill_flow_table(c: &Custom, bench: &Bench, n: u32) -> anyhow::Result<()> {
+    let vip = xdp_custom::scale_vip(0);
+    let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+    let mut frame = PacketBuilder::tcp(SocketAddrV4::new(Ipv4Addr::from(base), 1000), vip).build();
+    let ctx = xdp_md(frame.len(), bench.ifindex, 0);
+    let prog = c.lb.program(LB_PROGRAM)?;
+    let ip = ETH_HLEN;
+    let before = c.counters()?;
+    for i in 0..n {
+        let src = Ipv4Addr::from(base + i);
+        frame[ip + 12..ip + 16].copy_from_slice(&src.octets());
+        frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+        let sum = xdplb_tests::packet::internet_checksum(&frame[ip..ip + IPV4_HLEN]);
+        frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+        for _ in 0..2 {
+            let r = test_run(prog, &frame, &ctx, 1)?;
+            ensure!(
+                r.verdict == XDP_TX,
+                "filling the flow table: flow {i}: verdict {}",
+                verdict_name(r.verdict)
+            );
+        }
+    }
+    let after = c.counters()?;
+    let new = after.get(Counter::FlowNew) - before.get(Counter::FlowNew);
+    ensure!(
+        new == u64::from(n),
+        "filling the flow table: {new} new flows counted for {n} flows"
+    );
+    for i in [0, n / 2, n - 1] {
+        let key = flow_key(
+            SocketAddrV4::new(Ipv4Addr::from(base + i), 1000),
+            vip,
+            PROTO_TCP,
+        );
+        ensure!(
+            c.lb.maps.flows.get(&key, 0).is_ok(),
+            "filling the flow table: flow {i} of {n} is not in it"
+        );
+    }
+    Ok(())
+}
+
+/// Katran's rows.
+const KATRAN_ESTABLISHED: &str = "Katran: established flow";
+const KATRAN_SYN_RAISED: &str = "Katran: new-flow SYN, cap raised";
+const KATRAN_SYN_DEFAULT: &str = "Katran: SYN, default cap";
+const KATRAN_NON_VIP: &str = "Katran: non-VIP packet";
+/// Indices into [`Bench::katrans`].
+const KATRAN_DEFAULT: usize = 0;
+const KATRAN_RAISED: usize = 1;
+
+/// Builds Katran's balancer twice (default cap, raised cap); the error says why not.
+fn build_katran() -> Result<[Vec<u8>; 2], String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let one = |rate: Option<u64>, name: &str| {
+        katran::build(&dir.path().join(name), rate).map_err(|e| format!("{e:#}"))
+    };
+    Ok([
+        one(None, "balancer.o")?,
+        one(Some(katran::RAISED_MAX_CONN_RATE), "balancer_raised.o")?,
+    ])
+}
+
+/// Loads both Katran objects, maps filled for the bench's VIP and backends; the LRU of
+/// every CPU as large as `xdp_lb`'s per-CPU share of the all-miss table.
+fn load_katrans(objects: &[Vec<u8>; 2], cpus: u32) -> anyhow::Result<Vec<Katran>> {
+    let keys: Vec<String> = BACKENDS
+        .iter()
+        .map(|b| SocketAddrV4::new(*b, VIP.port()).to_string())
+        .collect();
+    let members: Vec<RingMember<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| RingMember {
+            id: u32::try_from(i + 1).expect("4 backends"),
+            key,
+            weight: 100,
+        })
+        .collect();
+    let ring = ring::build(&members, katran::RING_SIZE).context("empty ring")?;
+    objects
+        .iter()
+        .map(|o| {
+            Katran::load(
+                o,
+                VIP,
+                &BACKENDS,
+                &ring,
+                ROUTER_MAC,
+                cpus,
+                FLOWS_PER_CPU_SMALL,
+            )
+        })
+        .collect()
+}
+
+/// Katran's default router MAC (`ctl_array[0]`).
+const ROUTER_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x01];
+
+/// Net ns of `r` per run (each run's raw figure minus the median of its baseline).
+fn net_samples(rows: &[Row], r: &Row) -> Vec<f64> {
+    let base = baseline(rows, r).map_or(f64::NAN, |b| kernel_median(&b.raw));
+    r.raw.iter().map(|s| s.kernel_ns as f64 - base).collect()
+}
+
+/// Share of iterations that missed the flow table, for balancer VIP rows.
+fn new_flows_cell(r: &Row) -> Cell {
+    match r.case {
+        Case::LbNewFlow | Case::LbEstablished => Cell::text(format!(
+            "{:.1}%",
+            100.0 * r.new_flows as f64 / r.iterations.max(1) as f64
+        )),
+        _ => Cell::text(""),
+    }
+}
+
+/// `a / b` with two decimals, or "-".
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".to_owned()
+    }
+}
+
+/// The side-by-side table: `xdp_lb` and Katran, net ns, ratio.
+fn report_katran(report: &mut Report, rows: &[Row], error: Option<&str>, cpus: u32) {
+    if let Some(e) = error {
+        report.note(format!("Katran: not measured: {e}"));
+        return;
+    }
+    if !rows.iter().any(|r| matches!(r.target, Target::Katran(_))) {
+        return;
+    }
+    let net = |label: &str| {
+        rows.iter()
+            .find(|r| r.label == label)
+            .map(|r| net_samples(rows, r))
+    };
+    let cases = [
+        (
+            "established flow (flow-table hit)",
+            "xdp_lb: established flow",
+            KATRAN_ESTABLISHED,
+        ),
+        (
+            "new-flow SYN, both inserting",
+            "xdp_lb: new-flow SYN",
+            KATRAN_SYN_RAISED,
+        ),
+        (
+            "new-flow SYN, Katran's default cap (no LRU insert above 125k new flows/s/CPU)",
+            "xdp_lb: new-flow SYN",
+            KATRAN_SYN_DEFAULT,
+        ),
+        ("non-VIP packet", "xdp_lb: non-VIP packet", KATRAN_NON_VIP),
+    ];
+    let table = report.table(
+        "xdp_lb beside Katran: same process, same wrapper, same runs; net ns per packet, median (min-max) over runs",
+        &[
+            ("case", false),
+            ("xdp_lb", true),
+            ("Katran", true),
+            ("ratio xdp_lb/Katran", true),
+        ],
+    );
+    for (case, lb, k) in cases {
+        let (Some(a), Some(b)) = (net(lb), net(k)) else {
+            continue;
+        };
+        let a = Cell::samples("ns", 0, &a);
+        let b = Cell::samples("ns", 0, &b);
+        let r = ratio(
+            a.median().unwrap_or(f64::NAN),
+            b.median().unwrap_or(f64::NAN),
+        );
+        table.row(vec![Cell::text(case), a, b, Cell::text(r)]);
+    }
+    report.note(format!(
+        "Katran: {} (commit {KATRAN_COMMIT}), built by the bench with its own Makefile rule: {};\n\
+         \x20 once as is (MAX_CONN_RATE {} new flows/s/CPU) and once with -DMAX_CONN_RATE={}ULL (\"cap raised\").\n\
+         \x20 Maps as its control plane fills them: one VIP, 4 reals, a {}-slot ring, one LRU of {} entries\n\
+         \x20 per CPU ({cpus} CPUs) in lru_mapping, the default router MAC in ctl_array. Every run's last output\n\
+         \x20 was checked (IPIP to a real; established: the real its LRU names) and its counters\n\
+         \x20 (Katran's new flows column = its LRU misses). The SYN rows compare with xdp_lb's all-miss\n\
+         \x20 table ({} entries per CPU, evicting); with the default cap Katran stops inserting after\n\
+         \x20 125,000 SYNs in a second, so most of its SYNs skip the LRU write.",
+        katran::source_dir().display(),
+        katran::build_command(None),
+        katran::DEFAULT_MAX_CONN_RATE,
+        katran::RAISED_MAX_CONN_RATE,
+        katran::RING_SIZE,
+        FLOWS_PER_CPU_SMALL,
+        FLOWS_PER_CPU_SMALL,
+    ));
+}
+
+/// The Katran commit vendored under `tests/vendor/katran`.
+const KATRAN_COMMIT: &str = "19f08fec82fb7b5fb14d935a80057bdc0897c8de";
+
+/// The `floor_pass` row behind the same wrapper as `r` (with the new-port mode when `r`
+/// has it): `r`'s baseline.
+fn baseline<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    let case = if r.case.new_port() {
+        Case::FloorPassNewPort
+    } else {
+        Case::FloorPass
+    };
+    rows.iter()
+        .find(|b| b.case == case && b.wrapper == r.wrapper)
+}
+
+/// The per-feature and scale tables.
+fn report_groups(report: &mut Report, rows: &[Row]) {
+    let median_net = |pred: &dyn Fn(&Row) -> bool| {
+        rows.iter()
+            .find(|r| pred(r))
+            .map_or(f64::NAN, |r| median_f64(&net_samples(rows, r)))
+    };
+    let floor = median_net(&|r: &Row| r.case == Case::FloorIpip);
+    let established = median_net(&|r: &Row| r.label == "xdp_lb: established flow");
+    for (group, title, note) in [
+        (
+            Group::Features,
+            "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it; net ns per packet, median (min-max) over runs",
+            "Per-feature rows: x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
+             \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
+             \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
+             \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
+             \x20 second service, UDP with quic = true; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
+             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted).\n\
+             \x20 net = raw - raw of floor_pass behind the same wrapper: the 6in6 row runs behind bench_wrap6\n\
+             \x20 (undoes 40 bytes), the GUE row behind bench_wrap_gue (28 bytes), the rest behind bench_wrap\n\
+             \x20 (20 bytes of IPIP, as in the main table). Every run's output was checked: verdict, outer\n\
+             \x20 header, inner packet byte for byte, backend (ring oracle; IPv6: one of the service's),\n\
+             \x20 next-hop MACs, counters.",
+        ),
+        (
+            Group::Scale,
+            "Scale rows (issue 12 item 3): services, backends per service, a full flow table; net ns per packet, median (min-max) over runs",
+            "Scale rows: each configuration is its own xdp_lb, every service's Maglev ring (65537 slots)\n\
+             \x20 written by the agent's reconciler and every backend's next hop in NEXT_HOPS; packets go\n\
+             \x20 to the first service. Flow and new-flow tables of the service/backend rows: 32768 entries\n\
+             \x20 per CPU, so every SYN misses and evicts. Full table: the flow table sized 1,000,000 x possible\n\
+             \x20 CPUs (it is a per-CPU LRU: each CPU's list holds size / possible CPUs), filled with 1,000,000\n\
+             \x20 flows from the measuring CPU (two packets each, checked by flow_new and a sample lookup)\n\
+             \x20 before the runs; \"new flow every packet\" is a SYN with a new source port every iteration\n\
+             \x20 (a miss in the full table, an insert into the new-flow table). Loading 1000 services takes\n\
+             \x20 minutes: the reconciler writes 65.5 million ring slots one syscall each.",
+        ),
+    ] {
+        let list: Vec<&Row> = rows.iter().filter(|r| r.group == group).collect();
+        if list.iter().all(|r| matches!(r.target, Target::Floor(_))) {
+            continue;
+        }
+        let table = report.table(
+            title,
+            &[
+                ("row", false),
+                ("ns (net)", true),
+                ("x floor", true),
+                ("vs est.", true),
+                ("new flows", true),
+            ],
+        );
+        for r in list {
+            let net = Cell::samples("ns", 0, &net_samples(rows, r));
+            let m = net.median().unwrap_or(f64::NAN);
+            table.row(vec![
+                Cell::text(r.label.clone()),
+                net,
+                Cell::text(ratio(m, floor)),
+                Cell::text(ratio(m, established)),
+                new_flows_cell(r),
+            ]);
+        }
+        report.note(note);
+    }
+}
+
+/// The main table (floors, xdp_lb, Katran's rows) and its notes.
+fn report_main(report: &mut Report, rows: &[Row], args: &Args, cpus: u32, small_table: u32) {
+    let floor_row = rows.iter().find(|r| r.case == Case::FloorIpip);
+    let floor = floor_row.map_or(f64::NAN, |r| median_f64(&net_samples(rows, r)));
+    let table = report.table(
+        format!(
+            "ns per packet, {} runs x {} iterations per program, runs interleaved; median (min-max) over runs",
+            args.runs, args.repeat
+        ),
+        &[
+            ("program", false),
+            ("ns (net)", true),
+            ("raw", true),
+            ("raw wall", true),
+            ("direct", true),
+            ("ratio*", true),
+            ("new flows", true),
+        ],
+    );
+    for r in rows.iter().filter(|r| r.group == Group::Main) {
+        let net = Cell::samples("ns", 0, &net_samples(rows, r));
+        let m = net.median().unwrap_or(f64::NAN);
+        let raw: Vec<f64> = r.raw.iter().map(|s| s.kernel_ns as f64).collect();
+        let wall: Vec<f64> = r.raw.iter().map(|s| s.wall_ns).collect();
+        let direct: Vec<f64> = r
+            .direct_samples
+            .iter()
+            .map(|s| s.kernel_ns as f64)
+            .collect();
+        table.row(vec![
+            Cell::text(r.label.clone()),
+            net,
+            Cell::samples("", 0, &raw),
+            Cell::samples("", 1, &wall).with_shown(format!("{:.1}", median_f64(&wall))),
+            if direct.is_empty() {
+                Cell::text("-")
+            } else {
+                Cell::samples("", 0, &direct)
+            },
+            Cell::text(ratio(m, floor)),
+            new_flows_cell(r),
+        ]);
+    }
+    report.note(format!(
+        "* ratio = net / net of \"floor: parse+lookup+IPIP+TX\".\n\
+         net = raw - raw of \"floor: XDP_PASS\" (the wrapper's own cost: un-encapsulate, restore\n\
+         \x20 the Ethernet header, tail call); for SYN rows raw - raw of \"XDP_PASS, new port/iter\"\n\
+         \x20 (the wrapper also writes a new source port). raw = wrapper -> program with\n\
+         \x20 repeat = N (the kernel does not reset the packet between iterations; the wrapper undoes\n\
+         \x20 the previous iteration). direct = the program alone with repeat = N, only where its\n\
+         \x20 cost does not depend on the previous iteration. raw wall = wall clock of the test_run\n\
+         \x20 syscall / N (median). Kernel figures are whole ns (truncated).\n\
+         Every run's last iteration was checked: verdict, output frame (IPIP to the backend the hash\n\
+         \x20 oracle predicts, correct outer header), and xdp_lb's counters.\n\
+         new flows = share of iterations that missed the flow table (xdp_lb's flow_new counter).\n\
+         \x20 The wrapper gives SYN rows a new source port every iteration; ports wrap every 65536.\n\
+         \x20 \"new-flow SYN\": new-flow table (where a SYN waits for its flow's second packet) of\n\
+         \x20 {small_table} entries = {FLOWS_PER_CPU_SMALL} per CPU (per-CPU LRU), fewer than one port cycle, so every\n\
+         \x20 SYN misses, takes a ring slot and evicts (a full table in production). \"SYN, 2^20 table\":\n\
+         \x20 the production size ({} per CPU) keeps a whole port cycle, so after the first 65536\n\
+         \x20 iterations of a run the reused ports hit the table.",
+        FLOW_TABLE_BIG / cpus
+    ));
+}
+
+/// Everything measured: printed, and written as `xdp.json` (report.rs).
+fn report(
+    rows: &[Row],
+    args: &Args,
+    cpu: usize,
+    cpus: u32,
+    small_table: u32,
+    load: &Load,
+    katran_error: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "xdp",
+        format!(
+            "ns per packet through BPF_PROG_TEST_RUN; kernel {}, {}, thread pinned to CPU {cpu} ({cpus} possible CPUs)",
+            kernel_release(),
+            cpu_model()
+        ),
+    );
+    report_main(&mut report, rows, args, cpus, small_table);
+    report_katran(&mut report, rows, katran_error, cpus);
+    report_groups(&mut report, rows);
+    report.note(format!(
+        "While measuring: other CPUs {:.0}% busy, steal on CPU {cpu} {:.1}%{}",
+        100.0 * load.others_busy,
+        100.0 * load.steal,
+        if load.others_busy > 0.2 || load.steal > 0.02 {
+            " (other work shares caches and, on a VM, perhaps the core: figures are inflated; \
+             compare ratios, or rerun on an idle machine)"
+        } else {
+            ""
+        }
+    ));
+    report.finish()?;
+    Ok(())
+}
