@@ -61,6 +61,22 @@ pub const QUIC_IDS: &str = "XDPLB_QUIC_IDS";
 /// back to `bpf_fib_lookup` when an entry is invalid or for another address.
 pub const NEXT_HOPS: &str = "XDPLB_NEXT_HOPS";
 
+/// `HashMap<VipKeyV4, VipMeta>`: the IPv4 VIPs of [`VIPS`] again, under an 8-byte key:
+/// the IPv4 path looks VIPs up here (issue 12, item 2). Written with [`VIPS`], in one
+/// place (`lb-agent/src/dataplane/sync.rs`); capacity: `max_services`.
+pub const VIPS_V4: &str = "XDPLB_VIPS_V4";
+/// `LruHashMap<FlowKeyV4, FlowEntry>`: [`FLOWS`] for IPv4 flows, under a 16-byte key
+/// ([`FLOWS`] keeps the IPv6 ones). Capacity: `flow_table_size`.
+pub const FLOWS_V4: &str = "XDPLB_FLOWS_V4";
+/// `LruHashMap<FlowKeyV4, FlowEntry>`: [`FLOWS_NEW`] for IPv4 flows. Capacity:
+/// `new_flow_table_size`.
+pub const FLOWS_NEW_V4: &str = "XDPLB_FLOWS_NV4";
+
+/// `Array<ServiceV4>` indexed by service id: each service's IPv4 VIP key and meta
+/// (zero for IPv6 VIPs and free ids), for established IPv4 flows (their backend entry
+/// names the service). Written with [`VIPS_V4`]; capacity: `max_services`.
+pub const SERVICES_V4: &str = "XDPLB_SVC_V4";
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -83,6 +99,10 @@ pub const ALL: &[&str] = &[
     VIP_ADDRS,
     QUIC_IDS,
     NEXT_HOPS,
+    VIPS_V4,
+    FLOWS_V4,
+    FLOWS_NEW_V4,
+    SERVICES_V4,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

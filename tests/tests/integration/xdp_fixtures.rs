@@ -1329,10 +1329,8 @@ fn a_syn_flood_from_many_sources_does_not_evict_established_flows() -> anyhow::R
         }
         let in_table = |fx: &Fixture, from: SocketAddrV4| {
             fx.lb
-                .maps
-                .flows
-                .get(&flow_key(from, VIP_WEB, PROTO_TCP), 0)
-                .is_ok()
+                .flow_entry(&flow_key(from, VIP_WEB, PROTO_TCP), false)
+                .is_some()
         };
         ensure!(
             established.iter().all(|(f, _, _)| in_table(fx, *f)),
