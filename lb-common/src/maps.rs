@@ -12,7 +12,8 @@ pub const VIPS: &str = "XDPLB_VIPS";
 pub const RINGS: &str = "XDPLB_RINGS";
 /// `Array<Backend>` indexed by backend id.
 pub const BACKENDS: &str = "XDPLB_BACKENDS";
-/// `LruHashMap<FlowKey, FlowEntry>`: the backend each established flow was given.
+/// `LruHashMap<FlowKey, FlowEntry>`: the backend each established flow was given
+/// (IPv6 flows; IPv4 flows are in [`FLOWS_V4`]).
 pub const FLOWS: &str = "XDPLB_FLOWS";
 /// `Array<GlobalConfig>` with one entry.
 pub const CONFIG: &str = "XDPLB_CONFIG";
