@@ -5,7 +5,8 @@
 //! equal [`ALL`]. The agent only ever uses these constants. Names stay under the
 //! kernel's 15-character limit for object names.
 
-/// `HashMap<VipKey, VipMeta>`: the virtual IPs this node balances.
+/// `HashMap<VipKey, VipMeta>`: the virtual IPs this node balances (every VIP: the
+/// record the agent reads back; the IPv4 path looks its VIPs up in [`VIPS_V4`]).
 pub const VIPS: &str = "XDPLB_VIPS";
 /// `Array<u32>` of `max_services * ring_size` backend ids: service `s` owns the slots
 /// `s * ring_size .. (s + 1) * ring_size`; each slot holds a backend id.
@@ -46,7 +47,8 @@ pub const FLOW_LIMITS: &str = "XDPLB_FLOW_LIM";
 /// theoretical arrival time in ns of `bpf_ktime_get_ns`).
 pub const FLOW_BUCKETS: &str = "XDPLB_FLOW_BKT";
 /// `LruHashMap<FlowKey, FlowEntry>`: flows seen once (a SYN, a first datagram), waiting
-/// for their second packet to be promoted into [`FLOWS`]. A flood of one-packet flows
+/// for their second packet to be promoted into [`FLOWS`] (IPv6 flows; IPv4 flows wait
+/// in [`FLOWS_NEW_V4`]). A flood of one-packet flows
 /// (spoofed SYNs) churns this table, never the established flows in [`FLOWS`].
 pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
 /// `HashMap<VipAddrKey, u32>`: every VIP address with `VIP_ADDR_F_*` bits (does an L4
