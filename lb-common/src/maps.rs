@@ -5,14 +5,16 @@
 //! equal [`ALL`]. The agent only ever uses these constants. Names stay under the
 //! kernel's 15-character limit for object names.
 
-/// `HashMap<VipKey, VipMeta>`: the virtual IPs this node balances.
+/// `HashMap<VipKey, VipMeta>`: the virtual IPs this node balances (every VIP: the
+/// record the agent reads back; the IPv4 path looks its VIPs up in [`VIPS_V4`]).
 pub const VIPS: &str = "XDPLB_VIPS";
 /// `Array<u32>` of `max_services * ring_size` backend ids: service `s` owns the slots
 /// `s * ring_size .. (s + 1) * ring_size`; each slot holds a backend id.
 pub const RINGS: &str = "XDPLB_RINGS";
 /// `Array<Backend>` indexed by backend id.
 pub const BACKENDS: &str = "XDPLB_BACKENDS";
-/// `LruHashMap<FlowKey, FlowEntry>`: the backend each established flow was given.
+/// `LruHashMap<FlowKey, FlowEntry>`: the backend each established flow was given
+/// (IPv6 flows; IPv4 flows are in [`FLOWS_V4`]).
 pub const FLOWS: &str = "XDPLB_FLOWS";
 /// `Array<GlobalConfig>` with one entry.
 pub const CONFIG: &str = "XDPLB_CONFIG";
@@ -45,7 +47,8 @@ pub const FLOW_LIMITS: &str = "XDPLB_FLOW_LIM";
 /// theoretical arrival time in ns of `bpf_ktime_get_ns`).
 pub const FLOW_BUCKETS: &str = "XDPLB_FLOW_BKT";
 /// `LruHashMap<FlowKey, FlowEntry>`: flows seen once (a SYN, a first datagram), waiting
-/// for their second packet to be promoted into [`FLOWS`]. A flood of one-packet flows
+/// for their second packet to be promoted into [`FLOWS`] (IPv6 flows; IPv4 flows wait
+/// in [`FLOWS_NEW_V4`]). A flood of one-packet flows
 /// (spoofed SYNs) churns this table, never the established flows in [`FLOWS`].
 pub const FLOWS_NEW: &str = "XDPLB_FLOWS_NEW";
 /// `HashMap<VipAddrKey, u32>`: every VIP address with `VIP_ADDR_F_*` bits (does an L4
@@ -60,6 +63,22 @@ pub const QUIC_IDS: &str = "XDPLB_QUIC_IDS";
 /// (egress interface, MACs, MTU), written by the agent from netlink; the program falls
 /// back to `bpf_fib_lookup` when an entry is invalid or for another address.
 pub const NEXT_HOPS: &str = "XDPLB_NEXT_HOPS";
+
+/// `HashMap<VipKeyV4, VipMeta>`: the IPv4 VIPs of [`VIPS`] again, under an 8-byte key:
+/// the IPv4 path looks VIPs up here (issue 12, item 2). Written with [`VIPS`], in one
+/// place (`lb-agent/src/dataplane/sync.rs`); capacity: `max_services`.
+pub const VIPS_V4: &str = "XDPLB_VIPS_V4";
+/// `LruHashMap<FlowKeyV4, FlowEntry>`: [`FLOWS`] for IPv4 flows, under a 16-byte key
+/// ([`FLOWS`] keeps the IPv6 ones). Capacity: `flow_table_size`.
+pub const FLOWS_V4: &str = "XDPLB_FLOWS_V4";
+/// `LruHashMap<FlowKeyV4, FlowEntry>`: [`FLOWS_NEW`] for IPv4 flows. Capacity:
+/// `new_flow_table_size`.
+pub const FLOWS_NEW_V4: &str = "XDPLB_FLOWS_NV4";
+
+/// `Array<ServiceV4>` indexed by service id: each service's IPv4 VIP key and meta
+/// (zero for IPv6 VIPs and free ids), for established IPv4 flows (their backend entry
+/// names the service). Written with [`VIPS_V4`]; capacity: `max_services`.
+pub const SERVICES_V4: &str = "XDPLB_SVC_V4";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -83,6 +102,10 @@ pub const ALL: &[&str] = &[
     VIP_ADDRS,
     QUIC_IDS,
     NEXT_HOPS,
+    VIPS_V4,
+    FLOWS_V4,
+    FLOWS_NEW_V4,
+    SERVICES_V4,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

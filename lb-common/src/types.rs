@@ -316,6 +316,84 @@ pub struct NextHopEntry {
 }
 const _: () = assert!(core::mem::size_of::<NextHopEntry>() == 36);
 
+/// Key of [`crate::maps::VIPS_V4`]: an IPv4 VIP in 8 bytes, hashed and compared in a
+/// quarter of [`VipKey`]'s work on every IPv4 packet (issue 12, item 2). The agent
+/// writes every IPv4 VIP there as well as into [`crate::maps::VIPS`] (the record it
+/// reads back on adoption), with the same [`VipMeta`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct VipKeyV4 {
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKeyV4>() == 8);
+
+impl VipKeyV4 {
+    /// The short key of an IPv4 [`VipKey`]; None for another family.
+    pub const fn of(key: &VipKey) -> Option<Self> {
+        if key.family != FAMILY_V4 {
+            return None;
+        }
+        Some(VipKeyV4 {
+            addr: key.addr[0],
+            port: key.port,
+            proto: key.proto,
+            _pad: 0,
+        })
+    }
+}
+
+/// Value of [`crate::maps::SERVICES_V4`], indexed by service id: the service's IPv4 VIP
+/// and its [`VipMeta`] as in [`crate::maps::VIPS_V4`]. An established IPv4 flow's packet
+/// finds its service here from its backend's `service_id` (an array read) instead of
+/// hashing its VIP key: the entry counts only when `key` is the packet's VIP. All zero
+/// for a free id or an IPv6 VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceV4 {
+    pub key: VipKeyV4,
+    pub meta: VipMeta,
+}
+const _: () = assert!(core::mem::size_of::<ServiceV4>() == 24);
+
+/// Key of [`crate::maps::FLOWS_V4`] and [`crate::maps::FLOWS_NEW_V4`]: an IPv4 flow in
+/// 16 bytes instead of [`FlowKey`]'s 40 (the kernel hashes and compares the whole key
+/// on every lookup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKeyV4 {
+    /// Client address, network order.
+    pub src: u32,
+    /// VIP address, network order.
+    pub dst: u32,
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
+
+impl FlowKeyV4 {
+    /// The short key of an IPv4 [`FlowKey`] (its words 1..4 are zero and not kept).
+    pub const fn of(key: &FlowKey) -> Self {
+        FlowKeyV4 {
+            src: key.src[0],
+            dst: key.dst[0],
+            sport: key.sport,
+            dport: key.dport,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -335,4 +413,7 @@ mod pod {
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for QuicKey {}
     unsafe impl aya::Pod for NextHopEntry {}
+    unsafe impl aya::Pod for VipKeyV4 {}
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    unsafe impl aya::Pod for ServiceV4 {}
 }

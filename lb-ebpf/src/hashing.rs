@@ -1,17 +1,64 @@
 //! Backend choice: the flow tables first, so established flows keep their backend
 //! when the backend set changes; otherwise the service's Maglev ring.
 
+use aya_ebpf::maps::LruHashMap;
 use lb_common::{
     hash::{flow_hash, ring_index, ring_slot, source_hash},
     stats::{Counter, DropReason},
-    types::{BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, VIP_F_SOURCE_HASH, VipMeta},
+    types::{
+        BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, VIP_F_QUIC, VIP_F_SOURCE_HASH,
+        VipKeyV4, VipMeta,
+    },
 };
 
 use crate::{
     limit,
-    maps::{BACKENDS, FLOWS, FLOWS_NEW, RINGS},
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, RINGS, SERVICES_V4},
     stats::count,
 };
+
+/// The two flow tables of one address family (established, new) and their key type:
+/// IPv4 flows live in `FLOWS_V4` / `FLOWS_NEW_V4` under a 16-byte [`FlowKeyV4`], IPv6
+/// flows in `FLOWS` / `FLOWS_NEW` under the 40-byte [`FlowKey`] (the kernel hashes and
+/// compares the whole key on every lookup: issue 12, item 2). A type, not a value, so
+/// each path's code names its maps directly.
+pub trait FlowTables {
+    type Key: 'static;
+    /// Flows that have sent at least two packets.
+    fn established() -> &'static LruHashMap<Self::Key, FlowEntry>;
+    /// Flows seen once.
+    fn new() -> &'static LruHashMap<Self::Key, FlowEntry>;
+}
+
+/// IPv4 flows: key [`crate::keys::flow_key_v4`] of the packet's [`FlowKey`].
+pub enum V4 {}
+
+impl FlowTables for V4 {
+    type Key = FlowKeyV4;
+    #[inline(always)]
+    fn established() -> &'static LruHashMap<FlowKeyV4, FlowEntry> {
+        &FLOWS_V4
+    }
+    #[inline(always)]
+    fn new() -> &'static LruHashMap<FlowKeyV4, FlowEntry> {
+        &FLOWS_NEW_V4
+    }
+}
+
+/// IPv6 flows: key the packet's [`FlowKey`] itself.
+pub enum V6 {}
+
+impl FlowTables for V6 {
+    type Key = FlowKey;
+    #[inline(always)]
+    fn established() -> &'static LruHashMap<FlowKey, FlowEntry> {
+        &FLOWS
+    }
+    #[inline(always)]
+    fn new() -> &'static LruHashMap<FlowKey, FlowEntry> {
+        &FLOWS_NEW
+    }
+}
 
 /// The backend chosen for a packet.
 pub struct Choice {
@@ -51,9 +98,13 @@ pub struct Limits {
 ///
 /// Only a packet that would create a flow (a SYN, or a miss in both tables) is
 /// checked against the `new_flows_per_source` limits in `limits`.
+///
+/// `key` is the flow (hashed onto the ring, limited), `fkey` its key in the family's
+/// tables `T`.
 #[inline(always)]
-pub fn choose_backend(
+pub fn choose_backend<T: FlowTables>(
     key: &FlowKey,
+    fkey: &T::Key,
     vip: &VipMeta,
     new_connection: bool,
     limits: Limits,
@@ -61,7 +112,7 @@ pub fn choose_backend(
     if !new_connection {
         // SAFETY: the flow tables are preallocated (no BPF_F_NO_PREALLOC), and a racing
         // update can at worst hand us another valid backend id, which is checked below.
-        if let Some(entry) = unsafe { FLOWS.get(key) } {
+        if let Some(entry) = unsafe { T::established().get(fkey) } {
             let backend_id = entry.backend_id;
             if let Some(backend) = active(backend_id, vip.service_id) {
                 return Ok(Choice {
@@ -70,17 +121,17 @@ pub fn choose_backend(
                 });
             }
             count(Counter::FlowRehash);
-            return pick_from_ring(key, vip, Table::Established);
+            return pick_from_ring::<T>(key, fkey, vip, Table::Established);
         }
         // SAFETY: as above.
-        if let Some(entry) = unsafe { FLOWS_NEW.get(key) } {
+        if let Some(entry) = unsafe { T::new().get(fkey) } {
             let backend_id = entry.backend_id;
             let entry = *entry;
             // A failed delete only leaves the entry to age out of the LRU.
-            let _ = FLOWS_NEW.remove(key);
+            let _ = T::new().remove(fkey);
             count(Counter::FlowPromoted);
             if let Some(backend) = active(backend_id, vip.service_id) {
-                if FLOWS.insert(key, entry, 0).is_err() {
+                if T::established().insert(fkey, entry, 0).is_err() {
                     count(Counter::FlowInsertFailed);
                 }
                 return Ok(Choice {
@@ -89,7 +140,7 @@ pub fn choose_backend(
                 });
             }
             count(Counter::FlowRehash);
-            return pick_from_ring(key, vip, Table::Established);
+            return pick_from_ring::<T>(key, fkey, vip, Table::Established);
         }
     }
     if limits.global || limits.service {
@@ -103,10 +154,48 @@ pub fn choose_backend(
     count(Counter::FlowNew);
     if new_connection {
         // A stale entry of a previous connection on this 5-tuple must not catch the
-        // next packets; usually there is none and this is a failed lookup.
-        let _ = FLOWS.remove(key);
+        // next packets. Usually there is none: a lookup (lock-free) finds that out; a
+        // delete would take the bucket's lock and save and restore interrupts for
+        // nothing on every SYN (issue 12, item 2: the SYN's cost).
+        // SAFETY: as above.
+        if unsafe { T::established().get(fkey) }.is_some() {
+            let _ = T::established().remove(fkey);
+        }
     }
-    pick_from_ring(key, vip, Table::New)
+    pick_from_ring::<T>(key, fkey, vip, Table::New)
+}
+
+/// The established IPv4 flow `fkey` to the VIP `vip_key`, if the flow table has it and
+/// its backend is active in the service that owns that VIP now: the service's meta and
+/// the choice, found with one hash lookup (the flow) and two array reads (the backend,
+/// then its service's entry in `SERVICES_V4`), without hashing the VIP key. Anything
+/// else (no entry, a backend no longer active, a service whose VIP is another one or
+/// gone, a QUIC service, whose short headers go by connection ID first) is None, and
+/// the packet takes the whole path: VIP lookup, then [`choose_backend`]. Nothing is
+/// counted or written here.
+#[inline(always)]
+pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<(VipMeta, Choice)> {
+    // SAFETY: as in choose_backend.
+    let backend_id = unsafe { FLOWS_V4.get(fkey) }?.backend_id;
+    let backend = BACKENDS.get(backend_id)?;
+    if backend.flags & BACKEND_F_ACTIVE == 0 {
+        return None;
+    }
+    let service = SERVICES_V4.get(backend.service_id)?;
+    let meta = service.meta;
+    if service.key != *vip_key
+        || meta.service_id != backend.service_id
+        || meta.flags & VIP_F_QUIC != 0
+    {
+        return None;
+    }
+    Some((
+        meta,
+        Choice {
+            backend_id,
+            backend: *backend,
+        },
+    ))
 }
 
 #[inline(always)]
@@ -130,7 +219,12 @@ enum Table {
 
 /// The ring's backend for `key`, recorded in `table`.
 #[inline(always)]
-fn pick_from_ring(key: &FlowKey, vip: &VipMeta, table: Table) -> Result<Choice, DropReason> {
+fn pick_from_ring<T: FlowTables>(
+    key: &FlowKey,
+    fkey: &T::Key,
+    vip: &VipMeta,
+    table: Table,
+) -> Result<Choice, DropReason> {
     let Choice {
         backend_id,
         backend,
@@ -142,8 +236,8 @@ fn pick_from_ring(key: &FlowKey, vip: &VipMeta, table: Table) -> Result<Choice, 
     // A full table evicts its least recently used flow; a failed insert only means the
     // next packet of the flow hashes again, to the same slot while the ring is unchanged.
     let inserted = match table {
-        Table::Established => FLOWS.insert(key, entry, 0),
-        Table::New => FLOWS_NEW.insert(key, entry, 0),
+        Table::Established => T::established().insert(fkey, entry, 0),
+        Table::New => T::new().insert(fkey, entry, 0),
     };
     if inserted.is_err() {
         count(Counter::FlowInsertFailed);
@@ -178,12 +272,16 @@ fn ring_choice(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
 /// flow that are not part of it (ICMP errors), which must neither create, promote nor
 /// re-hash a flow, nor be limited as new flows.
 #[inline(always)]
-pub fn owner(key: &FlowKey, vip: &VipMeta) -> Result<Choice, DropReason> {
+pub fn owner<T: FlowTables>(
+    key: &FlowKey,
+    fkey: &T::Key,
+    vip: &VipMeta,
+) -> Result<Choice, DropReason> {
     // SAFETY: as in choose_backend.
-    let entry = match unsafe { FLOWS.get(key) } {
+    let entry = match unsafe { T::established().get(fkey) } {
         Some(e) => Some(*e),
         // SAFETY: as above.
-        None => unsafe { FLOWS_NEW.get(key) }.copied(),
+        None => unsafe { T::new().get(fkey) }.copied(),
     };
     if let Some(entry) = entry {
         if let Some(backend) = active(entry.backend_id, vip.service_id) {

@@ -43,7 +43,7 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         FAMILY_V4, FILTER_F_ALLOW, FilterAddr, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7, VipKey,
+        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_L7,
     },
 };
 
@@ -53,7 +53,7 @@ use crate::{
     filter,
     gate::{NEXT_SEND, finish},
     gue, hashing, ipv6,
-    maps::{CONFIG, VIP_ADDRS, VIPS},
+    maps::{CONFIG, VIP_ADDRS, VIPS_V4},
     parsing::{
         ETH_HLEN, ETH_P_IP, EthHdr, IPV4_HLEN, Ipv4Hdr, L2, Ports, VLAN_HLEN, VlanHdr, ptr_at,
     },
@@ -229,14 +229,9 @@ fn forward_error_v4(
     if q.protocol != PROTO_TCP && q.protocol != PROTO_UDP {
         return Err(Exit::Drop(DropReason::IcmpUnhandled));
     }
-    let vip_key = VipKey {
-        addr: [q.saddr, 0, 0, 0],
-        port: ports.source,
-        proto: q.protocol,
-        family: FAMILY_V4,
-    };
-    // SAFETY: VIPS is preallocated; values are written whole by the agent.
-    let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Drop(DropReason::IcmpUnhandled))?;
+    let vip_key = crate::keys::vip_key_v4(q.saddr, ports.source, q.protocol);
+    // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
+    let vip = *unsafe { VIPS_V4.get(vip_key) }.ok_or(Exit::Drop(DropReason::IcmpUnhandled))?;
     if vip.flags & VIP_F_L7 != 0 {
         return Err(Exit::Pass(Counter::PassL7));
     }
@@ -255,7 +250,8 @@ fn forward_error_v4(
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    let choice = hashing::owner(&key, &vip).map_err(Exit::Drop)?;
+    let choice = hashing::owner::<hashing::V4>(&key, &crate::keys::flow_key_v4(&key), &vip)
+        .map_err(Exit::Drop)?;
     // No ICMP error about an ICMP error (RFC 1122 3.2.2).
     if mtu != 0 && tot_len + ipv6::outer_len(&choice.backend, cfg) as usize > mtu as usize {
         return Err(Exit::Drop(DropReason::TooBig));

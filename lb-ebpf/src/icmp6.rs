@@ -230,7 +230,7 @@ fn forward_error_v6(
         family: FAMILY_V6,
         _pad: [0; 2],
     };
-    let choice = hashing::owner(&key, &vip).map_err(Exit::Drop)?;
+    let choice = hashing::owner::<hashing::V6>(&key, &key, &vip).map_err(Exit::Drop)?;
     let len = IPV6_HLEN + payload;
     // No ICMP error about an ICMP error (RFC 4443 2.4 (e)).
     if mtu != 0 && len as u32 + outer_len(&choice.backend, cfg) > mtu {

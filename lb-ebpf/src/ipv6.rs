@@ -46,7 +46,7 @@ use crate::{
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
-    hashing::{Choice, Limits, choose_backend},
+    hashing::{Choice, Limits, V6, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
     nexthop,
     parsing::{
@@ -225,7 +225,8 @@ pub fn try_lb_v6(
     let end = l3_off + usize::from(pkt.len);
     let choice = match quic::backend_at(ctx, &vip, pkt.key.proto, l3_off + IPV6_HLEN, end) {
         Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
-        None => choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?,
+        None => choose_backend::<V6>(&pkt.key, &pkt.key, &vip, pkt.tcp_syn, limits)
+            .map_err(Exit::Drop)?,
     };
     // The tunnel's header length depends on the backend's family, so the MTU check
     // comes after the choice (a packet answered here may have entered the flow table).

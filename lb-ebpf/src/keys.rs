@@ -8,7 +8,7 @@
 
 use core::mem::transmute;
 
-use lb_common::types::{DecapKey, FilterAddr, VipAddrKey};
+use lb_common::types::{DecapKey, FilterAddr, FlowKey, FlowKeyV4, VipAddrKey, VipKeyV4};
 
 /// A little word holding `b0` in its first byte and `b1..b3` after it, in memory order.
 #[inline(always)]
@@ -53,6 +53,32 @@ pub fn filter_addr(family: u8, scope: [u8; 3], addr: [u32; 4]) -> FilterAddr {
             addr[1],
             addr[2],
             addr[3],
+        ])
+    }
+}
+
+/// `VipKeyV4 { addr, port, proto, _pad: 0 }`.
+#[inline(always)]
+pub fn vip_key_v4(addr: u32, port: u16, proto: u8) -> VipKeyV4 {
+    let p = port.to_ne_bytes();
+    // SAFETY: VipKeyV4 is #[repr(C)] { u32, u16, u8, u8 }: 8 bytes of plain integers,
+    // port, protocol and padding in the second word, in memory order.
+    unsafe { transmute::<[u32; 2], VipKeyV4>([addr, word(p[0], p[1], proto, 0)]) }
+}
+
+/// `FlowKeyV4::of(key)`, padding written as part of a word.
+#[inline(always)]
+pub fn flow_key_v4(key: &FlowKey) -> FlowKeyV4 {
+    let s = key.sport.to_ne_bytes();
+    let d = key.dport.to_ne_bytes();
+    // SAFETY: FlowKeyV4 is #[repr(C)] { u32, u32, u16, u16, u8, [u8; 3] }: 16 bytes of
+    // plain integers, the ports in the third word, protocol and padding in the fourth.
+    unsafe {
+        transmute::<[u32; 4], FlowKeyV4>([
+            key.src[0],
+            key.dst[0],
+            word(s[0], s[1], d[0], d[1]),
+            word(key.proto, 0, 0, 0),
         ])
     }
 }

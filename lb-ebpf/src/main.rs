@@ -17,7 +17,7 @@ use aya_ebpf::{
 use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT, VipKey},
+    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, transmit, tunnel_v4},
@@ -25,10 +25,11 @@ use lb_ebpf::{
         self, NEXT_ICMP4, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG4, NEXT_TOO_BIG6, finish, with_mtu,
     },
     gue,
-    hashing::{Limits, choose_backend},
+    hashing::{self, Limits, V4, choose_backend},
     icmp, icmp6,
     ipv6::{self, Forward, IPV6_HLEN},
-    maps::{CONFIG, DECAP_DSTS, VIPS},
+    keys,
+    maps::{CONFIG, DECAP_DSTS, VIPS_V4},
     parsing::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, parse_ipv4, parse_l2, ptr_at,
     },
@@ -102,14 +103,25 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         Err(Counter::PassNotVip) => return Ok(NEXT_ICMP4),
         Err(counter) => return Err(Exit::Pass(counter)),
     };
-    let vip_key = VipKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: FAMILY_V4,
+    // IPv4 VIPs and flows have short keys of their own (VIPS_V4, FLOWS_V4): the kernel
+    // hashes and compares whole keys on every lookup (issue 12, item 2). An established
+    // flow's packet (not a SYN) looks its flow up first: a hit gives the backend, whose
+    // service's entry gives the VIP's meta, with no VIP lookup (hashing.rs).
+    let vip_key = keys::vip_key_v4(pkt.key.dst[0], pkt.key.dport, pkt.key.proto);
+    let fkey = keys::flow_key_v4(&pkt.key);
+    let established = if pkt.tcp_syn {
+        None
+    } else {
+        hashing::established_v4(&fkey, &vip_key)
     };
-    // SAFETY: VIPS is preallocated; values are written whole by the agent.
-    let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
+    let (vip, established) = match established {
+        Some((vip, choice)) => (vip, Some(choice)),
+        // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
+        None => match unsafe { VIPS_V4.get(vip_key) } {
+            Some(vip) => (*vip, None),
+            None => return Err(Exit::Pass(Counter::PassNotVip)),
+        },
+    };
     // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
     gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
     let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
@@ -129,9 +141,13 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
     };
     // QUIC short headers naming a live backend go there (quic.rs); the rest as ever.
-    let choice = match quic::backend(ctx, &pkt, &vip) {
-        Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
-        None => choose_backend(&pkt.key, &vip, pkt.tcp_syn, limits).map_err(Exit::Drop)?,
+    let choice = match established {
+        Some(choice) => choice,
+        None => match quic::backend(ctx, &pkt, &vip) {
+            Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
+            None => choose_backend::<V4>(&pkt.key, &fkey, &vip, pkt.tcp_syn, limits)
+                .map_err(Exit::Drop)?,
+        },
     };
     if choice.backend.family == FAMILY_V6 {
         // IPv4 in IPv6 (ipv6.rs): a 40-byte outer header, checked against `mtu` again.

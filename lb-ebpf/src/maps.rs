@@ -14,8 +14,9 @@ use lb_common::{
     },
     stats::COUNTERS_LEN,
     types::{
-        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        NextHopEntry, QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
+        GlobalConfig, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey,
+        VipKeyV4, VipMeta,
     },
 };
 
@@ -97,3 +98,21 @@ pub static QUIC_IDS: HashMap<QuicKey, u32> = HashMap::with_max_entries(DEFAULT_M
 /// Each backend's next hop by backend id, written by the agent (`nexthop.rs`).
 #[map(name = "XDPLB_NEXT_HOPS")]
 pub static NEXT_HOPS: Array<NextHopEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The IPv4 VIPs under an 8-byte key: the IPv4 path's VIP lookup.
+#[map(name = "XDPLB_VIPS_V4")]
+pub static VIPS_V4: HashMap<VipKeyV4, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// IPv4 flows (16-byte keys); `FLOWS` keeps the IPv6 ones. Per-CPU LRU as `FLOWS`.
+#[map(name = "XDPLB_FLOWS_V4")]
+pub static FLOWS_V4: LruHashMap<FlowKeyV4, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// IPv4 flows seen once (16-byte keys); `FLOWS_NEW` keeps the IPv6 ones.
+#[map(name = "XDPLB_FLOWS_NV4")]
+pub static FLOWS_NEW_V4: LruHashMap<FlowKeyV4, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 4, BPF_F_NO_COMMON_LRU);
+
+/// Each service's IPv4 VIP and meta by service id (established IPv4 flows).
+#[map(name = "XDPLB_SVC_V4")]
+pub static SERVICES_V4: Array<ServiceV4> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -33,7 +33,7 @@ use lb_agent::dataplane::{
 };
 use lb_common::{
     hash::{flow_hash, ring_index, ring_slot, source_hash},
-    types::{FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP},
+    types::{FAMILY_V4, FlowEntry, FlowKey, FlowKeyV4, PROTO_TCP, PROTO_UDP},
 };
 
 use crate::{
@@ -194,6 +194,28 @@ impl LoadedLb {
             .maps
             .rings
             .get(&ring_index(id, self.ring_size, slot), 0)?)
+    }
+
+    /// The entry of the flow `key` in the flow table of its family (`new`: the new-flow
+    /// table, where a flow waits for its second packet): IPv4 flows live in `FLOWS_V4` /
+    /// `FLOWS_NEW_V4` under a 16-byte key, IPv6 flows in `FLOWS` / `FLOWS_NEW`.
+    pub fn flow_entry(&self, key: &FlowKey, new: bool) -> Option<FlowEntry> {
+        if key.family == FAMILY_V4 {
+            let short = FlowKeyV4::of(key);
+            let table = if new {
+                &self.maps.flows_new_v4
+            } else {
+                &self.maps.flows_v4
+            };
+            table.get(&short, 0).ok()
+        } else {
+            let table = if new {
+                &self.maps.flows_new
+            } else {
+                &self.maps.flows
+            };
+            table.get(key, 0).ok()
+        }
     }
 
     /// Oracle: which of `candidates` (backends of `service` on `port`) the ring gives `key`.

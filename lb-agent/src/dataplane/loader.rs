@@ -171,11 +171,12 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 20] {
+fn layouts() -> [(&'static str, usize, usize); 24] {
     use core::mem::size_of;
     use lb_common::types::{
-        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
-        NextHopEntry, QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
+        GlobalConfig, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey,
+        VipKeyV4, VipMeta,
     };
     // An LPM trie key is a u32 prefix length and the data.
     let filter_key = 4 + size_of::<FilterAddr>();
@@ -204,6 +205,18 @@ fn layouts() -> [(&'static str, usize, usize); 20] {
         (maps::VIP_ADDRS, size_of::<VipAddrKey>(), 4),
         (maps::QUIC_IDS, size_of::<QuicKey>(), 4),
         (maps::NEXT_HOPS, 4, size_of::<NextHopEntry>()),
+        (maps::VIPS_V4, size_of::<VipKeyV4>(), size_of::<VipMeta>()),
+        (
+            maps::FLOWS_V4,
+            size_of::<FlowKeyV4>(),
+            size_of::<FlowEntry>(),
+        ),
+        (
+            maps::FLOWS_NEW_V4,
+            size_of::<FlowKeyV4>(),
+            size_of::<FlowEntry>(),
+        ),
+        (maps::SERVICES_V4, 4, size_of::<ServiceV4>()),
     ]
 }
 
@@ -276,7 +289,11 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .map_max_entries(maps::FLOWS_NEW, caps.new_flow_table_size)
         .map_max_entries(maps::VIP_ADDRS, caps.max_services)
         .map_max_entries(maps::QUIC_IDS, caps.max_backends)
-        .map_max_entries(maps::NEXT_HOPS, caps.max_backends);
+        .map_max_entries(maps::NEXT_HOPS, caps.max_backends)
+        .map_max_entries(maps::VIPS_V4, caps.max_services)
+        .map_max_entries(maps::FLOWS_V4, caps.flow_table_size)
+        .map_max_entries(maps::FLOWS_NEW_V4, caps.new_flow_table_size)
+        .map_max_entries(maps::SERVICES_V4, caps.max_services);
     if let Some(dir) = pin_dir {
         for &name in maps::ALL {
             loader.map_pin_path(name, dir.join(name));

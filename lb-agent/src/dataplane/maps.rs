@@ -12,8 +12,8 @@ use aya::{
 use lb_common::{
     maps as names,
     types::{
-        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig, NextHopEntry,
-        QuicKey, TrafficCounters, VipAddrKey, VipKey, VipMeta,
+        Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit, GlobalConfig,
+        NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -68,6 +68,16 @@ pub struct Maps {
     /// The backends' next hops by backend id (written by the next-hop keeper,
     /// `super::neigh`, through its own handle; here for tests and reading).
     pub next_hops: Array<MapData, NextHopEntry>,
+    /// The IPv4 VIPs of `vips` again under their 8-byte key (the IPv4 path's lookup);
+    /// written with `vips` by the reconciler only.
+    pub vips_v4: HashMap<MapData, VipKeyV4, VipMeta>,
+    /// IPv4 flows (`flows` holds the IPv6 ones), LRU hash.
+    pub flows_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
+    /// IPv4 flows seen once (`flows_new` holds the IPv6 ones), LRU hash.
+    pub flows_new_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
+    /// Each service's IPv4 VIP key and meta by service id (established IPv4 flows);
+    /// written with `vips_v4` by the reconciler only.
+    pub services_v4: Array<MapData, ServiceV4>,
 }
 
 /// Where maps come from.
@@ -129,6 +139,10 @@ impl Maps {
             vip_addrs: typed!(s, names::VIP_ADDRS),
             quic_ids: typed!(s, names::QUIC_IDS),
             next_hops: typed!(s, names::NEXT_HOPS),
+            vips_v4: typed!(s, names::VIPS_V4),
+            flows_v4: typed!(s, names::FLOWS_V4),
+            flows_new_v4: typed!(s, names::FLOWS_NEW_V4),
+            services_v4: typed!(s, names::SERVICES_V4),
         })
     }
 

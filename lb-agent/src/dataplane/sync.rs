@@ -38,8 +38,8 @@ use lb_common::{
     maps as names,
     types::{
         BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
-        VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT, VIP_F_L7,
-        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipMeta,
+        ServiceV4, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT,
+        VIP_F_L7, VIP_F_QUIC, VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -415,6 +415,16 @@ impl WrittenService {
         let key_changed = self.key != key;
         if key_changed || self.meta != Some(meta) {
             maps.vips.insert(key, meta, 0).map_err(write_err("VIP"))?;
+            // The IPv4 path's copy, after the record (see `remove_vip` for the order).
+            if let Some(short) = VipKeyV4::of(&key) {
+                maps.vips_v4
+                    .insert(short, meta, 0)
+                    .map_err(write_err("VIP"))?;
+            }
+            // The service's entry for established IPv4 flows (zero for an IPv6 VIP).
+            maps.services_v4
+                .set(self.id, service_v4(&key, meta), 0)
+                .map_err(write_err("service entry"))?;
         }
         if key_changed {
             remove_vip(maps, &self.key)?;
@@ -466,6 +476,9 @@ pub struct Reconciler {
     vip_addrs: BTreeMap<VipAddrKey, u32>,
     /// `QUIC_IDS` as written.
     quic_ids: super::quic_ids::QuicIds,
+    /// `SERVICES_V4` slots of ids no service holds that an adopted fast path left
+    /// written: cleared by the next apply.
+    services_v4_stale: Vec<u32>,
 }
 
 impl Reconciler {
@@ -481,6 +494,7 @@ impl Reconciler {
             filters: FilterTable::new(caps),
             vip_addrs: BTreeMap::new(),
             quic_ids: super::quic_ids::QuicIds::default(),
+            services_v4_stale: Vec::new(),
         }
     }
 
@@ -517,6 +531,43 @@ impl Reconciler {
         for (key, meta) in vips {
             r.adopt_service(maps, key, meta, &entries, desired)?;
         }
+        // An IPv4 VIP whose copy in VIPS_V4 is missing or differs (an agent stopped
+        // between the two writes) is written again by the next apply.
+        let short: BTreeMap<VipKeyV4, VipMeta> = maps
+            .vips_v4
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(read_err(names::VIPS_V4, MapKey::All))?;
+        for written in r.services.values_mut() {
+            if let Some(k) = VipKeyV4::of(&written.key) {
+                if short.get(&k) != written.meta.as_ref() {
+                    written.meta = None;
+                }
+            }
+        }
+        // So does a service whose SERVICES_V4 entry is not what its VIP says; entries
+        // of ids no service holds are cleared by the next apply.
+        let mut in_use: BTreeMap<u32, &mut WrittenService> =
+            r.services.values_mut().map(|w| (w.id, w)).collect();
+        let mut stale = Vec::new();
+        for id in 0..caps.max_services {
+            let entry = maps
+                .services_v4
+                .get(&id, 0)
+                .map_err(read_err(names::SERVICES_V4, MapKey::Index(id)))?;
+            match in_use.get_mut(&id) {
+                Some(w) => {
+                    if let Some(meta) = w.meta {
+                        if entry != service_v4(&w.key, meta) {
+                            w.meta = None;
+                        }
+                    }
+                }
+                None if entry != ServiceV4::default() => stale.push(id),
+                None => {}
+            }
+        }
+        r.services_v4_stale = stale;
         Ok(r)
     }
 
@@ -687,6 +738,12 @@ impl Reconciler {
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<Vec<AppliedService>, SyncError> {
+        while let Some(&id) = self.services_v4_stale.last() {
+            maps.services_v4
+                .set(id, ServiceV4::default(), 0)
+                .map_err(write_err("service entry"))?;
+            self.services_v4_stale.pop();
+        }
         self.filters
             .insert_new(maps, Scope::Global, &desired.filters)?;
         self.write_global_config(maps, desired)?;
@@ -822,8 +879,12 @@ impl Reconciler {
             .collect();
         for name in gone {
             let key = self.services[&name].key;
-            remove_vip(maps, &key)?;
             let id = self.services[&name].id;
+            // Established flows stop finding the service first, then the VIP goes.
+            maps.services_v4
+                .set(id, ServiceV4::default(), 0)
+                .map_err(write_err("service entry"))?;
+            remove_vip(maps, &key)?;
             self.filters.remove_stale(maps, Scope::Service(id), None)?;
             if let Some(w) = self.services.remove(&name) {
                 for &id in w.backends.values() {
@@ -905,7 +966,27 @@ pub fn vip_addrs(desired: &DesiredState) -> BTreeMap<VipAddrKey, u32> {
     out
 }
 
+/// The `SERVICES_V4` entry of a service with VIP `key` and `meta`: all zero for an
+/// IPv6 VIP (established IPv6 flows look their VIP up).
+fn service_v4(key: &VipKey, meta: VipMeta) -> ServiceV4 {
+    VipKeyV4::of(key).map_or(ServiceV4::default(), |key| ServiceV4 { key, meta })
+}
+
+/// Removes `key` from `VIPS_V4` (IPv4) and then from `VIPS`; `write_vip` writes them
+/// the other way round, so every key of `VIPS_V4` is always in `VIPS` (the record read
+/// back on adoption), whatever write an agent dies before.
 fn remove_vip(maps: &mut Maps, key: &VipKey) -> Result<(), SyncError> {
+    if let Some(short) = VipKeyV4::of(key) {
+        match maps.vips_v4.remove(&short) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(SyncError::Write {
+                    what: "VIP removal",
+                    source,
+                });
+            }
+        }
+    }
     match maps.vips.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(SyncError::Write {

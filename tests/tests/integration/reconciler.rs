@@ -13,7 +13,9 @@ use lb_agent::{
         sync::{Reconciler, SyncError},
     },
 };
-use lb_common::types::{BACKEND_F_ACTIVE, FAMILY_V4, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VipAddrKey};
+use lb_common::types::{
+    BACKEND_F_ACTIVE, FAMILY_V4, ServiceV4, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VipAddrKey, VipKeyV4,
+};
 
 const CAPS: Capacities = Capacities {
     max_services: 2,
@@ -262,4 +264,62 @@ fn vip_addresses_follow_the_services_and_are_adopted() {
         _pad: [0; 3],
     };
     assert!(maps.vip_addrs.get(&key, 0).is_err(), "removed from the map");
+}
+
+/// The IPv4 copies of the VIP entries (`VIPS_V4`, and `SERVICES_V4` by service id, read
+/// by established IPv4 flows) follow `VIPS`, and an adopting agent repairs copies an
+/// agent stopped between two writes left wrong: a service's entry that is not its VIP's
+/// is rewritten, an entry of an id no service holds is cleared.
+#[test]
+fn ipv4_vip_copies_follow_the_vips_and_are_repaired_on_adoption() {
+    xdplb_tests::require_privileges!();
+    let mut ebpf = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps = Maps::take(&mut ebpf, None).expect("maps");
+    let mut r = Reconciler::new(&CAPS);
+    let state = web(&[11, 12]);
+    r.apply(&mut maps, &state).expect("apply");
+    let id = r.service_id("web").expect("service id");
+    let key = lb_agent::dataplane::sync::vip_key(state.services[0].vip, state.services[0].protocol);
+    let short = VipKeyV4::of(&key).expect("an IPv4 VIP");
+    let meta = maps.vips.get(&key, 0).expect("VIPS entry");
+    assert_eq!(maps.vips_v4.get(&short, 0).expect("VIPS_V4 entry"), meta);
+    let want = ServiceV4 { key: short, meta };
+    assert_eq!(maps.services_v4.get(&id, 0).expect("slot"), want);
+
+    // A stopped agent's leftovers: the service's slot says another VIP, a free id's
+    // slot is written.
+    let free = (0..CAPS.max_services)
+        .find(|&i| i != id)
+        .expect("a free id");
+    let mut wrong = want;
+    wrong.key.addr ^= 1;
+    maps.services_v4.set(id, wrong, 0).expect("write");
+    maps.services_v4.set(free, want, 0).expect("write");
+    let mut adopted = Reconciler::adopt(&maps, &CAPS, &state).expect("adopt");
+    adopted
+        .apply(&mut maps, &state)
+        .expect("apply after adopting");
+    assert_eq!(
+        maps.services_v4.get(&id, 0).expect("slot"),
+        want,
+        "rewritten"
+    );
+    assert_eq!(
+        maps.services_v4.get(&free, 0).expect("slot"),
+        ServiceV4::default(),
+        "cleared"
+    );
+
+    // The service goes: every copy goes with it.
+    let mut none = state.clone();
+    none.services.clear();
+    adopted.apply(&mut maps, &none).expect("remove");
+    assert!(
+        maps.vips_v4.get(&short, 0).is_err(),
+        "VIPS_V4 entry removed"
+    );
+    assert_eq!(
+        maps.services_v4.get(&id, 0).expect("slot"),
+        ServiceV4::default()
+    );
 }

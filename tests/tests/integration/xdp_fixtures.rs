@@ -1329,10 +1329,8 @@ fn a_syn_flood_from_many_sources_does_not_evict_established_flows() -> anyhow::R
         }
         let in_table = |fx: &Fixture, from: SocketAddrV4| {
             fx.lb
-                .maps
-                .flows
-                .get(&flow_key(from, VIP_WEB, PROTO_TCP), 0)
-                .is_ok()
+                .flow_entry(&flow_key(from, VIP_WEB, PROTO_TCP), false)
+                .is_some()
         };
         ensure!(
             established.iter().all(|(f, _, _)| in_table(fx, *f)),
@@ -2229,6 +2227,90 @@ fn next_hops_come_from_the_map_with_the_fib_as_fallback() -> anyhow::Result<()> 
                 )?;
             }
         }
+        Ok(())
+    })
+}
+
+/// Established IPv4 flows find their service through their backend's service id
+/// (`SERVICES_V4`, an array) instead of a VIP lookup (issue 12, item 2): what that entry
+/// says must always be what the VIP is now. A flow table hit to a VIP that turned L7,
+/// whose service got a deny list, that was removed, or whose service id another VIP
+/// took is treated as a packet to that VIP is treated today, never as the old service.
+#[test]
+fn established_ipv4_flows_follow_what_their_vip_is_now() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    const VIP_OTHER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
+    with_fixture(test, |fx| {
+        let src = SocketAddrV4::new(CLIENT, 40000);
+        let ack = PacketBuilder::tcp(src, VIP_WEB)
+            .flags(tcp_flags::ACK)
+            .build();
+        let send =
+            |fx: &Fixture, want: u32, counter: Counter, what: &str| -> anyhow::Result<Vec<u8>> {
+                let before = fx.counters();
+                let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+                ensure!(v == want, "{what}: verdict {}", verdict_name(v));
+                ensure!(
+                    fx.counters().get(counter) == before.get(counter) + 1,
+                    "{what}: {counter:?} not counted"
+                );
+                Ok(out)
+            };
+        let (v, _) = fx.run(LB_PROGRAM, &syn(src, VIP_WEB).build())?;
+        ensure!(v == XDP_TX, "SYN: {}", verdict_name(v));
+        // The first ACK promotes the flow, the second is a flow-table hit.
+        send(fx, XDP_TX, Counter::FlowPromoted, "first ACK")?;
+        let out = send(fx, XDP_TX, Counter::Tx, "established")?;
+        let dst = Frame::parse(&out)?.ipv4()?.dst;
+        ensure!(
+            fx.lb
+                .flow_entry(&flow_key(src, VIP_WEB, PROTO_TCP), false)
+                .is_some(),
+            "the flow is not in the IPv4 flow table"
+        );
+
+        let mut d = desired();
+        d.services[0].l7 = true;
+        fx.lb.apply(&d)?;
+        send(fx, XDP_PASS, Counter::PassL7, "VIP turned L7")?;
+
+        let mut d = desired();
+        d.services[0].filters.deny = prefixes(&["198.18.0.0/24"]);
+        fx.lb.apply(&d)?;
+        let before = fx.counters();
+        let (v, _) = fx.run(LB_PROGRAM, &ack)?;
+        ensure!(v == XDP_DROP, "service deny list: {}", verdict_name(v));
+        ensure!(
+            fx.counters().get(Counter::Tx) == before.get(Counter::Tx),
+            "a denied established flow was forwarded"
+        );
+
+        fx.lb.apply(&desired())?;
+        let out = send(fx, XDP_TX, Counter::Tx, "back to L4, no list")?;
+        ensure!(
+            Frame::parse(&out)?.ipv4()?.dst == dst,
+            "the flow moved to another backend"
+        );
+
+        // The service goes; another VIP with the same backends comes (it may take the
+        // freed service id and backend ids): the flow is not its traffic.
+        let mut d = desired();
+        d.services.remove(0);
+        fx.lb.apply(&d)?;
+        send(fx, XDP_PASS, Counter::PassNotVip, "VIP removed")?;
+        d.services.push(service(
+            "other",
+            VIP_OTHER,
+            Protocol::Tcp,
+            BACKENDS.iter().map(|&b| backend(b, 80)).collect(),
+        ));
+        fx.lb.apply(&d)?;
+        send(
+            fx,
+            XDP_PASS,
+            Counter::PassNotVip,
+            "another VIP on the old ids",
+        )?;
         Ok(())
     })
 }

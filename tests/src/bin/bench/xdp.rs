@@ -722,14 +722,9 @@ impl Bench {
                 )?;
                 // A SYN waits in the new-flow table for its second packet; an
                 // established flow is in the flow table.
-                let table = if row.case == Case::LbNewFlow {
-                    &lb.0.maps.flows_new
-                } else {
-                    &lb.0.maps.flows
-                };
-                let entry = table
-                    .get(&key, 0)
-                    .context("the flow is not in its flow table after the run")?;
+                let entry =
+                    lb.0.flow_entry(&key, row.case == Case::LbNewFlow)
+                        .context("the flow is not in its flow table after the run")?;
                 ensure!(
                     lb.0.reconciler
                         .backend_id("web", BACKENDS[idx].into(), VIP.port())
@@ -1412,7 +1407,7 @@ fn fill_flow_table(c: &Custom, bench: &Bench, n: u32) -> anyhow::Result<()> {
             PROTO_TCP,
         );
         ensure!(
-            c.lb.maps.flows.get(&key, 0).is_ok(),
+            c.lb.flow_entry(&key, false).is_some(),
             "filling the flow table: flow {i} of {n} is not in it"
         );
     }
