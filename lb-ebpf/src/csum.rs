@@ -48,3 +48,129 @@ pub fn replace16_nonzero(check: u16, old: u16, new: u16) -> u16 {
         c => c,
     }
 }
+
+/// Fold a 64-bit sum of 16-bit words (or of `bpf_csum_diff` results) into 16 bits,
+/// not inverted.
+#[inline(always)]
+pub fn fold64(sum: u64) -> u16 {
+    let s = (sum & 0xffff_ffff) + (sum >> 32);
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// The 16-bit words (memory order) of a 16-byte address, summed.
+#[inline(always)]
+pub fn sum_addr6(a: &[u32; 4]) -> u64 {
+    let mut s = 0u64;
+    for w in a {
+        s += u64::from(w & 0xffff) + u64::from(w >> 16);
+    }
+    s
+}
+
+/// The sum (not folded) of the IPv6 pseudo header (RFC 8200 8.1) of `len` bytes of
+/// upper-layer protocol `next` from `src` to `dst`.
+#[inline(always)]
+pub fn pseudo6(src: &[u32; 4], dst: &[u32; 4], len: u16, next: u8) -> u64 {
+    sum_addr6(src) + sum_addr6(dst) + u64::from(len.to_be()) + u64::from(u16::from(next).to_be())
+}
+
+/// The sum (not folded) of the IPv4 pseudo header (RFC 768) of `len` bytes of protocol
+/// `proto` from `src` to `dst` (addresses in network order).
+#[inline(always)]
+pub fn pseudo4(src: u32, dst: u32, len: u16, proto: u8) -> u64 {
+    u64::from(src & 0xffff)
+        + u64::from(src >> 16)
+        + u64::from(dst & 0xffff)
+        + u64::from(dst >> 16)
+        + u64::from(len.to_be())
+        + u64::from(u16::from(proto).to_be())
+}
+
+/// The largest number of packet bytes [`sum_packet`] sums: the largest `mtu` (9216).
+pub const SUM_MAX: usize = 9216;
+
+/// The ones' complement sum (RFC 1071, not folded, not inverted; 16-bit words in memory
+/// order, an odd last byte padded with a zero) of `len` bytes of the packet from
+/// offset `off` on; `u64::MAX` when they are not all in the packet or `len` exceeds
+/// [`SUM_MAX`].
+///
+/// `bpf_csum_diff` over the packet itself, in chunks of a constant size the verifier
+/// can check (it takes at most 512 bytes, a multiple of 4, per call): 512-byte chunks,
+/// then 64-byte ones, then 4-byte ones, then the last 0 to 3 bytes by hand; every
+/// chunk has an even length, so the words keep their alignment from `off`. A BPF
+/// subprogram of its own (the GUE-over-IPv6 checksum and ICMP quotes call it).
+#[inline(never)]
+pub fn sum_packet(ctx: *mut aya_ebpf::bindings::xdp_md, off: usize, len: usize) -> u64 {
+    let ctx = aya_ebpf::programs::XdpContext::new(ctx);
+    if len > SUM_MAX || off > 0xffff {
+        return u64::MAX;
+    }
+    let mut sum = 0u64;
+    let mut pos = off;
+    let end = off + len;
+    // At most SUM_MAX / 512 = 18 full chunks.
+    for _ in 0..SUM_MAX / 512 {
+        if pos + 512 > end {
+            break;
+        }
+        let Some(p) = crate::parsing::ptr_at::<[u32; 128]>(&ctx, pos) else {
+            return u64::MAX;
+        };
+        sum += csum_diff(p.cast(), 512);
+        pos += 512;
+    }
+    for _ in 0..512 / 64 {
+        if pos + 64 > end {
+            break;
+        }
+        let Some(p) = crate::parsing::ptr_at::<[u32; 16]>(&ctx, pos) else {
+            return u64::MAX;
+        };
+        sum += csum_diff(p.cast(), 64);
+        pos += 64;
+    }
+    for _ in 0..64 / 4 {
+        if pos + 4 > end {
+            break;
+        }
+        let Some(p) = crate::parsing::ptr_at::<[u16; 2]>(&ctx, pos) else {
+            return u64::MAX;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let w = unsafe { *p };
+        sum += u64::from(w[0]) + u64::from(w[1]);
+        pos += 4;
+    }
+    if pos + 2 <= end {
+        let Some(p) = crate::parsing::ptr_at::<u16>(&ctx, pos) else {
+            return u64::MAX;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        sum += u64::from(unsafe { p.read_unaligned() });
+        pos += 2;
+    }
+    if pos < end {
+        let Some(p) = crate::parsing::ptr_at::<u8>(&ctx, pos) else {
+            return u64::MAX;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        sum += u64::from(u16::from_ne_bytes([unsafe { *p }, 0]));
+    }
+    sum
+}
+
+/// `bpf_csum_diff(NULL, 0, p, size, 0)`: the 32-bit ones' complement sum of `size`
+/// bytes at `p` (a multiple of 4, at most 512, checked in the packet by the caller).
+#[inline(always)]
+pub(crate) fn csum_diff(p: *mut u32, size: u32) -> u64 {
+    // SAFETY: the caller checked `size` bytes at `p`; nothing is written.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_csum_diff(core::ptr::null_mut(), 0, p, size, 0)
+    };
+    // A negative answer (bad sizes) cannot happen with the sizes passed; count it as 0.
+    if r < 0 { 0 } else { r as u64 & 0xffff_ffff }
+}

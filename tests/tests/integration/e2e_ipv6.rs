@@ -28,17 +28,17 @@ use xdplb_tests::{
     topology::{AgentOptions, BACKEND_ADDRS, LB_ADDR, Topology, VIP, sysctl},
 };
 
-const fn v6(net: u16, host: u16) -> Ipv6Addr {
+pub(crate) const fn v6(net: u16, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, host)
 }
 const CLIENT6: Ipv6Addr = v6(0, 2);
 const ROUTER_CLIENT6: Ipv6Addr = v6(0, 1);
 const ROUTER_LAN6: Ipv6Addr = v6(1, 1);
-const LB6: Ipv6Addr = v6(1, 0x10);
-const BACKENDS6: [Ipv6Addr; 3] = [v6(1, 0x11), v6(1, 0x12), v6(1, 0x13)];
+pub(crate) const LB6: Ipv6Addr = v6(1, 0x10);
+pub(crate) const BACKENDS6: [Ipv6Addr; 3] = [v6(1, 0x11), v6(1, 0x12), v6(1, 0x13)];
 /// VIP of `web6` (IPv6 backends be1, be2) and of `six4` (IPv4 backend be3).
-const VIP6_WEB: Ipv6Addr = v6(0x100, 1);
-const VIP6_SIX4: Ipv6Addr = v6(0x100, 2);
+pub(crate) const VIP6_WEB: Ipv6Addr = v6(0x100, 1);
+pub(crate) const VIP6_SIX4: Ipv6Addr = v6(0x100, 2);
 const VIP6_NET: &str = "fd00:18:100::/64";
 const API: &str = "127.0.0.1:9090";
 
@@ -53,7 +53,7 @@ fn ip(ns: &str, cmd: &str) -> anyhow::Result<()> {
 /// IPv6 on the step-1 bed: addresses on every `eth0` and the router's ports, default
 /// routes, forwarding on the router and the VIP prefix routed to the LB, the IPv6 VIPs
 /// on the backends' `lo`.
-fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
+pub(crate) fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
     add_ipv6_with(topo, true)
 }
 
@@ -314,7 +314,8 @@ fn sticky_cookie(r: &http::Response) -> Option<String> {
         .filter(|(n, _)| n == "set-cookie")
         .find_map(|(_, v)| {
             let pair = v.split(';').next()?.trim();
-            pair.starts_with(&format!("{COOKIE}=")).then(|| pair.to_owned())
+            pair.starts_with(&format!("{COOKIE}="))
+                .then(|| pair.to_owned())
         })
 }
 
@@ -416,8 +417,8 @@ fn an_l7_service_on_an_ipv6_vip_serves_ipv6_clients_over_both_backend_families()
     let mut per_backend = std::collections::BTreeMap::<String, usize>::new();
     let mut first = None;
     for _ in 0..30 {
-        let r = request_in(&client, vip, "GET", "/rr", &[])
-            .with_context(|| topo.agent_log_tail(40))?;
+        let r =
+            request_in(&client, vip, "GET", "/rr", &[]).with_context(|| topo.agent_log_tail(40))?;
         ensure!(r.status == 200, "GET /rr on {vip}: {r:?}");
         ensure!(
             r.local.is_ipv6(),
@@ -447,9 +448,8 @@ fn an_l7_service_on_an_ipv6_vip_serves_ipv6_clients_over_both_backend_families()
     // The request counter names every backend of either family, IPv6 ones in brackets.
     let m = metrics()?;
     for l in &labels {
-        let needle = format!(
-            "xdplb_http_requests_total{{service=\"shop6\",backend=\"{l}\",code=\"200\"}}"
-        );
+        let needle =
+            format!("xdplb_http_requests_total{{service=\"shop6\",backend=\"{l}\",code=\"200\"}}");
         ensure!(m.contains(&needle), "no `{needle}` in /metrics:\n{m}");
     }
 
@@ -462,7 +462,10 @@ fn an_l7_service_on_an_ipv6_vip_serves_ipv6_clients_over_both_backend_families()
         None,
         Duration::from_secs(5),
     )?;
-    ensure!(status == 200 || status == 204, "DELETE shop6: {status} {body}");
+    ensure!(
+        status == 200 || status == 204,
+        "DELETE shop6: {status} {body}"
+    );
     let lb = topo.lb.ns.clone();
     poll("the VIP removed from lo", Duration::from_secs(5), || {
         Ok(!lo_addrs6(&lb)?.contains(&format!("{VIP6_L7}/128")))
@@ -570,9 +573,11 @@ fn an_ipv6_vip_is_announced_through_bird_and_withdrawn() -> anyhow::Result<()> {
     let announced = |yes: bool| -> anyhow::Result<bool> {
         Ok(bird::has_route(&rtr_sock, &prefix, "lbnode")? == yes && kernel_has(&router)? == yes)
     };
-    let t = poll("the IPv6 VIP at the router", Duration::from_secs(20), || {
-        announced(true)
-    })
+    let t = poll(
+        "the IPv6 VIP at the router",
+        Duration::from_secs(20),
+        || announced(true),
+    )
     .with_context(|| topo.agent_log_tail(30))?;
     println!("{prefix} in the router's BIRD and kernel table {t:?} after the agent started");
     let text = std::fs::read_to_string(&include)?;
@@ -614,9 +619,11 @@ fn an_ipv6_vip_is_announced_through_bird_and_withdrawn() -> anyhow::Result<()> {
         "{web6} answers with its route withdrawn"
     );
     call("POST", "/api/v1/node/undrain")?;
-    poll("the VIP back after undrain", Duration::from_secs(10), || {
-        announced(true)
-    })?;
+    poll(
+        "the VIP back after undrain",
+        Duration::from_secs(10),
+        || announced(true),
+    )?;
     let r = request_in(&client, web6, "GET", "/", &[])?;
     ensure!(r.status == 200, "after undrain: {r:?}");
 
@@ -640,9 +647,11 @@ fn an_ipv6_vip_is_announced_through_bird_and_withdrawn() -> anyhow::Result<()> {
             &config_path.to_string_lossy(),
         ],
     )?;
-    let t = poll("the VIP withdrawn by detach", Duration::from_secs(10), || {
-        announced(false)
-    })?;
+    let t = poll(
+        "the VIP withdrawn by detach",
+        Duration::from_secs(10),
+        || announced(false),
+    )?;
     println!("detach: withdrawn at the router after {t:?}");
     Ok(())
 }
