@@ -61,6 +61,10 @@ pub const QUIC_IDS: &str = "XDPLB_QUIC_IDS";
 /// back to `bpf_fib_lookup` when an entry is invalid or for another address.
 pub const NEXT_HOPS: &str = "XDPLB_NEXT_HOPS";
 
+/// `PerCpuArray<[u8; 516]>` with one entry: scratch space of the program (packet bytes
+/// copied there to be summed for a checksum). Holds nothing between packets.
+pub const SCRATCH: &str = "XDPLB_SCRATCH";
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -83,6 +87,7 @@ pub const ALL: &[&str] = &[
     VIP_ADDRS,
     QUIC_IDS,
     NEXT_HOPS,
+    SCRATCH,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -98,73 +98,68 @@ pub const SUM_MAX: usize = 9216;
 /// offset `off` on; `u64::MAX` when they are not all in the packet or `len` exceeds
 /// [`SUM_MAX`].
 ///
-/// `bpf_csum_diff` over the packet itself, in chunks of a constant size the verifier
-/// can check (it takes at most 512 bytes, a multiple of 4, per call): 512-byte chunks,
-/// then 64-byte ones, then 4-byte ones, then the last 0 to 3 bytes by hand; every
-/// chunk has an even length, so the words keep their alignment from `off`. A BPF
-/// subprogram of its own (the GUE-over-IPv6 checksum and ICMP quotes call it).
+/// `bpf_csum_diff` takes at most 512 bytes, a multiple of 4, per call. The bytes are
+/// copied 512 at a time (the last chunk shorter) into a per-CPU scratch buffer
+/// ([`crate::maps::SCRATCH`]) with `bpf_xdp_load_bytes`, padded with zeros to a
+/// multiple of 4 (zeros add nothing) and summed there. Summing the packet in place
+/// (chunks of 512, 64 and 4 bytes of constant size) was rejected by the verifier:
+/// with the packet offsets known exactly on each path, every combination of chunk
+/// counts was a path of its own (over a million instructions). With the copy, one
+/// bounded loop of at most 18 steps, each ending or going on. Every chunk but the
+/// last has an even length, so the words keep their alignment from `off`. A BPF
+/// subprogram of its own (the GUE-over-IPv6 checksum and the ICMP quotes call it).
 #[inline(never)]
-pub fn sum_packet(ctx: *mut aya_ebpf::bindings::xdp_md, off: usize, len: usize) -> u64 {
-    let ctx = aya_ebpf::programs::XdpContext::new(ctx);
+pub(crate) fn sum_packet(ctx: *mut aya_ebpf::bindings::xdp_md, off: usize, len: usize) -> u64 {
     if len > SUM_MAX || off > 0xffff {
         return u64::MAX;
     }
+    let Some(buf) = crate::maps::SCRATCH.get_ptr_mut(0) else {
+        return u64::MAX;
+    };
+    let buf = buf.cast::<u8>();
     let mut sum = 0u64;
-    let mut pos = off;
-    let end = off + len;
-    // At most SUM_MAX / 512 = 18 full chunks.
+    let mut done = 0usize;
     for _ in 0..SUM_MAX / 512 {
-        if pos + 512 > end {
+        let rem = len - done;
+        if rem == 0 {
             break;
         }
-        let Some(p) = crate::parsing::ptr_at::<[u32; 128]>(&ctx, pos) else {
-            return u64::MAX;
+        let chunk = if rem > 512 { 512 } else { rem };
+        // SAFETY: `buf` is the scratch map's value (SCRATCH_LEN bytes), `chunk` <= 512
+        // fit; the kernel checks the packet range.
+        let loaded = unsafe {
+            aya_ebpf::helpers::generated::bpf_xdp_load_bytes(
+                ctx,
+                (off + done) as u32,
+                buf.cast(),
+                chunk as u32,
+            )
         };
-        sum += csum_diff(p.cast(), 512);
-        pos += 512;
-    }
-    for _ in 0..512 / 64 {
-        if pos + 64 > end {
-            break;
+        if loaded != 0 {
+            return u64::MAX;
         }
-        let Some(p) = crate::parsing::ptr_at::<[u32; 16]>(&ctx, pos) else {
-            return u64::MAX;
-        };
-        sum += csum_diff(p.cast(), 64);
-        pos += 64;
-    }
-    for _ in 0..64 / 4 {
-        if pos + 4 > end {
-            break;
+        // Zeros after the chunk up to the next multiple of 4 (three are written:
+        // chunk + 2 <= 514 < SCRATCH_LEN).
+        // SAFETY: as above.
+        unsafe {
+            buf.add(chunk).write(0);
+            buf.add(chunk + 1).write(0);
+            buf.add(chunk + 2).write(0);
         }
-        let Some(p) = crate::parsing::ptr_at::<[u16; 2]>(&ctx, pos) else {
-            return u64::MAX;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let w = unsafe { *p };
-        sum += u64::from(w[0]) + u64::from(w[1]);
-        pos += 4;
-    }
-    if pos + 2 <= end {
-        let Some(p) = crate::parsing::ptr_at::<u16>(&ctx, pos) else {
-            return u64::MAX;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        sum += u64::from(unsafe { p.read_unaligned() });
-        pos += 2;
-    }
-    if pos < end {
-        let Some(p) = crate::parsing::ptr_at::<u8>(&ctx, pos) else {
-            return u64::MAX;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        sum += u64::from(u16::from_ne_bytes([unsafe { *p }, 0]));
+        let padded = (chunk + 3) & !3;
+        sum += csum_diff(buf.cast(), padded as u32);
+        done += chunk;
     }
     sum
 }
 
+/// Length of [`crate::maps::SCRATCH`]'s value: 512 bytes of packet and the padding
+/// after them.
+pub const SCRATCH_LEN: usize = 516;
+
 /// `bpf_csum_diff(NULL, 0, p, size, 0)`: the 32-bit ones' complement sum of `size`
-/// bytes at `p` (a multiple of 4, at most 512, checked in the packet by the caller).
+/// bytes at `p` (a multiple of 4, at most 512, checked by the caller: in the packet
+/// or in the scratch buffer).
 #[inline(always)]
 pub(crate) fn csum_diff(p: *mut u32, size: u32) -> u64 {
     // SAFETY: the caller checked `size` bytes at `p`; nothing is written.

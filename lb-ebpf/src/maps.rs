@@ -97,3 +97,9 @@ pub static QUIC_IDS: HashMap<QuicKey, u32> = HashMap::with_max_entries(DEFAULT_M
 /// Each backend's next hop by backend id, written by the agent (`nexthop.rs`).
 #[map(name = "XDPLB_NEXT_HOPS")]
 pub static NEXT_HOPS: Array<NextHopEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// A per-CPU buffer for summing packet bytes (`csum::sum_packet`: 512 bytes at a time
+/// and 4 of padding).
+#[map(name = "XDPLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u8; crate::csum::SCRATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);

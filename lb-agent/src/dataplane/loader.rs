@@ -171,7 +171,7 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 20] {
+fn layouts() -> [(&'static str, usize, usize); 21] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowLimit, GlobalConfig,
@@ -204,6 +204,7 @@ fn layouts() -> [(&'static str, usize, usize); 20] {
         (maps::VIP_ADDRS, size_of::<VipAddrKey>(), 4),
         (maps::QUIC_IDS, size_of::<QuicKey>(), 4),
         (maps::NEXT_HOPS, 4, size_of::<NextHopEntry>()),
+        (maps::SCRATCH, 4, 516),
     ]
 }
 
