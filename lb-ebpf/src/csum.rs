@@ -117,14 +117,19 @@ pub(crate) fn sum_packet(ctx: *mut aya_ebpf::bindings::xdp_md, off: usize, len: 
         return u64::MAX;
     };
     let buf = buf.cast::<u8>();
-    let mut sum = 0u64;
+    let mut sum = 0u32;
     let mut done = 0usize;
     for _ in 0..SUM_MAX / 512 {
-        let rem = len - done;
-        if rem == 0 {
+        let left = len - done;
+        // Read back through memory, so that LLVM cannot turn the test below into one
+        // of `len` against `done`: the verifier must see the very register passed to
+        // bpf_xdp_load_bytes tested against 0 (it refuses a size that may be 0).
+        // SAFETY: a plain read of a local.
+        let rem = unsafe { core::ptr::read_volatile(&raw const left) };
+        let chunk = if rem > 512 { 512 } else { rem };
+        if chunk == 0 {
             break;
         }
-        let chunk = if rem > 512 { 512 } else { rem };
         // SAFETY: `buf` is the scratch map's value (SCRATCH_LEN bytes), `chunk` <= 512
         // fit; the kernel checks the packet range.
         let loaded = unsafe {
@@ -147,10 +152,22 @@ pub(crate) fn sum_packet(ctx: *mut aya_ebpf::bindings::xdp_md, off: usize, len: 
             buf.add(chunk + 2).write(0);
         }
         let padded = (chunk + 3) & !3;
-        sum += csum_diff(buf.cast(), padded as u32);
+        // The running sum is the helper's seed: one value, no branch on the answer
+        // (negative only for sizes that are not a multiple of 4 or over 512), so the
+        // verifier has one path per step.
+        // SAFETY: `padded` <= 512 bytes of the scratch buffer; nothing is written.
+        sum = unsafe {
+            aya_ebpf::helpers::generated::bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                buf.cast(),
+                padded as u32,
+                sum,
+            )
+        } as u32;
         done += chunk;
     }
-    sum
+    u64::from(sum)
 }
 
 /// Length of [`crate::maps::SCRATCH`]'s value: 512 bytes of packet and the padding

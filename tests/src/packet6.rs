@@ -268,9 +268,13 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
     match p[6] {
         IPPROTO_IPIP => check_ip(4, rest),
         IPPROTO_IPV6 => check_ip(6, rest),
-        // GUE over IPv6: the UDP checksum is required (RFC 8200 8.1) and must verify
-        // over the whole datagram; then the inner packet.
-        17 if rest.len() >= 8 + 20 && matches!(rest[8] >> 4, 4 | 6) => {
+        // GUE over IPv6 (to a GUE port of the tests: 6080, 7080): the UDP checksum is
+        // required (RFC 8200 8.1) and must verify over the whole datagram; then the
+        // inner packet.
+        17 if rest.len() >= 8 + 20
+            && matches!(u16::from_be_bytes([rest[2], rest[3]]), 6080 | 7080)
+            && matches!(rest[8] >> 4, 4 | 6) =>
+        {
             ensure!(rest[6..8] != [0, 0], "GUE over IPv6 without a UDP checksum");
             ensure!(
                 checksum6(src, dst, 17, rest) == 0,

@@ -412,8 +412,23 @@ fn an_l7_service_on_an_ipv6_vip_serves_ipv6_clients_over_both_backend_families()
         lo_addrs6(&topo.lb.ns)?
     );
 
-    // Round robin over the three, a sticky cookie on every first response.
+    // The proxy listens once the VIP is on lo; the first answer within a few seconds.
     let client = topo.client.ns.clone();
+    let t = poll(
+        "the first answer on the IPv6 L7 VIP",
+        Duration::from_secs(10),
+        || Ok(request_in(&client, vip, "GET", "/first", &[]).is_ok_and(|r| r.status == 200)),
+    )
+    .with_context(|| topo.agent_log_tail(40))?;
+    println!("l7 over IPv6: first answer {t:?} after all backends were up");
+    for line in topo
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("shop6") || l.contains("L7 VIP"))
+    {
+        println!("agent: {line}");
+    }
+    // Round robin over the three, a sticky cookie on every first response.
     let mut per_backend = std::collections::BTreeMap::<String, usize>::new();
     let mut first = None;
     for _ in 0..30 {

@@ -1127,7 +1127,7 @@ fn gue_carries_ipv6_over_ipv4_and_both_families_over_ipv6() -> anyhow::Result<()
         let big = PacketBuilder::tcp(src4, VIP4_MIXED)
             .flags(tcp_flags::ACK)
             .fragment(true, false, 0)
-            .payload(&[1; 1433])
+            .payload(&[1; 1413])
             .build();
         ensure!(big.len() - 14 + 48 == MTU as usize + 1);
         rows.push(Row {
