@@ -1044,7 +1044,11 @@ fn gue_carries_ipv6_over_ipv4_and_both_families_over_ipv6() -> anyhow::Result<()
             Ok(Row {
                 name: name.into(),
                 output: fx.gue6(&l3, &key, be),
-                input: frame(&l3),
+                input: if l3[0] >> 4 == 4 {
+                    eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, None, ETH_P_IPV4, &l3)
+                } else {
+                    frame(&l3)
+                },
                 expect: Expect::Tx(service, be),
             })
         };
