@@ -237,6 +237,8 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
             {
                 check_ip(p[ihl + 8] >> 4, &p[ihl + 8..])
             }
+            // UDP over IPv4 without a checksum (0: allowed, RFC 768).
+            17 if p.len() >= ihl + 8 && p[ihl + 6..ihl + 8] == [0, 0] => Ok(()),
             proto @ (6 | 17) => {
                 let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
                 let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
