@@ -79,6 +79,9 @@ pub const FLOWS_NEW_V4: &str = "XDPLB_FLOWS_NV4";
 /// (zero for IPv6 VIPs and free ids), for established IPv4 flows (their backend entry
 /// names the service). Written with [`VIPS_V4`]; capacity: `max_services`.
 pub const SERVICES_V4: &str = "XDPLB_SVC_V4";
+/// `PerCpuArray<[u8; 516]>` with one entry: scratch space of the program (packet bytes
+/// copied there to be summed for a checksum). Holds nothing between packets.
+pub const SCRATCH: &str = "XDPLB_SCRATCH";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -106,6 +109,7 @@ pub const ALL: &[&str] = &[
     FLOWS_V4,
     FLOWS_NEW_V4,
     SERVICES_V4,
+    SCRATCH,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

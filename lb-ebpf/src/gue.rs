@@ -12,10 +12,9 @@
 //! - UDP source port: 49152 + 14 bits of the flow's entropy
 //!   ([`lb_common::hash::gue_source_port`]), so the backends' NICs spread flows over
 //!   their receive queues (RSS hashes the outer 4-tuple) and a flow stays on one.
-//! - UDP checksum 0: allowed over IPv4 (RFC 768; RFC 8086 section 3.2 for tunnels);
+//! - UDP checksum 0 over IPv4: allowed (RFC 768; RFC 8086 section 3.2 for tunnels);
 //!   the inner packet keeps its own checksums, which the backend's stack verifies.
-//!   Over IPv6 a tunnel checksum is required unless the receiver opts in (RFC 6935):
-//!   an IPv6 outer header must compute it.
+//!   Over IPv6 it is computed (below).
 //! - Outer source: `source_ipv4`, or with `source_ipv4_prefix` the prefix's address
 //!   with its host bits from the flow's entropy ([`lb_common::hash::tunnel_source_v4`]),
 //!   as Katran varies its IPIP source within a /16.
@@ -27,27 +26,34 @@
 //! headers) calls [`encap_v4`]. So do the IPv6 path (IPv6 inner packets over IPv4 GUE,
 //! version nibble 0110) and forwarded ICMP errors.
 //!
-//! Not done: GUE with an outer IPv6 header. Over IPv6 the UDP checksum is required
-//! (RFC 6935/6936 allow a zero one only to receivers that opt in), which means summing
-//! the whole inner packet in XDP; IPv6 backends keep their IPv6 outer header (4in6,
-//! 6in6) whatever `encap` says, and their decapsulator takes those. [`decap_v4`]
-//! already hands inner IPv6 packets to the stack.
+//! GUE over IPv6 (IPv6 backends): Ethernet, an outer IPv6 header (next header 17, hop
+//! limit 64, the inner traffic class, flow label 0, `source_ipv6`), the 8-byte UDP
+//! header with the same source port rule, the inner packet. Overhead 48 bytes. Over
+//! IPv6 the UDP checksum is required (RFC 8200 8.1; RFC 6935/6936 zero checksums are
+//! for receivers that opt in, and Linux's fou6 does not by default), so it is computed
+//! ([`udp6_header`]): from the inner packet's headers when its transport checksum is
+//! complete (TCP, UDP with a checksum, ICMPv6: Linux's `lco_csum`, Katran's
+//! `gue_csum_v6`), else by summing the inner bytes ([`csum::sum_packet`]).
+//! [`decap_v6`] takes GUE over IPv6 on the backends.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_PASS},
-    helpers::generated::bpf_xdp_adjust_head,
     programs::XdpContext,
 };
 use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{Backend, ENCAP_GUE, FAMILY_V4, FlowKey, GlobalConfig, PROTO_UDP},
+    types::{
+        Backend, ENCAP_GUE, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, PROTO_TCP, PROTO_UDP,
+    },
 };
 
 use crate::{
-    encap::{Exit, outer_ipv4_proto, trim_to},
+    csum,
+    encap::{Exit, outer_ipv4_proto, push_outer, trim_to},
+    ipv6::{IPPROTO_ICMPV6, IPV6_HLEN, Ipv6Hdr},
     nexthop::next_hop_for_v4,
-    parsing::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, Ipv4Hdr, ptr_at},
+    parsing::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, Ipv4Hdr, ptr_at},
     stats::count,
 };
 
@@ -100,7 +106,9 @@ pub fn needs_send(cfg: &GlobalConfig) -> bool {
 /// backend, GUE or a source prefix), else 0 (nothing computed).
 #[inline(always)]
 pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
-    if backend.family == FAMILY_V4 && needs_send(cfg) {
+    if (backend.family == FAMILY_V4 && needs_send(cfg))
+        || (backend.family == FAMILY_V6 && cfg.encap == ENCAP_GUE)
+    {
         tunnel_entropy(key)
     } else {
         0
@@ -135,28 +143,133 @@ pub fn encap_v4(
         backend,
         inner_len + (IPV4_HLEN + UDP_HLEN) as u16,
     )?;
-    let outer = outer_ipv4_proto(source, backend, inner_len + UDP_HLEN as u16, tos, PROTO_UDP);
+    let outer = Gue4Hdr {
+        ip: outer_ipv4_proto(source, backend, inner_len + UDP_HLEN as u16, tos, PROTO_UDP),
+        udp: udp_header(sport, dport, inner_len),
+    };
     trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
-    let failed = Exit::Drop(DropReason::EncapFailed);
-    let grow = (ETH_HLEN + IPV4_HLEN + UDP_HLEN) as i32 - l3_off as i32;
-    // SAFETY: ctx.ctx is the program's xdp_md.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
-        return Err(failed);
-    }
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(failed)?;
-    let uh = ptr_at::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN).ok_or(failed)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        *eth = EthHdr {
-            dst: hop.dmac,
-            src: hop.smac,
-            proto: ETH_P_IP,
-        };
-        *ip = outer;
-        *uh = udp_header(sport, dport, inner_len);
-    }
+    push_outer(ctx, l3_off, ETH_P_IP, &outer, &hop).map_err(Exit::Drop)?;
     Ok(hop.ifindex)
+}
+
+/// GUE's outer headers over IPv4: IPv4 + UDP, written by `encap::push_outer` in one go.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Gue4Hdr {
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+}
+const _: () = assert!(core::mem::size_of::<Gue4Hdr>() == IPV4_HLEN + UDP_HLEN);
+
+/// GUE's outer headers over IPv6: IPv6 + UDP (48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Gue6Hdr {
+    pub ip: Ipv6Hdr,
+    pub udp: UdpHdr,
+}
+const _: () = assert!(core::mem::size_of::<Gue6Hdr>() == IPV6_HLEN + UDP_HLEN);
+
+/// The GUE UDP header over IPv6 for the inner packet at `l3_off` (`inner_len` bytes,
+/// IPv6 when `inner_v6`), ports in network order, from `src` to `dst`: its checksum
+/// is required over IPv6 (RFC 8200 8.1; RFC 6935/6936 zero checksums only for
+/// receivers that opt in, and Linux's fou6 does not by default), so it is computed
+/// here: the pseudo header, the UDP header and the inner packet.
+///
+/// The inner packet's sum comes from its headers alone when its own transport
+/// checksum is complete (Linux's local checksum offload, `lco_csum`, and Katran's
+/// `gue_csum_v6`): a TCP segment, a UDP datagram with a checksum, or an ICMPv6
+/// message sums, with its pseudo header, to zero, so the segment's sum is the
+/// negated sum of the pseudo header; add the inner IP header (20 or 40 bytes, summed
+/// from the packet). Otherwise (ICMPv4, UDP over IPv4 without checksum, IPv4 with
+/// options) the bytes are summed ([`csum::sum_packet`]). A client packet whose inner
+/// checksum is wrong gets a wrong outer checksum too: the backend's stack drops it at
+/// the outer UDP header instead of at the inner TCP one.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into ipv6::tunnel; no struct to copy"
+)]
+#[inline(always)]
+pub fn udp6_header(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    inner_v6: bool,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+) -> Result<UdpHdr, Exit> {
+    let inner = inner_sum(ctx, l3_off, inner_len, inner_v6)?;
+    let udp_len = inner_len + UDP_HLEN as u16;
+    let sum = csum::pseudo6(src, dst, udp_len, PROTO_UDP)
+        + u64::from(sport)
+        + u64::from(dport)
+        + u64::from(udp_len.to_be())
+        + inner;
+    // A computed 0 goes out as 0xffff (RFC 768): 0 would mean "no checksum".
+    let check = match !csum::fold64(sum) {
+        0 => 0xffff,
+        c => c,
+    };
+    Ok(UdpHdr {
+        source: sport,
+        dest: dport,
+        len: udp_len.to_be(),
+        check,
+    })
+}
+
+/// The ones' complement sum (not folded) of the IP packet at `l3_off` (`len` bytes):
+/// see [`udp6_header`].
+#[inline(always)]
+fn inner_sum(ctx: &XdpContext, l3_off: usize, len: u16, v6: bool) -> Result<u64, Exit> {
+    let failed = Exit::Drop(DropReason::EncapFailed);
+    let whole = || match csum::sum_packet(ctx.ctx, l3_off, usize::from(len)) {
+        u64::MAX => Err(failed),
+        s => Ok(s),
+    };
+    if v6 {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(failed)?;
+        if usize::from(len) < IPV6_HLEN {
+            return Err(failed);
+        }
+        let l4_len = len - IPV6_HLEN as u16;
+        // SAFETY: bounds checked by ptr_at.
+        let next = unsafe { (*ip).nexthdr };
+        if !complete(ctx, l3_off + IPV6_HLEN, next, true) {
+            return whole();
+        }
+        // SAFETY: bounds checked by ptr_at; the addresses are read in place.
+        let pseudo = unsafe { csum::pseudo6(&(*ip).saddr, &(*ip).daddr, l4_len, next) };
+        return Ok(csum::csum_diff(ip.cast(), IPV6_HLEN as u32) + u64::from(!csum::fold64(pseudo)));
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (vihl, proto, saddr, daddr) =
+        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
+    if vihl != 0x45
+        || usize::from(len) < IPV4_HLEN
+        || !complete(ctx, l3_off + IPV4_HLEN, proto, false)
+    {
+        return whole();
+    }
+    let pseudo = csum::pseudo4(saddr, daddr, len - IPV4_HLEN as u16, proto);
+    Ok(csum::csum_diff(ip.cast(), IPV4_HLEN as u32) + u64::from(!csum::fold64(pseudo)))
+}
+
+/// Does the transport header at `l4_off` (protocol `proto`) carry a complete checksum
+/// that covers a pseudo header? TCP, UDP with a non-zero checksum, ICMPv6.
+#[inline(always)]
+fn complete(ctx: &XdpContext, l4_off: usize, proto: u8, v6: bool) -> bool {
+    match proto {
+        PROTO_TCP => true,
+        PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4_off)
+            // SAFETY: bounds checked by ptr_at.
+            .is_some_and(|u| unsafe { (*u).check } != 0),
+        IPPROTO_ICMPV6 => v6,
+        _ => false,
+    }
 }
 
 /// `xdp_decap`'s GUE branch, for an outer IPv4 header at `l3_off` (20 bytes, no
@@ -187,6 +300,40 @@ pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32>
         _ => return Err(XDP_PASS),
     };
     crate::ipv6::strip_outer(ctx, l3_off, (IPV4_HLEN + UDP_HLEN) as i32, inner_proto)
+        .map_err(|()| XDP_ABORTED)?;
+    count(Counter::DecapGue);
+    Ok(XDP_PASS)
+}
+
+/// `xdp_decap`'s GUE branch over IPv6: the outer IPv6 header at `l3_off` (40 bytes,
+/// next header UDP, checked by the caller) addressed to `daddr`; as [`decap_v4`]
+/// otherwise. The outer UDP checksum is not verified here: the inner packet's own
+/// checksums (TCP, UDP, ICMPv6 with its pseudo header; IPv4's header checksum) are
+/// verified by the backend's stack after decapsulation and cover everything it
+/// delivers; what only the outer checksum covers (the outer addresses and ports)
+/// decided nothing but that this host decapsulates. A zero checksum is accepted too.
+#[inline(always)]
+pub fn decap_v6(ctx: &XdpContext, l3_off: usize, daddr: &[u32; 4]) -> Result<u32, u32> {
+    let udp = ptr_at::<UdpHdr>(ctx, l3_off + IPV6_HLEN).ok_or(XDP_PASS)?;
+    let port = crate::maps::CONFIG.get(0).map_or(0, |c| c.gue_port);
+    // SAFETY: bounds checked by ptr_at.
+    if port == 0 || unsafe { (*udp).dest } != port {
+        return Err(XDP_PASS);
+    }
+    let key = crate::keys::decap_key(*daddr, FAMILY_V6);
+    // SAFETY: DECAP_DSTS is preallocated; the value is not read.
+    if unsafe { crate::maps::DECAP_DSTS.get(key) }.is_none() {
+        return Err(XDP_PASS);
+    }
+    let inner_off = l3_off + IPV6_HLEN + UDP_HLEN;
+    let first = ptr_at::<u8>(ctx, inner_off).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner_proto = match unsafe { *first } >> 4 {
+        4 if ptr_at::<Ipv4Hdr>(ctx, inner_off).is_some() => ETH_P_IP,
+        6 if ptr_at::<Ipv6Hdr>(ctx, inner_off).is_some() => ETH_P_IPV6,
+        _ => return Err(XDP_PASS),
+    };
+    crate::ipv6::strip_outer(ctx, l3_off, (IPV6_HLEN + UDP_HLEN) as i32, inner_proto)
         .map_err(|()| XDP_ABORTED)?;
     count(Counter::DecapGue);
     Ok(XDP_PASS)

@@ -66,9 +66,12 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_ECHO: u8 = 8;
 pub const ICMP_HLEN: usize = 8;
-/// What an ICMPv4 error quotes of the offending packet: its 20-byte header and the
+/// The least an ICMPv4 error about a flow quotes of the offending packet: its 20-byte header and the
 /// first 8 bytes after it (the ports).
 pub const QUOTE_LEN: usize = IPV4_HLEN + 8;
+/// The most of the invoking packet "fragmentation needed" quotes: what fits in 576
+/// bytes with the new IP and ICMP headers (RFC 1812 4.3.2.3).
+pub const MAX_QUOTE_LEN: usize = 576 - IPV4_HLEN - ICMP_HLEN;
 /// Type of service of the errors the balancer sends: precedence "internetwork
 /// control", as Linux sends its own.
 const ERROR_TOS: u8 = 0xc0;
@@ -271,10 +274,9 @@ fn forward_error_v4(
 pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit> {
     let too_big = Exit::Drop(DropReason::TooBig);
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(too_big)?;
-    let l4 = ptr_at::<[u16; 4]>(ctx, l3_off + IPV4_HLEN).ok_or(too_big)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(too_big)?;
     // SAFETY: bounds checked by ptr_at.
-    let (ip, l4, eth) = unsafe { (*ip, *l4, *eth) };
+    let (ip, eth) = unsafe { (*ip, *eth) };
     if ip.frag_off & IP_DF == 0 {
         return Err(too_big);
     }
@@ -286,9 +288,15 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
         None
     };
     let failed = Exit::Drop(DropReason::EncapFailed);
+    // As much of the packet as fits in 576 bytes (RFC 1812 4.3.2.3), at least its
+    // header and 8 bytes (checked by parse_ipv4 for TCP/UDP).
+    let quote = usize::from(u16::from_be(ip.tot_len)).min(MAX_QUOTE_LEN);
+    if quote < QUOTE_LEN {
+        return Err(failed);
+    }
     // Keep the L2 header and the quote, then make room for the new IP and ICMP headers
     // in front of the quote: the quoted bytes never move.
-    let keep = l3_off + QUOTE_LEN;
+    let keep = l3_off + quote;
     let len = ctx.data_end() - ctx.data();
     if len > keep {
         // SAFETY: ctx.ctx is the program's xdp_md; the kernel checks the new length.
@@ -296,6 +304,11 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
             return Err(failed);
         }
     }
+    // The quote's sum, in place (csum::sum_packet: up to 548 bytes).
+    let quoted = match csum::sum_packet(ctx.ctx, l3_off, quote) {
+        u64::MAX => return Err(failed),
+        s => s,
+    };
     // SAFETY: as above.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV4_HLEN + ICMP_HLEN) as i32)) } != 0 {
         return Err(failed);
@@ -303,7 +316,7 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     let mut reply = Ipv4Hdr {
         version_ihl: 0x45,
         tos: ERROR_TOS,
-        tot_len: ((IPV4_HLEN + ICMP_HLEN + QUOTE_LEN) as u16).to_be(),
+        tot_len: ((IPV4_HLEN + ICMP_HLEN + quote) as u16).to_be(),
         id: 0,
         frag_off: 0,
         ttl: OUTER_TTL,
@@ -319,24 +332,13 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
         check: 0,
         rest: [0, ((mtu - IPV4_HLEN as u32) as u16).to_be()],
     };
-    // SAFETY: IcmpHdr and Ipv4Hdr are plain integers with no padding.
-    let (head, quoted) = unsafe {
-        (
-            transmute::<IcmpHdr, [u16; 4]>(icmp),
-            transmute::<Ipv4Hdr, [u16; 10]>(ip),
-        )
-    };
-    let mut sum = 0u32;
+    // SAFETY: IcmpHdr is plain integers with no padding.
+    let head = unsafe { transmute::<IcmpHdr, [u16; 4]>(icmp) };
+    let mut sum = quoted;
     for w in head {
-        sum += u32::from(w);
+        sum += u64::from(w);
     }
-    for w in quoted {
-        sum += u32::from(w);
-    }
-    for w in l4 {
-        sum += u32::from(w);
-    }
-    icmp.check = !csum::fold(sum);
+    icmp.check = !csum::fold64(sum);
     let new_eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
     let new_ip = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(failed)?;
     let new_icmp = ptr_at::<IcmpHdr>(ctx, l3_off + IPV4_HLEN).ok_or(failed)?;

@@ -59,8 +59,11 @@ pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMP6_ECHO_REQUEST: u8 = 128;
 pub const ICMP6_ECHO_REPLY: u8 = 129;
 pub const ICMP6_HLEN: usize = 8;
-/// What a "packet too big" from the balancer quotes: the IPv6 header and 8 bytes.
+/// The least a "packet too big" from the balancer quotes: the IPv6 header and 8 bytes.
 pub const QUOTE6_LEN: usize = IPV6_HLEN + 8;
+/// The most of the invoking packet "packet too big" quotes: what fits in the minimum
+/// IPv6 MTU, 1280, with the new IPv6 and ICMPv6 headers (RFC 4443 2.4(c)).
+pub const MAX_QUOTE6_LEN: usize = 1280 - IPV6_HLEN - ICMP6_HLEN;
 /// Traffic class of the errors the balancer sends (as `icmp.rs`'s TOS: network control).
 const ERROR_TC: u8 = 0xc0;
 
@@ -259,10 +262,15 @@ fn forward_error_v6(
 pub fn too_big_v6(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit> {
     let failed = Exit::Drop(DropReason::EncapFailed);
     let ip = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(failed)?;
-    let l4 = ptr_at::<[u16; 4]>(ctx, l3_off + IPV6_HLEN).ok_or(failed)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
-    let (ip, l4, eth) = unsafe { (*ip, *l4, *eth) };
+    let (ip, eth) = unsafe { (*ip, *eth) };
+    // As much of the packet as fits in the minimum IPv6 MTU (RFC 4443 2.4(c)), at
+    // least its header and 8 bytes (checked by parse_ipv6 for TCP/UDP).
+    let quote = (IPV6_HLEN + usize::from(u16::from_be(ip.payload_len))).min(MAX_QUOTE6_LEN);
+    if quote < QUOTE6_LEN {
+        return Err(failed);
+    }
     let vlan = if l3_off == ETH_HLEN + VLAN_HLEN {
         let v = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(failed)?;
         // SAFETY: bounds checked by ptr_at.
@@ -272,7 +280,7 @@ pub fn too_big_v6(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     };
     // Keep the L2 header and the quote, then make room for the new IPv6 and ICMPv6
     // headers in front of the quote: the quoted bytes never move.
-    let keep = l3_off + QUOTE6_LEN;
+    let keep = l3_off + quote;
     let len = ctx.data_end() - ctx.data();
     if len > keep {
         // SAFETY: ctx.ctx is the program's xdp_md; the kernel checks the new length.
@@ -280,11 +288,16 @@ pub fn too_big_v6(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
             return Err(failed);
         }
     }
+    // The quote's sum, in place (csum::sum_packet: up to 1232 bytes).
+    let quoted = match csum::sum_packet(ctx.ctx, l3_off, quote) {
+        u64::MAX => return Err(failed),
+        s => s,
+    };
     // SAFETY: as above.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((IPV6_HLEN + ICMP6_HLEN) as i32)) } != 0 {
         return Err(failed);
     }
-    let icmp_len = (ICMP6_HLEN + QUOTE6_LEN) as u16;
+    let icmp_len = (ICMP6_HLEN + quote) as u16;
     let reply = Ipv6Hdr {
         vtc_flow: Ipv6Hdr::vtc(ERROR_TC),
         payload_len: icmp_len.to_be(),
@@ -304,31 +317,12 @@ pub fn too_big_v6(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     // Checksum over the pseudo-header (source, destination, upper-layer length, next
     // header), the ICMPv6 header and the quote; all words in memory order.
     // SAFETY: plain integers with no padding.
-    let (saddr, daddr, head, quoted) = unsafe {
-        (
-            transmute::<[u32; 4], [u16; 8]>(reply.saddr),
-            transmute::<[u32; 4], [u16; 8]>(reply.daddr),
-            transmute::<Icmp6Hdr, [u16; 4]>(icmp),
-            transmute::<Ipv6Hdr, [u16; 20]>(ip),
-        )
-    };
-    let mut sum = u32::from(icmp_len.to_be()) + u32::from(u16::from(IPPROTO_ICMPV6).to_be());
-    for w in saddr {
-        sum += u32::from(w);
-    }
-    for w in daddr {
-        sum += u32::from(w);
-    }
+    let head = unsafe { transmute::<Icmp6Hdr, [u16; 4]>(icmp) };
+    let mut sum = quoted + csum::pseudo6(&reply.saddr, &reply.daddr, icmp_len, IPPROTO_ICMPV6);
     for w in head {
-        sum += u32::from(w);
+        sum += u64::from(w);
     }
-    for w in quoted {
-        sum += u32::from(w);
-    }
-    for w in l4 {
-        sum += u32::from(w);
-    }
-    icmp.check = !csum::fold(sum);
+    icmp.check = !csum::fold64(sum);
     let new_eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
     let new_ip = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(failed)?;
     let new_icmp = ptr_at::<Icmp6Hdr>(ctx, l3_off + IPV6_HLEN).ok_or(failed)?;

@@ -249,11 +249,11 @@ pub fn try_lb_v6(
 }
 
 /// Length of the outer headers towards `backend` as `cfg` tunnels to it: 40 for an
-/// IPv6 backend (4in6 / 6in6), 20 for an IPv4 one (IPIP / 6in4), 28 with GUE.
+/// IPv6 backend (4in6 / 6in6), 20 for an IPv4 one (IPIP / 6in4); GUE adds 8 (48, 28).
 #[inline(always)]
 pub fn outer_len(backend: &Backend, cfg: &GlobalConfig) -> u32 {
     if backend.family == FAMILY_V6 {
-        IPV6_HLEN as u32
+        IPV6_HLEN as u32 + gue::extra_overhead(cfg)
     } else {
         IPV4_HLEN as u32 + gue::extra_overhead(cfg)
     }
@@ -381,21 +381,50 @@ pub fn tunnel(
         if cfg.source_v6 == [0; 4] {
             return Err(Exit::Pass(Counter::PassNoSource));
         }
-        let nexthdr = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-        let outer_len = inner_len + IPV6_HLEN as u16;
+        let gue = cfg.encap == ENCAP_GUE;
+        let extra = if gue { gue::UDP_HLEN as u16 } else { 0 };
+        let outer_len = inner_len + IPV6_HLEN as u16 + extra;
         let hop = match nexthop::cached(backend_id, FAMILY_V6, &f.addr, outer_len) {
             Some(hop) => hop?,
             None => next_hop_v6(ctx, &cfg.source_v6, &f.addr, outer_len)?,
         };
+        trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
+        if gue {
+            // GUE over IPv6 (gue.rs): the UDP checksum is computed.
+            let sport = gue_source_port(f.entropy).to_be();
+            let source = &cfg.source_v6;
+            let udp = gue::udp6_header(
+                ctx,
+                l3_off,
+                inner_len,
+                inner_v6,
+                source,
+                &f.addr,
+                sport,
+                cfg.gue_port,
+            )?;
+            let outer = gue::Gue6Hdr {
+                ip: Ipv6Hdr {
+                    vtc_flow: Ipv6Hdr::vtc(tos),
+                    payload_len: (inner_len + extra).to_be(),
+                    nexthdr: PROTO_UDP,
+                    hop_limit: OUTER_TTL,
+                    saddr: *source,
+                    daddr: f.addr,
+                },
+                udp,
+            };
+            push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
+            return Ok(hop.ifindex);
+        }
         let outer = Ipv6Hdr {
             vtc_flow: Ipv6Hdr::vtc(tos),
             payload_len: inner_len.to_be(),
-            nexthdr,
+            nexthdr: if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP },
             hop_limit: OUTER_TTL,
             saddr: cfg.source_v6,
             daddr: f.addr,
         };
-        trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
         push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
         return Ok(hop.ifindex);
     }
@@ -484,14 +513,16 @@ pub fn decap_v6(ctx: &XdpContext, l2: &L2) -> Result<u32, u32> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { *ip };
-    let (inner_version, ethertype) = match ip.nexthdr {
-        IPPROTO_IPV6 => (6, ETH_P_IPV6),
-        IPPROTO_IPIP => (4, ETH_P_IP),
-        _ => return Err(XDP_PASS),
-    };
     if ip.version() != 6 {
         return Err(XDP_PASS);
     }
+    let (inner_version, ethertype) = match ip.nexthdr {
+        IPPROTO_IPV6 => (6, ETH_P_IPV6),
+        IPPROTO_IPIP => (4, ETH_P_IP),
+        // GUE over IPv6 (gue.rs).
+        PROTO_UDP => return gue::decap_v6(ctx, l2.l3_off, &ip.daddr),
+        _ => return Err(XDP_PASS),
+    };
     let key = crate::keys::decap_key(ip.daddr, FAMILY_V6);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { DECAP_DSTS.get(key) }.is_none() {

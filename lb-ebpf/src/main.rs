@@ -27,7 +27,7 @@ use lb_ebpf::{
     gue,
     hashing::{self, Limits, V4, choose_backend},
     icmp, icmp6,
-    ipv6::{self, Forward, IPV6_HLEN},
+    ipv6::{self, Forward},
     keys,
     maps::{CONFIG, DECAP_DSTS, VIPS_V4},
     parsing::{
@@ -151,13 +151,25 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
     };
     if choice.backend.family == FAMILY_V6 {
         // IPv4 in IPv6 (ipv6.rs): a 40-byte outer header, checked against `mtu` again.
-        if mtu != 0 && u32::from(pkt.tot_len) + IPV6_HLEN as u32 > mtu {
-            // too_big_v4 announces its argument less 20: mtu - 40.
-            let arg = mtu - IPV6_HLEN as u32 + IPV4_HLEN as u32;
+        // With GUE, 48 (ipv6::outer_len).
+        let outer = ipv6::outer_len(&choice.backend, cfg);
+        if mtu != 0 && u32::from(pkt.tot_len) + outer > mtu {
+            // too_big_v4 announces its argument less 20: mtu - 40 (48).
+            let arg = mtu - outer + IPV4_HLEN as u32;
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
         let (len, tos) = (pkt.tot_len, pkt.tos);
-        Forward::fill(fwd, &choice, vip.service_id, len, tos, false, false, 0);
+        let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
+        Forward::fill(
+            fwd,
+            &choice,
+            vip.service_id,
+            len,
+            tos,
+            false,
+            false,
+            entropy,
+        );
         return Ok(NEXT_SEND);
     }
     if gue::needs_send(cfg) {

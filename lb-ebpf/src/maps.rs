@@ -116,3 +116,8 @@ pub static FLOWS_NEW_V4: LruHashMap<FlowKeyV4, FlowEntry> =
 /// Each service's IPv4 VIP and meta by service id (established IPv4 flows).
 #[map(name = "XDPLB_SVC_V4")]
 pub static SERVICES_V4: Array<ServiceV4> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+/// A per-CPU buffer for summing packet bytes (`csum::sum_packet`: 512 bytes at a time
+/// and 4 of padding).
+#[map(name = "XDPLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u8; crate::csum::SCRATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);

@@ -167,6 +167,25 @@ pub fn ipv4_tunnel(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, tos: u8, inner: &
     h
 }
 
+/// A GUE datagram over IPv6 (variant 1: the inner IP packet right after the UDP header)
+/// from `src`:`sport` to `dst`:`dport`, with its UDP checksum over the IPv6 pseudo
+/// header (required over IPv6; a computed 0 is sent as 0xffff).
+pub fn gue6_udp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, inner: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + inner.len()).expect("fits");
+    let mut u = Vec::with_capacity(8 + inner.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(inner);
+    let mut c = checksum6(src, dst, crate::packet::IPPROTO_UDP, &u);
+    if c == 0 {
+        c = 0xffff;
+    }
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
 /// The IP packet of an Ethernet frame (after at most one VLAN tag): EtherType and bytes.
 pub fn l3_of(frame: &[u8]) -> anyhow::Result<(u16, &[u8])> {
     ensure!(frame.len() >= 14, "frame of {} bytes", frame.len());
@@ -218,6 +237,8 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
             {
                 check_ip(p[ihl + 8] >> 4, &p[ihl + 8..])
             }
+            // UDP over IPv4 without a checksum (0: allowed, RFC 768).
+            17 if p.len() >= ihl + 8 && p[ihl + 6..ihl + 8] == [0, 0] => Ok(()),
             proto @ (6 | 17) => {
                 let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
                 let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
@@ -249,6 +270,24 @@ fn check_ip(version: u8, p: &[u8]) -> anyhow::Result<()> {
     match p[6] {
         IPPROTO_IPIP => check_ip(4, rest),
         IPPROTO_IPV6 => check_ip(6, rest),
+        // GUE over IPv6 (to a GUE port of the tests: 6080, 7080): the UDP checksum is
+        // required (RFC 8200 8.1) and must verify over the whole datagram; then the
+        // inner packet.
+        17 if rest.len() >= 8 + 20
+            && matches!(u16::from_be_bytes([rest[2], rest[3]]), 6080 | 7080)
+            && matches!(rest[8] >> 4, 4 | 6) =>
+        {
+            ensure!(rest[6..8] != [0, 0], "GUE over IPv6 without a UDP checksum");
+            ensure!(
+                checksum6(src, dst, 17, rest) == 0,
+                "UDP checksum of GUE over IPv6"
+            );
+            ensure!(
+                usize::from(u16::from_be_bytes([rest[4], rest[5]])) == rest.len(),
+                "UDP length of GUE over IPv6"
+            );
+            check_ip(rest[8] >> 4, &rest[8..])
+        }
         nh @ (6 | 17 | IPPROTO_ICMPV6) => {
             ensure!(
                 checksum6(src, dst, nh, rest) == 0,

@@ -171,7 +171,7 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 24] {
+fn layouts() -> [(&'static str, usize, usize); 25] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
@@ -217,6 +217,7 @@ fn layouts() -> [(&'static str, usize, usize); 24] {
             size_of::<FlowEntry>(),
         ),
         (maps::SERVICES_V4, 4, size_of::<ServiceV4>()),
+        (maps::SCRATCH, 4, 516),
     ]
 }
 

@@ -55,20 +55,8 @@ fn decap_counter(ns: &str, bpffs: &Path, counter: Counter) -> anyhow::Result<u64
     Ok(counters.get(&counter.index(), 0)?.iter().sum())
 }
 
-#[test]
-fn gue_end_to_end_300_connections() -> anyhow::Result<()> {
-    require_privileges!();
-    let opts = BedOptions {
-        config: Topology::default_config()
-            .dataplane("encap", "gue")
-            .dataplane("gue_port", GUE_PORT),
-        ..BedOptions::default()
-    };
-    let expected = scenario::expected_shares(&opts.config, "web");
-    let bed = L4Bed::start(&opts)?;
-    let t = &bed.topo;
-    // The bed attached the decapsulators with the default port; attach them again the
-    // way an operator of a GUE balancer on port 7080 would (this replaces them).
+/// `lb-agent decap attach --gue-port 7080` on every backend (replacing what is there).
+fn attach_decap_gue(t: &Topology) -> anyhow::Result<()> {
     let bin = agent_binary()?;
     for b in &t.backends {
         let out = netns::exec(
@@ -91,6 +79,115 @@ fn gue_end_to_end_300_connections() -> anyhow::Result<()> {
             "decap attach did not say it takes GUE on {GUE_PORT}: {out}"
         );
     }
+    Ok(())
+}
+
+/// GUE with both outer families (issue 11, session 17): the IPv6 bed of `e2e_ipv6`
+/// with `encap = "gue"` on port 7080. Real HTTP connections: from the IPv6 client to
+/// an IPv6 VIP with IPv6 backends (IPv6 in GUE over IPv6), from the IPv4 client to an
+/// IPv4 VIP with an IPv6 backend (IPv4 in GUE over IPv6), from the IPv6 client to an
+/// IPv6 VIP with an IPv4 backend (IPv6 in GUE over IPv4). All answered (the backends'
+/// stacks took the inner packets after `xdp_decap`), and every backend's decapsulator
+/// counted GUE only: the outer UDP checksum of GUE over IPv6 is computed by the
+/// balancer (the backends' kernels would drop a wrong inner one) and no IPv6 backend
+/// got 6in6 or 4in6.
+#[test]
+fn gue_over_ipv6_and_ipv4_to_backends_of_both_families() -> anyhow::Result<()> {
+    use crate::e2e_ipv6::{BACKENDS6, LB6, VIP6_SIX4, VIP6_WEB, add_ipv6};
+    use std::net::Ipv6Addr;
+    use xdplb_tests::{
+        config::LbConfig,
+        http::{self, HttpServer},
+        topology::{AgentOptions, LB_ADDR},
+    };
+    require_privileges!();
+    let mut topo = Topology::build()?;
+    add_ipv6(&topo)?;
+    let _servers: Vec<HttpServer> = topo
+        .backends
+        .iter()
+        .map(|b| {
+            HttpServer::start(
+                &b.ns,
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
+                &b.role,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    topo.attach_decap()?;
+    attach_decap_gue(&topo)?;
+    let web6 = SocketAddr::from((VIP6_WEB, 80));
+    let six4 = SocketAddr::from((VIP6_SIX4, 80));
+    let mixed = SocketAddr::from((VIP, 80));
+    let config = LbConfig::new("eth0")
+        .api_listen("127.0.0.1:9090")
+        .source_ipv4(LB_ADDR)
+        .dataplane("source_ipv6", LB6.to_string())
+        .dataplane("encap", "gue")
+        .dataplane("gue_port", GUE_PORT)
+        .sizes(65537, 65536)
+        .service(
+            ServiceConfig::new("web6", web6)
+                .backend(BackendConfig::new(BACKENDS6[0]))
+                .backend(BackendConfig::new(BACKENDS6[1])),
+        )
+        .service(ServiceConfig::new("six4", six4).backend(BackendConfig::new(BACKEND_ADDRS[2])))
+        .service(ServiceConfig::new("mixed", mixed).backend(BackendConfig::new(BACKENDS6[2])));
+    topo.start_agent(&config, &AgentOptions::default())?;
+    let deadline = Duration::from_secs(60);
+    let checks: [(&str, SocketAddr, usize, &[&str]); 3] = [
+        ("6 in GUE/6", web6, 200, &["be1", "be2"]),
+        ("4 in GUE/6", mixed, 100, &["be3"]),
+        ("6 in GUE/4", six4, 50, &["be3"]),
+    ];
+    for (what, target, n, want) in checks {
+        let load = http::run_load(&topo.client.ns, target, n, 4, deadline)
+            .with_context(|| format!("{what}: load to {target}"))?;
+        eprintln!("{what} to {target}: {load:?}");
+        ensure!(
+            load.all_ok(),
+            "{what}: {} of {n} GETs to {target} failed: {:?}\nagent log:\n{}",
+            load.failed,
+            load.failures,
+            topo.agent_log_tail(40)
+        );
+        let served: Vec<&str> = load.per_backend.keys().map(String::as_str).collect();
+        ensure!(
+            served == want,
+            "{what}: served by {served:?}, want {want:?}"
+        );
+    }
+    for b in &topo.backends {
+        let gue = decap_counter(&b.ns, topo.bpffs(), Counter::DecapGue)?;
+        let other = decap_counter(&b.ns, topo.bpffs(), Counter::Decap)?;
+        eprintln!(
+            "{}: decap_gue {gue}, decap (IPIP, 6in6, 4in6, 6in4) {other}",
+            b.role
+        );
+        ensure!(
+            gue > 0 && other == 0,
+            "{}: {gue} GUE and {other} other tunnelled packets; want GUE only",
+            b.role
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn gue_end_to_end_300_connections() -> anyhow::Result<()> {
+    require_privileges!();
+    let opts = BedOptions {
+        config: Topology::default_config()
+            .dataplane("encap", "gue")
+            .dataplane("gue_port", GUE_PORT),
+        ..BedOptions::default()
+    };
+    let expected = scenario::expected_shares(&opts.config, "web");
+    let bed = L4Bed::start(&opts)?;
+    let t = &bed.topo;
+    // The bed attached the decapsulators with the default port; attach them again the
+    // way an operator of a GUE balancer on port 7080 would (this replaces them).
+    attach_decap_gue(t)?;
     let outcome = bed.measure(&LoadOptions::default())?;
     eprintln!("outcome: {outcome:#?}");
     let problems = outcome.problems(&expected);

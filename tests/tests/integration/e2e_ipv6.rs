@@ -28,17 +28,17 @@ use xdplb_tests::{
     topology::{AgentOptions, BACKEND_ADDRS, LB_ADDR, Topology, VIP, sysctl},
 };
 
-const fn v6(net: u16, host: u16) -> Ipv6Addr {
+pub(crate) const fn v6(net: u16, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, host)
 }
 const CLIENT6: Ipv6Addr = v6(0, 2);
 const ROUTER_CLIENT6: Ipv6Addr = v6(0, 1);
 const ROUTER_LAN6: Ipv6Addr = v6(1, 1);
-const LB6: Ipv6Addr = v6(1, 0x10);
-const BACKENDS6: [Ipv6Addr; 3] = [v6(1, 0x11), v6(1, 0x12), v6(1, 0x13)];
+pub(crate) const LB6: Ipv6Addr = v6(1, 0x10);
+pub(crate) const BACKENDS6: [Ipv6Addr; 3] = [v6(1, 0x11), v6(1, 0x12), v6(1, 0x13)];
 /// VIP of `web6` (IPv6 backends be1, be2) and of `six4` (IPv4 backend be3).
-const VIP6_WEB: Ipv6Addr = v6(0x100, 1);
-const VIP6_SIX4: Ipv6Addr = v6(0x100, 2);
+pub(crate) const VIP6_WEB: Ipv6Addr = v6(0x100, 1);
+pub(crate) const VIP6_SIX4: Ipv6Addr = v6(0x100, 2);
 const VIP6_NET: &str = "fd00:18:100::/64";
 const API: &str = "127.0.0.1:9090";
 
@@ -53,7 +53,13 @@ fn ip(ns: &str, cmd: &str) -> anyhow::Result<()> {
 /// IPv6 on the step-1 bed: addresses on every `eth0` and the router's ports, default
 /// routes, forwarding on the router and the VIP prefix routed to the LB, the IPv6 VIPs
 /// on the backends' `lo`.
-fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
+pub(crate) fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
+    add_ipv6_with(topo, true)
+}
+
+/// [`add_ipv6`]; with `vip_route` false the router gets no static route to the VIP
+/// prefix (BGP brings one, see [`an_ipv6_vip_is_announced_through_bird_and_withdrawn`]).
+fn add_ipv6_with(topo: &Topology, vip_route: bool) -> anyhow::Result<()> {
     let r = &topo.router;
     sysctl(r, "net.ipv6.conf.all.forwarding", "1")?;
     ip(
@@ -67,7 +73,9 @@ fn add_ipv6(topo: &Topology) -> anyhow::Result<()> {
             topo.client.router_port
         ),
     )?;
-    ip(r, &format!("-6 route add {VIP6_NET} via {LB6}"))?;
+    if vip_route {
+        ip(r, &format!("-6 route add {VIP6_NET} via {LB6}"))?;
+    }
     ip(
         &topo.client.ns,
         &format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"),
@@ -270,4 +278,395 @@ fn ping6(target: Ipv6Addr, timeout: Duration) -> anyhow::Result<Duration> {
         }
         anyhow::bail!("no echo reply from {target} within {timeout:?}")
     }
+}
+
+/// VIP of the L7 service `shop6` (issue 11 item 1: "L7 ... work with IPv6 addresses").
+const VIP6_L7: Ipv6Addr = v6(0x100, 3);
+const COOKIE: &str = "LBSTICKY";
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One request to `target` from namespace `ns` (`Connection: close`).
+fn request_in(
+    ns: &str,
+    target: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<http::Response> {
+    let (m, p) = (method.to_owned(), path.to_owned());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    netns::in_netns(ns, move || {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        http::request(target, &m, &p, &h, None, TIMEOUT)
+    })
+}
+
+/// The `name=value` of our sticky Set-Cookie, if the response sets it.
+fn sticky_cookie(r: &http::Response) -> Option<String> {
+    r.headers
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .find_map(|(_, v)| {
+            let pair = v.split(';').next()?.trim();
+            pair.starts_with(&format!("{COOKIE}="))
+                .then(|| pair.to_owned())
+        })
+}
+
+/// The addresses of `lo` in namespace `ns` (`ip -6 addr show dev lo`).
+fn lo_addrs6(ns: &str) -> anyhow::Result<String> {
+    netns::run(&["ip", "-n", ns, "-6", "addr", "show", "dev", "lo"])
+}
+
+/// Polls `cond` every 50 ms for up to `limit`.
+fn poll(
+    what: &str,
+    limit: Duration,
+    cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    xdplb_tests::load::wait_for(what, limit, Duration::from_millis(50), cond)
+}
+
+/// An L7 service on an IPv6 VIP, end to end (issue 11 item 1): the agent adds the VIP
+/// to the LB's `lo` (the fast path passes its packets up), a real HTTP client reaches
+/// it over IPv6 through the router, the proxy spreads requests round robin over two
+/// IPv6 backends and an IPv4 one (HTTP health checks over both families), a sticky
+/// cookie pins the client, `xdplb_http_requests_total` and `xdplb_backend_up` label
+/// the IPv6 backends `[addr]:port`, and deleting the service through the API removes
+/// the VIP from `lo` again.
+#[test]
+fn an_l7_service_on_an_ipv6_vip_serves_ipv6_clients_over_both_backend_families()
+-> anyhow::Result<()> {
+    require_privileges!();
+    let mut topo = Topology::build()?;
+    add_ipv6(&topo)?;
+    let _servers: Vec<HttpServer> = topo
+        .backends
+        .iter()
+        .map(|b| {
+            HttpServer::start(
+                &b.ns,
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
+                &b.role,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let vip = SocketAddr::from((VIP6_L7, 80));
+    let backends = [
+        IpAddr::V6(BACKENDS6[0]),
+        IpAddr::V6(BACKENDS6[1]),
+        IpAddr::V4(BACKEND_ADDRS[2]),
+    ];
+    let shop = backends.iter().fold(
+        ServiceConfig::new("shop6", vip)
+            .mode("l7")
+            .scheduler("round-robin")
+            .health(
+                r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150, rise = 2, fall = 2 }"#,
+            )
+            .extra(&format!(r#"sticky = {{ cookie = "{COOKIE}", ttl_s = 600 }}"#)),
+        |s, &a| s.backend(BackendConfig::new(a)),
+    );
+    let config = LbConfig::new("eth0")
+        .api_listen(API)
+        .source_ipv4(LB_ADDR)
+        .dataplane("source_ipv6", LB6.to_string())
+        .sizes(65537, 65536)
+        .service(shop);
+    ensure!(
+        !lo_addrs6(&topo.lb.ns)?.contains(&format!("{VIP6_L7}/128")),
+        "the VIP is on lo before the agent runs"
+    );
+    topo.start_agent(&config, &AgentOptions::default())?;
+    let api: SocketAddr = API.parse()?;
+    let lb_ns = topo.lb.ns.clone();
+    let metrics = || -> anyhow::Result<String> {
+        let (status, body) =
+            http::json_call_in(&lb_ns, api, "GET", "/metrics", None, Duration::from_secs(5))?;
+        ensure!(status == 200, "metrics: {status}");
+        Ok(body)
+    };
+    let labels: Vec<String> = backends
+        .iter()
+        .map(|&a| SocketAddr::from((a, 80)).to_string())
+        .collect();
+    // Health checks over IPv6 and IPv4 find all three up.
+    poll("all three backends up", Duration::from_secs(10), || {
+        let m = metrics()?;
+        Ok(labels.iter().all(|l| {
+            m.contains(&format!(
+                "xdplb_backend_up{{service=\"shop6\",backend=\"{l}\"}} 1"
+            ))
+        }))
+    })
+    .with_context(|| topo.agent_log_tail(30))?;
+    ensure!(
+        lo_addrs6(&topo.lb.ns)?.contains(&format!("{VIP6_L7}/128")),
+        "the agent did not add {VIP6_L7} to lo: {}",
+        lo_addrs6(&topo.lb.ns)?
+    );
+
+    // The proxy listens once the VIP is on lo; the first answer within a few seconds.
+    let client = topo.client.ns.clone();
+    let t = poll(
+        "the first answer on the IPv6 L7 VIP",
+        Duration::from_secs(10),
+        || Ok(request_in(&client, vip, "GET", "/first", &[]).is_ok_and(|r| r.status == 200)),
+    )
+    .with_context(|| topo.agent_log_tail(40))?;
+    println!("l7 over IPv6: first answer {t:?} after all backends were up");
+    for line in topo
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("shop6") || l.contains("L7 VIP"))
+    {
+        println!("agent: {line}");
+    }
+    // Round robin over the three, a sticky cookie on every first response.
+    let mut per_backend = std::collections::BTreeMap::<String, usize>::new();
+    let mut first = None;
+    for _ in 0..30 {
+        let r =
+            request_in(&client, vip, "GET", "/rr", &[]).with_context(|| topo.agent_log_tail(40))?;
+        ensure!(r.status == 200, "GET /rr on {vip}: {r:?}");
+        ensure!(
+            r.local.is_ipv6(),
+            "the client did not speak IPv6: {}",
+            r.local
+        );
+        let cookie = sticky_cookie(&r).context("no sticky cookie on a first response")?;
+        first.get_or_insert((cookie, r.backend().to_owned()));
+        *per_backend.entry(r.backend().to_owned()).or_default() += 1;
+    }
+    println!("l7 over IPv6: 30 requests, round robin: {per_backend:?}");
+    ensure!(
+        per_backend.len() == 3 && per_backend.values().all(|&n| n == 10),
+        "round robin over 3 equal backends should give 10 each: {per_backend:?}"
+    );
+    let (cookie, pinned) = first.context("no cookie")?;
+    for _ in 0..10 {
+        let r = request_in(&client, vip, "GET", "/sticky", &[("Cookie", &cookie)])?;
+        ensure!(
+            r.status == 200 && r.backend() == pinned,
+            "with {cookie} the request went to {} instead of {pinned}",
+            r.backend()
+        );
+        ensure!(sticky_cookie(&r).is_none(), "a valid cookie was reissued");
+    }
+
+    // The request counter names every backend of either family, IPv6 ones in brackets.
+    let m = metrics()?;
+    for l in &labels {
+        let needle =
+            format!("xdplb_http_requests_total{{service=\"shop6\",backend=\"{l}\",code=\"200\"}}");
+        ensure!(m.contains(&needle), "no `{needle}` in /metrics:\n{m}");
+    }
+
+    // Deleting the service removes the VIP the agent added from lo; it stops answering.
+    let (status, body) = http::json_call_in(
+        &topo.lb.ns,
+        api,
+        "DELETE",
+        "/api/v1/services/shop6",
+        None,
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        status == 200 || status == 204,
+        "DELETE shop6: {status} {body}"
+    );
+    let lb = topo.lb.ns.clone();
+    poll("the VIP removed from lo", Duration::from_secs(5), || {
+        Ok(!lo_addrs6(&lb)?.contains(&format!("{VIP6_L7}/128")))
+    })?;
+    ensure!(
+        request_in(&client, vip, "GET", "/gone", &[]).is_err(),
+        "the deleted L7 VIP still answers"
+    );
+    Ok(())
+}
+
+/// An IPv6 VIP announced through BIRD 2 (issue 11 item 1, DESIGN.md "A VIP is
+/// announced ..."): the LB namespace runs a BIRD that includes the agent's file and
+/// exports `proto "xdplb_vips6"` over an IPv6 BGP session to the router's BIRD, which
+/// puts BGP routes into the router's kernel table. The router has no static route to
+/// the VIP prefix here, so clients reach the VIP only through the announced /128.
+/// - fast path attached, backends healthy: the /128 is at the router (BIRD and kernel)
+///   and HTTP clients are served through it;
+/// - `POST /api/v1/node/drain` withdraws it (and `xdplb_vip_announced` says 0),
+///   `POST /api/v1/node/undrain` brings it back;
+/// - a stopping agent (SIGTERM) leaves it (hitless restart); `lb-agent detach --config`
+///   withdraws it.
+#[test]
+fn an_ipv6_vip_is_announced_through_bird_and_withdrawn() -> anyhow::Result<()> {
+    use xdplb_tests::bird::{self, Bird};
+    require_privileges!();
+    bird::require()?;
+    let mut topo = Topology::build()?;
+    add_ipv6_with(&topo, false)?;
+    let _servers: Vec<HttpServer> = topo.backends[..2]
+        .iter()
+        .map(|b| {
+            HttpServer::start(
+                &b.ns,
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)),
+                &b.role,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    topo.attach_decap()?;
+    let dir = topo.run_dir().to_path_buf();
+    let include = dir.join("xdplb.conf");
+    std::fs::write(
+        &include,
+        lb_agent::bgp::render(&std::collections::BTreeSet::new()),
+    )?;
+    // BGP over IPv6 between the LB and the router; what an operator writes for IPv6
+    // (README): export `proto "xdplb_vips6"` in an ipv6 channel.
+    let lb_bird = Bird::start(
+        &topo.lb.ns,
+        &dir,
+        "lb",
+        &format!(
+            "router id {LB_ADDR};\nprotocol device {{}}\ninclude \"{}\";\n\
+             protocol bgp upstream {{\n  local {LB6} as 65001;\n  neighbor {ROUTER_LAN6} as 65000;\n\
+               ipv6 {{ import none; export where proto = \"xdplb_vips6\"; }};\n}}\n",
+            include.display()
+        ),
+    )?;
+    let rtr_bird = Bird::start(
+        &topo.router,
+        &dir,
+        "rtr",
+        &format!(
+            "router id 198.18.1.1;\nprotocol device {{}}\n\
+             protocol kernel {{\n  ipv6 {{ import none; export where source = RTS_BGP; }};\n}}\n\
+             protocol bgp lbnode {{\n  local {ROUTER_LAN6} as 65000;\n  neighbor {LB6} as 65001;\n\
+               ipv6 {{ import all; export none; }};\n}}\n"
+        ),
+    )?;
+    let up = poll("the BGP session", Duration::from_secs(30), || {
+        rtr_bird.established("lbnode")
+    })?;
+    println!("BGP session (IPv6) established after {up:?}");
+
+    let web6 = SocketAddr::from((VIP6_WEB, 80));
+    let config = LbConfig::new("eth0")
+        .api_listen(API)
+        .source_ipv4(LB_ADDR)
+        .dataplane("source_ipv6", LB6.to_string())
+        .sizes(65537, 65536)
+        .service(
+            ServiceConfig::new("web6", web6)
+                .health(
+                    r#"{ kind = "http", path = "/healthz", interval_ms = 200, timeout_ms = 150 }"#,
+                )
+                .backend(BackendConfig::new(BACKENDS6[0]))
+                .backend(BackendConfig::new(BACKENDS6[1])),
+        )
+        .table("bgp", "bird_socket", lb_bird.socket.display().to_string())
+        .table("bgp", "include_file", include.display().to_string())
+        .table("bgp", "drain_s", 0);
+    let prefix = format!("{VIP6_WEB}/128");
+    ensure!(
+        !bird::has_route(&rtr_bird.socket, &prefix, "lbnode")?,
+        "announced before the agent runs"
+    );
+    topo.start_agent(&config, &AgentOptions::default())?;
+    let rtr_sock = rtr_bird.socket.clone();
+    let router = topo.router.clone();
+    let kernel_has = |router: &str| -> anyhow::Result<bool> {
+        let out = netns::run(&["ip", "-n", router, "-6", "route", "show", &prefix])?;
+        Ok(out.contains("proto bird") && out.contains(&LB6.to_string()))
+    };
+    let announced = |yes: bool| -> anyhow::Result<bool> {
+        Ok(bird::has_route(&rtr_sock, &prefix, "lbnode")? == yes && kernel_has(&router)? == yes)
+    };
+    let t = poll(
+        "the IPv6 VIP at the router",
+        Duration::from_secs(20),
+        || announced(true),
+    )
+    .with_context(|| topo.agent_log_tail(30))?;
+    println!("{prefix} in the router's BIRD and kernel table {t:?} after the agent started");
+    let text = std::fs::read_to_string(&include)?;
+    ensure!(
+        text.contains("protocol static xdplb_vips6") && text.contains(&prefix),
+        "include file: {text}"
+    );
+    let route = rtr_bird.birdc(&["show", "route", &prefix, "all"])?;
+    ensure!(route.contains("BGP.as_path: 65001"), "{route}");
+
+    let client = topo.client.ns.clone();
+    let load = http::run_load(&client, web6, 40, 4, Duration::from_secs(30))?;
+    ensure!(
+        load.all_ok(),
+        "GETs to {web6} through the announced route: {load:?}"
+    );
+    let api: SocketAddr = API.parse()?;
+    let lb_ns = topo.lb.ns.clone();
+    let call = |method: &str, path: &str| -> anyhow::Result<String> {
+        let (status, body) =
+            http::json_call_in(&lb_ns, api, method, path, None, Duration::from_secs(5))?;
+        ensure!(status == 200, "{method} {path}: {status} {body}");
+        Ok(body)
+    };
+    let gauge = |v: u8| format!("xdplb_vip_announced{{vip=\"{VIP6_WEB}\"}} {v}");
+    let metrics = call("GET", "/metrics")?;
+    ensure!(metrics.contains(&gauge(1)), "no `{}`:\n{metrics}", gauge(1));
+
+    // Node drain: withdrawn from BIRD and the router's kernel; no route, no service.
+    call("POST", "/api/v1/node/drain")?;
+    let t = poll("the drained VIP withdrawn", Duration::from_secs(10), || {
+        announced(false)
+    })?;
+    println!("drain: withdrawn at the router after {t:?}");
+    let metrics = call("GET", "/metrics")?;
+    ensure!(metrics.contains(&gauge(0)), "no `{}`:\n{metrics}", gauge(0));
+    ensure!(
+        request_in(&client, web6, "GET", "/", &[]).is_err(),
+        "{web6} answers with its route withdrawn"
+    );
+    call("POST", "/api/v1/node/undrain")?;
+    poll(
+        "the VIP back after undrain",
+        Duration::from_secs(10),
+        || announced(true),
+    )?;
+    let r = request_in(&client, web6, "GET", "/", &[])?;
+    ensure!(r.status == 200, "after undrain: {r:?}");
+
+    // SIGTERM: the route stays (hitless restart); `lb-agent detach --config` withdraws.
+    topo.stop_agent()?;
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(announced(true)?, "a stopping agent withdrew the VIP");
+    let bin = xdplb_tests::topology::agent_binary()?;
+    let config_path = topo.run_dir().join("lb.toml");
+    let bpffs = topo.bpffs().display().to_string();
+    netns::exec(
+        &topo.lb.ns,
+        &[
+            &bin.to_string_lossy(),
+            "detach",
+            "--iface",
+            "eth0",
+            "--bpffs",
+            &bpffs,
+            "--config",
+            &config_path.to_string_lossy(),
+        ],
+    )?;
+    let t = poll(
+        "the VIP withdrawn by detach",
+        Duration::from_secs(10),
+        || announced(false),
+    )?;
+    println!("detach: withdrawn at the router after {t:?}");
+    Ok(())
 }

@@ -776,13 +776,14 @@ fn echo_reply(client: Ipv4Addr, vip: Ipv4Addr) -> Vec<u8> {
 
 /// The ICMP "fragmentation needed" the balancer must send for `input` with `mtu`
 /// towards the backends: from the VIP to the client, MACs swapped (VLAN tag kept),
-/// TOS 0xc0, id 0, DF clear, TTL 64, next-hop MTU `mtu` - 20, quoting the IP header
-/// and the first 8 bytes of `input`.
+/// TOS 0xc0, id 0, DF clear, TTL 64, next-hop MTU `mtu` - 20, quoting as much of
+/// the IP packet of `input` as fits in 576 bytes (548; RFC 1812 4.3.2.3).
 fn frag_needed(input: &[u8], mtu: u16) -> anyhow::Result<Vec<u8>> {
     let f = Frame::parse(input)?;
     let ip = f.ipv4()?;
     let mut quote = ip.header.clone();
-    quote.extend_from_slice(&ip.payload[..8]);
+    quote.extend_from_slice(&ip.payload);
+    quote.truncate(548);
     let [hi, lo] = (mtu - 20).to_be_bytes();
     let mut b = PacketBuilder::raw(ip.dst, ip.src, IPPROTO_ICMP)
         .macs(f.dst_mac, f.src_mac)

@@ -44,8 +44,8 @@ use xdplb_tests::{
     packet::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, PacketBuilder, internet_checksum, tcp_flags},
     packet6::{
         IPPROTO_ICMPV6, IPPROTO_IPV6, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING,
-        check_checksums6, eth, ext_header, fragment_header, icmp6, ipv4_tunnel, ipv6, ipv6_header,
-        tcp6, udp6,
+        check_checksums6, eth, ext_header, fragment_header, gue6_udp, icmp6, ipv4_tunnel, ipv6,
+        ipv6_header, tcp6, udp6,
     },
     require_privileges,
     xdp_bed::{LoadedLb, Net, XDP_PASS, XDP_TX, in_bed, test_run, verdict_name, xdp_md},
@@ -83,6 +83,8 @@ fn vip6(last: u16, port: u16) -> SocketAddrV6 {
     )
 }
 const VIP4_MIXED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 80);
+/// An IPv4 UDP VIP with IPv6 backends (the GUE rows).
+const VIP4_UDP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 80);
 const MTU: u32 = 1500;
 /// `dataplane.gue_port` of the GUE rows.
 const GUE_PORT: u16 = 6080;
@@ -337,6 +339,29 @@ impl Fixture {
                 )
             }
         }
+    }
+
+    /// The frame the balancer must send for the IP packet `inner` of flow `key` in GUE
+    /// over IPv6 towards `backend` (`encap = "gue"`): traffic class = the inner one,
+    /// source port from the flow's entropy, the UDP checksum computed.
+    fn gue6(&self, inner: &[u8], key: &FlowKey, backend: IpAddr) -> Vec<u8> {
+        let IpAddr::V6(b) = backend else {
+            panic!("GUE over IPv6 towards an IPv4 backend {backend}");
+        };
+        let tos = if inner[0] >> 4 == 6 {
+            (inner[0] << 4) | (inner[1] >> 4)
+        } else {
+            inner[1]
+        };
+        let sport = gue_source_port(tunnel_entropy(key));
+        let udp = xdplb_tests::packet6::gue6_udp(LB6, b, sport, GUE_PORT, inner);
+        eth(
+            Self::mac_of_backend(backend),
+            self.lb_mac,
+            None,
+            ETH_P_IPV6,
+            &ipv6(LB6, b, PROTO_UDP, tos, 64, &udp),
+        )
     }
 
     fn check(&self, row: &Row) -> anyhow::Result<()> {
@@ -868,7 +893,9 @@ fn packet_too_big(input: &[u8], mtu: u32) -> Vec<u8> {
     let l3 = &input[14..];
     let src = Ipv6Addr::from(<[u8; 16]>::try_from(&l3[8..24]).expect("16"));
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&l3[24..40]).expect("16"));
-    let msg = icmp6(dst, src, 2, 0, mtu.to_be_bytes(), &l3[..48]);
+    // As much as fits in 1280 bytes (RFC 4443 2.4(c)): 1232.
+    let ip_len = 40 + usize::from(u16::from_be_bytes([l3[4], l3[5]]));
+    let msg = icmp6(dst, src, 2, 0, mtu.to_be_bytes(), &l3[..ip_len.min(1232)]);
     let mut hdr = ipv6_header(dst, src, IPPROTO_ICMPV6, msg.len() as u16, 0xc0, 64).to_vec();
     hdr.extend_from_slice(&msg);
     let mut dmac = [0u8; 6];
@@ -885,7 +912,9 @@ fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
     let dst = Ipv4Addr::new(l3[16], l3[17], l3[18], l3[19]);
     let mut msg = vec![3, 4, 0, 0, 0, 0];
     msg.extend_from_slice(&next_hop_mtu.to_be_bytes());
-    msg.extend_from_slice(&l3[..28]);
+    // As much as fits in 576 bytes (RFC 1812 4.3.2.3): 548.
+    let tot = usize::from(u16::from_be_bytes([l3[2], l3[3]]));
+    msg.extend_from_slice(&l3[..tot.min(548)]);
     let c = internet_checksum(&msg);
     msg[2..4].copy_from_slice(&c.to_be_bytes());
     let mut dmac = [0u8; 6];
@@ -945,16 +974,27 @@ fn ipv6_fixture_table() -> anyhow::Result<()> {
 /// `encap = "gue"` with IPv6 (merge of s16-gue and s16-v6): an IPv6 VIP's packet to an
 /// IPv4 backend goes in GUE over IPv4 (UDP to the GUE port, checksum 0, the source port
 /// from the IPv6 flow's entropy, the inner IPv6 packet right after the UDP header),
-/// and "packet too big" counts GUE's 28 bytes; IPv6 backends keep their IPv6 outer
-/// header (6in6, 4in6), as the README says (GUE over IPv6 is not done).
+/// and "packet too big" counts GUE's 28 bytes. IPv6 backends get GUE over IPv6 (issue
+/// 11, session 17): IPv6 and IPv4 inner packets of every kind the balancer sends
+/// (TCP, UDP with and without checksum, ICMPv6 and ICMP errors about flows), lengths
+/// through every chunk size of the checksum sum, the exact fit at `mtu` and one byte
+/// over it ("packet too big" / "fragmentation needed" with `mtu` - 48); every frame
+/// exact, its outer UDP checksum verified (`check_checksums6`).
 #[test]
-fn gue_carries_ipv6_over_ipv4_and_ipv6_backends_keep_their_tunnel() -> anyhow::Result<()> {
+fn gue_carries_ipv6_over_ipv4_and_both_families_over_ipv6() -> anyhow::Result<()> {
     let test = require_privileges!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     in_bed("fxg6", &net(), move || {
         let mut state = desired();
         state.encap = lb_common::types::ENCAP_GUE;
         state.gue_port = GUE_PORT;
+        let mixed_udp = BE6[..2].iter().map(|&b| backend(b.into(), 80)).collect();
+        state.services.push(service(
+            "mixedudp",
+            VIP4_UDP.into(),
+            Protocol::Udp,
+            mixed_udp,
+        ));
         let fx = Fixture::with_state(&state)?;
         let mut rows = Vec::new();
 
@@ -991,28 +1031,152 @@ fn gue_carries_ipv6_over_ipv4_and_ipv6_backends_keep_their_tunnel() -> anyhow::R
             expect: Expect::Reply(Counter::Icmp6TooBig),
         });
 
-        // An IPv6 backend keeps IPv6-in-IPv6 under encap = "gue".
+        // IPv6 backends get GUE over IPv6 (48 bytes: IPv6 + UDP with its checksum).
         let web = vip6(1, 80);
-        let l3 = tcp_packet(41002, web, tcp_flags::SYN, 0, b"");
         let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
-        let be = fx.pick("web6", &flow6(client(41002), web, PROTO_TCP), &be6, 80)?;
+        let gue6_row = |name: &str,
+                        service: &'static str,
+                        l3: Vec<u8>,
+                        key: FlowKey,
+                        cands: &[IpAddr]|
+         -> anyhow::Result<Row> {
+            let be = fx.pick(service, &key, cands, u16::from_be(key.dport))?;
+            Ok(Row {
+                name: name.into(),
+                output: fx.gue6(&l3, &key, be),
+                input: if l3[0] >> 4 == 4 {
+                    eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, None, ETH_P_IPV4, &l3)
+                } else {
+                    frame(&l3)
+                },
+                expect: Expect::Tx(service, be),
+            })
+        };
+        let l3 = tcp_packet(41002, web, tcp_flags::SYN, 0x28, b"");
+        rows.push(gue6_row(
+            "ipv6 in GUE over ipv6 (tcp syn)",
+            "web6",
+            l3,
+            flow6(client(41002), web, PROTO_TCP),
+            &be6,
+        )?);
+        // Payload lengths that take every chunk size of the sum (and an odd tail), and
+        // the exact fit: 1452 + 48 = 1500.
+        for (port, n) in [(41004u16, 1u16), (41005, 515), (41006, 1000), (41007, 1392)] {
+            let l3 = tcp_packet(port, web, tcp_flags::ACK, 0, &vec![0x5a; usize::from(n)]);
+            rows.push(gue6_row(
+                &format!("ipv6 in GUE over ipv6, {n} bytes of tcp payload"),
+                "web6",
+                l3,
+                flow6(client(port), web, PROTO_TCP),
+                &be6,
+            )?);
+        }
+        let fit = tcp_packet(41008, web, tcp_flags::ACK, 0, &[0xc3; 1392]);
+        ensure!(fit.len() + 48 == MTU as usize, "{}", fit.len());
+        // UDP over IPv6 (its checksum is complete).
+        let dns = vip6(2, 53);
+        let l3 = ipv6(
+            CLIENT6,
+            *dns.ip(),
+            PROTO_UDP,
+            0,
+            64,
+            &udp6(client(41009), dns, &[7; 333]),
+        );
+        rows.push(gue6_row(
+            "ipv6 udp in GUE over ipv6",
+            "dns6",
+            l3,
+            flow6(client(41009), dns, PROTO_UDP),
+            &be6[..1],
+        )?);
+        // One byte too many for GUE over IPv6: packet too big with mtu - 48.
+        let l3 = tcp_packet(41010, web, tcp_flags::ACK, 0, &[0xa5; 1393]);
+        let input = frame(&l3);
         rows.push(Row {
-            name: "6in6 kept with gue".into(),
-            output: fx.tunnelled(&l3, true, 0, be),
-            input: frame(&l3),
-            expect: Expect::Tx("web6", be),
+            name: "packet too big with GUE over ipv6: mtu - 48".into(),
+            output: packet_too_big(&input, MTU - 48),
+            input,
+            expect: Expect::Reply(Counter::Icmp6TooBig),
         });
-        // And IPv4-in-IPv6 too.
+        // IPv4 in GUE over IPv6, TCP.
         let src4 = SocketAddrV4::new(CLIENT4, 41003);
         let v4 = PacketBuilder::tcp(src4, VIP4_MIXED)
             .flags(tcp_flags::SYN)
-            .macs(CLIENT_MAC, [0x02, 0, 0, 0, 0, 0x10])
+            .tos(0x10)
+            .build_ipv4();
+        rows.push(gue6_row(
+            "ipv4 in GUE over ipv6 (tcp syn)",
+            "mixed",
+            v4,
+            flow4(src4, VIP4_MIXED, PROTO_TCP),
+            &be6[..2],
+        )?);
+        // IPv4 UDP without a checksum (allowed over IPv4): the inner bytes are summed.
+        let src4 = SocketAddrV4::new(CLIENT4, 41011);
+        let v4 = PacketBuilder::udp(src4, VIP4_UDP)
+            .payload(&[0x3c; 1001])
+            .l4_checksum(0)
+            .build_ipv4();
+        rows.push(gue6_row(
+            "ipv4 udp without checksum in GUE over ipv6 (summed)",
+            "mixedudp",
+            v4,
+            flow4(src4, VIP4_UDP, PROTO_UDP),
+            &be6[..2],
+        )?);
+        // DF over mtu - 48: fragmentation needed with 1452.
+        let src4 = SocketAddrV4::new(CLIENT4, 41012);
+        let big = PacketBuilder::tcp(src4, VIP4_MIXED)
+            .flags(tcp_flags::ACK)
+            .fragment(true, false, 0)
+            .payload(&[1; 1413])
             .build();
-        let be = fx.pick("mixed", &flow4(src4, VIP4_MIXED, PROTO_TCP), &be6[..2], 80)?;
+        ensure!(big.len() - 14 + 48 == MTU as usize + 1);
         rows.push(Row {
-            name: "4in6 kept with gue".into(),
-            output: fx.tunnelled(&v4[14..], false, 0, be),
-            input: v4,
+            name: "fragmentation needed with GUE over ipv6: mtu - 48".into(),
+            output: frag_needed(&big, (MTU - 48) as u16),
+            input: big,
+            expect: Expect::Reply(Counter::IcmpFragNeeded),
+        });
+        // ICMP errors about flows go to their backend in GUE over IPv6 as well: ICMPv6
+        // (complete checksum) and ICMPv4 (no pseudo header: summed).
+        let reply = ipv6(
+            *web.ip(),
+            CLIENT6,
+            PROTO_TCP,
+            0,
+            63,
+            &tcp6(web, client(41013), tcp_flags::ACK, 9, &[0x33; 64]),
+        );
+        let err = icmp6(ROUTER6, *web.ip(), 2, 0, 1280u32.to_be_bytes(), &reply);
+        let l3 = ipv6(ROUTER6, *web.ip(), IPPROTO_ICMPV6, 0, 64, &err);
+        let key = flow6(client(41013), web, PROTO_TCP);
+        let be = fx.pick("web6", &key, &be6, 80)?;
+        rows.push(Row {
+            name: "icmpv6 packet too big about a flow in GUE over ipv6".into(),
+            output: fx.gue6(&l3, &key, be),
+            input: frame(&l3),
+            expect: Expect::Tx("web6", be),
+        });
+        let client4 = SocketAddrV4::new(CLIENT4, 41014);
+        let reply4 = PacketBuilder::tcp(VIP4_MIXED, client4)
+            .flags(tcp_flags::ACK)
+            .payload(&[9; 40])
+            .build_ipv4();
+        let mut msg = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+        msg.extend_from_slice(&reply4[..28]);
+        let c = internet_checksum(&msg);
+        msg[2..4].copy_from_slice(&c.to_be_bytes());
+        let l3 = ipv4_tunnel(Ipv4Addr::new(198, 18, 0, 1), *VIP4_MIXED.ip(), 1, 0, &msg);
+        let key = flow4(client4, VIP4_MIXED, PROTO_TCP);
+        let be = fx.pick("mixed", &key, &be6[..2], 80)?;
+        let input = eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, None, ETH_P_IPV4, &l3);
+        rows.push(Row {
+            name: "icmp fragmentation needed about a flow in GUE over ipv6".into(),
+            output: fx.gue6(&l3, &key, be),
+            input,
             expect: Expect::Tx("mixed", be),
         });
 
@@ -1231,26 +1395,80 @@ fn ipv6_decap_fixture_table() -> anyhow::Result<()> {
                 None,
             ),
         ];
-        for (name, input, want) in cases {
-            let before = fx.lb.counters()?.get(Counter::Decap);
-            let (verdict, out) = fx.run(DECAP_PROGRAM, &input)?;
-            let after = fx.lb.counters()?.get(Counter::Decap);
-            ensure!(
-                verdict == XDP_PASS,
-                "{name}: verdict {}",
-                verdict_name(verdict)
-            );
-            let decapped = want.is_some();
-            let want = want.unwrap_or_else(|| input.clone());
-            ensure!(
-                out == want,
-                "{name}: output\n got  {out:02x?}\n want {want:02x?}"
-            );
-            ensure!(
-                after == before + u64::from(decapped),
-                "{name}: decap counted {} times",
-                after - before
-            );
+        // GUE over IPv6: UDP to `gue_port` at a tunnel address, counted `decap_gue`; the
+        // outer UDP checksum is not verified (README: the inner checksums are).
+        let gue = |vlan: Option<u16>, dport: u16, dst: Ipv6Addr, inner: &[u8], zero_check: bool| {
+            let mut udp = gue6_udp(balancer6(), dst, 50000, dport, inner);
+            if zero_check {
+                udp[6..8].copy_from_slice(&[0, 0]);
+            }
+            eth(
+                macs.0,
+                macs.1,
+                vlan,
+                ETH_P_IPV6,
+                &ipv6(balancer6(), dst, PROTO_UDP, 0, 64, &udp),
+            )
+        };
+        let gue_cases: Vec<DecapCase> = vec![
+            (
+                "ipv6 in GUE over ipv6",
+                gue(None, GUE_PORT, LB6, &inner6, false),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
+            ),
+            (
+                "ipv4 in GUE over ipv6",
+                gue(None, GUE_PORT, LB6, &inner4, false),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV4, &inner4)),
+            ),
+            (
+                "ipv4 in GUE over ipv6, tagged",
+                gue(Some(7), GUE_PORT, LB6, &inner4, false),
+                Some(eth(macs.0, macs.1, Some(7), ETH_P_IPV4, &inner4)),
+            ),
+            (
+                "GUE over ipv6 with a zero checksum",
+                gue(None, GUE_PORT, LB6, &inner6, true),
+                Some(eth(macs.0, macs.1, None, ETH_P_IPV6, &inner6)),
+            ),
+            (
+                "udp over ipv6 to another port",
+                gue(None, GUE_PORT + 1, LB6, &inner6, false),
+                None,
+            ),
+            (
+                "GUE over ipv6 to another address",
+                gue(None, GUE_PORT, other, &inner6, false),
+                None,
+            ),
+            (
+                "udp over ipv6 to the GUE port carrying no ip packet",
+                gue(None, GUE_PORT, LB6, &[0x01; 40], false),
+                None,
+            ),
+        ];
+        for (cases, counter) in [(cases, Counter::Decap), (gue_cases, Counter::DecapGue)] {
+            for (name, input, want) in cases {
+                let before = fx.lb.counters()?.get(counter);
+                let (verdict, out) = fx.run(DECAP_PROGRAM, &input)?;
+                let after = fx.lb.counters()?.get(counter);
+                ensure!(
+                    verdict == XDP_PASS,
+                    "{name}: verdict {}",
+                    verdict_name(verdict)
+                );
+                let decapped = want.is_some();
+                let want = want.unwrap_or_else(|| input.clone());
+                ensure!(
+                    out == want,
+                    "{name}: output\n got  {out:02x?}\n want {want:02x?}"
+                );
+                ensure!(
+                    after == before + u64::from(decapped),
+                    "{name}: decap counted {} times",
+                    after - before
+                );
+            }
         }
         Ok(())
     })

@@ -25,7 +25,7 @@
 //! - an answer from XDP (XDP_TX back to the sender: MACs swapped, tags kept) is an echo
 //!   reply to an echo request to an L4 VIP address (the same message, type 0, checksum
 //!   as right as it came) or an ICMP "fragmentation needed" (MTU 1480, checksums
-//!   right, quoting the packet's header and 8 bytes) for a DF packet to an L4 VIP that
+//!   right, quoting as much of the packet as fits in 576 bytes) for a DF packet to an L4 VIP that
 //!   is over the MTU once encapsulated;
 //! - every packet is counted once under one outcome (`rx` and, for a drop, a reason):
 //!   checked per frame for one frame in [`COUNTER_SAMPLE`], and over the whole run.
@@ -873,11 +873,197 @@ fn check(input: &[u8], verdict: u32, out: &[u8], macs: &Macs) -> anyhow::Result<
         }
         XDP_TX if is_answer(input, out) && is_ipv6(input) => check_answer6(input, out),
         XDP_TX if is_answer(input, out) => check_answer(input, out),
+        XDP_TX | XDP_REDIRECT if GUE.get() => {
+            let mac = if verdict == XDP_TX {
+                macs.lb0
+            } else {
+                macs.far0
+            };
+            check_sent_gue(input, out, mac).map(drop)
+        }
         XDP_TX if is_ipv6(input) || is_ipv6(out) => check_sent6(input, out, macs.lb0),
         XDP_TX => check_sent(input, out, macs.lb0, false),
         XDP_REDIRECT => check_sent(input, out, macs.far0, true),
         v => bail!("verdict {}", verdict_name(v)),
     }
+}
+
+thread_local! {
+    /// The bed of this thread tunnels with `encap = "gue"` (set by the GUE run).
+    static GUE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The bytes GUE adds to the outer header (its UDP header) in a GUE run, else 0.
+fn gue_extra() -> usize {
+    if GUE.get() { 8 } else { 0 }
+}
+
+/// Whether the balancer derives the sum of the inner packet `ip` (IPv4 or IPv6) from
+/// its headers, and if so whether its transport checksum verifies: Some(ok) for TCP,
+/// UDP with a checksum and ICMPv6, None when it sums the bytes (ICMP, UDP without
+/// checksum, IPv4 with options). The outer UDP checksum of GUE over IPv6 must verify
+/// exactly when this is None or Some(true).
+fn inner_checksum_state(ip: &[u8], v6: bool) -> Option<bool> {
+    if v6 {
+        let (src, dst) = (v6_at(&ip[8..]), v6_at(&ip[24..]));
+        let seg = &ip[40..];
+        return match ip[6] {
+            17 if seg.len() >= 8 && seg[6..8] == [0, 0] => None,
+            nh @ (6 | 17 | 58) => Some(checksum6(src, dst, nh, seg) == 0),
+            _ => None,
+        };
+    }
+    if ip[0] != 0x45 {
+        return None;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let seg = &ip[20..];
+    match ip[9] {
+        17 if seg.len() >= 8 && seg[6..8] == [0, 0] => None,
+        proto @ (6 | 17) => {
+            let c = xdplb_tests::packet::l4_checksum(src, dst, proto, seg);
+            Some(c == 0 || (proto == 17 && c == 0xffff))
+        }
+        _ => None,
+    }
+}
+
+/// A frame tunnelled in GUE (`encap = "gue"`), over IPv4 (IPv4 backends) or IPv6
+/// (IPv6 backends): the inner packet is a VIP packet (or an ICMP error about a VIP
+/// flow) exactly as it came in, right after the UDP header; the outer header is the
+/// backend's family (protocol / next header UDP, TTL / hop limit 64, the inner class,
+/// the tunnel source, lengths = inner + 8 (+ 20)), UDP from a port in 49152..=65535 to
+/// the GUE port; over IPv4 the UDP checksum is 0, over IPv6 it is set and verifies
+/// exactly when the inner transport checksum does (or when the inner bytes are summed:
+/// [`inner_checksum_state`]); within the MTU; sent to that backend's MAC from
+/// `src_mac`. Returns the kind: "gue4", "gue6 inner4", "gue6 inner6".
+fn check_sent_gue(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<&'static str> {
+    let l3 = l3_offset(input).context("input has no L3")?;
+    ensure!(l3 <= 18, "sent a frame with {} VLAN tags", (l3 - 14) / 4);
+    let inner_v6 = is_ipv6(input);
+    ensure!(
+        inner_v6 || input[l3 - 2..l3] == ETH_P_IP.to_be_bytes(),
+        "sent a frame that is not IP"
+    );
+    let ip_in = &input[l3..];
+    let (vip, port, proto, inner_len) = flow_of(ip_in, inner_v6)?;
+    let backends = l4_vips_any()
+        .into_iter()
+        .find(|(v, p, pr, _)| *v == vip && *p == port && *pr == proto)
+        .map(|(_, _, _, b)| b)
+        .with_context(|| format!("sent a packet to {vip}:{port}/{proto}, no L4 VIP"))?;
+    ensure!(
+        out.len() >= 42 && out[6..12] == src_mac,
+        "Ethernet source is not the egress interface's"
+    );
+    let tc = if inner_v6 {
+        (ip_in[0] << 4) | (ip_in[1] >> 4)
+    } else {
+        ip_in[1]
+    };
+    let (backend, hlen, kind) = match u16::from_be_bytes([out[12], out[13]]) {
+        ETH_P_IPV6 => {
+            ensure!(out.len() >= 62, "sent frame of {} bytes", out.len());
+            let o = &out[14..54];
+            ensure!(
+                o[0..4] == [0x60 | (tc >> 4), tc << 4, 0, 0],
+                "outer version/class/flow label {:02x?}, inner class {tc:#x}",
+                &o[0..4]
+            );
+            ensure!(
+                o[6] == 17 && o[7] == 64,
+                "outer next header {} / hop limit {}",
+                o[6],
+                o[7]
+            );
+            ensure!(o[8..24] == LB6.octets(), "outer source");
+            let payload = usize::from(u16::from_be_bytes([o[4], o[5]]));
+            ensure!(
+                payload == inner_len + 8,
+                "outer payload length {payload}, inner {inner_len}"
+            );
+            let kind = if inner_v6 {
+                "gue6 inner6"
+            } else {
+                "gue6 inner4"
+            };
+            (IpAddr::from(v6_at(&o[24..])), 40, kind)
+        }
+        ETH_P_IP => {
+            let o = &out[14..34];
+            ensure!(
+                o[0] == 0x45 && internet_checksum(o) == 0,
+                "outer IPv4 header"
+            );
+            ensure!(o[1] == tc, "outer TOS {:#x}, inner class {tc:#x}", o[1]);
+            ensure!(
+                o[8] == 64 && o[9] == 17,
+                "outer TTL {} / protocol {}",
+                o[8],
+                o[9]
+            );
+            ensure!(
+                u16::from_be_bytes([o[6], o[7]]) & 0x3fff == 0,
+                "outer fragment"
+            );
+            ensure!(o[12..16] == LB_ADDR.octets(), "outer source");
+            let tot = usize::from(u16::from_be_bytes([o[2], o[3]]));
+            ensure!(
+                tot == inner_len + 28,
+                "outer total length {tot}, inner {inner_len}"
+            );
+            (
+                IpAddr::from(Ipv4Addr::new(o[16], o[17], o[18], o[19])),
+                20,
+                "gue4",
+            )
+        }
+        t => bail!("outer EtherType {t:#06x}"),
+    };
+    ensure!(
+        backends.contains(&backend),
+        "sent to {backend}, not a backend of {vip}:{port}"
+    );
+    let mac = match backend {
+        IpAddr::V6(b) => BE6.iter().position(|x| *x == b).map(|i| BE6_MACS[i]),
+        IpAddr::V4(b) if b == FAR_BACKEND => Some(FAR_MAC),
+        IpAddr::V4(b) => BACKENDS
+            .iter()
+            .position(|x| *x == b)
+            .map(|i| BACKEND_MACS[i]),
+    };
+    ensure!(
+        Some(&out[0..6]) == mac.as_ref().map(|m| &m[..]),
+        "Ethernet destination is not {backend}'s"
+    );
+    let udp = &out[14 + hlen..];
+    ensure!(udp.len() == 8 + inner_len, "trailing bytes tunnelled");
+    ensure!(14 + hlen + 8 + inner_len <= 14 + MTU, "over the MTU");
+    ensure!(
+        u16::from_be_bytes([udp[0], udp[1]]) >= 0xc000,
+        "GUE source port {}",
+        u16::from_be_bytes([udp[0], udp[1]])
+    );
+    ensure!(u16::from_be_bytes([udp[2], udp[3]]) == GUE_PORT, "GUE port");
+    ensure!(
+        usize::from(u16::from_be_bytes([udp[4], udp[5]])) == 8 + inner_len,
+        "UDP length"
+    );
+    ensure!(udp[8..] == ip_in[..inner_len], "the inner packet changed");
+    match backend {
+        IpAddr::V6(b) => {
+            ensure!(udp[6..8] != [0, 0], "GUE over IPv6 without a UDP checksum");
+            let verifies = checksum6(LB6, b, 17, udp) == 0;
+            let want = inner_checksum_state(&ip_in[..inner_len], inner_v6).unwrap_or(true);
+            ensure!(
+                verifies == want,
+                "outer UDP checksum verifies: {verifies}, inner transport checksum verifies (or is summed): {want}"
+            );
+        }
+        IpAddr::V4(_) => ensure!(udp[6..8] == [0, 0], "GUE over IPv4 with a UDP checksum"),
+    }
+    Ok(kind)
 }
 
 /// The interfaces' own MACs (the source of what leaves through them).
@@ -894,7 +1080,7 @@ fn is_answer(input: &[u8], out: &[u8]) -> bool {
 
 /// An answer from XDP: MACs swapped, the same VLAN tags, IPv4 from the VIP back to
 /// the sender, correct checksums; an echo reply of an echo request to an L4 VIP
-/// address, or a "fragmentation needed" (MTU 1480, quoting the header and 8 bytes)
+/// address, or a "fragmentation needed" (MTU 1480, quoting as much as fits in 576 bytes)
 /// for a DF TCP/UDP packet to an L4 VIP over the MTU once encapsulated.
 fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     let l3 = l3_offset(input).context("input has no L3")?;
@@ -971,28 +1157,34 @@ fn check_answer(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     // The tunnel header: 20 bytes, checked before the backend is chosen; then 40 bytes
     // towards IPv6 backends (4in6), checked after: a packet over MTU - 20 hears
     // MTU - 20 first, one between MTU - 40 and MTU - 20 to VIP_MIXED hears MTU - 40.
-    let outer = if vip == *VIP_MIXED.ip() && in_len + 20 <= MTU {
-        40
+    // With GUE both grow by 8 (its UDP header).
+    let outer = if vip == *VIP_MIXED.ip() && in_len + 20 + gue_extra() <= MTU {
+        40 + gue_extra()
     } else {
-        20
+        20 + gue_extra()
     };
     ensure!(
         in_len + outer > MTU,
         "fragmentation needed for {in_len} bytes"
     );
+    // The quote: as much of the packet as fits in 576 bytes (RFC 1812 4.3.2.3).
+    let quote = in_len.min(548);
     ensure!(
-        out_len == 56 && out.len() == l3 + 56,
-        "fragmentation needed of {out_len} bytes in a {}-byte frame",
+        out_len == 28 + quote && out.len() == l3 + 28 + quote,
+        "fragmentation needed of {out_len} bytes in a {}-byte frame for {in_len} bytes",
         out.len()
     );
     ensure!(ip_out[20..22] == [3, 4], "type/code {:?}", &ip_out[20..22]);
-    ensure!(internet_checksum(&ip_out[20..56]) == 0, "ICMP checksum");
+    ensure!(
+        internet_checksum(&ip_out[20..out_len]) == 0,
+        "ICMP checksum"
+    );
     ensure!(
         u16::from_be_bytes([ip_out[26], ip_out[27]]) as usize == MTU - outer,
         "next-hop MTU"
     );
     ensure!(
-        ip_out[28..56] == ip_in[..28],
+        ip_out[28..out_len] == ip_in[..quote],
         "quote is not the packet's head"
     );
     Ok(())
@@ -1308,7 +1500,7 @@ fn check_sent6(input: &[u8], out: &[u8], src_mac: [u8; 6]) -> anyhow::Result<()>
 /// An answer from XDP to an IPv6 frame: MACs swapped, the same tags, IPv6 from the VIP
 /// back to the sender, hop limit 64; an echo reply (type 129, the request's data, its
 /// checksum as right as it came) to an echo request to an L4 VIP address, or a
-/// "packet too big" (MTU = 1500 less the tunnel header, quoting 48 bytes, checksum
+/// "packet too big" (MTU = 1500 less the tunnel header, quoting as much as fits in 1280 bytes, checksum
 /// right) for a TCP/UDP packet to an L4 VIP over the MTU once encapsulated.
 fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     let l3 = l3_offset(input).context("input has no L3")?;
@@ -1376,25 +1568,27 @@ fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
         .find(|(v, p, pr, _)| *v == vip && *p == dport && *pr == proto)
         .with_context(|| format!("packet too big for {vip}:{dport}/{proto}, no L4 VIP"))?;
     let outer = if backends.iter().all(IpAddr::is_ipv6) {
-        40
+        40 + gue_extra()
     } else {
-        20
+        20 + gue_extra()
     };
     let in_len = 40 + usize::from(u16::from_be_bytes([ip_in[4], ip_in[5]]));
     ensure!(in_len + outer > MTU, "packet too big for {in_len} bytes");
+    // The quote: as much of the packet as fits in 1280 bytes (RFC 4443 2.4(c)).
+    let quote = in_len.min(1232);
     ensure!(
-        out_len == 96 && out.len() == l3 + 96,
-        "packet too big of {out_len} bytes"
+        out_len == 48 + quote && out.len() == l3 + 48 + quote,
+        "packet too big of {out_len} bytes for {in_len} bytes"
     );
     ensure!(ip_out[40..42] == [2, 0], "type/code {:?}", &ip_out[40..42]);
     ensure!(
-        checksum6(src, dst, 58, &ip_out[40..96]) == 0,
+        checksum6(src, dst, 58, &ip_out[40..out_len]) == 0,
         "ICMPv6 checksum"
     );
     let mtu = u32::from_be_bytes([ip_out[44], ip_out[45], ip_out[46], ip_out[47]]);
     ensure!(mtu as usize == MTU - outer, "MTU {mtu}");
     ensure!(
-        ip_out[48..96] == ip_in[..48],
+        ip_out[48..out_len] == ip_in[..quote],
         "quote is not the packet's head"
     );
     Ok(())
@@ -1503,7 +1697,19 @@ impl Bed {
         };
         let (verdict, out) = self.run(frame)?;
         check(frame, verdict, &out, &self.macs)?;
-        if verdict == XDP_TX && !is_answer(frame, &out) && (is_ipv6(frame) || is_ipv6(&out)) {
+        if GUE.get() && matches!(verdict, XDP_TX | XDP_REDIRECT) && !is_answer(frame, &out) {
+            let kind = check_sent_gue(
+                frame,
+                &out,
+                if verdict == XDP_TX {
+                    self.macs.lb0
+                } else {
+                    self.macs.far0
+                },
+            )?;
+            *totals.tunnels6.entry(kind).or_default() += 1;
+        } else if verdict == XDP_TX && !is_answer(frame, &out) && (is_ipv6(frame) || is_ipv6(&out))
+        {
             let kind = match (is_ipv6(frame), is_ipv6(&out)) {
                 (true, true) => "6in6",
                 (false, true) => "4in6",
@@ -1653,6 +1859,79 @@ fn random_and_mutated_frames_get_only_allowed_verdicts_and_well_formed_output() 
                 ensure!(
                     n > 0,
                     "no frame reached {label}: the generator misses a path"
+                );
+            }
+        }
+        Ok(())
+    });
+    result.with_context(|| format!("seed {seed} (replay with XDPLB_FUZZ_SEED={seed})"))
+}
+
+/// Frames of the GUE run ([`random_frames_with_gue_to_both_backend_families`]).
+const GUE_FRAMES: u64 = 30_000;
+
+/// The same generator and oracle with `encap = "gue"` (issue 11, session 17): IPv4
+/// backends get GUE over IPv4, IPv6 backends GUE over IPv6, and every tunnelled frame
+/// is checked by [`check_sent_gue`] (the outer UDP checksum of GUE over IPv6 verifies
+/// exactly when the inner transport checksum does, mutated ones included), every
+/// answer with the MTU less GUE's 48 / 28 bytes. A default run must send all three
+/// kinds (GUE over IPv4, IPv4 and IPv6 in GUE over IPv6). `XDPLB_FUZZ_SEED` replays,
+/// `XDPLB_FUZZ_GUE_FRAMES` changes the count.
+#[test]
+fn random_frames_with_gue_to_both_backend_families() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    let seed = match std::env::var("XDPLB_FUZZ_SEED") {
+        Ok(s) => s.parse().context("XDPLB_FUZZ_SEED must be a u64")?,
+        Err(_) => rand::rng().next_u64(),
+    };
+    let frames: u64 = match std::env::var("XDPLB_FUZZ_GUE_FRAMES") {
+        Ok(s) => s
+            .parse()
+            .context("XDPLB_FUZZ_GUE_FRAMES must be a number")?,
+        Err(_) => GUE_FRAMES,
+    };
+    println!("{test}: seed {seed} (replay with XDPLB_FUZZ_SEED={seed}), {frames} frames");
+    let result = in_bed("fzg", &net(), move || {
+        net6()?;
+        GUE.set(true);
+        let mut state = desired();
+        state.encap = lb_common::types::ENCAP_GUE;
+        state.gue_port = GUE_PORT;
+        let mut bed = Bed {
+            lb: LoadedLb::load(&caps(), &state, &[LB_PROGRAM])?,
+            ifindex: loader::if_index("lb0")?,
+            macs: Macs {
+                lb0: xdplb_tests::netns::mac_of("lb0")?,
+                far0: xdplb_tests::netns::mac_of("far0")?,
+            },
+            _forwarding: InterfaceForwarding::enable("lb0")?,
+        };
+        bed.write_some_next_hops()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut totals = Totals::default();
+        let mut i = 0u64;
+        while totals.frames < frames {
+            let kind = rng.random_range(0..KINDS);
+            let mut frame = frame_of_kind(&mut rng, kind);
+            if rng.random_bool(0.7) {
+                mutate(&mut rng, &mut frame);
+            }
+            bed.one(&frame, i.is_multiple_of(COUNTER_SAMPLE), &mut totals)
+                .with_context(|| format!("frame {i} (kind {kind}): {}", hex(&frame)))?;
+            i += 1;
+        }
+        let named: Vec<String> = totals
+            .by_verdict
+            .iter()
+            .map(|(v, n)| format!("{} {n}", verdict_name(*v)))
+            .collect();
+        println!("{} frames: {}", totals.frames, named.join(", "));
+        println!("GUE tunnels: {:?}", totals.tunnels6);
+        if totals.frames >= GUE_FRAMES {
+            for kind in ["gue4", "gue6 inner4", "gue6 inner6"] {
+                ensure!(
+                    totals.tunnels6.get(kind).copied().unwrap_or(0) > 0,
+                    "no frame was sent as {kind}: the generator misses a path"
                 );
             }
         }
