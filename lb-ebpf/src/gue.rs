@@ -110,8 +110,7 @@ pub fn needs_send(cfg: &GlobalConfig) -> bool {
 #[inline(always)]
 pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
     if (backend.family == FAMILY_V4 && needs_send(cfg))
-        || (backend.family == FAMILY_V6
-            && (cfg.encap == ENCAP_GUE || cfg.source_v6_host_mask != 0))
+        || (backend.family == FAMILY_V6 && (cfg.encap == ENCAP_GUE || cfg.source_v6_host_mask != 0))
     {
         tunnel_entropy(key)
     } else {
