@@ -1206,6 +1206,7 @@ fn outer_ipv6_source_varies_within_the_prefix() -> anyhow::Result<()> {
     in_bed("fxsp6", &net(), move || {
         let web = vip6(1, 80);
         let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let mut fx = Fixture::new()?;
         for (encap, prefix) in [
             (0, "fd00:18:4::/64"),
             (lb_common::types::ENCAP_GUE, "fd00:18:4::/64"),
@@ -1220,7 +1221,9 @@ fn outer_ipv6_source_varies_within_the_prefix() -> anyhow::Result<()> {
             // The prefix alone is the outer IPv6 source.
             state.source_v6 = None;
             state.source_v6_prefix = Some(net);
-            let fx = Fixture::with_state(&state)?;
+            fx.lb.apply(&state)?;
+            fx.state = state;
+            let fx = &fx;
             let base = addr_words(IpAddr::V6(net.network())).0;
             let mask = u128::from(net.hostmask()) as u32;
             let source_of = |key: &FlowKey| {
