@@ -1315,7 +1315,7 @@ fn outer_ipv6_source_varies_within_the_prefix() -> anyhow::Result<()> {
                 input: frame(&l3),
                 expect: Expect::Tx("six4", BE4.into()),
             });
-            check_rows(&fx, &rows)?;
+            check_rows(fx, &rows)?;
             // 32 flows over 2^32 (/64) or 2^8 (/120) addresses: nearly all distinct.
             ensure!(
                 sources.len() > 24,
