@@ -97,6 +97,16 @@ pub const fn tunnel_source_v4(base: u32, host_mask: u32, entropy: u32) -> u32 {
     base | ((entropy >> 14) & host_mask).to_be()
 }
 
+/// The last 32 bits of the outer IPv6 source of a tunnelled packet (network order):
+/// `base` (the last word of `source_ipv6` or of `dataplane.source_ipv6_prefix`'s
+/// address) with the host bits in `host_mask` (host order) taken from
+/// [`tunnel_entropy`] rotated by 14 bits: the low 18 bits of the host part do not
+/// repeat the GUE source port's bits, and a host part of up to 32 bits gets all 32.
+#[inline(always)]
+pub const fn tunnel_source_v6_low(base: u32, host_mask: u32, entropy: u32) -> u32 {
+    base | (entropy.rotate_right(14) & host_mask).to_be()
+}
+
 /// The slot of a service's ring a hash falls into, or `None` for an empty ring.
 #[inline(always)]
 pub const fn ring_slot(hash: u32, ring_size: u32) -> Option<u32> {

@@ -149,8 +149,14 @@ pub struct GlobalConfig {
     /// each flow's outer source is that address with these bits taken from the flow's
     /// [`crate::hash::tunnel_entropy`] (see `lb-ebpf/src/gue.rs`).
     pub source_v4_host_mask: u32,
+    /// Host order: the host bits of `dataplane.source_ipv6_prefix` within the last 32
+    /// bits of the address (0: one fixed outer IPv6 source). When set,
+    /// [`GlobalConfig::source_v6`] holds the prefix's address and each flow's outer
+    /// IPv6 source is that address with these bits of its last word taken from the
+    /// flow's [`crate::hash::tunnel_entropy`] ([`crate::hash::tunnel_source_v6_low`]).
+    pub source_v6_host_mask: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 44);
 
 /// [`GlobalConfig::filter_flags`]: [`crate::maps::DENY`] has entries.
 pub const FILTER_F_DENY: u32 = 1 << 0;

@@ -17,7 +17,10 @@
 //!   Over IPv6 it is computed (below).
 //! - Outer source: `source_ipv4`, or with `source_ipv4_prefix` the prefix's address
 //!   with its host bits from the flow's entropy ([`lb_common::hash::tunnel_source_v4`]),
-//!   as Katran varies its IPIP source within a /16.
+//!   as Katran varies its IPIP source within a /16. Towards IPv6 backends (6in6,
+//!   4in6, GUE over IPv6) likewise `source_ipv6`, or with `source_ipv6_prefix` the
+//!   prefix's address with the host bits of its last 32 bits from the flow's entropy
+//!   ([`lb_common::hash::tunnel_source_v6_low`]), as Katran's IPv6 IPIP source varies.
 //!
 //! Where it is built: `xdp_lb`'s IPv4 path tunnels plain IPIP from one source itself
 //! (the established flow's cheap case); with GUE or a source prefix it fills an
@@ -102,12 +105,12 @@ pub fn needs_send(cfg: &GlobalConfig) -> bool {
     cfg.encap == ENCAP_GUE || cfg.source_v4_host_mask != 0
 }
 
-/// The flow's tunnel entropy when the tunnel towards `backend` uses it (an IPv4
-/// backend, GUE or a source prefix), else 0 (nothing computed).
+/// The flow's tunnel entropy when the tunnel towards `backend` uses it (GUE, or a
+/// source prefix of the backend's family), else 0 (nothing computed).
 #[inline(always)]
 pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
     if (backend.family == FAMILY_V4 && needs_send(cfg))
-        || (backend.family == FAMILY_V6 && cfg.encap == ENCAP_GUE)
+        || (backend.family == FAMILY_V6 && (cfg.encap == ENCAP_GUE || cfg.source_v6_host_mask != 0))
     {
         tunnel_entropy(key)
     } else {

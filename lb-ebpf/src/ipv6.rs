@@ -30,7 +30,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash::{gue_source_port, tunnel_source_v4},
+    hash::{gue_source_port, tunnel_source_v4, tunnel_source_v6_low},
     stats::{Counter, DropReason},
     types::{
         Backend, ENCAP_GUE, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowKey, GlobalConfig, PROTO_TCP,
@@ -269,7 +269,8 @@ pub struct Forward {
     pub service_id: u32,
     pub backend_id: u32,
     /// The flow's [`lb_common::hash::tunnel_entropy`] when the tunnel uses it (GUE's
-    /// source port, `source_ipv4_prefix`'s host bits), else 0 ([`gue::entropy`]).
+    /// source port, `source_ipv4_prefix`'s and `source_ipv6_prefix`'s host bits), else
+    /// 0 ([`gue::entropy`]).
     pub entropy: u32,
     /// The inner IP packet's length, host order.
     pub inner_len: u16,
@@ -366,7 +367,8 @@ pub fn send(ctx: *mut xdp_md, l3_off: usize, f: &Forward) -> u32 {
 /// Encapsulate the IP packet at `l3_off` as `f` says: towards an IPv6 backend in an
 /// IPv6 outer header (4in6 / 6in6, whatever `encap` says), towards an IPv4 backend in
 /// GUE (`encap = "gue"`, `gue.rs`: IPv4 or IPv6 inner) or IPIP / 6in4, from
-/// `source_ipv4` or the flow's address in `source_ipv4_prefix`. The interface to send
+/// `source_ipv4` or the flow's address in `source_ipv4_prefix` (IPv6 outer headers:
+/// `source_ipv6` or the flow's address in `source_ipv6_prefix`). The interface to send
 /// it on. No `mtu` check here.
 #[inline(always)]
 pub fn tunnel(
@@ -381,24 +383,31 @@ pub fn tunnel(
         if cfg.source_v6 == [0; 4] {
             return Err(Exit::Pass(Counter::PassNoSource));
         }
+        // The flow's outer source: `source_v6`, with `source_ipv6_prefix` the host bits
+        // of its last word from the flow's entropy (0 host bits: `source_v6` itself).
+        let source = [
+            cfg.source_v6[0],
+            cfg.source_v6[1],
+            cfg.source_v6[2],
+            tunnel_source_v6_low(cfg.source_v6[3], cfg.source_v6_host_mask, f.entropy),
+        ];
         let gue = cfg.encap == ENCAP_GUE;
         let extra = if gue { gue::UDP_HLEN as u16 } else { 0 };
         let outer_len = inner_len + IPV6_HLEN as u16 + extra;
         let hop = match nexthop::cached(backend_id, FAMILY_V6, &f.addr, outer_len) {
             Some(hop) => hop?,
-            None => next_hop_v6(ctx, &cfg.source_v6, &f.addr, outer_len)?,
+            None => next_hop_v6(ctx, &source, &f.addr, outer_len)?,
         };
         trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
         if gue {
             // GUE over IPv6 (gue.rs): the UDP checksum is computed.
             let sport = gue_source_port(f.entropy).to_be();
-            let source = &cfg.source_v6;
             let udp = gue::udp6_header(
                 ctx,
                 l3_off,
                 inner_len,
                 inner_v6,
-                source,
+                &source,
                 &f.addr,
                 sport,
                 cfg.gue_port,
@@ -409,7 +418,7 @@ pub fn tunnel(
                     payload_len: (inner_len + extra).to_be(),
                     nexthdr: PROTO_UDP,
                     hop_limit: OUTER_TTL,
-                    saddr: *source,
+                    saddr: source,
                     daddr: f.addr,
                 },
                 udp,
@@ -422,7 +431,7 @@ pub fn tunnel(
             payload_len: inner_len.to_be(),
             nexthdr: if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP },
             hop_limit: OUTER_TTL,
-            saddr: cfg.source_v6,
+            saddr: source,
             daddr: f.addr,
         };
         push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;

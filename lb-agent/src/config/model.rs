@@ -239,6 +239,14 @@ pub struct DataplaneConfig {
     /// errors about the tunnel come back to it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_ipv4_prefix: Option<String>,
+    /// The IPv6 twin of `source_ipv4_prefix` (`address/length`, /64 to /128, no host
+    /// bits): the outer source of packets tunnelled to IPv6 backends (6in6, 4in6, GUE
+    /// over IPv6) varies per flow within it, in the last 32 bits of the address (all
+    /// host bits from /96 on; below /96 the host bits above the last 32 stay those of
+    /// the prefix's address, zero). Its address replaces `source_ipv6` as the outer
+    /// source; the prefix must be routed to the LB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ipv6_prefix: Option<String>,
 }
 
 impl Default for DataplaneConfig {
@@ -258,6 +266,7 @@ impl Default for DataplaneConfig {
             mtu: DEFAULT_MTU,
             gue_port: DEFAULT_GUE_PORT,
             source_ipv4_prefix: None,
+            source_ipv6_prefix: None,
         }
     }
 }

@@ -496,6 +496,11 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
             push("dataplane.source_ipv4_prefix", why);
         }
     }
+    if let Some(text) = &dp.source_ipv6_prefix {
+        if let Err(why) = source_prefix6_problem(text, dp.source_ipv6) {
+            push("dataplane.source_ipv6_prefix", why);
+        }
+    }
     errors
 }
 
@@ -525,6 +530,37 @@ fn source_prefix_problem(text: &str, source: Option<std::net::Ipv4Addr>) -> Resu
         return Err(format!(
             "{text} does not contain dataplane.source_ipv4 ({ip}); the prefix replaces it as \
              the outer source, so give one inside it or leave source_ipv4 out"
+        ));
+    }
+    Ok(())
+}
+
+/// Shortest `dataplane.source_ipv6_prefix`: a /64, the usual subnet; the tunnel varies
+/// at most the last 32 bits of the address (a flow's hash has 32).
+pub const SOURCE_PREFIX6_MIN_LEN: u8 = 64;
+
+/// What is wrong with `dataplane.source_ipv6_prefix` (given `source_ipv6`), if anything.
+fn source_prefix6_problem(text: &str, source: Option<std::net::Ipv6Addr>) -> Result<(), String> {
+    let ipnet::IpNet::V6(net) = parse_prefix(text)? else {
+        return Err(format!(
+            "{text} is an IPv4 prefix; the outer IPv6 source needs an IPv6 one"
+        ));
+    };
+    if net.prefix_len() < SOURCE_PREFIX6_MIN_LEN {
+        return Err(format!(
+            "{text} is too wide: /{SOURCE_PREFIX6_MIN_LEN} to /128 (up to 32 bits of a flow's \
+             hash vary the last 32 bits of the address)"
+        ));
+    }
+    if let Some(kind) = non_unicast(IpAddr::V6(net.network())) {
+        return Err(format!(
+            "{text} is {kind} prefix; tunnel sources must be unicast addresses"
+        ));
+    }
+    if let Some(ip) = source.filter(|ip| !net.contains(ip)) {
+        return Err(format!(
+            "{text} does not contain dataplane.source_ipv6 ({ip}); the prefix replaces it as \
+             the outer source, so give one inside it or leave source_ipv6 out"
         ));
     }
     Ok(())
@@ -854,31 +890,44 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
                      dataplane.xdp_mode = \"off\"",
                 );
             }
-            if svc.vip.is_ipv6() && dp.xdp_mode != XdpMode::Off && dp.source_ipv6.is_none() {
+            if svc.vip.is_ipv6()
+                && dp.xdp_mode != XdpMode::Off
+                && dp.source_ipv6.is_none()
+                && dp.source_ipv6_prefix.is_none()
+            {
                 report.field(
                     "vip",
                     "an l4 IPv6 service needs dataplane.source_ipv6 (the outer source address \
-                     of tunnelled packets) unless dataplane.xdp_mode = \"off\"",
+                     of tunnelled packets) or dataplane.source_ipv6_prefix unless \
+                     dataplane.xdp_mode = \"off\"",
                 );
             }
             // The tunnel's family is the backend's: IPv4 in IPv6 towards an IPv6
             // backend, IPv6 in IPv4 towards an IPv4 one; each needs that family's source.
             if dp.xdp_mode != XdpMode::Off {
                 for (i, b) in svc.backends.iter().enumerate() {
-                    if b.address.is_ipv6() && !svc.vip.is_ipv6() && dp.source_ipv6.is_none() {
+                    if b.address.is_ipv6()
+                        && !svc.vip.is_ipv6()
+                        && dp.source_ipv6.is_none()
+                        && dp.source_ipv6_prefix.is_none()
+                    {
                         report.backend(
                             i,
                             "address",
                             "an IPv6 backend is reached through an IPv6 tunnel, which needs \
-                             dataplane.source_ipv6",
+                             dataplane.source_ipv6 (or dataplane.source_ipv6_prefix)",
                         );
                     }
-                    if b.address.is_ipv4() && !svc.vip.is_ipv4() && dp.source_ipv4.is_none() {
+                    if b.address.is_ipv4()
+                        && !svc.vip.is_ipv4()
+                        && dp.source_ipv4.is_none()
+                        && dp.source_ipv4_prefix.is_none()
+                    {
                         report.backend(
                             i,
                             "address",
                             "an IPv4 backend is reached through an IPv4 tunnel, which needs \
-                             dataplane.source_ipv4",
+                             dataplane.source_ipv4 (or dataplane.source_ipv4_prefix)",
                         );
                     }
                 }

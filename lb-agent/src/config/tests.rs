@@ -220,6 +220,7 @@ fn design_example_parses_with_defaults_filled() {
         dataplane: DataplaneConfig {
             gue_port: 6080,
             source_ipv4_prefix: None,
+            source_ipv6_prefix: None,
             xdp_mode: XdpMode::Auto,
             encap: Encap::Ipip,
             source_ipv4: Some(Ipv4Addr::new(198, 18, 1, 10)),
@@ -1962,6 +1963,58 @@ fn gue_port_and_source_prefix_are_read_and_checked() {
         &format!("{DP}source_ipv4_prefix = \"198.18.4.0/24\"\n"),
         prefix,
         "does not contain dataplane.source_ipv4 (198.18.1.10)",
+    );
+}
+
+#[test]
+fn source_ipv6_prefix_is_read_and_checked() {
+    assert_eq!(parse_ok("").dataplane.source_ipv6_prefix, None);
+    let cfg = parse_ok("[dataplane]\nsource_ipv6_prefix = \"fd00:18:4::/64\"\n");
+    assert_eq!(
+        cfg.dataplane.source_ipv6_prefix.as_deref(),
+        Some("fd00:18:4::/64")
+    );
+    // The prefix alone satisfies an l4 IPv6 service and an IPv6 backend of an IPv4
+    // VIP; source_ipv6 inside it is fine; /128 is one fixed source.
+    parse_ok(
+        "[dataplane]\nsource_ipv6_prefix = \"fd00:18:4::/96\"\n[[service]]\nname = \"v6\"\n\
+         vip = \"[fd00:18:100::1]:80\"\nbackend = [{ address = \"fd00:18:1::11\" }]\n",
+    );
+    parse_ok(&format!(
+        "{DP}source_ipv6_prefix = \"fd00:18:4::/64\"\n[[service]]\nname = \"mixed\"\n\
+         vip = \"198.18.100.1:80\"\nbackend = [{{ address = \"fd00:18:1::12\" }}]\n"
+    ));
+    parse_ok(
+        "[dataplane]\nsource_ipv6 = \"fd00:18:4::10\"\nsource_ipv6_prefix = \"fd00:18:4::/64\"\n",
+    );
+    parse_ok("[dataplane]\nsource_ipv6_prefix = \"fd00:18:4::10/128\"\n");
+    // And source_ipv4_prefix alone serves an IPv4 backend of an IPv6 VIP (6in4).
+    parse_ok(
+        "[dataplane]\nsource_ipv4_prefix = \"198.18.4.0/24\"\n\
+         source_ipv6_prefix = \"fd00:18:4::/64\"\n[[service]]\nname = \"v6\"\n\
+         vip = \"[fd00:18:100::1]:80\"\nbackend = [{ address = \"198.18.1.11\" }]\n",
+    );
+
+    let prefix = "dataplane.source_ipv6_prefix";
+    for (bad, needle) in [
+        ("fd00:18:4::1/64", "host bits set"),
+        ("fd00:18::/48", "too wide: /64 to /128"),
+        ("198.18.4.0/24", "IPv4 prefix"),
+        ("ff02::/64", "multicast"),
+        ("::/64", "unspecified"),
+        ("fd00:18:4::/129", "not a prefix"),
+        ("banana", "not a prefix"),
+    ] {
+        assert_single(
+            &format!("[dataplane]\nsource_ipv6_prefix = \"{bad}\"\n"),
+            prefix,
+            needle,
+        );
+    }
+    assert_single(
+        "[dataplane]\nsource_ipv6 = \"fd00:18:1::10\"\nsource_ipv6_prefix = \"fd00:18:4::/64\"\n",
+        prefix,
+        "does not contain dataplane.source_ipv6 (fd00:18:1::10)",
     );
 }
 

@@ -59,6 +59,9 @@ pub struct DesiredState {
     pub gue_port: u16,
     /// `dataplane.source_ipv4_prefix`: outer IPv4 sources vary per flow within it.
     pub source_v4_prefix: Option<ipnet::Ipv4Net>,
+    /// `dataplane.source_ipv6_prefix`: outer IPv6 sources vary per flow within it
+    /// (the last 32 bits of the address at most).
+    pub source_v6_prefix: Option<ipnet::Ipv6Net>,
     pub services: Vec<DesiredService>,
     /// `[security]` source filters.
     pub filters: DesiredFilters,
@@ -111,6 +114,10 @@ impl DesiredState {
             gue_port: dataplane.gue_port,
             source_v4_prefix: dataplane
                 .source_ipv4_prefix
+                .as_deref()
+                .and_then(|p| p.parse().ok()),
+            source_v6_prefix: dataplane
+                .source_ipv6_prefix
                 .as_deref()
                 .and_then(|p| p.parse().ok()),
             services,

@@ -781,7 +781,11 @@ impl Reconciler {
                 .map(|p| p.network())
                 .or(desired.source_v4)
                 .map_or(0, |a| u32::from_ne_bytes(a.octets())),
-            source_v6: desired.source_v6.map_or([0; 4], |a| addr_words(a.into()).0),
+            source_v6: desired
+                .source_v6_prefix
+                .map(|p| p.network())
+                .or(desired.source_v6)
+                .map_or([0; 4], |a| addr_words(a.into()).0),
             encap: desired.encap,
             filter_flags: FilterTable::flags(&desired.filters),
             mtu: desired.mtu,
@@ -790,6 +794,10 @@ impl Reconciler {
             source_v4_host_mask: desired
                 .source_v4_prefix
                 .map_or(0, |p| u32::from(p.hostmask())),
+            // The last word's host bits (the tunnel varies the last 32 bits at most).
+            source_v6_host_mask: desired
+                .source_v6_prefix
+                .map_or(0, |p| u128::from(p.hostmask()) as u32),
         };
         if self.config != Some(config) {
             maps.config

@@ -36,6 +36,7 @@ fn web(lasts: &[u8]) -> DesiredState {
     DesiredState {
         gue_port: 6080,
         source_v4_prefix: None,
+        source_v6_prefix: None,
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,

@@ -137,6 +137,7 @@ fn desired() -> DesiredState {
     DesiredState {
         gue_port: 6080,
         source_v4_prefix: None,
+        source_v6_prefix: None,
         source_v4: Some(LB4),
         source_v6: Some(LB6),
         encap: 0,
@@ -345,6 +346,11 @@ impl Fixture {
     /// over IPv6 towards `backend` (`encap = "gue"`): traffic class = the inner one,
     /// source port from the flow's entropy, the UDP checksum computed.
     fn gue6(&self, inner: &[u8], key: &FlowKey, backend: IpAddr) -> Vec<u8> {
+        self.gue6_from(LB6, inner, key, backend)
+    }
+
+    /// [`Fixture::gue6`] from the outer source `src` (`source_ipv6_prefix`).
+    fn gue6_from(&self, src: Ipv6Addr, inner: &[u8], key: &FlowKey, backend: IpAddr) -> Vec<u8> {
         let IpAddr::V6(b) = backend else {
             panic!("GUE over IPv6 towards an IPv4 backend {backend}");
         };
@@ -354,13 +360,13 @@ impl Fixture {
             inner[1]
         };
         let sport = gue_source_port(tunnel_entropy(key));
-        let udp = xdplb_tests::packet6::gue6_udp(LB6, b, sport, GUE_PORT, inner);
+        let udp = xdplb_tests::packet6::gue6_udp(src, b, sport, GUE_PORT, inner);
         eth(
             Self::mac_of_backend(backend),
             self.lb_mac,
             None,
             ETH_P_IPV6,
-            &ipv6(LB6, b, PROTO_UDP, tos, 64, &udp),
+            &ipv6(src, b, PROTO_UDP, tos, 64, &udp),
         )
     }
 
@@ -1181,6 +1187,142 @@ fn gue_carries_ipv6_over_ipv4_and_both_families_over_ipv6() -> anyhow::Result<()
         });
 
         check_rows(&fx, &rows)?;
+        Ok(())
+    })
+    .with_context(|| format!("fixture test {test}"))
+}
+
+/// `dataplane.source_ipv6_prefix`: the outer IPv6 source of every tunnel towards an
+/// IPv6 backend (6in6, 4in6, GUE over IPv6) is the prefix's address with the host bits
+/// of its last word from the flow's entropy (`tunnel_source_v6_low`, the oracle): per
+/// flow the same for its SYN and its next packet, inside the prefix, spread over many
+/// addresses across flows; GUE's UDP checksum verifies over the per-flow source
+/// (`check_checksums6` in `check`). The IPv4 tunnel (6in4) keeps `source_ipv4`.
+#[test]
+fn outer_ipv6_source_varies_within_the_prefix() -> anyhow::Result<()> {
+    use lb_common::hash::tunnel_source_v6_low;
+    let test = require_privileges!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    in_bed("fxsp6", &net(), move || {
+        let web = vip6(1, 80);
+        let be6: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let mut fx = Fixture::new()?;
+        for (encap, prefix) in [
+            (0, "fd00:18:4::/64"),
+            (lb_common::types::ENCAP_GUE, "fd00:18:4::/64"),
+            (0, "fd00:18:4::ff00/120"),
+            (lb_common::types::ENCAP_GUE, "fd00:18:4::ff00/120"),
+        ] {
+            let label = if encap == 0 { "ipip" } else { "GUE" };
+            let net: ipnet::Ipv6Net = prefix.parse()?;
+            let mut state = desired();
+            state.encap = encap;
+            state.gue_port = GUE_PORT;
+            // The prefix alone is the outer IPv6 source.
+            state.source_v6 = None;
+            state.source_v6_prefix = Some(net);
+            fx.lb.apply(&state)?;
+            fx.state = state;
+            let fx = &fx;
+            let base = addr_words(IpAddr::V6(net.network())).0;
+            let mask = u128::from(net.hostmask()) as u32;
+            let source_of = |key: &FlowKey| {
+                let mut w = base;
+                w[3] = tunnel_source_v6_low(base[3], mask, tunnel_entropy(key));
+                let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+                Ipv6Addr::from(<[u8; 16]>::try_from(bytes.as_slice()).expect("16 bytes"))
+            };
+            let expect = |inner: &[u8], key: &FlowKey, src: Ipv6Addr, be: IpAddr| {
+                if encap == 0 {
+                    let IpAddr::V6(b) = be else { unreachable!() };
+                    let (nh, tos) = if inner[0] >> 4 == 6 {
+                        (IPPROTO_IPV6, (inner[0] << 4) | (inner[1] >> 4))
+                    } else {
+                        (IPPROTO_IPIP, inner[1])
+                    };
+                    eth(
+                        Fixture::mac_of_backend(be),
+                        fx.lb_mac,
+                        None,
+                        ETH_P_IPV6,
+                        &ipv6(src, b, nh, tos, 64, inner),
+                    )
+                } else {
+                    fx.gue6_from(src, inner, key, be)
+                }
+            };
+            let mut rows = Vec::new();
+            let mut sources = std::collections::BTreeSet::new();
+            for port in 44000..44016u16 {
+                let key = flow6(client(port), web, PROTO_TCP);
+                let be = fx.pick("web6", &key, &be6, 80)?;
+                let src = source_of(&key);
+                ensure!(net.contains(&src), "{src} outside {prefix}");
+                sources.insert(src);
+                // The SYN, then the flow's next packet: the same source.
+                for (flags, data) in [(tcp_flags::SYN, &b""[..]), (tcp_flags::ACK, b"more")] {
+                    let l3 = tcp_packet(port, web, flags, 0x28, data);
+                    rows.push(Row {
+                        name: format!("{label} 6in6 from {src} ({prefix}), flags {flags:#x}"),
+                        output: expect(&l3, &key, src, be),
+                        input: frame(&l3),
+                        expect: Expect::Tx("web6", be),
+                    });
+                }
+                // IPv4 in IPv6 to the mixed service's IPv6 backends.
+                let src4 = SocketAddrV4::new(CLIENT4, port);
+                let key = flow4(src4, VIP4_MIXED, PROTO_TCP);
+                let be = fx.pick("mixed", &key, &be6[..2], 80)?;
+                let src = source_of(&key);
+                ensure!(net.contains(&src), "{src} outside {prefix}");
+                sources.insert(src);
+                let l3 = PacketBuilder::tcp(src4, VIP4_MIXED)
+                    .flags(tcp_flags::SYN)
+                    .tos(0x10)
+                    .build_ipv4();
+                rows.push(Row {
+                    name: format!("{label} 4in6 from {src} ({prefix})"),
+                    output: expect(&l3, &key, src, be),
+                    input: eth([0x02, 0, 0, 0, 0, 0x10], CLIENT_MAC, None, ETH_P_IPV4, &l3),
+                    expect: Expect::Tx("mixed", be),
+                });
+            }
+            // Towards the IPv4 backend of an IPv6 VIP the outer source stays source_ipv4
+            // (IPIP: 6in4; GUE over IPv4).
+            let six4 = vip6(3, 80);
+            let l3 = tcp_packet(44100, six4, tcp_flags::SYN, 0, b"");
+            let output = if encap == 0 {
+                fx.tunnelled(&l3, true, 0, BE4.into())
+            } else {
+                let key = flow6(client(44100), six4, PROTO_TCP);
+                let sport = gue_source_port(tunnel_entropy(&key));
+                let mut udp = sport.to_be_bytes().to_vec();
+                udp.extend_from_slice(&GUE_PORT.to_be_bytes());
+                udp.extend_from_slice(&u16::try_from(8 + l3.len())?.to_be_bytes());
+                udp.extend_from_slice(&[0, 0]);
+                udp.extend_from_slice(&l3);
+                eth(
+                    BE4_MAC,
+                    fx.lb_mac,
+                    None,
+                    ETH_P_IPV4,
+                    &ipv4_tunnel(LB4, BE4, PROTO_UDP, 0, &udp),
+                )
+            };
+            rows.push(Row {
+                name: format!("{label} ipv6 to an ipv4 backend from source_ipv4 ({prefix})"),
+                output,
+                input: frame(&l3),
+                expect: Expect::Tx("six4", BE4.into()),
+            });
+            check_rows(fx, &rows)?;
+            // 32 flows over 2^32 (/64) or 2^8 (/120) addresses: nearly all distinct.
+            ensure!(
+                sources.len() > 24,
+                "{label} {prefix}: 32 flows got only {} outer sources: {sources:?}",
+                sources.len()
+            );
+        }
         Ok(())
     })
     .with_context(|| format!("fixture test {test}"))

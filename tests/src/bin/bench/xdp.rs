@@ -234,6 +234,7 @@ impl Lb {
         let desired = DesiredState {
             gue_port: 6080,
             source_v4_prefix: None,
+            source_v6_prefix: None,
             source_v4: Some(LB_ADDR),
             source_v6: None,
             encap: 0,

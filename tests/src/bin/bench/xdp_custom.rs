@@ -459,6 +459,7 @@ fn base_state(env: &Env, services: Vec<DesiredService>) -> DesiredState {
     DesiredState {
         gue_port: GUE_PORT,
         source_v4_prefix: None,
+        source_v6_prefix: None,
         source_v4: Some(env.lb_addr),
         source_v6: Some(env.lb_addr6),
         encap: ENCAP_IPIP,
