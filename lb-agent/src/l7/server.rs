@@ -185,6 +185,9 @@ async fn run_http<I>(
 #[derive(Debug)]
 pub(crate) struct Server {
     stop: watch::Sender<Option<Duration>>,
+    /// Set when a successor serves the shared listener: stop accepting at once (the
+    /// drain starts with [`Server::shutdown`]).
+    pause: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -197,11 +200,20 @@ impl Server {
         tls: Option<TlsAcceptor>,
     ) -> Self {
         let (stop, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(accept_loop(listener, proxy, tls, stop_rx));
+        let (pause, pause_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, proxy, tls, stop_rx, pause_rx));
         Self {
             stop,
+            pause,
             task: Some(task),
         }
+    }
+
+    /// Stop accepting now, before [`Server::shutdown`] runs: called when a successor
+    /// has started on the shared listener, so that every connection accepted from then
+    /// on gets the successor's settings. Connections already accepted go on.
+    pub(crate) fn stop_accepting(&self) {
+        self.pause.send_replace(true);
     }
 
     /// Stop accepting, let in-flight requests finish within `grace` (draining as the
@@ -230,6 +242,7 @@ async fn accept_loop(
     proxy: Arc<Proxy>,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<Option<Duration>>,
+    mut pause: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(builder(&proxy));
     // Tells every connection to finish (see the module docs).
@@ -238,6 +251,10 @@ async fn accept_loop(
     let conns = TaskTracker::new();
     loop {
         tokio::select! {
+            // Stop signals first: once paused, not one more connection is taken.
+            biased;
+            _ = stop.changed() => break,
+            () = async { drop(pause.wait_for(|p| *p).await) } => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let watcher = drain.subscribe();
@@ -263,11 +280,15 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stop.changed() => break,
         }
     }
-    let grace = (*stop.borrow()).unwrap_or_default();
     drop(listener);
+    // Paused: the accepted connections go on until `shutdown` names the grace period
+    // (or the server is dropped: stop at once).
+    let grace = match stop.wait_for(Option::is_some).await {
+        Ok(g) => (*g).unwrap_or_default(),
+        Err(_) => Duration::ZERO,
+    };
     debug!(service = %proxy.name, ?grace, "L7 service shutting down");
     // Closed trackers: `wait` returns once no task is left (tunnels may still start
     // from requests in flight; they are waited for too).

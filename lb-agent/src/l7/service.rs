@@ -139,8 +139,9 @@ impl L7Service {
     }
 
     /// A service with the settings `cfg` (same VIP) serving this one's listening
-    /// socket, with this one's cache when the cache settings are the same. The caller
-    /// then shuts this one down: it drains while the successor accepts.
+    /// socket, with this one's cache when the cache settings are the same. This one
+    /// stops accepting as soon as the successor exists; the caller then shuts it down:
+    /// it drains while the successor accepts.
     pub fn successor(
         &self,
         cfg: &ServiceConfig,
@@ -151,14 +152,17 @@ impl L7Service {
         let cache = (cfg.cache == self.config.cache)
             .then(|| self.proxy.cache.clone())
             .flatten();
-        Self::build(
+        let next = Self::build(
             cfg,
             state_dir,
             stats,
             Arc::clone(&self.listener),
             cache,
             serving,
-        )
+        )?;
+        // From here on the successor takes every new connection.
+        self.server.stop_accepting();
+        Ok(next)
     }
 
     /// A duplicate of the listening socket's descriptor (for the next agent).
