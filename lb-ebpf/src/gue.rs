@@ -47,7 +47,8 @@ use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
     types::{
-        Backend, ENCAP_GUE, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, PROTO_TCP, PROTO_UDP,
+        Backend, DecapKey, ENCAP_GUE, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, PROTO_TCP,
+        PROTO_UDP,
     },
 };
 
@@ -283,29 +284,12 @@ fn complete(ctx: &XdpContext, l4_off: usize, proto: u8, v6: bool) -> bool {
 /// that is no IP packet) passes untouched: it is the host's own UDP.
 #[inline(always)]
 pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32> {
-    let udp = ptr_at::<UdpHdr>(ctx, l3_off + IPV4_HLEN).ok_or(XDP_PASS)?;
-    let port = crate::maps::CONFIG.get(0).map_or(0, |c| c.gue_port);
-    // SAFETY: bounds checked by ptr_at.
-    if port == 0 || unsafe { (*udp).dest } != port {
-        return Err(XDP_PASS);
-    }
-    let key = crate::keys::decap_key([daddr, 0, 0, 0], FAMILY_V4);
-    // SAFETY: DECAP_DSTS is preallocated; the value is not read.
-    if unsafe { crate::maps::DECAP_DSTS.get(key) }.is_none() {
-        return Err(XDP_PASS);
-    }
-    let inner_off = l3_off + IPV4_HLEN + UDP_HLEN;
-    let first = ptr_at::<u8>(ctx, inner_off).ok_or(XDP_PASS)?;
-    // SAFETY: bounds checked by ptr_at.
-    let inner_proto = match unsafe { *first } >> 4 {
-        4 if ptr_at::<Ipv4Hdr>(ctx, inner_off).is_some() => ETH_P_IP,
-        6 if ptr_at::<[u8; 40]>(ctx, inner_off).is_some() => ETH_P_IPV6,
-        _ => return Err(XDP_PASS),
-    };
-    crate::ipv6::strip_outer(ctx, l3_off, (IPV4_HLEN + UDP_HLEN) as i32, inner_proto)
-        .map_err(|()| XDP_ABORTED)?;
-    count(Counter::DecapGue);
-    Ok(XDP_PASS)
+    decap(
+        ctx,
+        l3_off,
+        IPV4_HLEN,
+        crate::keys::decap_key([daddr, 0, 0, 0], FAMILY_V4),
+    )
 }
 
 /// `xdp_decap`'s GUE branch over IPv6: the outer IPv6 header at `l3_off` (40 bytes,
@@ -317,18 +301,29 @@ pub fn decap_v4(ctx: &XdpContext, l3_off: usize, daddr: u32) -> Result<u32, u32>
 /// decided nothing but that this host decapsulates. A zero checksum is accepted too.
 #[inline(always)]
 pub fn decap_v6(ctx: &XdpContext, l3_off: usize, daddr: &[u32; 4]) -> Result<u32, u32> {
-    let udp = ptr_at::<UdpHdr>(ctx, l3_off + IPV6_HLEN).ok_or(XDP_PASS)?;
+    decap(
+        ctx,
+        l3_off,
+        IPV6_HLEN,
+        crate::keys::decap_key(*daddr, FAMILY_V6),
+    )
+}
+
+/// Both families of [`decap_v4`] / [`decap_v6`]: the outer IP header (`outer_len` bytes
+/// at `l3_off`) is followed by UDP; `key` is the outer destination's `DECAP_DSTS` key.
+#[inline(always)]
+fn decap(ctx: &XdpContext, l3_off: usize, outer_len: usize, key: DecapKey) -> Result<u32, u32> {
+    let udp = ptr_at::<UdpHdr>(ctx, l3_off + outer_len).ok_or(XDP_PASS)?;
     let port = crate::maps::CONFIG.get(0).map_or(0, |c| c.gue_port);
     // SAFETY: bounds checked by ptr_at.
     if port == 0 || unsafe { (*udp).dest } != port {
         return Err(XDP_PASS);
     }
-    let key = crate::keys::decap_key(*daddr, FAMILY_V6);
     // SAFETY: DECAP_DSTS is preallocated; the value is not read.
     if unsafe { crate::maps::DECAP_DSTS.get(key) }.is_none() {
         return Err(XDP_PASS);
     }
-    let inner_off = l3_off + IPV6_HLEN + UDP_HLEN;
+    let inner_off = l3_off + outer_len + UDP_HLEN;
     let first = ptr_at::<u8>(ctx, inner_off).ok_or(XDP_PASS)?;
     // SAFETY: bounds checked by ptr_at.
     let inner_proto = match unsafe { *first } >> 4 {
@@ -336,7 +331,7 @@ pub fn decap_v6(ctx: &XdpContext, l3_off: usize, daddr: &[u32; 4]) -> Result<u32
         6 if ptr_at::<Ipv6Hdr>(ctx, inner_off).is_some() => ETH_P_IPV6,
         _ => return Err(XDP_PASS),
     };
-    crate::ipv6::strip_outer(ctx, l3_off, (IPV6_HLEN + UDP_HLEN) as i32, inner_proto)
+    crate::ipv6::strip_outer(ctx, l3_off, (outer_len + UDP_HLEN) as i32, inner_proto)
         .map_err(|()| XDP_ABORTED)?;
     count(Counter::DecapGue);
     Ok(XDP_PASS)

@@ -149,7 +149,8 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
                 .map_err(Exit::Drop)?,
         },
     };
-    if choice.backend.family == FAMILY_V6 {
+    let to_v6 = choice.backend.family == FAMILY_V6;
+    if to_v6 {
         // IPv4 in IPv6 (ipv6.rs): a 40-byte outer header, checked against `mtu` again.
         // With GUE, 48 (ipv6::outer_len).
         let outer = ipv6::outer_len(&choice.backend, cfg);
@@ -158,23 +159,15 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
             let arg = mtu - outer + IPV4_HLEN as u32;
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
-        let (len, tos) = (pkt.tot_len, pkt.tos);
-        let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
-        Forward::fill(
-            fwd,
-            &choice,
-            vip.service_id,
-            len,
-            tos,
-            false,
-            false,
-            entropy,
-        );
-        return Ok(NEXT_SEND);
     }
-    if gue::needs_send(cfg) {
-        // GUE or a per-flow source (gue.rs): built by `ipv6::send`, a sibling subprogram.
-        let entropy = tunnel_entropy(&pkt.key);
+    if to_v6 || gue::needs_send(cfg) {
+        // An IPv6 backend, GUE or a per-flow source (gue.rs): built by `ipv6::send`, a
+        // sibling subprogram.
+        let entropy = if to_v6 {
+            gue::entropy(cfg, &choice.backend, &pkt.key)
+        } else {
+            tunnel_entropy(&pkt.key)
+        };
         let (len, tos) = (pkt.tot_len, pkt.tos);
         Forward::fill(
             fwd,
