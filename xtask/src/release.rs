@@ -14,7 +14,7 @@ pub const AGENT_BIN_ENV: &str = "XDPLB_AGENT_BIN";
 const DEMO_PACKAGES: &[&str] = &["lb-agent", "xdplb-tests"];
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace root), else `target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     let root = cmd::workspace_root();
     env::var_os("CARGO_TARGET_DIR")
         .filter(|dir| !dir.is_empty())

@@ -13,7 +13,10 @@ use crate::{clippy, cmd, release, setup};
 pub enum Step {
     /// `cargo fmt --all -- --check`.
     Fmt,
-    /// Clippy for the host and for bpfel-unknown-none (`cargo xtask clippy`).
+    /// Clippy for the host and for bpfel-unknown-none (`cargo xtask clippy`), here started in
+    /// the background at the lowest CPU priority with its own target directory
+    /// (`target/clippy`) while the build and the tests run, and waited for at the end
+    /// ([`clippy::Background`]).
     Clippy,
     /// `cargo build --release --workspace --exclude lb-ebpf --bins --tests`: the agent and every
     /// test harness in one cargo run, so that the two largest units (lb-agent's library and its
@@ -68,9 +71,22 @@ impl Step {
 pub fn test(skip: &[Step], cargo_test_args: &[String]) -> Result<()> {
     setup::ensure_ready()?;
     let start = Instant::now();
+    let mut background_clippy = None;
     for &step in Step::value_variants() {
         if skip.contains(&step) {
             println!("\n==> xtask test: {}: skipped (--skip)", step.title());
+            continue;
+        }
+        if step == Step::Clippy {
+            let dir = release::target_dir();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let log = dir.join("clippy.log");
+            println!(
+                "\n==> xtask test: clippy: started in the background (nice 19, target/clippy, \
+                 output in {}), waited for at the end",
+                log.display()
+            );
+            background_clippy = Some(clippy::Background::spawn(&dir.join("clippy"), &log)?);
             continue;
         }
         println!("\n==> xtask test: {}", step.title());
@@ -82,6 +98,13 @@ pub fn test(skip: &[Step], cargo_test_args: &[String]) -> Result<()> {
             step.title(),
             step_start.elapsed().as_secs_f64()
         );
+    }
+    if let Some(background) = background_clippy {
+        println!("\n==> xtask test: clippy (waiting for the background passes)");
+        background
+            .wait()
+            .context("xtask test: step `clippy` failed")?;
+        println!("==> xtask test: clippy: passed");
     }
     println!(
         "\nxtask test: every step{} passed in {:.0}s",
