@@ -439,6 +439,22 @@ struct Row {
     iterations: u64,
     /// Balancer rows: `NEXT_HOPS` left empty, every next hop from `bpf_fib_lookup`.
     fib: bool,
+    /// Per-feature rows: whether the measured packet uses the row's feature
+    /// ([`Use`]): the budget is about packets that do not.
+    uses: Use,
+}
+
+/// Per-feature rows: what the measured packet does with the feature in the state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Not a per-feature row.
+    None,
+    /// The feature is configured; this packet does not use it (the 1.5x budget).
+    No,
+    /// The packet uses the feature (IPv6, GUE, a QUIC CID, a SYN over the cap).
+    Yes,
+    /// The same balancer without the feature, beside a row that uses it.
+    Baseline,
 }
 
 impl Row {
@@ -457,7 +473,13 @@ impl Row {
             new_flows: 0,
             iterations: 0,
             fib: false,
+            uses: Use::None,
         }
+    }
+
+    /// The same per-feature row with what its packet does with the feature.
+    fn uses(self, uses: Use) -> Self {
+        Row { uses, ..self }
     }
 
     /// The same row with `NEXT_HOPS` empty (next hops from `bpf_fib_lookup`).
@@ -1243,8 +1265,11 @@ struct Spec {
 /// The per-feature and scale rows (items 2 and 3 of issue 12).
 fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
     let custom = Target::Custom(usize::MAX);
-    let est =
-        |label: &str| Row::new(label, custom, Case::LbEstablished, false).group(Group::Features);
+    let est = |label: &str| {
+        Row::new(label, custom, Case::LbEstablished, false)
+            .group(Group::Features)
+            .uses(Use::No)
+    };
     let frame6 = xdp_custom::frame6(CLIENT6, VIP6);
     let mut specs = vec![
         Spec {
@@ -1310,7 +1335,8 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
                     Case::LbNewFlow,
                     false,
                 )
-                .group(Group::Features),
+                .group(Group::Features)
+                .uses(Use::Baseline),
             ],
         },
         Spec {
@@ -1324,7 +1350,8 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
                     Case::LbNewFlow,
                     false,
                 )
-                .group(Group::Features),
+                .group(Group::Features)
+                .uses(Use::Yes),
             ],
         },
         Spec {
@@ -1340,23 +1367,33 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
         Spec {
             load: Some(Box::new(|env, _| Custom::ipv6(env, VIP6, FLOW_TABLE_BIG))),
             rows: vec![
-                est("feature: IPv6 VIP, established (6in6)").wrapped(WRAP_IPV6, Some(frame6)),
+                est("feature: IPv6 VIP, established (6in6)")
+                    .uses(Use::Yes)
+                    .wrapped(WRAP_IPV6, Some(frame6)),
             ],
         },
         Spec {
             load: Some(Box::new(|env, _| {
                 Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| d.encap = ENCAP_GUE)
             })),
-            rows: vec![est("feature: GUE, established").wrapped(WRAP_GUE, None)],
+            rows: vec![
+                est("feature: GUE, established")
+                    .uses(Use::Yes)
+                    .wrapped(WRAP_GUE, None),
+            ],
         },
         Spec {
             load: Some(Box::new(|env, _| {
                 Custom::quic(env, VIP, QUIC_VIP, FLOW_TABLE_BIG)
             })),
-            rows: vec![est("feature: QUIC short header, routed by CID").wrapped(
-                WRAPPER,
-                Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
-            )],
+            rows: vec![
+                est("feature: QUIC short header, routed by CID")
+                    .uses(Use::Yes)
+                    .wrapped(
+                        WRAPPER,
+                        Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
+                    ),
+            ],
         },
     ];
     for (services, backends) in [(1, 10), (100, 10), (1000, 10), (1, 1000)] {
@@ -1642,7 +1679,9 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
         (
             Group::Features,
             "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it; net ns per packet, median (min-max) over runs",
-            "Per-feature rows: x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
+            "Per-feature rows: packet = whether the measured packet uses the row's feature (the budget,\n\
+             \x20 1.5x the floor, is for packets that do not: the feature configured, the packet not using it);\n\
+             \x20 x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
              \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
              \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
              \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
@@ -1679,6 +1718,7 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
             title,
             &[
                 ("row", false),
+                ("packet", false),
                 ("ns (net)", true),
                 ("x floor", true),
                 ("vs est.", true),
@@ -1688,8 +1728,15 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
         for r in list {
             let net = Cell::samples("ns", 0, &net_samples(rows, r));
             let m = net.median().unwrap_or(f64::NAN);
+            let packet = match r.uses {
+                Use::None => "",
+                Use::No => "does not use it",
+                Use::Yes => "uses it",
+                Use::Baseline => "baseline (feature off)",
+            };
             table.row(vec![
                 Cell::text(r.label.clone()),
+                Cell::text(packet),
                 net,
                 Cell::text(ratio(m, floor)),
                 Cell::text(ratio(m, established)),
