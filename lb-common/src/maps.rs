@@ -82,6 +82,9 @@ pub const SERVICES_V4: &str = "XDPLB_SVC_V4";
 /// `PerCpuArray<[u8; 516]>` with one entry: scratch space of the program (packet bytes
 /// copied there to be summed for a checksum). Holds nothing between packets.
 pub const SCRATCH: &str = "XDPLB_SCRATCH";
+/// `PerCpuArray<NewFlowRate>` with one entry: each CPU's new flows in the current
+/// second, for `GlobalConfig::max_new_flows_per_cpu` (written only by the program).
+pub const NEW_FLOW_RATE: &str = "XDPLB_NEW_RATE";
 
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
@@ -110,6 +113,7 @@ pub const ALL: &[&str] = &[
     FLOWS_NEW_V4,
     SERVICES_V4,
     SCRATCH,
+    NEW_FLOW_RATE,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

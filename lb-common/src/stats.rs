@@ -69,10 +69,15 @@ pub enum Counter {
     /// backend of it (unknown format or server id, or the backend left): balanced by
     /// the flow table and ring instead.
     QuicCidUnknown,
+    /// A new flow sent by the ring without being recorded in the new-flow table: this
+    /// CPU saw more than `dataplane.max_new_flows_per_cpu` new flows this second
+    /// (Katran's admission rule). Its next packets follow the ring until one is
+    /// recorded (bookkeeping, counted with `tx` / `redirect`).
+    FlowNotInserted,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::QuicCidUnknown as u32 + 1;
+    pub const COUNT: u32 = Counter::FlowNotInserted as u32 + 1;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Rx,
         Counter::Tx,
@@ -99,6 +104,7 @@ impl Counter {
         Counter::DecapGue,
         Counter::QuicCidRouted,
         Counter::QuicCidUnknown,
+        Counter::FlowNotInserted,
     ];
 
     #[inline(always)]
@@ -133,6 +139,7 @@ impl Counter {
             Counter::DecapGue => "decap_gue",
             Counter::QuicCidRouted => "quic_cid_routed",
             Counter::QuicCidUnknown => "quic_cid_unknown",
+            Counter::FlowNotInserted => "flow_not_inserted",
         }
     }
 }

@@ -155,8 +155,13 @@ pub struct GlobalConfig {
     /// IPv6 source is that address with these bits of its last word taken from the
     /// flow's [`crate::hash::tunnel_entropy`] ([`crate::hash::tunnel_source_v6_low`]).
     pub source_v6_host_mask: u32,
+    /// `dataplane.max_new_flows_per_cpu`: new flows per second and CPU above which a
+    /// new flow is sent by the ring without being recorded in the new-flow table
+    /// (Katran's admission rule; counted `flow_not_inserted`). 0 = no cap: every new
+    /// flow is recorded. The rate is kept per CPU in [`crate::maps::NEW_FLOW_RATE`].
+    pub max_new_flows_per_cpu: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 48);
 
 /// [`GlobalConfig::filter_flags`]: [`crate::maps::DENY`] has entries.
 pub const FILTER_F_DENY: u32 = 1 << 0;
@@ -400,6 +405,22 @@ impl FlowKeyV4 {
     }
 }
 
+/// Value of [`crate::maps::NEW_FLOW_RATE`] (per CPU, one entry): the new flows this
+/// CPU has seen in the current one-second window, for
+/// [`GlobalConfig::max_new_flows_per_cpu`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewFlowRate {
+    /// `bpf_ktime_get_ns` when the window began.
+    pub window_start_ns: u64,
+    /// New flows counted since then (this one included).
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<NewFlowRate>() == 16);
+
+/// Length of a [`NewFlowRate`] window: the cap is per second.
+pub const NEW_FLOW_RATE_WINDOW_NS: u64 = 1_000_000_000;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -422,4 +443,5 @@ mod pod {
     unsafe impl aya::Pod for VipKeyV4 {}
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for ServiceV4 {}
+    unsafe impl aya::Pod for NewFlowRate {}
 }

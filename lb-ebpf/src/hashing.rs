@@ -1,19 +1,19 @@
 //! Backend choice: the flow tables first, so established flows keep their backend
 //! when the backend set changes; otherwise the service's Maglev ring.
 
-use aya_ebpf::maps::LruHashMap;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use lb_common::{
     hash::{flow_hash, ring_index, ring_slot, source_hash},
     stats::{Counter, DropReason},
     types::{
-        BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, VIP_F_QUIC, VIP_F_SOURCE_HASH,
-        VipKeyV4, VipMeta,
+        BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, NEW_FLOW_RATE_WINDOW_NS,
+        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipKeyV4, VipMeta,
     },
 };
 
 use crate::{
     limit,
-    maps::{BACKENDS, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, RINGS, SERVICES_V4},
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, NEW_FLOW_RATE, RINGS, SERVICES_V4},
     stats::count,
 };
 
@@ -72,11 +72,39 @@ fn usable(backend: &Backend, service_id: u32) -> bool {
 }
 
 /// Which `new_flows_per_source` limits apply to a packet: the global one and/or its
-/// service's (`FLOW_LIMITS` index `service_id + 1`).
+/// service's (`FLOW_LIMITS` index `service_id + 1`); and the admission rule's cap
+/// (`dataplane.max_new_flows_per_cpu`, 0 = none).
 #[derive(Clone, Copy)]
 pub struct Limits {
     pub global: bool,
     pub service: bool,
+    pub max_new_flows: u32,
+}
+
+/// Katran's admission rule (`is_under_flood` in its balancer): count one new flow on
+/// this CPU and say whether this second's count is over `cap` (never with `cap` 0,
+/// which costs nothing more than the test). The window restarts when a new flow comes
+/// a second or more after the current window began. The per-CPU entry needs no lock.
+#[inline(always)]
+fn over_new_flow_cap(cap: u32) -> bool {
+    if cap == 0 {
+        return false;
+    }
+    let Some(rate) = NEW_FLOW_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; no other
+    // CPU writes it and the program is not re-entered on one CPU.
+    let rate = unsafe { &mut *rate };
+    if now.wrapping_sub(rate.window_start_ns) >= NEW_FLOW_RATE_WINDOW_NS {
+        rate.window_start_ns = now;
+        rate.count = 1;
+        return false;
+    }
+    rate.count += 1;
+    rate.count > u64::from(cap)
 }
 
 /// Look the flow up; on a miss, or when its backend is no longer active in this
@@ -161,6 +189,15 @@ pub fn choose_backend<T: FlowTables>(
         if unsafe { T::established().get(fkey) }.is_some() {
             let _ = T::established().remove(fkey);
         }
+    }
+    // Above the admission cap the flow is sent by the ring and recorded nowhere: its
+    // later packets follow the ring until one of them comes under the cap and is
+    // recorded. Katran's rule; its price is that such flows move when their ring slot
+    // changes (README, "Admission rule"). The stale entry above is removed all the
+    // same: a SYN's next packets must not follow a previous connection's entry.
+    if over_new_flow_cap(limits.max_new_flows) {
+        count(Counter::FlowNotInserted);
+        return ring_choice(key, vip);
     }
     pick_from_ring::<T>(key, fkey, vip, Table::New)
 }

@@ -220,6 +220,7 @@ pub fn try_lb_v6(
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
+        max_new_flows: cfg.max_new_flows_per_cpu,
     };
     // QUIC short headers naming a live backend go there (quic.rs), as on the IPv4 path.
     let end = l3_off + usize::from(pkt.len);

@@ -139,6 +139,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
+        max_new_flows: cfg.max_new_flows_per_cpu,
     };
     // QUIC short headers naming a live backend go there (quic.rs); the rest as ever.
     let choice = match established {

@@ -15,8 +15,8 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
-        GlobalConfig, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey,
-        VipKeyV4, VipMeta,
+        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey,
+        VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -121,3 +121,8 @@ pub static SERVICES_V4: Array<ServiceV4> = Array::with_max_entries(DEFAULT_MAX_S
 #[map(name = "XDPLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<[u8; crate::csum::SCRATCH_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's new flows in the current second (`hashing::over_new_flow_cap`), for
+/// `dataplane.max_new_flows_per_cpu`.
+#[map(name = "XDPLB_NEW_RATE")]
+pub static NEW_FLOW_RATE: PerCpuArray<NewFlowRate> = PerCpuArray::with_max_entries(1, 0);

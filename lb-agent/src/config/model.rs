@@ -247,6 +247,12 @@ pub struct DataplaneConfig {
     /// source; the prefix must be routed to the LB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_ipv6_prefix: Option<String>,
+    /// Katran's admission rule: new flows per second and CPU above which the fast
+    /// path sends a new flow by the ring without recording it in the new-flow table
+    /// (counted `flow_not_inserted`); 0 (the default) = no cap, every new flow is
+    /// recorded. Flows not recorded follow the ring, so they move when a backend change
+    /// moves their ring slot (README, "Admission rule").
+    pub max_new_flows_per_cpu: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -267,6 +273,7 @@ impl Default for DataplaneConfig {
             gue_port: DEFAULT_GUE_PORT,
             source_ipv4_prefix: None,
             source_ipv6_prefix: None,
+            max_new_flows_per_cpu: 0,
         }
     }
 }

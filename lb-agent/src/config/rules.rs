@@ -34,6 +34,9 @@ const MAX_IFNAME_LEN: usize = 15;
 const MAX_FILTER_RULES_LIMIT: u32 = 1 << 20;
 /// Largest `new_flows_per_source.rate` (new flows per second per source).
 const MAX_FLOW_RATE: u32 = 100_000_000;
+/// Largest `dataplane.max_new_flows_per_cpu`: well above what one CPU can take
+/// (a few million packets per second), below the point where the cap means nothing.
+pub const MAX_NEW_FLOWS_PER_CPU: u32 = 100_000_000;
 /// Largest `dataplane.flow_limit_sources` and `dataplane.new_flow_table_size`.
 const MAX_TABLE_LIMIT: u32 = 1 << 26;
 
@@ -482,6 +485,16 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
                 format!("{ip} is {kind} address; the tunnel source must be a unicast address"),
             );
         }
+    }
+    if dp.max_new_flows_per_cpu > MAX_NEW_FLOWS_PER_CPU {
+        push(
+            "dataplane.max_new_flows_per_cpu",
+            format!(
+                "{} is out of range: must be between 0 (no cap) and {MAX_NEW_FLOWS_PER_CPU} \
+                 new flows per second and CPU",
+                dp.max_new_flows_per_cpu
+            ),
+        );
     }
     if dp.gue_port == 0 {
         push(

@@ -233,6 +233,7 @@ fn design_example_parses_with_defaults_filled() {
             new_flow_table_size: None,
             flow_limit_sources: 65536,
             mtu: 1500,
+            max_new_flows_per_cpu: 0,
         },
         security: SecurityConfig::default(),
         services: vec![
@@ -1917,6 +1918,29 @@ fn dataplane_mtu_defaults_to_1500_and_is_range_checked() {
             "out of range: must be between 576 and 9216",
         );
     }
+}
+
+#[test]
+fn max_new_flows_per_cpu_defaults_to_no_cap_and_is_range_checked() {
+    assert_eq!(parse_ok("").dataplane.max_new_flows_per_cpu, 0);
+    let cfg = parse_ok("[dataplane]\nmax_new_flows_per_cpu = 125000\n");
+    assert_eq!(cfg.dataplane.max_new_flows_per_cpu, 125_000);
+    assert_eq!(
+        crate::dataplane::desired::DesiredState::new(&cfg.dataplane, Vec::new())
+            .max_new_flows_per_cpu,
+        125_000
+    );
+    assert_eq!(
+        parse_ok("[dataplane]\nmax_new_flows_per_cpu = 100000000\n")
+            .dataplane
+            .max_new_flows_per_cpu,
+        100_000_000
+    );
+    assert_single(
+        "[dataplane]\nmax_new_flows_per_cpu = 100000001\n",
+        "dataplane.max_new_flows_per_cpu",
+        "out of range: must be between 0 (no cap) and 100000000",
+    );
 }
 
 #[test]

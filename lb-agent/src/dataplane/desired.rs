@@ -62,6 +62,8 @@ pub struct DesiredState {
     /// `dataplane.source_ipv6_prefix`: outer IPv6 sources vary per flow within it
     /// (the last 32 bits of the address at most).
     pub source_v6_prefix: Option<ipnet::Ipv6Net>,
+    /// `dataplane.max_new_flows_per_cpu` (0: every new flow is recorded).
+    pub max_new_flows_per_cpu: u32,
     pub services: Vec<DesiredService>,
     /// `[security]` source filters.
     pub filters: DesiredFilters,
@@ -120,6 +122,7 @@ impl DesiredState {
                 .source_ipv6_prefix
                 .as_deref()
                 .and_then(|p| p.parse().ok()),
+            max_new_flows_per_cpu: dataplane.max_new_flows_per_cpu,
             services,
             filters: DesiredFilters::default(),
         }

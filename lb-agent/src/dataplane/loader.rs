@@ -171,12 +171,12 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 25] {
+fn layouts() -> [(&'static str, usize, usize); 26] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
-        GlobalConfig, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey,
-        VipKeyV4, VipMeta,
+        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey,
+        VipKey, VipKeyV4, VipMeta,
     };
     // An LPM trie key is a u32 prefix length and the data.
     let filter_key = 4 + size_of::<FilterAddr>();
@@ -218,6 +218,7 @@ fn layouts() -> [(&'static str, usize, usize); 25] {
         ),
         (maps::SERVICES_V4, 4, size_of::<ServiceV4>()),
         (maps::SCRATCH, 4, 516),
+        (maps::NEW_FLOW_RATE, 4, size_of::<NewFlowRate>()),
     ]
 }
 

@@ -798,6 +798,7 @@ impl Reconciler {
             source_v6_host_mask: desired
                 .source_v6_prefix
                 .map_or(0, |p| u128::from(p.hostmask()) as u32),
+            max_new_flows_per_cpu: desired.max_new_flows_per_cpu,
         };
         if self.config != Some(config) {
             maps.config

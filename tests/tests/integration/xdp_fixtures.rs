@@ -145,6 +145,7 @@ fn desired() -> DesiredState {
         gue_port: 6080,
         source_v4_prefix: None,
         source_v6_prefix: None,
+        max_new_flows_per_cpu: 0,
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
@@ -398,6 +399,7 @@ fn is_outcome(index: u32) -> bool {
                 | Counter::FlowRehash
                 | Counter::FlowInsertFailed
                 | Counter::FlowPromoted
+                | Counter::FlowNotInserted
                 // Counted with `tx` / `redirect`, which say how the error left.
                 | Counter::IcmpErrorForwarded
         )
@@ -2031,6 +2033,8 @@ fn icmp_errors_follow_the_flow_table() -> anyhow::Result<()> {
     })
 }
 
+/// The admission rule (`dataplane.max_new_flows_per_cpu`).
+mod admission;
 /// GUE, the per-flow outer source, GUE decap and QUIC connection-ID routing.
 mod gue;
 /// A next hop as the agent writes it into `NEXT_HOPS` (`lb-agent/src/dataplane/nexthop.rs`).

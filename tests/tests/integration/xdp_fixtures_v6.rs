@@ -138,6 +138,7 @@ fn desired() -> DesiredState {
         gue_port: 6080,
         source_v4_prefix: None,
         source_v6_prefix: None,
+        max_new_flows_per_cpu: 0,
         source_v4: Some(LB4),
         source_v6: Some(LB6),
         encap: 0,
@@ -422,6 +423,7 @@ impl Fixture {
                         | Counter::FlowRehash
                         | Counter::FlowInsertFailed
                         | Counter::FlowPromoted
+                        | Counter::FlowNotInserted
                         | Counter::IcmpErrorForwarded
                         | Counter::QuicCidRouted
                         | Counter::QuicCidUnknown

@@ -145,6 +145,7 @@ fn desired() -> DesiredState {
         gue_port: 6080,
         source_v4_prefix: None,
         source_v6_prefix: None,
+        max_new_flows_per_cpu: 0,
         source_v4: Some(LB_ADDR),
         source_v6: Some(LB6),
         encap: 0,
@@ -1607,6 +1608,7 @@ fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
                     | Counter::FlowRehash
                     | Counter::FlowInsertFailed
                     | Counter::FlowPromoted
+                    | Counter::FlowNotInserted
                     | Counter::Decap
                     | Counter::DecapGue
                     // Bookkeeping of the choice, counted with `tx` / `redirect`.

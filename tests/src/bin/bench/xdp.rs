@@ -118,8 +118,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "K", default_value_t = DEFAULT_RUNS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS as u64))]
     pub(crate) runs: usize,
-    /// Run only the rows whose label contains this text, and the XDP_PASS floors their
-    /// net figures need (e.g. `--only "established flow"` under `perf record`).
+    /// Run only the rows whose label contains this text (or one of several texts
+    /// separated by `|`), and the XDP_PASS floors their net figures need (e.g. `--only
+    /// "established flow"` under `perf record`, `--only "IPIP|SYN|feature"`).
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
 }
@@ -235,6 +236,7 @@ impl Lb {
             gue_port: 6080,
             source_v4_prefix: None,
             source_v6_prefix: None,
+            max_new_flows_per_cpu: 0,
             source_v4: Some(LB_ADDR),
             source_v6: None,
             encap: 0,
@@ -437,6 +439,22 @@ struct Row {
     iterations: u64,
     /// Balancer rows: `NEXT_HOPS` left empty, every next hop from `bpf_fib_lookup`.
     fib: bool,
+    /// Per-feature rows: whether the measured packet uses the row's feature
+    /// ([`Use`]): the budget is about packets that do not.
+    uses: Use,
+}
+
+/// Per-feature rows: what the measured packet does with the feature in the state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Not a per-feature row.
+    None,
+    /// The feature is configured; this packet does not use it (the 1.5x budget).
+    No,
+    /// The packet uses the feature (IPv6, GUE, a QUIC CID, a SYN over the cap).
+    Yes,
+    /// The same balancer without the feature, beside a row that uses it.
+    Baseline,
 }
 
 impl Row {
@@ -455,7 +473,13 @@ impl Row {
             new_flows: 0,
             iterations: 0,
             fib: false,
+            uses: Use::None,
         }
+    }
+
+    /// The same per-feature row with what its packet does with the feature.
+    fn uses(self, uses: Use) -> Self {
+        Row { uses, ..self }
     }
 
     /// The same row with `NEXT_HOPS` empty (next hops from `bpf_fib_lookup`).
@@ -1086,7 +1110,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let mut specs = extra_specs(cpus, small_table);
         let keep = |r: &Row| match &only {
             Some(only) => {
-                r.label.contains(only.as_str())
+                only.split('|').any(|text| r.label.contains(text))
                     || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
             }
             None => true,
@@ -1241,8 +1265,11 @@ struct Spec {
 /// The per-feature and scale rows (items 2 and 3 of issue 12).
 fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
     let custom = Target::Custom(usize::MAX);
-    let est =
-        |label: &str| Row::new(label, custom, Case::LbEstablished, false).group(Group::Features);
+    let est = |label: &str| {
+        Row::new(label, custom, Case::LbEstablished, false)
+            .group(Group::Features)
+            .uses(Use::No)
+    };
     let frame6 = xdp_custom::frame6(CLIENT6, VIP6);
     let mut specs = vec![
         Spec {
@@ -1293,26 +1320,80 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
             })),
             rows: vec![est("feature: established, QUIC service present")],
         },
+        // The admission rule (`max_new_flows_per_cpu`): a SYN over the cap (1/s: every
+        // iteration is over it) is sent by the ring and not recorded; beside it the same
+        // balancer without a cap (every SYN recorded, evicting: the small table), and an
+        // established flow with a cap set that it never reaches.
+        Spec {
+            load: Some(Box::new(move |env, _| {
+                Custom::feature(env, VIP, small_table, |_| {})
+            })),
+            rows: vec![
+                Row::new(
+                    "feature: new-flow SYN, no cap (every SYN recorded)",
+                    custom,
+                    Case::LbNewFlow,
+                    false,
+                )
+                .group(Group::Features)
+                .uses(Use::Baseline),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(move |env, _| {
+                Custom::feature(env, VIP, small_table, |d| d.max_new_flows_per_cpu = 1)
+            })),
+            rows: vec![
+                Row::new(
+                    "feature: new-flow SYN over max_new_flows_per_cpu (not recorded)",
+                    custom,
+                    Case::LbNewFlow,
+                    false,
+                )
+                .group(Group::Features)
+                .uses(Use::Yes),
+            ],
+        },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    d.max_new_flows_per_cpu = 125_000;
+                })
+            })),
+            rows: vec![est(
+                "feature: established, max_new_flows_per_cpu = 125000 set",
+            )],
+        },
         Spec {
             load: Some(Box::new(|env, _| Custom::ipv6(env, VIP6, FLOW_TABLE_BIG))),
             rows: vec![
-                est("feature: IPv6 VIP, established (6in6)").wrapped(WRAP_IPV6, Some(frame6)),
+                est("feature: IPv6 VIP, established (6in6)")
+                    .uses(Use::Yes)
+                    .wrapped(WRAP_IPV6, Some(frame6)),
             ],
         },
         Spec {
             load: Some(Box::new(|env, _| {
                 Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| d.encap = ENCAP_GUE)
             })),
-            rows: vec![est("feature: GUE, established").wrapped(WRAP_GUE, None)],
+            rows: vec![
+                est("feature: GUE, established")
+                    .uses(Use::Yes)
+                    .wrapped(WRAP_GUE, None),
+            ],
         },
         Spec {
             load: Some(Box::new(|env, _| {
                 Custom::quic(env, VIP, QUIC_VIP, FLOW_TABLE_BIG)
             })),
-            rows: vec![est("feature: QUIC short header, routed by CID").wrapped(
-                WRAPPER,
-                Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
-            )],
+            rows: vec![
+                est("feature: QUIC short header, routed by CID")
+                    .uses(Use::Yes)
+                    .wrapped(
+                        WRAPPER,
+                        Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
+                    ),
+            ],
         },
     ];
     for (services, backends) in [(1, 10), (100, 10), (1000, 10), (1, 1000)] {
@@ -1598,12 +1679,17 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
         (
             Group::Features,
             "Per-feature rows (issue 12 item 2): an established flow with a feature loaded, or using it; net ns per packet, median (min-max) over runs",
-            "Per-feature rows: x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
+            "Per-feature rows: packet = whether the measured packet uses the row's feature (the budget,\n\
+             \x20 1.5x the floor, is for packets that do not: the feature configured, the packet not using it);\n\
+             \x20 x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
              \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
              \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
              \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
              \x20 second service, UDP with quic = true; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
-             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted).\n\
+             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted);\n\
+             \x20 max_new_flows_per_cpu: SYN rows on a flow table of 32768 per CPU (every SYN misses), the\n\
+             \x20 cap at 0 (every SYN recorded, evicting) and at 1/s (every SYN over it: ring only, counted\n\
+             \x20 flow_not_inserted), and an established flow with the cap at 125000 (never reached).\n\
              \x20 net = raw - raw of floor_pass behind the same wrapper: the 6in6 row runs behind bench_wrap6\n\
              \x20 (undoes 40 bytes), the GUE row behind bench_wrap_gue (28 bytes), the rest behind bench_wrap\n\
              \x20 (20 bytes of IPIP, as in the main table). Every run's output was checked: verdict, outer\n\
@@ -1632,6 +1718,7 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
             title,
             &[
                 ("row", false),
+                ("packet", false),
                 ("ns (net)", true),
                 ("x floor", true),
                 ("vs est.", true),
@@ -1641,8 +1728,15 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
         for r in list {
             let net = Cell::samples("ns", 0, &net_samples(rows, r));
             let m = net.median().unwrap_or(f64::NAN);
+            let packet = match r.uses {
+                Use::None => "",
+                Use::No => "does not use it",
+                Use::Yes => "uses it",
+                Use::Baseline => "baseline (feature off)",
+            };
             table.row(vec![
                 Cell::text(r.label.clone()),
+                Cell::text(packet),
                 net,
                 Cell::text(ratio(m, floor)),
                 Cell::text(ratio(m, established)),

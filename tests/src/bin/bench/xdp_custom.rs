@@ -460,6 +460,7 @@ fn base_state(env: &Env, services: Vec<DesiredService>) -> DesiredState {
         gue_port: GUE_PORT,
         source_v4_prefix: None,
         source_v6_prefix: None,
+        max_new_flows_per_cpu: 0,
         source_v4: Some(env.lb_addr),
         source_v6: Some(env.lb_addr6),
         encap: ENCAP_IPIP,
