@@ -106,6 +106,8 @@ fn backend(address: &str, port: u16, weight: u32, tier: u8) -> BackendConfig {
 fn service(name: &str, vip: &str) -> ServiceConfig {
     ServiceConfig {
         quic: false,
+        backend_protocol: crate::config::BackendProtocol::Http1,
+        backend_tls: None,
         name: name.to_owned(),
         vip: vip.parse().expect("vip"),
         protocol: Protocol::Tcp,
@@ -238,6 +240,8 @@ fn design_example_parses_with_defaults_filled() {
         services: vec![
             ServiceConfig {
                 quic: false,
+                backend_protocol: crate::config::BackendProtocol::Http1,
+                backend_tls: None,
                 name: "web".to_owned(),
                 vip: "198.18.100.1:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,
@@ -270,6 +274,8 @@ fn design_example_parses_with_defaults_filled() {
             },
             ServiceConfig {
                 quic: false,
+                backend_protocol: crate::config::BackendProtocol::Http1,
+                backend_tls: None,
                 name: "shop".to_owned(),
                 vip: "198.18.100.2:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,
