@@ -37,8 +37,8 @@ use std::path::Path;
 use toml::de::DeTable;
 
 pub use model::*;
-pub use rules::{MAX_WEIGHT, check_api_tls, parse_prefix, validate_security, validate_service};
 pub use rules::check_api_backend_tls;
+pub use rules::{MAX_WEIGHT, check_api_tls, parse_prefix, validate_security, validate_service};
 
 /// One problem found in a configuration.
 #[derive(Debug, Clone, PartialEq)]

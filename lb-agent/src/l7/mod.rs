@@ -43,3 +43,5 @@ pub mod vip;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_h2;

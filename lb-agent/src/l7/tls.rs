@@ -150,9 +150,8 @@ pub fn client_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, TlsError> {
     if let Some(name) = &cfg.server_name {
-        ServerName::try_from(name.as_str()).map_err(|_| TlsError::ServerName {
-            name: name.clone(),
-        })?;
+        ServerName::try_from(name.as_str())
+            .map_err(|_| TlsError::ServerName { name: name.clone() })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -262,8 +261,13 @@ mod tests {
             ca: Some(tmp.path().join("nope.pem")),
             ..BackendTlsConfig::default()
         };
-        let e = client_config(&cfg, &[b"h2"]).expect_err("missing").to_string();
-        assert!(e.contains("backend_tls.ca") && e.contains("nope.pem"), "{e}");
+        let e = client_config(&cfg, &[b"h2"])
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.contains("backend_tls.ca") && e.contains("nope.pem"),
+            "{e}"
+        );
         let cfg = BackendTlsConfig {
             server_name: Some("bad name!".to_owned()),
             ..BackendTlsConfig::default()

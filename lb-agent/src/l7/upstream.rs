@@ -195,7 +195,11 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
         }
         source = err.source();
     }
-    if reset { Failure::Reset } else { Failure::Other }
+    if reset {
+        Failure::Reset
+    } else {
+        Failure::Other
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -309,7 +313,9 @@ impl Dialer {
             };
             let name = tls::backend_server_name(&tls.cfg, addr);
             let connector = if h2_alpn { &tls.h2 } else { &tls.h1 };
-            let s = connector.connect(name, tcp).await?;
+            let s = connector.connect(name, tcp).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("TLS handshake with the backend: {e}"))
+            })?;
             Ok(Stream::Tls(Box::new(s)))
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
@@ -343,11 +349,11 @@ impl tower_service::Service<Uri> for H1Connector {
         let dialer = Arc::clone(&self.0);
         Box::pin(async move {
             let host = uri.host().unwrap_or_default();
-            let ip: std::net::IpAddr = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| format!("backend URI {uri} has no IP address"))?;
+            let ip: std::net::IpAddr =
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| format!("backend URI {uri} has no IP address"))?;
             let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
             let s = dialer.dial(addr, false).await?;
             Ok(TokioIo::new(s))
@@ -616,7 +622,11 @@ impl Upstream {
 
     /// A stream on a new HTTP/2 connection to `addr` (or on one another request just
     /// opened), one connection being opened per backend at a time.
-    async fn open(&self, addr: SocketAddr, backend: &Arc<H2Backend>) -> Result<Opened, UpstreamError> {
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        backend: &Arc<H2Backend>,
+    ) -> Result<Opened, UpstreamError> {
         let _dialing = backend.dialing.lock().await;
         if let Some((send, slot)) = backend.pick(false) {
             return Ok(Opened::H2(send, slot));
@@ -799,7 +809,9 @@ mod unit {
         assert_eq!(r.headers()["te"], "trailers");
         assert_eq!(r.headers()["x"], "1");
 
-        let req = Request::get("/").body(crate::l7::body::empty()).expect("req");
+        let req = Request::get("/")
+            .body(crate::l7::body::empty())
+            .expect("req");
         let r = h2_request(req, "http", addr).expect("h2");
         assert_eq!(r.uri().to_string(), "http://127.0.0.1:8080/");
     }
