@@ -740,6 +740,10 @@ impl Control {
                         port: b.port,
                     },
                     config: s.health.clone(),
+                    speaks: crate::health::Speaks {
+                        protocol: s.backend_protocol,
+                        tls: s.backend_tls.clone(),
+                    },
                 })
             })
             .collect();

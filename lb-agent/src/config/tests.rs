@@ -1428,7 +1428,7 @@ fn the_known_keys_are_the_models() {
         error.message.ends_with(
             "name, vip, protocol, mode, scheduler, health, backend, sticky, cache, \
              slow_start_s, on_all_down, hash_on, tls, http, deny, allow, new_flows_per_source, \
-             quic"
+             quic, backend_protocol, backend_tls"
         ),
         "{error}"
     );

@@ -720,6 +720,152 @@ impl Upstream {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Health checks
+// ---------------------------------------------------------------------------
+
+/// An `http` health check of a backend spoken to in HTTP/2 or over TLS: a `GET` of
+/// `health.path` (`Host` / `:authority`: `health.host`, else the backend's address) on
+/// a new connection each time, in the service's backend protocol (`auto`: what ALPN
+/// gives); the status, then at most [`crate::health::MAX_BODY_BYTES`] of body read. The
+/// caller bounds it with the check's timeout.
+#[derive(Debug)]
+pub(crate) struct Checker {
+    protocol: BackendProtocol,
+    /// The dialer, or why the TLS settings could not be loaded.
+    dialer: Result<Dialer, String>,
+    path: String,
+    host: String,
+    expect: (u16, u16),
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checker {
+    pub(crate) fn new(
+        config: &crate::config::HealthConfig,
+        addr: SocketAddr,
+        speaks: &crate::health::Speaks,
+    ) -> Self {
+        let protocol = speaks.protocol;
+        let tls = match (&speaks.tls, protocol) {
+            (_, BackendProtocol::H2c) | (None, BackendProtocol::Http1) => Ok(None),
+            (tls, _) => {
+                let tls = tls.clone().unwrap_or_default();
+                let h2_alpn = if protocol == BackendProtocol::Auto {
+                    ALPN_AUTO
+                } else {
+                    ALPN_H2
+                };
+                tls::client_config(&tls, ALPN_H1)
+                    .and_then(|h1| Ok((h1, tls::client_config(&tls, h2_alpn)?)))
+                    .map(|(h1, h2)| {
+                        Some(TlsSide {
+                            h1: TlsConnector::from(h1),
+                            h2: TlsConnector::from(h2),
+                            cfg: tls,
+                        })
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let path = if config.path.is_empty() {
+            "/".to_owned()
+        } else {
+            config.path.clone()
+        };
+        Self {
+            protocol,
+            // The check's own timeout bounds the whole check.
+            dialer: tls.map(|tls| Dialer {
+                connect_timeout: Duration::from_secs(3600),
+                tls,
+            }),
+            path,
+            host: config.host.clone().unwrap_or_else(|| addr.to_string()),
+            expect: config.expect_status,
+        }
+    }
+
+    /// The accepted statuses, inclusive.
+    pub(crate) fn expect(&self) -> (u16, u16) {
+        self.expect
+    }
+
+    /// The status the backend at `addr` answers with, or why there is none.
+    pub(crate) async fn status(&self, addr: SocketAddr) -> Result<u16, String> {
+        let dialer = self.dialer.as_ref().map_err(Clone::clone)?;
+        let h2_alpn = self.protocol != BackendProtocol::Http1;
+        let stream = dialer
+            .dial(addr, h2_alpn)
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let h2 = match self.protocol {
+            BackendProtocol::Http1 => false,
+            BackendProtocol::H2c => true,
+            BackendProtocol::Auto => stream.is_h2(),
+            BackendProtocol::H2 if stream.is_h2() => true,
+            BackendProtocol::H2 => return Err("backend did not select h2 in ALPN".to_owned()),
+        };
+        let builder = Request::get(&self.path).header(http::header::USER_AGENT, "xdplb-health");
+        let resp = if h2 {
+            let scheme = if dialer.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let uri = format!("{scheme}://{}{}", self.host, self.path);
+            let req = builder
+                .uri(uri)
+                .version(Version::HTTP_2)
+                .body(crate::l7::body::empty())
+                .map_err(|e| format!("bad request: {e}"))?;
+            let (mut send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            tokio::spawn(conn);
+            send.send_request(req).await
+        } else {
+            let req = builder
+                .header(HOST, &self.host)
+                .header(http::header::CONNECTION, "close")
+                .body(crate::l7::body::empty())
+                .map_err(|e| format!("bad request: {e}"))?;
+            let (mut send, conn) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake failed: {e}"))?;
+            tokio::spawn(conn);
+            send.send_request(req).await
+        }
+        .map_err(|e| format!("request failed: {}", root(&e)))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while read < crate::health::MAX_BODY_BYTES {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(f)) => read += f.data_ref().map_or(0, bytes::Bytes::len),
+                // The status is what counts; a body cut short does not change it.
+                Some(Err(_)) | None => break,
+            }
+        }
+        Ok(status)
+    }
+}
+
+fn root(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
 /// Run one HTTP/2 connection: note the peer's stream limit as it changes, close it
 /// after [`IDLE`] without a stream, and take it out of the pool when it ends.
 async fn drive<T>(
