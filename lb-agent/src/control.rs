@@ -213,6 +213,16 @@ impl Overlay {
                 .and_then(|s| s.tls.as_ref());
             let mut found = validate_service(svc, &others, &base.agent, &base.dataplane);
             found.extend(check_api_tls(svc, &base.agent, kept));
+            let kept_backend = base
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .and_then(|s| s.backend_tls.as_ref());
+            found.extend(crate::config::check_api_backend_tls(
+                svc,
+                &base.agent,
+                kept_backend,
+            ));
             prefixed(&entry, found);
         }
         self.deleted.retain(|name| {
@@ -730,6 +740,10 @@ impl Control {
                         port: b.port,
                     },
                     config: s.health.clone(),
+                    speaks: crate::health::Speaks {
+                        protocol: s.backend_protocol,
+                        tls: s.backend_tls.clone(),
+                    },
                 })
             })
             .collect();
@@ -978,6 +992,14 @@ impl Control {
             .and_then(|name| self.service(name))
             .and_then(|s| s.tls.as_ref());
         errors.extend(check_api_tls(svc, &self.config.agent, kept));
+        let kept_backend = replacing
+            .and_then(|name| self.service(name))
+            .and_then(|s| s.backend_tls.as_ref());
+        errors.extend(crate::config::check_api_backend_tls(
+            svc,
+            &self.config.agent,
+            kept_backend,
+        ));
         if errors.is_empty() {
             Ok(())
         } else {

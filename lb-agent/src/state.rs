@@ -289,6 +289,8 @@ mod tests {
     fn svc(backends: &[(&str, u8, u32)]) -> ServiceConfig {
         ServiceConfig {
             quic: false,
+            backend_protocol: crate::config::BackendProtocol::Http1,
+            backend_tls: None,
             name: "web".into(),
             vip: "198.18.100.1:80".parse().unwrap(),
             protocol: Protocol::Tcp,

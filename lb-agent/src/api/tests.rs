@@ -1478,3 +1478,45 @@ async fn quic_services_show_their_backends_quic_ids_and_bad_ids_are_refused() {
     }
     assert_eq!(f.names().await, ["web", "h3"]);
 }
+
+#[tokio::test]
+async fn backend_protocol_and_backend_tls_through_the_api() {
+    let f = Fixture::with_agent(None, Box::new(NoFastPath), |dir| {
+        format!("tls_dir = \"{}\"\n", dir.join("tls").display())
+    });
+    let tls_dir = f.dir.path().join("tls");
+    write_tls_files(&tls_dir);
+    let outside = f.dir.path().join("elsewhere");
+    write_tls_files(&outside);
+    let with_ca = |dir: &std::path::Path| {
+        l7_shop(&format!(
+            r#", "backend_protocol": "h2", "backend_tls": {{"ca": "{}", "server_name": "api.internal"}}"#,
+            dir.join("c.pem").display()
+        ))
+    };
+    for (body, needle) in [
+        (with_ca(&outside), "backend_tls.ca"),
+        (
+            l7_shop(r#", "backend_protocol": "h2c", "backend_tls": {"verify": false}"#),
+            "backend_tls: backend_protocol = \"h2c\"",
+        ),
+        (l7_shop(r#", "backend_protocol": "h3""#), "h2c"),
+    ] {
+        let (status, v) = f.call("POST", "/api/v1/services", Some(&body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            error_of(&v).contains(needle),
+            "{body}: {v} should say {needle}"
+        );
+    }
+    assert!(!f.state_file().exists(), "nothing persisted");
+    let (status, v) = f
+        .call("POST", "/api/v1/services", Some(&with_ca(&tls_dir)))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, v) = f.call("GET", "/api/v1/services/shop", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["backend_protocol"], "h2", "{v}");
+    assert_eq!(v["backend_tls"]["server_name"], "api.internal", "{v}");
+    assert_eq!(v["backend_tls"]["verify"], true, "{v}");
+}

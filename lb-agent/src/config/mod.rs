@@ -37,6 +37,7 @@ use std::path::Path;
 use toml::de::DeTable;
 
 pub use model::*;
+pub use rules::check_api_backend_tls;
 pub use rules::{MAX_WEIGHT, check_api_tls, parse_prefix, validate_security, validate_service};
 
 /// One problem found in a configuration.

@@ -716,6 +716,75 @@ pub struct ServiceConfig {
     /// whose `quic_id` their connection ID carries.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quic: bool,
+    /// How the proxy speaks to the backends (l7): `http1` (default), `h2c` (HTTP/2
+    /// over cleartext, prior knowledge), `h2` (HTTP/2 over TLS, ALPN `h2`) or `auto`
+    /// (TLS, ALPN offers `h2` and `http/1.1`, the backend picks).
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
+    pub backend_protocol: BackendProtocol,
+    /// TLS towards the backends (l7): with it, `http1` is HTTP/1.1 over TLS; `h2` and
+    /// `auto` use TLS with these settings' defaults when it is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<BackendTlsConfig>,
+}
+
+/// A service's `backend_protocol` (l7): how requests reach its backends.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendProtocol {
+    /// HTTP/1.1 (over TLS when `backend_tls` is set).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP, prior knowledge (RFC 9113 §3.3).
+    H2c,
+    /// HTTP/2 over TLS; the backend must select `h2` in ALPN.
+    H2,
+    /// TLS; ALPN offers `h2` and `http/1.1` and the backend's choice is used.
+    Auto,
+}
+
+impl BackendProtocol {
+    /// Whether this is the default (`http1`), left out when a service is written out.
+    #[must_use]
+    pub fn is_default(&self) -> bool {
+        *self == Self::Http1
+    }
+
+    /// Whether this protocol always runs over TLS.
+    #[must_use]
+    pub const fn needs_tls(self) -> bool {
+        matches!(self, Self::H2 | Self::Auto)
+    }
+}
+
+/// A service's `backend_tls = { ca, server_name, verify }` (l7): TLS from the proxy to
+/// its backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// PEM file of the certificate authorities trusted for backend certificates;
+    /// default: the system's bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub ca: Option<PathBuf>,
+    /// Name sent in SNI and checked against the backend's certificate (a DNS name or
+    /// an IP address); default: each backend's IP address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Check the backend's certificate (chain, validity, name). `false` accepts any
+    /// certificate: the traffic is encrypted but not authenticated.
+    pub verify: bool,
+}
+
+impl Default for BackendTlsConfig {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            server_name: None,
+            verify: true,
+        }
+    }
 }
 
 impl Mode {
@@ -784,6 +853,7 @@ named!(Scheduler {
 });
 named!(HealthKind { None => "none", Tcp => "tcp", Http => "http" });
 named!(AllDown { FailOpen => "fail-open", Drop => "drop" });
+named!(BackendProtocol { Http1 => "http1", H2c => "h2c", H2 => "h2", Auto => "auto" });
 
 // ---------------------------------------------------------------------------
 // Defaults

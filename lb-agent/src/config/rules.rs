@@ -891,6 +891,15 @@ fn check_mode(svc: &ServiceConfig, dp: &DataplaneConfig, report: &mut Report<'_,
             if svc.http != HttpConfig::default() {
                 report.field("http", "http settings are only for mode = \"l7\"");
             }
+            if svc.backend_protocol != super::model::BackendProtocol::Http1 {
+                report.field(
+                    "backend_protocol",
+                    "backend_protocol is only for mode = \"l7\" (l4 forwards packets, not requests)",
+                );
+            }
+            if svc.backend_tls.is_some() {
+                report.field("backend_tls", "TLS to backends is only for mode = \"l7\"");
+            }
             if svc.vip.is_ipv4()
                 && dp.xdp_mode != XdpMode::Off
                 && dp.source_ipv4.is_none()
@@ -1165,12 +1174,15 @@ fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
                 let key = match e {
                     crate::l7::tls::TlsError::Cert { .. } => "tls.cert",
                     crate::l7::tls::TlsError::Key { .. } => "tls.key",
-                    crate::l7::tls::TlsError::Pair { .. } => "tls",
+                    crate::l7::tls::TlsError::Pair { .. }
+                    | crate::l7::tls::TlsError::Ca { .. }
+                    | crate::l7::tls::TlsError::ServerName { .. } => "tls",
                 };
                 report.field(key, e.to_string());
             }
         }
     }
+    check_backend_tls(svc, report);
     let h = &svc.http;
     for (key, v) in [
         ("http.connect_timeout_ms", h.connect_timeout_ms),
@@ -1224,6 +1236,42 @@ fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
                 svc.slow_start_s
             ),
         );
+    }
+}
+
+/// `backend_protocol` and `backend_tls` (l7): `h2c` is cleartext; the TLS settings
+/// are loaded by the code the proxy uses, so a bad CA file or server name is refused
+/// here, by key.
+fn check_backend_tls(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
+    use super::model::BackendProtocol;
+    if svc.backend_protocol == BackendProtocol::H2c && svc.backend_tls.is_some() {
+        report.field(
+            "backend_tls",
+            "backend_protocol = \"h2c\" is HTTP/2 over cleartext TCP: remove backend_tls, or \
+             use backend_protocol = \"h2\" (HTTP/2 over TLS)",
+        );
+        return;
+    }
+    if svc.mode != Mode::L7 || !(svc.backend_tls.is_some() || svc.backend_protocol.needs_tls()) {
+        return;
+    }
+    let tls = svc.backend_tls.clone().unwrap_or_default();
+    if let Err(e) = crate::l7::tls::client_config(&tls, &[b"h2"]) {
+        let key = match e {
+            crate::l7::tls::TlsError::ServerName { .. } => "backend_tls.server_name",
+            crate::l7::tls::TlsError::Ca { .. } if tls.ca.is_some() => "backend_tls.ca",
+            _ => "backend_tls",
+        };
+        let why = if svc.backend_tls.is_none() {
+            format!(
+                "{e} (backend_protocol = \"{}\" uses TLS; without backend_tls it trusts the \
+                 system's certificate authorities: set backend_tls.ca)",
+                svc.backend_protocol
+            )
+        } else {
+            e.to_string()
+        };
+        report.field(key, why);
     }
 }
 
@@ -1359,6 +1407,34 @@ pub fn check_api_tls(
         }
     }
     errors
+}
+
+/// The `backend_tls.ca` of a service given through the API follows the rule of
+/// [`check_api_tls`]: a file in `agent.tls_dir`, unless the service keeps the
+/// `backend_tls` it has (`kept`).
+#[must_use]
+pub fn check_api_backend_tls(
+    svc: &ServiceConfig,
+    agent: &AgentConfig,
+    kept: Option<&super::model::BackendTlsConfig>,
+) -> Vec<ConfigError> {
+    let Some(ca) = svc.backend_tls.as_ref().and_then(|t| t.ca.as_ref()) else {
+        return Vec::new();
+    };
+    if kept.and_then(|k| k.ca.as_ref()) == Some(ca) {
+        return Vec::new();
+    }
+    let Some(dir) = &agent.tls_dir else {
+        return vec![ConfigError::at_key(
+            "backend_tls.ca",
+            "TLS files cannot be named through the API unless agent.tls_dir names the \
+             directory they must be in (services of the config file may name any path)",
+        )];
+    };
+    outside(ca, dir)
+        .map(|why| ConfigError::at_key("backend_tls.ca", why))
+        .into_iter()
+        .collect()
 }
 
 /// Why `path` is not a file inside `dir` (both resolved), if it is not.

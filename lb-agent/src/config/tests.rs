@@ -106,6 +106,8 @@ fn backend(address: &str, port: u16, weight: u32, tier: u8) -> BackendConfig {
 fn service(name: &str, vip: &str) -> ServiceConfig {
     ServiceConfig {
         quic: false,
+        backend_protocol: crate::config::BackendProtocol::Http1,
+        backend_tls: None,
         name: name.to_owned(),
         vip: vip.parse().expect("vip"),
         protocol: Protocol::Tcp,
@@ -239,6 +241,8 @@ fn design_example_parses_with_defaults_filled() {
         services: vec![
             ServiceConfig {
                 quic: false,
+                backend_protocol: crate::config::BackendProtocol::Http1,
+                backend_tls: None,
                 name: "web".to_owned(),
                 vip: "198.18.100.1:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,
@@ -271,6 +275,8 @@ fn design_example_parses_with_defaults_filled() {
             },
             ServiceConfig {
                 quic: false,
+                backend_protocol: crate::config::BackendProtocol::Http1,
+                backend_tls: None,
                 name: "shop".to_owned(),
                 vip: "198.18.100.2:80".parse().expect("vip"),
                 protocol: Protocol::Tcp,
@@ -1423,7 +1429,7 @@ fn the_known_keys_are_the_models() {
         error.message.ends_with(
             "name, vip, protocol, mode, scheduler, health, backend, sticky, cache, \
              slow_start_s, on_all_down, hash_on, tls, http, deny, allow, new_flows_per_source, \
-             quic"
+             quic, backend_protocol, backend_tls"
         ),
         "{error}"
     );

@@ -73,6 +73,19 @@ pub struct Target {
     pub key: TargetKey,
     /// Its service's health check.
     pub config: HealthConfig,
+    /// The protocol an `http` check speaks: the one the proxy speaks to the backend.
+    pub speaks: Speaks,
+}
+
+/// How an `http` check reaches a backend: its service's `backend_protocol` and
+/// `backend_tls` (an l7 service's backends get checked in the protocol they are
+/// served in; l4 services and `http1` without TLS: the plain HTTP/1.1 check).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Speaks {
+    /// `backend_protocol`.
+    pub protocol: crate::config::BackendProtocol,
+    /// `backend_tls`.
+    pub tls: Option<crate::config::BackendTlsConfig>,
 }
 
 /// Sent on every up<->down change.
@@ -126,6 +139,7 @@ struct Entry {
 #[derive(Debug)]
 struct Running {
     config: HealthConfig,
+    speaks: Speaks,
     task: Option<JoinHandle<()>>,
 }
 
@@ -177,8 +191,10 @@ impl HealthChecker {
     /// always up (a down target switched to it comes up, with a [`Transition`]).
     /// Of duplicate keys the last wins. Must be called from within a tokio runtime.
     pub fn set_targets(&mut self, targets: Vec<Target>) {
-        let wanted: BTreeMap<TargetKey, HealthConfig> =
-            targets.into_iter().map(|t| (t.key, t.config)).collect();
+        let wanted: BTreeMap<TargetKey, (HealthConfig, Speaks)> = targets
+            .into_iter()
+            .map(|t| (t.key, (t.config, t.speaks)))
+            .collect();
         let mut shared = lock(&self.shared);
         self.running.retain(|key, running| {
             let keep = wanted.contains_key(key);
@@ -188,13 +204,17 @@ impl HealthChecker {
             }
             keep
         });
-        for (key, config) in wanted {
-            if self.running.get(&key).is_some_and(|r| r.config == config) {
+        for (key, (config, speaks)) in wanted {
+            if self
+                .running
+                .get(&key)
+                .is_some_and(|r| r.config == config && r.speaks == speaks)
+            {
                 continue;
             }
             let generation = self.next_generation;
             self.next_generation += 1;
-            let probe = Probe::new(&config, key.socket_addr());
+            let probe = Probe::new(&config, key.socket_addr(), &speaks);
             match shared.entry(key.clone()) {
                 MapEntry::Occupied(mut entry) => {
                     let entry = entry.get_mut();
@@ -231,7 +251,14 @@ impl HealthChecker {
                 };
                 tokio::spawn(task.run())
             });
-            if let Some(old) = self.running.insert(key, Running { config, task }) {
+            if let Some(old) = self.running.insert(
+                key,
+                Running {
+                    config,
+                    speaks,
+                    task,
+                },
+            ) {
                 old.stop();
             }
         }

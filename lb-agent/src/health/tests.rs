@@ -68,6 +68,7 @@ fn target(service: &str, addr: SocketAddr, config: HealthConfig) -> Target {
             port: addr.port(),
         },
         config,
+        speaks: super::Speaks::default(),
     }
 }
 

@@ -90,6 +90,21 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether the request's `TE` lists `trailers` (the client accepts trailer fields).
+#[must_use]
+pub fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 /// Remove the hop-by-hop fields of RFC 9110 §7.6.1 (see the [module docs](self)).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
     let listed: Vec<HeaderName> = connection_tokens(headers)

@@ -12,7 +12,10 @@
 //!   forwarding and retries, upgrades, cache, access log.
 //! - [`headers`]: hop-by-hop removal (`h2c` upgrades too), `X-Forwarded-*`, `Via` with
 //!   this agent's name and its loop check.
-//! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1.
+//! - [`tls`]: rustls server configuration from PEM files, ALPN h2 and http/1.1; the
+//!   client configuration towards backends (`backend_tls`).
+//! - [`upstream`]: how requests reach backends: HTTP/1.1 pool, HTTP/2 (h2c, h2 with
+//!   ALPN, `auto`) with multiplexed streams, protocol translation.
 //! - [`stats`]: [`stats::HttpStats`], the L7 Prometheus series and per-service totals.
 //! - [`balancer`]: a service's backend pool: weighted round robin, least request,
 //!   power of two choices and consistent hashing, with leases and passive health.
@@ -35,7 +38,10 @@ pub mod service;
 pub mod stats;
 pub mod sticky;
 pub mod tls;
+pub mod upstream;
 pub mod vip;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_h2;

@@ -18,8 +18,10 @@
 //!    against the backend ([`ClientBody`]).
 //! 2. **Upstream request** ([`prepare`]): hop-by-hop fields removed and
 //!    `X-Forwarded-For/-Proto/-Host` and `Via` added ([`headers`]); the URI becomes
-//!    origin-form and `Host` is kept (for h2 clients set from `:authority`); backends
-//!    are spoken to in HTTP/1.1 only. `Upgrade: h2c` is never forwarded.
+//!    origin-form and `Host` is kept (for h2 clients set from `:authority`); the
+//!    service's `backend_protocol` decides how it reaches the backend
+//!    ([`upstream`]: HTTP/1.1, h2c, h2, auto; `TE: trailers` kept for HTTP/2
+//!    backends). `Upgrade: h2c` is never forwarded.
 //! 3. **Cache** (when the service has one): every request except upgrades goes
 //!    through [`Cache::handle`], with the [`Forwarder`] below as its [`Upstream`]: the
 //!    cache sits between the client and backend selection. Without a cache the
@@ -27,11 +29,14 @@
 //! 4. **Upstream peer** ([`Forwarder::forward`]): the sticky cookie's backend when the
 //!    cookie verifies and that backend still serves, else `Pool::pick`. No backend:
 //!    `503` naming the service.
-//! 5. **Forward and retry**: through one pooled hyper client per service (keep-alive,
-//!    `TCP_NODELAY`, `connect_timeout_ms`); the response head must come within
+//! 5. **Forward and retry**: through the service's [`upstream::Upstream`] (pooled keep-alive
+//!    HTTP/1.1 or multiplexed HTTP/2, `TCP_NODELAY`, `connect_timeout_ms`); the
+//!    response head must come within
 //!    `response_timeout_ms` (`504`). Idempotent methods (GET, HEAD, OPTIONS, PUT,
 //!    DELETE, TRACE) without a body are retried on a *different* backend after a
-//!    connect error or a reset before any response, at most `retries` times. Every
+//!    connect error or a reset before any response, at most `retries` times; a
+//!    request of any method without a body whose HTTP/2 stream the backend refused
+//!    (not processed) is retried the same way. Every
 //!    attempt's [`Outcome`] goes to the pool: `ConnectError`, `Reset`, `Timeout`;
 //!    `Status5xx` for 502, 503 and 504 (a backend or its own upstream failing; a 500
 //!    is taken as the application's answer to one request, not a sign of ill health);
@@ -68,8 +73,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -83,6 +86,7 @@ use crate::l7::conn::{ConnInfo, InFlight, stopped};
 use crate::l7::headers::{self, Forwarded, Upgrading};
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{self, StickyKey};
+use crate::l7::upstream::{self, UpstreamBody};
 
 /// Sticky sessions of a service.
 #[derive(Debug)]
@@ -101,7 +105,8 @@ pub(crate) struct Proxy {
     pub(crate) pool: Pool,
     pub(crate) cache: Option<Cache>,
     pub(crate) sticky: Option<Sticky>,
-    pub(crate) client: Client<HttpConnector, Body>,
+    /// How requests reach the backends (`backend_protocol`, `backend_tls`).
+    pub(crate) upstream: upstream::Upstream,
     pub(crate) stats: HttpStats,
     /// Live upgraded tunnels (shutdown waits for them).
     pub(crate) tunnels: TaskTracker,
@@ -121,19 +126,6 @@ impl std::fmt::Debug for Proxy {
             .field("sticky", &self.sticky.as_ref().map(|s| &s.cookie))
             .finish_non_exhaustive()
     }
-}
-
-/// The pooled HTTP/1.1 client towards a service's backends.
-pub(crate) fn backend_client(http: &HttpConfig) -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(http.connect_timeout_ms)));
-    connector.enforce_http(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector)
 }
 
 // ---------------------------------------------------------------------------
@@ -477,7 +469,12 @@ fn prepare(
                 .map(str::to_owned)
         });
     let h = &mut parts.headers;
+    let te_trailers = headers::te_trailers(h);
     headers::strip_hop_by_hop(h, upgrading);
+    if te_trailers && proxy.upstream.passes_te() {
+        // The one TE an HTTP/2 hop carries (gRPC needs it; RFC 9113 §8.2.2).
+        h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
     h.remove(EXPECT); // hyper answered any 100-continue on our side
     headers::add_forwarded(
         h,
@@ -600,7 +597,7 @@ async fn respond(
 }
 
 /// Response filter: a backend's response as the client gets it.
-fn backend_response(resp: Response<Incoming>, lease: Lease) -> Response<Body> {
+fn backend_response(resp: Response<UpstreamBody>, lease: Lease) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, Upgrading::No);
     headers::append_via(&mut parts.headers, parts.version);
@@ -613,7 +610,7 @@ fn tunnel(
     proxy: &Arc<Proxy>,
     conn: &ConnInfo,
     client_upgrade: hyper::upgrade::OnUpgrade,
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     lease: Lease,
 ) -> Response<Body> {
     let backend_upgrade = hyper::upgrade::on(&mut resp);
@@ -685,32 +682,6 @@ fn status_outcome(status: StatusCode) -> Outcome {
     }
 }
 
-/// Whether a client error means the backend closed or reset the connection before
-/// answering.
-fn is_reset(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
-                return true;
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
-}
-
 /// The innermost message of an error chain, for logs and error bodies.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut last = e;
@@ -753,7 +724,7 @@ impl Forwarder {
     pub(crate) async fn forward(
         &self,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
         let r = self.try_forward(req).await;
         let mut rec = self.record();
         match &r {
@@ -769,11 +740,12 @@ impl Forwarder {
     async fn try_forward(
         &self,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
         let proxy = &self.proxy;
         let (parts, body) = req.into_parts();
-        let retryable = is_idempotent(&parts.method) && body.is_end_stream();
-        let attempts = if retryable {
+        let empty = body.is_end_stream();
+        let retryable = is_idempotent(&parts.method) && empty;
+        let attempts = if empty {
             proxy.http.retries.saturating_add(1)
         } else {
             1
@@ -791,17 +763,16 @@ impl Forwarder {
                 return Err(last);
             };
             let addr = lease.addr();
-            let uri =
-                Uri::try_from(format!("http://{addr}{path}")).map_err(|e| ProxyError::Backend {
-                    addr,
-                    reason: format!("cannot build the request URI: {e}"),
-                })?;
+            let uri = Uri::try_from(path).map_err(|e| ProxyError::Backend {
+                addr,
+                reason: format!("cannot build the request URI: {e}"),
+            })?;
             let mut breq = Request::new(body.take().unwrap_or_else(body::empty));
             *breq.method_mut() = parts.method.clone();
             *breq.uri_mut() = uri;
             *breq.version_mut() = Version::HTTP_11;
             *breq.headers_mut() = parts.headers.clone();
-            match tokio::time::timeout(timeout, proxy.client.request(breq)).await {
+            match tokio::time::timeout(timeout, proxy.upstream.send(addr, breq)).await {
                 Err(_) => {
                     proxy.pool.report(addr, Outcome::Timeout);
                     return Err(ProxyError::Timeout {
@@ -823,15 +794,19 @@ impl Forwarder {
                         let err = ProxyError::Connect { addr, reason };
                         (Outcome::ConnectError, err, true)
                     } else {
-                        let reset = is_reset(&e);
+                        let reset = e.is_reset();
                         (Outcome::Reset, ProxyError::Backend { addr, reason }, reset)
                     };
                     proxy.pool.report(addr, outcome);
                     debug!(service = %proxy.name, backend = %addr, attempt, error = %err, "attempt failed");
-                    if !(retry && retryable) {
+                    if !((retry && retryable) || (e.is_refused() && empty)) {
                         return Err(err);
                     }
-                    exclude.push(addr);
+                    // A refused stream says nothing against the backend (a graceful
+                    // GOAWAY, a full connection): it may take the request again.
+                    if !e.is_refused() {
+                        exclude.push(addr);
+                    }
                     last = err;
                 }
             }

@@ -25,11 +25,12 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Mode, ServiceConfig};
 use crate::l7::balancer::{BackendState, Pool};
 use crate::l7::cache::Cache;
-use crate::l7::proxy::{self, Proxy, Sticky};
+use crate::l7::proxy::{Proxy, Sticky};
 use crate::l7::server::Server;
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{StickyError, StickyKey};
 use crate::l7::tls::{self, TlsError};
+use crate::l7::upstream::Upstream;
 
 /// Backlog of the VIP's listening socket.
 const BACKLOG: u32 = 1024;
@@ -223,7 +224,10 @@ impl L7Service {
             pool: Pool::new(cfg.scheduler, cfg.hash_on.clone(), &cfg.http),
             cache: cache.or_else(|| cfg.cache.as_ref().map(Cache::new)),
             sticky,
-            client: proxy::backend_client(&cfg.http),
+            upstream: Upstream::new(cfg).map_err(|source| L7Error::Tls {
+                service: cfg.name.clone(),
+                source,
+            })?,
             stats,
             tunnels: TaskTracker::new(),
             hard_stop,

@@ -2,6 +2,14 @@
 //! rustls [`ServerConfig`] (ring provider, chosen explicitly rather than a process-wide
 //! default; TLS 1.2 and 1.3; ALPN `h2` then `http/1.1`).
 //!
+//! TLS to the backends: [`client_config`] turns `backend_tls = { ca, server_name,
+//! verify }` into a rustls [`ClientConfig`] offering the given ALPN protocols: the
+//! certificate authorities of `ca` (default: the system bundle,
+//! [`SYSTEM_CA_BUNDLE`]), or, with `verify = false`, any certificate (signatures still
+//! checked, so the peer holds the key of the certificate it shows).
+//! [`backend_server_name`] is the name sent in SNI and checked: `server_name`, or the
+//! backend's IP address.
+//!
 //! The certificate file is a PEM chain (leaf first); the key file holds one PEM
 //! private key, PKCS#8, PKCS#1 (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`). Every
 //! error names the file and what is wrong with it.
@@ -9,11 +17,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::ServerConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::config::TlsConfig;
+use crate::config::{BackendTlsConfig, TlsConfig};
+
+/// The certificate authorities trusted for backends when `backend_tls.ca` is not given
+/// (Debian's `ca-certificates` bundle).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -36,6 +49,20 @@ pub enum TlsError {
         path: PathBuf,
         /// What went wrong.
         reason: String,
+    },
+    /// The certificate authorities for backend certificates could not be read.
+    #[error("backend_tls.ca {}: {reason}", path.display())]
+    Ca {
+        /// The `backend_tls.ca` file (or the system bundle).
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `backend_tls.server_name` is neither a DNS name nor an IP address.
+    #[error("backend_tls.server_name \"{name}\" is not a valid DNS name or IP address")]
+    ServerName {
+        /// The name given.
+        name: String,
     },
     /// rustls refused the pair (for example the key does not match the certificate).
     #[error("TLS certificate {} with key {}: {reason}", cert.display(), key.display())]
@@ -109,9 +136,158 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The CA bundle `cfg` trusts: `ca`, else [`SYSTEM_CA_BUNDLE`].
+fn ca_path(cfg: &BackendTlsConfig) -> PathBuf {
+    cfg.ca
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE))
+}
+
+/// Build the client side TLS configuration towards a service's backends, offering
+/// `alpn` (in order of preference).
+pub fn client_config(
+    cfg: &BackendTlsConfig,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    if let Some(name) = &cfg.server_name {
+        ServerName::try_from(name.as_str())
+            .map_err(|_| TlsError::ServerName { name: name.clone() })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Ca {
+            path: ca_path(cfg),
+            reason: e.to_string(),
+        })?;
+    let mut config = if cfg.verify {
+        let path = ca_path(cfg);
+        let err = |reason: String| TlsError::Ca {
+            path: path.clone(),
+            reason,
+        };
+        let certs = load_certs(&path).map_err(|e| match e {
+            TlsError::Cert { reason, .. } => err(reason),
+            other => other,
+        })?;
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(err(format!(
+                "no usable CA certificate ({ignored} could not be parsed)"
+            )));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The name sent in SNI to the backend at `addr` and checked against its certificate.
+#[must_use]
+pub fn backend_server_name(
+    cfg: &BackendTlsConfig,
+    addr: std::net::SocketAddr,
+) -> ServerName<'static> {
+    cfg.server_name
+        .as_deref()
+        .and_then(|n| ServerName::try_from(n.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+}
+
+/// `verify = false`: any certificate is accepted; the handshake's signatures are still
+/// checked with the provider's algorithms.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_tls_errors_name_the_key() {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let cfg = BackendTlsConfig {
+            ca: Some(tmp.path().join("nope.pem")),
+            ..BackendTlsConfig::default()
+        };
+        let e = client_config(&cfg, &[b"h2"])
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.contains("backend_tls.ca") && e.contains("nope.pem"),
+            "{e}"
+        );
+        let cfg = BackendTlsConfig {
+            server_name: Some("bad name!".to_owned()),
+            ..BackendTlsConfig::default()
+        };
+        let e = client_config(&cfg, &[b"h2"]).expect_err("name").to_string();
+        assert!(e.contains("server_name"), "{e}");
+        // verify = false needs no CA; the ALPN list is the one given.
+        let cfg = BackendTlsConfig {
+            ca: Some(tmp.path().join("nope.pem")),
+            verify: false,
+            ..BackendTlsConfig::default()
+        };
+        let c = client_config(&cfg, &[b"h2", b"http/1.1"]).expect("no verify");
+        assert_eq!(c.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        assert_eq!(
+            backend_server_name(&cfg, addr),
+            ServerName::IpAddress(addr.ip().into())
+        );
+    }
 
     #[test]
     fn loads_a_generated_pair_and_offers_h2_first() {
