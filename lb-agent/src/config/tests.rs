@@ -284,6 +284,8 @@ fn design_example_parses_with_defaults_filled() {
                 cache: Some(CacheConfig {
                     max_bytes: 268_435_456,
                     max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
+                    targets: crate::config::default_cache_targets(),
+                    stale_if_unreachable_s: 0,
                 }),
                 slow_start_s: 0,
                 on_all_down: AllDown::FailOpen,
@@ -1098,6 +1100,8 @@ fn service_json_round_trip() {
     svc.cache = Some(CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1 << 16,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     svc.backends.push(backend("fd00:18::11", 8080, 0, 3));
     let json = serde_json::to_string(&svc).expect("serialize");

@@ -57,6 +57,12 @@ pub struct CacheControl {
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error` (RFC 5861 §4), request or response.
     pub stale_if_error: Option<u64>,
+    /// `must-understand` (§5.2.2.3): store only status codes this cache understands,
+    /// and then ignore `no-store`.
+    pub must_understand: bool,
+    /// Read from a targeted field (RFC 9213) rather than `Cache-Control`: `Expires`
+    /// is then ignored too (RFC 9213 §2.2).
+    pub targeted: bool,
 }
 
 /// Parse a delta-seconds value (RFC 9111 §1.2.2): digits only, saturating at [`DELTA_MAX`].
@@ -127,6 +133,7 @@ impl CacheControl {
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "only-if-cached" => cc.only_if_cached = true,
+                    "must-understand" => cc.must_understand = true,
                     // Invalid freshness information means stale (§4.2.1, §5.2.2.1).
                     "max-age" => cc.max_age = min_opt(cc.max_age, delta.unwrap_or(0)),
                     "s-maxage" => cc.s_maxage = min_opt(cc.s_maxage, delta.unwrap_or(0)),
@@ -177,6 +184,69 @@ impl CacheControl {
         }
         cc
     }
+
+    /// The directives of a response for this cache: those of the first field of
+    /// `targets` (RFC 9213 targeted fields, e.g. `CDN-Cache-Control`, in order of
+    /// precedence) that is present with a valid, non-empty value, else `Cache-Control`'s.
+    #[must_use]
+    pub fn parse_response(headers: &HeaderMap, targets: &[HeaderName]) -> Self {
+        targets
+            .iter()
+            .find_map(|name| Self::parse_targeted(headers, name))
+            .unwrap_or_else(|| Self::parse(headers))
+    }
+
+    /// The directives of targeted field `name` (RFC 9213 §2.1): a Structured Field
+    /// Dictionary (RFC 9651; all lines combined). `None` when the field is absent,
+    /// empty or not a valid dictionary: the cache then behaves as if it were absent.
+    /// A directive whose value has the wrong type (`max-age="60"`, a negative or
+    /// fractional number) is ignored; parameters are ignored.
+    #[must_use]
+    pub fn parse_targeted(headers: &HeaderMap, name: &HeaderName) -> Option<Self> {
+        let mut lines = headers.get_all(name).iter().peekable();
+        lines.peek()?;
+        let mut value = Vec::new();
+        for (i, line) in lines.enumerate() {
+            if i > 0 {
+                value.extend_from_slice(b", ");
+            }
+            value.extend_from_slice(line.as_bytes());
+        }
+        let dict: sfv::Dictionary = sfv::Parser::new(&value).parse().ok()?;
+        if dict.is_empty() {
+            return None;
+        }
+        let mut cc = Self {
+            targeted: true,
+            ..Self::default()
+        };
+        for (key, entry) in &dict {
+            let sfv::ListEntry::Item(item) = entry else {
+                continue;
+            };
+            let flag = item.bare_item.as_boolean() == Some(true);
+            let delta = item
+                .bare_item
+                .as_integer()
+                .and_then(|i| u64::try_from(i64::from(i)).ok())
+                .map(|d| d.min(DELTA_MAX));
+            match (key.as_str(), flag, delta) {
+                ("no-store", true, _) => cc.no_store = true,
+                ("no-cache", true, _) => cc.no_cache = true,
+                ("private", true, _) => cc.private = true,
+                ("public", true, _) => cc.public = true,
+                ("must-revalidate", true, _) => cc.must_revalidate = true,
+                ("proxy-revalidate", true, _) => cc.proxy_revalidate = true,
+                ("must-understand", true, _) => cc.must_understand = true,
+                ("max-age", _, Some(d)) => cc.max_age = Some(d),
+                ("s-maxage", _, Some(d)) => cc.s_maxage = Some(d),
+                ("stale-while-revalidate", _, Some(d)) => cc.stale_while_revalidate = Some(d),
+                ("stale-if-error", _, Some(d)) => cc.stale_if_error = Some(d),
+                _ => {}
+            }
+        }
+        Some(cc)
+    }
 }
 
 /// An HTTP-date header field, if present and valid.
@@ -213,6 +283,15 @@ pub fn understood_status(status: StatusCode) -> bool {
             | 503
             | 504
     )
+}
+
+/// Final status codes a response may be stored with (§3): any of 200-599 with explicit
+/// freshness, except 206 (partial content is not stored) and 304 (used only to
+/// validate); codes this cache does not know (299, 499, 599) included, unless
+/// `must-understand` is present.
+#[must_use]
+pub fn final_status(status: StatusCode) -> bool {
+    (200..=599).contains(&status.as_u16()) && !matches!(status.as_u16(), 206 | 304)
 }
 
 /// Status codes that are heuristically cacheable (RFC 9110 §15.1), less 206.
@@ -287,10 +366,18 @@ pub fn storable(
     if method != Method::GET {
         return Err("method");
     }
-    if !understood_status(status) {
+    if !final_status(status) {
         return Err("status");
     }
-    if req_cc.no_store || resp_cc.no_store {
+    if resp_cc.must_understand {
+        // §5.2.2.3: only status codes it understands, and then `no-store` is ignored.
+        if !understood_status(status) {
+            return Err("must-understand");
+        }
+        if req_cc.no_store {
+            return Err("no-store");
+        }
+    } else if req_cc.no_store || resp_cc.no_store {
         return Err("no-store");
     }
     if resp_cc.private {
@@ -342,7 +429,7 @@ pub fn freshness_lifetime(
     if let Some(m) = cc.max_age {
         return Some(Duration::from_secs(m));
     }
-    if headers.contains_key(header::EXPIRES) {
+    if headers.contains_key(header::EXPIRES) && !cc.targeted {
         let expires = date_header(headers, &header::EXPIRES);
         let date = date_header(headers, &header::DATE);
         return Some(match (expires, date) {
@@ -365,6 +452,14 @@ fn whole_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The `Age` of a response: the first member of its first line (§5.1: a list-based
+/// value uses its first member), `None` when absent or invalid.
+#[must_use]
+pub fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::AGE)?.to_str().ok()?;
+    parse_delta(v.split(',').next().unwrap_or(v))
+}
+
 /// `corrected_initial_age` of RFC 9111 §4.2.3: the age the response had when it
 /// arrived, from its `Age` and `Date` and the times the request was sent
 /// (`request_time`) and the response received (`response_time`).
@@ -374,11 +469,7 @@ pub fn corrected_initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_delta)
-        .unwrap_or(0);
+    let age_value = age_value(headers).unwrap_or(0);
     // Date has one-second resolution: compare it with the response time in whole seconds
     // so that a response is not up to a second old on arrival.
     let apparent_age = date_header(headers, &header::DATE).map_or(0, |d| {
@@ -478,6 +569,32 @@ pub fn stale_if_error_ok(
     age.saturating_sub(lifetime) <= Duration::from_secs(window)
 }
 
+/// May a stale stored response be served because the upstream could not be reached
+/// at all (connect failure, reset, timeout, closed without a response: "disconnected"
+/// in §4.2.4), at most `limit` past its freshness? Not when the response forbids serving
+/// it stale (`must-revalidate`, `proxy-revalidate`, `s-maxage` (§5.2.2.10), `no-cache`)
+/// or the request asks for validation (`no-cache`) or bounds the age (`max-age`).
+#[must_use]
+pub fn stale_if_unreachable_ok(
+    req: &CacheControl,
+    resp: &CacheControl,
+    lifetime: Duration,
+    age: Duration,
+    limit: Duration,
+) -> bool {
+    if limit.is_zero()
+        || resp.must_revalidate
+        || resp.proxy_revalidate
+        || resp.s_maxage.is_some()
+        || resp.no_cache
+        || req.no_cache
+        || req.max_age.is_some()
+    {
+        return false;
+    }
+    age.saturating_sub(lifetime) <= limit
+}
+
 /// Conditional request header fields a cache replaces with its own validators.
 const CONDITIONALS: [HeaderName; 2] = [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
 
@@ -545,6 +662,22 @@ pub fn merge_304(stored: &HeaderMap, fresh: &HeaderMap) -> HeaderMap {
         }
     }
     merged
+}
+
+/// May a `200` answer to a HEAD update the stored GET response with `stored` fields
+/// (§4.3.5)? Yes when every validator the HEAD response carries (`ETag`,
+/// `Last-Modified`) equals the stored one, and its `Content-Length`, if any, equals the
+/// stored body's; otherwise the stored response is out of date and must not be served
+/// without validation.
+#[must_use]
+pub fn head_matches(stored: &HeaderMap, head: &HeaderMap) -> bool {
+    let same = |name: &HeaderName| match head.get(name) {
+        None => true,
+        Some(v) => stored
+            .get(name)
+            .is_some_and(|s| s.as_bytes().trim_ascii() == v.as_bytes().trim_ascii()),
+    };
+    same(&header::ETAG) && same(&header::LAST_MODIFIED) && same(&header::CONTENT_LENGTH)
 }
 
 /// The opaque part of an entity tag (without `W/`), for weak comparison.

@@ -244,6 +244,8 @@ fn cache() -> Cache {
     Cache::new(&CacheConfig {
         max_bytes: 16 << 20,
         max_object_bytes: 1 << 20,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     })
 }
 
@@ -946,6 +948,8 @@ async fn large_bodies_stream_in_full_but_are_not_stored() {
     let c = Cache::new(&CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1000,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let up = be.upstream();
     for p in ["/big", "/big-chunked", "/small"] {
@@ -968,6 +972,8 @@ async fn memory_stays_within_max_bytes() {
     let c = Cache::new(&CacheConfig {
         max_bytes,
         max_object_bytes: 8 * 1024,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let up = be.upstream();
     for i in 0..100 {
