@@ -1123,10 +1123,7 @@ fn check_cache_targets(targets: &[String], report: &mut Report<'_, '_>) {
     if targets.len() > MAX_CACHE_TARGETS {
         report.field(
             "cache.targets",
-            format!(
-                "{} names: at most {MAX_CACHE_TARGETS}",
-                targets.len()
-            ),
+            format!("{} names: at most {MAX_CACHE_TARGETS}", targets.len()),
         );
     }
     let mut seen: Vec<String> = Vec::new();

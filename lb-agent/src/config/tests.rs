@@ -1049,6 +1049,45 @@ fn sticky_and_cache_rules() {
     );
 }
 
+#[test]
+fn cache_targets_and_stale_if_unreachable_rules() {
+    // default: CDN-Cache-Control; an empty list turns targeted fields off
+    let cfg = parse_ok(&l7("cache = { max_bytes = 1 }"));
+    let cache = cfg.services[0].cache.as_ref().expect("cache");
+    assert_eq!(cache.targets, vec!["CDN-Cache-Control".to_owned()]);
+    assert_eq!(cache.stale_if_unreachable_s, 0);
+    let cfg = parse_ok(&l7(
+        "cache = { max_bytes = 1, targets = [\"xdplb-Cache-Control\", \"CDN-Cache-Control\"], stale_if_unreachable_s = 86400 }",
+    ));
+    let cache = cfg.services[0].cache.as_ref().expect("cache");
+    assert_eq!(cache.targets.len(), 2);
+    assert_eq!(cache.stale_if_unreachable_s, 86400);
+    parse_ok(&l7("cache = { max_bytes = 1, targets = [] }"));
+    for (bad, needle) in [
+        ("\"\"", "not a header field name"),
+        ("\"CDN Cache-Control\"", "not a header field name"),
+        ("\"x:y\"", "not a header field name"),
+        ("\"Cache-Control\"", "read anyway"),
+        ("\"expires\"", "read anyway"),
+        ("\"A-CC\", \"a-cc\"", "listed twice"),
+        (
+            "\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"",
+            "at most 8",
+        ),
+    ] {
+        assert_single(
+            &l7(&format!("cache = {{ max_bytes = 1, targets = [{bad}] }}")),
+            "service[0].cache.targets",
+            needle,
+        );
+    }
+    assert_single(
+        &l7("cache = { max_bytes = 1, stale_if_unreachable_s = 40000000 }"),
+        "service[0].cache.stale_if_unreachable_s",
+        "one year",
+    );
+}
+
 // --- rules: agent ---------------------------------------------------------------------
 
 #[test]

@@ -6,14 +6,25 @@
 //! - GET and HEAD are looked up (key: lower-case host + path and query, then the
 //!   variant selected by `Vary`, §4.1); other methods pass through, and unsafe ones
 //!   that succeed invalidate the target URI and same-host `Location` /
-//!   `Content-Location` (§4.4). Requests with `Range` pass through (no range support).
+//!   `Content-Location` (§4.4).
+//! - Response directives come from the first targeted field of the service's `targets`
+//!   present with a valid value (RFC 9213, default `CDN-Cache-Control`), which then
+//!   overrides `Cache-Control` and `Expires`; the field is forwarded unchanged.
 //! - A fresh response is served with its `Age` (§4.2); a client's own
 //!   `If-None-Match` / `If-Modified-Since` is answered with 304 from the store (§4.3.2).
+//! - A GET with `Range` is answered from a stored complete 200 ([`range`]: 206 for one
+//!   satisfiable range, 416 for none, the whole 200 for invalid syntax, several ranges
+//!   or an `If-Range` that does not match strongly); when nothing usable is stored it
+//!   goes to a backend as it is and the answer is not stored.
+//! - A 200 to a HEAD that went upstream updates the stored GET response when its
+//!   validators and length match and drops it when they do not (§4.3.5).
 //! - A stale one (or one that must be validated) is validated with the stored `ETag` /
 //!   `Last-Modified` (§4.3.1); a 304 refreshes the stored header fields (§3.2, §4.3.4),
 //!   a full response replaces them. Within `stale-while-revalidate` the stale response
 //!   is served at once and refreshed in the background; within `stale-if-error` it is
-//!   served when the upstream fails or answers 500/502/503/504.
+//!   served when the upstream fails or answers 500/502/503/504; with
+//!   `stale_if_unreachable_s`, also when the upstream cannot be reached at all (§4.2.4),
+//!   unless `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` forbid it.
 //! - Concurrent misses of one URI are collapsed into one upstream request: the first
 //!   leads, its body is streamed to its client and collected for the store at once
 //!   (a tee), the others wait (at most [`COLLAPSE_WAIT`]) and are served the stored
@@ -463,22 +474,21 @@ impl Cache {
     ) -> Option<Served> {
         let stored = stored?;
         let age = stored.age(now);
-        let detail =
-            if policy::stale_if_error_ok(&ctx.req_cc, &stored.cc, stored.lifetime, age) {
-                "stale-if-error"
-            } else if code.is_none()
-                && policy::stale_if_unreachable_ok(
-                    &ctx.req_cc,
-                    &stored.cc,
-                    stored.lifetime,
-                    age,
-                    self.inner.unreachable,
-                )
-            {
-                "unreachable"
-            } else {
-                return None;
-            };
+        let detail = if policy::stale_if_error_ok(&ctx.req_cc, &stored.cc, stored.lifetime, age) {
+            "stale-if-error"
+        } else if code.is_none()
+            && policy::stale_if_unreachable_ok(
+                &ctx.req_cc,
+                &stored.cc,
+                stored.lifetime,
+                age,
+                self.inner.unreachable,
+            )
+        {
+            "unreachable"
+        } else {
+            return None;
+        };
         let status = Status {
             fwd_status: code.map(|c| c.as_u16()),
             detail: Some(detail),
@@ -538,7 +548,8 @@ impl Cache {
                 return served;
             }
         }
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        policy::ensure_date(&mut parts.headers, response_time);
         if let (true, StatusCode::NOT_MODIFIED, Some(old)) = (validating, code, stale.as_ref()) {
             // §4.3.4: freshen the stored response with the 304's header fields.
             let fresh = self

@@ -252,8 +252,55 @@ impl CacheControl {
 /// An HTTP-date header field, if present and valid.
 #[must_use]
 pub fn date_header(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    let v = headers.get(name)?.to_str().ok()?;
-    httpdate::parse_http_date(v.trim()).ok()
+    parse_date(headers.get(name)?.to_str().ok()?)
+}
+
+/// Parse an HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, rfc850-date, asctime-date),
+/// matching day and month names and `GMT` case-insensitively, as a cache recipient
+/// should (RFC 9111 §4.2).
+#[must_use]
+pub fn parse_date(value: &str) -> Option<SystemTime> {
+    let value = value.trim();
+    if let Ok(t) = httpdate::parse_http_date(value) {
+        return Some(t);
+    }
+    let mut norm = String::with_capacity(value.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, norm: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            norm.push_str("GMT");
+        } else {
+            for (i, c) in word.chars().enumerate() {
+                norm.push(if i == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+            }
+        }
+        word.clear();
+    };
+    for c in value.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut norm);
+            norm.push(c);
+        }
+    }
+    flush(&mut word, &mut norm);
+    httpdate::parse_http_date(&norm).ok()
+}
+
+/// Give `headers` a `Date` of `now` when it has none or an invalid one (RFC 9110
+/// §6.6.1: a recipient that caches or forwards a response without one adds it), so that
+/// `Expires` and the age are measured against the time the response was received.
+pub fn ensure_date(headers: &mut HeaderMap, now: SystemTime) {
+    if date_header(headers, &header::DATE).is_none() {
+        if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+            headers.insert(header::DATE, v);
+        }
+    }
 }
 
 /// Status codes whose caching semantics this cache understands (§3); 206 (no range
@@ -703,9 +750,10 @@ pub fn not_modified(req: &HeaderMap, resp: &HeaderMap) -> bool {
             .flat_map(split_list)
             .any(|t| t == "*" || opaque_tag(t) == etag);
     }
+    // RFC 9111 §4.3.2: without Last-Modified, the response's Date stands for it.
     match (
         date_header(req, &header::IF_MODIFIED_SINCE),
-        date_header(resp, &header::LAST_MODIFIED),
+        date_header(resp, &header::LAST_MODIFIED).or_else(|| date_header(resp, &header::DATE)),
     ) {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,
@@ -1278,6 +1326,254 @@ mod tests {
         assert_eq!(m.get("x-new").unwrap(), "n");
         assert_eq!(m.get("etag").unwrap(), "\"v1\"");
         assert_eq!(m.get("date").unwrap(), date(5).as_str());
+    }
+
+    fn targeted(resp: &[(&str, &str)]) -> CacheControl {
+        CacheControl::parse_response(&hm(resp), &[HeaderName::from_static("cdn-cache-control")])
+    }
+
+    #[test]
+    fn targeted_field_overrides_cache_control_and_expires() {
+        // RFC 9213 §2.2: the targeted field wins over Cache-Control ...
+        let c = targeted(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=10000"),
+        ]);
+        assert!(c.targeted && !c.no_store);
+        assert_eq!(c.max_age, Some(10000));
+        let c = targeted(&[
+            ("cache-control", "max-age=3600"),
+            ("cdn-cache-control", "max-age=1"),
+        ]);
+        assert_eq!(c.max_age, Some(1));
+        // ... and over Expires: max-age=0 with a future Expires is stale
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=0"),
+            ("expires", &date(10_000)),
+            ("date", &date(0)),
+        ]);
+        let c = targeted(&[
+            ("cdn-cache-control", "max-age=0"),
+            ("expires", &date(10_000)),
+            ("date", &date(0)),
+        ]);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &c), Some(secs(0)));
+        // a past or invalid Expires does not shorten a targeted max-age
+        let h = hm(&[("cdn-cache-control", "max-age=3600"), ("expires", "0")]);
+        let c = CacheControl::parse_response(&h, &[HeaderName::from_static("cdn-cache-control")]);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &c), Some(secs(3600)));
+        // flags, extensions ignored, huge values saturate
+        let c = targeted(&[(
+            "cdn-cache-control",
+            "private, no-cache, foobar, max-age=99999999999",
+        )]);
+        assert!(c.private && c.no_cache);
+        assert_eq!(c.max_age, Some(DELTA_MAX));
+        let c = targeted(&[("cdn-cache-control", "no-store")]);
+        assert!(c.no_store);
+    }
+
+    #[test]
+    fn invalid_or_absent_targeted_field_falls_back_to_cache_control() {
+        for bad in ["max-age=10000, &&&&&", "", "MaX-aGe=3600", "max-age =100"] {
+            let c = targeted(&[("cdn-cache-control", bad), ("cache-control", "no-store")]);
+            assert!(!c.targeted && c.no_store, "{bad:?}");
+        }
+        // a value of the wrong type ignores the directive, not the field
+        let c = targeted(&[
+            ("cdn-cache-control", r#"max-age="10000""#),
+            ("cache-control", "max-age=5"),
+        ]);
+        assert!(c.targeted);
+        assert_eq!(c.max_age, None);
+        let c = targeted(&[("cdn-cache-control", "max-age=-5, s-maxage=2.5")]);
+        assert_eq!((c.max_age, c.s_maxage), (None, None));
+        // lines are combined into one dictionary
+        let c = targeted(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("cdn-cache-control", "must-revalidate"),
+        ]);
+        assert!(c.must_revalidate);
+        assert_eq!(c.max_age, Some(60));
+        // without targets only Cache-Control counts
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("cache-control", "max-age=1"),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &[]).max_age, Some(1));
+    }
+
+    #[test]
+    fn first_valid_target_wins() {
+        let targets = [
+            HeaderName::from_static("xdplb-cache-control"),
+            HeaderName::from_static("cdn-cache-control"),
+        ];
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("xdplb-cache-control", "max-age=5"),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &targets).max_age, Some(5));
+        // an invalid first one is as if absent
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("xdplb-cache-control", "max-age=5, ((("),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &targets).max_age, Some(60));
+    }
+
+    #[test]
+    fn unknown_final_status_codes_and_must_understand() {
+        for code in [299, 499, 599] {
+            assert_eq!(
+                store_ok(&[], code, &[("cache-control", "max-age=60")]),
+                Ok(())
+            );
+            // but not heuristically
+            assert_eq!(
+                store_ok(
+                    &[],
+                    code,
+                    &[("date", &date(100)), ("last-modified", &date(0))]
+                ),
+                Err("no-freshness")
+            );
+            assert_eq!(
+                store_ok(
+                    &[],
+                    code,
+                    &[("cache-control", "max-age=60, no-store, must-understand")]
+                ),
+                Err("must-understand")
+            );
+        }
+        // must-understand with a known status overrides no-store
+        assert_eq!(
+            store_ok(
+                &[],
+                200,
+                &[("cache-control", "max-age=60, no-store, must-understand")]
+            ),
+            Ok(())
+        );
+        // ... not the request's no-store
+        assert_eq!(
+            store_ok(
+                &[("cache-control", "no-store")],
+                200,
+                &[("cache-control", "max-age=60, no-store, must-understand")]
+            ),
+            Err("no-store")
+        );
+        for code in [206, 304, 100, 101] {
+            assert_eq!(
+                store_ok(&[], code, &[("cache-control", "max-age=60")]),
+                Err("status"),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn age_list_uses_its_first_member() {
+        assert_eq!(age_value(&hm(&[("age", "7200, 0")])), Some(7200));
+        assert_eq!(age_value(&hm(&[("age", "0, 7200")])), Some(0));
+        assert_eq!(age_value(&hm(&[("age", " 30 ")])), Some(30));
+        assert_eq!(age_value(&hm(&[("age", "3s")])), None);
+        assert_eq!(age_value(&hm(&[])), None);
+        let h = hm(&[("age", "7200, 0"), ("date", &date(100))]);
+        assert_eq!(corrected_initial_age(&h, t(100), t(100)), secs(7200));
+    }
+
+    #[test]
+    fn stale_when_unreachable_unless_forbidden() {
+        let s = |req: &str, resp: &str, l: u64, a: u64, limit: u64| {
+            stale_if_unreachable_ok(&cc(req), &cc(resp), secs(l), secs(a), secs(limit))
+        };
+        assert!(s("", "max-age=2", 2, 10, 60));
+        assert!(!s("", "max-age=2", 2, 100, 60), "past the limit");
+        assert!(!s("", "max-age=2", 2, 10, 0), "off");
+        for forbids in [
+            "must-revalidate",
+            "proxy-revalidate",
+            "no-cache",
+            "s-maxage=2",
+        ] {
+            assert!(
+                !s("", &format!("max-age=2, {forbids}"), 2, 10, 60),
+                "{forbids}"
+            );
+        }
+        assert!(!s("no-cache", "max-age=2", 2, 10, 60));
+        assert!(!s("max-age=5", "max-age=2", 2, 10, 60));
+    }
+
+    #[test]
+    fn head_updates_only_with_matching_validators_and_length() {
+        let stored = hm(&[
+            ("etag", "\"v1\""),
+            ("last-modified", &date(0)),
+            ("content-length", "11"),
+        ]);
+        assert!(head_matches(&stored, &hm(&[])));
+        assert!(head_matches(
+            &stored,
+            &hm(&[("etag", "\"v1\""), ("content-length", "11")])
+        ));
+        assert!(head_matches(&stored, &hm(&[("last-modified", &date(0))])));
+        assert!(!head_matches(&stored, &hm(&[("etag", "\"v2\"")])));
+        assert!(!head_matches(&stored, &hm(&[("last-modified", &date(1))])));
+        assert!(!head_matches(&stored, &hm(&[("content-length", "12")])));
+        // a validator the stored response lacks cannot match
+        assert!(!head_matches(
+            &hm(&[("content-length", "11")]),
+            &hm(&[("etag", "\"v1\"")])
+        ));
+    }
+
+    #[test]
+    fn dates_are_matched_case_insensitively() {
+        let want = httpdate::parse_http_date("Thu, 18 Aug 2050 02:01:18 GMT").ok();
+        for v in [
+            "Thu, 18 Aug 2050 02:01:18 GMT",
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gMT",
+            " thursday, 18-aug-50 02:01:18 gmt ",
+        ] {
+            assert_eq!(parse_date(v), want, "{v}");
+        }
+        assert_eq!(parse_date("foo"), None);
+        assert_eq!(parse_date("Thu, 18 Aug 2050 02:01:18 UTC"), None);
+    }
+
+    #[test]
+    fn missing_or_invalid_date_is_the_receipt_time() {
+        let mut h = hm(&[("date", "foo"), ("expires", &date(10))]);
+        ensure_date(&mut h, t(0));
+        assert_eq!(h.get("date").unwrap(), date(0).as_str());
+        let cc = CacheControl::parse(&h);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &cc), Some(secs(10)));
+        let mut h = hm(&[("date", &date(5))]);
+        ensure_date(&mut h, t(0));
+        assert_eq!(
+            h.get("date").unwrap(),
+            date(5).as_str(),
+            "a valid Date is kept"
+        );
+    }
+
+    #[test]
+    fn if_modified_since_uses_date_without_last_modified() {
+        let resp = hm(&[("date", &date(100))]);
+        assert!(not_modified(
+            &hm(&[("if-modified-since", &date(100))]),
+            &resp
+        ));
+        assert!(!not_modified(
+            &hm(&[("if-modified-since", &date(99))]),
+            &resp
+        ));
     }
 
     #[test]
