@@ -66,7 +66,7 @@ console.log(`cache-tests: required ${c.required[0]}/${c.required[1]} optimal ${c
 ";
 
 /// `cargo xtask cache-tests [--suite DIR]`.
-pub fn cache_tests(suite: Option<&Path>) -> Result<()> {
+pub fn cache_tests(suite: Option<&Path>, stale_if_unreachable_s: u64) -> Result<()> {
     let source = find_suite(suite)?;
     println!("cache-tests: suite at {}", source.display());
     apt::ensure_cache_tests().context("installing node and npm")?;
@@ -108,7 +108,11 @@ pub fn cache_tests(suite: Option<&Path>) -> Result<()> {
     )?;
     wait_for_port(origin_port, "the suite's origin")?;
 
-    let config = agent_config(&work, vip_port, api_port, origin_port);
+    let config = agent_config(
+        &work,
+        [vip_port, api_port, origin_port],
+        stale_if_unreachable_s,
+    );
     let config_path = work.join("agent.toml");
     fs::write(&config_path, &config)
         .with_context(|| format!("writing {}", config_path.display()))?;
@@ -250,9 +254,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The agent's config: one l7 service on loopback with a cache, backed by the origin.
-/// `stale_if_unreachable_s` is on (a day), as a deployment that prefers a stale page to
-/// an error sets it; the README gives the score without it too.
-fn agent_config(work: &Path, vip_port: u16, api_port: u16, origin_port: u16) -> String {
+fn agent_config(work: &Path, ports: [u16; 3], stale_if_unreachable_s: u64) -> String {
+    let [vip_port, api_port, origin_port] = ports;
     format!(
         r#"[agent]
 state_dir = "{state}"
@@ -263,7 +266,7 @@ name = "cache-tests"
 vip = "127.0.0.1:{vip_port}"
 mode = "l7"
 scheduler = "round-robin"
-cache = {{ max_bytes = 67108864, max_object_bytes = 8388608, targets = ["CDN-Cache-Control"], stale_if_unreachable_s = 86400 }}
+cache = {{ max_bytes = 67108864, max_object_bytes = 8388608, targets = ["CDN-Cache-Control"], stale_if_unreachable_s = {stale_if_unreachable_s} }}
 backend = [ {{ address = "127.0.0.1", port = {origin_port} }} ]
 "#,
         state = work.join("state").display()

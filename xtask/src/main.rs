@@ -75,6 +75,10 @@ enum Task {
         /// default `$CACHE_TESTS_DIR`, else ../shared/vendor/cache-tests next to the repository.
         #[arg(long)]
         suite: Option<std::path::PathBuf>,
+        /// The service's `cache.stale_if_unreachable_s` (default one day, as a deployment
+        /// that prefers a stale page to an error sets it; 0 turns it off).
+        #[arg(long, default_value_t = 86_400)]
+        stale_if_unreachable_s: u64,
     },
 }
 
@@ -108,6 +112,9 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Demo { args } => release::demo(&args),
         Task::Bench { what, args } => release::bench(what.as_deref(), &args),
-        Task::CacheTests { suite } => cache_tests::cache_tests(suite.as_deref()),
+        Task::CacheTests {
+            suite,
+            stale_if_unreachable_s,
+        } => cache_tests::cache_tests(suite.as_deref(), stale_if_unreachable_s),
     }
 }

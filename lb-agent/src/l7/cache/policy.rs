@@ -919,8 +919,14 @@ mod tests {
             store_ok(&[], 206, &[("cache-control", "max-age=60")]),
             Err("status")
         );
+        // RFC 9111 §3: an unknown final status with explicit freshness may be stored
+        // (was Err("status") before issue 13 item 4; 304 is the code never stored)
         assert_eq!(
             store_ok(&[], 299, &[("cache-control", "max-age=60")]),
+            Ok(())
+        );
+        assert_eq!(
+            store_ok(&[], 304, &[("cache-control", "max-age=60")]),
             Err("status")
         );
         assert_eq!(
