@@ -13,8 +13,9 @@
 //! - A fresh response is served with its `Age` (§4.2); a client's own
 //!   `If-None-Match` / `If-Modified-Since` is answered with 304 from the store (§4.3.2).
 //! - A GET with `Range` is answered from a stored complete 200 ([`range`]: 206 for one
-//!   satisfiable range, 416 for none, the whole 200 for invalid syntax, several ranges
-//!   or an `If-Range` that does not match strongly); when nothing usable is stored it
+//!   satisfiable range, `multipart/byteranges` for several in ascending order without
+//!   overlap, 416 for none, the whole 200 for invalid syntax, overlapping or unordered
+//!   ranges, or an `If-Range` that does not match strongly); when nothing usable is stored it
 //!   goes to a backend as it is and the answer is not stored.
 //! - A 200 to a HEAD that went upstream updates the stored GET response when its
 //!   validators and length match and drops it when they do not (§4.3.5).
@@ -754,9 +755,10 @@ fn from_store(
 }
 
 /// The answer to a GET with `Range` from a stored complete `200` (RFC 9110 §14):
-/// 206 with the single satisfiable range, 416 when none is satisfiable; `None` (serve
-/// the whole 200) when the range is invalid, `If-Range` does not match strongly, the
-/// stored status is not 200, or several ranges are asked for.
+/// 206 with the single satisfiable range, or with several as `multipart/byteranges`
+/// when they ascend without overlap; 416 when none is satisfiable; `None` (serve the
+/// whole 200) when the range is invalid, `If-Range` does not match strongly, the stored
+/// status is not 200, or the ranges overlap or are out of order.
 fn range_response(req: &HeaderMap, stored: &Stored) -> Option<Response<Body>> {
     if stored.status != StatusCode::OK || !range::if_range_allows(req, &stored.headers) {
         return None;
@@ -775,6 +777,27 @@ fn range_response(req: &HeaderMap, stored: &Stored) -> Option<Response<Body>> {
                 HeaderValue::from_str(&range::unsatisfied_range(len)).ok()?,
             );
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            Some(resp)
+        }
+        range::Ranges::Satisfiable(ranges) if range::multipart_allowed(&ranges) => {
+            let boundary = format!("xdplb-{:016x}", rand::random::<u64>());
+            let content_type = stored
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            let body = range::multipart_body(&stored.body, &ranges, content_type, &boundary);
+            let length = body.len();
+            let mut resp = Response::new(full(body));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let headers = resp.headers_mut();
+            *headers = stored.headers.clone();
+            headers.remove(header::CONTENT_RANGE);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}"))
+                    .ok()?,
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
             Some(resp)
         }
         range::Ranges::Satisfiable(ranges) => {

@@ -11,8 +11,9 @@
 //!   whole representation is sent.
 //! - [`content_range`]: the `Content-Range` of a served range.
 //!
-//! More than one satisfiable range, or more than [`MAX_RANGES`] requested, are served
-//! as the whole 200 (allowed by §14.2; a multipart/byteranges answer is not built).
+//! - [`multipart_allowed`] / [`multipart_body`]: several satisfiable ranges in ascending
+//!   order without overlap are sent as one `multipart/byteranges` (§14.6); other sets,
+//!   and more than [`MAX_RANGES`] specs, get the whole 200 (allowed by §14.2).
 
 use http::{HeaderMap, header};
 
@@ -139,6 +140,46 @@ pub fn unsatisfied_range(len: u64) -> String {
     format!("bytes */{len}")
 }
 
+/// May several satisfiable ranges be sent as one `multipart/byteranges` (§14.6)? Only
+/// when they are in ascending order and do not overlap: other sets (a known way to make
+/// a server send a body many times over, §17.15) get the whole representation.
+#[must_use]
+pub fn multipart_allowed(ranges: &[(u64, u64)]) -> bool {
+    ranges.len() > 1 && ranges.windows(2).all(|w| w[0].1 < w[1].0)
+}
+
+/// The body of a `multipart/byteranges` answer (RFC 9110 §14.6): for each range a part
+/// with its `Content-Type` (the representation's, if any) and `Content-Range`, then the
+/// closing delimiter.
+#[must_use]
+pub fn multipart_body(
+    body: &[u8],
+    ranges: &[(u64, u64)],
+    content_type: Option<&str>,
+    boundary: &str,
+) -> Vec<u8> {
+    let len = body.len() as u64;
+    let mut out = Vec::new();
+    for &(first, last) in ranges {
+        out.extend_from_slice(format!("\r\n--{boundary}\r\n").as_bytes());
+        if let Some(ct) = content_type {
+            out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+        }
+        out.extend_from_slice(
+            format!("Content-Range: {}\r\n\r\n", content_range(first, last, len)).as_bytes(),
+        );
+        let (a, b) = (
+            usize::try_from(first).unwrap_or(usize::MAX),
+            usize::try_from(last).unwrap_or(usize::MAX),
+        );
+        if let Some(part) = body.get(a..=b) {
+            out.extend_from_slice(part);
+        }
+    }
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +279,30 @@ mod tests {
     fn content_range_values() {
         assert_eq!(content_range(0, 1, 11), "bytes 0-1/11");
         assert_eq!(unsatisfied_range(11), "bytes */11");
+    }
+
+    #[test]
+    fn multipart_only_for_ascending_disjoint_ranges() {
+        assert!(multipart_allowed(&[(0, 1), (4, 5)]));
+        assert!(!multipart_allowed(&[(0, 1)]));
+        assert!(!multipart_allowed(&[(4, 5), (0, 1)]), "descending");
+        assert!(!multipart_allowed(&[(0, 4), (3, 5)]), "overlapping");
+        assert!(!multipart_allowed(&[(0, 4), (4, 5)]), "overlapping by one");
+    }
+
+    #[test]
+    fn multipart_body_layout() {
+        let b = multipart_body(b"0123456789", &[(0, 1), (8, 9)], Some("text/plain"), "B");
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            "\r\n--B\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-1/10\r\n\r\n01\
+             \r\n--B\r\nContent-Type: text/plain\r\nContent-Range: bytes 8-9/10\r\n\r\n89\
+             \r\n--B--\r\n"
+        );
+        let b = multipart_body(b"abc", &[(0, 0), (2, 2)], None, "x");
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            "\r\n--x\r\nContent-Range: bytes 0-0/3\r\n\r\na\r\n--x\r\nContent-Range: bytes 2-2/3\r\n\r\nc\r\n--x--\r\n"
+        );
     }
 }

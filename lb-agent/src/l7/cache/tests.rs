@@ -1186,8 +1186,25 @@ async fn ranges_are_answered_from_a_stored_complete_response() {
     assert_eq!(g.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(g.header("content-range"), "bytes */11");
     assert!(g.body.is_empty());
-    // invalid syntax, another unit, several ranges: the whole 200
-    for r in ["bytes=5-1", "items=0-1", "bytes=0-1,4-5"] {
+    // several ascending ranges: multipart/byteranges
+    let g = call(&c, &up, range("/r", "bytes=0-1, 4-5", None)).await;
+    assert_eq!((g.status.as_u16(), g.result), (206, CacheResult::Hit));
+    let ct = g.header("content-type").to_owned();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .expect("multipart content type");
+    assert_eq!(
+        String::from_utf8(g.body.to_vec()).unwrap(),
+        format!(
+            "\r\n--{boundary}\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-1/11\r\n\r\n01\
+             \r\n--{boundary}\r\nContent-Type: text/plain\r\nContent-Range: bytes 4-5/11\r\n\r\n45\
+             \r\n--{boundary}--\r\n"
+        )
+    );
+    assert_eq!(g.header("content-length"), g.body.len().to_string());
+    assert!(g.headers.get("content-range").is_none());
+    // invalid syntax, another unit, overlapping or unordered ranges: the whole 200
+    for r in ["bytes=5-1", "items=0-1", "bytes=0-4,3-5", "bytes=4-5,0-1"] {
         let g = call(&c, &up, range("/r", r, None)).await;
         assert_eq!(
             (g.status.as_u16(), &g.body[..]),
