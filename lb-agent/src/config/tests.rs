@@ -1475,7 +1475,9 @@ fn the_known_keys_are_the_models() {
         "",
     );
     assert!(
-        error.message.ends_with("max_bytes, max_object_bytes"),
+        error
+            .message
+            .ends_with("max_bytes, max_object_bytes, targets, stale_if_unreachable_s"),
         "{error}"
     );
 }

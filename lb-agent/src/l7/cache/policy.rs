@@ -804,10 +804,11 @@ pub fn same_host_path(value: &HeaderValue, host: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+    /// A header map from name/value pairs (also used by `range`'s tests).
+    pub(in crate::l7::cache) fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.append(

@@ -183,18 +183,7 @@ pub fn multipart_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
-
-    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::l7::cache::policy::tests::hm;
 
     fn sat(v: &[(u64, u64)]) -> Ranges {
         Ranges::Satisfiable(v.to_vec())
