@@ -283,6 +283,39 @@ pub fn ensure_bench_xdp() -> Result<()> {
     Ok(())
 }
 
+/// The packages `cargo xtask cache-tests` needs to run the http-tests/cache-tests suite
+/// (its origin server and client are node programs; npm installs its `undici`), with the
+/// program each provides. Not in [`PACKAGES`]: neither `cargo xtask setup` nor CI installs them.
+pub const CACHE_TESTS_PACKAGES: &[(&str, &str)] = &[("nodejs", "node"), ("npm", "npm")];
+
+/// Installs node and npm with apt-get when missing (idempotent), for `cargo xtask
+/// cache-tests` only. Without dpkg, fails naming what is missing.
+pub fn ensure_cache_tests() -> Result<()> {
+    let missing_programs: Vec<_> = CACHE_TESTS_PACKAGES
+        .iter()
+        .filter(|(_, program)| find_program(program).is_none())
+        .map(|(_, program)| *program)
+        .collect();
+    if missing_programs.is_empty() {
+        return Ok(());
+    }
+    if !has_dpkg() {
+        bail!(
+            "cache-tests needs {} (node >= 18): no dpkg here, so xtask cannot install them; install them by hand",
+            missing_programs.join(" ")
+        );
+    }
+    let packages: Vec<&'static str> = CACHE_TESTS_PACKAGES.iter().map(|(p, _)| *p).collect();
+    let missing = missing_of(&packages)?;
+    println!(
+        "cache-tests: installing with apt-get (not needed by `cargo xtask setup` or CI): {}",
+        missing.join(" ")
+    );
+    install(&missing, true)?;
+    println!("cache-tests: installed: {}", versions(&missing));
+    Ok(())
+}
+
 /// `name version, ...` of installed `packages`, from dpkg-query.
 fn versions(packages: &[&str]) -> String {
     cmd::output(

@@ -2,6 +2,7 @@
 
 mod apt;
 mod bpf_linker;
+mod cache_tests;
 mod clippy;
 mod cmd;
 mod kernel;
@@ -66,6 +67,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the public HTTP caching conformance suite (http-tests/cache-tests) against the
+    /// agent's L7 cache on loopback and print its score beside the published ones; node
+    /// and npm are installed from Debian when missing. Not part of `cargo xtask test`.
+    CacheTests {
+        /// The suite's source (a clone of https://github.com/http-tests/cache-tests);
+        /// default `$CACHE_TESTS_DIR`, else ../shared/vendor/cache-tests next to the repository.
+        #[arg(long)]
+        suite: Option<std::path::PathBuf>,
+        /// The service's `cache.stale_if_unreachable_s` (default one day, as a deployment
+        /// that prefers a stale page to an error sets it; 0 turns it off).
+        #[arg(long, default_value_t = 86_400)]
+        stale_if_unreachable_s: u64,
+    },
 }
 
 /// Runs the task; on failure prints the error and its causes (without the backtrace anyhow
@@ -98,5 +112,9 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Demo { args } => release::demo(&args),
         Task::Bench { what, args } => release::bench(what.as_deref(), &args),
+        Task::CacheTests {
+            suite,
+            stale_if_unreachable_s,
+        } => cache_tests::cache_tests(suite.as_deref(), stale_if_unreachable_s),
     }
 }

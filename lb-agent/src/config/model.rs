@@ -495,6 +495,16 @@ pub struct CacheConfig {
     /// Largest response body stored (capped at `max_bytes`); larger ones pass through uncached.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: u64,
+    /// RFC 9213 targeted cache-control fields this cache obeys, in order of precedence
+    /// (the first present with a valid value wins over `Cache-Control` and `Expires`);
+    /// empty: `Cache-Control` only.
+    #[serde(default = "default_cache_targets")]
+    pub targets: Vec<String>,
+    /// Serve a stale response for up to this many seconds past its freshness when the
+    /// backend cannot be reached at all (RFC 9111 §4.2.4), unless the response forbids
+    /// it; 0 (the default): only where `stale-if-error` allows.
+    #[serde(default)]
+    pub stale_if_unreachable_s: u64,
 }
 
 impl CacheConfig {
@@ -507,6 +517,12 @@ impl CacheConfig {
 
 fn default_max_object_bytes() -> u64 {
     DEFAULT_MAX_OBJECT_BYTES
+}
+
+/// The default `cache.targets`: `CDN-Cache-Control` (RFC 9213).
+#[must_use]
+pub fn default_cache_targets() -> Vec<String> {
+    vec!["CDN-Cache-Control".to_owned()]
 }
 
 /// A service's `on_all_down`: what the fast path does when no backend of any tier

@@ -1133,6 +1133,47 @@ fn check_health(h: &HealthConfig, report: &mut Report<'_, '_>) {
     }
 }
 
+/// Most entries of `cache.targets`.
+const MAX_CACHE_TARGETS: usize = 8;
+
+/// Largest `cache.stale_if_unreachable_s`: one year.
+const MAX_STALE_IF_UNREACHABLE_S: u64 = 365 * 24 * 3600;
+
+/// `cache.targets`: at most [`MAX_CACHE_TARGETS`] distinct header field names (RFC 9110
+/// tokens), none of them a field the cache reads anyway.
+fn check_cache_targets(targets: &[String], report: &mut Report<'_, '_>) {
+    if targets.len() > MAX_CACHE_TARGETS {
+        report.field(
+            "cache.targets",
+            format!("{} names: at most {MAX_CACHE_TARGETS}", targets.len()),
+        );
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for name in targets {
+        let lower = name.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            report.field(
+                "cache.targets",
+                format!(
+                    "\"{name}\" is not a header field name (RFC 9110 token: letters, digits \
+                     and !#$%&'*+-.^_`|~)"
+                ),
+            );
+        } else if matches!(lower.as_str(), "cache-control" | "expires" | "pragma") {
+            report.field(
+                "cache.targets",
+                format!(
+                    "\"{name}\" is read anyway: list only targeted fields (RFC 9213), \
+                     e.g. \"CDN-Cache-Control\""
+                ),
+            );
+        } else if seen.contains(&lower) {
+            report.field("cache.targets", format!("\"{name}\" is listed twice"));
+        }
+        seen.push(lower);
+    }
+}
+
 /// The values of `sticky` and `cache` (their presence in l4 mode is [`check_mode`]'s).
 fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
     if let Some(sticky) = &svc.sticky {
@@ -1156,6 +1197,16 @@ fn check_l7_extras(svc: &ServiceConfig, report: &mut Report<'_, '_>) {
         }
         if cache.max_object_bytes == 0 {
             report.field("cache.max_object_bytes", "must be at least 1");
+        }
+        check_cache_targets(&cache.targets, report);
+        if cache.stale_if_unreachable_s > MAX_STALE_IF_UNREACHABLE_S {
+            report.field(
+                "cache.stale_if_unreachable_s",
+                format!(
+                    "{} is more than {MAX_STALE_IF_UNREACHABLE_S} (one year)",
+                    cache.stale_if_unreachable_s
+                ),
+            );
         }
     }
     if let Some(tls) = &svc.tls {

@@ -291,6 +291,8 @@ fn design_example_parses_with_defaults_filled() {
                 cache: Some(CacheConfig {
                     max_bytes: 268_435_456,
                     max_object_bytes: DEFAULT_MAX_OBJECT_BYTES,
+                    targets: crate::config::default_cache_targets(),
+                    stale_if_unreachable_s: 0,
                 }),
                 slow_start_s: 0,
                 on_all_down: AllDown::FailOpen,
@@ -1054,6 +1056,45 @@ fn sticky_and_cache_rules() {
     );
 }
 
+#[test]
+fn cache_targets_and_stale_if_unreachable_rules() {
+    // default: CDN-Cache-Control; an empty list turns targeted fields off
+    let cfg = parse_ok(&l7("cache = { max_bytes = 1 }"));
+    let cache = cfg.services[0].cache.as_ref().expect("cache");
+    assert_eq!(cache.targets, vec!["CDN-Cache-Control".to_owned()]);
+    assert_eq!(cache.stale_if_unreachable_s, 0);
+    let cfg = parse_ok(&l7(
+        "cache = { max_bytes = 1, targets = [\"xdplb-Cache-Control\", \"CDN-Cache-Control\"], stale_if_unreachable_s = 86400 }",
+    ));
+    let cache = cfg.services[0].cache.as_ref().expect("cache");
+    assert_eq!(cache.targets.len(), 2);
+    assert_eq!(cache.stale_if_unreachable_s, 86400);
+    parse_ok(&l7("cache = { max_bytes = 1, targets = [] }"));
+    for (bad, needle) in [
+        ("\"\"", "not a header field name"),
+        ("\"CDN Cache-Control\"", "not a header field name"),
+        ("\"x:y\"", "not a header field name"),
+        ("\"Cache-Control\"", "read anyway"),
+        ("\"expires\"", "read anyway"),
+        ("\"A-CC\", \"a-cc\"", "listed twice"),
+        (
+            "\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"",
+            "at most 8",
+        ),
+    ] {
+        assert_single(
+            &l7(&format!("cache = {{ max_bytes = 1, targets = [{bad}] }}")),
+            "service[0].cache.targets",
+            needle,
+        );
+    }
+    assert_single(
+        &l7("cache = { max_bytes = 1, stale_if_unreachable_s = 40000000 }"),
+        "service[0].cache.stale_if_unreachable_s",
+        "one year",
+    );
+}
+
 // --- rules: agent ---------------------------------------------------------------------
 
 #[test]
@@ -1105,6 +1146,8 @@ fn service_json_round_trip() {
     svc.cache = Some(CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1 << 16,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     svc.backends.push(backend("fd00:18::11", 8080, 0, 3));
     let json = serde_json::to_string(&svc).expect("serialize");
@@ -1439,7 +1482,9 @@ fn the_known_keys_are_the_models() {
         "",
     );
     assert!(
-        error.message.ends_with("max_bytes, max_object_bytes"),
+        error
+            .message
+            .ends_with("max_bytes, max_object_bytes, targets, stale_if_unreachable_s"),
         "{error}"
     );
 }

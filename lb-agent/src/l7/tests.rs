@@ -964,6 +964,8 @@ async fn cached_response_is_served_as_a_hit() {
     c.cache = Some(CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1 << 16,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let stats = HttpStats::new();
     let svc = start_with(&c, &[b.addr], stats.clone()).await;
@@ -1350,6 +1352,8 @@ async fn new_settings_take_over_the_socket_and_old_connections_drain() {
     c.cache = Some(CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1 << 16,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let serving = [(b.addr, 100)];
     let state = temp_dir();

@@ -6,14 +6,26 @@
 //! - GET and HEAD are looked up (key: lower-case host + path and query, then the
 //!   variant selected by `Vary`, §4.1); other methods pass through, and unsafe ones
 //!   that succeed invalidate the target URI and same-host `Location` /
-//!   `Content-Location` (§4.4). Requests with `Range` pass through (no range support).
+//!   `Content-Location` (§4.4).
+//! - Response directives come from the first targeted field of the service's `targets`
+//!   present with a valid value (RFC 9213, default `CDN-Cache-Control`), which then
+//!   overrides `Cache-Control` and `Expires`; the field is forwarded unchanged.
 //! - A fresh response is served with its `Age` (§4.2); a client's own
 //!   `If-None-Match` / `If-Modified-Since` is answered with 304 from the store (§4.3.2).
+//! - A GET with `Range` is answered from a stored complete 200 ([`range`]: 206 for one
+//!   satisfiable range, `multipart/byteranges` for several in ascending order without
+//!   overlap, 416 for none, the whole 200 for invalid syntax, overlapping or unordered
+//!   ranges, or an `If-Range` that does not match strongly); when nothing usable is stored it
+//!   goes to a backend as it is and the answer is not stored.
+//! - A 200 to a HEAD that went upstream updates the stored GET response when its
+//!   validators and length match and drops it when they do not (§4.3.5).
 //! - A stale one (or one that must be validated) is validated with the stored `ETag` /
 //!   `Last-Modified` (§4.3.1); a 304 refreshes the stored header fields (§3.2, §4.3.4),
 //!   a full response replaces them. Within `stale-while-revalidate` the stale response
 //!   is served at once and refreshed in the background; within `stale-if-error` it is
-//!   served when the upstream fails or answers 500/502/503/504.
+//!   served when the upstream fails or answers 500/502/503/504; with
+//!   `stale_if_unreachable_s`, also when the upstream cannot be reached at all (§4.2.4),
+//!   unless `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` forbid it.
 //! - Concurrent misses of one URI are collapsed into one upstream request: the first
 //!   leads, its body is streamed to its client and collected for the store at once
 //!   (a tee), the others wait (at most [`COLLAPSE_WAIT`]) and are served the stored
@@ -25,10 +37,10 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
 
@@ -37,6 +49,7 @@ use crate::l7::body::{Body, empty, full};
 
 mod lock;
 pub mod policy;
+pub mod range;
 pub mod store;
 mod tee;
 #[cfg(test)]
@@ -166,6 +179,8 @@ struct Ctx {
     req_cc: CacheControl,
     req_headers: HeaderMap,
     started: SystemTime,
+    /// A GET with `Range`: answered from a stored complete response (RFC 9110 §14).
+    ranged: bool,
 }
 
 /// The shared HTTP cache. Cheap to clone (one shared store).
@@ -179,6 +194,11 @@ struct Inner {
     object_limit: u64,
     /// URIs with an upstream request under way that others may wait for.
     lock: CacheLock,
+    /// Targeted cache-control fields obeyed, in order of precedence (RFC 9213).
+    targets: Vec<HeaderName>,
+    /// How long past its freshness a response may be served when the upstream
+    /// cannot be reached (zero: never, unless `stale-if-error`).
+    unreachable: Duration,
 }
 
 impl std::fmt::Debug for Cache {
@@ -201,6 +221,13 @@ impl Cache {
                 store: Store::new(cfg.max_bytes),
                 object_limit: cfg.object_limit(),
                 lock: CacheLock::default(),
+                // Validated by config/rules.rs: a name that is not one cannot get here.
+                targets: cfg
+                    .targets
+                    .iter()
+                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                    .collect(),
+                unreachable: Duration::from_secs(cfg.stale_if_unreachable_s),
             }),
         }
     }
@@ -250,15 +277,14 @@ impl Cache {
         if method != Method::GET && method != Method::HEAD {
             return self.bypass(req, &upstream, "method", None).await;
         }
-        if req.headers().contains_key(header::RANGE) {
-            return self.bypass(req, &upstream, "bypass", Some("range")).await;
-        }
         let ctx = Ctx {
             key: key_of(&req),
             head: method == Method::HEAD,
             req_cc: CacheControl::parse_request(req.headers()),
             req_headers: req.headers().clone(),
             started: SystemTime::now(),
+            // Range is defined for GET only; on HEAD it is ignored (RFC 9110 §14.2).
+            ranged: method == Method::GET && req.headers().contains_key(header::RANGE),
         };
         let now = SystemTime::now();
         let (mut found, fwd) = match self.inner.store.lookup(&ctx.key, &ctx.req_headers).await {
@@ -307,6 +333,11 @@ impl Cache {
                 status,
             };
         }
+        if ctx.ranged {
+            // A Range request that the store cannot answer goes to a backend as it is;
+            // its 206 is not stored (the cache fills from complete responses).
+            return self.bypass(req, &upstream, "bypass", Some("range")).await;
+        }
         if ctx.head {
             // A HEAD miss goes upstream as HEAD and is not stored.
             return self.forward(&ctx, req, &upstream, found, fwd, None).await;
@@ -351,12 +382,16 @@ impl Cache {
         *refresh.uri_mut() = req.uri().clone();
         *refresh.version_mut() = req.version();
         *refresh.headers_mut() = req.headers().clone();
+        // The refresh fetches the whole response to store it.
+        refresh.headers_mut().remove(header::RANGE);
+        refresh.headers_mut().remove(header::IF_RANGE);
         let ctx = Ctx {
             key: ctx.key.clone(),
             head: false,
             req_cc: CacheControl::default(),
             req_headers: ctx.req_headers.clone(),
             started: SystemTime::now(),
+            ranged: false,
         };
         let this = self.clone();
         tokio::spawn(async move {
@@ -428,8 +463,10 @@ impl Cache {
         }
     }
 
-    /// Serve a stored response because the upstream failed, if `stale-if-error` allows.
+    /// Serve a stored response because the upstream failed, if `stale-if-error` allows,
+    /// or (no answer at all: `code` is None) `stale_if_unreachable_s` does.
     fn stale_on_error(
+        &self,
         ctx: &Ctx,
         stored: Option<&Arc<Stored>>,
         fwd: &'static str,
@@ -437,12 +474,25 @@ impl Cache {
         now: SystemTime,
     ) -> Option<Served> {
         let stored = stored?;
-        if !policy::stale_if_error_ok(&ctx.req_cc, &stored.cc, stored.lifetime, stored.age(now)) {
+        let age = stored.age(now);
+        let detail = if policy::stale_if_error_ok(&ctx.req_cc, &stored.cc, stored.lifetime, age) {
+            "stale-if-error"
+        } else if code.is_none()
+            && policy::stale_if_unreachable_ok(
+                &ctx.req_cc,
+                &stored.cc,
+                stored.lifetime,
+                age,
+                self.inner.unreachable,
+            )
+        {
+            "unreachable"
+        } else {
             return None;
-        }
+        };
         let status = Status {
             fwd_status: code.map(|c| c.as_u16()),
-            detail: Some("stale-if-error"),
+            detail: Some(detail),
             ..Status::forwarded(fwd)
         };
         Some(from_store(ctx, stored, now, CacheResult::Stale, status))
@@ -477,7 +527,7 @@ impl Cache {
             Ok(resp) => resp,
             Err(e) => {
                 if let Some(served) =
-                    Self::stale_on_error(ctx, stale.as_ref(), fwd, None, response_time)
+                    self.stale_on_error(ctx, stale.as_ref(), fwd, None, response_time)
                 {
                     return served;
                 }
@@ -494,66 +544,43 @@ impl Cache {
         status.fwd_status = Some(code.as_u16());
         if matches!(code.as_u16(), 500 | 502 | 503 | 504) {
             if let Some(served) =
-                Self::stale_on_error(ctx, stale.as_ref(), fwd, Some(code), response_time)
+                self.stale_on_error(ctx, stale.as_ref(), fwd, Some(code), response_time)
             {
                 return served;
             }
         }
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        policy::ensure_date(&mut parts.headers, response_time);
         if let (true, StatusCode::NOT_MODIFIED, Some(old)) = (validating, code, stale.as_ref()) {
             // §4.3.4: freshen the stored response with the 304's header fields.
-            let merged = policy::merge_304(&old.headers, &parts.headers);
-            let stored_headers = {
-                // A cookie in the 304 is for this client only.
-                let mut h = merged.clone();
-                h.remove(header::SET_COOKIE);
-                h
-            };
-            let build = |headers| {
-                Stored::new(
-                    old.status,
-                    headers,
-                    old.body.clone(),
-                    &ctx.req_headers,
-                    request_time,
-                    response_time,
-                )
-            };
-            let for_store = Arc::new(build(stored_headers));
-            let still_storable = policy::storable(
-                &Method::GET,
-                &ctx.req_headers,
-                &ctx.req_cc,
-                for_store.status,
-                &for_store.headers,
-                &for_store.cc,
-            );
-            match still_storable {
-                Ok(()) => {
-                    self.inner
-                        .store
-                        .put(ctx.key.clone(), Arc::clone(&for_store))
-                        .await;
-                }
-                Err(why) => {
-                    tracing::debug!(key = %ctx.key, "cache: dropped after 304: {why}");
-                    if !ctx.req_cc.no_store {
-                        self.inner.store.invalidate(&ctx.key).await;
-                    }
-                }
-            }
+            let fresh = self
+                .update_stored(ctx, old, &parts.headers, request_time, response_time)
+                .await;
             drop(permit);
-            let fresh = if merged.contains_key(header::SET_COOKIE) {
-                Arc::new(build(merged))
-            } else {
-                for_store
-            };
             return from_store(ctx, &fresh, response_time, CacheResult::Revalidated, status);
+        }
+        if let (true, StatusCode::OK, Some(old)) = (ctx.head, code, stale.as_ref()) {
+            // §4.3.5: a 200 to HEAD updates the stored GET response when its validators
+            // and length match, and makes it unusable when they do not.
+            if policy::head_matches(&old.headers, &parts.headers) {
+                let fresh = self
+                    .update_stored(ctx, old, &parts.headers, request_time, response_time)
+                    .await;
+                status.detail = Some("head-refresh");
+                return from_store(ctx, &fresh, response_time, CacheResult::Revalidated, status);
+            }
+            self.inner.store.invalidate(&ctx.key).await;
+            status.detail = Some("head-invalidated");
+            return Served {
+                resp: Response::from_parts(parts, body),
+                result: CacheResult::Miss,
+                status,
+            };
         }
         let method = if ctx.head { Method::HEAD } else { Method::GET };
         let length =
             content_length(&parts.headers).or_else(|| http_body::Body::size_hint(&body).exact());
-        let resp_cc = CacheControl::parse(&parts.headers);
+        let resp_cc = CacheControl::parse_response(&parts.headers, &self.inner.targets);
         let storable = policy::storable(
             &method,
             &ctx.req_headers,
@@ -590,6 +617,7 @@ impl Cache {
         let key = ctx.key.clone();
         let req_headers = ctx.req_headers.clone();
         let headers = parts.headers.clone();
+        let targets = self.inner.targets.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Ok(body) = rx.await {
@@ -598,6 +626,7 @@ impl Cache {
                     headers,
                     body,
                     &req_headers,
+                    &targets,
                     request_time,
                     response_time,
                 );
@@ -625,6 +654,65 @@ impl Cache {
             status,
         }
     }
+
+    /// Update `old` with the header fields of a 304 (§4.3.4) or of a 200 to HEAD
+    /// (§4.3.5) as §3.2 says, store the result if it is still storable (else drop the
+    /// stored response), and return what to serve this request: with the new
+    /// `Set-Cookie`, which is for this client only and never stored.
+    async fn update_stored(
+        &self,
+        ctx: &Ctx,
+        old: &Stored,
+        fresh: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Arc<Stored> {
+        let merged = policy::merge_304(&old.headers, fresh);
+        let stored_headers = {
+            let mut h = merged.clone();
+            h.remove(header::SET_COOKIE);
+            h
+        };
+        let build = |headers| {
+            Stored::new(
+                old.status,
+                headers,
+                old.body.clone(),
+                &ctx.req_headers,
+                &self.inner.targets,
+                request_time,
+                response_time,
+            )
+        };
+        let for_store = Arc::new(build(stored_headers));
+        let still_storable = policy::storable(
+            &Method::GET,
+            &ctx.req_headers,
+            &ctx.req_cc,
+            for_store.status,
+            &for_store.headers,
+            &for_store.cc,
+        );
+        match still_storable {
+            Ok(()) => {
+                self.inner
+                    .store
+                    .put(ctx.key.clone(), Arc::clone(&for_store))
+                    .await;
+            }
+            Err(why) => {
+                tracing::debug!(key = %ctx.key, "cache: dropped after update: {why}");
+                if !ctx.req_cc.no_store {
+                    self.inner.store.invalidate(&ctx.key).await;
+                }
+            }
+        }
+        if merged.contains_key(header::SET_COOKIE) {
+            Arc::new(build(merged))
+        } else {
+            for_store
+        }
+    }
 }
 
 /// Serve a stored response (with its current `Age`), or 304 when the client's own
@@ -636,9 +724,16 @@ fn from_store(
     result: CacheResult,
     mut status: Status,
 ) -> Served {
+    let ranged = if ctx.ranged {
+        range_response(&ctx.req_headers, stored)
+    } else {
+        None
+    };
     let mut resp =
         if stored.status.is_success() && policy::not_modified(&ctx.req_headers, &stored.headers) {
             not_modified_response(&stored.headers)
+        } else if let Some(resp) = ranged {
+            resp
         } else {
             let mut resp = Response::new(if ctx.head {
                 empty()
@@ -656,6 +751,73 @@ fn from_store(
         resp,
         result,
         status,
+    }
+}
+
+/// The answer to a GET with `Range` from a stored complete `200` (RFC 9110 §14):
+/// 206 with the single satisfiable range, or with several as `multipart/byteranges`
+/// when they ascend without overlap; 416 when none is satisfiable; `None` (serve the
+/// whole 200) when the range is invalid, `If-Range` does not match strongly, the stored
+/// status is not 200, or the ranges overlap or are out of order.
+fn range_response(req: &HeaderMap, stored: &Stored) -> Option<Response<Body>> {
+    if stored.status != StatusCode::OK || !range::if_range_allows(req, &stored.headers) {
+        return None;
+    }
+    let value = req.get(header::RANGE)?.to_str().ok()?;
+    let len = stored.body.len() as u64;
+    match range::parse(value, len) {
+        range::Ranges::Ignore => None,
+        range::Ranges::Unsatisfiable => {
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let headers = resp.headers_mut();
+            *headers = policy::not_modified_headers(&stored.headers);
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&range::unsatisfied_range(len)).ok()?,
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            Some(resp)
+        }
+        range::Ranges::Satisfiable(ranges) if range::multipart_allowed(&ranges) => {
+            let boundary = format!("xdplb-{:016x}", rand::random::<u64>());
+            let content_type = stored
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            let body = range::multipart_body(&stored.body, &ranges, content_type, &boundary);
+            let length = body.len();
+            let mut resp = Response::new(full(body));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let headers = resp.headers_mut();
+            *headers = stored.headers.clone();
+            headers.remove(header::CONTENT_RANGE);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}"))
+                    .ok()?,
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            Some(resp)
+        }
+        range::Ranges::Satisfiable(ranges) => {
+            let [(first, last)] = ranges[..] else {
+                return None;
+            };
+            let start = usize::try_from(first).ok()?;
+            let end = usize::try_from(last).ok()?;
+            let part = stored.body.slice(start..=end);
+            let mut resp = Response::new(full(part.clone()));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let headers = resp.headers_mut();
+            *headers = stored.headers.clone();
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&range::content_range(first, last, len)).ok()?,
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len()));
+            Some(resp)
+        }
     }
 }
 

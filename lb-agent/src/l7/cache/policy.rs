@@ -57,6 +57,12 @@ pub struct CacheControl {
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error` (RFC 5861 §4), request or response.
     pub stale_if_error: Option<u64>,
+    /// `must-understand` (§5.2.2.3): store only status codes this cache understands,
+    /// and then ignore `no-store`.
+    pub must_understand: bool,
+    /// Read from a targeted field (RFC 9213) rather than `Cache-Control`: `Expires`
+    /// is then ignored too (RFC 9213 §2.2).
+    pub targeted: bool,
 }
 
 /// Parse a delta-seconds value (RFC 9111 §1.2.2): digits only, saturating at [`DELTA_MAX`].
@@ -127,6 +133,7 @@ impl CacheControl {
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "only-if-cached" => cc.only_if_cached = true,
+                    "must-understand" => cc.must_understand = true,
                     // Invalid freshness information means stale (§4.2.1, §5.2.2.1).
                     "max-age" => cc.max_age = min_opt(cc.max_age, delta.unwrap_or(0)),
                     "s-maxage" => cc.s_maxage = min_opt(cc.s_maxage, delta.unwrap_or(0)),
@@ -177,13 +184,123 @@ impl CacheControl {
         }
         cc
     }
+
+    /// The directives of a response for this cache: those of the first field of
+    /// `targets` (RFC 9213 targeted fields, e.g. `CDN-Cache-Control`, in order of
+    /// precedence) that is present with a valid, non-empty value, else `Cache-Control`'s.
+    #[must_use]
+    pub fn parse_response(headers: &HeaderMap, targets: &[HeaderName]) -> Self {
+        targets
+            .iter()
+            .find_map(|name| Self::parse_targeted(headers, name))
+            .unwrap_or_else(|| Self::parse(headers))
+    }
+
+    /// The directives of targeted field `name` (RFC 9213 §2.1): a Structured Field
+    /// Dictionary (RFC 9651; all lines combined). `None` when the field is absent,
+    /// empty or not a valid dictionary: the cache then behaves as if it were absent.
+    /// A directive whose value has the wrong type (`max-age="60"`, a negative or
+    /// fractional number) is ignored; parameters are ignored.
+    #[must_use]
+    pub fn parse_targeted(headers: &HeaderMap, name: &HeaderName) -> Option<Self> {
+        let mut lines = headers.get_all(name).iter().peekable();
+        lines.peek()?;
+        let mut value = Vec::new();
+        for (i, line) in lines.enumerate() {
+            if i > 0 {
+                value.extend_from_slice(b", ");
+            }
+            value.extend_from_slice(line.as_bytes());
+        }
+        let dict: sfv::Dictionary = sfv::Parser::new(&value).parse().ok()?;
+        if dict.is_empty() {
+            return None;
+        }
+        let mut cc = Self {
+            targeted: true,
+            ..Self::default()
+        };
+        for (key, entry) in &dict {
+            let sfv::ListEntry::Item(item) = entry else {
+                continue;
+            };
+            let flag = item.bare_item.as_boolean() == Some(true);
+            let delta = item
+                .bare_item
+                .as_integer()
+                .and_then(|i| u64::try_from(i64::from(i)).ok())
+                .map(|d| d.min(DELTA_MAX));
+            match (key.as_str(), flag, delta) {
+                ("no-store", true, _) => cc.no_store = true,
+                ("no-cache", true, _) => cc.no_cache = true,
+                ("private", true, _) => cc.private = true,
+                ("public", true, _) => cc.public = true,
+                ("must-revalidate", true, _) => cc.must_revalidate = true,
+                ("proxy-revalidate", true, _) => cc.proxy_revalidate = true,
+                ("must-understand", true, _) => cc.must_understand = true,
+                ("max-age", _, Some(d)) => cc.max_age = Some(d),
+                ("s-maxage", _, Some(d)) => cc.s_maxage = Some(d),
+                ("stale-while-revalidate", _, Some(d)) => cc.stale_while_revalidate = Some(d),
+                ("stale-if-error", _, Some(d)) => cc.stale_if_error = Some(d),
+                _ => {}
+            }
+        }
+        Some(cc)
+    }
 }
 
 /// An HTTP-date header field, if present and valid.
 #[must_use]
 pub fn date_header(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    let v = headers.get(name)?.to_str().ok()?;
-    httpdate::parse_http_date(v.trim()).ok()
+    parse_date(headers.get(name)?.to_str().ok()?)
+}
+
+/// Parse an HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, rfc850-date, asctime-date),
+/// matching day and month names and `GMT` case-insensitively, as a cache recipient
+/// should (RFC 9111 §4.2).
+#[must_use]
+pub fn parse_date(value: &str) -> Option<SystemTime> {
+    let value = value.trim();
+    if let Ok(t) = httpdate::parse_http_date(value) {
+        return Some(t);
+    }
+    let mut norm = String::with_capacity(value.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, norm: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            norm.push_str("GMT");
+        } else {
+            for (i, c) in word.chars().enumerate() {
+                norm.push(if i == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+            }
+        }
+        word.clear();
+    };
+    for c in value.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut norm);
+            norm.push(c);
+        }
+    }
+    flush(&mut word, &mut norm);
+    httpdate::parse_http_date(&norm).ok()
+}
+
+/// Give `headers` a `Date` of `now` when it has none or an invalid one (RFC 9110
+/// §6.6.1: a recipient that caches or forwards a response without one adds it), so that
+/// `Expires` and the age are measured against the time the response was received.
+pub fn ensure_date(headers: &mut HeaderMap, now: SystemTime) {
+    if date_header(headers, &header::DATE).is_none() {
+        if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+            headers.insert(header::DATE, v);
+        }
+    }
 }
 
 /// Status codes whose caching semantics this cache understands (§3); 206 (no range
@@ -213,6 +330,15 @@ pub fn understood_status(status: StatusCode) -> bool {
             | 503
             | 504
     )
+}
+
+/// Final status codes a response may be stored with (§3): any of 200-599 with explicit
+/// freshness, except 206 (partial content is not stored) and 304 (used only to
+/// validate); codes this cache does not know (299, 499, 599) included, unless
+/// `must-understand` is present.
+#[must_use]
+pub fn final_status(status: StatusCode) -> bool {
+    (200..=599).contains(&status.as_u16()) && !matches!(status.as_u16(), 206 | 304)
 }
 
 /// Status codes that are heuristically cacheable (RFC 9110 §15.1), less 206.
@@ -287,10 +413,18 @@ pub fn storable(
     if method != Method::GET {
         return Err("method");
     }
-    if !understood_status(status) {
+    if !final_status(status) {
         return Err("status");
     }
-    if req_cc.no_store || resp_cc.no_store {
+    if resp_cc.must_understand {
+        // §5.2.2.3: only status codes it understands, and then `no-store` is ignored.
+        if !understood_status(status) {
+            return Err("must-understand");
+        }
+        if req_cc.no_store {
+            return Err("no-store");
+        }
+    } else if req_cc.no_store || resp_cc.no_store {
         return Err("no-store");
     }
     if resp_cc.private {
@@ -342,7 +476,7 @@ pub fn freshness_lifetime(
     if let Some(m) = cc.max_age {
         return Some(Duration::from_secs(m));
     }
-    if headers.contains_key(header::EXPIRES) {
+    if headers.contains_key(header::EXPIRES) && !cc.targeted {
         let expires = date_header(headers, &header::EXPIRES);
         let date = date_header(headers, &header::DATE);
         return Some(match (expires, date) {
@@ -365,6 +499,14 @@ fn whole_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The `Age` of a response: the first member of its first line (§5.1: a list-based
+/// value uses its first member), `None` when absent or invalid.
+#[must_use]
+pub fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::AGE)?.to_str().ok()?;
+    parse_delta(v.split(',').next().unwrap_or(v))
+}
+
 /// `corrected_initial_age` of RFC 9111 §4.2.3: the age the response had when it
 /// arrived, from its `Age` and `Date` and the times the request was sent
 /// (`request_time`) and the response received (`response_time`).
@@ -374,11 +516,7 @@ pub fn corrected_initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_delta)
-        .unwrap_or(0);
+    let age_value = age_value(headers).unwrap_or(0);
     // Date has one-second resolution: compare it with the response time in whole seconds
     // so that a response is not up to a second old on arrival.
     let apparent_age = date_header(headers, &header::DATE).map_or(0, |d| {
@@ -478,6 +616,32 @@ pub fn stale_if_error_ok(
     age.saturating_sub(lifetime) <= Duration::from_secs(window)
 }
 
+/// May a stale stored response be served because the upstream could not be reached
+/// at all (connect failure, reset, timeout, closed without a response: "disconnected"
+/// in §4.2.4), at most `limit` past its freshness? Not when the response forbids serving
+/// it stale (`must-revalidate`, `proxy-revalidate`, `s-maxage` (§5.2.2.10), `no-cache`)
+/// or the request asks for validation (`no-cache`) or bounds the age (`max-age`).
+#[must_use]
+pub fn stale_if_unreachable_ok(
+    req: &CacheControl,
+    resp: &CacheControl,
+    lifetime: Duration,
+    age: Duration,
+    limit: Duration,
+) -> bool {
+    if limit.is_zero()
+        || resp.must_revalidate
+        || resp.proxy_revalidate
+        || resp.s_maxage.is_some()
+        || resp.no_cache
+        || req.no_cache
+        || req.max_age.is_some()
+    {
+        return false;
+    }
+    age.saturating_sub(lifetime) <= limit
+}
+
 /// Conditional request header fields a cache replaces with its own validators.
 const CONDITIONALS: [HeaderName; 2] = [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
 
@@ -547,6 +711,22 @@ pub fn merge_304(stored: &HeaderMap, fresh: &HeaderMap) -> HeaderMap {
     merged
 }
 
+/// May a `200` answer to a HEAD update the stored GET response with `stored` fields
+/// (§4.3.5)? Yes when every validator the HEAD response carries (`ETag`,
+/// `Last-Modified`) equals the stored one, and its `Content-Length`, if any, equals the
+/// stored body's; otherwise the stored response is out of date and must not be served
+/// without validation.
+#[must_use]
+pub fn head_matches(stored: &HeaderMap, head: &HeaderMap) -> bool {
+    let same = |name: &HeaderName| match head.get(name) {
+        None => true,
+        Some(v) => stored
+            .get(name)
+            .is_some_and(|s| s.as_bytes().trim_ascii() == v.as_bytes().trim_ascii()),
+    };
+    same(&header::ETAG) && same(&header::LAST_MODIFIED) && same(&header::CONTENT_LENGTH)
+}
+
 /// The opaque part of an entity tag (without `W/`), for weak comparison.
 fn opaque_tag(tag: &str) -> &str {
     let tag = tag.trim();
@@ -570,9 +750,10 @@ pub fn not_modified(req: &HeaderMap, resp: &HeaderMap) -> bool {
             .flat_map(split_list)
             .any(|t| t == "*" || opaque_tag(t) == etag);
     }
+    // RFC 9111 §4.3.2: without Last-Modified, the response's Date stands for it.
     match (
         date_header(req, &header::IF_MODIFIED_SINCE),
-        date_header(resp, &header::LAST_MODIFIED),
+        date_header(resp, &header::LAST_MODIFIED).or_else(|| date_header(resp, &header::DATE)),
     ) {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,
@@ -623,10 +804,11 @@ pub fn same_host_path(value: &HeaderValue, host: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+    /// A header map from name/value pairs (also used by `range`'s tests).
+    pub(in crate::l7::cache) fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.append(
@@ -738,8 +920,14 @@ mod tests {
             store_ok(&[], 206, &[("cache-control", "max-age=60")]),
             Err("status")
         );
+        // RFC 9111 §3: an unknown final status with explicit freshness may be stored
+        // (was Err("status") before issue 13 item 4; 304 is the code never stored)
         assert_eq!(
             store_ok(&[], 299, &[("cache-control", "max-age=60")]),
+            Ok(())
+        );
+        assert_eq!(
+            store_ok(&[], 304, &[("cache-control", "max-age=60")]),
             Err("status")
         );
         assert_eq!(
@@ -1145,6 +1333,254 @@ mod tests {
         assert_eq!(m.get("x-new").unwrap(), "n");
         assert_eq!(m.get("etag").unwrap(), "\"v1\"");
         assert_eq!(m.get("date").unwrap(), date(5).as_str());
+    }
+
+    fn targeted(resp: &[(&str, &str)]) -> CacheControl {
+        CacheControl::parse_response(&hm(resp), &[HeaderName::from_static("cdn-cache-control")])
+    }
+
+    #[test]
+    fn targeted_field_overrides_cache_control_and_expires() {
+        // RFC 9213 §2.2: the targeted field wins over Cache-Control ...
+        let c = targeted(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=10000"),
+        ]);
+        assert!(c.targeted && !c.no_store);
+        assert_eq!(c.max_age, Some(10000));
+        let c = targeted(&[
+            ("cache-control", "max-age=3600"),
+            ("cdn-cache-control", "max-age=1"),
+        ]);
+        assert_eq!(c.max_age, Some(1));
+        // ... and over Expires: max-age=0 with a future Expires is stale
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=0"),
+            ("expires", &date(10_000)),
+            ("date", &date(0)),
+        ]);
+        let c = targeted(&[
+            ("cdn-cache-control", "max-age=0"),
+            ("expires", &date(10_000)),
+            ("date", &date(0)),
+        ]);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &c), Some(secs(0)));
+        // a past or invalid Expires does not shorten a targeted max-age
+        let h = hm(&[("cdn-cache-control", "max-age=3600"), ("expires", "0")]);
+        let c = CacheControl::parse_response(&h, &[HeaderName::from_static("cdn-cache-control")]);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &c), Some(secs(3600)));
+        // flags, extensions ignored, huge values saturate
+        let c = targeted(&[(
+            "cdn-cache-control",
+            "private, no-cache, foobar, max-age=99999999999",
+        )]);
+        assert!(c.private && c.no_cache);
+        assert_eq!(c.max_age, Some(DELTA_MAX));
+        let c = targeted(&[("cdn-cache-control", "no-store")]);
+        assert!(c.no_store);
+    }
+
+    #[test]
+    fn invalid_or_absent_targeted_field_falls_back_to_cache_control() {
+        for bad in ["max-age=10000, &&&&&", "", "MaX-aGe=3600", "max-age =100"] {
+            let c = targeted(&[("cdn-cache-control", bad), ("cache-control", "no-store")]);
+            assert!(!c.targeted && c.no_store, "{bad:?}");
+        }
+        // a value of the wrong type ignores the directive, not the field
+        let c = targeted(&[
+            ("cdn-cache-control", r#"max-age="10000""#),
+            ("cache-control", "max-age=5"),
+        ]);
+        assert!(c.targeted);
+        assert_eq!(c.max_age, None);
+        let c = targeted(&[("cdn-cache-control", "max-age=-5, s-maxage=2.5")]);
+        assert_eq!((c.max_age, c.s_maxage), (None, None));
+        // lines are combined into one dictionary
+        let c = targeted(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("cdn-cache-control", "must-revalidate"),
+        ]);
+        assert!(c.must_revalidate);
+        assert_eq!(c.max_age, Some(60));
+        // without targets only Cache-Control counts
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("cache-control", "max-age=1"),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &[]).max_age, Some(1));
+    }
+
+    #[test]
+    fn first_valid_target_wins() {
+        let targets = [
+            HeaderName::from_static("xdplb-cache-control"),
+            HeaderName::from_static("cdn-cache-control"),
+        ];
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("xdplb-cache-control", "max-age=5"),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &targets).max_age, Some(5));
+        // an invalid first one is as if absent
+        let h = hm(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("xdplb-cache-control", "max-age=5, ((("),
+        ]);
+        assert_eq!(CacheControl::parse_response(&h, &targets).max_age, Some(60));
+    }
+
+    #[test]
+    fn unknown_final_status_codes_and_must_understand() {
+        for code in [299, 499, 599] {
+            assert_eq!(
+                store_ok(&[], code, &[("cache-control", "max-age=60")]),
+                Ok(())
+            );
+            // but not heuristically
+            assert_eq!(
+                store_ok(
+                    &[],
+                    code,
+                    &[("date", &date(100)), ("last-modified", &date(0))]
+                ),
+                Err("no-freshness")
+            );
+            assert_eq!(
+                store_ok(
+                    &[],
+                    code,
+                    &[("cache-control", "max-age=60, no-store, must-understand")]
+                ),
+                Err("must-understand")
+            );
+        }
+        // must-understand with a known status overrides no-store
+        assert_eq!(
+            store_ok(
+                &[],
+                200,
+                &[("cache-control", "max-age=60, no-store, must-understand")]
+            ),
+            Ok(())
+        );
+        // ... not the request's no-store
+        assert_eq!(
+            store_ok(
+                &[("cache-control", "no-store")],
+                200,
+                &[("cache-control", "max-age=60, no-store, must-understand")]
+            ),
+            Err("no-store")
+        );
+        for code in [206, 304, 100, 101] {
+            assert_eq!(
+                store_ok(&[], code, &[("cache-control", "max-age=60")]),
+                Err("status"),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn age_list_uses_its_first_member() {
+        assert_eq!(age_value(&hm(&[("age", "7200, 0")])), Some(7200));
+        assert_eq!(age_value(&hm(&[("age", "0, 7200")])), Some(0));
+        assert_eq!(age_value(&hm(&[("age", " 30 ")])), Some(30));
+        assert_eq!(age_value(&hm(&[("age", "3s")])), None);
+        assert_eq!(age_value(&hm(&[])), None);
+        let h = hm(&[("age", "7200, 0"), ("date", &date(100))]);
+        assert_eq!(corrected_initial_age(&h, t(100), t(100)), secs(7200));
+    }
+
+    #[test]
+    fn stale_when_unreachable_unless_forbidden() {
+        let s = |req: &str, resp: &str, l: u64, a: u64, limit: u64| {
+            stale_if_unreachable_ok(&cc(req), &cc(resp), secs(l), secs(a), secs(limit))
+        };
+        assert!(s("", "max-age=2", 2, 10, 60));
+        assert!(!s("", "max-age=2", 2, 100, 60), "past the limit");
+        assert!(!s("", "max-age=2", 2, 10, 0), "off");
+        for forbids in [
+            "must-revalidate",
+            "proxy-revalidate",
+            "no-cache",
+            "s-maxage=2",
+        ] {
+            assert!(
+                !s("", &format!("max-age=2, {forbids}"), 2, 10, 60),
+                "{forbids}"
+            );
+        }
+        assert!(!s("no-cache", "max-age=2", 2, 10, 60));
+        assert!(!s("max-age=5", "max-age=2", 2, 10, 60));
+    }
+
+    #[test]
+    fn head_updates_only_with_matching_validators_and_length() {
+        let stored = hm(&[
+            ("etag", "\"v1\""),
+            ("last-modified", &date(0)),
+            ("content-length", "11"),
+        ]);
+        assert!(head_matches(&stored, &hm(&[])));
+        assert!(head_matches(
+            &stored,
+            &hm(&[("etag", "\"v1\""), ("content-length", "11")])
+        ));
+        assert!(head_matches(&stored, &hm(&[("last-modified", &date(0))])));
+        assert!(!head_matches(&stored, &hm(&[("etag", "\"v2\"")])));
+        assert!(!head_matches(&stored, &hm(&[("last-modified", &date(1))])));
+        assert!(!head_matches(&stored, &hm(&[("content-length", "12")])));
+        // a validator the stored response lacks cannot match
+        assert!(!head_matches(
+            &hm(&[("content-length", "11")]),
+            &hm(&[("etag", "\"v1\"")])
+        ));
+    }
+
+    #[test]
+    fn dates_are_matched_case_insensitively() {
+        let want = httpdate::parse_http_date("Thu, 18 Aug 2050 02:01:18 GMT").ok();
+        for v in [
+            "Thu, 18 Aug 2050 02:01:18 GMT",
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gMT",
+            " thursday, 18-aug-50 02:01:18 gmt ",
+        ] {
+            assert_eq!(parse_date(v), want, "{v}");
+        }
+        assert_eq!(parse_date("foo"), None);
+        assert_eq!(parse_date("Thu, 18 Aug 2050 02:01:18 UTC"), None);
+    }
+
+    #[test]
+    fn missing_or_invalid_date_is_the_receipt_time() {
+        let mut h = hm(&[("date", "foo"), ("expires", &date(10))]);
+        ensure_date(&mut h, t(0));
+        assert_eq!(h.get("date").unwrap(), date(0).as_str());
+        let cc = CacheControl::parse(&h);
+        assert_eq!(freshness_lifetime(StatusCode::OK, &h, &cc), Some(secs(10)));
+        let mut h = hm(&[("date", &date(5))]);
+        ensure_date(&mut h, t(0));
+        assert_eq!(
+            h.get("date").unwrap(),
+            date(5).as_str(),
+            "a valid Date is kept"
+        );
+    }
+
+    #[test]
+    fn if_modified_since_uses_date_without_last_modified() {
+        let resp = hm(&[("date", &date(100))]);
+        assert!(not_modified(
+            &hm(&[("if-modified-since", &date(100))]),
+            &resp
+        ));
+        assert!(!not_modified(
+            &hm(&[("if-modified-since", &date(99))]),
+            &resp
+        ));
     }
 
     #[test]

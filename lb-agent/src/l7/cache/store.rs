@@ -81,7 +81,8 @@ pub struct Stored {
 
 impl Stored {
     /// Build a stored response: `headers` are the end-to-end fields (hop-by-hop ones are
-    /// dropped here), `req_headers` the request's, for `Vary`. Adds `Date` when absent
+    /// dropped here), `req_headers` the request's, for `Vary`; `targets` the targeted
+    /// cache-control fields obeyed (RFC 9213). Adds `Date` when absent
     /// (RFC 9110 §6.6.1) and sets `Content-Length` to the body's.
     #[must_use]
     pub fn new(
@@ -89,6 +90,7 @@ impl Stored {
         mut headers: HeaderMap,
         body: Bytes,
         req_headers: &HeaderMap,
+        targets: &[HeaderName],
         request_time: SystemTime,
         response_time: SystemTime,
     ) -> Self {
@@ -109,7 +111,7 @@ impl Stored {
             }
         }
         headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-        let cc = CacheControl::parse(&headers);
+        let cc = CacheControl::parse_response(&headers, targets);
         let lifetime = policy::freshness_lifetime(status, &headers, &cc).unwrap_or_default();
         let initial_age = policy::corrected_initial_age(&headers, request_time, response_time);
         let vary = match policy::Vary::parse(&headers) {

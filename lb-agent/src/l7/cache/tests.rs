@@ -244,6 +244,8 @@ fn cache() -> Cache {
     Cache::new(&CacheConfig {
         max_bytes: 16 << 20,
         max_object_bytes: 1 << 20,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     })
 }
 
@@ -946,6 +948,8 @@ async fn large_bodies_stream_in_full_but_are_not_stored() {
     let c = Cache::new(&CacheConfig {
         max_bytes: 1 << 20,
         max_object_bytes: 1000,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let up = be.upstream();
     for p in ["/big", "/big-chunked", "/small"] {
@@ -968,6 +972,8 @@ async fn memory_stays_within_max_bytes() {
     let c = Cache::new(&CacheConfig {
         max_bytes,
         max_object_bytes: 8 * 1024,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
     });
     let up = be.upstream();
     for i in 0..100 {
@@ -1129,4 +1135,312 @@ async fn a_304_that_makes_the_response_private_drops_it() {
         (CacheResult::Revalidated, &b"p"[..])
     );
     assert_eq!(call(&c, &up, get("/p")).await.result, CacheResult::Miss);
+}
+
+fn cache_with(f: impl FnOnce(&mut CacheConfig)) -> Cache {
+    let mut cfg = CacheConfig {
+        max_bytes: 16 << 20,
+        max_object_bytes: 1 << 20,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
+    };
+    f(&mut cfg);
+    Cache::new(&cfg)
+}
+
+fn range(path: &str, range: &str, if_range: Option<&str>) -> Request<Body> {
+    let mut h = vec![("range", range)];
+    if let Some(v) = if_range {
+        h.push(("if-range", v));
+    }
+    req(Method::GET, path, &h)
+}
+
+#[tokio::test]
+async fn ranges_are_answered_from_a_stored_complete_response() {
+    let be = Backend::start().await;
+    be.route("/r", Route::ok("max-age=60", "01234567890").etag("\"v1\""));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/r")).await;
+    settle().await;
+
+    for (r, body, cr) in [
+        ("bytes=0-1", "01", "bytes 0-1/11"),
+        ("bytes=1-", "1234567890", "bytes 1-10/11"),
+        ("bytes=-1", "0", "bytes 10-10/11"),
+        ("bytes=9-100", "90", "bytes 9-10/11"),
+    ] {
+        let g = call(&c, &up, range("/r", r, None)).await;
+        assert_eq!(
+            (g.status.as_u16(), g.result),
+            (206, CacheResult::Hit),
+            "{r}"
+        );
+        assert_eq!(g.body, body, "{r}");
+        assert_eq!(g.header("content-range"), cr);
+        assert_eq!(g.header("content-length"), body.len().to_string());
+        assert_eq!(g.header("etag"), "\"v1\"");
+    }
+    // nothing satisfiable: 416 with the length
+    let g = call(&c, &up, range("/r", "bytes=11-", None)).await;
+    assert_eq!(g.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(g.header("content-range"), "bytes */11");
+    assert!(g.body.is_empty());
+    // several ascending ranges: multipart/byteranges
+    let g = call(&c, &up, range("/r", "bytes=0-1, 4-5", None)).await;
+    assert_eq!((g.status.as_u16(), g.result), (206, CacheResult::Hit));
+    let ct = g.header("content-type").to_owned();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .expect("multipart content type");
+    assert_eq!(
+        String::from_utf8(g.body.to_vec()).unwrap(),
+        format!(
+            "\r\n--{boundary}\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-1/11\r\n\r\n01\
+             \r\n--{boundary}\r\nContent-Type: text/plain\r\nContent-Range: bytes 4-5/11\r\n\r\n45\
+             \r\n--{boundary}--\r\n"
+        )
+    );
+    assert_eq!(g.header("content-length"), g.body.len().to_string());
+    assert!(g.headers.get("content-range").is_none());
+    // invalid syntax, another unit, overlapping or unordered ranges: the whole 200
+    for r in ["bytes=5-1", "items=0-1", "bytes=0-4,3-5", "bytes=4-5,0-1"] {
+        let g = call(&c, &up, range("/r", r, None)).await;
+        assert_eq!(
+            (g.status.as_u16(), &g.body[..]),
+            (200, &b"01234567890"[..]),
+            "{r}"
+        );
+        assert_eq!(g.result, CacheResult::Hit);
+    }
+    // If-Range: the range only with a strong match
+    let g = call(&c, &up, range("/r", "bytes=1-2", Some("\"v1\""))).await;
+    assert_eq!((g.status.as_u16(), &g.body[..]), (206, &b"12"[..]));
+    for ir in ["\"v0\"", "W/\"v1\""] {
+        let g = call(&c, &up, range("/r", "bytes=1-2", Some(ir))).await;
+        assert_eq!(g.status.as_u16(), 200, "{ir}");
+    }
+    // HEAD ignores Range
+    let g = call(&c, &up, req(Method::HEAD, "/r", &[("range", "bytes=0-1")])).await;
+    assert_eq!((g.status.as_u16(), g.result), (200, CacheResult::Hit));
+    assert_eq!(be.hits("/r"), 1, "all from the store");
+
+    // a Range request that misses goes to the backend as it is and stores nothing
+    be.route("/m", Route::ok("max-age=60", "abcdef"));
+    let g = call(&c, &up, range("/m", "bytes=0-1", None)).await;
+    assert_eq!(g.result, CacheResult::Bypass);
+    assert_eq!(be.last("/m").1.get("range").unwrap(), "bytes=0-1");
+    settle().await;
+    assert_eq!(call(&c, &up, get("/m")).await.result, CacheResult::Miss);
+}
+
+#[tokio::test]
+async fn stale_range_request_with_swr_refreshes_the_whole_response() {
+    let be = Backend::start().await;
+    let r = Route::ok("max-age=1, stale-while-revalidate=30", "0123456789");
+    be.route("/s", r.clone());
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/s")).await;
+    stale_wait().await;
+    let g = call(&c, &up, range("/s", "bytes=0-3", None)).await;
+    assert_eq!((g.status.as_u16(), g.result), (206, CacheResult::Stale));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(be.hits("/s"), 2);
+    assert!(
+        be.last("/s").1.get("range").is_none(),
+        "refresh without Range"
+    );
+    assert_eq!(call(&c, &up, get("/s")).await.result, CacheResult::Hit);
+}
+
+#[tokio::test]
+async fn cdn_cache_control_overrides_cache_control() {
+    let be = Backend::start().await;
+    be.route(
+        "/cdn-fresh",
+        Route::ok("no-store", "a").header("cdn-cache-control", "max-age=60"),
+    );
+    be.route(
+        "/cdn-nostore",
+        Route::ok("max-age=60", "b").header("cdn-cache-control", "no-store"),
+    );
+    be.route(
+        "/cdn-private",
+        Route::ok("max-age=60", "c").header("cdn-cache-control", "private"),
+    );
+    be.route(
+        "/cdn-invalid",
+        Route::ok("no-store", "d").header("cdn-cache-control", "max-age=60, &&&"),
+    );
+    let (c, up) = (cache(), be.upstream());
+    for p in ["/cdn-fresh", "/cdn-nostore", "/cdn-private", "/cdn-invalid"] {
+        let g = call(&c, &up, get(p)).await;
+        // forwarded downstream: a CDN in front may be addressed too
+        assert!(!g.header("cdn-cache-control").is_empty(), "{p}");
+    }
+    settle().await;
+    assert_eq!(
+        call(&c, &up, get("/cdn-fresh")).await.result,
+        CacheResult::Hit
+    );
+    for p in ["/cdn-nostore", "/cdn-private", "/cdn-invalid"] {
+        assert_eq!(call(&c, &up, get(p)).await.result, CacheResult::Miss, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn configured_targets_take_precedence_in_order() {
+    let be = Backend::start().await;
+    be.route(
+        "/t",
+        Route::ok("max-age=60", "t")
+            .header("xdplb-cache-control", "no-store")
+            .header("cdn-cache-control", "max-age=60"),
+    );
+    let up = be.upstream();
+    // default targets: CDN-Cache-Control stores it
+    let c = cache();
+    call(&c, &up, get("/t")).await;
+    settle().await;
+    assert_eq!(call(&c, &up, get("/t")).await.result, CacheResult::Hit);
+    // ours first: no-store
+    let c = cache_with(|cfg| {
+        cfg.targets = vec!["xdplb-Cache-Control".into(), "CDN-Cache-Control".into()];
+    });
+    call(&c, &up, get("/t")).await;
+    settle().await;
+    assert_eq!(call(&c, &up, get("/t")).await.result, CacheResult::Miss);
+    // none: Cache-Control alone
+    let c = cache_with(|cfg| cfg.targets.clear());
+    be.route(
+        "/u",
+        Route::ok("max-age=60", "u").header("cdn-cache-control", "no-store"),
+    );
+    call(&c, &up, get("/u")).await;
+    settle().await;
+    assert_eq!(call(&c, &up, get("/u")).await.result, CacheResult::Hit);
+}
+
+#[tokio::test]
+async fn head_response_refreshes_or_invalidates_the_stored_get() {
+    let be = Backend::start().await;
+    be.route(
+        "/h",
+        Route::ok("max-age=1", "body one")
+            .header("x-a", "1")
+            .etag("\"v1\""),
+    );
+    be.route("/i", Route::ok("max-age=1", "body two").etag("\"v1\""));
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/h")).await;
+    call(&c, &up, get("/i")).await;
+    settle().await;
+    stale_wait().await;
+
+    // same validator: the HEAD's fields update the stored GET, freshness included
+    be.route(
+        "/h",
+        Route::ok("max-age=60", "body one")
+            .header("x-a", "2")
+            .etag("\"v1\""),
+    );
+    let g = call(&c, &up, req(Method::HEAD, "/h", &[])).await;
+    assert_eq!(
+        (g.status.as_u16(), g.result),
+        (200, CacheResult::Revalidated)
+    );
+    assert!(
+        g.cache_status().contains("detail=head-refresh"),
+        "{}",
+        g.cache_status()
+    );
+    assert_eq!(be.last("/h").0, Method::HEAD);
+    let g = call(&c, &up, get("/h")).await;
+    assert_eq!(
+        (g.result, &g.body[..]),
+        (CacheResult::Hit, &b"body one"[..])
+    );
+    assert_eq!(g.header("x-a"), "2");
+    assert_eq!(be.hits("/h"), 2);
+
+    // another validator: the stored GET is not served again
+    be.route("/i", Route::ok("max-age=60", "body three").etag("\"v2\""));
+    let g = call(&c, &up, req(Method::HEAD, "/i", &[])).await;
+    assert_eq!(g.result, CacheResult::Miss);
+    assert!(g.cache_status().contains("detail=head-invalidated"));
+    let g = call(&c, &up, get("/i")).await;
+    assert_eq!(
+        (g.result, &g.body[..]),
+        (CacheResult::Miss, &b"body three"[..])
+    );
+}
+
+#[tokio::test]
+async fn stale_served_when_the_backend_is_unreachable_if_configured() {
+    let be = Backend::start().await;
+    be.route("/p", Route::ok("max-age=1", "plain"));
+    be.route("/mr", Route::ok("max-age=1, must-revalidate", "strict"));
+    be.route("/sm", Route::ok("s-maxage=1", "shared"));
+    let c = cache_with(|cfg| cfg.stale_if_unreachable_s = 60);
+    let up = be.upstream();
+    for p in ["/p", "/mr", "/sm"] {
+        call(&c, &up, get(p)).await;
+    }
+    settle().await;
+    be.stop();
+    stale_wait().await;
+    let g = call(&c, &up, get("/p")).await;
+    assert_eq!((g.status.as_u16(), g.result), (200, CacheResult::Stale));
+    assert_eq!(g.body, "plain");
+    assert!(
+        g.cache_status().contains("detail=unreachable"),
+        "{}",
+        g.cache_status()
+    );
+    for p in ["/mr", "/sm"] {
+        let g = call(&c, &up, get(p)).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{p}");
+    }
+    // the client may still insist on validation
+    let g = call(
+        &c,
+        &up,
+        req(Method::GET, "/p", &[("cache-control", "no-cache")]),
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn a_5xx_is_not_unreachable() {
+    let be = Backend::start().await;
+    be.route("/p", Route::ok("max-age=1", "plain"));
+    let c = cache_with(|cfg| cfg.stale_if_unreachable_s = 60);
+    let up = be.upstream();
+    call(&c, &up, get("/p")).await;
+    settle().await;
+    stale_wait().await;
+    let mut broken = Route::ok("", "broken");
+    broken.status = 503;
+    be.route("/p", broken);
+    let g = call(&c, &up, get("/p")).await;
+    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn unknown_status_with_explicit_freshness_is_reused() {
+    let be = Backend::start().await;
+    let mut r = Route::ok("max-age=60", "odd");
+    r.status = 599;
+    be.route("/599", r.clone());
+    r.headers
+        .push(("cache-control", "no-store, must-understand".into()));
+    be.route("/599mu", r);
+    let (c, up) = (cache(), be.upstream());
+    call(&c, &up, get("/599")).await;
+    call(&c, &up, get("/599mu")).await;
+    settle().await;
+    let g = call(&c, &up, get("/599")).await;
+    assert_eq!((g.status.as_u16(), g.result), (599, CacheResult::Hit));
+    assert_eq!(call(&c, &up, get("/599mu")).await.result, CacheResult::Miss);
 }
