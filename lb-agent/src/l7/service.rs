@@ -30,6 +30,7 @@ use crate::l7::server::Server;
 use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{StickyError, StickyKey};
 use crate::l7::tls::{self, TlsError};
+use crate::l7::workers::PerWorker;
 
 /// Backlog of the VIP's listening socket.
 const BACKLOG: u32 = 1024;
@@ -219,8 +220,8 @@ impl L7Service {
             pool: Pool::new(cfg.scheduler, cfg.hash_on.clone(), &cfg.http),
             cache: cache.or_else(|| cfg.cache.as_ref().map(Cache::new)),
             sticky,
-            client: proxy::backend_client(&cfg.http),
-            stats,
+            client: PerWorker::new(|| proxy::backend_client(&cfg.http)),
+            stats: stats.service(&cfg.name),
             tunnels: TaskTracker::new(),
             hard_stop,
             draining: std::sync::atomic::AtomicBool::new(false),
