@@ -147,7 +147,10 @@ pub fn init() -> LogGuard {
         Err(e) => {
             // Without its thread the log would only fill up: write directly instead.
             eprintln!("cannot start the log writer thread ({e}): logging unbuffered");
-            fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
             return LogGuard {
                 shared,
                 thread: None,

@@ -82,8 +82,8 @@ use crate::l7::cache::{Cache, CacheResult, Upstream, UpstreamError};
 use crate::l7::conn::{ConnInfo, InFlight, stopped};
 use crate::l7::headers::{self, Forwarded, Upgrading};
 use crate::l7::stats::ServiceStats;
-use crate::l7::workers::PerWorker;
 use crate::l7::sticky::{self, StickyKey};
+use crate::l7::workers::PerWorker;
 
 /// Sticky sessions of a service.
 #[derive(Debug)]

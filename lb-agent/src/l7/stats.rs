@@ -362,7 +362,10 @@ mod tests {
         stats.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        assert!(text.contains("xdplb_http_request_seconds_count{service=\"web\"} 2"), "{text}");
+        assert!(
+            text.contains("xdplb_http_request_seconds_count{service=\"web\"} 2"),
+            "{text}"
+        );
         // A second registry (the next scrape) sees the same series.
         let mut again = Registry::with_prefix("xdplb");
         stats.clone().register(&mut again);

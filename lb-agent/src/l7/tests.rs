@@ -948,12 +948,20 @@ async fn connections_spread_over_the_l7_workers_and_stay_on_theirs() {
             .find(|l| l.contains("xdplb::access") && l.contains(&format!("path={path} ")))
             .unwrap_or_else(|| panic!("no access line for {path} in\n{text}"));
         let at = line.find("xdplb-l7-").expect("served on an L7 worker");
-        line[at..].split_whitespace().next().unwrap_or("").to_owned()
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_owned()
     };
     let mut used = std::collections::BTreeSet::new();
     for i in 0..n {
         let first = thread_of(&format!("/c{i}/first"));
-        assert_eq!(first, thread_of(&format!("/c{i}/second")), "connection {i} moved");
+        assert_eq!(
+            first,
+            thread_of(&format!("/c{i}/second")),
+            "connection {i} moved"
+        );
         used.insert(first);
     }
     assert_eq!(used.len(), workers, "{used:?}");
