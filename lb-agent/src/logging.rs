@@ -161,6 +161,9 @@ pub fn init() -> LogGuard {
     let make = Arc::clone(&shared);
     fmt()
         .with_env_filter(filter)
+        // Colours only for a terminal: a file or journald gets plain lines (an access
+        // line with colours is twice as long, and costs as much more to format).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(move || Appender(Arc::clone(&make)))
         .init();
     LogGuard { shared, thread }
