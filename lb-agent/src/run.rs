@@ -99,15 +99,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let workers = config.agent.worker_threads();
     tracing::info!(
         workers,
-        "worker threads (agent.workers; default one per CPU)"
+        "L7 worker threads (agent.workers; default one per CPU)"
     );
+    crate::l7::workers::init(workers).context("starting the L7 worker threads")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(CONTROL_THREADS.min(workers))
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(serve(args, config, mode, inherited))
 }
+
+/// Threads of the control plane's runtime (API, health checks, reconciler, the L7
+/// accept loops); the L7 connections live on their own `workers` threads
+/// ([`crate::l7::workers`]).
+const CONTROL_THREADS: usize = 2;
 
 async fn serve(
     args: RunArgs,

@@ -119,8 +119,9 @@ pub struct AgentConfig {
     /// config file may name any path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
-    /// Worker threads of the agent's async runtime (API, health checks, the L7 proxy);
-    /// default: one per CPU the agent may run on ([`AgentConfig::worker_threads`]).
+    /// L7 worker threads, each a single-threaded runtime its connections live on
+    /// (`crate::l7::workers`; the control plane runs on min(workers, 2) threads of its
+    /// own); default: one per CPU the agent may run on ([`AgentConfig::worker_threads`]).
     /// Read at start (a reload does not change it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<u16>,

@@ -26,6 +26,9 @@
 //!   cache tee).
 //! - [`vip`]: L7 VIPs made local addresses (added to `lo` when needed).
 //! - [`manager`]: runs the services the control plane publishes.
+//! - [`workers`]: thread-per-core serving: the worker threads (one single-threaded
+//!   runtime each) that client connections live on, and per-worker values
+//!   (backend connection pools).
 pub mod balancer;
 pub mod body;
 pub mod cache;
@@ -40,6 +43,7 @@ pub mod sticky;
 pub mod tls;
 pub mod upstream;
 pub mod vip;
+pub mod workers;
 
 #[cfg(test)]
 mod tests;

@@ -51,7 +51,7 @@
 //!    that answered is not the one the request's cookie named.
 //! 8. **Logging**: when the response body ends (or the client goes), one
 //!    `xdplb::access` event (service, client, method, path, status, backend, cache,
-//!    duration_ms, bytes) and the [`HttpStats`] series.
+//!    duration_ms, bytes) and the [`ServiceStats`] series.
 //!
 //! Error statuses of ours: `400` malformed request (head or body), `413` body too
 //! large, `431` header too large, `501` unknown transfer coding, `502` backend
@@ -84,9 +84,10 @@ use crate::l7::body::{self, Body, BoxError, Observed, Observer};
 use crate::l7::cache::{Cache, CacheResult, Upstream, UpstreamError};
 use crate::l7::conn::{ConnInfo, InFlight, stopped};
 use crate::l7::headers::{self, Forwarded, Upgrading};
-use crate::l7::stats::HttpStats;
+use crate::l7::stats::ServiceStats;
 use crate::l7::sticky::{self, StickyKey};
 use crate::l7::upstream::{self, UpstreamBody};
+use crate::l7::workers::PerWorker;
 
 /// Sticky sessions of a service.
 #[derive(Debug)]
@@ -105,9 +106,12 @@ pub(crate) struct Proxy {
     pub(crate) pool: Pool,
     pub(crate) cache: Option<Cache>,
     pub(crate) sticky: Option<Sticky>,
-    /// How requests reach the backends (`backend_protocol`, `backend_tls`).
-    pub(crate) upstream: upstream::Upstream,
-    pub(crate) stats: HttpStats,
+    /// How requests reach the backends (`backend_protocol`, `backend_tls`): one set of
+    /// backend connection pools per L7 worker (see [`super::workers`]); a request uses
+    /// its own worker's.
+    pub(crate) upstream: PerWorker<upstream::Upstream>,
+    /// The service's series, resolved once.
+    pub(crate) stats: ServiceStats,
     /// Live upgraded tunnels (shutdown waits for them).
     pub(crate) tunnels: TaskTracker,
     /// Set when the grace period is over: connections and tunnels end.
@@ -283,11 +287,10 @@ impl Observer for Lease {}
 
 /// What the access log and the metrics record at the end of a request.
 struct Finish {
-    stats: HttpStats,
-    service: String,
+    proxy: Arc<Proxy>,
     client: SocketAddr,
     method: Method,
-    path: String,
+    uri: Uri,
     status: u16,
     backend: Option<SocketAddr>,
     cache: Option<&'static str>,
@@ -299,19 +302,31 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        self.stats.observe_duration(&self.service, elapsed);
+        self.proxy.stats.observe_duration(elapsed);
         info!(
             target: "xdplb::access",
-            service = %self.service,
+            service = %self.proxy.name,
             client = %self.client.ip(),
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             status = self.status,
-            backend = %self.backend.map(|b| b.to_string()).unwrap_or_default(),
+            backend = %OptionalAddr(self.backend),
             cache = self.cache.unwrap_or(""),
             duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             bytes = self.bytes,
         );
+    }
+}
+
+/// A backend's address in the access log, or nothing.
+struct OptionalAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for OptionalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -337,11 +352,10 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     let mut finish = Finish {
-        stats: proxy.stats.clone(),
-        service: proxy.name.clone(),
+        proxy: Arc::clone(&proxy),
         client: conn.client,
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        uri: req.uri().clone(),
         status: 0,
         backend: None,
         cache: None,
@@ -351,12 +365,9 @@ pub(crate) async fn handle(
     };
     let resp = respond(&proxy, &conn, req, &mut finish).await;
     finish.status = resp.status().as_u16();
-    let backend = finish.backend.map(|b| b.to_string());
-    proxy
-        .stats
-        .record_response(&proxy.name, backend.as_deref(), finish.status);
+    proxy.stats.record_response(finish.backend, finish.status);
     if let Some(result) = finish.cache {
-        proxy.stats.record_cache(&proxy.name, result);
+        proxy.stats.record_cache(result);
     }
     let (mut parts, inner) = resp.into_parts();
     if proxy.draining.load(std::sync::atomic::Ordering::SeqCst)

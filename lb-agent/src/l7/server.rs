@@ -1,6 +1,9 @@
 //! The client side of an L7 service: the accept loop, each connection's TLS handshake
 //! and HTTP serving, its timeouts, and graceful shutdown.
 //!
+//! Each accepted connection is handed to one of the L7 workers (the least loaded; see
+//! [`super::workers`]) and served there to its end.
+//!
 //! Per connection ([`serve_connection`]):
 //! 1. `TCP_NODELAY`; with TLS, the handshake under `header_timeout_ms` (ALPN picks
 //!    `h2` or `http/1.1`).
@@ -52,10 +55,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
+use tracing::instrument::WithSubscriber;
 use tracing::{debug, warn};
 
 use crate::l7::conn::{ConnActivity, ConnInfo, ParseErrorHook, TimedIo, stopped};
 use crate::l7::proxy::{self, Proxy};
+use crate::l7::workers;
 
 // ---------------------------------------------------------------------------
 // Connections
@@ -257,22 +262,39 @@ async fn accept_loop(
             () = async { drop(pause.wait_for(|p| *p).await) } => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
+                    // The connection lives on one worker from here on (see
+                    // `super::workers`): its socket moves to that worker's reactor.
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(service = %proxy.name, %client, error = %e, "accepted connection lost");
+                            continue;
+                        }
+                    };
+                    let place = workers::get().place();
                     let watcher = drain.subscribe();
                     let mut hard = proxy.hard_stop.subscribe();
-                    let fut = serve_connection(
-                        stream,
-                        client,
-                        Arc::clone(&proxy),
-                        tls.clone(),
-                        Arc::clone(&builder),
-                        watcher,
-                    );
-                    conns.spawn(async move {
+                    let proxy = Arc::clone(&proxy);
+                    let tls = tls.clone();
+                    let builder = Arc::clone(&builder);
+                    let handle = place.handle().clone();
+                    // The worker logs to the subscriber in force where the service
+                    // accepts (the global one in the agent; a test's scoped one).
+                    conns.spawn_on(WithSubscriber::with_current_subscriber(async move {
+                        let _place = place;
+                        let stream = match TcpStream::from_std(stream) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                debug!(service = %proxy.name, %client, error = %e, "cannot serve the connection on its worker");
+                                return;
+                            }
+                        };
+                        let fut = serve_connection(stream, client, proxy, tls, builder, watcher);
                         tokio::select! {
                             () = fut => {}
                             () = stopped(&mut hard) => {}
                         }
-                    });
+                    }), &handle);
                 }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.

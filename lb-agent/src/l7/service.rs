@@ -31,6 +31,7 @@ use crate::l7::stats::HttpStats;
 use crate::l7::sticky::{StickyError, StickyKey};
 use crate::l7::tls::{self, TlsError};
 use crate::l7::upstream::Upstream;
+use crate::l7::workers::PerWorker;
 
 /// Backlog of the VIP's listening socket.
 const BACKLOG: u32 = 1024;
@@ -224,11 +225,11 @@ impl L7Service {
             pool: Pool::new(cfg.scheduler, cfg.hash_on.clone(), &cfg.http),
             cache: cache.or_else(|| cfg.cache.as_ref().map(Cache::new)),
             sticky,
-            upstream: Upstream::new(cfg).map_err(|source| L7Error::Tls {
+            upstream: PerWorker::try_new(|| Upstream::new(cfg)).map_err(|source| L7Error::Tls {
                 service: cfg.name.clone(),
                 source,
             })?,
-            stats,
+            stats: stats.service(&cfg.name),
             tunnels: TaskTracker::new(),
             hard_stop,
             draining: std::sync::atomic::AtomicBool::new(false),

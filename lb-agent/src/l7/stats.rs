@@ -12,8 +12,9 @@
 //!   `miss`, `stale`, `revalidated`, `bypass`, `collapsed`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -164,6 +165,26 @@ impl HttpStats {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The series of `service`, resolved once: a running service records through it
+    /// without allocating or looking its label sets up per request.
+    #[must_use]
+    pub fn service(&self, service: &str) -> ServiceStats {
+        ServiceStats {
+            name: service.to_owned(),
+            requests: self.requests.clone(),
+            by_response: RwLock::default(),
+            seconds: self
+                .seconds
+                .get_or_create(&ServiceLabels {
+                    service: service.to_owned(),
+                })
+                .clone(),
+            cache: self.cache.clone(),
+            by_result: Default::default(),
+            totals: self.totals(service),
+        }
+    }
+
     /// The totals of `service` since the agent started (zero when unknown).
     #[must_use]
     pub fn service_totals(&self, service: &str) -> ServiceTotals {
@@ -202,6 +223,87 @@ impl HttpStats {
     }
 }
 
+/// The cache results counted with a pre-resolved handle ([`ServiceStats::record_cache`]).
+const CACHE_RESULTS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "bypass", "collapsed"];
+
+/// The series of one service with their handles resolved ([`HttpStats::service`]): the
+/// same series as [`HttpStats`]'s methods record into, found without allocating: the
+/// `(backend, code)` handles are made on first use and kept, the duration histogram and
+/// the totals are resolved at creation.
+#[derive(Debug)]
+pub struct ServiceStats {
+    name: String,
+    requests: Family<RequestLabels, Counter>,
+    by_response: RwLock<HashMap<(Option<SocketAddr>, u16), Counter>>,
+    seconds: Histogram,
+    cache: Family<CacheLabels, Counter>,
+    by_result: [OnceLock<Counter>; CACHE_RESULTS.len()],
+    totals: Arc<Totals>,
+}
+
+impl ServiceStats {
+    /// Count one response (`backend` is `None` when no backend produced it).
+    pub fn record_response(&self, backend: Option<SocketAddr>, code: u16) {
+        let key = (backend, code);
+        let hit = self
+            .by_response
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .map(Counter::inc);
+        if hit.is_none() {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    service: self.name.clone(),
+                    backend: backend.map(|b| b.to_string()).unwrap_or_default(),
+                    code,
+                })
+                .clone();
+            counter.inc();
+            self.by_response
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(key, counter);
+        }
+        self.totals.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count one cache lookup by its result label.
+    pub fn record_cache(&self, result: &str) {
+        match CACHE_RESULTS.iter().position(|r| *r == result) {
+            Some(i) => {
+                self.by_result[i]
+                    .get_or_init(|| {
+                        self.cache
+                            .get_or_create(&CacheLabels {
+                                service: self.name.clone(),
+                                result: result.to_owned(),
+                            })
+                            .clone()
+                    })
+                    .inc();
+            }
+            None => {
+                self.cache
+                    .get_or_create(&CacheLabels {
+                        service: self.name.clone(),
+                        result: result.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        if matches!(result, "hit" | "stale") {
+            self.totals.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Observe one request's duration.
+    pub fn observe_duration(&self, elapsed: Duration) {
+        self.seconds.observe(elapsed.as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +337,35 @@ mod tests {
             }
         );
         assert_eq!(stats.service_totals("nope"), ServiceTotals::default());
+        // The pre-resolved handles count into the same series and totals.
+        let web = stats.service("web");
+        let be: SocketAddr = "198.18.2.11:80".parse().unwrap();
+        for _ in 0..3 {
+            web.record_response(Some(be), 200);
+        }
+        web.record_response(None, 503);
+        web.record_cache("hit");
+        web.record_cache("odd");
+        web.observe_duration(Duration::from_millis(3));
+        assert_eq!(stats.requests("web", "198.18.2.11:80", 200), 4);
+        assert_eq!(stats.requests("web", "", 503), 2);
+        assert_eq!(stats.cache_requests("web", "hit"), 2);
+        assert_eq!(stats.cache_requests("web", "odd"), 1);
+        assert_eq!(
+            stats.service_totals("web"),
+            ServiceTotals {
+                requests: 6,
+                cache_hits: 2
+            }
+        );
+        let mut registry = Registry::with_prefix("xdplb");
+        stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains("xdplb_http_request_seconds_count{service=\"web\"} 2"),
+            "{text}"
+        );
         // A second registry (the next scrape) sees the same series.
         let mut again = Registry::with_prefix("xdplb");
         stats.clone().register(&mut again);

@@ -859,6 +859,7 @@ async fn access_log_has_one_line_per_request() {
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
         .with_ansi(false)
+        .with_thread_names(true)
         .with_max_level(tracing::Level::INFO)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
@@ -901,6 +902,70 @@ async fn access_log_has_one_line_per_request() {
         "the query string is not logged: {ok}"
     );
     assert!(lines[1].contains("status=503"), "{}", lines[1]);
+    // Served on an L7 worker thread (thread-per-core), logged to this test's subscriber.
+    for l in &lines {
+        assert!(l.contains("xdplb-l7-"), "not on an L7 worker: {l}");
+    }
+}
+
+/// Thread-per-core: connections kept open are spread over the L7 workers (each new one
+/// goes to the least loaded), and each connection's requests stay on its worker.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_spread_over_the_l7_workers_and_stay_on_theirs() {
+    let workers = crate::l7::workers::get().len();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_thread_names(true)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    let b = backend().await;
+    let svc = start(&cfg(), &[b.addr]).await;
+    // Other tests of this binary hold a few connections on the workers meanwhile: enough
+    // connections that every worker gets some whatever they hold.
+    let n = 16 * workers;
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let mut c = h1(svc.local_addr()).await;
+        let got = send(&mut c, get_req(&format!("/c{i}/first"))).await;
+        assert_eq!(got.status, StatusCode::OK);
+        conns.push(c);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let got = send(c, get_req(&format!("/c{i}/second"))).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    // The worker thread of each request, by path.
+    let thread_of = |path: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.contains("xdplb::access") && l.contains(&format!("path={path} ")))
+            .unwrap_or_else(|| panic!("no access line for {path} in\n{text}"));
+        let at = line.find("xdplb-l7-").expect("served on an L7 worker");
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..n {
+        let first = thread_of(&format!("/c{i}/first"));
+        assert_eq!(
+            first,
+            thread_of(&format!("/c{i}/second")),
+            "connection {i} moved"
+        );
+        used.insert(first);
+    }
+    assert_eq!(used.len(), workers, "{used:?}");
+    drop(conns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

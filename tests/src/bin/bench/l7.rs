@@ -9,15 +9,18 @@
 //!   those requests (`GET /count`);
 //! - lb-agent (`$XDPLB_AGENT_BIN`) with `--xdp-mode off`: two L7 services, `plain`
 //!   without a cache and `cached` with `cache = { max_bytes = 67108864 }`, round robin
-//!   over the two backends; `XDPLB_LOG=info,xdplb::access=off` (no access log);
+//!   over the two backends, `[agent] workers = N`; `XDPLB_LOG=info,xdplb::access=off` (no
+//!   access log), and a second agent with `XDPLB_LOG=info` (its default: the access log on,
+//!   written to a file);
 //! - HAProxy: `mode http`, `balance roundrobin`, `http-reuse always`,
-//!   `option http-keep-alive`, `nbthread 2`, no log; a second frontend/backend pair with
+//!   `option http-keep-alive`, `nbthread N`, no log; a second frontend/backend pair with
 //!   HAProxy's own `cache` (`http-request cache-use`, `http-response cache-store`);
 //! - nginx: `upstream` with `keepalive 64`, `proxy_http_version 1.1`,
-//!   `proxy_set_header Connection ""`, `worker_processes 2`, `access_log off`; a second
+//!   `proxy_set_header Connection ""`, `worker_processes N`, `access_log off`; a second
 //!   server with `proxy_cache` (`proxy_cache_path` in the run's temporary directory).
 //!
-//! Each proxy thus has one port without a cache and one with a cache. Then, for each
+//! Every proxy runs once per thread count N of `--proxy-threads` (default 1 and 2). Each
+//! proxy thus has one port without a cache and one with a cache. Then, for each
 //! case and target (the proxies, and "direct": wrk straight at be1, the floor), wrk runs
 //! for the warm-up (discarded; it also fills the caches), the cache case checks through
 //! one request that the proxy answers from its cache (xdplb `Cache-Status: xdplb; hit`,
@@ -100,6 +103,15 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RUNS,
           value_parser = clap::value_parser!(u32).range(1..=10))]
     runs: u32,
+    /// Thread counts of the proxies, 1 to 64, comma-separated: each proxy runs once
+    /// per count (`[agent] workers`, HAProxy `nbthread`, nginx `worker_processes`).
+    #[arg(long = "proxy-threads", value_name = "N,..", value_delimiter = ',',
+          default_values_t = [1u32, 2], value_parser = clap::value_parser!(u32).range(1..=64))]
+    proxy_threads: Vec<u32>,
+    /// Measure only the rows whose label ("no cache / xdplb 2t", "cache hits / nginx 1t",
+    /// ...) contains this text; repeatable (any of them). All proxies still start.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
 }
 
 impl Args {
@@ -234,7 +246,13 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
-        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // Appended, so a log can be emptied under a running process
+        // ([`Bed::trim_access_logs`]).
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null())
             .stdout(out)
@@ -410,30 +428,27 @@ fn cpu_seconds(pid: u32) -> f64 {
 // ---------------------------------------------------------------------------------------
 // Configs.
 
-/// Ports of one run.
+/// Ports of one proxy instance: its port without a cache, its port with one, the
+/// agent's API (unused by the others), and the two backends it proxies to.
 #[derive(Clone, Copy, Debug)]
 struct Ports {
     backends: [u16; 2],
     api: u16,
-    xdplb: [u16; 2],
-    haproxy: [u16; 2],
-    nginx: [u16; 2],
+    proxy: [u16; 2],
 }
 
 impl Ports {
-    fn pick() -> anyhow::Result<Self> {
-        let p = free_ports(9)?;
+    fn pick(backends: [u16; 2]) -> anyhow::Result<Self> {
+        let p = free_ports(3)?;
         Ok(Self {
-            backends: [p[0], p[1]],
-            api: p[2],
-            xdplb: [p[3], p[4]],
-            haproxy: [p[5], p[6]],
-            nginx: [p[7], p[8]],
+            backends,
+            api: p[0],
+            proxy: [p[1], p[2]],
         })
     }
 }
 
-fn agent_toml(ports: &Ports, state_dir: &Path) -> String {
+fn agent_toml(ports: &Ports, state_dir: &Path, workers: u32) -> String {
     let backends = format!(
         "[{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]",
         ports.backends[0], ports.backends[1]
@@ -443,6 +458,7 @@ fn agent_toml(ports: &Ports, state_dir: &Path) -> String {
 [agent]
 api_listen = "127.0.0.1:{api}"
 state_dir = "{state}"
+workers = {workers}
 
 [dataplane]
 xdp_mode = "off"
@@ -464,12 +480,12 @@ cache = {{ max_bytes = {CACHE_BYTES} }}
 "#,
         api = ports.api,
         state = state_dir.display(),
-        plain = ports.xdplb[0],
-        cached = ports.xdplb[1],
+        plain = ports.proxy[0],
+        cached = ports.proxy[1],
     )
 }
 
-fn haproxy_cfg(ports: &Ports) -> String {
+fn haproxy_cfg(ports: &Ports, threads: u32) -> String {
     let servers = format!(
         "    server be1 127.0.0.1:{}\n    server be2 127.0.0.1:{}\n",
         ports.backends[0], ports.backends[1]
@@ -477,7 +493,7 @@ fn haproxy_cfg(ports: &Ports) -> String {
     format!(
         "# xdplb-bench l7
 global
-    nbthread 2
+    nbthread {threads}
     maxconn 4000
 
 defaults
@@ -511,18 +527,18 @@ backend servers_cached
     http-after-response set-header X-Cache-Status HIT if {{ res.cache_hit }}
 {servers}",
         cache_mb = CACHE_BYTES / (1024 * 1024),
-        plain = ports.haproxy[0],
-        cached = ports.haproxy[1],
+        plain = ports.proxy[0],
+        cached = ports.proxy[1],
     )
 }
 
-fn nginx_conf(ports: &Ports, dir: &Path) -> String {
+fn nginx_conf(ports: &Ports, dir: &Path, workers: u32) -> String {
     let d = dir.display();
     format!(
         r#"# xdplb-bench l7
 daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 user root;
 pid {d}/nginx.pid;
 error_log {d}/nginx.log warn;
@@ -575,8 +591,8 @@ http {{
         be1 = ports.backends[0],
         be2 = ports.backends[1],
         cache_bytes = CACHE_BYTES,
-        plain = ports.nginx[0],
-        cached = ports.nginx[1],
+        plain = ports.proxy[0],
+        cached = ports.proxy[1],
     )
 }
 
@@ -745,22 +761,37 @@ impl Case {
     }
 }
 
+/// What is measured: wrk straight at be1, or one of the proxies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
+enum Kind {
     Direct,
+    /// The agent with its access log off.
     Xdplb,
+    /// The agent with its access log on (its default), written to a file.
+    XdplbLog,
     Haproxy,
     Nginx,
 }
 
+/// One proxy (or the backend itself) at one thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    kind: Kind,
+    /// The proxy's threads: `[agent] workers`, HAProxy's `nbthread`, nginx's
+    /// `worker_processes` (1 for direct: the backend's one thread).
+    threads: u32,
+}
+
 impl Target {
-    fn label(self, case: Case) -> &'static str {
-        match (self, case) {
-            (Target::Direct, _) => "direct (be1)",
-            (Target::Xdplb, _) => "xdplb",
-            (Target::Haproxy, Case::NoCache) => "haproxy",
-            (Target::Haproxy, Case::CacheHits) => "haproxy (bonus)",
-            (Target::Nginx, _) => "nginx",
+    fn label(self, case: Case) -> String {
+        let t = self.threads;
+        match (self.kind, case) {
+            (Kind::Direct, _) => "direct (be1)".to_owned(),
+            (Kind::Xdplb, _) => format!("xdplb {t}t"),
+            (Kind::XdplbLog, _) => format!("xdplb {t}t, access log"),
+            (Kind::Haproxy, Case::NoCache) => format!("haproxy {t}t"),
+            (Kind::Haproxy, Case::CacheHits) => format!("haproxy {t}t (bonus)"),
+            (Kind::Nginx, _) => format!("nginx {t}t"),
         }
     }
 }
@@ -781,29 +812,41 @@ struct Row {
     flags: Vec<String>,
 }
 
+/// One running proxy.
+struct Instance {
+    target: Target,
+    proc: Proc,
+    ports: Ports,
+}
+
 /// Everything started for a run. Field order is drop order: the processes stop before
 /// the directory they use is removed.
 struct Bed {
     backends: Vec<Proc>,
-    agent: Proc,
-    haproxy: Proc,
-    nginx: Proc,
-    ports: Ports,
+    proxies: Vec<Instance>,
+    backend_ports: [u16; 2],
     dir: tempfile::TempDir,
 }
 
+/// The agent's log filter: `info` (so `agent ready` shows), without the access log
+/// unless `access_log`.
+fn agent_log_filter(access_log: bool) -> &'static str {
+    if access_log { "info" } else { AGENT_LOG_FILTER }
+}
+
 impl Bed {
-    fn start(tools: &Tools) -> anyhow::Result<Self> {
+    fn start(tools: &Tools, threads: &[u32]) -> anyhow::Result<Self> {
         // Removed when dropped: declared before the processes that use it (and Bed's last
         // field), so it goes after them.
         let dir = tempfile::Builder::new()
             .prefix("xdplb-bench-l7.")
             .tempdir()
             .context("creating the run's temporary directory")?;
-        let ports = Ports::pick()?;
+        let bp = free_ports(2)?;
+        let backend_ports = [bp[0], bp[1]];
         let me = std::env::current_exe().context("locating this binary")?;
         let mut backends = Vec::new();
-        for (i, port) in ports.backends.iter().enumerate() {
+        for (i, port) in backend_ports.iter().enumerate() {
             let name = format!("be{}", i + 1);
             let mut cmd = Command::new(&me);
             cmd.args(["l7-backend", "--port", &port.to_string(), "--name", &name]);
@@ -813,74 +856,29 @@ impl Bed {
                 &dir.path().join(format!("{name}.log")),
             )?);
         }
-        for (b, port) in backends.iter_mut().zip(ports.backends) {
+        for (b, port) in backends.iter_mut().zip(backend_ports) {
             wait_for_http(b, (LOCALHOST, port).into(), "/nocache")?;
         }
-
-        let state_dir = dir.path().join("agent-state");
-        fs::create_dir_all(&state_dir)?;
-        let agent_config = dir.path().join("agent.toml");
-        fs::write(&agent_config, agent_toml(&ports, &state_dir))?;
-        let mut cmd = Command::new(&tools.agent);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&agent_config)
-            .args(["--xdp-mode", "off", "--api"])
-            .arg(format!("127.0.0.1:{}", ports.api))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .env("XDPLB_LOG", AGENT_LOG_FILTER)
-            .env_remove("RUST_LOG");
-        let mut agent = Proc::spawn("lb-agent", &mut cmd, &dir.path().join("agent.log"))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !agent.log_text().contains(AGENT_READY) {
-            agent.alive()?;
-            ensure!(
-                Instant::now() < deadline,
-                "lb-agent did not log `{AGENT_READY}` within {START_TIMEOUT:?}; its log:\n{}",
-                agent.log_tail()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-
-        let haproxy_config = dir.path().join("haproxy.cfg");
-        fs::write(&haproxy_config, haproxy_cfg(&ports))?;
-        let check = Command::new(&tools.haproxy)
-            .arg("-c")
-            .arg("-f")
-            .arg(&haproxy_config)
-            .output()
-            .context("haproxy -c")?;
-        ensure!(
-            check.status.success(),
-            "haproxy rejects the bench config: {}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let mut cmd = Command::new(&tools.haproxy);
-        cmd.arg("-db").arg("-f").arg(&haproxy_config);
-        let haproxy = Proc::spawn("haproxy", &mut cmd, &dir.path().join("haproxy.log"))?;
-
-        let nginx_config = dir.path().join("nginx.conf");
-        fs::write(&nginx_config, nginx_conf(&ports, dir.path()))?;
-        let mut cmd = Command::new(&tools.nginx);
-        cmd.arg("-c")
-            .arg(&nginx_config)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("nginx.log"));
-        let nginx = Proc::spawn("nginx", &mut cmd, &dir.path().join("nginx.out"))?;
-
         let mut bed = Bed {
             backends,
-            agent,
-            haproxy,
-            nginx,
-            ports,
+            proxies: Vec::new(),
+            backend_ports,
             dir,
         };
-        for target in [Target::Xdplb, Target::Haproxy, Target::Nginx] {
+        for &t in threads {
+            for kind in [Kind::Xdplb, Kind::XdplbLog, Kind::Haproxy, Kind::Nginx] {
+                let target = Target { kind, threads: t };
+                let ports = Ports::pick(backend_ports)?;
+                let proc = bed.start_proxy(tools, target, &ports)?;
+                bed.proxies.push(Instance {
+                    target,
+                    proc,
+                    ports,
+                });
+            }
+        }
+        for i in 0..bed.proxies.len() {
+            let target = bed.proxies[i].target;
             for case in [Case::NoCache, Case::CacheHits] {
                 let addr = bed.addr(target, case);
                 wait_for_http(bed.proc(target), addr, case.path())?;
@@ -890,31 +888,128 @@ impl Bed {
         Ok(bed)
     }
 
+    fn start_proxy(&self, tools: &Tools, target: Target, ports: &Ports) -> anyhow::Result<Proc> {
+        let t = target.threads;
+        let dir = self.dir.path();
+        match target.kind {
+            Kind::Direct => bail!("direct is not a proxy"),
+            Kind::Xdplb | Kind::XdplbLog => {
+                let access_log = target.kind == Kind::XdplbLog;
+                let name = format!("agent-{t}t{}", if access_log { "-log" } else { "" });
+                let state_dir = dir.join(format!("{name}-state"));
+                fs::create_dir_all(&state_dir)?;
+                let agent_config = dir.join(format!("{name}.toml"));
+                fs::write(&agent_config, agent_toml(ports, &state_dir, t))?;
+                let mut cmd = Command::new(&tools.agent);
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(&agent_config)
+                    .args(["--xdp-mode", "off", "--api"])
+                    .arg(format!("127.0.0.1:{}", ports.api))
+                    .arg("--state-dir")
+                    .arg(&state_dir)
+                    .env("XDPLB_LOG", agent_log_filter(access_log))
+                    .env_remove("RUST_LOG");
+                let mut agent = Proc::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))?;
+                let deadline = Instant::now() + START_TIMEOUT;
+                while !agent.log_text().contains(AGENT_READY) {
+                    agent.alive()?;
+                    ensure!(
+                        Instant::now() < deadline,
+                        "lb-agent did not log `{AGENT_READY}` within {START_TIMEOUT:?}; its log:\n{}",
+                        agent.log_tail()
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Ok(agent)
+            }
+            Kind::Haproxy => {
+                let haproxy_config = dir.join(format!("haproxy-{t}t.cfg"));
+                fs::write(&haproxy_config, haproxy_cfg(ports, t))?;
+                let check = Command::new(&tools.haproxy)
+                    .arg("-c")
+                    .arg("-f")
+                    .arg(&haproxy_config)
+                    .output()
+                    .context("haproxy -c")?;
+                ensure!(
+                    check.status.success(),
+                    "haproxy rejects the bench config: {}{}",
+                    String::from_utf8_lossy(&check.stdout),
+                    String::from_utf8_lossy(&check.stderr)
+                );
+                let mut cmd = Command::new(&tools.haproxy);
+                cmd.arg("-db").arg("-f").arg(&haproxy_config);
+                Proc::spawn(
+                    &format!("haproxy {t}t"),
+                    &mut cmd,
+                    &dir.join(format!("haproxy-{t}t.log")),
+                )
+            }
+            Kind::Nginx => {
+                let ndir = dir.join(format!("nginx-{t}t"));
+                fs::create_dir_all(&ndir)?;
+                let nginx_config = ndir.join("nginx.conf");
+                fs::write(&nginx_config, nginx_conf(ports, &ndir, t))?;
+                let mut cmd = Command::new(&tools.nginx);
+                cmd.arg("-c")
+                    .arg(&nginx_config)
+                    .arg("-p")
+                    .arg(&ndir)
+                    .arg("-e")
+                    .arg(ndir.join("nginx.log"));
+                Proc::spawn(&format!("nginx {t}t"), &mut cmd, &ndir.join("nginx.out"))
+            }
+        }
+    }
+
+    fn instance(&self, target: Target) -> &Instance {
+        self.proxies
+            .iter()
+            .find(|i| i.target == target)
+            .expect("every target measured was started")
+    }
+
     fn addr(&self, target: Target, case: Case) -> SocketAddr {
         let i = usize::from(case == Case::CacheHits);
-        let port = match target {
-            Target::Direct => self.ports.backends[0],
-            Target::Xdplb => self.ports.xdplb[i],
-            Target::Haproxy => self.ports.haproxy[i],
-            Target::Nginx => self.ports.nginx[i],
+        let port = match target.kind {
+            Kind::Direct => self.backend_ports[0],
+            _ => self.instance(target).ports.proxy[i],
         };
         (LOCALHOST, port).into()
     }
 
     fn proc(&mut self, target: Target) -> &mut Proc {
-        match target {
-            Target::Direct => &mut self.backends[0],
-            Target::Xdplb => &mut self.agent,
-            Target::Haproxy => &mut self.haproxy,
-            Target::Nginx => &mut self.nginx,
+        match target.kind {
+            Kind::Direct => &mut self.backends[0],
+            _ => {
+                &mut self
+                    .proxies
+                    .iter_mut()
+                    .find(|i| i.target == target)
+                    .expect("every target measured was started")
+                    .proc
+            }
+        }
+    }
+
+    /// Empties the log files of agents with their access log on (their lines are
+    /// appended: the file stays small, while the agent still writes every line).
+    fn trim_access_logs(&self) {
+        for i in &self.proxies {
+            if i.target.kind == Kind::XdplbLog {
+                if let Ok(f) = fs::OpenOptions::new().write(true).open(&i.proc.log) {
+                    let _ = f.set_len(0);
+                }
+            }
         }
     }
 
     fn all_alive(&mut self) -> anyhow::Result<()> {
-        for p in
-            self.backends
-                .iter_mut()
-                .chain([&mut self.agent, &mut self.haproxy, &mut self.nginx])
+        for p in self
+            .backends
+            .iter_mut()
+            .chain(self.proxies.iter_mut().map(|i| &mut i.proc))
         {
             p.alive()?;
         }
@@ -925,7 +1020,7 @@ impl Bed {
     /// they accepted (each `/count` request is one more).
     fn backend_counts(&self) -> anyhow::Result<[(u64, u64); 2]> {
         let mut out = [(0, 0); 2];
-        for (n, port) in out.iter_mut().zip(self.ports.backends) {
+        for (n, port) in out.iter_mut().zip(self.backend_ports) {
             let r = http::get((LOCALHOST, port).into(), "/count", Duration::from_secs(2))
                 .with_context(|| format!("reading the request count of 127.0.0.1:{port}"))?;
             ensure!(r.status == 200, "GET /count: {r:?}");
@@ -944,7 +1039,8 @@ impl Bed {
 
     /// Every proxy sends requests to both backends.
     fn check_round_robin(&self) -> anyhow::Result<()> {
-        for target in [Target::Xdplb, Target::Haproxy, Target::Nginx] {
+        for i in &self.proxies {
+            let target = i.target;
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..6 {
                 let r = http::get(
@@ -981,13 +1077,13 @@ impl Bed {
             "{}: GET /cached: {r:?}",
             target.label(Case::CacheHits)
         );
-        Ok(match target {
-            Target::Direct => (false, String::new()),
-            Target::Xdplb => {
+        Ok(match target.kind {
+            Kind::Direct => (false, String::new()),
+            Kind::Xdplb | Kind::XdplbLog => {
                 let v = r.header("cache-status").unwrap_or("(none)").to_owned();
                 (v.contains("; hit"), format!("Cache-Status: {v}"))
             }
-            Target::Haproxy | Target::Nginx => {
+            Kind::Haproxy | Kind::Nginx => {
                 let v = r.header("x-cache-status").unwrap_or("(none)").to_owned();
                 (v == "HIT", format!("X-Cache-Status: {v}"))
             }
@@ -1037,13 +1133,20 @@ impl Tools {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let tools = Tools::find()?;
-    let mut bed = Bed::start(&tools)?;
-    let targets = [
-        Target::Direct,
-        Target::Xdplb,
-        Target::Haproxy,
-        Target::Nginx,
-    ];
+    let mut targets = vec![Target {
+        kind: Kind::Direct,
+        threads: 1,
+    }];
+    for &t in &args.proxy_threads {
+        for kind in [Kind::Xdplb, Kind::XdplbLog, Kind::Haproxy, Kind::Nginx] {
+            targets.push(Target { kind, threads: t });
+        }
+    }
+    let wanted = |case: Case, target: Target| {
+        let label = format!("{} / {}", case.label(), target.label(case));
+        args.only.is_empty() || args.only.iter().any(|o| label.contains(o.as_str()))
+    };
+    let mut bed = Bed::start(&tools, &args.proxy_threads)?;
     eprintln!(
         "l7: {} run(s) x 2 cases x {} targets, {} s warm-up + {} s measured each (wrk -t{} -c{}); backends on 127.0.0.1:{}/{}",
         args.runs,
@@ -1052,14 +1155,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.duration_s,
         args.threads,
         args.connections,
-        bed.ports.backends[0],
-        bed.ports.backends[1]
+        bed.backend_ports[0],
+        bed.backend_ports[1]
     );
     let wrk_log = bed.dir.path().join("wrk.out");
     let mut rows = Vec::new();
     for run in 0..args.runs {
         for case in [Case::NoCache, Case::CacheHits] {
-            for target in targets {
+            for &target in &targets {
+                if !wanted(case, target) {
+                    continue;
+                }
+                let direct = target.kind == Kind::Direct;
                 let addr = bed.addr(target, case);
                 let url = format!("http://{addr}{}", case.path());
                 let label = format!("{} / {}", case.label(), target.label(case));
@@ -1068,15 +1175,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         .with_context(|| format!("{label}: warm-up"))?;
                 }
                 let mut flags = Vec::new();
-                if case == Case::CacheHits && target != Target::Direct {
+                if case == Case::CacheHits && !direct {
                     let (hit, shown) = bed.cache_hit(target)?;
                     if !hit {
                         flags.push(format!("not a cache hit ({shown})"));
                     }
                 }
+                bed.trim_access_logs();
                 let before = bed.backend_counts()?;
-                let cpu_before =
-                    (target != Target::Direct).then(|| cpu_seconds(bed.proc(target).pid()));
+                let cpu_before = (!direct).then(|| cpu_seconds(bed.proc(target).pid()));
                 let result = wrk(&tools.wrk, args, args.duration_s, &url, &wrk_log)
                     .with_context(|| label.clone())?;
                 let cpu_s = cpu_before.map(|b| cpu_seconds(bed.proc(target).pid()) - b);
@@ -1087,15 +1194,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 let backend_connections =
                     (after[0].1 - before[0].1 - 1) + (after[1].1 - before[1].1 - 1);
                 flags.extend(result.errors());
-                if case == Case::CacheHits && target != Target::Direct {
+                if case == Case::CacheHits && !direct {
                     let forwarded = backend_requests[0] + backend_requests[1];
                     // A few misses are expected at most (an entry expiring, a race at start).
                     if forwarded * 100 > result.requests.max(1) {
                         flags.push(format!("{forwarded} requests reached the backends"));
                     }
                 }
+                let cpu_per_req = cpu_s.map_or_else(String::new, |c| {
+                    format!(
+                        "  cpu {:>5.1} us/req",
+                        c * 1e6 / result.requests.max(1) as f64
+                    )
+                });
                 eprintln!(
-                    "  run {} {label:<28} {:>9.0} req/s  p50 {:>9}  p99 {:>9}{}",
+                    "  run {} {label:<38} {:>9.0} req/s  p50 {:>9}  p99 {:>9}{cpu_per_req}{}",
                     run + 1,
                     result.requests_per_s,
                     fmt_latency(result.p50_us),
@@ -1118,6 +1231,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
+    bed.trim_access_logs();
     let notes = Notes::gather(&tools);
     drop(bed);
     report(args, &rows, &notes, started.elapsed())
@@ -1235,8 +1349,26 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) -> anyhow::R
             rps_cell,
             latency(|r| r.wrk.p50_us),
             latency(|r| r.wrk.p99_us),
-            Cell::text(ratio(m, median_rps(case, Target::Xdplb))),
-            Cell::text(ratio(m, median_rps(case, Target::Nginx))),
+            Cell::text(ratio(
+                m,
+                median_rps(
+                    case,
+                    Target {
+                        kind: Kind::Haproxy,
+                        ..target
+                    },
+                ),
+            )),
+            Cell::text(ratio(
+                m,
+                median_rps(
+                    case,
+                    Target {
+                        kind: Kind::Nginx,
+                        ..target
+                    },
+                ),
+            )),
             if cpu.is_empty() {
                 Cell::text("-")
             } else {
@@ -1259,7 +1391,7 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) -> anyhow::R
             ("req/s", true),
             ("p50", true),
             ("p99", true),
-            ("vs xdplb", true),
+            ("vs haproxy", true),
             ("vs nginx", true),
             ("proxy CPU/req", true),
             ("backend reqs be1+be2 (per run)", true),
@@ -1277,21 +1409,23 @@ fn report(args: &Args, rows: &[Row], notes: &Notes, took: Duration) -> anyhow::R
   CPUs, so the figures are relative: compare rows of one run, not with other machines.
 Versions: {}; {}; {}; {}.
 Settings (each proxy: one port without a cache, one with; round robin over be1 and be2, keep-alive
-  to the backends, no access log):
+  to the backends, no access log unless the row says so). Nt = the proxy runs N threads.
 - backends: this binary (`xdplb-bench l7-backend`), hyper 1 HTTP/1.1 on one tokio thread each;
   /nocache and /cached return the same {BODY_LEN}-byte body with Cache-Control no-store and
   public, max-age=3600. direct = wrk straight at be1 (the floor; one backend, one thread).
 - xdplb: lb-agent run --xdp-mode off, services `plain` (no cache) and `cached`
   (cache = {{ max_bytes = {CACHE_BYTES} }}), scheduler round-robin, default [service.http]
-  settings; XDPLB_LOG={AGENT_LOG_FILTER} (the agent logs each request at info through
-  tracing; the agent reads XDPLB_LOG, not RUST_LOG). Tokio's default runtime: one worker per CPU.
-- haproxy: mode http, nbthread 2, balance roundrobin, http-reuse always, option http-keep-alive,
+  settings, [agent] workers = N; XDPLB_LOG={AGENT_LOG_FILTER}. \"access log\" rows: XDPLB_LOG=info,
+  the agent's default: one xdplb::access line per request, written to a file (emptied
+  between rows). The agent reads XDPLB_LOG, not RUST_LOG.
+- haproxy: mode http, nbthread N, balance roundrobin, http-reuse always, option http-keep-alive,
   no log; cache row (bonus): `cache` section of {} MB, http-request cache-use /
   http-response cache-store, X-Cache-Status set from res.cache_hit.
-- nginx: worker_processes 2, upstream keepalive 64, proxy_http_version 1.1,
+- nginx: worker_processes N, upstream keepalive 64, proxy_http_version 1.1,
   proxy_set_header Connection \"\", access_log off; cache row: proxy_cache (proxy_cache_path
   in a temporary directory), add_header X-Cache-Status $upstream_cache_status.
-Columns: vs xdplb / vs nginx = this row's median req/s / that proxy's median req/s in the same case.
+Columns: vs haproxy / vs nginx = this row's median req/s / that proxy's median req/s in the same
+  case at the same thread count.
   proxy CPU/req = user+system CPU time of the proxy's processes (all threads; nginx's workers)
   during the measured run / requests wrk completed. backend reqs = requests be1 and be2
   counted during the measured run (no cache: about all, split by round robin; cache hits:
@@ -1381,6 +1515,19 @@ Transfer/sec:     37.91MB
         };
         let d = a(&[]).unwrap();
         assert_eq!((d.duration_s, d.connections, d.threads), (5, 32, 2));
+        assert_eq!(d.proxy_threads, [1, 2]);
+        assert!(d.only.is_empty());
+        let o = a(&[
+            "--proxy-threads",
+            "2",
+            "--only",
+            "xdplb",
+            "--only",
+            "nginx 2t",
+        ])
+        .unwrap();
+        assert_eq!((o.proxy_threads, o.only.len()), (vec![2], 2));
+        assert!(a(&["--proxy-threads", "0"]).is_err());
         let s = a(&["--duration=2", "--connections", "8", "--warmup", "0"]).unwrap();
         assert_eq!((s.duration_s, s.connections, s.warmup_s), (2, 8, 0));
         assert!(a(&["--help"]).unwrap_err().contains("Usage"));
@@ -1399,20 +1546,21 @@ Transfer/sec:     37.91MB
         let ports = Ports {
             backends: [1001, 1002],
             api: 1003,
-            xdplb: [1004, 1005],
-            haproxy: [1006, 1007],
-            nginx: [1008, 1009],
+            proxy: [1004, 1005],
         };
-        let toml = agent_toml(&ports, Path::new("/tmp/s"));
+        let toml = agent_toml(&ports, Path::new("/tmp/s"), 3);
         let config = lb_agent::config::Config::parse(&toml, "bench.toml")
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert_eq!(config.services.len(), 2);
+        assert_eq!(config.agent.workers, Some(3));
         assert!(config.services[0].cache.is_none());
         assert_eq!(
             config.services[1].cache.as_ref().map(|c| c.max_bytes),
             Some(CACHE_BYTES)
         );
-        assert!(haproxy_cfg(&ports).contains("server be2 127.0.0.1:1002"));
-        assert!(nginx_conf(&ports, Path::new("/tmp/d")).contains("listen 127.0.0.1:1009;"));
+        let h = haproxy_cfg(&ports, 1);
+        assert!(h.contains("server be2 127.0.0.1:1002") && h.contains("nbthread 1\n"));
+        let n = nginx_conf(&ports, Path::new("/tmp/d"), 2);
+        assert!(n.contains("listen 127.0.0.1:1005;") && n.contains("worker_processes 2;"));
     }
 }
