@@ -168,14 +168,7 @@ pub(crate) struct PerWorker<T> {
 }
 
 impl<T> PerWorker<T> {
-    /// One value per running worker, each made by `make`.
-    pub(crate) fn new(mut make: impl FnMut() -> T) -> Self {
-        Self {
-            values: (0..get().len()).map(|_| make()).collect(),
-        }
-    }
-
-    /// [`PerWorker::new`] with a fallible `make`: the first error is returned.
+    /// One value per running worker, each made by `make`; the first error is returned.
     pub(crate) fn try_new<E>(mut make: impl FnMut() -> Result<T, E>) -> Result<Self, E> {
         Ok(Self {
             values: (0..get().len()).map(|_| make()).collect::<Result<_, _>>()?,
@@ -214,13 +207,14 @@ mod tests {
         );
         drop(placed);
         assert_eq!(current(), None);
-        let values = PerWorker::new({
+        let values = PerWorker::try_new({
             let mut i = 0usize;
             move || {
                 i += 1;
-                i - 1
+                Ok::<_, std::convert::Infallible>(i - 1)
             }
-        });
+        })
+        .unwrap_or_else(|e| match e {});
         assert_eq!(*values, 0);
         // On worker k, the value is the k-th.
         let values = std::sync::Arc::new(values);
