@@ -302,7 +302,9 @@ mod tests {
     #[test]
     fn access_timestamps_are_rfc3339_utc_with_microseconds() {
         let at = |secs: u64, micros: u32| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into())
+            SystemTime::UNIX_EPOCH
+                + Duration::from_secs(secs)
+                + Duration::from_micros(micros.into())
         };
         let mut clock = Clock::default();
         let mut out = Vec::new();

@@ -1014,8 +1014,8 @@ mod unit {
                 tracing::callsite::rebuild_interest_cache();
                 line.event();
             });
-            let from_tracing = String::from_utf8(captured.0.lock().expect("lock").clone())
-                .expect("utf-8");
+            let from_tracing =
+                String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
             let mut direct = b"  INFO xdplb::access: ".to_vec();
             line.write(&mut direct);
             direct.push(b'\n');
