@@ -303,17 +303,74 @@ impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.proxy.stats.observe_duration(elapsed);
+        let line = AccessLine {
+            service: &self.proxy.name,
+            client: self.client.ip(),
+            method: &self.method,
+            path: self.uri.path(),
+            status: self.status,
+            backend: self.backend,
+            cache: self.cache.unwrap_or(""),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            bytes: self.bytes,
+        };
+        // The agent's buffered log takes the line directly; elsewhere (tests) the event.
+        if !crate::logging::access_line(|buf| line.write(buf)) {
+            line.event();
+        }
+    }
+}
+
+/// The fields of one access-log line.
+struct AccessLine<'a> {
+    service: &'a str,
+    client: IpAddr,
+    method: &'a Method,
+    path: &'a str,
+    status: u16,
+    backend: Option<SocketAddr>,
+    cache: &'a str,
+    duration_ms: u64,
+    bytes: u64,
+}
+
+impl AccessLine<'_> {
+    /// The line as a `tracing` event.
+    fn event(&self) {
         info!(
             target: "xdplb::access",
-            service = %self.proxy.name,
-            client = %self.client.ip(),
+            service = %self.service,
+            client = %self.client,
             method = %self.method,
-            path = %self.uri.path(),
+            path = %self.path,
             status = self.status,
             backend = %OptionalAddr(self.backend),
-            cache = self.cache.unwrap_or(""),
-            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            cache = self.cache,
+            duration_ms = self.duration_ms,
             bytes = self.bytes,
+        );
+    }
+
+    /// The same fields as [`Self::event`], as `tracing-subscriber` formats them (`%`
+    /// fields as they display, the `cache` string as `{:?}`), written straight into the
+    /// access log's buffer ([`crate::logging::access_line`]).
+    fn write(&self, buf: &mut Vec<u8>) {
+        use std::io::Write as _;
+        buf.extend_from_slice(b"service=");
+        buf.extend_from_slice(self.service.as_bytes());
+        let _ = write!(buf, " client={}", self.client);
+        buf.extend_from_slice(b" method=");
+        buf.extend_from_slice(self.method.as_str().as_bytes());
+        buf.extend_from_slice(b" path=");
+        buf.extend_from_slice(self.path.as_bytes());
+        let _ = write!(
+            buf,
+            " status={} backend={} cache={:?} duration_ms={} bytes={}",
+            self.status,
+            OptionalAddr(self.backend),
+            self.cache,
+            self.duration_ms,
+            self.bytes
         );
     }
 }
@@ -892,6 +949,84 @@ mod unit {
         assert!(is_idempotent(&Method::PUT));
         assert!(!is_idempotent(&Method::POST));
         assert!(!is_idempotent(&Method::PATCH));
+    }
+
+    /// The access line written straight into the log buffer reads as
+    /// `tracing-subscriber` prints the `tracing` event of the same fields.
+    #[test]
+    fn direct_access_lines_read_as_the_tracing_event() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let method = Method::from_bytes(b"PURGE").expect("method");
+        let lines = [
+            AccessLine {
+                service: "web",
+                client: "198.18.0.7".parse().expect("ip"),
+                method: &Method::GET,
+                path: "/a/b%20c.html",
+                status: 200,
+                backend: Some("198.18.2.11:8080".parse().expect("addr")),
+                cache: "hit",
+                duration_ms: 12,
+                bytes: 600,
+            },
+            AccessLine {
+                service: "api-v2",
+                client: "fd00:18::1".parse().expect("ip"),
+                method: &method,
+                path: "/",
+                status: 503,
+                backend: None,
+                cache: "",
+                duration_ms: 0,
+                bytes: 0,
+            },
+            AccessLine {
+                service: "s",
+                client: "::ffff:198.18.0.1".parse().expect("ip"),
+                method: &Method::POST,
+                path: "/x",
+                status: 413,
+                backend: Some("[fd00:18::2]:80".parse().expect("addr")),
+                cache: "stale",
+                duration_ms: u64::MAX,
+                bytes: 1 << 40,
+            },
+        ];
+        for line in &lines {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::callsite::rebuild_interest_cache();
+                line.event();
+            });
+            let from_tracing =
+                String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+            let mut direct = b"  INFO xdplb::access: ".to_vec();
+            line.write(&mut direct);
+            direct.push(b'\n');
+            let direct = String::from_utf8(direct).expect("utf-8");
+            // tracing's line starts with its own timestamp: compare what follows it.
+            let after_time = from_tracing
+                .find("  INFO")
+                .map(|i| &from_tracing[i..])
+                .unwrap_or_else(|| panic!("no level in {from_tracing:?}"));
+            assert_eq!(after_time, direct);
+        }
     }
 
     #[test]
