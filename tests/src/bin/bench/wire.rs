@@ -70,6 +70,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, TestRun as _, TestRunOptions,
+    maps::Array,
     programs::{TestRunAttrs, Xdp, XdpMode},
 };
 use lb_agent::dataplane::loader::FLOORS_OBJECT;
@@ -126,6 +127,10 @@ const CHUNK: u32 = 100_000;
 const BATCH: u32 = 64;
 /// SCHED_FIFO priority of the NAPI threads.
 const NAPI_PRIORITY: i32 = 50;
+/// SCHED_FIFO priority of the generator's thread: above every ordinary process (the
+/// machine may be busy compiling), below the NAPI threads (the backends' NAPI thread
+/// shares its CPU and must not wait for it).
+const GEN_PRIORITY: i32 = 40;
 /// Wait after the generator stops before counters are read.
 const SETTLE: Duration = Duration::from_millis(100);
 
@@ -153,6 +158,8 @@ struct Sample {
     lb_rx: u64,
     /// Frames that reached BX.
     arrived: u64,
+    /// Frames G could not hand to LI because LI's receive ring was full.
+    ring_full: u64,
     /// Share of the LB core's time not idle during the window.
     lb_busy: f64,
     /// Share of the window LI's NAPI thread ran.
@@ -225,11 +232,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 );
                 let s = w.measure(&frame, duration)?;
                 eprintln!(
-                    "  run {} {:<30} {size:>5} B: sent {:>6.2} Mpps, LB saw {:>6.2}, backends got {:>6.2} Mpps; LB thread {:.0} % (LB core busy {:.0} %), generator CPU {:.0} %",
+                    "  run {} {:<30} {size:>5} B: sent {:>6.2} Mpps, LB saw {:>6.2} (ring full {:>6.2}), backends got {:>6.2} Mpps; LB thread {:.0} % (LB core busy {:.0} %), generator CPU {:.0} %",
                     run + 1,
                     balancer.label(),
                     s.sent as f64 / s.window_s / 1e6,
                     s.lb_rx as f64 / s.window_s / 1e6,
+                    s.ring_full as f64 / s.window_s / 1e6,
                     s.arrived as f64 / s.window_s / 1e6,
                     s.lb_thread * 100.0,
                     s.lb_busy * 100.0,
@@ -424,9 +432,9 @@ fn pin(pid: i32, cpu: usize) -> anyhow::Result<()> {
 
 /// Gives task `pid` SCHED_FIFO priority [`NAPI_PRIORITY`]: a NAPI thread then preempts
 /// ordinary processes on its CPU as the softirq it replaces would.
-fn realtime(pid: i32) -> anyhow::Result<()> {
+fn realtime(pid: i32, priority: i32) -> anyhow::Result<()> {
     let param = libc::sched_param {
-        sched_priority: NAPI_PRIORITY,
+        sched_priority: priority,
     };
     // SAFETY: param is a valid sched_param for the duration of the call.
     let rc = unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) };
@@ -485,6 +493,23 @@ fn rx_packets(ns: &str, dev: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("rx_packets of {dev}: {out:?}"))
 }
 
+/// Frames veth `dev` of `ns` dropped because its peer's receive ring was full: skbs
+/// (`tx_dropped`) and XDP frames (`xdp_xmit_errors` of its transmit queues, which veth
+/// counts in the peer's receive queues).
+fn ring_full(ns: &str, dev: &str) -> anyhow::Result<u64> {
+    let out = sh(
+        ns,
+        &format!(
+            "cat /sys/class/net/{dev}/statistics/tx_dropped && \
+             ethtool -S {dev} | awk '/^ *tx_queue_[0-9]+_xdp_xmit_errors:/ {{ s += $2 }} END {{ print s + 0 }}'"
+        ),
+    )?;
+    out.split_whitespace()
+        .map(|v| v.parse::<u64>())
+        .sum::<Result<u64, _>>()
+        .with_context(|| format!("drop counters of {dev}: {out:?}"))
+}
+
 /// Loads `program` from the floors object and attaches it natively to `dev` in `ns`.
 fn attach_floor(ns: &str, dev: &str, program: &'static str) -> anyhow::Result<Ebpf> {
     let dev = dev.to_owned();
@@ -529,7 +554,7 @@ fn thread_napi(ns: &str, dev: &str, cpu: usize) -> anyhow::Result<i32> {
         match found[..] {
             [pid] => {
                 pin(pid, cpu)?;
-                realtime(pid)?;
+                realtime(pid, NAPI_PRIORITY)?;
                 return Ok(pid);
             }
             [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
@@ -750,15 +775,19 @@ impl Wire {
         let n = &self.n;
         let arrived0 = rx_packets(&n.be_ns, &n.bx)?;
         let lb0 = rx_packets(&n.lb_ns, &n.li)?;
+        let full0 = ring_full(&n.gen_ns, &n.g)?;
         let cpu0 = cpu_times();
         let napi0 = run_ns(self.lb_napi)?;
-        let (sent, window_s) = generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu)?;
+        let verdict = std::env::var("WIRE_VERDICT").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let (sent, window_s) = generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu, verdict)?;
         let cpu1 = cpu_times();
         let napi1 = run_ns(self.lb_napi)?;
         thread::sleep(SETTLE);
         let arrived1 = rx_packets(&n.be_ns, &n.bx)?;
         let lb1 = rx_packets(&n.lb_ns, &n.li)?;
+        let full1 = ring_full(&n.gen_ns, &n.g)?;
         Ok(Sample {
+            ring_full: full1.saturating_sub(full0),
             window_s,
             sent,
             lb_rx: lb1.saturating_sub(lb0),
@@ -796,20 +825,38 @@ fn generate(
     frame: Vec<u8>,
     duration: Duration,
     cpu: usize,
+    verdict: u32,
 ) -> anyhow::Result<(u64, f64)> {
     let dev = dev.to_owned();
     netns::in_netns(ns, move || {
         pin(0, cpu)?;
+        realtime(0, GEN_PRIORITY)?;
         let name = std::ffi::CString::new(dev.clone())?;
         // SAFETY: name is a valid NUL-terminated string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         ensure!(ifindex != 0, "no interface {dev}");
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
+        let mut head = [0u64; 6];
+        for (w, b) in head.iter_mut().zip(frame.chunks(8)) {
+            let mut bytes = [0u8; 8];
+            bytes[..b.len()].copy_from_slice(b);
+            *w = u64::from_ne_bytes(bytes);
+        }
+        Array::<_, [u64; 6]>::try_from(
+            ebpf.map_mut("WIRE_HEAD")
+                .ok_or_else(|| anyhow!("no map WIRE_HEAD in the floors object"))?,
+        )?
+        .set(0, head, 0)?;
+        Array::<_, u32>::try_from(
+            ebpf.map_mut("WIRE_VERDICT")
+                .ok_or_else(|| anyhow!("no map WIRE_VERDICT in the floors object"))?,
+        )?
+        .set(0, verdict, 0)?;
         let prog: &mut Xdp = ebpf
-            .program_mut("floor_pass")
-            .ok_or_else(|| anyhow!("no program floor_pass in the floors object"))?
+            .program_mut("wire_gen")
+            .ok_or_else(|| anyhow!("no program wire_gen in the floors object"))?
             .try_into()?;
-        prog.load().context("loading floor_pass")?;
+        prog.load().context("loading wire_gen")?;
         let ctx = xdp_md(frame.len(), ifindex, 0);
         let mut sent = 0u64;
         let start = Instant::now();
