@@ -107,8 +107,6 @@ const MAC_BX: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x04];
 const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The clients behind the generator host: the frames' source.
 const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
-/// Source MAC of the generated frames (a client's NIC on G's link).
-const MAC_CLIENT: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x99];
 const LB_IN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const BACKENDS: [Ipv4Addr; 4] = [
@@ -125,6 +123,8 @@ const BACKEND_MTU: u32 = 1600;
 const CHUNK: u32 = 100_000;
 /// Frames the generator hands to the kernel per batch (`batch_size`).
 const BATCH: u32 = 64;
+/// `xdp_action::XDP_TX`: `wire_gen`'s verdict, out of G into LI.
+const XDP_TX: u32 = 3;
 /// SCHED_FIFO priority of the NAPI threads.
 const NAPI_PRIORITY: i32 = 50;
 /// SCHED_FIFO priority of the generator's thread: above every ordinary process (the
@@ -166,6 +166,60 @@ struct Sample {
     lb_thread: f64,
     /// Share of the generator's CPU not idle.
     gen_busy: f64,
+}
+
+impl Sample {
+    /// Share of the offered frames that entered LI.
+    fn reached(&self) -> f64 {
+        self.lb_rx as f64 / self.sent.max(1) as f64
+    }
+
+    /// Frames per second one LB core forwards: forwarded frames per second of the LB's
+    /// NAPI thread's run time (all of the LB's per-packet work runs in that thread).
+    fn core_pps(&self) -> f64 {
+        self.arrived as f64 / (self.lb_thread * self.window_s).max(1e-9)
+    }
+}
+
+/// What a row's samples say about themselves (medians over the runs).
+fn flags(v: &[Sample]) -> String {
+    let med = |f: fn(&Sample) -> f64| crate::report::median(&v.iter().map(f).collect::<Vec<_>>());
+    let reached = med(Sample::reached);
+    let full = med(|s| s.ring_full as f64 / s.sent.max(1) as f64);
+    let thread = med(|s| s.lb_thread);
+    let kept = med(|s| s.arrived as f64 / s.lb_rx.max(1) as f64);
+    let mut out = Vec::new();
+    if thread >= 0.9 {
+        out.push(format!(
+            "LB saturated (its thread ran {:.0} %)",
+            thread * 100.0
+        ));
+    } else if full > 0.05 {
+        out.push(format!(
+            "{:.0} % of the offered frames found LI's 256-frame ring full although its thread ran only {:.0} %: \
+             bursts (the generator outran the LB while the LB thread waited to be woken or scheduled)",
+            full * 100.0,
+            thread * 100.0
+        ));
+    } else {
+        out.push(format!(
+            "generator-bound: the LB thread ran {:.0} % of the window",
+            thread * 100.0
+        ));
+    }
+    if reached + full < 0.95 {
+        out.push(format!(
+            "! {:.1} % of the offered frames neither reached LI nor were counted as ring-full drops",
+            (1.0 - reached - full) * 100.0
+        ));
+    }
+    if kept < 0.95 {
+        out.push(format!(
+            "! only {:.1} % of what reached LI arrived at the backends",
+            kept * 100.0
+        ));
+    }
+    out.join("; ")
 }
 
 /// The bed: namespaces and interface names; processes and programs live in [`Wire`].
@@ -270,90 +324,73 @@ fn report(
             ("frame", true),
             ("balancer", false),
             ("offered (Mpps)", true),
+            ("reached LI (%)", true),
             ("forwarded to backends (Mpps)", true),
             ("Gbit/s (frames)", true),
-            ("vs nftables", true),
             ("LB NAPI thread ran (%)", true),
-            ("LB core busy (%)", true),
+            ("LB core per packet (ns)", true),
+            ("one LB core (Mpps)", true),
+            ("vs nftables", true),
             ("generator CPU busy (%)", true),
             ("flags", false),
         ],
     );
     for (si, &size) in args.sizes.iter().enumerate() {
-        let kernel: Vec<f64> = samples[1][si]
-            .iter()
-            .map(|s| s.arrived as f64 / s.window_s)
-            .collect();
-        let kernel_median = crate::report::median(&kernel);
+        let kernel_core = crate::report::median(
+            &samples[1][si]
+                .iter()
+                .map(Sample::core_pps)
+                .collect::<Vec<_>>(),
+        );
         for (bi, balancer) in [Balancer::Xdplb, Balancer::Nftables]
             .into_iter()
             .enumerate()
         {
             let v = &samples[bi][si];
-            let pps: Vec<f64> = v.iter().map(|s| s.arrived as f64 / s.window_s).collect();
-            let mpps = |f: fn(&Sample) -> u64| {
-                v.iter()
-                    .map(|s| f(s) as f64 / s.window_s / 1e6)
-                    .collect::<Vec<_>>()
-            };
-            let gbit: Vec<f64> = pps
-                .iter()
-                .map(|p| p * f64::from(size) * 8.0 / 1e9)
-                .collect();
-            let ratio: Vec<f64> = pps.iter().map(|p| p / kernel_median).collect();
-            let reached: Vec<f64> = v
-                .iter()
-                .map(|s| s.lb_rx as f64 / s.sent.max(1) as f64)
-                .collect();
-            let reached = crate::report::median(&reached);
-            let flag = if reached < 0.5 {
-                format!(
-                    "! only {:.1} % of the offered frames reached LI: the generator side failed, not a figure of the balancer",
-                    reached * 100.0
-                )
-            } else {
-                "-".to_owned()
-            };
+            let per = |f: &dyn Fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<_>>();
+            let core: Vec<f64> = per(&Sample::core_pps);
             table.row(vec![
                 Cell::text(format!("{size} B")),
                 Cell::text(balancer.label()),
-                Cell::samples("", 2, &mpps(|s| s.sent)),
-                Cell::samples("", 2, &mpps(|s| s.arrived)),
-                Cell::samples("", 2, &gbit),
+                Cell::samples("", 2, &per(&|s| s.sent as f64 / s.window_s / 1e6)),
+                Cell::samples("", 0, &per(&|s| s.reached() * 100.0)),
+                Cell::samples("", 2, &per(&|s| s.arrived as f64 / s.window_s / 1e6)),
+                Cell::samples(
+                    "",
+                    2,
+                    &per(&|s| s.arrived as f64 / s.window_s * f64::from(size) * 8.0 / 1e9),
+                ),
+                Cell::samples("", 0, &per(&|s| s.lb_thread * 100.0)),
+                Cell::samples("", 0, &per(&|s| 1e9 / s.core_pps())),
+                Cell::samples("", 2, &core.iter().map(|p| p / 1e6).collect::<Vec<_>>()),
                 if balancer == Balancer::Nftables {
                     Cell::text("1")
                 } else {
-                    Cell::samples("", 2, &ratio)
+                    Cell::samples(
+                        "",
+                        2,
+                        &core.iter().map(|p| p / kernel_core).collect::<Vec<_>>(),
+                    )
                 },
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.lb_thread * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.lb_busy * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.gen_busy * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::text(flag),
+                Cell::samples("", 0, &per(&|s| s.gen_busy * 100.0)),
+                Cell::text(flags(v)),
             ]);
         }
     }
     report.note(format!(
-        "Method: a fresh bed per balancer and run. Generator = BPF_PROG_TEST_RUN live frames (floor_pass: \
-         the frames enter G's namespace as received packets and its stack forwards them out of G to LI) on \
-         CPU {gen}, pinned; LI's threaded NAPI (the LB: xdp_lb, or XDP_PASS + the stack) pinned to CPU {lb}; \
-         BX's threaded NAPI (floor_drop, counting arrivals) on CPU {gen} with the generator{shared}. \
-         offered = frames the generator handed to the kernel / window; forwarded = frames that \
-         reached BX (its xdp_drops) / window; Gbit/s = forwarded x frame bytes (no FCS, \
-         preamble or gap); vs nftables = forwarded / the nftables median of the same size. \
-         A row whose LB core is well under 100 % busy was limited by the generator (it \
-         shares its CPU with the backends' side and with anything else running), not by the LB. \
+        "Method: a fresh bed per balancer and run. Generator = BPF_PROG_TEST_RUN live frames \
+         (wire_gen: writes the frame's header anew on every frame, XDP_TX: out of G into LI's \
+         receive ring as an XDP frame, as a NIC hands frames to its driver) on CPU {gen}, pinned, \
+         SCHED_FIFO 40; LI's threaded NAPI (the LB: xdp_lb, or XDP_PASS + the stack) pinned to CPU {lb}, \
+         SCHED_FIFO 50; BX's threaded NAPI (floor_drop, counting arrivals) on CPU {gen} with the \
+         generator{shared}. offered = frames the generator produced / window; reached LI = frames \
+         LI received / offered (the rest found LI's 256-frame veth ring full: G's tx_dropped); \
+         forwarded = frames that reached BX / window; Gbit/s = forwarded x frame bytes (no FCS, \
+         preamble or gap); LB NAPI thread ran = its run time (/proc/PID/schedstat) / window; \
+         LB core per packet = that run time / forwarded frames; one LB core = forwarded / that run \
+         time, the rate one fully used LB core would forward at that per-packet cost (the \
+         generator cannot saturate the LB here, so the core's capacity is derived from its \
+         cost, not observed); vs nftables = one LB core / the nftables median of the same size. \
          xdplb: lb-agent, native XDP on LI, IPIP to 4 backends via XDP_REDIRECT to LX (next hops \
          from the agent's map). nftables: agent stopped, XDP_PASS on LI, ip_forward on, \
          prerouting `dnat to numgen inc mod 4 map {{...}}` (one flow: one conntrack entry, one \
@@ -372,12 +409,12 @@ fn report(
     Ok(())
 }
 
-/// An Ethernet + IPv4 + UDP frame of `size` bytes from the client to the VIP, both MACs
-/// LI's (so floor_tx's swap leaves it as it is), UDP checksum 0 (none).
+/// An Ethernet + IPv4 + UDP frame of `size` bytes from the client to the VIP, from G's
+/// MAC to LI's (it leaves G for LI as it is), UDP checksum 0 (none).
 fn udp_frame(size: usize) -> Vec<u8> {
     let mut f = vec![0u8; size];
-    f[0..6].copy_from_slice(&MAC_G);
-    f[6..12].copy_from_slice(&MAC_CLIENT);
+    f[0..6].copy_from_slice(&MAC_LI);
+    f[6..12].copy_from_slice(&MAC_G);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip_len = u16::try_from(size - 14).expect("size <= 1514");
     let ip = &mut f[14..34];
@@ -493,21 +530,16 @@ fn rx_packets(ns: &str, dev: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("rx_packets of {dev}: {out:?}"))
 }
 
-/// Frames veth `dev` of `ns` dropped because its peer's receive ring was full: skbs
-/// (`tx_dropped`) and XDP frames (`xdp_xmit_errors` of its transmit queues, which veth
-/// counts in the peer's receive queues).
+/// Frames veth `dev` of `ns` dropped because its peer's receive ring was full: its
+/// `tx_dropped`, which counts skbs and XDP frames (`xdp_xmit_errors`) alike.
 fn ring_full(ns: &str, dev: &str) -> anyhow::Result<u64> {
     let out = sh(
         ns,
-        &format!(
-            "cat /sys/class/net/{dev}/statistics/tx_dropped && \
-             ethtool -S {dev} | awk '/^ *tx_queue_[0-9]+_xdp_xmit_errors:/ {{ s += $2 }} END {{ print s + 0 }}'"
-        ),
+        &format!("cat /sys/class/net/{dev}/statistics/tx_dropped"),
     )?;
-    out.split_whitespace()
-        .map(|v| v.parse::<u64>())
-        .sum::<Result<u64, _>>()
-        .with_context(|| format!("drop counters of {dev}: {out:?}"))
+    out.trim()
+        .parse()
+        .with_context(|| format!("tx_dropped of {dev}: {out:?}"))
 }
 
 /// Loads `program` from the floors object and attaches it natively to `dev` in `ns`.
@@ -627,14 +659,8 @@ impl Wire {
         sh(
             &n.gen_ns,
             &format!(
-                "ip addr add {GEN_ADDR}/24 dev {g} && ip link set {g} up && \
-                 ethtool -K {g} tx off >/dev/null && \
-                 sysctl -qw net.ipv4.ip_forward=1 && \
-                 ip neigh replace {LB_IN_ADDR} lladdr {m} dev {g} nud permanent && \
-                 ip route add {vip}/32 via {LB_IN_ADDR}",
+                "ip addr add {GEN_ADDR}/24 dev {g} && ip link set {g} up",
                 g = n.g,
-                m = mac(MAC_LI),
-                vip = VIP.ip()
             ),
         )?;
         let mut lb = format!(
@@ -778,8 +804,7 @@ impl Wire {
         let full0 = ring_full(&n.gen_ns, &n.g)?;
         let cpu0 = cpu_times();
         let napi0 = run_ns(self.lb_napi)?;
-        let verdict = std::env::var("WIRE_VERDICT").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-        let (sent, window_s) = generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu, verdict)?;
+        let (sent, window_s) = generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu)?;
         let cpu1 = cpu_times();
         let napi1 = run_ns(self.lb_napi)?;
         thread::sleep(SETTLE);
@@ -817,15 +842,15 @@ fn wait_ready(child: &mut ChildGuard, log: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The generator: `floor_tx` in live-frames mode out of `dev` of `ns`, from a thread pinned
-/// to `cpu`, `CHUNK` frames a call until `duration` is over. Returns (frames, seconds).
+/// The generator: `wire_gen` (header from `frame`, XDP_TX) in live-frames mode out of
+/// `dev` of `ns`, from a SCHED_FIFO thread pinned to `cpu`, `CHUNK` frames a call until
+/// `duration` is over. Returns (frames, seconds).
 fn generate(
     ns: &str,
     dev: &str,
     frame: Vec<u8>,
     duration: Duration,
     cpu: usize,
-    verdict: u32,
 ) -> anyhow::Result<(u64, f64)> {
     let dev = dev.to_owned();
     netns::in_netns(ns, move || {
@@ -851,7 +876,7 @@ fn generate(
             ebpf.map_mut("WIRE_VERDICT")
                 .ok_or_else(|| anyhow!("no map WIRE_VERDICT in the floors object"))?,
         )?
-        .set(0, verdict, 0)?;
+        .set(0, XDP_TX, 0)?;
         let prog: &mut Xdp = ebpf
             .program_mut("wire_gen")
             .ok_or_else(|| anyhow!("no program wire_gen in the floors object"))?
