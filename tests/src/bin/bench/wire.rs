@@ -400,9 +400,9 @@ fn report(
          forwarded = frames that reached BX / window; Gbit/s = forwarded x frame bytes (no FCS, \
          preamble or gap); LB NAPI thread ran = its run time (/proc/PID/schedstat) / window; \
          LB core per packet = that run time / forwarded frames; one LB core = forwarded / that run \
-         time, the rate one fully used LB core would forward at that per-packet cost (the \
-         generator cannot saturate the LB here, so the core's capacity is derived from its \
-         cost, not observed); vs nftables = one LB core / the nftables median of the same size. \
+         time, the rate one fully used LB core would forward at that per-packet cost (where the LB \
+         thread ran well under 100 % the generator could not saturate it, and the core's capacity \
+         is derived from its cost, not observed); vs nftables = one LB core / the nftables median of the same size. \
          xdplb: lb-agent, native XDP on LI, IPIP to 4 backends via XDP_REDIRECT to LX (next hops \
          from the agent's map). nftables: agent stopped, XDP_PASS on LI, ip_forward on, \
          prerouting `dnat to numgen inc mod 4 map {{...}}` (one flow: one conntrack entry, one \
