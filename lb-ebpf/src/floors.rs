@@ -3,6 +3,12 @@
 //! - `floor_pass`: XDP_PASS and nothing else.
 //! - `floor_drop`: XDP_DROP and nothing else (`bench wire`'s backend side: the veth
 //!   counts what arrives, `xdp_drops`, and nothing else is spent on it).
+//! - `wire_gen`: `bench wire`'s generator, run by `test_run` in live-frames mode: writes
+//!   the frame's first 48 bytes from `WIRE_HEAD` and returns the verdict in `WIRE_VERDICT`
+//!   (XDP_TX: out of the ingress veth as an XDP frame; XDP_PASS: into its stack). The
+//!   live-frames page pool recycles pages with whatever the path after the generator
+//!   wrote into them (the balancer's encapsulation, the stack's MAC rewrite, DNAT), so
+//!   the header is written anew on every frame.
 //! - `floor_tx`: parse Ethernet/IPv4/ports, swap MACs, XDP_TX.
 //! - `floor_ipip`: parse, one hash lookup (VIP address -> backend address), IPIP
 //!   encapsulation, XDP_TX.
@@ -65,6 +71,32 @@ pub fn floor_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn floor_drop(_ctx: XdpContext) -> u32 {
     XDP_DROP
+}
+
+/// `[0]`: `wire_gen`'s header: Ethernet + IPv4 + UDP (42 bytes) and 6 payload bytes.
+#[map(name = "WIRE_HEAD")]
+static WIRE_HEAD: Array<[u64; 6]> = Array::with_max_entries(1, 0);
+
+/// `[0]`: `wire_gen`'s verdict (XDP_TX or XDP_PASS).
+#[map(name = "WIRE_VERDICT")]
+static WIRE_VERDICT: Array<u32> = Array::with_max_entries(1, 0);
+
+#[xdp]
+pub fn wire_gen(ctx: XdpContext) -> u32 {
+    let (Some(head), Some(verdict)) = (WIRE_HEAD.get(0), WIRE_VERDICT.get(0)) else {
+        return XDP_ABORTED;
+    };
+    let Some(dst) = ptr_at::<[u64; 6]>(&ctx, 0) else {
+        return XDP_ABORTED;
+    };
+    // SAFETY: bounds checked by ptr_at; unaligned stores into the packet.
+    unsafe {
+        let dst = dst as *mut u64;
+        for (i, w) in head.iter().enumerate() {
+            dst.add(i).write_unaligned(*w);
+        }
+    }
+    *verdict
 }
 
 #[xdp]

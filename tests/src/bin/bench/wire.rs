@@ -10,13 +10,15 @@
 //!
 //! - The generator is the kernel's own: `BPF_PROG_TEST_RUN` in live-frames mode
 //!   (`BPF_F_TEST_XDP_LIVE_FRAMES`, the facility xdp-trafficgen is built on) runs
-//!   `floor_pass` on a UDP frame from a client (198.18.0.100) behind the generator host,
-//!   with `ingress_ifindex` = G: every frame enters the gen namespace's stack as if G had
-//!   received it, and that stack (forwarding on, a route to the VIP via LI) sends it out
-//!   of G into LI as an skb (`ethtool -K G tx off`, as on a wire). Frames handed straight
-//!   to LI by XDP_TX from the generator (`floor_tx`) were tried first: with xdp_lb on LI
-//!   only a few thousand frames ever got through (xdp_lb redirecting the generator's
-//!   page-pool frames on to another veth), so the generator goes through G's stack.
+//!   `wire_gen` on a UDP frame from a client (198.18.0.100) with `ingress_ifindex` = G:
+//!   XDP_TX sends every frame out of G, so it lands in LI's receive ring as an XDP frame
+//!   (`ndo_xdp_xmit`), as a NIC hands frames to its driver. `wire_gen` writes the frame's
+//!   first 48 bytes anew every time: the live-frames page pool recycles its pages with
+//!   whatever the path after the generator wrote into them. That was why earlier
+//!   versions of this bench lost most frames before LI (seen with tcpdump on G: the
+//!   frames G received carried the LX->BX MACs and the DNATed destination; the LB's
+//!   IPIP encapsulation, the stack's MAC rewrite and DNAT came back in later frames,
+//!   which then went nowhere).
 //!   Debian's xdp-tools 1.3.1 (xdp-trafficgen, xdp-bench) cannot be used here: its
 //!   objects carry a tracepoint program for `xdp_redirect_map_err`, which this kernel no
 //!   longer has, and libbpf refuses to load them ("failed to find kernel BTF type ID of
@@ -33,12 +35,9 @@
 //!   forwards and rewrites. numgen picks per new connection: the one flow goes to one
 //!   backend, as it should.
 //! - Backends: BX runs `floor_drop`; what arrives is BX's `rx_packets`: counted where
-//!   the backends receive, not where the generator sends. "LB saw" is LI's `rx_packets`.
+//!   the backends receive, not where the generator sends. "LB saw" is LI's `rx_packets`;
+//!   "ring full" is G's `tx_dropped` (frames LI's 256-frame ring had no room for).
 //! - A fresh bed for every balancer and run.
-//! - Known problem: in the nftables bed the generator's frames mostly do not enter the
-//!   gen namespace's stack (its `IpInReceives` stays in the hundreds while the generator
-//!   runs), so that row is flagged (`!`, less than half of the offered frames reached
-//!   LI) and is not a figure of the kernel's balancing; not understood yet.
 //!
 //! One LB core: a veth's NAPI (where its XDP program and, for the stack, GRO and the
 //! whole receive path run) is by default polled in the softirq of the CPU that sent the
@@ -51,12 +50,17 @@
 //! NAPI is threaded, SCHED_FIFO and pinned with the generator too, so the LB core does
 //! only the LB's work (XDP program and redirect, or the stack's forwarding). On a 2-CPU
 //! machine the generator and the backends' side share the other CPU, and both compete
-//! with whatever else runs: the table shows the offered rate and how much of the window
-//! the LB's NAPI thread ran (from /proc/PID/schedstat), so a generator-bound row is
-//! visible (LB thread well under 100 %).
+//! with whatever else runs: the generator's thread is SCHED_FIFO 40 (below the NAPI
+//! threads, above every ordinary process), yet it cannot offer enough to keep the LB
+//! thread busy (measured with `perf record -a -g`: on the generator's CPU the backends'
+//! NAPI thread, returning every forwarded frame's page, takes as much time as the
+//! generator, which itself spends much of its time allocating and filling new pages).
+//! So the table shows, beside the forwarded rate, the LB's cost per packet (the LB NAPI
+//! thread's run time from /proc/PID/schedstat / frames forwarded) and the rate one LB
+//! core forwards at that cost: the figure compared between the balancers.
 //!
 //! Each run: for every size, `--duration` seconds of traffic (the generator calls
-//! `test_run` with 100,000 frames a time until the time is up), counters before and
+//! `test_run` with [`CHUNK`] frames a time until the time is up), counters before and
 //! after. Runs interleave the two balancers (run 1: xdplb then nftables, run 2: ...).
 
 use std::{
@@ -70,6 +74,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, TestRun as _, TestRunOptions,
+    maps::Array,
     programs::{TestRunAttrs, Xdp, XdpMode},
 };
 use lb_agent::dataplane::loader::FLOORS_OBJECT;
@@ -106,8 +111,6 @@ const MAC_BX: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x04];
 const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The clients behind the generator host: the frames' source.
 const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
-/// Source MAC of the generated frames (a client's NIC on G's link).
-const MAC_CLIENT: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x99];
 const LB_IN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const BACKENDS: [Ipv4Addr; 4] = [
@@ -120,12 +123,23 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 7000
 const CLIENT_PORT: u16 = 40000;
 /// MTU of LX and BX: room for IPIP around a 1500-byte packet.
 const BACKEND_MTU: u32 = 1600;
-/// Frames per `test_run` call of the generator.
-const CHUNK: u32 = 100_000;
-/// Frames the generator hands to the kernel per batch (`batch_size`).
+/// Frames per `test_run` call of the generator. Each call sets up and tears down a page
+/// pool; measured here: at 100,000 frames a call the generator offered 1.1-1.5 Mpps, at
+/// 1,000,000 1.4-2.6 (a call then lasts about half a second, so a window is up to that
+/// much longer than `--duration`; the rate is over the real window).
+const CHUNK: u32 = 1_000_000;
+/// Frames the generator hands to the kernel per batch (`batch_size`). Measured here: 256
+/// (the kernel's maximum) offers a little more but in bursts that found LI's ring full
+/// for 28-38 % of the frames (12-16 % at 64), with the LB thread no busier.
 const BATCH: u32 = 64;
+/// `xdp_action::XDP_TX`: `wire_gen`'s verdict, out of G into LI.
+const XDP_TX: u32 = 3;
 /// SCHED_FIFO priority of the NAPI threads.
 const NAPI_PRIORITY: i32 = 50;
+/// SCHED_FIFO priority of the generator's thread: above every ordinary process (the
+/// machine may be busy compiling), below the NAPI threads (the backends' NAPI thread
+/// shares its CPU and must not wait for it).
+const GEN_PRIORITY: i32 = 40;
 /// Wait after the generator stops before counters are read.
 const SETTLE: Duration = Duration::from_millis(100);
 
@@ -153,12 +167,72 @@ struct Sample {
     lb_rx: u64,
     /// Frames that reached BX.
     arrived: u64,
+    /// Frames G could not hand to LI because LI's receive ring was full.
+    ring_full: u64,
     /// Share of the LB core's time not idle during the window.
     lb_busy: f64,
     /// Share of the window LI's NAPI thread ran.
     lb_thread: f64,
     /// Share of the generator's CPU not idle.
     gen_busy: f64,
+    /// Share of the window the generator's thread ran.
+    gen_thread: f64,
+}
+
+impl Sample {
+    /// Share of the offered frames that entered LI.
+    fn reached(&self) -> f64 {
+        self.lb_rx as f64 / self.sent.max(1) as f64
+    }
+
+    /// Frames per second one LB core forwards: forwarded frames per second of the LB's
+    /// NAPI thread's run time (all of the LB's per-packet work runs in that thread).
+    fn core_pps(&self) -> f64 {
+        self.arrived as f64 / (self.lb_thread * self.window_s).max(1e-9)
+    }
+}
+
+/// What a row's samples say about themselves (medians over the runs).
+fn flags(v: &[Sample]) -> String {
+    let med = |f: fn(&Sample) -> f64| crate::report::median(&v.iter().map(f).collect::<Vec<_>>());
+    let reached = med(Sample::reached);
+    let full = med(|s| s.ring_full as f64 / s.sent.max(1) as f64);
+    let thread = med(|s| s.lb_thread);
+    let kept = med(|s| s.arrived as f64 / s.lb_rx.max(1) as f64);
+    let gen_thread = med(|s| s.gen_thread);
+    let mut out = Vec::new();
+    if thread >= 0.85 {
+        out.push(format!(
+            "LB saturated: its thread ran {:.0} %, {:.0} % of the offered frames found LI's ring full",
+            thread * 100.0,
+            full * 100.0
+        ));
+    } else {
+        out.push(format!(
+            "generator-bound: the LB thread ran {:.0} %, the generator's {:.0} % (its CPU also runs the backends' NAPI)",
+            thread * 100.0,
+            gen_thread * 100.0
+        ));
+        if full > 0.05 {
+            out.push(format!(
+                "{:.0} % of the offered frames found LI's 256-frame ring full in bursts",
+                full * 100.0
+            ));
+        }
+    }
+    if reached + full < 0.95 {
+        out.push(format!(
+            "! {:.1} % of the offered frames neither reached LI nor were counted as ring-full drops",
+            (1.0 - reached - full) * 100.0
+        ));
+    }
+    if kept < 0.95 {
+        out.push(format!(
+            "! only {:.1} % of what reached LI arrived at the backends",
+            kept * 100.0
+        ));
+    }
+    out.join("; ")
 }
 
 /// The bed: namespaces and interface names; processes and programs live in [`Wire`].
@@ -225,14 +299,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 );
                 let s = w.measure(&frame, duration)?;
                 eprintln!(
-                    "  run {} {:<30} {size:>5} B: sent {:>6.2} Mpps, LB saw {:>6.2}, backends got {:>6.2} Mpps; LB thread {:.0} % (LB core busy {:.0} %), generator CPU {:.0} %",
+                    "  run {} {:<30} {size:>5} B: sent {:>6.2} Mpps, LB saw {:>6.2} (ring full {:>6.2}), backends got {:>6.2} Mpps; LB thread {:.0} % (LB core busy {:.0} %), generator thread {:.0} % (its CPU busy {:.0} %)",
                     run + 1,
                     balancer.label(),
                     s.sent as f64 / s.window_s / 1e6,
                     s.lb_rx as f64 / s.window_s / 1e6,
+                    s.ring_full as f64 / s.window_s / 1e6,
                     s.arrived as f64 / s.window_s / 1e6,
                     s.lb_thread * 100.0,
                     s.lb_busy * 100.0,
+                    s.gen_thread * 100.0,
                     s.gen_busy * 100.0
                 );
                 samples[bi][si].push(s);
@@ -262,90 +338,73 @@ fn report(
             ("frame", true),
             ("balancer", false),
             ("offered (Mpps)", true),
+            ("reached LI (%)", true),
             ("forwarded to backends (Mpps)", true),
             ("Gbit/s (frames)", true),
-            ("vs nftables", true),
             ("LB NAPI thread ran (%)", true),
-            ("LB core busy (%)", true),
-            ("generator CPU busy (%)", true),
+            ("LB core per packet (ns)", true),
+            ("one LB core (Mpps)", true),
+            ("vs nftables", true),
+            ("generator thread ran (%)", true),
             ("flags", false),
         ],
     );
     for (si, &size) in args.sizes.iter().enumerate() {
-        let kernel: Vec<f64> = samples[1][si]
-            .iter()
-            .map(|s| s.arrived as f64 / s.window_s)
-            .collect();
-        let kernel_median = crate::report::median(&kernel);
+        let kernel_core = crate::report::median(
+            &samples[1][si]
+                .iter()
+                .map(Sample::core_pps)
+                .collect::<Vec<_>>(),
+        );
         for (bi, balancer) in [Balancer::Xdplb, Balancer::Nftables]
             .into_iter()
             .enumerate()
         {
             let v = &samples[bi][si];
-            let pps: Vec<f64> = v.iter().map(|s| s.arrived as f64 / s.window_s).collect();
-            let mpps = |f: fn(&Sample) -> u64| {
-                v.iter()
-                    .map(|s| f(s) as f64 / s.window_s / 1e6)
-                    .collect::<Vec<_>>()
-            };
-            let gbit: Vec<f64> = pps
-                .iter()
-                .map(|p| p * f64::from(size) * 8.0 / 1e9)
-                .collect();
-            let ratio: Vec<f64> = pps.iter().map(|p| p / kernel_median).collect();
-            let reached: Vec<f64> = v
-                .iter()
-                .map(|s| s.lb_rx as f64 / s.sent.max(1) as f64)
-                .collect();
-            let reached = crate::report::median(&reached);
-            let flag = if reached < 0.5 {
-                format!(
-                    "! only {:.1} % of the offered frames reached LI: the generator side failed, not a figure of the balancer",
-                    reached * 100.0
-                )
-            } else {
-                "-".to_owned()
-            };
+            let per = |f: &dyn Fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<_>>();
+            let core: Vec<f64> = per(&Sample::core_pps);
             table.row(vec![
                 Cell::text(format!("{size} B")),
                 Cell::text(balancer.label()),
-                Cell::samples("", 2, &mpps(|s| s.sent)),
-                Cell::samples("", 2, &mpps(|s| s.arrived)),
-                Cell::samples("", 2, &gbit),
+                Cell::samples("", 2, &per(&|s| s.sent as f64 / s.window_s / 1e6)),
+                Cell::samples("", 0, &per(&|s| s.reached() * 100.0)),
+                Cell::samples("", 2, &per(&|s| s.arrived as f64 / s.window_s / 1e6)),
+                Cell::samples(
+                    "",
+                    2,
+                    &per(&|s| s.arrived as f64 / s.window_s * f64::from(size) * 8.0 / 1e9),
+                ),
+                Cell::samples("", 0, &per(&|s| s.lb_thread * 100.0)),
+                Cell::samples("", 0, &per(&|s| 1e9 / s.core_pps())),
+                Cell::samples("", 2, &core.iter().map(|p| p / 1e6).collect::<Vec<_>>()),
                 if balancer == Balancer::Nftables {
                     Cell::text("1")
                 } else {
-                    Cell::samples("", 2, &ratio)
+                    Cell::samples(
+                        "",
+                        2,
+                        &core.iter().map(|p| p / kernel_core).collect::<Vec<_>>(),
+                    )
                 },
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.lb_thread * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.lb_busy * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::samples(
-                    "",
-                    0,
-                    &v.iter().map(|s| s.gen_busy * 100.0).collect::<Vec<_>>(),
-                ),
-                Cell::text(flag),
+                Cell::samples("", 0, &per(&|s| s.gen_thread * 100.0)),
+                Cell::text(flags(v)),
             ]);
         }
     }
     report.note(format!(
-        "Method: a fresh bed per balancer and run. Generator = BPF_PROG_TEST_RUN live frames (floor_pass: \
-         the frames enter G's namespace as received packets and its stack forwards them out of G to LI) on \
-         CPU {gen}, pinned; LI's threaded NAPI (the LB: xdp_lb, or XDP_PASS + the stack) pinned to CPU {lb}; \
-         BX's threaded NAPI (floor_drop, counting arrivals) on CPU {gen} with the generator{shared}. \
-         offered = frames the generator handed to the kernel / window; forwarded = frames that \
-         reached BX (its xdp_drops) / window; Gbit/s = forwarded x frame bytes (no FCS, \
-         preamble or gap); vs nftables = forwarded / the nftables median of the same size. \
-         A row whose LB core is well under 100 % busy was limited by the generator (it \
-         shares its CPU with the backends' side and with anything else running), not by the LB. \
+        "Method: a fresh bed per balancer and run. Generator = BPF_PROG_TEST_RUN live frames \
+         (wire_gen: writes the frame's header anew on every frame, XDP_TX: out of G into LI's \
+         receive ring as an XDP frame, as a NIC hands frames to its driver) on CPU {gen}, pinned, \
+         SCHED_FIFO 40; LI's threaded NAPI (the LB: xdp_lb, or XDP_PASS + the stack) pinned to CPU {lb}, \
+         SCHED_FIFO 50; BX's threaded NAPI (floor_drop, counting arrivals) on CPU {gen} with the \
+         generator{shared}. offered = frames the generator produced / window; reached LI = frames \
+         LI received / offered (the rest found LI's 256-frame veth ring full: G's tx_dropped); \
+         forwarded = frames that reached BX / window; Gbit/s = forwarded x frame bytes (no FCS, \
+         preamble or gap); LB NAPI thread ran = its run time (/proc/PID/schedstat) / window; \
+         LB core per packet = that run time / forwarded frames; one LB core = forwarded / that run \
+         time, the rate one fully used LB core would forward at that per-packet cost (where the LB \
+         thread ran well under 100 % the generator could not saturate it, and the core's capacity \
+         is derived from its cost, not observed); vs nftables = one LB core / the nftables median of the same size. \
          xdplb: lb-agent, native XDP on LI, IPIP to 4 backends via XDP_REDIRECT to LX (next hops \
          from the agent's map). nftables: agent stopped, XDP_PASS on LI, ip_forward on, \
          prerouting `dnat to numgen inc mod 4 map {{...}}` (one flow: one conntrack entry, one \
@@ -364,12 +423,12 @@ fn report(
     Ok(())
 }
 
-/// An Ethernet + IPv4 + UDP frame of `size` bytes from the client to the VIP, both MACs
-/// LI's (so floor_tx's swap leaves it as it is), UDP checksum 0 (none).
+/// An Ethernet + IPv4 + UDP frame of `size` bytes from the client to the VIP, from G's
+/// MAC to LI's (it leaves G for LI as it is), UDP checksum 0 (none).
 fn udp_frame(size: usize) -> Vec<u8> {
     let mut f = vec![0u8; size];
-    f[0..6].copy_from_slice(&MAC_G);
-    f[6..12].copy_from_slice(&MAC_CLIENT);
+    f[0..6].copy_from_slice(&MAC_LI);
+    f[6..12].copy_from_slice(&MAC_G);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip_len = u16::try_from(size - 14).expect("size <= 1514");
     let ip = &mut f[14..34];
@@ -424,9 +483,9 @@ fn pin(pid: i32, cpu: usize) -> anyhow::Result<()> {
 
 /// Gives task `pid` SCHED_FIFO priority [`NAPI_PRIORITY`]: a NAPI thread then preempts
 /// ordinary processes on its CPU as the softirq it replaces would.
-fn realtime(pid: i32) -> anyhow::Result<()> {
+fn realtime(pid: i32, priority: i32) -> anyhow::Result<()> {
     let param = libc::sched_param {
-        sched_priority: NAPI_PRIORITY,
+        sched_priority: priority,
     };
     // SAFETY: param is a valid sched_param for the duration of the call.
     let rc = unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) };
@@ -446,6 +505,16 @@ fn run_ns(pid: i32) -> anyhow::Result<u64> {
         .next()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow!("/proc/{pid}/schedstat: {text:?}"))
+}
+
+/// Nanoseconds the calling thread has run.
+fn thread_run_ns() -> anyhow::Result<u64> {
+    let text = fs::read_to_string("/proc/thread-self/schedstat")
+        .context("reading /proc/thread-self/schedstat")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("/proc/thread-self/schedstat: {text:?}"))
 }
 
 /// Per-CPU (busy, total) jiffies from /proc/stat.
@@ -483,6 +552,18 @@ fn rx_packets(ns: &str, dev: &str) -> anyhow::Result<u64> {
     out.trim()
         .parse()
         .with_context(|| format!("rx_packets of {dev}: {out:?}"))
+}
+
+/// Frames veth `dev` of `ns` dropped because its peer's receive ring was full: its
+/// `tx_dropped`, which counts skbs and XDP frames (`xdp_xmit_errors`) alike.
+fn ring_full(ns: &str, dev: &str) -> anyhow::Result<u64> {
+    let out = sh(
+        ns,
+        &format!("cat /sys/class/net/{dev}/statistics/tx_dropped"),
+    )?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("tx_dropped of {dev}: {out:?}"))
 }
 
 /// Loads `program` from the floors object and attaches it natively to `dev` in `ns`.
@@ -529,7 +610,7 @@ fn thread_napi(ns: &str, dev: &str, cpu: usize) -> anyhow::Result<i32> {
         match found[..] {
             [pid] => {
                 pin(pid, cpu)?;
-                realtime(pid)?;
+                realtime(pid, NAPI_PRIORITY)?;
                 return Ok(pid);
             }
             [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
@@ -602,14 +683,8 @@ impl Wire {
         sh(
             &n.gen_ns,
             &format!(
-                "ip addr add {GEN_ADDR}/24 dev {g} && ip link set {g} up && \
-                 ethtool -K {g} tx off >/dev/null && \
-                 sysctl -qw net.ipv4.ip_forward=1 && \
-                 ip neigh replace {LB_IN_ADDR} lladdr {m} dev {g} nud permanent && \
-                 ip route add {vip}/32 via {LB_IN_ADDR}",
+                "ip addr add {GEN_ADDR}/24 dev {g} && ip link set {g} up",
                 g = n.g,
-                m = mac(MAC_LI),
-                vip = VIP.ip()
             ),
         )?;
         let mut lb = format!(
@@ -750,15 +825,19 @@ impl Wire {
         let n = &self.n;
         let arrived0 = rx_packets(&n.be_ns, &n.bx)?;
         let lb0 = rx_packets(&n.lb_ns, &n.li)?;
+        let full0 = ring_full(&n.gen_ns, &n.g)?;
         let cpu0 = cpu_times();
         let napi0 = run_ns(self.lb_napi)?;
-        let (sent, window_s) = generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu)?;
+        let (sent, window_s, gen_run_s) =
+            generate(&n.gen_ns, &n.g, frame.to_vec(), duration, self.gen_cpu)?;
         let cpu1 = cpu_times();
         let napi1 = run_ns(self.lb_napi)?;
         thread::sleep(SETTLE);
         let arrived1 = rx_packets(&n.be_ns, &n.bx)?;
         let lb1 = rx_packets(&n.lb_ns, &n.li)?;
+        let full1 = ring_full(&n.gen_ns, &n.g)?;
         Ok(Sample {
+            ring_full: full1.saturating_sub(full0),
             window_s,
             sent,
             lb_rx: lb1.saturating_sub(lb0),
@@ -766,6 +845,7 @@ impl Wire {
             lb_busy: busy_share(&cpu0, &cpu1, self.lb_cpu),
             lb_thread: (napi1 - napi0) as f64 / 1e9 / window_s,
             gen_busy: busy_share(&cpu0, &cpu1, self.gen_cpu),
+            gen_thread: gen_run_s / window_s,
         })
     }
 }
@@ -788,30 +868,49 @@ fn wait_ready(child: &mut ChildGuard, log: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The generator: `floor_tx` in live-frames mode out of `dev` of `ns`, from a thread pinned
-/// to `cpu`, `CHUNK` frames a call until `duration` is over. Returns (frames, seconds).
+/// The generator: `wire_gen` (header from `frame`, XDP_TX) in live-frames mode out of
+/// `dev` of `ns`, from a SCHED_FIFO thread pinned to `cpu`, `CHUNK` frames a call until
+/// `duration` is over. Returns (frames, seconds, seconds the thread ran).
 fn generate(
     ns: &str,
     dev: &str,
     frame: Vec<u8>,
     duration: Duration,
     cpu: usize,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<(u64, f64, f64)> {
     let dev = dev.to_owned();
     netns::in_netns(ns, move || {
         pin(0, cpu)?;
+        realtime(0, GEN_PRIORITY)?;
         let name = std::ffi::CString::new(dev.clone())?;
         // SAFETY: name is a valid NUL-terminated string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         ensure!(ifindex != 0, "no interface {dev}");
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
+        let mut head = [0u64; 6];
+        for (w, b) in head.iter_mut().zip(frame.chunks(8)) {
+            let mut bytes = [0u8; 8];
+            bytes[..b.len()].copy_from_slice(b);
+            *w = u64::from_ne_bytes(bytes);
+        }
+        Array::<_, [u64; 6]>::try_from(
+            ebpf.map_mut("WIRE_HEAD")
+                .ok_or_else(|| anyhow!("no map WIRE_HEAD in the floors object"))?,
+        )?
+        .set(0, head, 0)?;
+        Array::<_, u32>::try_from(
+            ebpf.map_mut("WIRE_VERDICT")
+                .ok_or_else(|| anyhow!("no map WIRE_VERDICT in the floors object"))?,
+        )?
+        .set(0, XDP_TX, 0)?;
         let prog: &mut Xdp = ebpf
-            .program_mut("floor_pass")
-            .ok_or_else(|| anyhow!("no program floor_pass in the floors object"))?
+            .program_mut("wire_gen")
+            .ok_or_else(|| anyhow!("no program wire_gen in the floors object"))?
             .try_into()?;
-        prog.load().context("loading floor_pass")?;
+        prog.load().context("loading wire_gen")?;
         let ctx = xdp_md(frame.len(), ifindex, 0);
         let mut sent = 0u64;
+        let ran0 = thread_run_ns()?;
         let start = Instant::now();
         while start.elapsed() < duration {
             let opts = TestRunOptions {
@@ -825,13 +924,57 @@ fn generate(
                 .context("test_run in live-frames mode (the generator)")?;
             sent += u64::from(CHUNK);
         }
-        Ok((sent, start.elapsed().as_secs_f64()))
+        let ran = thread_run_ns()? - ran0;
+        Ok((sent, start.elapsed().as_secs_f64(), ran as f64 / 1e9))
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_core_rate_and_flags_follow_the_counters() {
+        let s = Sample {
+            window_s: 2.0,
+            sent: 4_000_000,
+            lb_rx: 3_000_000,
+            arrived: 3_000_000,
+            ring_full: 1_000_000,
+            lb_busy: 1.0,
+            lb_thread: 0.5,
+            gen_busy: 1.0,
+            gen_thread: 0.4,
+        };
+        // 3 M frames in 1 s of LB thread time.
+        assert!((s.core_pps() - 3e6).abs() < 1.0);
+        let f = flags(&[s]);
+        assert!(
+            f.starts_with("generator-bound: the LB thread ran 50 %, the generator's 40 %"),
+            "{f}"
+        );
+        assert!(
+            f.contains("25 % of the offered frames found LI's 256-frame ring full"),
+            "{f}"
+        );
+        assert!(!f.contains('!'), "{f}");
+        let lost = Sample {
+            lb_rx: 1_000_000,
+            arrived: 500_000,
+            lb_thread: 0.95,
+            ..s
+        };
+        let f = flags(&[lost]);
+        assert!(f.starts_with("LB saturated: its thread ran 95 %"), "{f}");
+        assert!(
+            f.contains("! 50.0 % of the offered frames neither reached LI"),
+            "{f}"
+        );
+        assert!(
+            f.contains("! only 50.0 % of what reached LI arrived"),
+            "{f}"
+        );
+    }
 
     #[test]
     fn frames_have_the_size_and_a_valid_header() {
@@ -841,6 +984,8 @@ mod tests {
             assert_eq!(ipv4_checksum(&f[14..34]), 0, "header checksum of {size}");
             assert_eq!(usize::from(u16::from_be_bytes([f[16], f[17]])), size - 14);
             assert_eq!(usize::from(u16::from_be_bytes([f[38], f[39]])), size - 34);
+            // From G to LI: the frame enters LI as it left the generator.
+            assert_eq!((&f[0..6], &f[6..12]), (&MAC_LI[..], &MAC_G[..]));
         }
         use clap::Parser as _;
         let a = |v: &[&str]| {
