@@ -142,22 +142,21 @@ pub fn established(
     l2: &L2,
     filter_flags: u32,
     vip: &VipMeta,
-    entry: *mut FlowEntry,
+    entry: &mut FlowEntry,
 ) -> Result<(), Exit> {
     if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
         || vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0
     {
         let generation = hashing::filter_gen();
-        // SAFETY: `entry` points into the flow table's value (hashing::Established),
-        // valid for the program's run; a u32 read and write.
-        if unsafe { (*entry).filter_gen } != generation {
+        if entry.filter_gen != generation {
             let src = source(ctx, l2, filter_flags);
             deny(src.as_ref(), filter_flags)?;
             self::vip(ctx, l2, filter_flags, src.as_ref(), vip)?;
-            // SAFETY: as above. Were the entry evicted and reused by another flow since
-            // the lookup (the LRU's recycling), that flow was just admitted under the
-            // generation read here or an earlier one, and at worst skips one check.
-            unsafe { (*entry).filter_gen = generation };
+            // Were the entry evicted and reused by another flow since the lookup (the
+            // LRU recycles entries at once), that flow, admitted a moment before, takes
+            // this generation: it matters only if a list changed in between, and only
+            // until the next bump (README, "Filter verdicts of established flows").
+            entry.filter_gen = generation;
             return Ok(());
         }
     }

@@ -225,9 +225,8 @@ pub fn choose_backend<T: FlowTables>(
 pub struct Established {
     pub vip: VipMeta,
     pub choice: Choice,
-    /// The entry in the flow table: a pointer into the map's value, valid for the
-    /// program's run.
-    pub entry: *mut FlowEntry,
+    /// The entry in the flow table (the map's value, valid for the program's run).
+    pub entry: &'static mut FlowEntry,
 }
 
 /// The established IPv4 flow `fkey` to the VIP `vip_key`, if the flow table has it and
@@ -240,10 +239,11 @@ pub struct Established {
 /// counted or written here.
 #[inline(always)]
 pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<Established> {
-    let entry = FLOWS_V4.get_ptr_mut(fkey)?;
-    // SAFETY: a preallocated flow table's value, valid for the program's run; a racing
-    // update can at worst hand us another valid backend id, which is checked below.
-    let backend_id = unsafe { (*entry).backend_id };
+    // SAFETY: a preallocated flow table's value, valid for the program's run (as the
+    // `&'static` of `LruHashMap::get`); a racing update can at worst hand us another
+    // valid backend id, which is checked below.
+    let entry = unsafe { &mut *FLOWS_V4.get_ptr_mut(fkey)? };
+    let backend_id = entry.backend_id;
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
@@ -272,9 +272,9 @@ pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<Establishe
 /// path.
 #[inline(always)]
 pub fn established_v6(key: &FlowKey, vip_key: &VipKey) -> Option<Established> {
-    let entry = FLOWS.get_ptr_mut(key)?;
     // SAFETY: as in established_v4.
-    let backend_id = unsafe { (*entry).backend_id };
+    let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let backend_id = entry.backend_id;
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;

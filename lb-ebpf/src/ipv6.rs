@@ -165,7 +165,8 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Ipv6Flow, Counter> 
     };
     let hdr = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(Counter::PassTruncated)?;
     Ok(Ipv6Flow {
-        key: crate::keys::flow_key_v6(hdr, ports.source, ports.dest, ip.nexthdr),
+        // SAFETY: `hdr` is a whole IPv6 header inside the packet (ptr_at checked it).
+        key: unsafe { crate::keys::flow_key_v6(hdr, ports.source, ports.dest, ip.nexthdr) },
         len: (IPV6_HLEN + payload) as u16,
         tc: ip.traffic_class(),
         tcp_syn,

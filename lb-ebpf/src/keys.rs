@@ -100,12 +100,21 @@ pub fn vip_key_eq(a: &VipKey, b: &VipKey) -> bool {
 /// `sport`/`dport` as on the wire, family [`lb_common::types::FAMILY_V6`]. Volatile
 /// reads: copied as arrays, the addresses became a `memmove` call (LLVM could not tell
 /// the packet from the stack).
+///
+/// # Safety
+///
+/// `ip` must point to a whole IPv6 header inside the packet (bounds checked).
 #[inline(always)]
-pub fn flow_key_v6(ip: *const crate::ipv6::Ipv6Hdr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+pub unsafe fn flow_key_v6(
+    ip: *const crate::ipv6::Ipv6Hdr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
     let s = sport.to_ne_bytes();
     let d = dport.to_ne_bytes();
-    // SAFETY: `ip` points to a whole IPv6 header inside the packet (the caller checked
-    // its bounds); FlowKey is #[repr(C)] { [u32; 4], [u32; 4], u16, u16, u8, u8, [u8; 2] }:
+    // SAFETY: `ip` points to a whole IPv6 header inside the packet (the caller's
+    // contract); FlowKey is #[repr(C)] { [u32; 4], [u32; 4], u16, u16, u8, u8, [u8; 2] }:
     // 40 bytes of plain integers, the ports in word 8, protocol, family and padding in
     // word 9.
     unsafe {
