@@ -86,6 +86,17 @@ pub const SCRATCH: &str = "XDPLB_SCRATCH";
 /// second, for `GlobalConfig::max_new_flows_per_cpu` (written only by the program).
 pub const NEW_FLOW_RATE: &str = "XDPLB_NEW_RATE";
 
+/// `Array<u32>` with one entry: the filter generation, bumped by the agent after every
+/// pass that wrote the deny/allow tries or the flags that enable them
+/// (`lb-agent/src/dataplane/sync.rs`). A flow entry's `FlowEntry::filter_gen` equal to
+/// it means the flow's source passed the lists as they are now.
+pub const FILTER_GEN: &str = "XDPLB_FILT_GEN";
+
+/// `Array<ServiceV6>` indexed by service id: each service's IPv6 VIP key and meta (zero
+/// for IPv4 VIPs and free ids), for established IPv6 flows, as [`SERVICES_V4`] for
+/// IPv4. Written with [`VIPS`]; capacity: `max_services`.
+pub const SERVICES_V6: &str = "XDPLB_SVC_V6";
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -114,6 +125,8 @@ pub const ALL: &[&str] = &[
     SERVICES_V4,
     SCRATCH,
     NEW_FLOW_RATE,
+    FILTER_GEN,
+    SERVICES_V6,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -113,7 +113,12 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 pub struct FlowEntry {
     /// Index into [`crate::maps::BACKENDS`].
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The filter generation ([`crate::maps::FILTER_GEN`]) under which this flow's
+    /// source last passed the source filters (the global and its service's deny and
+    /// allow lists). While it equals the current generation, an established packet of
+    /// the flow skips the filter lookups: the agent bumps the generation after every
+    /// change of a list (README, "Filter verdicts of established flows"). Was padding.
+    pub filter_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 8);
 
@@ -372,6 +377,18 @@ pub struct ServiceV4 {
 }
 const _: () = assert!(core::mem::size_of::<ServiceV4>() == 24);
 
+/// Value of [`crate::maps::SERVICES_V6`], indexed by service id: the service's IPv6 VIP
+/// and its [`VipMeta`] as in [`crate::maps::VIPS`], for established IPv6 flows (as
+/// [`ServiceV4`] for IPv4): the entry counts only when `key` is the packet's VIP. All
+/// zero for a free id or an IPv4 VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceV6 {
+    pub key: VipKey,
+    pub meta: VipMeta,
+}
+const _: () = assert!(core::mem::size_of::<ServiceV6>() == 36);
+
 /// Key of [`crate::maps::FLOWS_V4`] and [`crate::maps::FLOWS_NEW_V4`]: an IPv4 flow in
 /// 16 bytes instead of [`FlowKey`]'s 40 (the kernel hashes and compares the whole key
 /// on every lookup).
@@ -444,4 +461,5 @@ mod pod {
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for ServiceV4 {}
     unsafe impl aya::Pod for NewFlowRate {}
+    unsafe impl aya::Pod for ServiceV6 {}
 }

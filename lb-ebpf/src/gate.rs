@@ -11,13 +11,14 @@ use aya_ebpf::{
 use lb_common::{
     stats::Counter,
     types::{
-        FILTER_F_ALLOW, FILTER_F_DENY, FilterAddr, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7, VipMeta,
+        FILTER_F_ALLOW, FILTER_F_DENY, FilterAddr, FlowEntry, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7,
+        VipMeta,
     },
 };
 
 use crate::{
     encap::Exit,
-    filter,
+    filter, hashing,
     parsing::L2,
     stats::{count, count_drop},
 };
@@ -115,6 +116,48 @@ pub fn vip(
             if vip.flags & VIP_F_ALLOW != 0 {
                 filter::check_service_allow(own)?;
             }
+        }
+    }
+    if vip.flags & VIP_F_L7 != 0 {
+        return Err(Exit::Pass(Counter::PassL7));
+    }
+    Ok(())
+}
+
+/// For a packet of an established flow (a flow-table hit on the short path, before any
+/// filter ran) to `vip`: the source filters, unless the flow's entry says its source
+/// passed them as they are now, then the L7 hand-off as [`vip`].
+///
+/// The entry's `filter_gen` equal to the current generation ([`hashing::filter_gen`])
+/// means the flow's source passed every list in use since the agent's last change of
+/// them (the agent bumps the generation after each pass that wrote a trie or the flags
+/// that enable one): the global deny and allow lists and the service's own depend only
+/// on the source and the service, both fixed for the flow. Otherwise the lists are
+/// looked up as for any packet, and once they pass the entry takes the generation read
+/// before them (a list written while they ran leaves the entry behind the bump: its
+/// next packet looks again). With no list in use the generation is not even read.
+#[inline(always)]
+pub fn established(
+    ctx: &XdpContext,
+    l2: &L2,
+    filter_flags: u32,
+    vip: &VipMeta,
+    entry: &mut FlowEntry,
+) -> Result<(), Exit> {
+    if filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
+        || vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0
+    {
+        let generation = hashing::filter_gen();
+        if entry.filter_gen != generation {
+            let src = source(ctx, l2, filter_flags);
+            deny(src.as_ref(), filter_flags)?;
+            self::vip(ctx, l2, filter_flags, src.as_ref(), vip)?;
+            // Were the entry evicted and reused by another flow since the lookup (the
+            // LRU recycles entries at once), that flow, admitted a moment before, takes
+            // this generation: it matters only if a list changed in between, and only
+            // until the next bump (README, "Filter verdicts of established flows").
+            entry.filter_gen = generation;
+            return Ok(());
         }
     }
     if vip.flags & VIP_F_L7 != 0 {

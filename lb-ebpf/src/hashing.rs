@@ -7,13 +7,16 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, NEW_FLOW_RATE_WINDOW_NS,
-        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipKeyV4, VipMeta,
+        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipKey, VipKeyV4, VipMeta,
     },
 };
 
 use crate::{
     limit,
-    maps::{BACKENDS, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, NEW_FLOW_RATE, RINGS, SERVICES_V4},
+    maps::{
+        BACKENDS, FILTER_GEN, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, NEW_FLOW_RATE, RINGS,
+        SERVICES_V4, SERVICES_V6,
+    },
     stats::count,
 };
 
@@ -73,12 +76,23 @@ fn usable(backend: &Backend, service_id: u32) -> bool {
 
 /// Which `new_flows_per_source` limits apply to a packet: the global one and/or its
 /// service's (`FLOW_LIMITS` index `service_id + 1`); and the admission rule's cap
-/// (`dataplane.max_new_flows_per_cpu`, 0 = none).
+/// (`dataplane.max_new_flows_per_cpu`, 0 = none); and the filter generation the
+/// packet's source filters were checked under ([`filter_gen`], read before them),
+/// stored in every flow entry the packet writes.
 #[derive(Clone, Copy)]
 pub struct Limits {
     pub global: bool,
     pub service: bool,
     pub max_new_flows: u32,
+    pub filter_gen: u32,
+}
+
+/// The current filter generation (`FILTER_GEN[0]`, bumped by the agent after every
+/// change of the source filters): a flow entry that carries it was admitted, or last
+/// checked, against the lists as they are now.
+#[inline(always)]
+pub fn filter_gen() -> u32 {
+    FILTER_GEN.get(0).map_or(0, |g| *g)
 }
 
 /// Katran's admission rule (`is_under_flood` in its balancer): count one new flow on
@@ -149,12 +163,16 @@ pub fn choose_backend<T: FlowTables>(
                 });
             }
             count(Counter::FlowRehash);
-            return pick_from_ring::<T>(key, fkey, vip, Table::Established);
+            return pick_from_ring::<T>(key, fkey, vip, Table::Established, limits.filter_gen);
         }
         // SAFETY: as above.
         if let Some(entry) = unsafe { T::new().get(fkey) } {
             let backend_id = entry.backend_id;
-            let entry = *entry;
+            // This packet passed the filters under `filter_gen`.
+            let entry = FlowEntry {
+                backend_id,
+                filter_gen: limits.filter_gen,
+            };
             // A failed delete only leaves the entry to age out of the LRU.
             let _ = T::new().remove(fkey);
             count(Counter::FlowPromoted);
@@ -168,7 +186,7 @@ pub fn choose_backend<T: FlowTables>(
                 });
             }
             count(Counter::FlowRehash);
-            return pick_from_ring::<T>(key, fkey, vip, Table::Established);
+            return pick_from_ring::<T>(key, fkey, vip, Table::Established, limits.filter_gen);
         }
     }
     if limits.global || limits.service {
@@ -199,7 +217,16 @@ pub fn choose_backend<T: FlowTables>(
         count(Counter::FlowNotInserted);
         return ring_choice(key, vip);
     }
-    pick_from_ring::<T>(key, fkey, vip, Table::New)
+    pick_from_ring::<T>(key, fkey, vip, Table::New, limits.filter_gen)
+}
+
+/// An established flow's flow-table hit on the short path: its VIP's meta, the choice,
+/// and its entry (whose `filter_gen` the caller compares and refreshes, `gate::established`).
+pub struct Established {
+    pub vip: VipMeta,
+    pub choice: Choice,
+    /// The entry in the flow table (the map's value, valid for the program's run).
+    pub entry: &'static mut FlowEntry,
 }
 
 /// The established IPv4 flow `fkey` to the VIP `vip_key`, if the flow table has it and
@@ -211,9 +238,12 @@ pub fn choose_backend<T: FlowTables>(
 /// the packet takes the whole path: VIP lookup, then [`choose_backend`]. Nothing is
 /// counted or written here.
 #[inline(always)]
-pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<(VipMeta, Choice)> {
-    // SAFETY: as in choose_backend.
-    let backend_id = unsafe { FLOWS_V4.get(fkey) }?.backend_id;
+pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<Established> {
+    // SAFETY: a preallocated flow table's value, valid for the program's run (as the
+    // `&'static` of `LruHashMap::get`); a racing update can at worst hand us another
+    // valid backend id, which is checked below.
+    let entry = unsafe { &mut *FLOWS_V4.get_ptr_mut(fkey)? };
+    let backend_id = entry.backend_id;
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
@@ -226,13 +256,45 @@ pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<(VipMeta, 
     {
         return None;
     }
-    Some((
-        meta,
-        Choice {
+    Some(Established {
+        vip: meta,
+        choice: Choice {
             backend_id,
             backend: *backend,
         },
-    ))
+        entry,
+    })
+}
+
+/// [`established_v4`] for IPv6: the flow `key` (40 bytes) in `FLOWS`, its backend, and
+/// its service's entry in `SERVICES_V6` (an array read and a 20-byte compare instead of
+/// hashing the 20-byte VIP key into `VIPS`). The same conditions; None takes the whole
+/// path.
+#[inline(always)]
+pub fn established_v6(key: &FlowKey, vip_key: &VipKey) -> Option<Established> {
+    // SAFETY: as in established_v4.
+    let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let backend_id = entry.backend_id;
+    let backend = BACKENDS.get(backend_id)?;
+    if backend.flags & BACKEND_F_ACTIVE == 0 {
+        return None;
+    }
+    let service = SERVICES_V6.get(backend.service_id)?;
+    let meta = service.meta;
+    if !crate::keys::vip_key_eq(&service.key, vip_key)
+        || meta.service_id != backend.service_id
+        || meta.flags & VIP_F_QUIC != 0
+    {
+        return None;
+    }
+    Some(Established {
+        vip: meta,
+        choice: Choice {
+            backend_id,
+            backend: *backend,
+        },
+        entry,
+    })
 }
 
 #[inline(always)]
@@ -261,6 +323,7 @@ fn pick_from_ring<T: FlowTables>(
     fkey: &T::Key,
     vip: &VipMeta,
     table: Table,
+    filter_gen: u32,
 ) -> Result<Choice, DropReason> {
     let Choice {
         backend_id,
@@ -268,7 +331,7 @@ fn pick_from_ring<T: FlowTables>(
     } = ring_choice(key, vip)?;
     let entry = FlowEntry {
         backend_id,
-        _pad: 0,
+        filter_gen,
     };
     // A full table evicts its least recently used flow; a failed insert only means the
     // next packet of the flow hashes again, to the same slot while the ring is unchanged.

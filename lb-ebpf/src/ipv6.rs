@@ -46,7 +46,7 @@ use crate::{
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
-    hashing::{Choice, Limits, V6, choose_backend},
+    hashing::{self, Choice, Limits, V6, choose_backend},
     maps::{CONFIG, DECAP_DSTS, VIPS},
     nexthop,
     parsing::{
@@ -163,16 +163,10 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Ipv6Flow, Counter> 
     } else {
         false
     };
+    let hdr = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(Counter::PassTruncated)?;
     Ok(Ipv6Flow {
-        key: FlowKey {
-            src: ip.saddr,
-            dst: ip.daddr,
-            sport: ports.source,
-            dport: ports.dest,
-            proto: ip.nexthdr,
-            family: FAMILY_V6,
-            _pad: [0; 2],
-        },
+        // SAFETY: `hdr` is a whole IPv6 header inside the packet (ptr_at checked it).
+        key: unsafe { crate::keys::flow_key_v6(hdr, ports.source, ports.dest, ip.nexthdr) },
         len: (IPV6_HLEN + payload) as u16,
         tc: ip.traffic_class(),
         tcp_syn,
@@ -197,14 +191,16 @@ pub fn try_lb_v6(
         proto: ETH_P_IPV6,
     };
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = gate::source(ctx, &l2, filter_flags);
-    gate::deny(src.as_ref(), filter_flags)?;
     let pkt = match parse_ipv6(ctx, l3_off) {
         Ok(pkt) => pkt,
-        Err(Counter::PassNotVip) => {
-            return Ok(NEXT_ICMP6);
+        Err(counter) => {
+            // The deny list applies to every IPv6 packet (extension headers, ICMPv6).
+            gate::deny(gate::source(ctx, &l2, filter_flags).as_ref(), filter_flags)?;
+            return match counter {
+                Counter::PassNotVip => Ok(NEXT_ICMP6),
+                counter => Err(Exit::Pass(counter)),
+            };
         }
-        Err(counter) => return Err(Exit::Pass(counter)),
     };
     let vip_key = VipKey {
         addr: pkt.key.dst,
@@ -212,22 +208,47 @@ pub fn try_lb_v6(
         proto: pkt.key.proto,
         family: FAMILY_V6,
     };
-    // SAFETY: VIPS is preallocated; values are written whole by the agent.
-    let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
-    gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
+    // As on the IPv4 path: an established flow's packet looks its flow up first, and a
+    // hit names its service (SERVICES_V6) with no VIP lookup (hashing::established_v6);
+    // its entry says whether the filters need looking up (gate::established).
+    let established = if pkt.tcp_syn {
+        None
+    } else {
+        hashing::established_v6(&pkt.key, &vip_key)
+    };
+    let (vip, established, filter_gen) = match established {
+        Some(hit) => {
+            gate::established(ctx, &l2, filter_flags, &hit.vip, hit.entry)?;
+            (hit.vip, Some(hit.choice), 0)
+        }
+        None => {
+            // Read before the lists: stored in the flow entries this packet writes.
+            let filter_gen = hashing::filter_gen();
+            let src = gate::source(ctx, &l2, filter_flags);
+            gate::deny(src.as_ref(), filter_flags)?;
+            // SAFETY: VIPS is preallocated; values are written whole by the agent.
+            let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
+            gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
+            (vip, None, filter_gen)
+        }
+    };
     let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
     let mtu = cfg.mtu;
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
         max_new_flows: cfg.max_new_flows_per_cpu,
+        filter_gen,
     };
     // QUIC short headers naming a live backend go there (quic.rs), as on the IPv4 path.
     let end = l3_off + usize::from(pkt.len);
-    let choice = match quic::backend_at(ctx, &vip, pkt.key.proto, l3_off + IPV6_HLEN, end) {
-        Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
-        None => choose_backend::<V6>(&pkt.key, &pkt.key, &vip, pkt.tcp_syn, limits)
-            .map_err(Exit::Drop)?,
+    let choice = match established {
+        Some(choice) => choice,
+        None => match quic::backend_at(ctx, &vip, pkt.key.proto, l3_off + IPV6_HLEN, end) {
+            Some(id) => quic::choice(id).ok_or(Exit::Drop(DropReason::NoBackend))?,
+            None => choose_backend::<V6>(&pkt.key, &pkt.key, &vip, pkt.tcp_syn, limits)
+                .map_err(Exit::Drop)?,
+        },
     };
     // The tunnel's header length depends on the backend's family, so the MTU check
     // comes after the choice (a packet answered here may have entered the flow table).

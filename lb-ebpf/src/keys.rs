@@ -6,9 +6,9 @@
 //! `memset`; `tests/tests/integration/ebpf_object.rs` checks it). Built from whole
 //! 32-bit words (family and padding in one word) there is no such run.
 
-use core::mem::transmute;
+use core::{mem::transmute, ptr::read_volatile};
 
-use lb_common::types::{DecapKey, FilterAddr, FlowKey, FlowKeyV4, VipAddrKey, VipKeyV4};
+use lb_common::types::{DecapKey, FilterAddr, FlowKey, FlowKeyV4, VipAddrKey, VipKey, VipKeyV4};
 
 /// A little word holding `b0` in its first byte and `b1..b3` after it, in memory order.
 #[inline(always)]
@@ -79,6 +79,59 @@ pub fn flow_key_v4(key: &FlowKey) -> FlowKeyV4 {
             key.dst[0],
             word(s[0], s[1], d[0], d[1]),
             word(key.proto, 0, 0, 0),
+        ])
+    }
+}
+
+/// `a == b`, field by field: the derived comparison of the address arrays may be
+/// lowered to a `memcmp`/`bcmp` call, which the object must not make (see above).
+#[inline(always)]
+pub fn vip_key_eq(a: &VipKey, b: &VipKey) -> bool {
+    a.addr[0] == b.addr[0]
+        && a.addr[1] == b.addr[1]
+        && a.addr[2] == b.addr[2]
+        && a.addr[3] == b.addr[3]
+        && a.port == b.port
+        && a.proto == b.proto
+        && a.family == b.family
+}
+
+/// The [`FlowKey`] of an IPv6 packet: addresses read from its header `ip` word by word,
+/// `sport`/`dport` as on the wire, family [`lb_common::types::FAMILY_V6`]. Volatile
+/// reads: copied as arrays, the addresses became a `memmove` call (LLVM could not tell
+/// the packet from the stack).
+///
+/// # Safety
+///
+/// `ip` must point to a whole IPv6 header inside the packet (bounds checked).
+#[inline(always)]
+pub unsafe fn flow_key_v6(
+    ip: *const crate::ipv6::Ipv6Hdr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    let s = sport.to_ne_bytes();
+    let d = dport.to_ne_bytes();
+    // SAFETY: `ip` points to a whole IPv6 header inside the packet (the caller's
+    // contract); FlowKey is #[repr(C)] { [u32; 4], [u32; 4], u16, u16, u8, u8, [u8; 2] }:
+    // 40 bytes of plain integers, the ports in word 8, protocol, family and padding in
+    // word 9.
+    unsafe {
+        let w = |p: *const u32| read_volatile(p);
+        let sa = (&raw const (*ip).saddr).cast::<u32>();
+        let da = (&raw const (*ip).daddr).cast::<u32>();
+        transmute::<[u32; 10], FlowKey>([
+            w(sa),
+            w(sa.add(1)),
+            w(sa.add(2)),
+            w(sa.add(3)),
+            w(da),
+            w(da.add(1)),
+            w(da.add(2)),
+            w(da.add(3)),
+            word(s[0], s[1], d[0], d[1]),
+            word(proto, lb_common::types::FAMILY_V6, 0, 0),
         ])
     }
 }

@@ -93,20 +93,26 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         l3_off,
         proto: ETH_P_IP,
     };
-    // Source filters come first; with no list in use they cost nothing but this read.
+    // Source filters: with no list in use they cost nothing but this read.
     let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
-    let src = gate::source(ctx, &l2, filter_flags);
-    gate::deny(src.as_ref(), filter_flags)?;
     let pkt = match parse_ipv4(ctx, l2.l3_off) {
         Ok(pkt) => pkt,
-        // Neither TCP nor UDP: ICMP to a VIP address is ours (icmp.rs), the rest passes.
-        Err(Counter::PassNotVip) => return Ok(NEXT_ICMP4),
-        Err(counter) => return Err(Exit::Pass(counter)),
+        Err(counter) => {
+            // The deny list applies to every IPv4 packet (fragments, options, ICMP).
+            gate::deny(gate::source(ctx, &l2, filter_flags).as_ref(), filter_flags)?;
+            return match counter {
+                // Neither TCP nor UDP: ICMP to a VIP address is ours (icmp.rs).
+                Counter::PassNotVip => Ok(NEXT_ICMP4),
+                counter => Err(Exit::Pass(counter)),
+            };
+        }
     };
     // IPv4 VIPs and flows have short keys of their own (VIPS_V4, FLOWS_V4): the kernel
     // hashes and compares whole keys on every lookup (issue 12, item 2). An established
     // flow's packet (not a SYN) looks its flow up first: a hit gives the backend, whose
-    // service's entry gives the VIP's meta, with no VIP lookup (hashing.rs).
+    // service's entry gives the VIP's meta, with no VIP lookup (hashing.rs), and its
+    // entry says whether its source already passed the filters as they are now
+    // (gate::established): then it skips their lookups.
     let vip_key = keys::vip_key_v4(pkt.key.dst[0], pkt.key.dport, pkt.key.proto);
     let fkey = keys::flow_key_v4(&pkt.key);
     let established = if pkt.tcp_syn {
@@ -114,16 +120,26 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
     } else {
         hashing::established_v4(&fkey, &vip_key)
     };
-    let (vip, established) = match established {
-        Some((vip, choice)) => (vip, Some(choice)),
-        // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
-        None => match unsafe { VIPS_V4.get(vip_key) } {
-            Some(vip) => (*vip, None),
-            None => return Err(Exit::Pass(Counter::PassNotVip)),
-        },
+    let (vip, established, filter_gen) = match established {
+        Some(hit) => {
+            gate::established(ctx, &l2, filter_flags, &hit.vip, hit.entry)?;
+            (hit.vip, Some(hit.choice), 0)
+        }
+        None => {
+            // Read before the lists: stored in the flow entries this packet writes.
+            let filter_gen = hashing::filter_gen();
+            let src = gate::source(ctx, &l2, filter_flags);
+            gate::deny(src.as_ref(), filter_flags)?;
+            // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
+            let vip = match unsafe { VIPS_V4.get(vip_key) } {
+                Some(vip) => *vip,
+                None => return Err(Exit::Pass(Counter::PassNotVip)),
+            };
+            // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
+            gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
+            (vip, None, filter_gen)
+        }
     };
-    // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
-    gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
     let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
     let (source, mtu) = (cfg.source_v4, cfg.mtu);
     if source == 0 {
@@ -140,6 +156,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,
         service: vip.flags & VIP_F_FLOW_LIMIT != 0,
         max_new_flows: cfg.max_new_flows_per_cpu,
+        filter_gen,
     };
     // QUIC short headers naming a live backend go there (quic.rs); the rest as ever.
     let choice = match established {

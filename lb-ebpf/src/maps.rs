@@ -15,8 +15,8 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
-        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey,
-        VipKey, VipKeyV4, VipMeta,
+        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, ServiceV6, TrafficCounters,
+        VipAddrKey, VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -126,3 +126,12 @@ pub static SCRATCH: PerCpuArray<[u8; crate::csum::SCRATCH_LEN]> =
 /// `dataplane.max_new_flows_per_cpu`.
 #[map(name = "XDPLB_NEW_RATE")]
 pub static NEW_FLOW_RATE: PerCpuArray<NewFlowRate> = PerCpuArray::with_max_entries(1, 0);
+
+/// The filter generation (`hashing::filter_gen`): an established flow whose entry
+/// carries it skips the source filters' lookups.
+#[map(name = "XDPLB_FILT_GEN")]
+pub static FILTER_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Each service's IPv6 VIP and meta by service id (established IPv6 flows).
+#[map(name = "XDPLB_SVC_V6")]
+pub static SERVICES_V6: Array<ServiceV6> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);

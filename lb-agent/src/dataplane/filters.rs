@@ -138,6 +138,9 @@ pub struct FilterTable {
     not_allowed: BTreeMap<u32, u32>,
     /// `FLOW_LIMITS` entries as written, by index.
     limits: BTreeMap<u32, FlowLimit>,
+    /// Writes to the four tries attempted so far (successful or not): the reconciler
+    /// bumps the filter generation after a pass that made any (`Reconciler::apply`).
+    trie_writes: u64,
 }
 
 impl FilterTable {
@@ -148,7 +151,13 @@ impl FilterTable {
             allow: BTreeMap::new(),
             not_allowed: BTreeMap::new(),
             limits: BTreeMap::new(),
+            trie_writes: 0,
         }
+    }
+
+    /// Writes to the tries attempted so far (see the field).
+    pub fn trie_writes(&self) -> u64 {
+        self.trie_writes
     }
 
     /// Read back the tries a previous agent filled (hitless restart). Rules keep
@@ -303,6 +312,7 @@ impl FilterTable {
                 continue;
             }
             let id = self.new_id(maps)?;
+            self.trie_writes += 1;
             Self::tries(maps, scope)
                 .0
                 .insert(&filter_key(scope, net), FilterRule { rule_id: id }, 0)
@@ -313,6 +323,7 @@ impl FilterTable {
             if self.allow.get(&(scope, net)) == Some(&id) {
                 continue;
             }
+            self.trie_writes += 1;
             Self::tries(maps, scope)
                 .1
                 .insert(&filter_key(scope, net), FilterRule { rule_id: id }, 0)
@@ -359,6 +370,7 @@ impl FilterTable {
             .map(|(_, n)| *n)
             .collect();
         for net in gone {
+            self.trie_writes += 1;
             match Self::tries(maps, scope).0.remove(&filter_key(scope, net)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(write(e)),
@@ -382,6 +394,7 @@ impl FilterTable {
             .map(|(_, n)| *n)
             .collect();
         for net in gone {
+            self.trie_writes += 1;
             match Self::tries(maps, scope).1.remove(&filter_key(scope, net)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(write(e)),

@@ -13,7 +13,8 @@ use lb_common::{
     maps as names,
     types::{
         Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit, GlobalConfig,
-        NextHopEntry, QuicKey, ServiceV4, TrafficCounters, VipAddrKey, VipKey, VipKeyV4, VipMeta,
+        NextHopEntry, QuicKey, ServiceV4, ServiceV6, TrafficCounters, VipAddrKey, VipKey, VipKeyV4,
+        VipMeta,
     },
 };
 
@@ -78,6 +79,12 @@ pub struct Maps {
     /// Each service's IPv4 VIP key and meta by service id (established IPv4 flows);
     /// written with `vips_v4` by the reconciler only.
     pub services_v4: Array<MapData, ServiceV4>,
+    /// The filter generation (one slot), bumped by the reconciler after every pass
+    /// that changed the source filters: established flows re-check their source then.
+    pub filter_gen: Array<MapData, u32>,
+    /// Each service's IPv6 VIP key and meta by service id (established IPv6 flows);
+    /// written with `vips` by the reconciler only.
+    pub services_v6: Array<MapData, ServiceV6>,
 }
 
 /// Where maps come from.
@@ -143,6 +150,8 @@ impl Maps {
             flows_v4: typed!(s, names::FLOWS_V4),
             flows_new_v4: typed!(s, names::FLOWS_NEW_V4),
             services_v4: typed!(s, names::SERVICES_V4),
+            filter_gen: typed!(s, names::FILTER_GEN),
+            services_v6: typed!(s, names::SERVICES_V6),
         })
     }
 

@@ -19,7 +19,10 @@
 //! 5. the VIP addresses (`VIP_ADDRS`, for ICMP to them): new and changed entries, then
 //!    the addresses no service has any more;
 //! 6. the QUIC server ids of `quic` services (`super::quic_ids`): new and changed
-//!    entries (their backends were written in step 2), then those no longer desired.
+//!    entries (their backends were written in step 2), then those no longer desired;
+//! 7. after everything else, when the pass changed the source filters (a trie entry,
+//!    the global filter flags, a VIP's list flags), the filter generation
+//!    (`FILTER_GEN`), so that established flows look their source up again.
 //!
 //! An apply that fails part-way (a map write refused) leaves the reconciler's record
 //! consistent with what is in the maps, so the caller can apply again (the same or a
@@ -38,8 +41,9 @@ use lb_common::{
     maps as names,
     types::{
         BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, PROTO_TCP, PROTO_UDP,
-        ServiceV4, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY, VIP_F_FLOW_LIMIT,
-        VIP_F_L7, VIP_F_QUIC, VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipKeyV4, VipMeta,
+        ServiceV4, ServiceV6, VIP_ADDR_F_L4, VIP_ADDR_F_LOCAL, VIP_F_ALLOW, VIP_F_DENY,
+        VIP_F_FLOW_LIMIT, VIP_F_L7, VIP_F_QUIC, VIP_F_SOURCE_HASH, VipAddrKey, VipKey, VipKeyV4,
+        VipMeta,
     },
 };
 
@@ -421,9 +425,13 @@ impl WrittenService {
                     .insert(short, meta, 0)
                     .map_err(write_err("VIP"))?;
             }
-            // The service's entry for established IPv4 flows (zero for an IPv6 VIP).
+            // The service's entry for established IPv4 flows (zero for an IPv6 VIP),
+            // and for established IPv6 flows (zero for an IPv4 VIP).
             maps.services_v4
                 .set(self.id, service_v4(&key, meta), 0)
+                .map_err(write_err("service entry"))?;
+            maps.services_v6
+                .set(self.id, service_v6(&key, meta), 0)
                 .map_err(write_err("service entry"))?;
         }
         if key_changed {
@@ -479,6 +487,12 @@ pub struct Reconciler {
     /// `SERVICES_V4` slots of ids no service holds that an adopted fast path left
     /// written: cleared by the next apply.
     services_v4_stale: Vec<u32>,
+    /// The same for `SERVICES_V6`.
+    services_v6_stale: Vec<u32>,
+    /// A change of the source filters (a trie entry, the flags that enable a list) was
+    /// written, or may have been (an adopted fast path), and the filter generation has
+    /// not been bumped since: [`Reconciler::apply`] bumps it at its end.
+    filter_gen_pending: bool,
 }
 
 impl Reconciler {
@@ -495,6 +509,8 @@ impl Reconciler {
             vip_addrs: BTreeMap::new(),
             quic_ids: super::quic_ids::QuicIds::default(),
             services_v4_stale: Vec::new(),
+            services_v6_stale: Vec::new(),
+            filter_gen_pending: false,
         }
     }
 
@@ -550,24 +566,41 @@ impl Reconciler {
         let mut in_use: BTreeMap<u32, &mut WrittenService> =
             r.services.values_mut().map(|w| (w.id, w)).collect();
         let mut stale = Vec::new();
+        let mut stale_v6 = Vec::new();
         for id in 0..caps.max_services {
             let entry = maps
                 .services_v4
                 .get(&id, 0)
                 .map_err(read_err(names::SERVICES_V4, MapKey::Index(id)))?;
+            let entry_v6 = maps
+                .services_v6
+                .get(&id, 0)
+                .map_err(read_err(names::SERVICES_V6, MapKey::Index(id)))?;
             match in_use.get_mut(&id) {
                 Some(w) => {
                     if let Some(meta) = w.meta {
-                        if entry != service_v4(&w.key, meta) {
+                        if entry != service_v4(&w.key, meta) || entry_v6 != service_v6(&w.key, meta)
+                        {
                             w.meta = None;
                         }
                     }
                 }
-                None if entry != ServiceV4::default() => stale.push(id),
-                None => {}
+                None => {
+                    if entry != ServiceV4::default() {
+                        stale.push(id);
+                    }
+                    if entry_v6 != ServiceV6::default() {
+                        stale_v6.push(id);
+                    }
+                }
             }
         }
         r.services_v4_stale = stale;
+        r.services_v6_stale = stale_v6;
+        // The previous agent may have stopped between a filter write and its bump of
+        // the filter generation: bump it once more (each established flow then looks
+        // its source up once).
+        r.filter_gen_pending = true;
         Ok(r)
     }
 
@@ -733,7 +766,47 @@ impl Reconciler {
 
     /// Write the differences between `desired` and the maps, in the order of the
     /// [module docs](self).
+    ///
+    /// Last, after every write of the pass (also of one that failed part-way), the
+    /// filter generation is bumped if the source filters changed: established flows
+    /// skip the filter lookups only while their entry carries the current generation
+    /// (README, "Filter verdicts of established flows").
     pub fn apply(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+    ) -> Result<Vec<AppliedService>, SyncError> {
+        let trie_writes = self.filters.trie_writes();
+        let applied = self.apply_steps(maps, desired);
+        if self.filters.trie_writes() != trie_writes {
+            self.filter_gen_pending = true;
+        }
+        if self.filter_gen_pending {
+            let bumped = self.bump_filter_gen(maps);
+            // The pass's own error first: it says what was not written.
+            let applied = applied?;
+            bumped?;
+            return Ok(applied);
+        }
+        applied
+    }
+
+    /// Move the filter generation on (`FILTER_GEN[0]` + 1, read back first: it
+    /// survives agent restarts with the pinned maps).
+    fn bump_filter_gen(&mut self, maps: &mut Maps) -> Result<(), SyncError> {
+        let current = maps
+            .filter_gen
+            .get(&0, 0)
+            .map_err(read_err(names::FILTER_GEN, MapKey::Index(0)))?;
+        maps.filter_gen
+            .set(0, current.wrapping_add(1), 0)
+            .map_err(write_err("filter generation"))?;
+        self.filter_gen_pending = false;
+        Ok(())
+    }
+
+    /// The steps of [`Reconciler::apply`].
+    fn apply_steps(
         &mut self,
         maps: &mut Maps,
         desired: &DesiredState,
@@ -743,6 +816,12 @@ impl Reconciler {
                 .set(id, ServiceV4::default(), 0)
                 .map_err(write_err("service entry"))?;
             self.services_v4_stale.pop();
+        }
+        while let Some(&id) = self.services_v6_stale.last() {
+            maps.services_v6
+                .set(id, ServiceV6::default(), 0)
+                .map_err(write_err("service entry"))?;
+            self.services_v6_stale.pop();
         }
         self.filters
             .insert_new(maps, Scope::Global, &desired.filters)?;
@@ -801,6 +880,9 @@ impl Reconciler {
             max_new_flows_per_cpu: desired.max_new_flows_per_cpu,
         };
         if self.config != Some(config) {
+            if self.config.map(|c| c.filter_flags) != Some(config.filter_flags) {
+                self.filter_gen_pending = true;
+            }
             maps.config
                 .set(0, config, 0)
                 .map_err(write_err("global config"))?;
@@ -868,7 +950,16 @@ impl Reconciler {
         written.refresh_digest(slots_changed > 0);
         let scope = Scope::Service(written.id);
         self.filters.insert_new(maps, scope, &svc.filters)?;
+        let lists = |meta: Option<VipMeta>| meta.map(|m| m.flags & (VIP_F_DENY | VIP_F_ALLOW));
+        let lists_before = lists(written.meta);
+        if lists_before.is_none() {
+            // A new or repaired entry: its flags may enable lists.
+            self.filter_gen_pending = true;
+        }
         written.write_vip(maps, key, svc, self.ring_size)?;
+        if lists(written.meta) != lists_before {
+            self.filter_gen_pending = true;
+        }
         self.filters.remove_stale(maps, scope, Some(&svc.filters))?;
         Ok(written.applied(&svc.name, slots_changed))
     }
@@ -892,6 +983,9 @@ impl Reconciler {
             // Established flows stop finding the service first, then the VIP goes.
             maps.services_v4
                 .set(id, ServiceV4::default(), 0)
+                .map_err(write_err("service entry"))?;
+            maps.services_v6
+                .set(id, ServiceV6::default(), 0)
                 .map_err(write_err("service entry"))?;
             remove_vip(maps, &key)?;
             self.filters.remove_stale(maps, Scope::Service(id), None)?;
@@ -979,6 +1073,16 @@ pub fn vip_addrs(desired: &DesiredState) -> BTreeMap<VipAddrKey, u32> {
 /// IPv6 VIP (established IPv6 flows look their VIP up).
 fn service_v4(key: &VipKey, meta: VipMeta) -> ServiceV4 {
     VipKeyV4::of(key).map_or(ServiceV4::default(), |key| ServiceV4 { key, meta })
+}
+
+/// The `SERVICES_V6` entry of a service with VIP `key` and `meta`: all zero for an
+/// IPv4 VIP (its entry is in `SERVICES_V4`).
+fn service_v6(key: &VipKey, meta: VipMeta) -> ServiceV6 {
+    if key.family == FAMILY_V6 {
+        ServiceV6 { key: *key, meta }
+    } else {
+        ServiceV6::default()
+    }
 }
 
 /// Removes `key` from `VIPS_V4` (IPv4) and then from `VIPS`; `write_vip` writes them

@@ -325,3 +325,75 @@ fn ipv4_vip_copies_follow_the_vips_and_are_repaired_on_adoption() {
         ServiceV4::default()
     );
 }
+
+/// The filter generation (`FILTER_GEN`, issue 12 item 2) moves after every apply that
+/// changed the source filters (global or a service's, added or removed), and only then:
+/// an apply of the same state, or one that changes backends, leaves it (established
+/// flows keep skipping the filter lookups). An adopting agent bumps it once (its
+/// predecessor may have stopped between a filter write and the bump). IPv6 VIPs get
+/// their `SERVICES_V6` entry, cleared when the service goes.
+#[test]
+fn filter_generation_moves_with_filter_changes_only() {
+    use lb_common::types::{FAMILY_V6, ServiceV6};
+    xdplb_tests::require_privileges!();
+    let mut ebpf = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps = Maps::take(&mut ebpf, None).expect("maps");
+    let generation = |maps: &Maps| maps.filter_gen.get(&0, 0).expect("FILTER_GEN");
+    let mut r = Reconciler::new(&CAPS);
+    let state = web(&[11, 12]);
+    r.apply(&mut maps, &state).expect("apply");
+    let g = generation(&maps);
+    r.apply(&mut maps, &state).expect("apply again");
+    assert_eq!(generation(&maps), g, "nothing changed");
+    r.apply(&mut maps, &web(&[11, 12, 13]))
+        .expect("a backend more");
+    assert_eq!(generation(&maps), g, "backends are no filter");
+
+    let mut deny = web(&[11, 12, 13]);
+    deny.filters.deny = vec!["203.0.113.0/24".parse().expect("prefix")];
+    r.apply(&mut maps, &deny).expect("deny list");
+    assert_eq!(generation(&maps), g + 1, "a deny list");
+    r.apply(&mut maps, &deny).expect("same");
+    assert_eq!(generation(&maps), g + 1, "the same deny list");
+    let mut own = deny.clone();
+    own.services[0].filters.allow = vec!["198.18.0.0/16".parse().expect("prefix")];
+    r.apply(&mut maps, &own).expect("service allow list");
+    assert_eq!(generation(&maps), g + 2, "a service's allow list");
+    r.apply(&mut maps, &web(&[11, 12, 13])).expect("no lists");
+    assert_eq!(generation(&maps), g + 3, "lists removed");
+
+    let mut adopted = Reconciler::adopt(&maps, &CAPS, &web(&[11, 12, 13])).expect("adopt");
+    adopted
+        .apply(&mut maps, &web(&[11, 12, 13]))
+        .expect("apply after adopting");
+    assert_eq!(generation(&maps), g + 4, "adoption bumps once");
+    adopted
+        .apply(&mut maps, &web(&[11, 12, 13]))
+        .expect("again");
+    assert_eq!(generation(&maps), g + 4, "and only once");
+
+    // An IPv6 VIP: its SERVICES_V6 entry, none in SERVICES_V4; gone with the service.
+    let mut v6 = web(&[11]);
+    v6.services[0].vip = "[fd00:18::100]:80".parse().expect("vip");
+    v6.services[0].backends[0].address = "fd00:18::11".parse().expect("address");
+    adopted.apply(&mut maps, &v6).expect("IPv6 VIP");
+    let id = adopted.service_id("web").expect("service id");
+    let key = lb_agent::dataplane::sync::vip_key(v6.services[0].vip, v6.services[0].protocol);
+    assert_eq!(key.family, FAMILY_V6);
+    let meta = maps.vips.get(&key, 0).expect("VIPS entry");
+    assert_eq!(
+        maps.services_v6.get(&id, 0).expect("slot"),
+        ServiceV6 { key, meta }
+    );
+    assert_eq!(
+        maps.services_v4.get(&id, 0).expect("slot"),
+        ServiceV4::default()
+    );
+    let mut none = v6.clone();
+    none.services.clear();
+    adopted.apply(&mut maps, &none).expect("remove");
+    assert_eq!(
+        maps.services_v6.get(&id, 0).expect("slot"),
+        ServiceV6::default()
+    );
+}

@@ -2320,3 +2320,159 @@ fn established_ipv4_flows_follow_what_their_vip_is_now() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Issue 12 item 2: an established flow skips the source filters' lookups while its
+/// flow entry carries the current filter generation, and the agent bumps the
+/// generation after every change of the lists, so a change reaches established flows
+/// on their next packet: a deny prefix that holds the client drops it (counted under
+/// that rule), an allow list that no longer holds it too (`not_allowed`), and an
+/// emptied list lets it through to the same backend again. A deny entry written into
+/// the trie behind the agent's back (no bump) stops a new flow of the client but not
+/// the established one, until the generation moves: the lookup really is skipped.
+#[test]
+fn established_flows_see_filter_changes_through_the_filter_generation() -> anyhow::Result<()> {
+    use lb_common::types::FilterRule;
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let src = SocketAddrV4::new(CLIENT, 40100);
+        let key = flow_key(src, VIP_WEB, PROTO_TCP);
+        let ack = PacketBuilder::tcp(src, VIP_WEB)
+            .flags(tcp_flags::ACK)
+            .build();
+        let (v, _) = fx.run(LB_PROGRAM, &syn(src, VIP_WEB).build())?;
+        ensure!(v == XDP_TX, "SYN: {}", verdict_name(v));
+        let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+        ensure!(v == XDP_TX, "first ACK: {}", verdict_name(v));
+        let backend = Frame::parse(&out)?.ipv4()?.dst;
+        let generation =
+            |fx: &Fixture| -> anyhow::Result<u32> { Ok(fx.lb.maps.filter_gen.get(&0, 0)?) };
+        let entry_gen = |fx: &Fixture| -> anyhow::Result<u32> {
+            Ok(fx
+                .lb
+                .flow_entry(&key, false)
+                .context("the flow is not in the flow table")?
+                .filter_gen)
+        };
+        let forwarded = |fx: &Fixture, what: &str| -> anyhow::Result<()> {
+            let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+            ensure!(v == XDP_TX, "{what}: {}", verdict_name(v));
+            let to = Frame::parse(&out)?.ipv4()?.dst;
+            ensure!(
+                to == backend,
+                "{what}: the flow moved from {backend} to {to}"
+            );
+            Ok(())
+        };
+        let dropped = |fx: &Fixture, what: &str, reason: DropReason, rule: &str| {
+            let (before, rules) = (fx.counters(), fx.filter_drops()?);
+            let (v, out) = fx.run(LB_PROGRAM, &ack)?;
+            ensure!(v == XDP_DROP, "{what}: {}", verdict_name(v));
+            ensure!(out == ack, "{what}: the dropped frame came out changed");
+            ensure!(
+                fx.counters().drop_count(reason) == before.drop_count(reason) + 1,
+                "{what}: {reason:?} not counted"
+            );
+            let (was, now) = (rules.get(rule), fx.filter_drops()?.get(rule).copied());
+            ensure!(
+                now == was.map(|n| n + 1),
+                "{what}: rule {rule} counted {was:?} -> {now:?}"
+            );
+            anyhow::Ok(())
+        };
+        forwarded(fx, "established, no lists")?;
+        ensure!(
+            entry_gen(fx)? == generation(fx)?,
+            "a new entry without the current generation"
+        );
+
+        let g = generation(fx)?;
+        let mut d = desired();
+        d.filters.deny = prefixes(&["198.18.0.0/24"]);
+        fx.lb.apply(&d)?;
+        ensure!(
+            generation(fx)? != g,
+            "a deny list written without a new filter generation"
+        );
+        dropped(
+            fx,
+            "deny list now holds the client",
+            DropReason::FilterDeny,
+            "198.18.0.0/24",
+        )?;
+        dropped(
+            fx,
+            "and the next packet",
+            DropReason::FilterDeny,
+            "198.18.0.0/24",
+        )?;
+
+        fx.lb.apply(&desired())?;
+        forwarded(fx, "deny list emptied")?;
+
+        // The allow list: holding the client, then not.
+        let mut d = desired();
+        d.filters.allow = prefixes(&["198.18.0.0/24"]);
+        fx.lb.apply(&d)?;
+        ensure!(
+            entry_gen(fx)? != generation(fx)?,
+            "the allow list was written without a new filter generation"
+        );
+        forwarded(fx, "allow list holds the client")?;
+        ensure!(
+            entry_gen(fx)? == generation(fx)?,
+            "the entry did not take the generation once its source passed"
+        );
+        d.filters.allow = prefixes(&["198.18.50.0/24"]);
+        fx.lb.apply(&d)?;
+        dropped(
+            fx,
+            "allow list no longer holds the client",
+            DropReason::FilterNotAllowed,
+            stats::NOT_ALLOWED_RULE,
+        )?;
+
+        // Both lists in use, neither refusing the client; its entry is current.
+        d.filters.allow = prefixes(&["198.18.0.0/24"]);
+        d.filters.deny = prefixes(&["203.0.113.0/24"]);
+        fx.lb.apply(&d)?;
+        forwarded(fx, "allow holds the client, deny does not")?;
+        forwarded(fx, "again, on the entry's generation")?;
+        // A deny entry for the client behind the agent's back (no bump): new flows see
+        // it, the established flow does not look.
+        let (_, rule_id) = fx
+            .lb
+            .reconciler
+            .deny_rules()
+            .next()
+            .context("no deny rule written")?;
+        let client: ipnet::IpNet = "198.18.0.2/32".parse()?;
+        fx.lb.maps.deny.insert(
+            &filter_key(Scope::Global, client),
+            FilterRule { rule_id },
+            0,
+        )?;
+        let other = syn(SocketAddrV4::new(CLIENT, 40101), VIP_WEB).build();
+        let (v, _) = fx.run(LB_PROGRAM, &other)?;
+        ensure!(
+            v == XDP_DROP,
+            "a new flow of the client: {}",
+            verdict_name(v)
+        );
+        forwarded(
+            fx,
+            "established: its entry's generation is current, no lookup",
+        )?;
+        fx.lb
+            .maps
+            .filter_gen
+            .set(0, generation(fx)?.wrapping_add(1), 0)?;
+        dropped(
+            fx,
+            "after the bump",
+            DropReason::FilterDeny,
+            "203.0.113.0/24",
+        )?;
+        fx.lb.maps.deny.remove(&filter_key(Scope::Global, client))?;
+        Ok(())
+    })
+}

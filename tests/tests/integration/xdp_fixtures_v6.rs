@@ -1717,3 +1717,97 @@ fn ipv6_sources_are_filtered_and_limited() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Issue 12 item 2, IPv6: an established IPv6 flow's packet finds its service through
+/// its backend (`SERVICES_V6`), with no VIP lookup, and still follows what its VIP is
+/// now: a deny list and a service allow list written by the agent stop it on its next
+/// packet (the filter generation moved), emptied lists let it through to the same
+/// backend, a VIP turned L7 passes it up, and a removed VIP, or another VIP on the
+/// freed service and backend ids, no longer takes it.
+#[test]
+fn established_ipv6_flows_follow_what_their_vip_is_now() -> anyhow::Result<()> {
+    use DropReason::{FilterDeny, FilterNotAllowed};
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let web = vip6(1, 80);
+        let candidates: Vec<IpAddr> = BE6.iter().map(|&b| b.into()).collect();
+        let port = 42000;
+        let key = flow6(client(port), web, PROTO_TCP);
+        let be = fx.pick("web6", &key, &candidates, 80)?;
+        let syn = tcp_packet(port, web, tcp_flags::SYN, 0, b"");
+        let ack = tcp_packet(port, web, tcp_flags::ACK, 0, b"x");
+        let tx = |fx: &Fixture, name: &str, l3: &[u8]| Row {
+            name: name.into(),
+            output: fx.tunnelled(l3, true, 0, be),
+            input: frame(l3),
+            expect: Expect::Tx("web6", be),
+        };
+        let apply = |fx: &mut Fixture, d: &DesiredState| -> anyhow::Result<()> {
+            fx.lb.apply(d)?;
+            fx.state = d.clone();
+            Ok(())
+        };
+        fx.check(&tx(fx, "SYN", &syn))?;
+        fx.check(&tx(fx, "first ACK: promoted", &ack))?;
+        ensure!(
+            fx.lb.flow_entry(&key, false).is_some(),
+            "the flow is not in the flow table"
+        );
+        fx.check(&tx(fx, "established", &ack))?;
+
+        let mut d = desired();
+        d.filters.deny = vec!["fd00:18::/48".parse()?];
+        apply(fx, &d)?;
+        fx.check(&unchanged(
+            "the deny list now holds the client",
+            frame(&ack),
+            Expect::Drop(FilterDeny),
+        ))?;
+        apply(fx, &desired())?;
+        fx.check(&tx(fx, "deny list emptied", &ack))?;
+
+        let mut d = desired();
+        d.services[0].filters.allow = vec!["fd00:18:77::/48".parse()?];
+        apply(fx, &d)?;
+        fx.check(&unchanged(
+            "the service's allow list does not hold the client",
+            frame(&ack),
+            Expect::Drop(FilterNotAllowed),
+        ))?;
+        apply(fx, &desired())?;
+        fx.check(&tx(fx, "service list emptied", &ack))?;
+
+        let mut d = desired();
+        d.services[0].l7 = true;
+        apply(fx, &d)?;
+        fx.check(&unchanged(
+            "VIP turned L7",
+            frame(&ack),
+            Expect::Pass(Counter::PassL7),
+        ))?;
+        apply(fx, &desired())?;
+        fx.check(&tx(fx, "back to L4", &ack))?;
+
+        let mut d = desired();
+        d.services.remove(0);
+        apply(fx, &d)?;
+        fx.check(&unchanged(
+            "VIP removed",
+            frame(&ack),
+            Expect::Pass(Counter::PassNotVip),
+        ))?;
+        d.services.push(service(
+            "other6",
+            vip6(9, 80).into(),
+            Protocol::Tcp,
+            BE6.iter().map(|&b| backend(b.into(), 80)).collect(),
+        ));
+        apply(fx, &d)?;
+        fx.check(&unchanged(
+            "another VIP on the old ids",
+            frame(&ack),
+            Expect::Pass(Counter::PassNotVip),
+        ))?;
+        Ok(())
+    })
+}
