@@ -379,12 +379,10 @@ impl WrittenService {
             .filter(|&(slot, &id)| self.ring.get(slot as usize) != Some(&id))
             .map(|(slot, &id)| (self.id * ring_size + slot, id))
             .unzip();
-        batch::update_array(&mut maps.rings, &indexes, &ids).map_err(|e| {
-            SyncError::RingWrite {
-                service_id: self.id,
-                slot: e.index.map(|i| i - self.id * ring_size),
-                source: e,
-            }
+        batch::update_array(&mut maps.rings, &indexes, &ids).map_err(|e| SyncError::RingWrite {
+            service_id: self.id,
+            slot: e.index.map(|i| i - self.id * ring_size),
+            source: e,
         })?;
         self.ring = new_ring;
         Ok(indexes.len() as u32)

@@ -388,7 +388,9 @@ fn oracle_and_map(
         .iter()
         .zip(&keys)
         .map(|(b, key)| ring::RingMember {
-            id: r.backend_id(service, b.address, b.port).expect("backend id"),
+            id: r
+                .backend_id(service, b.address, b.port)
+                .expect("backend id"),
             key,
             weight: b.weight,
         })
@@ -446,6 +448,8 @@ fn batched_ring_writes_match_the_oracle_after_build_weight_change_and_removal() 
 
     // A reconciler that adopts the maps finds the rings as written.
     let mut adopted = Reconciler::adopt(&maps, &BIG, &removed).expect("adopt");
-    let applied = adopted.apply(&mut maps, &removed).expect("apply after adopting");
+    let applied = adopted
+        .apply(&mut maps, &removed)
+        .expect("apply after adopting");
     assert!(applied.iter().all(|a| a.slots_changed == 0), "{applied:?}");
 }
