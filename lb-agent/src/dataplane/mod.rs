@@ -5,8 +5,9 @@
 //! The balancer's lifecycle on an interface (load, adopt, attach, stop, detach) is
 //! [`fast_path`], built on [`loader`] (object, capacities, pins), next-hop resolution
 //! ([`neigh`]), the interface's forwarding switch ([`forwarding`]) and counters
-//! ([`stats`]); [`nexthop`] makes the backends' next hops for the fast path's map. The `[security]` source filters' tries and rule ids are [`filters`].
+//! ([`stats`]); [`nexthop`] makes the backends' next hops for the fast path's map. The `[security]` source filters' tries and rule ids are [`filters`]; [`batch`] writes many array entries in one `bpf()` call (the rings).
 
+pub mod batch;
 pub mod desired;
 pub mod fast_path;
 pub mod filters;

@@ -48,6 +48,7 @@ use lb_common::{
 };
 
 use super::{
+    batch,
     desired::{DesiredService, DesiredState},
     filters::{FilterTable, Rule, Scope},
     loader::Capacities,
@@ -78,6 +79,15 @@ pub enum SyncError {
         key: MapKey,
         #[source]
         source: MapError,
+    },
+    #[error("writing the ring of service id {service_id}{}: {source}",
+        .slot.map_or_else(String::new, |s| format!(" (slot {s})")))]
+    RingWrite {
+        service_id: u32,
+        /// The slot whose write failed, when the kernel could tell.
+        slot: Option<u32>,
+        #[source]
+        source: batch::BatchError,
     },
 }
 
@@ -367,17 +377,19 @@ impl WrittenService {
             })
             .collect();
         let new_ring = ring::build(&members, ring_size).unwrap_or_default();
-        let mut slots_changed = 0;
-        for (slot, &id) in (0u32..).zip(&new_ring) {
-            if self.ring.get(slot as usize) != Some(&id) {
-                maps.rings
-                    .set(self.id * ring_size + slot, id, 0)
-                    .map_err(write_err("ring slot"))?;
-                slots_changed += 1;
-            }
-        }
+        // Only the slots that change, written in place: one `bpf()` call per batch.
+        let (indexes, ids): (Vec<u32>, Vec<u32>) = (0u32..)
+            .zip(&new_ring)
+            .filter(|&(slot, &id)| self.ring.get(slot as usize) != Some(&id))
+            .map(|(slot, &id)| (self.id * ring_size + slot, id))
+            .unzip();
+        batch::update_array(&mut maps.rings, &indexes, &ids).map_err(|e| SyncError::RingWrite {
+            service_id: self.id,
+            slot: e.index.map(|i| i - self.id * ring_size),
+            source: e,
+        })?;
         self.ring = new_ring;
-        Ok(slots_changed)
+        Ok(indexes.len() as u32)
     }
 
     /// Step 2, last: the VIP entry (ring_size 0 = no ring: packets are dropped as

@@ -10,6 +10,7 @@ use lb_agent::{
         desired::{DesiredBackend, DesiredService, DesiredState},
         loader::{self, Capacities},
         maps::Maps,
+        ring,
         sync::{Reconciler, SyncError},
     },
 };
@@ -396,4 +397,131 @@ fn filter_generation_moves_with_filter_changes_only() {
         maps.services_v6.get(&id, 0).expect("slot"),
         ServiceV6::default()
     );
+}
+
+/// Rings of 65537 slots, two services: the reconciler writes a ring's changed slots in
+/// batches (`dataplane::batch`), at the service's offset in `XDPLB_RINGS`.
+const BIG: Capacities = Capacities {
+    max_services: 3,
+    max_backends: 16,
+    ring_size: 65537,
+    ..CAPS
+};
+
+/// `web` (198.18.100.1:80) and `api` (198.18.100.2:80) with backends 198.18.2.<last>
+/// of the given weights.
+fn two_services(web_backends: &[(u8, u32)], api_backends: &[(u8, u32)]) -> DesiredState {
+    let mut state = web(&[]);
+    let template = state.services[0].clone();
+    state.services = [
+        ("web", "198.18.100.1:80", web_backends),
+        ("api", "198.18.100.2:80", api_backends),
+    ]
+    .iter()
+    .map(|&(name, vip, backends)| DesiredService {
+        name: name.into(),
+        vip: vip.parse().expect("vip"),
+        backends: backends
+            .iter()
+            .map(|&(l, weight)| DesiredBackend {
+                quic_id: None,
+                address: addr(l),
+                port: 80,
+                weight,
+                active: true,
+            })
+            .collect(),
+        ..template.clone()
+    })
+    .collect();
+    state
+}
+
+/// The ring `ring::build` makes for `service` of `state` with the reconciler's ids
+/// (the oracle), and the ring read back from the map.
+fn oracle_and_map(
+    r: &Reconciler,
+    maps: &Maps,
+    state: &DesiredState,
+    service: &str,
+) -> (Vec<u32>, Vec<u32>) {
+    let svc = state
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .expect("service");
+    let keys: Vec<String> = svc
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.address, b.port))
+        .collect();
+    let members: Vec<ring::RingMember<'_>> = svc
+        .backends
+        .iter()
+        .zip(&keys)
+        .map(|(b, key)| ring::RingMember {
+            id: r
+                .backend_id(service, b.address, b.port)
+                .expect("backend id"),
+            key,
+            weight: b.weight,
+        })
+        .collect();
+    let oracle = ring::build(&members, BIG.ring_size).expect("a ring");
+    let base = r.service_id(service).expect("service id") * BIG.ring_size;
+    let in_map = (base..base + BIG.ring_size)
+        .map(|i| maps.rings.get(&i, 0).expect("ring slot"))
+        .collect();
+    (oracle, in_map)
+}
+
+#[test]
+fn batched_ring_writes_match_the_oracle_after_build_weight_change_and_removal() {
+    xdplb_tests::require_privileges!();
+    let mut ebpf = loader::load(&BIG).expect("load the object (root, BPF)");
+    let mut maps = Maps::take(&mut ebpf, None).expect("maps");
+    let mut r = Reconciler::new(&BIG);
+    let api = [(21, 100), (22, 100), (23, 100)];
+    let changed = |applied: &[lb_agent::dataplane::sync::AppliedService], name: &str| {
+        applied
+            .iter()
+            .find(|a| a.name == name)
+            .expect("applied")
+            .slots_changed
+    };
+
+    // Build: every slot of both rings written.
+    let built = two_services(&[(11, 100), (12, 100), (13, 100), (14, 100)], &api);
+    let applied = r.apply(&mut maps, &built).expect("build");
+    assert_eq!(changed(&applied, "web"), BIG.ring_size);
+    assert_eq!(changed(&applied, "api"), BIG.ring_size);
+    let (oracle, in_map) = oracle_and_map(&r, &maps, &built, "web");
+    assert!(oracle == in_map, "web's ring after the build");
+    let (api_oracle, api_map) = oracle_and_map(&r, &maps, &built, "api");
+    assert!(api_oracle == api_map, "api's ring after the build");
+    let mut before = oracle;
+
+    // A weight change, then a removal: only the slots that move are written, and the
+    // map holds the oracle's ring; the other service's ring is not touched.
+    let weighted = two_services(&[(11, 100), (12, 50), (13, 100), (14, 100)], &api);
+    let removed = two_services(&[(11, 100), (12, 50), (14, 100)], &api);
+    for (step, state) in [("weight change", &weighted), ("removal", &removed)] {
+        let applied = r.apply(&mut maps, state).expect(step);
+        let (oracle, in_map) = oracle_and_map(&r, &maps, state, "web");
+        assert!(oracle == in_map, "web's ring after the {step}");
+        let moved = before.iter().zip(&oracle).filter(|(a, b)| a != b).count() as u32;
+        assert!(moved > 0, "the {step} moves slots");
+        assert_eq!(changed(&applied, "web"), moved, "{step}: only moved slots");
+        assert_eq!(changed(&applied, "api"), 0, "{step}: api untouched");
+        let (_, api_now) = oracle_and_map(&r, &maps, state, "api");
+        assert!(api_now == api_map, "api's ring after the {step}");
+        before = oracle;
+    }
+
+    // A reconciler that adopts the maps finds the rings as written.
+    let mut adopted = Reconciler::adopt(&maps, &BIG, &removed).expect("adopt");
+    let applied = adopted
+        .apply(&mut maps, &removed)
+        .expect("apply after adopting");
+    assert!(applied.iter().all(|a| a.slots_changed == 0), "{applied:?}");
 }
