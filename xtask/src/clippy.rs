@@ -87,7 +87,7 @@ fn nice_cargo() -> Command {
 
 /// Both clippy passes running in the background at the lowest CPU priority, in a target
 /// directory of their own, while `cargo xtask test` builds and runs the tests (issue 8: on a
-/// two-core machine the release build leaves a core idle through its long serial phases, and
+/// two-core machine the build leaves a core idle through its long serial phases, and
 /// the integration tests mostly wait on daemons; clippy fills that time instead of taking
 /// 200 s of its own). Its own target directory because cargo locks a build directory for
 /// the whole of a build; the eBPF objects that lb-agent's build script makes are shared
