@@ -20,34 +20,12 @@ use crate::{cmd, toolchain};
 pub fn clippy() -> Result<()> {
     // `--release`: the build scripts (ring's C code, lb-agent's build of lb-ebpf) and the
     // proc macros clippy compiles and runs are then the ones of the release build, which
-    // reuses them (`cargo xtask test` runs clippy first), instead of a second set for the
-    // dev profile (issue 8). The lints are the same: both branches of `cfg!(debug_assertions)`
-    // are type-checked, and no item here is `#[cfg(debug_assertions)]`.
-    let host = cmd::run(cmd::cargo().args([
-        "clippy",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "lb-ebpf",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))
-    .context("clippy for the host");
-    let bpf = cmd::run(cmd::cargo().arg(format!("+{}", toolchain::ebpf())).args([
-        "clippy",
-        "-p",
-        "lb-ebpf",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))
-    .context("clippy for bpfel-unknown-none (lb-ebpf)");
+    // `cargo xtask demo` and `bench` reuse, instead of a second set for the dev profile
+    // (issue 8). The lints are the same: both branches of `cfg!(debug_assertions)` are
+    // type-checked, and no item here is `#[cfg(debug_assertions)]`.
+    let [(mut host, host_what), (mut bpf, bpf_what)] = passes(cmd::cargo, None);
+    let host = cmd::run(&mut host).context(host_what);
+    let bpf = cmd::run(&mut bpf).context(bpf_what);
     match (host, bpf) {
         (Err(_), Err(_)) => {
             bail!("clippy failed both for the host and for bpfel-unknown-none (lb-ebpf)")
@@ -57,53 +35,59 @@ pub fn clippy() -> Result<()> {
     }
 }
 
-/// The two passes as `nice -n 19 cargo ...` commands with their own target directory, for
-/// [`Background`]: the host pass, then the bpfel pass.
-fn background_passes(target_dir: &Path) -> [(Command, &'static str); 2] {
-    let nice_cargo = || {
-        let mut command = Command::new("nice");
-        command
-            .args(["-n", "19", "cargo"])
-            .current_dir(cmd::workspace_root())
-            .stdin(Stdio::null());
-        command
+/// The two passes (host, then bpfel), each a command made by `cargo` (plain `cargo`, or
+/// `nice -n 19 cargo` for [`Background`]) with `target_dir` when given, and what it is.
+fn passes(cargo: fn() -> Command, target_dir: Option<&Path>) -> [(Command, &'static str); 2] {
+    let with_target = |command: &mut Command| {
+        if let Some(dir) = target_dir {
+            command.arg("--target-dir").arg(dir);
+        }
     };
-    let mut host = nice_cargo();
-    host.args(["clippy", "--release", "--target-dir"])
-        .arg(target_dir)
-        .args([
-            "--workspace",
-            "--exclude",
-            "lb-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]);
-    let mut bpf = nice_cargo();
-    bpf.arg(format!("+{}", toolchain::ebpf()))
-        .args(["clippy", "--target-dir"])
-        .arg(target_dir)
-        .args([
-            "-p",
-            "lb-ebpf",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--",
-            "-D",
-            "warnings",
-        ]);
+    let mut host = cargo();
+    host.args(["clippy", "--release"]);
+    with_target(&mut host);
+    host.args([
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    let mut bpf = cargo();
+    bpf.arg(format!("+{}", toolchain::ebpf())).arg("clippy");
+    with_target(&mut bpf);
+    bpf.args([
+        "-p",
+        "lb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     [
         (host, "clippy for the host"),
         (bpf, "clippy for bpfel-unknown-none (lb-ebpf)"),
     ]
 }
 
+/// `nice -n 19 cargo`, run from the workspace root without stdin: [`Background`]'s passes.
+fn nice_cargo() -> Command {
+    let mut command = Command::new("nice");
+    command
+        .args(["-n", "19", "cargo"])
+        .current_dir(cmd::workspace_root())
+        .stdin(Stdio::null());
+    command
+}
+
 /// Both clippy passes running in the background at the lowest CPU priority, in a target
 /// directory of their own, while `cargo xtask test` builds and runs the tests (issue 8: on a
-/// two-core machine the release build leaves a core idle through its long serial phases, and
+/// two-core machine the build leaves a core idle through its long serial phases, and
 /// the integration tests mostly wait on daemons; clippy fills that time instead of taking
 /// 200 s of its own). Its own target directory because cargo locks a build directory for
 /// the whole of a build; the eBPF objects that lb-agent's build script makes are shared
@@ -127,7 +111,7 @@ impl Background {
         let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let running: Arc<Mutex<Option<Child>>> = Arc::default();
         let aborted: Arc<Mutex<bool>> = Arc::default();
-        let passes = background_passes(target_dir);
+        let passes = passes(nice_cargo, Some(target_dir));
         let (run, stop) = (Arc::clone(&running), Arc::clone(&aborted));
         let thread = std::thread::spawn(move || -> Result<()> {
             let mut failed = Vec::new();

@@ -37,7 +37,7 @@ enum Task {
         #[arg(long)]
         reinstall_bpf_linker: bool,
     },
-    /// What CI runs: fmt check, clippy (host and bpfel), release build, `cargo test`, `vagrant validate`.
+    /// What CI runs: fmt check, clippy (host and bpfel), the build (profile `testing`), `cargo test`, `vagrant validate`.
     Test {
         /// Leave out a step (repeatable); CI runs them all.
         #[arg(long, value_enum)]

@@ -31,6 +31,17 @@ pub fn agent_bin() -> PathBuf {
     release_bin("lb-agent")
 }
 
+/// The Cargo profile `cargo xtask test` builds and runs the tests with (defined in the
+/// workspace's Cargo.toml: the release profile with the workspace's own crates at opt-level 1),
+/// which is also the name of its output directory under [`target_dir`].
+pub const TEST_PROFILE: &str = "testing";
+
+/// The lb-agent binary of the [`TEST_PROFILE`] build: the value of [`AGENT_BIN_ENV`] for the
+/// tests `cargo xtask test` runs.
+pub fn test_agent_bin() -> PathBuf {
+    target_dir().join(TEST_PROFILE).join("lb-agent")
+}
+
 /// `cargo build --release -p P... --bins`.
 pub fn build(packages: &[&str]) -> Result<()> {
     let mut build = cmd::cargo();

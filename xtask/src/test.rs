@@ -1,5 +1,7 @@
-//! `cargo xtask test`, what CI runs: formatting, clippy for both targets, the release build,
-//! `cargo test` with the agent's path for the integration tests, and `vagrant validate`.
+//! `cargo xtask test`, what CI runs: formatting, clippy for both targets, the build of the agent
+//! and the test harnesses, `cargo test` with the agent's path for the integration tests, and
+//! `vagrant validate`. The build and the tests use the `testing` profile
+//! ([`release::TEST_PROFILE`]): release settings, the workspace's own crates at opt-level 1.
 
 use std::{process::Command, time::Instant};
 
@@ -18,12 +20,17 @@ pub enum Step {
     /// (`target/clippy`) while the build and the tests run, and waited for at the end
     /// ([`clippy::Background`]).
     Clippy,
-    /// `cargo build --release --workspace --exclude lb-ebpf --bins --tests`: the agent and every
-    /// test harness in one cargo run, so that the two largest units (lb-agent's library and its
-    /// unit-test harness, each a serial front end of several minutes) overlap on a small machine
-    /// instead of running one after the other in two steps; `cargo test` then only runs.
+    /// `cargo build --profile testing --workspace --exclude lb-ebpf --bins --tests`: the agent and
+    /// every test harness in one cargo run, so that the two largest units (lb-agent's library and
+    /// its unit-test harness) overlap on a small machine instead of running one after the other
+    /// in two steps; `cargo test` then only runs. The `testing` profile (Cargo.toml) is the
+    /// release profile with the workspace's own crates at opt-level 1: dependencies are built as
+    /// shipped, and the code generation of the agent's library and harness, most of the build at
+    /// opt-level 3, shrinks. Its outputs go to target/testing, so the release binaries in
+    /// target/release (`cargo xtask demo`, `bench`) are never replaced by these.
     Build,
-    /// `cargo test --release --workspace --exclude lb-ebpf`, with `XDPLB_AGENT_BIN` set. lb-ebpf's
+    /// `cargo test --profile testing --workspace --exclude lb-ebpf`, with `XDPLB_AGENT_BIN` set to
+    /// the agent of that build. lb-ebpf's
     /// `#![no_main]` programs cannot link as host test binaries; the tests crate runs them
     /// through `test_run` instead (DESIGN.md, "Tests in three tiers").
     CargoTest,
@@ -36,7 +43,7 @@ impl Step {
         match self {
             Self::Fmt => "cargo fmt --check",
             Self::Clippy => "clippy",
-            Self::Build => "release build (agent and test harnesses)",
+            Self::Build => "build (profile `testing`: agent and test harnesses)",
             Self::CargoTest => "cargo test",
             Self::Vagrant => "vagrant validate",
         }
@@ -48,7 +55,8 @@ impl Step {
             Self::Clippy => clippy::clippy(),
             Self::Build => cmd::run(cmd::cargo().args([
                 "build",
-                "--release",
+                "--profile",
+                release::TEST_PROFILE,
                 "--workspace",
                 "--exclude",
                 "lb-ebpf",
@@ -57,9 +65,10 @@ impl Step {
             ])),
             Self::CargoTest => cmd::run(
                 cmd::cargo()
-                    .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
+                    .args(["test", "--profile", release::TEST_PROFILE])
+                    .args(["--workspace", "--exclude", "lb-ebpf"])
                     .args(cargo_test_args)
-                    .env(release::AGENT_BIN_ENV, release::agent_bin()),
+                    .env(release::AGENT_BIN_ENV, release::test_agent_bin()),
             ),
             Self::Vagrant => vagrant_validate(),
         }

@@ -501,13 +501,15 @@ mod tests {
     }
 
     #[test]
-    fn build_is_fast() {
+    fn large_and_skewed_rings_build() {
         let k = keys(1000);
         let ms = members(&k, &lcg_weights(1000, 100, 13));
         let start = Instant::now();
         let ring = build(&ms, SIZE).unwrap();
         let elapsed = start.elapsed();
-        // Skewed weights cost no more than even ones.
+        // Skewed weights (one member at u32::MAX) build too. How long a build takes is
+        // `cargo xtask bench control`'s (the time printed here is for reading, not asserted:
+        // speed is measured by benchmarks, not by timing assertions in tests).
         let mut skewed = vec![1; 1000];
         skewed[0] = u32::MAX;
         let skewed_ms = members(&k, &skewed);
@@ -519,9 +521,6 @@ mod tests {
         );
         assert_eq!(ring.len(), SIZE as usize);
         assert_eq!(skewed_ring.len(), SIZE as usize);
-        if !cfg!(debug_assertions) {
-            assert!(elapsed.as_millis() < 100 && skewed_elapsed.as_millis() < 100);
-        }
     }
 
     #[test]
