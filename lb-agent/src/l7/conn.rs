@@ -400,6 +400,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
 pub(crate) struct ConnInfo {
     /// The client's address.
     pub(crate) client: SocketAddr,
+    /// The client's address as `X-Forwarded-For` carries it (formatted once).
+    pub(crate) client_value: http::HeaderValue,
     /// Whether the connection is TLS.
     pub(crate) tls: bool,
     /// The connection's activity (timeouts).

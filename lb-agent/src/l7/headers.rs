@@ -147,11 +147,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
     }
 }
 
+/// The client's address as `X-Forwarded-For` carries it (IPv4-mapped IPv6 addresses
+/// as IPv4): formatted once per client connection, not per request.
+#[must_use]
+pub fn client_value(client: IpAddr) -> HeaderValue {
+    // An IP address is digits, hex letters, '.' and ':': always a valid value.
+    HeaderValue::from_str(&client.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// What [`add_forwarded`] records about the client side.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
-    /// The client's address.
-    pub client: IpAddr,
+    /// The client's address ([`client_value`]).
+    pub client: &'a HeaderValue,
     /// Whether the client reached us over TLS.
     pub tls: bool,
     /// The host the client asked for (`Host`, or the h2 `:authority`).
@@ -160,7 +169,6 @@ pub struct Forwarded<'a> {
 
 /// Set `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
-    let client = fwd.client.to_canonical().to_string();
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -169,11 +177,12 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
         .filter(|v| !v.is_empty())
         .collect();
     let xff = if prior.is_empty() {
-        client
+        Some(fwd.client.clone())
     } else {
-        format!("{}, {client}", prior.join(", "))
+        let client = fwd.client.to_str().unwrap_or_default();
+        HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
@@ -203,6 +212,33 @@ pub fn via_entry(version: Version) -> String {
     format!("{protocol} {}", via_name())
 }
 
+/// [`via_entry`] as a header value, built once per process for each version.
+#[must_use]
+pub fn via_value(version: Version) -> &'static HeaderValue {
+    static VALUES: std::sync::OnceLock<[HeaderValue; 5]> = std::sync::OnceLock::new();
+    let values = VALUES.get_or_init(|| {
+        [
+            Version::HTTP_09,
+            Version::HTTP_10,
+            Version::HTTP_11,
+            Version::HTTP_2,
+            Version::HTTP_3,
+        ]
+        .map(|v| {
+            // ASCII letters, digits, '-', '.' and a space: always a valid value.
+            HeaderValue::from_str(&via_entry(v)).unwrap_or_else(|_| HeaderValue::from_static("1.1"))
+        })
+    });
+    let i = match version {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    };
+    &values[i]
+}
+
 /// Whether an entry of `Via` names this agent ([`via_name`]) as a recipient: the
 /// request has been through this proxy already.
 #[must_use]
@@ -220,7 +256,11 @@ pub fn via_names_us(headers: &HeaderMap) -> bool {
 
 /// Append our `Via` entry for a message received with `version`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
-    let ours = via_entry(version);
+    let ours = via_value(version);
+    if !headers.contains_key(VIA) {
+        headers.insert(VIA, ours.clone());
+        return;
+    }
     let prior: Vec<&str> = headers
         .get_all(VIA)
         .iter()
@@ -229,15 +269,13 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
         .filter(|v| !v.is_empty())
         .collect();
     let value = if prior.is_empty() {
-        HeaderValue::from_str(&ours)
+        ours.clone()
     } else {
+        let ours = ours.to_str().unwrap_or_default();
         HeaderValue::from_str(&format!("{}, {ours}", prior.join(", ")))
-            .or_else(|_| HeaderValue::from_str(&ours))
+            .unwrap_or_else(|_| via_value(version).clone())
     };
-    // `ours` is ASCII letters, digits, '-', '.' and a space: always a valid value.
-    if let Ok(v) = value {
-        headers.insert(VIA, v);
-    }
+    headers.insert(VIA, value);
 }
 
 #[cfg(test)]
@@ -344,7 +382,7 @@ mod tests {
         add_forwarded(
             &mut h,
             &Forwarded {
-                client,
+                client: &client_value(client),
                 tls: false,
                 host: Some("web.example"),
             },
@@ -359,7 +397,7 @@ mod tests {
         add_forwarded(
             &mut h,
             &Forwarded {
-                client: mapped,
+                client: &client_value(mapped),
                 tls: true,
                 host: None,
             },
@@ -381,6 +419,11 @@ mod tests {
         append_via(&mut h, Version::HTTP_2);
         assert_eq!(h[VIA], format!("1.0 fred, 1.1 p.example, 2 {name}"));
         assert_eq!(via_entry(Version::HTTP_10), format!("1.0 {name}"));
+        assert_eq!(via_value(Version::HTTP_10), &format!("1.0 {name}"));
+        assert_eq!(via_value(Version::HTTP_2), &format!("2 {name}"));
+        let mut h = map(&[("via", "")]);
+        append_via(&mut h, Version::HTTP_11);
+        assert_eq!(h[VIA], format!("1.1 {name}"));
     }
 
     #[test]

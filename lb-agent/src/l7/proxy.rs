@@ -547,7 +547,7 @@ fn prepare(
     headers::add_forwarded(
         h,
         &Forwarded {
-            client: conn.client.ip(),
+            client: &conn.client_value,
             tls: conn.tls,
             host: host.as_deref(),
         },

@@ -152,6 +152,7 @@ async fn run_http<I>(
 {
     let info = Arc::new(ConnInfo {
         client,
+        client_value: crate::l7::headers::client_value(client.ip()),
         tls,
         activity: Arc::clone(&activity),
     });
