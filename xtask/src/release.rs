@@ -32,7 +32,7 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// The Cargo profile `cargo xtask test` builds and runs the tests with (defined in the
-/// workspace's Cargo.toml: the release profile with the workspace's own crates at opt-level 1),
+/// workspace's Cargo.toml: the release profile with the workspace's own crates at opt-level 0),
 /// which is also the name of its output directory under [`target_dir`].
 pub const TEST_PROFILE: &str = "testing";
 

@@ -1,7 +1,7 @@
 //! `cargo xtask test`, what CI runs: formatting, clippy for both targets, the build of the agent
 //! and the test harnesses, `cargo test` with the agent's path for the integration tests, and
 //! `vagrant validate`. The build and the tests use the `testing` profile
-//! ([`release::TEST_PROFILE`]): release settings, the workspace's own crates at opt-level 1.
+//! ([`release::TEST_PROFILE`]): release settings, the workspace's own crates at opt-level 0.
 
 use std::{process::Command, time::Instant};
 
@@ -24,7 +24,7 @@ pub enum Step {
     /// every test harness in one cargo run, so that the two largest units (lb-agent's library and
     /// its unit-test harness) overlap on a small machine instead of running one after the other
     /// in two steps; `cargo test` then only runs. The `testing` profile (Cargo.toml) is the
-    /// release profile with the workspace's own crates at opt-level 1: dependencies are built as
+    /// release profile with the workspace's own crates at opt-level 0: dependencies are built as
     /// shipped, and the code generation of the agent's library and harness, most of the build at
     /// opt-level 3, shrinks. Its outputs go to target/testing, so the release binaries in
     /// target/release (`cargo xtask demo`, `bench`) are never replaced by these.
