@@ -955,17 +955,7 @@ mod unit {
     /// `tracing-subscriber` prints the `tracing` event of the same fields.
     #[test]
     fn direct_access_lines_read_as_the_tracing_event() {
-        #[derive(Clone, Default)]
-        struct Captured(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("lock").extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        use crate::l7::tests::Captured;
         let method = Method::from_bytes(b"PURGE").expect("method");
         let lines = [
             AccessLine {

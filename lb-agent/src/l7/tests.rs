@@ -838,9 +838,9 @@ async fn metrics_move() {
     );
 }
 
-/// A `MakeWriter` into a shared buffer.
+/// A `MakeWriter` into a shared buffer (also used by `proxy`'s unit tests).
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub(super) struct Captured(pub(super) Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
