@@ -1462,6 +1462,9 @@ async fn fast(
     })
 }
 
+/// What a request (made anew for each path) is, and the status and body it gets.
+type FastCase = (&'static str, fn() -> Request<Body>, StatusCode, &'static str);
+
 /// The fields of a response that do not depend on the second it is served in.
 fn timeless(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
@@ -1490,7 +1493,7 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
     }
     settle().await;
     let all = |_: &http::HeaderName| true;
-    let fresh_hits: [(&str, fn() -> Request<Body>, StatusCode, &str); 5] = [
+    let fresh_hits: [FastCase; 5] = [
         ("GET", || get("/p"), StatusCode::OK, "plain"),
         ("HEAD", || req(Method::HEAD, "/p", &[]), StatusCode::OK, ""),
         (
