@@ -1463,7 +1463,12 @@ async fn fast(
 }
 
 /// What a request (made anew for each path) is, and the status and body it gets.
-type FastCase = (&'static str, fn() -> Request<Body>, StatusCode, &'static str);
+type FastCase = (
+    &'static str,
+    fn() -> Request<Body>,
+    StatusCode,
+    &'static str,
+);
 
 /// The fields of a response that do not depend on the second it is served in.
 fn timeless(headers: &HeaderMap) -> HeaderMap {
