@@ -575,6 +575,59 @@ fn prepare(
     Request::from_parts(parts, body)
 }
 
+/// A cache hit answered before [`prepare`] (no upstream request built, no backend
+/// state): [`Cache::hit`] with the request as the client sent it, which is what the
+/// cache would see after `prepare` except for the fields [`prepare`] rewrites. Taken
+/// only for a request without a body whose `Connection` names no field besides
+/// `keep-alive` and `close` (so `prepare` removes none the cache reads), and a stored
+/// response whose `Vary` names none of [`FORWARD_REWRITES`]; anything else goes through
+/// `prepare` and [`Cache::handle`].
+async fn fresh_hit(cache: &Cache, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if !req.body().is_end_stream() {
+        return None;
+    }
+    let plain_connection = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .all(|t| {
+            t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        });
+    if !plain_connection {
+        return None;
+    }
+    cache
+        .hit(req, |name| !FORWARD_REWRITES.contains(&name.as_str()))
+        .await
+}
+
+/// The request fields that [`prepare`] (with [`headers::strip_hop_by_hop`] and
+/// [`headers::add_forwarded`]) removes, adds or changes, besides those a `Connection`
+/// field names (`close` and `keep-alive` are the ones [`fresh_hit`] lets through).
+/// Keep in step with `prepare`.
+const FORWARD_REWRITES: [&str; 16] = [
+    "connection",
+    "keep-alive",
+    "close",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "http2-settings",
+    "upgrade",
+    "expect",
+    "host",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
 async fn respond(
     proxy: &Arc<Proxy>,
     conn: &Arc<ConnInfo>,
@@ -595,6 +648,12 @@ async fn respond(
         return e.response(&proxy.name);
     }
     let upgrade = headers::is_upgrade_request(req.version(), req.headers());
+    if let (false, Some(cache)) = (upgrade, &proxy.cache) {
+        if let Some(resp) = fresh_hit(cache, &req).await {
+            finish.cache = Some(CacheResult::Hit.as_str());
+            return resp;
+        }
+    }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let sticky_token = proxy.sticky.as_ref().and_then(|s| {
         sticky::cookie_value(req.headers(), &s.cookie)

@@ -73,7 +73,8 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
 /// Routes: `/slow?ms=N`, `/echo` (collects, then answers with the body),
 /// `/echo-stream` (answers with the request body as it comes: chunked), `/stream`
 /// (one chunk, 1.5 s pause, another), `/ws` (101, then echoes bytes), `/headers`
-/// (hop-by-hop fields in the response), anything else: the backend's address.
+/// (hop-by-hop fields in the response), `/cached` (fresh for 60 s), `/cached-xff` (the
+/// same, `Vary: X-Forwarded-For`), anything else: the backend's address.
 async fn backend_route(
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<HeaderMap>>>,
@@ -136,6 +137,11 @@ async fn backend_route(
             .expect("response"),
         "/cached" => Response::builder()
             .header("cache-control", "public, max-age=60")
+            .body(body::full(name))
+            .expect("response"),
+        "/cached-xff" => Response::builder()
+            .header("cache-control", "public, max-age=60")
+            .header("vary", "X-Forwarded-For")
             .body(body::full(name))
             .expect("response"),
         "/status" => Response::builder()
@@ -1075,6 +1081,58 @@ async fn cached_response_is_served_as_a_hit() {
     // A service without a cache has nothing to purge.
     let plain = start(&cfg(), &[b.addr]).await;
     assert_eq!(plain.purge_cache(None, false), None);
+}
+
+/// A hit answered before the upstream request is built (`proxy::fresh_hit`) is one the
+/// cache would answer after it: a response that varies on a field the proxy rewrites
+/// (`X-Forwarded-For`) is matched against the request as the proxy forwards it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_match_the_request_as_forwarded() {
+    let b = backend().await;
+    let mut c = cfg();
+    c.cache = Some(CacheConfig {
+        max_bytes: 1 << 20,
+        max_object_bytes: 1 << 16,
+        targets: crate::config::default_cache_targets(),
+        stale_if_unreachable_s: 0,
+    });
+    let svc = start(&c, &[b.addr]).await;
+    let mut conn = h1(svc.local_addr()).await;
+    let with_xff = |xff: &str| {
+        Request::get("/cached-xff")
+            .header("host", "web.example")
+            .header("x-forwarded-for", xff)
+            .body(Full::default())
+            .expect("request")
+    };
+    let cs = |g: &Got| {
+        g.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    // Stored for the request as forwarded: `X-Forwarded-For: 198.18.0.9, 127.0.0.1`.
+    let mut got = send(&mut conn, with_xff("198.18.0.9")).await;
+    for _ in 0..40 {
+        if cs(&got).contains("hit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        got = send(&mut conn, with_xff("198.18.0.9")).await;
+    }
+    assert!(cs(&got).contains("; hit"), "{}", cs(&got));
+    let hits = b.hits();
+    // The client's field equals the stored value, but the request as forwarded has one
+    // entry more: another variant, fetched.
+    let other = send(&mut conn, with_xff("198.18.0.9, 127.0.0.1")).await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert!(cs(&other).contains("fwd=vary-miss"), "{}", cs(&other));
+    assert_eq!(b.hits(), hits + 1);
+    // And plain hits still come from the store.
+    let again = send(&mut conn, with_xff("198.18.0.9")).await;
+    assert!(cs(&again).contains("; hit"), "{}", cs(&again));
+    assert_eq!(b.hits(), hits + 1);
 }
 
 /// Not a test: prints sequential keep-alive latency direct and through the proxy

@@ -58,7 +58,7 @@ mod tests;
 pub use lock::COLLAPSE_WAIT;
 use lock::{CacheLock, Locked, WritePermit};
 use policy::{CacheControl, Reuse};
-use store::{Key, Lookup, Store, Stored};
+use store::{Key, KeyRef, Lookup, Store, Stored};
 
 /// The cache's name in `Cache-Status`.
 pub const CACHE_NAME: &str = "xdplb";
@@ -139,7 +139,8 @@ impl Status {
     }
 
     fn render(&self) -> String {
-        let mut s = String::from(CACHE_NAME);
+        let mut s = String::with_capacity(40);
+        s.push_str(CACHE_NAME);
         if self.hit {
             s.push_str("; hit");
         }
@@ -162,6 +163,26 @@ impl Status {
             let _ = write!(s, "; detail={detail}");
         }
         s
+    }
+}
+
+/// Add this cache's `Cache-Status` member after those of caches before it.
+fn add_cache_status(headers: &mut HeaderMap, status: &Status) {
+    let ours = status.render();
+    let value = if headers.contains_key(&CACHE_STATUS) {
+        let mut all: Vec<String> = headers
+            .get_all(&CACHE_STATUS)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        all.push(ours);
+        all.join(", ")
+    } else {
+        ours
+    };
+    // The string's buffer becomes the value's (no copy).
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        headers.insert(CACHE_STATUS, v);
     }
 }
 
@@ -241,18 +262,61 @@ impl Cache {
             result,
             status,
         } = self.serve(req, upstream).await;
-        let mut value: Vec<String> = resp
-            .headers()
-            .get_all(&CACHE_STATUS)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect();
-        value.push(status.render());
-        if let Ok(v) = HeaderValue::from_str(&value.join(", ")) {
-            resp.headers_mut().insert(CACHE_STATUS, v);
-        }
+        add_cache_status(resp.headers_mut(), &status);
         resp.extensions_mut().insert(result);
         resp
+    }
+
+    /// The fast path of a cache hit: `req`'s fresh stored response, as
+    /// [`handle`](Self::handle) would serve it (`Cache-Status: xdplb; hit; ttl=N`, its
+    /// `Age`, a 304 for a matching conditional, a 206 for a `Range`), found without
+    /// building the upstream request first. `None` whenever `handle` would do anything
+    /// else (nothing fresh stored for it, a request directive wanting validation, a
+    /// method other than GET and HEAD): the caller then calls `handle`, which looks
+    /// again. The result is `CacheResult::Hit`; it is not put in the extensions.
+    ///
+    /// `req` is the request before the caller's changes for the upstream: `unchanged`
+    /// says which request fields the request given to `handle` would carry unchanged.
+    /// A stored response whose `Vary` names any other field is left to `handle`, and
+    /// so must be any request where `Cache-Control`, `Pragma`, `Range`, `If-Range`,
+    /// `If-None-Match`, `If-Modified-Since`, the host or the target would differ.
+    pub async fn hit<B>(
+        &self,
+        req: &Request<B>,
+        unchanged: impl Fn(&HeaderName) -> bool,
+    ) -> Option<Response<Body>> {
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return None,
+        };
+        let Lookup::Found(stored) = lookup(&self.inner.store, req).await else {
+            return None;
+        };
+        // Every variant of a URI varies on the same names (`Store::put`).
+        if !stored.vary.iter().all(|(name, _)| unchanged(name)) {
+            return None;
+        }
+        let now = SystemTime::now();
+        let req_cc = CacheControl::parse_request(req.headers());
+        if policy::reuse(&req_cc, &stored.cc, stored.lifetime, stored.age(now)) != Reuse::Fresh {
+            return None;
+        }
+        let asked = Asked {
+            headers: req.headers(),
+            head,
+            // Range is defined for GET only (see `serve`).
+            ranged: !head && req.headers().contains_key(header::RANGE),
+        };
+        let status = Status {
+            hit: true,
+            ..Status::default()
+        };
+        let Served {
+            mut resp, status, ..
+        } = serve_stored(&asked, &stored, now, CacheResult::Hit, status);
+        add_cache_status(resp.headers_mut(), &status);
+        Some(resp)
     }
 
     /// Remove stored responses: every entry when `path` is None, else those whose
@@ -722,20 +786,44 @@ fn from_store(
     stored: &Stored,
     now: SystemTime,
     result: CacheResult,
+    status: Status,
+) -> Served {
+    let asked = Asked {
+        headers: &ctx.req_headers,
+        head: ctx.head,
+        ranged: ctx.ranged,
+    };
+    serve_stored(&asked, stored, now, result, status)
+}
+
+/// What [`serve_stored`] needs of a GET or HEAD request.
+struct Asked<'a> {
+    headers: &'a HeaderMap,
+    head: bool,
+    /// A GET with `Range`.
+    ranged: bool,
+}
+
+/// [`from_store`] for a request given by its parts.
+fn serve_stored(
+    asked: &Asked<'_>,
+    stored: &Stored,
+    now: SystemTime,
+    result: CacheResult,
     mut status: Status,
 ) -> Served {
-    let ranged = if ctx.ranged {
-        range_response(&ctx.req_headers, stored)
+    let ranged = if asked.ranged {
+        range_response(asked.headers, stored)
     } else {
         None
     };
     let mut resp =
-        if stored.status.is_success() && policy::not_modified(&ctx.req_headers, &stored.headers) {
+        if stored.status.is_success() && policy::not_modified(asked.headers, &stored.headers) {
             not_modified_response(&stored.headers)
         } else if let Some(resp) = ranged {
             resp
         } else {
-            let mut resp = Response::new(if ctx.head {
+            let mut resp = Response::new(if asked.head {
                 empty()
             } else {
                 full(stored.body.clone())
@@ -862,6 +950,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// The store key of a request: host from the URI's authority (absolute form, HTTP/2)
 /// or the `Host` header, lower-cased, without user info; then the path and query.
 fn key_of<B>(req: &Request<B>) -> Key {
+    let (host, pq) = key_parts(req);
+    Key::new(host, pq)
+}
+
+/// The host (as given) and path-and-query of [`key_of`].
+fn key_parts<B>(req: &Request<B>) -> (&str, &str) {
     let host = req
         .uri()
         .authority()
@@ -874,5 +968,22 @@ fn key_of<B>(req: &Request<B>) -> Key {
         .unwrap_or_default();
     let host = host.rsplit('@').next().unwrap_or(host).trim();
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    Key::new(host, pq)
+    (host, pq)
+}
+
+/// Look `req` up: by its borrowed key when the host is lower-case already (no key
+/// built), else by [`key_of`].
+async fn lookup<B>(store: &Store, req: &Request<B>) -> Lookup {
+    let (host, path_and_query) = key_parts(req);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        store
+            .lookup(&Key::new(host, path_and_query), req.headers())
+            .await
+    } else {
+        let key = KeyRef {
+            host,
+            path_and_query,
+        };
+        store.lookup(&key, req.headers()).await
+    }
 }

@@ -750,14 +750,13 @@ pub fn not_modified(req: &HeaderMap, resp: &HeaderMap) -> bool {
             .flat_map(split_list)
             .any(|t| t == "*" || opaque_tag(t) == etag);
     }
+    let Some(since) = date_header(req, &header::IF_MODIFIED_SINCE) else {
+        return false;
+    };
     // RFC 9111 §4.3.2: without Last-Modified, the response's Date stands for it.
-    match (
-        date_header(req, &header::IF_MODIFIED_SINCE),
-        date_header(resp, &header::LAST_MODIFIED).or_else(|| date_header(resp, &header::DATE)),
-    ) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
-    }
+    date_header(resp, &header::LAST_MODIFIED)
+        .or_else(|| date_header(resp, &header::DATE))
+        .is_some_and(|modified| modified <= since)
 }
 
 /// The header fields of a 304 answered from a stored response (RFC 9110 §15.4.5).

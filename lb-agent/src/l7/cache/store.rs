@@ -52,6 +52,22 @@ impl Key {
     }
 }
 
+/// A [`Key`] borrowed from a request (host already lower-case), to look up without
+/// building one: it hashes and compares as the `Key` of the same strings.
+#[derive(Debug, Hash)]
+pub struct KeyRef<'a> {
+    /// Lower-case host[:port].
+    pub host: &'a str,
+    /// Path and query, as requested.
+    pub path_and_query: &'a str,
+}
+
+impl moka::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *key.host == *self.host && *key.path_and_query == *self.path_and_query
+    }
+}
+
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}{}", self.host, self.path_and_query)
@@ -220,8 +236,11 @@ impl Store {
         Self { moka }
     }
 
-    /// The variant stored for `key` that matches `req_headers`.
-    pub async fn lookup(&self, key: &Key, req_headers: &HeaderMap) -> Lookup {
+    /// The variant stored for `key` (a [`Key`] or a [`KeyRef`]) that matches `req_headers`.
+    pub async fn lookup<Q>(&self, key: &Q, req_headers: &HeaderMap) -> Lookup
+    where
+        Q: moka::Equivalent<Key> + std::hash::Hash + ?Sized,
+    {
         let Some(variants) = self.moka.get(key).await else {
             return Lookup::UriMiss;
         };
@@ -294,5 +313,60 @@ impl Store {
     /// Run moka's pending maintenance (evictions, counts) now.
     pub async fn run_pending_tasks(&self) {
         self.moka.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher as _;
+
+    use super::*;
+
+    /// A borrowed key finds what its owned form stored: same hash, equivalent.
+    #[tokio::test]
+    async fn borrowed_keys_hash_and_compare_as_owned_ones() {
+        let hasher = std::collections::hash_map::RandomState::new();
+        for (host, pq) in [("a.example:8080", "/x?y=1"), ("", "/"), ("h", "")] {
+            let owned = Key::new(host, pq);
+            let borrowed = KeyRef {
+                host,
+                path_and_query: pq,
+            };
+            assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&borrowed));
+            assert!(moka::Equivalent::equivalent(&borrowed, &owned));
+        }
+        // Fields do not run into each other: ("ab", "/") is not ("a", "b/").
+        let other = KeyRef {
+            host: "a",
+            path_and_query: "b/",
+        };
+        assert!(!moka::Equivalent::equivalent(&other, &Key::new("ab", "/")));
+        let store = Store::new(1 << 20);
+        let stored = Stored::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(b"x"),
+            &HeaderMap::new(),
+            &[],
+            SystemTime::now(),
+            SystemTime::now(),
+        );
+        store.put(Key::new("h", "/p"), Arc::new(stored)).await;
+        let found = |host, pq| {
+            let store = store.clone();
+            async move {
+                let key = KeyRef {
+                    host,
+                    path_and_query: pq,
+                };
+                matches!(
+                    store.lookup(&key, &HeaderMap::new()).await,
+                    Lookup::Found(_)
+                )
+            }
+        };
+        assert!(found("h", "/p").await);
+        assert!(!found("h", "/q").await);
+        assert!(!found("hh", "/p").await);
     }
 }

@@ -1444,3 +1444,120 @@ async fn unknown_status_with_explicit_freshness_is_reused() {
     assert_eq!((g.status.as_u16(), g.result), (599, CacheResult::Hit));
     assert_eq!(call(&c, &up, get("/599mu")).await.result, CacheResult::Miss);
 }
+
+/// `Cache::hit` with `unchanged`, as [`call`] reads a response.
+async fn fast(
+    cache: &Cache,
+    req: Request<Body>,
+    unchanged: impl Fn(&http::HeaderName) -> bool,
+) -> Option<Got> {
+    let resp = cache.hit(&req, unchanged).await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Some(Got {
+        status: parts.status,
+        headers: parts.headers,
+        result: CacheResult::Hit,
+        body,
+    })
+}
+
+/// What a request (made anew for each path) is, and the status and body it gets.
+type FastCase = (
+    &'static str,
+    fn() -> Request<Body>,
+    StatusCode,
+    &'static str,
+);
+
+/// The fields of a response that do not depend on the second it is served in.
+fn timeless(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    h.remove(header::AGE);
+    h.remove("cache-status");
+    h
+}
+
+#[tokio::test]
+async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
+    let be = Backend::start().await;
+    be.route("/p", Route::ok("max-age=60", "plain").etag("\"p\""));
+    be.route(
+        "/v",
+        Route::ok("max-age=60", "varied").header("vary", "Accept-Language"),
+    );
+    be.route(
+        "/x",
+        Route::ok("max-age=60", "xff").header("vary", "X-Forwarded-For"),
+    );
+    be.route("/n", Route::ok("no-cache", "validated").etag("\"n\""));
+    let (c, up) = (cache(), be.upstream());
+    let en = || req(Method::GET, "/v", &[("accept-language", "en")]);
+    for r in [get("/p"), en(), get("/x"), get("/n")] {
+        assert_eq!(call(&c, &up, r).await.result, CacheResult::Miss);
+    }
+    settle().await;
+    let all = |_: &http::HeaderName| true;
+    let fresh_hits: [FastCase; 5] = [
+        ("GET", || get("/p"), StatusCode::OK, "plain"),
+        ("HEAD", || req(Method::HEAD, "/p", &[]), StatusCode::OK, ""),
+        (
+            "If-None-Match",
+            || req(Method::GET, "/p", &[("if-none-match", "\"p\"")]),
+            StatusCode::NOT_MODIFIED,
+            "",
+        ),
+        (
+            "Range",
+            || req(Method::GET, "/p", &[("range", "bytes=1-2")]),
+            StatusCode::PARTIAL_CONTENT,
+            "la",
+        ),
+        (
+            "Vary",
+            || req(Method::GET, "/v", &[("accept-language", "en")]),
+            StatusCode::OK,
+            "varied",
+        ),
+    ];
+    for (what, make, status, body) in fresh_hits {
+        let f = fast(&c, make(), all)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no fast hit"));
+        let h = call(&c, &up, make()).await;
+        assert_eq!(h.result, CacheResult::Hit, "{what}");
+        assert_eq!((f.status, &f.body[..]), (status, body.as_bytes()), "{what}");
+        assert_eq!((h.status, &h.body), (f.status, &f.body), "{what}");
+        assert_eq!(timeless(&f.headers), timeless(&h.headers), "{what}");
+        assert!(
+            f.cache_status().starts_with("xdplb; hit; ttl="),
+            "{what}: {}",
+            f.cache_status()
+        );
+        assert!(!f.header("age").is_empty(), "{what}: no Age");
+    }
+    // Everything else is left to `handle`.
+    let none: [(&str, Request<Body>); 5] = [
+        ("nothing stored", get("/none")),
+        (
+            "another variant",
+            req(Method::GET, "/v", &[("accept-language", "fr")]),
+        ),
+        ("response no-cache", get("/n")),
+        (
+            "request no-cache",
+            req(Method::GET, "/p", &[("cache-control", "no-cache")]),
+        ),
+        ("POST", req(Method::POST, "/p", &[])),
+    ];
+    for (what, r) in none {
+        assert!(fast(&c, r, all).await.is_none(), "{what}: a fast hit");
+    }
+    // A response that varies on a field the caller would change is the caller's.
+    assert!(fast(&c, get("/x"), all).await.is_some());
+    let xff_rewritten = |n: &http::HeaderName| n != "x-forwarded-for";
+    assert!(fast(&c, get("/x"), xff_rewritten).await.is_none());
+    assert!(fast(&c, get("/p"), xff_rewritten).await.is_some());
+    // Not one of these reached the backend.
+    assert_eq!((be.hits("/p"), be.hits("/v"), be.hits("/x")), (1, 1, 1));
+}
