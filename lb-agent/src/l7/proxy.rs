@@ -36,7 +36,10 @@
 //!    DELETE, TRACE) without a body are retried on a *different* backend after a
 //!    connect error or a reset before any response, at most `retries` times; a
 //!    request of any method without a body whose HTTP/2 stream the backend refused
-//!    (not processed) is retried the same way. Every
+//!    (not processed) is retried the same way. An idempotent request without a body
+//!    whose pooled HTTP/1.1 connection failed before the response (closed by the
+//!    backend while idle, as the request went out: `UpstreamError::is_stale`) is sent
+//!    once more to the same backend, outside `retries` and not reported. Every
 //!    attempt's [`Outcome`] goes to the pool: `ConnectError`, `Reset`, `Timeout`;
 //!    `Status5xx` for 502, 503 and 504 (a backend or its own upstream failing; a 500
 //!    is taken as the application's answer to one request, not a sign of ill health);
@@ -826,9 +829,22 @@ impl Forwarder {
         let mut body = Some(body);
         let mut exclude = Vec::new();
         let mut last = ProxyError::NoBackend;
-        for attempt in 0..attempts {
-            let Some(lease) = self.choose(&parts.headers, attempt == 0, &exclude) else {
-                return Err(last);
+        // A stale pooled connection (closed by the backend as the request went out):
+        // an idempotent request goes once more to the same backend, not counted as an
+        // attempt nor against the backend.
+        let mut stale: Option<Lease> = None;
+        let mut stale_used = false;
+        let mut attempt = 0;
+        while attempt < attempts {
+            let lease = match stale.take() {
+                Some(lease) => lease,
+                None => {
+                    let Some(lease) = self.choose(&parts.headers, attempt == 0, &exclude) else {
+                        return Err(last);
+                    };
+                    attempt += 1;
+                    lease
+                }
             };
             let addr = lease.addr();
             let uri = Uri::try_from(path).map_err(|e| ProxyError::Backend {
@@ -858,6 +874,12 @@ impl Forwarder {
                         return Err(fault.clone());
                     }
                     let reason = root_cause(&e);
+                    if e.is_stale() && retryable && !stale_used {
+                        debug!(service = %proxy.name, backend = %addr, error = %reason, "pooled connection closed by the backend as the request went out; sending it again");
+                        stale_used = true;
+                        stale = Some(lease);
+                        continue;
+                    }
                     let (outcome, err, retry) = if e.is_connect() {
                         let err = ProxyError::Connect { addr, reason };
                         (Outcome::ConnectError, err, true)
