@@ -835,7 +835,7 @@ impl Forwarder {
         let mut stale: Option<Lease> = None;
         let mut stale_used = false;
         let mut attempt = 0;
-        while attempt < attempts {
+        while attempt < attempts || stale.is_some() {
             let lease = match stale.take() {
                 Some(lease) => lease,
                 None => {
