@@ -519,6 +519,12 @@ fn check_limits(http: &HttpConfig, headers: &HeaderMap) -> Result<(), ProxyError
     Ok(())
 }
 
+/// Whether `uri` is a path and query only (an HTTP/1.1 request's usual target):
+/// then it is forwarded as it is, not parsed again.
+fn is_origin_form(uri: &Uri) -> bool {
+    uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some()
+}
+
 /// Upstream request filter: the request as backends (and the cache) see it.
 fn prepare(
     proxy: &Proxy,
@@ -559,11 +565,13 @@ fn prepare(
     if let Some(v) = host.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
         h.insert(HOST, v);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
-    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    if !is_origin_form(&parts.uri) {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    }
     parts.version = Version::HTTP_11;
     let body = if incoming.is_end_stream() {
         body::empty()
@@ -825,6 +833,8 @@ impl Forwarder {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
+        // Origin-form already (`prepare` made it so): each attempt takes a copy.
+        let origin = is_origin_form(&parts.uri).then(|| parts.uri.clone());
         let timeout = Duration::from_millis(proxy.http.response_timeout_ms);
         let mut body = Some(body);
         let mut exclude = Vec::new();
@@ -847,10 +857,13 @@ impl Forwarder {
                 }
             };
             let addr = lease.addr();
-            let uri = Uri::try_from(path).map_err(|e| ProxyError::Backend {
-                addr,
-                reason: format!("cannot build the request URI: {e}"),
-            })?;
+            let uri = match &origin {
+                Some(uri) => uri.clone(),
+                None => Uri::try_from(path).map_err(|e| ProxyError::Backend {
+                    addr,
+                    reason: format!("cannot build the request URI: {e}"),
+                })?,
+            };
             let mut breq = Request::new(body.take().unwrap_or_else(body::empty));
             *breq.method_mut() = parts.method.clone();
             *breq.uri_mut() = uri;
