@@ -1496,9 +1496,7 @@ Columns: vs haproxy / vs nginx = this row's median req/s / that proxy's median r
         notes
             .agent_b
             .iter()
-            .map(|b| format!(
-                "\n- {b}: the same settings as xdplb, access log off (--agent-b)."
-            ))
+            .map(|b| format!("\n- {b}: the same settings as xdplb, access log off (--agent-b)."))
             .collect::<String>(),
         CACHE_BYTES / (1024 * 1024),
         rows.len(),
@@ -1576,7 +1574,10 @@ Transfer/sec:     37.91MB
         assert_eq!(d.proxy_threads, [1, 2]);
         assert!(d.only.is_empty() && d.agent_b.is_empty());
         let b = a(&["--agent-b", "/tmp/old-agent", "--agent-b", "/tmp/b"]).unwrap();
-        assert_eq!(b.agent_b, [Path::new("/tmp/old-agent"), Path::new("/tmp/b")]);
+        assert_eq!(
+            b.agent_b,
+            [Path::new("/tmp/old-agent"), Path::new("/tmp/b")]
+        );
         assert_eq!((alt_letter(0), alt_letter(1)), ('B', 'C'));
         let o = a(&[
             "--proxy-threads",
