@@ -104,6 +104,10 @@ pub(crate) struct ConnActivity {
     /// The reader's waker: the deadline moves when a request ends, and hyper does
     /// not poll a reader that has nothing to read.
     reader: AtomicWaker,
+    /// When the reader's timer fires, ms since `epoch`; `NONE` when it is not armed.
+    armed_ms: AtomicU64,
+    /// The idle timeout in ms (set by [`TimedIo::new`]).
+    idle_ms: AtomicU64,
 }
 
 /// A request in flight; dropping it ends the request.
@@ -120,7 +124,13 @@ impl ConnActivity {
             h2: AtomicBool::new(h2),
             tunnel: AtomicBool::new(false),
             reader: AtomicWaker::new(),
+            armed_ms: AtomicU64::new(NONE),
+            idle_ms: AtomicU64::new(0),
         })
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
     }
 
     /// Whether the connection speaks HTTP/2 (ALPN or the h2c preface).
@@ -162,9 +172,10 @@ impl ConnActivity {
         }
     }
 
-    /// When the connection times out, and whether that is a header timeout (408).
-    fn deadline(&self, header: Duration, idle: Duration) -> Option<(Instant, bool)> {
-        let at = |ms: u64, d: Duration| self.epoch + Duration::from_millis(ms) + d;
+    /// When the connection times out (ms since `epoch`), and whether that is a header
+    /// timeout (408); `None` while a request is in flight.
+    fn deadline_ms(&self, header: Duration, idle: Duration) -> Option<(u64, bool)> {
+        let at = |ms: u64, d: Duration| ms.saturating_add(duration_ms(d));
         if self.tunnel.load(Ordering::Relaxed) {
             return Some((at(self.last_ms.load(Ordering::Relaxed), idle), false));
         }
@@ -178,12 +189,24 @@ impl ConnActivity {
     }
 }
 
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(NONE / 2)
+}
+
 impl Drop for InFlight {
+    /// The idle deadline starts now. The reader is woken (to arm its timer) only when
+    /// its timer is not armed at or before that deadline: on a busy connection it is
+    /// (see [`TimedIo`]'s `poll_read`), so the end of a request costs no extra poll
+    /// of the connection.
     fn drop(&mut self) {
         let a = &self.0;
-        a.last_ms.store(a.now_ms(), Ordering::SeqCst);
+        let now = a.now_ms();
+        a.last_ms.store(now, Ordering::SeqCst);
         a.in_flight.fetch_sub(1, Ordering::SeqCst);
-        a.reader.wake();
+        let armed = a.armed_ms.load(Ordering::SeqCst);
+        if armed == NONE || armed > now.saturating_add(a.idle_ms.load(Ordering::Relaxed)) {
+            a.reader.wake();
+        }
     }
 }
 
@@ -211,6 +234,7 @@ impl<I> TimedIo<I> {
         parse_error: ParseErrorHook,
     ) -> Self {
         let h2 = activity.h2.load(Ordering::Relaxed);
+        activity.idle_ms.store(duration_ms(idle), Ordering::Relaxed);
         Self {
             inner,
             activity,
@@ -289,18 +313,36 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        let Some((deadline, head)) = this
-            .activity
-            .deadline(this.header_timeout, this.idle_timeout)
-        else {
-            return Poll::Pending;
+        // The timer is armed at the deadline, or before it: a deadline that moved later
+        // (a request ended, bytes went through a tunnel) is checked when the earlier
+        // timer fires, so a busy connection does no timer work per request. While a
+        // request is in flight nothing times out, and the timer stays at or before
+        // `idle` from now: the idle deadline after the request's end cannot be earlier,
+        // so that end need not wake this reader ([`InFlight`]'s drop).
+        let a = &this.activity;
+        let head = loop {
+            let (deadline, head, due) = match a.deadline_ms(this.header_timeout, this.idle_timeout)
+            {
+                Some((ms, head)) => (ms, head, true),
+                None => (
+                    a.now_ms().saturating_add(duration_ms(this.idle_timeout)),
+                    false,
+                    false,
+                ),
+            };
+            let armed = a.armed_ms.load(Ordering::SeqCst);
+            if armed == NONE || deadline < armed {
+                this.sleep.as_mut().reset(a.instant(deadline));
+                a.armed_ms.store(deadline, Ordering::SeqCst);
+            }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            a.armed_ms.store(NONE, Ordering::SeqCst);
+            if due && a.now_ms() >= deadline {
+                break head;
+            }
         };
-        if this.sleep.deadline() != deadline {
-            this.sleep.as_mut().reset(deadline);
-        }
-        if this.sleep.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
         if head {
             // Best effort: the socket's send buffer is empty between requests.
             if let Poll::Ready(Ok(n)) = Pin::new(&mut this.inner).poll_write(cx, TIMEOUT_408) {

@@ -36,7 +36,10 @@
 //!    DELETE, TRACE) without a body are retried on a *different* backend after a
 //!    connect error or a reset before any response, at most `retries` times; a
 //!    request of any method without a body whose HTTP/2 stream the backend refused
-//!    (not processed) is retried the same way. Every
+//!    (not processed) is retried the same way. An idempotent request without a body
+//!    whose pooled HTTP/1.1 connection failed before the response (closed by the
+//!    backend while idle, as the request went out: `UpstreamError::is_stale`) is sent
+//!    once more to the same backend, outside `retries` and not reported. Every
 //!    attempt's [`Outcome`] goes to the pool: `ConnectError`, `Reset`, `Timeout`;
 //!    `Status5xx` for 502, 503 and 504 (a backend or its own upstream failing; a 500
 //!    is taken as the application's answer to one request, not a sign of ill health);
@@ -516,6 +519,12 @@ fn check_limits(http: &HttpConfig, headers: &HeaderMap) -> Result<(), ProxyError
     Ok(())
 }
 
+/// Whether `uri` is a path and query only (an HTTP/1.1 request's usual target):
+/// then it is forwarded as it is, not parsed again.
+fn is_origin_form(uri: &Uri) -> bool {
+    uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some()
+}
+
 /// Upstream request filter: the request as backends (and the cache) see it.
 fn prepare(
     proxy: &Proxy,
@@ -556,11 +565,13 @@ fn prepare(
     if let Some(v) = host.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
         h.insert(HOST, v);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
-    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    if !is_origin_form(&parts.uri) {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    }
     parts.version = Version::HTTP_11;
     let body = if incoming.is_end_stream() {
         body::empty()
@@ -881,19 +892,37 @@ impl Forwarder {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
+        // Origin-form already (`prepare` made it so): each attempt takes a copy.
+        let origin = is_origin_form(&parts.uri).then(|| parts.uri.clone());
         let timeout = Duration::from_millis(proxy.http.response_timeout_ms);
         let mut body = Some(body);
         let mut exclude = Vec::new();
         let mut last = ProxyError::NoBackend;
-        for attempt in 0..attempts {
-            let Some(lease) = self.choose(&parts.headers, attempt == 0, &exclude) else {
-                return Err(last);
+        // A stale pooled connection (closed by the backend as the request went out):
+        // an idempotent request goes once more to the same backend, not counted as an
+        // attempt nor against the backend.
+        let mut stale: Option<Lease> = None;
+        let mut stale_used = false;
+        let mut attempt = 0;
+        while attempt < attempts || stale.is_some() {
+            let lease = match stale.take() {
+                Some(lease) => lease,
+                None => {
+                    let Some(lease) = self.choose(&parts.headers, attempt == 0, &exclude) else {
+                        return Err(last);
+                    };
+                    attempt += 1;
+                    lease
+                }
             };
             let addr = lease.addr();
-            let uri = Uri::try_from(path).map_err(|e| ProxyError::Backend {
-                addr,
-                reason: format!("cannot build the request URI: {e}"),
-            })?;
+            let uri = match &origin {
+                Some(uri) => uri.clone(),
+                None => Uri::try_from(path).map_err(|e| ProxyError::Backend {
+                    addr,
+                    reason: format!("cannot build the request URI: {e}"),
+                })?,
+            };
             let mut breq = Request::new(body.take().unwrap_or_else(body::empty));
             *breq.method_mut() = parts.method.clone();
             *breq.uri_mut() = uri;
@@ -917,6 +946,12 @@ impl Forwarder {
                         return Err(fault.clone());
                     }
                     let reason = root_cause(&e);
+                    if e.is_stale() && retryable && !stale_used {
+                        debug!(service = %proxy.name, backend = %addr, error = %reason, "pooled connection closed by the backend as the request went out; sending it again");
+                        stale_used = true;
+                        stale = Some(lease);
+                        continue;
+                    }
                     let (outcome, err, retry) = if e.is_connect() {
                         let err = ProxyError::Connect { addr, reason };
                         (Outcome::ConnectError, err, true)

@@ -279,9 +279,7 @@ async fn accept_loop(
                     let tls = tls.clone();
                     let builder = Arc::clone(&builder);
                     let handle = place.handle().clone();
-                    // The worker logs to the subscriber in force where the service
-                    // accepts (the global one in the agent; a test's scoped one).
-                    conns.spawn_on(WithSubscriber::with_current_subscriber(async move {
+                    let serve = async move {
                         let _place = place;
                         let stream = match TcpStream::from_std(stream) {
                             Ok(s) => s,
@@ -295,7 +293,16 @@ async fn accept_loop(
                             () = fut => {}
                             () = stopped(&mut hard) => {}
                         }
-                    }), &handle);
+                    };
+                    // The worker logs to the subscriber in force where the service
+                    // accepts: in the agent the global one (`logging::init`), which the
+                    // worker has anyway; elsewhere (a test's scoped subscriber) it is
+                    // carried along, at the price of setting it on every poll.
+                    if crate::logging::dropped_lines().is_some() {
+                        conns.spawn_on(serve, &handle);
+                    } else {
+                        conns.spawn_on(WithSubscriber::with_current_subscriber(serve), &handle);
+                    }
                 }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.

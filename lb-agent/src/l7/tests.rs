@@ -1599,3 +1599,136 @@ async fn draining_h2_finishes_streams_then_goes_away() {
     shut.await.expect("join");
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
+
+// ---------------------------------------------------------------------------
+// The HTTP/1.1 backend pool
+// ---------------------------------------------------------------------------
+
+/// A GET through `up` to `addr`, its body read to the end.
+async fn pool_get(up: &crate::l7::upstream::Upstream, addr: SocketAddr, path: &str) -> Bytes {
+    let req = Request::get(path)
+        .header("host", "web.example")
+        .body(body::empty())
+        .expect("request");
+    let resp = tokio::time::timeout(LONG, up.send(addr, req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.expect("body").to_bytes()
+}
+
+/// A backend on a plain thread: each connection answers `answers` keep-alive
+/// requests, then reads the next request's head and closes without an answer (the
+/// race of a keep-alive connection the backend closes as a request goes out). Counts
+/// connections.
+fn closing_backend(answers: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&conns);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                for n in 0..=answers {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if n == answers {
+                        return; // closed unanswered
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn the_http1_pool_reuses_expires_and_resends_on_a_stale_connection() {
+    use crate::l7::upstream::Upstream;
+    let b = backend().await;
+    let up = Upstream::new(&cfg())
+        .expect("upstream")
+        .with_h1_idle_timeout(Duration::from_millis(600));
+
+    // Reuse: one request after another takes the connection the last one gave back.
+    for _ in 0..5 {
+        assert_eq!(pool_get(&up, b.addr, "/").await, b.addr.to_string());
+    }
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1, "one connection, reused");
+    assert_eq!(up.h1_pool().idle(b.addr), 1);
+
+    // Two at once need two connections; both go back to the idle list (LIFO).
+    let (x, y) = tokio::join!(
+        pool_get(&up, b.addr, "/slow?ms=50"),
+        pool_get(&up, b.addr, "/slow?ms=50")
+    );
+    assert!(!x.is_empty() && !y.is_empty());
+    assert_eq!(b.conns.load(Ordering::SeqCst), 2);
+    assert_eq!(up.h1_pool().idle(b.addr), 2);
+
+    // A response dropped before its end: that connection is not reused.
+    let req = Request::get("/stream")
+        .header("host", "web.example")
+        .body(body::empty())
+        .expect("request");
+    let resp = up.send(b.addr, req).await.expect("response");
+    drop(resp);
+    assert_eq!(
+        up.h1_pool().idle(b.addr),
+        1,
+        "the cut connection is not given back"
+    );
+
+    // Idle past the timeout: closed by the pool (the backend sees them go).
+    let deadline = Instant::now() + LONG;
+    while up.h1_pool().idle(b.addr) > 0 {
+        assert!(Instant::now() < deadline, "idle connections never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = b.conns.load(Ordering::SeqCst);
+    pool_get(&up, b.addr, "/").await;
+    assert_eq!(
+        b.conns.load(Ordering::SeqCst),
+        before + 1,
+        "a new connection after expiry"
+    );
+
+    // A backend that closes each connection unanswered at its second request: an
+    // idempotent request is sent again, on a new connection to the same backend (it
+    // is the only one: no retry elsewhere could save it), and the backend is not
+    // marked down for it; a POST is not sent again.
+    let (stale, conns) = closing_backend(1);
+    let mut c = cfg();
+    c.http.retries = 0;
+    let svc = start(&c, &[stale]).await;
+    let mut client = h1(svc.local_addr()).await;
+    for i in 1..=4 {
+        let got = send(&mut client, get_req("/")).await;
+        assert_eq!(got.status, StatusCode::OK, "request {i}");
+        assert_eq!(got.body, "ok");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 4);
+    let post = Request::post("/")
+        .header("host", "web.example")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    assert_eq!(
+        send(&mut client, post).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+}

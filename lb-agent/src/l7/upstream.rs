@@ -1,8 +1,19 @@
 //! The backend side of an L7 service: how a request reaches a backend, by the service's
 //! `backend_protocol` (and `backend_tls`).
 //!
-//! - `http1`: hyper-util's pooled client (keep-alive, one request per connection at a
-//!   time), over TCP, or over TLS with ALPN `http/1.1` when `backend_tls` is set.
+//! - `http1`: a pool of keep-alive connections of its own ([`H1Pool`], on hyper's
+//!   `client::conn::http1`), one per L7 worker and service (the upstream is per worker,
+//!   [`super::workers::PerWorker`]), over TCP, or over TLS with ALPN `http/1.1` when
+//!   `backend_tls` is set. A connection carries one request at a time; when the
+//!   response's body has been read to its end it goes back to its backend's idle list
+//!   (last in, first out: the most recently used connection is the likeliest to be
+//!   alive and warm), at most [`MAX_IDLE_H1`] of them per backend (beyond that it is
+//!   closed), and is closed after [`IDLE`] unused. A connection whose response was cut
+//!   short, or that was upgraded, is never reused. The connection task runs on the
+//!   worker that opened it, so a client connection and its backend connections stay on
+//!   one thread. A request that a pooled connection closed before taking it (hyper
+//!   hands it back: the backend closed the idle connection) is sent again on the next
+//!   idle connection or a new one, whatever its method, as hyper-util's client does.
 //! - `h2c`, `h2`: HTTP/2 (hyper's `client::conn::http2`), over TCP with prior knowledge
 //!   or over TLS where the backend must select `h2` in ALPN (else the connection
 //!   counts as a connect failure). Requests are multiplexed: a backend gets one
@@ -49,13 +60,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use http::header::{HOST, TE};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -74,6 +82,8 @@ pub const MAX_STREAMS: usize = 100;
 pub const MAX_CONNS: usize = 8;
 /// An HTTP/2 (or pooled HTTP/1.1) connection without a request this long is closed.
 pub const IDLE: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections kept per backend (per worker); one more is closed.
+pub const MAX_IDLE_H1: usize = 256;
 /// HTTP/2 keep-alive ping interval.
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// HTTP/2 keep-alive ping timeout.
@@ -102,6 +112,10 @@ pub(crate) enum Failure {
     Refused,
     /// The connection closed or reset before a response.
     Reset,
+    /// A reused (pooled) HTTP/1.1 connection closed or reset before a response: most
+    /// likely the backend closed it while idle as the request went out, which says
+    /// nothing against the backend.
+    Stale,
     /// Anything else (a malformed response, ...).
     Other,
 }
@@ -133,7 +147,7 @@ impl UpstreamError {
         }
     }
 
-    /// An error of hyper (or hyper-util's client), classified.
+    /// An error of hyper, classified.
     fn from_client(source: impl Into<BoxError>) -> Self {
         let source = source.into();
         let failure = classify(source.as_ref());
@@ -153,7 +167,16 @@ impl UpstreamError {
     /// The connection closed or was reset before the response (idempotent requests
     /// may be sent again).
     pub(crate) fn is_reset(&self) -> bool {
-        matches!(self.failure, Failure::Reset | Failure::Refused)
+        matches!(
+            self.failure,
+            Failure::Reset | Failure::Refused | Failure::Stale
+        )
+    }
+
+    /// A pooled connection failed as it was reused ([`Failure::Stale`]): an
+    /// idempotent request may be sent again to the same backend.
+    pub(crate) fn is_stale(&self) -> bool {
+        self.failure == Failure::Stale
     }
 }
 
@@ -162,11 +185,6 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
     let mut source = Some(e);
     let mut reset = false;
     while let Some(err) = source {
-        if let Some(l) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
-            if l.is_connect() {
-                return Failure::Connect;
-            }
-        }
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
             if h2.reason() == Some(h2::Reason::REFUSED_STREAM)
                 || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
@@ -280,12 +298,6 @@ impl AsyncWrite for Stream {
     }
 }
 
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
 /// TLS towards the backends: the settings and one client configuration per ALPN list.
 struct TlsSide {
     cfg: BackendTlsConfig,
@@ -332,35 +344,6 @@ impl Dialer {
     }
 }
 
-/// The connector of the HTTP/1.1 pool: the URI's host and port are the backend's.
-#[derive(Clone)]
-struct H1Connector(Arc<Dialer>);
-
-impl tower_service::Service<Uri> for H1Connector {
-    type Response = TokioIo<Stream>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<TokioIo<Stream>, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let dialer = Arc::clone(&self.0);
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let ip: std::net::IpAddr =
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse()
-                    .map_err(|_| format!("backend URI {uri} has no IP address"))?;
-            let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
-            let s = dialer.dial(addr, false).await?;
-            Ok(TokioIo::new(s))
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------
 // HTTP/2 pool
 // ---------------------------------------------------------------------------
@@ -386,21 +369,159 @@ impl Use {
     }
 }
 
-/// A stream's place in its HTTP/2 connection, given back when dropped (the response
-/// body ends, or the request fails).
+/// What a response body holds of its connection until it ends: an HTTP/2 stream's
+/// place in its connection (given back when dropped: the body ends, or the request
+/// fails), or an HTTP/1.1 connection, back to its pool when the body has been read to
+/// its end (closed when it is dropped before).
 #[derive(Debug, Default)]
-pub(crate) struct Slot(Option<Arc<Use>>);
+pub(crate) struct Slot(Option<Held>);
+
+#[derive(Debug)]
+enum Held {
+    H2(Arc<Use>),
+    H1 {
+        pool: Arc<H1Pool>,
+        addr: SocketAddr,
+        send: http1::SendRequest<Body>,
+    },
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(u) = self.0.take() {
+        if let Some(Held::H2(u)) = self.0.take() {
             u.last_ms.store(u.now_ms(), Ordering::Relaxed);
             u.streams.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-impl Observer for Slot {}
+impl Observer for Slot {
+    fn end(&mut self, complete: bool) {
+        if complete && matches!(self.0, Some(Held::H1 { .. })) {
+            if let Some(Held::H1 { pool, addr, send }) = self.0.take() {
+                pool.put(addr, send);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/1.1 pool
+// ---------------------------------------------------------------------------
+
+/// An idle HTTP/1.1 connection.
+#[derive(Debug)]
+struct Idle {
+    send: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// Idle HTTP/1.1 connections by backend (see the [module docs](self)). One per
+/// upstream, that is per worker and service: its lock is never contended on the
+/// request path (only the control plane, off the workers, shares the first one).
+#[derive(Debug)]
+pub(crate) struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// [`IDLE`] (shorter in tests).
+    timeout: Duration,
+}
+
+impl Default for H1Pool {
+    fn default() -> Self {
+        Self {
+            idle: Mutex::default(),
+            timeout: IDLE,
+        }
+    }
+}
+
+impl H1Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection to `addr` that is open and not expired.
+    fn take(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut map = self.lock();
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if !idle.send.is_closed() && idle.since.elapsed() < self.timeout {
+                return Some(idle.send);
+            }
+        }
+        None
+    }
+
+    /// `send`'s connection, its response read to the end, is idle again.
+    fn put(&self, addr: SocketAddr, send: http1::SendRequest<Body>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut map = self.lock();
+        let list = map.entry(addr).or_default();
+        if list.len() >= MAX_IDLE_H1 {
+            list.retain(|i| !i.send.is_closed());
+            if list.len() >= MAX_IDLE_H1 {
+                return; // dropped: the connection closes
+            }
+        }
+        list.push(Idle {
+            send,
+            since: Instant::now(),
+        });
+    }
+
+    /// Close `addr`'s connections idle for [`IDLE`] (their handles dropped, hyper ends
+    /// them) and forget the closed ones.
+    fn expire(&self, addr: SocketAddr) {
+        let mut map = self.lock();
+        if let Some(list) = map.get_mut(&addr) {
+            list.retain(|i| !i.send.is_closed() && i.since.elapsed() < self.timeout);
+            if list.is_empty() {
+                map.remove(&addr);
+            }
+        }
+    }
+
+    /// Idle connections to `addr` (tests).
+    #[cfg(test)]
+    pub(crate) fn idle(&self, addr: SocketAddr) -> usize {
+        self.lock()
+            .get(&addr)
+            .map_or(0, |l| l.iter().filter(|i| !i.send.is_closed()).count())
+    }
+}
+
+/// Run one HTTP/1.1 connection to `addr` (upgrades included) and expire the idle
+/// connections of its backend every [`IDLE`] / 6 while it lives.
+async fn drive_h1<T>(
+    conn: http1::Connection<T, Body>,
+    pool: std::sync::Weak<H1Pool>,
+    addr: SocketAddr,
+) where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let every = pool.upgrade().map_or(IDLE, |p| p.timeout) / 6;
+    let conn = conn.with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(backend = %addr, error = %e, "HTTP/1.1 connection to a backend ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => match pool.upgrade() {
+                Some(pool) => pool.expire(addr),
+                None => return,
+            },
+        }
+    }
+}
 
 #[derive(Clone)]
 struct H2Conn {
@@ -434,7 +555,7 @@ impl H2Backend {
             return None;
         }
         c.usage.streams.fetch_add(1, Ordering::AcqRel);
-        Some((c.send.clone(), Slot(Some(Arc::clone(&c.usage)))))
+        Some((c.send.clone(), Slot(Some(Held::H2(Arc::clone(&c.usage))))))
     }
 
     fn remove(&self, id: u64) {
@@ -457,7 +578,7 @@ enum Opened {
 pub(crate) struct Upstream {
     protocol: BackendProtocol,
     dialer: Arc<Dialer>,
-    h1: Client<H1Connector, Body>,
+    h1: Arc<H1Pool>,
     h2: Mutex<HashMap<SocketAddr, Arc<H2Backend>>>,
     next_id: AtomicU64,
     /// `auto`: backends that chose HTTP/1.1, until when.
@@ -499,15 +620,10 @@ impl Upstream {
             connect_timeout: Duration::from_millis(cfg.http.connect_timeout_ms),
             tls,
         });
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE)
-            .build(H1Connector(Arc::clone(&dialer)));
         Ok(Self {
             protocol,
             dialer,
-            h1,
+            h1: Arc::default(),
             h2: Mutex::default(),
             next_id: AtomicU64::new(0),
             learned_h1: Mutex::default(),
@@ -551,27 +667,105 @@ impl Upstream {
         }
     }
 
-    /// Through the HTTP/1.1 pool.
+    /// The HTTP/1.1 pool (tests).
+    #[cfg(test)]
+    pub(crate) fn h1_pool(&self) -> &H1Pool {
+        &self.h1
+    }
+
+    /// With idle HTTP/1.1 connections closed after `timeout` (tests).
+    #[cfg(test)]
+    pub(crate) fn with_h1_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.h1 = Arc::new(H1Pool {
+            idle: Mutex::default(),
+            timeout,
+        });
+        self
+    }
+
+    /// Through the HTTP/1.1 pool: an idle connection to `addr`, else a new one.
     async fn send_h1(
         &self,
         addr: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        parts.uri = Uri::try_from(format!("http://{addr}{path}"))
-            .map_err(|e| UpstreamError::connect(format!("cannot build the request URI: {e}")))?;
+        if parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
+            parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+        }
         parts.version = Version::HTTP_11;
         parts.headers.remove(TE);
-        let resp = self
-            .h1
-            .request(Request::from_parts(parts, body))
+        if !parts.headers.contains_key(HOST) {
+            // HTTP/1.1 requires one (a client's HTTP/1.0 request may have none): the
+            // backend's address, as hyper-util's client sets it.
+            let host = if addr.port() == 80 {
+                addr.ip().to_string()
+            } else {
+                addr.to_string()
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&host) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
+        let mut req = Request::from_parts(parts, body);
+        loop {
+            let (mut send, reused) = match self.h1.take(addr) {
+                Some(send) => (send, true),
+                None => (self.connect_h1(addr).await?, false),
+            };
+            if reused && send.ready().await.is_err() {
+                continue; // closed meanwhile: the next one
+            }
+            match send.try_send_request(req).await {
+                Ok(resp) => {
+                    // An upgraded connection is the tunnel's: never pooled.
+                    let slot = Slot((!upgrade).then(|| Held::H1 {
+                        pool: Arc::clone(&self.h1),
+                        addr,
+                        send,
+                    }));
+                    return Ok(resp.map(|b| Observed::new(b, slot)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection closed before taking the request (the
+                    // backend closed it while idle): the request was not sent.
+                    Some(back) if reused => {
+                        debug!(backend = %addr, error = %e.error(), "pooled HTTP/1.1 connection closed before the request was sent; sending it again");
+                        req = back;
+                    }
+                    _ => {
+                        let mut err = UpstreamError::from_client(e.into_error());
+                        if reused && err.failure == Failure::Reset {
+                            err.failure = Failure::Stale;
+                        }
+                        return Err(err);
+                    }
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection to `addr`, its task on the calling runtime (the
+    /// worker's).
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let stream = self.dialer.dial(addr, false).await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(stream))
             .await
-            .map_err(UpstreamError::from_client)?;
-        Ok(resp.map(|b| Observed::new(b, Slot::default())))
+            .map_err(|e| UpstreamError {
+                failure: Failure::Connect,
+                source: e.into(),
+            })?;
+        tokio::spawn(drive_h1(conn, Arc::downgrade(&self.h1), addr));
+        Ok(send)
     }
 
     fn backend(&self, addr: SocketAddr) -> Arc<H2Backend> {
@@ -674,7 +868,7 @@ impl Upstream {
             send: send.clone(),
             usage: Arc::clone(&usage),
         });
-        let slot = Slot(Some(Arc::clone(&usage)));
+        let slot = Slot(Some(Held::H2(Arc::clone(&usage))));
         tokio::spawn(drive(conn, Arc::clone(backend), id, usage, addr));
         Ok(Opened::H2(send, slot))
     }

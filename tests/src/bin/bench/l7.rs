@@ -11,7 +11,9 @@
 //!   without a cache and `cached` with `cache = { max_bytes = 67108864 }`, round robin
 //!   over the two backends, `[agent] workers = N`; `XDPLB_LOG=info,xdplb::access=off` (no
 //!   access log), and a second agent with `XDPLB_LOG=info` (its default: the access log on,
-//!   written to a file);
+//!   written to a file); with `--agent-b PATH` (repeatable), one more agent per binary
+//!   named (access log off, rows "xdplb (B) Nt", "xdplb (C) Nt", ...), so builds are
+//!   compared in one interleaved run;
 //! - HAProxy: `mode http`, `balance roundrobin`, `http-reuse always`,
 //!   `option http-keep-alive`, `nbthread N`, no log; a second frontend/backend pair with
 //!   HAProxy's own `cache` (`http-request cache-use`, `http-response cache-store`);
@@ -112,6 +114,11 @@ pub struct Args {
     /// ...) contains this text; repeatable (any of them). All proxies still start.
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
+    /// Another lb-agent binary (an older or newer build) measured in the same run, rows
+    /// "xdplb (B) Nt" (access log off), interleaved with the others: before/after
+    /// comparisons in the same conditions. Repeatable: (B), (C), ... in order.
+    #[arg(long = "agent-b", value_name = "PATH")]
+    agent_b: Vec<PathBuf>,
 }
 
 impl Args {
@@ -769,6 +776,8 @@ enum Kind {
     Xdplb,
     /// The agent with its access log on (its default), written to a file.
     XdplbLog,
+    /// The i-th `--agent-b` binary, access log off.
+    XdplbAlt(usize),
     Haproxy,
     Nginx,
 }
@@ -789,6 +798,7 @@ impl Target {
             (Kind::Direct, _) => "direct (be1)".to_owned(),
             (Kind::Xdplb, _) => format!("xdplb {t}t"),
             (Kind::XdplbLog, _) => format!("xdplb {t}t, access log"),
+            (Kind::XdplbAlt(i), _) => format!("xdplb ({}) {t}t", alt_letter(i)),
             (Kind::Haproxy, Case::NoCache) => format!("haproxy {t}t"),
             (Kind::Haproxy, Case::CacheHits) => format!("haproxy {t}t (bonus)"),
             (Kind::Nginx, _) => format!("nginx {t}t"),
@@ -834,6 +844,20 @@ fn agent_log_filter(access_log: bool) -> &'static str {
     if access_log { "info" } else { AGENT_LOG_FILTER }
 }
 
+/// The letter of the i-th `--agent-b` binary: B, C, ...
+fn alt_letter(i: usize) -> char {
+    char::from(b'B' + u8::try_from(i % 24).unwrap_or(0))
+}
+
+/// The proxies started at each thread count: the agent (without and with its access
+/// log), the `--agent-b` ones, HAProxy, nginx.
+fn proxy_kinds(tools: &Tools) -> Vec<Kind> {
+    let mut kinds = vec![Kind::Xdplb, Kind::XdplbLog];
+    kinds.extend((0..tools.agent_b.len()).map(Kind::XdplbAlt));
+    kinds.extend([Kind::Haproxy, Kind::Nginx]);
+    kinds
+}
+
 impl Bed {
     fn start(tools: &Tools, threads: &[u32]) -> anyhow::Result<Self> {
         // Removed when dropped: declared before the processes that use it (and Bed's last
@@ -866,7 +890,7 @@ impl Bed {
             dir,
         };
         for &t in threads {
-            for kind in [Kind::Xdplb, Kind::XdplbLog, Kind::Haproxy, Kind::Nginx] {
+            for kind in proxy_kinds(tools) {
                 let target = Target { kind, threads: t };
                 let ports = Ports::pick(backend_ports)?;
                 let proc = bed.start_proxy(tools, target, &ports)?;
@@ -893,14 +917,21 @@ impl Bed {
         let dir = self.dir.path();
         match target.kind {
             Kind::Direct => bail!("direct is not a proxy"),
-            Kind::Xdplb | Kind::XdplbLog => {
+            Kind::Xdplb | Kind::XdplbLog | Kind::XdplbAlt(_) => {
                 let access_log = target.kind == Kind::XdplbLog;
-                let name = format!("agent-{t}t{}", if access_log { "-log" } else { "" });
+                let (binary, alt) = match target.kind {
+                    Kind::XdplbAlt(i) => (
+                        tools.agent_b.get(i).context("an --agent-b binary")?,
+                        format!("-{}", alt_letter(i)),
+                    ),
+                    _ => (&tools.agent, String::new()),
+                };
+                let name = format!("agent{alt}-{t}t{}", if access_log { "-log" } else { "" });
                 let state_dir = dir.join(format!("{name}-state"));
                 fs::create_dir_all(&state_dir)?;
                 let agent_config = dir.join(format!("{name}.toml"));
                 fs::write(&agent_config, agent_toml(ports, &state_dir, t))?;
-                let mut cmd = Command::new(&tools.agent);
+                let mut cmd = Command::new(binary);
                 cmd.arg("run")
                     .arg("--config")
                     .arg(&agent_config)
@@ -1079,7 +1110,7 @@ impl Bed {
         );
         Ok(match target.kind {
             Kind::Direct => (false, String::new()),
-            Kind::Xdplb | Kind::XdplbLog => {
+            Kind::Xdplb | Kind::XdplbLog | Kind::XdplbAlt(_) => {
                 let v = r.header("cache-status").unwrap_or("(none)").to_owned();
                 (v.contains("; hit"), format!("Cache-Status: {v}"))
             }
@@ -1094,14 +1125,19 @@ impl Bed {
 /// The programs the run needs.
 struct Tools {
     agent: PathBuf,
+    /// `--agent-b`, in order.
+    agent_b: Vec<PathBuf>,
     haproxy: PathBuf,
     nginx: PathBuf,
     wrk: PathBuf,
 }
 
 impl Tools {
-    fn find() -> anyhow::Result<Self> {
+    fn find(agent_b: &[PathBuf]) -> anyhow::Result<Self> {
         let agent = agent_binary()?;
+        for b in agent_b {
+            ensure!(b.is_file(), "--agent-b {}: not a file", b.display());
+        }
         let found: Vec<Option<PathBuf>> = ["haproxy", "nginx", "wrk"]
             .iter()
             .map(|p| find_program(p))
@@ -1122,6 +1158,7 @@ impl Tools {
         let mut next = || found.next().expect("checked above");
         Ok(Self {
             agent,
+            agent_b: agent_b.to_vec(),
             haproxy: next(),
             nginx: next(),
             wrk: next(),
@@ -1132,13 +1169,13 @@ impl Tools {
 /// Runs every case against every target and prints the table.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let tools = Tools::find()?;
+    let tools = Tools::find(&args.agent_b)?;
     let mut targets = vec![Target {
         kind: Kind::Direct,
         threads: 1,
     }];
     for &t in &args.proxy_threads {
-        for kind in [Kind::Xdplb, Kind::XdplbLog, Kind::Haproxy, Kind::Nginx] {
+        for kind in proxy_kinds(&tools) {
             targets.push(Target { kind, threads: t });
         }
     }
@@ -1252,6 +1289,7 @@ struct Notes {
     cpu_model: String,
     kernel: String,
     agent: String,
+    agent_b: Vec<String>,
     haproxy: String,
     nginx: String,
     wrk: String,
@@ -1274,6 +1312,19 @@ impl Notes {
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned()),
             agent: version_of(&tools.agent, &["--version"]),
+            agent_b: tools
+                .agent_b
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    format!(
+                        "xdplb ({}) = {}: {}",
+                        alt_letter(i),
+                        b.display(),
+                        version_of(b, &["--version"])
+                    )
+                })
+                .collect(),
             haproxy: version_of(&tools.haproxy, &["-v"]),
             nginx: version_of(&tools.nginx, &["-v"]),
             wrk: version_of(&tools.wrk, &["-v"]),
@@ -1417,7 +1468,7 @@ Settings (each proxy: one port without a cache, one with; round robin over be1 a
   (cache = {{ max_bytes = {CACHE_BYTES} }}), scheduler round-robin, default [service.http]
   settings, [agent] workers = N; XDPLB_LOG={AGENT_LOG_FILTER}. \"access log\" rows: XDPLB_LOG=info,
   the agent's default: one xdplb::access line per request, written to a file (emptied
-  between rows). The agent reads XDPLB_LOG, not RUST_LOG.
+  between rows). The agent reads XDPLB_LOG, not RUST_LOG.{}
 - haproxy: mode http, nbthread N, balance roundrobin, http-reuse always, option http-keep-alive,
   no log; cache row (bonus): `cache` section of {} MB, http-request cache-use /
   http-response cache-store, X-Cache-Status set from res.cache_hit.
@@ -1442,6 +1493,11 @@ Columns: vs haproxy / vs nginx = this row's median req/s / that proxy's median r
         notes.haproxy,
         notes.nginx,
         notes.wrk,
+        notes
+            .agent_b
+            .iter()
+            .map(|b| format!("\n- {b}: the same settings as xdplb, access log off (--agent-b)."))
+            .collect::<String>(),
         CACHE_BYTES / (1024 * 1024),
         rows.len(),
         took.as_secs_f64()
@@ -1516,7 +1572,13 @@ Transfer/sec:     37.91MB
         let d = a(&[]).unwrap();
         assert_eq!((d.duration_s, d.connections, d.threads), (5, 32, 2));
         assert_eq!(d.proxy_threads, [1, 2]);
-        assert!(d.only.is_empty());
+        assert!(d.only.is_empty() && d.agent_b.is_empty());
+        let b = a(&["--agent-b", "/tmp/old-agent", "--agent-b", "/tmp/b"]).unwrap();
+        assert_eq!(
+            b.agent_b,
+            [Path::new("/tmp/old-agent"), Path::new("/tmp/b")]
+        );
+        assert_eq!((alt_letter(0), alt_letter(1)), ('B', 'C'));
         let o = a(&[
             "--proxy-threads",
             "2",
