@@ -16,8 +16,8 @@
 //!   with deny/allow lists, a flood limit or a QUIC service loaded; a 6in6 flow (behind
 //!   `bench_wrap6`), a GUE flow (behind `bench_wrap_gue`), a QUIC short header routed
 //!   by its connection ID. Each wrapper has its own `floor_pass` baseline, and each
-//!   tunnel its own floor (`floor_6in6`, `floor_gue`: parse + one lookup + that tunnel
-//!   + XDP_TX), so the table shows every row against the floor of its own tunnel ("x own
+//!   tunnel its own floor (`floor_6in6`, `floor_gue`: parse, one lookup, that tunnel,
+//!   XDP_TX), so the table shows every row against the floor of its own tunnel ("x own
 //!   floor") beside the IPIP floor ("x floor").
 //! - Scale rows: 1, 100, 1000 services of 10 backends, 1 of 1000 backends (established
 //!   and SYN), and a flow table holding 1,000,000 flows on the measuring CPU (filled by
