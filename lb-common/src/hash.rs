@@ -107,6 +107,34 @@ pub const fn tunnel_source_v6_low(base: u32, host_mask: u32, entropy: u32) -> u3
     base | (entropy.rotate_right(14) & host_mask).to_be()
 }
 
+/// The slot of `QUIC_SLOTS` (`crate::maps::QUIC_SLOTS`) where the QUIC server id
+/// `server_id` of service `service_id` lives.
+#[inline(always)]
+pub const fn quic_slot(service_id: u32, server_id: u32) -> u32 {
+    fmix(SEED ^ server_id ^ service_id.rotate_left(16), 8) & (crate::maps::QUIC_SLOTS_LEN - 1)
+}
+
+/// A `QUIC_SLOTS` value: `server_id` in the high word (compared with the packet's),
+/// `backend_id + 1` in the low one, so that 0 is an empty slot and a slot read while
+/// the agent empties or fills it (a half of each) never names a backend for an id
+/// (server id 0, which a half would hold, names no server and is never looked up):
+/// the agent changes a slot only through 0.
+#[inline(always)]
+pub const fn quic_slot_value(server_id: u32, backend_id: u32) -> u64 {
+    ((server_id as u64) << 32) | (backend_id as u64 + 1)
+}
+
+/// The backend id of a `QUIC_SLOTS` value if it holds `server_id`.
+#[inline(always)]
+pub const fn quic_slot_backend(value: u64, server_id: u32) -> Option<u32> {
+    let low = value as u32;
+    if (value >> 32) as u32 == server_id && low != 0 {
+        Some(low - 1)
+    } else {
+        None
+    }
+}
+
 /// The slot of a service's ring a hash falls into, or `None` for an empty ring.
 #[inline(always)]
 pub const fn ring_slot(hash: u32, ring_size: u32) -> Option<u32> {
@@ -267,5 +295,30 @@ mod tests {
         assert_eq!(tagged_hash(b'4', &[198, 18, 0, 1]), 0x25de_a6f1_99c8_a7ea);
         let v6 = [0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(tagged_hash(b'6', &v6), 0xac6b_8150_3465_0db7);
+    }
+
+    #[test]
+    fn quic_slots_spread_keys_and_values_name_only_their_id() {
+        let len = crate::maps::QUIC_SLOTS_LEN;
+        // 4096 keys (16 services of 256 consecutive ids) take nearly as many slots.
+        let mut used = [false; crate::maps::QUIC_SLOTS_LEN as usize];
+        for service in 0..16 {
+            for id in 1..=256 {
+                let slot = quic_slot(service, id);
+                assert!(slot < len);
+                used[slot as usize] = true;
+            }
+        }
+        let taken = used.iter().filter(|u| **u).count();
+        assert!(taken > 3900, "{taken} slots for 4096 keys");
+        let v = quic_slot_value(0x0102, 7);
+        assert_eq!(quic_slot_backend(v, 0x0102), Some(7));
+        assert_eq!(quic_slot_backend(v, 0x0103), None);
+        assert_eq!(quic_slot_backend(quic_slot_value(9, 0), 9), Some(0));
+        // Empty, and either half of a value alone (a slot read while it changes), for
+        // any id the program looks up (server id 0 never is: it names no server).
+        assert_eq!(quic_slot_backend(0, 0x0102), None);
+        assert_eq!(quic_slot_backend(v & 0xffff_ffff_0000_0000, 0x0102), None);
+        assert_eq!(quic_slot_backend(v & 0xffff_ffff, 0x0102), None);
     }
 }

@@ -97,6 +97,19 @@ pub const FILTER_GEN: &str = "XDPLB_FILT_GEN";
 /// IPv4. Written with [`VIPS`]; capacity: `max_services`.
 pub const SERVICES_V6: &str = "XDPLB_SVC_V6";
 
+/// `Array<u64>` of [`QUIC_SLOTS_LEN`] slots: a direct-mapped copy of [`QUIC_IDS`], so
+/// that a QUIC short header is routed by an array read instead of a hash lookup, as
+/// Katran indexes its `server_id_map` by server id. A (service, server id) key lives
+/// in slot [`crate::hash::quic_slot`] as [`crate::hash::quic_slot_value`] (server id
+/// in the high word, backend id + 1 in the low one; 0 = empty). Two keys of one slot:
+/// the first in key order has it, the other is found in [`QUIC_IDS`], which keeps
+/// every key; so does a packet whose slot holds another key. Written by the agent
+/// after [`QUIC_IDS`] (`lb-agent/src/dataplane/quic_ids.rs`).
+pub const QUIC_SLOTS: &str = "XDPLB_QUIC_SLOT";
+/// Slots of [`QUIC_SLOTS`] (a power of two, fixed: 512 KiB): with the default 4096
+/// backends at most 6% of them are taken, so two keys rarely share one.
+pub const QUIC_SLOTS_LEN: u32 = 1 << 16;
+
 /// Every map of the `lb-ebpf` object, for the loader and the name test.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -127,6 +140,7 @@ pub const ALL: &[&str] = &[
     NEW_FLOW_RATE,
     FILTER_GEN,
     SERVICES_V6,
+    QUIC_SLOTS,
 ];
 
 /// Default capacity of [`VIPS`] and the number of rings in [`RINGS`]; the loader

@@ -12,6 +12,14 @@
 //! - `floor_tx`: parse Ethernet/IPv4/ports, swap MACs, XDP_TX.
 //! - `floor_ipip`: parse, one hash lookup (VIP address -> backend address), IPIP
 //!   encapsulation, XDP_TX.
+//! - `floor_6in6` and `floor_gue`: the same job for the other tunnels the balancer
+//!   writes, so that each feature row is compared with the floor of its own
+//!   encapsulation: parse IPv6 (`ipv6::parse_ipv6`, the balancer's parser), one hash
+//!   lookup (16-byte VIP address -> IPv6 backend), a 40-byte IPv6 outer header (next
+//!   header 41), XDP_TX; and parse IPv4, the lookup of `floor_ipip`, an IPv4 + UDP outer
+//!   header to [`BENCH_GUE_PORT`] (GUE variant 1, UDP checksum 0 as over IPv4 the
+//!   balancer writes, source port from the flow's `tunnel_entropy` as GUE asks), XDP_TX.
+//!   Both write their outer header with the balancer's `encap::push_outer`.
 //! - `bench_wrap`: the harness for `test_run` with `repeat`: the kernel does not reset
 //!   the packet between repeats, so this undoes the previous iteration's IPIP
 //!   encapsulation (restoring the original Ethernet header from `BENCH_ETH`), optionally
@@ -34,17 +42,25 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
+use lb_common::hash::{gue_source_port, tunnel_entropy};
 use lb_ebpf::{
-    encap::outer_ipv4,
+    encap::{NextHop, outer_ipv4, outer_ipv4_proto, push_outer},
+    gue::{Gue4Hdr, udp_header},
+    ipv6::{Ipv6Hdr, parse_ipv6},
     parsing::{
-        ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, Ports, parse_ipv4, parse_l2,
-        ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, Ports,
+        parse_ipv4, parse_l2, ptr_at,
     },
 };
 
 /// floor_ipip's one lookup: VIP address (network order) -> backend address.
 #[map(name = "FLOOR_BACKENDS")]
 static FLOOR_BACKENDS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// floor_6in6's one lookup: IPv6 VIP address -> IPv6 backend address (network order
+/// words, as the packet holds them).
+#[map(name = "FLOOR_BACKEND6")]
+static FLOOR_BACKENDS6: HashMap<[u32; 4], [u32; 4]> = HashMap::with_max_entries(64, 0);
 
 #[map(name = "BENCH_PROGS")]
 static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -62,6 +78,13 @@ static BENCH_SPORT: PerCpuArray<u16> = PerCpuArray::with_max_entries(1, 0);
 
 /// Outer source of floor_ipip's tunnel.
 const FLOOR_SOURCE: u32 = u32::from_ne_bytes([198, 18, 1, 10]);
+/// Outer source of floor_6in6's tunnel: fd00:18:1::10, network order words.
+const FLOOR_SOURCE6: [u32; 4] = [
+    u32::from_ne_bytes([0xfd, 0x00, 0x00, 0x18]),
+    u32::from_ne_bytes([0x00, 0x01, 0x00, 0x00]),
+    0,
+    u32::from_ne_bytes([0x00, 0x00, 0x00, 0x10]),
+];
 
 #[xdp]
 pub fn floor_pass(_ctx: XdpContext) -> u32 {
@@ -159,6 +182,81 @@ fn try_floor_ipip(ctx: &XdpContext) -> Result<u32, u32> {
         };
         *ip = outer;
     }
+    Ok(XDP_TX)
+}
+
+#[xdp]
+pub fn floor_6in6(ctx: XdpContext) -> u32 {
+    match try_floor_6in6(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_floor_6in6(ctx: &XdpContext) -> Result<u32, u32> {
+    let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto != ETH_P_IPV6 {
+        return Err(XDP_PASS);
+    }
+    let pkt = parse_ipv6(ctx, l2.l3_off).map_err(|_| XDP_PASS)?;
+    // SAFETY: preallocated hash map, read-only here.
+    let backend = *unsafe { FLOOR_BACKENDS6.get(pkt.key.dst) }.ok_or(XDP_PASS)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { *eth };
+    let outer = Ipv6Hdr {
+        vtc_flow: Ipv6Hdr::vtc(pkt.tc),
+        payload_len: pkt.len.to_be(),
+        nexthdr: IPPROTO_IPV6,
+        hop_limit: 64,
+        saddr: FLOOR_SOURCE6,
+        daddr: backend,
+    };
+    let hop = NextHop {
+        ifindex: 0,
+        smac: e.dst,
+        dmac: e.src,
+    };
+    push_outer(ctx, l2.l3_off, ETH_P_IPV6, &outer, &hop).map_err(|_| XDP_ABORTED)?;
+    Ok(XDP_TX)
+}
+
+#[xdp]
+pub fn floor_gue(ctx: XdpContext) -> u32 {
+    match try_floor_gue(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_floor_gue(ctx: &XdpContext) -> Result<u32, u32> {
+    let l2 = parse_l2(ctx).map_err(|_| XDP_PASS)?;
+    if l2.proto != ETH_P_IP {
+        return Err(XDP_PASS);
+    }
+    let pkt = parse_ipv4(ctx, l2.l3_off).map_err(|_| XDP_PASS)?;
+    // SAFETY: preallocated hash map, read-only here.
+    let backend = *unsafe { FLOOR_BACKENDS.get(pkt.key.dst[0]) }.ok_or(XDP_PASS)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(XDP_PASS)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { *eth };
+    let sport = gue_source_port(tunnel_entropy(&pkt.key)).to_be();
+    let outer = Gue4Hdr {
+        ip: outer_ipv4_proto(
+            FLOOR_SOURCE,
+            backend,
+            pkt.tot_len + UDP_HLEN as u16,
+            pkt.tos,
+            IPPROTO_UDP,
+        ),
+        udp: udp_header(sport, BENCH_GUE_PORT.to_be(), pkt.tot_len),
+    };
+    let hop = NextHop {
+        ifindex: 0,
+        smac: e.dst,
+        dmac: e.src,
+    };
+    push_outer(ctx, pkt.l3_off, ETH_P_IP, &outer, &hop).map_err(|_| XDP_ABORTED)?;
     Ok(XDP_TX)
 }
 

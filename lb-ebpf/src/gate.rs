@@ -12,13 +12,14 @@ use lb_common::{
     stats::Counter,
     types::{
         FILTER_F_ALLOW, FILTER_F_DENY, FilterAddr, FlowEntry, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7,
-        VipMeta,
+        VIP_F_QUIC, VipMeta,
     },
 };
 
 use crate::{
     encap::Exit,
-    filter, hashing,
+    filter,
+    hashing::{self, Choice, FlowTables},
     parsing::L2,
     stats::{count, count_drop},
 };
@@ -164,4 +165,53 @@ pub fn established(
         return Err(Exit::Pass(Counter::PassL7));
     }
     Ok(())
+}
+
+/// The start of both families' paths after parsing: the packet's VIP (its meta), the
+/// backend of its established flow when the short path found one, and the filter
+/// generation to store in the flow entries the packet writes (0 on the short path,
+/// which writes none).
+///
+/// An established flow's packet (not a SYN: `new_connection`) looks its flow up first
+/// (`fkey` in the family's table `T`): a hit gives the backend, whose service's entry
+/// gives the VIP's meta, with no VIP lookup ([`hashing::established`]), and its entry
+/// says whether its source already passed the filters as they are now ([`established`]).
+/// Otherwise: the generation read before the lists, the global deny list, the VIP
+/// `vip_key` looked up (none: passed up as `pass_not_vip`), then the allow lists, the
+/// service's own lists and the L7 hand-off ([`vip`]).
+#[inline(always)]
+pub fn resolve<T: FlowTables>(
+    ctx: &XdpContext,
+    l2: &L2,
+    filter_flags: u32,
+    new_connection: bool,
+    fkey: &T::Key,
+    vip_key: &T::VipKey,
+) -> Result<(VipMeta, Option<Choice>, u32), Exit> {
+    let hit = if new_connection {
+        None
+    } else {
+        hashing::established::<T>(fkey, vip_key)
+    };
+    if let Some(hit) = hit {
+        if hit.vip.flags & VIP_F_QUIC != 0 {
+            // A QUIC service's flow: its VIP found without the VIP lookup, but the
+            // connection ID decides first (quic.rs), then the flow tables as on the
+            // whole path, which may write an entry: the generation is read before the
+            // lists, as there.
+            let filter_gen = hashing::filter_gen();
+            established(ctx, l2, filter_flags, &hit.vip, hit.entry)?;
+            return Ok((hit.vip, None, filter_gen));
+        }
+        established(ctx, l2, filter_flags, &hit.vip, hit.entry)?;
+        return Ok((hit.vip, Some(hit.choice), 0));
+    }
+    // Read before the lists: stored in the flow entries this packet writes.
+    let filter_gen = hashing::filter_gen();
+    let src = source(ctx, l2, filter_flags);
+    deny(src.as_ref(), filter_flags)?;
+    let meta = T::vip(vip_key).ok_or(Exit::Pass(Counter::PassNotVip))?;
+    // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
+    vip(ctx, l2, filter_flags, src.as_ref(), &meta)?;
+    Ok((meta, None, filter_gen))
 }

@@ -22,12 +22,14 @@
 //!   prefix's address with the host bits of its last 32 bits from the flow's entropy
 //!   ([`lb_common::hash::tunnel_source_v6_low`]), as Katran's IPv6 IPIP source varies.
 //!
-//! Where it is built: `xdp_lb`'s IPv4 path tunnels plain IPIP from one source itself
-//! (the established flow's cheap case); with GUE or a source prefix it fills an
-//! `ipv6::Forward` with the flow's entropy and returns `gate::NEXT_SEND`, and
-//! `ipv6::send` (a sibling subprogram, whose frame holds the fib lookup and the outer
-//! headers) calls [`encap_v4`]. So do the IPv6 path (IPv6 inner packets over IPv4 GUE,
-//! version nibble 0110) and forwarded ICMP errors.
+//! Where it is built: [`tunnel_to_v4`], the tunnel towards an IPv4 backend (GUE or
+//! IPIP, from `source_ipv4` or the flow's address in the prefix). `xdp_lb`'s IPv4 path
+//! calls it itself for its IPv4 backends (issue 12: handing an established GUE flow to
+//! the `ipv6::send` subprogram through an `ipv6::Forward` cost it the hand-over, the
+//! copies of the `Forward` and the config, and a second config lookup); `ipv6::send` (a
+//! sibling subprogram, whose frame holds the fib lookup and the outer headers) calls it
+//! for the IPv6 path (IPv6 inner packets over IPv4 GUE, version nibble 0110) and
+//! forwarded ICMP errors.
 //!
 //! GUE over IPv6 (IPv6 backends): Ethernet, an outer IPv6 header (next header 17, hop
 //! limit 64, the inner traffic class, flow label 0, `source_ipv6`), the 8-byte UDP
@@ -44,7 +46,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash::tunnel_entropy,
+    hash::{gue_source_port, tunnel_entropy, tunnel_source_v4},
     stats::{Counter, DropReason},
     types::{
         Backend, DecapKey, ENCAP_GUE, FAMILY_V4, FAMILY_V6, FlowKey, GlobalConfig, PROTO_TCP,
@@ -54,7 +56,7 @@ use lb_common::{
 
 use crate::{
     csum,
-    encap::{Exit, outer_ipv4_proto, push_outer, trim_to},
+    encap::{Exit, outer_ipv4_proto, push_outer, trim_to, tunnel_v4},
     ipv6::{IPPROTO_ICMPV6, IPV6_HLEN, Ipv6Hdr},
     nexthop::next_hop_for_v4,
     parsing::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, Ipv4Hdr, ptr_at},
@@ -98,19 +100,60 @@ pub fn udp_header(source: u16, dest: u16, payload_len: u16) -> UdpHdr {
     }
 }
 
-/// Does `cfg` tunnel towards IPv4 backends other than by plain IPIP from one source
-/// (GUE, or a `source_ipv4_prefix`)? Then the path hands the packet to `ipv6::send`
-/// with the flow's [`entropy`]; otherwise it tunnels IPIP itself, computing nothing.
+/// Does `cfg`'s tunnel towards IPv4 backends use the flow's [`entropy`] (GUE's source
+/// port, a `source_ipv4_prefix`)? Otherwise (IPIP from one source) nothing is computed.
 #[inline(always)]
-pub fn needs_send(cfg: &GlobalConfig) -> bool {
+pub fn needs_entropy(cfg: &GlobalConfig) -> bool {
     cfg.encap == ENCAP_GUE || cfg.source_v4_host_mask != 0
+}
+
+/// Tunnel the IP packet at `l3_off` (`inner_len` bytes, TOS / traffic class `tos`; an
+/// IPv6 one only with GUE) to the IPv4 backend `backend` (backend id `backend_id`) as
+/// `cfg` says: GUE ([`encap_v4`]) or IPIP (`encap::tunnel_v4`), from `source_ipv4` or
+/// the flow's address in `source_ipv4_prefix` (`entropy`: the flow's
+/// `tunnel_entropy` when [`needs_entropy`], else unused). The interface to send it on.
+/// No `mtu` check here.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into lb_v4 and ipv6::tunnel; no struct to copy"
+)]
+#[inline(always)]
+pub fn tunnel_to_v4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    tos: u8,
+    cfg: &GlobalConfig,
+    backend: u32,
+    backend_id: u32,
+    entropy: u32,
+) -> Result<u32, Exit> {
+    if cfg.source_v4 == 0 {
+        return Err(Exit::Pass(Counter::PassNoSource));
+    }
+    let source = tunnel_source_v4(cfg.source_v4, cfg.source_v4_host_mask, entropy);
+    if cfg.encap == ENCAP_GUE {
+        let sport = gue_source_port(entropy).to_be();
+        return encap_v4(
+            ctx,
+            l3_off,
+            inner_len,
+            tos,
+            source,
+            backend,
+            backend_id,
+            sport,
+            cfg.gue_port,
+        );
+    }
+    tunnel_v4(ctx, l3_off, inner_len, tos, source, backend, backend_id)
 }
 
 /// The flow's tunnel entropy when the tunnel towards `backend` uses it (GUE, or a
 /// source prefix of the backend's family), else 0 (nothing computed).
 #[inline(always)]
 pub fn entropy(cfg: &GlobalConfig, backend: &Backend, key: &FlowKey) -> u32 {
-    if (backend.family == FAMILY_V4 && needs_send(cfg))
+    if (backend.family == FAMILY_V4 && needs_entropy(cfg))
         || (backend.family == FAMILY_V6 && (cfg.encap == ENCAP_GUE || cfg.source_v6_host_mask != 0))
     {
         tunnel_entropy(key)

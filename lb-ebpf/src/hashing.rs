@@ -7,30 +7,41 @@ use lb_common::{
     stats::{Counter, DropReason},
     types::{
         BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, NEW_FLOW_RATE_WINDOW_NS,
-        VIP_F_QUIC, VIP_F_SOURCE_HASH, VipKey, VipKeyV4, VipMeta,
+        VIP_F_SOURCE_HASH, VipKey, VipKeyV4, VipMeta,
     },
 };
 
 use crate::{
+    keys::vip_key_eq,
     limit,
     maps::{
         BACKENDS, FILTER_GEN, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, NEW_FLOW_RATE, RINGS,
-        SERVICES_V4, SERVICES_V6,
+        SERVICES_V4, SERVICES_V6, VIPS, VIPS_V4,
     },
     stats::count,
 };
 
-/// The two flow tables of one address family (established, new) and their key type:
-/// IPv4 flows live in `FLOWS_V4` / `FLOWS_NEW_V4` under a 16-byte [`FlowKeyV4`], IPv6
-/// flows in `FLOWS` / `FLOWS_NEW` under the 40-byte [`FlowKey`] (the kernel hashes and
-/// compares the whole key on every lookup: issue 12, item 2). A type, not a value, so
-/// each path's code names its maps directly.
+/// The maps of one address family: its two flow tables (established, new) and their
+/// key type, its VIPs and its services' VIP entries. IPv4 flows live in `FLOWS_V4` /
+/// `FLOWS_NEW_V4` under a 16-byte [`FlowKeyV4`], IPv4 VIPs in `VIPS_V4` under an 8-byte
+/// [`VipKeyV4`] and `SERVICES_V4`; IPv6 flows in `FLOWS` / `FLOWS_NEW` under the 40-byte
+/// [`FlowKey`], IPv6 VIPs in `VIPS` under the 20-byte [`VipKey`] and `SERVICES_V6` (the
+/// kernel hashes and compares the whole key on every lookup: issue 12, item 2). A type,
+/// not a value, so each path's code names its maps directly, and the paths of both
+/// families are one code ([`established`], `gate::resolve`).
 pub trait FlowTables {
     type Key: 'static;
+    /// The family's VIP key.
+    type VipKey: 'static;
     /// Flows that have sent at least two packets.
     fn established() -> &'static LruHashMap<Self::Key, FlowEntry>;
     /// Flows seen once.
     fn new() -> &'static LruHashMap<Self::Key, FlowEntry>;
+    /// The meta of the VIP `key` (a hash lookup).
+    fn vip(key: &Self::VipKey) -> Option<VipMeta>;
+    /// The meta of service `service_id` if its VIP is `key` (an array read and a
+    /// compare: the family's `SERVICES_*` entry).
+    fn service_vip(service_id: u32, key: &Self::VipKey) -> Option<VipMeta>;
 }
 
 /// IPv4 flows: key [`crate::keys::flow_key_v4`] of the packet's [`FlowKey`].
@@ -38,6 +49,7 @@ pub enum V4 {}
 
 impl FlowTables for V4 {
     type Key = FlowKeyV4;
+    type VipKey = VipKeyV4;
     #[inline(always)]
     fn established() -> &'static LruHashMap<FlowKeyV4, FlowEntry> {
         &FLOWS_V4
@@ -46,6 +58,20 @@ impl FlowTables for V4 {
     fn new() -> &'static LruHashMap<FlowKeyV4, FlowEntry> {
         &FLOWS_NEW_V4
     }
+    #[inline(always)]
+    fn vip(key: &VipKeyV4) -> Option<VipMeta> {
+        // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
+        unsafe { VIPS_V4.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn service_vip(service_id: u32, key: &VipKeyV4) -> Option<VipMeta> {
+        let service = SERVICES_V4.get(service_id)?;
+        if service.key == *key {
+            Some(service.meta)
+        } else {
+            None
+        }
+    }
 }
 
 /// IPv6 flows: key the packet's [`FlowKey`] itself.
@@ -53,6 +79,7 @@ pub enum V6 {}
 
 impl FlowTables for V6 {
     type Key = FlowKey;
+    type VipKey = VipKey;
     #[inline(always)]
     fn established() -> &'static LruHashMap<FlowKey, FlowEntry> {
         &FLOWS
@@ -60,6 +87,21 @@ impl FlowTables for V6 {
     #[inline(always)]
     fn new() -> &'static LruHashMap<FlowKey, FlowEntry> {
         &FLOWS_NEW
+    }
+    #[inline(always)]
+    fn vip(key: &VipKey) -> Option<VipMeta> {
+        // SAFETY: VIPS is preallocated; values are written whole by the agent.
+        unsafe { VIPS.get(key) }.copied()
+    }
+    /// A 20-byte compare field by field ([`vip_key_eq`]: no `bcmp` call).
+    #[inline(always)]
+    fn service_vip(service_id: u32, key: &VipKey) -> Option<VipMeta> {
+        let service = SERVICES_V6.get(service_id)?;
+        if vip_key_eq(&service.key, key) {
+            Some(service.meta)
+        } else {
+            None
+        }
     }
 }
 
@@ -229,62 +271,29 @@ pub struct Established {
     pub entry: &'static mut FlowEntry,
 }
 
-/// The established IPv4 flow `fkey` to the VIP `vip_key`, if the flow table has it and
-/// its backend is active in the service that owns that VIP now: the service's meta and
-/// the choice, found with one hash lookup (the flow) and two array reads (the backend,
-/// then its service's entry in `SERVICES_V4`), without hashing the VIP key. Anything
-/// else (no entry, a backend no longer active, a service whose VIP is another one or
-/// gone, a QUIC service, whose short headers go by connection ID first) is None, and
-/// the packet takes the whole path: VIP lookup, then [`choose_backend`]. Nothing is
-/// counted or written here.
+/// The established flow `fkey` of family `T` to the VIP `vip_key`, if the flow table
+/// has it and its backend is active in the service that owns that VIP now: the
+/// service's meta and the choice, found with one hash lookup (the flow) and two array
+/// reads (the backend, then its service's entry in the family's `SERVICES_*`: an IPv4
+/// key compare, or IPv6's 20 bytes field by field), without hashing the VIP key.
+/// Anything else (no entry, a backend no longer active, a service whose VIP is another
+/// one or gone) is None, and the packet takes the whole path: VIP lookup, then
+/// [`choose_backend`]. A hit of a QUIC service is one too, but its choice is not the
+/// packet's: a short header goes by its connection ID first (`gate::resolve` hands on
+/// only the VIP). Nothing is counted or written here.
 #[inline(always)]
-pub fn established_v4(fkey: &FlowKeyV4, vip_key: &VipKeyV4) -> Option<Established> {
+pub fn established<T: FlowTables>(fkey: &T::Key, vip_key: &T::VipKey) -> Option<Established> {
     // SAFETY: a preallocated flow table's value, valid for the program's run (as the
     // `&'static` of `LruHashMap::get`); a racing update can at worst hand us another
     // valid backend id, which is checked below.
-    let entry = unsafe { &mut *FLOWS_V4.get_ptr_mut(fkey)? };
+    let entry = unsafe { &mut *T::established().get_ptr_mut(fkey)? };
     let backend_id = entry.backend_id;
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
     }
-    let service = SERVICES_V4.get(backend.service_id)?;
-    let meta = service.meta;
-    if service.key != *vip_key
-        || meta.service_id != backend.service_id
-        || meta.flags & VIP_F_QUIC != 0
-    {
-        return None;
-    }
-    Some(Established {
-        vip: meta,
-        choice: Choice {
-            backend_id,
-            backend: *backend,
-        },
-        entry,
-    })
-}
-
-/// [`established_v4`] for IPv6: the flow `key` (40 bytes) in `FLOWS`, its backend, and
-/// its service's entry in `SERVICES_V6` (an array read and a 20-byte compare instead of
-/// hashing the 20-byte VIP key into `VIPS`). The same conditions; None takes the whole
-/// path.
-#[inline(always)]
-pub fn established_v6(key: &FlowKey, vip_key: &VipKey) -> Option<Established> {
-    // SAFETY: as in established_v4.
-    let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
-    let backend_id = entry.backend_id;
-    let backend = BACKENDS.get(backend_id)?;
-    if backend.flags & BACKEND_F_ACTIVE == 0 {
-        return None;
-    }
-    let service = SERVICES_V6.get(backend.service_id)?;
-    let meta = service.meta;
-    if !crate::keys::vip_key_eq(&service.key, vip_key)
-        || meta.service_id != backend.service_id
-        || meta.flags & VIP_F_QUIC != 0
-    {
+    let meta = T::service_vip(backend.service_id, vip_key)?;
+    if meta.service_id != backend.service_id {
         return None;
     }
     Some(Established {

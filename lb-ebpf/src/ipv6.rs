@@ -41,13 +41,13 @@ use lb_common::{
 use crate::{
     csum,
     encap::{
-        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, push_outer, transmit, trim_to, tunnel_v4,
+        Exit, NextHop, OUTER_TTL, encap_ipv4, outer_ipv4, push_outer, transmit, trim_to,
         zeroed_fib_params,
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
-    hashing::{self, Choice, Limits, V6, choose_backend},
-    maps::{CONFIG, DECAP_DSTS, VIPS},
+    hashing::{Choice, Limits, V6, choose_backend},
+    maps::{CONFIG, DECAP_DSTS},
     nexthop,
     parsing::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, Ports,
@@ -208,30 +208,10 @@ pub fn try_lb_v6(
         proto: pkt.key.proto,
         family: FAMILY_V6,
     };
-    // As on the IPv4 path: an established flow's packet looks its flow up first, and a
-    // hit names its service (SERVICES_V6) with no VIP lookup (hashing::established_v6);
-    // its entry says whether the filters need looking up (gate::established).
-    let established = if pkt.tcp_syn {
-        None
-    } else {
-        hashing::established_v6(&pkt.key, &vip_key)
-    };
-    let (vip, established, filter_gen) = match established {
-        Some(hit) => {
-            gate::established(ctx, &l2, filter_flags, &hit.vip, hit.entry)?;
-            (hit.vip, Some(hit.choice), 0)
-        }
-        None => {
-            // Read before the lists: stored in the flow entries this packet writes.
-            let filter_gen = hashing::filter_gen();
-            let src = gate::source(ctx, &l2, filter_flags);
-            gate::deny(src.as_ref(), filter_flags)?;
-            // SAFETY: VIPS is preallocated; values are written whole by the agent.
-            let vip = *unsafe { VIPS.get(vip_key) }.ok_or(Exit::Pass(Counter::PassNotVip))?;
-            gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
-            (vip, None, filter_gen)
-        }
-    };
+    // As on the IPv4 path (gate::resolve): an established flow's packet finds its VIP
+    // through its flow (SERVICES_V6), with no VIP lookup.
+    let (vip, established, filter_gen) =
+        gate::resolve::<V6>(ctx, &l2, filter_flags, pkt.tcp_syn, &pkt.key, &vip_key)?;
     let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
     let mtu = cfg.mtu;
     let limits = Limits {
@@ -459,27 +439,16 @@ pub fn tunnel(
         push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
         return Ok(hop.ifindex);
     }
+    // GUE (either inner family) and IPIP: as the IPv4 path does it itself (gue.rs).
+    if !inner_v6 || cfg.encap == ENCAP_GUE {
+        return gue::tunnel_to_v4(
+            ctx, l3_off, inner_len, tos, cfg, f.addr[0], backend_id, f.entropy,
+        );
+    }
     if cfg.source_v4 == 0 {
         return Err(Exit::Pass(Counter::PassNoSource));
     }
     let source = tunnel_source_v4(cfg.source_v4, cfg.source_v4_host_mask, f.entropy);
-    if cfg.encap == ENCAP_GUE {
-        let sport = gue_source_port(f.entropy).to_be();
-        return gue::encap_v4(
-            ctx,
-            l3_off,
-            inner_len,
-            tos,
-            source,
-            f.addr[0],
-            backend_id,
-            sport,
-            cfg.gue_port,
-        );
-    }
-    if !inner_v6 {
-        return tunnel_v4(ctx, l3_off, inner_len, tos, source, f.addr[0], backend_id);
-    }
     // IPv6 in IPv4: the IPIP header with protocol 41.
     let hop = nexthop::next_hop_for_v4(
         ctx,

@@ -20,16 +20,16 @@ use lb_common::{
     types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT},
 };
 use lb_ebpf::{
-    encap::{Exit, decap_ipv4, transmit, tunnel_v4},
+    encap::{Exit, decap_ipv4, transmit},
     gate::{
         self, NEXT_ICMP4, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG4, NEXT_TOO_BIG6, finish, with_mtu,
     },
     gue,
-    hashing::{self, Limits, V4, choose_backend},
+    hashing::{Limits, V4, choose_backend},
     icmp, icmp6,
     ipv6::{self, Forward},
     keys,
-    maps::{CONFIG, DECAP_DSTS, VIPS_V4},
+    maps::{CONFIG, DECAP_DSTS},
     parsing::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, parse_ipv4, parse_l2, ptr_at,
     },
@@ -47,9 +47,9 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     // Each family's path is a BPF subprogram of its own, and what a path hands on (ICMP,
     // an ICMP answer, an IPv6 or mixed-family tunnel) is another, called from here as a
     // continuation (`gate::NEXT_*`): BPF's 512-byte stack limit counts the frames along
-    // a call chain, and siblings do not add up. An established IPv4 flow takes one
-    // call (`lb_v4` tunnels plain IPIP itself; GUE and per-flow sources go to `ipv6::send`);
-    // see README, "IPv6 VIPs and backends" and "GUE".
+    // a call chain, and siblings do not add up. An established IPv4 flow to an IPv4
+    // backend takes one call (`lb_v4` tunnels IPIP or GUE itself, `gue::tunnel_to_v4`;
+    // IPv6 backends go to `ipv6::send`); see README, "IPv6 VIPs and backends" and "GUE".
     let mut fwd = MaybeUninit::<Forward>::uninit();
     let mut action = if l2.proto == ETH_P_IP {
         lb_v4(ctx.ctx, l2.l3_off, &mut fwd)
@@ -109,37 +109,11 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
     };
     // IPv4 VIPs and flows have short keys of their own (VIPS_V4, FLOWS_V4): the kernel
     // hashes and compares whole keys on every lookup (issue 12, item 2). An established
-    // flow's packet (not a SYN) looks its flow up first: a hit gives the backend, whose
-    // service's entry gives the VIP's meta, with no VIP lookup (hashing.rs), and its
-    // entry says whether its source already passed the filters as they are now
-    // (gate::established): then it skips their lookups.
+    // flow's packet finds its VIP through its flow (gate::resolve, as on the IPv6 path).
     let vip_key = keys::vip_key_v4(pkt.key.dst[0], pkt.key.dport, pkt.key.proto);
     let fkey = keys::flow_key_v4(&pkt.key);
-    let established = if pkt.tcp_syn {
-        None
-    } else {
-        hashing::established_v4(&fkey, &vip_key)
-    };
-    let (vip, established, filter_gen) = match established {
-        Some(hit) => {
-            gate::established(ctx, &l2, filter_flags, &hit.vip, hit.entry)?;
-            (hit.vip, Some(hit.choice), 0)
-        }
-        None => {
-            // Read before the lists: stored in the flow entries this packet writes.
-            let filter_gen = hashing::filter_gen();
-            let src = gate::source(ctx, &l2, filter_flags);
-            gate::deny(src.as_ref(), filter_flags)?;
-            // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
-            let vip = match unsafe { VIPS_V4.get(vip_key) } {
-                Some(vip) => *vip,
-                None => return Err(Exit::Pass(Counter::PassNotVip)),
-            };
-            // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
-            gate::vip(ctx, &l2, filter_flags, src.as_ref(), &vip)?;
-            (vip, None, filter_gen)
-        }
-    };
+    let (vip, established, filter_gen) =
+        gate::resolve::<V4>(ctx, &l2, filter_flags, pkt.tcp_syn, &fkey, &vip_key)?;
     let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
     let (source, mtu) = (cfg.source_v4, cfg.mtu);
     if source == 0 {
@@ -178,14 +152,10 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
             return Ok(with_mtu(NEXT_TOO_BIG4, arg));
         }
     }
-    if to_v6 || gue::needs_send(cfg) {
-        // An IPv6 backend, GUE or a per-flow source (gue.rs): built by `ipv6::send`, a
-        // sibling subprogram.
-        let entropy = if to_v6 {
-            gue::entropy(cfg, &choice.backend, &pkt.key)
-        } else {
-            tunnel_entropy(&pkt.key)
-        };
+    if to_v6 {
+        // An IPv6 backend (4in6, GUE over IPv6): built by `ipv6::send`, a sibling
+        // subprogram.
+        let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
         let (len, tos) = (pkt.tot_len, pkt.tos);
         Forward::fill(
             fwd,
@@ -199,14 +169,22 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         );
         return Ok(NEXT_SEND);
     }
-    let ifindex = tunnel_v4(
+    // An IPv4 backend: IPIP or GUE, from one source or the flow's in the prefix, built
+    // here (gue::tunnel_to_v4); the flow's entropy only when the tunnel uses it.
+    let entropy = if gue::needs_entropy(cfg) {
+        tunnel_entropy(&pkt.key)
+    } else {
+        0
+    };
+    let ifindex = gue::tunnel_to_v4(
         ctx,
         pkt.l3_off,
         pkt.tot_len,
         pkt.tos,
-        source,
+        cfg,
         choice.backend.addr[0],
         choice.backend_id,
+        entropy,
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
     count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);

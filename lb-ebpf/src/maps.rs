@@ -11,6 +11,7 @@ use lb_common::{
     maps::{
         DEFAULT_FLOW_LIMIT_SOURCES, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_FILTER_RULES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_DECAP_DSTS,
+        QUIC_SLOTS_LEN,
     },
     stats::COUNTERS_LEN,
     types::{
@@ -135,3 +136,8 @@ pub static FILTER_GEN: Array<u32> = Array::with_max_entries(1, 0);
 /// Each service's IPv6 VIP and meta by service id (established IPv6 flows).
 #[map(name = "XDPLB_SVC_V6")]
 pub static SERVICES_V6: Array<ServiceV6> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// `QUIC_IDS` again, direct-mapped by `lb_common::hash::quic_slot` (quic.rs): one array
+/// read routes a short header; keys that share a slot are found in `QUIC_IDS`.
+#[map(name = "XDPLB_QUIC_SLOT")]
+pub static QUIC_SLOTS: Array<u64> = Array::with_max_entries(QUIC_SLOTS_LEN, 0);

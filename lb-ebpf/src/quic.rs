@@ -28,9 +28,16 @@
 //! with flows pinned to it); otherwise (id 0 or unknown, the backend down or gone, a
 //! `00` ID) it is counted as `quic_cid_unknown` and balanced as any other datagram.
 //! A routed packet creates no flow-table entry and is not counted as a new flow.
+//!
+//! The lookup: `QUIC_SLOTS[quic_slot(service, server id)]` first, one array read (as
+//! Katran reads its `server_id_map`); a slot that holds this server id and a backend
+//! of this service answers. Otherwise (an empty slot, another key's) the hash map
+//! `QUIC_IDS`, which holds every key, does: an unknown id costs both, a known one
+//! only the read unless it shares its slot with a key before it.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
+    hash::{quic_slot, quic_slot_backend},
     stats::Counter,
     types::{BACKEND_F_ACTIVE, PROTO_UDP, QuicKey, VIP_F_QUIC, VipMeta},
 };
@@ -38,7 +45,7 @@ use lb_common::{
 use crate::{
     gue::UDP_HLEN,
     hashing::Choice,
-    maps::{BACKENDS, QUIC_IDS},
+    maps::{BACKENDS, QUIC_IDS, QUIC_SLOTS},
     parsing::{IPV4_HLEN, Ipv4Flow, ptr_at},
     stats::count,
 };
@@ -125,6 +132,19 @@ fn route(ctx: &XdpContext, l4_off: usize, end: usize, service_id: u32) -> u32 {
         count(Counter::QuicCidUnknown);
         return NONE;
     };
+    // The slot first: it holds this key when its server id is this one and its backend
+    // belongs to this service (a backend is in one service, so no other key of this
+    // server id can name it); that backend's state then decides, as QUIC_IDS's would.
+    let slot = QUIC_SLOTS
+        .get(quic_slot(service_id, server_id))
+        .map_or(0, |v| *v);
+    if let Some(backend_id) = quic_slot_backend(slot, server_id) {
+        if let Some(backend) = BACKENDS.get(backend_id) {
+            if backend.service_id == service_id {
+                return routed(backend_id, backend.flags);
+            }
+        }
+    }
     let key = QuicKey {
         service_id,
         server_id,
@@ -133,12 +153,24 @@ fn route(ctx: &XdpContext, l4_off: usize, end: usize, service_id: u32) -> u32 {
     // id, checked below.
     if let Some(&backend_id) = unsafe { QUIC_IDS.get(key) } {
         if let Some(backend) = BACKENDS.get(backend_id) {
-            if backend.flags & BACKEND_F_ACTIVE != 0 && backend.service_id == service_id {
-                count(Counter::QuicCidRouted);
-                return backend_id;
+            if backend.service_id == service_id {
+                return routed(backend_id, backend.flags);
             }
         }
     }
     count(Counter::QuicCidUnknown);
     NONE
+}
+
+/// `backend_id` (of the packet's service, flags `flags`) if it is active, counted as
+/// routed; else [`NONE`], counted as unknown.
+#[inline(always)]
+fn routed(backend_id: u32, flags: u8) -> u32 {
+    if flags & BACKEND_F_ACTIVE != 0 {
+        count(Counter::QuicCidRouted);
+        backend_id
+    } else {
+        count(Counter::QuicCidUnknown);
+        NONE
+    }
 }

@@ -1,5 +1,6 @@
-//! Batched writes into array maps: `BPF_MAP_UPDATE_BATCH`, one `bpf()` call for many
-//! entries instead of one call per entry.
+//! Batched writes into array maps and batched reads from them: `BPF_MAP_UPDATE_BATCH`
+//! and `BPF_MAP_LOOKUP_BATCH`, one `bpf()` call for many entries instead of one call
+//! per entry.
 //!
 //! aya 0.14 has no batch operations (its `Array::set` is one `BPF_MAP_UPDATE_ELEM` per
 //! index), so this issues the command itself through `libc::syscall(SYS_bpf, ...)` on
@@ -8,6 +9,13 @@
 //! the pairs in order, each entry with the same semantics as a single update (an array
 //! entry is overwritten in place, so readers see either the old or the new value of a
 //! slot, never a missing one), and on failure tells how many pairs it wrote.
+//!
+//! Reads ([`lookup_array`]): `BPF_MAP_LOOKUP_BATCH` on an array (kernel 5.6,
+//! `generic_map_lookup_batch`) walks the indices in order from the one after
+//! `in_batch` (from 0 without it), copies up to `count` keys and values out, and says
+//! how many and the last index read (`out_batch`); past the last index it answers
+//! `ENOENT` with the entries it did copy. Each value is copied as a single lookup
+//! copies it (a slot written meanwhile is read old or new).
 //!
 //! Measured (`cargo xtask bench xdp --only "1000 svc"`, loaded): writing the rings of
 //! 1000 services of 65537 slots (65.5 million slots): the balancer loaded in 220 s with
@@ -25,6 +33,8 @@ use aya::{
 
 /// `enum bpf_cmd` value of `BPF_MAP_UPDATE_BATCH` (include/uapi/linux/bpf.h).
 const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
+/// `enum bpf_cmd` value of `BPF_MAP_LOOKUP_BATCH`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
 
 /// Pairs per `bpf()` call: bounds the kernel's time in one call (it copies and writes
 /// each pair in turn) and the size of the two arrays handed to it; a ring of 65537
@@ -119,6 +129,116 @@ pub fn update_array<V: Pod>(
     Ok(())
 }
 
+/// A batched read the kernel refused, or one that did not give what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "bpf(BPF_MAP_LOOKUP_BATCH) failed reading index {index} ({read} of {total} entries read): {source}"
+)]
+pub struct ReadError {
+    /// The first index not read.
+    pub index: u32,
+    pub read: usize,
+    pub total: usize,
+    #[source]
+    pub source: io::Error,
+}
+
+impl ReadError {
+    /// As aya's error of a failed map call, for callers that report `MapError`s.
+    pub fn into_map_error(self) -> aya::maps::MapError {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: self.source,
+        })
+    }
+}
+
+/// The `count` entries of `map` from index `start` on, in calls of at most
+/// [`MAX_BATCH`] entries: what `count` calls of `Array::get` would give, in
+/// `count / MAX_BATCH` + 1 calls. Indices past the map's end are an error.
+pub fn lookup_array<V: Pod>(
+    map: &Array<MapData, V>,
+    start: u32,
+    count: u32,
+) -> Result<Vec<V>, ReadError> {
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let total = count as usize;
+    let mut out: Vec<V> = Vec::with_capacity(total);
+    let mut keys = vec![0u32; total.min(MAX_BATCH)];
+    // The index before the next one to read (`in_batch`), and the last one read.
+    let mut prev = start.wrapping_sub(1);
+    let mut last = 0u32;
+    let err = |read: usize, source: io::Error| ReadError {
+        index: start + read as u32,
+        read,
+        total,
+        source,
+    };
+    while out.len() < total {
+        let want = (total - out.len()).min(MAX_BATCH);
+        let mut attr = BatchAttr {
+            // From index 0: no previous key.
+            in_batch: if start == 0 && out.is_empty() {
+                0
+            } else {
+                &raw const prev as u64
+            },
+            out_batch: &raw mut last as u64,
+            keys: keys.as_mut_ptr() as u64,
+            // SAFETY (of the pointer): `out` has room for `total` values, `want` of
+            // them after its `len`.
+            values: out.spare_capacity_mut().as_mut_ptr() as u64,
+            count: want as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is the kernel's `bpf_attr.batch` layout (see update_array);
+        // `keys` has room for `want` keys of 4 bytes and `values` for `want` values of
+        // `size_of::<V>()` bytes (the map's sizes, checked by aya), `prev` and `last`
+        // are 4-byte keys; all outlive the call. The kernel writes `attr.count`, the
+        // keys, values and `last`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let source = (ret < 0).then(io::Error::last_os_error);
+        let end = source
+            .as_ref()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(source) = source {
+            if !end {
+                return Err(err(out.len(), source));
+            }
+        }
+        let got = (attr.count as usize).min(want);
+        // An array hands out its indices in order, from the one after `prev`.
+        for (i, &k) in keys[..got].iter().enumerate() {
+            let expected = start + (out.len() + i) as u32;
+            if k != expected {
+                return Err(err(
+                    out.len() + i,
+                    io::Error::other(format!("the kernel gave index {k} for {expected}")),
+                ));
+            }
+        }
+        // SAFETY: the kernel wrote `got` whole values at the start of the spare
+        // capacity; any bytes are a valid `V` (Pod).
+        unsafe { out.set_len(out.len() + got) };
+        if end || got == 0 {
+            break;
+        }
+        prev = last;
+    }
+    if out.len() < total {
+        return Err(err(out.len(), io::Error::from_raw_os_error(libc::ENOENT)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +268,32 @@ mod tests {
             assert_eq!(map.get(&k, 0).expect("read"), want, "index {k}");
         }
         update_array(&mut map, &[], &[]).expect("an empty batch is no call");
+    }
+
+    #[test]
+    fn reads_ranges_across_batches_as_single_lookups_do() {
+        if !root() {
+            return;
+        }
+        let size = (MAX_BATCH * 2 + 9) as u32;
+        let mut map = Array::<MapData, u64>::create(size, 0).expect("create an array map");
+        let keys: Vec<u32> = (0..size).filter(|k| k % 3 != 0).collect();
+        let values: Vec<u64> = keys.iter().map(|&k| u64::from(k) << 32 | 7).collect();
+        update_array(&mut map, &keys, &values).expect("batch write");
+        let single = |k: u32| map.get(&k, 0).expect("read");
+        // The whole map, a range across a batch boundary, the last entries, nothing.
+        for (start, count) in [
+            (0, size),
+            (MAX_BATCH as u32 - 5, 11),
+            (size - 4, 4),
+            (17, 0),
+        ] {
+            let got = lookup_array(&map, start, count).expect("batch read");
+            let want: Vec<u64> = (start..start + count).map(single).collect();
+            assert_eq!(got, want, "from {start}, {count} entries");
+        }
+        let err = lookup_array(&map, size - 2, 5).expect_err("past the end");
+        assert_eq!((err.index, err.read, err.total), (size, 2, 5));
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 28] {
+fn layouts() -> [(&'static str, usize, usize); 29] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
@@ -221,6 +221,7 @@ fn layouts() -> [(&'static str, usize, usize); 28] {
         (maps::NEW_FLOW_RATE, 4, size_of::<NewFlowRate>()),
         (maps::FILTER_GEN, 4, 4),
         (maps::SERVICES_V6, 4, size_of::<ServiceV6>()),
+        (maps::QUIC_SLOTS, 4, 8),
     ]
 }
 

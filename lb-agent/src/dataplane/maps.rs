@@ -85,6 +85,9 @@ pub struct Maps {
     /// Each service's IPv6 VIP key and meta by service id (established IPv6 flows);
     /// written with `vips` by the reconciler only.
     pub services_v6: Array<MapData, ServiceV6>,
+    /// `quic_ids` again, direct-mapped (`lb_common::hash::quic_slot`): the program reads
+    /// a slot before it hashes into `quic_ids`; written with `quic_ids` (quic_ids.rs).
+    pub quic_slots: Array<MapData, u64>,
 }
 
 /// Where maps come from.
@@ -152,6 +155,7 @@ impl Maps {
             services_v4: typed!(s, names::SERVICES_V4),
             filter_gen: typed!(s, names::FILTER_GEN),
             services_v6: typed!(s, names::SERVICES_V6),
+            quic_slots: typed!(s, names::QUIC_SLOTS),
         })
     }
 

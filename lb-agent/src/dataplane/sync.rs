@@ -633,18 +633,20 @@ impl Reconciler {
             || format!("\0adopted service {}", meta.service_id),
             |s| s.name.clone(),
         );
-        let mut ring = Vec::new();
-        if meta.ring_size == self.ring_size && self.ring_size > 0 {
-            ring.reserve(self.ring_size as usize);
+        // The ring in BPF_MAP_LOOKUP_BATCH calls of 32768 slots (batch.rs), not one
+        // call per slot.
+        let ring = if meta.ring_size == self.ring_size && self.ring_size > 0 {
             let base = meta.service_id * self.ring_size;
-            for slot in base..base + self.ring_size {
-                ring.push(
-                    maps.rings
-                        .get(&slot, 0)
-                        .map_err(read_err(names::RINGS, MapKey::Index(slot)))?,
-                );
-            }
-        }
+            super::batch::lookup_array(&maps.rings, base, self.ring_size).map_err(|e| {
+                SyncError::Read {
+                    map: names::RINGS,
+                    key: MapKey::Index(e.index),
+                    source: e.into_map_error(),
+                }
+            })?
+        } else {
+            Vec::new()
+        };
         let mut backends: BTreeMap<BackendKey, u32> = BTreeMap::new();
         for (&id, e) in entries
             .iter()
@@ -711,16 +713,20 @@ impl Reconciler {
             .map(|(&(address, port), &id)| (id, SocketAddr::new(address, port).to_string()))
             .collect();
         let base = written.id * self.ring_size;
-        Some(
-            (0..self.ring_size)
-                .map(|slot| {
-                    let id = maps.rings.get(&(base + slot), 0).map_err(|e| {
-                        anyhow::anyhow!("reading ring slot {slot} of service {service}: {e}")
-                    })?;
-                    Ok(names.get(&id).cloned().unwrap_or_else(|| "?".to_owned()))
-                })
-                .collect(),
-        )
+        // In BPF_MAP_LOOKUP_BATCH calls (batch.rs), not one call per slot.
+        let ids = match super::batch::lookup_array(&maps.rings, base, self.ring_size) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let slot = e.index - base;
+                return Some(Err(anyhow::anyhow!(
+                    "reading ring slot {slot} of service {service}: {e}"
+                )));
+            }
+        };
+        Some(Ok(ids
+            .iter()
+            .map(|id| names.get(id).cloned().unwrap_or_else(|| "?".to_owned()))
+            .collect()))
     }
 
     /// Backend id of `(service, address, port)` as last written.

@@ -524,4 +524,32 @@ fn batched_ring_writes_match_the_oracle_after_build_weight_change_and_removal() 
         .apply(&mut maps, &removed)
         .expect("apply after adopting");
     assert!(applied.iter().all(|a| a.slots_changed == 0), "{applied:?}");
+    // (Adopting read the rings in BPF_MAP_LOOKUP_BATCH calls: had a slot come back
+    // wrong, the apply above would have written it.) The API's slot list, read in
+    // batches too, names the backends single reads find.
+    for name in ["web", "api"] {
+        let (_, in_map) = oracle_and_map(&r, &maps, &removed, name);
+        let svc = removed
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .expect("service");
+        let names: std::collections::BTreeMap<u32, String> = svc
+            .backends
+            .iter()
+            .map(|b| {
+                let id = r.backend_id(name, b.address, b.port).expect("backend id");
+                (id, std::net::SocketAddr::new(b.address, b.port).to_string())
+            })
+            .collect();
+        let want: Vec<String> = in_map.iter().map(|id| names[id].clone()).collect();
+        let got = adopted
+            .ring_slots(&maps, name)
+            .expect("a ring")
+            .expect("read the ring");
+        assert!(
+            got == want,
+            "{name}: batched slot list differs from single reads"
+        );
+    }
 }

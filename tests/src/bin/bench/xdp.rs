@@ -15,7 +15,10 @@
 //! - Per-feature rows (module [`crate::xdp_custom`]): an established flow on an `xdp_lb`
 //!   with deny/allow lists, a flood limit or a QUIC service loaded; a 6in6 flow (behind
 //!   `bench_wrap6`), a GUE flow (behind `bench_wrap_gue`), a QUIC short header routed
-//!   by its connection ID. Each wrapper has its own `floor_pass` baseline.
+//!   by its connection ID. Each wrapper has its own `floor_pass` baseline, and each
+//!   tunnel its own floor (`floor_6in6`, `floor_gue`: parse, one lookup, that tunnel,
+//!   XDP_TX), so the table shows every row against the floor of its own tunnel ("x own
+//!   floor") beside the IPIP floor ("x floor").
 //! - Scale rows: 1, 100, 1000 services of 10 backends, 1 of 1000 backends (established
 //!   and SYN), and a flow table holding 1,000,000 flows on the measuring CPU (filled by
 //!   traffic before the runs; the table is sized 1,000,000 x possible CPUs because each
@@ -97,6 +100,7 @@ use lb_common::types::{ENCAP_GUE, PROTO_TCP};
 use xdplb_tests::{
     netns::mac_of,
     packet::{ETH_HLEN, Frame, IPV4_HLEN, PacketBuilder, tcp_flags},
+    packet6::{self, IPPROTO_IPV6},
     xdp_bed::{
         LoadedLb, Net, Run, XDP_PASS, XDP_TX, first_difference, flow_key, flow_key_of, in_bed,
         ipip_frame, pin_to_current_cpu, program, program_fd, test_run, verdict_name, xdp_md,
@@ -326,13 +330,17 @@ struct Floors {
 const FLOOR_PASS: &str = "floor_pass";
 const FLOOR_TX: &str = "floor_tx";
 const FLOOR_IPIP: &str = "floor_ipip";
+const FLOOR_6IN6: &str = "floor_6in6";
+const FLOOR_GUE: &str = "floor_gue";
 const WRAPPER: &str = "bench_wrap";
+/// `floor_6in6`'s backend (its one entry in `FLOOR_BACKEND6`, for [`VIP6`]).
+const FLOOR_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x11);
 
 impl Floors {
     fn load() -> anyhow::Result<Self> {
         let mut ebpf = Ebpf::load(FLOORS_OBJECT).context("loading the floors object")?;
         for name in [
-            FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, WRAPPER, WRAP_IPV6, WRAP_GUE,
+            FLOOR_PASS, FLOOR_TX, FLOOR_IPIP, FLOOR_6IN6, FLOOR_GUE, WRAPPER, WRAP_IPV6, WRAP_GUE,
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -350,6 +358,14 @@ impl Floors {
                 u32::from_ne_bytes(BACKENDS[0].octets()),
                 0,
             )?;
+        }
+        {
+            let map = ebpf
+                .map_mut("FLOOR_BACKEND6")
+                .context("no map FLOOR_BACKEND6")?;
+            let mut backends: HashMap<_, [u32; 4], [u32; 4]> = HashMap::try_from(map)?;
+            let words = |a: Ipv6Addr| lb_agent::dataplane::sync::addr_words(a.into()).0;
+            backends.insert(words(*VIP6.ip()), words(FLOOR_BACKEND6), 0)?;
         }
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -404,6 +420,10 @@ enum Case {
     FloorPassNewPort,
     FloorTx,
     FloorIpip,
+    /// `floor_6in6` on the IPv6 frame (behind `bench_wrap6`).
+    Floor6in6,
+    /// `floor_gue` (behind `bench_wrap_gue`).
+    FloorGue,
     /// Every iteration gets a new source port from the wrapper.
     LbNewFlow,
     /// The flow is put in the table first.
@@ -428,6 +448,9 @@ struct Row {
     frame: Option<Vec<u8>>,
     /// [`frame_for`] with this VIP instead of [`VIP`] (scale rows).
     vip: Option<SocketAddrV4>,
+    /// Established per-feature rows: the two packets that put the flow in the flow
+    /// tables, when not the row's own frame (a QUIC flow: long headers).
+    prime: Option<Vec<u8>>,
     target: Target,
     case: Case,
     /// Also measured without the wrapper.
@@ -465,6 +488,7 @@ impl Row {
             wrapper: WRAPPER,
             frame: None,
             vip: None,
+            prime: None,
             target,
             case,
             direct,
@@ -497,6 +521,14 @@ impl Row {
         Row {
             wrapper,
             frame,
+            ..self
+        }
+    }
+
+    /// The same row primed with `frame` (twice) instead of its own frame.
+    fn primed(self, frame: Vec<u8>) -> Self {
+        Row {
+            prime: Some(frame),
             ..self
         }
     }
@@ -548,9 +580,12 @@ fn frame_to(case: Case, run: usize, vip: SocketAddrV4) -> Vec<u8> {
         Case::LbNonVip => PacketBuilder::tcp(CLIENT, NON_VIP)
             .flags(tcp_flags::SYN)
             .build(),
-        Case::FloorPass | Case::FloorTx | Case::FloorIpip | Case::LbEstablished => {
-            PacketBuilder::tcp(CLIENT, vip).build()
-        }
+        Case::FloorPass
+        | Case::FloorTx
+        | Case::FloorIpip
+        | Case::Floor6in6
+        | Case::FloorGue
+        | Case::LbEstablished => PacketBuilder::tcp(CLIENT, vip).build(),
     }
 }
 
@@ -726,6 +761,14 @@ impl Bench {
                 let f = Frame::parse(frame)?;
                 check_ipip(frame, &sample.out, BACKENDS[0], f.src_mac, f.dst_mac, false)?;
             }
+            Case::Floor6in6 | Case::FloorGue => {
+                let want = floor_tunnel_frame(row.case, frame)?;
+                ensure!(
+                    sample.out == want,
+                    "not the tunnelled frame {} must send",
+                    row.label
+                );
+            }
             Case::LbNewFlow | Case::LbEstablished => {
                 let Target::Lb(i) = row.target else {
                     bail!("balancer case on a floor")
@@ -884,14 +927,25 @@ impl Bench {
         let established = row.case == Case::LbEstablished;
         if established {
             // Two packets: new-flow table, then the flow table.
+            let first = row.prime.as_deref().unwrap_or(frame);
+            let first_ctx = xdp_md(first.len(), self.ifindex, 0);
             for _ in 0..2 {
-                let prime = test_run(c.lb.program(LB_PROGRAM)?, frame, &ctx, 1)
+                let before = c.counters()?;
+                let prime = test_run(c.lb.program(LB_PROGRAM)?, first, &first_ctx, 1)
                     .context("priming the established flow")?;
-                ensure!(
-                    prime.verdict == XDP_TX,
-                    "priming the established flow: verdict {}",
-                    verdict_name(prime.verdict)
-                );
+                if prime.verdict != XDP_TX {
+                    let after = c.counters()?;
+                    let moved: Vec<String> = Counter::ALL
+                        .iter()
+                        .filter(|&&k| after.get(k) != before.get(k))
+                        .map(|k| format!("{k:?}"))
+                        .collect();
+                    bail!(
+                        "priming the established flow: verdict {} (counted: {})",
+                        verdict_name(prime.verdict),
+                        moved.join(", ")
+                    );
+                }
             }
         }
         let before = c.counters()?;
@@ -1111,7 +1165,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let keep = |r: &Row| match &only {
             Some(only) => {
                 only.split('|').any(|text| r.label.contains(text))
-                    || matches!(r.case, Case::FloorPass | Case::FloorPassNewPort)
+                    || matches!(
+                        r.case,
+                        Case::FloorPass | Case::FloorPassNewPort | Case::Floor6in6 | Case::FloorGue
+                    )
             }
             None => true,
         };
@@ -1250,6 +1307,8 @@ const CLIENT6: SocketAddrV6 =
 /// (backend 1's).
 const QUIC_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 2), 443);
 const QUIC_ID: u32 = 0x0102;
+/// The client of the QUIC row whose flow is in the flow table.
+const QUIC_CLIENT2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40001);
 /// Flows of the full-table scale rows, on the measuring CPU.
 const FULL_TABLE: u32 = 1_000_000;
 
@@ -1287,6 +1346,24 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
                     "floor: XDP_PASS, GUE wrapper",
                     Target::Floor(FLOOR_PASS),
                     Case::FloorPass,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_GUE, None),
+                // The floors of the other tunnels, behind the wrappers that undo them:
+                // the 6in6 and GUE rows are compared with these as well as with IPIP's.
+                Row::new(
+                    FLOOR_6IN6_LABEL,
+                    Target::Floor(FLOOR_6IN6),
+                    Case::Floor6in6,
+                    false,
+                )
+                .group(Group::Features)
+                .wrapped(WRAP_IPV6, Some(frame6.clone())),
+                Row::new(
+                    FLOOR_GUE_LABEL,
+                    Target::Floor(FLOOR_GUE),
+                    Case::FloorGue,
                     false,
                 )
                 .group(Group::Features)
@@ -1393,6 +1470,17 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
                         WRAPPER,
                         Some(xdp_custom::quic_frame(CLIENT, QUIC_VIP, QUIC_ID)),
                     ),
+                // The usual case: a connection whose handshake (long headers) put its
+                // 5-tuple in the flow table; its short headers still go by CID. Another
+                // client port, so the row above stays a flow-table miss (a migrated
+                // connection).
+                est("feature: QUIC short header of a flow in the table, routed by CID")
+                    .uses(Use::Yes)
+                    .wrapped(
+                        WRAPPER,
+                        Some(xdp_custom::quic_frame(QUIC_CLIENT2, QUIC_VIP, QUIC_ID)),
+                    )
+                    .primed(xdp_custom::quic_long_frame(QUIC_CLIENT2, QUIC_VIP)),
             ],
         },
     ];
@@ -1494,6 +1582,39 @@ fn fill_flow_table(c: &Custom, bench: &Bench, n: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+const FLOOR_6IN6_LABEL: &str = "floor: parse IPv6+lookup+6in6+TX";
+const FLOOR_GUE_LABEL: &str = "floor: parse+lookup+GUE+TX";
+
+/// The frame `floor_6in6` (`case` [`Case::Floor6in6`]) or `floor_gue` sends for `input`:
+/// MACs swapped, the outer header of its tunnel (`floors.rs`), the inner packet as it came.
+fn floor_tunnel_frame(case: Case, input: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (dst, src) = (
+        <[u8; 6]>::try_from(&input[6..12])?,
+        <[u8; 6]>::try_from(&input[..6])?,
+    );
+    if case == Case::Floor6in6 {
+        let inner = &input[ETH_HLEN..];
+        let tc = (inner[0] << 4) | (inner[1] >> 4);
+        let len = u16::try_from(inner.len())?;
+        let mut l3 =
+            packet6::ipv6_header(LB_ADDR6, FLOOR_BACKEND6, IPPROTO_IPV6, len, tc, 64).to_vec();
+        l3.extend_from_slice(inner);
+        return Ok(packet6::eth(dst, src, None, 0x86dd, &l3));
+    }
+    let ip = Frame::parse(input)?.ipv4()?;
+    let mut inner = ip.header.clone();
+    inner.extend_from_slice(&ip.payload);
+    let entropy = lb_common::hash::tunnel_entropy(&flow_key_of(input)?);
+    let mut udp = Vec::with_capacity(8 + inner.len());
+    udp.extend_from_slice(&lb_common::hash::gue_source_port(entropy).to_be_bytes());
+    udp.extend_from_slice(&xdp_custom::GUE_PORT.to_be_bytes());
+    udp.extend_from_slice(&u16::try_from(8 + inner.len())?.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&inner);
+    let l3 = packet6::ipv4_tunnel(LB_ADDR, BACKENDS[0], 17, ip.tos, &udp);
+    Ok(packet6::eth(dst, src, None, 0x0800, &l3))
 }
 
 /// Katran's rows.
@@ -1674,6 +1795,14 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
             .map_or(f64::NAN, |r| median_f64(&net_samples(rows, r)))
     };
     let floor = median_net(&|r: &Row| r.case == Case::FloorIpip);
+    let floor6 = median_net(&|r: &Row| r.case == Case::Floor6in6);
+    let floor_gue = median_net(&|r: &Row| r.case == Case::FloorGue);
+    // Each row's floor of the same encapsulation: the wrapper names the tunnel.
+    let own_floor = |r: &Row| match r.wrapper {
+        WRAP_IPV6 => floor6,
+        WRAP_GUE => floor_gue,
+        _ => floor,
+    };
     let established = median_net(&|r: &Row| r.label == "xdp_lb: established flow");
     for (group, title, note) in [
         (
@@ -1682,11 +1811,15 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
             "Per-feature rows: packet = whether the measured packet uses the row's feature (the budget,\n\
              \x20 1.5x the floor, is for packets that do not: the feature configured, the packet not using it);\n\
              \x20 x floor = net / net of \"floor: parse+lookup+IPIP+TX\" (the budget is 1.5);\n\
+             \x20 x own floor = net / net of the floor of the row's own tunnel: \"floor: parse IPv6+lookup+6in6+TX\"\n\
+             \x20 for the 6in6 rows, \"floor: parse+lookup+GUE+TX\" for the GUE rows (GUE source port from the\n\
+             \x20 flow's tunnel_entropy, UDP checksum 0), IPIP's for the rest (floors.rs);\n\
              \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
              \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
              \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
              \x20 second service, UDP with quic = true; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
-             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted);\n\
+             \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted), of a\n\
+             \x20 5-tuple not in the flow table (a migrated connection) and of one two long headers put there;\n\
              \x20 max_new_flows_per_cpu: SYN rows on a flow table of 32768 per CPU (every SYN misses), the\n\
              \x20 cap at 0 (every SYN recorded, evicting) and at 1/s (every SYN over it: ring only, counted\n\
              \x20 flow_not_inserted), and an established flow with the cap at 125000 (never reached).\n\
@@ -1722,6 +1855,7 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
                 ("packet", false),
                 ("ns (net)", true),
                 ("x floor", true),
+                ("x own floor", true),
                 ("vs est.", true),
                 ("new flows", true),
             ],
@@ -1740,6 +1874,7 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
                 Cell::text(packet),
                 net,
                 Cell::text(ratio(m, floor)),
+                Cell::text(ratio(m, own_floor(r))),
                 Cell::text(ratio(m, established)),
                 new_flows_cell(r),
             ]);

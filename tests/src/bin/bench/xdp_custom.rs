@@ -33,7 +33,7 @@ use xdplb_tests::{
 pub(crate) const WRAP_IPV6: &str = "bench_wrap6";
 pub(crate) const WRAP_GUE: &str = "bench_wrap_gue";
 /// `gue_port` of the GUE balancer: the port `bench_wrap_gue` strips (floors.rs).
-const GUE_PORT: u16 = 6080;
+pub(crate) const GUE_PORT: u16 = 6080;
 
 /// The outer header the balancer must write.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -537,6 +537,16 @@ pub(crate) fn quic_frame(client: SocketAddrV4, vip: SocketAddrV4, id: u32) -> Ve
     let mut p = vec![0x40];
     p.extend_from_slice(&cid);
     p.extend_from_slice(&[0x11; 20]);
+    PacketBuilder::udp(client, vip).payload(&p).build()
+}
+
+/// A QUIC long-header datagram (a handshake packet) from `client` to `vip`: balanced
+/// by the flow tables and the ring like any datagram, so two of them put the flow in
+/// the flow table.
+pub(crate) fn quic_long_frame(client: SocketAddrV4, vip: SocketAddrV4) -> Vec<u8> {
+    let mut p = vec![0xc3, 0, 0, 0, 1, 8];
+    p.extend_from_slice(&[0x55; 8]);
+    p.extend_from_slice(&[0; 20]);
     PacketBuilder::udp(client, vip).payload(&p).build()
 }
 

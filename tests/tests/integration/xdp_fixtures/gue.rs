@@ -766,3 +766,209 @@ fn udp_flows_keep_their_backend_when_the_ring_changes() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// A second `quic` service, for the rows of keys that share a `QUIC_SLOTS` slot.
+const VIP_QUIC2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 9), 443);
+
+/// `QUIC_SLOTS` is a direct-mapped copy of `QUIC_IDS` (lb-common maps.rs): a key whose
+/// slot a key before it holds is found in `QUIC_IDS`, and a slot holding another
+/// service's key of the same server id routes nothing for this one. The server ids are
+/// found by search (`lb_common::hash::quic_slot` is the oracle): quic2's id `y` falls
+/// into the slot of quic's first id (one of the two routes through the hash map), and
+/// quic's backend 1 gets an id `x` whose slot is the same for both services (a packet
+/// to quic2 naming `x` meets a slot with its server id and quic's backend). And a
+/// connection whose long headers put its 5-tuple in the flow table: its short headers
+/// go by CID all the same (the flow only names the VIP).
+#[test]
+fn quic_ids_that_share_a_slot_route_through_the_hash_map() -> anyhow::Result<()> {
+    use lb_common::hash::{quic_slot, quic_slot_value};
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        let with = |quic: Vec<DesiredBackend>, quic2: Vec<DesiredBackend>| {
+            let mut d = state(0, None, quic);
+            // The fixture's map holds 8 services: quic2 takes the empty one's place.
+            d.services.retain(|s| s.name != "empty");
+            let mut q2 = service("quic2", VIP_QUIC2, Protocol::Udp, quic2);
+            q2.quic = true;
+            d.services.push(q2);
+            d
+        };
+        // First without the empty service (the reconciler adds before it removes).
+        let mut first = state(0, None, quic_backends());
+        first.services.retain(|s| s.name != "empty");
+        fx.lb.apply(&first)?;
+        fx.lb
+            .apply(&with(quic_backends(), vec![backend(BACKENDS[2], 443)]))?;
+        let id = |fx: &Fixture, name: &str| fx.lb.reconciler.service_id(name).context("service id");
+        let (s1, s2) = (id(fx, "quic")?, id(fx, "quic2")?);
+        let shared = quic_slot(s1, QUIC_IDS[0]);
+        let y = (1..=0xff_ffffu32)
+            .find(|&y| quic_slot(s2, y) == shared)
+            .context("no quic2 id in the slot of quic's first id")?;
+        let x = (1..=0xff_ffffu32)
+            .find(|&x| quic_slot(s1, x) == quic_slot(s2, x) && quic_slot(s1, x) != shared)
+            .context("no id of the same slot in both services")?;
+        let mut quic = quic_backends();
+        quic[1].quic_id = Some(x);
+        let quic2 = vec![DesiredBackend {
+            quic_id: Some(y),
+            ..backend(BACKENDS[2], 443)
+        }];
+        fx.lb.apply(&with(quic, quic2))?;
+
+        // The map as the program sees it: one of the two keys of the shared slot holds
+        // it, quic's `x` holds its own.
+        let bid = |fx: &Fixture, name: &str, b: Ipv4Addr| {
+            fx.lb
+                .reconciler
+                .backend_id(name, b.into(), 443)
+                .context("backend id")
+        };
+        let slot = |fx: &Fixture, s: u32| fx.lb.maps.quic_slots.get(&s, 0);
+        let holders = [
+            quic_slot_value(QUIC_IDS[0], bid(fx, "quic", BACKENDS[0])?),
+            quic_slot_value(y, bid(fx, "quic2", BACKENDS[2])?),
+        ];
+        let held = slot(fx, shared)?;
+        ensure!(
+            holders.contains(&held),
+            "the shared slot holds {held:#x}, neither key"
+        );
+        ensure!(
+            slot(fx, quic_slot(s1, x))? == quic_slot_value(x, bid(fx, "quic", BACKENDS[1])?),
+            "quic's id {x:#x} is not in its slot"
+        );
+
+        let routed = [Counter::Tx, Counter::QuicCidRouted];
+        let datagram = |vip: SocketAddrV4, cid: [u8; 8]| {
+            PacketBuilder::udp(SocketAddrV4::new(CLIENT, 20700), vip)
+                .payload(&short_header(cid, &[0x33; 30]))
+                .build()
+        };
+        // Both keys of the shared slot go where their ids say: one through the slot,
+        // the other through QUIC_IDS.
+        for (name, vip, cid, to) in [
+            (
+                "quic's first id",
+                VIP_QUIC,
+                cid_v3(QUIC_IDS[0]),
+                BACKENDS[0],
+            ),
+            (
+                "quic2's id of the same slot",
+                VIP_QUIC2,
+                cid_v3(y),
+                BACKENDS[2],
+            ),
+            ("quic's id x", VIP_QUIC, cid_v3(x), BACKENDS[1]),
+        ] {
+            let f = datagram(vip, cid);
+            let want = fx.encapsulated(&f, to)?;
+            check(
+                fx,
+                LB_PROGRAM,
+                name,
+                &f,
+                XDP_TX,
+                &want,
+                &routed,
+                &[Counter::QuicCidUnknown, Counter::FlowNew],
+            )?;
+        }
+        // A connection whose handshake (long headers) put its 5-tuple in the flow table:
+        // its flow names the VIP (no VIP lookup, gate::resolve), its short headers still
+        // go where their CID says, its long headers where the flow is.
+        let c = SocketAddrV4::new(CLIENT, 20701);
+        let mut long = vec![0xc3, 0, 0, 0, 1, 8];
+        long.extend_from_slice(&[0x55; 8]);
+        long.extend_from_slice(&[0; 20]);
+        let lf = PacketBuilder::udp(c, VIP_QUIC).payload(&long).build();
+        let ring = fx
+            .lb
+            .ring_pick("quic", &flow_key_of(&lf)?, false, &BACKENDS, 443)?;
+        let want_long = fx.encapsulated(&lf, ring)?;
+        let quiet_cid = [Counter::QuicCidRouted, Counter::QuicCidUnknown];
+        for n in ["first", "second"] {
+            let name = format!("QUIC long header, {n} of the connection");
+            check(
+                fx,
+                LB_PROGRAM,
+                &name,
+                &lf,
+                XDP_TX,
+                &want_long,
+                &[Counter::Tx],
+                &quiet_cid,
+            )?;
+        }
+        let ids = [QUIC_IDS[0], x, QUIC_IDS[2]];
+        let i = (0..3)
+            .find(|&i| BACKENDS[i] != ring)
+            .context("every backend is the ring's")?;
+        let sf = PacketBuilder::udp(c, VIP_QUIC)
+            .payload(&short_header(cid_v3(ids[i]), &[0x44; 30]))
+            .build();
+        let want = fx.encapsulated(&sf, BACKENDS[i])?;
+        check(
+            fx,
+            LB_PROGRAM,
+            "QUIC short header of a connection in the flow table",
+            &sf,
+            XDP_TX,
+            &want,
+            &routed,
+            &[Counter::QuicCidUnknown, Counter::FlowNew],
+        )?;
+        check(
+            fx,
+            LB_PROGRAM,
+            "QUIC long header of that connection again",
+            &lf,
+            XDP_TX,
+            &want_long,
+            &[Counter::Tx],
+            &[
+                Counter::QuicCidRouted,
+                Counter::QuicCidUnknown,
+                Counter::FlowNew,
+            ],
+        )?;
+        // quic2 has no id x: its slot holds quic's x, whose backend is not quic2's.
+        let f = datagram(VIP_QUIC2, cid_v3(x));
+        let to = fx
+            .lb
+            .ring_pick("quic2", &flow_key_of(&f)?, false, &[BACKENDS[2]], 443)?;
+        let want = fx.encapsulated(&f, to)?;
+        check(
+            fx,
+            LB_PROGRAM,
+            "quic2 naming quic's id x (another service's key in its slot)",
+            &f,
+            XDP_TX,
+            &want,
+            &[Counter::Tx, Counter::QuicCidUnknown],
+            &[Counter::QuicCidRouted],
+        )?;
+        // Removed keys leave their slots: quic2 without ids, then its id x routes nothing
+        // and y neither.
+        fx.lb
+            .apply(&with(quic_backends(), vec![backend(BACKENDS[2], 443)]))?;
+        ensure!(
+            slot(fx, quic_slot(s1, x))? == 0,
+            "the slot of a removed id is not empty"
+        );
+        let f = datagram(VIP_QUIC2, cid_v3(y));
+        let want = fx.encapsulated(&f, BACKENDS[2])?;
+        check(
+            fx,
+            LB_PROGRAM,
+            "quic2's removed id",
+            &f,
+            XDP_TX,
+            &want,
+            &[Counter::Tx, Counter::QuicCidUnknown],
+            &[Counter::QuicCidRouted],
+        )?;
+        Ok(())
+    })
+}
