@@ -95,21 +95,11 @@ pub fn update_array<V: Pod>(
             map_fd: fd as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is the kernel's `bpf_attr.batch` layout (fields after it are
-        // zero as the kernel requires, since `size` ends with it); `keys` and `values`
-        // point to `count` keys of 4 bytes and `count` values of `size_of::<V>()`
-        // bytes, the map's key and value sizes (aya checked them when it typed the
-        // map), and outlive the call; the kernel writes only `attr.count`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            let source = io::Error::last_os_error();
+        // SAFETY: `keys` and `values` point to `count` keys of 4 bytes and `count`
+        // values of `size_of::<V>()` bytes, the map's key and value sizes (aya checked
+        // them when it typed the map), and outlive the call; the kernel writes only
+        // `attr.count`.
+        if let Err(source) = unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) } {
             // On any error but EFAULT the kernel sets `count` to the pairs it wrote.
             let (done, index) = if source.raw_os_error() == Some(libc::EFAULT) {
                 (0, None)
@@ -127,6 +117,30 @@ pub fn update_array<V: Pod>(
         written += keys.len();
     }
     Ok(())
+}
+
+/// One `bpf(cmd, attr)` call of the batch family (aya 0.14 has none): the error of a
+/// refused call, as the kernel set it.
+///
+/// # Safety
+/// `attr` is the kernel's `bpf_attr.batch` layout (fields after it are zero as the
+/// kernel requires, since the size passed ends with it); every pointer in it must be
+/// valid for what `cmd` reads and writes through it, for the call's duration.
+unsafe fn bpf_batch(cmd: libc::c_int, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A batched read the kernel refused, or one that did not give what was asked.
@@ -192,20 +206,11 @@ pub fn lookup_array<V: Pod>(
             map_fd: fd as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is the kernel's `bpf_attr.batch` layout (see update_array);
-        // `keys` has room for `want` keys of 4 bytes and `values` for `want` values of
-        // `size_of::<V>()` bytes (the map's sizes, checked by aya), `prev` and `last`
-        // are 4-byte keys; all outlive the call. The kernel writes `attr.count`, the
-        // keys, values and `last`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        let source = (ret < 0).then(io::Error::last_os_error);
+        // SAFETY: `keys` has room for `want` keys of 4 bytes and `values` for `want`
+        // values of `size_of::<V>()` bytes (the map's sizes, checked by aya), `prev`
+        // and `last` are 4-byte keys; all outlive the call. The kernel writes
+        // `attr.count`, the keys, values and `last`.
+        let source = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let end = source
             .as_ref()
             .is_some_and(|e| e.raw_os_error() == Some(libc::ENOENT));
