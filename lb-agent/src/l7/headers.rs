@@ -105,6 +105,19 @@ pub fn te_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// The fields [`strip_hop_by_hop`] always removes (`Upgrade` too unless upgrading, and
+/// whatever `Connection` names).
+pub static HOP_BY_HOP: [&HeaderName; 8] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &TE,
+    &TRANSFER_ENCODING,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+    &HTTP2_SETTINGS,
+];
+
 /// Remove the hop-by-hop fields of RFC 9110 §7.6.1 (see the [module docs](self)).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
     let listed: Vec<HeaderName> = connection_tokens(headers)
@@ -116,16 +129,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
             headers.remove(&name);
         }
     }
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRANSFER_ENCODING,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-        &HTTP2_SETTINGS,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     match upgrading {

@@ -70,7 +70,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderValue, SET_COOKIE, TRANSFER_ENCODING,
+    CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, HeaderName, HeaderValue, SET_COOKIE,
+    TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -591,7 +592,7 @@ fn prepare(
 /// cache would see after `prepare` except for the fields [`prepare`] rewrites. Taken
 /// only for a request without a body whose `Connection` names no field besides
 /// `keep-alive` and `close` (so `prepare` removes none the cache reads), and a stored
-/// response whose `Vary` names none of [`FORWARD_REWRITES`]; anything else goes through
+/// response whose `Vary` names none of the fields [`forward_rewrites`] names; anything else goes through
 /// `prepare` and [`Cache::handle`].
 async fn fresh_hit(cache: &Cache, req: &Request<Incoming>) -> Option<Response<Body>> {
     if !req.body().is_end_stream() {
@@ -611,25 +612,22 @@ async fn fresh_hit(cache: &Cache, req: &Request<Incoming>) -> Option<Response<Bo
     if !plain_connection {
         return None;
     }
-    cache
-        .hit(req, |name| !FORWARD_REWRITES.contains(&name.as_str()))
-        .await
+    cache.hit(req, |name| !forward_rewrites(name)).await
 }
 
-/// The request fields that [`prepare`] (with [`headers::strip_hop_by_hop`] and
-/// [`headers::add_forwarded`]) removes, adds or changes, besides those a `Connection`
-/// field names (`close` and `keep-alive` are the ones [`fresh_hit`] lets through).
-/// Keep in step with `prepare`.
-const FORWARD_REWRITES: [&str; 16] = [
-    "connection",
-    "keep-alive",
+/// Whether [`prepare`] removes, adds or changes the request field `name`: the fields
+/// [`headers::strip_hop_by_hop`] always removes ([`headers::HOP_BY_HOP`]), and the rest of
+/// [`FORWARD_REWRITES`].
+fn forward_rewrites(name: &HeaderName) -> bool {
+    headers::HOP_BY_HOP.contains(&name) || FORWARD_REWRITES.contains(&name.as_str())
+}
+
+/// The request fields besides [`headers::HOP_BY_HOP`] that [`prepare`] (with
+/// [`headers::strip_hop_by_hop`] and [`headers::add_forwarded`]) removes, adds or
+/// changes, besides those a `Connection` field names (`close` and `keep-alive` are the
+/// ones [`fresh_hit`] lets through). Keep in step with `prepare`.
+const FORWARD_REWRITES: [&str; 8] = [
     "close",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "http2-settings",
     "upgrade",
     "expect",
     "host",
