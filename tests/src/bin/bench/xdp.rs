@@ -2041,7 +2041,7 @@ fn report_budget(report: &mut Report, rows: &[Row]) {
             ("per-run x floor: median", true),
             ("quartiles", true),
             ("min-max", true),
-            ("runs <= 1.5", true),
+            ("rounds <= 1.5", true),
             ("vs est. (paired ns)", true),
         ],
     );
@@ -2083,13 +2083,13 @@ fn report_budget(report: &mut Report, rows: &[Row]) {
         "Budget: per-run x floor = (raw of the row - raw of floor_pass) / (raw of the IPIP floor - raw of\n\
          \x20 floor_pass), all three from the same round of the interleaved runs: a round slowed as a\n\
          \x20 whole (steal, other work) cancels, where the ratio of two medians taken over different\n\
-         \x20 rounds wanders with it. Median and quartiles over the runs; \"runs <= 1.5\" counts the runs\n\
-         \x20 within the budget. Rounds: the runs of every row, then --budget-rounds more of only these\n\
-         \x20 rows (the floor, floor_pass and the established rows, in that order). ns (net) and x floor\n\
-         \x20 (medians) are over the runs alone, as in the tables above. Rows: every established IPv4\n\
-         \x20 flow row behind bench_wrap whose packet does not use its row's feature. vs est. = median over runs of (row - \"xdp_lb: established\n\
-         \x20 flow\"), paired per round: what a per-feature balancer or another build\n\
-         \x20 (XDPLB_BENCH_LB_OBJECTS) adds to or saves on the same packet.",
+         \x20 rounds wanders with it. Median and quartiles over the rounds; \"runs <= 1.5\" counts the\n\
+         \x20 rounds within the budget. Rounds: the runs of every row, then --budget-rounds more of only\n\
+         \x20 these rows (the floor, floor_pass and the established rows, in table order). ns (net) and\n\
+         \x20 x floor (medians) are over the runs alone, as in the tables above. Rows: every established\n\
+         \x20 IPv4 flow row behind bench_wrap whose packet does not use its row's feature. vs est. =\n\
+         \x20 median over the rounds of (row - \"xdp_lb: established flow\"), paired per round: what a\n\
+         \x20 per-feature balancer or another build (XDPLB_BENCH_LB_OBJECTS) adds or saves.",
     );
 }
 
