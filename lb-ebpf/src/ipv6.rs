@@ -190,7 +190,9 @@ pub fn try_lb_v6(
         l3_off,
         proto: ETH_P_IPV6,
     };
-    let filter_flags = CONFIG.get(0).map_or(0, |c| c.filter_flags);
+    // The config, read once for the whole path (as `lb_v4`).
+    let config = CONFIG.get(0);
+    let filter_flags = config.map_or(0, |c| c.filter_flags);
     let pkt = match parse_ipv6(ctx, l3_off) {
         Ok(pkt) => pkt,
         Err(counter) => {
@@ -212,7 +214,7 @@ pub fn try_lb_v6(
     // through its flow (SERVICES_V6), with no VIP lookup.
     let (vip, established, filter_gen) =
         gate::resolve::<V6>(ctx, &l2, filter_flags, pkt.tcp_syn, &pkt.key, &vip_key)?;
-    let cfg = CONFIG.get(0).ok_or(Exit::Pass(Counter::PassNoSource))?;
+    let cfg = config.ok_or(Exit::Pass(Counter::PassNoSource))?;
     let mtu = cfg.mtu;
     let limits = Limits {
         global: filter_flags & FILTER_F_FLOW_LIMIT != 0,

@@ -138,7 +138,22 @@ impl LoadedLb {
         desired: &DesiredState,
         programs: &[&'static str],
     ) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load(caps).context("loading the balancer object")?;
+        Self::load_object(caps, desired, programs, None)
+    }
+
+    /// [`LoadedLb::load`] of another build of the balancer object (its bytes; None: the
+    /// agent's own), whose maps are the agent's.
+    pub fn load_object(
+        caps: &Capacities,
+        desired: &DesiredState,
+        programs: &[&'static str],
+        object: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
+        let mut ebpf = match object {
+            Some(object) => loader::load_object(caps, object),
+            None => loader::load(caps),
+        }
+        .context("loading the balancer object")?;
         let mut maps = Maps::take(&mut ebpf, None)?;
         let mut reconciler = Reconciler::new(caps);
         reconciler

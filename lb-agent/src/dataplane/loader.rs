@@ -159,7 +159,14 @@ impl Capacities {
 
 /// Load [`LB_OBJECT`] with the given capacities. Programs are not loaded yet.
 pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
-    load_with(caps, None)
+    load_with(caps, None, LB_OBJECT)
+}
+
+/// Load another build of the balancer object (`object`: its bytes) with the given
+/// capacities, as [`load`] does [`LB_OBJECT`]: for `xdplb-bench xdp`'s rows of other
+/// builds (`XDPLB_BENCH_LB_OBJECTS`). Its maps must be [`LB_OBJECT`]'s.
+pub fn load_object(caps: &Capacities, object: &[u8]) -> Result<Ebpf, LoaderError> {
+    load_with(caps, None, object)
 }
 
 /// Load [`LB_OBJECT`] with its maps pinned under `pin_dir` (one file per map, named as
@@ -167,7 +174,7 @@ pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
 /// the others are created and pinned. This is how a restarted agent takes over the
 /// maps of the fast path that kept running while it was away.
 pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderError> {
-    load_with(caps, Some(pin_dir))
+    load_with(caps, Some(pin_dir), LB_OBJECT)
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
@@ -268,7 +275,11 @@ pub fn pinned_capacities(pin_dir: &Path) -> Option<Capacities> {
     })
 }
 
-fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderError> {
+fn load_with(
+    caps: &Capacities,
+    pin_dir: Option<&Path>,
+    object: &[u8],
+) -> Result<Ebpf, LoaderError> {
     let ring_slots =
         caps.max_services
             .checked_mul(caps.ring_size)
@@ -306,7 +317,7 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         }
     }
     loader
-        .load(LB_OBJECT)
+        .load(object)
         .map_err(|e| LoaderError::Load(Box::new(e)))
 }
 

@@ -127,7 +127,18 @@ pub(crate) struct Args {
     /// "established flow"` under `perf record`, `--only "IPIP|SYN|feature"`).
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
+    /// Extra rounds, after the runs, of only the budget's rows (the IPIP floor, its
+    /// XDP_PASS baseline and the established IPv4 flow rows): the per-run ratios of the
+    /// budget table come from the runs and these rounds together. 0 to 101.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BUDGET_ROUNDS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=101))]
+    pub(crate) budget_rounds: usize,
 }
+
+/// Rounds of the budget's rows on top of the runs: with the default 7 runs, 38 per-run
+/// ratios for the budget's median and quartiles instead of 7 (README, "The budget's
+/// figure"); a round is a few 10^6-iteration test runs, well under a second.
+pub(crate) const DEFAULT_BUDGET_ROUNDS: usize = 31;
 
 fn parse_repeat(value: &str) -> Result<u32, String> {
     let n: u32 = value.replace('_', "").parse().map_err(|e| format!("{e}"))?;
@@ -220,11 +231,41 @@ fn kernel_release() -> String {
 // ---------------------------------------------------------------------------------------
 // Programs.
 
-/// `xdp_lb` with its maps filled for one TCP service with four backends.
-struct Lb(LoadedLb);
+/// `xdp_lb` with its maps filled for one TCP service with four backends; `.1`: another
+/// build of the object (`XDPLB_BENCH_LB_OBJECTS`), whose counters are not checked (an
+/// ablation build may count less).
+struct Lb(LoadedLb, bool);
+
+/// `XDPLB_BENCH_LB_OBJECTS`: other builds of the balancer object measured beside the
+/// agent's own, as `label=path` separated by `;` (e.g. main's object, or an ablation build
+/// with one part of the established path removed): each gets a row "xdp_lb [label]:
+/// established flow" in the same interleaved runs, its output checked as the agent's.
+/// Their maps must be the agent's (same names and layouts).
+const LB_OBJECTS_ENV: &str = "XDPLB_BENCH_LB_OBJECTS";
+
+fn other_objects() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let Ok(list) = std::env::var(LB_OBJECTS_ENV) else {
+        return Ok(Vec::new());
+    };
+    list.split(';')
+        .filter(|s| !s.trim().is_empty())
+        .map(|item| {
+            let (label, path) = item
+                .split_once('=')
+                .with_context(|| format!("{LB_OBJECTS_ENV}: {item:?} is not label=path"))?;
+            let bytes = std::fs::read(path.trim())
+                .with_context(|| format!("{LB_OBJECTS_ENV}: reading {path}"))?;
+            Ok((label.trim().to_owned(), bytes))
+        })
+        .collect()
+}
 
 impl Lb {
     fn load(flow_table_size: u32) -> anyhow::Result<Self> {
+        Self::load_object(flow_table_size, None)
+    }
+
+    fn load_object(flow_table_size: u32, object: Option<&[u8]>) -> anyhow::Result<Self> {
         let caps = Capacities {
             max_services: MAX_SERVICES,
             max_backends: MAX_BACKENDS,
@@ -266,7 +307,10 @@ impl Lb {
                 filters: Default::default(),
             }],
         };
-        Ok(Lb(LoadedLb::load(&caps, &desired, &[LB_PROGRAM])?))
+        Ok(Lb(
+            LoadedLb::load_object(&caps, &desired, &[LB_PROGRAM], object)?,
+            object.is_some(),
+        ))
     }
 
     fn program(&self) -> anyhow::Result<&Xdp> {
@@ -456,6 +500,8 @@ struct Row {
     /// Also measured without the wrapper.
     direct: bool,
     raw: Vec<Run>,
+    /// The budget rounds' samples (`--budget-rounds`), budget rows only.
+    budget: Vec<Run>,
     direct_samples: Vec<Run>,
     /// Flow-table misses / iterations, summed over runs (balancer VIP rows).
     new_flows: u64,
@@ -493,6 +539,7 @@ impl Row {
             case,
             direct,
             raw: Vec::new(),
+            budget: Vec::new(),
             direct_samples: Vec::new(),
             new_flows: 0,
             iterations: 0,
@@ -806,6 +853,9 @@ impl Bench {
         let (Target::Lb(i), Some(before)) = (row.target, before) else {
             return Ok(0);
         };
+        if self.lbs[i].1 {
+            return Ok(0);
+        }
         let after = self.lbs[i].counters()?;
         let delta = |c: Counter| after.get(c) - before.get(c);
         let n = u64::from(repeat);
@@ -1042,10 +1092,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let small_table = FLOWS_PER_CPU_SMALL * cpus;
     let repeat = args.repeat;
     let runs = args.runs;
+    let budget_rounds = args.budget_rounds;
     let only = args.only.clone();
     // Katran's balancer, built from the vendored source before entering the bed: with its
     // default new-connection cap and with the cap raised.
     let katran_objects = build_katran();
+    let others = other_objects()?;
     let (cpu, rows, load, katran_error) = in_bed("bench", &net(), move || {
         let cpu = pin_to_current_cpu()?;
         let ifindex = lb_agent::dataplane::loader::if_index(LB_IFACE)?;
@@ -1103,12 +1155,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 Case::LbNewFlow,
                 false,
             ),
-            Row::new(
-                "xdp_lb: established flow",
-                Target::Lb(0),
-                Case::LbEstablished,
-                false,
-            ),
+            Row::new(ESTABLISHED, Target::Lb(0), Case::LbEstablished, false),
             Row::new(
                 "xdp_lb: established, FIB lookup",
                 Target::Lb(0),
@@ -1150,6 +1197,26 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 false,
             ),
         ];
+        // Other builds of the object: their established row right after the agent's.
+        let at = rows
+            .iter()
+            .position(|r| r.label == ESTABLISHED)
+            .map_or(rows.len(), |i| i + 1);
+        for (k, (label, object)) in others.iter().enumerate() {
+            bench.lbs.push(
+                Lb::load_object(FLOW_TABLE_BIG, Some(object))
+                    .with_context(|| format!("loading the object \"{label}\""))?,
+            );
+            rows.insert(
+                at + k,
+                Row::new(
+                    format!("xdp_lb [{label}]: established flow"),
+                    Target::Lb(bench.lbs.len() - 1),
+                    Case::LbEstablished,
+                    false,
+                ),
+            );
+        }
         if bench.katrans.is_empty() {
             rows.retain(|r| !matches!(r.target, Target::Katran(_)));
         }
@@ -1227,6 +1294,22 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         for run in 0..runs {
             for row in &mut rows {
                 bench.run_row(row, run, repeat, true)?;
+            }
+        }
+        // The budget rounds: the floor, its baseline and the established rows again.
+        for round in 0..budget_rounds {
+            // The main table's rows only: the per-feature and scale rows keep the runs'
+            // pairs (their balancers would add seconds to every round).
+            for row in rows
+                .iter_mut()
+                .filter(|r| in_budget(r) && r.group == Group::Main)
+            {
+                bench.run_row(row, runs + round, repeat, true)?;
+                if let Some(sample) = row.raw.pop() {
+                    row.budget.push(sample);
+                }
+                // The direct column stays a figure of the runs.
+                row.direct_samples.truncate(runs);
             }
         }
         let load = Load::between(&start, &cpu_times(), cpu);
@@ -1772,6 +1855,9 @@ fn report_katran(report: &mut Report, rows: &[Row], error: Option<&str>, cpus: u
     ));
 }
 
+/// The main table's established-flow row: the budget's numerator.
+const ESTABLISHED: &str = "xdp_lb: established flow";
+
 /// The Katran commit vendored under `tests/vendor/katran`.
 const KATRAN_COMMIT: &str = "19f08fec82fb7b5fb14d935a80057bdc0897c8de";
 
@@ -1883,6 +1969,131 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
     }
 }
 
+/// The `q` quantile (0..=1) of `v`, linearly interpolated (NaN when empty).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let pos = q * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+/// Net ns of `r` in each run, paired: run k's raw figure minus run k's raw figure of
+/// its baseline (the same round of the interleaved runs), so that what slowed a whole
+/// round (steal, other work, frequency) cancels in ratios of two rows.
+fn paired_net(rows: &[Row], r: &Row) -> Vec<f64> {
+    let Some(base) = baseline(rows, r) else {
+        return Vec::new();
+    };
+    r.raw
+        .iter()
+        .chain(&r.budget)
+        .zip(base.raw.iter().chain(&base.budget))
+        .map(|(a, b)| a.kernel_ns as f64 - b.kernel_ns as f64)
+        .collect()
+}
+
+/// The budget's rows: the IPIP floor, `floor_pass` behind its wrapper, and every
+/// established IPv4 flow row behind that wrapper whose packet does not use its row's
+/// feature.
+fn in_budget(r: &Row) -> bool {
+    r.wrapper == WRAPPER
+        && (r.case == Case::FloorIpip
+            || r.case == Case::FloorPass
+            || (r.case == Case::LbEstablished && r.uses != Use::Yes))
+}
+
+/// The budget table (issue 12, item 2): every established IPv4 flow row over the
+/// parse+lookup+IPIP floor, as the median of the per-run ratios (each run's row and
+/// floor from the same round, each net of the same round's `floor_pass`) with its
+/// quartiles, beside the ratio of the row medians.
+fn report_budget(report: &mut Report, rows: &[Row]) {
+    let Some(floor) = rows.iter().find(|r| r.case == Case::FloorIpip) else {
+        return;
+    };
+    let floor_net = paired_net(rows, floor);
+    let floor_median = median_f64(&net_samples(rows, floor));
+    let est = rows
+        .iter()
+        .find(|r| r.label == ESTABLISHED)
+        .map(|r| paired_net(rows, r));
+    let list: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.case == Case::LbEstablished && in_budget(r))
+        .collect();
+    if list.is_empty() || floor_net.is_empty() {
+        return;
+    }
+    let table = report.table(
+        format!(
+            "Budget (issue 12 item 2: established flow <= 1.5x the parse+lookup+IPIP floor): per-run ratios over {} rounds ({} runs + {} budget rounds), each round's row over the same round's floor",
+            floor_net.len(),
+            floor.raw.len(),
+            floor.budget.len()
+        ),
+        &[
+            ("row", false),
+            ("ns (net)", true),
+            ("x floor (medians)", true),
+            ("per-run x floor: median", true),
+            ("quartiles", true),
+            ("min-max", true),
+            ("rounds <= 1.5", true),
+            ("vs est. (paired ns)", true),
+        ],
+    );
+    for r in list {
+        let net = paired_net(rows, r);
+        let ratios: Vec<f64> = net
+            .iter()
+            .zip(&floor_net)
+            .map(|(a, f)| if *f > 0.0 { a / f } else { f64::NAN })
+            .collect();
+        let under = ratios.iter().filter(|x| **x <= 1.5).count();
+        let vs_est = match &est {
+            Some(e) if r.label != ESTABLISHED => {
+                let d: Vec<f64> = net.iter().zip(e).map(|(a, b)| a - b).collect();
+                format!("{:+.1}", quantile(&d, 0.5))
+            }
+            _ => String::new(),
+        };
+        table.row(vec![
+            Cell::text(r.label.clone()),
+            Cell::samples("ns", 0, &net_samples(rows, r)),
+            Cell::text(ratio(median_f64(&net_samples(rows, r)), floor_median)),
+            Cell::text(format!("{:.2}", quantile(&ratios, 0.5))),
+            Cell::text(format!(
+                "{:.2}-{:.2}",
+                quantile(&ratios, 0.25),
+                quantile(&ratios, 0.75)
+            )),
+            Cell::text(format!(
+                "{:.2}-{:.2}",
+                quantile(&ratios, 0.0),
+                quantile(&ratios, 1.0)
+            )),
+            Cell::text(format!("{under}/{}", ratios.len())),
+            Cell::text(vs_est),
+        ]);
+    }
+    report.note(
+        "Budget: per-run x floor = (raw of the row - raw of floor_pass) / (raw of the IPIP floor - raw of\n\
+         \x20 floor_pass), all three from the same round of the interleaved runs: a round slowed as a\n\
+         \x20 whole (steal, other work) cancels, where the ratio of two medians taken over different\n\
+         \x20 rounds wanders with it. Median and quartiles over the rounds; \"rounds <= 1.5\" counts the\n\
+         \x20 rounds within the budget. Rounds: the runs of every row, then --budget-rounds more of the\n\
+         \x20 main table's rows among these (the floor, floor_pass, the established rows, Katran's;\n\
+         \x20 per-feature and scale rows: the runs alone). ns (net) and\n\
+         \x20 x floor (medians) are over the runs alone, as in the tables above. Rows: every established\n\
+         \x20 IPv4 flow row behind bench_wrap whose packet does not use its row's feature. vs est. =\n\
+         \x20 median over the rounds of (row - \"xdp_lb: established flow\"), paired per round: what a\n\
+         \x20 per-feature balancer or another build (XDPLB_BENCH_LB_OBJECTS) adds or saves.",
+    );
+}
+
 /// The main table (floors, xdp_lb, Katran's rows) and its notes.
 fn report_main(report: &mut Report, rows: &[Row], args: &Args, cpus: u32, small_table: u32) {
     let floor_row = rows.iter().find(|r| r.case == Case::FloorIpip);
@@ -1967,6 +2178,7 @@ fn report(
         ),
     );
     report_main(&mut report, rows, args, cpus, small_table);
+    report_budget(&mut report, rows);
     report_katran(&mut report, rows, katran_error, cpus);
     report_groups(&mut report, rows);
     report.note(format!(
