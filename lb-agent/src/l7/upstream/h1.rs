@@ -1097,21 +1097,10 @@ mod tests {
         crate::l7::body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
     }
 
-    /// Name, method, the request's `Content-Length`, body, the end of the request as the
-    /// backend sees it, the request's bytes.
-    type BodyCase = (
-        &'static str,
-        Method,
-        Option<&'static str>,
-        Body,
-        &'static [u8],
-        &'static str,
-    );
-
     #[tokio::test]
     async fn request_bodies_are_framed_as_hyper_frames_them() {
         #[rustfmt::skip]
-        let cases: Vec<BodyCase> = vec![
+        let cases: Vec<(&str, Method, Option<&'static str>, Body, &'static [u8], &str)> = vec![
             ("empty", Method::GET, None, crate::l7::body::empty(), b"\r\n\r\n", "GET /p HTTP/1.1\r\nhost: web.example\r\n\r\n"),
             ("known size", Method::POST, None, crate::l7::body::boxed(Full::new(Bytes::from_static(b"hello"))), b"hello", "POST /p HTTP/1.1\r\nhost: web.example\r\ncontent-length: 5\r\n\r\nhello"),
             ("the request's content-length", Method::PUT, Some("5"), streamed(&["he", "llo"], None), b"hello", "PUT /p HTTP/1.1\r\nhost: web.example\r\ncontent-length: 5\r\n\r\nhello"),
