@@ -1,21 +1,19 @@
 //! The backend side of an L7 service: how a request reaches a backend, by the service's
 //! `backend_protocol` (and `backend_tls`).
 //!
-//! - `http1`: the HTTP/1.1 client of [`h1`], run by the request's own task (no task per
-//!   connection, no channel between the request and its connection), with a pool of
-//!   keep-alive connections ([`h1::Pool`]), one per L7 worker and service (the upstream is
-//!   per worker, [`super::workers::PerWorker`]), over TCP, or over TLS with ALPN
-//!   `http/1.1` when `backend_tls` is set. A connection carries one request at a time;
-//!   when the response's body has been read to its end it goes back to its backend's
-//!   idle list (last in, first out: the most recently used connection is the likeliest to
-//!   be alive and warm), at most [`MAX_IDLE_H1`] of them per backend (beyond that it is
+//! - `http1`: a pool of keep-alive connections of its own ([`H1Pool`], on hyper's
+//!   `client::conn::http1`), one per L7 worker and service (the upstream is per worker,
+//!   [`super::workers::PerWorker`]), over TCP, or over TLS with ALPN `http/1.1` when
+//!   `backend_tls` is set. A connection carries one request at a time; when the
+//!   response's body has been read to its end it goes back to its backend's idle list
+//!   (last in, first out: the most recently used connection is the likeliest to be
+//!   alive and warm), at most [`MAX_IDLE_H1`] of them per backend (beyond that it is
 //!   closed), and is closed after [`IDLE`] unused. A connection whose response was cut
-//!   short, failed or was framed badly is never reused. An idle connection the backend
-//!   closed (or wrote to unasked) is dropped when taken. A request on a reused connection
-//!   that gets no byte of response (the backend closed it as the request went out) fails
-//!   as [`Failure::Stale`]: the proxy sends an idempotent one again. Upgrade requests go
-//!   over hyper's `client::conn::http1` on a new connection (hyper's upgrade support
-//!   joins it to the client's in the proxy's tunnel), never pooled.
+//!   short, or that was upgraded, is never reused. The connection task runs on the
+//!   worker that opened it, so a client connection and its backend connections stay on
+//!   one thread. A request that a pooled connection closed before taking it (hyper
+//!   hands it back: the backend closed the idle connection) is sent again on the next
+//!   idle connection or a new one, whatever its method, as hyper-util's client does.
 //! - `h2c`, `h2`: HTTP/2 (hyper's `client::conn::http2`), over TCP with prior knowledge
 //!   or over TLS where the backend must select `h2` in ALPN (else the connection
 //!   counts as a connect failure). Requests are multiplexed: a backend gets one
@@ -47,7 +45,7 @@
 //! failure; a reset before the response (the proxy retries idempotent requests); a
 //! stream the backend refused (`REFUSED_STREAM`, or above the last stream id of a
 //! graceful `GOAWAY`): never processed (RFC 9113 §8.7), so the proxy retries it
-//! whatever its method when it had no body. An HTTP/2 request that a connection closed
+//! whatever its method when it had no body. A request that a pooled connection closed
 //! before taking it (hyper hands it back) is sent once more on a new connection here.
 //!
 //! [`passes_te`]: Upstream::passes_te
