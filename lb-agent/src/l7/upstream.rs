@@ -95,44 +95,9 @@ const ALPN_H1: &[&[u8]] = &[b"http/1.1"];
 const ALPN_H2: &[&[u8]] = &[b"h2"];
 const ALPN_AUTO: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-mod h1;
-
-/// A backend's response body: read from its HTTP/1.1 connection by the request's own
-/// task ([`h1::H1Body`]), or hyper's (HTTP/2, holding the stream's place in its
-/// connection until the body ends; upgrades).
-pub(crate) enum UpstreamBody {
-    H1(h1::H1Body),
-    Hyper(Observed<Incoming, Slot>),
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::H1(b) => Pin::new(b).poll_frame(cx),
-            Self::Hyper(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(b) => b.is_end_stream(),
-            Self::Hyper(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            Self::H1(b) => b.size_hint(),
-            Self::Hyper(b) => b.size_hint(),
-        }
-    }
-}
+/// A backend's response body: holds the HTTP/2 stream's place in its connection
+/// until the body ends.
+pub(crate) type UpstreamBody = Observed<Incoming, Slot>;
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -404,22 +369,159 @@ impl Use {
     }
 }
 
-/// What an HTTP/2 response body holds of its connection until it ends: the stream's
-/// place in its connection, given back when dropped (the body ends, or the request
-/// fails). Empty for hyper's HTTP/1.1 connections (upgrades), which are never pooled.
+/// What a response body holds of its connection until it ends: an HTTP/2 stream's
+/// place in its connection (given back when dropped: the body ends, or the request
+/// fails), or an HTTP/1.1 connection, back to its pool when the body has been read to
+/// its end (closed when it is dropped before).
 #[derive(Debug, Default)]
-pub(crate) struct Slot(Option<Arc<Use>>);
+pub(crate) struct Slot(Option<Held>);
+
+#[derive(Debug)]
+enum Held {
+    H2(Arc<Use>),
+    H1 {
+        pool: Arc<H1Pool>,
+        addr: SocketAddr,
+        send: http1::SendRequest<Body>,
+    },
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(u) = self.0.take() {
+        if let Some(Held::H2(u)) = self.0.take() {
             u.last_ms.store(u.now_ms(), Ordering::Relaxed);
             u.streams.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-impl Observer for Slot {}
+impl Observer for Slot {
+    fn end(&mut self, complete: bool) {
+        if complete && matches!(self.0, Some(Held::H1 { .. })) {
+            if let Some(Held::H1 { pool, addr, send }) = self.0.take() {
+                pool.put(addr, send);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/1.1 pool
+// ---------------------------------------------------------------------------
+
+/// An idle HTTP/1.1 connection.
+#[derive(Debug)]
+struct Idle {
+    send: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// Idle HTTP/1.1 connections by backend (see the [module docs](self)). One per
+/// upstream, that is per worker and service: its lock is never contended on the
+/// request path (only the control plane, off the workers, shares the first one).
+#[derive(Debug)]
+pub(crate) struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// [`IDLE`] (shorter in tests).
+    timeout: Duration,
+}
+
+impl Default for H1Pool {
+    fn default() -> Self {
+        Self {
+            idle: Mutex::default(),
+            timeout: IDLE,
+        }
+    }
+}
+
+impl H1Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection to `addr` that is open and not expired.
+    fn take(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut map = self.lock();
+        let list = map.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if !idle.send.is_closed() && idle.since.elapsed() < self.timeout {
+                return Some(idle.send);
+            }
+        }
+        None
+    }
+
+    /// `send`'s connection, its response read to the end, is idle again.
+    fn put(&self, addr: SocketAddr, send: http1::SendRequest<Body>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut map = self.lock();
+        let list = map.entry(addr).or_default();
+        if list.len() >= MAX_IDLE_H1 {
+            list.retain(|i| !i.send.is_closed());
+            if list.len() >= MAX_IDLE_H1 {
+                return; // dropped: the connection closes
+            }
+        }
+        list.push(Idle {
+            send,
+            since: Instant::now(),
+        });
+    }
+
+    /// Close `addr`'s connections idle for [`IDLE`] (their handles dropped, hyper ends
+    /// them) and forget the closed ones.
+    fn expire(&self, addr: SocketAddr) {
+        let mut map = self.lock();
+        if let Some(list) = map.get_mut(&addr) {
+            list.retain(|i| !i.send.is_closed() && i.since.elapsed() < self.timeout);
+            if list.is_empty() {
+                map.remove(&addr);
+            }
+        }
+    }
+
+    /// Idle connections to `addr` (tests).
+    #[cfg(test)]
+    pub(crate) fn idle(&self, addr: SocketAddr) -> usize {
+        self.lock()
+            .get(&addr)
+            .map_or(0, |l| l.iter().filter(|i| !i.send.is_closed()).count())
+    }
+}
+
+/// Run one HTTP/1.1 connection to `addr` (upgrades included) and expire the idle
+/// connections of its backend every [`IDLE`] / 6 while it lives.
+async fn drive_h1<T>(
+    conn: http1::Connection<T, Body>,
+    pool: std::sync::Weak<H1Pool>,
+    addr: SocketAddr,
+) where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let every = pool.upgrade().map_or(IDLE, |p| p.timeout) / 6;
+    let conn = conn.with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(backend = %addr, error = %e, "HTTP/1.1 connection to a backend ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => match pool.upgrade() {
+                Some(pool) => pool.expire(addr),
+                None => return,
+            },
+        }
+    }
+}
 
 #[derive(Clone)]
 struct H2Conn {
@@ -453,7 +555,7 @@ impl H2Backend {
             return None;
         }
         c.usage.streams.fetch_add(1, Ordering::AcqRel);
-        Some((c.send.clone(), Slot(Some(Arc::clone(&c.usage)))))
+        Some((c.send.clone(), Slot(Some(Held::H2(Arc::clone(&c.usage))))))
     }
 
     fn remove(&self, id: u64) {
@@ -476,7 +578,7 @@ enum Opened {
 pub(crate) struct Upstream {
     protocol: BackendProtocol,
     dialer: Arc<Dialer>,
-    h1: Arc<h1::Pool>,
+    h1: Arc<H1Pool>,
     h2: Mutex<HashMap<SocketAddr, Arc<H2Backend>>>,
     next_id: AtomicU64,
     /// `auto`: backends that chose HTTP/1.1, until when.
@@ -521,7 +623,7 @@ impl Upstream {
         Ok(Self {
             protocol,
             dialer,
-            h1: Arc::new(h1::Pool::new(IDLE)),
+            h1: Arc::default(),
             h2: Mutex::default(),
             next_id: AtomicU64::new(0),
             learned_h1: Mutex::default(),
@@ -567,14 +669,17 @@ impl Upstream {
 
     /// The HTTP/1.1 pool (tests).
     #[cfg(test)]
-    pub(crate) fn h1_pool(&self) -> &h1::Pool {
+    pub(crate) fn h1_pool(&self) -> &H1Pool {
         &self.h1
     }
 
     /// With idle HTTP/1.1 connections closed after `timeout` (tests).
     #[cfg(test)]
     pub(crate) fn with_h1_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.h1 = Arc::new(h1::Pool::new(timeout));
+        self.h1 = Arc::new(H1Pool {
+            idle: Mutex::default(),
+            timeout,
+        });
         self
     }
 
@@ -606,17 +711,61 @@ impl Upstream {
                 parts.headers.insert(HOST, v);
             }
         }
-        let req = Request::from_parts(parts, body);
-        if req.headers().contains_key(http::header::UPGRADE) {
-            let stream = self.dialer.dial(addr, false).await?;
-            return send_upgrade(addr, stream, req).await;
+        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
+        let mut req = Request::from_parts(parts, body);
+        loop {
+            let (mut send, reused) = match self.h1.take(addr) {
+                Some(send) => (send, true),
+                None => (self.connect_h1(addr).await?, false),
+            };
+            if reused && send.ready().await.is_err() {
+                continue; // closed meanwhile: the next one
+            }
+            match send.try_send_request(req).await {
+                Ok(resp) => {
+                    // An upgraded connection is the tunnel's: never pooled.
+                    let slot = Slot((!upgrade).then(|| Held::H1 {
+                        pool: Arc::clone(&self.h1),
+                        addr,
+                        send,
+                    }));
+                    return Ok(resp.map(|b| Observed::new(b, slot)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection closed before taking the request (the
+                    // backend closed it while idle): the request was not sent.
+                    Some(back) if reused => {
+                        debug!(backend = %addr, error = %e.error(), "pooled HTTP/1.1 connection closed before the request was sent; sending it again");
+                        req = back;
+                    }
+                    _ => {
+                        let mut err = UpstreamError::from_client(e.into_error());
+                        if reused && err.failure == Failure::Reset {
+                            err.failure = Failure::Stale;
+                        }
+                        return Err(err);
+                    }
+                },
+            }
         }
-        let (conn, reused) = match self.h1.take(addr) {
-            Some(conn) => (conn, true),
-            None => (h1::Conn::new(self.dialer.dial(addr, false).await?), false),
-        };
-        let resp = h1::send(conn, reused, req, Some(&self.h1), addr).await?;
-        Ok(resp.map(UpstreamBody::H1))
+    }
+
+    /// A new HTTP/1.1 connection to `addr`, its task on the calling runtime (the
+    /// worker's).
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let stream = self.dialer.dial(addr, false).await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError {
+                failure: Failure::Connect,
+                source: e.into(),
+            })?;
+        tokio::spawn(drive_h1(conn, Arc::downgrade(&self.h1), addr));
+        Ok(send)
     }
 
     fn backend(&self, addr: SocketAddr) -> Arc<H2Backend> {
@@ -647,7 +796,7 @@ impl Upstream {
                 },
             };
             match send.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|b| UpstreamBody::Hyper(Observed::new(b, slot)))),
+                Ok(resp) => return Ok(resp.map(|b| Observed::new(b, slot))),
                 Err(mut e) => match e.take_message() {
                     // The connection closed before taking the request: once more, on
                     // another (or a new) connection.
@@ -719,20 +868,30 @@ impl Upstream {
             send: send.clone(),
             usage: Arc::clone(&usage),
         });
-        let slot = Slot(Some(Arc::clone(&usage)));
+        let slot = Slot(Some(Held::H2(Arc::clone(&usage))));
         tokio::spawn(drive(conn, Arc::clone(backend), id, usage, addr));
         Ok(Opened::H2(send, slot))
     }
 
-    /// `req` (in HTTP/2 form) over `stream`, a new connection whose backend chose
-    /// HTTP/1.1 in ALPN, as HTTP/1.1, the connection used once (the next requests go
-    /// through the HTTP/1.1 pool).
+    /// `req` (in HTTP/2 form) over `stream` as HTTP/1.1, the connection used once.
     async fn send_once_h1(
         &self,
         addr: SocketAddr,
         stream: Stream,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (mut send, conn) = http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError {
+                failure: Failure::Connect,
+                source: e.into(),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(backend = %addr, error = %e, "HTTP/1.1 connection ended with an error");
+            }
+        });
         let (mut parts, body) = req.into_parts();
         if let Some(authority) = parts.uri.authority() {
             if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
@@ -747,37 +906,12 @@ impl Upstream {
         parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
         parts.version = Version::HTTP_11;
         parts.headers.remove(TE);
-        let req = Request::from_parts(parts, body);
-        let resp = h1::send(h1::Conn::new(stream), false, req, None, addr).await?;
-        Ok(resp.map(UpstreamBody::H1))
+        let resp = send
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(UpstreamError::from_client)?;
+        Ok(resp.map(|b| Observed::new(b, Slot::default())))
     }
-}
-
-/// An upgrade request (`Upgrade`, WebSocket) over `stream` on hyper's HTTP/1.1 client,
-/// whose upgrade support the proxy's tunnel uses; the connection is the tunnel's, never
-/// pooled.
-async fn send_upgrade(
-    addr: SocketAddr,
-    stream: Stream,
-    req: Request<Body>,
-) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let (mut send, conn) = http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError {
-            failure: Failure::Connect,
-            source: e.into(),
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!(backend = %addr, error = %e, "HTTP/1.1 connection to a backend ended with an error");
-        }
-    });
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(UpstreamError::from_client)?;
-    Ok(resp.map(|b| UpstreamBody::Hyper(Observed::new(b, Slot::default()))))
 }
 
 // ---------------------------------------------------------------------------
