@@ -314,9 +314,9 @@ impl Cache {
             // Range is defined for GET only (see `serve`).
             ranged: !head && req.headers().contains_key(header::RANGE),
         };
-        let whole = !asked.ranged
-            && !(stored.status.is_success()
-                && policy::not_modified(asked.headers, &stored.headers));
+        let conditional_match =
+            stored.status.is_success() && policy::not_modified(asked.headers, &stored.headers);
+        let whole = !asked.ranged && !conditional_match;
         if whole {
             // The common case: the stored response whole, its header map built at store
             // time with `Age` and `Cache-Status` in place (what `serve_stored` and

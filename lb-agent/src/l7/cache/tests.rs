@@ -1548,7 +1548,7 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
             "{what}"
         );
         let ours = |s: &str| s.rsplit_once("ttl=").map(|(a, _)| a.to_owned());
-        assert_eq!(ours(&f.cache_status()), ours(&h.cache_status()), "{what}");
+        assert_eq!(ours(f.cache_status()), ours(h.cache_status()), "{what}");
         let before = if what.starts_with("Cache-Status") {
             "origin-cdn; hit, "
         } else {
