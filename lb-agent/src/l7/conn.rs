@@ -455,9 +455,90 @@ pub(crate) async fn stopped(hard: &mut watch::Receiver<bool>) {
     let _ = hard.wait_for(|s| *s).await;
 }
 
+/// `fut`, polled only when it asked to be: on the first poll and after its own waker
+/// fired, not on every wake-up of the task that holds it. For a future raced beside a
+/// connection in one `select!` (a drain signal that fires once, if ever): polling a
+/// pending `watch` wait locks the channel's shared waiter list, which every
+/// connection of the service watches, on each wake-up of each connection.
+pub(crate) fn when_woken<F: Future>(fut: F) -> WhenWoken<F> {
+    WhenWoken {
+        fut: Box::pin(fut),
+        flag: Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }),
+    }
+}
+
+/// See [`when_woken`].
+pub(crate) struct WhenWoken<F> {
+    fut: Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+}
+
+/// The waker [`WhenWoken`] gives its future: notes the wake-up, then wakes the task.
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Registered before the flag is read: a wake-up in between is not lost.
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = std::task::Waker::from(Arc::clone(&self.flag));
+        let mut inner = Context::from_waker(&waker);
+        self.fut.as_mut().poll(&mut inner)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::bare_error_status;
+
+    /// A future under `when_woken` is polled first, then only after its own waker
+    /// fired, and still completes when it does.
+    #[tokio::test]
+    async fn when_woken_polls_the_future_only_after_its_wake_up() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let polls = Arc::new(AtomicU32::new(0));
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let mut wait = Box::pin(async move { rx.wait_for(|s| *s).await.is_ok() });
+        let counted = {
+            let polls = Arc::clone(&polls);
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                wait.as_mut().poll(cx)
+            })
+        };
+        let mut fut = std::pin::pin!(super::when_woken(counted));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled without a wake-up");
+        tx.send(true).unwrap();
+        assert_eq!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(true));
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn only_bare_error_heads_match() {

@@ -168,6 +168,14 @@ impl Status {
 
 /// Add this cache's `Cache-Status` member after those of caches before it.
 fn add_cache_status(headers: &mut HeaderMap, status: &Status) {
+    if let Some(v) = cache_status_value(headers, status) {
+        headers.insert(CACHE_STATUS, v);
+    }
+}
+
+/// The `Cache-Status` value of a response with `headers`: the members of caches before
+/// us, then ours.
+fn cache_status_value(headers: &HeaderMap, status: &Status) -> Option<HeaderValue> {
     let ours = status.render();
     let value = if headers.contains_key(&CACHE_STATUS) {
         let mut all: Vec<String> = headers
@@ -181,9 +189,7 @@ fn add_cache_status(headers: &mut HeaderMap, status: &Status) {
         ours
     };
     // The string's buffer becomes the value's (no copy).
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        headers.insert(CACHE_STATUS, v);
-    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
 /// A response on its way out, with what the cache did.
@@ -308,6 +314,31 @@ impl Cache {
             // Range is defined for GET only (see `serve`).
             ranged: !head && req.headers().contains_key(header::RANGE),
         };
+        let conditional_match =
+            stored.status.is_success() && policy::not_modified(asked.headers, &stored.headers);
+        let whole = !asked.ranged && !conditional_match;
+        if whole {
+            // The common case: the stored response whole, its header map built at store
+            // time with `Age` and `Cache-Status` in place (what `serve_stored` and
+            // `add_cache_status` give it, without building either per hit).
+            let headers = stored.hit_head(now, |ttl| {
+                let status = Status {
+                    hit: true,
+                    ttl: Some(ttl),
+                    ..Status::default()
+                };
+                cache_status_value(&stored.headers, &status)
+                    .unwrap_or_else(|| HeaderValue::from_static(CACHE_NAME))
+            });
+            let mut resp = Response::new(if head {
+                empty()
+            } else {
+                full(stored.body.clone())
+            });
+            *resp.status_mut() = stored.status;
+            *resp.headers_mut() = headers;
+            return Some(resp);
+        }
         let status = Status {
             hit: true,
             ..Status::default()

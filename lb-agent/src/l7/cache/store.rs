@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use moka::future::Cache as Moka;
 
 use super::policy::{self, CacheControl};
@@ -93,6 +93,22 @@ pub struct Stored {
     pub cc: CacheControl,
     /// The request header fields its `Vary` names, with the values they had.
     pub vary: Vec<(HeaderName, Option<String>)>,
+    /// `headers` as a fresh hit sends them, built once when stored: `Age` and
+    /// `Cache-Status` are already in place (placeholder values), so a hit clones this
+    /// map and sets the two values in place, without the map growing ([`Self::hit_head`]).
+    hit_headers: HeaderMap,
+    /// The `Age` and `Cache-Status` values of a fresh hit for the (age, ttl) they were
+    /// last rendered for: hits within the same second share them.
+    hit_values: std::sync::Mutex<Option<HitValues>>,
+}
+
+/// The two per-second values of a fresh hit ([`Stored::hit_head`]).
+#[derive(Debug, Clone)]
+struct HitValues {
+    age: u64,
+    ttl: i64,
+    age_value: HeaderValue,
+    status_value: HeaderValue,
 }
 
 impl Stored {
@@ -140,6 +156,10 @@ impl Stored {
                 .collect(),
             policy::Vary::Star => Vec::new(),
         };
+        let mut hit_headers = headers.clone();
+        hit_headers.insert(http::header::AGE, HeaderValue::from_static("0"));
+        // Where `Cache-Status` of caches before us is, ours joins it; else it goes last.
+        hit_headers.insert(super::CACHE_STATUS, HeaderValue::from_static(""));
         Self {
             status,
             headers,
@@ -149,7 +169,39 @@ impl Stored {
             lifetime,
             cc,
             vary,
+            hit_headers,
+            hit_values: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The header fields of this response served whole as a fresh hit at `now`: the
+    /// stored fields with its `Age` and `Cache-Status` (`render(ttl)` gives the
+    /// `Cache-Status` value for a remaining freshness of `ttl` seconds: it is called
+    /// once per distinct (age, ttl), the values kept for the hits that follow).
+    pub fn hit_head(&self, now: SystemTime, render: impl FnOnce(i64) -> HeaderValue) -> HeaderMap {
+        let age = self.age(now).as_secs().min(policy::DELTA_MAX);
+        let ttl = self.ttl(now);
+        let cached = match self.hit_values.try_lock() {
+            Ok(v) => v.as_ref().filter(|v| v.age == age && v.ttl == ttl).cloned(),
+            Err(_) => None,
+        };
+        let values = cached.unwrap_or_else(|| {
+            let v = HitValues {
+                age,
+                ttl,
+                age_value: HeaderValue::from(age),
+                status_value: render(ttl),
+            };
+            if let Ok(mut slot) = self.hit_values.try_lock() {
+                *slot = Some(v.clone());
+            }
+            v
+        });
+        let mut headers = self.hit_headers.clone();
+        // Both fields are in `hit_headers` already: replaced in place.
+        headers.insert(http::header::AGE, values.age_value);
+        headers.insert(super::CACHE_STATUS, values.status_value);
+        headers
     }
 
     /// The current age (§4.2.3).
@@ -191,7 +243,9 @@ impl Stored {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.as_ref().map_or(0, String::len))
             .sum();
-        OVERHEAD + fields + vary + self.body.len()
+        // `hit_headers` holds the fields again (the values share their bytes; the
+        // names and the map's own tables do not).
+        OVERHEAD + 2 * fields + vary + self.body.len()
     }
 
     fn same_variant(&self, other: &Self) -> bool {

@@ -1491,14 +1491,18 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
         Route::ok("max-age=60", "xff").header("vary", "X-Forwarded-For"),
     );
     be.route("/n", Route::ok("no-cache", "validated").etag("\"n\""));
+    be.route(
+        "/c",
+        Route::ok("max-age=60", "behind another cache").header("cache-status", "origin-cdn; hit"),
+    );
     let (c, up) = (cache(), be.upstream());
     let en = || req(Method::GET, "/v", &[("accept-language", "en")]);
-    for r in [get("/p"), en(), get("/x"), get("/n")] {
+    for r in [get("/p"), en(), get("/x"), get("/n"), get("/c")] {
         assert_eq!(call(&c, &up, r).await.result, CacheResult::Miss);
     }
     settle().await;
     let all = |_: &http::HeaderName| true;
-    let fresh_hits: [FastCase; 5] = [
+    let fresh_hits: [FastCase; 7] = [
         ("GET", || get("/p"), StatusCode::OK, "plain"),
         ("HEAD", || req(Method::HEAD, "/p", &[]), StatusCode::OK, ""),
         (
@@ -1519,6 +1523,14 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
             StatusCode::OK,
             "varied",
         ),
+        (
+            "Cache-Status of a cache before us",
+            || get("/c"),
+            StatusCode::OK,
+            "behind another cache",
+        ),
+        // The same again: the per-second Age and Cache-Status values are reused.
+        ("again", || get("/p"), StatusCode::OK, "plain"),
     ];
     for (what, make, status, body) in fresh_hits {
         let f = fast(&c, make(), all)
@@ -1529,8 +1541,22 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
         assert_eq!((f.status, &f.body[..]), (status, body.as_bytes()), "{what}");
         assert_eq!((h.status, &h.body), (f.status, &f.body), "{what}");
         assert_eq!(timeless(&f.headers), timeless(&h.headers), "{what}");
+        // The same fields in the same order, Age and Cache-Status included.
+        assert_eq!(
+            f.headers.keys().collect::<Vec<_>>(),
+            h.headers.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        let ours = |s: &str| s.rsplit_once("ttl=").map(|(a, _)| a.to_owned());
+        assert_eq!(ours(f.cache_status()), ours(h.cache_status()), "{what}");
+        let before = if what.starts_with("Cache-Status") {
+            "origin-cdn; hit, "
+        } else {
+            ""
+        };
         assert!(
-            f.cache_status().starts_with("xdplb; hit; ttl="),
+            f.cache_status()
+                .starts_with(&format!("{before}xdplb; hit; ttl=")),
             "{what}: {}",
             f.cache_status()
         );
@@ -1559,5 +1585,8 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
     assert!(fast(&c, get("/x"), xff_rewritten).await.is_none());
     assert!(fast(&c, get("/p"), xff_rewritten).await.is_some());
     // Not one of these reached the backend.
-    assert_eq!((be.hits("/p"), be.hits("/v"), be.hits("/x")), (1, 1, 1));
+    assert_eq!(
+        (be.hits("/p"), be.hits("/v"), be.hits("/x"), be.hits("/c")),
+        (1, 1, 1, 1)
+    );
 }
