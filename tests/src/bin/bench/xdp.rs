@@ -93,7 +93,7 @@ use lb_common::{
 
 use crate::{
     katran::{self, Katran},
-    report::{Cell, Report},
+    report::{self, Cell, Report, Stats},
     xdp_custom::{self, Custom, Env, WRAP_GUE, WRAP_IPV6},
 };
 use lb_common::types::{ENCAP_GUE, PROTO_TCP};
@@ -526,7 +526,32 @@ enum Use {
     Baseline,
 }
 
+/// What one measured run of a row is for ([`Bench::run_row`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Record {
+    /// A warm-up: measured and checked, kept nowhere.
+    Warm,
+    /// One of the runs: every column's sample.
+    Run,
+    /// A budget round (`--budget-rounds`): the wrapper's sample only, into [`Row::budget`].
+    Budget,
+}
+
 impl Row {
+    /// Keep a wrapper run's `sample` (`new`: its flow-table misses over `repeat`
+    /// iterations) as `record` says.
+    fn keep(&mut self, record: Record, sample: Run, new: u64, repeat: u32) {
+        match record {
+            Record::Warm => {}
+            Record::Run => {
+                self.new_flows += new;
+                self.iterations += u64::from(repeat);
+                self.raw.push(sample);
+            }
+            Record::Budget => self.budget.push(sample),
+        }
+    }
+
     fn new(label: impl Into<String>, target: Target, case: Case, direct: bool) -> Self {
         Row {
             label: label.into(),
@@ -893,7 +918,7 @@ impl Bench {
         row: &mut Row,
         run: usize,
         repeat: u32,
-        record: bool,
+        record: Record,
     ) -> anyhow::Result<()> {
         let frame = row.input(run);
         if let Target::Katran(i) = row.target {
@@ -923,7 +948,8 @@ impl Bench {
                 );
             }
         }
-        let counters = |b: &Self| match row.target {
+        let target = row.target;
+        let counters = |b: &Self| match target {
             Target::Lb(i) => b.lbs[i].counters().map(Some),
             Target::Floor(_) | Target::Katran(_) | Target::Custom(_) => Ok(None),
         };
@@ -937,19 +963,16 @@ impl Bench {
         let new = self
             .check(row, &frame, &sample, true, repeat, before.as_ref())
             .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
-        if record {
-            row.new_flows += new;
-            row.iterations += u64::from(repeat);
-            row.raw.push(sample);
-        }
-        if row.direct {
+        row.keep(record, sample, new, repeat);
+        // A budget round measures the wrapper only: the direct column is a figure of the runs.
+        if row.direct && record != Record::Budget {
             let before = counters(self)?;
             let sample = test_run(self.program(row.target)?, &frame, &ctx, repeat)?;
             self.check(row, &frame, &sample, false, repeat, before.as_ref())
                 .with_context(|| {
                     format!("{}: direct run {run} produced a wrong result", row.label)
                 })?;
-            if record {
+            if record == Record::Run {
                 row.direct_samples.push(sample);
             }
         }
@@ -967,7 +990,7 @@ impl Bench {
         frame: &[u8],
         run: usize,
         repeat: u32,
-        record: bool,
+        record: Record,
     ) -> anyhow::Result<()> {
         let ctx = xdp_md(frame.len(), self.ifindex, 0);
         let c = &self.customs[i];
@@ -1015,11 +1038,7 @@ impl Bench {
                 row.case.new_port(),
             )
             .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
-        if record {
-            row.new_flows += new;
-            row.iterations += u64::from(repeat);
-            row.raw.push(sample);
-        }
+        row.keep(record, sample, new, repeat);
         Ok(())
     }
 
@@ -1031,7 +1050,7 @@ impl Bench {
         frame: &[u8],
         run: usize,
         repeat: u32,
-        record: bool,
+        record: Record,
     ) -> anyhow::Result<()> {
         let ctx = xdp_md(frame.len(), self.ifindex, 0);
         let target_fd = program_fd(self.katrans[i].program()?)?;
@@ -1052,11 +1071,7 @@ impl Bench {
         let misses = self
             .check_katran(i, row, frame, &sample, repeat, &before)
             .with_context(|| format!("{}: wrapper run {run} produced a wrong result", row.label))?;
-        if record {
-            row.new_flows += misses;
-            row.iterations += u64::from(repeat);
-            row.raw.push(sample);
-        }
+        row.keep(record, sample, misses, repeat);
         Ok(())
     }
 }
@@ -1277,7 +1292,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 (repeat / 10).max(1_000)
             };
             let result = bench
-                .run_row(row, 199, warm, false)
+                .run_row(row, 199, warm, Record::Warm)
                 .with_context(|| format!("warm-up of {}", row.label));
             match result {
                 // Katran's rows go, with the reason; xdp_lb's figures still count.
@@ -1293,7 +1308,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         let start = cpu_times();
         for run in 0..runs {
             for row in &mut rows {
-                bench.run_row(row, run, repeat, true)?;
+                bench.run_row(row, run, repeat, Record::Run)?;
             }
         }
         // The budget rounds: the floor, its baseline and the established rows again.
@@ -1304,12 +1319,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 .iter_mut()
                 .filter(|r| in_budget(r) && r.group == Group::Main)
             {
-                bench.run_row(row, runs + round, repeat, true)?;
-                if let Some(sample) = row.raw.pop() {
-                    row.budget.push(sample);
-                }
-                // The direct column stays a figure of the runs.
-                row.direct_samples.truncate(runs);
+                bench.run_row(row, runs + round, repeat, Record::Budget)?;
             }
         }
         let load = Load::between(&start, &cpu_times(), cpu);
@@ -1969,18 +1979,6 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
     }
 }
 
-/// The `q` quantile (0..=1) of `v`, linearly interpolated (NaN when empty).
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let pos = q * (v.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
-}
-
 /// Net ns of `r` in each run, paired: run k's raw figure minus run k's raw figure of
 /// its baseline (the same round of the interleaved runs), so that what slowed a whole
 /// round (steal, other work, frequency) cancels in ratios of two rows.
@@ -2056,25 +2054,20 @@ fn report_budget(report: &mut Report, rows: &[Row]) {
         let vs_est = match &est {
             Some(e) if r.label != ESTABLISHED => {
                 let d: Vec<f64> = net.iter().zip(e).map(|(a, b)| a - b).collect();
-                format!("{:+.1}", quantile(&d, 0.5))
+                format!("{:+.1}", report::median(&d))
             }
             _ => String::new(),
         };
+        // NaN where no round had a positive floor.
+        let stats = Stats::of(&ratios);
+        let s = |get: fn(&Stats) -> f64| stats.as_ref().map_or(f64::NAN, get);
         table.row(vec![
             Cell::text(r.label.clone()),
             Cell::samples("ns", 0, &net_samples(rows, r)),
             Cell::text(ratio(median_f64(&net_samples(rows, r)), floor_median)),
-            Cell::text(format!("{:.2}", quantile(&ratios, 0.5))),
-            Cell::text(format!(
-                "{:.2}-{:.2}",
-                quantile(&ratios, 0.25),
-                quantile(&ratios, 0.75)
-            )),
-            Cell::text(format!(
-                "{:.2}-{:.2}",
-                quantile(&ratios, 0.0),
-                quantile(&ratios, 1.0)
-            )),
+            Cell::text(format!("{:.2}", s(|s| s.median))),
+            Cell::text(format!("{:.2}-{:.2}", s(|s| s.p25), s(|s| s.p75))),
+            Cell::text(format!("{:.2}-{:.2}", s(|s| s.min), s(|s| s.max))),
             Cell::text(format!("{under}/{}", ratios.len())),
             Cell::text(vs_est),
         ]);
