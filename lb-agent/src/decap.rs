@@ -24,12 +24,10 @@ use lb_common::{
 use crate::{
     cli::XdpModeArg,
     dataplane::{
-        loader::{self, AttachMode, Capacities, DECAP_PROGRAM, Role},
+        loader::{self, AttachMode, Capacities, DECAP_PROGRAM, LINK_PIN, Role},
         sync::addr_words,
     },
 };
-
-const LINK_PIN: &str = "link";
 
 /// Every address of this host (this network namespace) but loopback ones.
 pub fn local_addresses() -> anyhow::Result<BTreeSet<IpAddr>> {

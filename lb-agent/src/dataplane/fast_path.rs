@@ -29,7 +29,7 @@ use aya::{
 use super::{
     desired::{DesiredState, Sink},
     forwarding,
-    loader::{self, AttachMode, Capacities, LB_PROGRAM, Role},
+    loader::{self, AttachMode, Capacities, LB_PROGRAM, LINK_PIN, Role},
     maps::Maps,
     neigh::{HopsMap, NextHopKeeper},
     nexthop::NextHopTable,
@@ -37,9 +37,6 @@ use super::{
     sync::Reconciler,
 };
 use crate::config::{Mode, ServiceConfig};
-
-/// Name of the pinned XDP link in the balancer's pin directory.
-pub const LINK_PIN: &str = "link";
 
 /// The balancer's maps and their one writer.
 pub struct MapsSink {

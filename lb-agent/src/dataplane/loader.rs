@@ -11,7 +11,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{LinkError, PinnedLink},
+        xdp::XdpLinkId,
+    },
 };
 use lb_common::maps;
 
@@ -62,6 +66,12 @@ pub enum LoaderError {
         "{path} is not a bpffs (mount one with `mount -t bpf bpf {path}`): pins there would not be BPF objects"
     )]
     NotBpffs { path: PathBuf },
+    #[error("opening the pinned link {path}: {source}")]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: Box<LinkError>,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -470,9 +480,30 @@ pub fn create_pin_dir(dir: &Path) -> Result<(), LoaderError> {
     })
 }
 
-/// Remove everything pinned under `dir` (files are pins; removing the last reference to a
-/// link detaches it) and the directory itself, plus its now-empty parents up to `xdplb/`.
+/// The file under a role's pin directory that pins its XDP link: while it exists the
+/// program stays attached with no process holding it.
+pub const LINK_PIN: &str = "link";
+
+/// Remove everything pinned under `dir` (files are pins) and the directory itself, plus
+/// its now-empty parents up to `xdplb/`.
+///
+/// The XDP program is detached when this returns. Removing the last reference to a link
+/// through its pin (an unlink in bpffs) frees the link from a kernel work queue, later:
+/// on a loaded machine the program went on forwarding packets after `lb-agent detach` had
+/// returned. So the link pin is opened first and that descriptor closed last: closing the
+/// last file of a link frees it before `close` returns.
 pub fn remove_pin_dir(dir: &Path) -> Result<bool, LoaderError> {
+    let link_pin = dir.join(LINK_PIN);
+    let _held_link = if link_pin.exists() {
+        Some(
+            PinnedLink::from_pin(&link_pin).map_err(|source| LoaderError::PinnedLink {
+                path: link_pin.clone(),
+                source: Box::new(source),
+            })?,
+        )
+    } else {
+        None
+    };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

@@ -1238,6 +1238,13 @@ fn agent_restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
         forwarding(&lb_ns)? == "0",
         "detach did not put eth0's forwarding setting back"
     );
+    // Detached when the command returns, not when the kernel's work queue gets to it
+    // (removing a link's pin alone frees the link later: loader::remove_pin_dir).
+    let link = netns::run(&["ip", "-n", &lb_ns, "-d", "link", "show", "dev", "eth0"])?;
+    ensure!(
+        !link.contains("prog/xdp"),
+        "an XDP program is still attached to eth0 when `lb-agent detach` has returned: {link}"
+    );
     let after = netns::in_netns(&bed.topo.client.ns, || {
         Ok(http::get(vip_socket(), "/", REQUEST_TIMEOUT).is_ok())
     })?;
