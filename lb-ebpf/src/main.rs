@@ -190,7 +190,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         entropy,
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
-    count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
+    count_forwarded(choice.backend_id, pkt.tot_len as u64);
     Ok(transmit(ctx, ifindex))
 }
 

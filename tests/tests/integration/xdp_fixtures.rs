@@ -318,7 +318,11 @@ impl Fixture {
         let mut t = Traffic::default();
         for svc in &desired().services {
             let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
-            let s = stats::service_traffic(&self.lb.maps, id)?;
+            let s = stats::service_traffic(
+                &self.lb.maps,
+                id,
+                self.lb.reconciler.service_backend_ids(&svc.name),
+            )?;
             t.services.push((s.packets, s.bytes));
             for b in &svc.backends {
                 let id = self
@@ -2237,9 +2241,9 @@ fn next_hops_come_from_the_map_with_the_fib_as_fallback() -> anyhow::Result<()> 
     })
 }
 
-/// Established IPv4 flows find their service through their backend's service id
-/// (`SERVICES_V4`, an array) instead of a VIP lookup (issue 12, item 2): what that entry
-/// says must always be what the VIP is now. A flow table hit to a VIP that turned L7,
+/// Established IPv4 flows find their service in their backend's entry (its copy of the
+/// service's VIP and meta, `Backend::service_v4`) instead of a VIP lookup (issue 12,
+/// item 2): what that copy says must always be what the VIP is now. A flow table hit to a VIP that turned L7,
 /// whose service got a deny list, that was removed, or whose service id another VIP
 /// took is treated as a packet to that VIP is treated today, never as the old service.
 #[test]
