@@ -39,7 +39,8 @@ use lb_ebpf::{
 
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
-    count(Counter::Rx);
+    // No `rx` count: every packet ends under one outcome counter, and the agent reads
+    // `rx` as their sum (lb_common::stats::Counter::Rx).
     let l2 = match parse_l2(&ctx) {
         Ok(l2) => l2,
         Err(counter) => return finish(Err(Exit::Pass(counter))),

@@ -75,7 +75,9 @@ fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, MapError>
     Ok(map.get(&index, 0)?.iter().sum())
 }
 
-/// Read the global counters.
+/// Read the global counters. `rx` is not counted by the program: it is the sum of the
+/// outcome counters ([`Counter::is_outcome`]) and drop reasons, each packet being
+/// counted under exactly one of them.
 pub fn counters(maps: &Maps) -> Result<Counters, MapError> {
     let mut out = Counters::default();
     for c in Counter::ALL {
@@ -83,6 +85,18 @@ pub fn counters(maps: &Maps) -> Result<Counters, MapError> {
     }
     for r in DropReason::ALL {
         out.drops.push((r, sum_u64(&maps.counters, r.index())?));
+    }
+    let rx = out
+        .counters
+        .iter()
+        .filter(|(c, _)| c.is_outcome())
+        .map(|(_, v)| v)
+        .chain(out.drops.iter().map(|(_, v)| v))
+        .fold(0u64, |a, v| a.wrapping_add(*v));
+    for (c, v) in &mut out.counters {
+        if *c == Counter::Rx {
+            *v = rx;
+        }
     }
     Ok(out)
 }

@@ -1429,7 +1429,13 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         // Per-service and per-backend counters: every packet above was for "web".
         let web_id = fx.lb.reconciler.service_id("web").expect("web");
         ensure!(
-            stats::service_traffic(&fx.lb.maps, web_id)?.packets == 300,
+            stats::service_traffic(
+                &fx.lb.maps,
+                web_id,
+                fx.lb.reconciler.service_backend_ids("web")
+            )?
+            .packets
+                == 300,
             "service packets"
         );
         let per_backend: u64 = BACKENDS
