@@ -18,9 +18,14 @@ pub const BACKENDS: &str = "XDPLB_BACKENDS";
 pub const FLOWS: &str = "XDPLB_FLOWS";
 /// `Array<GlobalConfig>` with one entry.
 pub const CONFIG: &str = "XDPLB_CONFIG";
-/// `PerCpuArray<TrafficCounters>` indexed by service id.
+/// `PerCpuArray<TrafficCounters>` indexed by service id: the traffic of the service's
+/// backends that are gone (their [`BACKEND_STATS`] totals, added by the agent when it
+/// frees a backend id). Only the agent writes it; a service's totals are this plus its
+/// current backends' [`BACKEND_STATS`] (`lb-agent/src/dataplane/stats.rs`), so a
+/// forwarded packet updates one traffic counter (issue 12, item 2).
 pub const SERVICE_STATS: &str = "XDPLB_SVC_STATS";
-/// `PerCpuArray<TrafficCounters>` indexed by backend id.
+/// `PerCpuArray<TrafficCounters>` indexed by backend id: what the fast path forwarded
+/// to each backend (zeroed by the agent when it frees the id).
 pub const BACKEND_STATS: &str = "XDPLB_BE_STATS";
 /// `PerCpuArray<u64>` indexed by [`crate::stats::Counter`].
 pub const COUNTERS: &str = "XDPLB_COUNTERS";
@@ -75,10 +80,6 @@ pub const FLOWS_V4: &str = "XDPLB_FLOWS_V4";
 /// `new_flow_table_size`.
 pub const FLOWS_NEW_V4: &str = "XDPLB_FLOWS_NV4";
 
-/// `Array<ServiceV4>` indexed by service id: each service's IPv4 VIP key and meta
-/// (zero for IPv6 VIPs and free ids), for established IPv4 flows (their backend entry
-/// names the service). Written with [`VIPS_V4`]; capacity: `max_services`.
-pub const SERVICES_V4: &str = "XDPLB_SVC_V4";
 /// `PerCpuArray<[u8; 516]>` with one entry: scratch space of the program (packet bytes
 /// copied there to be summed for a checksum). Holds nothing between packets.
 pub const SCRATCH: &str = "XDPLB_SCRATCH";
@@ -93,8 +94,8 @@ pub const NEW_FLOW_RATE: &str = "XDPLB_NEW_RATE";
 pub const FILTER_GEN: &str = "XDPLB_FILT_GEN";
 
 /// `Array<ServiceV6>` indexed by service id: each service's IPv6 VIP key and meta (zero
-/// for IPv4 VIPs and free ids), for established IPv6 flows, as [`SERVICES_V4`] for
-/// IPv4. Written with [`VIPS`]; capacity: `max_services`.
+/// for IPv4 VIPs and free ids), for established IPv6 flows, as each backend entry's
+/// copy (`Backend::service_v4`) for IPv4. Written with [`VIPS`]; capacity: `max_services`.
 pub const SERVICES_V6: &str = "XDPLB_SVC_V6";
 
 /// `Array<u64>` of [`QUIC_SLOTS_LEN`] slots: a direct-mapped copy of [`QUIC_IDS`], so
@@ -135,7 +136,6 @@ pub const ALL: &[&str] = &[
     VIPS_V4,
     FLOWS_V4,
     FLOWS_NEW_V4,
-    SERVICES_V4,
     SCRATCH,
     NEW_FLOW_RATE,
     FILTER_GEN,

@@ -7,7 +7,10 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Every packet the balancer program saw.
+    /// Every packet the balancer program saw. Not counted by the program (one per-CPU
+    /// update less per packet, issue 12 item 2): every packet of `xdp_lb` ends under
+    /// exactly one outcome ([`Counter::is_outcome`], or a [`DropReason`]), and the agent
+    /// reads `rx` as their sum (`lb-agent/src/dataplane/stats.rs`); its slot stays 0.
     Rx = 0,
     /// Encapsulated and sent back out of the receiving interface (XDP_TX).
     Tx,
@@ -110,6 +113,27 @@ impl Counter {
     #[inline(always)]
     pub const fn index(self) -> u32 {
         self as u32
+    }
+    /// Whether the counter says what became of a packet of `xdp_lb` (passed, sent,
+    /// answered: each packet is counted under exactly one of these or one
+    /// [`DropReason`]) rather than bookkeeping along the way (the flow tables, QUIC's
+    /// choice, an ICMP error forwarded, counted with `tx` / `redirect`), the decap
+    /// program's counters, or `rx` itself, which is the sum of the outcomes.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(
+            self,
+            Counter::Rx
+                | Counter::FlowNew
+                | Counter::FlowRehash
+                | Counter::FlowInsertFailed
+                | Counter::FlowPromoted
+                | Counter::FlowNotInserted
+                | Counter::Decap
+                | Counter::DecapGue
+                | Counter::QuicCidRouted
+                | Counter::QuicCidUnknown
+                | Counter::IcmpErrorForwarded
+        )
     }
 
     pub const fn label(self) -> &'static str {

@@ -86,8 +86,17 @@ pub struct Backend {
     /// while this equals the VIP's service id, so a reused id never carries a flow over
     /// to another service.
     pub service_id: u32,
+    /// The service's IPv4 VIP and meta as in [`crate::maps::VIPS_V4`] (all zero for an
+    /// IPv6 VIP, or while the agent has not written the service's VIP yet): an
+    /// established IPv4 flow's packet takes its VIP's meta from here, used only when
+    /// `service_v4.key` is the packet's VIP and `service_v4.meta.service_id` is
+    /// `service_id`, so it needs no VIP lookup and no array read by service id (issue
+    /// 12, item 2; the `XDPLB_SVC_V4` array until session 22). The agent rewrites it in
+    /// every entry of the service when the service's VIP or meta changes, and zeroes it
+    /// before the service's VIP is removed.
+    pub service_v4: ServiceV4,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend>() == 48);
 
 /// Key of [`crate::maps::FLOWS`]: the 5-tuple of a client flow as it arrived.
 #[repr(C)]
@@ -364,11 +373,10 @@ impl VipKeyV4 {
     }
 }
 
-/// Value of [`crate::maps::SERVICES_V4`], indexed by service id: the service's IPv4 VIP
-/// and its [`VipMeta`] as in [`crate::maps::VIPS_V4`]. An established IPv4 flow's packet
-/// finds its service here from its backend's `service_id` (an array read) instead of
-/// hashing its VIP key: the entry counts only when `key` is the packet's VIP. All zero
-/// for a free id or an IPv6 VIP.
+/// A service's IPv4 VIP and its [`VipMeta`] as in [`crate::maps::VIPS_V4`], as each of
+/// its backend entries carries it ([`Backend::service_v4`]): an established IPv4 flow's
+/// packet finds its VIP's meta there instead of hashing its VIP key; the copy counts only
+/// when `key` is the packet's VIP. All zero for an IPv6 VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceV4 {
@@ -379,7 +387,7 @@ const _: () = assert!(core::mem::size_of::<ServiceV4>() == 24);
 
 /// Value of [`crate::maps::SERVICES_V6`], indexed by service id: the service's IPv6 VIP
 /// and its [`VipMeta`] as in [`crate::maps::VIPS`], for established IPv6 flows (as
-/// [`ServiceV4`] for IPv4): the entry counts only when `key` is the packet's VIP. All
+/// [`Backend::service_v4`] for IPv4): the entry counts only when `key` is the packet's VIP. All
 /// zero for a free id or an IPv4 VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -112,7 +112,9 @@ pub fn needs_entropy(cfg: &GlobalConfig) -> bool {
 /// `cfg` says: GUE ([`encap_v4`]) or IPIP (`encap::tunnel_v4`), from `source_ipv4` or
 /// the flow's address in `source_ipv4_prefix` (`entropy`: the flow's
 /// `tunnel_entropy` when [`needs_entropy`], else unused). The interface to send it on.
-/// No `mtu` check here.
+/// No `mtu` check here, nor of `cfg.source_v4`: the callers pass up a packet without
+/// an IPv4 source (`pass_no_source`) before (issue 12, item 2: it was checked twice on
+/// the IPv4 path).
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined into lb_v4 and ipv6::tunnel; no struct to copy"
@@ -128,9 +130,6 @@ pub fn tunnel_to_v4(
     backend_id: u32,
     entropy: u32,
 ) -> Result<u32, Exit> {
-    if cfg.source_v4 == 0 {
-        return Err(Exit::Pass(Counter::PassNoSource));
-    }
     let source = tunnel_source_v4(cfg.source_v4, cfg.source_v4_host_mask, entropy);
     if cfg.encap == ENCAP_GUE {
         let sport = gue_source_port(entropy).to_be();

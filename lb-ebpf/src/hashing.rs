@@ -16,7 +16,7 @@ use crate::{
     limit,
     maps::{
         BACKENDS, FILTER_GEN, FLOWS, FLOWS_NEW, FLOWS_NEW_V4, FLOWS_V4, NEW_FLOW_RATE, RINGS,
-        SERVICES_V4, SERVICES_V6, VIPS, VIPS_V4,
+        SERVICES_V6, VIPS, VIPS_V4,
     },
     stats::count,
 };
@@ -24,7 +24,7 @@ use crate::{
 /// The maps of one address family: its two flow tables (established, new) and their
 /// key type, its VIPs and its services' VIP entries. IPv4 flows live in `FLOWS_V4` /
 /// `FLOWS_NEW_V4` under a 16-byte [`FlowKeyV4`], IPv4 VIPs in `VIPS_V4` under an 8-byte
-/// [`VipKeyV4`] and `SERVICES_V4`; IPv6 flows in `FLOWS` / `FLOWS_NEW` under the 40-byte
+/// [`VipKeyV4`] and in each backend's entry (`Backend::service_v4`); IPv6 flows in `FLOWS` / `FLOWS_NEW` under the 40-byte
 /// [`FlowKey`], IPv6 VIPs in `VIPS` under the 20-byte [`VipKey`] and `SERVICES_V6` (the
 /// kernel hashes and compares the whole key on every lookup: issue 12, item 2). A type,
 /// not a value, so each path's code names its maps directly, and the paths of both
@@ -39,9 +39,10 @@ pub trait FlowTables {
     fn new() -> &'static LruHashMap<Self::Key, FlowEntry>;
     /// The meta of the VIP `key` (a hash lookup).
     fn vip(key: &Self::VipKey) -> Option<VipMeta>;
-    /// The meta of service `service_id` if its VIP is `key` (an array read and a
-    /// compare: the family's `SERVICES_*` entry).
-    fn service_vip(service_id: u32, key: &Self::VipKey) -> Option<VipMeta>;
+    /// The meta of `backend`'s service if its VIP is `key`: IPv4 from the backend's
+    /// own entry (`Backend::service_v4`, a compare), IPv6 from `SERVICES_V6` (an array
+    /// read and a compare).
+    fn service_vip(backend: &Backend, key: &Self::VipKey) -> Option<VipMeta>;
 }
 
 /// IPv4 flows: key [`crate::keys::flow_key_v4`] of the packet's [`FlowKey`].
@@ -64,10 +65,9 @@ impl FlowTables for V4 {
         unsafe { VIPS_V4.get(key) }.copied()
     }
     #[inline(always)]
-    fn service_vip(service_id: u32, key: &VipKeyV4) -> Option<VipMeta> {
-        let service = SERVICES_V4.get(service_id)?;
-        if service.key == *key {
-            Some(service.meta)
+    fn service_vip(backend: &Backend, key: &VipKeyV4) -> Option<VipMeta> {
+        if backend.service_v4.key == *key {
+            Some(backend.service_v4.meta)
         } else {
             None
         }
@@ -95,8 +95,8 @@ impl FlowTables for V6 {
     }
     /// A 20-byte compare field by field ([`vip_key_eq`]: no `bcmp` call).
     #[inline(always)]
-    fn service_vip(service_id: u32, key: &VipKey) -> Option<VipMeta> {
-        let service = SERVICES_V6.get(service_id)?;
+    fn service_vip(backend: &Backend, key: &VipKey) -> Option<VipMeta> {
+        let service = SERVICES_V6.get(backend.service_id)?;
         if vip_key_eq(&service.key, key) {
             Some(service.meta)
         } else {
@@ -273,9 +273,10 @@ pub struct Established {
 
 /// The established flow `fkey` of family `T` to the VIP `vip_key`, if the flow table
 /// has it and its backend is active in the service that owns that VIP now: the
-/// service's meta and the choice, found with one hash lookup (the flow) and two array
-/// reads (the backend, then its service's entry in the family's `SERVICES_*`: an IPv4
-/// key compare, or IPv6's 20 bytes field by field), without hashing the VIP key.
+/// service's meta and the choice, found with one hash lookup (the flow) and one array
+/// read (the backend, whose entry carries its service's IPv4 VIP and meta: an IPv4 key
+/// compare) for IPv4, two for IPv6 (then its service's `SERVICES_V6` entry: 20 bytes
+/// compared field by field), without hashing the VIP key.
 /// Anything else (no entry, a backend no longer active, a service whose VIP is another
 /// one or gone) is None, and the packet takes the whole path: VIP lookup, then
 /// [`choose_backend`]. A hit of a QUIC service is one too, but its choice is not the
@@ -292,7 +293,7 @@ pub fn established<T: FlowTables>(fkey: &T::Key, vip_key: &T::VipKey) -> Option<
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
     }
-    let meta = T::service_vip(backend.service_id, vip_key)?;
+    let meta = T::service_vip(backend, vip_key)?;
     if meta.service_id != backend.service_id {
         return None;
     }

@@ -359,7 +359,7 @@ pub fn send(ctx: *mut xdp_md, l3_off: usize, f: &Forward) -> u32 {
     let cfg = *cfg;
     let sent = tunnel(&ctx, l3_off, &f, &cfg).map(|ifindex| {
         // Only now is the packet forwarded: a failed encapsulation is not traffic.
-        count_forwarded(f.service_id, f.backend_id, u64::from(f.inner_len));
+        count_forwarded(f.backend_id, u64::from(f.inner_len));
         if f.icmp_error != 0 {
             count(Counter::IcmpErrorForwarded);
         }
@@ -441,14 +441,16 @@ pub fn tunnel(
         push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
         return Ok(hop.ifindex);
     }
+    // Every tunnel towards an IPv4 backend needs the IPv4 source (gue::tunnel_to_v4
+    // leaves this check to its callers).
+    if cfg.source_v4 == 0 {
+        return Err(Exit::Pass(Counter::PassNoSource));
+    }
     // GUE (either inner family) and IPIP: as the IPv4 path does it itself (gue.rs).
     if !inner_v6 || cfg.encap == ENCAP_GUE {
         return gue::tunnel_to_v4(
             ctx, l3_off, inner_len, tos, cfg, f.addr[0], backend_id, f.entropy,
         );
-    }
-    if cfg.source_v4 == 0 {
-        return Err(Exit::Pass(Counter::PassNoSource));
     }
     let source = tunnel_source_v4(cfg.source_v4, cfg.source_v4_host_mask, f.entropy);
     // IPv6 in IPv4: the IPIP header with protocol 41.

@@ -39,7 +39,8 @@ use lb_ebpf::{
 
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
-    count(Counter::Rx);
+    // No `rx` count: every packet ends under one outcome counter, and the agent reads
+    // `rx` as their sum (lb_common::stats::Counter::Rx).
     let l2 = match parse_l2(&ctx) {
         Ok(l2) => l2,
         Err(counter) => return finish(Err(Exit::Pass(counter))),
@@ -190,7 +191,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         entropy,
     )?;
     // Only now is the packet forwarded: a failed encapsulation is a drop, not traffic.
-    count_forwarded(vip.service_id, choice.backend_id, pkt.tot_len as u64);
+    count_forwarded(choice.backend_id, pkt.tot_len as u64);
     Ok(transmit(ctx, ifindex))
 }
 

@@ -16,8 +16,8 @@ use lb_common::{
     stats::COUNTERS_LEN,
     types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
-        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, ServiceV6, TrafficCounters,
-        VipAddrKey, VipKey, VipKeyV4, VipMeta,
+        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV6, TrafficCounters, VipAddrKey,
+        VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -114,9 +114,6 @@ pub static FLOWS_V4: LruHashMap<FlowKeyV4, FlowEntry> =
 pub static FLOWS_NEW_V4: LruHashMap<FlowKeyV4, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 4, BPF_F_NO_COMMON_LRU);
 
-/// Each service's IPv4 VIP and meta by service id (established IPv4 flows).
-#[map(name = "XDPLB_SVC_V4")]
-pub static SERVICES_V4: Array<ServiceV4> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 /// A per-CPU buffer for summing packet bytes (`csum::sum_packet`: 512 bytes at a time
 /// and 4 of padding).
 #[map(name = "XDPLB_SCRATCH")]

@@ -99,7 +99,9 @@ impl Sink for MapsSink {
             let Some(id) = reconciler.service_id(&svc.name) else {
                 continue;
             };
-            let t = stats::service_traffic(&self.maps, id).ok()?;
+            let t =
+                stats::service_traffic(&self.maps, id, reconciler.service_backend_ids(&svc.name))
+                    .ok()?;
             let mut st = ServiceTraffic {
                 packets: t.packets,
                 bytes: t.bytes,

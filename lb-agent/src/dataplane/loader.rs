@@ -188,12 +188,12 @@ pub fn load_pinned(caps: &Capacities, pin_dir: &Path) -> Result<Ebpf, LoaderErro
 }
 
 /// Key and value sizes of every map, as this agent's object declares them.
-fn layouts() -> [(&'static str, usize, usize); 29] {
+fn layouts() -> [(&'static str, usize, usize); 28] {
     use core::mem::size_of;
     use lb_common::types::{
         Backend, DecapKey, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit,
-        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV4, ServiceV6, TrafficCounters,
-        VipAddrKey, VipKey, VipKeyV4, VipMeta,
+        GlobalConfig, NewFlowRate, NextHopEntry, QuicKey, ServiceV6, TrafficCounters, VipAddrKey,
+        VipKey, VipKeyV4, VipMeta,
     };
     // An LPM trie key is a u32 prefix length and the data.
     let filter_key = 4 + size_of::<FilterAddr>();
@@ -233,7 +233,6 @@ fn layouts() -> [(&'static str, usize, usize); 29] {
             size_of::<FlowKeyV4>(),
             size_of::<FlowEntry>(),
         ),
-        (maps::SERVICES_V4, 4, size_of::<ServiceV4>()),
         (maps::SCRATCH, 4, 516),
         (maps::NEW_FLOW_RATE, 4, size_of::<NewFlowRate>()),
         (maps::FILTER_GEN, 4, 4),
@@ -319,7 +318,6 @@ fn load_with(
         .map_max_entries(maps::VIPS_V4, caps.max_services)
         .map_max_entries(maps::FLOWS_V4, caps.flow_table_size)
         .map_max_entries(maps::FLOWS_NEW_V4, caps.new_flow_table_size)
-        .map_max_entries(maps::SERVICES_V4, caps.max_services)
         .map_max_entries(maps::SERVICES_V6, caps.max_services);
     if let Some(dir) = pin_dir {
         for &name in maps::ALL {

@@ -13,8 +13,7 @@ use lb_common::{
     maps as names,
     types::{
         Backend, FilterAddr, FilterRule, FlowEntry, FlowKey, FlowKeyV4, FlowLimit, GlobalConfig,
-        NextHopEntry, QuicKey, ServiceV4, ServiceV6, TrafficCounters, VipAddrKey, VipKey, VipKeyV4,
-        VipMeta,
+        NextHopEntry, QuicKey, ServiceV6, TrafficCounters, VipAddrKey, VipKey, VipKeyV4, VipMeta,
     },
 };
 
@@ -76,9 +75,6 @@ pub struct Maps {
     pub flows_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
     /// IPv4 flows seen once (`flows_new` holds the IPv6 ones), LRU hash.
     pub flows_new_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
-    /// Each service's IPv4 VIP key and meta by service id (established IPv4 flows);
-    /// written with `vips_v4` by the reconciler only.
-    pub services_v4: Array<MapData, ServiceV4>,
     /// The filter generation (one slot), bumped by the reconciler after every pass
     /// that changed the source filters: established flows re-check their source then.
     pub filter_gen: Array<MapData, u32>,
@@ -152,7 +148,6 @@ impl Maps {
             vips_v4: typed!(s, names::VIPS_V4),
             flows_v4: typed!(s, names::FLOWS_V4),
             flows_new_v4: typed!(s, names::FLOWS_NEW_V4),
-            services_v4: typed!(s, names::SERVICES_V4),
             filter_gen: typed!(s, names::FILTER_GEN),
             services_v6: typed!(s, names::SERVICES_V6),
             quic_slots: typed!(s, names::QUIC_SLOTS),

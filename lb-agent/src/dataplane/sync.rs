@@ -11,11 +11,15 @@
 //! 2. per service (`WrittenService`): backend entries (marked active), the ring slots
 //!    that change (each an in-place write of a valid backend id), the service's new
 //!    filter entries and flood limit, then the VIP entry (with the bits that enable
-//!    them), then its filter entries no longer desired;
-//! 3. services no longer desired: their VIP entries are removed, then their filters;
+//!    them) and, when it changed, the copy of it in the service's backend entries
+//!    (`Backend::service_v4`, what established IPv4 flows read), then its filter
+//!    entries no longer desired;
+//! 3. services no longer desired: their backend entries' copies are zeroed, their VIP
+//!    entries removed, then their filters;
 //! 4. only at the end, the entries of backends that left a ring are marked inactive,
 //!    which sends their pinned flows back through the ring, and removed backends'
-//!    ids are freed;
+//!    ids are freed, their traffic added to their service's carry
+//!    (`stats::retire_backend`);
 //! 5. the VIP addresses (`VIP_ADDRS`, for ICMP to them): new and changed entries, then
 //!    the addresses no service has any more;
 //! 6. the QUIC server ids of `quic` services (`super::quic_ids`): new and changed
@@ -229,11 +233,14 @@ impl BackendTable {
         self.retiring.insert(id);
     }
 
-    /// Step 4 for removed backends: entries written inactive, ids freed.
+    /// Step 4 for removed backends: entries written inactive, their traffic moved into
+    /// their service's carry (`stats::retire_backend`), ids freed.
     fn retire_queued(&mut self, maps: &mut Maps) -> Result<(), SyncError> {
         while let Some(&id) = self.retiring.first() {
             if let Some(&entry) = self.written.get(&id) {
                 self.write(maps, id, Backend { flags: 0, ..entry })?;
+                super::stats::retire_backend(maps, id, entry.service_id)
+                    .map_err(write_err("retired backend's traffic"))?;
                 self.written.remove(&id);
             }
             self.retiring.remove(&id);
@@ -337,6 +344,9 @@ impl WrittenService {
                 flags: if b.active { BACKEND_F_ACTIVE } else { 0 },
                 _pad: [0; 2],
                 service_id: self.id,
+                // The service's VIP as written so far; `write_vip` moves every entry
+                // of the service on when it writes another.
+                service_v4: self.service_copy(),
             };
             if b.active {
                 table.write(maps, id, entry)?;
@@ -397,6 +407,7 @@ impl WrittenService {
     fn write_vip(
         &mut self,
         maps: &mut Maps,
+        table: &mut BackendTable,
         key: VipKey,
         svc: &DesiredService,
         ring_size: u32,
@@ -437,14 +448,25 @@ impl WrittenService {
                     .insert(short, meta, 0)
                     .map_err(write_err("VIP"))?;
             }
-            // The service's entry for established IPv4 flows (zero for an IPv6 VIP),
-            // and for established IPv6 flows (zero for an IPv4 VIP).
-            maps.services_v4
-                .set(self.id, service_v4(&key, meta), 0)
-                .map_err(write_err("service entry"))?;
+            // The service's entry for established IPv6 flows (zero for an IPv4 VIP),
+            // and the copy in each of its backend entries for established IPv4 flows
+            // (`Backend::service_v4`, zero for an IPv6 VIP), before the old VIP goes.
             maps.services_v6
                 .set(self.id, service_v6(&key, meta), 0)
                 .map_err(write_err("service entry"))?;
+            let copy = service_v4(&key, meta);
+            for &id in self.backends.values() {
+                if let Some(&entry) = table.written.get(&id) {
+                    table.write(
+                        maps,
+                        id,
+                        Backend {
+                            service_v4: copy,
+                            ..entry
+                        },
+                    )?;
+                }
+            }
         }
         if key_changed {
             remove_vip(maps, &self.key)?;
@@ -452,6 +474,13 @@ impl WrittenService {
         }
         self.meta = Some(meta);
         Ok(())
+    }
+
+    /// The service's VIP and meta as its backend entries carry them
+    /// (`Backend::service_v4`): as last written, zero before that or for an IPv6 VIP.
+    fn service_copy(&self) -> ServiceV4 {
+        self.meta
+            .map_or(ServiceV4::default(), |meta| service_v4(&self.key, meta))
     }
 
     fn applied(&self, name: &str, slots_changed: u32) -> AppliedService {
@@ -496,10 +525,8 @@ pub struct Reconciler {
     vip_addrs: BTreeMap<VipAddrKey, u32>,
     /// `QUIC_IDS` as written.
     quic_ids: super::quic_ids::QuicIds,
-    /// `SERVICES_V4` slots of ids no service holds that an adopted fast path left
+    /// `SERVICES_V6` slots of ids no service holds that an adopted fast path left
     /// written: cleared by the next apply.
-    services_v4_stale: Vec<u32>,
-    /// The same for `SERVICES_V6`.
     services_v6_stale: Vec<u32>,
     /// A change of the source filters (a trie entry, the flags that enable a list) was
     /// written, or may have been (an adopted fast path), and the filter generation has
@@ -520,7 +547,6 @@ impl Reconciler {
             filters: FilterTable::new(caps),
             vip_addrs: BTreeMap::new(),
             quic_ids: super::quic_ids::QuicIds::default(),
-            services_v4_stale: Vec::new(),
             services_v6_stale: Vec::new(),
             filter_gen_pending: false,
         }
@@ -573,17 +599,14 @@ impl Reconciler {
                 }
             }
         }
-        // So does a service whose SERVICES_V4 entry is not what its VIP says; entries
-        // of ids no service holds are cleared by the next apply.
+        // So does a service whose SERVICES_V6 entry is not what its VIP says; entries
+        // of ids no service holds are cleared by the next apply. (A backend entry whose
+        // copy of its service's IPv4 VIP differs is rewritten by the next apply as any
+        // backend entry that differs from what it would write.)
         let mut in_use: BTreeMap<u32, &mut WrittenService> =
             r.services.values_mut().map(|w| (w.id, w)).collect();
-        let mut stale = Vec::new();
         let mut stale_v6 = Vec::new();
         for id in 0..caps.max_services {
-            let entry = maps
-                .services_v4
-                .get(&id, 0)
-                .map_err(read_err(names::SERVICES_V4, MapKey::Index(id)))?;
             let entry_v6 = maps
                 .services_v6
                 .get(&id, 0)
@@ -591,23 +614,18 @@ impl Reconciler {
             match in_use.get_mut(&id) {
                 Some(w) => {
                     if let Some(meta) = w.meta {
-                        if entry != service_v4(&w.key, meta) || entry_v6 != service_v6(&w.key, meta)
-                        {
+                        if entry_v6 != service_v6(&w.key, meta) {
                             w.meta = None;
                         }
                     }
                 }
                 None => {
-                    if entry != ServiceV4::default() {
-                        stale.push(id);
-                    }
                     if entry_v6 != ServiceV6::default() {
                         stale_v6.push(id);
                     }
                 }
             }
         }
-        r.services_v4_stale = stale;
         r.services_v6_stale = stale_v6;
         // The previous agent may have stopped between a filter write and its bump of
         // the filter generation: bump it once more (each established flow then looks
@@ -738,6 +756,22 @@ impl Reconciler {
             .copied()
     }
 
+    /// The backend ids whose traffic counts for `service` (`stats::service_traffic`):
+    /// its backends' as written, and those removed from it whose id is not freed yet
+    /// (an apply that failed before step 4), so its totals never go down.
+    pub fn service_backend_ids(&self, service: &str) -> Vec<u32> {
+        let Some(w) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let retiring = self.backends.retiring.iter().copied().filter(|id| {
+            self.backends
+                .written
+                .get(id)
+                .is_some_and(|e| e.service_id == w.id)
+        });
+        w.backends.values().copied().chain(retiring).collect()
+    }
+
     /// The global deny rules as written and their counter slots.
     pub fn deny_rules(&self) -> impl Iterator<Item = (ipnet::IpNet, u32)> + '_ {
         self.filters.deny_rules()
@@ -829,12 +863,6 @@ impl Reconciler {
         maps: &mut Maps,
         desired: &DesiredState,
     ) -> Result<Vec<AppliedService>, SyncError> {
-        while let Some(&id) = self.services_v4_stale.last() {
-            maps.services_v4
-                .set(id, ServiceV4::default(), 0)
-                .map_err(write_err("service entry"))?;
-            self.services_v4_stale.pop();
-        }
         while let Some(&id) = self.services_v6_stale.last() {
             maps.services_v6
                 .set(id, ServiceV6::default(), 0)
@@ -960,9 +988,13 @@ impl Reconciler {
                 let id = self.service_ids.alloc().ok_or(SyncError::ServicesFull {
                     max: self.service_ids.max,
                 })?;
+                // A service that held the id before left its carry there.
+                super::stats::clear_service(maps, id)
+                    .map_err(write_err("new service's traffic"))?;
                 e.insert(WrittenService::new(id, key))
             }
         };
+        let queued = deactivate.len();
         let members = written.write_backends(maps, &mut self.backends, svc, deactivate)?;
         let slots_changed = written.write_ring(maps, self.ring_size, &members)?;
         written.refresh_digest(slots_changed > 0);
@@ -974,7 +1006,11 @@ impl Reconciler {
             // A new or repaired entry: its flags may enable lists.
             self.filter_gen_pending = true;
         }
-        written.write_vip(maps, key, svc, self.ring_size)?;
+        written.write_vip(maps, &mut self.backends, key, svc, self.ring_size)?;
+        // Entries written inactive in step 4 carry the VIP as written now, too.
+        for (_, entry) in &mut deactivate[queued..] {
+            entry.service_v4 = written.service_copy();
+        }
         if lists(written.meta) != lists_before {
             self.filter_gen_pending = true;
         }
@@ -998,10 +1034,20 @@ impl Reconciler {
         for name in gone {
             let key = self.services[&name].key;
             let id = self.services[&name].id;
-            // Established flows stop finding the service first, then the VIP goes.
-            maps.services_v4
-                .set(id, ServiceV4::default(), 0)
-                .map_err(write_err("service entry"))?;
+            // Established flows stop finding the service first (its copy in its
+            // backends' entries, its SERVICES_V6 entry), then the VIP goes.
+            for bid in self.services[&name].backends.values() {
+                if let Some(&entry) = self.backends.written.get(bid) {
+                    self.backends.write(
+                        maps,
+                        *bid,
+                        Backend {
+                            service_v4: ServiceV4::default(),
+                            ..entry
+                        },
+                    )?;
+                }
+            }
             maps.services_v6
                 .set(id, ServiceV6::default(), 0)
                 .map_err(write_err("service entry"))?;
@@ -1087,14 +1133,14 @@ pub fn vip_addrs(desired: &DesiredState) -> BTreeMap<VipAddrKey, u32> {
     out
 }
 
-/// The `SERVICES_V4` entry of a service with VIP `key` and `meta`: all zero for an
-/// IPv6 VIP (established IPv6 flows look their VIP up).
+/// The copy of a service with VIP `key` and `meta` in its backend entries
+/// (`Backend::service_v4`): all zero for an IPv6 VIP (its entry is in `SERVICES_V6`).
 fn service_v4(key: &VipKey, meta: VipMeta) -> ServiceV4 {
     VipKeyV4::of(key).map_or(ServiceV4::default(), |key| ServiceV4 { key, meta })
 }
 
 /// The `SERVICES_V6` entry of a service with VIP `key` and `meta`: all zero for an
-/// IPv4 VIP (its entry is in `SERVICES_V4`).
+/// IPv4 VIP (its copy is in its backend entries, `Backend::service_v4`).
 fn service_v6(key: &VipKey, meta: VipMeta) -> ServiceV6 {
     if key.family == FAMILY_V6 {
         ServiceV6 { key: *key, meta }

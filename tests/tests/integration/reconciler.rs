@@ -269,10 +269,11 @@ fn vip_addresses_follow_the_services_and_are_adopted() {
     assert!(maps.vip_addrs.get(&key, 0).is_err(), "removed from the map");
 }
 
-/// The IPv4 copies of the VIP entries (`VIPS_V4`, and `SERVICES_V4` by service id, read
-/// by established IPv4 flows) follow `VIPS`, and an adopting agent repairs copies an
-/// agent stopped between two writes left wrong: a service's entry that is not its VIP's
-/// is rewritten, an entry of an id no service holds is cleared.
+/// The IPv4 copies of the VIP entries (`VIPS_V4`, and each backend entry's
+/// `service_v4`, read by established IPv4 flows) follow `VIPS`: a change of the
+/// service's meta or VIP reaches every backend entry, and an adopting agent repairs a
+/// copy an agent stopped between two writes left wrong; when the service goes, every
+/// copy goes with it.
 #[test]
 fn ipv4_vip_copies_follow_the_vips_and_are_repaired_on_adoption() {
     xdplb_tests::require_privileges!();
@@ -281,37 +282,60 @@ fn ipv4_vip_copies_follow_the_vips_and_are_repaired_on_adoption() {
     let mut r = Reconciler::new(&CAPS);
     let state = web(&[11, 12]);
     r.apply(&mut maps, &state).expect("apply");
-    let id = r.service_id("web").expect("service id");
     let key = lb_agent::dataplane::sync::vip_key(state.services[0].vip, state.services[0].protocol);
     let short = VipKeyV4::of(&key).expect("an IPv4 VIP");
     let meta = maps.vips.get(&key, 0).expect("VIPS entry");
     assert_eq!(maps.vips_v4.get(&short, 0).expect("VIPS_V4 entry"), meta);
     let want = ServiceV4 { key: short, meta };
-    assert_eq!(maps.services_v4.get(&id, 0).expect("slot"), want);
+    // Each backend entry carries the copy (what established IPv4 flows read).
+    let b11 = r.backend_id("web", addr(11), 80).expect("backend id");
+    let b12 = r.backend_id("web", addr(12), 80).expect("backend id");
+    let copies = |maps: &Maps| -> Vec<ServiceV4> {
+        [b11, b12]
+            .iter()
+            .map(|b| maps.backends.get(b, 0).expect("entry").service_v4)
+            .collect()
+    };
+    assert_eq!(copies(&maps), [want, want]);
 
-    // A stopped agent's leftovers: the service's slot says another VIP, a free id's
-    // slot is written.
-    let free = (0..CAPS.max_services)
-        .find(|&i| i != id)
-        .expect("a free id");
+    // The service's meta changes (an own deny list): every copy follows.
+    let mut denied = state.clone();
+    denied.services[0].filters.deny = vec!["198.18.9.0/24".parse().expect("prefix")];
+    r.apply(&mut maps, &denied).expect("apply");
+    let meta_denied = maps.vips.get(&key, 0).expect("VIPS entry");
+    assert_ne!(meta_denied, meta);
+    let with_deny = ServiceV4 {
+        key: short,
+        meta: meta_denied,
+    };
+    assert_eq!(copies(&maps), [with_deny, with_deny]);
+    // The VIP moves (another port): every copy names the new VIP.
+    let mut moved = state.clone();
+    moved.services[0].vip = "198.18.100.1:8080".parse().expect("vip");
+    r.apply(&mut maps, &moved).expect("apply");
+    let moved_key =
+        lb_agent::dataplane::sync::vip_key(moved.services[0].vip, moved.services[0].protocol);
+    let moved_short = VipKeyV4::of(&moved_key).expect("an IPv4 VIP");
+    let moved_meta = maps.vips.get(&moved_key, 0).expect("VIPS entry");
+    let moved_copy = ServiceV4 {
+        key: moved_short,
+        meta: moved_meta,
+    };
+    assert_eq!(copies(&maps), [moved_copy, moved_copy]);
+    r.apply(&mut maps, &state).expect("apply");
+    assert_eq!(copies(&maps), [want, want]);
+
+    // A stopped agent's leftover: a backend entry's copy says another VIP.
     let mut wrong = want;
     wrong.key.addr ^= 1;
-    maps.services_v4.set(id, wrong, 0).expect("write");
-    maps.services_v4.set(free, want, 0).expect("write");
+    let mut entry = maps.backends.get(&b12, 0).expect("entry");
+    entry.service_v4 = wrong;
+    maps.backends.set(b12, entry, 0).expect("write");
     let mut adopted = Reconciler::adopt(&maps, &CAPS, &state).expect("adopt");
     adopted
         .apply(&mut maps, &state)
         .expect("apply after adopting");
-    assert_eq!(
-        maps.services_v4.get(&id, 0).expect("slot"),
-        want,
-        "rewritten"
-    );
-    assert_eq!(
-        maps.services_v4.get(&free, 0).expect("slot"),
-        ServiceV4::default(),
-        "cleared"
-    );
+    assert_eq!(copies(&maps), [want, want], "rewritten");
 
     // The service goes: every copy goes with it.
     let mut none = state.clone();
@@ -321,9 +345,87 @@ fn ipv4_vip_copies_follow_the_vips_and_are_repaired_on_adoption() {
         maps.vips_v4.get(&short, 0).is_err(),
         "VIPS_V4 entry removed"
     );
+    assert_eq!(copies(&maps), [ServiceV4::default(), ServiceV4::default()]);
+    for b in [b11, b12] {
+        let e = maps.backends.get(&b, 0).expect("entry");
+        assert_eq!(e.flags & BACKEND_F_ACTIVE, 0, "backend {b} inactive");
+    }
+}
+
+/// A forwarded packet is counted only to its backend (`BACKEND_STATS`); a service's
+/// traffic is its backends' plus the carry of those it had (`SERVICE_STATS`): removing
+/// a backend moves its traffic into the carry (the service's totals stay), its id
+/// starts again from zero for the next backend, and a new service on a freed service
+/// id starts from zero.
+#[test]
+fn service_traffic_is_its_backends_and_survives_their_removal() {
+    use aya::maps::PerCpuValues;
+    use lb_agent::dataplane::stats;
+    use lb_common::types::TrafficCounters;
+    xdplb_tests::require_privileges!();
+    let mut ebpf = loader::load(&CAPS).expect("load the object (root, BPF)");
+    let mut maps = Maps::take(&mut ebpf, None).expect("maps");
+    let mut r = Reconciler::new(&CAPS);
+    let both = web(&[11, 12]);
+    r.apply(&mut maps, &both).expect("apply");
+    let id = r.service_id("web").expect("service id");
+    let b11 = r.backend_id("web", addr(11), 80).expect("backend id");
+    let b12 = r.backend_id("web", addr(12), 80).expect("backend id");
+    // What the program would have counted: on two CPUs when there are two.
+    let cpus = aya::util::nr_cpus().expect("cpus");
+    let counted = |packets: u64| {
+        let mut v = vec![TrafficCounters::default(); cpus];
+        v[0] = TrafficCounters {
+            packets,
+            bytes: packets * 100,
+        };
+        if cpus > 1 {
+            v[cpus - 1].packets += 1;
+            v[cpus - 1].bytes += 100;
+        }
+        PerCpuValues::try_from(v).expect("values")
+    };
+    maps.backend_stats.set(b11, counted(10), 0).expect("write");
+    maps.backend_stats.set(b12, counted(20), 0).expect("write");
+    let extra = u64::from(cpus > 1);
+    let total = |r: &Reconciler, maps: &Maps| {
+        stats::service_traffic(maps, id, r.service_backend_ids("web")).expect("read")
+    };
+    let all = TrafficCounters {
+        packets: 30 + 2 * extra,
+        bytes: (30 + 2 * extra) * 100,
+    };
+    assert_eq!(total(&r, &maps), all);
+
+    // Backend .12 goes: the service keeps its traffic, the freed id reads zero.
+    r.apply(&mut maps, &web(&[11])).expect("apply");
+    assert_eq!(total(&r, &maps), all, "the service's totals stay");
     assert_eq!(
-        maps.services_v4.get(&id, 0).expect("slot"),
-        ServiceV4::default()
+        stats::backend_traffic(&maps, b12).expect("read"),
+        TrafficCounters::default()
+    );
+    // A new backend takes the freed id and starts from zero; the service goes on.
+    r.apply(&mut maps, &web(&[11, 13])).expect("apply");
+    let b13 = r.backend_id("web", addr(13), 80).expect("backend id");
+    assert_eq!(b13, b12, "the lowest free id is reused");
+    assert_eq!(
+        stats::backend_traffic(&maps, b13).expect("read"),
+        TrafficCounters::default()
+    );
+    assert_eq!(total(&r, &maps), all);
+    // An adopting agent reads the same totals (the carry is in the pinned map).
+    let adopted = Reconciler::adopt(&maps, &CAPS, &web(&[11, 13])).expect("adopt");
+    assert_eq!(total(&adopted, &maps), all);
+
+    // The service goes and comes back on the same id: it starts from zero.
+    let mut none = both.clone();
+    none.services.clear();
+    r.apply(&mut maps, &none).expect("remove");
+    r.apply(&mut maps, &both).expect("again");
+    assert_eq!(r.service_id("web"), Some(id));
+    assert_eq!(
+        stats::service_traffic(&maps, id, r.service_backend_ids("web")).expect("read"),
+        TrafficCounters::default()
     );
 }
 
@@ -373,7 +475,8 @@ fn filter_generation_moves_with_filter_changes_only() {
         .expect("again");
     assert_eq!(generation(&maps), g + 4, "and only once");
 
-    // An IPv6 VIP: its SERVICES_V6 entry, none in SERVICES_V4; gone with the service.
+    // An IPv6 VIP: its SERVICES_V6 entry, no IPv4 copy in its backend's entry; gone
+    // with the service.
     let mut v6 = web(&[11]);
     v6.services[0].vip = "[fd00:18::100]:80".parse().expect("vip");
     v6.services[0].backends[0].address = "fd00:18::11".parse().expect("address");
@@ -386,8 +489,11 @@ fn filter_generation_moves_with_filter_changes_only() {
         maps.services_v6.get(&id, 0).expect("slot"),
         ServiceV6 { key, meta }
     );
+    let b = adopted
+        .backend_id("web", v6.services[0].backends[0].address, 80)
+        .expect("backend id");
     assert_eq!(
-        maps.services_v4.get(&id, 0).expect("slot"),
+        maps.backends.get(&b, 0).expect("entry").service_v4,
         ServiceV4::default()
     );
     let mut none = v6.clone();
@@ -552,4 +658,50 @@ fn batched_ring_writes_match_the_oracle_after_build_weight_change_and_removal() 
             "{name}: batched slot list differs from single reads"
         );
     }
+}
+
+/// An agent whose map layout differs from the pinned fast path's (session 22: the
+/// backend entries grew from 24 to 48 bytes, `XDPLB_SVC_V4` went) does not adopt it:
+/// `pinned_capacities` refuses the pins, and the pin directory is removed whole (a map
+/// this agent no longer knows included) before its own maps are pinned, empty.
+#[test]
+fn pins_of_another_layout_are_replaced_not_adopted() -> anyhow::Result<()> {
+    use aya::maps::MapData;
+    use lb_common::maps as names;
+    xdplb_tests::require_privileges!();
+    let mut guard = xdplb_tests::netns::NetnsGuard::new()?;
+    let bpffs = guard.mount_bpffs()?;
+    let dir = loader::pin_dir(&bpffs, "lb0", loader::Role::Balancer)?;
+    loader::create_pin_dir(&dir)?;
+    let ebpf = loader::load_pinned(&CAPS, &dir)?;
+    drop(ebpf);
+    assert_eq!(
+        loader::pinned_capacities(&dir),
+        Some(CAPS),
+        "our own pins adopt"
+    );
+
+    // An older agent's pins: XDPLB_BACKENDS with 4-byte values (any other size than
+    // this agent's 48), and a map this agent does not have.
+    let other = MapData::from_pin(dir.join(names::RINGS))?;
+    std::fs::remove_file(dir.join(names::BACKENDS))?;
+    other.pin(dir.join(names::BACKENDS))?;
+    other.pin(dir.join("XDPLB_SVC_V4"))?;
+    assert_eq!(loader::pinned_capacities(&dir), None, "another layout");
+    assert!(loader::remove_pin_dir(&dir)?, "removed");
+    assert!(!dir.exists());
+    loader::create_pin_dir(&dir)?;
+    let mut ebpf = loader::load_pinned(&CAPS, &dir)?;
+    let maps = Maps::take(&mut ebpf, None)?;
+    assert_eq!(
+        maps.backends.get(&0, 0)?,
+        lb_common::types::Backend::default(),
+        "a fresh backend map"
+    );
+    assert!(!dir.join("XDPLB_SVC_V4").exists());
+    assert_eq!(loader::pinned_capacities(&dir), Some(CAPS));
+    drop(maps);
+    drop(ebpf);
+    loader::remove_pin_dir(&dir)?;
+    Ok(())
 }

@@ -318,7 +318,11 @@ impl Fixture {
         let mut t = Traffic::default();
         for svc in &desired().services {
             let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
-            let s = stats::service_traffic(&self.lb.maps, id)?;
+            let s = stats::service_traffic(
+                &self.lb.maps,
+                id,
+                self.lb.reconciler.service_backend_ids(&svc.name),
+            )?;
             t.services.push((s.packets, s.bytes));
             for b in &svc.backends {
                 let id = self
@@ -1425,7 +1429,13 @@ fn vip_hits_are_encapsulated_to_the_predicted_backend() -> anyhow::Result<()> {
         // Per-service and per-backend counters: every packet above was for "web".
         let web_id = fx.lb.reconciler.service_id("web").expect("web");
         ensure!(
-            stats::service_traffic(&fx.lb.maps, web_id)?.packets == 300,
+            stats::service_traffic(
+                &fx.lb.maps,
+                web_id,
+                fx.lb.reconciler.service_backend_ids("web")
+            )?
+            .packets
+                == 300,
             "service packets"
         );
         let per_backend: u64 = BACKENDS
@@ -2237,9 +2247,9 @@ fn next_hops_come_from_the_map_with_the_fib_as_fallback() -> anyhow::Result<()> 
     })
 }
 
-/// Established IPv4 flows find their service through their backend's service id
-/// (`SERVICES_V4`, an array) instead of a VIP lookup (issue 12, item 2): what that entry
-/// says must always be what the VIP is now. A flow table hit to a VIP that turned L7,
+/// Established IPv4 flows find their service in their backend's entry (its copy of the
+/// service's VIP and meta, `Backend::service_v4`) instead of a VIP lookup (issue 12,
+/// item 2): what that copy says must always be what the VIP is now. A flow table hit to a VIP that turned L7,
 /// whose service got a deny list, that was removed, or whose service id another VIP
 /// took is treated as a packet to that VIP is treated today, never as the old service.
 #[test]

@@ -474,7 +474,11 @@ impl Fixture {
         let mut out = Vec::new();
         for svc in &self.state.services {
             let id = self.lb.reconciler.service_id(&svc.name).context("id")?;
-            let s = stats::service_traffic(&self.lb.maps, id)?;
+            let s = stats::service_traffic(
+                &self.lb.maps,
+                id,
+                self.lb.reconciler.service_backend_ids(&svc.name),
+            )?;
             out.push((svc.name.clone(), None, (s.packets, s.bytes)));
             for b in &svc.backends {
                 let id = self
