@@ -448,6 +448,57 @@ pub(crate) struct ConnInfo {
     pub(crate) tls: bool,
     /// The connection's activity (timeouts).
     pub(crate) activity: Arc<ConnActivity>,
+    /// The response timer its requests reuse ([`ConnInfo::timeout`]).
+    pub(crate) timer: ResponseTimer,
+}
+
+/// A timer kept by a client connection for the response timeout of its requests
+/// (`response_timeout_ms`), re-armed per request rather than made anew: a new tokio
+/// timer is inserted into the runtime's timer wheel when first polled and removed when
+/// dropped (a lock and a list operation each), while moving a registered one to a
+/// later deadline, as the next request's always is, only updates it in place (the
+/// wheel moves it when its old slot comes up). Requests on one HTTP/1 connection run
+/// one at a time and share it; a concurrent HTTP/2 stream that finds it taken makes its
+/// own.
+#[derive(Default)]
+pub(crate) struct ResponseTimer(std::sync::Mutex<Option<Pin<Box<Sleep>>>>);
+
+impl std::fmt::Debug for ResponseTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ResponseTimer").finish_non_exhaustive()
+    }
+}
+
+impl ConnInfo {
+    /// `fut`'s output, or `None` when it is not done within `after` (it is dropped
+    /// then), timed by the connection's [`ResponseTimer`].
+    pub(crate) async fn timeout<F: Future>(&self, after: Duration, fut: F) -> Option<F::Output> {
+        let slot = &self.timer.0;
+        let deadline = Instant::now() + after;
+        let taken = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut sleep = match taken {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let mut fut = std::pin::pin!(fut);
+        let out = std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            sleep.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        *slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sleep);
+        out
+    }
 }
 
 /// Resolves when the hard stop is set (or its sender is gone).
@@ -538,6 +589,65 @@ mod tests {
         tx.send(true).unwrap();
         assert_eq!(fut.as_mut().poll(&mut cx), std::task::Poll::Ready(true));
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// The connection's timer times each request anew: a request done within its
+    /// timeout gets its output, one that is not gets `None` once its own timeout is
+    /// over, whether the reused timer was idle, had fired, or was armed earlier or
+    /// later than the new deadline.
+    #[tokio::test]
+    async fn the_reused_response_timer_times_each_request() {
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let conn = super::ConnInfo {
+            client: "127.0.0.1:1".parse().unwrap(),
+            client_value: http::HeaderValue::from_static("127.0.0.1"),
+            tls: false,
+            activity: super::ConnActivity::new(false),
+            timer: super::ResponseTimer::default(),
+        };
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        let check = async {
+            // Done at once: the timer is not even armed.
+            assert_eq!(conn.timeout(hour, std::future::ready(1)).await, Some(1));
+            // Never done: `None` after its timeout.
+            let t = Instant::now();
+            assert_eq!(
+                conn.timeout(ms(20), std::future::pending::<()>()).await,
+                None
+            );
+            assert!(t.elapsed() >= ms(20));
+            // After it fired: armed again (an hour), done after one yield.
+            assert_eq!(conn.timeout(hour, tokio::task::yield_now()).await, Some(()));
+            // An earlier deadline than the one armed.
+            let t = Instant::now();
+            assert_eq!(
+                conn.timeout(ms(30), std::future::pending::<()>()).await,
+                None
+            );
+            assert!(t.elapsed() >= ms(30));
+            // Armed at 20 ms, then moved later to 60 ms: not before 60 ms.
+            assert_eq!(
+                conn.timeout(ms(20), tokio::task::yield_now()).await,
+                Some(())
+            );
+            let t = Instant::now();
+            assert_eq!(
+                conn.timeout(ms(60), std::future::pending::<()>()).await,
+                None
+            );
+            assert!(t.elapsed() >= ms(60));
+            // Two at once (HTTP/2 streams): the second has a timer of its own.
+            let (a, b) = tokio::join!(
+                conn.timeout(hour, tokio::task::yield_now()),
+                conn.timeout(ms(20), std::future::pending::<()>()),
+            );
+            assert_eq!((a, b), (Some(()), None));
+        };
+        tokio::time::timeout(Duration::from_secs(30), check)
+            .await
+            .expect("every timeout fired");
     }
 
     #[test]

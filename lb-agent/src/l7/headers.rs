@@ -22,8 +22,8 @@ use std::net::IpAddr;
 
 use http::Version;
 use http::header::{
-    CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION,
-    TE, TRANSFER_ENCODING, UPGRADE, VIA,
+    CONNECTION, Entry, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE, VIA,
 };
 
 /// The prefix of the pseudonym this proxy uses in `Via` ([`via_name`]).
@@ -118,8 +118,20 @@ pub static HOP_BY_HOP: [&HeaderName; 8] = [
     &HTTP2_SETTINGS,
 ];
 
+/// Whether [`strip_hop_by_hop`] removes a field of this name whatever `Connection`
+/// says (when not upgrading): [`HOP_BY_HOP`] and `Upgrade`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == UPGRADE || HOP_BY_HOP.contains(&name)
+}
+
 /// Remove the hop-by-hop fields of RFC 9110 §7.6.1 (see the [module docs](self)).
+///
+/// A message with none of them (no `Connection` either: the usual case) is told in one
+/// pass over its field names and left as it is, without a lookup per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: Upgrading) {
+    if upgrading == Upgrading::No && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -168,34 +180,44 @@ pub struct Forwarded<'a> {
     /// Whether the client reached us over TLS.
     pub tls: bool,
     /// The host the client asked for (`Host`, or the h2 `:authority`).
-    pub host: Option<&'a str>,
+    pub host: Option<&'a HeaderValue>,
 }
 
 /// Set `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let xff = if prior.is_empty() {
-        Some(fwd.client.clone())
-    } else {
-        let client = fwd.client.to_str().unwrap_or_default();
-        HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    // One lookup of `X-Forwarded-For`: a request without one (the usual case) gets the
+    // client's value, which is a shared copy, no allocation.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(fwd.client.clone());
+        }
+        Entry::Occupied(mut e) => {
+            let prior: Vec<&str> = e
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect();
+            let xff = if prior.is_empty() {
+                Some(fwd.client.clone())
+            } else {
+                let client = fwd.client.to_str().unwrap_or_default();
+                HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+            };
+            // Not a valid value (never: both parts are visible ASCII): the list is
+            // left as the client sent it.
+            if let Some(v) = xff {
+                e.insert(v);
+            }
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
     );
-    match fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    match fwd.host {
         Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
         None => {
             headers.remove(&X_FORWARDED_HOST);
@@ -261,12 +283,14 @@ pub fn via_names_us(headers: &HeaderMap) -> bool {
 /// Append our `Via` entry for a message received with `version`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
     let ours = via_value(version);
-    if !headers.contains_key(VIA) {
-        headers.insert(VIA, ours.clone());
-        return;
-    }
-    let prior: Vec<&str> = headers
-        .get_all(VIA)
+    let mut entry = match headers.entry(VIA) {
+        Entry::Vacant(e) => {
+            e.insert(ours.clone());
+            return;
+        }
+        Entry::Occupied(e) => e,
+    };
+    let prior: Vec<&str> = entry
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
@@ -279,7 +303,7 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
         HeaderValue::from_str(&format!("{}, {ours}", prior.join(", ")))
             .unwrap_or_else(|_| via_value(version).clone())
     };
-    headers.insert(VIA, value);
+    entry.insert(value);
 }
 
 #[cfg(test)]
@@ -323,6 +347,27 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, Upgrading::No);
         assert_eq!(names(&h), ["host", "x-kept"]);
+    }
+
+    /// Without any hop-by-hop field the map is left as it is (the one-pass check), and
+    /// each hop-by-hop field alone is still found and removed.
+    #[test]
+    fn a_message_without_hop_by_hop_fields_is_unchanged() {
+        let plain = map(&[
+            ("host", "example"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("accept", "*/*"),
+            ("x-keep-alive", "1"),
+        ]);
+        let mut h = plain.clone();
+        strip_hop_by_hop(&mut h, Upgrading::No);
+        assert_eq!(h, plain);
+        for name in HOP_BY_HOP.iter().copied().chain([&UPGRADE]) {
+            let mut h = plain.clone();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h, Upgrading::No);
+            assert_eq!(h, plain, "{name}");
+        }
     }
 
     #[test]
@@ -388,7 +433,7 @@ mod tests {
             &Forwarded {
                 client: &client_value(client),
                 tls: false,
-                host: Some("web.example"),
+                host: Some(&HeaderValue::from_static("web.example")),
             },
         );
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.1, 203.0.113.2, 198.18.0.7");

@@ -257,13 +257,14 @@ pub(crate) fn parse_error_response(
 
 /// The client's request body on its way to a backend ([`Observed`]): past `limit`
 /// bytes it is cut (`413`); when it fails on the client's side (a malformed chunk, the
-/// client gone) that is the client's fault (`400`). Either is recorded in `fault`,
+/// client gone) that is the client's fault (`400`). Either is recorded in the
+/// request's [`Shared`] `fault`,
 /// so the forwarder tells it from a backend failure (hyper's client reports a failed
 /// request body as its own error) and does not count it against the backend.
 struct ClientBody {
     remaining: u64,
     limit: u64,
-    fault: Arc<OnceLock<ProxyError>>,
+    shared: Arc<Shared>,
 }
 
 impl Observer for ClientBody {
@@ -271,7 +272,7 @@ impl Observer for ClientBody {
         let n = data.len() as u64;
         if n > self.remaining {
             let err = ProxyError::BodyTooLarge { limit: self.limit };
-            let _ = self.fault.set(err.clone());
+            let _ = self.shared.fault.set(err.clone());
             return Err(err.to_string().into());
         }
         self.remaining -= n;
@@ -279,7 +280,7 @@ impl Observer for ClientBody {
     }
 
     fn failed(&mut self, error: &BoxError) {
-        let _ = self.fault.set(ProxyError::BadRequest {
+        let _ = self.shared.fault.set(ProxyError::BadRequest {
             reason: format!("request body: {}", root_cause(error.as_ref())),
         });
     }
@@ -550,20 +551,23 @@ fn prepare(
     conn: &ConnInfo,
     req: Request<Incoming>,
     upgrading: Upgrading,
-    fault: &Arc<OnceLock<ProxyError>>,
+    shared: &Arc<Shared>,
 ) -> Request<Body> {
     let (mut parts, incoming) = req.into_parts();
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
+    // The host asked for: the target's authority (h2's `:authority`, an absolute-form
+    // target), set as `Host`; else the client's `Host` as it is (a shared copy of its
+    // value: [`check_request`] has accepted it, and it stays where it is).
+    let (host, set_host) = match parts.uri.authority() {
+        Some(a) => (HeaderValue::from_str(a.as_str()).ok(), true),
+        None => (
             parts
                 .headers
                 .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
+                .filter(|h| h.to_str().is_ok())
+                .cloned(),
+            false,
+        ),
+    };
     let h = &mut parts.headers;
     let te_trailers = headers::te_trailers(h);
     headers::strip_hop_by_hop(h, upgrading);
@@ -577,11 +581,11 @@ fn prepare(
         &Forwarded {
             client: &conn.client_value,
             tls: conn.tls,
-            host: host.as_deref(),
+            host: host.as_ref(),
         },
     );
     headers::append_via(h, parts.version);
-    if let Some(v) = host.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+    if let (true, Some(v)) = (set_host, host) {
         h.insert(HOST, v);
     }
     if !is_origin_form(&parts.uri) {
@@ -598,7 +602,7 @@ fn prepare(
         let limit = ClientBody {
             remaining: proxy.http.max_body_bytes,
             limit: proxy.http.max_body_bytes,
-            fault: Arc::clone(fault),
+            shared: Arc::clone(shared),
         };
         Observed::new(incoming, limit).boxed()
     };
@@ -686,19 +690,18 @@ async fn respond(
         sticky::cookie_value(req.headers(), &s.cookie)
             .and_then(|v| s.key.verify(v, SystemTime::now()))
     });
-    let fault = Arc::new(OnceLock::new());
+    let shared = Arc::new(Shared::default());
     let upgrading = if upgrade {
         Upgrading::Yes
     } else {
         Upgrading::No
     };
-    let req = prepare(proxy, conn, req, upgrading, &fault);
+    let req = prepare(proxy, conn, req, upgrading, &shared);
     let forwarder = Forwarder {
         proxy: Arc::clone(proxy),
-        client: conn.client.ip(),
+        conn: Arc::clone(conn),
         sticky_token,
-        fault,
-        record: Arc::default(),
+        shared,
     };
 
     let mut resp = match (client_upgrade, &proxy.cache) {
@@ -808,16 +811,24 @@ struct Record {
     error: Option<ProxyError>,
 }
 
+/// What one request's forwarder and its request body share (one allocation per
+/// request).
+#[derive(Debug, Default)]
+struct Shared {
+    /// Set when the client's body failed: the client's fault, not the backend's.
+    fault: OnceLock<ProxyError>,
+    record: Mutex<Record>,
+}
+
 /// Backend selection, forwarding and retries for one client request; the cache's
 /// [`Upstream`].
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     proxy: Arc<Proxy>,
-    client: IpAddr,
     sticky_token: Option<[u8; 8]>,
-    /// Set when the client's body failed: the client's fault, not the backend's.
-    fault: Arc<OnceLock<ProxyError>>,
-    record: Arc<Mutex<Record>>,
+    /// The client's connection (its address, its response timer).
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
 }
 
 /// Methods that RFC 9110 §9.2.2 calls idempotent.
@@ -847,7 +858,10 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 impl Forwarder {
     fn record(&self) -> std::sync::MutexGuard<'_, Record> {
-        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The backend whose response was returned.
@@ -868,7 +882,7 @@ impl Forwarder {
             }
         }
         let key = PickKey {
-            client: self.client,
+            client: self.conn.client.ip(),
             headers,
         };
         pool.pick(&key, exclude)
@@ -944,20 +958,24 @@ impl Forwarder {
             *breq.uri_mut() = uri;
             *breq.version_mut() = Version::HTTP_11;
             *breq.headers_mut() = parts.headers.clone();
-            match tokio::time::timeout(timeout, proxy.upstream.send(addr, breq)).await {
-                Err(_) => {
+            match self
+                .conn
+                .timeout(timeout, proxy.upstream.send(addr, breq))
+                .await
+            {
+                None => {
                     proxy.pool.report(addr, Outcome::Timeout);
                     return Err(ProxyError::Timeout {
                         addr,
                         ms: proxy.http.response_timeout_ms,
                     });
                 }
-                Ok(Ok(resp)) => {
+                Some(Ok(resp)) => {
                     proxy.pool.report(addr, status_outcome(resp.status()));
                     return Ok((resp, lease));
                 }
-                Ok(Err(e)) => {
-                    if let Some(fault) = self.fault.get() {
+                Some(Err(e)) => {
+                    if let Some(fault) = self.shared.fault.get() {
                         debug!(service = %proxy.name, backend = %addr, error = %fault, "request body failed on the client's side");
                         return Err(fault.clone());
                     }

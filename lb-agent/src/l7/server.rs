@@ -58,7 +58,9 @@ use tokio_util::task::TaskTracker;
 use tracing::instrument::WithSubscriber;
 use tracing::{debug, warn};
 
-use crate::l7::conn::{ConnActivity, ConnInfo, ParseErrorHook, TimedIo, stopped, when_woken};
+use crate::l7::conn::{
+    ConnActivity, ConnInfo, ParseErrorHook, ResponseTimer, TimedIo, stopped, when_woken,
+};
 use crate::l7::proxy::{self, Proxy};
 use crate::l7::workers;
 
@@ -164,6 +166,7 @@ async fn run_http<I>(
         client_value: crate::l7::headers::client_value(client.ip()),
         tls,
         activity: Arc::clone(&activity),
+        timer: ResponseTimer::default(),
     });
     let service = proxy.name.clone();
     let svc = service_fn(move |req| {

@@ -424,18 +424,50 @@ pub(crate) struct H1Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// [`IDLE`] (shorter in tests).
     timeout: Duration,
+    /// The pool's sweep task ([`sweep_h1`]), started on the runtime of the pool's first
+    /// connection (again if that runtime has gone), stopped with the pool.
+    sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Default for H1Pool {
     fn default() -> Self {
-        Self {
-            idle: Mutex::default(),
-            timeout: IDLE,
+        Self::with_timeout(IDLE)
+    }
+}
+
+impl Drop for H1Pool {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .sweeper
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
         }
     }
 }
 
 impl H1Pool {
+    fn with_timeout(timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::default(),
+            timeout,
+            sweeper: Mutex::default(),
+        }
+    }
+
+    /// Start the sweep task on the calling runtime unless it runs.
+    fn ensure_sweeper(pool: &Arc<Self>) {
+        let mut sweeper = pool.sweeper.lock().unwrap_or_else(PoisonError::into_inner);
+        if sweeper
+            .as_ref()
+            .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
+            *sweeper = Some(tokio::spawn(sweep_h1(Arc::downgrade(pool))));
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -471,16 +503,14 @@ impl H1Pool {
         });
     }
 
-    /// Close `addr`'s connections idle for [`IDLE`] (their handles dropped, hyper ends
+    /// Close the connections idle for [`IDLE`] (their handles dropped, hyper ends
     /// them) and forget the closed ones.
-    fn expire(&self, addr: SocketAddr) {
+    fn expire(&self) {
         let mut map = self.lock();
-        if let Some(list) = map.get_mut(&addr) {
+        map.retain(|_, list| {
             list.retain(|i| !i.send.is_closed() && i.since.elapsed() < self.timeout);
-            if list.is_empty() {
-                map.remove(&addr);
-            }
-        }
+            !list.is_empty()
+        });
     }
 
     /// Idle connections to `addr` (tests).
@@ -492,33 +522,30 @@ impl H1Pool {
     }
 }
 
-/// Run one HTTP/1.1 connection to `addr` (upgrades included) and expire the idle
-/// connections of its backend every [`IDLE`] / 6 while it lives.
-async fn drive_h1<T>(
-    conn: http1::Connection<T, Body>,
-    pool: std::sync::Weak<H1Pool>,
-    addr: SocketAddr,
-) where
+/// Run one HTTP/1.1 connection to `addr` (upgrades included). Its task does nothing
+/// else: it is polled on each of its reads and writes, a few times per request, so a
+/// timer beside it would be polled as often ([`sweep_h1`] expires idle connections).
+async fn drive_h1<T>(conn: http1::Connection<T, Body>, addr: SocketAddr)
+where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    if let Err(e) = conn.with_upgrades().await {
+        debug!(backend = %addr, error = %e, "HTTP/1.1 connection to a backend ended with an error");
+    }
+}
+
+/// Expire a pool's idle connections every [`IDLE`] / 6 (its timeout / 6) while the
+/// pool lives: one task per pool (per worker and service), not one timer per
+/// connection.
+async fn sweep_h1(pool: std::sync::Weak<H1Pool>) {
     let every = pool.upgrade().map_or(IDLE, |p| p.timeout) / 6;
-    let conn = conn.with_upgrades();
-    let mut conn = std::pin::pin!(conn);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    debug!(backend = %addr, error = %e, "HTTP/1.1 connection to a backend ended with an error");
-                }
-                return;
-            }
-            _ = tick.tick() => match pool.upgrade() {
-                Some(pool) => pool.expire(addr),
-                None => return,
-            },
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.expire(),
+            None => return,
         }
     }
 }
@@ -676,10 +703,7 @@ impl Upstream {
     /// With idle HTTP/1.1 connections closed after `timeout` (tests).
     #[cfg(test)]
     pub(crate) fn with_h1_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.h1 = Arc::new(H1Pool {
-            idle: Mutex::default(),
-            timeout,
-        });
+        self.h1 = Arc::new(H1Pool::with_timeout(timeout));
         self
     }
 
@@ -764,7 +788,8 @@ impl Upstream {
                 failure: Failure::Connect,
                 source: e.into(),
             })?;
-        tokio::spawn(drive_h1(conn, Arc::downgrade(&self.h1), addr));
+        tokio::spawn(drive_h1(conn, addr));
+        H1Pool::ensure_sweeper(&self.h1);
         Ok(send)
     }
 
