@@ -359,24 +359,16 @@ impl AccessLine<'_> {
     /// The same fields as [`Self::event`], as `tracing-subscriber` formats them (`%`
     /// fields as they display, the `cache` string as `{:?}`), written straight into the
     /// access log's buffer ([`crate::logging::access_line`]).
-    fn write(&self, buf: &mut Vec<u8>) {
-        use std::io::Write as _;
-        buf.extend_from_slice(b"service=");
-        buf.extend_from_slice(self.service.as_bytes());
-        let _ = write!(buf, " client={}", self.client);
-        buf.extend_from_slice(b" method=");
-        buf.extend_from_slice(self.method.as_str().as_bytes());
-        buf.extend_from_slice(b" path=");
-        buf.extend_from_slice(self.path.as_bytes());
-        let _ = write!(
-            buf,
-            " status={} backend={} cache={:?} duration_ms={} bytes={}",
-            self.status,
-            OptionalAddr(self.backend),
-            self.cache,
-            self.duration_ms,
-            self.bytes
-        );
+    fn write(&self, f: &mut crate::logging::Fields<'_>) {
+        f.display("service", self.service);
+        f.ip("client", self.client);
+        f.display("method", self.method.as_str());
+        f.display("path", self.path);
+        f.u64("status", self.status.into());
+        f.socket_addr("backend", self.backend);
+        f.debug_str("cache", self.cache);
+        f.u64("duration_ms", self.duration_ms);
+        f.u64("bytes", self.bytes);
     }
 }
 
@@ -1181,7 +1173,7 @@ mod unit {
             let from_tracing =
                 String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
             let mut direct = b"  INFO xdplb::access: ".to_vec();
-            line.write(&mut direct);
+            line.write(&mut crate::logging::Fields::new(&mut direct));
             direct.push(b'\n');
             let direct = String::from_utf8(direct).expect("utf-8");
             // tracing's line starts with its own timestamp: compare what follows it.

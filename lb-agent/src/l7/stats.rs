@@ -228,13 +228,14 @@ const CACHE_RESULTS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "bypass
 
 /// The series of one service with their handles resolved ([`HttpStats::service`]): the
 /// same series as [`HttpStats`]'s methods record into, found without allocating: the
-/// `(backend, code)` handles are made on first use and kept, the duration histogram and
-/// the totals are resolved at creation.
+/// `(backend, code)` handles are made on first use and kept (in a map hashed with
+/// foldhash: the key is ours, not a client's, and SipHash was most of the lookup), the
+/// duration histogram and the totals are resolved at creation.
 #[derive(Debug)]
 pub struct ServiceStats {
     name: String,
     requests: Family<RequestLabels, Counter>,
-    by_response: RwLock<HashMap<(Option<SocketAddr>, u16), Counter>>,
+    by_response: RwLock<HashMap<(Option<SocketAddr>, u16), Counter, foldhash::fast::RandomState>>,
     seconds: Histogram,
     cache: Family<CacheLabels, Counter>,
     by_result: [OnceLock<Counter>; CACHE_RESULTS.len()],
