@@ -470,9 +470,14 @@ impl std::fmt::Debug for ResponseTimer {
 }
 
 impl ConnInfo {
-    /// `fut`'s output, or `None` when it is not done within `after` (it is dropped
-    /// then), timed by the connection's [`ResponseTimer`].
-    pub(crate) async fn timeout<F: Future>(&self, after: Duration, fut: F) -> Option<F::Output> {
+    /// `fut`'s output, or `None` when it is not done within `after`, timed by the
+    /// connection's [`ResponseTimer`]. `fut` is taken pinned where the caller made it:
+    /// a backend request's future is large, and moving it in would copy it.
+    pub(crate) async fn timeout<F: Future>(
+        &self,
+        after: Duration,
+        mut fut: Pin<&mut F>,
+    ) -> Option<F::Output> {
         let slot = &self.timer.0;
         let deadline = Instant::now() + after;
         let taken = slot
@@ -486,7 +491,6 @@ impl ConnInfo {
             }
             None => Box::pin(tokio::time::sleep_until(deadline)),
         };
-        let mut fut = std::pin::pin!(fut);
         let out = std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
@@ -610,38 +614,50 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let check = async {
             // Done at once: the timer is not even armed.
-            assert_eq!(conn.timeout(hour, std::future::ready(1)).await, Some(1));
+            assert_eq!(
+                conn.timeout(hour, std::pin::pin!(std::future::ready(1)))
+                    .await,
+                Some(1)
+            );
             // Never done: `None` after its timeout.
             let t = Instant::now();
             assert_eq!(
-                conn.timeout(ms(20), std::future::pending::<()>()).await,
+                conn.timeout(ms(20), std::pin::pin!(std::future::pending::<()>()))
+                    .await,
                 None
             );
             assert!(t.elapsed() >= ms(20));
             // After it fired: armed again (an hour), done after one yield.
-            assert_eq!(conn.timeout(hour, tokio::task::yield_now()).await, Some(()));
+            assert_eq!(
+                conn.timeout(hour, std::pin::pin!(tokio::task::yield_now()))
+                    .await,
+                Some(())
+            );
             // An earlier deadline than the one armed.
             let t = Instant::now();
             assert_eq!(
-                conn.timeout(ms(30), std::future::pending::<()>()).await,
+                conn.timeout(ms(30), std::pin::pin!(std::future::pending::<()>()))
+                    .await,
                 None
             );
             assert!(t.elapsed() >= ms(30));
             // Armed at 20 ms, then moved later to 60 ms: not before 60 ms.
             assert_eq!(
-                conn.timeout(ms(20), tokio::task::yield_now()).await,
+                conn.timeout(ms(20), std::pin::pin!(tokio::task::yield_now()))
+                    .await,
                 Some(())
             );
             let t = Instant::now();
             assert_eq!(
-                conn.timeout(ms(60), std::future::pending::<()>()).await,
+                conn.timeout(ms(60), std::pin::pin!(std::future::pending::<()>()))
+                    .await,
                 None
             );
             assert!(t.elapsed() >= ms(60));
             // Two at once (HTTP/2 streams): the second has a timer of its own.
             let (a, b) = tokio::join!(
-                conn.timeout(hour, tokio::task::yield_now()),
-                conn.timeout(ms(20), std::future::pending::<()>()),
+                conn.timeout(hour, std::pin::pin!(tokio::task::yield_now())),
+                conn.timeout(ms(20), std::pin::pin!(std::future::pending::<()>())),
             );
             assert_eq!((a, b), (Some(()), None));
         };

@@ -950,11 +950,8 @@ impl Forwarder {
             *breq.uri_mut() = uri;
             *breq.version_mut() = Version::HTTP_11;
             *breq.headers_mut() = parts.headers.clone();
-            match self
-                .conn
-                .timeout(timeout, proxy.upstream.send(addr, breq))
-                .await
-            {
+            let send = std::pin::pin!(proxy.upstream.send(addr, breq));
+            match self.conn.timeout(timeout, send).await {
                 None => {
                     proxy.pool.report(addr, Outcome::Timeout);
                     return Err(ProxyError::Timeout {
