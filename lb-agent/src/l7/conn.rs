@@ -655,10 +655,11 @@ mod tests {
             );
             assert!(t.elapsed() >= ms(60));
             // Two at once (HTTP/2 streams): the second has a timer of its own.
-            let (a, b) = tokio::join!(
-                conn.timeout(hour, std::pin::pin!(tokio::task::yield_now())),
-                conn.timeout(ms(20), std::pin::pin!(std::future::pending::<()>())),
+            let (done, never) = (
+                std::pin::pin!(tokio::task::yield_now()),
+                std::pin::pin!(std::future::pending::<()>()),
             );
+            let (a, b) = tokio::join!(conn.timeout(hour, done), conn.timeout(ms(20), never));
             assert_eq!((a, b), (Some(()), None));
         };
         tokio::time::timeout(Duration::from_secs(30), check)

@@ -393,21 +393,12 @@ impl Expect {
 }
 
 /// The counters that say what happened to a packet: exactly one of them counts each
-/// packet of the balancer (`rx` counts all, the flow counters are bookkeeping).
+/// packet of the balancer ([`Counter::is_outcome`], or a drop reason; `rx` is their sum).
 fn is_outcome(index: u32) -> bool {
-    !matches!(
-        Counter::ALL.iter().find(|c| c.index() == index),
-        Some(
-            Counter::Rx
-                | Counter::FlowNew
-                | Counter::FlowRehash
-                | Counter::FlowInsertFailed
-                | Counter::FlowPromoted
-                | Counter::FlowNotInserted
-                // Counted with `tx` / `redirect`, which say how the error left.
-                | Counter::IcmpErrorForwarded
-        )
-    )
+    Counter::ALL
+        .iter()
+        .find(|c| c.index() == index)
+        .is_none_or(|c| c.is_outcome())
 }
 
 /// All global counters by index (counters, then drop reasons).

@@ -1596,28 +1596,11 @@ fn check_answer6(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The outcome counters (everything but `rx` and flow bookkeeping) by index.
+/// The outcome counters ([`Counter::is_outcome`]: everything but `rx` and bookkeeping) by label.
 fn outcomes(c: &Counters) -> BTreeMap<&'static str, u64> {
     c.counters
         .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k,
-                Counter::Rx
-                    | Counter::FlowNew
-                    | Counter::FlowRehash
-                    | Counter::FlowInsertFailed
-                    | Counter::FlowPromoted
-                    | Counter::FlowNotInserted
-                    | Counter::Decap
-                    | Counter::DecapGue
-                    // Bookkeeping of the choice, counted with `tx` / `redirect`.
-                    | Counter::QuicCidRouted
-                    | Counter::QuicCidUnknown
-                    // Counted with `tx` / `redirect`.
-                    | Counter::IcmpErrorForwarded
-            )
-        })
+        .filter(|(k, _)| k.is_outcome())
         .map(|(k, v)| (k.label(), *v))
         .chain(c.drops.iter().map(|(k, v)| (k.label(), *v)))
         .collect()
