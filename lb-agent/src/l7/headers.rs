@@ -22,7 +22,7 @@ use std::net::IpAddr;
 
 use http::Version;
 use http::header::{
-    CONNECTION, Entry, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    CONNECTION, Entry, HOST, HeaderMap, HeaderName, HeaderValue, OccupiedEntry, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE, VIA,
 };
 
@@ -192,21 +192,9 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
             e.insert(fwd.client.clone());
         }
         Entry::Occupied(mut e) => {
-            let prior: Vec<&str> = e
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .collect();
-            let xff = if prior.is_empty() {
-                Some(fwd.client.clone())
-            } else {
-                let client = fwd.client.to_str().unwrap_or_default();
-                HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
-            };
             // Not a valid value (never: both parts are visible ASCII): the list is
             // left as the client sent it.
-            if let Some(v) = xff {
+            if let Some(v) = appended(&e, fwd.client) {
                 e.insert(v);
             }
         }
@@ -290,20 +278,25 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
         }
         Entry::Occupied(e) => e,
     };
+    let value = appended(&entry, ours).unwrap_or_else(|| ours.clone());
+    entry.insert(value);
+}
+
+/// The list field `entry` (every line of it, empty members left out) with `ours` as
+/// its last member, as one value: `ours` alone when nothing came before, `None` when
+/// the joined list is not a valid value.
+fn appended(entry: &OccupiedEntry<'_, HeaderValue>, ours: &HeaderValue) -> Option<HeaderValue> {
     let prior: Vec<&str> = entry
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let value = if prior.is_empty() {
-        ours.clone()
-    } else {
-        let ours = ours.to_str().unwrap_or_default();
-        HeaderValue::from_str(&format!("{}, {ours}", prior.join(", ")))
-            .unwrap_or_else(|_| via_value(version).clone())
-    };
-    entry.insert(value);
+    if prior.is_empty() {
+        return Some(ours.clone());
+    }
+    let ours = ours.to_str().unwrap_or_default();
+    HeaderValue::from_str(&format!("{}, {ours}", prior.join(", "))).ok()
 }
 
 #[cfg(test)]
