@@ -86,6 +86,9 @@ pub const SCRATCH: &str = "XDPLB_SCRATCH";
 /// `PerCpuArray<NewFlowRate>` with one entry: each CPU's new flows in the current
 /// second, for `GlobalConfig::max_new_flows_per_cpu` (written only by the program).
 pub const NEW_FLOW_RATE: &str = "XDPLB_NEW_RATE";
+/// `PerCpuArray<NewFlowRate>` with one entry: the ICMP errors each CPU has sent in the
+/// current second, for `GlobalConfig::icmp_errors_per_cpu` (written only by the program).
+pub const ICMP_RATE: &str = "XDPLB_ICMP_RATE";
 
 /// `Array<u32>` with one entry: the filter generation, bumped by the agent after every
 /// pass that wrote the deny/allow tries or the flags that enable them
@@ -138,6 +141,7 @@ pub const ALL: &[&str] = &[
     FLOWS_NEW_V4,
     SCRATCH,
     NEW_FLOW_RATE,
+    ICMP_RATE,
     FILTER_GEN,
     SERVICES_V6,
     QUIC_SLOTS,

@@ -197,10 +197,15 @@ pub enum DropReason {
     /// 20-byte IPv4 header of a first fragment with 8 bytes after it, or not sent
     /// from the address the error is addressed to).
     IcmpBadQuote,
+    /// A VIP packet too big for the tunnel that would have been answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big", while this CPU had already sent
+    /// `dataplane.icmp_errors_per_cpu` of those this second: dropped unanswered (the
+    /// kernel limits its own ICMP errors the same way, `net.ipv4.icmp_msgs_per_sec`).
+    IcmpErrorLimited,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = DropReason::IcmpBadQuote as u32 + 1;
+    pub const COUNT: u32 = DropReason::IcmpErrorLimited as u32 + 1;
     pub const ALL: [DropReason; DropReason::COUNT as usize] = [
         DropReason::NoBackend,
         DropReason::EncapFailed,
@@ -211,6 +216,7 @@ impl DropReason {
         DropReason::NewFlowLimit,
         DropReason::IcmpUnhandled,
         DropReason::IcmpBadQuote,
+        DropReason::IcmpErrorLimited,
     ];
 
     #[inline(always)]
@@ -229,6 +235,7 @@ impl DropReason {
             DropReason::NewFlowLimit => "new_flow_limit",
             DropReason::IcmpUnhandled => "icmp_unhandled",
             DropReason::IcmpBadQuote => "icmp_bad_quote",
+            DropReason::IcmpErrorLimited => "icmp_error_limited",
         }
     }
 }

@@ -157,7 +157,11 @@ pub struct GlobalConfig {
     /// `dataplane.gue_port`, network order: the outer UDP destination port of GUE
     /// tunnels (`xdp_lb`) and the port `xdp_decap` takes GUE packets on.
     pub gue_port: u16,
-    pub _pad: u16,
+    /// `dataplane.icmp_errors_per_cpu`: ICMP errors ("fragmentation needed", "packet
+    /// too big") each CPU sends per second at most; a packet that calls for one above
+    /// it is dropped as `icmp_error_limited`. 0 = no limit. Counted per CPU in
+    /// [`crate::maps::ICMP_RATE`]. (Was padding: an older agent's pinned entry reads 0.)
+    pub icmp_errors_per_cpu: u16,
     /// Host order: the host bits of `dataplane.source_ipv4_prefix` (0: one fixed outer
     /// source). When set, [`GlobalConfig::source_v4`] holds the prefix's address and
     /// each flow's outer source is that address with these bits taken from the flow's
@@ -432,13 +436,15 @@ impl FlowKeyV4 {
 
 /// Value of [`crate::maps::NEW_FLOW_RATE`] (per CPU, one entry): the new flows this
 /// CPU has seen in the current one-second window, for
-/// [`GlobalConfig::max_new_flows_per_cpu`].
+/// [`GlobalConfig::max_new_flows_per_cpu`]; and of [`crate::maps::ICMP_RATE`]: the
+/// ICMP errors this CPU has sent in its current window, for
+/// [`GlobalConfig::icmp_errors_per_cpu`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NewFlowRate {
     /// `bpf_ktime_get_ns` when the window began.
     pub window_start_ns: u64,
-    /// New flows counted since then (this one included).
+    /// Events (new flows, ICMP errors) counted since then (this one included).
     pub count: u64,
 }
 const _: () = assert!(core::mem::size_of::<NewFlowRate>() == 16);

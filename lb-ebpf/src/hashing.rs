@@ -1,13 +1,13 @@
 //! Backend choice: the flow tables first, so established flows keep their backend
 //! when the backend set changes; otherwise the service's Maglev ring.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use aya_ebpf::maps::LruHashMap;
 use lb_common::{
     hash::{flow_hash, ring_index, ring_slot, source_hash},
     stats::{Counter, DropReason},
     types::{
-        BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, NEW_FLOW_RATE_WINDOW_NS,
-        VIP_F_SOURCE_HASH, VipKey, VipKeyV4, VipMeta,
+        BACKEND_F_ACTIVE, Backend, FlowEntry, FlowKey, FlowKeyV4, VIP_F_SOURCE_HASH, VipKey,
+        VipKeyV4, VipMeta,
     },
 };
 
@@ -139,28 +139,10 @@ pub fn filter_gen() -> u32 {
 
 /// Katran's admission rule (`is_under_flood` in its balancer): count one new flow on
 /// this CPU and say whether this second's count is over `cap` (never with `cap` 0,
-/// which costs nothing more than the test). The window restarts when a new flow comes
-/// a second or more after the current window began. The per-CPU entry needs no lock.
+/// which costs nothing more than the test).
 #[inline(always)]
 fn over_new_flow_cap(cap: u32) -> bool {
-    if cap == 0 {
-        return false;
-    }
-    let Some(rate) = NEW_FLOW_RATE.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; no other
-    // CPU writes it and the program is not re-entered on one CPU.
-    let rate = unsafe { &mut *rate };
-    if now.wrapping_sub(rate.window_start_ns) >= NEW_FLOW_RATE_WINDOW_NS {
-        rate.window_start_ns = now;
-        rate.count = 1;
-        return false;
-    }
-    rate.count += 1;
-    rate.count > u64::from(cap)
+    limit::over_per_cpu_cap(&NEW_FLOW_RATE, cap)
 }
 
 /// Look the flow up; on a miss, or when its backend is no longer active in this

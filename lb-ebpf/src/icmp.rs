@@ -27,6 +27,9 @@
 //! next-hop MTU = `mtu` - 20 (the tunnel header; `mtu` - 28 with GUE) and the
 //! offending packet's IP header and first 8 bytes; DF clear, it is dropped as `too_big` (the tunnel cannot
 //! fragment: there is no IPIP device here, and the kernel does not own an L4 VIP).
+//! Each CPU sends at most `dataplane.icmp_errors_per_cpu` of these per second (both
+//! families together, [`error_allowed`]); above it the packet is dropped unanswered
+//! as `icmp_error_limited`.
 //!
 //! ICMPv6 is `icmp6.rs`, function for function. An error about the flow of a VIP whose
 //! backend is IPv6 goes to it in IPv4-in-IPv6 (`ipv6::send`).
@@ -52,8 +55,8 @@ use crate::{
     encap::{Exit, OUTER_TTL},
     filter,
     gate::{NEXT_SEND, finish},
-    gue, hashing, ipv6,
-    maps::{CONFIG, VIP_ADDRS, VIPS_V4},
+    gue, hashing, ipv6, limit,
+    maps::{CONFIG, ICMP_RATE, VIP_ADDRS, VIPS_V4},
     parsing::{
         ETH_HLEN, ETH_P_IP, EthHdr, IPV4_HLEN, Ipv4Hdr, L2, Ports, VLAN_HLEN, VlanHdr, ptr_at,
     },
@@ -280,6 +283,7 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     if ip.frag_off & IP_DF == 0 {
         return Err(too_big);
     }
+    error_allowed()?;
     let vlan = if l3_off == ETH_HLEN + VLAN_HLEN {
         let v = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(too_big)?;
         // SAFETY: bounds checked by ptr_at.
@@ -359,6 +363,20 @@ pub fn too_big_v4(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     }
     count(Counter::IcmpFragNeeded);
     Ok(XDP_TX)
+}
+
+/// Count one ICMP error this CPU is about to send, or say it may not: this second's
+/// `dataplane.icmp_errors_per_cpu` is used up (the packet is then dropped as
+/// `icmp_error_limited`, unanswered). The errors are the balancer's own answers to
+/// packets anyone can send; unlimited, a flood of oversized packets would have it
+/// send an error for each, from the VIP, to whatever source they claim.
+#[inline(always)]
+pub fn error_allowed() -> Result<(), Exit> {
+    let cap = CONFIG.get(0).map_or(0, |c| c.icmp_errors_per_cpu);
+    if limit::over_per_cpu_cap(&ICMP_RATE, u32::from(cap)) {
+        return Err(Exit::Drop(DropReason::IcmpErrorLimited));
+    }
+    Ok(())
 }
 
 #[inline(always)]

@@ -24,7 +24,8 @@
 //! the client's stack needs to find the connection; RFC 4443 asks for as much as fits
 //! in 1280 bytes as a SHOULD, which would cost a checksum over up to 1232 bytes in
 //! XDP). IPv6 routers never fragment, so there is no DF bit: every such packet is
-//! answered.
+//! answered, within `dataplane.icmp_errors_per_cpu` per CPU and second (shared with
+//! IPv4's errors, `icmp::error_allowed`; above it: dropped as `icmp_error_limited`).
 
 use core::mem::{MaybeUninit, transmute};
 
@@ -265,6 +266,7 @@ pub fn too_big_v6(ctx: &XdpContext, l3_off: usize, mtu: u32) -> Result<u32, Exit
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     let (ip, eth) = unsafe { (*ip, *eth) };
+    crate::icmp::error_allowed()?;
     // As much of the packet as fits in the minimum IPv6 MTU (RFC 4443 2.4(c)), at
     // least its header and 8 bytes (checked by parse_ipv6 for TCP/UDP).
     let quote = (IPV6_HLEN + usize::from(u16::from_be(ip.payload_len))).min(MAX_QUOTE6_LEN);

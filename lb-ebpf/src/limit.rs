@@ -12,11 +12,18 @@
 //!
 //! Concurrent updates of one bucket from two CPUs are not atomic: at worst a flow or
 //! two more than the limit is admitted; nothing is ever dropped below it.
+//!
+//! Also the per-CPU caps of one-second windows ([`over_per_cpu_cap`]): Katran's
+//! admission rule (`dataplane.max_new_flows_per_cpu`) and the ICMP errors the balancer
+//! sends (`dataplane.icmp_errors_per_cpu`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::PerCpuArray};
 use lb_common::{
     stats::DropReason,
-    types::{FAMILY_V4, FilterAddr, FlowKey, FlowLimit, filter_scope},
+    types::{
+        FAMILY_V4, FilterAddr, FlowKey, FlowLimit, NEW_FLOW_RATE_WINDOW_NS, NewFlowRate,
+        filter_scope,
+    },
 };
 
 use crate::maps::{FLOW_BUCKETS, FLOW_LIMITS};
@@ -106,4 +113,30 @@ pub fn admit(global: bool, service: Option<u32>, key: &FlowKey) -> Result<(), Dr
     commit(0, key, g_tat, g_next);
     commit(index, key, s_tat, s_next);
     Ok(())
+}
+
+/// Count one event in this CPU's current one-second window of `rate` and say whether
+/// the window's count is now over `cap` (never with `cap` 0, which costs nothing more
+/// than the test). The window restarts when an event comes a second or more after the
+/// current window began. The per-CPU entry needs no lock.
+#[inline(always)]
+pub fn over_per_cpu_cap(rate: &PerCpuArray<NewFlowRate>, cap: u32) -> bool {
+    if cap == 0 {
+        return false;
+    }
+    let Some(rate) = rate.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; no other
+    // CPU writes it and the program is not re-entered on one CPU.
+    let rate = unsafe { &mut *rate };
+    if now.wrapping_sub(rate.window_start_ns) >= NEW_FLOW_RATE_WINDOW_NS {
+        rate.window_start_ns = now;
+        rate.count = 1;
+        return false;
+    }
+    rate.count += 1;
+    rate.count > u64::from(cap)
 }

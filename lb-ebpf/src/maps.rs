@@ -125,6 +125,11 @@ pub static SCRATCH: PerCpuArray<[u8; crate::csum::SCRATCH_LEN]> =
 #[map(name = "XDPLB_NEW_RATE")]
 pub static NEW_FLOW_RATE: PerCpuArray<NewFlowRate> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's ICMP errors sent in the current second (`limit::over_per_cpu_cap`, from
+/// `icmp::too_big_v4` and `icmp6::too_big_v6`), for `dataplane.icmp_errors_per_cpu`.
+#[map(name = "XDPLB_ICMP_RATE")]
+pub static ICMP_RATE: PerCpuArray<NewFlowRate> = PerCpuArray::with_max_entries(1, 0);
+
 /// The filter generation (`hashing::filter_gen`): an established flow whose entry
 /// carries it skips the source filters' lookups.
 #[map(name = "XDPLB_FILT_GEN")]

@@ -186,6 +186,12 @@ pub enum Encap {
 /// Default of `dataplane.gue_port` (Katran's GUE port).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
+/// Default of `dataplane.icmp_errors_per_cpu`: what Linux allows its own ICMP errors
+/// (`net.ipv4.icmp_msgs_per_sec`).
+pub const DEFAULT_ICMP_ERRORS_PER_CPU: u32 = 1000;
+/// Largest `dataplane.icmp_errors_per_cpu` (the fast path keeps it in 16 bits).
+pub const MAX_ICMP_ERRORS_PER_CPU: u32 = u16::MAX as u32;
+
 /// Default of `dataplane.mtu`: Ethernet's.
 pub const DEFAULT_MTU: u32 = 1500;
 /// Range of `dataplane.mtu`: IPv4's minimum datagram every host must accept (RFC 791),
@@ -254,6 +260,12 @@ pub struct DataplaneConfig {
     /// recorded. Flows not recorded follow the ring, so they move when a backend change
     /// moves their ring slot (README, "Admission rule").
     pub max_new_flows_per_cpu: u32,
+    /// ICMP errors the fast path sends itself ("fragmentation needed", ICMPv6 "packet
+    /// too big", for packets too big for the tunnel) per second and CPU at most; a
+    /// packet that calls for one above it is dropped unanswered (counted
+    /// `icmp_error_limited`). 0 = no limit. Default 1000 (Linux's own ICMP errors:
+    /// `net.ipv4.icmp_msgs_per_sec` = 1000).
+    pub icmp_errors_per_cpu: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -275,6 +287,7 @@ impl Default for DataplaneConfig {
             source_ipv4_prefix: None,
             source_ipv6_prefix: None,
             max_new_flows_per_cpu: 0,
+            icmp_errors_per_cpu: DEFAULT_ICMP_ERRORS_PER_CPU,
         }
     }
 }

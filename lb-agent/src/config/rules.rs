@@ -496,6 +496,17 @@ fn check_dataplane(dp: &DataplaneConfig) -> Vec<ConfigError> {
             ),
         );
     }
+    if dp.icmp_errors_per_cpu > super::model::MAX_ICMP_ERRORS_PER_CPU {
+        push(
+            "dataplane.icmp_errors_per_cpu",
+            format!(
+                "{} is out of range: must be between 0 (no limit) and \
+                 {} ICMP errors per second and CPU",
+                dp.icmp_errors_per_cpu,
+                super::model::MAX_ICMP_ERRORS_PER_CPU
+            ),
+        );
+    }
     if dp.gue_port == 0 {
         push(
             "dataplane.gue_port",

@@ -236,6 +236,7 @@ fn design_example_parses_with_defaults_filled() {
             flow_limit_sources: 65536,
             mtu: 1500,
             max_new_flows_per_cpu: 0,
+            icmp_errors_per_cpu: 1000,
         },
         security: SecurityConfig::default(),
         services: vec![
@@ -1991,6 +1992,31 @@ fn max_new_flows_per_cpu_defaults_to_no_cap_and_is_range_checked() {
         "[dataplane]\nmax_new_flows_per_cpu = 100000001\n",
         "dataplane.max_new_flows_per_cpu",
         "out of range: must be between 0 (no cap) and 100000000",
+    );
+}
+
+#[test]
+fn icmp_errors_per_cpu_defaults_to_linux_rate_and_is_range_checked() {
+    let default = parse_ok("");
+    assert_eq!(default.dataplane.icmp_errors_per_cpu, 1000);
+    assert_eq!(
+        crate::dataplane::desired::DesiredState::new(&default.dataplane, Vec::new())
+            .icmp_errors_per_cpu,
+        1000
+    );
+    for (value, want) in [(0u32, 0u16), (1, 1), (65535, 65535)] {
+        let cfg = parse_ok(&format!("[dataplane]\nicmp_errors_per_cpu = {value}\n"));
+        assert_eq!(cfg.dataplane.icmp_errors_per_cpu, value);
+        assert_eq!(
+            crate::dataplane::desired::DesiredState::new(&cfg.dataplane, Vec::new())
+                .icmp_errors_per_cpu,
+            want
+        );
+    }
+    assert_single(
+        "[dataplane]\nicmp_errors_per_cpu = 65536\n",
+        "dataplane.icmp_errors_per_cpu",
+        "65536 is out of range: must be between 0 (no limit) and 65535",
     );
 }
 

@@ -64,6 +64,8 @@ pub struct DesiredState {
     pub source_v6_prefix: Option<ipnet::Ipv6Net>,
     /// `dataplane.max_new_flows_per_cpu` (0: every new flow is recorded).
     pub max_new_flows_per_cpu: u32,
+    /// `dataplane.icmp_errors_per_cpu` (0: no limit).
+    pub icmp_errors_per_cpu: u16,
     pub services: Vec<DesiredService>,
     /// `[security]` source filters.
     pub filters: DesiredFilters,
@@ -123,6 +125,8 @@ impl DesiredState {
                 .as_deref()
                 .and_then(|p| p.parse().ok()),
             max_new_flows_per_cpu: dataplane.max_new_flows_per_cpu,
+            // Validated: at most MAX_ICMP_ERRORS_PER_CPU (u16::MAX).
+            icmp_errors_per_cpu: u16::try_from(dataplane.icmp_errors_per_cpu).unwrap_or(u16::MAX),
             services,
             filters: DesiredFilters::default(),
         }

@@ -915,7 +915,7 @@ impl Reconciler {
             filter_flags: FilterTable::flags(&desired.filters),
             mtu: desired.mtu,
             gue_port: desired.gue_port.to_be(),
-            _pad: 0,
+            icmp_errors_per_cpu: desired.icmp_errors_per_cpu,
             source_v4_host_mask: desired
                 .source_v4_prefix
                 .map_or(0, |p| u32::from(p.hostmask())),

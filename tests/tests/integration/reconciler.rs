@@ -39,6 +39,7 @@ fn web(lasts: &[u8]) -> DesiredState {
         source_v4_prefix: None,
         source_v6_prefix: None,
         max_new_flows_per_cpu: 0,
+        icmp_errors_per_cpu: 0,
         source_v4: Some(Ipv4Addr::new(198, 18, 1, 10)),
         source_v6: None,
         encap: 0,

@@ -20,6 +20,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     sync::Mutex,
+    time::Instant,
 };
 
 use anyhow::{Context as _, ensure};
@@ -146,6 +147,7 @@ fn desired() -> DesiredState {
         source_v4_prefix: None,
         source_v6_prefix: None,
         max_new_flows_per_cpu: 0,
+        icmp_errors_per_cpu: 0,
         source_v4: Some(LB_ADDR),
         source_v6: None,
         encap: 0,
@@ -1724,6 +1726,79 @@ fn loaded_map_names_are_lb_common_names() -> anyhow::Result<()> {
         "object maps {loaded:?} != lb_common::maps::ALL {want:?}"
     );
     Ok(())
+}
+
+/// `dataplane.icmp_errors_per_cpu`: each CPU sends at most that many "fragmentation
+/// needed" per one-second window; a packet that calls for one above it is dropped
+/// unanswered as `icmp_error_limited`, leaving no trace in the flow tables. 0 = no limit.
+#[test]
+fn icmp_errors_are_limited_per_cpu_and_second() -> anyhow::Result<()> {
+    let test = require_privileges!();
+    with_fixture(test, |fx| {
+        // One CPU: the limit and its window are per CPU.
+        pin_to_current_cpu()?;
+        const CAP: u16 = 3;
+        const SENT: u64 = 20;
+        let mut d = desired();
+        d.icmp_errors_per_cpu = CAP;
+        fx.lb.apply(&d)?;
+        let over = |sport| {
+            PacketBuilder::tcp(SocketAddrV4::new(CLIENT, sport), VIP_WEB)
+                .payload(&[0x5a; 1441])
+                .build()
+        };
+        let before = fx.counters();
+        let started = Instant::now();
+        let mut answered = 0u64;
+        for i in 0..SENT {
+            let frame = over(42000 + i as u16);
+            let (v, out) = fx.run(LB_PROGRAM, &frame)?;
+            match v {
+                XDP_TX => {
+                    ensure!(
+                        out == frag_needed(&frame, LB0_MTU)?,
+                        "packet {i}: answered, but not with fragmentation needed"
+                    );
+                    answered += 1;
+                }
+                XDP_DROP => ensure!(out == frame, "packet {i}: dropped, but changed"),
+                v => anyhow::bail!("packet {i}: {}", verdict_name(v)),
+            }
+        }
+        // The windows the loop spanned (each lets CAP through).
+        let windows = started.elapsed().as_secs() + 1;
+        let after = fx.counters();
+        let delta = |c: Counter| after.get(c) - before.get(c);
+        let limited = after.drop_count(DropReason::IcmpErrorLimited)
+            - before.drop_count(DropReason::IcmpErrorLimited);
+        ensure!(
+            delta(Counter::IcmpFragNeeded) == answered && answered + limited == SENT,
+            "{answered} answered (icmp_frag_needed {}) + {limited} icmp_error_limited != {SENT}",
+            delta(Counter::IcmpFragNeeded)
+        );
+        ensure!(
+            (u64::from(CAP)..=u64::from(CAP) * windows).contains(&answered),
+            "{answered} of {SENT} answered in {windows} window(s) of {CAP}"
+        );
+        ensure!(
+            delta(Counter::FlowNew) == 0,
+            "an oversized packet created a flow"
+        );
+
+        // 0: no limit.
+        d.icmp_errors_per_cpu = 0;
+        fx.lb.apply(&d)?;
+        for i in 0..SENT {
+            let frame = over(43000 + i as u16);
+            let (v, out) = fx.run(LB_PROGRAM, &frame)?;
+            ensure!(
+                v == XDP_TX && out == frag_needed(&frame, LB0_MTU)?,
+                "no limit: packet {i} got {}",
+                verdict_name(v)
+            );
+        }
+        Ok(())
+    })
 }
 
 #[test]

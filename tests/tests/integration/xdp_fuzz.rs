@@ -146,6 +146,7 @@ fn desired() -> DesiredState {
         source_v4_prefix: None,
         source_v6_prefix: None,
         max_new_flows_per_cpu: 0,
+        icmp_errors_per_cpu: 0,
         source_v4: Some(LB_ADDR),
         source_v6: Some(LB6),
         encap: 0,

@@ -461,6 +461,7 @@ fn base_state(env: &Env, services: Vec<DesiredService>) -> DesiredState {
         source_v4_prefix: None,
         source_v6_prefix: None,
         max_new_flows_per_cpu: 0,
+        icmp_errors_per_cpu: 0,
         source_v4: Some(env.lb_addr),
         source_v6: Some(env.lb_addr6),
         encap: ENCAP_IPIP,
