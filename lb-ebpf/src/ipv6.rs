@@ -46,7 +46,7 @@ use crate::{
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
-    hashing::{Choice, Limits, V6, choose_backend},
+    hashing::{Choice, Limits, Probe, V6, choose_backend},
     maps::{CONFIG, DECAP_DSTS},
     nexthop,
     parsing::{
@@ -212,8 +212,15 @@ pub fn try_lb_v6(
     };
     // As on the IPv4 path (gate::resolve): an established flow's packet finds its VIP
     // through its flow (SERVICES_V6), with no VIP lookup.
-    let (vip, established, filter_gen) =
-        gate::resolve::<V6>(ctx, &l2, filter_flags, pkt.tcp_syn, &pkt.key, &vip_key)?;
+    let (vip, established, filter_gen) = gate::resolve::<V6>(
+        ctx,
+        &l2,
+        filter_flags,
+        pkt.tcp_syn,
+        Probe::Todo,
+        &pkt.key,
+        &vip_key,
+    )?;
     let cfg = config.ok_or(Exit::Pass(Counter::PassNoSource))?;
     let mtu = cfg.mtu;
     let limits = Limits {
