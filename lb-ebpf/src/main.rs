@@ -200,16 +200,7 @@ fn try_lb_v4(
         // subprogram.
         let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
         let (len, tos) = (pkt.tot_len, pkt.tos);
-        Forward::fill(
-            fwd,
-            &choice,
-            vip.service_id,
-            len,
-            tos,
-            false,
-            false,
-            entropy,
-        );
+        Forward::fill(fwd, &choice, len, tos, false, false, entropy);
         return Ok(NEXT_SEND);
     }
     // An IPv4 backend: IPIP or GUE, from one source or the flow's in the prefix, built
