@@ -292,10 +292,6 @@ impl Forward {
     /// on the writer's stack: in `lb_v4` that copy cost 32 of its bytes. The byte fields
     /// and the padding go in as two 4-byte words: LLVM turned the separate stores of the
     /// 3-byte padding (and its neighbours) into calls of the `memset` subprogram.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "each a field of the Forward, written in place"
-    )]
     #[inline(always)]
     pub fn fill(
         fwd: &mut MaybeUninit<Forward>,

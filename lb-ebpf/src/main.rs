@@ -112,7 +112,8 @@ fn lb_v4(
     probe: u32,
     entry: *mut FlowEntry,
 ) -> u32 {
-    let probe = short::Handoff::probe(probe, entry);
+    // SAFETY: `xdp_lb` passes what `short_v4` wrote in this run.
+    let probe = unsafe { short::Handoff::probe(probe, entry) };
     finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd, probe))
 }
 

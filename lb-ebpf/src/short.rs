@@ -68,11 +68,15 @@ impl Handoff {
     };
 
     /// The [`Probe`] these values stand for.
+    ///
+    /// # Safety
+    ///
+    /// With `PROBE_HIT`, `entry` must be what [`established_v4`] handed over in this run
+    /// of the program (a flow table's value, valid for the run).
     #[inline(always)]
-    pub fn probe(probe: u32, entry: *mut FlowEntry) -> Probe {
+    pub unsafe fn probe(probe: u32, entry: *mut FlowEntry) -> Probe {
         if probe == PROBE_HIT && !entry.is_null() {
-            // SAFETY: with PROBE_HIT, `entry` is the flow table's value `flow_entry`
-            // returned in this run of the program (valid for the run, as there).
+            // SAFETY: the caller's contract.
             Probe::Hit(unsafe { &mut *entry })
         } else if probe == PROBE_MISS {
             Probe::Miss
