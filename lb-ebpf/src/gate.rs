@@ -19,7 +19,7 @@ use lb_common::{
 use crate::{
     encap::Exit,
     filter,
-    hashing::{self, Choice, FlowTables},
+    hashing::{self, Choice, FlowTables, Probe},
     parsing::L2,
     stats::{count, count_drop},
 };
@@ -173,7 +173,8 @@ pub fn established(
 /// which writes none).
 ///
 /// An established flow's packet (not a SYN: `new_connection`) looks its flow up first
-/// (`fkey` in the family's table `T`): a hit gives the backend, whose service's entry
+/// (`fkey` in the family's table `T`; `probe`: unless the IPv4 short path did, see
+/// [`Probe`]): a hit gives the backend, whose service's entry
 /// gives the VIP's meta, with no VIP lookup ([`hashing::established`]), and its entry
 /// says whether its source already passed the filters as they are now ([`established`]).
 /// Otherwise: the generation read before the lists, the global deny list, the VIP
@@ -185,13 +186,18 @@ pub fn resolve<T: FlowTables>(
     l2: &L2,
     filter_flags: u32,
     new_connection: bool,
+    probe: Probe,
     fkey: &T::Key,
     vip_key: &T::VipKey,
 ) -> Result<(VipMeta, Option<Choice>, u32), Exit> {
     let hit = if new_connection {
         None
     } else {
-        hashing::established::<T>(fkey, vip_key)
+        match probe {
+            Probe::Todo => hashing::established::<T>(fkey, vip_key),
+            Probe::Miss => None,
+            Probe::Hit(entry) => hashing::established_entry::<T>(entry, vip_key),
+        }
     };
     if let Some(hit) = hit {
         if hit.vip.flags & VIP_F_QUIC != 0 {

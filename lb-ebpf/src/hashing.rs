@@ -244,6 +244,21 @@ pub fn choose_backend<T: FlowTables>(
     pick_from_ring::<T>(key, fkey, vip, Table::New, limits.filter_gen)
 }
 
+/// What the established IPv4 short path (`short::established_v4`, inline in `xdp_lb`)
+/// already learnt of a packet's flow before it handed the packet to the whole path
+/// (`gate::resolve`), so that the flow table is not probed twice.
+pub enum Probe {
+    /// Nothing: probe the flow table (every packet the short path did not look up).
+    Todo,
+    /// [`established`] answered None (no entry, or one whose backend or VIP no longer
+    /// holds): the packet takes the whole path, as on a miss of the probe.
+    Miss,
+    /// [`flow_entry`]'s entry, usable ([`established_entry`] checks it again) but for a
+    /// packet the short path does not finish (filters, L7, QUIC, an IPv6 backend, over
+    /// the MTU).
+    Hit(&'static mut FlowEntry),
+}
+
 /// An established flow's flow-table hit on the short path: its VIP's meta, the choice,
 /// and its entry (whose `filter_gen` the caller compares and refreshes, `gate::established`).
 pub struct Established {
@@ -266,10 +281,26 @@ pub struct Established {
 /// only the VIP). Nothing is counted or written here.
 #[inline(always)]
 pub fn established<T: FlowTables>(fkey: &T::Key, vip_key: &T::VipKey) -> Option<Established> {
+    established_entry::<T>(flow_entry::<T>(fkey)?, vip_key)
+}
+
+/// The entry of the established flow `fkey` in family `T`'s flow table, if any (one
+/// hash lookup, nothing checked).
+#[inline(always)]
+pub fn flow_entry<T: FlowTables>(fkey: &T::Key) -> Option<&'static mut FlowEntry> {
     // SAFETY: a preallocated flow table's value, valid for the program's run (as the
     // `&'static` of `LruHashMap::get`); a racing update can at worst hand us another
-    // valid backend id, which is checked below.
-    let entry = unsafe { &mut *T::established().get_ptr_mut(fkey)? };
+    // valid backend id, which [`established_entry`] checks.
+    Some(unsafe { &mut *T::established().get_ptr_mut(fkey)? })
+}
+
+/// [`established`] for a flow-table entry already looked up ([`flow_entry`]): the
+/// checks of its backend and VIP, without the hash lookup.
+#[inline(always)]
+pub fn established_entry<T: FlowTables>(
+    entry: &'static mut FlowEntry,
+    vip_key: &T::VipKey,
+) -> Option<Established> {
     let backend_id = entry.backend_id;
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {

@@ -266,7 +266,7 @@ fn forward_error_v4(
     // calls next: its frame never adds up with this one's.
     let entropy = gue::entropy(cfg, &choice.backend, &key);
     let (len, tos) = (tot_len as u16, ip.tos);
-    ipv6::Forward::fill(fwd, &choice, vip.service_id, len, tos, false, true, entropy);
+    ipv6::Forward::fill(fwd, &choice, len, tos, false, true, entropy);
     Ok(NEXT_SEND)
 }
 

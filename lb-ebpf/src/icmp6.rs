@@ -242,16 +242,7 @@ fn forward_error_v6(
     }
     let entropy = gue::entropy(cfg, &choice.backend, &key);
     let tc = ip.traffic_class();
-    Forward::fill(
-        fwd,
-        &choice,
-        vip.service_id,
-        len as u16,
-        tc,
-        true,
-        true,
-        entropy,
-    );
+    Forward::fill(fwd, &choice, len as u16, tc, true, true, entropy);
     Ok(NEXT_SEND)
 }
 

@@ -46,7 +46,7 @@ use crate::{
     },
     gate::{self, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG6, finish, with_mtu},
     gue,
-    hashing::{Choice, Limits, V6, choose_backend},
+    hashing::{Choice, Limits, Probe, V6, choose_backend},
     maps::{CONFIG, DECAP_DSTS},
     nexthop,
     parsing::{
@@ -212,8 +212,15 @@ pub fn try_lb_v6(
     };
     // As on the IPv4 path (gate::resolve): an established flow's packet finds its VIP
     // through its flow (SERVICES_V6), with no VIP lookup.
-    let (vip, established, filter_gen) =
-        gate::resolve::<V6>(ctx, &l2, filter_flags, pkt.tcp_syn, &pkt.key, &vip_key)?;
+    let (vip, established, filter_gen) = gate::resolve::<V6>(
+        ctx,
+        &l2,
+        filter_flags,
+        pkt.tcp_syn,
+        Probe::Todo,
+        &pkt.key,
+        &vip_key,
+    )?;
     let cfg = config.ok_or(Exit::Pass(Counter::PassNoSource))?;
     let mtu = cfg.mtu;
     let limits = Limits {
@@ -239,16 +246,7 @@ pub fn try_lb_v6(
         return Ok(with_mtu(NEXT_TOO_BIG6, mtu - outer));
     }
     let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
-    Forward::fill(
-        fwd,
-        &choice,
-        vip.service_id,
-        pkt.len,
-        pkt.tc,
-        true,
-        false,
-        entropy,
-    );
+    Forward::fill(fwd, &choice, pkt.len, pkt.tc, true, false, entropy);
     Ok(NEXT_SEND)
 }
 
@@ -264,13 +262,12 @@ pub fn outer_len(backend: &Backend, cfg: &GlobalConfig) -> u32 {
 }
 
 /// What [`send`] needs to tunnel a packet and account it, passed by reference (a BPF
-/// subprogram takes at most five arguments). 36 bytes: `xdp_lb` holds it in its frame.
+/// subprogram takes at most five arguments). 32 bytes: `xdp_lb` holds it in its frame.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Forward {
     /// The backend's address (network order; IPv4 in word 0): the outer destination.
     pub addr: [u32; 4],
-    pub service_id: u32,
     pub backend_id: u32,
     /// The flow's [`lb_common::hash::tunnel_entropy`] when the tunnel uses it (GUE's
     /// source port, `source_ipv4_prefix`'s and `source_ipv6_prefix`'s host bits), else
@@ -288,22 +285,17 @@ pub struct Forward {
     pub family: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<Forward>() == 36);
+const _: () = assert!(size_of::<Forward>() == 32);
 
 impl Forward {
     /// Write the fields straight into `fwd` (the caller's frame), with no temporary copy
     /// on the writer's stack: in `lb_v4` that copy cost 32 of its bytes. The byte fields
     /// and the padding go in as two 4-byte words: LLVM turned the separate stores of the
     /// 3-byte padding (and its neighbours) into calls of the `memset` subprogram.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "each a field of the Forward, written in place"
-    )]
     #[inline(always)]
     pub fn fill(
         fwd: &mut MaybeUninit<Forward>,
         choice: &Choice,
-        service_id: u32,
         inner_len: u16,
         tos: u8,
         inner_v6: bool,
@@ -313,12 +305,11 @@ impl Forward {
         let p = fwd.as_mut_ptr();
         let len = inner_len.to_ne_bytes();
         // SAFETY: `p` points to a Forward-sized, Forward-aligned place (align 4);
-        // `inner_len` is at offset 28 and `icmp_error` at 32 (asserted below), so each
+        // `inner_len` is at offset 24 and `icmp_error` at 28 (asserted below), so each
         // word store covers exactly its four bytes (`icmp_error`, `family`, padding); with the four field writes before
         // them the whole value is initialised.
         unsafe {
             (&raw mut (*p).addr).write(choice.backend.addr);
-            (&raw mut (*p).service_id).write(service_id);
             (&raw mut (*p).backend_id).write(choice.backend_id);
             (&raw mut (*p).entropy).write(entropy);
             (&raw mut (*p).inner_len)
@@ -340,11 +331,11 @@ impl Forward {
         }
     }
 }
-const _: () = assert!(core::mem::offset_of!(Forward, inner_len) == 28);
-const _: () = assert!(core::mem::offset_of!(Forward, tos) == 30);
-const _: () = assert!(core::mem::offset_of!(Forward, inner_v6) == 31);
-const _: () = assert!(core::mem::offset_of!(Forward, icmp_error) == 32);
-const _: () = assert!(core::mem::offset_of!(Forward, family) == 33);
+const _: () = assert!(core::mem::offset_of!(Forward, inner_len) == 24);
+const _: () = assert!(core::mem::offset_of!(Forward, tos) == 26);
+const _: () = assert!(core::mem::offset_of!(Forward, inner_v6) == 27);
+const _: () = assert!(core::mem::offset_of!(Forward, icmp_error) == 28);
+const _: () = assert!(core::mem::offset_of!(Forward, family) == 29);
 
 /// Tunnel the IP packet at `l3_off` as `f` says, account it and send it: the verdict,
 /// its counter counted. A BPF subprogram (the fib lookup's parameters and the outer

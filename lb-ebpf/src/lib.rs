@@ -19,6 +19,7 @@
 //! - [`gue`]: GUE (IPv4 in UDP) encapsulation and decapsulation, per-flow outer source.
 //! - [`quic`]: QUIC connection-ID routing.
 //! - [`keys`]: map keys with padding, built without `memset`.
+//! - [`short`]: the established IPv4 flow's short path, inline in `xdp_lb`.
 #![no_std]
 
 pub mod csum;
@@ -36,4 +37,5 @@ pub mod maps;
 pub mod nexthop;
 pub mod parsing;
 pub mod quic;
+pub mod short;
 pub mod stats;

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT},
+    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowEntry, PROTO_UDP, VIP_F_FLOW_LIMIT},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, transmit},
@@ -25,7 +25,7 @@ use lb_ebpf::{
         self, NEXT_ICMP4, NEXT_ICMP6, NEXT_SEND, NEXT_TOO_BIG4, NEXT_TOO_BIG6, finish, with_mtu,
     },
     gue,
-    hashing::{Limits, V4, choose_backend},
+    hashing::{Limits, Probe, V4, choose_backend},
     icmp, icmp6,
     ipv6::{self, Forward},
     keys,
@@ -33,7 +33,7 @@ use lb_ebpf::{
     parsing::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPV4_HLEN, Ipv4Hdr, L2, parse_ipv4, parse_l2, ptr_at,
     },
-    quic,
+    quic, short,
     stats::{count, count_forwarded},
 };
 
@@ -53,7 +53,14 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     // IPv6 backends go to `ipv6::send`); see README, "IPv6 VIPs and backends" and "GUE".
     let mut fwd = MaybeUninit::<Forward>::uninit();
     let mut action = if l2.proto == ETH_P_IP {
-        lb_v4(ctx.ctx, l2.l3_off, &mut fwd)
+        // The established IPv4 flow's short path first (short.rs); what it does not
+        // finish takes the whole path, with the flow-table entry it found.
+        let mut entry: *mut FlowEntry = core::ptr::null_mut();
+        let short = short_v4(ctx.ctx, l2.l3_off, &mut entry);
+        if short & SHORT_NOT_DONE == 0 {
+            return short;
+        }
+        lb_v4(ctx.ctx, l2.l3_off, &mut fwd, short & !SHORT_NOT_DONE, entry)
     } else if l2.proto == ETH_P_IPV6 {
         lb_v6(ctx.ctx, l2.l3_off, &mut fwd)
     } else {
@@ -75,11 +82,39 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The IPv4 path (a subprogram: see `xdp_lb`). Takes the raw context so that the
+/// `short_v4`'s answer for a packet it did not finish (bits 0..8: its `short::PROBE_*`).
+const SHORT_NOT_DONE: u32 = 0x100;
+
+/// The established IPv4 flow's short path (`short::established_v4`), a sibling
+/// subprogram of [`lb_v4`] (its frame is not on `lb_v4`'s call chain): the XDP action
+/// of a packet it finished, else `SHORT_NOT_DONE` | its `short::PROBE_*`, with the
+/// flow's entry written to `entry` for `PROBE_HIT`.
+#[inline(never)]
+fn short_v4(ctx: *mut xdp_md, l3_off: usize, entry: &mut *mut FlowEntry) -> u32 {
+    match short::established_v4(&XdpContext::new(ctx), l3_off) {
+        Ok(action) => action,
+        Err(hand) => {
+            *entry = hand.entry;
+            SHORT_NOT_DONE | hand.probe
+        }
+    }
+}
+
+/// The IPv4 path (a subprogram: see `xdp_lb`) for every IPv4 packet the short path
+/// (`short::established_v4`) did not finish, with what its probe of the flow table
+/// found (`probe`, `entry`: a `short::Handoff`). Takes the raw context so that the
 /// callee's first argument is the context pointer the helpers need.
 #[inline(never)]
-fn lb_v4(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32 {
-    finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd))
+fn lb_v4(
+    ctx: *mut xdp_md,
+    l3_off: usize,
+    fwd: &mut MaybeUninit<Forward>,
+    probe: u32,
+    entry: *mut FlowEntry,
+) -> u32 {
+    // SAFETY: `xdp_lb` passes what `short_v4` wrote in this run.
+    let probe = unsafe { short::Handoff::probe(probe, entry) };
+    finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd, probe))
 }
 
 /// The IPv6 path (`lb_ebpf::ipv6`), a sibling subprogram of [`lb_v4`].
@@ -89,7 +124,12 @@ fn lb_v6(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32
 }
 
 #[inline(always)]
-fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> Result<u32, Exit> {
+fn try_lb_v4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    fwd: &mut MaybeUninit<Forward>,
+    probe: Probe,
+) -> Result<u32, Exit> {
     let l2 = L2 {
         l3_off,
         proto: ETH_P_IP,
@@ -117,7 +157,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
     let vip_key = keys::vip_key_v4(pkt.key.dst[0], pkt.key.dport, pkt.key.proto);
     let fkey = keys::flow_key_v4(&pkt.key);
     let (vip, established, filter_gen) =
-        gate::resolve::<V4>(ctx, &l2, filter_flags, pkt.tcp_syn, &fkey, &vip_key)?;
+        gate::resolve::<V4>(ctx, &l2, filter_flags, pkt.tcp_syn, probe, &fkey, &vip_key)?;
     let cfg = config.ok_or(Exit::Pass(Counter::PassNoSource))?;
     let (source, mtu) = (cfg.source_v4, cfg.mtu);
     if source == 0 {
@@ -161,16 +201,7 @@ fn try_lb_v4(ctx: &XdpContext, l3_off: usize, fwd: &mut MaybeUninit<Forward>) ->
         // subprogram.
         let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
         let (len, tos) = (pkt.tot_len, pkt.tos);
-        Forward::fill(
-            fwd,
-            &choice,
-            vip.service_id,
-            len,
-            tos,
-            false,
-            false,
-            entropy,
-        );
+        Forward::fill(fwd, &choice, len, tos, false, false, entropy);
         return Ok(NEXT_SEND);
     }
     // An IPv4 backend: IPIP or GUE, from one source or the flow's in the prefix, built
