@@ -88,6 +88,9 @@ struct Shared {
     /// [`LogGuard`] was dropped: write what is left and stop.
     closing: AtomicBool,
     dropped: AtomicUsize,
+    /// `XDPLB_LOG` enables the access log ([`ACCESS_TARGET`] at INFO): decided once by
+    /// [`init`] (the filter is fixed for the process's life), not per line.
+    access: AtomicBool,
 }
 
 thread_local! {
@@ -293,6 +296,11 @@ pub fn init() -> LogGuard {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(move || Appender(direct))
             .init();
+        // The subscriber is global and its filter never changes: ask it once.
+        direct.access.store(
+            tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+            Ordering::Relaxed,
+        );
     }
     LogGuard {
         shared,
@@ -317,7 +325,7 @@ pub fn access_line(fields: impl FnOnce(&mut Fields<'_>)) -> bool {
     let Some(shared) = DIRECT.get() else {
         return false;
     };
-    if !tracing::enabled!(target: "xdplb::access", tracing::Level::INFO) {
+    if !shared.access.load(Ordering::Relaxed) {
         return true;
     }
     shared.write_line(|p| {

@@ -192,6 +192,35 @@ fn cache_status_value(headers: &HeaderMap, status: &Status) -> Option<HeaderValu
     HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
+/// Which of the request fields that [`Cache::hit`] reads are present: found in one
+/// pass over the request's field names (most requests carry none of them) instead of
+/// one hashed lookup per field.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HitFields {
+    /// `Cache-Control` or `Pragma`.
+    directives: bool,
+    /// `If-None-Match` or `If-Modified-Since`.
+    conditional: bool,
+    /// `Range`.
+    range: bool,
+}
+
+impl HitFields {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut f = Self::default();
+        for name in headers.keys() {
+            if *name == header::CACHE_CONTROL || *name == header::PRAGMA {
+                f.directives = true;
+            } else if *name == header::IF_NONE_MATCH || *name == header::IF_MODIFIED_SINCE {
+                f.conditional = true;
+            } else if *name == header::RANGE {
+                f.range = true;
+            }
+        }
+        f
+    }
+}
+
 /// A response on its way out, with what the cache did.
 struct Served {
     resp: Response<Body>,
@@ -304,7 +333,13 @@ impl Cache {
             return None;
         }
         let now = SystemTime::now();
-        let req_cc = CacheControl::parse_request(req.headers());
+        let fields = HitFields::of(req.headers());
+        // Without `Cache-Control` and `Pragma` the request has no directives.
+        let req_cc = if fields.directives {
+            CacheControl::parse_request(req.headers())
+        } else {
+            CacheControl::default()
+        };
         if policy::reuse(&req_cc, &stored.cc, stored.lifetime, stored.age(now)) != Reuse::Fresh {
             return None;
         }
@@ -312,10 +347,12 @@ impl Cache {
             headers: req.headers(),
             head,
             // Range is defined for GET only (see `serve`).
-            ranged: !head && req.headers().contains_key(header::RANGE),
+            ranged: !head && fields.range,
         };
-        let conditional_match =
-            stored.status.is_success() && policy::not_modified(asked.headers, &stored.headers);
+        // Without `If-None-Match` and `If-Modified-Since`, `not_modified` is false.
+        let conditional_match = fields.conditional
+            && stored.status.is_success()
+            && policy::not_modified(asked.headers, &stored.headers);
         let whole = !asked.ranged && !conditional_match;
         if whole {
             // The common case: the stored response whole, its header map built at store

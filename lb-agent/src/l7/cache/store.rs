@@ -7,8 +7,20 @@
 //! admission and LRU eviction keep the memory bounded. Updating one variant replaces
 //! the entry (a read-modify-write that a concurrent update of another variant of the
 //! same URI may win; the loser is simply not stored).
+//!
+//! Each thread also keeps a small front of the URIs it looked up last (`FRONT`): a
+//! lookup found there skips moka's read path (its hash, its concurrent map and the read
+//! log that feeds its eviction policy, whose queue every worker shares). Every
+//! [`FRONT_READS`]-th lookup of an entry still goes through moka, so the eviction policy
+//! keeps seeing the URI as hot. Any change to the store (put, invalidate, purge) moves
+//! its generation and so retires every thread's front entries of it; an entry moka
+//! evicts is dropped with it (the front holds it weakly).
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -22,6 +34,14 @@ const MAX_VARIANTS: usize = 8;
 
 /// Bytes counted per stored response besides its fields and body.
 const OVERHEAD: usize = 160;
+
+/// Lookups of a URI answered from a thread's front, per lookup that goes through moka
+/// (and so counts as a read for its eviction policy).
+pub const FRONT_READS: u32 = 16;
+
+/// URIs a thread's front holds at most (all of the thread's stores together); when
+/// full, it starts again empty.
+const FRONT_ENTRIES: usize = 64;
 
 /// What a response is stored under: the lower-case host (with port, if given) and the
 /// path and query.
@@ -62,6 +82,24 @@ pub struct KeyRef<'a> {
     pub path_and_query: &'a str,
 }
 
+/// The two strings of a [`Key`] or a [`KeyRef`].
+pub trait KeyParts: moka::Equivalent<Key> + std::hash::Hash {
+    /// Lower-case host[:port] and path-and-query.
+    fn parts(&self) -> (&str, &str);
+}
+
+impl KeyParts for Key {
+    fn parts(&self) -> (&str, &str) {
+        (&self.host, &self.path_and_query)
+    }
+}
+
+impl KeyParts for KeyRef<'_> {
+    fn parts(&self) -> (&str, &str) {
+        (self.host, self.path_and_query)
+    }
+}
+
 impl moka::Equivalent<Key> for KeyRef<'_> {
     fn equivalent(&self, key: &Key) -> bool {
         *key.host == *self.host && *key.path_and_query == *self.path_and_query
@@ -97,18 +135,17 @@ pub struct Stored {
     /// `Cache-Status` are already in place (placeholder values), so a hit clones this
     /// map and sets the two values in place, without the map growing ([`Self::hit_head`]).
     hit_headers: HeaderMap,
-    /// The `Age` and `Cache-Status` values of a fresh hit for the (age, ttl) they were
-    /// last rendered for: hits within the same second share them.
-    hit_values: std::sync::Mutex<Option<HitValues>>,
+    /// `hit_headers` with the `Age` and `Cache-Status` values of the (age, ttl) they
+    /// were last rendered for: the hits within the same second clone this map as it is.
+    hit_head: std::sync::Mutex<Option<Arc<HitHead>>>,
 }
 
-/// The two per-second values of a fresh hit ([`Stored::hit_head`]).
-#[derive(Debug, Clone)]
-struct HitValues {
+/// The header fields of a fresh hit for one (age, ttl) ([`Stored::hit_head`]).
+#[derive(Debug)]
+struct HitHead {
     age: u64,
     ttl: i64,
-    age_value: HeaderValue,
-    status_value: HeaderValue,
+    headers: HeaderMap,
 }
 
 impl Stored {
@@ -170,37 +207,40 @@ impl Stored {
             cc,
             vary,
             hit_headers,
-            hit_values: std::sync::Mutex::new(None),
+            hit_head: std::sync::Mutex::new(None),
         }
     }
 
     /// The header fields of this response served whole as a fresh hit at `now`: the
     /// stored fields with its `Age` and `Cache-Status` (`render(ttl)` gives the
-    /// `Cache-Status` value for a remaining freshness of `ttl` seconds: it is called
-    /// once per distinct (age, ttl), the values kept for the hits that follow).
+    /// `Cache-Status` value for a remaining freshness of `ttl` seconds). The map is
+    /// built once per distinct (age, ttl) and kept: the hits that follow clone it as it
+    /// is (no field inserted, no name hashed per hit). The slot is only ever
+    /// `try_lock`ed and held for an `Arc` clone: a contended hit builds its own map.
     pub fn hit_head(&self, now: SystemTime, render: impl FnOnce(i64) -> HeaderValue) -> HeaderMap {
         let age = self.age(now).as_secs().min(policy::DELTA_MAX);
         let ttl = self.ttl(now);
-        let cached = match self.hit_values.try_lock() {
-            Ok(v) => v.as_ref().filter(|v| v.age == age && v.ttl == ttl).cloned(),
+        let current = match self.hit_head.try_lock() {
+            Ok(slot) => slot
+                .as_ref()
+                .filter(|h| h.age == age && h.ttl == ttl)
+                .map(Arc::clone),
             Err(_) => None,
         };
-        let values = cached.unwrap_or_else(|| {
-            let v = HitValues {
+        if let Some(head) = current {
+            return head.headers.clone();
+        }
+        let mut headers = self.hit_headers.clone();
+        // Both fields are in `hit_headers` already: replaced in place (no growth).
+        headers.insert(http::header::AGE, HeaderValue::from(age));
+        headers.insert(super::CACHE_STATUS, render(ttl));
+        if let Ok(mut slot) = self.hit_head.try_lock() {
+            *slot = Some(Arc::new(HitHead {
                 age,
                 ttl,
-                age_value: HeaderValue::from(age),
-                status_value: render(ttl),
-            };
-            if let Ok(mut slot) = self.hit_values.try_lock() {
-                *slot = Some(v.clone());
-            }
-            v
-        });
-        let mut headers = self.hit_headers.clone();
-        // Both fields are in `hit_headers` already: replaced in place.
-        headers.insert(http::header::AGE, values.age_value);
-        headers.insert(super::CACHE_STATUS, values.status_value);
+                headers: headers.clone(),
+            }));
+        }
         headers
     }
 
@@ -243,9 +283,9 @@ impl Stored {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.as_ref().map_or(0, String::len))
             .sum();
-        // `hit_headers` holds the fields again (the values share their bytes; the
-        // names and the map's own tables do not).
-        OVERHEAD + 2 * fields + vary + self.body.len()
+        // `hit_headers` and the kept map of `hit_head` hold the fields again (the
+        // values share their bytes; the names and the maps' own tables do not).
+        OVERHEAD + 3 * fields + vary + self.body.len()
     }
 
     fn same_variant(&self, other: &Self) -> bool {
@@ -267,10 +307,41 @@ pub enum Lookup {
     Found(Arc<Stored>),
 }
 
+/// One URI in a thread's front.
+#[derive(Debug)]
+struct FrontEntry {
+    /// The store ([`Generation::id`]) and its generation when the entry was filled.
+    store: u64,
+    generation: u64,
+    key: Key,
+    /// What moka held for the key (weak: an entry moka evicts is not kept alive here).
+    variants: Weak<Variants>,
+    /// Lookups answered from here since the last one through moka.
+    reads: u32,
+}
+
+thread_local! {
+    /// This thread's most recent lookups, by a hash of (store, host, path-and-query).
+    static FRONT: RefCell<HashMap<u64, FrontEntry, foldhash::fast::FixedState>> =
+        RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
+}
+
+/// Which store a [`FrontEntry`] belongs to, and whether it is still current.
+#[derive(Debug)]
+struct Generation {
+    /// Unique per store (its clones share it).
+    id: u64,
+    /// Moved after every change of the store (once moka has it).
+    current: AtomicU64,
+}
+
+static STORE_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// The size-bounded store.
 #[derive(Clone)]
 pub struct Store {
     moka: Moka<Key, Arc<Variants>>,
+    generation: Arc<Generation>,
 }
 
 impl Store {
@@ -287,15 +358,71 @@ impl Store {
             })
             .support_invalidation_closures()
             .build();
-        Self { moka }
+        Self {
+            moka,
+            generation: Arc::new(Generation {
+                id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
+                current: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// After a change to moka: every thread's front entries of this store are stale.
+    fn changed(&self) {
+        self.generation.current.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The variants stored for `key`: from this thread's front when it has them for the
+    /// store's current generation, else (and every [`FRONT_READS`]-th time) from moka.
+    async fn variants<Q: KeyParts>(&self, key: &Q) -> Option<Arc<Variants>> {
+        // Read before moka is: a change made after this is seen by the next lookup.
+        let generation = self.generation.current.load(Ordering::Acquire);
+        let id = self.generation.id;
+        let (host, path_and_query) = key.parts();
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one((id, host, path_and_query));
+        let front = FRONT.try_with(|front| {
+            let mut front = front.borrow_mut();
+            let entry = front.get_mut(&hash)?;
+            if entry.store != id
+                || entry.generation != generation
+                || *entry.key.host != *host
+                || *entry.key.path_and_query != *path_and_query
+            {
+                return None;
+            }
+            entry.reads += 1;
+            if entry.reads >= FRONT_READS {
+                return None;
+            }
+            entry.variants.upgrade()
+        });
+        if let Ok(Some(variants)) = front {
+            return Some(variants);
+        }
+        let variants = self.moka.get(key).await?;
+        let entry = FrontEntry {
+            store: id,
+            generation,
+            key: Key {
+                host: host.into(),
+                path_and_query: path_and_query.into(),
+            },
+            variants: Arc::downgrade(&variants),
+            reads: 0,
+        };
+        let _ = FRONT.try_with(|front| {
+            let mut front = front.borrow_mut();
+            if front.len() >= FRONT_ENTRIES && !front.contains_key(&hash) {
+                front.clear();
+            }
+            front.insert(hash, entry);
+        });
+        Some(variants)
     }
 
     /// The variant stored for `key` (a [`Key`] or a [`KeyRef`]) that matches `req_headers`.
-    pub async fn lookup<Q>(&self, key: &Q, req_headers: &HeaderMap) -> Lookup
-    where
-        Q: moka::Equivalent<Key> + std::hash::Hash + ?Sized,
-    {
-        let Some(variants) = self.moka.get(key).await else {
+    pub async fn lookup<Q: KeyParts>(&self, key: &Q, req_headers: &HeaderMap) -> Lookup {
+        let Some(variants) = self.variants(key).await else {
             return Lookup::UriMiss;
         };
         variants
@@ -326,11 +453,13 @@ impl Store {
         }
         variants.push(stored);
         self.moka.insert(key, Arc::new(Variants(variants))).await;
+        self.changed();
     }
 
     /// Drop everything stored for `key`.
     pub async fn invalidate(&self, key: &Key) {
         self.moka.invalidate(key).await;
+        self.changed();
     }
 
     /// Drop every entry when `path` is `None`, else those whose path (without query)
@@ -339,6 +468,7 @@ impl Store {
         let Some(path) = path else {
             let n = self.moka.iter().count() as u64;
             self.moka.invalidate_all();
+            self.changed();
             return n;
         };
         let owned = path.to_owned();
@@ -354,6 +484,7 @@ impl Store {
             if let Err(e) = self.moka.invalidate_entries_if(move |k, _| matches(k)) {
                 tracing::warn!("cache purge: {e}");
             }
+            self.changed();
         }
         n
     }
@@ -375,6 +506,127 @@ mod tests {
     use std::hash::BuildHasher as _;
 
     use super::*;
+
+    /// A fresh hit's fields: the stored ones with `Age` and `Cache-Status` in their
+    /// places, rendered once per (age, ttl) and reused within it, renewed after.
+    #[test]
+    fn hit_heads_are_kept_per_second() {
+        // On a whole second: ages and ttls below are exact.
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", HeaderValue::from_static("max-age=60"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        let stored = Stored::new(
+            StatusCode::OK,
+            headers,
+            Bytes::from_static(b"body"),
+            &HeaderMap::new(),
+            &[],
+            t0,
+            t0,
+        );
+        let renders = std::cell::Cell::new(0);
+        let head = |at: SystemTime| {
+            stored.hit_head(at, |ttl| {
+                renders.set(renders.get() + 1);
+                HeaderValue::from_str(&format!("xdplb; hit; ttl={ttl}")).unwrap()
+            })
+        };
+        let first = head(t0);
+        assert_eq!(first.get("age").unwrap(), "0");
+        assert_eq!(first.get("cache-status").unwrap(), "xdplb; hit; ttl=60");
+        assert_eq!(first.get("x-a").unwrap(), "1");
+        assert_eq!(first.get("content-length").unwrap(), "4");
+        assert_eq!(first.len(), stored.headers.len() + 2);
+        // For the same (age, ttl): the kept map, not rendered again.
+        assert_eq!(head(t0), first);
+        assert_eq!(renders.get(), 1);
+        // Seconds later: new values, the other fields as they were, in the same order.
+        let later = head(t0 + Duration::from_secs(7));
+        assert_eq!(renders.get(), 2);
+        assert_eq!(later.get("age").unwrap(), "7");
+        assert_eq!(later.get("cache-status").unwrap(), "xdplb; hit; ttl=53");
+        assert_eq!(
+            later.keys().collect::<Vec<_>>(),
+            first.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(head(t0 + Duration::from_secs(7)), later);
+        assert_eq!(renders.get(), 2);
+    }
+
+    fn stored(body: &'static [u8]) -> Arc<Stored> {
+        Arc::new(Stored::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(body),
+            &HeaderMap::new(),
+            &[],
+            SystemTime::now(),
+            SystemTime::now(),
+        ))
+    }
+
+    async fn body(store: &Store, host: &str, pq: &str) -> Option<Bytes> {
+        let key = KeyRef {
+            host,
+            path_and_query: pq,
+        };
+        match store.lookup(&key, &HeaderMap::new()).await {
+            Lookup::Found(s) => Some(s.body.clone()),
+            _ => None,
+        }
+    }
+
+    /// A thread's front answers repeated lookups, and never with what the store no
+    /// longer holds: a put, an invalidation or a purge (on this thread or another) is
+    /// seen by the next lookup; two stores do not see each other's entries.
+    #[tokio::test]
+    async fn the_front_follows_every_change_of_the_store() {
+        let store = Store::new(1 << 20);
+        let other = Store::new(1 << 20);
+        store.put(Key::new("h", "/p"), stored(b"one")).await;
+        for _ in 0..3 * FRONT_READS {
+            assert_eq!(body(&store, "h", "/p").await.as_deref(), Some(&b"one"[..]));
+        }
+        assert_eq!(body(&other, "h", "/p").await, None);
+        store.put(Key::new("h", "/p"), stored(b"two")).await;
+        assert_eq!(body(&store, "h", "/p").await.as_deref(), Some(&b"two"[..]));
+        // A change from another thread (its own runtime).
+        let remote = store.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(remote.put(Key::new("h", "/p"), stored(b"three")));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            body(&store, "h", "/p").await.as_deref(),
+            Some(&b"three"[..])
+        );
+        store.invalidate(&Key::new("h", "/p")).await;
+        assert_eq!(body(&store, "h", "/p").await, None);
+        store.put(Key::new("h", "/p"), stored(b"four")).await;
+        store.put(Key::new("h", "/q"), stored(b"q")).await;
+        assert!(body(&store, "h", "/p").await.is_some());
+        assert!(body(&store, "h", "/q").await.is_some());
+        assert_eq!(store.purge(Some("/p"), false), 1);
+        assert_eq!(body(&store, "h", "/p").await, None);
+        assert_eq!(body(&store, "h", "/q").await.as_deref(), Some(&b"q"[..]));
+        assert!(store.purge(None, false) >= 1);
+        assert_eq!(body(&store, "h", "/q").await, None);
+        // More URIs than the front holds: each still found.
+        let paths: Vec<String> = (0..2 * FRONT_ENTRIES).map(|i| format!("/{i}")).collect();
+        for p in &paths {
+            store.put(Key::new("h", p), stored(b"x")).await;
+        }
+        for _ in 0..2 {
+            for p in &paths {
+                assert!(body(&store, "h", p).await.is_some(), "{p}");
+            }
+        }
+    }
 
     /// A borrowed key finds what its owned form stored: same hash, equivalent.
     #[tokio::test]

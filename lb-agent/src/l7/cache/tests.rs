@@ -1502,7 +1502,7 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
     }
     settle().await;
     let all = |_: &http::HeaderName| true;
-    let fresh_hits: [FastCase; 7] = [
+    let fresh_hits: [FastCase; 9] = [
         ("GET", || get("/p"), StatusCode::OK, "plain"),
         ("HEAD", || req(Method::HEAD, "/p", &[]), StatusCode::OK, ""),
         (
@@ -1528,6 +1528,24 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
             || get("/c"),
             StatusCode::OK,
             "behind another cache",
+        ),
+        (
+            "If-Modified-Since",
+            || {
+                req(
+                    Method::GET,
+                    "/p",
+                    &[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+                )
+            },
+            StatusCode::NOT_MODIFIED,
+            "",
+        ),
+        (
+            "request directives that allow it",
+            || req(Method::GET, "/p", &[("cache-control", "max-age=600")]),
+            StatusCode::OK,
+            "plain",
         ),
         // The same again: the per-second Age and Cache-Status values are reused.
         ("again", || get("/p"), StatusCode::OK, "plain"),
@@ -1563,8 +1581,20 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
         assert!(!f.header("age").is_empty(), "{what}: no Age");
     }
     // Everything else is left to `handle`.
-    let none: [(&str, Request<Body>); 5] = [
+    let none: [(&str, Request<Body>); 8] = [
         ("nothing stored", get("/none")),
+        (
+            "request Pragma: no-cache",
+            req(Method::GET, "/p", &[("pragma", "no-cache")]),
+        ),
+        (
+            "request max-age=0",
+            req(Method::GET, "/p", &[("cache-control", "max-age=0")]),
+        ),
+        (
+            "request min-fresh past the lifetime",
+            req(Method::GET, "/p", &[("cache-control", "min-fresh=600")]),
+        ),
         (
             "another variant",
             req(Method::GET, "/v", &[("accept-language", "fr")]),
@@ -1588,5 +1618,50 @@ async fn the_hit_fast_path_serves_what_handle_serves_and_nothing_else() {
     assert_eq!(
         (be.hits("/p"), be.hits("/v"), be.hits("/x"), be.hits("/c")),
         (1, 1, 1, 1)
+    );
+}
+
+/// `HitFields` sees the fields `Cache::hit` reads, whatever their case or position, and
+/// nothing else.
+#[test]
+fn hit_fields_are_found_in_one_pass() {
+    use super::HitFields;
+    let of = |fields: &[(&str, &str)]| {
+        let mut h = http::HeaderMap::new();
+        for (n, v) in fields {
+            h.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        HitFields::of(&h)
+    };
+    let f = |directives, conditional, range| HitFields {
+        directives,
+        conditional,
+        range,
+    };
+    assert_eq!(of(&[]), f(false, false, false));
+    assert_eq!(
+        of(&[("host", "a"), ("accept", "*/*"), ("if-range", "\"x\"")]),
+        f(false, false, false)
+    );
+    assert_eq!(of(&[("Cache-Control", "no-cache")]), f(true, false, false));
+    assert_eq!(
+        of(&[("host", "a"), ("PRAGMA", "no-cache")]),
+        f(true, false, false)
+    );
+    assert_eq!(of(&[("if-none-match", "*")]), f(false, true, false));
+    assert_eq!(
+        of(&[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")]),
+        f(false, true, false)
+    );
+    assert_eq!(
+        of(&[
+            ("range", "bytes=0-1"),
+            ("x", "y"),
+            ("cache-control", "max-age=1")
+        ]),
+        f(true, false, true)
     );
 }
