@@ -104,6 +104,20 @@ pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
 }
 
+/// How many shards a value written on the request path needs so that no two workers
+/// write the same one: one per running worker, 1 before [`init`] (or a first use).
+#[must_use]
+pub(crate) fn shard_count() -> usize {
+    WORKERS.get().map_or(1, Workers::len)
+}
+
+/// The shard of the calling thread among `n` (`n` >= 1): its worker's index, shard 0
+/// off the workers (the control plane, tests).
+#[must_use]
+pub(crate) fn shard(n: usize) -> usize {
+    current().unwrap_or(0) % n
+}
+
 impl Workers {
     fn start(n: usize) -> std::io::Result<Self> {
         let mut workers = Vec::with_capacity(n);
@@ -183,6 +197,27 @@ impl<T> std::ops::Deref for PerWorker<T> {
         let i = current().unwrap_or(0);
         &self.values[i % self.values.len()]
     }
+}
+
+/// Run `f` once on each worker (started if need be) and return what each returned,
+/// in worker order (tests of per-worker state).
+#[cfg(test)]
+pub(crate) fn on_each<T: Send + 'static>(
+    f: impl Fn() -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    get()
+        .workers
+        .iter()
+        .map(|w| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let f = std::sync::Arc::clone(&f);
+            w.handle.spawn(async move {
+                let _ = tx.send(f());
+            });
+            rx.recv().expect("the worker runs the task")
+        })
+        .collect()
 }
 
 #[cfg(test)]
