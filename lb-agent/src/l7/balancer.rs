@@ -659,7 +659,11 @@ fn lighter(a: &Member, b: &Member) -> bool {
 
 /// nginx's smooth weighted round robin over the members that pass `ok`, with the
 /// running values `current` (one per member).
-fn smooth_wrr(members: &[Member], current: &mut [i64], ok: impl Fn(usize) -> bool) -> Option<usize> {
+fn smooth_wrr(
+    members: &[Member],
+    current: &mut [i64],
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
     let mut total = 0i64;
     let mut best: Option<usize> = None;
     for (i, m) in members.iter().enumerate() {

@@ -529,17 +529,35 @@ mod tests {
             }
         );
         // Every worker wrote its own shard.
-        assert!(web.totals.requests.0.iter().all(|s| s.load(Ordering::Relaxed) >= 11));
+        assert!(
+            web.totals
+                .requests
+                .0
+                .iter()
+                .all(|s| s.load(Ordering::Relaxed) >= 11)
+        );
         let mut registry = Registry::with_prefix("xdplb");
         stats.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for needle in [
-            format!("xdplb_http_requests_total{{service=\"web\",backend=\"198.18.2.11:80\",code=\"200\"}} {}", 10 * n + 1),
-            format!("xdplb_http_request_seconds_count{{service=\"web\"}} {}", 10 * n),
-            format!("xdplb_http_request_seconds_bucket{{le=\"0.001\",service=\"web\"}} 0"),
-            format!("xdplb_http_request_seconds_bucket{{le=\"0.0025\",service=\"web\"}} {}", 10 * n),
-            format!("xdplb_http_request_seconds_bucket{{le=\"+Inf\",service=\"web\"}} {}", 10 * n),
+            format!(
+                "xdplb_http_requests_total{{service=\"web\",backend=\"198.18.2.11:80\",code=\"200\"}} {}",
+                10 * n + 1
+            ),
+            format!(
+                "xdplb_http_request_seconds_count{{service=\"web\"}} {}",
+                10 * n
+            ),
+            "xdplb_http_request_seconds_bucket{le=\"0.001\",service=\"web\"} 0".to_owned(),
+            format!(
+                "xdplb_http_request_seconds_bucket{{le=\"0.0025\",service=\"web\"}} {}",
+                10 * n
+            ),
+            format!(
+                "xdplb_http_request_seconds_bucket{{le=\"+Inf\",service=\"web\"}} {}",
+                10 * n
+            ),
         ] {
             assert!(text.contains(&needle), "{needle} missing in\n{text}");
         }

@@ -8,8 +8,11 @@
 //! one thread. Each service keeps one pool of backend connections per worker
 //! ([`PerWorker`]), so a request never waits for a task on another thread: no
 //! cross-thread wake-up between a client connection and its backend connection, no
-//! work stealing, no lock shared by the workers on the request path apart from the
-//! metrics' atomics.
+//! work stealing, no lock shared by the workers on the request path. The metrics and
+//! the balancer's scheduling state are sharded per worker too ([`shard`]); what the
+//! workers still both write per request are the reference counts of the backend a
+//! request leases and of the service (the server's service function and the
+//! forwarder each hold one).
 //!
 //! Accepting stays where it was (the listening socket is not duplicated per worker), so
 //! the hand-over of listening sockets to a new agent and the successor of a service
@@ -202,9 +205,7 @@ impl<T> std::ops::Deref for PerWorker<T> {
 /// Run `f` once on each worker (started if need be) and return what each returned,
 /// in worker order (tests of per-worker state).
 #[cfg(test)]
-pub(crate) fn on_each<T: Send + 'static>(
-    f: impl Fn() -> T + Send + Sync + 'static,
-) -> Vec<T> {
+pub(crate) fn on_each<T: Send + 'static>(f: impl Fn() -> T + Send + Sync + 'static) -> Vec<T> {
     let f = std::sync::Arc::new(f);
     get()
         .workers

@@ -658,16 +658,16 @@ fn every_worker_schedules_from_its_own_slot() {
     let counts = |p: &Arc<Pool>| {
         let p = Arc::clone(p);
         crate::l7::workers::on_each(move || {
-            let mut c = [0usize; 3];
+            let mut c = [0usize; 4];
             for i in 0..30 {
                 c[idx(pick(&p, i).unwrap().addr())] += 1;
             }
             c
         })
     };
-    assert_eq!(counts(&p), vec![[0, 10, 20]; n]);
+    assert_eq!(counts(&p), vec![[0, 10, 20, 0]; n]);
     p.update(&serving(&[1, 1, 1]));
-    assert_eq!(counts(&p), vec![[10, 10, 10]; n]);
+    assert_eq!(counts(&p), vec![[0, 10, 10, 10]; n]);
     // Health is one per backend whatever the worker: a failure on one worker is
     // reset by a success on the next, failures add up across workers.
     let q = Arc::clone(&p);
@@ -686,4 +686,3 @@ fn every_worker_schedules_from_its_own_slot() {
         assert!(s.ejected, "{s:?}");
     }
 }
-
