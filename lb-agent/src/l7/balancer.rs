@@ -74,22 +74,28 @@
 //!
 //! # Concurrency and clock
 //!
-//! The serving set is an immutable `Arc` swapped under an `RwLock` by `update` (built
-//! outside the lock, so picks never wait for a Maglev table); a pick
-//! clones the `Arc` and works lock-free on atomics, except round robin, which locks its
-//! running values. In-flight counts are atomics held by [`Lease`]s, which keep their
-//! backend alive after it leaves the set. The `*_at` methods take the time explicitly,
+//! The serving set is an immutable `Arc` held by one slot per L7 worker
+//! ([`super::workers::shard`]), each on its own cache line behind its own mutex, which
+//! only its worker takes on the request path: `update` builds the new set outside the
+//! locks (picks never wait for a Maglev table) and swaps it into every slot. A pick
+//! works under its worker's slot with the round-robin running values and the
+//! least-request rotation kept there (so each worker runs its own smooth weighted round
+//! robin: the same shares overall), and passive health reports a success on a backend
+//! with no failure on record without taking its lock. In-flight counts are atomics held
+//! by [`Lease`]s, which keep their backend alive after it leaves the set. The `*_at` methods take the time explicitly,
 //! so tests drive ejection without sleeping; the plain methods use `Instant::now()`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use rand::Rng as _;
 
 use super::sticky::{StickyKey, TOKEN_LEN, cookie_value};
+use super::workers;
 use crate::config::{HashOn, HttpConfig, Scheduler};
 use crate::dataplane::ring::{self, RingMember};
 use lb_common::hash::tagged_hash;
@@ -138,13 +144,17 @@ pub struct BackendState {
 /// A chosen backend; counts as one request in flight until dropped.
 pub struct Lease {
     backend: Arc<Backend>,
+    /// The shard of the in-flight count it added to.
+    shard: usize,
 }
 
 impl Lease {
     fn new(backend: &Arc<Backend>) -> Self {
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        let shard = workers::shard(backend.in_flight.len());
+        backend.in_flight[shard].fetch_add(1, Ordering::Relaxed);
         Self {
             backend: Arc::clone(backend),
+            shard,
         }
     }
 
@@ -157,7 +167,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight[self.shard].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -170,10 +180,17 @@ impl std::fmt::Debug for Lease {
 /// A backend's state that outlives serving-set updates.
 struct Backend {
     addr: SocketAddr,
-    in_flight: AtomicU32,
+    /// Requests in flight, one count per worker (each on its own cache line; a
+    /// shard wraps below zero when a lease ends on another thread than it began, the
+    /// wrapping sum is right).
+    in_flight: Box<[CachePadded<AtomicU32>]>,
     /// End of the current ejection, nanoseconds since the pool's epoch; 0: none.
     /// Read without locking by picks; written under `health`.
     ejected_until: AtomicU64,
+    /// Whether `health` is all zero (no failure, ejection or pending return on
+    /// record): a success then changes nothing and is not locked for. Written under
+    /// `health`.
+    clean: AtomicBool,
     health: Mutex<Health>,
 }
 
@@ -190,8 +207,11 @@ impl Backend {
     fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            in_flight: AtomicU32::new(0),
+            in_flight: (0..workers::shard_count())
+                .map(|_| CachePadded::new(AtomicU32::new(0)))
+                .collect(),
             ejected_until: AtomicU64::new(0),
+            clean: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
         }
     }
@@ -201,7 +221,9 @@ impl Backend {
     }
 
     fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight
+            .iter()
+            .fold(0u32, |n, s| n.wrapping_add(s.load(Ordering::Relaxed)))
     }
 }
 
@@ -210,13 +232,11 @@ struct Member {
     weight: u32,
 }
 
-/// One serving set: immutable once built, except the round-robin running values and
-/// the lazily computed sticky tokens.
+/// One serving set: immutable once built, except the lazily computed sticky tokens.
 struct Set {
     members: Vec<Member>,
-    index: HashMap<SocketAddr, usize>,
-    /// Smooth WRR running values, by member index.
-    rr: Mutex<Vec<i64>>,
+    /// Member index by address (foldhash: the keys are ours, looked up per report).
+    index: HashMap<SocketAddr, usize, foldhash::fast::RandomState>,
     /// Maglev table of member indices (hash scheduler only).
     table: Vec<u32>,
     /// (key fingerprint, token of each member).
@@ -227,12 +247,20 @@ impl Set {
     fn empty() -> Self {
         Self {
             members: Vec::new(),
-            index: HashMap::new(),
-            rr: Mutex::new(Vec::new()),
+            index: HashMap::default(),
             table: Vec::new(),
             tokens: OnceLock::new(),
         }
     }
+}
+
+/// One worker's view of the pool: the serving set and its scheduling state.
+struct Slot {
+    set: Arc<Set>,
+    /// Smooth WRR running values, by member index.
+    rr: Vec<i64>,
+    /// Rotating start for least-request ties.
+    rotation: usize,
 }
 
 /// Ejection settings from [`HttpConfig`].
@@ -257,11 +285,10 @@ pub struct Pool {
     hash_on: HashOn,
     eject: EjectPolicy,
     epoch: Instant,
-    set: RwLock<Arc<Set>>,
+    /// One slot per worker (see the module documentation).
+    slots: Box<[CachePadded<Mutex<Slot>>]>,
     /// Serialises [`Pool::update`].
     updating: Mutex<()>,
-    /// Rotating start for least-request ties.
-    rotation: AtomicUsize,
 }
 
 impl Pool {
@@ -282,14 +309,28 @@ impl Pool {
                 max: Duration::from_millis(http.eject_max_ms),
             },
             epoch: Instant::now(),
-            set: RwLock::new(Arc::new(Set::empty())),
+            slots: (0..workers::shard_count())
+                .map(|_| {
+                    CachePadded::new(Mutex::new(Slot {
+                        set: Arc::new(Set::empty()),
+                        rr: Vec::new(),
+                        rotation: 0,
+                    }))
+                })
+                .collect(),
             updating: Mutex::new(()),
-            rotation: AtomicUsize::new(0),
         }
     }
 
+    /// The calling worker's slot.
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slots[workers::shard(self.slots.len())]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn current(&self) -> Arc<Set> {
-        Arc::clone(&self.set.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.slot().set)
     }
 
     fn nanos(&self, now: Instant) -> u64 {
@@ -305,29 +346,27 @@ impl Pool {
         // Maglev table) is built, and only wait for the swap.
         let _updating = self.updating.lock().unwrap_or_else(PoisonError::into_inner);
         let old = self.current();
-        let old_rr = old
-            .rr
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
 
         let mut members = Vec::with_capacity(serving.len());
-        let mut index = HashMap::with_capacity(serving.len());
-        let mut rr = Vec::with_capacity(serving.len());
+        let mut index = HashMap::with_capacity_and_hasher(serving.len(), Default::default());
+        // Each new member's index in the old set, if it was there.
+        let mut was = Vec::with_capacity(serving.len());
         for &(addr, weight) in serving {
             if weight == 0 || index.contains_key(&addr) {
                 continue;
             }
-            let (backend, current) = match old.index.get(&addr) {
-                Some(&i) => (
-                    Arc::clone(&old.members[i].backend),
-                    old_rr.get(i).copied().unwrap_or(0),
-                ),
-                None => (Arc::new(Backend::new(addr)), 0),
+            let backend = match old.index.get(&addr) {
+                Some(&i) => {
+                    was.push(Some(i));
+                    Arc::clone(&old.members[i].backend)
+                }
+                None => {
+                    was.push(None);
+                    Arc::new(Backend::new(addr))
+                }
             };
             index.insert(addr, members.len());
             members.push(Member { backend, weight });
-            rr.push(current);
         }
 
         let table = if self.scheduler == Scheduler::Hash {
@@ -350,11 +389,19 @@ impl Pool {
         let new = Arc::new(Set {
             members,
             index,
-            rr: Mutex::new(rr),
             table,
             tokens: OnceLock::new(),
         });
-        *self.set.write().unwrap_or_else(PoisonError::into_inner) = new;
+        for slot in &self.slots {
+            let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            // Backends that remain keep their running value in each worker's slot.
+            let rr = was
+                .iter()
+                .map(|w| w.and_then(|i| slot.rr.get(i).copied()).unwrap_or(0))
+                .collect();
+            slot.rr = rr;
+            slot.set = Arc::clone(&new);
+        }
     }
 
     /// Choose a backend, skipping `exclude` (backends this request already tried) and
@@ -362,7 +409,7 @@ impl Pool {
     /// no backend is left.
     #[must_use]
     pub fn pick(&self, key: &PickKey<'_>, exclude: &[SocketAddr]) -> Option<Lease> {
-        self.pick_at(key, exclude, Instant::now())
+        self.pick_with(key, exclude, Instant::now)
     }
 
     /// [`Pool::pick`] at time `now`.
@@ -373,8 +420,28 @@ impl Pool {
         exclude: &[SocketAddr],
         now: Instant,
     ) -> Option<Lease> {
-        let set = self.current();
-        let now_ns = self.nanos(now);
+        self.pick_with(key, exclude, || now)
+    }
+
+    /// [`Pool::pick`] at the time `now()` tells, read only when a member of the set
+    /// is or was ejected (the clock is not read per request otherwise).
+    fn pick_with(
+        &self,
+        key: &PickKey<'_>,
+        exclude: &[SocketAddr],
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Lease> {
+        let mut slot = self.slot();
+        let Slot { set, rr, rotation } = &mut *slot;
+        let now_ns = if set
+            .members
+            .iter()
+            .any(|m| m.backend.ejected_until.load(Ordering::Relaxed) != 0)
+        {
+            self.nanos(now())
+        } else {
+            0
+        };
         let members = &set.members;
         let allowed = |i: usize| !exclude.contains(&members[i].backend.addr);
         let mut any_allowed = false;
@@ -394,14 +461,15 @@ impl Pool {
         // Panic mode: with no healthy candidate, ejected ones are candidates too.
         let ok = |i: usize| allowed(i) && (!any_healthy || !members[i].backend.is_ejected(now_ns));
         let i = match self.scheduler {
-            Scheduler::RoundRobin => smooth_wrr(&set, ok),
+            Scheduler::RoundRobin => smooth_wrr(members, rr, ok),
             Scheduler::LeastRequest => {
-                let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+                let start = *rotation;
+                *rotation = rotation.wrapping_add(1);
                 least_request(members, start, ok)
             }
             Scheduler::P2c => p2c(members, ok),
             Scheduler::Hash | Scheduler::Maglev | Scheduler::SourceIp => {
-                hash_pick(&set, self.key_hash(key), ok)
+                hash_pick(set, self.key_hash(key), ok)
             }
         }?;
         Some(Lease::new(&members[i].backend))
@@ -458,28 +526,43 @@ impl Pool {
     /// Passive health: feed each request's result. Results for backends no longer in
     /// the serving set are ignored.
     pub fn report(&self, addr: SocketAddr, outcome: Outcome) {
-        self.report_at(addr, outcome, Instant::now());
+        self.report_with(addr, outcome, Instant::now);
     }
 
     /// [`Pool::report`] at time `now`.
     pub fn report_at(&self, addr: SocketAddr, outcome: Outcome, now: Instant) {
-        let set = self.current();
-        let Some(&i) = set.index.get(&addr) else {
-            return;
+        self.report_with(addr, outcome, || now);
+    }
+
+    /// [`Pool::report`] at the time `now()` tells, not read for a success on a
+    /// backend with nothing on record.
+    fn report_with(&self, addr: SocketAddr, outcome: Outcome, now: impl FnOnce() -> Instant) {
+        let b = {
+            let slot = self.slot();
+            let Some(&i) = slot.set.index.get(&addr) else {
+                return;
+            };
+            let b = &slot.set.members[i].backend;
+            if outcome == Outcome::Success && b.clean.load(Ordering::Relaxed) {
+                // Nothing on record to reset (and so no ejection either).
+                return;
+            }
+            Arc::clone(b)
         };
-        let b = &set.members[i].backend;
-        let now_ns = self.nanos(now);
+        let now_ns = self.nanos(now());
         let mut h = b.health.lock().unwrap_or_else(PoisonError::into_inner);
         if b.is_ejected(now_ns) {
             // The tail of the requests that got it ejected.
             return;
         }
-        settle(b, &mut h);
+        settle(&b, &mut h);
         if outcome == Outcome::Success {
             h.consecutive_failures = 0;
             h.ejections = 0;
+            b.clean.store(true, Ordering::Relaxed);
             return;
         }
+        b.clean.store(false, Ordering::Relaxed);
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
         if self.eject.after == 0 || h.consecutive_failures < self.eject.after {
             return;
@@ -574,12 +657,16 @@ fn lighter(a: &Member, b: &Member) -> bool {
     u128::from(load(a)) * u128::from(b.weight) < u128::from(load(b)) * u128::from(a.weight)
 }
 
-/// nginx's smooth weighted round robin over the members that pass `ok`.
-fn smooth_wrr(set: &Set, ok: impl Fn(usize) -> bool) -> Option<usize> {
-    let mut current = set.rr.lock().unwrap_or_else(PoisonError::into_inner);
+/// nginx's smooth weighted round robin over the members that pass `ok`, with the
+/// running values `current` (one per member).
+fn smooth_wrr(
+    members: &[Member],
+    current: &mut [i64],
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
     let mut total = 0i64;
     let mut best: Option<usize> = None;
-    for (i, m) in set.members.iter().enumerate() {
+    for (i, m) in members.iter().enumerate() {
         if !ok(i) {
             continue;
         }

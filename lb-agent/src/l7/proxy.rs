@@ -405,8 +405,10 @@ pub(crate) async fn handle(
     in_flight: InFlight,
 ) -> Response<Body> {
     let start = Instant::now();
+    // The request's one hold on the service (shared by the workers: no clone of it per
+    // request that is not needed).
     let mut finish = Finish {
-        proxy: Arc::clone(&proxy),
+        proxy,
         client: conn.client,
         method: req.method().clone(),
         uri: req.uri().clone(),
@@ -417,7 +419,8 @@ pub(crate) async fn handle(
         bytes: 0,
         _in_flight: in_flight,
     };
-    let resp = respond(&proxy, &conn, req, &mut finish).await;
+    let resp = respond(&conn, req, &mut finish).await;
+    let proxy = &finish.proxy;
     finish.status = resp.status().as_u16();
     proxy.stats.record_response(finish.backend, finish.status);
     if let Some(result) = finish.cache {
@@ -652,11 +655,11 @@ const FORWARD_REWRITES: [&str; 8] = [
 ];
 
 async fn respond(
-    proxy: &Arc<Proxy>,
     conn: &Arc<ConnInfo>,
     mut req: Request<Incoming>,
     finish: &mut Finish,
 ) -> Response<Body> {
+    let proxy = &finish.proxy;
     if let Err(e) = check_request(req.version(), req.headers()) {
         if matches!(e, ProxyError::Loop { .. }) {
             warn!(service = %proxy.name, client = %conn.client, via = ?req.headers().get_all(http::header::VIA).iter().collect::<Vec<_>>(),
@@ -902,7 +905,7 @@ impl Forwarder {
         req: Request<Body>,
     ) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
         let proxy = &self.proxy;
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let empty = body.is_end_stream();
         let retryable = is_idempotent(&parts.method) && empty;
         let attempts = if empty {
@@ -949,7 +952,14 @@ impl Forwarder {
             *breq.method_mut() = parts.method.clone();
             *breq.uri_mut() = uri;
             *breq.version_mut() = Version::HTTP_11;
-            *breq.headers_mut() = parts.headers.clone();
+            // Kept for a later send only if there can be one (another attempt, or the
+            // one resend on a stale connection): a request with a body has one attempt.
+            let again = attempt < attempts || (retryable && !stale_used);
+            *breq.headers_mut() = if again {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
             let send = std::pin::pin!(proxy.upstream.send(addr, breq));
             match self.conn.timeout(timeout, send).await {
                 None => {

@@ -10,18 +10,24 @@
 //!   the response body (0.5 ms to 10 s buckets).
 //! - `xdplb_cache_requests_total{service,result}`: cache lookups by result (`hit`,
 //!   `miss`, `stale`, `revalidated`, `bypass`, `collapsed`).
+//!
+//! Every value written per request is sharded by L7 worker ([`super::workers::shard`]):
+//! each worker counts into its own cache line and no line is written by two workers per
+//! request; a scrape or the API sums the shards (no count lost, still monotonic).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use crossbeam_utils::CachePadded;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+use super::workers;
 
 /// Buckets of `xdplb_http_request_seconds`: 0.5 ms to 10 s.
 pub const REQUEST_BUCKETS: [f64; 14] = [
@@ -46,15 +52,132 @@ struct CacheLabels {
     result: String,
 }
 
-fn request_histogram() -> Histogram {
-    Histogram::new(REQUEST_BUCKETS)
+/// One value per worker, each on its own cache line ([`workers::shard`]).
+#[derive(Debug)]
+struct Shards<T>(Box<[CachePadded<T>]>);
+
+impl<T: Default> Default for Shards<T> {
+    fn default() -> Self {
+        Self(
+            (0..workers::shard_count())
+                .map(|_| CachePadded::new(T::default()))
+                .collect(),
+        )
+    }
+}
+
+impl<T> Shards<T> {
+    /// The calling worker's shard.
+    fn mine(&self) -> &T {
+        &self.0[workers::shard(self.0.len())]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|s| &**s)
+    }
+}
+
+/// A Prometheus counter counted per worker and summed when read: the same series as
+/// prometheus-client's `Counter`, without an atomic written by every worker.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ShardedCounter(Arc<Shards<AtomicU64>>);
+
+impl ShardedCounter {
+    fn inc(&self) {
+        self.0.mine().fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sum of the shards.
+    fn get(&self) -> u64 {
+        self.0.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for ShardedCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for ShardedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// One worker's observations: sum, count and the count per bucket of
+/// [`REQUEST_BUCKETS`] and +Inf (not cumulative: the encoder sums them up).
+#[derive(Debug, Default)]
+struct HistogramShard {
+    sum: f64,
+    count: u64,
+    buckets: [u64; REQUEST_BUCKETS.len() + 1],
+}
+
+/// A Prometheus histogram with [`REQUEST_BUCKETS`], observed per worker (each behind
+/// its own lock, which only its worker takes on the request path) and merged when
+/// read: the series prometheus-client's `Histogram` renders, without its one mutex
+/// shared by the workers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ShardedHistogram(Arc<Shards<Mutex<HistogramShard>>>);
+
+impl ShardedHistogram {
+    fn observe(&self, v: f64) {
+        // The first bucket whose bound is >= v (+Inf for larger values and NaN), as
+        // prometheus-client's histogram does.
+        let i = REQUEST_BUCKETS
+            .iter()
+            .position(|b| *b >= v)
+            .unwrap_or(REQUEST_BUCKETS.len());
+        let mut s = self.0.mine().lock().unwrap_or_else(PoisonError::into_inner);
+        s.sum += v;
+        s.count += 1;
+        s.buckets[i] += 1;
+    }
+
+    /// The shards merged.
+    fn merged(&self) -> HistogramShard {
+        let mut all = HistogramShard::default();
+        for shard in self.0.iter() {
+            let s = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            all.sum += s.sum;
+            all.count += s.count;
+            for (a, b) in all.buckets.iter_mut().zip(s.buckets) {
+                *a += b;
+            }
+        }
+        all
+    }
+}
+
+impl TypedMetric for ShardedHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ShardedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.merged();
+        let buckets: Vec<(f64, u64)> = REQUEST_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(all.buckets)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(all.sum, all.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Totals of one service, for the JSON API.
 #[derive(Debug, Default)]
 struct Totals {
-    requests: AtomicU64,
-    cache_hits: AtomicU64,
+    requests: ShardedCounter,
+    cache_hits: ShardedCounter,
 }
 
 /// Per-service totals (see [`HttpStats::service_totals`]).
@@ -69,9 +192,9 @@ pub struct ServiceTotals {
 /// The L7 metrics; clones share the same series.
 #[derive(Clone, Debug)]
 pub struct HttpStats {
-    requests: Family<RequestLabels, Counter>,
-    seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
-    cache: Family<CacheLabels, Counter>,
+    requests: Family<RequestLabels, ShardedCounter>,
+    seconds: Family<ServiceLabels, ShardedHistogram>,
+    cache: Family<CacheLabels, ShardedCounter>,
     totals: Arc<RwLock<HashMap<String, Arc<Totals>>>>,
 }
 
@@ -86,7 +209,7 @@ impl HttpStats {
     pub fn new() -> Self {
         Self {
             requests: Family::default(),
-            seconds: Family::new_with_constructor(request_histogram),
+            seconds: Family::default(),
             cache: Family::default(),
             totals: Arc::default(),
         }
@@ -136,9 +259,7 @@ impl HttpStats {
                 code,
             })
             .inc();
-        self.totals(service)
-            .requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.totals(service).requests.inc();
     }
 
     /// Count one cache lookup by its result label.
@@ -150,9 +271,7 @@ impl HttpStats {
             })
             .inc();
         if matches!(result, "hit" | "stale") {
-            self.totals(service)
-                .cache_hits
-                .fetch_add(1, Ordering::Relaxed);
+            self.totals(service).cache_hits.inc();
         }
     }
 
@@ -172,7 +291,7 @@ impl HttpStats {
         ServiceStats {
             name: service.to_owned(),
             requests: self.requests.clone(),
-            by_response: RwLock::default(),
+            by_response: Shards::default(),
             seconds: self
                 .seconds
                 .get_or_create(&ServiceLabels {
@@ -193,8 +312,8 @@ impl HttpStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(service)
             .map(|t| ServiceTotals {
-                requests: t.requests.load(Ordering::Relaxed),
-                cache_hits: t.cache_hits.load(Ordering::Relaxed),
+                requests: t.requests.get(),
+                cache_hits: t.cache_hits.get(),
             })
             .unwrap_or_default()
     }
@@ -228,46 +347,46 @@ const CACHE_RESULTS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "bypass
 
 /// The series of one service with their handles resolved ([`HttpStats::service`]): the
 /// same series as [`HttpStats`]'s methods record into, found without allocating: the
-/// `(backend, code)` handles are made on first use and kept (in a map hashed with
-/// foldhash: the key is ours, not a client's, and SipHash was most of the lookup), the
-/// duration histogram and the totals are resolved at creation.
+/// `(backend, code)` handles are made on first use and kept in a map per worker (hashed
+/// with foldhash: the key is ours, not a client's, and SipHash was most of the lookup;
+/// locked only by its worker on the request path), the duration histogram and the
+/// totals are resolved at creation.
 #[derive(Debug)]
 pub struct ServiceStats {
     name: String,
-    requests: Family<RequestLabels, Counter>,
-    by_response: RwLock<HashMap<(Option<SocketAddr>, u16), Counter, foldhash::fast::RandomState>>,
-    seconds: Histogram,
-    cache: Family<CacheLabels, Counter>,
-    by_result: [OnceLock<Counter>; CACHE_RESULTS.len()],
+    requests: Family<RequestLabels, ShardedCounter>,
+    by_response: Shards<Mutex<ResponseHandles>>,
+    seconds: ShardedHistogram,
+    cache: Family<CacheLabels, ShardedCounter>,
+    by_result: [OnceLock<ShardedCounter>; CACHE_RESULTS.len()],
     totals: Arc<Totals>,
 }
+
+type ResponseHandles =
+    HashMap<(Option<SocketAddr>, u16), ShardedCounter, foldhash::fast::RandomState>;
 
 impl ServiceStats {
     /// Count one response (`backend` is `None` when no backend produced it).
     pub fn record_response(&self, backend: Option<SocketAddr>, code: u16) {
-        let key = (backend, code);
-        let hit = self
+        let mut handles = self
             .by_response
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            .map(Counter::inc);
-        if hit.is_none() {
-            let counter = self
-                .requests
-                .get_or_create(&RequestLabels {
-                    service: self.name.clone(),
-                    backend: backend.map(|b| b.to_string()).unwrap_or_default(),
-                    code,
-                })
-                .clone();
-            counter.inc();
-            self.by_response
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(key, counter);
-        }
-        self.totals.requests.fetch_add(1, Ordering::Relaxed);
+            .mine()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        handles
+            .entry((backend, code))
+            .or_insert_with(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        service: self.name.clone(),
+                        backend: backend.map(|b| b.to_string()).unwrap_or_default(),
+                        code,
+                    })
+                    .clone()
+            })
+            .inc();
+        drop(handles);
+        self.totals.requests.inc();
     }
 
     /// Count one cache lookup by its result label.
@@ -295,7 +414,7 @@ impl ServiceStats {
             }
         }
         if matches!(result, "hit" | "stale") {
-            self.totals.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.totals.cache_hits.inc();
         }
     }
 
@@ -373,5 +492,74 @@ mod tests {
         let mut text2 = String::new();
         prometheus_client::encoding::text::encode(&mut text2, &again).expect("encode");
         assert_eq!(text, text2);
+    }
+
+    /// Each worker counts into its own shard; a scrape and the API see the sum.
+    #[test]
+    fn worker_shards_are_summed() {
+        let n = workers::on_each(|| ()).len();
+        assert_eq!(workers::shard_count(), n);
+        let stats = HttpStats::new();
+        let web = Arc::new(stats.service("web"));
+        let be: SocketAddr = "198.18.2.11:80".parse().unwrap();
+        let shards = workers::on_each({
+            let web = Arc::clone(&web);
+            move || {
+                for _ in 0..10 {
+                    web.record_response(Some(be), 200);
+                    web.observe_duration(Duration::from_millis(2));
+                }
+                web.record_response(None, 503);
+                web.record_cache("hit");
+                workers::current()
+            }
+        });
+        assert_eq!(shards, (0..n).map(Some).collect::<Vec<_>>());
+        // Off the workers: shard 0.
+        web.record_response(Some(be), 200);
+        let n = u64::try_from(n).unwrap();
+        assert_eq!(stats.requests("web", "198.18.2.11:80", 200), 10 * n + 1);
+        assert_eq!(stats.requests("web", "", 503), n);
+        assert_eq!(stats.cache_requests("web", "hit"), n);
+        assert_eq!(
+            stats.service_totals("web"),
+            ServiceTotals {
+                requests: 11 * n + 1,
+                cache_hits: n
+            }
+        );
+        // Every worker wrote its own shard.
+        assert!(
+            web.totals
+                .requests
+                .0
+                .iter()
+                .all(|s| s.load(Ordering::Relaxed) >= 11)
+        );
+        let mut registry = Registry::with_prefix("xdplb");
+        stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for needle in [
+            format!(
+                "xdplb_http_requests_total{{service=\"web\",backend=\"198.18.2.11:80\",code=\"200\"}} {}",
+                10 * n + 1
+            ),
+            format!(
+                "xdplb_http_request_seconds_count{{service=\"web\"}} {}",
+                10 * n
+            ),
+            "xdplb_http_request_seconds_bucket{le=\"0.001\",service=\"web\"} 0".to_owned(),
+            format!(
+                "xdplb_http_request_seconds_bucket{{le=\"0.0025\",service=\"web\"}} {}",
+                10 * n
+            ),
+            format!(
+                "xdplb_http_request_seconds_bucket{{le=\"+Inf\",service=\"web\"}} {}",
+                10 * n
+            ),
+        ] {
+            assert!(text.contains(&needle), "{needle} missing in\n{text}");
+        }
     }
 }

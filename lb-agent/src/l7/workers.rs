@@ -8,8 +8,11 @@
 //! one thread. Each service keeps one pool of backend connections per worker
 //! ([`PerWorker`]), so a request never waits for a task on another thread: no
 //! cross-thread wake-up between a client connection and its backend connection, no
-//! work stealing, no lock shared by the workers on the request path apart from the
-//! metrics' atomics.
+//! work stealing, no lock shared by the workers on the request path. The metrics and
+//! the balancer's scheduling state are sharded per worker too ([`shard`]); what the
+//! workers still both write per request are the reference counts of the backend a
+//! request leases and of the service (the server's service function and the
+//! forwarder each hold one).
 //!
 //! Accepting stays where it was (the listening socket is not duplicated per worker), so
 //! the hand-over of listening sockets to a new agent and the successor of a service
@@ -104,6 +107,20 @@ pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
 }
 
+/// How many shards a value written on the request path needs so that no two workers
+/// write the same one: one per running worker, 1 before [`init`] (or a first use).
+#[must_use]
+pub(crate) fn shard_count() -> usize {
+    WORKERS.get().map_or(1, Workers::len)
+}
+
+/// The shard of the calling thread among `n` (`n` >= 1): its worker's index, shard 0
+/// off the workers (the control plane, tests).
+#[must_use]
+pub(crate) fn shard(n: usize) -> usize {
+    current().unwrap_or(0) % n
+}
+
 impl Workers {
     fn start(n: usize) -> std::io::Result<Self> {
         let mut workers = Vec::with_capacity(n);
@@ -183,6 +200,25 @@ impl<T> std::ops::Deref for PerWorker<T> {
         let i = current().unwrap_or(0);
         &self.values[i % self.values.len()]
     }
+}
+
+/// Run `f` once on each worker (started if need be) and return what each returned,
+/// in worker order (tests of per-worker state).
+#[cfg(test)]
+pub(crate) fn on_each<T: Send + 'static>(f: impl Fn() -> T + Send + Sync + 'static) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    get()
+        .workers
+        .iter()
+        .map(|w| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let f = std::sync::Arc::clone(&f);
+            w.handle.spawn(async move {
+                let _ = tx.send(f());
+            });
+            rx.recv().expect("the worker runs the task")
+        })
+        .collect()
 }
 
 #[cfg(test)]

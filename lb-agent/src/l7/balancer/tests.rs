@@ -648,3 +648,41 @@ fn concurrency_smoke() {
         }
     }
 }
+
+/// Each worker picks from its own slot: its own smooth round robin (the weights'
+/// shares on every worker), and an update reaches every slot.
+#[test]
+fn every_worker_schedules_from_its_own_slot() {
+    let n = crate::l7::workers::on_each(|| ()).len();
+    let p = Arc::new(pool(Scheduler::RoundRobin, &[1, 2]));
+    let counts = |p: &Arc<Pool>| {
+        let p = Arc::clone(p);
+        crate::l7::workers::on_each(move || {
+            let mut c = [0usize; 4];
+            for i in 0..30 {
+                c[idx(pick(&p, i).unwrap().addr())] += 1;
+            }
+            c
+        })
+    };
+    assert_eq!(counts(&p), vec![[0, 10, 20, 0]; n]);
+    p.update(&serving(&[1, 1, 1]));
+    assert_eq!(counts(&p), vec![[0, 10, 10, 10]; n]);
+    // Health is one per backend whatever the worker: a failure on one worker is
+    // reset by a success on the next, failures add up across workers.
+    let q = Arc::clone(&p);
+    crate::l7::workers::on_each(move || {
+        q.report(addr(1), Outcome::Success);
+        q.report(addr(1), Outcome::Reset);
+    });
+    assert_eq!(state(&p, addr(1), Instant::now()).consecutive_failures, 1);
+    let q = Arc::clone(&p);
+    crate::l7::workers::on_each(move || q.report(addr(2), Outcome::Status5xx));
+    let failures = u32::try_from(n).unwrap();
+    let s = state(&p, addr(2), Instant::now());
+    if failures < 3 {
+        assert_eq!(s.consecutive_failures, failures, "{s:?}");
+    } else {
+        assert!(s.ejected, "{s:?}");
+    }
+}
