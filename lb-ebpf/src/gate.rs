@@ -221,9 +221,10 @@ pub fn resolve<T: FlowTables>(
     // The short path's lookup of the same key, made with no list in use: the lists
     // this run reads (the deny list above, the rest below) apply as to any packet.
     let meta = match found {
-        Some(meta) => *meta,
-        None => T::vip(vip_key).ok_or(Exit::Pass(Counter::PassNotVip))?,
-    };
+        Some(meta) => Some(*meta),
+        None => T::vip(vip_key),
+    }
+    .ok_or(Exit::Pass(Counter::PassNotVip))?;
     // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
     vip(ctx, l2, filter_flags, src.as_ref(), &meta)?;
     Ok((meta, None, filter_gen))
