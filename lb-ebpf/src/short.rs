@@ -16,8 +16,12 @@
 //! within `mtu`. It then does what `lb_v4` does for such a packet: the next hop
 //! (`NEXT_HOPS`, else `bpf_fib_lookup`), the bytes past the IP packet cut, the outer
 //! header, the backend's traffic counter, XDP_TX or a redirect, every exit counted by
-//! `gate::finish` as there. Anything else is handed to `lb_v4` untouched (packet and
-//! counters), with what the probe found ([`Handoff`]), so a miss is not probed twice.
+//! `gate::finish` as there. With no global source list, a TCP/UDP packet to no VIP (no
+//! usable flow entry, and the VIP lookup `gate::resolve` would make finds nothing) it
+//! passes up and counts `pass_not_vip`, as `lb_v4` does, rather than paying `lb_v4`'s
+//! call and a second parse (README, "The non-VIP packet, fixed"). Anything else is handed to `lb_v4`
+//! untouched (packet and counters), with what the probe found ([`Handoff`]: the flow's
+//! entry, or the VIP's), so neither the flow nor the VIP is looked up twice.
 //!
 //! Its frame is `xdp_lb`'s: the deepest call chain (`xdp_lb` + `lb_v4` +
 //! `limit::admit`) must stay within BPF's 512 bytes (README gives the sizes).
