@@ -173,8 +173,8 @@ pub fn established(
 /// which writes none).
 ///
 /// An established flow's packet (not a SYN: `new_connection`) looks its flow up first
-/// (`fkey` in the family's table `T`; `probe`: unless the IPv4 short path did, see
-/// [`Probe`]): a hit gives the backend, whose service's entry
+/// (`fkey` in the family's table `T`; `probe`: unless the IPv4 short path did, and maybe
+/// looked the VIP up too, see [`Probe`]): a hit gives the backend, whose service's entry
 /// gives the VIP's meta, with no VIP lookup ([`hashing::established`]), and its entry
 /// says whether its source already passed the filters as they are now ([`established`]).
 /// Otherwise: the generation read before the lists, the global deny list, the VIP
@@ -190,14 +190,16 @@ pub fn resolve<T: FlowTables>(
     fkey: &T::Key,
     vip_key: &T::VipKey,
 ) -> Result<(VipMeta, Option<Choice>, u32), Exit> {
-    let hit = if new_connection {
-        None
-    } else {
-        match probe {
-            Probe::Todo => hashing::established::<T>(fkey, vip_key),
-            Probe::Miss => None,
-            Probe::Hit(entry) => hashing::established_entry::<T>(entry, vip_key),
+    // The VIP the short path already looked up, if it did.
+    let mut found = None;
+    let hit = match probe {
+        Probe::Vip(meta) => {
+            found = Some(meta);
+            None
         }
+        _ if new_connection => None,
+        Probe::Todo => hashing::established::<T>(fkey, vip_key),
+        Probe::Hit(entry) => hashing::established_entry::<T>(entry, vip_key),
     };
     if let Some(hit) = hit {
         if hit.vip.flags & VIP_F_QUIC != 0 {
@@ -216,7 +218,13 @@ pub fn resolve<T: FlowTables>(
     let filter_gen = hashing::filter_gen();
     let src = source(ctx, l2, filter_flags);
     deny(src.as_ref(), filter_flags)?;
-    let meta = T::vip(vip_key).ok_or(Exit::Pass(Counter::PassNotVip))?;
+    // The short path's lookup of the same key, made with no list in use: the lists
+    // this run reads (the deny list above, the rest below) apply as to any packet.
+    let meta = match found {
+        Some(meta) => Some(*meta),
+        None => T::vip(vip_key),
+    }
+    .ok_or(Exit::Pass(Counter::PassNotVip))?;
     // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
     vip(ctx, l2, filter_flags, src.as_ref(), &meta)?;
     Ok((meta, None, filter_gen))

@@ -250,9 +250,11 @@ pub fn choose_backend<T: FlowTables>(
 pub enum Probe {
     /// Nothing: probe the flow table (every packet the short path did not look up).
     Todo,
-    /// [`established`] answered None (no entry, or one whose backend or VIP no longer
-    /// holds): the packet takes the whole path, as on a miss of the probe.
-    Miss,
+    /// No usable entry (none, or one whose backend or VIP no longer holds; or not
+    /// probed: a new connection), and the VIP lookup found the packet's VIP: its
+    /// `VIPS_V4` value, which the whole path takes instead of looking it up again. (A
+    /// packet to no VIP never gets here: the short path passes it up itself.)
+    Vip(&'static VipMeta),
     /// [`flow_entry`]'s entry, usable ([`established_entry`] checks it again) but for a
     /// packet the short path does not finish (filters, L7, QUIC, an IPv6 backend, over
     /// the MTU).

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use lb_common::{
     hash::tunnel_entropy,
     stats::{Counter, DropReason},
-    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, FlowEntry, PROTO_UDP, VIP_F_FLOW_LIMIT},
+    types::{FAMILY_V4, FAMILY_V6, FILTER_F_FLOW_LIMIT, PROTO_UDP, VIP_F_FLOW_LIMIT},
 };
 use lb_ebpf::{
     encap::{Exit, decap_ipv4, transmit},
@@ -54,13 +54,14 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     let mut fwd = MaybeUninit::<Forward>::uninit();
     let mut action = if l2.proto == ETH_P_IP {
         // The established IPv4 flow's short path first (short.rs); what it does not
-        // finish takes the whole path, with the flow-table entry it found.
-        let mut entry: *mut FlowEntry = core::ptr::null_mut();
-        let short = short_v4(ctx.ctx, l2.l3_off, &mut entry);
+        // finish takes the whole path, with the flow-table entry or VIP it found (a
+        // packet to no VIP it passes up itself).
+        let mut value: *mut u8 = core::ptr::null_mut();
+        let short = short_v4(ctx.ctx, l2.l3_off, &mut value);
         if short & SHORT_NOT_DONE == 0 {
             return short;
         }
-        lb_v4(ctx.ctx, l2.l3_off, &mut fwd, short & !SHORT_NOT_DONE, entry)
+        lb_v4(ctx.ctx, l2.l3_off, &mut fwd, short & !SHORT_NOT_DONE, value)
     } else if l2.proto == ETH_P_IPV6 {
         lb_v6(ctx.ctx, l2.l3_off, &mut fwd)
     } else {
@@ -88,13 +89,13 @@ const SHORT_NOT_DONE: u32 = 0x100;
 /// The established IPv4 flow's short path (`short::established_v4`), a sibling
 /// subprogram of [`lb_v4`] (its frame is not on `lb_v4`'s call chain): the XDP action
 /// of a packet it finished, else `SHORT_NOT_DONE` | its `short::PROBE_*`, with the
-/// flow's entry written to `entry` for `PROBE_HIT`.
+/// map value it found written to `value` (`short::Handoff`).
 #[inline(never)]
-fn short_v4(ctx: *mut xdp_md, l3_off: usize, entry: &mut *mut FlowEntry) -> u32 {
+fn short_v4(ctx: *mut xdp_md, l3_off: usize, value: &mut *mut u8) -> u32 {
     match short::established_v4(&XdpContext::new(ctx), l3_off) {
         Ok(action) => action,
         Err(hand) => {
-            *entry = hand.entry;
+            *value = hand.value;
             SHORT_NOT_DONE | hand.probe
         }
     }
@@ -102,7 +103,7 @@ fn short_v4(ctx: *mut xdp_md, l3_off: usize, entry: &mut *mut FlowEntry) -> u32 
 
 /// The IPv4 path (a subprogram: see `xdp_lb`) for every IPv4 packet the short path
 /// (`short::established_v4`) did not finish, with what its probe of the flow table
-/// found (`probe`, `entry`: a `short::Handoff`). Takes the raw context so that the
+/// found (`probe`, `value`: a `short::Handoff`). Takes the raw context so that the
 /// callee's first argument is the context pointer the helpers need.
 #[inline(never)]
 fn lb_v4(
@@ -110,10 +111,10 @@ fn lb_v4(
     l3_off: usize,
     fwd: &mut MaybeUninit<Forward>,
     probe: u32,
-    entry: *mut FlowEntry,
+    value: *mut u8,
 ) -> u32 {
     // SAFETY: `xdp_lb` passes what `short_v4` wrote in this run.
-    let probe = unsafe { short::Handoff::probe(probe, entry) };
+    let probe = unsafe { short::Handoff::probe(probe, value) };
     finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd, probe))
 }
 

@@ -16,34 +16,42 @@
 //! within `mtu`. It then does what `lb_v4` does for such a packet: the next hop
 //! (`NEXT_HOPS`, else `bpf_fib_lookup`), the bytes past the IP packet cut, the outer
 //! header, the backend's traffic counter, XDP_TX or a redirect, every exit counted by
-//! `gate::finish` as there. Anything else is handed to `lb_v4` untouched (packet and
-//! counters), with what the probe found ([`Handoff`]), so a miss is not probed twice.
+//! `gate::finish` as there. With no global source list, a TCP/UDP packet to no VIP (no
+//! usable flow entry, and the VIP lookup `gate::resolve` would make finds nothing) it
+//! passes up and counts `pass_not_vip`, as `lb_v4` does, rather than paying `lb_v4`'s
+//! call and a second parse (README, "The non-VIP packet, fixed"). Anything else is handed to `lb_v4`
+//! untouched (packet and counters), with what the probe found ([`Handoff`]: the flow's
+//! entry, or the VIP's), so neither the flow nor the VIP is looked up twice.
 //!
 //! Its frame is `xdp_lb`'s: the deepest call chain (`xdp_lb` + `lb_v4` +
 //! `limit::admit`) must stay within BPF's 512 bytes (README gives the sizes).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::types::{
-    FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FlowEntry, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7,
-    VIP_F_QUIC,
+use lb_common::{
+    stats::Counter,
+    types::{
+        FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FlowEntry, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7,
+        VIP_F_QUIC, VipMeta,
+    },
 };
 
 use crate::{
-    encap::{transmit, tunnel_v4},
+    encap::{Exit, transmit, tunnel_v4},
     gate::finish,
     gue::needs_entropy,
     hashing::{Probe, V4, established_entry, flow_entry},
     keys,
-    maps::CONFIG,
+    maps::{CONFIG, VIPS_V4},
     parsing::{IPV4_HLEN, parse_ipv4},
     stats::count_forwarded,
 };
 
 /// `Handoff::probe`: the short path did not look the flow up.
 pub const PROBE_TODO: u32 = 0;
-/// `Handoff::probe`: no usable entry ([`Probe::Miss`]).
-pub const PROBE_MISS: u32 = 1;
-/// `Handoff::probe`: a usable entry, in `Handoff::entry` ([`Probe::Hit`]).
+/// `Handoff::probe`: no usable entry (or a new connection, not probed) and the packet's
+/// VIP found, its `VIPS_V4` value in `Handoff::value` ([`Probe::Vip`]).
+pub const PROBE_VIP: u32 = 1;
+/// `Handoff::probe`: a usable entry, in `Handoff::value` ([`Probe::Hit`]).
 pub const PROBE_HIT: u32 = 2;
 
 /// What [`established_v4`] hands to the whole path with a packet it did not finish: two
@@ -53,33 +61,33 @@ pub const PROBE_HIT: u32 = 2;
 pub struct Handoff {
     /// `PROBE_*`.
     pub probe: u32,
-    /// The flow's entry with `PROBE_HIT`, else null.
-    pub entry: *mut FlowEntry,
+    /// The map value the short path found: the flow's `FlowEntry` with `PROBE_HIT`, the
+    /// VIP's `VipMeta` with `PROBE_VIP`, else null.
+    pub value: *mut u8,
 }
 
 impl Handoff {
     pub const TODO: Self = Handoff {
         probe: PROBE_TODO,
-        entry: core::ptr::null_mut(),
-    };
-    const MISS: Self = Handoff {
-        probe: PROBE_MISS,
-        entry: core::ptr::null_mut(),
+        value: core::ptr::null_mut(),
     };
 
     /// The [`Probe`] these values stand for.
     ///
     /// # Safety
     ///
-    /// With `PROBE_HIT`, `entry` must be what [`established_v4`] handed over in this run
-    /// of the program (a flow table's value, valid for the run).
+    /// With `PROBE_HIT` or `PROBE_VIP`, `value` must be what [`established_v4`] handed
+    /// over with it in this run of the program (a map's value, valid for the run).
     #[inline(always)]
-    pub unsafe fn probe(probe: u32, entry: *mut FlowEntry) -> Probe {
-        if probe == PROBE_HIT && !entry.is_null() {
-            // SAFETY: the caller's contract.
-            Probe::Hit(unsafe { &mut *entry })
-        } else if probe == PROBE_MISS {
-            Probe::Miss
+    pub unsafe fn probe(probe: u32, value: *mut u8) -> Probe {
+        if value.is_null() {
+            Probe::Todo
+        } else if probe == PROBE_HIT {
+            // SAFETY: the caller's contract: a `FLOWS_V4` value.
+            Probe::Hit(unsafe { &mut *value.cast::<FlowEntry>() })
+        } else if probe == PROBE_VIP {
+            // SAFETY: the caller's contract: a `VIPS_V4` value.
+            Probe::Vip(unsafe { &*value.cast::<VipMeta>() })
         } else {
             Probe::Todo
         }
@@ -87,54 +95,64 @@ impl Handoff {
 }
 
 /// Finish the established IPv4 packet at `l3_off` (an IPv4 frame: EtherType checked by
-/// the caller) when it is the common case (module docs): Ok(the XDP action), counted.
+/// the caller) when it is the common case (module docs), and a TCP/UDP packet to no VIP
+/// (`pass_not_vip`, as the whole path passes it): Ok(the XDP action), counted.
 /// Err: not finished, nothing written or counted; the whole path takes it with the
 /// [`Handoff`].
 #[inline(always)]
 pub fn established_v4(ctx: &XdpContext, l3_off: usize) -> Result<u32, Handoff> {
     let cfg = CONFIG.get(0).ok_or(Handoff::TODO)?;
-    // What the config alone rules out, before any per-packet work: source lists in
-    // use, GUE or a source prefix, no IPv4 source.
-    if cfg.filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
-        || needs_entropy(cfg)
-        || cfg.source_v4 == 0
-    {
+    // A source list in use may end any packet before its VIP is looked up (the global
+    // deny list): the whole path's order then.
+    if cfg.filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0 {
         return Err(Handoff::TODO);
     }
-    // Parsed as the whole path parses: only a packet `lb_v4` would forward goes on.
-    let pkt = match parse_ipv4(ctx, l3_off) {
-        Ok(pkt) if !pkt.tcp_syn => pkt,
-        _ => return Err(Handoff::TODO),
-    };
-    let fkey = keys::flow_key_v4(&pkt.key);
-    let entry = flow_entry::<V4>(&fkey).ok_or(Handoff::MISS)?;
-    let hand = Handoff {
-        probe: PROBE_HIT,
-        entry: &raw mut *entry,
-    };
+    // Parsed as the whole path parses: fragments, options, ICMP and the like go on.
+    let pkt = parse_ipv4(ctx, l3_off).map_err(|_| Handoff::TODO)?;
     let vip_key = keys::vip_key_v4(pkt.key.dst[0], pkt.key.dport, pkt.key.proto);
-    let hit = established_entry::<V4>(entry, &vip_key).ok_or(Handoff::MISS)?;
-    if hit.vip.flags & (VIP_F_DENY | VIP_F_ALLOW | VIP_F_L7 | VIP_F_QUIC) != 0
-        || hit.choice.backend.family != FAMILY_V4
-        || (cfg.mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 > cfg.mtu)
-    {
-        return Err(hand);
+    if !pkt.tcp_syn {
+        if let Some(entry) = flow_entry::<V4>(&keys::flow_key_v4(&pkt.key)) {
+            let hand = Handoff {
+                probe: PROBE_HIT,
+                value: (&raw mut *entry).cast::<u8>(),
+            };
+            if let Some(hit) = established_entry::<V4>(entry, &vip_key) {
+                if hit.vip.flags & (VIP_F_DENY | VIP_F_ALLOW | VIP_F_L7 | VIP_F_QUIC) != 0
+                    || hit.choice.backend.family != FAMILY_V4
+                    || needs_entropy(cfg)
+                    || cfg.source_v4 == 0
+                    || (cfg.mtu != 0 && u32::from(pkt.tot_len) + IPV4_HLEN as u32 > cfg.mtu)
+                {
+                    return Err(hand);
+                }
+                let backend_id = hit.choice.backend_id;
+                return Ok(finish(
+                    tunnel_v4(
+                        ctx,
+                        pkt.l3_off,
+                        pkt.tot_len,
+                        pkt.tos,
+                        cfg.source_v4,
+                        hit.choice.backend.addr[0],
+                        backend_id,
+                    )
+                    .map(|ifindex| {
+                        // Only now is the packet forwarded (as in `lb_v4`).
+                        count_forwarded(backend_id, u64::from(pkt.tot_len));
+                        transmit(ctx, ifindex)
+                    }),
+                ));
+            }
+        }
     }
-    let backend_id = hit.choice.backend_id;
-    Ok(finish(
-        tunnel_v4(
-            ctx,
-            pkt.l3_off,
-            pkt.tot_len,
-            pkt.tos,
-            cfg.source_v4,
-            hit.choice.backend.addr[0],
-            backend_id,
-        )
-        .map(|ifindex| {
-            // Only now is the packet forwarded (as in `lb_v4`).
-            count_forwarded(backend_id, u64::from(pkt.tot_len));
-            transmit(ctx, ifindex)
+    // No usable entry, or a new connection: the VIP, as `gate::resolve` looks it up
+    // then. None: passed up and counted as there (no list in use: nothing else could
+    // end it first); else the whole path takes the VIP found.
+    match VIPS_V4.get_ptr(vip_key) {
+        None => Ok(finish(Err(Exit::Pass(Counter::PassNotVip)))),
+        Some(meta) => Err(Handoff {
+            probe: PROBE_VIP,
+            value: meta.cast_mut().cast::<u8>(),
         }),
-    ))
+    }
 }

@@ -13,12 +13,19 @@ Helper calls count one instruction each (what the kernel does in them, e.g. the 
 lookup or the verifier's inlined array lookups, is not counted); the output line shows
 the verdict and the outer header written, to check the run took the forwarding path.
 
-Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM
+With a third argument `non-vip`: the non-VIP row's packet instead (TCP SYN
+198.18.0.1:40000 -> 198.18.1.10:22, the LB's own address; same maps), passed up.
+
+Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip]
   e.g. target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb
+       target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb non-vip
        target/ebpf/bpfel-unknown-none/release/lb-floors floor_ipip
 Needs python3, llvm-objcopy and llvm-objdump (Debian's llvm)."""
 import collections, os, re, struct, subprocess, sys, tempfile
 obj, prog = sys.argv[1], sys.argv[2]
+case = sys.argv[3] if len(sys.argv) > 3 else "established"
+if case not in ("established", "non-vip"):
+    raise SystemExit(f"unknown case {case!r}: established or non-vip")
 def section_bytes(name):
     out = tempfile.mktemp(suffix=".bin")
     subprocess.run(["llvm-objcopy", "-O", "binary", f"--only-section={name}", obj, out], check=True)
@@ -158,8 +165,10 @@ def run(setup):
 VIP, CLIENT, BACKEND, SRC = bytes([198,18,1,1]), bytes([198,18,0,1]), bytes([198,18,2,11]), bytes([198,18,1,10])
 def setup():
     frame = bytes(6) + bytes(6) + b"\x08\x00"
-    ip = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]) + CLIENT + VIP
-    tcp = (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(8) + bytes([0x50, 0x10]) + bytes(6)
+    # non-vip: the bench's non-VIP row, a SYN to the LB's own address, port 22.
+    dst, dport, flags = (VIP, 80, 0x10) if case == "established" else (SRC, 22, 0x02)
+    ip = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]) + CLIENT + dst
+    tcp = (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + bytes([0x50, flags]) + bytes(6)
     pkt = frame + ip + tcp
     MEM[PKT:PKT+len(pkt)] = pkt
     wr(CTX, 4, PKT); wr(CTX + 4, 4, PKT + len(pkt)); wr(CTX + 12, 4, 2)

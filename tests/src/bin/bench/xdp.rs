@@ -238,8 +238,9 @@ struct Lb(LoadedLb, bool);
 
 /// `XDPLB_BENCH_LB_OBJECTS`: other builds of the balancer object measured beside the
 /// agent's own, as `label=path` separated by `;` (e.g. main's object, or an ablation build
-/// with one part of the established path removed): each gets a row "xdp_lb [label]:
-/// established flow" in the same interleaved runs, its output checked as the agent's.
+/// with one part of the established path removed): each gets the rows "xdp_lb [label]:
+/// established flow" and "xdp_lb [label]: non-VIP packet" in the same interleaved runs,
+/// its output checked as the agent's.
 /// Their maps must be the agent's (same names and layouts).
 const LB_OBJECTS_ENV: &str = "XDPLB_BENCH_LB_OBJECTS";
 
@@ -1179,12 +1180,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 false,
             )
             .fib(),
-            Row::new(
-                "xdp_lb: non-VIP packet",
-                Target::Lb(0),
-                Case::LbNonVip,
-                true,
-            ),
+            Row::new(NON_VIP_ROW, Target::Lb(0), Case::LbNonVip, true),
             // On the raised-cap build: the default one, just after its SYN row went over
             // the cap, would not insert the flow being primed (the established path
             // itself is the same code in both builds).
@@ -1213,23 +1209,37 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 false,
             ),
         ];
-        // Other builds of the object: their established row right after the agent's.
-        let at = rows
-            .iter()
-            .position(|r| r.label == ESTABLISHED)
-            .map_or(rows.len(), |i| i + 1);
+        // Other builds of the object: their established row right after the agent's,
+        // their non-VIP row right after the agent's.
+        let after = |rows: &[Row], label: &str| {
+            rows.iter()
+                .position(|r| r.label == label)
+                .map_or(rows.len(), |i| i + 1)
+        };
         for (k, (label, object)) in others.iter().enumerate() {
             bench.lbs.push(
                 Lb::load_object(FLOW_TABLE_BIG, Some(object))
                     .with_context(|| format!("loading the object \"{label}\""))?,
             );
+            let lb = Target::Lb(bench.lbs.len() - 1);
+            let at = after(&rows, ESTABLISHED) + k;
             rows.insert(
-                at + k,
+                at,
                 Row::new(
                     format!("xdp_lb [{label}]: established flow"),
-                    Target::Lb(bench.lbs.len() - 1),
+                    lb,
                     Case::LbEstablished,
                     false,
+                ),
+            );
+            let at = after(&rows, NON_VIP_ROW) + k;
+            rows.insert(
+                at,
+                Row::new(
+                    format!("xdp_lb [{label}]: non-VIP packet"),
+                    lb,
+                    Case::LbNonVip,
+                    true,
                 ),
             );
         }
@@ -1824,7 +1834,7 @@ fn report_katran(report: &mut Report, rows: &[Row], error: Option<&str>, cpus: u
             "xdp_lb: new-flow SYN",
             KATRAN_SYN_DEFAULT,
         ),
-        ("non-VIP packet", "xdp_lb: non-VIP packet", KATRAN_NON_VIP),
+        ("non-VIP packet", NON_VIP_ROW, KATRAN_NON_VIP),
     ];
     let table = report.table(
         "xdp_lb beside Katran: same process, same wrapper, same runs; net ns per packet, median (min-max) over runs",
@@ -1868,6 +1878,8 @@ fn report_katran(report: &mut Report, rows: &[Row], error: Option<&str>, cpus: u
 
 /// The main table's established-flow row: the budget's numerator.
 const ESTABLISHED: &str = "xdp_lb: established flow";
+/// The agent's own build on a TCP SYN to no VIP (passed up).
+const NON_VIP_ROW: &str = "xdp_lb: non-VIP packet";
 
 /// The Katran commit vendored under `tests/vendor/katran`.
 const KATRAN_COMMIT: &str = "19f08fec82fb7b5fb14d935a80057bdc0897c8de";
