@@ -244,7 +244,7 @@ pub fn choose_backend<T: FlowTables>(
     pick_from_ring::<T>(key, fkey, vip, Table::New, limits.filter_gen)
 }
 
-/// What the established IPv4 short path (`short::established_v4`, inline in `xdp_lb`)
+/// What the established IPv4 short path (`short::established_v4`, run before `lb_v4`)
 /// already learnt of a packet's flow before it handed the packet to the whole path
 /// (`gate::resolve`), so that the flow table is not probed twice.
 pub enum Probe {
