@@ -299,12 +299,25 @@ fn two_nodes_share_one_state_in_etcd_and_build_identical_rings() -> anyhow::Resu
         let m = n2.metrics()?;
         let line = format!("xdplb_backend_local_down{{service=\"web\",backend=\"{be3}:80\"}} 1");
         ensure!(m.contains(&line), "lb2's metrics lack {line}");
-        let c = n1.cluster()?;
-        ensure!(
-            c.members
-                .iter()
-                .any(|m| m.node == "lb2" && m.down == [format!("web/{be3}:80")]),
-            "lb2's published view: {c:?}"
+        // lb2 publishes its view through etcd; its session may still be setting itself
+        // up again after the member restart above (a new lease, then the view), so lb1
+        // sees it within a while, not at once.
+        let down = [format!("web/{be3}:80")];
+        let mut last = None;
+        let took = wait_for(
+            "lb1 sees lb2's published view",
+            Duration::from_secs(10),
+            || {
+                let c = n1.cluster()?;
+                let seen = c.members.iter().any(|m| m.node == "lb2" && m.down == down);
+                last = Some(c);
+                Ok(seen)
+            },
+        )
+        .with_context(|| format!("lb2's published view, as lb1 last read it: {last:?}"))?;
+        println!(
+            "lb2's view (be3 down) seen by lb1 after {} ms",
+            took.as_millis()
         );
 
         // Unreachable from both: a majority, it leaves both rings.
