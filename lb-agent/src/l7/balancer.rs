@@ -75,14 +75,15 @@
 //! # Concurrency and clock
 //!
 //! The serving set is an immutable `Arc` held by one slot per L7 worker
-//! ([`super::workers::shard`]), each on its own cache line behind its own mutex, which
+//! ([`super::workers::Shards`]), each on its own cache line behind its own mutex, which
 //! only its worker takes on the request path: `update` builds the new set outside the
 //! locks (picks never wait for a Maglev table) and swaps it into every slot. A pick
 //! works under its worker's slot with the round-robin running values and the
 //! least-request rotation kept there (so each worker runs its own smooth weighted round
 //! robin: the same shares overall), and passive health reports a success on a backend
 //! with no failure on record without taking its lock. In-flight counts are atomics held
-//! by [`Lease`]s, which keep their backend alive after it leaves the set. The `*_at` methods take the time explicitly,
+//! by [`Lease`]s (one per worker too), which keep their backend alive after it leaves the set.
+//! The `*_at` methods take the time explicitly,
 //! so tests drive ejection without sleeping; the plain methods use `Instant::now()`.
 
 use std::collections::HashMap;
@@ -91,11 +92,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::CachePadded;
 use rand::Rng as _;
 
 use super::sticky::{StickyKey, TOKEN_LEN, cookie_value};
-use super::workers;
+use super::workers::Shards;
 use crate::config::{HashOn, HttpConfig, Scheduler};
 use crate::dataplane::ring::{self, RingMember};
 use lb_common::hash::tagged_hash;
@@ -150,8 +150,8 @@ pub struct Lease {
 
 impl Lease {
     fn new(backend: &Arc<Backend>) -> Self {
-        let shard = workers::shard(backend.in_flight.len());
-        backend.in_flight[shard].fetch_add(1, Ordering::Relaxed);
+        let shard = backend.in_flight.my_index();
+        backend.in_flight.at(shard).fetch_add(1, Ordering::Relaxed);
         Self {
             backend: Arc::clone(backend),
             shard,
@@ -167,7 +167,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.in_flight[self.shard].fetch_sub(1, Ordering::Relaxed);
+        self.backend
+            .in_flight
+            .at(self.shard)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -183,7 +186,7 @@ struct Backend {
     /// Requests in flight, one count per worker (each on its own cache line; a
     /// shard wraps below zero when a lease ends on another thread than it began, the
     /// wrapping sum is right).
-    in_flight: Box<[CachePadded<AtomicU32>]>,
+    in_flight: Shards<AtomicU32>,
     /// End of the current ejection, nanoseconds since the pool's epoch; 0: none.
     /// Read without locking by picks; written under `health`.
     ejected_until: AtomicU64,
@@ -207,9 +210,7 @@ impl Backend {
     fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            in_flight: (0..workers::shard_count())
-                .map(|_| CachePadded::new(AtomicU32::new(0)))
-                .collect(),
+            in_flight: Shards::default(),
             ejected_until: AtomicU64::new(0),
             clean: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
@@ -286,7 +287,7 @@ pub struct Pool {
     eject: EjectPolicy,
     epoch: Instant,
     /// One slot per worker (see the module documentation).
-    slots: Box<[CachePadded<Mutex<Slot>>]>,
+    slots: Shards<Mutex<Slot>>,
     /// Serialises [`Pool::update`].
     updating: Mutex<()>,
 }
@@ -309,22 +310,21 @@ impl Pool {
                 max: Duration::from_millis(http.eject_max_ms),
             },
             epoch: Instant::now(),
-            slots: (0..workers::shard_count())
-                .map(|_| {
-                    CachePadded::new(Mutex::new(Slot {
-                        set: Arc::new(Set::empty()),
-                        rr: Vec::new(),
-                        rotation: 0,
-                    }))
+            slots: Shards::new(|| {
+                Mutex::new(Slot {
+                    set: Arc::new(Set::empty()),
+                    rr: Vec::new(),
+                    rotation: 0,
                 })
-                .collect(),
+            }),
             updating: Mutex::new(()),
         }
     }
 
     /// The calling worker's slot.
     fn slot(&self) -> MutexGuard<'_, Slot> {
-        self.slots[workers::shard(self.slots.len())]
+        self.slots
+            .mine()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -392,7 +392,7 @@ impl Pool {
             table,
             tokens: OnceLock::new(),
         });
-        for slot in &self.slots {
+        for slot in self.slots.iter() {
             let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
             // Backends that remain keep their running value in each worker's slot.
             let rr = was

@@ -11,7 +11,7 @@
 //! - `xdplb_cache_requests_total{service,result}`: cache lookups by result (`hit`,
 //!   `miss`, `stale`, `revalidated`, `bypass`, `collapsed`).
 //!
-//! Every value written per request is sharded by L7 worker ([`super::workers::shard`]):
+//! Every value written per request is sharded by L7 worker ([`super::workers::Shards`]):
 //! each worker counts into its own cache line and no line is written by two workers per
 //! request; a scrape or the API sums the shards (no count lost, still monotonic).
 
@@ -21,13 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use crossbeam_utils::CachePadded;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
-use super::workers;
+use super::workers::Shards;
 
 /// Buckets of `xdplb_http_request_seconds`: 0.5 ms to 10 s.
 pub const REQUEST_BUCKETS: [f64; 14] = [
@@ -50,31 +49,6 @@ struct ServiceLabels {
 struct CacheLabels {
     service: String,
     result: String,
-}
-
-/// One value per worker, each on its own cache line ([`workers::shard`]).
-#[derive(Debug)]
-struct Shards<T>(Box<[CachePadded<T>]>);
-
-impl<T: Default> Default for Shards<T> {
-    fn default() -> Self {
-        Self(
-            (0..workers::shard_count())
-                .map(|_| CachePadded::new(T::default()))
-                .collect(),
-        )
-    }
-}
-
-impl<T> Shards<T> {
-    /// The calling worker's shard.
-    fn mine(&self) -> &T {
-        &self.0[workers::shard(self.0.len())]
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &T> {
-        self.0.iter().map(|s| &**s)
-    }
 }
 
 /// A Prometheus counter counted per worker and summed when read: the same series as
@@ -427,6 +401,7 @@ impl ServiceStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::l7::workers;
 
     #[test]
     fn series_render_under_the_contract_names() {

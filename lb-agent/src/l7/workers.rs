@@ -29,6 +29,7 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_utils::CachePadded;
 use tokio::runtime::Handle;
 
 /// The most workers [`init`] starts.
@@ -119,6 +120,50 @@ pub(crate) fn shard_count() -> usize {
 #[must_use]
 pub(crate) fn shard(n: usize) -> usize {
     current().unwrap_or(0) % n
+}
+
+/// One value per worker ([`shard_count`] of them, made when the value is), each on its
+/// own cache line: what a worker writes on the request path lives in its own shard
+/// ([`Shards::mine`]), so no line is written by two workers per request; readers
+/// combine the shards ([`Shards::iter`]).
+#[derive(Debug)]
+pub(crate) struct Shards<T>(Box<[CachePadded<T>]>);
+
+impl<T: Default> Default for Shards<T> {
+    fn default() -> Self {
+        Self::new(T::default)
+    }
+}
+
+impl<T> Shards<T> {
+    /// One shard per worker, each made by `make`.
+    pub(crate) fn new(mut make: impl FnMut() -> T) -> Self {
+        Self(
+            (0..shard_count())
+                .map(|_| CachePadded::new(make()))
+                .collect(),
+        )
+    }
+
+    /// The index of the calling worker's shard ([`shard`]).
+    pub(crate) fn my_index(&self) -> usize {
+        shard(self.0.len())
+    }
+
+    /// The calling worker's shard.
+    pub(crate) fn mine(&self) -> &T {
+        &self.0[self.my_index()]
+    }
+
+    /// Shard `index` (of [`Shards::my_index`], maybe on another thread since).
+    pub(crate) fn at(&self, index: usize) -> &T {
+        &self.0[index]
+    }
+
+    /// Every shard.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|s| &**s)
+    }
 }
 
 impl Workers {
