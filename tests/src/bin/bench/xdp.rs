@@ -1501,6 +1501,14 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
             })),
             rows: vec![est("feature: established, QUIC service present")],
         },
+        Spec {
+            load: Some(Box::new(|env, _| {
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
+                    xdp_custom::add_ipv6(d, VIP6);
+                })
+            })),
+            rows: vec![est("feature: established, IPv6 service present")],
+        },
         // The admission rule (`max_new_flows_per_cpu`): a SYN over the cap (1/s: every
         // iteration is over it) is sent by the ring and not recorded; beside it the same
         // balancer without a cap (every SYN recorded, evicting: the small table), and an
@@ -1926,7 +1934,8 @@ fn report_groups(report: &mut Report, rows: &[Row]) {
              \x20 vs est. = net / net of \"xdp_lb: established flow\" (main table). Each row is its own xdp_lb\n\
              \x20 (flow table 2^20) with one feature in its state: deny list of 1000 /24s that do not hold\n\
              \x20 the client and an allow list of 1000 that do; new_flows_per_source 1000/s burst 2000; a\n\
-             \x20 second service, UDP with quic = true; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
+             \x20 second service, UDP with quic = true; a second service on an IPv6 VIP (IPv6 backends),\n\
+             \x20 the packet IPv4; an IPv6 VIP with IPv6 backends (6in6); encap = gue;\n\
              \x20 a QUIC short header whose connection ID names backend 1 (quic_cid_routed counted), of a\n\
              \x20 5-tuple not in the flow table (a migrated connection) and of one two long headers put there;\n\
              \x20 max_new_flows_per_cpu: SYN rows on a flow table of 32768 per CPU (every SYN misses), the\n\

@@ -219,9 +219,16 @@ impl Custom {
         flows: u32,
         tweak: impl FnOnce(&mut DesiredState),
     ) -> anyhow::Result<Self> {
-        let (services, macs) = four_backends(vip);
+        let (services, mut macs) = four_backends(vip);
         let mut desired = base_state(env, services);
         tweak(&mut desired);
+        // Backends the tweak added (another service's) get a next-hop MAC of their own.
+        for (i, s) in desired.services.iter().enumerate() {
+            for (j, b) in s.backends.iter().enumerate() {
+                macs.entry(b.address)
+                    .or_insert([0x02, 0xbe, 0x0f, 0, i as u8, j as u8]);
+            }
+        }
         let outer = if desired.encap == ENCAP_GUE {
             Outer::Gue
         } else {
@@ -482,6 +489,16 @@ pub(crate) fn add_quic(d: &mut DesiredState, vip: SocketAddrV4) {
         b.quic_id = Some(0x0101 + j as u32);
     }
     d.services.push(q);
+}
+
+/// Adds the IPv6 TCP service "web6" on `vip` with four IPv6 backends: present beside
+/// the IPv4 service, not used by its packets.
+pub(crate) fn add_ipv6(d: &mut DesiredState, vip: SocketAddrV6) {
+    let backends: Vec<IpAddr> = (0..4u16)
+        .map(|j| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x11 + j)))
+        .collect();
+    d.services
+        .push(tcp_service("web6".into(), vip.into(), &backends));
 }
 
 /// `n` source prefixes that do not contain the bench's clients (/24s in 203.0.0.0/8
