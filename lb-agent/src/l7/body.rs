@@ -1,14 +1,17 @@
 //! The one body type the L7 path passes around: any hyper body, boxed, so the proxy,
 //! the cache and the backends' responses fit one `Request<Body>` / `Response<Body>`;
 //! and the one body wrapper, [`Observed`], through which the proxy and the cache see
-//! a body stream by (size limit, lease, access log, cache tee).
+//! a body stream by (size limit, lease, access log, cache tee), and which can hold a
+//! body's last frame until work the end started is done ([`Observer::settle`]).
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use tokio::task::JoinHandle;
 
 /// Error type of boxed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,6 +70,14 @@ pub trait Observer {
     fn end(&mut self, complete: bool) {
         let _ = complete;
     }
+
+    /// After `end(true)`: work the body's last frame (or its end) waits for, so that
+    /// whoever reads the body sees its last byte only once this is done (the cache's
+    /// tee: the response is in the store before its client has all of it). None:
+    /// nothing to wait for.
+    fn settle(&mut self) -> Option<JoinHandle<()>> {
+        None
+    }
 }
 
 /// A body passed through frame by frame and shown to an [`Observer`].
@@ -76,12 +87,17 @@ pub trait Observer {
 /// [`complete`](Observer::complete); after it the inner body is not polled again,
 /// [`is_end_stream`](http_body::Body::is_end_stream) is true (and only then: so
 /// hyper polls until the observer has seen everything) and the observer is dropped.
+/// When the observer has work to [`settle`](Observer::settle), the frame that ended the
+/// body (or the end of the stream) is held until that work is done.
 /// A body already at its end when wrapped ends at once (hyper never polls an empty
 /// body).
 pub struct Observed<B, O: Observer> {
     inner: B,
     /// `None` once the body has ended.
     observer: Option<O>,
+    /// What the observer's [`settle`](Observer::settle) gave, and the frame held back
+    /// until it is done (`None`: the end of the stream is held).
+    held: Option<(JoinHandle<()>, Option<Frame<Bytes>>)>,
 }
 
 impl<B: http_body::Body, O: Observer> Observed<B, O> {
@@ -90,6 +106,7 @@ impl<B: http_body::Body, O: Observer> Observed<B, O> {
         let mut body = Self {
             inner,
             observer: Some(observer),
+            held: None,
         };
         if body.inner.is_end_stream() || body.observer.as_ref().is_some_and(O::complete) {
             body.end(true);
@@ -97,10 +114,41 @@ impl<B: http_body::Body, O: Observer> Observed<B, O> {
         body
     }
 
+    /// Ends the observation; complete, the observer's [`settle`](Observer::settle) work
+    /// (if any) is held, for the last frame to wait on.
     fn end(&mut self, complete: bool) {
         if let Some(mut observer) = self.observer.take() {
             observer.end(complete);
+            if complete {
+                if let Some(work) = observer.settle() {
+                    self.held = Some((work, None));
+                }
+            }
         }
+    }
+
+    /// `last`, the frame that ended the body (None: the end of the stream), once the
+    /// settling work, if any, is done. A failed or cancelled task holds nothing back.
+    fn release(
+        &mut self,
+        last: Option<Frame<Bytes>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.held.as_mut() {
+            None => Poll::Ready(last.map(Ok)),
+            Some((_, slot)) => {
+                *slot = last;
+                self.poll_held(cx)
+            }
+        }
+    }
+
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some((work, _)) = self.held.as_mut() {
+            let _ = ready!(Pin::new(work).poll(cx));
+        }
+        let last = self.held.take().and_then(|(_, last)| last);
+        Poll::Ready(last.map(Ok))
     }
 }
 
@@ -118,13 +166,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.held.is_some() {
+            return this.poll_held(cx);
+        }
         let Some(observer) = this.observer.as_mut() else {
             return Poll::Ready(None);
         };
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             None => {
                 this.end(true);
-                Poll::Ready(None)
+                this.release(None, cx)
             }
             Some(Err(e)) => {
                 let e = e.into();
@@ -141,6 +192,7 @@ where
                 }
                 if observer.complete() || this.inner.is_end_stream() {
                     this.end(true);
+                    return this.release(Some(frame), cx);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -148,14 +200,18 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.observer.is_none()
+        self.observer.is_none() && self.held.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.observer.is_none() {
-            SizeHint::with_exact(0)
-        } else {
-            self.inner.size_hint()
+        match (&self.observer, &self.held) {
+            (_, Some((_, last))) => SizeHint::with_exact(
+                last.as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64),
+            ),
+            (None, None) => SizeHint::with_exact(0),
+            (Some(_), None) => self.inner.size_hint(),
         }
     }
 }
@@ -284,5 +340,73 @@ mod tests {
         assert!(b.frame().await.unwrap().is_ok());
         drop(b);
         assert_eq!(seen(&s), ["data 2", "drop"]);
+    }
+
+    /// An observer whose end starts work: the frame that ended the body is held until
+    /// that work is done, then passed on; the body is at its end only after.
+    #[tokio::test]
+    async fn the_last_frame_waits_for_the_work_the_end_started() {
+        struct Settling {
+            work: Option<tokio::sync::oneshot::Receiver<()>>,
+            started: Option<JoinHandle<()>>,
+        }
+        impl Observer for Settling {
+            fn end(&mut self, complete: bool) {
+                let rx = self.work.take().expect("one end");
+                assert!(complete);
+                self.started = Some(tokio::spawn(async move {
+                    let _ = rx.await;
+                }));
+            }
+            fn settle(&mut self) -> Option<JoinHandle<()>> {
+                self.started.take()
+            }
+        }
+        for streamed in [false, true] {
+            let (done, rx) = tokio::sync::oneshot::channel();
+            let inner = if streamed {
+                chunks(&["ab", "cd"])
+            } else {
+                full("abcd")
+            };
+            let mut body = Observed::new(
+                inner,
+                Settling {
+                    work: Some(rx),
+                    started: None,
+                },
+            );
+            let mut frames = Vec::new();
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            // Everything but the end is passed on; then the body waits.
+            let last = loop {
+                match http_body::Body::poll_frame(Pin::new(&mut body), &mut cx) {
+                    Poll::Ready(Some(Ok(f))) => frames.push(f.into_data().expect("data")),
+                    Poll::Ready(other) => panic!("ended before the work: {:?}", other.is_none()),
+                    Poll::Pending => break String::from_utf8(frames.concat()).expect("utf-8"),
+                }
+            };
+            assert!(
+                !http_body::Body::is_end_stream(&body),
+                "streamed {streamed}"
+            );
+            // The full body's one frame ends it: held; the stream's end is held after
+            // its two frames.
+            assert_eq!(
+                last,
+                if streamed { "abcd" } else { "" },
+                "streamed {streamed}"
+            );
+            tokio::task::yield_now().await;
+            assert!(http_body::Body::poll_frame(Pin::new(&mut body), &mut cx).is_pending());
+            done.send(()).expect("the work waits");
+            let rest = body.collect().await.expect("body").to_bytes();
+            assert_eq!(
+                rest,
+                if streamed { "" } else { "abcd" },
+                "streamed {streamed}"
+            );
+        }
     }
 }

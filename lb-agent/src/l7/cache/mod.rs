@@ -42,7 +42,6 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
-use tokio::sync::oneshot;
 
 use crate::config::CacheConfig;
 use crate::l7::body::{Body, empty, full};
@@ -743,16 +742,16 @@ impl Cache {
             };
         }
         status.stored = true;
-        let (tx, rx) = oneshot::channel();
-        let tee = tee::tee(body, length, self.inner.object_limit, tx);
         let store = self.inner.store.clone();
         let key = ctx.key.clone();
         let req_headers = ctx.req_headers.clone();
         let headers = parts.headers.clone();
         let targets = self.inner.targets.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(body) = rx.await {
+        let put: tee::Store = Box::new(move |body| {
+            tokio::spawn(async move {
+                // Held until the response is stored (or its body given up: then dropped
+                // with this closure), so collapsed requests wait for the store.
+                let _permit = permit;
                 let stored = Stored::new(
                     code,
                     headers,
@@ -763,8 +762,9 @@ impl Cache {
                     response_time,
                 );
                 store.put(key, Arc::new(stored)).await;
-            }
+            })
         });
+        let tee = tee::tee(body, length, self.inner.object_limit, put);
         let resp = if client_304 {
             // The client has it: answer 304 and let the body flow into the store.
             let head = not_modified_response(&parts.headers);

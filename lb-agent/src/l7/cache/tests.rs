@@ -355,6 +355,27 @@ async fn miss_then_hit_with_age_and_cache_status() {
     assert_eq!(c.usage().0, 1);
 }
 
+/// A client that has read the whole response of a fill finds it stored when it asks
+/// again at once: the tee holds the body's last bytes until the store has it (no
+/// `settle` here). Before, the insert ran after the client had everything, and a quick
+/// second request was collapsed onto the still-open fill.
+#[tokio::test]
+async fn a_fill_is_stored_before_its_client_has_the_last_byte() {
+    let be = Backend::start().await;
+    be.route("/len", Route::ok("max-age=60", "hello"));
+    let mut chunked = Route::ok("max-age=60", &"c".repeat(2500));
+    chunked.chunked = true;
+    be.route("/chunked", chunked);
+    let (c, up) = (cache(), be.upstream());
+    for path in ["/len", "/chunked"] {
+        let g = call(&c, &up, get(path)).await;
+        assert_eq!(g.result, CacheResult::Miss, "{path}");
+        let g = call(&c, &up, get(path)).await;
+        assert_eq!(g.result, CacheResult::Hit, "{path}");
+        assert_eq!(be.hits(path), 1, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn absolute_form_and_host_header_share_a_key() {
     let be = Backend::start().await;
