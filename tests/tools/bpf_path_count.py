@@ -15,8 +15,11 @@ the verdict and the outer header written, to check the run took the forwarding p
 
 With a third argument `non-vip`: the non-VIP row's packet instead (TCP SYN
 198.18.0.1:40000 -> 198.18.1.10:22, the LB's own address; same maps), passed up.
+With `lists`: the established packet with the global deny and allow lists in use
+(`filter_flags` DENY | ALLOW) and its flow entry on the current filter generation (5 in
+XDPLB_FILT_GEN and in the entry): the "deny 1000 + allow 1000" row, no trie lookup.
 
-Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip]
+Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip|lists]
   e.g. target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb
        target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb non-vip
        target/ebpf/bpfel-unknown-none/release/lb-floors floor_ipip
@@ -24,8 +27,8 @@ Needs python3, llvm-objcopy and llvm-objdump (Debian's llvm)."""
 import collections, os, re, struct, subprocess, sys, tempfile
 obj, prog = sys.argv[1], sys.argv[2]
 case = sys.argv[3] if len(sys.argv) > 3 else "established"
-if case not in ("established", "non-vip"):
-    raise SystemExit(f"unknown case {case!r}: established or non-vip")
+if case not in ("established", "non-vip", "lists"):
+    raise SystemExit(f"unknown case {case!r}: established, non-vip or lists")
 def section_bytes(name):
     out = tempfile.mktemp(suffix=".bin")
     subprocess.run(["llvm-objcopy", "-O", "binary", f"--only-section={name}", obj, out], check=True)
@@ -139,7 +142,9 @@ def run(setup):
                     callstack.append((sec, pc + 1, regs[6:10], regs[10]))
                     sec = ".text"; regs[10] -= 0x1000; pc = tgt; continue
                 helpers[imm] += 1
-                if imm == 1: regs[0] = lookup(regs[1], regs[2])
+                if imm == 1:
+                    regs[0] = lookup(regs[1], regs[2])
+                    if os.environ.get("TRACE"): print("lookup", [n for n, i in map_ids.items() if 0xF0000000 + i == regs[1]], hex(regs[0]))
                 elif imm == 44:  # adjust_head
                     wr(CTX, 4, (rd(CTX, 4) + (regs[2] - (1 << 64) if regs[2] >> 63 else regs[2])) ); regs[0] = 0
                 elif imm == 65: regs[0] = 0
@@ -166,16 +171,19 @@ VIP, CLIENT, BACKEND, SRC = bytes([198,18,1,1]), bytes([198,18,0,1]), bytes([198
 def setup():
     frame = bytes(6) + bytes(6) + b"\x08\x00"
     # non-vip: the bench's non-VIP row, a SYN to the LB's own address, port 22.
-    dst, dport, flags = (VIP, 80, 0x10) if case == "established" else (SRC, 22, 0x02)
+    dst, dport, flags = (SRC, 22, 0x02) if case == "non-vip" else (VIP, 80, 0x10)
     ip = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]) + CLIENT + dst
     tcp = (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + bytes([0x50, flags]) + bytes(6)
     pkt = frame + ip + tcp
     MEM[PKT:PKT+len(pkt)] = pkt
     wr(CTX, 4, PKT); wr(CTX + 4, 4, PKT + len(pkt)); wr(CTX + 12, 4, 2)
-    cfg = SRC + bytes(16) + (0).to_bytes(4, "little") + (0).to_bytes(4, "little") + (1500).to_bytes(4, "little") + bytes(24)
+    # GlobalConfig: source_v4, source_v6, encap, filter_flags, mtu, ...
+    flags, gen = (3, 5) if case == "lists" else (0, 0)
+    cfg = SRC + bytes(16) + (0).to_bytes(4, "little") + flags.to_bytes(4, "little") + (1500).to_bytes(4, "little") + bytes(24)
     amap("XDPLB_CONFIG", 64, {0: cfg})
+    amap("XDPLB_FILT_GEN", 4, {0: gen.to_bytes(4, "little")})
     fkey = CLIENT + VIP + (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes([6, 0, 0, 0])
-    hmap("XDPLB_FLOWS_V4", 8, {fkey: (1).to_bytes(4, "little") + bytes(4)})
+    hmap("XDPLB_FLOWS_V4", 8, {fkey: (1).to_bytes(4, "little") + gen.to_bytes(4, "little")})
     svc = VIP + (80).to_bytes(2, "big") + bytes([6, 0]) + (0).to_bytes(4, "little") + bytes(12)
     backend = BACKEND + bytes(12) + bytes([4, 1, 0, 0]) + (0).to_bytes(4, "little") + svc
     amap("XDPLB_BACKENDS", 48, {1: backend})
