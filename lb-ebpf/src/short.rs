@@ -40,8 +40,8 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     stats::Counter,
     types::{
-        FAMILY_V4, FILTER_F_ALLOW, FILTER_F_DENY, FlowEntry, VIP_F_ALLOW, VIP_F_DENY, VIP_F_L7,
-        VIP_F_QUIC, VipMeta,
+        ENCAP_GUE, FAMILY_V4, FAMILY_V6, FILTER_F_ALLOW, FILTER_F_DENY, FlowEntry, VIP_F_ALLOW,
+        VIP_F_DENY, VIP_F_L7, VIP_F_QUIC, VipKey, VipMeta,
     },
 };
 
@@ -49,10 +49,11 @@ use crate::{
     encap::{Exit, transmit, tunnel_v4},
     gate::{deny, finish, source},
     gue::needs_entropy,
-    hashing::{FlowTables, Probe, V4, established_entry, filter_gen, flow_entry},
+    hashing::{FlowTables, Probe, V4, V6, established_entry, filter_gen, flow_entry},
+    ipv6::{IPV6_HLEN, parse_ipv6, tunnel_in_v6},
     keys,
     maps::CONFIG,
-    parsing::{ETH_P_IP, IPV4_HLEN, L2, parse_ipv4},
+    parsing::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, L2, parse_ipv4},
     stats::count_forwarded,
 };
 
@@ -162,27 +163,100 @@ pub fn established_v4(ctx: &XdpContext, l3_off: usize) -> Result<u32, Handoff> {
             }
         }
     }
-    // No usable entry, or a new connection: the VIP, as `gate::resolve` looks it up
-    // then. Found: the whole path takes it (and applies the global deny list first, as
-    // to any packet without a usable entry).
-    if let Some(meta) = V4::vip(vip_key) {
+    to_vip::<V4>(ctx, l3_off, ETH_P_IP, cfg.filter_flags, vip_key)
+}
+
+/// [`established_v4`] for IPv6 (`short_v6`, before `lb_v6`): an IPv6 TCP/UDP packet that
+/// is not a SYN, its flow in `FLOWS` with an active IPv6 backend of the service that
+/// owns the packet's VIP now (`SERVICES_V6`), no L7 or QUIC service, 6in6 from the one
+/// `source_ipv6` (no GUE, no `source_ipv6_prefix`) within `mtu`, source lists as there:
+/// the next hop, the outer IPv6 header (`ipv6::tunnel_in_v6`, what `ipv6::send` does
+/// for it), the backend's traffic counter, XDP_TX or a redirect. A packet to no VIP as
+/// there; anything else (IPv4 backends: 6in4, GUE, ICMPv6, extension headers) goes to
+/// `lb_v6` with the [`Handoff`]. It saves `lb_v6`'s call and `ipv6::send`'s (a
+/// continuation called from `xdp_lb`) for the established 6in6 flow.
+#[inline(always)]
+pub fn established_v6(ctx: &XdpContext, l3_off: usize) -> Result<u32, Handoff> {
+    let cfg = CONFIG.get(0).ok_or(Handoff::TODO)?;
+    // Parsed as the whole path parses: extension headers, ICMPv6 and the like go on.
+    let pkt = parse_ipv6(ctx, l3_off).map_err(|_| Handoff::TODO)?;
+    let vip_key = VipKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: pkt.key.proto,
+        family: FAMILY_V6,
+    };
+    if !pkt.tcp_syn {
+        if let Some(entry) = flow_entry::<V6>(&pkt.key) {
+            let hand = Handoff {
+                probe: PROBE_HIT,
+                value: (&raw mut *entry).cast::<u8>(),
+            };
+            if let Some(hit) = established_entry::<V6>(entry, &vip_key) {
+                if hit.vip.flags & (VIP_F_L7 | VIP_F_QUIC) != 0
+                    || hit.choice.backend.family != FAMILY_V6
+                    || cfg.encap == ENCAP_GUE
+                    || cfg.source_v6_host_mask != 0
+                    || cfg.source_v6 == [0; 4]
+                    || (cfg.mtu != 0 && u32::from(pkt.len) + IPV6_HLEN as u32 > cfg.mtu)
+                {
+                    return Err(hand);
+                }
+                // Source lists: as on the IPv4 short path.
+                if (cfg.filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
+                    || hit.vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0)
+                    && hit.entry.filter_gen != filter_gen()
+                {
+                    return Err(hand);
+                }
+                let backend_id = hit.choice.backend_id;
+                return Ok(finish(
+                    tunnel_in_v6(
+                        ctx,
+                        l3_off,
+                        pkt.len,
+                        pkt.tc,
+                        true,
+                        &cfg.source_v6,
+                        &hit.choice.backend.addr,
+                        backend_id,
+                    )
+                    .map(|ifindex| {
+                        // Only now is the packet forwarded (as in `ipv6::send`).
+                        count_forwarded(backend_id, u64::from(pkt.len));
+                        transmit(ctx, ifindex)
+                    }),
+                ));
+            }
+        }
+    }
+    to_vip::<V6>(ctx, l3_off, ETH_P_IPV6, cfg.filter_flags, vip_key)
+}
+
+/// The end of both short paths for a packet without a usable flow entry (none, stale, or
+/// a new connection): its VIP `vip_key`, as `gate::resolve` looks it up then. Found: the
+/// whole path takes it (and applies the global deny list first, as to any packet
+/// without a usable entry). None: passed up and counted `pass_not_vip`, as there, once
+/// the global deny list (in use) let the source through (else dropped under its rule):
+/// the whole path's verdict and counters for such a packet (deny first; the allow lists
+/// apply only to packets to a VIP).
+#[inline(always)]
+fn to_vip<T: FlowTables>(
+    ctx: &XdpContext,
+    l3_off: usize,
+    proto: u16,
+    filter_flags: u32,
+    vip_key: T::VipKey,
+) -> Result<u32, Handoff> {
+    if let Some(meta) = T::vip(vip_key) {
         return Err(Handoff {
             probe: PROBE_VIP,
             value: meta.cast_mut().cast::<u8>(),
         });
     }
-    // None: passed up and counted as there, once the global deny list (in use) let
-    // the source through: the whole path's verdict and counters for such a packet
-    // (deny first; the allow lists apply only to packets to a VIP).
-    if cfg.filter_flags & FILTER_F_DENY != 0 {
-        let l2 = L2 {
-            l3_off,
-            proto: ETH_P_IP,
-        };
-        if let Err(exit) = deny(
-            source(ctx, &l2, cfg.filter_flags).as_ref(),
-            cfg.filter_flags,
-        ) {
+    if filter_flags & FILTER_F_DENY != 0 {
+        let l2 = L2 { l3_off, proto };
+        if let Err(exit) = deny(source(ctx, &l2, filter_flags).as_ref(), filter_flags) {
             return Ok(finish(Err(exit)));
         }
     }
