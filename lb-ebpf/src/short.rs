@@ -1,4 +1,6 @@
-//! The established IPv4 flow's short path, tried by `xdp_lb` before `lb_v4` (issue 12, item 2).
+//! The established flow's short paths, tried by `xdp_lb` before `lb_v4` (IPv4,
+//! [`established_v4`]) and `lb_v6` (IPv6, [`established_v6`], the same idea: see its
+//! docs) (issue 12, item 2).
 //!
 //! Measured (README, "The established-flow budget, session 23"): of the established
 //! flow's ~55 ns above the IPIP floor, ~10 ns were the BPF-to-BPF call into `lb_v4` (on
