@@ -27,6 +27,8 @@ Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip|lists|6in6]
   e.g. target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb
        target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb non-vip
        target/ebpf/bpfel-unknown-none/release/lb-floors floor_ipip
+With TRACE=1 in the environment, every map lookup is printed (map, value address or 0).
+
 Needs python3, llvm-objcopy and llvm-objdump (Debian's llvm)."""
 import collections, os, re, struct, subprocess, sys, tempfile
 obj, prog = sys.argv[1], sys.argv[2]
