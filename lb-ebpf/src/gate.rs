@@ -218,13 +218,13 @@ pub fn resolve<T: FlowTables>(
     let filter_gen = hashing::filter_gen();
     let src = source(ctx, l2, filter_flags);
     deny(src.as_ref(), filter_flags)?;
-    // The short path's lookup of the same key, made with no list in use: the lists
-    // this run reads (the deny list above, the rest below) apply as to any packet.
+    // The short path's lookup of the same key (made before any list: the lists this
+    // run reads, the deny list above and the rest below, apply as to any packet).
     let meta = match found {
-        Some(meta) => Some(*meta),
-        None => T::vip(vip_key),
-    }
-    .ok_or(Exit::Pass(Counter::PassNotVip))?;
+        Some(meta) => *meta,
+        // SAFETY: a preallocated VIP map's value, written whole by the agent.
+        None => unsafe { *T::vip(*vip_key).ok_or(Exit::Pass(Counter::PassNotVip))? },
+    };
     // The allow list (L7 VIPs included), the service's own lists, then L7 goes up.
     vip(ctx, l2, filter_flags, src.as_ref(), &meta)?;
     Ok((meta, None, filter_gen))

@@ -32,13 +32,18 @@ use crate::{
 pub trait FlowTables {
     type Key: 'static;
     /// The family's VIP key.
-    type VipKey: 'static;
+    type VipKey: 'static + Copy;
     /// Flows that have sent at least two packets.
     fn established() -> &'static LruHashMap<Self::Key, FlowEntry>;
     /// Flows seen once.
     fn new() -> &'static LruHashMap<Self::Key, FlowEntry>;
-    /// The meta of the VIP `key` (a hash lookup).
-    fn vip(key: &Self::VipKey) -> Option<VipMeta>;
+    /// The VIP `key`'s meta in the family's VIP map (a hash lookup): a pointer to the
+    /// map's value, valid for the program's run (the whole path copies it,
+    /// `gate::resolve`; the IPv4 short path hands it on, `short::Handoff`). The key is
+    /// taken by value, as the map's `get_ptr` takes it: borrowed, the IPv4 short path
+    /// stored its key before the flow lookup (17 instructions more per established
+    /// packet, `tests/tools/bpf_path_count.py`).
+    fn vip(key: Self::VipKey) -> Option<*const VipMeta>;
     /// The meta of `backend`'s service if its VIP is `key`: IPv4 from the backend's
     /// own entry (`Backend::service_v4`, a compare), IPv6 from `SERVICES_V6` (an array
     /// read and a compare).
@@ -60,9 +65,8 @@ impl FlowTables for V4 {
         &FLOWS_NEW_V4
     }
     #[inline(always)]
-    fn vip(key: &VipKeyV4) -> Option<VipMeta> {
-        // SAFETY: VIPS_V4 is preallocated; values are written whole by the agent.
-        unsafe { VIPS_V4.get(key) }.copied()
+    fn vip(key: VipKeyV4) -> Option<*const VipMeta> {
+        VIPS_V4.get_ptr(key)
     }
     #[inline(always)]
     fn service_vip(backend: &Backend, key: &VipKeyV4) -> Option<VipMeta> {
@@ -89,9 +93,8 @@ impl FlowTables for V6 {
         &FLOWS_NEW
     }
     #[inline(always)]
-    fn vip(key: &VipKey) -> Option<VipMeta> {
-        // SAFETY: VIPS is preallocated; values are written whole by the agent.
-        unsafe { VIPS.get(key) }.copied()
+    fn vip(key: VipKey) -> Option<*const VipMeta> {
+        VIPS.get_ptr(key)
     }
     /// A 20-byte compare field by field ([`vip_key_eq`]: no `bcmp` call).
     #[inline(always)]

@@ -179,12 +179,14 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Ipv6Flow, Counter> 
 /// The ICMPv6 handling, "packet too big" and the tunnel are BPF subprograms of their
 /// own that `xdp_lb` calls next when this path returns their continuation
 /// (`gate::NEXT_*`; the tunnel's parameters in `fwd`), so that their frames never add
-/// up with this one's.
+/// up with this one's. `probe`: what the IPv6 short path (`short::established_v6`)
+/// found of the packet's flow or VIP (`short::Handoff`), so neither is looked up twice.
 #[inline(always)]
 pub fn try_lb_v6(
     ctx: &XdpContext,
     l3_off: usize,
     fwd: &mut MaybeUninit<Forward>,
+    probe: Probe,
 ) -> Result<u32, Exit> {
     let l2 = L2 {
         l3_off,
@@ -217,7 +219,7 @@ pub fn try_lb_v6(
         &l2,
         filter_flags,
         pkt.tcp_syn,
-        Probe::Todo,
+        probe,
         &pkt.key,
         &vip_key,
     )?;
@@ -248,6 +250,42 @@ pub fn try_lb_v6(
     let entropy = gue::entropy(cfg, &choice.backend, &pkt.key);
     Forward::fill(fwd, &choice, pkt.len, pkt.tc, true, false, entropy);
     Ok(NEXT_SEND)
+}
+
+/// The IPv6 outer header without GUE (6in6, next header 41, or 4in6, next header 4:
+/// `inner_v6`) from `source` to the backend at `addr` (backend id `backend_id`) in
+/// front of the IP packet at `l3_off` (`inner_len` bytes, traffic class `tc`): the next
+/// hop (the agent's entry, else `bpf_fib_lookup`), bytes past the inner packet cut. The
+/// interface to send it on. No `mtu` check here. [`tunnel`]'s IPv6 tunnel without GUE,
+/// and the IPv6 short path's (`short::established_v6`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn tunnel_in_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    tc: u8,
+    inner_v6: bool,
+    source: &[u32; 4],
+    addr: &[u32; 4],
+    backend_id: u32,
+) -> Result<u32, Exit> {
+    let outer_len = inner_len + IPV6_HLEN as u16;
+    let hop = match nexthop::cached(backend_id, FAMILY_V6, addr, outer_len) {
+        Some(hop) => hop?,
+        None => next_hop_v6(ctx, source, addr, outer_len)?,
+    };
+    trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
+    let outer = Ipv6Hdr {
+        vtc_flow: Ipv6Hdr::vtc(tc),
+        payload_len: inner_len.to_be(),
+        nexthdr: if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP },
+        hop_limit: OUTER_TTL,
+        saddr: *source,
+        daddr: *addr,
+    };
+    push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
+    Ok(hop.ifindex)
 }
 
 /// Length of the outer headers towards `backend` as `cfg` tunnels to it: 40 for an
@@ -386,15 +424,19 @@ pub fn tunnel(
             cfg.source_v6[2],
             tunnel_source_v6_low(cfg.source_v6[3], cfg.source_v6_host_mask, f.entropy),
         ];
-        let gue = cfg.encap == ENCAP_GUE;
-        let extra = if gue { gue::UDP_HLEN as u16 } else { 0 };
+        if cfg.encap != ENCAP_GUE {
+            return tunnel_in_v6(
+                ctx, l3_off, inner_len, tos, inner_v6, &source, &f.addr, backend_id,
+            );
+        }
+        let extra = gue::UDP_HLEN as u16;
         let outer_len = inner_len + IPV6_HLEN as u16 + extra;
         let hop = match nexthop::cached(backend_id, FAMILY_V6, &f.addr, outer_len) {
             Some(hop) => hop?,
             None => next_hop_v6(ctx, &source, &f.addr, outer_len)?,
         };
         trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
-        if gue {
+        {
             // GUE over IPv6 (gue.rs): the UDP checksum is computed.
             let sport = gue_source_port(f.entropy).to_be();
             let udp = gue::udp6_header(
@@ -421,16 +463,6 @@ pub fn tunnel(
             push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
             return Ok(hop.ifindex);
         }
-        let outer = Ipv6Hdr {
-            vtc_flow: Ipv6Hdr::vtc(tos),
-            payload_len: inner_len.to_be(),
-            nexthdr: if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP },
-            hop_limit: OUTER_TTL,
-            saddr: source,
-            daddr: f.addr,
-        };
-        push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
-        return Ok(hop.ifindex);
     }
     // Every tunnel towards an IPv4 backend needs the IPv4 source (gue::tunnel_to_v4
     // leaves this check to its callers).

@@ -52,18 +52,22 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     // backend takes one call (`lb_v4` tunnels IPIP or GUE itself, `gue::tunnel_to_v4`;
     // IPv6 backends go to `ipv6::send`); see README, "IPv6 VIPs and backends" and "GUE".
     let mut fwd = MaybeUninit::<Forward>::uninit();
+    // The established flow's short path first (short.rs, each family's); what it does
+    // not finish takes the whole path, with the flow-table entry or VIP it found (a
+    // packet to no VIP it passes up itself).
+    let mut value: *mut u8 = core::ptr::null_mut();
     let mut action = if l2.proto == ETH_P_IP {
-        // The established IPv4 flow's short path first (short.rs); what it does not
-        // finish takes the whole path, with the flow-table entry or VIP it found (a
-        // packet to no VIP it passes up itself).
-        let mut value: *mut u8 = core::ptr::null_mut();
         let short = short_v4(ctx.ctx, l2.l3_off, &mut value);
         if short & SHORT_NOT_DONE == 0 {
             return short;
         }
         lb_v4(ctx.ctx, l2.l3_off, &mut fwd, short & !SHORT_NOT_DONE, value)
     } else if l2.proto == ETH_P_IPV6 {
-        lb_v6(ctx.ctx, l2.l3_off, &mut fwd)
+        let short = short_v6(ctx.ctx, l2.l3_off, &mut value);
+        if short & SHORT_NOT_DONE == 0 {
+            return short;
+        }
+        lb_v6(ctx.ctx, l2.l3_off, &mut fwd, short & !SHORT_NOT_DONE, value)
     } else {
         return finish(Err(Exit::Pass(Counter::PassNotIp)));
     };
@@ -101,6 +105,19 @@ fn short_v4(ctx: *mut xdp_md, l3_off: usize, value: &mut *mut u8) -> u32 {
     }
 }
 
+/// The established IPv6 flow's short path (`short::established_v6`), as [`short_v4`]: a
+/// sibling subprogram of [`lb_v6`].
+#[inline(never)]
+fn short_v6(ctx: *mut xdp_md, l3_off: usize, value: &mut *mut u8) -> u32 {
+    match short::established_v6(&XdpContext::new(ctx), l3_off) {
+        Ok(action) => action,
+        Err(hand) => {
+            *value = hand.value;
+            SHORT_NOT_DONE | hand.probe
+        }
+    }
+}
+
 /// The IPv4 path (a subprogram: see `xdp_lb`) for every IPv4 packet the short path
 /// (`short::established_v4`) did not finish, with what its probe of the flow table
 /// found (`probe`, `value`: a `short::Handoff`). Takes the raw context so that the
@@ -118,10 +135,20 @@ fn lb_v4(
     finish(try_lb_v4(&XdpContext::new(ctx), l3_off, fwd, probe))
 }
 
-/// The IPv6 path (`lb_ebpf::ipv6`), a sibling subprogram of [`lb_v4`].
+/// The IPv6 path (`lb_ebpf::ipv6`), a sibling subprogram of [`lb_v4`], for every IPv6
+/// packet the short path (`short::established_v6`) did not finish, with what it found
+/// (`probe`, `value`, as [`lb_v4`]'s).
 #[inline(never)]
-fn lb_v6(ctx: *mut xdp_md, l3_off: usize, fwd: &mut MaybeUninit<Forward>) -> u32 {
-    finish(ipv6::try_lb_v6(&XdpContext::new(ctx), l3_off, fwd))
+fn lb_v6(
+    ctx: *mut xdp_md,
+    l3_off: usize,
+    fwd: &mut MaybeUninit<Forward>,
+    probe: u32,
+    value: *mut u8,
+) -> u32 {
+    // SAFETY: `xdp_lb` passes what `short_v6` wrote in this run.
+    let probe = unsafe { short::Handoff::probe(probe, value) };
+    finish(ipv6::try_lb_v6(&XdpContext::new(ctx), l3_off, fwd, probe))
 }
 
 #[inline(always)]

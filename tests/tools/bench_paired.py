@@ -3,22 +3,35 @@
 JSON it writes (README, "The established-flow budget, session 23"): row A's sample minus
 row B's sample of the same run (the runs are interleaved, so a run slowed as a whole
 cancels), then their median. The main table's columns: `raw` (through the wrapper, the
-default) or `direct`.
+default) or `direct`; rows of the other tables (per-feature, scale: their `ns (net)`
+samples, each run's raw less its wrapper's XDP_PASS floor of the same run) are found
+there, with `ns (net)` as the default column.
 
 Usage: tests/tools/bench_paired.py JSON ROW_A ROW_B [COLUMN]
   e.g. tests/tools/bench_paired.py target/bench/xdp.json \\
-         "xdp_lb [nv]: non-VIP packet" "xdp_lb [est]: non-VIP packet" direct"""
+         "xdp_lb [nv]: non-VIP packet" "xdp_lb [est]: non-VIP packet" direct
+       tests/tools/bench_paired.py target/bench/xdp.json \\
+         "feature: established, deny 1000 + allow 1000 prefixes" \\
+         "feature [main]: established, deny 1000 + allow 1000 prefixes"
+"""
 import json, statistics, sys
 
 if len(sys.argv) not in (4, 5):
     raise SystemExit(__doc__)
 path, row_a, row_b = sys.argv[1:4]
-column = sys.argv[4] if len(sys.argv) == 5 else "raw"
 with open(path) as f:
     report = json.load(f)
 rows = {}
-for row in report["tables"][0]["rows"]:
-    rows[row[0]["shown"]] = {cell["column"]: cell for cell in row[1:]}
+# The main table first; a row only in a later table (per-feature, scale) from the first
+# of those that has it with samples, its default column `ns (net)`.
+for i, table in enumerate(report["tables"]):
+    for row in table["rows"]:
+        cells = {cell["column"]: cell for cell in row[1:]}
+        label = row[0]["shown"]
+        if label not in rows and (i == 0 or any(c.get("samples") for c in cells.values())):
+            rows[label] = cells | {"_table": i}
+in_main = all(rows.get(r, {}).get("_table") == 0 for r in (row_a, row_b))
+column = sys.argv[4] if len(sys.argv) == 5 else ("raw" if in_main else "ns (net)")
 def samples(label):
     if label not in rows:
         raise SystemExit(f"no row {label!r} in {path}; rows: {', '.join(rows)}")

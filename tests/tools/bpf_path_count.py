@@ -15,17 +15,26 @@ the verdict and the outer header written, to check the run took the forwarding p
 
 With a third argument `non-vip`: the non-VIP row's packet instead (TCP SYN
 198.18.0.1:40000 -> 198.18.1.10:22, the LB's own address; same maps), passed up.
+With `lists`: the established packet with the global deny and allow lists in use
+(`filter_flags` DENY | ALLOW) and its flow entry on the current filter generation (5 in
+XDPLB_FILT_GEN and in the entry): the "deny 1000 + allow 1000" row, no trie lookup.
 
-Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip]
+With `6in6`: an established IPv6 flow to an IPv6 backend (TCP ACK [fd00:18::2]:40000 ->
+VIP [fd00:18:100::1]:80, its flow in XDPLB_FLOWS -> backend 1 (fd00:18:1::11, active),
+the service's entry in XDPLB_SVC_V6, next hop valid, source fd00:18:1::10, no lists).
+
+Usage: tests/tools/bpf_path_count.py OBJECT PROGRAM [non-vip|lists|6in6]
   e.g. target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb
        target/ebpf/bpfel-unknown-none/release/lb-ebpf xdp_lb non-vip
        target/ebpf/bpfel-unknown-none/release/lb-floors floor_ipip
+With TRACE=1 in the environment, every map lookup is printed (map, value address or 0).
+
 Needs python3, llvm-objcopy and llvm-objdump (Debian's llvm)."""
 import collections, os, re, struct, subprocess, sys, tempfile
 obj, prog = sys.argv[1], sys.argv[2]
 case = sys.argv[3] if len(sys.argv) > 3 else "established"
-if case not in ("established", "non-vip"):
-    raise SystemExit(f"unknown case {case!r}: established or non-vip")
+if case not in ("established", "non-vip", "lists", "6in6"):
+    raise SystemExit(f"unknown case {case!r}: established, non-vip, lists or 6in6")
 def section_bytes(name):
     out = tempfile.mktemp(suffix=".bin")
     subprocess.run(["llvm-objcopy", "-O", "binary", f"--only-section={name}", obj, out], check=True)
@@ -139,7 +148,9 @@ def run(setup):
                     callstack.append((sec, pc + 1, regs[6:10], regs[10]))
                     sec = ".text"; regs[10] -= 0x1000; pc = tgt; continue
                 helpers[imm] += 1
-                if imm == 1: regs[0] = lookup(regs[1], regs[2])
+                if imm == 1:
+                    regs[0] = lookup(regs[1], regs[2])
+                    if os.environ.get("TRACE"): print("lookup", [n for n, i in map_ids.items() if 0xF0000000 + i == regs[1]], hex(regs[0]))
                 elif imm == 44:  # adjust_head
                     wr(CTX, 4, (rd(CTX, 4) + (regs[2] - (1 << 64) if regs[2] >> 63 else regs[2])) ); regs[0] = 0
                 elif imm == 65: regs[0] = 0
@@ -166,22 +177,51 @@ VIP, CLIENT, BACKEND, SRC = bytes([198,18,1,1]), bytes([198,18,0,1]), bytes([198
 def setup():
     frame = bytes(6) + bytes(6) + b"\x08\x00"
     # non-vip: the bench's non-VIP row, a SYN to the LB's own address, port 22.
-    dst, dport, flags = (VIP, 80, 0x10) if case == "established" else (SRC, 22, 0x02)
+    dst, dport, flags = (SRC, 22, 0x02) if case == "non-vip" else (VIP, 80, 0x10)
     ip = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]) + CLIENT + dst
     tcp = (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + bytes([0x50, flags]) + bytes(6)
     pkt = frame + ip + tcp
     MEM[PKT:PKT+len(pkt)] = pkt
     wr(CTX, 4, PKT); wr(CTX + 4, 4, PKT + len(pkt)); wr(CTX + 12, 4, 2)
-    cfg = SRC + bytes(16) + (0).to_bytes(4, "little") + (0).to_bytes(4, "little") + (1500).to_bytes(4, "little") + bytes(24)
+    # GlobalConfig: source_v4, source_v6, encap, filter_flags, mtu, ...
+    flags, gen = (3, 5) if case == "lists" else (0, 0)
+    cfg = SRC + bytes(16) + (0).to_bytes(4, "little") + flags.to_bytes(4, "little") + (1500).to_bytes(4, "little") + bytes(24)
     amap("XDPLB_CONFIG", 64, {0: cfg})
+    amap("XDPLB_FILT_GEN", 4, {0: gen.to_bytes(4, "little")})
     fkey = CLIENT + VIP + (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes([6, 0, 0, 0])
-    hmap("XDPLB_FLOWS_V4", 8, {fkey: (1).to_bytes(4, "little") + bytes(4)})
+    hmap("XDPLB_FLOWS_V4", 8, {fkey: (1).to_bytes(4, "little") + gen.to_bytes(4, "little")})
     svc = VIP + (80).to_bytes(2, "big") + bytes([6, 0]) + (0).to_bytes(4, "little") + bytes(12)
     backend = BACKEND + bytes(12) + bytes([4, 1, 0, 0]) + (0).to_bytes(4, "little") + svc
     amap("XDPLB_BACKENDS", 48, {1: backend})
     hop = BACKEND + bytes(12) + (2).to_bytes(4, "little") + (1500).to_bytes(2, "little") + bytes([4, 1]) + bytes([2]*6) + bytes([4]*6)
     amap("XDPLB_NEXT_HOPS", 36, {1: hop})
     hmap("FLOOR_BACKENDS", 4, {VIP: BACKEND})
+VIP6 = bytes.fromhex("fd000018010000000000000000000001")
+CLIENT6 = bytes.fromhex("fd000018000000000000000000000002")
+BACKEND6 = bytes.fromhex("fd000018000100000000000000000011")
+SRC6 = bytes.fromhex("fd000018000100000000000000000010")
+def setup6():
+    tcp = (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(8) + bytes([0x50, 0x10]) + bytes(6)
+    ip = bytes([0x60, 0, 0, 0]) + len(tcp).to_bytes(2, "big") + bytes([6, 64]) + CLIENT6 + VIP6
+    pkt = bytes(6) + bytes(6) + b"\x86\xdd" + ip + tcp
+    MEM[PKT:PKT+len(pkt)] = pkt
+    wr(CTX, 4, PKT); wr(CTX + 4, 4, PKT + len(pkt)); wr(CTX + 12, 4, 2)
+    cfg = bytes(4) + SRC6 + bytes(8) + (1500).to_bytes(4, "little") + bytes(24)
+    amap("XDPLB_CONFIG", 64, {0: cfg})
+    fkey = CLIENT6 + VIP6 + (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes([6, 6, 0, 0])
+    hmap("XDPLB_FLOWS", 8, {fkey: (1).to_bytes(4, "little") + bytes(4)})
+    backend = BACKEND6 + bytes([6, 1, 0, 0]) + (0).to_bytes(4, "little") + bytes(24)
+    amap("XDPLB_BACKENDS", 48, {1: backend})
+    svc = VIP6 + (80).to_bytes(2, "big") + bytes([6, 6]) + bytes(16)
+    amap("XDPLB_SVC_V6", 36, {0: svc})
+    hop = BACKEND6 + (2).to_bytes(4, "little") + (1500).to_bytes(2, "little") + bytes([6, 1]) + bytes([2]*6) + bytes([4]*6)
+    amap("XDPLB_NEXT_HOPS", 36, {1: hop})
+if case == "6in6":
+    v, counts, helpers = run(setup6)
+    print(f"{obj} {prog}: verdict {v}, {sum(counts.values())} BPF instructions:", dict(counts), "helpers:", dict(helpers))
+    d = rd(CTX, 4); out = bytes(MEM[d:d+54])
+    print("  out: eth dst", out[0:6].hex(), "src", out[6:12].hex(), "type", out[12:14].hex(), "outer", out[22:38].hex(), "->", out[38:54].hex(), "next header", out[20])
+    raise SystemExit(0)
 v, counts, helpers = run(setup)
 print(f"{obj} {prog}: verdict {v}, {sum(counts.values())} BPF instructions:", dict(counts), "helpers:", dict(helpers))
 d = rd(CTX, 4); out = bytes(MEM[d:d+34])

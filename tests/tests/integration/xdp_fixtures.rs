@@ -2404,7 +2404,12 @@ fn established_ipv4_flows_follow_what_their_vip_is_now() -> anyhow::Result<()> {
 /// that rule), an allow list that no longer holds it too (`not_allowed`), and an
 /// emptied list lets it through to the same backend again. A deny entry written into
 /// the trie behind the agent's back (no bump) stops a new flow of the client but not
-/// the established one, until the generation moves: the lookup really is skipped.
+/// the established one, until the generation moves: the lookup really is skipped. The
+/// same with the service's own deny and allow lists (the VIP's list bits, no global
+/// list). Since session 24 the IPv4 short path (`short.rs`) forwards such a flow itself
+/// while its entry's generation is current, and hands it to the whole path otherwise:
+/// every forwarded packet is checked whole (the IPIP frame to the flow's backend, `tx`
+/// counted), every refused one dropped unchanged and counted under its rule.
 #[test]
 fn established_flows_see_filter_changes_through_the_filter_generation() -> anyhow::Result<()> {
     use lb_common::types::FilterRule;
@@ -2429,13 +2434,25 @@ fn established_flows_see_filter_changes_through_the_filter_generation() -> anyho
                 .context("the flow is not in the flow table")?
                 .filter_gen)
         };
+        // Forwarded whole: the IPIP frame to the flow's backend, byte for byte (the
+        // short path finishes such a packet when the entry's generation is current),
+        // and counted as traffic of that backend.
         let forwarded = |fx: &Fixture, what: &str| -> anyhow::Result<()> {
+            let before = fx.counters();
             let (v, out) = fx.run(LB_PROGRAM, &ack)?;
             ensure!(v == XDP_TX, "{what}: {}", verdict_name(v));
             let to = Frame::parse(&out)?.ipv4()?.dst;
             ensure!(
                 to == backend,
                 "{what}: the flow moved from {backend} to {to}"
+            );
+            ensure!(
+                out == fx.encapsulated(&ack, backend)?,
+                "{what}: the frame sent is not the flow's packet in IPIP to {backend}"
+            );
+            ensure!(
+                fx.counters().get(Counter::Tx) == before.get(Counter::Tx) + 1,
+                "{what}: tx not counted"
             );
             Ok(())
         };
@@ -2549,6 +2566,78 @@ fn established_flows_see_filter_changes_through_the_filter_generation() -> anyho
             "203.0.113.0/24",
         )?;
         fx.lb.maps.deny.remove(&filter_key(Scope::Global, client))?;
+
+        // The service's own lists, no global list: the VIP's list bits call for the
+        // same generation check (on the short path as on the whole path).
+        let mut d = desired();
+        d.services[0].filters.deny = prefixes(&["203.0.113.0/24"]);
+        fx.lb.apply(&d)?;
+        ensure!(
+            entry_gen(fx)? != generation(fx)?,
+            "a service's deny list was written without a new filter generation"
+        );
+        forwarded(fx, "the service's deny list does not hold the client")?;
+        ensure!(
+            entry_gen(fx)? == generation(fx)?,
+            "the entry did not take the generation once its source passed the service's list"
+        );
+        forwarded(fx, "again, on the entry's generation (service list)")?;
+        // A service deny entry for the client behind the agent's back (no bump).
+        let web = fx.lb.reconciler.service_id("web").context("web id")?;
+        let (rule, rule_id) = fx
+            .lb
+            .reconciler
+            .service_filter_rules()
+            .into_iter()
+            .find(|(rule, _)| rule == "web:203.0.113.0/24")
+            .context("no service deny rule written")?;
+        fx.lb.maps.svc_deny.insert(
+            &filter_key(Scope::Service(web), client),
+            FilterRule { rule_id },
+            0,
+        )?;
+        let other = syn(SocketAddrV4::new(CLIENT, 40102), VIP_WEB).build();
+        let (v, _) = fx.run(LB_PROGRAM, &other)?;
+        ensure!(
+            v == XDP_DROP,
+            "a new flow of the client, service deny entry: {}",
+            verdict_name(v)
+        );
+        forwarded(
+            fx,
+            "established, service list: its entry's generation is current, no lookup",
+        )?;
+        fx.lb
+            .maps
+            .filter_gen
+            .set(0, generation(fx)?.wrapping_add(1), 0)?;
+        dropped(
+            fx,
+            "after the bump (service deny list)",
+            DropReason::FilterDeny,
+            &rule,
+        )?;
+        fx.lb
+            .maps
+            .svc_deny
+            .remove(&filter_key(Scope::Service(web), client))?;
+
+        // The service's allow list: holding the client, then not.
+        d.services[0].filters.deny = Vec::new();
+        d.services[0].filters.allow = prefixes(&["198.18.0.0/24"]);
+        fx.lb.apply(&d)?;
+        forwarded(fx, "the service's allow list holds the client")?;
+        forwarded(fx, "again, on the entry's generation (service allow)")?;
+        d.services[0].filters.allow = prefixes(&["198.18.50.0/24"]);
+        fx.lb.apply(&d)?;
+        dropped(
+            fx,
+            "the service's allow list no longer holds the client",
+            DropReason::FilterNotAllowed,
+            "web:not_allowed",
+        )?;
+        fx.lb.apply(&desired())?;
+        forwarded(fx, "no list at all")?;
         Ok(())
     })
 }

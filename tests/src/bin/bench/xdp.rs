@@ -240,7 +240,8 @@ struct Lb(LoadedLb, bool);
 /// agent's own, as `label=path` separated by `;` (e.g. main's object, or an ablation build
 /// with one part of the established path removed): each gets the rows "xdp_lb [label]:
 /// established flow" and "xdp_lb [label]: non-VIP packet" in the same interleaved runs,
-/// its output checked as the agent's.
+/// its output checked as the agent's, and the per-feature rows of the source lists and
+/// of the IPv6 VIP on balancers of its own ("feature [label]: ...", `extra_specs`).
 /// Their maps must be the agent's (same names and layouts).
 const LB_OBJECTS_ENV: &str = "XDPLB_BENCH_LB_OBJECTS";
 
@@ -1254,7 +1255,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         };
         // Per-feature and scale balancers: each spec's rows, and the balancer they run
         // on, loaded only when a row of it is left after `--only`.
-        let mut specs = extra_specs(cpus, small_table);
+        let mut specs = extra_specs(cpus, small_table, &others);
         let keep = |r: &Row| match &only {
             Some(only) => {
                 only.split('|').any(|text| r.label.contains(text))
@@ -1425,8 +1426,26 @@ struct Spec {
     rows: Vec<Row>,
 }
 
-/// The per-feature and scale rows (items 2 and 3 of issue 12).
-fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
+/// The per-feature row of the source lists, after "feature: " (or "feature [label]: ").
+const LISTS_ROW: &str = "established, deny 1000 + allow 1000 prefixes";
+/// The per-feature row of the IPv6 VIP, likewise.
+const IPV6_ROW: &str = "IPv6 VIP, established (6in6)";
+
+/// The state of the lists row: a deny list of 1000 /24s that do not hold the client,
+/// an allow list of 1000 whose last holds it.
+fn with_lists(d: &mut DesiredState) {
+    d.filters.deny = xdp_custom::prefixes(1000, Ipv4Addr::new(203, 0, 0, 0));
+    let mut allow = xdp_custom::prefixes(999, Ipv4Addr::new(100, 64, 0, 0));
+    allow.push("198.18.0.0/24".parse().expect("prefix"));
+    d.filters.allow = allow;
+}
+
+/// The per-feature and scale rows (items 2 and 3 of issue 12); `others`: the other
+/// builds of the object (`XDPLB_BENCH_LB_OBJECTS`), which get the rows of the source
+/// lists and of the IPv6 VIP too ("feature [label]: ..."), each on a balancer of its
+/// own loaded from that build, right after the agent's row: the code those rows
+/// measure is what builds of the short paths change.
+fn extra_specs(cpus: u32, small_table: u32, others: &[(String, Vec<u8>)]) -> Vec<Spec> {
     let custom = Target::Custom(usize::MAX);
     let est = |label: &str| {
         Row::new(label, custom, Case::LbEstablished, false)
@@ -1476,14 +1495,9 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
         },
         Spec {
             load: Some(Box::new(|env, _| {
-                Custom::feature(env, VIP, FLOW_TABLE_BIG, |d| {
-                    d.filters.deny = xdp_custom::prefixes(1000, Ipv4Addr::new(203, 0, 0, 0));
-                    let mut allow = xdp_custom::prefixes(999, Ipv4Addr::new(100, 64, 0, 0));
-                    allow.push("198.18.0.0/24".parse().expect("prefix"));
-                    d.filters.allow = allow;
-                })
+                Custom::feature(env, VIP, FLOW_TABLE_BIG, with_lists)
             })),
-            rows: vec![est("feature: established, deny 1000 + allow 1000 prefixes")],
+            rows: vec![est(&format!("feature: {LISTS_ROW}"))],
         },
         Spec {
             load: Some(Box::new(|env, _| {
@@ -1554,11 +1568,13 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
             )],
         },
         Spec {
-            load: Some(Box::new(|env, _| Custom::ipv6(env, VIP6, FLOW_TABLE_BIG))),
+            load: Some(Box::new(|env, _| {
+                Custom::ipv6(env, VIP6, FLOW_TABLE_BIG, None)
+            })),
             rows: vec![
-                est("feature: IPv6 VIP, established (6in6)")
+                est(&format!("feature: {IPV6_ROW}"))
                     .uses(Use::Yes)
-                    .wrapped(WRAP_IPV6, Some(frame6)),
+                    .wrapped(WRAP_IPV6, Some(frame6.clone())),
             ],
         },
         Spec {
@@ -1596,6 +1612,40 @@ fn extra_specs(cpus: u32, small_table: u32) -> Vec<Spec> {
             ],
         },
     ];
+    // The other builds' rows, right after the agent's (in the order given).
+    let after = |specs: &[Spec], row: &str| {
+        let label = format!("feature: {row}");
+        specs
+            .iter()
+            .position(|s| s.rows.iter().any(|r| r.label == label))
+            .map_or(specs.len(), |i| i + 1)
+    };
+    for (k, (label, object)) in others.iter().enumerate() {
+        let bytes = object.clone();
+        specs.insert(
+            after(&specs, LISTS_ROW) + k,
+            Spec {
+                load: Some(Box::new(move |env, _| {
+                    Custom::feature_object(env, VIP, FLOW_TABLE_BIG, Some(&bytes), with_lists)
+                })),
+                rows: vec![est(&format!("feature [{label}]: {LISTS_ROW}"))],
+            },
+        );
+        let bytes = object.clone();
+        specs.insert(
+            after(&specs, IPV6_ROW) + k,
+            Spec {
+                load: Some(Box::new(move |env, _| {
+                    Custom::ipv6(env, VIP6, FLOW_TABLE_BIG, Some(&bytes))
+                })),
+                rows: vec![
+                    est(&format!("feature [{label}]: {IPV6_ROW}"))
+                        .uses(Use::Yes)
+                        .wrapped(WRAP_IPV6, Some(frame6.clone())),
+                ],
+            },
+        );
+    }
     for (services, backends) in [(1, 10), (100, 10), (1000, 10), (1, 1000)] {
         let name = format!("scale: {services} svc x {backends} backends");
         specs.push(Spec {

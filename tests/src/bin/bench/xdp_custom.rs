@@ -127,7 +127,9 @@ pub(crate) fn scale_vip(i: u32) -> SocketAddrV4 {
 
 impl Custom {
     /// Loads the balancer for `desired` (service `service` measured), writes every
-    /// backend's next hop.
+    /// backend's next hop. `object`: another build of the balancer object
+    /// (`XDPLB_BENCH_LB_OBJECTS`), None: the agent's own.
+    #[allow(clippy::too_many_arguments)]
     fn load(
         caps: &Capacities,
         desired: &DesiredState,
@@ -135,8 +137,9 @@ impl Custom {
         outer: Outer,
         macs: StdHashMap<IpAddr, [u8; 6]>,
         env: &Env,
+        object: Option<&[u8]>,
     ) -> anyhow::Result<Self> {
-        let lb = LoadedLb::load(caps, desired, &[LB_PROGRAM])?;
+        let lb = LoadedLb::load_object(caps, desired, &[LB_PROGRAM], object)?;
         let svc = desired
             .services
             .iter()
@@ -209,6 +212,7 @@ impl Custom {
             Outer::Ipip,
             macs,
             env,
+            None,
         )
     }
 
@@ -217,6 +221,17 @@ impl Custom {
         env: &Env,
         vip: SocketAddrV4,
         flows: u32,
+        tweak: impl FnOnce(&mut DesiredState),
+    ) -> anyhow::Result<Self> {
+        Self::feature_object(env, vip, flows, None, tweak)
+    }
+
+    /// [`Custom::feature`] on another build of the balancer object (None: the agent's).
+    pub(crate) fn feature_object(
+        env: &Env,
+        vip: SocketAddrV4,
+        flows: u32,
+        object: Option<&[u8]>,
         tweak: impl FnOnce(&mut DesiredState),
     ) -> anyhow::Result<Self> {
         let (services, mut macs) = four_backends(vip);
@@ -234,11 +249,24 @@ impl Custom {
         } else {
             Outer::Ipip
         };
-        Self::load(&caps(4, 8, flows, flows), &desired, "web", outer, macs, env)
+        Self::load(
+            &caps(4, 8, flows, flows),
+            &desired,
+            "web",
+            outer,
+            macs,
+            env,
+            object,
+        )
     }
 
-    /// An IPv6 VIP with 4 IPv6 backends (6in6).
-    pub(crate) fn ipv6(env: &Env, vip: SocketAddrV6, flows: u32) -> anyhow::Result<Self> {
+    /// An IPv6 VIP with 4 IPv6 backends (6in6); `object` as in [`Custom::feature_object`].
+    pub(crate) fn ipv6(
+        env: &Env,
+        vip: SocketAddrV6,
+        flows: u32,
+        object: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
         let mut macs = StdHashMap::new();
         let backends: Vec<IpAddr> = (0..4u16)
             .map(|j| {
@@ -255,6 +283,7 @@ impl Custom {
             Outer::Ip6ip6,
             macs,
             env,
+            object,
         )
     }
 
