@@ -44,6 +44,16 @@ fn main() -> anyhow::Result<()> {
     // keep that to real diagnostics.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
+    // The nested build is `--release` of this workspace, whose release profile has fat LTO
+    // and one codegen unit per crate for the agent (Cargo.toml). The eBPF programs keep
+    // Cargo's defaults there (lb-ebpf's own `[profile.release.package.lb-ebpf]` still
+    // applies): the object is the one the tests check (no memory builtins, map names,
+    // stack), and bpf-linker links the programs' bitcode whole in any case.
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var("CARGO_PROFILE_RELEASE_LTO", "false");
+        std::env::set_var("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
+    }
     share_ebpf_target_dir(target_directory.as_std_path())?;
     aya_build::build_ebpf(
         [Package {
