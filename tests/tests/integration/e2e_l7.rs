@@ -139,9 +139,17 @@ fn l7_service_behind_the_fast_path() -> anyhow::Result<()> {
         *per_backend.entry(r.backend().to_owned()).or_default() += 1;
     }
     eprintln!("l7 FIGURES: 30 requests, round robin: {per_backend:?}");
+    // Each L7 worker (one per CPU: the agent's default) runs its own smooth round robin
+    // (README), and each request's connection goes to one of them: a worker's counts
+    // differ by at most one between backends, so the totals by at most one per worker.
+    let workers = thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let (min, max) = (
+        per_backend.values().copied().min().unwrap_or(0),
+        per_backend.values().copied().max().unwrap_or(0),
+    );
     ensure!(
-        per_backend.len() == 3 && per_backend.values().all(|&n| n == 10),
-        "round robin over 3 equal backends should give 10 each: {per_backend:?}"
+        per_backend.len() == 3 && max - min <= workers,
+        "round robin over 3 equal backends on {workers} workers should give 10 each, give or take one per worker: {per_backend:?}"
     );
 
     // Sticky: the cookie pins the client.
