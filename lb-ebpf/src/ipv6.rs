@@ -270,12 +270,15 @@ pub fn tunnel_in_v6(
     addr: &[u32; 4],
     backend_id: u32,
 ) -> Result<u32, Exit> {
-    let outer_len = inner_len + IPV6_HLEN as u16;
-    let hop = match nexthop::cached(backend_id, FAMILY_V6, addr, outer_len) {
-        Some(hop) => hop?,
-        None => next_hop_v6(ctx, source, addr, outer_len)?,
-    };
-    trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
+    let hop = hop_v6(
+        ctx,
+        l3_off,
+        inner_len,
+        inner_len + IPV6_HLEN as u16,
+        source,
+        addr,
+        backend_id,
+    )?;
     let outer = Ipv6Hdr {
         vtc_flow: Ipv6Hdr::vtc(tc),
         payload_len: inner_len.to_be(),
@@ -286,6 +289,28 @@ pub fn tunnel_in_v6(
     };
     push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
     Ok(hop.ifindex)
+}
+
+/// The next hop towards the IPv6 backend at `addr` (backend id `backend_id`) for an
+/// outer packet of `outer_len` bytes from `source` (the agent's entry, else
+/// `bpf_fib_lookup`), then the bytes past the inner packet (`inner_len` at `l3_off`)
+/// cut: the start of every IPv6 outer header, with or without GUE.
+#[inline(always)]
+fn hop_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    outer_len: u16,
+    source: &[u32; 4],
+    addr: &[u32; 4],
+    backend_id: u32,
+) -> Result<NextHop, Exit> {
+    let hop = match nexthop::cached(backend_id, FAMILY_V6, addr, outer_len) {
+        Some(hop) => hop?,
+        None => next_hop_v6(ctx, source, addr, outer_len)?,
+    };
+    trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
+    Ok(hop)
 }
 
 /// Length of the outer headers towards `backend` as `cfg` tunnels to it: 40 for an
@@ -429,40 +454,36 @@ pub fn tunnel(
                 ctx, l3_off, inner_len, tos, inner_v6, &source, &f.addr, backend_id,
             );
         }
+        // GUE over IPv6 (gue.rs): the UDP checksum is computed.
         let extra = gue::UDP_HLEN as u16;
         let outer_len = inner_len + IPV6_HLEN as u16 + extra;
-        let hop = match nexthop::cached(backend_id, FAMILY_V6, &f.addr, outer_len) {
-            Some(hop) => hop?,
-            None => next_hop_v6(ctx, &source, &f.addr, outer_len)?,
+        let hop = hop_v6(
+            ctx, l3_off, inner_len, outer_len, &source, &f.addr, backend_id,
+        )?;
+        let sport = gue_source_port(f.entropy).to_be();
+        let udp = gue::udp6_header(
+            ctx,
+            l3_off,
+            inner_len,
+            inner_v6,
+            &source,
+            &f.addr,
+            sport,
+            cfg.gue_port,
+        )?;
+        let outer = gue::Gue6Hdr {
+            ip: Ipv6Hdr {
+                vtc_flow: Ipv6Hdr::vtc(tos),
+                payload_len: (inner_len + extra).to_be(),
+                nexthdr: PROTO_UDP,
+                hop_limit: OUTER_TTL,
+                saddr: source,
+                daddr: f.addr,
+            },
+            udp,
         };
-        trim_to(ctx, l3_off + usize::from(inner_len)).map_err(Exit::Drop)?;
-        {
-            // GUE over IPv6 (gue.rs): the UDP checksum is computed.
-            let sport = gue_source_port(f.entropy).to_be();
-            let udp = gue::udp6_header(
-                ctx,
-                l3_off,
-                inner_len,
-                inner_v6,
-                &source,
-                &f.addr,
-                sport,
-                cfg.gue_port,
-            )?;
-            let outer = gue::Gue6Hdr {
-                ip: Ipv6Hdr {
-                    vtc_flow: Ipv6Hdr::vtc(tos),
-                    payload_len: (inner_len + extra).to_be(),
-                    nexthdr: PROTO_UDP,
-                    hop_limit: OUTER_TTL,
-                    saddr: source,
-                    daddr: f.addr,
-                },
-                udp,
-            };
-            push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
-            return Ok(hop.ifindex);
-        }
+        push_outer(ctx, l3_off, ETH_P_IPV6, &outer, &hop).map_err(Exit::Drop)?;
+        return Ok(hop.ifindex);
     }
     // Every tunnel towards an IPv4 backend needs the IPv4 source (gue::tunnel_to_v4
     // leaves this check to its callers).

@@ -42,16 +42,16 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     stats::Counter,
     types::{
-        ENCAP_GUE, FAMILY_V4, FAMILY_V6, FILTER_F_ALLOW, FILTER_F_DENY, FlowEntry, VIP_F_ALLOW,
-        VIP_F_DENY, VIP_F_L7, VIP_F_QUIC, VipKey, VipMeta,
+        ENCAP_GUE, FAMILY_V4, FAMILY_V6, FILTER_F_DENY, FlowEntry, VIP_F_L7, VIP_F_QUIC, VipKey,
+        VipMeta,
     },
 };
 
 use crate::{
     encap::{Exit, transmit, tunnel_v4},
-    gate::{deny, finish, source},
+    gate::{deny, finish, source, verdict_current},
     gue::needs_entropy,
-    hashing::{FlowTables, Probe, V4, V6, established_entry, filter_gen, flow_entry},
+    hashing::{FlowTables, Probe, V4, V6, established_entry, flow_entry},
     ipv6::{IPV6_HLEN, parse_ipv6, tunnel_in_v6},
     keys,
     maps::CONFIG,
@@ -139,10 +139,7 @@ pub fn established_v4(ctx: &XdpContext, l3_off: usize) -> Result<u32, Handoff> {
                 // must say its source passed them as they are now, as
                 // `gate::established` checks; else the whole path runs them and
                 // refreshes the entry.
-                if (cfg.filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
-                    || hit.vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0)
-                    && hit.entry.filter_gen != filter_gen()
-                {
+                if !verdict_current(cfg.filter_flags, &hit.vip, hit.entry) {
                     return Err(hand);
                 }
                 let backend_id = hit.choice.backend_id;
@@ -205,10 +202,7 @@ pub fn established_v6(ctx: &XdpContext, l3_off: usize) -> Result<u32, Handoff> {
                     return Err(hand);
                 }
                 // Source lists: as on the IPv4 short path.
-                if (cfg.filter_flags & (FILTER_F_DENY | FILTER_F_ALLOW) != 0
-                    || hit.vip.flags & (VIP_F_DENY | VIP_F_ALLOW) != 0)
-                    && hit.entry.filter_gen != filter_gen()
-                {
+                if !verdict_current(cfg.filter_flags, &hit.vip, hit.entry) {
                     return Err(hand);
                 }
                 let backend_id = hit.choice.backend_id;
